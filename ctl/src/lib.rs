@@ -1,0 +1,1 @@
+//! flockerctl library: configuration, planner, CLI (filled by the workspace issue).

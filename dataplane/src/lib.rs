@@ -1,0 +1,1 @@
+//! The per-node agent: API server, container runtime, volume backends and routing backends.

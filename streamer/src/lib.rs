@@ -1,0 +1,1 @@
+//! The volume streamer library (filled by the streamer issue).

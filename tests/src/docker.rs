@@ -1,0 +1,1 @@
+//! `dockerd` inside a network namespace and locally built images (filled by the agent issue).

@@ -1,0 +1,7 @@
+//! Shared harness for the privileged end-to-end and integration tests: network namespaces,
+//! ZFS pools on files served by zfs-fuse, and `dockerd` instances inside namespaces. The
+//! tests themselves live in `tests/tests/`.
+
+pub mod docker;
+pub mod netns;
+pub mod zfs;

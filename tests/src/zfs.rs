@@ -1,0 +1,1 @@
+//! ZFS pools on files served by zfs-fuse (filled by the streamer issue).

@@ -1,0 +1,412 @@
+//! Wire types shared by `flockerctl` and `flocker-agent`: the resolved application model,
+//! the desired cluster state, the state a node reports, and the plan that moves one to the
+//! other. Plain data with serde, no behaviour beyond small helpers: everything that talks
+//! to Docker, ZFS or the kernel lives in `dataplane`, everything that parses YAML in `ctl`.
+//!
+//! The JSON of these types *is* the agent API (`GET /v1/state`, `POST /v1/converge`), so
+//! renaming a field is a protocol change.
+
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The version of the agent API these types describe.
+pub const API_VERSION: u32 = 1;
+
+/// A Docker image reference, split into repository and tag (`latest` when none was given).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Image {
+    pub repository: String,
+    pub tag: String,
+}
+
+impl fmt::Display for Image {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.repository, self.tag)
+    }
+}
+
+/// One TCP port the application listens on (`internal`) and the cluster-wide port routed to
+/// it from every node (`external`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortMap {
+    pub internal: u16,
+    pub external: u16,
+}
+
+/// The application's volume: where it is mounted in the container and an optional quota.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// Absolute path inside the container.
+    pub mountpoint: String,
+    /// Quota in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maximum_size: Option<u64>,
+}
+
+/// A link to another application's external port, exposed in the container as Docker-style
+/// `<ALIAS>_PORT_<local_port>_TCP=tcp://<host>:<remote_port>` variables.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Link {
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub alias: String,
+}
+
+/// What Docker does when the container exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum RestartPolicy {
+    #[default]
+    Never,
+    Always,
+    OnFailure {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        maximum_retry_count: Option<u32>,
+    },
+}
+
+/// One application, fully resolved from either config dialect.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Application {
+    pub name: String,
+    pub image: Image,
+    #[serde(default)]
+    pub ports: Vec<PortMap>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<VolumeSpec>,
+    #[serde(default)]
+    pub environment: BTreeMap<String, String>,
+    #[serde(default)]
+    pub links: Vec<Link>,
+    /// Memory limit in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_limit: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_shares: Option<u64>,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+}
+
+/// What the cluster should look like: the applications and which node runs each.
+///
+/// Node keys are node addresses exactly as the deployment file spells them (IP or hostname).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DesiredState {
+    pub applications: BTreeMap<String, Application>,
+    pub nodes: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl DesiredState {
+    /// The node an application is placed on, if any.
+    pub fn node_of(&self, application: &str) -> Option<&str> {
+        self.nodes
+            .iter()
+            .find(|(_, apps)| apps.contains(application))
+            .map(|(node, _)| node.as_str())
+    }
+
+    /// Every node's route table as the desired state implies it.
+    pub fn routes_for(&self, node: &str) -> Vec<Route> {
+        let mut routes = Vec::new();
+        for (host, apps) in &self.nodes {
+            for name in apps {
+                let Some(app) = self.applications.get(name) else {
+                    continue;
+                };
+                for port in &app.ports {
+                    let target = if host == node {
+                        RouteTarget::Local {
+                            internal_port: port.internal,
+                        }
+                    } else {
+                        RouteTarget::Node {
+                            address: host.clone(),
+                        }
+                    };
+                    routes.push(Route {
+                        external_port: port.external,
+                        application: name.clone(),
+                        target,
+                    });
+                }
+            }
+        }
+        routes.sort();
+        routes
+    }
+}
+
+/// A container the agent manages, with the configuration it was started with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerState {
+    pub application: Application,
+    pub running: bool,
+    /// The container's address on the node's container network, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+}
+
+/// One copy of a volume on a node. Owner and epoch are read from the volume itself.
+///
+/// The copy is writable (this node owns the volume) exactly when `owner` is the reporting
+/// node's address. A copy whose owner is another node is a read-only replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeState {
+    /// The volume's name, which is its application's name.
+    pub name: String,
+    pub owner: String,
+    pub epoch: u64,
+    /// Snapshot names, oldest first.
+    #[serde(default)]
+    pub snapshots: Vec<String>,
+    #[serde(default)]
+    pub used_bytes: u64,
+}
+
+/// Where connections to an external port go from one node.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum RouteTarget {
+    /// The application runs here: NAT into its container at this port.
+    Local { internal_port: u16 },
+    /// The application runs on another node: forward to that node, same external port.
+    Node { address: String },
+}
+
+/// One entry of a node's route table.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub external_port: u16,
+    pub application: String,
+    pub target: RouteTarget,
+}
+
+/// What one node reports at `GET /v1/state`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeState {
+    pub address: String,
+    /// Only the containers this agent manages; everything else on the host is invisible.
+    #[serde(default)]
+    pub containers: Vec<ContainerState>,
+    #[serde(default)]
+    pub volumes: Vec<VolumeState>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+impl NodeState {
+    pub fn container(&self, application: &str) -> Option<&ContainerState> {
+        self.containers
+            .iter()
+            .find(|c| c.application.name == application)
+    }
+
+    pub fn volume(&self, name: &str) -> Option<&VolumeState> {
+        self.volumes.iter().find(|v| v.name == name)
+    }
+}
+
+/// The state of the whole cluster, keyed by node address.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterState {
+    pub nodes: BTreeMap<String, NodeState>,
+}
+
+impl ClusterState {
+    /// The node that owns a volume: the node holding a copy whose recorded owner is itself.
+    pub fn volume_owner(&self, volume: &str) -> Option<&str> {
+        self.nodes
+            .iter()
+            .find(|(address, node)| node.volume(volume).is_some_and(|v| &v.owner == *address))
+            .map(|(address, _)| address.as_str())
+    }
+}
+
+/// One step a node carries out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Action {
+    /// Create an empty volume owned by this node at epoch 1.
+    CreateVolume {
+        volume: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        maximum_size: Option<u64>,
+    },
+    /// Snapshot the volume and stream it to `to` (incremental from the newest snapshot both
+    /// hold). `last` marks the final push after the application stopped.
+    PushVolume {
+        volume: String,
+        to: String,
+        last: bool,
+    },
+    /// Give ownership to `to` at the next epoch, once `to` holds the newest snapshot.
+    Handoff { volume: String, to: String },
+    /// Create and start the application's container.
+    StartApplication { application: Application },
+    /// Stop and remove the application's container.
+    StopApplication { application: String },
+    /// Replace the running container with one built from the new configuration.
+    RestartApplication { application: Application },
+    /// Replace this node's route table.
+    SetRoutes { routes: Vec<Route> },
+}
+
+/// An action and the node that carries it out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAction {
+    pub node: String,
+    #[serde(flatten)]
+    pub action: Action,
+}
+
+/// A set of actions that may run in parallel; a phase starts when the previous one is done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Phase {
+    pub name: String,
+    pub actions: Vec<NodeAction>,
+}
+
+/// An ordered list of phases. Empty when the cluster already matches.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub phases: Vec<Phase>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.phases.is_empty()
+    }
+
+    /// The actions a given node carries out, phase by phase.
+    pub fn actions_for<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Action> + 'a {
+        self.phases
+            .iter()
+            .flat_map(|p| p.actions.iter())
+            .filter(move |a| a.node == node)
+            .map(|a| &a.action)
+    }
+}
+
+/// Body of `POST /v1/converge`: the desired cluster state for context (link targets, route
+/// tables) and the actions of one phase that this node must carry out. Re-sending the same
+/// request is harmless: every action is idempotent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConvergeRequest {
+    pub desired: DesiredState,
+    pub actions: Vec<Action>,
+}
+
+/// One line of the newline-delimited JSON stream that answers `POST /v1/converge`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ConvergeEvent {
+    Started {
+        step: String,
+    },
+    Progress {
+        step: String,
+        bytes_done: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bytes_total: Option<u64>,
+    },
+    Done {
+        step: String,
+    },
+    Failed {
+        step: String,
+        error: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(name: &str, ports: &[(u16, u16)]) -> Application {
+        Application {
+            name: name.into(),
+            image: Image {
+                repository: "busybox".into(),
+                tag: "latest".into(),
+            },
+            ports: ports
+                .iter()
+                .map(|&(internal, external)| PortMap { internal, external })
+                .collect(),
+            volume: None,
+            environment: BTreeMap::new(),
+            links: vec![],
+            mem_limit: None,
+            cpu_shares: None,
+            restart_policy: RestartPolicy::Never,
+        }
+    }
+
+    #[test]
+    fn routes_point_local_on_the_host_and_remote_elsewhere() {
+        let mut desired = DesiredState::default();
+        desired
+            .applications
+            .insert("web".into(), app("web", &[(80, 8080)]));
+        desired
+            .nodes
+            .insert("198.18.0.1".into(), ["web".to_string()].into());
+        desired.nodes.insert("198.18.0.2".into(), BTreeSet::new());
+        assert_eq!(
+            desired.routes_for("198.18.0.1")[0].target,
+            RouteTarget::Local { internal_port: 80 }
+        );
+        assert_eq!(
+            desired.routes_for("198.18.0.2")[0].target,
+            RouteTarget::Node {
+                address: "198.18.0.1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn node_action_json_is_flat() {
+        let action = NodeAction {
+            node: "n1".into(),
+            action: Action::Handoff {
+                volume: "db".into(),
+                to: "n2".into(),
+            },
+        };
+        let json = serde_json::to_string(&action).expect("serialize");
+        assert_eq!(
+            json,
+            r#"{"node":"n1","action":"handoff","volume":"db","to":"n2"}"#
+        );
+        let back: NodeAction = serde_json::from_str(&json).expect("parse");
+        assert_eq!(back, action);
+    }
+
+    #[test]
+    fn restart_policy_round_trips() {
+        let p = RestartPolicy::OnFailure {
+            maximum_retry_count: Some(3),
+        };
+        let json = serde_json::to_string(&p).expect("serialize");
+        assert_eq!(json, r#"{"name":"on-failure","maximum_retry_count":3}"#);
+        assert_eq!(serde_json::from_str::<RestartPolicy>(&json).expect("parse"), p);
+    }
+}

@@ -1,0 +1,95 @@
+//! `cargo xtask <command>`: the one entry point for work around the code: installing the
+//! system packages the tests need, running the whole test suite as CI does, the README's
+//! demo, and the benchmarks. It depends on no crate of the workspace, so it builds before
+//! any system library is installed.
+
+mod deps;
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Project tasks: deps, ci, demo, bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the Debian packages the tests and benchmarks need (apt-get).
+    Deps,
+    /// Everything CI runs: deps, cargo fmt --check, clippy -D warnings, the whole test suite.
+    Ci,
+    /// The README's main job: validate and plan the bundled examples.
+    Demo,
+    /// Run a benchmark and print its table: streamer, routing or migrate.
+    Bench {
+        name: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Deps => deps::install(),
+        Task::Ci => ci(),
+        Task::Demo => demo(),
+        Task::Bench { name, args } => {
+            deps::install()?;
+            let mut cmd = cargo();
+            cmd.args(["run", "--release", "--quiet", "-p", "flocker-bench", "--"])
+                .arg(name)
+                .args(args);
+            run(&mut cmd)
+        }
+    }
+}
+
+fn ci() -> Result<()> {
+    deps::install()?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args(["test", "--workspace", "--", "--test-threads=1"]))
+}
+
+fn demo() -> Result<()> {
+    run(cargo().args(["build", "--quiet", "-p", "flocker-ctl"]))?;
+    let ctl = "target/debug/flockerctl";
+    for (deployment, application) in [
+        ("examples/redis/deployment.yml", "examples/redis/application.yml"),
+        ("examples/redis/deployment-moved.yml", "examples/redis/application.yml"),
+    ] {
+        println!("$ flockerctl validate {deployment} {application}");
+        run(Command::new(ctl).args(["validate", deployment, application]))?;
+        println!("$ flockerctl plan {deployment} {application}");
+        run(Command::new(ctl).args(["plan", deployment, application]))?;
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Runs a command to completion, failing with its name when it fails.
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}

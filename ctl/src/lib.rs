@@ -1,1 +1,6 @@
-//! flockerctl library: configuration, planner, CLI (filled by the workspace issue).
+//! The `flockerctl` library: configuration parsing and validation, the cluster planner, the
+//! deploy driver and the cluster CA tooling. The binary in `main.rs` only wires these.
+
+pub mod ca;
+pub mod config;
+pub mod planner;

@@ -228,12 +228,32 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    /// The node that owns a volume: the node holding a copy whose recorded owner is itself.
-    pub fn volume_owner(&self, volume: &str) -> Option<&str> {
+    /// The newest ownership record of a volume: among all copies, the one with the highest
+    /// epoch. Its `owner` is the volume's owner, even while a handoff is half done (the
+    /// source has recorded "handed to T at epoch e+1" but T has not yet recorded it).
+    pub fn volume_record(&self, volume: &str) -> Option<(&str, &VolumeState)> {
         self.nodes
             .iter()
-            .find(|(address, node)| node.volume(volume).is_some_and(|v| &v.owner == *address))
-            .map(|(address, _)| address.as_str())
+            .filter_map(|(address, node)| node.volume(volume).map(|v| (address.as_str(), v)))
+            .max_by_key(|(_, v)| v.epoch)
+    }
+
+    /// The node that owns a volume, by the newest ownership record.
+    pub fn volume_owner(&self, volume: &str) -> Option<&str> {
+        self.volume_record(volume).map(|(_, v)| v.owner.as_str())
+    }
+
+    /// True when the owner's own copy records it as owner at the newest epoch, i.e. no
+    /// handoff is half done.
+    pub fn ownership_settled(&self, volume: &str) -> bool {
+        match self.volume_record(volume) {
+            None => true,
+            Some((_, record)) => self
+                .nodes
+                .get(&record.owner)
+                .and_then(|n| n.volume(volume))
+                .is_some_and(|v| v.owner == record.owner && v.epoch == record.epoch),
+        }
     }
 }
 

@@ -4,3 +4,4 @@
 pub mod ca;
 pub mod config;
 pub mod planner;
+pub mod render;

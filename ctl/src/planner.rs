@@ -1,1 +1,223 @@
-//! The cluster planner (being written).
+//! The cluster planner: a pure function from (desired state, current state) to an ordered
+//! [`Plan`] of phases. Nothing here does I/O; the deploy driver carries plans out.
+//!
+//! Phases, in order (empty ones are left out):
+//!
+//! 1. `finish-handoff`: a handoff that a crash interrupted is completed first.
+//! 2. `create-volumes`: volumes of applications that have none anywhere yet.
+//! 3. `pre-copy`: moved applications' volumes are pushed while they still run.
+//! 4. `stop`: containers that must not run where they are (removed or moved away).
+//! 5. `final-push`: the small incremental push of moved volumes after their application stopped.
+//! 6. `handoff`: ownership moves to the new node at the next epoch.
+//! 7. `start`: new containers start; changed ones restart in place.
+//! 8. `routes`: every node whose route table differs gets the new one, only now that every
+//!    container the routes point at is up.
+//!
+//! **Architecture invariant:** planning a cluster that matches its desired state yields the
+//! empty plan, so `flockerctl deploy` run twice changes nothing the second time.
+
+use std::collections::BTreeSet;
+
+use flocker_wire::{Action, ClusterState, DesiredState, NodeAction, Phase, Plan};
+
+/// Computes the plan that turns `current` into `desired`.
+pub fn plan(desired: &DesiredState, current: &ClusterState) -> Plan {
+    let mut phases = PhaseSet::default();
+    for (name, app) in &desired.applications {
+        let Some(target) = desired.node_of(name) else {
+            continue;
+        };
+        if let Some(volume) = &app.volume {
+            plan_volume(name, volume.maximum_size, target, current, &mut phases);
+        }
+        plan_container(desired, current, name, target, &mut phases);
+    }
+    plan_stops(desired, current, &mut phases);
+    plan_routes(desired, current, &mut phases);
+    phases.into_plan()
+}
+
+/// The plan's phases, filled in any order and emitted in protocol order.
+#[derive(Default)]
+struct PhaseSet {
+    finish_handoff: Vec<NodeAction>,
+    create_volumes: Vec<NodeAction>,
+    pre_copy: Vec<NodeAction>,
+    stop: Vec<NodeAction>,
+    final_push: Vec<NodeAction>,
+    handoff: Vec<NodeAction>,
+    start: Vec<NodeAction>,
+    routes: Vec<NodeAction>,
+}
+
+impl PhaseSet {
+    fn into_plan(self) -> Plan {
+        let named = [
+            ("finish-handoff", self.finish_handoff),
+            ("create-volumes", self.create_volumes),
+            ("pre-copy", self.pre_copy),
+            ("stop", self.stop),
+            ("final-push", self.final_push),
+            ("handoff", self.handoff),
+            ("start", self.start),
+            ("routes", self.routes),
+        ];
+        Plan {
+            phases: named
+                .into_iter()
+                .filter(|(_, actions)| !actions.is_empty())
+                .map(|(name, mut actions)| {
+                    // Within a phase order does not matter; sorting by node keeps output stable.
+                    actions.sort_by(|a, b| a.node.cmp(&b.node));
+                    Phase {
+                        name: name.to_string(),
+                        actions,
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+fn on(node: &str, action: Action) -> NodeAction {
+    NodeAction {
+        node: node.to_string(),
+        action,
+    }
+}
+
+/// Volume steps for an application placed on `target`: create, or move by the migration
+/// protocol (pre-copy while running, final push after stop, handoff), or finish a handoff
+/// that was interrupted.
+fn plan_volume(
+    name: &str,
+    maximum_size: Option<u64>,
+    target: &str,
+    current: &ClusterState,
+    phases: &mut PhaseSet,
+) {
+    let Some((holder, record)) = current.volume_record(name) else {
+        phases.create_volumes.push(on(
+            target,
+            Action::CreateVolume {
+                volume: name.to_string(),
+                maximum_size,
+            },
+        ));
+        return;
+    };
+    let owner = record.owner.as_str();
+    let settled = current.ownership_settled(name);
+    if owner == target {
+        if !settled {
+            // The holder recorded "handed to target" but the target never heard: tell it again.
+            phases.handoff.push(handoff(holder, name, target));
+        }
+        return;
+    }
+    if !settled {
+        // Finish the earlier handoff to `owner` before moving on from there.
+        phases.finish_handoff.push(handoff(holder, name, owner));
+    }
+    let running_on_owner = current
+        .nodes
+        .get(owner)
+        .and_then(|n| n.container(name))
+        .is_some_and(|c| c.running);
+    if running_on_owner {
+        phases.pre_copy.push(push(owner, name, target, false));
+    }
+    phases.final_push.push(push(owner, name, target, true));
+    phases.handoff.push(handoff(owner, name, target));
+}
+
+fn push(from: &str, volume: &str, to: &str, last: bool) -> NodeAction {
+    on(
+        from,
+        Action::PushVolume {
+            volume: volume.to_string(),
+            to: to.to_string(),
+            last,
+        },
+    )
+}
+
+fn handoff(from: &str, volume: &str, to: &str) -> NodeAction {
+    on(
+        from,
+        Action::Handoff {
+            volume: volume.to_string(),
+            to: to.to_string(),
+        },
+    )
+}
+
+/// Starts the application on its node, or restarts it in place when its configuration
+/// changed or it is not running.
+fn plan_container(
+    desired: &DesiredState,
+    current: &ClusterState,
+    name: &str,
+    target: &str,
+    phases: &mut PhaseSet,
+) {
+    let Some(app) = desired.applications.get(name) else {
+        return;
+    };
+    let existing = current.nodes.get(target).and_then(|n| n.container(name));
+    let action = match existing {
+        None => Action::StartApplication {
+            application: app.clone(),
+        },
+        Some(c) if c.application != *app || !c.running => Action::RestartApplication {
+            application: app.clone(),
+        },
+        Some(_) => return,
+    };
+    phases.start.push(on(target, action));
+}
+
+/// Stops every managed container that runs where the desired state does not place it.
+fn plan_stops(desired: &DesiredState, current: &ClusterState, phases: &mut PhaseSet) {
+    for (node, state) in &current.nodes {
+        for container in &state.containers {
+            let name = &container.application.name;
+            if desired.node_of(name) != Some(node.as_str()) {
+                phases.stop.push(on(
+                    node,
+                    Action::StopApplication {
+                        application: name.clone(),
+                    },
+                ));
+            }
+        }
+    }
+}
+
+/// Every node's route table, where it differs from what the desired state implies.
+fn plan_routes(desired: &DesiredState, current: &ClusterState, phases: &mut PhaseSet) {
+    let nodes: BTreeSet<&String> = desired.nodes.keys().chain(current.nodes.keys()).collect();
+    for node in nodes {
+        let wanted = if desired.nodes.contains_key(node) {
+            desired.routes_for(node)
+        } else {
+            Vec::new()
+        };
+        let mut have = current
+            .nodes
+            .get(node)
+            .map(|n| n.routes.clone())
+            .unwrap_or_default();
+        have.sort();
+        if have != wanted {
+            phases
+                .routes
+                .push(on(node, Action::SetRoutes { routes: wanted }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod simulate;
+#[cfg(test)]
+mod tests;

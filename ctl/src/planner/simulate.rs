@@ -1,0 +1,252 @@
+//! A model of what each action does to the cluster state, checking the protocol's
+//! invariants after every step. Test-only: it is how the property tests show that a plan
+//! reaches the desired state without ever breaking an invariant on the way.
+
+use flocker_wire::{
+    Action, ClusterState, ContainerState, DesiredState, NodeState, Plan, RouteTarget, VolumeState,
+};
+
+/// Applies every action of every phase in order, checking invariants after each action.
+pub fn apply_plan(plan: &Plan, state: &mut ClusterState) -> Result<(), String> {
+    for phase in &plan.phases {
+        for action in &phase.actions {
+            apply(&action.node, &action.action, state)
+                .map_err(|e| format!("phase {} on {}: {e}", phase.name, action.node))?;
+            check_invariants(state)
+                .map_err(|e| format!("after phase {} on {}: {e}", phase.name, action.node))?;
+        }
+    }
+    Ok(())
+}
+
+fn node_mut<'a>(state: &'a mut ClusterState, node: &str) -> &'a mut NodeState {
+    state
+        .nodes
+        .entry(node.to_string())
+        .or_insert_with(|| NodeState {
+            address: node.to_string(),
+            ..NodeState::default()
+        })
+}
+
+fn volume_mut<'a>(state: &'a mut ClusterState, node: &str, name: &str) -> Option<&'a mut VolumeState> {
+    state
+        .nodes
+        .get_mut(node)?
+        .volumes
+        .iter_mut()
+        .find(|v| v.name == name)
+}
+
+fn apply(node: &str, action: &Action, state: &mut ClusterState) -> Result<(), String> {
+    match action {
+        Action::CreateVolume { volume, .. } => {
+            if state.volume_record(volume).is_some() {
+                return Err(format!("volume {volume} already exists somewhere"));
+            }
+            node_mut(state, node).volumes.push(VolumeState {
+                name: volume.clone(),
+                owner: node.to_string(),
+                epoch: 1,
+                snapshots: vec![],
+                used_bytes: 0,
+            });
+        }
+        Action::PushVolume { volume, to, last } => {
+            if *last && state.nodes.values().any(|n| n.container(volume).is_some()) {
+                return Err(format!("final push of {volume} while its application runs"));
+            }
+            let source = volume_mut(state, node, volume)
+                .ok_or_else(|| format!("no copy of {volume} to push"))?;
+            if source.owner != node {
+                return Err(format!("push of {volume} from a node that does not own it"));
+            }
+            let snapshot = format!("push-{}", source.snapshots.len() + 1);
+            source.snapshots.push(snapshot);
+            let copy = source.clone();
+            match volume_mut(state, to, volume) {
+                Some(target) => target.snapshots = copy.snapshots,
+                None => node_mut(state, to).volumes.push(copy),
+            }
+        }
+        Action::Handoff { volume, to } => {
+            let source = volume_mut(state, node, volume)
+                .ok_or_else(|| format!("no copy of {volume} to hand off"))?
+                .clone();
+            let epoch = if source.owner == node {
+                source.epoch + 1
+            } else if source.owner == to.as_str() {
+                source.epoch
+            } else {
+                return Err(format!("{node} neither owns {volume} nor handed it to {to}"));
+            };
+            let target = volume_mut(state, to, volume)
+                .ok_or_else(|| format!("{to} holds no copy of {volume}"))?;
+            if target.snapshots.last() != source.snapshots.last() {
+                return Err(format!("{to} lacks the newest snapshot of {volume}"));
+            }
+            target.owner = to.clone();
+            target.epoch = epoch;
+            if let Some(source) = volume_mut(state, node, volume) {
+                source.owner = to.clone();
+                source.epoch = epoch;
+            }
+        }
+        Action::StartApplication { application } | Action::RestartApplication { application } => {
+            if application.volume.is_some() {
+                let owned = state
+                    .nodes
+                    .get(node)
+                    .and_then(|n| n.volume(&application.name))
+                    .is_some_and(|v| v.owner == node)
+                    && state.volume_owner(&application.name) == Some(node);
+                if !owned {
+                    return Err(format!("{} started without owning its volume", application.name));
+                }
+            }
+            let n = node_mut(state, node);
+            n.containers.retain(|c| c.application.name != application.name);
+            n.containers.push(ContainerState {
+                application: application.clone(),
+                running: true,
+                ip: None,
+            });
+        }
+        Action::StopApplication { application } => {
+            node_mut(state, node)
+                .containers
+                .retain(|c| &c.application.name != application);
+        }
+        Action::SetRoutes { routes } => {
+            for route in routes {
+                let host = match &route.target {
+                    RouteTarget::Local { .. } => node,
+                    RouteTarget::Node { address } => address.as_str(),
+                };
+                let up = state
+                    .nodes
+                    .get(host)
+                    .and_then(|n| n.container(&route.application))
+                    .is_some_and(|c| c.running);
+                if !up {
+                    return Err(format!(
+                        "route for {} points at {host} where it does not run",
+                        route.application
+                    ));
+                }
+            }
+            node_mut(state, node).routes = routes.clone();
+        }
+    }
+    Ok(())
+}
+
+/// One owner per volume, one node per application.
+pub fn check_invariants(state: &ClusterState) -> Result<(), String> {
+    let mut volumes: Vec<&str> = state
+        .nodes
+        .values()
+        .flat_map(|n| n.volumes.iter().map(|v| v.name.as_str()))
+        .collect();
+    volumes.sort();
+    volumes.dedup();
+    for volume in volumes {
+        let writable = state
+            .nodes
+            .iter()
+            .filter(|(address, n)| n.volume(volume).is_some_and(|v| &v.owner == *address))
+            .count();
+        if writable > 1 {
+            return Err(format!("volume {volume} has {writable} writable copies"));
+        }
+        let Some((_, record)) = state.volume_record(volume) else {
+            return Err(format!("volume {volume} has no owner"));
+        };
+        let rivals = state
+            .nodes
+            .values()
+            .filter_map(|n| n.volume(volume))
+            .filter(|v| v.epoch == record.epoch && v.owner != record.owner)
+            .count();
+        if rivals > 0 {
+            return Err(format!("volume {volume} has two owners at epoch {}", record.epoch));
+        }
+    }
+    let mut running: Vec<&str> = state
+        .nodes
+        .values()
+        .flat_map(|n| n.containers.iter().map(|c| c.application.name.as_str()))
+        .collect();
+    running.sort();
+    let before = running.len();
+    running.dedup();
+    if running.len() != before {
+        return Err("an application runs on two nodes".to_string());
+    }
+    Ok(())
+}
+
+/// Whether `state` is what `desired` describes (containers, volume ownership, routes).
+pub fn matches(desired: &DesiredState, state: &ClusterState) -> Result<(), String> {
+    for (name, app) in &desired.applications {
+        let Some(node) = desired.node_of(name) else {
+            continue;
+        };
+        let container = state
+            .nodes
+            .get(node)
+            .and_then(|n| n.container(name))
+            .ok_or_else(|| format!("{name} does not run on {node}"))?;
+        if container.application != *app || !container.running {
+            return Err(format!("{name} on {node} runs the wrong configuration"));
+        }
+        if app.volume.is_some() && state.volume_owner(name) != Some(node) {
+            return Err(format!("{name}'s volume is not owned by {node}"));
+        }
+    }
+    for (node, n) in &state.nodes {
+        for c in &n.containers {
+            if desired.node_of(&c.application.name) != Some(node.as_str()) {
+                return Err(format!("{} still runs on {node}", c.application.name));
+            }
+        }
+        let wanted = if desired.nodes.contains_key(node) {
+            desired.routes_for(node)
+        } else {
+            vec![]
+        };
+        if n.routes != wanted {
+            return Err(format!("routes of {node} differ"));
+        }
+    }
+    Ok(())
+}
+
+/// The state of a cluster that already matches `desired`, as its agents would report it.
+pub fn realize(desired: &DesiredState) -> ClusterState {
+    let mut state = ClusterState::default();
+    for (node, apps) in &desired.nodes {
+        let n = node_mut(&mut state, node);
+        for name in apps {
+            let Some(app) = desired.applications.get(name) else {
+                continue;
+            };
+            n.containers.push(ContainerState {
+                application: app.clone(),
+                running: true,
+                ip: None,
+            });
+            if app.volume.is_some() {
+                n.volumes.push(VolumeState {
+                    name: name.clone(),
+                    owner: node.clone(),
+                    epoch: 1,
+                    snapshots: vec![],
+                    used_bytes: 0,
+                });
+            }
+        }
+        n.routes = desired.routes_for(node);
+    }
+    state
+}

@@ -1,0 +1,235 @@
+//! `flockerctl` subcommands. Each returns an [`Outcome`]; `main` maps it to an exit code in
+//! one place: 0 success, 1 invalid configuration (or a failed operation), 2 usage error.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use flocker_wire::{ClusterState, DesiredState};
+use serde_json::json;
+
+use crate::config::{self, ConfigError, Diagnostic};
+use crate::{planner, render};
+
+/// Run databases and other stateful applications in Docker containers on a cluster, and
+/// move them together with their data.
+///
+/// Two YAML files describe the cluster: the DEPLOYMENT config says which node runs which
+/// applications; the APPLICATION config says what each application is (image, ports,
+/// volume, environment, links, limits). The deployment file always comes first.
+#[derive(Debug, Parser)]
+#[command(name = "flockerctl", version, about, long_about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// For people.
+    #[default]
+    Text,
+    /// One JSON document on stdout, for scripts.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check both config files and report every problem at once, as FILE:LINE:COLUMN.
+    ///
+    /// Exit status: 0 valid, 1 invalid configuration, 2 usage error (e.g. missing file).
+    ///
+    /// Example: flockerctl validate examples/redis/deployment.yml examples/redis/application.yml
+    Validate {
+        /// Deployment config: `version: 1` and `nodes:` mapping node address -> applications.
+        deployment: PathBuf,
+        /// Application config: native `version: 1` + `applications:`, or docker-compose form.
+        application: PathBuf,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show what deploy would do: an ordered list of phases, each a set of per-node actions.
+    ///
+    /// Without --state the cluster is taken to be empty. STATE is JSON as the agents report
+    /// it: `{"nodes": {"ADDR": <GET /v1/state of that node>, ...}}`.
+    ///
+    /// Example: flockerctl plan deployment.yml application.yml --state state.json --output json
+    Plan {
+        deployment: PathBuf,
+        application: PathBuf,
+        /// Current cluster state (JSON); default: an empty cluster.
+        #[arg(long)]
+        state: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Cluster certificate authority: create it and issue node and user certificates.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a new cluster CA in DIR (refuses to overwrite an existing one).
+    Init {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Issue a certificate for the agent on node ADDRESS, signed by the CA in DIR.
+    Node {
+        address: String,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Issue a client certificate for user NAME (flockerctl uses it to talk to agents).
+    User {
+        name: String,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+/// How a command ended; `main` turns it into the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// The configuration is invalid or an operation failed: exit 1.
+    Failure,
+    /// The command was used wrongly (missing file, unreadable state): exit 2.
+    Usage,
+}
+
+impl Outcome {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Outcome::Success => 0,
+            Outcome::Failure => 1,
+            Outcome::Usage => 2,
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Outcome {
+    match cli.command {
+        Command::Validate {
+            deployment,
+            application,
+            output,
+        } => validate(&deployment, &application, output),
+        Command::Plan {
+            deployment,
+            application,
+            state,
+            output,
+        } => plan(&deployment, &application, state.as_deref(), output),
+        Command::Ca(command) => crate::ca_cli::run(command),
+    }
+}
+
+fn validate(deployment: &Path, application: &Path, output: Output) -> Outcome {
+    match load(deployment, application, output) {
+        Err(outcome) => outcome,
+        Ok(desired) => {
+            match output {
+                Output::Json => print_json(&json!({
+                    "valid": true,
+                    "applications": desired.applications.len(),
+                    "nodes": desired.nodes.len(),
+                })),
+                Output::Text => println!(
+                    "valid: {} application(s) on {} node(s)",
+                    desired.applications.len(),
+                    desired.nodes.len()
+                ),
+            }
+            Outcome::Success
+        }
+    }
+}
+
+fn plan(deployment: &Path, application: &Path, state: Option<&Path>, output: Output) -> Outcome {
+    let desired = match load(deployment, application, output) {
+        Ok(desired) => desired,
+        Err(outcome) => return outcome,
+    };
+    let current = match state.map(read_state).transpose() {
+        Ok(current) => current.unwrap_or_default(),
+        Err(message) => {
+            eprintln!("flockerctl: {message}");
+            return Outcome::Usage;
+        }
+    };
+    let plan = planner::plan(&desired, &current);
+    match output {
+        Output::Json => print_json(&json!({ "phases": plan.phases })),
+        Output::Text => print!("{}", render::plan_text(&plan)),
+    }
+    Outcome::Success
+}
+
+fn read_state(path: &Path) -> Result<ClusterState, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read state file {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "{}:{}:{}: not a cluster state: {e}",
+            path.display(),
+            e.line(),
+            e.column()
+        )
+    })
+}
+
+/// Loads both files, printing problems in the requested form.
+fn load(deployment: &Path, application: &Path, output: Output) -> Result<DesiredState, Outcome> {
+    match config::load_files(deployment, application) {
+        Ok(desired) => Ok(desired),
+        Err(ConfigError::Usage(message)) => {
+            match output {
+                Output::Json => print_json(&json!({ "valid": false, "usage_error": message })),
+                Output::Text => eprintln!("flockerctl: {message}"),
+            }
+            Err(Outcome::Usage)
+        }
+        Err(ConfigError::Invalid(diagnostics)) => {
+            report_invalid(&diagnostics, output);
+            Err(Outcome::Failure)
+        }
+    }
+}
+
+fn report_invalid(diagnostics: &[Diagnostic], output: Output) {
+    match output {
+        Output::Json => {
+            let errors: Vec<_> = diagnostics
+                .iter()
+                .map(|d| {
+                    json!({
+                        "file": d.file.display().to_string(),
+                        "line": d.line,
+                        "column": d.column,
+                        "path": d.path,
+                        "message": d.message,
+                    })
+                })
+                .collect();
+            print_json(&json!({ "valid": false, "errors": errors }));
+        }
+        Output::Text => {
+            for d in diagnostics {
+                eprintln!("{d}");
+            }
+            eprintln!(
+                "flockerctl: {} problem(s) found; nothing was changed",
+                diagnostics.len()
+            );
+        }
+    }
+}
+
+fn print_json(value: &serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    // A closed stdout (e.g. piped into `head`) is not worth a panic.
+    let _ = serde_json::to_writer_pretty(&mut out, value);
+    let _ = writeln!(out);
+}

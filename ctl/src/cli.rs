@@ -63,9 +63,54 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Make the cluster match the configuration: ask every node for its state, plan, and
+    /// carry the plan out phase by phase. Running it twice changes nothing the second time.
+    ///
+    /// Example: flockerctl deploy --ca-dir ./ca deployment.yml application.yml
+    Deploy {
+        deployment: PathBuf,
+        application: PathBuf,
+        #[command(flatten)]
+        agents: AgentArgs,
+        /// Print the plan and stop without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show every node's applications, volumes (owner, epoch, size, newest snapshot) and routes.
+    ///
+    /// Example: flockerctl status --ca-dir ./ca deployment.yml application.yml
+    Status {
+        /// Deployment config naming the nodes to ask.
+        deployment: PathBuf,
+        /// Application config, to mark where the cluster differs from it.
+        application: PathBuf,
+        #[command(flatten)]
+        agents: AgentArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Cluster certificate authority: create it and issue node and user certificates.
     #[command(subcommand)]
     Ca(CaCommand),
+}
+
+/// How to reach the agents.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// CA directory written by `flockerctl ca` (cluster.crt and users/USER.{crt,key}).
+    #[arg(long, env = "FLOCKER_CA_DIR", default_value = ".")]
+    pub ca_dir: PathBuf,
+    /// User certificate to present to the agents.
+    #[arg(long, env = "FLOCKER_USER", default_value = "admin")]
+    pub user: String,
+    /// The agents' API port.
+    #[arg(long, default_value_t = 4523)]
+    pub port: u16,
+    /// Seconds a node gets to answer a state query.
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -122,6 +167,19 @@ pub fn run(cli: Cli) -> Outcome {
             state,
             output,
         } => plan(&deployment, &application, state.as_deref(), output),
+        Command::Deploy {
+            deployment,
+            application,
+            agents,
+            dry_run,
+            output,
+        } => crate::deploy_cli::deploy(&deployment, &application, &agents, dry_run, output),
+        Command::Status {
+            deployment,
+            application,
+            agents,
+            output,
+        } => crate::deploy_cli::status(&deployment, &application, &agents, output),
         Command::Ca(command) => crate::ca_cli::run(command),
     }
 }
@@ -181,7 +239,11 @@ fn read_state(path: &Path) -> Result<ClusterState, String> {
 }
 
 /// Loads both files, printing problems in the requested form.
-fn load(deployment: &Path, application: &Path, output: Output) -> Result<DesiredState, Outcome> {
+pub(crate) fn load(
+    deployment: &Path,
+    application: &Path,
+    output: Output,
+) -> Result<DesiredState, Outcome> {
     match config::load_files(deployment, application) {
         Ok(desired) => Ok(desired),
         Err(ConfigError::Usage(message)) => {
@@ -227,7 +289,7 @@ fn report_invalid(diagnostics: &[Diagnostic], output: Output) {
     }
 }
 
-fn print_json(value: &serde_json::Value) {
+pub(crate) fn print_json(value: &serde_json::Value) {
     let mut out = std::io::stdout().lock();
     // A closed stdout (e.g. piped into `head`) is not worth a panic.
     let _ = serde_json::to_writer_pretty(&mut out, value);

@@ -5,6 +5,8 @@ pub mod ca;
 mod ca_cli;
 pub mod cli;
 pub mod config;
+pub mod deploy;
+mod deploy_cli;
 pub mod logging;
 pub mod planner;
 pub mod render;

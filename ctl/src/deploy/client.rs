@@ -1,0 +1,278 @@
+//! A client for one node agent's API over mutual TLS: `GET /v1/state` and
+//! `POST /v1/converge` (whose answer is a stream of newline-delimited [`ConvergeEvent`]s).
+//!
+//! The agent's certificate must chain to the cluster CA and name the node's address; ours
+//! is a user certificate issued by `flockerctl ca user`.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flocker_wire::{ConvergeEvent, ConvergeRequest, NodeState};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// Errors talking to one agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot read {path}: {reason}")]
+    Credentials { path: PathBuf, reason: String },
+    #[error("tls setup: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("invalid node address {0:?}")]
+    Address(String),
+    #[error("cannot connect to {node}: {source}")]
+    Connect {
+        node: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{node}: {source}")]
+    Http {
+        node: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("{node}: {status}: {message}")]
+    Refused {
+        node: String,
+        status: StatusCode,
+        message: String,
+    },
+    #[error("{node}: unreadable answer: {reason}")]
+    Protocol { node: String, reason: String },
+    #[error("{node}: no answer within {0:?}", .timeout)]
+    Timeout { node: String, timeout: Duration },
+}
+
+/// Where the credentials of a user live: a CA directory as `flockerctl ca` writes it.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Credentials {
+    /// `DIR/cluster.crt`, `DIR/users/USER.crt`, `DIR/users/USER.key`.
+    pub fn from_ca_dir(dir: &Path, user: &str) -> Credentials {
+        Credentials {
+            ca_cert: dir.join("cluster.crt"),
+            cert: dir.join("users").join(format!("{user}.crt")),
+            key: dir.join("users").join(format!("{user}.key")),
+        }
+    }
+}
+
+/// Connection settings shared by every request to every agent.
+#[derive(Clone)]
+pub struct AgentClient {
+    connector: TlsConnector,
+    port: u16,
+    timeout: Duration,
+}
+
+fn read_pem(path: &Path) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path).map_err(|e| ClientError::Credentials {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+impl AgentClient {
+    pub fn new(
+        credentials: &Credentials,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let bad = |path: &Path, reason: String| ClientError::Credentials {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut roots = RootCertStore::empty();
+        let ca_pem = read_pem(&credentials.ca_cert)?;
+        for cert in CertificateDer::pem_slice_iter(&ca_pem) {
+            let cert = cert.map_err(|e| bad(&credentials.ca_cert, e.to_string()))?;
+            roots
+                .add(cert)
+                .map_err(|e| bad(&credentials.ca_cert, e.to_string()))?;
+        }
+        let cert_pem = read_pem(&credentials.cert)?;
+        let chain = CertificateDer::pem_slice_iter(&cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(&credentials.cert, e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(&read_pem(&credentials.key)?)
+            .map_err(|e| bad(&credentials.key, e.to_string()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)?;
+        Ok(AgentClient {
+            connector: TlsConnector::from(Arc::new(config)),
+            port,
+            timeout,
+        })
+    }
+
+    /// The node's state, as `GET /v1/state` reports it.
+    pub async fn state(&self, node: &str) -> Result<NodeState, ClientError> {
+        let body = self
+            .with_timeout(node, self.request(node, Method::GET, "/v1/state", None))
+            .await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
+            node: node.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Sends one phase's actions and returns the events the agent streamed back.
+    /// `on_event` sees each event as it arrives (progress bars).
+    pub async fn converge(
+        &self,
+        node: &str,
+        request: &ConvergeRequest,
+        mut on_event: impl FnMut(&ConvergeEvent),
+    ) -> Result<Vec<ConvergeEvent>, ClientError> {
+        let json = serde_json::to_vec(request).map_err(|e| ClientError::Protocol {
+            node: node.to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut response = self
+            .with_timeout(
+                node,
+                self.send(node, Method::POST, "/v1/converge", Some(json)),
+            )
+            .await?;
+        let mut events = Vec::new();
+        let mut pending: Vec<u8> = Vec::new();
+        let http = |source| ClientError::Http {
+            node: node.to_string(),
+            source,
+        };
+        while let Some(frame) = response.frame().await {
+            let frame = frame.map_err(http)?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            pending.extend_from_slice(data);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let line = line.trim_ascii();
+                if line.is_empty() {
+                    continue;
+                }
+                let event: ConvergeEvent =
+                    serde_json::from_slice(line).map_err(|e| ClientError::Protocol {
+                        node: node.to_string(),
+                        reason: format!("bad event line: {e}"),
+                    })?;
+                on_event(&event);
+                events.push(event);
+            }
+        }
+        Ok(events)
+    }
+
+    async fn with_timeout<T>(
+        &self,
+        node: &str,
+        fut: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                node: node.to_string(),
+                timeout: self.timeout,
+            })?
+    }
+
+    async fn request(
+        &self,
+        node: &str,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, ClientError> {
+        let response = self.send(node, method, path, body).await?;
+        let bytes = response
+            .collect()
+            .await
+            .map_err(|source| ClientError::Http {
+                node: node.to_string(),
+                source,
+            })?
+            .to_bytes();
+        Ok(bytes)
+    }
+
+    /// Connects, sends one request, and returns the response body once the status is 2xx.
+    async fn send(
+        &self,
+        node: &str,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::body::Incoming, ClientError> {
+        let server_name = match node.parse::<IpAddr>() {
+            Ok(ip) => ServerName::IpAddress(ip.into()),
+            Err(_) => ServerName::try_from(node.to_string())
+                .map_err(|_| ClientError::Address(node.to_string()))?,
+        };
+        let connect = |source| ClientError::Connect {
+            node: node.to_string(),
+            source,
+        };
+        let tcp = TcpStream::connect((node, self.port))
+            .await
+            .map_err(connect)?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self
+            .connector
+            .connect(server_name, tcp)
+            .await
+            .map_err(connect)?;
+        let http = |source| ClientError::Http {
+            node: node.to_string(),
+            source,
+        };
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(http)?;
+        tokio::spawn(connection);
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", node)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Protocol {
+                node: node.to_string(),
+                reason: e.to_string(),
+            })?;
+        let response = sender.send_request(request).await.map_err(http)?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response.into_body());
+        }
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Err(ClientError::Refused {
+            node: node.to_string(),
+            status,
+            message: String::from_utf8_lossy(&body).trim().to_string(),
+        })
+    }
+}

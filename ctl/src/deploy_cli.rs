@@ -1,0 +1,175 @@
+//! `flockerctl deploy` and `flockerctl status`: wiring from the subcommands to
+//! [`crate::deploy`], with text or JSON output.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use flocker_wire::{ClusterState, DesiredState, RouteTarget};
+use serde_json::json;
+
+use crate::cli::{AgentArgs, Outcome, Output, load, print_json};
+use crate::deploy::{self, AgentClient, Credentials, DeployError};
+use crate::{planner, render};
+
+fn client(agents: &AgentArgs) -> Result<AgentClient, DeployError> {
+    let credentials = Credentials::from_ca_dir(&agents.ca_dir, &agents.user);
+    Ok(AgentClient::new(
+        &credentials,
+        agents.port,
+        Duration::from_secs(agents.timeout),
+    )?)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, DeployError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(DeployError::Runtime)
+}
+
+fn fail(e: &DeployError, output: Output) -> Outcome {
+    match output {
+        Output::Json => print_json(&json!({ "ok": false, "error": e.to_string() })),
+        Output::Text => eprintln!("flockerctl: {e}"),
+    }
+    Outcome::Failure
+}
+
+pub fn deploy(
+    deployment: &Path,
+    application: &Path,
+    agents: &AgentArgs,
+    dry_run: bool,
+    output: Output,
+) -> Outcome {
+    let desired = match load(deployment, application, output) {
+        Ok(d) => d,
+        Err(outcome) => return outcome,
+    };
+    match run_deploy(&desired, agents, dry_run, output) {
+        Ok(()) => Outcome::Success,
+        Err(e) => fail(&e, output),
+    }
+}
+
+fn run_deploy(
+    desired: &DesiredState,
+    agents: &AgentArgs,
+    dry_run: bool,
+    output: Output,
+) -> Result<(), DeployError> {
+    let client = client(agents)?;
+    let started = Instant::now();
+    runtime()?.block_on(async {
+        let current = deploy::gather_state(&client, desired.nodes.keys()).await?;
+        let plan = planner::plan(desired, &current);
+        if output == Output::Text {
+            print!("{}", render::plan_text(&plan));
+        }
+        if plan.is_empty() || dry_run {
+            if output == Output::Json {
+                print_json(&json!({ "ok": true, "changed": false, "phases": plan.phases }));
+            }
+            return Ok(());
+        }
+        let progress = output == Output::Text && std::io::stderr().is_terminal();
+        let mut summary = deploy::execute(&client, desired, &plan, progress).await?;
+        summary.elapsed_ms = started.elapsed().as_millis();
+        match output {
+            Output::Json => print_json(&json!({
+                "ok": true,
+                "changed": true,
+                "phases": plan.phases,
+                "summary": summary,
+            })),
+            Output::Text => println!(
+                "done: {} action(s) in {} phase(s), {} byte(s) of volume data pushed, {:.2} s",
+                summary.actions,
+                summary.phases,
+                summary.bytes_pushed,
+                summary.elapsed_ms as f64 / 1000.0
+            ),
+        }
+        Ok(())
+    })
+}
+
+pub fn status(
+    deployment: &Path,
+    application: &Path,
+    agents: &AgentArgs,
+    output: Output,
+) -> Outcome {
+    let desired = match load(deployment, application, output) {
+        Ok(d) => d,
+        Err(outcome) => return outcome,
+    };
+    let gathered = client(agents).and_then(|client| {
+        runtime()?.block_on(deploy::gather_state(&client, desired.nodes.keys()))
+    });
+    match gathered {
+        Ok(state) => {
+            match output {
+                Output::Json => print_json(&json!({ "nodes": state.nodes })),
+                Output::Text => print!("{}", status_text(&desired, &state)),
+            }
+            Outcome::Success
+        }
+        Err(e) => fail(&e, output),
+    }
+}
+
+/// The status tables: applications, volumes, routes.
+pub fn status_text(desired: &DesiredState, state: &ClusterState) -> String {
+    let mut out = String::from("APPLICATION      NODE             STATE     IMAGE\n");
+    for (node, n) in &state.nodes {
+        for c in &n.containers {
+            let name = &c.application.name;
+            let mark = if desired.node_of(name) == Some(node.as_str()) {
+                ""
+            } else {
+                "  (not in deployment)"
+            };
+            let running = if c.running { "running" } else { "stopped" };
+            out.push_str(&format!(
+                "{name:<16} {node:<16} {running:<9} {}{mark}\n",
+                c.application.image
+            ));
+        }
+    }
+    out.push_str(
+        "\nVOLUME           NODE             OWNER            EPOCH  SIZE        NEWEST SNAPSHOT\n",
+    );
+    for (node, n) in &state.nodes {
+        for v in &n.volumes {
+            let owner = if &v.owner == node {
+                "(this node)".to_string()
+            } else {
+                v.owner.clone()
+            };
+            out.push_str(&format!(
+                "{:<16} {node:<16} {owner:<16} {:<6} {:<11} {}\n",
+                v.name,
+                v.epoch,
+                v.used_bytes,
+                v.snapshots.last().map(String::as_str).unwrap_or("-")
+            ));
+        }
+    }
+    out.push_str("\nNODE             PORT   APPLICATION      TARGET\n");
+    for (node, n) in &state.nodes {
+        for r in &n.routes {
+            let target = match &r.target {
+                RouteTarget::Local { internal_port } => format!("local container :{internal_port}"),
+                RouteTarget::Node { address } => format!("node {address}"),
+            };
+            out.push_str(&format!(
+                "{node:<16} {:<6} {:<16} {target}\n",
+                r.external_port, r.application
+            ));
+        }
+    }
+    out
+}

@@ -1,1 +1,30 @@
-//! eBPF programs written in C under `ebpf/src/*.bpf.c`, compiled by clang and embedded as object bytes (filled by the routing issue).
+//! eBPF programs written in C under `ebpf/src/*.bpf.c`, compiled by clang in `build.rs` and
+//! embedded here as ELF object bytes for aya to load.
+//!
+//! **Architecture invariant:** this crate only carries bytes; it knows nothing about loading,
+//! maps or routes. `flocker-routing` owns the loader and the map layout contract documented
+//! in the C sources.
+
+#![forbid(unsafe_code)]
+
+/// Keeps the embedded object 8-byte aligned: the ELF parser reads headers in place.
+#[repr(C, align(8))]
+struct Aligned<B: ?Sized>(B);
+
+static ROUTING_OBJECT: &Aligned<[u8]> =
+    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/routing.bpf.o")));
+
+/// `routing.bpf.c`: programs `flk_connect4` (`cgroup/connect4`) and `flk_getpeername4`
+/// (`cgroup/getpeername4`); maps `flk_routes`, `flk_local` and `flk_orig`.
+pub static ROUTING: &[u8] = &ROUTING_OBJECT.0;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn routing_object_is_an_aligned_bpf_elf() {
+        assert_eq!(&super::ROUTING[..4], b"\x7fELF");
+        assert_eq!(super::ROUTING.as_ptr() as usize % 8, 0);
+        // e_machine 247 is EM_BPF.
+        assert_eq!(u16::from_le_bytes([super::ROUTING[18], super::ROUTING[19]]), 247);
+    }
+}

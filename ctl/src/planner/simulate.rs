@@ -29,7 +29,11 @@ fn node_mut<'a>(state: &'a mut ClusterState, node: &str) -> &'a mut NodeState {
         })
 }
 
-fn volume_mut<'a>(state: &'a mut ClusterState, node: &str, name: &str) -> Option<&'a mut VolumeState> {
+fn volume_mut<'a>(
+    state: &'a mut ClusterState,
+    node: &str,
+    name: &str,
+) -> Option<&'a mut VolumeState> {
     state
         .nodes
         .get_mut(node)?
@@ -78,7 +82,9 @@ fn apply(node: &str, action: &Action, state: &mut ClusterState) -> Result<(), St
             } else if source.owner == to.as_str() {
                 source.epoch
             } else {
-                return Err(format!("{node} neither owns {volume} nor handed it to {to}"));
+                return Err(format!(
+                    "{node} neither owns {volume} nor handed it to {to}"
+                ));
             };
             let target = volume_mut(state, to, volume)
                 .ok_or_else(|| format!("{to} holds no copy of {volume}"))?;
@@ -101,11 +107,15 @@ fn apply(node: &str, action: &Action, state: &mut ClusterState) -> Result<(), St
                     .is_some_and(|v| v.owner == node)
                     && state.volume_owner(&application.name) == Some(node);
                 if !owned {
-                    return Err(format!("{} started without owning its volume", application.name));
+                    return Err(format!(
+                        "{} started without owning its volume",
+                        application.name
+                    ));
                 }
             }
             let n = node_mut(state, node);
-            n.containers.retain(|c| c.application.name != application.name);
+            n.containers
+                .retain(|c| c.application.name != application.name);
             n.containers.push(ContainerState {
                 application: application.clone(),
                 running: true,
@@ -169,7 +179,10 @@ pub fn check_invariants(state: &ClusterState) -> Result<(), String> {
             .filter(|v| v.epoch == record.epoch && v.owner != record.owner)
             .count();
         if rivals > 0 {
-            return Err(format!("volume {volume} has two owners at epoch {}", record.epoch));
+            return Err(format!(
+                "volume {volume} has two owners at epoch {}",
+                record.epoch
+            ));
         }
     }
     let mut running: Vec<&str> = state

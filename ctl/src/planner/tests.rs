@@ -59,7 +59,10 @@ fn check(desired: &DesiredState, current: &ClusterState, expect: &str) {
     let mut state = current.clone();
     apply_plan(&plan, &mut state).expect("plan keeps the invariants");
     matches(desired, &state).expect("plan reaches the desired state");
-    assert!(super::plan(desired, &state).is_empty(), "second plan is empty");
+    assert!(
+        super::plan(desired, &state).is_empty(),
+        "second plan is empty"
+    );
 }
 
 #[test]
@@ -245,12 +248,7 @@ fn interrupted_handoff_is_finished_before_start() {
     let mut copy = n1.volumes[0].clone();
     copy.owner = N1.into();
     copy.epoch = 1;
-    current
-        .nodes
-        .get_mut(N2)
-        .expect("n2")
-        .volumes
-        .push(copy);
+    current.nodes.get_mut(N2).expect("n2").volumes.push(copy);
     check(
         &after,
         &current,

@@ -3,5 +3,6 @@
 //! tests themselves live in `tests/tests/`.
 
 pub mod docker;
+pub mod images;
 pub mod netns;
 pub mod zfs;

@@ -2,7 +2,9 @@
 //! ZFS pools on files served by zfs-fuse, and `dockerd` instances inside namespaces. The
 //! tests themselves live in `tests/tests/`.
 
+pub mod cluster;
 pub mod docker;
 pub mod images;
 pub mod netns;
+pub mod redis;
 pub mod zfs;

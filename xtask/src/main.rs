@@ -25,6 +25,15 @@ enum Task {
     Ci,
     /// The README's main job: validate and plan the bundled examples.
     Demo,
+    /// A local cluster of network-namespace nodes (dockerd, zfs-fuse pool, agent on each).
+    Cluster {
+        /// up or down
+        action: String,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value = "nftables")]
+        routing: String,
+    },
     /// Run a benchmark and print its table: streamer, routing or migrate.
     Bench {
         name: String,
@@ -38,6 +47,11 @@ fn main() -> Result<()> {
         Task::Deps => deps::install(),
         Task::Ci => ci(),
         Task::Demo => demo(),
+        Task::Cluster {
+            action,
+            nodes,
+            routing,
+        } => cluster(&action, nodes, &routing),
         Task::Bench { name, args } => {
             deps::install()?;
             let mut cmd = cargo();
@@ -67,8 +81,14 @@ fn demo() -> Result<()> {
     run(cargo().args(["build", "--quiet", "-p", "flocker-ctl"]))?;
     let ctl = "target/debug/flockerctl";
     for (deployment, application) in [
-        ("examples/redis/deployment.yml", "examples/redis/application.yml"),
-        ("examples/redis/deployment-moved.yml", "examples/redis/application.yml"),
+        (
+            "examples/redis/deployment.yml",
+            "examples/redis/application.yml",
+        ),
+        (
+            "examples/redis/deployment-moved.yml",
+            "examples/redis/application.yml",
+        ),
     ] {
         println!("$ flockerctl validate {deployment} {application}");
         run(Command::new(ctl).args(["validate", deployment, application]))?;
@@ -76,6 +96,32 @@ fn demo() -> Result<()> {
         run(Command::new(ctl).args(["plan", deployment, application]))?;
     }
     Ok(())
+}
+
+fn cluster(action: &str, nodes: usize, routing: &str) -> Result<()> {
+    if action == "up" {
+        deps::install()?;
+        run(cargo().args([
+            "build",
+            "--quiet",
+            "-p",
+            "flocker-dataplane",
+            "-p",
+            "flocker-ctl",
+        ]))?;
+    }
+    run(cargo()
+        .args([
+            "run",
+            "--quiet",
+            "-p",
+            "flocker-e2e",
+            "--bin",
+            "flocker-cluster",
+            "--",
+        ])
+        .arg(action)
+        .args(["--nodes", &nodes.to_string(), "--routing", routing]))
 }
 
 fn cargo() -> Command {

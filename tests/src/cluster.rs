@@ -1,0 +1,471 @@
+//! A Flocker cluster on one machine: each node a network namespace on a bridge, with its own
+//! address from 198.18.0.0/15, its own `dockerd`, its own zfs-fuse pool and its own
+//! `flocker-agent` holding a certificate from the cluster CA. The host itself sits on the
+//! bridge at 198.18.0.1 and plays the outside client.
+//!
+//! Everything the cluster creates is recorded under its directory, so `down` removes every
+//! trace even from another process (`cargo xtask cluster down`), and `up` on a running
+//! cluster only starts what is missing.
+
+use std::fs;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::images;
+
+/// The bridge all nodes hang off, and the host's address on it.
+pub const BRIDGE: &str = "flk-br0";
+pub const HOST_ADDRESS: &str = "198.18.0.1";
+/// The agents' API port.
+pub const AGENT_PORT: u16 = 4523;
+
+/// One node of the local cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    /// `n1`, `n2`, ...
+    pub name: String,
+    /// The node's address on the bridge, e.g. `198.18.0.11`.
+    pub address: String,
+    /// The network namespace, e.g. `flk-n1`.
+    pub netns: String,
+    /// Where this node's daemons keep their files.
+    pub dir: PathBuf,
+    /// `unix://.../docker.sock` of the node's dockerd.
+    pub docker_host: String,
+    /// The node's ZFS pool.
+    pub pool: String,
+}
+
+impl ClusterNode {
+    fn new(root: &Path, index: usize) -> ClusterNode {
+        let name = format!("n{index}");
+        let dir = root.join(&name);
+        ClusterNode {
+            address: format!("198.18.0.{}", 10 + index),
+            netns: format!("flk-{name}"),
+            docker_host: format!("unix://{}", dir.join("docker.sock").display()),
+            pool: format!("flk-{name}"),
+            dir,
+            name,
+        }
+    }
+
+    fn netns_path(&self) -> String {
+        format!("/var/run/netns/{}", self.netns)
+    }
+
+    /// A command that runs inside this node's network namespace (nsenter, not
+    /// `ip netns exec`, which remounts /sys and hides the cgroup mounts from dockerd).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns_path())).arg(program);
+        cmd
+    }
+
+    fn agent_pidfile(&self) -> PathBuf {
+        self.dir.join("agent.pid")
+    }
+}
+
+/// Sizes and paths of a local cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub nodes: usize,
+    /// Where every file of the cluster lives.
+    pub dir: PathBuf,
+    /// Size of each node's pool file (sparse).
+    pub pool_size: &'static str,
+    /// The `flocker-agent` binary.
+    pub agent_binary: PathBuf,
+    /// The `flockerctl` binary (CA tooling).
+    pub ctl_binary: PathBuf,
+    /// Routing backend passed to every agent.
+    pub routing: String,
+}
+
+/// A running local cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    pub spec: ClusterSpec,
+    pub nodes: Vec<ClusterNode>,
+    /// Tear down on drop (tests); `cargo xtask cluster up` keeps it.
+    pub teardown_on_drop: bool,
+}
+
+impl Cluster {
+    /// Brings the cluster up, creating only what is not there yet.
+    pub fn up(spec: ClusterSpec) -> Result<Cluster> {
+        fs::create_dir_all(&spec.dir).context("cluster dir")?;
+        let nodes: Vec<ClusterNode> = (1..=spec.nodes)
+            .map(|i| ClusterNode::new(&spec.dir, i))
+            .collect();
+        let cluster = Cluster {
+            spec,
+            nodes,
+            teardown_on_drop: false,
+        };
+        cluster.say("bridge");
+        ensure_bridge()?;
+        ensure_zfs_daemon()?;
+        cluster.ensure_ca()?;
+        for node in &cluster.nodes {
+            cluster.say(&format!("node {} at {}", node.name, node.address));
+            fs::create_dir_all(&node.dir)?;
+            ensure_netns(node)?;
+            ensure_pool(node, cluster.spec.pool_size)?;
+            ensure_dockerd(node)?;
+            images::ensure_images(&node.docker_host)?;
+            cluster.ensure_agent(node)?;
+        }
+        for node in &cluster.nodes {
+            wait_for_port(
+                &format!("{}:{AGENT_PORT}", node.address),
+                Duration::from_secs(30),
+            )
+            .with_context(|| format!("agent on {} did not come up", node.name))?;
+        }
+        Ok(cluster)
+    }
+
+    fn say(&self, what: &str) {
+        eprintln!("cluster: {what}");
+    }
+
+    /// The cluster CA directory (`cluster.crt`, `nodes/`, `users/admin.*`).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.spec.dir.join("ca")
+    }
+
+    fn ensure_ca(&self) -> Result<()> {
+        let ca = self.ca_dir();
+        let ctl = |args: &[&str]| -> Result<()> {
+            let out = Command::new(&self.spec.ctl_binary)
+                .args(args)
+                .arg("--dir")
+                .arg(&ca)
+                .output()
+                .context("run flockerctl ca")?;
+            if !out.status.success() {
+                bail!(
+                    "flockerctl {args:?} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok(())
+        };
+        if !ca.join("cluster.crt").exists() {
+            ctl(&["ca", "init"])?;
+        }
+        if !ca.join("users/admin.crt").exists() {
+            ctl(&["ca", "user", "admin"])?;
+        }
+        for node in &self.nodes {
+            if !ca.join(format!("nodes/{}.crt", node.address)).exists() {
+                ctl(&["ca", "node", &node.address])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the node's agent unless it runs.
+    pub fn ensure_agent(&self, node: &ClusterNode) -> Result<()> {
+        if pid_alive(&node.agent_pidfile()) {
+            return Ok(());
+        }
+        let ca = self.ca_dir();
+        let log = fs::File::create(node.dir.join("agent.log")).context("agent log")?;
+        let child = node
+            .command(&self.spec.agent_binary)
+            .args(["--node-address", &node.address])
+            .arg("--listen")
+            .arg(format!("{}:{AGENT_PORT}", node.address))
+            .arg("--docker-host")
+            .arg(&node.docker_host)
+            .arg("--volumes")
+            .arg(format!("zfs:{}", node.pool))
+            .arg("--routing")
+            .arg(&self.spec.routing)
+            .arg("--ca-cert")
+            .arg(ca.join("cluster.crt"))
+            .arg("--cert")
+            .arg(ca.join(format!("nodes/{}.crt", node.address)))
+            .arg("--key")
+            .arg(ca.join(format!("nodes/{}.key", node.address)))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start flocker-agent")?;
+        fs::write(node.agent_pidfile(), child.id().to_string())?;
+        Ok(())
+    }
+
+    /// Kills a node's agent abruptly (SIGKILL), as a crash would.
+    pub fn kill_agent(&self, node: &ClusterNode) -> Result<()> {
+        kill_pidfile(&node.agent_pidfile(), "KILL");
+        Ok(())
+    }
+
+    /// Restarts a node's agent and waits for its port.
+    pub fn restart_agent(&self, node: &ClusterNode) -> Result<()> {
+        kill_pidfile(&node.agent_pidfile(), "TERM");
+        sleep(Duration::from_millis(300));
+        self.ensure_agent(node)?;
+        wait_for_port(
+            &format!("{}:{AGENT_PORT}", node.address),
+            Duration::from_secs(30),
+        )
+    }
+
+    /// Runs `flockerctl` against this cluster (its CA and user certificate).
+    pub fn flockerctl(&self, args: &[&str]) -> Result<Output> {
+        Command::new(&self.spec.ctl_binary)
+            .args(args)
+            .env("FLOCKER_CA_DIR", self.ca_dir())
+            .env("FLOCKER_USER", "admin")
+            .output()
+            .context("run flockerctl")
+    }
+
+    /// Removes every trace of the cluster described by `spec`: agents, dockerds (and their
+    /// containers), pools, namespaces, the bridge, the directory.
+    pub fn down(spec: &ClusterSpec) -> Result<()> {
+        for i in 1..=spec.nodes.max(discover_nodes(&spec.dir)) {
+            let node = ClusterNode::new(&spec.dir, i);
+            kill_pidfile(&node.agent_pidfile(), "TERM");
+            stop_dockerd(&node);
+            let _ = quiet(Command::new("zpool").args(["destroy", "-f", &node.pool]));
+            let _ = quiet(Command::new("ip").args(["netns", "del", &node.netns]));
+            let _ = quiet(Command::new("ip").args(["link", "del", &format!("{}-h", node.netns)]));
+        }
+        let _ = quiet(Command::new("ip").args(["link", "del", BRIDGE]));
+        if spec.dir.exists() {
+            // Mount points of dockerd inside the directory must be gone before removal.
+            let _ = quiet(Command::new("umount").arg("-R").arg(&spec.dir));
+            fs::remove_dir_all(&spec.dir)
+                .with_context(|| format!("remove {}", spec.dir.display()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.teardown_on_drop {
+            if let Err(e) = Cluster::down(&self.spec) {
+                eprintln!("cluster: teardown failed: {e:#}");
+            }
+        }
+    }
+}
+
+/// How many node directories an earlier `up` left behind.
+fn discover_nodes(dir: &Path) -> usize {
+    (1..=64)
+        .take_while(|i| dir.join(format!("n{i}")).exists())
+        .count()
+}
+
+fn quiet(cmd: &mut Command) -> Result<Output> {
+    cmd.stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {cmd:?}"))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = quiet(cmd)?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn link_exists(name: &str) -> bool {
+    quiet(Command::new("ip").args(["link", "show", name]))
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn ensure_bridge() -> Result<()> {
+    if !link_exists(BRIDGE) {
+        run(Command::new("ip").args(["link", "add", BRIDGE, "type", "bridge"]))?;
+        run(Command::new("ip").args([
+            "addr",
+            "add",
+            &format!("{HOST_ADDRESS}/24"),
+            "dev",
+            BRIDGE,
+        ]))?;
+    }
+    run(Command::new("ip").args(["link", "set", BRIDGE, "up"]))?;
+    // Bridged frames must not be filtered by the host's own iptables (Docker's FORWARD DROP).
+    let _ = fs::write("/proc/sys/net/bridge/bridge-nf-call-iptables", "0");
+    Ok(())
+}
+
+fn ensure_netns(node: &ClusterNode) -> Result<()> {
+    if Path::new(&node.netns_path()).exists() {
+        return Ok(());
+    }
+    let host_side = format!("{}-h", node.netns);
+    run(Command::new("ip").args(["netns", "add", &node.netns]))?;
+    run(Command::new("ip").args([
+        "link",
+        "add",
+        &host_side,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &node.netns,
+    ]))?;
+    run(Command::new("ip").args(["link", "set", &host_side, "master", BRIDGE, "up"]))?;
+    let ns = |args: &[&str]| run(Command::new("ip").args(["-n", &node.netns]).args(args));
+    ns(&["link", "set", "lo", "up"])?;
+    ns(&[
+        "addr",
+        "add",
+        &format!("{}/24", node.address),
+        "dev",
+        "eth0",
+    ])?;
+    ns(&["link", "set", "eth0", "up"])?;
+    ns(&["route", "add", "default", "via", HOST_ADDRESS])?;
+    Ok(())
+}
+
+fn ensure_zfs_daemon() -> Result<()> {
+    let running = quiet(Command::new("pgrep").args(["-x", "zfs-fuse"]))
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !running {
+        run(&mut Command::new("zfs-fuse"))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if quiet(Command::new("zpool").arg("list"))
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        sleep(Duration::from_millis(200));
+    }
+    bail!("zfs-fuse did not answer within 20 s")
+}
+
+fn ensure_pool(node: &ClusterNode, size: &str) -> Result<()> {
+    let exists = quiet(Command::new("zpool").args(["list", &node.pool]))
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if exists {
+        return Ok(());
+    }
+    let file = node.dir.join("pool.img");
+    run(Command::new("truncate").args(["-s", size]).arg(&file))?;
+    run(Command::new("zpool")
+        .args(["create", "-f", "-m"])
+        .arg(format!("/{}", node.pool))
+        .arg(&node.pool)
+        .arg(&file))
+}
+
+fn ensure_dockerd(node: &ClusterNode) -> Result<()> {
+    let pidfile = node.dir.join("docker.pid");
+    if !pid_alive(&pidfile) {
+        let log = fs::File::create(node.dir.join("dockerd.log"))?;
+        let index: usize = node.name.trim_start_matches('n').parse().unwrap_or(1);
+        node.command("dockerd")
+            .arg("--data-root")
+            .arg(node.dir.join("docker"))
+            .arg("--exec-root")
+            .arg(node.dir.join("exec"))
+            .arg("-H")
+            .arg(&node.docker_host)
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .arg("--bip")
+            .arg(format!("198.19.{index}.1/24"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start dockerd")?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let ok = quiet(Command::new("docker").args(["-H", &node.docker_host, "info"]))
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if ok {
+            return Ok(());
+        }
+        sleep(Duration::from_millis(300));
+    }
+    bail!(
+        "dockerd of {} did not answer within 60 s (see {})",
+        node.name,
+        node.dir.join("dockerd.log").display()
+    )
+}
+
+fn stop_dockerd(node: &ClusterNode) {
+    let host = &node.docker_host;
+    if let Ok(out) = quiet(Command::new("docker").args(["-H", host, "ps", "-aq"])) {
+        let ids = String::from_utf8_lossy(&out.stdout).to_string();
+        let ids: Vec<&str> = ids.split_whitespace().collect();
+        if !ids.is_empty() {
+            let _ = quiet(
+                Command::new("docker")
+                    .args(["-H", host, "rm", "-f"])
+                    .args(&ids),
+            );
+        }
+    }
+    kill_pidfile(&node.dir.join("docker.pid"), "TERM");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while pid_alive(&node.dir.join("docker.pid")) && Instant::now() < deadline {
+        sleep(Duration::from_millis(200));
+    }
+}
+
+fn read_pid(pidfile: &Path) -> Option<String> {
+    fs::read_to_string(pidfile)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()))
+}
+
+fn pid_alive(pidfile: &Path) -> bool {
+    read_pid(pidfile).is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+}
+
+fn kill_pidfile(pidfile: &Path, signal: &str) {
+    if let Some(pid) = read_pid(pidfile) {
+        let _ = quiet(Command::new("kill").args([&format!("-{signal}"), &pid]));
+    }
+}
+
+/// Waits until something accepts TCP connections at `addr`.
+pub fn wait_for_port(addr: &str, timeout: Duration) -> Result<()> {
+    let target: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&target, Duration::from_millis(500)).is_ok() {
+            return Ok(());
+        }
+        sleep(Duration::from_millis(200));
+    }
+    bail!("nothing listens on {addr} after {timeout:?}")
+}

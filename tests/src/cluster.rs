@@ -240,7 +240,7 @@ impl Cluster {
             let node = ClusterNode::new(&spec.dir, i);
             kill_pidfile(&node.agent_pidfile(), "TERM");
             stop_dockerd(&node);
-            let _ = quiet(Command::new("zpool").args(["destroy", "-f", &node.pool]));
+            destroy_pool(&node.pool);
             let _ = quiet(Command::new("ip").args(["netns", "del", &node.netns]));
             let _ = quiet(Command::new("ip").args(["link", "del", &format!("{}-h", node.netns)]));
         }
@@ -379,6 +379,21 @@ fn ensure_pool(node: &ClusterNode, size: &str) -> Result<()> {
         .arg(format!("/{}", node.pool))
         .arg(&node.pool)
         .arg(&file))
+}
+
+/// Destroys a pool, retrying while a just-stopped daemon still holds its mounts.
+fn destroy_pool(pool: &str) {
+    for _ in 0..20 {
+        let exists = quiet(Command::new("zpool").args(["list", pool]))
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !exists {
+            return;
+        }
+        let _ = quiet(Command::new("zpool").args(["destroy", "-f", pool]));
+        sleep(Duration::from_millis(500));
+    }
+    eprintln!("cluster: could not destroy pool {pool}");
 }
 
 fn ensure_dockerd(node: &ClusterNode) -> Result<()> {

@@ -1,0 +1,380 @@
+//! End to end: a three-node cluster (network namespaces, each with its own dockerd, zfs-fuse
+//! pool and agent), driven only through `flockerctl deploy` and checked from the outside
+//! (the host on the bridge) and through Docker.
+//!
+//! One test walks the whole life of a deployment, because bringing a cluster up costs far
+//! more than each step: deploy, read through every node, a no-op second deploy, a move with
+//! its data, a restart in place, a swap, a removal, and an agent killed during a move.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec};
+use flocker_e2e::redis::Redis;
+
+fn binary(name: &str) -> PathBuf {
+    // Integration tests live in target/<profile>/deps; the binaries one level up.
+    let mut path = std::env::current_exe().expect("test binary path");
+    path.pop();
+    if path.ends_with("deps") {
+        path.pop();
+    }
+    path.join(name)
+}
+
+fn build_binaries() {
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "flocker-dataplane",
+            "-p",
+            "flocker-ctl",
+        ])
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building the agent and flockerctl failed");
+}
+
+const APPLICATIONS: &str = "\
+version: 1
+applications:
+  redis:
+    image: redis-flocker:latest
+    ports:
+      - internal: 6379
+        external: 6379
+    volume:
+      mountpoint: /data
+  web:
+    image: busybox-flocker:latest
+    ports:
+      - internal: 80
+        external: 8080
+    environment:
+      MODE: first
+    links:
+      - local_port: 6379
+        remote_port: 6379
+        alias: db
+";
+
+fn deployment(placement: &[(&ClusterNode, &[&str])]) -> String {
+    let mut out = String::from("version: 1\nnodes:\n");
+    for (node, apps) in placement {
+        out.push_str(&format!("  {}: [{}]\n", node.address, apps.join(", ")));
+    }
+    out
+}
+
+struct Files {
+    dir: tempfile::TempDir,
+}
+
+impl Files {
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn deploy(cluster: &Cluster, deployment: &Path, application: &Path) -> Result<Output> {
+    let d = deployment.display().to_string();
+    let a = application.display().to_string();
+    cluster.flockerctl(&["deploy", &d, &a])
+}
+
+fn deploy_ok(cluster: &Cluster, deployment: &Path, application: &Path) -> Result<String> {
+    let out = deploy(cluster, deployment, application)?;
+    ensure!(
+        out.status.success(),
+        "deploy failed:\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    Ok(text(&out.stdout))
+}
+
+fn redis_at(node: &ClusterNode) -> Result<Redis> {
+    let addr = format!("{}:6379", node.address);
+    // Routes and containers settle quickly, but not instantly.
+    let mut last = None;
+    for _ in 0..50 {
+        match Redis::connect(&addr, Duration::from_secs(2)).and_then(|mut r| {
+            r.command(&["PING"])?;
+            Ok(r)
+        }) {
+            Ok(r) => return Ok(r),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt")))
+        .with_context(|| format!("redis through {addr}"))
+}
+
+fn http_get(node: &ClusterNode, port: u16) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(
+        &format!("{}:{port}", node.address).parse()?,
+        Duration::from_secs(2),
+    )?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body)?;
+    Ok(body)
+}
+
+fn docker(node: &ClusterNode, args: &[&str]) -> Result<String> {
+    let out = Command::new("docker")
+        .args(["-H", &node.docker_host])
+        .args(args)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "docker {args:?} on {}: {}",
+        node.name,
+        text(&out.stderr)
+    );
+    Ok(text(&out.stdout).trim().to_string())
+}
+
+/// The id of the running container made from `image` on a node, if any.
+fn container_of(node: &ClusterNode, image: &str) -> Result<Option<String>> {
+    let ids = docker(
+        node,
+        &["ps", "-q", "--filter", &format!("ancestor={image}")],
+    )?;
+    Ok(ids.lines().next().map(str::to_string))
+}
+
+/// SHA-256 of the random blob the test wrote into the volume, as the container sees it.
+/// (Redis's own files are left out: it rewrites them when it stops and starts.)
+fn volume_checksum(node: &ClusterNode) -> Result<String> {
+    let id = container_of(node, "redis-flocker:latest")?
+        .with_context(|| format!("no redis container on {}", node.name))?;
+    docker(
+        node,
+        &["exec", &id, "/bin/busybox", "sha256sum", "/data/blob"],
+    )
+}
+
+/// The volume's copies across the cluster as `(node, owner, epoch)`, from `flockerctl status`.
+fn volume_copies(
+    cluster: &Cluster,
+    deployment: &Path,
+    application: &Path,
+) -> Result<Vec<(String, String, u64)>> {
+    let out = cluster.flockerctl(&[
+        "status",
+        &deployment.display().to_string(),
+        &application.display().to_string(),
+        "--output",
+        "json",
+    ])?;
+    ensure!(out.status.success(), "status failed: {}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut copies = Vec::new();
+    let Some(nodes) = json["nodes"].as_object() else {
+        bail!("status without nodes: {json}");
+    };
+    for (address, node) in nodes {
+        for v in node["volumes"].as_array().into_iter().flatten() {
+            if v["name"] == "redis" {
+                copies.push((
+                    address.clone(),
+                    v["owner"].as_str().unwrap_or_default().to_string(),
+                    v["epoch"].as_u64().unwrap_or_default(),
+                ));
+            }
+        }
+    }
+    Ok(copies)
+}
+
+/// Exactly one copy records itself as owner, at the newest epoch, and it is `node`.
+fn assert_single_owner(copies: &[(String, String, u64)], node: &ClusterNode) {
+    let newest = copies.iter().map(|c| c.2).max().unwrap_or(0);
+    let writable: Vec<_> = copies.iter().filter(|(a, o, _)| a == o).collect();
+    assert_eq!(writable.len(), 1, "one writable copy: {copies:?}");
+    assert_eq!(writable[0].0, node.address, "owner: {copies:?}");
+    assert_eq!(
+        writable[0].2, newest,
+        "owner holds the newest epoch: {copies:?}"
+    );
+}
+
+#[test]
+fn a_deployment_lives_moves_and_survives_a_crash() -> Result<()> {
+    build_binaries();
+    let dir = std::env::temp_dir().join(format!("flocker-e2e-{}", std::process::id()));
+    let mut cluster = Cluster::up(ClusterSpec {
+        nodes: 3,
+        dir,
+        pool_size: "1G",
+        agent_binary: binary("flocker-agent"),
+        ctl_binary: binary("flockerctl"),
+        routing: "nftables".into(),
+    })?;
+    cluster.teardown_on_drop = true;
+    let [n1, n2, n3] = [0, 1, 2].map(|i| cluster.nodes[i].clone());
+    let files = Files {
+        dir: tempfile::tempdir()?,
+    };
+    let apps = files.write("application.yml", APPLICATIONS);
+
+    // 1. Deploy: redis on n1, web on n3.
+    let first = files.write(
+        "d1.yml",
+        &deployment(&[(&n1, &["redis"]), (&n2, &[]), (&n3, &["web"])]),
+    );
+    deploy_ok(&cluster, &first, &apps)?;
+    let mut r = redis_at(&n1)?;
+    for i in 0..100 {
+        r.command(&["SET", &format!("key{i}"), &format!("value{i}")])?;
+    }
+    for node in [&n1, &n2, &n3] {
+        let got = redis_at(node)?.command(&["GET", "key42"])?;
+        assert_eq!(
+            got.as_deref(),
+            Some("value42"),
+            "read through {}",
+            node.name
+        );
+    }
+    assert!(http_get(&n1, 8080)?.contains("flocker"), "web through n1");
+    assert_single_owner(&volume_copies(&cluster, &first, &apps)?, &n1);
+
+    // 2. The same deploy again changes nothing.
+    let again = deploy_ok(&cluster, &first, &apps)?;
+    assert!(again.contains("nothing to do"), "second deploy: {again}");
+
+    // 3. Move redis to n2 with its data.
+    let id = container_of(&n1, "redis-flocker:latest")?.context("redis on n1")?;
+    docker(
+        &n1,
+        &[
+            "exec",
+            &id,
+            "/bin/busybox",
+            "dd",
+            "if=/dev/urandom",
+            "of=/data/blob",
+            "bs=1M",
+            "count=8",
+        ],
+    )?;
+    let before = volume_checksum(&n1)?;
+    let moved = files.write(
+        "d2.yml",
+        &deployment(&[(&n1, &[]), (&n2, &["redis"]), (&n3, &["web"])]),
+    );
+    let plan = deploy_ok(&cluster, &moved, &apps)?;
+    assert!(plan.contains("pre-copy"), "a move pre-copies: {plan}");
+    assert_eq!(
+        container_of(&n1, "redis-flocker:latest")?,
+        None,
+        "redis left n1"
+    );
+    assert_eq!(
+        volume_checksum(&n2)?,
+        before,
+        "every byte of the volume moved"
+    );
+    let got = redis_at(&n3)?.command(&["GET", "key7"])?;
+    assert_eq!(got.as_deref(), Some("value7"), "keys read back through n3");
+    let copies = volume_copies(&cluster, &moved, &apps)?;
+    assert_single_owner(&copies, &n2);
+    assert!(
+        copies.iter().all(|c| c.2 <= 2),
+        "one handoff, epoch 2: {copies:?}"
+    );
+
+    // 4. A changed environment restarts web in place.
+    let web_before = container_of(&n3, "busybox-flocker:latest")?.context("web on n3")?;
+    let changed = files.write(
+        "application2.yml",
+        &APPLICATIONS.replace("MODE: first", "MODE: second"),
+    );
+    deploy_ok(&cluster, &moved, &changed)?;
+    let web_after = container_of(&n3, "busybox-flocker:latest")?.context("web on n3 after")?;
+    assert_ne!(web_before, web_after, "a new container");
+    let env = docker(&n3, &["inspect", "-f", "{{json .Config.Env}}", &web_after])?;
+    assert!(env.contains("MODE=second"), "{env}");
+    assert!(env.contains("DB_PORT_6379_TCP="), "link variables: {env}");
+
+    // 5. Swap: redis to n3, web to n2.
+    let swapped = files.write(
+        "d3.yml",
+        &deployment(&[(&n1, &[]), (&n2, &["web"]), (&n3, &["redis"])]),
+    );
+    deploy_ok(&cluster, &swapped, &changed)?;
+    assert_eq!(volume_checksum(&n3)?, before, "data intact after the swap");
+    assert!(
+        http_get(&n1, 8080)?.contains("flocker"),
+        "web through n1 after swap"
+    );
+    assert_single_owner(&volume_copies(&cluster, &swapped, &changed)?, &n3);
+
+    // 6. Remove web: it stops and its port closes everywhere.
+    let only_redis = "version: 1\napplications:\n".to_string()
+        + APPLICATIONS
+            .split("  web:")
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("version: 1\napplications:\n");
+    let removed_apps = files.write("application3.yml", &only_redis);
+    let removed = files.write(
+        "d4.yml",
+        &deployment(&[(&n1, &[]), (&n2, &[]), (&n3, &["redis"])]),
+    );
+    deploy_ok(&cluster, &removed, &removed_apps)?;
+    assert_eq!(
+        container_of(&n2, "busybox-flocker:latest")?,
+        None,
+        "web stopped"
+    );
+    for node in [&n1, &n2, &n3] {
+        assert!(
+            http_get(node, 8080).is_err(),
+            "8080 closed on {}",
+            node.name
+        );
+    }
+
+    // 7. Kill the source agent while redis moves to n1, restart it, deploy again.
+    let back = files.write(
+        "d5.yml",
+        &deployment(&[(&n1, &["redis"]), (&n2, &[]), (&n3, &[])]),
+    );
+    let mut running = Command::new(&cluster.spec.ctl_binary)
+        .args([
+            "deploy",
+            &back.display().to_string(),
+            &removed_apps.display().to_string(),
+        ])
+        .env("FLOCKER_CA_DIR", cluster.ca_dir())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(700));
+    cluster.kill_agent(&n3)?;
+    let _ = running.wait();
+    cluster.restart_agent(&n3)?;
+    deploy_ok(&cluster, &back, &removed_apps)?;
+    assert_eq!(volume_checksum(&n1)?, before, "data intact after the crash");
+    assert_single_owner(&volume_copies(&cluster, &back, &removed_apps)?, &n1);
+    let got = redis_at(&n2)?.command(&["GET", "key99"])?;
+    assert_eq!(got.as_deref(), Some("value99"));
+    let last = deploy_ok(&cluster, &back, &removed_apps)?;
+    assert!(last.contains("nothing to do"), "converged: {last}");
+    Ok(())
+}

@@ -20,9 +20,7 @@ pub fn ensure_images(docker_host: &str) -> Result<()> {
         import(
             docker_host,
             &["/bin/busybox"],
-            &[
-                "CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"80\", \"-h\", \"/www\"]",
-            ],
+            &["CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"80\", \"-h\", \"/www\"]"],
             BUSYBOX_IMAGE,
         )?;
     }
@@ -69,7 +67,17 @@ fn import(docker_host: &str, binaries: &[&str], changes: &[&str], tag: &str) -> 
     // busybox applets a shell user expects, plus the directories images conventionally have.
     let bin = root.path().join("bin");
     std::fs::create_dir_all(&bin)?;
-    for applet in ["sh", "ls", "cat", "echo", "sleep", "nc", "wget", "mkdir", "sha256sum"] {
+    for applet in [
+        "sh",
+        "ls",
+        "cat",
+        "echo",
+        "sleep",
+        "nc",
+        "wget",
+        "mkdir",
+        "sha256sum",
+    ] {
         let link = bin.join(applet);
         if !link.exists() {
             std::os::unix::fs::symlink("/bin/busybox", &link)?;
@@ -103,7 +111,10 @@ fn import(docker_host: &str, binaries: &[&str], changes: &[&str], tag: &str) -> 
 
 /// The shared libraries `ldd` lists for a binary (none for a static one).
 fn libraries(binary: &Path) -> Result<Vec<PathBuf>> {
-    let out = Command::new("ldd").arg(binary).output().context("run ldd")?;
+    let out = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .context("run ldd")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         if text.contains("not a dynamic executable") || out.stderr.starts_with(b"\tnot a dynamic") {

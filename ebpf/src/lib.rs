@@ -25,6 +25,9 @@ mod tests {
         assert_eq!(&super::ROUTING[..4], b"\x7fELF");
         assert_eq!(super::ROUTING.as_ptr() as usize % 8, 0);
         // e_machine 247 is EM_BPF.
-        assert_eq!(u16::from_le_bytes([super::ROUTING[18], super::ROUTING[19]]), 247);
+        assert_eq!(
+            u16::from_le_bytes([super::ROUTING[18], super::ROUTING[19]]),
+            247
+        );
     }
 }

@@ -1,1 +1,107 @@
-//! Routing backends: route table model, nftables over netlink, eBPF over aya (filled by the routing issue).
+//! Routing for the agent: a connection to an application's external port on any node reaches
+//! its container. [`RouteTable`] is what a node should route (derived from the wire routes);
+//! a [`RoutingBackend`] programs it into the kernel, either nftables over netlink
+//! ([`nft::NftBackend`]) or eBPF cgroup hooks plus nftables for outside traffic
+//! ([`ebpf::EbpfBackend`]). Nothing here shells out.
+//!
+//! **Architecture invariant:** the pure parts (`table`, `nft::plan`, the map-content functions
+//! of `ebpf`) compute what the kernel should hold as plain data; `nft::netlink` and the aya
+//! calls in `ebpf` are the only code that touches the kernel.
+
+pub mod ebpf;
+pub mod nft;
+pub mod sysctl;
+pub mod table;
+
+use std::path::PathBuf;
+
+use tracing::{info, warn};
+
+pub use table::{AddressResolver, RouteEntry, RouteTable, StaticResolver, TableError, TableErrors};
+
+/// Anything a backend can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error("nftables")]
+    Netlink(#[from] nft::NetlinkError),
+    #[error("eBPF")]
+    Ebpf(#[from] ebpf::EbpfError),
+    #[error("kernel settings")]
+    Sysctl(#[from] sysctl::SysctlError),
+}
+
+/// Programs a node's route table into the kernel.
+pub trait RoutingBackend: Send {
+    /// `"nftables"` or `"ebpf"`.
+    fn name(&self) -> &'static str;
+    /// Makes the kernel route exactly `table`, replacing whatever this backend installed
+    /// before, in one atomic step per kernel object. Idempotent. An empty table removes
+    /// everything, like [`RoutingBackend::clear`].
+    fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError>;
+    /// Removes everything this backend installed.
+    fn clear(&mut self) -> Result<(), RoutingError>;
+}
+
+/// Which backend to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// eBPF where the kernel allows it, else nftables.
+    #[default]
+    Auto,
+    Nftables,
+    Ebpf,
+}
+
+/// How to open a backend.
+#[derive(Debug, Clone, Default)]
+pub struct BackendConfig {
+    pub choice: BackendChoice,
+    /// The cgroup v2 directory the eBPF programs attach to; the host's root cgroup
+    /// (`/sys/fs/cgroup`, or a cgroup2 mount of our own) when `None`.
+    pub cgroup_path: Option<PathBuf>,
+}
+
+/// Opens the chosen backend. `Auto` tries eBPF first and falls back to nftables, logging which
+/// one it uses and why.
+pub fn open_backend(config: &BackendConfig) -> Result<Box<dyn RoutingBackend>, RoutingError> {
+    match config.choice {
+        BackendChoice::Nftables => {
+            info!(
+                backend = "nftables",
+                "routing backend chosen by configuration"
+            );
+            Ok(Box::new(nft::NftBackend::new()))
+        }
+        BackendChoice::Ebpf => {
+            let backend = ebpf::EbpfBackend::open(config.cgroup_path.as_deref())?;
+            info!(backend = "ebpf", "routing backend chosen by configuration");
+            Ok(Box::new(backend))
+        }
+        BackendChoice::Auto => match ebpf::EbpfBackend::open(config.cgroup_path.as_deref()) {
+            Ok(backend) => {
+                info!(backend = "ebpf", "routing backend: eBPF available");
+                Ok(Box::new(backend))
+            }
+            Err(error) => {
+                warn!(
+                    backend = "nftables",
+                    error = %error_chain(&error),
+                    "routing backend: eBPF unavailable, falling back to nftables"
+                );
+                Ok(Box::new(nft::NftBackend::new()))
+            }
+        },
+    }
+}
+
+/// An error and its sources on one line, for logs.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}

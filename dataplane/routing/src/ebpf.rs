@@ -1,0 +1,341 @@
+//! The eBPF backend: `cgroup/connect4` and `cgroup/getpeername4` programs (from
+//! `flocker-ebpf`) attached to a cgroup v2 redirect a local or container client's connect to
+//! a routed port on one of the node's addresses straight to the backend, so those packets need
+//! no NAT. Traffic arriving from outside the node is handled by the nftables prerouting and
+//! postrouting chains (`Scope::FromOutside`), installed alongside.
+//!
+//! The route table lives in the BPF hash map `flk_routes`, updated in place element by element.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::HashMap as BpfHashMap,
+    programs::{CgroupAttachMode, CgroupSockAddr},
+};
+use tracing::{debug, info};
+
+use crate::{
+    RouteTable, RoutingBackend, RoutingError,
+    nft::{NftBackend, plan::Scope},
+};
+
+/// A failure loading, attaching or updating the BPF programs and maps.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("cannot load the routing BPF object")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("BPF object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("BPF program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("BPF map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("cgroup v2 at {path}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot mount cgroup2 at {path}")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot list the node's addresses")]
+    Addresses(#[source] nix::Error),
+}
+
+const ROUTES_MAP: &str = "flk_routes";
+const LOCAL_MAP: &str = "flk_local";
+const PROGRAMS: [&str; 2] = ["flk_connect4", "flk_getpeername4"];
+/// Where we mount cgroup v2 ourselves when the host has not.
+const OWN_CGROUP2_MOUNT: &str = "/run/flocker/cgroup2";
+
+/// A `flk_routes` key: the port as `bpf_sock_addr.user_port` holds it (network order, low half).
+pub fn port_key(port: u16) -> u32 {
+    u32::from(u16::from_ne_bytes(port.to_be_bytes()))
+}
+
+/// An IPv4 address as `bpf_sock_addr.user_ip4` holds it (network-order bytes).
+pub fn addr_key(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// The `flk_routes` contents a table implies: key -> `[addr, port]`.
+pub fn route_entries(table: &RouteTable) -> BTreeMap<u32, [u32; 2]> {
+    table
+        .entries
+        .iter()
+        .map(|(port, entry)| {
+            let backend = entry.backend();
+            (
+                port_key(*port),
+                [addr_key(*backend.ip()), port_key(backend.port())],
+            )
+        })
+        .collect()
+}
+
+/// The `flk_local` contents: the node's own addresses, without loopback, because a container
+/// (same cgroup tree, own network namespace) dialling 127.0.0.1 means itself, not the node.
+pub fn local_entries(addrs: impl IntoIterator<Item = Ipv4Addr>) -> BTreeSet<u32> {
+    addrs
+        .into_iter()
+        .filter(|a| !a.is_loopback() && !a.is_unspecified())
+        .map(addr_key)
+        .collect()
+}
+
+fn node_addresses() -> Result<Vec<Ipv4Addr>, EbpfError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(EbpfError::Addresses)?;
+    Ok(addrs
+        .filter_map(|ifa| ifa.address)
+        .filter_map(|a| a.as_sockaddr_in().map(|s| s.ip()))
+        .collect())
+}
+
+/// The cgroup v2 directory to attach to: the configured one, else the host's unified
+/// hierarchy, else a cgroup2 mount of our own.
+pub fn resolve_cgroup(configured: Option<&Path>) -> Result<PathBuf, EbpfError> {
+    if let Some(path) = configured {
+        return Ok(path.to_owned());
+    }
+    let host = Path::new("/sys/fs/cgroup");
+    if host.join("cgroup.controllers").exists() {
+        return Ok(host.to_owned());
+    }
+    let own = PathBuf::from(OWN_CGROUP2_MOUNT);
+    if !own.join("cgroup.controllers").exists() {
+        std::fs::create_dir_all(&own).map_err(|source| EbpfError::Cgroup {
+            path: own.clone(),
+            source,
+        })?;
+        nix::mount::mount(
+            Some("none"),
+            &own,
+            Some("cgroup2"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|source| EbpfError::Mount {
+            path: own.clone(),
+            source,
+        })?;
+        info!(path = %own.display(), "mounted cgroup2");
+    }
+    Ok(own)
+}
+
+/// Programs attached and maps open; dropping it detaches the programs.
+struct Loaded {
+    bpf: Ebpf,
+    routes: BTreeMap<u32, [u32; 2]>,
+    local: BTreeSet<u32>,
+}
+
+impl Loaded {
+    fn attach(cgroup: &Path) -> Result<Loaded, EbpfError> {
+        let mut bpf =
+            Ebpf::load(flocker_ebpf::ROUTING).map_err(|e| EbpfError::Load(Box::new(e)))?;
+        let cgroup_fd = File::open(cgroup).map_err(|source| EbpfError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        for name in PROGRAMS {
+            let program = bpf.program_mut(name).ok_or(EbpfError::Missing {
+                kind: "program",
+                name,
+            })?;
+            let program_error = |source| EbpfError::Program {
+                name,
+                source: Box::new(source),
+            };
+            let program: &mut CgroupSockAddr = program.try_into().map_err(program_error)?;
+            program.load().map_err(program_error)?;
+            // AllowMultiple: other programs on the same cgroup (systemd's, Docker's) keep
+            // running.
+            program
+                .attach(&cgroup_fd, CgroupAttachMode::AllowMultiple)
+                .map_err(program_error)?;
+        }
+        info!(cgroup = %cgroup.display(), "eBPF connect4/getpeername4 attached");
+        Ok(Loaded {
+            bpf,
+            routes: BTreeMap::new(),
+            local: BTreeSet::new(),
+        })
+    }
+
+    fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, EbpfError> {
+        self.bpf
+            .map_mut(name)
+            .ok_or(EbpfError::Missing { kind: "map", name })
+    }
+
+    fn sync_routes(&mut self, wanted: BTreeMap<u32, [u32; 2]>) -> Result<(), EbpfError> {
+        let map_error = |source| EbpfError::Map {
+            name: ROUTES_MAP,
+            source: Box::new(source),
+        };
+        let installed = std::mem::take(&mut self.routes);
+        let mut map: BpfHashMap<_, u32, [u32; 2]> =
+            BpfHashMap::try_from(self.map(ROUTES_MAP)?).map_err(map_error)?;
+        // Insert before removing so a moved port is never briefly unrouted.
+        for (key, value) in &wanted {
+            if installed.get(key) != Some(value) {
+                map.insert(key, value, 0).map_err(map_error)?;
+            }
+        }
+        for key in installed.keys() {
+            if !wanted.contains_key(key) {
+                map.remove(key).map_err(map_error)?;
+            }
+        }
+        self.routes = wanted;
+        Ok(())
+    }
+
+    fn sync_local(&mut self, wanted: BTreeSet<u32>) -> Result<(), EbpfError> {
+        if wanted == self.local {
+            return Ok(());
+        }
+        let map_error = |source| EbpfError::Map {
+            name: LOCAL_MAP,
+            source: Box::new(source),
+        };
+        let installed = std::mem::take(&mut self.local);
+        let mut map: BpfHashMap<_, u32, u32> =
+            BpfHashMap::try_from(self.map(LOCAL_MAP)?).map_err(map_error)?;
+        for key in wanted.difference(&installed) {
+            map.insert(key, 1, 0).map_err(map_error)?;
+        }
+        for key in installed.difference(&wanted) {
+            map.remove(key).map_err(map_error)?;
+        }
+        self.local = wanted;
+        Ok(())
+    }
+}
+
+/// eBPF at the socket for the node's own and its containers' connections, nftables for
+/// connections from outside.
+pub struct EbpfBackend {
+    cgroup: PathBuf,
+    loaded: Option<Loaded>,
+    outside: NftBackend,
+}
+
+impl EbpfBackend {
+    /// Loads and attaches the programs now, so an unsupported kernel is reported at open.
+    pub fn open(cgroup_path: Option<&Path>) -> Result<EbpfBackend, EbpfError> {
+        let cgroup = resolve_cgroup(cgroup_path)?;
+        let loaded = Loaded::attach(&cgroup)?;
+        Ok(EbpfBackend {
+            cgroup,
+            loaded: Some(loaded),
+            outside: NftBackend::with_scope(Scope::FromOutside),
+        })
+    }
+}
+
+impl RoutingBackend for EbpfBackend {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
+        let loaded = match &mut self.loaded {
+            Some(loaded) => loaded,
+            None => self.loaded.insert(Loaded::attach(&self.cgroup)?),
+        };
+        loaded.sync_local(local_entries(node_addresses()?))?;
+        loaded.sync_routes(route_entries(table))?;
+        debug!(routes = table.entries.len(), "eBPF routes map updated");
+        self.outside.apply(table)
+    }
+
+    fn clear(&mut self) -> Result<(), RoutingError> {
+        if self.loaded.take().is_some() {
+            info!(cgroup = %self.cgroup.display(), "eBPF programs detached");
+        }
+        self.outside.clear()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RouteEntry;
+    use expect_test::expect;
+    use std::net::SocketAddrV4;
+
+    #[test]
+    fn map_contents_use_sock_addr_byte_order() {
+        let table = RouteTable {
+            entries: [
+                (
+                    80,
+                    RouteEntry::Remote {
+                        node: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 80),
+                    },
+                ),
+                (
+                    6379,
+                    RouteEntry::Local {
+                        container: SocketAddrV4::new(Ipv4Addr::new(172, 17, 0, 2), 7000),
+                    },
+                ),
+            ]
+            .into(),
+        };
+        let rendered: Vec<String> = route_entries(&table)
+            .iter()
+            .map(|(k, [a, p])| {
+                format!(
+                    "{:02x?} -> {:02x?} {:02x?}",
+                    k.to_ne_bytes(),
+                    a.to_ne_bytes(),
+                    p.to_ne_bytes()
+                )
+            })
+            .collect();
+        expect![[r#"
+            [
+                "[00, 50, 00, 00] -> [c6, 12, 00, 02] [00, 50, 00, 00]",
+                "[18, eb, 00, 00] -> [ac, 11, 00, 02] [1b, 58, 00, 00]",
+            ]
+        "#]]
+        .assert_debug_eq(&rendered);
+    }
+
+    #[test]
+    fn loopback_is_never_a_node_address() {
+        let local = local_entries([
+            Ipv4Addr::LOCALHOST,
+            Ipv4Addr::new(198, 18, 0, 1),
+            Ipv4Addr::UNSPECIFIED,
+        ]);
+        assert_eq!(
+            local,
+            BTreeSet::from([addr_key(Ipv4Addr::new(198, 18, 0, 1))])
+        );
+    }
+}

@@ -1,0 +1,454 @@
+//! The nftables ruleset and map contents as plain data: what the `flocker` table holds and which
+//! element changes turn one route table into another. Nothing here talks to the kernel;
+//! `netlink.rs` encodes these values.
+//!
+//! The rules never change with the routes: every routed port lives in one verdict-free map
+//! `routes: inet_service -> ipv4_addr . inet_service`, so any change is a handful of element
+//! messages in one transaction and the rule count stays constant.
+
+use std::{
+    collections::BTreeMap,
+    fmt::{self, Write as _},
+    net::SocketAddrV4,
+};
+
+use crate::table::RouteTable;
+
+/// The one table the agent owns (family `ip`).
+pub const TABLE: &str = "flocker";
+/// The port map every rule looks up.
+pub const ROUTES_MAP: &str = "routes";
+
+/// Hooks the agent's chains attach to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Prerouting,
+    Output,
+    Postrouting,
+}
+
+/// A base NAT chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainSpec {
+    pub name: &'static str,
+    pub hook: Hook,
+    pub priority: i32,
+}
+
+/// Comparison operators used by the rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    Neq,
+}
+
+/// The handful of nftables expressions the ruleset needs, each reading or writing register 1
+/// (the 16-byte register, which the kernel also addresses as 32-bit registers 8..11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expr {
+    /// `fib daddr type` into register 1 (a host-order u32 `RTN_*`).
+    FibDaddrType,
+    /// `meta l4proto` into register 1 (one byte).
+    MetaL4Proto,
+    /// The TCP/UDP destination port (2 bytes at offset 2 of the transport header).
+    TransportDport,
+    /// `ct status` into register 1 (host-order u32).
+    CtStatus,
+    /// `ct original proto-dst` into register 1 (2 bytes, network order).
+    CtOriginalProtoDst,
+    /// Register 1 = (register 1 & mask) ^ xor over `mask.len()` bytes.
+    Bitwise {
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+    },
+    /// Compare register 1 with `data`; the rule stops on mismatch.
+    Cmp {
+        op: CmpOp,
+        data: Vec<u8>,
+    },
+    /// Look register 1 up in a set or map; the rule stops on a miss. With `to_register`, the
+    /// map's value is loaded into register 1 (and on, for values longer than 4 bytes).
+    Lookup {
+        set: &'static str,
+        to_register: bool,
+    },
+    /// `dnat ip to` address from 32-bit register 8 and port from 32-bit register 9: the value
+    /// layout of the `routes` map after a lookup into register 1.
+    DnatFromRegisters,
+    Masquerade,
+    Counter,
+}
+
+/// One rule of one chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleSpec {
+    pub chain: &'static str,
+    pub exprs: Vec<Expr>,
+}
+
+/// The whole `flocker` table minus the map's elements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruleset {
+    pub chains: Vec<ChainSpec>,
+    pub rules: Vec<RuleSpec>,
+}
+
+/// The kernel's `RTN_LOCAL`, as `fib ... type` stores it.
+const RTN_LOCAL: u32 = 2;
+/// `IPS_DST_NAT` of the conntrack status bits.
+const IPS_DST_NAT: u32 = 1 << 5;
+const IPPROTO_TCP: u8 = 6;
+/// nftables' `dstnat` and `srcnat` priorities.
+const PRIORITY_DSTNAT: i32 = -100;
+const PRIORITY_SRCNAT: i32 = 100;
+
+/// Which traffic the table handles. The eBPF backend redirects the node's own connections at
+/// the socket, so it only needs the table for traffic arriving from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Outside traffic (prerouting), the node's own traffic (output), masquerade.
+    All,
+    /// Outside traffic and masquerade only.
+    FromOutside,
+}
+
+fn dnat_rule(chain: &'static str) -> RuleSpec {
+    RuleSpec {
+        chain,
+        exprs: vec![
+            Expr::FibDaddrType,
+            Expr::Cmp {
+                op: CmpOp::Eq,
+                data: RTN_LOCAL.to_ne_bytes().to_vec(),
+            },
+            Expr::MetaL4Proto,
+            Expr::Cmp {
+                op: CmpOp::Eq,
+                data: vec![IPPROTO_TCP],
+            },
+            Expr::TransportDport,
+            Expr::Lookup {
+                set: ROUTES_MAP,
+                to_register: true,
+            },
+            Expr::Counter,
+            Expr::DnatFromRegisters,
+        ],
+    }
+}
+
+impl Ruleset {
+    /// The fixed ruleset. DNAT applies only to TCP to one of the node's own addresses
+    /// (`fib daddr type local`) on a routed port; everything else passes untouched.
+    /// Connections we DNAT are masqueraded: forwarded ones must come back through this node,
+    /// and a container reaching its own published port (hairpin) must not get replies
+    /// straight from itself. The cost is that a local container sees the node's address
+    /// rather than the outside client's.
+    pub fn new(scope: Scope) -> Ruleset {
+        let mut chains = vec![ChainSpec {
+            name: "prerouting",
+            hook: Hook::Prerouting,
+            priority: PRIORITY_DSTNAT,
+        }];
+        let mut rules = vec![dnat_rule("prerouting")];
+        if scope == Scope::All {
+            chains.push(ChainSpec {
+                name: "output",
+                hook: Hook::Output,
+                priority: PRIORITY_DSTNAT,
+            });
+            rules.push(dnat_rule("output"));
+        }
+        chains.push(ChainSpec {
+            name: "postrouting",
+            hook: Hook::Postrouting,
+            priority: PRIORITY_SRCNAT,
+        });
+        rules.push(RuleSpec {
+            chain: "postrouting",
+            exprs: vec![
+                Expr::CtStatus,
+                Expr::Bitwise {
+                    mask: IPS_DST_NAT.to_ne_bytes().to_vec(),
+                    xor: vec![0; 4],
+                },
+                Expr::Cmp {
+                    op: CmpOp::Neq,
+                    data: vec![0; 4],
+                },
+                Expr::CtOriginalProtoDst,
+                Expr::Lookup {
+                    set: ROUTES_MAP,
+                    to_register: false,
+                },
+                Expr::Counter,
+                Expr::Masquerade,
+            ],
+        });
+        Ruleset { chains, rules }
+    }
+}
+
+/// One element of the `routes` map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MapElement {
+    pub port: u16,
+    pub backend: SocketAddrV4,
+}
+
+impl MapElement {
+    /// The key bytes: the port in network order.
+    pub fn key(&self) -> [u8; 2] {
+        self.port.to_be_bytes()
+    }
+
+    /// The value bytes of `ipv4_addr . inet_service`: each field padded to 4 bytes.
+    pub fn value(&self) -> [u8; 8] {
+        let [a, b, c, d] = self.backend.ip().octets();
+        let [p, q] = self.backend.port().to_be_bytes();
+        [a, b, c, d, p, q, 0, 0]
+    }
+}
+
+/// The map contents a table implies.
+pub fn map_elements(table: &RouteTable) -> BTreeMap<u16, SocketAddrV4> {
+    table
+        .entries
+        .iter()
+        .map(|(port, entry)| (*port, entry.backend()))
+        .collect()
+}
+
+/// The element messages that turn map contents `from` into `to`. A changed port is deleted and
+/// re-added in the same transaction, since the kernel refuses to overwrite a map value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ElementDiff {
+    pub delete: Vec<MapElement>,
+    pub add: Vec<MapElement>,
+}
+
+impl ElementDiff {
+    pub fn between(
+        from: &BTreeMap<u16, SocketAddrV4>,
+        to: &BTreeMap<u16, SocketAddrV4>,
+    ) -> ElementDiff {
+        let mut diff = ElementDiff::default();
+        for (port, backend) in from {
+            if to.get(port) != Some(backend) {
+                diff.delete.push(MapElement {
+                    port: *port,
+                    backend: *backend,
+                });
+            }
+        }
+        for (port, backend) in to {
+            if from.get(port) != Some(backend) {
+                diff.add.push(MapElement {
+                    port: *port,
+                    backend: *backend,
+                });
+            }
+        }
+        diff
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.delete.is_empty() && self.add.is_empty()
+    }
+
+    /// Ports whose existing connections point at a backend that is no longer theirs.
+    pub fn moved_or_removed_ports(&self) -> Vec<u16> {
+        self.delete.iter().map(|e| e.port).collect()
+    }
+}
+
+/// Elements per netlink message: about 40 bytes each, so 1,000 stay well under the 64 KiB a
+/// single netlink message (and nftnl's per-message buffer) can hold.
+pub const ELEMENTS_PER_MESSAGE: usize = 1000;
+
+impl fmt::Display for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expr::FibDaddrType => write!(f, "fib daddr type => reg 1"),
+            Expr::MetaL4Proto => write!(f, "meta l4proto => reg 1"),
+            Expr::TransportDport => write!(f, "payload transport +2 len 2 => reg 1"),
+            Expr::CtStatus => write!(f, "ct status => reg 1"),
+            Expr::CtOriginalProtoDst => write!(f, "ct original proto-dst => reg 1"),
+            Expr::Bitwise { mask, xor } => {
+                write!(f, "bitwise reg 1 & {} ^ {}", hex(mask), hex(xor))
+            }
+            Expr::Cmp { op, data } => {
+                let op = match op {
+                    CmpOp::Eq => "eq",
+                    CmpOp::Neq => "neq",
+                };
+                write!(f, "cmp {op} reg 1 {}", hex(data))
+            }
+            Expr::Lookup { set, to_register } => {
+                write!(f, "lookup reg 1 @{set}")?;
+                if *to_register {
+                    write!(f, " => reg 1")?;
+                }
+                Ok(())
+            }
+            Expr::DnatFromRegisters => write!(f, "nat dnat ip addr reg 1 proto reg 9"),
+            Expr::Masquerade => write!(f, "masq"),
+            Expr::Counter => write!(f, "counter"),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::from("0x");
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+impl fmt::Display for Ruleset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "table ip {TABLE}\nmap {ROUTES_MAP} inet_service -> ipv4_addr . inet_service"
+        )?;
+        for chain in &self.chains {
+            writeln!(
+                f,
+                "chain {} nat hook {:?} priority {}",
+                chain.name, chain.hook, chain.priority
+            )?;
+            for rule in self.rules.iter().filter(|r| r.chain == chain.name) {
+                let exprs: Vec<String> = rule.exprs.iter().map(|e| format!("[ {e} ]")).collect();
+                writeln!(f, "  {}", exprs.join(" "))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::RouteEntry;
+    use expect_test::{Expect, expect};
+
+    fn check_ruleset(scope: Scope, expect: Expect) {
+        expect.assert_eq(&Ruleset::new(scope).to_string());
+    }
+
+    #[test]
+    fn full_ruleset() {
+        check_ruleset(
+            Scope::All,
+            expect![[r#"
+                table ip flocker
+                map routes inet_service -> ipv4_addr . inet_service
+                chain prerouting nat hook Prerouting priority -100
+                  [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ cmp eq reg 1 0x06 ] [ payload transport +2 len 2 => reg 1 ] [ lookup reg 1 @routes => reg 1 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
+                chain output nat hook Output priority -100
+                  [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ cmp eq reg 1 0x06 ] [ payload transport +2 len 2 => reg 1 ] [ lookup reg 1 @routes => reg 1 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
+                chain postrouting nat hook Postrouting priority 100
+                  [ ct status => reg 1 ] [ bitwise reg 1 & 0x20000000 ^ 0x00000000 ] [ cmp neq reg 1 0x00000000 ] [ ct original proto-dst => reg 1 ] [ lookup reg 1 @routes ] [ counter ] [ masq ]
+            "#]],
+        );
+    }
+
+    #[test]
+    fn outside_only_ruleset_has_no_output_chain() {
+        let text = Ruleset::new(Scope::FromOutside).to_string();
+        assert!(!text.contains("output"));
+        assert!(text.contains("chain prerouting"));
+        assert!(text.contains("chain postrouting"));
+    }
+
+    fn table(entries: &[(u16, RouteEntry)]) -> BTreeMap<u16, SocketAddrV4> {
+        map_elements(&RouteTable {
+            entries: entries.iter().copied().collect(),
+        })
+    }
+
+    fn local(ip: [u8; 4], port: u16) -> RouteEntry {
+        RouteEntry::Local {
+            container: SocketAddrV4::new(ip.into(), port),
+        }
+    }
+
+    fn remote(ip: [u8; 4], port: u16) -> RouteEntry {
+        RouteEntry::Remote {
+            node: SocketAddrV4::new(ip.into(), port),
+        }
+    }
+
+    fn check_diff(from: &[(u16, RouteEntry)], to: &[(u16, RouteEntry)], expect: Expect) {
+        let diff = ElementDiff::between(&table(from), &table(to));
+        let mut out = String::new();
+        for e in &diff.delete {
+            let _ = writeln!(out, "- {} => {}", e.port, e.backend);
+        }
+        for e in &diff.add {
+            let _ = writeln!(
+                out,
+                "+ {} => {} key {} value {}",
+                e.port,
+                e.backend,
+                hex(&e.key()),
+                hex(&e.value())
+            );
+        }
+        expect.assert_eq(&out);
+    }
+
+    #[test]
+    fn diff_from_empty_adds_everything() {
+        check_diff(
+            &[],
+            &[
+                (6379, local([172, 17, 0, 2], 6379)),
+                (80, remote([198, 18, 0, 2], 80)),
+            ],
+            expect![[r#"
+                + 80 => 198.18.0.2:80 key 0x0050 value 0xc612000200500000
+                + 6379 => 172.17.0.2:6379 key 0x18eb value 0xac11000218eb0000
+            "#]],
+        );
+    }
+
+    #[test]
+    fn moving_a_route_deletes_and_readds_only_that_port() {
+        check_diff(
+            &[
+                (80, local([172, 17, 0, 2], 8080)),
+                (443, remote([198, 18, 0, 3], 443)),
+            ],
+            &[
+                (80, remote([198, 18, 0, 2], 80)),
+                (443, remote([198, 18, 0, 3], 443)),
+            ],
+            expect![[r#"
+                - 80 => 172.17.0.2:8080
+                + 80 => 198.18.0.2:80 key 0x0050 value 0xc612000200500000
+            "#]],
+        );
+    }
+
+    #[test]
+    fn same_table_is_no_change() {
+        let t = [(80, local([172, 17, 0, 2], 8080))];
+        assert!(ElementDiff::between(&table(&t), &table(&t)).is_empty());
+    }
+
+    #[test]
+    fn removing_a_route_only_deletes() {
+        check_diff(
+            &[
+                (80, local([172, 17, 0, 2], 8080)),
+                (81, local([172, 17, 0, 2], 8081)),
+            ],
+            &[(81, local([172, 17, 0, 2], 8081))],
+            expect![[r#"
+                - 80 => 172.17.0.2:8080
+            "#]],
+        );
+    }
+}

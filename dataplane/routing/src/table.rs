@@ -1,0 +1,230 @@
+//! The route table each agent derives from the desired cluster state, and its derivation
+//! from the wire routes. Pure: no I/O, addresses come from a caller-supplied resolver.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use flocker_wire::{Route, RouteTarget};
+
+/// Where a connection to an external port on this node goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RouteEntry {
+    /// The application runs here: NAT into its container.
+    Local { container: SocketAddrV4 },
+    /// The application runs on another node: forward to that node's address and external port.
+    Remote { node: SocketAddrV4 },
+}
+
+impl RouteEntry {
+    /// The address connections end up at, whichever kind of entry this is.
+    pub fn backend(&self) -> SocketAddrV4 {
+        match self {
+            RouteEntry::Local { container } => *container,
+            RouteEntry::Remote { node } => *node,
+        }
+    }
+}
+
+/// A node's whole route table, keyed by external port.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteTable {
+    pub entries: BTreeMap<u16, RouteEntry>,
+}
+
+/// Resolves the names a wire route mentions into IPv4 addresses. The agent resolves node
+/// names from the deployment once and asks its container runtime for container addresses.
+pub trait AddressResolver {
+    /// The IPv4 address of the local container running `application`, if it runs.
+    fn container_address(&self, application: &str) -> Option<Ipv4Addr>;
+    /// The IPv4 address of a node named in a route (an address literal or a known name).
+    fn node_address(&self, node: &str) -> Option<Ipv4Addr>;
+}
+
+/// Why wire routes could not be turned into a table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    #[error("external port {port} is routed twice (applications {first:?} and {second:?})")]
+    DuplicatePort {
+        port: u16,
+        first: String,
+        second: String,
+    },
+    #[error("no container address for application {application:?} (port {port})")]
+    UnknownContainer { application: String, port: u16 },
+    #[error("cannot resolve node {node:?} for application {application:?} (port {port})")]
+    UnknownNode {
+        node: String,
+        application: String,
+        port: u16,
+    },
+    #[error("external port 0 is not routable (application {application:?})")]
+    PortZero { application: String },
+}
+
+/// Every problem found, not just the first.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid routes: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct TableErrors(pub Vec<TableError>);
+
+impl RouteTable {
+    /// Derives the table from this node's wire routes. A local route to a container without an
+    /// address and a remote route to an unknown node are errors: silently dropping them would
+    /// leave a published port dark.
+    pub fn from_wire(
+        routes: &[Route],
+        resolver: &impl AddressResolver,
+    ) -> Result<RouteTable, TableErrors> {
+        let mut entries = BTreeMap::new();
+        let mut owners: BTreeMap<u16, &str> = BTreeMap::new();
+        let mut errors = Vec::new();
+        for route in routes {
+            let port = route.external_port;
+            if port == 0 {
+                errors.push(TableError::PortZero {
+                    application: route.application.clone(),
+                });
+                continue;
+            }
+            if let Some(first) = owners.insert(port, &route.application) {
+                errors.push(TableError::DuplicatePort {
+                    port,
+                    first: first.to_owned(),
+                    second: route.application.clone(),
+                });
+                continue;
+            }
+            let entry = match &route.target {
+                RouteTarget::Local { internal_port } => {
+                    match resolver.container_address(&route.application) {
+                        Some(ip) => RouteEntry::Local {
+                            container: SocketAddrV4::new(ip, *internal_port),
+                        },
+                        None => {
+                            errors.push(TableError::UnknownContainer {
+                                application: route.application.clone(),
+                                port,
+                            });
+                            continue;
+                        }
+                    }
+                }
+                RouteTarget::Node { address } => match resolver.node_address(address) {
+                    Some(ip) => RouteEntry::Remote {
+                        node: SocketAddrV4::new(ip, port),
+                    },
+                    None => {
+                        errors.push(TableError::UnknownNode {
+                            node: address.clone(),
+                            application: route.application.clone(),
+                            port,
+                        });
+                        continue;
+                    }
+                },
+            };
+            entries.insert(port, entry);
+        }
+        if errors.is_empty() {
+            Ok(RouteTable { entries })
+        } else {
+            Err(TableErrors(errors))
+        }
+    }
+}
+
+/// A resolver over fixed maps; node names that parse as IPv4 literals resolve to themselves.
+#[derive(Debug, Clone, Default)]
+pub struct StaticResolver {
+    pub containers: BTreeMap<String, Ipv4Addr>,
+    pub nodes: BTreeMap<String, Ipv4Addr>,
+}
+
+impl AddressResolver for StaticResolver {
+    fn container_address(&self, application: &str) -> Option<Ipv4Addr> {
+        self.containers.get(application).copied()
+    }
+
+    fn node_address(&self, node: &str) -> Option<Ipv4Addr> {
+        self.nodes.get(node).copied().or_else(|| node.parse().ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use expect_test::{Expect, expect};
+
+    fn local(app: &str, external: u16, internal: u16) -> Route {
+        Route {
+            external_port: external,
+            application: app.to_owned(),
+            target: RouteTarget::Local {
+                internal_port: internal,
+            },
+        }
+    }
+
+    fn remote(app: &str, external: u16, node: &str) -> Route {
+        Route {
+            external_port: external,
+            application: app.to_owned(),
+            target: RouteTarget::Node {
+                address: node.to_owned(),
+            },
+        }
+    }
+
+    fn check(routes: &[Route], expect: Expect) {
+        let resolver = StaticResolver {
+            containers: [("redis".to_owned(), Ipv4Addr::new(172, 17, 0, 2))].into(),
+            nodes: [("node-b".to_owned(), Ipv4Addr::new(198, 18, 0, 2))].into(),
+        };
+        let rendered = match RouteTable::from_wire(routes, &resolver) {
+            Ok(table) => table
+                .entries
+                .iter()
+                .map(|(port, entry)| format!("{port} -> {entry:?}\n"))
+                .collect::<String>(),
+            Err(e) => format!("error: {e}\n"),
+        };
+        expect.assert_eq(&rendered);
+    }
+
+    #[test]
+    fn local_and_remote_routes() {
+        check(
+            &[
+                local("redis", 6379, 6379),
+                remote("web", 80, "node-b"),
+                remote("db", 5432, "198.18.0.3"),
+            ],
+            expect![[r#"
+                80 -> Remote { node: 198.18.0.2:80 }
+                5432 -> Remote { node: 198.18.0.3:5432 }
+                6379 -> Local { container: 172.17.0.2:6379 }
+            "#]],
+        );
+    }
+
+    #[test]
+    fn empty_routes_give_an_empty_table() {
+        check(&[], expect![[""]]);
+    }
+
+    #[test]
+    fn every_error_is_reported() {
+        check(
+            &[
+                local("gone", 1000, 10),
+                remote("web", 80, "nowhere"),
+                remote("web2", 80, "node-b"),
+                local("redis", 0, 1),
+            ],
+            expect![[r#"
+                error: invalid routes: no container address for application "gone" (port 1000); cannot resolve node "nowhere" for application "web" (port 80); external port 80 is routed twice (applications "web" and "web2"); external port 0 is not routable (application "redis")
+            "#]],
+        );
+    }
+}

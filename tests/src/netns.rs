@@ -79,10 +79,11 @@ impl Netns {
             .with_context(|| format!("sysctl {key}={value} in {}", self.name))
     }
 
-    /// A command that runs inside the namespace (`ip netns exec`).
+    /// A command that runs inside the namespace. Uses `nsenter --net`, not `ip netns exec`,
+    /// which remounts `/sys` and so hides the cgroup hierarchy.
     pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path().display())).arg(program);
         cmd
     }
 
@@ -90,8 +91,8 @@ impl Netns {
     /// (it moves itself there before `exec`, so the program runs in it from its first
     /// instruction).
     pub fn command_in_cgroup(&self, cgroup: &Path, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, "sh", "-c"])
+        let mut cmd = self.command("sh");
+        cmd.arg("-c")
             .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
             .arg(cgroup)
             .arg(program);
@@ -174,7 +175,7 @@ impl Switch {
     }
 }
 
-/// A cgroup v2 directory under `/sys/fs/cgroup`, removed on drop (its processes must have
+/// A cgroup v2 directory, removed on drop (its processes must have
 /// exited by then).
 #[derive(Debug)]
 pub struct Cgroup {
@@ -182,11 +183,16 @@ pub struct Cgroup {
 }
 
 impl Cgroup {
+    /// Creates `flk<pid>-SUFFIX` in the cgroup v2 hierarchy (wherever `/proc/self/mounts` says
+    /// it is mounted: `/sys/fs/cgroup` or `/sys/fs/cgroup/unified`).
     pub fn create(suffix: &str) -> anyhow::Result<Cgroup> {
-        let root = Path::new("/sys/fs/cgroup");
-        if !root.join("cgroup.controllers").exists() {
-            bail!("cgroup v2 is not mounted at /sys/fs/cgroup");
-        }
+        let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading mounts")?;
+        let Some(root) = mounts.lines().find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+        }) else {
+            bail!("no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)");
+        };
         let path = root.join(format!("flk{}-{suffix}", std::process::id()));
         std::fs::create_dir_all(&path).with_context(|| format!("mkdir {}", path.display()))?;
         Ok(Cgroup { path })

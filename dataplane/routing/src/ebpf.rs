@@ -112,35 +112,43 @@ fn node_addresses() -> Result<Vec<Ipv4Addr>, EbpfError> {
         .collect())
 }
 
-/// The cgroup v2 directory to attach to: the configured one, else the host's unified
+/// The first cgroup v2 mount point listed in `/proc/self/mounts` (`/sys/fs/cgroup` on a unified
+/// host, `/sys/fs/cgroup/unified` on a hybrid one).
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}
+
+/// The cgroup v2 directory to attach to: the configured one, else the host's cgroup v2
 /// hierarchy, else a cgroup2 mount of our own.
 pub fn resolve_cgroup(configured: Option<&Path>) -> Result<PathBuf, EbpfError> {
     if let Some(path) = configured {
         return Ok(path.to_owned());
     }
-    let host = Path::new("/sys/fs/cgroup");
-    if host.join("cgroup.controllers").exists() {
-        return Ok(host.to_owned());
+    if let Some(mounted) = cgroup2_mount() {
+        return Ok(mounted);
     }
     let own = PathBuf::from(OWN_CGROUP2_MOUNT);
-    if !own.join("cgroup.controllers").exists() {
-        std::fs::create_dir_all(&own).map_err(|source| EbpfError::Cgroup {
-            path: own.clone(),
-            source,
-        })?;
-        nix::mount::mount(
-            Some("none"),
-            &own,
-            Some("cgroup2"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|source| EbpfError::Mount {
-            path: own.clone(),
-            source,
-        })?;
-        info!(path = %own.display(), "mounted cgroup2");
-    }
+    std::fs::create_dir_all(&own).map_err(|source| EbpfError::Cgroup {
+        path: own.clone(),
+        source,
+    })?;
+    nix::mount::mount(
+        Some("none"),
+        &own,
+        Some("cgroup2"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| EbpfError::Mount {
+        path: own.clone(),
+        source,
+    })?;
+    info!(path = %own.display(), "mounted cgroup2");
     Ok(own)
 }
 

@@ -1,0 +1,366 @@
+//! One conformance suite run against every routing backend, in network namespaces: three nodes
+//! and an outside client on a bridge, a "container" namespace behind node 1 and one behind
+//! node 2, each running an echo server that prefixes its reply with its name.
+//!
+//! Needs root, `ip`, `nft` (only to read rulesets) and `socat` (the clients).
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpListener},
+    path::Path,
+    process::Stdio,
+};
+
+use anyhow::{Context, bail, ensure};
+use flocker_e2e::netns::{Cgroup, Netns, Switch};
+use flocker_routing::{
+    BackendChoice, BackendConfig, RouteTable, RoutingBackend, StaticResolver, open_backend,
+};
+use flocker_wire::{Route, RouteTarget};
+
+const PORT: u16 = 7000;
+const UNROUTED_PORT: u16 = 7100;
+
+fn node_ip(i: usize) -> String {
+    format!("198.18.0.{}", i + 1)
+}
+
+struct Lab {
+    nodes: Vec<Netns>,
+    cgroups: Vec<Cgroup>,
+    outside: Netns,
+    containers: Vec<Netns>,
+    // Dropped last: the bridge the others are plugged into.
+    _switch: Switch,
+}
+
+/// Echo server: reads until EOF, answers `NAME:` followed by what it read.
+fn serve(ns: &Netns, addr: &str, name: &'static str) -> anyhow::Result<()> {
+    let addr = addr.to_owned();
+    let listener = ns.run(move || TcpListener::bind(&addr))??;
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut data = Vec::new();
+                if stream.read_to_end(&mut data).is_ok() {
+                    let _ = stream.write_all(name.as_bytes());
+                    let _ = stream.write_all(b":");
+                    let _ = stream.write_all(&data);
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+impl Lab {
+    fn build(tag: &str) -> anyhow::Result<Lab> {
+        let mut switch = Switch::create(&format!("{tag}sw"))?;
+        let mut nodes = Vec::new();
+        let mut cgroups = Vec::new();
+        for i in 0..3 {
+            let node = Netns::create(&format!("{tag}n{}", i + 1))?;
+            switch.plug(&node, "eth0", &format!("{}/24", node_ip(i)))?;
+            nodes.push(node);
+            cgroups.push(Cgroup::create(&format!("{tag}n{}", i + 1))?);
+        }
+        let outside = Netns::create(&format!("{tag}out"))?;
+        switch.plug(&outside, "eth0", "198.18.0.100/24")?;
+        let mut containers = Vec::new();
+        for i in 0..2 {
+            let c = Netns::create(&format!("{tag}c{}", i + 1))?;
+            flocker_e2e::netns::veth(&nodes[i], "ctr0", &c, "eth0")?;
+            nodes[i].ip(&["addr", "add", &format!("198.19.{}.1/24", i + 1), "dev", "ctr0"])?;
+            c.ip(&["addr", "add", &format!("198.19.{}.2/24", i + 1), "dev", "eth0"])?;
+            c.ip(&["route", "add", "default", "via", &format!("198.19.{}.1", i + 1)])?;
+            containers.push(c);
+        }
+        // Container networks are reachable through their node (what an overlay or static
+        // routes give a real cluster).
+        for (i, node) in nodes.iter().enumerate() {
+            for c in 0..2 {
+                if c != i {
+                    node.ip(&[
+                        "route",
+                        "add",
+                        &format!("198.19.{}.0/24", c + 1),
+                        "via",
+                        &node_ip(c),
+                    ])?;
+                }
+            }
+        }
+        serve(&containers[0], &format!("198.19.1.2:{PORT}"), "c1")?;
+        serve(&containers[1], &format!("198.19.2.2:{PORT}"), "c2")?;
+        serve(&nodes[0], &format!("{}:{UNROUTED_PORT}", node_ip(0)), "n1")?;
+        Ok(Lab {
+            nodes,
+            cgroups,
+            outside,
+            containers,
+            _switch: switch,
+        })
+    }
+}
+
+/// Connects with socat from `ns` (inside `cgroup` if given), sends `payload`, returns the
+/// reply, or `None` when the connection fails.
+fn dial(ns: &Netns, cgroup: Option<&Path>, ip: &str, port: u16, payload: &[u8]) -> Option<Vec<u8>> {
+    let target = format!("TCP:{ip}:{port},connect-timeout=3");
+    let mut cmd = match cgroup {
+        Some(cg) => ns.command_in_cgroup(cg, "socat"),
+        None => ns.command("socat"),
+    };
+    cmd.args(["-t", "3", "-", &target])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().ok()?;
+    let mut stdin = child.stdin.take()?;
+    let payload = payload.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&payload);
+    });
+    let out = child.wait_with_output().ok()?;
+    let _ = writer.join();
+    if !out.status.success() {
+        eprintln!("dial {ip}:{port} from {}: {}", ns.name(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    (out.status.success() && !out.stdout.is_empty()).then_some(out.stdout)
+}
+
+fn payload(seed: u32) -> Vec<u8> {
+    // 64 KiB of non-repeating bytes: more than one segment, so reordering or truncation shows.
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..65_536)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// Asserts that a connection reaches the server `expected` with the bytes intact.
+fn expect_reaches(
+    what: &str,
+    ns: &Netns,
+    cgroup: Option<&Path>,
+    ip: &str,
+    port: u16,
+    expected: &str,
+) -> anyhow::Result<()> {
+    let data = payload(u32::from(port) ^ ip.len() as u32);
+    let Some(reply) = dial(ns, cgroup, ip, port, &data) else {
+        bail!("{what}: connection to {ip}:{port} failed, expected to reach {expected}");
+    };
+    let prefix = format!("{expected}:");
+    ensure!(
+        reply.starts_with(prefix.as_bytes()),
+        "{what}: {ip}:{port} answered {:?}, expected {expected}",
+        String::from_utf8_lossy(&reply[..reply.len().min(8)])
+    );
+    ensure!(
+        reply[prefix.len()..] == data[..],
+        "{what}: bytes through {ip}:{port} were not echoed intact ({} of {} bytes)",
+        reply.len() - prefix.len(),
+        data.len()
+    );
+    Ok(())
+}
+
+fn expect_closed(what: &str, ns: &Netns, ip: &str, port: u16) -> anyhow::Result<()> {
+    ensure!(
+        dial(ns, None, ip, port, b"x").is_none(),
+        "{what}: {ip}:{port} still answers"
+    );
+    Ok(())
+}
+
+fn nft(ns: &Netns, args: &[&str]) -> anyhow::Result<String> {
+    let out = ns.command("nft").args(args).output().context("running nft")?;
+    ensure!(
+        out.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+const FOREIGN: &str = "table ip foreign {
+    set blocked { type ipv4_addr; elements = { 198.18.5.5 } }
+    chain input { type filter hook input priority 0; policy accept; tcp dport 9999 counter accept; }
+    chain pre { type nat hook prerouting priority -150; policy accept; tcp dport 9998 counter; }
+}
+";
+
+/// The wire routes of every node when `host` (node index) runs the application.
+fn tables(host: usize) -> anyhow::Result<Vec<RouteTable>> {
+    let resolver = StaticResolver {
+        containers: [(
+            "echo".to_owned(),
+            format!("198.19.{}.2", host + 1).parse::<Ipv4Addr>()?,
+        )]
+        .into(),
+        nodes: Default::default(),
+    };
+    (0..3)
+        .map(|i| {
+            let target = if i == host {
+                RouteTarget::Local {
+                    internal_port: PORT,
+                }
+            } else {
+                RouteTarget::Node {
+                    address: node_ip(host),
+                }
+            };
+            let route = Route {
+                external_port: PORT,
+                application: "echo".to_owned(),
+                target,
+            };
+            RouteTable::from_wire(&[route], &resolver).context("deriving the route table")
+        })
+        .collect()
+}
+
+fn open_all(lab: &Lab, choice: BackendChoice) -> anyhow::Result<Vec<Box<dyn RoutingBackend>>> {
+    lab.nodes
+        .iter()
+        .zip(&lab.cgroups)
+        .map(|(node, cg)| {
+            let config = BackendConfig {
+                choice,
+                cgroup_path: Some(cg.path().to_owned()),
+            };
+            Ok(node.run(|| open_backend(&config))??)
+        })
+        .collect()
+}
+
+fn apply_all(
+    lab: &Lab,
+    backends: &mut [Box<dyn RoutingBackend>],
+    tables: &[RouteTable],
+) -> anyhow::Result<()> {
+    for ((node, backend), table) in lab.nodes.iter().zip(backends.iter_mut()).zip(tables) {
+        node.run(|| backend.apply(table))?
+            .with_context(|| format!("applying routes in {}", node.name()))?;
+    }
+    Ok(())
+}
+
+/// Every way in to the port reaches the server named `server` on node `host`.
+fn check_reachable(lab: &Lab, host: usize, server: &str) -> anyhow::Result<()> {
+    for i in 0..3 {
+        let ip = node_ip(i);
+        expect_reaches(&format!("outside -> node{}", i + 1), &lab.outside, None, &ip, PORT, server)?;
+        expect_reaches(
+            &format!("node{} itself", i + 1),
+            &lab.nodes[i],
+            Some(lab.cgroups[i].path()),
+            &ip,
+            PORT,
+            server,
+        )?;
+        // A container on a node other than the host, dialling every node.
+        let other = if host == 0 { 1 } else { 0 };
+        expect_reaches(
+            &format!("container on node{} -> node{}", other + 1, i + 1),
+            &lab.containers[other],
+            Some(lab.cgroups[other].path()),
+            &ip,
+            PORT,
+            server,
+        )?;
+    }
+    Ok(())
+}
+
+fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<()> {
+    let lab = Lab::build(tag)?;
+    let mut load = lab.nodes[0]
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    load.stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(FOREIGN.as_bytes())?;
+    ensure!(load.wait()?.success(), "loading the foreign table");
+    let ruleset_before: Vec<String> = lab
+        .nodes
+        .iter()
+        .map(|n| nft(n, &["list", "ruleset"]))
+        .collect::<anyhow::Result<_>>()?;
+    let foreign_before = nft(&lab.nodes[0], &["list", "table", "ip", "foreign"])?;
+
+    let mut backends = open_all(&lab, choice)?;
+    for b in &backends {
+        ensure!(b.name() == name, "opened {} instead of {name}", b.name());
+    }
+
+    // The application on node 1.
+    apply_all(&lab, &mut backends, &tables(0)?)?;
+    // Applying the same table again changes nothing (idempotent).
+    apply_all(&lab, &mut backends, &tables(0)?)?;
+    check_reachable(&lab, 0, "c1")?;
+    expect_reaches("unrouted port", &lab.outside, None, &node_ip(0), UNROUTED_PORT, "n1")?;
+    expect_closed("unrouted port elsewhere", &lab.outside, &node_ip(1), UNROUTED_PORT)?;
+    ensure!(
+        nft(&lab.nodes[0], &["list", "table", "ip", "foreign"])? == foreign_before,
+        "the foreign table changed"
+    );
+
+    // Restart: new backend instances rebuild exactly the same ruleset.
+    let listed: Vec<String> = lab
+        .nodes
+        .iter()
+        .map(|n| nft(n, &["-s", "list", "table", "ip", "flocker"]))
+        .collect::<anyhow::Result<_>>()?;
+    drop(backends);
+    let mut backends = open_all(&lab, choice)?;
+    apply_all(&lab, &mut backends, &tables(0)?)?;
+    for (node, before) in lab.nodes.iter().zip(&listed) {
+        let after = nft(node, &["-s", "list", "table", "ip", "flocker"])?;
+        ensure!(&after == before, "restart changed the ruleset:\n{before}\n---\n{after}");
+    }
+    expect_reaches("after restart", &lab.outside, None, &node_ip(2), PORT, "c1")?;
+
+    // Move the application to node 2: new connections follow.
+    apply_all(&lab, &mut backends, &tables(1)?)?;
+    check_reachable(&lab, 1, "c2")?;
+
+    // Remove the route: the port closes everywhere, rulesets are as found.
+    apply_all(&lab, &mut backends, &[RouteTable::default(), RouteTable::default(), RouteTable::default()])?;
+    for i in 0..3 {
+        expect_closed("removed route", &lab.outside, &node_ip(i), PORT)?;
+        ensure!(
+            dial(&lab.nodes[i], Some(lab.cgroups[i].path()), &node_ip(i), PORT, b"x").is_none(),
+            "removed route still answers from node{} itself",
+            i + 1
+        );
+    }
+    expect_reaches("unrouted port after removal", &lab.outside, None, &node_ip(0), UNROUTED_PORT, "n1")?;
+    for (node, before) in lab.nodes.iter().zip(&ruleset_before) {
+        ensure!(&nft(node, &["list", "ruleset"])? == before, "ruleset of {} not as found", node.name());
+    }
+    for (node, backend) in lab.nodes.iter().zip(backends.iter_mut()) {
+        node.run(|| backend.clear())??;
+    }
+    Ok(())
+}
+
+#[test]
+fn nftables_backend_conforms() -> anyhow::Result<()> {
+    conformance(BackendChoice::Nftables, "nf", "nftables")
+}
+
+#[test]
+fn ebpf_backend_conforms() -> anyhow::Result<()> {
+    conformance(BackendChoice::Ebpf, "bp", "ebpf")
+}

@@ -83,7 +83,8 @@ impl Netns {
     /// which remounts `/sys` and so hides the cgroup hierarchy.
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.path().display())).arg(program);
+        cmd.arg(format!("--net={}", self.path().display()))
+            .arg(program);
         cmd
     }
 
@@ -131,14 +132,25 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace also deletes every interface inside it, veth peers included.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
 /// Creates a veth pair `a_if` in `a` and `b_if` in `b`, both up.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> anyhow::Result<()> {
     a.ip(&[
-        "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name(),
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
     ])?;
     a.ip(&["link", "set", a_if, "up"])?;
     b.ip(&["link", "set", b_if, "up"])?;
@@ -191,7 +203,9 @@ impl Cgroup {
             let f: Vec<&str> = line.split_whitespace().collect();
             (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
         }) else {
-            bail!("no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)");
+            bail!(
+                "no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)"
+            );
         };
         let path = root.join(format!("flk{}-{suffix}", std::process::id()));
         std::fs::create_dir_all(&path).with_context(|| format!("mkdir {}", path.display()))?;

@@ -178,10 +178,11 @@ impl Loaded {
             };
             let program: &mut CgroupSockAddr = program.try_into().map_err(program_error)?;
             program.load().map_err(program_error)?;
-            // AllowMultiple: other programs on the same cgroup (systemd's, Docker's) keep
-            // running.
+            // aya attaches through a BPF link (kernel >= 5.7), which always coexists with
+            // other programs on the cgroup and rejects any attach flag, so "Single" (no
+            // flag) is the only mode that works; it does not exclude others' programs.
             program
-                .attach(&cgroup_fd, CgroupAttachMode::AllowMultiple)
+                .attach(&cgroup_fd, CgroupAttachMode::Single)
                 .map_err(program_error)?;
         }
         info!(cgroup = %cgroup.display(), "eBPF connect4/getpeername4 attached");

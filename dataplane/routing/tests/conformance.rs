@@ -68,12 +68,30 @@ impl Lab {
         let outside = Netns::create(&format!("{tag}out"))?;
         switch.plug(&outside, "eth0", "198.18.0.100/24")?;
         let mut containers = Vec::new();
-        for i in 0..2 {
+        for (i, node) in nodes.iter().take(2).enumerate() {
             let c = Netns::create(&format!("{tag}c{}", i + 1))?;
-            flocker_e2e::netns::veth(&nodes[i], "ctr0", &c, "eth0")?;
-            nodes[i].ip(&["addr", "add", &format!("198.19.{}.1/24", i + 1), "dev", "ctr0"])?;
-            c.ip(&["addr", "add", &format!("198.19.{}.2/24", i + 1), "dev", "eth0"])?;
-            c.ip(&["route", "add", "default", "via", &format!("198.19.{}.1", i + 1)])?;
+            flocker_e2e::netns::veth(node, "ctr0", &c, "eth0")?;
+            node.ip(&[
+                "addr",
+                "add",
+                &format!("198.19.{}.1/24", i + 1),
+                "dev",
+                "ctr0",
+            ])?;
+            c.ip(&[
+                "addr",
+                "add",
+                &format!("198.19.{}.2/24", i + 1),
+                "dev",
+                "eth0",
+            ])?;
+            c.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("198.19.{}.1", i + 1),
+            ])?;
             containers.push(c);
         }
         // Container networks are reachable through their node (what an overlay or static
@@ -125,7 +143,11 @@ fn dial(ns: &Netns, cgroup: Option<&Path>, ip: &str, port: u16, payload: &[u8]) 
     let out = child.wait_with_output().ok()?;
     let _ = writer.join();
     if !out.status.success() {
-        eprintln!("dial {ip}:{port} from {}: {}", ns.name(), String::from_utf8_lossy(&out.stderr).trim());
+        eprintln!(
+            "dial {ip}:{port} from {}: {}",
+            ns.name(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     (out.status.success() && !out.stdout.is_empty()).then_some(out.stdout)
 }
@@ -180,7 +202,11 @@ fn expect_closed(what: &str, ns: &Netns, ip: &str, port: u16) -> anyhow::Result<
 }
 
 fn nft(ns: &Netns, args: &[&str]) -> anyhow::Result<String> {
-    let out = ns.command("nft").args(args).output().context("running nft")?;
+    let out = ns
+        .command("nft")
+        .args(args)
+        .output()
+        .context("running nft")?;
     ensure!(
         out.status.success(),
         "nft {args:?}: {}",
@@ -257,7 +283,14 @@ fn apply_all(
 fn check_reachable(lab: &Lab, host: usize, server: &str) -> anyhow::Result<()> {
     for i in 0..3 {
         let ip = node_ip(i);
-        expect_reaches(&format!("outside -> node{}", i + 1), &lab.outside, None, &ip, PORT, server)?;
+        expect_reaches(
+            &format!("outside -> node{}", i + 1),
+            &lab.outside,
+            None,
+            &ip,
+            PORT,
+            server,
+        )?;
         expect_reaches(
             &format!("node{} itself", i + 1),
             &lab.nodes[i],
@@ -309,8 +342,20 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     // Applying the same table again changes nothing (idempotent).
     apply_all(&lab, &mut backends, &tables(0)?)?;
     check_reachable(&lab, 0, "c1")?;
-    expect_reaches("unrouted port", &lab.outside, None, &node_ip(0), UNROUTED_PORT, "n1")?;
-    expect_closed("unrouted port elsewhere", &lab.outside, &node_ip(1), UNROUTED_PORT)?;
+    expect_reaches(
+        "unrouted port",
+        &lab.outside,
+        None,
+        &node_ip(0),
+        UNROUTED_PORT,
+        "n1",
+    )?;
+    expect_closed(
+        "unrouted port elsewhere",
+        &lab.outside,
+        &node_ip(1),
+        UNROUTED_PORT,
+    )?;
     ensure!(
         nft(&lab.nodes[0], &["list", "table", "ip", "foreign"])? == foreign_before,
         "the foreign table changed"
@@ -327,7 +372,10 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     apply_all(&lab, &mut backends, &tables(0)?)?;
     for (node, before) in lab.nodes.iter().zip(&listed) {
         let after = nft(node, &["-s", "list", "table", "ip", "flocker"])?;
-        ensure!(&after == before, "restart changed the ruleset:\n{before}\n---\n{after}");
+        ensure!(
+            &after == before,
+            "restart changed the ruleset:\n{before}\n---\n{after}"
+        );
     }
     expect_reaches("after restart", &lab.outside, None, &node_ip(2), PORT, "c1")?;
 
@@ -336,18 +384,44 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     check_reachable(&lab, 1, "c2")?;
 
     // Remove the route: the port closes everywhere, rulesets are as found.
-    apply_all(&lab, &mut backends, &[RouteTable::default(), RouteTable::default(), RouteTable::default()])?;
+    apply_all(
+        &lab,
+        &mut backends,
+        &[
+            RouteTable::default(),
+            RouteTable::default(),
+            RouteTable::default(),
+        ],
+    )?;
     for i in 0..3 {
         expect_closed("removed route", &lab.outside, &node_ip(i), PORT)?;
         ensure!(
-            dial(&lab.nodes[i], Some(lab.cgroups[i].path()), &node_ip(i), PORT, b"x").is_none(),
+            dial(
+                &lab.nodes[i],
+                Some(lab.cgroups[i].path()),
+                &node_ip(i),
+                PORT,
+                b"x"
+            )
+            .is_none(),
             "removed route still answers from node{} itself",
             i + 1
         );
     }
-    expect_reaches("unrouted port after removal", &lab.outside, None, &node_ip(0), UNROUTED_PORT, "n1")?;
+    expect_reaches(
+        "unrouted port after removal",
+        &lab.outside,
+        None,
+        &node_ip(0),
+        UNROUTED_PORT,
+        "n1",
+    )?;
     for (node, before) in lab.nodes.iter().zip(&ruleset_before) {
-        ensure!(&nft(node, &["list", "ruleset"])? == before, "ruleset of {} not as found", node.name());
+        ensure!(
+            &nft(node, &["list", "ruleset"])? == before,
+            "ruleset of {} not as found",
+            node.name()
+        );
     }
     for (node, backend) in lab.nodes.iter().zip(backends.iter_mut()) {
         node.run(|| backend.clear())??;

@@ -1,0 +1,198 @@
+//! A directory tree in a portable format (POSIX tar via the `tar` crate), for hosts with
+//! neither ZFS nor btrfs. Modes, ownership (numeric uid/gid), symlinks (not followed), and
+//! mtimes are preserved; hard links are stored as separate files, and extended attributes,
+//! ACLs, sockets and device nodes are not carried.
+//!
+//! The sink unpacks into a staging directory next to the target and renames it into place on
+//! commit, so the target either does not exist or is complete. It does not resume: an
+//! interrupted transfer starts over.
+
+use std::io::{PipeReader, PipeWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use super::{BackendError, Sink, Source};
+
+/// Packs a directory tree.
+#[derive(Debug, Clone)]
+pub struct DirSource {
+    root: PathBuf,
+}
+
+impl DirSource {
+    /// Streams the tree under `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+}
+
+fn pack(root: &Path, out: PipeWriter) -> std::io::Result<()> {
+    let mut builder = tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, out));
+    builder.follow_symlinks(false);
+    builder.mode(tar::HeaderMode::Complete);
+    builder.append_dir_all(".", root)?;
+    builder.into_inner()?.flush()
+}
+
+/// Reads the packer's output; its failure becomes a read error at EOF.
+struct PackReader {
+    pipe: PipeReader,
+    packer: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Read for PackReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.pipe.read(buf)?;
+        if n == 0
+            && !buf.is_empty()
+            && let Some(t) = self.packer.take()
+        {
+            t.join()
+                .map_err(|_| std::io::Error::other("directory packer thread panicked"))??;
+        }
+        Ok(n)
+    }
+}
+
+impl Source for DirSource {
+    fn open(&mut self) -> Result<Box<dyn Read + Send + '_>, BackendError> {
+        let meta = std::fs::metadata(&self.root).map_err(|source| BackendError::Fs {
+            op: "stat",
+            path: self.root.clone(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(BackendError::Target(format!(
+                "{} is not a directory",
+                self.root.display()
+            )));
+        }
+        let (reader, writer) = std::io::pipe().map_err(|source| BackendError::Fs {
+            op: "pipe for",
+            path: self.root.clone(),
+            source,
+        })?;
+        let root = self.root.clone();
+        let packer = std::thread::spawn(move || {
+            pack(&root, writer).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("packing {}: {e}", root.display()))
+            })
+        });
+        Ok(Box::new(PackReader {
+            pipe: reader,
+            packer: Some(packer),
+        }))
+    }
+}
+
+/// Unpacks a tree into `target` (which must not exist) via a staging directory.
+#[derive(Debug)]
+pub struct DirSink {
+    target: PathBuf,
+    staging: PathBuf,
+    pipe: Option<PipeWriter>,
+    unpacker: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl DirSink {
+    /// A sink creating directory `target`.
+    pub fn new(target: impl Into<PathBuf>) -> Self {
+        let target = target.into();
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "dir".into());
+        let staging = target.with_file_name(format!(".{name}.flocker-partial"));
+        Self {
+            target,
+            staging,
+            pipe: None,
+            unpacker: None,
+        }
+    }
+
+    /// Where the tree is unpacked before the rename.
+    pub fn staging_path(&self) -> &Path {
+        &self.staging
+    }
+
+    fn join_unpacker(&mut self) -> Result<(), BackendError> {
+        self.pipe = None;
+        match self.unpacker.take() {
+            None => Ok(()),
+            Some(t) => t
+                .join()
+                .map_err(|_| BackendError::Panic("directory unpacker"))?
+                .map_err(|source| BackendError::Fs {
+                    op: "unpack into",
+                    path: self.staging.clone(),
+                    source,
+                }),
+        }
+    }
+
+    fn remove_staging(&self) -> Result<(), BackendError> {
+        match std::fs::remove_dir_all(&self.staging) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(BackendError::Fs {
+                op: "remove staging directory",
+                path: self.staging.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+impl Sink for DirSink {
+    fn open(&mut self) -> Result<Box<dyn Write + Send + '_>, BackendError> {
+        if self.target.symlink_metadata().is_ok() {
+            return Err(BackendError::Target(format!(
+                "{} exists already",
+                self.target.display()
+            )));
+        }
+        // A leftover from a crashed run is ours to discard.
+        self.remove_staging()?;
+        std::fs::create_dir(&self.staging).map_err(|source| BackendError::Fs {
+            op: "create staging directory",
+            path: self.staging.clone(),
+            source,
+        })?;
+        let (reader, writer) = std::io::pipe().map_err(|source| BackendError::Fs {
+            op: "pipe for",
+            path: self.staging.clone(),
+            source,
+        })?;
+        let staging = self.staging.clone();
+        self.unpacker = Some(std::thread::spawn(move || {
+            let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, reader));
+            archive.set_preserve_permissions(true);
+            archive.set_preserve_ownerships(true);
+            archive.set_preserve_mtime(true);
+            archive.set_overwrite(true);
+            let result = archive.unpack(&staging);
+            // Drain so the writer never blocks on a pipe nobody reads.
+            let mut rest = archive.into_inner();
+            let _ = std::io::copy(&mut rest, &mut std::io::sink());
+            result
+        }));
+        let pipe = self.pipe.insert(writer);
+        Ok(Box::new(pipe))
+    }
+
+    fn commit(&mut self) -> Result<(), BackendError> {
+        self.join_unpacker()?;
+        std::fs::rename(&self.staging, &self.target).map_err(|source| BackendError::Fs {
+            op: "rename into place",
+            path: self.target.clone(),
+            source,
+        })
+    }
+
+    fn abort(&mut self) -> Result<Option<String>, BackendError> {
+        let why = self.join_unpacker().err().map(|e| e.to_string());
+        self.remove_staging()?;
+        Ok(why)
+    }
+}

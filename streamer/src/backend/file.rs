@@ -1,0 +1,169 @@
+//! Files, stdin/stdout and arbitrary readers/writers.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::{BackendError, Sink, Source};
+
+/// Reads a regular file (or device).
+#[derive(Debug)]
+pub struct FileSource {
+    path: PathBuf,
+}
+
+impl FileSource {
+    /// A source reading `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+}
+
+impl Source for FileSource {
+    fn open(&mut self) -> Result<Box<dyn Read + Send + '_>, BackendError> {
+        let f = File::open(&self.path).map_err(|source| BackendError::Fs {
+            op: "open",
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(Box::new(f))
+    }
+
+    fn size_hint(&self) -> Option<u64> {
+        std::fs::metadata(&self.path)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+    }
+}
+
+/// Reads standard input.
+#[derive(Debug, Default)]
+pub struct StdinSource;
+
+impl Source for StdinSource {
+    fn open(&mut self) -> Result<Box<dyn Read + Send + '_>, BackendError> {
+        Ok(Box::new(std::io::stdin()))
+    }
+}
+
+/// Wraps any reader (the caller owns its failure semantics).
+pub struct ReaderSource<R>(pub Option<R>);
+
+impl<R: Read + Send> Source for ReaderSource<R> {
+    fn open(&mut self) -> Result<Box<dyn Read + Send + '_>, BackendError> {
+        self.0
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>)
+            .ok_or_else(|| BackendError::Target("reader already used".into()))
+    }
+}
+
+/// Writes a file: into `PATH.flocker-partial`, renamed over `PATH` on commit, removed on abort.
+#[derive(Debug)]
+pub struct FileSink {
+    path: PathBuf,
+    partial: PathBuf,
+    file: Option<File>,
+}
+
+impl FileSink {
+    /// A sink writing `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let mut partial = path.clone().into_os_string();
+        partial.push(".flocker-partial");
+        Self {
+            path,
+            partial: partial.into(),
+            file: None,
+        }
+    }
+
+    /// The staging path.
+    pub fn partial_path(&self) -> &Path {
+        &self.partial
+    }
+}
+
+impl Sink for FileSink {
+    fn open(&mut self) -> Result<Box<dyn Write + Send + '_>, BackendError> {
+        let f = File::create(&self.partial).map_err(|source| BackendError::Fs {
+            op: "create",
+            path: self.partial.clone(),
+            source,
+        })?;
+        let file = self.file.insert(f);
+        Ok(Box::new(std::io::BufWriter::with_capacity(1 << 20, file)))
+    }
+
+    fn commit(&mut self) -> Result<(), BackendError> {
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| BackendError::Target("file sink committed before open".into()))?;
+        file.sync_all().map_err(|source| BackendError::Fs {
+            op: "sync",
+            path: self.partial.clone(),
+            source,
+        })?;
+        drop(file);
+        std::fs::rename(&self.partial, &self.path).map_err(|source| BackendError::Fs {
+            op: "rename into place",
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    fn abort(&mut self) -> Result<Option<String>, BackendError> {
+        self.file = None;
+        match std::fs::remove_file(&self.partial) {
+            Ok(()) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(BackendError::Fs {
+                op: "remove",
+                path: self.partial.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+/// Writes standard output. It cannot take back what it wrote: on failure the output holds a
+/// verified prefix and the process must exit non-zero.
+#[derive(Debug, Default)]
+pub struct StdoutSink;
+
+impl Sink for StdoutSink {
+    fn open(&mut self) -> Result<Box<dyn Write + Send + '_>, BackendError> {
+        Ok(Box::new(std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::io::stdout(),
+        )))
+    }
+
+    fn commit(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn abort(&mut self) -> Result<Option<String>, BackendError> {
+        Ok(None)
+    }
+}
+
+/// Wraps any writer; like [`StdoutSink`] it cannot take back a verified prefix.
+pub struct WriterSink<W>(pub W);
+
+impl<W: Write + Send> Sink for WriterSink<W> {
+    fn open(&mut self) -> Result<Box<dyn Write + Send + '_>, BackendError> {
+        Ok(Box::new(&mut self.0))
+    }
+
+    fn commit(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn abort(&mut self) -> Result<Option<String>, BackendError> {
+        Ok(None)
+    }
+}

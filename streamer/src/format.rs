@@ -1,0 +1,429 @@
+//! The wire format (see `streamer/FORMAT.md`): the stream header, data and end frames, and the
+//! keyed BLAKE3 tags that bind every frame to its stream and position.
+//!
+//! Everything here is pure: encoding, decoding and tag computation, no I/O beyond `Read`/`Write`.
+
+use std::io::{self, Read, Write};
+
+/// Bytes every stream starts with.
+pub const MAGIC: [u8; 8] = *b"FLKSTRM\0";
+/// The only version this build speaks; a receiver refuses any other.
+pub const VERSION: u16 = 1;
+/// Length of the stream header on the wire, tag included.
+pub const STREAM_HEADER_LEN: usize = 8 + 2 + 1 + 1 + 4 + 32 + 32;
+/// Length of a frame header on the wire.
+pub const FRAME_HEADER_LEN: usize = 24;
+/// Length of every tag (keyed BLAKE3 output).
+pub const TAG_LEN: usize = 32;
+/// Smallest chunk size a sender may announce.
+pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
+/// Largest chunk size a sender may announce; bounds what a receiver allocates per frame.
+pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
+/// Length of the end frame's payload.
+pub const END_PAYLOAD_LEN: usize = 8 + 8 + 32;
+
+/// How frames are keyed, as announced in the stream header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// No secret: tags are a checksum against corruption only (TLS or `--insecure`).
+    None = 0,
+    /// Key derived from a pre-shared key and the sender's nonce only (one-way transports).
+    PresharedOneWay = 1,
+    /// Key derived from a pre-shared key and both peers' nonces (see `session`).
+    Session = 2,
+}
+
+impl AuthMode {
+    /// Decodes the header byte.
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(Self::None),
+            1 => Some(Self::PresharedOneWay),
+            2 => Some(Self::Session),
+            _ => None,
+        }
+    }
+
+    /// A short name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none (unauthenticated)",
+            Self::PresharedOneWay => "pre-shared key (one-way)",
+            Self::Session => "pre-shared key (session handshake)",
+        }
+    }
+}
+
+/// The first bytes of every stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamHeader {
+    /// Protocol version.
+    pub version: u16,
+    /// How the frame key is derived.
+    pub auth: AuthMode,
+    /// Largest uncompressed chunk that follows.
+    pub chunk_size: u32,
+    /// The sender's fresh nonce.
+    pub nonce: [u8; 32],
+}
+
+impl StreamHeader {
+    /// The header bytes the tag covers.
+    pub fn body(&self) -> [u8; STREAM_HEADER_LEN - TAG_LEN] {
+        let mut b = [0u8; STREAM_HEADER_LEN - TAG_LEN];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..10].copy_from_slice(&self.version.to_le_bytes());
+        b[10] = self.auth as u8;
+        b[11] = 0;
+        b[12..16].copy_from_slice(&self.chunk_size.to_le_bytes());
+        b[16..48].copy_from_slice(&self.nonce);
+        b
+    }
+
+    /// Writes the header and its tag under `key`.
+    pub fn write_to(&self, w: &mut impl Write, key: &[u8; 32]) -> io::Result<()> {
+        let body = self.body();
+        let tag = blake3::keyed_hash(key, &body);
+        w.write_all(&body)?;
+        w.write_all(tag.as_bytes())
+    }
+}
+
+/// Why a stream header was refused, before any key is involved.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HeaderError {
+    /// The first bytes are not the magic.
+    #[error("not a flocker-stream (bad magic {0:02x?})")]
+    BadMagic([u8; 8]),
+    /// The sender speaks another version.
+    #[error("wire format version mismatch: sender speaks v{got}, this receiver speaks v{VERSION}")]
+    Version {
+        /// The sender's version.
+        got: u16,
+    },
+    /// The auth byte is unknown.
+    #[error("unknown auth mode {0} in stream header")]
+    AuthMode(u8),
+    /// The chunk size is out of bounds.
+    #[error("chunk size {0} outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}")]
+    ChunkSize(u32),
+}
+
+/// Parses a header body (without its tag); the caller verifies the tag once it knows the key.
+pub fn parse_stream_header(
+    b: &[u8; STREAM_HEADER_LEN - TAG_LEN],
+) -> Result<StreamHeader, HeaderError> {
+    let mut magic = [0u8; 8];
+    magic.copy_from_slice(&b[0..8]);
+    if magic != MAGIC {
+        return Err(HeaderError::BadMagic(magic));
+    }
+    let version = u16::from_le_bytes([b[8], b[9]]);
+    if version != VERSION {
+        return Err(HeaderError::Version { got: version });
+    }
+    let auth = AuthMode::from_byte(b[10]).ok_or(HeaderError::AuthMode(b[10]))?;
+    let chunk_size = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
+    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+        return Err(HeaderError::ChunkSize(chunk_size));
+    }
+    let mut nonce = [0u8; 32];
+    nonce.copy_from_slice(&b[16..48]);
+    Ok(StreamHeader {
+        version,
+        auth,
+        chunk_size,
+        nonce,
+    })
+}
+
+/// Frame kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// A chunk of the stream.
+    Data = 1,
+    /// The last frame: totals and the whole-stream hash.
+    End = 2,
+}
+
+/// Flag bit: the payload is zstd-compressed.
+pub const FLAG_ZSTD: u8 = 1;
+
+/// A frame header as it appears on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Data or end.
+    pub kind: FrameKind,
+    /// `FLAG_*` bits.
+    pub flags: u8,
+    /// Bytes of payload that follow the header.
+    pub payload_len: u32,
+    /// Uncompressed length of a data chunk (0 for the end frame).
+    pub raw_len: u32,
+    /// Position in the stream: data frames count from 0, the end frame takes the next number.
+    pub seq: u64,
+}
+
+impl FrameHeader {
+    /// Encodes the header.
+    pub fn encode(&self) -> [u8; FRAME_HEADER_LEN] {
+        let mut b = [0u8; FRAME_HEADER_LEN];
+        b[0] = self.kind as u8;
+        b[1] = self.flags;
+        b[4..8].copy_from_slice(&self.payload_len.to_le_bytes());
+        b[8..12].copy_from_slice(&self.raw_len.to_le_bytes());
+        b[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        b
+    }
+}
+
+/// Why a frame header was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// Unknown kind byte.
+    #[error("unknown frame kind {0}")]
+    Kind(u8),
+    /// Unknown flag bits or non-zero reserved bytes.
+    #[error("frame has unknown flags {0:#04x} or non-zero reserved bytes")]
+    Reserved(u8),
+    /// A length exceeds what the header allows.
+    #[error(
+        "frame lengths out of bounds (payload {payload_len}, raw {raw_len}, chunk size {chunk_size})"
+    )]
+    Length {
+        /// Payload length claimed.
+        payload_len: u32,
+        /// Raw length claimed.
+        raw_len: u32,
+        /// The stream's chunk size.
+        chunk_size: u32,
+    },
+}
+
+/// Largest payload a data frame may carry for `chunk_size` (a compressed chunk is only sent if
+/// smaller than the raw one, so the raw size bounds both).
+pub fn max_payload(chunk_size: u32) -> u32 {
+    chunk_size
+}
+
+/// Parses and bounds-checks a frame header.
+pub fn parse_frame_header(
+    b: &[u8; FRAME_HEADER_LEN],
+    chunk_size: u32,
+) -> Result<FrameHeader, FrameError> {
+    let kind = match b[0] {
+        1 => FrameKind::Data,
+        2 => FrameKind::End,
+        k => return Err(FrameError::Kind(k)),
+    };
+    let flags = b[1];
+    if flags & !FLAG_ZSTD != 0 || b[2..4] != [0, 0] || b[12..16] != [0; 4] {
+        return Err(FrameError::Reserved(flags));
+    }
+    let payload_len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    let raw_len = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&b[16..24]);
+    let seq = u64::from_le_bytes(seq);
+    let ok = match kind {
+        FrameKind::Data => {
+            raw_len > 0
+                && raw_len <= chunk_size
+                && payload_len <= max_payload(chunk_size)
+                && (flags & FLAG_ZSTD != 0 || payload_len == raw_len)
+        }
+        FrameKind::End => flags == 0 && raw_len == 0 && payload_len as usize == END_PAYLOAD_LEN,
+    };
+    if !ok {
+        return Err(FrameError::Length {
+            payload_len,
+            raw_len,
+            chunk_size,
+        });
+    }
+    Ok(FrameHeader {
+        kind,
+        flags,
+        payload_len,
+        raw_len,
+        seq,
+    })
+}
+
+/// Tag of a data frame: binds the header (kind, flags, lengths, sequence number) to the
+/// BLAKE3 hash of the chunk's uncompressed bytes.
+pub fn data_tag(
+    key: &[u8; 32],
+    header: &[u8; FRAME_HEADER_LEN],
+    chunk_hash: &blake3::Hash,
+) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(header);
+    h.update(chunk_hash.as_bytes());
+    h.finalize()
+}
+
+/// Tag of the end frame: binds its header and payload.
+pub fn end_tag(key: &[u8; 32], header: &[u8; FRAME_HEADER_LEN], payload: &[u8]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(header);
+    h.update(payload);
+    h.finalize()
+}
+
+/// The end frame's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndPayload {
+    /// Uncompressed bytes in the stream.
+    pub total_bytes: u64,
+    /// Data frames in the stream.
+    pub chunks: u64,
+    /// The whole-stream hash (see [`StreamHasher`]).
+    pub stream_hash: [u8; 32],
+}
+
+impl EndPayload {
+    /// Encodes the payload.
+    pub fn encode(&self) -> [u8; END_PAYLOAD_LEN] {
+        let mut b = [0u8; END_PAYLOAD_LEN];
+        b[0..8].copy_from_slice(&self.total_bytes.to_le_bytes());
+        b[8..16].copy_from_slice(&self.chunks.to_le_bytes());
+        b[16..48].copy_from_slice(&self.stream_hash);
+        b
+    }
+
+    /// Decodes the payload.
+    pub fn decode(b: &[u8; END_PAYLOAD_LEN]) -> Self {
+        let mut t = [0u8; 8];
+        t.copy_from_slice(&b[0..8]);
+        let mut c = [0u8; 8];
+        c.copy_from_slice(&b[8..16]);
+        let mut stream_hash = [0u8; 32];
+        stream_hash.copy_from_slice(&b[16..48]);
+        Self {
+            total_bytes: u64::from_le_bytes(t),
+            chunks: u64::from_le_bytes(c),
+            stream_hash,
+        }
+    }
+}
+
+/// The whole-stream hash: BLAKE3 over the in-order list of (chunk length, chunk BLAKE3), closed
+/// with the totals. Both ends compute it independently of the key, so it can be compared in logs.
+/// It depends on the chunk size; it is not `b3sum` of the stream.
+#[derive(Debug, Clone, Default)]
+pub struct StreamHasher {
+    hasher: blake3::Hasher,
+    total_bytes: u64,
+    chunks: u64,
+}
+
+impl StreamHasher {
+    /// Starts an empty hash.
+    pub fn new() -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"flocker-stream v1 stream hash");
+        Self {
+            hasher,
+            total_bytes: 0,
+            chunks: 0,
+        }
+    }
+
+    /// Folds in the next chunk.
+    pub fn push(&mut self, len: usize, chunk_hash: &blake3::Hash) {
+        self.hasher.update(&(len as u64).to_le_bytes());
+        self.hasher.update(chunk_hash.as_bytes());
+        self.total_bytes += len as u64;
+        self.chunks += 1;
+    }
+
+    /// Bytes folded so far.
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    /// Closes the hash and returns the end payload.
+    pub fn finish(&self) -> EndPayload {
+        let mut h = self.hasher.clone();
+        h.update(&self.total_bytes.to_le_bytes());
+        h.update(&self.chunks.to_le_bytes());
+        EndPayload {
+            total_bytes: self.total_bytes,
+            chunks: self.chunks,
+            stream_hash: *h.finalize().as_bytes(),
+        }
+    }
+}
+
+/// Reads exactly `buf.len()` bytes; `Ok(false)` on a clean EOF before the first byte.
+pub fn read_exact_or_eof(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) if filled == 0 => return Ok(false),
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "stream ended mid-frame",
+                ));
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip() {
+        let h = StreamHeader {
+            version: VERSION,
+            auth: AuthMode::Session,
+            chunk_size: 1 << 20,
+            nonce: [7; 32],
+        };
+        assert_eq!(parse_stream_header(&h.body()), Ok(h));
+    }
+
+    #[test]
+    fn header_rejects_other_version() {
+        let h = StreamHeader {
+            version: 2,
+            auth: AuthMode::None,
+            chunk_size: 1 << 20,
+            nonce: [0; 32],
+        };
+        assert_eq!(
+            parse_stream_header(&h.body()),
+            Err(HeaderError::Version { got: 2 })
+        );
+    }
+
+    #[test]
+    fn frame_header_round_trip_and_bounds() {
+        let f = FrameHeader {
+            kind: FrameKind::Data,
+            flags: FLAG_ZSTD,
+            payload_len: 10,
+            raw_len: 100,
+            seq: 42,
+        };
+        assert_eq!(parse_frame_header(&f.encode(), 4096), Ok(f));
+        let big = FrameHeader { raw_len: 5000, ..f };
+        assert!(matches!(
+            parse_frame_header(&big.encode(), 4096),
+            Err(FrameError::Length { .. })
+        ));
+        let raw_mismatch = FrameHeader { flags: 0, ..f };
+        assert!(matches!(
+            parse_frame_header(&raw_mismatch.encode(), 4096),
+            Err(FrameError::Length { .. })
+        ));
+    }
+}

@@ -1,0 +1,376 @@
+//! The receiving pipeline: framed reads -> parallel decompress + verify -> in-order sink writes.
+//!
+//! The calling thread reads frames into pooled buffers; workers decompress (bounded by the
+//! frame's declared length, itself bounded by the chunk size) and check each chunk's tag; one
+//! writer thread puts verified chunks into the sink in order. A chunk reaches the sink only after
+//! its tag matched, so the sink never sees an unverified byte. The pool of `2 * threads + 2`
+//! buffers bounds memory as on the sending side.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use crate::error::StreamError;
+use crate::format::{
+    END_PAYLOAD_LEN, EndPayload, FLAG_ZSTD, FRAME_HEADER_LEN, FrameHeader, FrameKind,
+    STREAM_HEADER_LEN, StreamHasher, TAG_LEN, data_tag, end_tag, parse_frame_header,
+    parse_stream_header, read_exact_or_eof,
+};
+use crate::options::{Progress, ReceiveOptions, Summary, slots};
+
+/// Buffers that circulate reader -> worker -> writer -> reader.
+struct Buffers {
+    payload: Vec<u8>,
+    raw: Vec<u8>,
+}
+
+struct Frame {
+    header: FrameHeader,
+    header_bytes: [u8; FRAME_HEADER_LEN],
+    tag: [u8; TAG_LEN],
+    bufs: Buffers,
+}
+
+struct Verified {
+    seq: u64,
+    len: usize,
+    hash: blake3::Hash,
+    compressed: bool,
+    bufs: Buffers,
+}
+
+/// Receives one stream from `transport` into `sink`.
+///
+/// Every byte handed to `sink` belongs to a chunk whose tag verified, in stream order. The
+/// stream as a whole is complete and authentic only if this returns `Ok`: on `Err` the sink
+/// holds a verified prefix and the caller must discard it (the [`crate::backend::Sink`]
+/// implementations do). Reads stop right after the end frame, so a duplex transport can carry an
+/// acknowledgement afterwards.
+pub fn receive_stream<R: Read + Send, W: Write + Send>(
+    mut transport: R,
+    mut sink: W,
+    opts: &ReceiveOptions,
+) -> Result<Summary, StreamError> {
+    let start = Instant::now();
+    let mut hb = [0u8; STREAM_HEADER_LEN];
+    match read_exact_or_eof(&mut transport, &mut hb) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(StreamError::Truncated {
+                chunks: 0,
+                bytes: 0,
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(StreamError::Truncated {
+                chunks: 0,
+                bytes: 0,
+            });
+        }
+        Err(e) => {
+            return Err(StreamError::Transport {
+                stage: "reading the stream header",
+                source: e,
+            });
+        }
+    }
+    let mut body = [0u8; STREAM_HEADER_LEN - TAG_LEN];
+    body.copy_from_slice(&hb[..STREAM_HEADER_LEN - TAG_LEN]);
+    let header = parse_stream_header(&body)?;
+    let expected = opts.auth.mode();
+    if header.auth != expected {
+        return Err(StreamError::AuthMismatch {
+            sender: header.auth.name(),
+            receiver: expected.name(),
+        });
+    }
+    let key = opts
+        .auth
+        .receiver_key(&header.nonce)
+        .ok_or(StreamError::HeaderTag)?;
+    let tag = blake3::keyed_hash(&key, &body);
+    if tag != blake3::Hash::from_bytes(tail(&hb)) {
+        return Err(StreamError::HeaderTag);
+    }
+    let chunk_size = header.chunk_size;
+    let threads = opts.threads.max(1);
+    let n_slots = slots(threads);
+    let (pool_tx, pool_rx) = bounded::<Buffers>(n_slots);
+    for _ in 0..n_slots {
+        let _ = pool_tx.send(Buffers {
+            payload: Vec::new(),
+            raw: Vec::new(),
+        });
+    }
+    let (work_tx, work_rx) = bounded::<Frame>(n_slots);
+    let (done_tx, done_rx) = bounded::<Result<Verified, StreamError>>(n_slots);
+    let wire_start = STREAM_HEADER_LEN as u64;
+
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let work_rx = work_rx.clone();
+            let done_tx = done_tx.clone();
+            s.spawn(move || verify_chunks(&key, &work_rx, &done_tx));
+        }
+        drop(work_rx);
+        drop(done_tx);
+        let progress = opts.progress.clone();
+        let writer =
+            s.spawn(move || write_chunks(&mut sink, done_rx, pool_tx, progress, start, wire_start));
+        let read = read_frames(&mut transport, chunk_size, &key, &pool_rx, work_tx);
+        drop(pool_rx);
+        let written = writer.join().map_err(|_| StreamError::Panic)?;
+        // A sink or verification error is the root cause; the reader then only saw the pipeline
+        // stop, so report the writer's error first.
+        let (hasher, compressed_chunks, _) = written?;
+        let got = hasher.finish();
+        let (end, wire) = match read {
+            Ok(v) => v,
+            Err(ReadError::Stream(e)) => return Err(e),
+            Err(ReadError::PipelineStopped) => return Err(StreamError::Panic),
+            Err(ReadError::Truncated) => {
+                return Err(StreamError::Truncated {
+                    chunks: got.chunks,
+                    bytes: got.total_bytes,
+                });
+            }
+        };
+        if got != end {
+            return Err(StreamError::EndMismatch {
+                sent_chunks: end.chunks,
+                sent_bytes: end.total_bytes,
+                got_chunks: got.chunks,
+                got_bytes: got.total_bytes,
+            });
+        }
+        let summary = Summary {
+            bytes_in: got.total_bytes,
+            bytes_on_wire: wire,
+            stream_hash: got.stream_hash,
+            elapsed: start.elapsed(),
+            chunks: got.chunks,
+            compressed_chunks,
+        };
+        tracing::debug!(
+            bytes = summary.bytes_in,
+            wire = summary.bytes_on_wire,
+            "stream received"
+        );
+        Ok(summary)
+    })
+}
+
+fn tail(hb: &[u8; STREAM_HEADER_LEN]) -> [u8; 32] {
+    let mut t = [0u8; 32];
+    t.copy_from_slice(&hb[STREAM_HEADER_LEN - TAG_LEN..]);
+    t
+}
+
+enum ReadError {
+    Stream(StreamError),
+    Truncated,
+    PipelineStopped,
+}
+
+/// Reads frames until the end frame; returns its (verified) payload and the wire bytes read.
+fn read_frames<R: Read>(
+    transport: &mut R,
+    chunk_size: u32,
+    key: &[u8; 32],
+    pool: &Receiver<Buffers>,
+    work: Sender<Frame>,
+) -> Result<(EndPayload, u64), ReadError> {
+    let mut wire = STREAM_HEADER_LEN as u64;
+    let mut seq = 0u64;
+    let io = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ReadError::Truncated
+        } else {
+            ReadError::Stream(StreamError::Transport {
+                stage: "receiving frames",
+                source: e,
+            })
+        }
+    };
+    loop {
+        let mut hb = [0u8; FRAME_HEADER_LEN];
+        if !read_exact_or_eof(transport, &mut hb).map_err(io)? {
+            return Err(ReadError::Truncated);
+        }
+        let header = parse_frame_header(&hb, chunk_size)
+            .map_err(|source| ReadError::Stream(StreamError::Frame { seq, source }))?;
+        if header.seq != seq {
+            return Err(ReadError::Stream(StreamError::OutOfOrder {
+                expected: seq,
+                got: header.seq,
+            }));
+        }
+        wire += (FRAME_HEADER_LEN + header.payload_len as usize + TAG_LEN) as u64;
+        match header.kind {
+            FrameKind::End => {
+                let mut payload = [0u8; END_PAYLOAD_LEN];
+                let mut tag = [0u8; TAG_LEN];
+                read_all(transport, &mut payload).map_err(io)?;
+                read_all(transport, &mut tag).map_err(io)?;
+                if end_tag(key, &hb, &payload) != blake3::Hash::from_bytes(tag) {
+                    return Err(ReadError::Stream(StreamError::EndTag));
+                }
+                return Ok((EndPayload::decode(&payload), wire));
+            }
+            FrameKind::Data => {
+                let Ok(mut bufs) = pool.recv() else {
+                    return Err(ReadError::PipelineStopped);
+                };
+                bufs.payload.resize(header.payload_len as usize, 0);
+                read_all(transport, &mut bufs.payload).map_err(io)?;
+                let mut tag = [0u8; TAG_LEN];
+                read_all(transport, &mut tag).map_err(io)?;
+                if work
+                    .send(Frame {
+                        header,
+                        header_bytes: hb,
+                        tag,
+                        bufs,
+                    })
+                    .is_err()
+                {
+                    return Err(ReadError::PipelineStopped);
+                }
+                seq += 1;
+            }
+        }
+    }
+}
+
+fn read_all<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    if read_exact_or_eof(r, buf)? {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "stream ended mid-frame",
+        ))
+    }
+}
+
+fn verify_chunks(
+    key: &[u8; 32],
+    work: &Receiver<Frame>,
+    done: &Sender<Result<Verified, StreamError>>,
+) {
+    let mut decompressor = match zstd::bulk::Decompressor::new() {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = done.send(Err(StreamError::Decompress {
+                seq: 0,
+                reason: e.to_string(),
+            }));
+            return;
+        }
+    };
+    while let Ok(frame) = work.recv() {
+        let result = verify_one(key, &mut decompressor, frame);
+        let stop = result.is_err();
+        if done.send(result).is_err() || stop {
+            return;
+        }
+    }
+}
+
+fn verify_one(
+    key: &[u8; 32],
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+    frame: Frame,
+) -> Result<Verified, StreamError> {
+    let Frame {
+        header,
+        header_bytes,
+        tag,
+        mut bufs,
+    } = frame;
+    let seq = header.seq;
+    let len = header.raw_len as usize;
+    let compressed = header.flags & FLAG_ZSTD != 0;
+    if compressed {
+        bufs.raw.clear();
+        bufs.raw.reserve(len);
+        // The capacity bound stops a crafted frame from inflating past the declared length.
+        let n = decompressor
+            .decompress_to_buffer(&bufs.payload, &mut bufs.raw)
+            .map_err(|e| StreamError::Decompress {
+                seq,
+                reason: e.to_string(),
+            })?;
+        if n != len {
+            return Err(StreamError::Decompress {
+                seq,
+                reason: format!("got {n} bytes, frame declares {len}"),
+            });
+        }
+    }
+    let data: &[u8] = if compressed {
+        &bufs.raw[..len]
+    } else {
+        &bufs.payload[..len]
+    };
+    let hash = blake3::hash(data);
+    // blake3::Hash equality is constant-time.
+    if data_tag(key, &header_bytes, &hash) != blake3::Hash::from_bytes(tag) {
+        return Err(StreamError::DataTag { seq });
+    }
+    Ok(Verified {
+        seq,
+        len,
+        hash,
+        compressed,
+        bufs,
+    })
+}
+
+type Written = (StreamHasher, u64, u64);
+
+fn write_chunks<W: Write>(
+    sink: &mut W,
+    done: Receiver<Result<Verified, StreamError>>,
+    pool: Sender<Buffers>,
+    progress: Option<crate::options::ProgressFn>,
+    start: Instant,
+    wire_start: u64,
+) -> Result<Written, StreamError> {
+    let mut hasher = StreamHasher::new();
+    let mut compressed_chunks = 0u64;
+    let mut wire = wire_start;
+    let mut pending: BTreeMap<u64, Verified> = BTreeMap::new();
+    let mut next = 0u64;
+    for msg in done.iter() {
+        let v = msg?;
+        pending.insert(v.seq, v);
+        while let Some(v) = pending.remove(&next) {
+            let data = if v.compressed {
+                &v.bufs.raw[..v.len]
+            } else {
+                &v.bufs.payload[..v.len]
+            };
+            sink.write_all(data).map_err(StreamError::SinkWrite)?;
+            hasher.push(v.len, &v.hash);
+            compressed_chunks += u64::from(v.compressed);
+            wire += (FRAME_HEADER_LEN + v.bufs.payload.len() + TAG_LEN) as u64;
+            let _ = pool.send(v.bufs);
+            next += 1;
+            if let Some(p) = &progress {
+                p(&Progress {
+                    bytes_in: hasher.total_bytes(),
+                    bytes_on_wire: wire,
+                    elapsed: start.elapsed(),
+                });
+            }
+        }
+    }
+    sink.flush().map_err(StreamError::SinkWrite)?;
+    Ok((hasher, compressed_chunks, wire))
+}

@@ -1,0 +1,304 @@
+//! The sending pipeline: source -> chunks -> parallel zstd + BLAKE3 -> in-order framed writes.
+//!
+//! Three stages joined by bounded channels. A fixed pool of `2 * threads + 2` chunk buffers
+//! circulates reader -> workers -> writer -> reader, so at most that many chunks exist at once
+//! whatever the stream's length; the writer's reorder map can hold no more than the pool.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use crate::error::StreamError;
+use crate::format::{
+    FLAG_ZSTD, FrameHeader, FrameKind, StreamHasher, StreamHeader, VERSION, data_tag, end_tag,
+};
+use crate::options::{Progress, SendOptions, Summary, slots};
+
+/// A chunk as read from the source.
+struct RawChunk {
+    seq: u64,
+    buf: Vec<u8>,
+    len: usize,
+}
+
+/// A chunk ready to frame.
+struct EncodedChunk {
+    seq: u64,
+    raw: Vec<u8>,
+    len: usize,
+    compressed: Option<Vec<u8>>,
+    hash: blake3::Hash,
+}
+
+/// Below this, compressing a probe first costs more than it saves.
+const PROBE_MIN: usize = 256 * 1024;
+const PROBE_LEN: usize = 64 * 1024;
+
+/// Sends `source` over `transport` until the source's EOF, then writes the end frame.
+///
+/// Returns once every frame has been written and flushed; it does not wait for the receiver to
+/// acknowledge (see [`crate::session`] for a duplex connection that does).
+pub fn send_stream<R: Read + Send, W: Write + Send>(
+    mut source: R,
+    mut transport: W,
+    opts: &SendOptions,
+) -> Result<Summary, StreamError> {
+    opts.validate()?;
+    let start = Instant::now();
+    let chunk_size = opts.chunk_size as usize;
+    let threads = opts.threads.max(1);
+    let (nonce, key) = opts
+        .auth
+        .sender_key()
+        .map_err(StreamError::transport("generating a nonce"))?;
+    let header = StreamHeader {
+        version: VERSION,
+        auth: opts.auth.mode(),
+        chunk_size: opts.chunk_size,
+        nonce,
+    };
+    header
+        .write_to(&mut transport, &key)
+        .map_err(StreamError::transport("writing the stream header"))?;
+
+    let n_slots = slots(threads);
+    let (pool_tx, pool_rx) = bounded::<Vec<u8>>(n_slots);
+    for _ in 0..n_slots {
+        // Cannot fail: the channel holds exactly n_slots and its receiver is alive.
+        let _ = pool_tx.send(Vec::new());
+    }
+    let (work_tx, work_rx) = bounded::<RawChunk>(n_slots);
+    let (done_tx, done_rx) = bounded::<Result<EncodedChunk, StreamError>>(n_slots);
+
+    std::thread::scope(|s| {
+        let reader_done = done_tx.clone();
+        let reader =
+            s.spawn(move || read_chunks(&mut source, chunk_size, &pool_rx, &work_tx, &reader_done));
+        for _ in 0..threads {
+            let work_rx = work_rx.clone();
+            let done_tx = done_tx.clone();
+            let level = opts.compress_level;
+            s.spawn(move || encode_chunks(level, &work_rx, &done_tx));
+        }
+        drop(done_tx);
+        drop(work_rx);
+        let written = write_frames(&mut transport, &key, opts, start, done_rx, pool_tx);
+        let read = reader.join().map_err(|_| StreamError::Panic)?;
+        let (hasher, wire, compressed_chunks) = written?;
+        // A source error must never turn into a valid end frame.
+        read?;
+        let end = hasher.finish();
+        let payload = end.encode();
+        let fh = FrameHeader {
+            kind: FrameKind::End,
+            flags: 0,
+            payload_len: payload.len() as u32,
+            raw_len: 0,
+            seq: end.chunks,
+        };
+        let h = fh.encode();
+        let tag = end_tag(&key, &h, &payload);
+        let write_end = |t: &mut W| -> std::io::Result<()> {
+            t.write_all(&h)?;
+            t.write_all(&payload)?;
+            t.write_all(tag.as_bytes())?;
+            t.flush()
+        };
+        write_end(&mut transport).map_err(StreamError::transport("writing the end frame"))?;
+        let bytes_on_wire = wire + (h.len() + payload.len() + tag.as_bytes().len()) as u64;
+        let summary = Summary {
+            bytes_in: end.total_bytes,
+            bytes_on_wire,
+            stream_hash: end.stream_hash,
+            elapsed: start.elapsed(),
+            chunks: end.chunks,
+            compressed_chunks,
+        };
+        tracing::debug!(
+            bytes = summary.bytes_in,
+            wire = summary.bytes_on_wire,
+            "stream sent"
+        );
+        Ok(summary)
+    })
+}
+
+/// Fills pooled buffers from the source, in order; stops at EOF or when the writer is gone.
+fn read_chunks<R: Read>(
+    source: &mut R,
+    chunk_size: usize,
+    pool: &Receiver<Vec<u8>>,
+    work: &Sender<RawChunk>,
+    done: &Sender<Result<EncodedChunk, StreamError>>,
+) -> Result<(), StreamError> {
+    let mut seq = 0;
+    loop {
+        let Ok(mut buf) = pool.recv() else {
+            return Ok(()); // the writer stopped; it reports why
+        };
+        if buf.len() != chunk_size {
+            buf.resize(chunk_size, 0);
+        }
+        let len = match read_full(source, &mut buf) {
+            Ok(len) => len,
+            Err(e) => {
+                // The writer must stop too; it gets a copy, the caller the original.
+                let copy = std::io::Error::new(e.kind(), e.to_string());
+                let _ = done.send(Err(StreamError::SourceRead(copy)));
+                return Err(StreamError::SourceRead(e));
+            }
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        if work.send(RawChunk { seq, buf, len }).is_err() {
+            return Ok(());
+        }
+        seq += 1;
+        if len < chunk_size {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads until `buf` is full or EOF; returns the bytes read.
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+fn encode_chunks(
+    level: i32,
+    work: &Receiver<RawChunk>,
+    done: &Sender<Result<EncodedChunk, StreamError>>,
+) {
+    let mut compressor = if level == 0 {
+        None
+    } else {
+        match zstd::bulk::Compressor::new(level) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let _ = done.send(Err(StreamError::Options(format!(
+                    "zstd level {level}: {e}"
+                ))));
+                return;
+            }
+        }
+    };
+    while let Ok(RawChunk { seq, buf, len }) = work.recv() {
+        let data = &buf[..len];
+        let hash = blake3::hash(data);
+        let compressed = compressor.as_mut().and_then(|c| compress(c, data));
+        let chunk = EncodedChunk {
+            seq,
+            raw: buf,
+            len,
+            compressed,
+            hash,
+        };
+        if done.send(Ok(chunk)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Compresses `data` if that makes it smaller. Large chunks are probed first so incompressible
+/// data (random bytes, already-compressed files) costs one small compression, not a full one.
+fn compress(c: &mut zstd::bulk::Compressor<'_>, data: &[u8]) -> Option<Vec<u8>> {
+    if data.len() >= PROBE_MIN {
+        let probe = &data[..PROBE_LEN];
+        let mut out = Vec::with_capacity(PROBE_LEN);
+        match c.compress_to_buffer(probe, &mut out) {
+            // Less than ~3% saved on the probe: not worth the CPU on the whole chunk.
+            Ok(n) if n * 100 < PROBE_LEN * 97 => {}
+            _ => return None,
+        }
+    }
+    // Only keep output strictly smaller than the input; zstd errors out when it does not fit.
+    let mut out = Vec::with_capacity(data.len().saturating_sub(1));
+    match c.compress_to_buffer(data, &mut out) {
+        Ok(n) if n < data.len() => Some(out),
+        _ => None,
+    }
+}
+
+/// Writes frames in sequence order; returns the stream hasher, bytes written and how many
+/// chunks went compressed.
+fn write_frames<W: Write>(
+    transport: &mut W,
+    key: &[u8; 32],
+    opts: &SendOptions,
+    start: Instant,
+    done: Receiver<Result<EncodedChunk, StreamError>>,
+    pool: Sender<Vec<u8>>,
+) -> Result<(StreamHasher, u64, u64), StreamError> {
+    let mut hasher = StreamHasher::new();
+    let mut wire = crate::format::STREAM_HEADER_LEN as u64;
+    let mut compressed_chunks = 0u64;
+    let mut pending: BTreeMap<u64, EncodedChunk> = BTreeMap::new();
+    let mut next = 0u64;
+    for msg in done.iter() {
+        let chunk = msg?;
+        pending.insert(chunk.seq, chunk);
+        while let Some(chunk) = pending.remove(&next) {
+            let (flags, payload): (u8, &[u8]) = match &chunk.compressed {
+                Some(c) => (FLAG_ZSTD, c),
+                None => (0, &chunk.raw[..chunk.len]),
+            };
+            let fh = FrameHeader {
+                kind: FrameKind::Data,
+                flags,
+                payload_len: payload.len() as u32,
+                raw_len: chunk.len as u32,
+                seq: chunk.seq,
+            };
+            let h = fh.encode();
+            let tag = data_tag(key, &h, &chunk.hash);
+            let mut write = || -> std::io::Result<()> {
+                transport.write_all(&h)?;
+                transport.write_all(payload)?;
+                transport.write_all(tag.as_bytes())
+            };
+            write().map_err(StreamError::transport("sending a data frame"))?;
+            wire += (h.len() + payload.len() + tag.as_bytes().len()) as u64;
+            compressed_chunks += u64::from(flags == FLAG_ZSTD);
+            hasher.push(chunk.len, &chunk.hash);
+            let _ = pool.send(chunk.raw);
+            next += 1;
+            if let Some(rate) = opts.limit_rate {
+                throttle(rate, wire, start);
+            }
+            if let Some(progress) = &opts.progress {
+                progress(&Progress {
+                    bytes_in: hasher.total_bytes(),
+                    bytes_on_wire: wire,
+                    elapsed: start.elapsed(),
+                });
+            }
+        }
+    }
+    if !pending.is_empty() {
+        // Workers only stop early on an error they already reported; reaching here is a bug.
+        return Err(StreamError::Panic);
+    }
+    Ok((hasher, wire, compressed_chunks))
+}
+
+/// Sleeps until `wire` bytes are within `rate` bytes/second of `start`.
+fn throttle(rate: u64, wire: u64, start: Instant) {
+    let due = Duration::from_secs_f64(wire as f64 / rate as f64);
+    let elapsed = start.elapsed();
+    if due > elapsed {
+        std::thread::sleep(due - elapsed);
+    }
+}

@@ -17,6 +17,7 @@ mod btrfs;
 mod child;
 mod dir;
 mod file;
+mod spec;
 mod zfs;
 
 use std::io::{Read, Write};
@@ -24,6 +25,7 @@ use std::io::{Read, Write};
 pub use btrfs::{BtrfsSink, BtrfsSource};
 pub use dir::{DirSink, DirSource};
 pub use file::{FileSink, FileSource, ReaderSource, StdinSource, StdoutSink, WriterSink};
+pub use spec::Spec;
 pub use zfs::{ZfsSink, ZfsSource};
 
 /// Why a source or sink failed.

@@ -1,0 +1,254 @@
+//! Command-line arguments, security selection, and the send and receive commands.
+
+mod progress;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use flocker_stream::backend::Spec;
+use flocker_stream::transport::{self, TlsFiles};
+use flocker_stream::{Auth, ReceiveOptions, SendOptions, Summary};
+
+/// Pipelined, compressed, verified, authenticated volume streaming.
+#[derive(Debug, Parser)]
+#[command(name = "flocker-stream", version)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Send SOURCE to a listening receiver.
+    Send(SendArgs),
+    /// Receive one stream into SINK.
+    Recv(RecvArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+struct Security {
+    /// Pre-shared key file (32 raw bytes or 64 hex digits).
+    #[arg(long, conflicts_with_all = ["tls_ca", "insecure"])]
+    key_file: Option<PathBuf>,
+    /// Cluster CA certificate (PEM); with --tls-cert and --tls-key enables mutual TLS.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"], conflicts_with = "insecure")]
+    tls_ca: Option<PathBuf>,
+    /// This end's certificate (PEM).
+    #[arg(long, requires = "tls_ca")]
+    tls_cert: Option<PathBuf>,
+    /// This end's private key (PEM).
+    #[arg(long, requires = "tls_ca")]
+    tls_key: Option<PathBuf>,
+    /// Send without any authentication (frames are still checksummed).
+    #[arg(long)]
+    insecure: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum ProgressMode {
+    /// A bar on a terminal, JSON lines otherwise.
+    Auto,
+    /// A one-line bar with rate and ETA.
+    Bar,
+    /// One JSON object per line on stderr.
+    Json,
+    /// Only the summary.
+    None,
+}
+
+#[derive(Debug, ClapArgs)]
+struct SendArgs {
+    /// `-`, `file:PATH`, `zfs:POOL/FS@SNAP`, `btrfs:PATH` or `dir:PATH`.
+    #[arg(long)]
+    source: String,
+    /// Receiver address, HOST:PORT.
+    #[arg(long)]
+    to: String,
+    /// ZFS: send the delta from this snapshot (`@SNAP`).
+    #[arg(long)]
+    incremental_from: Option<String>,
+    /// btrfs: send the delta from this parent snapshot.
+    #[arg(long)]
+    parent: Option<PathBuf>,
+    #[command(flatten)]
+    security: Security,
+    /// TLS name to expect in the receiver's certificate (default: the host in --to).
+    #[arg(long)]
+    tls_server_name: Option<String>,
+    /// zstd level (negative is faster, 0 disables compression).
+    #[arg(long, default_value_t = flocker_stream::DEFAULT_COMPRESS_LEVEL, allow_hyphen_values = true)]
+    compress_level: i32,
+    /// Chunk size in bytes (4096..=16777216).
+    #[arg(long, default_value_t = flocker_stream::DEFAULT_CHUNK_SIZE)]
+    chunk_size: u32,
+    /// Compression threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Cap on the wire rate, bytes per second, with optional K/M/G suffix (1024-based).
+    #[arg(long, value_parser = parse_rate)]
+    limit_rate: Option<u64>,
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
+}
+
+#[derive(Debug, ClapArgs)]
+struct RecvArgs {
+    /// Address to listen on, HOST:PORT (port 0 picks one; the address is printed).
+    #[arg(long)]
+    listen: String,
+    /// `-`, `file:PATH`, `zfs:POOL/FS`, `btrfs:DIR` or `dir:PATH`.
+    #[arg(long)]
+    sink: String,
+    /// ZFS: pass -F to zfs recv (roll back to the newest snapshot first).
+    #[arg(long)]
+    rollback: bool,
+    #[command(flatten)]
+    security: Security,
+    /// Decompression threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("bad rate {s:?}: expected e.g. 500K, 100M, 1G"))?;
+    let rate = (n * mult as f64) as u64;
+    if n.is_finite() && rate > 0 { Ok(rate) } else { Err(format!("rate {s:?} must be positive")) }
+}
+
+/// Sets up logs on stderr, filtered by `RUST_LOG` (default: warnings).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+enum Chosen {
+    Psk([u8; 32]),
+    Tls(TlsFiles),
+    Insecure,
+}
+
+fn choose(sec: &Security) -> anyhow::Result<Chosen> {
+    if let Some(path) = &sec.key_file {
+        return Ok(Chosen::Psk(flocker_stream::read_key_file(path)?));
+    }
+    if let (Some(ca), Some(cert), Some(key)) = (&sec.tls_ca, &sec.tls_cert, &sec.tls_key) {
+        return Ok(Chosen::Tls(TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() }));
+    }
+    if sec.insecure {
+        return Ok(Chosen::Insecure);
+    }
+    bail!("no authentication chosen: pass --key-file, or --tls-ca/--tls-cert/--tls-key, or --insecure explicitly")
+}
+
+fn progress_mode(mode: ProgressMode) -> ProgressMode {
+    use std::io::IsTerminal;
+    match mode {
+        ProgressMode::Auto if std::io::stderr().is_terminal() => ProgressMode::Bar,
+        ProgressMode::Auto => ProgressMode::Json,
+        m => m,
+    }
+}
+
+/// Runs one command.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        Command::Send(a) => send(a),
+        Command::Recv(a) => recv(a),
+    }
+}
+
+fn send(a: SendArgs) -> anyhow::Result<()> {
+    let chosen = choose(&a.security)?;
+    let spec: Spec = a.source.parse()?;
+    let mut source = spec.source(a.incremental_from.as_deref(), a.parent.as_deref())?;
+    let mode = progress_mode(a.progress);
+    let reporter = Arc::new(progress::Reporter::new(mode == ProgressMode::Json, source.size_hint()));
+    let mut opts = SendOptions {
+        chunk_size: a.chunk_size,
+        compress_level: a.compress_level,
+        limit_rate: a.limit_rate,
+        ..SendOptions::default()
+    };
+    if let Some(t) = a.threads {
+        opts.threads = t;
+    }
+    if mode != ProgressMode::None {
+        let r = Arc::clone(&reporter);
+        opts.progress = Some(Arc::new(move |p| r.update(p)));
+    }
+    let tls = match &chosen {
+        Chosen::Tls(files) => Some((transport::client_config(files)?, a.tls_server_name.clone())),
+        _ => None,
+    };
+    opts.auth = match chosen {
+        Chosen::Psk(k) => Auth::PresharedKey(k),
+        _ => Auth::None,
+    };
+    let mut conn = transport::connect(&a.to, tls)?;
+    let result = flocker_stream::send_over(source.as_mut(), &mut conn, &opts);
+    let _ = conn.finish();
+    reporter.clear();
+    let summary = result.context("send failed")?;
+    reporter.summary("sent", &summary);
+    Ok(())
+}
+
+fn recv(a: RecvArgs) -> anyhow::Result<()> {
+    let chosen = choose(&a.security)?;
+    let spec: Spec = a.sink.parse()?;
+    let mut sink = spec.sink(a.rollback);
+    let mode = progress_mode(a.progress);
+    let reporter = Arc::new(progress::Reporter::new(mode == ProgressMode::Json, None));
+    let mut opts = ReceiveOptions::default();
+    if let Some(t) = a.threads {
+        opts.threads = t;
+    }
+    if mode != ProgressMode::None {
+        let r = Arc::clone(&reporter);
+        opts.progress = Some(Arc::new(move |p| r.update(p)));
+    }
+    let tls = match &chosen {
+        Chosen::Tls(files) => Some(transport::server_config(files)?),
+        _ => None,
+    };
+    opts.auth = match chosen {
+        Chosen::Psk(k) => Auth::PresharedKey(k),
+        _ => Auth::None,
+    };
+    let listener = transport::listen(&a.listen)?;
+    let local = listener.local_addr().context("listener address")?;
+    reporter.listening(&local.to_string());
+    let mut conn = transport::accept(&listener, tls)?;
+    let result = flocker_stream::receive_over(&mut conn, sink.as_mut(), &opts);
+    let _ = conn.finish();
+    reporter.clear();
+    let summary: Summary = result.context("receive failed")?;
+    reporter.summary("received", &summary);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("100"), Ok(100));
+        assert_eq!(parse_rate("1.5K"), Ok(1536));
+        assert_eq!(parse_rate("10M"), Ok(10 << 20));
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("fast").is_err());
+    }
+}

@@ -1,1 +1,24 @@
-//! The per-node agent: API server, container runtime, volume backends and routing backends.
+//! The per-node agent `flocker-agent`: API server over mutual TLS ([`api`]), container
+//! runtime over the Docker API ([`containers`]), volume backends ([`volume`]), the ownership
+//! rules of the migration protocol ([`ownership`]), volume transfers between agents
+//! ([`transfer`], [`peer`]) and the route table ([`routes`], programmed by `flocker-routing`).
+//!
+//! **Architecture invariant:** every side effect goes through one seam per subsystem
+//! ([`containers::ContainerRuntime`], [`volume::command::CommandRunner`],
+//! `flocker_routing::RoutingBackend`), so the decisions above them are unit-tested without
+//! root; the integration tests run the real daemons.
+
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod api;
+pub mod config;
+pub mod containers;
+pub mod daemon;
+pub mod observability;
+pub mod ownership;
+pub mod peer;
+pub mod routes;
+pub mod tls;
+pub mod transfer;
+pub mod volume;

@@ -1,0 +1,304 @@
+//! The agent's configuration: command-line flags and/or a TOML file (flags win), resolved
+//! into one checked [`AgentConfig`]. Every problem is reported, not just the first.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::tls::TlsFiles;
+
+/// Default API port.
+pub const DEFAULT_PORT: u16 = 4523;
+
+/// Errors of configuration loading.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {detail}")]
+    File { path: PathBuf, detail: String },
+    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+}
+
+/// Command-line flags of `flocker-agent`.
+#[derive(Debug, Clone, Default, clap::Parser)]
+#[command(name = "flocker-agent", version, about = "The Flocker node agent")]
+pub struct Flags {
+    /// TOML file with the same keys as the flags (snake_case); flags override it.
+    #[arg(long, env = "FLOCKER_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's address as the deployment file names it.
+    #[arg(long)]
+    pub node_address: Option<String>,
+    /// Address to listen on [default: 0.0.0.0:4523].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Port of the other agents [default: 4523].
+    #[arg(long)]
+    pub peer_port: Option<u16>,
+    /// Docker socket, `unix:///run/docker.sock` or a path.
+    #[arg(long)]
+    pub docker_host: Option<String>,
+    /// Volume backend: `zfs:POOL[/PARENT]`, `btrfs:PATH` or `dir:PATH`.
+    #[arg(long)]
+    pub volumes: Option<String>,
+    /// Routing backend: `auto` (eBPF where possible, else nftables), `nftables`, `ebpf`,
+    /// or `none` (routes are recorded but not programmed).
+    #[arg(long)]
+    pub routing: Option<String>,
+    /// The cluster CA certificate.
+    #[arg(long)]
+    pub ca_cert: Option<PathBuf>,
+    /// This node's certificate.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// This node's private key.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Where the agent keeps its route file [default: /var/lib/flocker].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Log format: `text` or `json`.
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+/// The TOML file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_address: Option<String>,
+    listen: Option<SocketAddr>,
+    peer_port: Option<u16>,
+    docker_host: Option<String>,
+    volumes: Option<String>,
+    routing: Option<String>,
+    ca_cert: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    log_format: Option<String>,
+}
+
+/// Which volume backend, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeSpec {
+    Zfs { dataset: String },
+    Btrfs { path: PathBuf },
+    Dir { path: PathBuf },
+}
+
+impl VolumeSpec {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            Some(("zfs", d)) if !d.is_empty() => Ok(VolumeSpec::Zfs {
+                dataset: d.to_string(),
+            }),
+            Some(("btrfs", p)) if p.starts_with('/') => Ok(VolumeSpec::Btrfs { path: p.into() }),
+            Some(("dir", p)) if p.starts_with('/') => Ok(VolumeSpec::Dir { path: p.into() }),
+            _ => Err(format!(
+                "volumes: {s:?} is not zfs:POOL[/PARENT], btrfs:/PATH or dir:/PATH"
+            )),
+        }
+    }
+}
+
+/// Which routing backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutingChoice {
+    None,
+    Auto,
+    Nftables,
+    Ebpf,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    pub node_address: String,
+    pub listen: SocketAddr,
+    pub peer_port: u16,
+    pub docker_socket: PathBuf,
+    pub volumes: VolumeSpec,
+    pub routing: RoutingChoice,
+    pub tls: TlsFiles,
+    pub state_dir: PathBuf,
+    pub json_logs: bool,
+}
+
+impl AgentConfig {
+    /// Merges flags over the file (if any) and checks the result.
+    pub fn resolve(flags: Flags) -> Result<Self, ConfigError> {
+        let file = match &flags.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let mut errors = Vec::new();
+        let mut required = |name: &str, v: Option<PathBuf>| {
+            v.unwrap_or_else(|| {
+                errors.push(format!(
+                    "{name}: required (flag --{} or the file)",
+                    name.replace('_', "-")
+                ));
+                PathBuf::new()
+            })
+        };
+        let ca_cert = required("ca_cert", flags.ca_cert.or(file.ca_cert));
+        let cert = required("cert", flags.cert.or(file.cert));
+        let key = required("key", flags.key.or(file.key));
+        let node_address = flags.node_address.or(file.node_address).unwrap_or_else(|| {
+            errors.push("node_address: required (flag --node-address or the file)".into());
+            String::new()
+        });
+        let listen = flags
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)));
+        let docker = flags
+            .docker_host
+            .or(file.docker_host)
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+        let docker_socket = match docker.strip_prefix("unix://") {
+            Some(p) => PathBuf::from(p),
+            None if docker.starts_with('/') => PathBuf::from(&docker),
+            None => {
+                errors.push(format!(
+                    "docker_host: {docker:?} is not a unix socket (unix:///PATH or /PATH)"
+                ));
+                PathBuf::new()
+            }
+        };
+        let state_dir = flags
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/flocker"));
+        let volumes_text = flags
+            .volumes
+            .or(file.volumes)
+            .unwrap_or_else(|| format!("dir:{}", state_dir.join("volumes").display()));
+        let volumes = VolumeSpec::parse(&volumes_text).unwrap_or_else(|e| {
+            errors.push(e);
+            VolumeSpec::Dir {
+                path: PathBuf::new(),
+            }
+        });
+        let routing = match flags
+            .routing
+            .or(file.routing)
+            .unwrap_or_else(|| "auto".into())
+            .as_str()
+        {
+            "none" => RoutingChoice::None,
+            "auto" => RoutingChoice::Auto,
+            "nftables" => RoutingChoice::Nftables,
+            "ebpf" => RoutingChoice::Ebpf,
+            other => {
+                errors.push(format!(
+                    "routing: {other:?} is not one of auto, nftables, ebpf, none"
+                ));
+                RoutingChoice::None
+            }
+        };
+        let json_logs = match flags
+            .log_format
+            .or(file.log_format)
+            .unwrap_or_else(|| "text".into())
+            .as_str()
+        {
+            "text" => false,
+            "json" => true,
+            other => {
+                errors.push(format!("log_format: {other:?} is not text or json"));
+                false
+            }
+        };
+        if !errors.is_empty() {
+            return Err(ConfigError::Invalid(errors));
+        }
+        Ok(AgentConfig {
+            node_address,
+            listen,
+            peer_port: flags.peer_port.or(file.peer_port).unwrap_or(DEFAULT_PORT),
+            docker_socket,
+            volumes,
+            routing,
+            tls: TlsFiles { ca_cert, cert, key },
+            state_dir,
+            json_logs,
+        })
+    }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_defaults_fill_in() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "node_address = \"198.18.0.11\"\nvolumes = \"zfs:tank/flocker\"\nca_cert = \"/ca\"\ncert = \"/c\"\nkey = \"/k\"\nrouting = \"none\"\n",
+        )
+        .expect("write");
+        let flags = Flags {
+            config: Some(file),
+            node_address: Some("198.18.0.12".into()),
+            docker_host: Some("unix:///run/d.sock".into()),
+            ..Flags::default()
+        };
+        let c = AgentConfig::resolve(flags).expect("resolve");
+        assert_eq!(c.node_address, "198.18.0.12");
+        assert_eq!(c.listen.port(), 4523);
+        assert_eq!(c.docker_socket, PathBuf::from("/run/d.sock"));
+        assert_eq!(
+            c.volumes,
+            VolumeSpec::Zfs {
+                dataset: "tank/flocker".into()
+            }
+        );
+        assert_eq!(c.routing, RoutingChoice::None);
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let flags = Flags {
+            volumes: Some("nfs:/x".into()),
+            routing: Some("magic".into()),
+            ..Flags::default()
+        };
+        let err = AgentConfig::resolve(flags)
+            .expect_err("invalid")
+            .to_string();
+        for needle in ["ca_cert", "cert", "key", "node_address", "nfs:/x", "magic"] {
+            assert!(err.contains(needle), "{needle} missing from {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "nodeaddress = \"x\"\n").expect("write");
+        let flags = Flags {
+            config: Some(file),
+            ..Flags::default()
+        };
+        let err = AgentConfig::resolve(flags)
+            .expect_err("invalid")
+            .to_string();
+        assert!(err.contains("nodeaddress"), "{err}");
+    }
+}

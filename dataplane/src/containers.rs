@@ -1,0 +1,478 @@
+//! Containers through the Docker Engine API: the pure translation of an [`Application`] into
+//! a [`ContainerSpec`], the [`ContainerRuntime`] seam, and its bollard implementation.
+//!
+//! Managed containers carry labels: `flocker.managed=true`, `flocker.node=<address>` and the
+//! full application JSON in `flocker.application`, so a restarted agent reports exactly what
+//! it started. Containers without these labels are never listed, stopped or removed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::container::{
+    Config, CreateContainerOptions, ListContainersOptions, RemoveContainerOptions,
+    StartContainerOptions, StopContainerOptions,
+};
+use bollard::image::CreateImageOptions;
+use bollard::models::{HostConfig, RestartPolicy as DockerRestart, RestartPolicyNameEnum};
+use flocker_wire::{Application, DesiredState, RestartPolicy};
+use futures_util::StreamExt;
+
+pub const LABEL_MANAGED: &str = "flocker.managed";
+pub const LABEL_NODE: &str = "flocker.node";
+pub const LABEL_APPLICATION: &str = "flocker.application";
+
+/// Errors of the container runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error("docker: {0}")]
+    Docker(#[from] bollard::errors::Error),
+    #[error(
+        "image {image} is not present on this node and could not be pulled (no registry reachable?): {detail}"
+    )]
+    ImageMissing { image: String, detail: String },
+    #[error("container {container}: bad {LABEL_APPLICATION} label: {detail}")]
+    BadLabel { container: String, detail: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Everything Docker needs to create one application's container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    pub env: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub exposed_ports: Vec<u16>,
+    /// `host_path:container_path` bind mounts.
+    pub binds: Vec<String>,
+    pub memory: Option<u64>,
+    pub cpu_shares: Option<u64>,
+    pub restart: RestartPolicy,
+}
+
+/// A container the agent manages, as Docker reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedContainer {
+    pub name: String,
+    pub application: Application,
+    pub running: bool,
+    pub ip: Option<String>,
+}
+
+/// The Docker container name of an application.
+pub fn container_name(application: &str) -> String {
+    format!("flocker-{application}")
+}
+
+/// The node that serves a link's remote port: the node hosting the application with that
+/// external port, or this node (every node routes every external port).
+pub fn link_host(desired: &DesiredState, me: &str, remote_port: u16) -> String {
+    desired
+        .applications
+        .values()
+        .find(|a| a.ports.iter().any(|p| p.external == remote_port))
+        .and_then(|a| desired.node_of(&a.name))
+        .unwrap_or(me)
+        .to_string()
+}
+
+/// Docker-style link variables: `<ALIAS>_PORT_<local>_TCP=tcp://host:remote` plus its
+/// `_ADDR`, `_PORT` and `_PROTO` siblings.
+pub fn link_environment(alias: &str, local: u16, host: &str, remote: u16) -> Vec<String> {
+    let alias: String = alias
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let base = format!("{alias}_PORT_{local}_TCP");
+    vec![
+        format!("{base}=tcp://{host}:{remote}"),
+        format!("{base}_ADDR={host}"),
+        format!("{base}_PORT={remote}"),
+        format!("{base}_PROTO=tcp"),
+    ]
+}
+
+/// Translates an application into its container. `volume_path` is the host path of its
+/// volume; `desired` and `me` locate link targets.
+pub fn container_spec(
+    app: &Application,
+    volume_path: Option<&Path>,
+    desired: &DesiredState,
+    me: &str,
+) -> Result<ContainerSpec, ContainerError> {
+    let mut env: Vec<String> = app
+        .environment
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for link in &app.links {
+        let host = link_host(desired, me, link.remote_port);
+        env.extend(link_environment(
+            &link.alias,
+            link.local_port,
+            &host,
+            link.remote_port,
+        ));
+    }
+    let json = serde_json::to_string(app).map_err(|e| ContainerError::Other(e.to_string()))?;
+    let labels = BTreeMap::from([
+        (LABEL_MANAGED.to_string(), "true".to_string()),
+        (LABEL_NODE.to_string(), me.to_string()),
+        (LABEL_APPLICATION.to_string(), json),
+    ]);
+    let binds = match (volume_path, &app.volume) {
+        (Some(host), Some(spec)) => vec![format!("{}:{}", host.display(), spec.mountpoint)],
+        _ => vec![],
+    };
+    Ok(ContainerSpec {
+        name: container_name(&app.name),
+        image: app.image.to_string(),
+        env,
+        labels,
+        exposed_ports: app.ports.iter().map(|p| p.internal).collect(),
+        binds,
+        memory: app.mem_limit,
+        cpu_shares: app.cpu_shares,
+        restart: app.restart_policy,
+    })
+}
+
+/// The container operations the agent needs. [`DockerRuntime`] is the real one.
+#[async_trait]
+pub trait ContainerRuntime: Send + Sync {
+    /// The containers this agent manages, sorted by application name.
+    async fn list_managed(&self) -> Result<Vec<ManagedContainer>, ContainerError>;
+    /// Makes sure the image is present, pulling it where a registry answers.
+    async fn ensure_image(&self, image: &str) -> Result<(), ContainerError>;
+    async fn create_and_start(&self, spec: &ContainerSpec) -> Result<(), ContainerError>;
+    /// Starts an existing stopped container.
+    async fn start(&self, name: &str) -> Result<(), ContainerError>;
+    /// Stops and removes; a container that does not exist is not an error.
+    async fn stop_and_remove(&self, name: &str) -> Result<(), ContainerError>;
+}
+
+/// The Docker Engine through bollard.
+pub struct DockerRuntime {
+    docker: Docker,
+    node: String,
+}
+
+fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+impl DockerRuntime {
+    /// Connects to the Docker socket at `socket` and negotiates the API version (Debian's
+    /// engine speaks 1.41, older than bollard's default).
+    pub async fn connect(socket: &Path, node: &str) -> Result<Self, ContainerError> {
+        let path = socket.display().to_string();
+        let docker = Docker::connect_with_unix(&path, 120, bollard::API_DEFAULT_VERSION)?
+            .negotiate_version()
+            .await?;
+        Ok(DockerRuntime {
+            docker,
+            node: node.to_string(),
+        })
+    }
+
+    /// The engine version, for the startup log.
+    pub async fn version(&self) -> Result<String, ContainerError> {
+        let v = self.docker.version().await?;
+        Ok(format!(
+            "{} (API {})",
+            v.version.unwrap_or_default(),
+            v.api_version.unwrap_or_default()
+        ))
+    }
+}
+
+#[async_trait]
+impl ContainerRuntime for DockerRuntime {
+    async fn list_managed(&self) -> Result<Vec<ManagedContainer>, ContainerError> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![
+                format!("{LABEL_MANAGED}=true"),
+                format!("{LABEL_NODE}={}", self.node),
+            ],
+        )]);
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions::<String> {
+                all: true,
+                filters,
+                ..Default::default()
+            }))
+            .await?;
+        let mut out = Vec::new();
+        for c in list {
+            let name = c
+                .names
+                .as_ref()
+                .and_then(|n| n.first())
+                .map(|n| n.trim_start_matches('/').to_string())
+                .unwrap_or_default();
+            let labels = c.labels.unwrap_or_default();
+            let Some(json) = labels.get(LABEL_APPLICATION) else {
+                continue;
+            };
+            let application: Application =
+                serde_json::from_str(json).map_err(|e| ContainerError::BadLabel {
+                    container: name.clone(),
+                    detail: e.to_string(),
+                })?;
+            let running = c.state.as_deref() == Some("running");
+            let ip = c
+                .network_settings
+                .and_then(|n| n.networks)
+                .and_then(|n| {
+                    n.values()
+                        .filter_map(|e| e.ip_address.clone())
+                        .find(|ip| !ip.is_empty())
+                })
+                .filter(|_| running);
+            out.push(ManagedContainer {
+                name,
+                application,
+                running,
+                ip,
+            });
+        }
+        out.sort_by(|a, b| a.application.name.cmp(&b.application.name));
+        Ok(out)
+    }
+
+    async fn ensure_image(&self, image: &str) -> Result<(), ContainerError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(%image, "image not present, pulling");
+        let mut stream = self.docker.create_image(
+            Some(CreateImageOptions::<String> {
+                from_image: image.to_string(),
+                ..Default::default()
+            }),
+            None,
+            None,
+        );
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(status) = info.status {
+                        tracing::info!(%image, progress = info.progress.unwrap_or_default(), "{status}");
+                    }
+                }
+                Err(e) => {
+                    return Err(ContainerError::ImageMissing {
+                        image: image.to_string(),
+                        detail: e.to_string(),
+                    });
+                }
+            }
+        }
+        // A pull that "succeeds" without the image (odd registries) is still a failure.
+        self.docker
+            .inspect_image(image)
+            .await
+            .map(drop)
+            .map_err(|e| ContainerError::ImageMissing {
+                image: image.to_string(),
+                detail: e.to_string(),
+            })
+    }
+
+    async fn create_and_start(&self, spec: &ContainerSpec) -> Result<(), ContainerError> {
+        let restart = match spec.restart {
+            RestartPolicy::Never => DockerRestart {
+                name: Some(RestartPolicyNameEnum::NO),
+                maximum_retry_count: None,
+            },
+            RestartPolicy::Always => DockerRestart {
+                name: Some(RestartPolicyNameEnum::ALWAYS),
+                maximum_retry_count: None,
+            },
+            RestartPolicy::OnFailure {
+                maximum_retry_count,
+            } => DockerRestart {
+                name: Some(RestartPolicyNameEnum::ON_FAILURE),
+                maximum_retry_count: maximum_retry_count.map(i64::from),
+            },
+        };
+        let config = Config {
+            image: Some(spec.image.clone()),
+            env: Some(spec.env.clone()),
+            labels: Some(spec.labels.clone().into_iter().collect()),
+            exposed_ports: Some(
+                spec.exposed_ports
+                    .iter()
+                    .map(|p| (format!("{p}/tcp"), HashMap::new()))
+                    .collect(),
+            ),
+            host_config: Some(HostConfig {
+                binds: Some(spec.binds.clone()),
+                memory: spec.memory.and_then(|m| i64::try_from(m).ok()),
+                cpu_shares: spec.cpu_shares.and_then(|c| i64::try_from(c).ok()),
+                restart_policy: Some(restart),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: spec.name.clone(),
+                    platform: None,
+                }),
+                config,
+            )
+            .await?;
+        self.start(&spec.name).await
+    }
+
+    async fn start(&self, name: &str) -> Result<(), ContainerError> {
+        self.docker
+            .start_container(name, None::<StartContainerOptions<String>>)
+            .await?;
+        Ok(())
+    }
+
+    async fn stop_and_remove(&self, name: &str) -> Result<(), ContainerError> {
+        match self
+            .docker
+            .stop_container(name, Some(StopContainerOptions { t: 10 }))
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => return Ok(()),
+            // 304: already stopped.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        match self
+            .docker
+            .remove_container(
+                name,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use flocker_wire::{Image, Link, PortMap, VolumeSpec};
+
+    use super::*;
+
+    fn app(name: &str) -> Application {
+        Application {
+            name: name.into(),
+            image: Image {
+                repository: "redis-flocker".into(),
+                tag: "latest".into(),
+            },
+            ports: vec![PortMap {
+                internal: 6379,
+                external: 16379,
+            }],
+            volume: Some(VolumeSpec {
+                mountpoint: "/data".into(),
+                maximum_size: None,
+            }),
+            environment: BTreeMap::from([("MODE".into(), "x".into())]),
+            links: vec![],
+            mem_limit: Some(64 << 20),
+            cpu_shares: Some(512),
+            restart_policy: RestartPolicy::Always,
+        }
+    }
+
+    #[test]
+    fn link_variables_follow_docker_naming() {
+        assert_eq!(
+            link_environment("my-db", 5432, "198.18.0.2", 15432),
+            vec![
+                "MY_DB_PORT_5432_TCP=tcp://198.18.0.2:15432",
+                "MY_DB_PORT_5432_TCP_ADDR=198.18.0.2",
+                "MY_DB_PORT_5432_TCP_PORT=15432",
+                "MY_DB_PORT_5432_TCP_PROTO=tcp",
+            ]
+        );
+    }
+
+    #[test]
+    fn spec_carries_everything_and_the_application_label() {
+        let db = app("db");
+        let mut web = app("web");
+        web.volume = None;
+        web.ports = vec![];
+        web.links = vec![Link {
+            local_port: 6379,
+            remote_port: 16379,
+            alias: "redis".into(),
+        }];
+        let mut desired = DesiredState::default();
+        desired.applications.insert("db".into(), db.clone());
+        desired.applications.insert("web".into(), web.clone());
+        desired
+            .nodes
+            .insert("198.18.0.2".into(), BTreeSet::from(["db".to_string()]));
+        desired
+            .nodes
+            .insert("198.18.0.1".into(), BTreeSet::from(["web".to_string()]));
+
+        let spec = container_spec(&web, None, &desired, "198.18.0.1").expect("spec");
+        assert!(
+            spec.env
+                .contains(&"REDIS_PORT_6379_TCP=tcp://198.18.0.2:16379".to_string())
+        );
+        assert!(spec.env.contains(&"MODE=x".to_string()));
+        assert!(spec.binds.is_empty());
+
+        let spec = container_spec(
+            &db,
+            Some(Path::new("/pool/flocker/db")),
+            &desired,
+            "198.18.0.2",
+        )
+        .expect("spec");
+        assert_eq!(spec.name, "flocker-db");
+        assert_eq!(spec.image, "redis-flocker:latest");
+        assert_eq!(spec.binds, vec!["/pool/flocker/db:/data"]);
+        assert_eq!(spec.exposed_ports, vec![6379]);
+        assert_eq!((spec.memory, spec.cpu_shares), (Some(64 << 20), Some(512)));
+        let label = &spec.labels[LABEL_APPLICATION];
+        let back: Application = serde_json::from_str(label).expect("label json");
+        assert_eq!(back, db);
+        assert_eq!(spec.labels[LABEL_NODE], "198.18.0.2");
+    }
+}

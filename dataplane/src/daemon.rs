@@ -1,0 +1,168 @@
+//! Builds an [`Agent`] from an [`AgentConfig`] and runs it: opens the backends (saying which
+//! and why), loads the certificates, re-applies recorded routes and serves the API until
+//! SIGINT or SIGTERM.
+
+use std::sync::Arc;
+
+use crate::agent::Agent;
+use crate::config::{AgentConfig, RoutingChoice, VolumeSpec};
+use crate::containers::{ContainerError, DockerRuntime};
+use crate::peer::PeerClient;
+use crate::routes::{RouteStore, RoutesError};
+use crate::tls::{self, TlsError};
+use crate::volume::command::{CommandRunner, SystemRunner};
+use crate::volume::{VolumeBackend, VolumeError, btrfs, dir, zfs};
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("certificates: {0}")]
+    Tls(#[from] TlsError),
+    #[error("volume backend: {0}")]
+    Volume(#[from] VolumeError),
+    #[error("docker at {socket}: {source}")]
+    Docker {
+        socket: String,
+        #[source]
+        source: ContainerError,
+    },
+    #[error("routing backend: {0}")]
+    Routing(String),
+    #[error("routes: {0}")]
+    Routes(#[from] RoutesError),
+    #[error("state dir {path}: {source}")]
+    StateDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
+}
+
+/// Opens the configured volume backend.
+pub fn open_volumes(spec: &VolumeSpec) -> Result<Arc<dyn VolumeBackend>, VolumeError> {
+    let runner: Arc<dyn CommandRunner> = Arc::new(SystemRunner);
+    Ok(match spec {
+        VolumeSpec::Zfs { dataset } => {
+            let b = zfs::ZfsBackend::open(dataset, runner)?;
+            tracing::info!(
+                backend = "zfs",
+                parent = b.root(),
+                "volume backend: ZFS datasets (configured)"
+            );
+            Arc::new(b)
+        }
+        VolumeSpec::Btrfs { path } => {
+            tracing::info!(backend = "btrfs", path = %path.display(), "volume backend: btrfs subvolumes (configured)");
+            Arc::new(btrfs::BtrfsBackend::open(path, runner)?)
+        }
+        VolumeSpec::Dir { path } => {
+            tracing::info!(
+                backend = "dir",
+                path = %path.display(),
+                "volume backend: plain directories (no snapshots of their own, full copies on push, quotas not enforced)"
+            );
+            Arc::new(dir::DirBackend::open(path, runner)?)
+        }
+    })
+}
+
+fn open_routing(
+    choice: RoutingChoice,
+) -> Result<Option<Box<dyn flocker_routing::RoutingBackend>>, StartError> {
+    use flocker_routing::{BackendChoice, BackendConfig, open_backend};
+    let choice = match choice {
+        RoutingChoice::None => {
+            tracing::warn!(
+                "routing backend: none (configured): routes are recorded and reported, not programmed"
+            );
+            return Ok(None);
+        }
+        RoutingChoice::Auto => BackendChoice::Auto,
+        RoutingChoice::Nftables => BackendChoice::Nftables,
+        RoutingChoice::Ebpf => BackendChoice::Ebpf,
+    };
+    let config = BackendConfig {
+        choice,
+        ..BackendConfig::default()
+    };
+    open_backend(&config)
+        .map(Some)
+        .map_err(|e| StartError::Routing(flocker_routing::error_chain(&e)))
+}
+
+/// Builds the agent and its TLS configuration.
+pub async fn build(
+    config: &AgentConfig,
+) -> Result<(Arc<Agent>, Arc<rustls::ServerConfig>), StartError> {
+    let server_tls = tls::server_config(&config.tls)?;
+    let client_tls = tls::client_config(&config.tls)?;
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| StartError::StateDir {
+        path: config.state_dir.display().to_string(),
+        source,
+    })?;
+    let volumes = {
+        let spec = config.volumes.clone();
+        tokio::task::spawn_blocking(move || open_volumes(&spec))
+            .await
+            .map_err(|e| StartError::Routing(e.to_string()))??
+    };
+    let runtime = DockerRuntime::connect(&config.docker_socket, &config.node_address)
+        .await
+        .map_err(|source| StartError::Docker {
+            socket: config.docker_socket.display().to_string(),
+            source,
+        })?;
+    match runtime.version().await {
+        Ok(v) => {
+            tracing::info!(docker = %v, socket = %config.docker_socket.display(), "container runtime: Docker")
+        }
+        Err(source) => {
+            return Err(StartError::Docker {
+                socket: config.docker_socket.display().to_string(),
+                source,
+            });
+        }
+    }
+    let routing = open_routing(config.routing)?;
+    let routes = RouteStore::open(config.state_dir.join("routes.json"), routing)?;
+    let agent = Arc::new(Agent::new(
+        config.node_address.clone(),
+        volumes,
+        Arc::new(runtime),
+        PeerClient::new(client_tls, config.peer_port),
+        routes,
+    ));
+    if let Err(e) = agent.reapply_routes().await {
+        tracing::warn!(error = %e, "could not re-apply recorded routes; the next converge will");
+    }
+    Ok((agent, server_tls))
+}
+
+/// Runs the agent until SIGINT/SIGTERM.
+pub async fn run(config: AgentConfig) -> Result<(), StartError> {
+    let (agent, tls) = build(&config).await?;
+    let listener = crate::api::bind(config.listen).await?;
+    tracing::info!(listen = %config.listen, node = %config.node_address, "serving the agent API over mutual TLS");
+    let server = tokio::spawn(crate::api::serve(listener, tls, agent));
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.abort();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The node's route table: the wire routes last set by `SetRoutes`, persisted (fsync +
+//! rename) so a restarted agent reports and re-applies them, and programmed into the kernel
+//! through a `flocker-routing` backend. The agent writes no routing code of its own.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use flocker_routing::{AddressResolver, RouteTable, RoutingBackend};
+use flocker_wire::Route;
+
+use crate::volume::{VolumeError, sidecar};
+
+/// Errors of the route store.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesError {
+    #[error("{0}")]
+    Table(#[from] flocker_routing::TableErrors),
+    #[error("routing backend {backend}: {detail}")]
+    Backend {
+        backend: &'static str,
+        detail: String,
+    },
+    #[error("route file {path}: {detail}")]
+    File { path: PathBuf, detail: String },
+    #[error("{0}")]
+    Volume(#[from] VolumeError),
+}
+
+/// Resolves container names from the runtime's view and node names through DNS.
+pub struct Resolver {
+    pub containers: BTreeMap<String, Ipv4Addr>,
+}
+
+impl AddressResolver for Resolver {
+    fn container_address(&self, application: &str) -> Option<Ipv4Addr> {
+        self.containers.get(application).copied()
+    }
+
+    fn node_address(&self, node: &str) -> Option<Ipv4Addr> {
+        if let Ok(ip) = node.parse() {
+            return Some(ip);
+        }
+        (node, 0)
+            .to_socket_addrs()
+            .ok()?
+            .find_map(|a| match a.ip() {
+                std::net::IpAddr::V4(ip) => Some(ip),
+                std::net::IpAddr::V6(_) => None,
+            })
+    }
+}
+
+/// The persisted route list and the kernel backend (none: routes are only recorded).
+pub struct RouteStore {
+    path: PathBuf,
+    routes: Mutex<Vec<Route>>,
+    backend: Mutex<Option<Box<dyn RoutingBackend>>>,
+}
+
+impl RouteStore {
+    /// Loads the persisted routes (none when the file is missing).
+    pub fn open(
+        path: PathBuf,
+        backend: Option<Box<dyn RoutingBackend>>,
+    ) -> Result<Self, RoutesError> {
+        let routes = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| RoutesError::File {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(RoutesError::File {
+                    path,
+                    detail: e.to_string(),
+                });
+            }
+        };
+        Ok(RouteStore {
+            path,
+            routes: Mutex::new(routes),
+            backend: Mutex::new(backend),
+        })
+    }
+
+    /// The backend's name, for logs and health.
+    pub fn backend_name(&self) -> &'static str {
+        self.backend
+            .lock()
+            .ok()
+            .and_then(|b| b.as_ref().map(|b| b.name()))
+            .unwrap_or("none")
+    }
+
+    pub fn current(&self) -> Vec<Route> {
+        self.routes.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Resolves, programs and records `routes`. Nothing is recorded when they cannot be
+    /// resolved or programmed.
+    pub fn set(&self, mut routes: Vec<Route>, resolver: &Resolver) -> Result<(), RoutesError> {
+        routes.sort();
+        let table = RouteTable::from_wire(&routes, resolver)?;
+        self.program(&table)?;
+        let bytes = serde_json::to_vec_pretty(&routes).map_err(|e| RoutesError::File {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })?;
+        sidecar_write(&self.path, &bytes)?;
+        if let Ok(mut r) = self.routes.lock() {
+            *r = routes;
+        }
+        Ok(())
+    }
+
+    /// Re-programs the recorded routes after a restart (container addresses may have
+    /// changed if Docker restarted them).
+    pub fn reapply(&self, resolver: &Resolver) -> Result<(), RoutesError> {
+        let routes = self.current();
+        if routes.is_empty() {
+            return Ok(());
+        }
+        let table = RouteTable::from_wire(&routes, resolver)?;
+        self.program(&table)
+    }
+
+    fn program(&self, table: &RouteTable) -> Result<(), RoutesError> {
+        let mut guard = self.backend.lock().map_err(|_| RoutesError::Backend {
+            backend: "unknown",
+            detail: "lock poisoned".into(),
+        })?;
+        if let Some(backend) = guard.as_mut() {
+            backend.apply(table).map_err(|e| RoutesError::Backend {
+                backend: backend.name(),
+                detail: flocker_routing::error_chain(&e),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn sidecar_write(path: &std::path::Path, bytes: &[u8]) -> Result<(), RoutesError> {
+    sidecar::write_bytes(path, bytes).map_err(RoutesError::from)
+}

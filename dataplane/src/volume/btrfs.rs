@@ -1,0 +1,344 @@
+//! btrfs subvolumes: `ROOT/NAME` is the writable subvolume, `ROOT/.snapshots/NAME/SNAP` are
+//! read-only snapshots, `ROOT/.flocker/NAME.json` the ownership sidecar. Pushes use
+//! `btrfs send [-p base]` and `btrfs receive`; a received snapshot becomes the volume by a
+//! writable snapshot of it. Quotas are recorded but not enforced (qgroups are not set up).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use flocker_wire::VolumeState;
+
+use super::command::CommandRunner;
+use super::sidecar::{self, Sidecar};
+use super::{
+    ReceiveSink, Record, SendStream, VolumeBackend, VolumeError, check_name, sort_push_snapshots,
+};
+use crate::ownership::RecordOrder;
+
+/// Volumes as btrfs subvolumes below `root` (which must be on a btrfs filesystem).
+pub struct BtrfsBackend {
+    root: PathBuf,
+    runner: Arc<dyn CommandRunner>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError + '_ {
+    move |source| VolumeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+impl BtrfsBackend {
+    pub fn open(root: &Path, runner: Arc<dyn CommandRunner>) -> Result<Self, VolumeError> {
+        for sub in [".snapshots", ".flocker"] {
+            let p = root.join(sub);
+            fs::create_dir_all(&p).map_err(io(&p))?;
+        }
+        Ok(BtrfsBackend {
+            root: root.to_path_buf(),
+            runner,
+        })
+    }
+
+    fn subvolume(&self, name: &str) -> Result<PathBuf, VolumeError> {
+        check_name(name)?;
+        Ok(self.root.join(name))
+    }
+
+    fn snapshot_dir(&self, name: &str) -> Result<PathBuf, VolumeError> {
+        check_name(name)?;
+        Ok(self.root.join(".snapshots").join(name))
+    }
+
+    fn sidecar_path(&self, name: &str) -> Result<PathBuf, VolumeError> {
+        check_name(name)?;
+        Ok(self.root.join(".flocker").join(format!("{name}.json")))
+    }
+
+    fn btrfs(&self, a: &[String]) -> Result<String, VolumeError> {
+        self.runner.run("btrfs", a)
+    }
+
+    fn snapshots(&self, name: &str) -> Result<Vec<String>, VolumeError> {
+        let dir = self.snapshot_dir(name)?;
+        let mut out = Vec::new();
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries {
+                let e = e.map_err(io(&dir))?;
+                out.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(sort_push_snapshots(out))
+    }
+}
+
+impl VolumeBackend for BtrfsBackend {
+    fn kind(&self) -> &'static str {
+        "btrfs"
+    }
+
+    fn list(&self) -> Result<Vec<VolumeState>, VolumeError> {
+        let dir = self.root.join(".flocker");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(io(&dir))? {
+            let e = e.map_err(io(&dir))?;
+            let file = e.file_name().to_string_lossy().into_owned();
+            let Some(name) = file.strip_suffix(".json") else {
+                continue;
+            };
+            if check_name(name).is_err() {
+                continue;
+            }
+            let Some(car) = sidecar::read(&e.path(), name)? else {
+                continue;
+            };
+            out.push(VolumeState {
+                name: name.to_string(),
+                owner: car.owner,
+                epoch: car.epoch,
+                snapshots: self.snapshots(name)?,
+                used_bytes: 0,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn create(
+        &self,
+        name: &str,
+        maximum_size: Option<u64>,
+        owner: &str,
+    ) -> Result<(), VolumeError> {
+        let sub = self.subvolume(name)?;
+        if sub.exists() {
+            return Err(VolumeError::Exists(name.to_string()));
+        }
+        self.btrfs(&["subvolume".into(), "create".into(), s(&sub)])?;
+        sidecar::write(
+            &self.sidecar_path(name)?,
+            &Sidecar {
+                owner: owner.to_string(),
+                epoch: 1,
+                writable: true,
+                maximum_size,
+            },
+        )
+    }
+
+    fn mountpoint(&self, name: &str) -> Result<PathBuf, VolumeError> {
+        self.subvolume(name)
+    }
+
+    fn quota(&self, name: &str) -> Result<Option<u64>, VolumeError> {
+        Ok(sidecar::read(&self.sidecar_path(name)?, name)?.and_then(|c| c.maximum_size))
+    }
+
+    fn set_quota(&self, name: &str, bytes: u64) -> Result<(), VolumeError> {
+        let path = self.sidecar_path(name)?;
+        let mut car =
+            sidecar::read(&path, name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+        car.maximum_size = Some(bytes);
+        sidecar::write(&path, &car)
+    }
+
+    fn set_record(
+        &self,
+        name: &str,
+        record: &Record,
+        writable: bool,
+        order: RecordOrder,
+    ) -> Result<(), VolumeError> {
+        let sub = s(&self.subvolume(name)?);
+        let ro = |on: bool| -> Result<(), VolumeError> {
+            let value = if on { "true" } else { "false" };
+            self.btrfs(&[
+                "property".into(),
+                "set".into(),
+                sub.clone(),
+                "ro".into(),
+                value.into(),
+            ])
+            .map(drop)
+        };
+        let path = self.sidecar_path(name)?;
+        let maximum_size = sidecar::read(&path, name)?.and_then(|c| c.maximum_size);
+        let car = Sidecar {
+            owner: record.owner.clone(),
+            epoch: record.epoch,
+            writable,
+            maximum_size,
+        };
+        // Giving away: freeze before the record names the new owner; taking over: record
+        // first, thaw last.
+        match order {
+            RecordOrder::GiveAway => {
+                ro(!writable)?;
+                sidecar::write(&path, &car)
+            }
+            RecordOrder::TakeOver => {
+                sidecar::write(&path, &car)?;
+                ro(!writable)
+            }
+        }
+    }
+
+    fn snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError> {
+        check_name(snapshot)?;
+        let dir = self.snapshot_dir(name)?;
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        self.btrfs(&[
+            "subvolume".into(),
+            "snapshot".into(),
+            "-r".into(),
+            s(&self.subvolume(name)?),
+            s(&dir.join(snapshot)),
+        ])
+        .map(drop)
+    }
+
+    fn destroy_snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError> {
+        check_name(snapshot)?;
+        let path = self.snapshot_dir(name)?.join(snapshot);
+        self.btrfs(&["subvolume".into(), "delete".into(), s(&path)])
+            .map(drop)
+    }
+
+    fn send(
+        &self,
+        name: &str,
+        base: Option<&str>,
+        snapshot: &str,
+    ) -> Result<Box<dyn SendStream>, VolumeError> {
+        check_name(snapshot)?;
+        let dir = self.snapshot_dir(name)?;
+        let mut a = vec!["send".to_string()];
+        if let Some(base) = base {
+            check_name(base)?;
+            a.push("-p".into());
+            a.push(s(&dir.join(base)));
+        }
+        a.push(s(&dir.join(snapshot)));
+        self.runner.spawn_reader("btrfs", &a)
+    }
+
+    fn receive(
+        &self,
+        name: &str,
+        _base: Option<&str>,
+        snapshot: &str,
+    ) -> Result<Box<dyn ReceiveSink>, VolumeError> {
+        check_name(snapshot)?;
+        let dir = self.snapshot_dir(name)?;
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let inner = self
+            .runner
+            .spawn_writer("btrfs", &["receive".into(), s(&dir)])?;
+        Ok(Box::new(BtrfsReceive {
+            inner: Some(inner),
+            snapshot: dir.join(snapshot),
+            volume: self.subvolume(name)?,
+            runner: self.runner.clone(),
+        }))
+    }
+}
+
+/// After `btrfs receive` lands the read-only snapshot, replaces the volume by a writable
+/// snapshot of it (made read-only again by the record that follows).
+struct BtrfsReceive {
+    inner: Option<Box<dyn ReceiveSink>>,
+    snapshot: PathBuf,
+    volume: PathBuf,
+    runner: Arc<dyn CommandRunner>,
+}
+
+impl Write for BtrfsReceive {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut self.inner {
+            Some(t) => t.write(buf),
+            None => Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe)),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.inner {
+            Some(t) => t.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl ReceiveSink for BtrfsReceive {
+    fn finish(mut self: Box<Self>) -> Result<(), VolumeError> {
+        if let Some(inner) = self.inner.take() {
+            inner.finish()?;
+        }
+        if self.volume.exists() {
+            self.runner.run(
+                "btrfs",
+                &["subvolume".into(), "delete".into(), s(&self.volume)],
+            )?;
+        }
+        self.runner
+            .run(
+                "btrfs",
+                &[
+                    "subvolume".into(),
+                    "snapshot".into(),
+                    s(&self.snapshot),
+                    s(&self.volume),
+                ],
+            )
+            .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::command::fake::FakeRunner;
+
+    #[test]
+    fn incremental_send_uses_the_base_as_parent() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fake = Arc::new(FakeRunner::default());
+        let b = BtrfsBackend::open(tmp.path(), fake.clone()).expect("open");
+        drop(
+            b.send("db", Some("push-0000000001"), "push-0000000002")
+                .expect("send"),
+        );
+        let root = tmp.path().display();
+        assert_eq!(
+            fake.calls(),
+            vec![format!(
+                "btrfs send -p {root}/.snapshots/db/push-0000000001 {root}/.snapshots/db/push-0000000002"
+            )]
+        );
+    }
+
+    #[test]
+    fn giving_away_freezes_before_writing_the_record() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fake = Arc::new(FakeRunner::default());
+        let b = BtrfsBackend::open(tmp.path(), fake.clone()).expect("open");
+        b.create("db", None, "S").expect("create");
+        let rec = Record {
+            owner: "T".into(),
+            epoch: 2,
+        };
+        b.set_record("db", &rec, false, RecordOrder::GiveAway)
+            .expect("record");
+        let v = b.get("db").expect("get").expect("present");
+        assert_eq!((v.owner.as_str(), v.epoch), ("T", 2));
+        let root = tmp.path().display();
+        assert_eq!(
+            fake.calls().last().cloned(),
+            Some(format!("btrfs property set {root}/db ro true"))
+        );
+    }
+}

@@ -1,0 +1,333 @@
+//! Plain directories: the fallback where neither ZFS nor btrfs is available.
+//!
+//! Layout under the root: `NAME/data` (bind-mounted into the container), `NAME/flocker.json`
+//! (the ownership sidecar), `NAME/snapshots/SNAP` (full copies made with `cp -a`). Pushes
+//! are always full `tar` streams of a snapshot, whatever the base; quotas are recorded but
+//! not enforced, and read-only copies are protected only by the agent refusing to start
+//! their application.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use flocker_wire::VolumeState;
+
+use super::command::CommandRunner;
+use super::sidecar::{self, Sidecar};
+use super::{
+    ReceiveSink, Record, SendStream, VolumeBackend, VolumeError, check_name, sort_push_snapshots,
+};
+use crate::ownership::RecordOrder;
+
+/// Volumes as directories below `root`.
+pub struct DirBackend {
+    root: PathBuf,
+    runner: Arc<dyn CommandRunner>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError + '_ {
+    move |source| VolumeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+impl DirBackend {
+    pub fn open(root: &Path, runner: Arc<dyn CommandRunner>) -> Result<Self, VolumeError> {
+        fs::create_dir_all(root).map_err(io(root))?;
+        Ok(DirBackend {
+            root: root.to_path_buf(),
+            runner,
+        })
+    }
+
+    fn volume_dir(&self, name: &str) -> Result<PathBuf, VolumeError> {
+        check_name(name)?;
+        Ok(self.root.join(name))
+    }
+
+    fn sidecar_path(&self, name: &str) -> Result<PathBuf, VolumeError> {
+        Ok(self.volume_dir(name)?.join("flocker.json"))
+    }
+
+    fn read_sidecar(&self, name: &str) -> Result<Sidecar, VolumeError> {
+        sidecar::read(&self.sidecar_path(name)?, name)?
+            .ok_or_else(|| VolumeError::NotFound(name.to_string()))
+    }
+
+    fn snapshots(&self, name: &str) -> Result<Vec<String>, VolumeError> {
+        let dir = self.volume_dir(name)?.join("snapshots");
+        let mut out = Vec::new();
+        match fs::read_dir(&dir) {
+            Ok(entries) => {
+                for e in entries {
+                    let e = e.map_err(io(&dir))?;
+                    out.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&dir)(e)),
+        }
+        Ok(sort_push_snapshots(out))
+    }
+}
+
+impl VolumeBackend for DirBackend {
+    fn kind(&self) -> &'static str {
+        "dir"
+    }
+
+    fn list(&self) -> Result<Vec<VolumeState>, VolumeError> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(&self.root).map_err(io(&self.root))? {
+            let e = e.map_err(io(&self.root))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if check_name(&name).is_err() {
+                continue;
+            }
+            let Some(car) = sidecar::read(&self.sidecar_path(&name)?, &name)? else {
+                continue;
+            };
+            out.push(VolumeState {
+                snapshots: self.snapshots(&name)?,
+                name,
+                owner: car.owner,
+                epoch: car.epoch,
+                used_bytes: 0,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn create(
+        &self,
+        name: &str,
+        maximum_size: Option<u64>,
+        owner: &str,
+    ) -> Result<(), VolumeError> {
+        let dir = self.volume_dir(name)?;
+        let car = self.sidecar_path(name)?;
+        if car.exists() {
+            return Err(VolumeError::Exists(name.to_string()));
+        }
+        for sub in ["data", "snapshots"] {
+            let p = dir.join(sub);
+            fs::create_dir_all(&p).map_err(io(&p))?;
+        }
+        sidecar::write(
+            &car,
+            &Sidecar {
+                owner: owner.to_string(),
+                epoch: 1,
+                writable: true,
+                maximum_size,
+            },
+        )
+    }
+
+    fn mountpoint(&self, name: &str) -> Result<PathBuf, VolumeError> {
+        Ok(self.volume_dir(name)?.join("data"))
+    }
+
+    fn quota(&self, name: &str) -> Result<Option<u64>, VolumeError> {
+        Ok(self.read_sidecar(name)?.maximum_size)
+    }
+
+    fn set_quota(&self, name: &str, bytes: u64) -> Result<(), VolumeError> {
+        let mut car = self.read_sidecar(name)?;
+        car.maximum_size = Some(bytes);
+        sidecar::write(&self.sidecar_path(name)?, &car)
+    }
+
+    fn set_record(
+        &self,
+        name: &str,
+        record: &Record,
+        writable: bool,
+        _order: RecordOrder,
+    ) -> Result<(), VolumeError> {
+        // One atomic rename writes the whole record: no ordering to worry about. A freshly
+        // received copy has no sidecar yet.
+        let path = self.sidecar_path(name)?;
+        let maximum_size = sidecar::read(&path, name)?.and_then(|c| c.maximum_size);
+        sidecar::write(
+            &path,
+            &Sidecar {
+                owner: record.owner.clone(),
+                epoch: record.epoch,
+                writable,
+                maximum_size,
+            },
+        )
+    }
+
+    fn snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError> {
+        check_name(snapshot)?;
+        let dir = self.volume_dir(name)?;
+        let target = dir.join("snapshots").join(snapshot);
+        self.runner
+            .run("cp", &["-a".into(), s(&dir.join("data")), s(&target)])
+            .map(drop)
+    }
+
+    fn destroy_snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError> {
+        check_name(snapshot)?;
+        let target = self.volume_dir(name)?.join("snapshots").join(snapshot);
+        fs::remove_dir_all(&target).map_err(io(&target))
+    }
+
+    fn send(
+        &self,
+        name: &str,
+        _base: Option<&str>,
+        snapshot: &str,
+    ) -> Result<Box<dyn SendStream>, VolumeError> {
+        check_name(snapshot)?;
+        let snap = self.volume_dir(name)?.join("snapshots").join(snapshot);
+        if !snap.is_dir() {
+            return Err(VolumeError::NoSnapshot {
+                volume: name.to_string(),
+                snapshot: snapshot.to_string(),
+            });
+        }
+        self.runner
+            .spawn_reader("tar", &["-C".into(), s(&snap), "-c".into(), ".".into()])
+    }
+
+    fn receive(
+        &self,
+        name: &str,
+        _base: Option<&str>,
+        snapshot: &str,
+    ) -> Result<Box<dyn ReceiveSink>, VolumeError> {
+        check_name(snapshot)?;
+        let dir = self.volume_dir(name)?;
+        let staging = dir.join(format!(".incoming-{snapshot}"));
+        if staging.exists() {
+            fs::remove_dir_all(&staging).map_err(io(&staging))?;
+        }
+        fs::create_dir_all(&staging).map_err(io(&staging))?;
+        let tar = self
+            .runner
+            .spawn_writer("tar", &["-C".into(), s(&staging), "-x".into()])?;
+        Ok(Box::new(DirReceive {
+            tar: Some(tar),
+            dir,
+            staging,
+            snapshot: snapshot.to_string(),
+            runner: self.runner.clone(),
+        }))
+    }
+}
+
+/// Extracts into a staging directory; only `finish` makes it the snapshot and the data.
+struct DirReceive {
+    tar: Option<Box<dyn ReceiveSink>>,
+    dir: PathBuf,
+    staging: PathBuf,
+    snapshot: String,
+    runner: Arc<dyn CommandRunner>,
+}
+
+impl Write for DirReceive {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut self.tar {
+            Some(t) => t.write(buf),
+            None => Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe)),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.tar {
+            Some(t) => t.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl ReceiveSink for DirReceive {
+    fn finish(mut self: Box<Self>) -> Result<(), VolumeError> {
+        if let Some(tar) = self.tar.take() {
+            tar.finish()?;
+        }
+        let snaps = self.dir.join("snapshots");
+        fs::create_dir_all(&snaps).map_err(io(&snaps))?;
+        let snap = snaps.join(&self.snapshot);
+        fs::rename(&self.staging, &snap).map_err(io(&snap))?;
+        let data = self.dir.join("data");
+        let fresh = self.dir.join(".data-new");
+        if fresh.exists() {
+            fs::remove_dir_all(&fresh).map_err(io(&fresh))?;
+        }
+        self.runner.run("cp", &["-a".into(), s(&snap), s(&fresh)])?;
+        if data.exists() {
+            fs::remove_dir_all(&data).map_err(io(&data))?;
+        }
+        fs::rename(&fresh, &data).map_err(io(&data))
+    }
+}
+
+impl Drop for DirReceive {
+    fn drop(&mut self) {
+        if self.staging.exists() {
+            let _ = fs::remove_dir_all(&self.staging);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::command::SystemRunner;
+
+    /// Runs real `cp` and `tar` on a temporary directory: no privileges needed.
+    #[test]
+    fn create_snapshot_send_receive_round_trip() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let runner: Arc<dyn CommandRunner> = Arc::new(SystemRunner);
+        let a = DirBackend::open(&tmp.path().join("a"), runner.clone()).expect("a");
+        let b = DirBackend::open(&tmp.path().join("b"), runner).expect("b");
+        a.create("db", Some(10), "A").expect("create");
+        assert!(matches!(
+            a.create("db", None, "A"),
+            Err(VolumeError::Exists(_))
+        ));
+        fs::write(a.mountpoint("db").expect("mp").join("f"), "hello").expect("write");
+        a.snapshot("db", "push-0000000001").expect("snap");
+        let mut send = a.send("db", None, "push-0000000001").expect("send");
+        let mut recv = b.receive("db", None, "push-0000000001").expect("recv");
+        std::io::copy(&mut send, &mut recv).expect("copy");
+        send.finish().expect("send finish");
+        recv.finish().expect("recv finish");
+        // The receiver has data but no record until the agent writes one.
+        assert!(b.list().expect("list").is_empty());
+        b.set_record(
+            "db",
+            &Record {
+                owner: "A".into(),
+                epoch: 1,
+            },
+            false,
+            RecordOrder::TakeOver,
+        )
+        .expect("record");
+        let listed = b.list().expect("list");
+        assert_eq!(listed[0].snapshots, vec!["push-0000000001"]);
+        let got = fs::read_to_string(b.mountpoint("db").expect("mp").join("f")).expect("read");
+        assert_eq!(got, "hello");
+        let rec = Record {
+            owner: "B".into(),
+            epoch: 2,
+        };
+        b.set_record("db", &rec, true, RecordOrder::TakeOver)
+            .expect("record");
+        let v = b.get("db").expect("get").expect("present");
+        assert_eq!((v.owner.as_str(), v.epoch), ("B", 2));
+        assert_eq!(a.quota("db").expect("quota"), Some(10));
+    }
+}

@@ -1,0 +1,178 @@
+//! Volume backends behind one trait: ZFS datasets, btrfs subvolumes and plain directories.
+//!
+//! Owner and epoch live with the volume itself (ZFS user properties, a sidecar file for the
+//! others), so a restarted agent recovers what it owns from its volumes alone. The backends
+//! only store and move bytes; the ownership decisions live in [`crate::ownership`].
+
+pub mod btrfs;
+pub mod command;
+pub mod dir;
+pub mod sidecar;
+pub mod zfs;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use flocker_wire::VolumeState;
+
+/// Prefix of the snapshots the agent takes for pushes; only these are reported and pruned.
+pub const PUSH_PREFIX: &str = "push-";
+
+/// Errors of the volume backends.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("`{command}` failed: {detail}")]
+    Command { command: String, detail: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("volume {0:?} does not exist")]
+    NotFound(String),
+    #[error("volume {0:?} already exists")]
+    Exists(String),
+    #[error("snapshot {snapshot:?} of volume {volume:?} does not exist")]
+    NoSnapshot { volume: String, snapshot: String },
+    #[error("invalid volume or snapshot name {0:?}: use letters, digits, '.', '-' and '_'")]
+    InvalidName(String),
+    #[error("corrupt metadata of volume {volume:?}: {detail}")]
+    Corrupt { volume: String, detail: String },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// A running `send`: the stream to read, then `finish` to learn whether it was complete.
+pub trait SendStream: Read + Send {
+    fn finish(self: Box<Self>) -> Result<(), VolumeError>;
+}
+
+/// A running `receive`: write the stream, then `finish` to apply it. Dropping it without
+/// `finish` must leave the target as it was before.
+pub trait ReceiveSink: Write + Send {
+    fn finish(self: Box<Self>) -> Result<(), VolumeError>;
+}
+
+/// Where and how a received copy should be recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub owner: String,
+    pub epoch: u64,
+}
+
+/// One volume storage technology. Calls block (they run commands), so async callers use
+/// `spawn_blocking`.
+pub trait VolumeBackend: Send + Sync {
+    /// Short name for logs and `--volumes` (`zfs`, `btrfs`, `dir`).
+    fn kind(&self) -> &'static str;
+    /// Every volume copy on this node with its ownership record and push snapshots.
+    fn list(&self) -> Result<Vec<VolumeState>, VolumeError>;
+    /// One volume copy, if present.
+    fn get(&self, name: &str) -> Result<Option<VolumeState>, VolumeError> {
+        Ok(self.list()?.into_iter().find(|v| v.name == name))
+    }
+    /// Creates an empty writable volume recorded as owned by `owner` at epoch 1.
+    fn create(&self, name: &str, maximum_size: Option<u64>, owner: &str)
+    -> Result<(), VolumeError>;
+    /// The host path to bind-mount into the container.
+    fn mountpoint(&self, name: &str) -> Result<PathBuf, VolumeError>;
+    /// The volume's quota, if it has one.
+    fn quota(&self, name: &str) -> Result<Option<u64>, VolumeError>;
+    fn set_quota(&self, name: &str, bytes: u64) -> Result<(), VolumeError>;
+    /// Writes the ownership record. `writable` is false for copies this node does not own.
+    /// The order of the writes is chosen by the caller's protocol step, see
+    /// [`crate::ownership::RecordOrder`].
+    fn set_record(
+        &self,
+        name: &str,
+        record: &Record,
+        writable: bool,
+        order: crate::ownership::RecordOrder,
+    ) -> Result<(), VolumeError>;
+    fn snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError>;
+    fn destroy_snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError>;
+    /// Streams `snapshot`, incrementally from `base` when given.
+    fn send(
+        &self,
+        name: &str,
+        base: Option<&str>,
+        snapshot: &str,
+    ) -> Result<Box<dyn SendStream>, VolumeError>;
+    /// Receives a stream produced by [`VolumeBackend::send`] on another node. The copy
+    /// must not exist for a full stream and must hold `base` for an incremental one.
+    fn receive(
+        &self,
+        name: &str,
+        base: Option<&str>,
+        snapshot: &str,
+    ) -> Result<Box<dyn ReceiveSink>, VolumeError>;
+}
+
+/// Volume, application and snapshot names end up in commands and paths: keep them tame.
+pub fn check_name(name: &str) -> Result<(), VolumeError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(['.', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(VolumeError::InvalidName(name.to_string()))
+    }
+}
+
+/// The sequence number of a push snapshot name, `None` for other snapshots.
+pub fn push_sequence(snapshot: &str) -> Option<u64> {
+    snapshot.strip_prefix(PUSH_PREFIX)?.parse().ok()
+}
+
+/// The name of the next push snapshot: one past the highest sequence present. Zero-padded so
+/// that name order is age order on every backend.
+pub fn next_push_snapshot(existing: &[String]) -> String {
+    let next = existing
+        .iter()
+        .filter_map(|s| push_sequence(s))
+        .max()
+        .map_or(1, |n| n + 1);
+    format!("{PUSH_PREFIX}{next:010}")
+}
+
+/// Keeps only push snapshots, oldest first.
+pub fn sort_push_snapshots(mut snapshots: Vec<String>) -> Vec<String> {
+    snapshots.retain(|s| push_sequence(s).is_some());
+    snapshots.sort_by_key(|s| push_sequence(s));
+    snapshots
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_snapshot_names_sort_by_age() {
+        let snaps = vec![
+            "push-0000000002".to_string(),
+            "manual".into(),
+            "push-0000000010".into(),
+        ];
+        assert_eq!(next_push_snapshot(&snaps), "push-0000000011");
+        assert_eq!(next_push_snapshot(&[]), "push-0000000001");
+        assert_eq!(
+            sort_push_snapshots(snaps),
+            vec!["push-0000000002".to_string(), "push-0000000010".into()]
+        );
+    }
+
+    #[test]
+    fn names_cannot_escape() {
+        for bad in ["", "../x", "a/b", "-rf", ".hidden", "a b", "x@y"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["redis", "my_app-2", "db.1"] {
+            assert!(check_name(good).is_ok(), "{good:?}");
+        }
+    }
+}

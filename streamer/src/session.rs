@@ -353,12 +353,14 @@ pub fn receive_into<R: Read + Send>(
                 Err(e)
             }
             // The consumer's own words ("out of space") explain a broken pipe better.
-            Ok(Some(said)) if matches!(e, StreamError::SinkWrite(_)) => {
-                Err(StreamError::SinkWrite(std::io::Error::other(format!(
-                    "{e}; the sink said: {said}"
-                ))))
-            }
-            Ok(_) => Err(e),
+            Ok(Some(said)) => match e {
+                StreamError::SinkWrite(io) => Err(StreamError::SinkWrite(std::io::Error::new(
+                    io.kind(),
+                    format!("{io}; the sink said: {said}"),
+                ))),
+                other => Err(other),
+            },
+            Ok(None) => Err(e),
         },
     }
 }

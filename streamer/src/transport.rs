@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned};
+use rustls::{
+    ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned,
+};
 
 /// Why a connection could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -59,13 +61,31 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn pem_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> TransportError + 'a {
-    move |e| TransportError::Pem { what, path: path.to_owned(), reason: e.to_string() }
+fn pem_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(rustls::pki_types::pem::Error) -> TransportError + 'a {
+    move |e| TransportError::Pem {
+        what,
+        path: path.to_owned(),
+        reason: e.to_string(),
+    }
 }
 
-fn load(files: &TlsFiles) -> Result<(RootCertStore, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TransportError> {
+fn load(
+    files: &TlsFiles,
+) -> Result<
+    (
+        RootCertStore,
+        Vec<CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+    ),
+    TransportError,
+> {
     let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(&files.ca).map_err(pem_err("CA certificate", &files.ca))? {
+    for cert in
+        CertificateDer::pem_file_iter(&files.ca).map_err(pem_err("CA certificate", &files.ca))?
+    {
         let cert = cert.map_err(pem_err("CA certificate", &files.ca))?;
         roots.add(cert).map_err(|e| TransportError::Pem {
             what: "CA certificate",
@@ -74,16 +94,25 @@ fn load(files: &TlsFiles) -> Result<(RootCertStore, Vec<CertificateDer<'static>>
         })?;
     }
     if roots.is_empty() {
-        return Err(TransportError::Pem { what: "CA certificate", path: files.ca.clone(), reason: "no certificate".into() });
+        return Err(TransportError::Pem {
+            what: "CA certificate",
+            path: files.ca.clone(),
+            reason: "no certificate".into(),
+        });
     }
     let chain = CertificateDer::pem_file_iter(&files.cert)
         .map_err(pem_err("certificate", &files.cert))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(pem_err("certificate", &files.cert))?;
     if chain.is_empty() {
-        return Err(TransportError::Pem { what: "certificate", path: files.cert.clone(), reason: "no certificate".into() });
+        return Err(TransportError::Pem {
+            what: "certificate",
+            path: files.cert.clone(),
+            reason: "no certificate".into(),
+        });
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(pem_err("private key", &files.key))?;
+    let key =
+        PrivateKeyDer::from_pem_file(&files.key).map_err(pem_err("private key", &files.key))?;
     Ok((roots, chain, key))
 }
 
@@ -102,9 +131,10 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TransportErr
 /// Server side of mutual TLS: clients must present a certificate signed by the CA.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TransportError> {
     let (roots, chain, key) = load(files)?;
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .map_err(|e| TransportError::Config(e.to_string()))?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TransportError::Config(e.to_string()))?;
     let cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TransportError::Config(e.to_string()))?
@@ -196,8 +226,17 @@ impl Write for Conn {
 
 /// Connects to `addr` (`host:port`), with TLS if `tls` is given; `server_name` defaults to the
 /// host part of `addr`.
-pub fn connect(addr: &str, tls: Option<(Arc<ClientConfig>, Option<String>)>) -> Result<Conn, TransportError> {
-    let io = |stage| move |source| TransportError::Io { stage, addr: addr.to_owned(), source };
+pub fn connect(
+    addr: &str,
+    tls: Option<(Arc<ClientConfig>, Option<String>)>,
+) -> Result<Conn, TransportError> {
+    let io = |stage| {
+        move |source| TransportError::Io {
+            stage,
+            addr: addr.to_owned(),
+            source,
+        }
+    };
     let addrs: Vec<_> = addr.to_socket_addrs().map_err(io("resolve"))?.collect();
     let tcp = TcpStream::connect(&addrs[..]).map_err(io("connect to"))?;
     let _ = tcp.set_nodelay(true);
@@ -205,8 +244,10 @@ pub fn connect(addr: &str, tls: Option<(Arc<ClientConfig>, Option<String>)>) -> 
         None => Ok(Conn::Plain(tcp)),
         Some((cfg, name)) => {
             let host = name.unwrap_or_else(|| host_part(addr).to_owned());
-            let server_name = ServerName::try_from(host.clone()).map_err(|_| TransportError::ServerName(host))?;
-            let conn = ClientConnection::new(cfg, server_name).map_err(|e| TransportError::Config(e.to_string()))?;
+            let server_name =
+                ServerName::try_from(host.clone()).map_err(|_| TransportError::ServerName(host))?;
+            let conn = ClientConnection::new(cfg, server_name)
+                .map_err(|e| TransportError::Config(e.to_string()))?;
             Ok(Conn::TlsClient(Box::new(StreamOwned::new(conn, tcp))))
         }
     }
@@ -219,19 +260,34 @@ fn host_part(addr: &str) -> &str {
 
 /// Binds a listener.
 pub fn listen(addr: &str) -> Result<TcpListener, TransportError> {
-    TcpListener::bind(addr).map_err(|source| TransportError::Io { stage: "listen on", addr: addr.to_owned(), source })
+    TcpListener::bind(addr).map_err(|source| TransportError::Io {
+        stage: "listen on",
+        addr: addr.to_owned(),
+        source,
+    })
 }
 
 /// Accepts one connection, with TLS if `tls` is given.
-pub fn accept(listener: &TcpListener, tls: Option<Arc<ServerConfig>>) -> Result<Conn, TransportError> {
-    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let (tcp, peer) = listener.accept().map_err(|source| TransportError::Io { stage: "accept on", addr, source })?;
+pub fn accept(
+    listener: &TcpListener,
+    tls: Option<Arc<ServerConfig>>,
+) -> Result<Conn, TransportError> {
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let (tcp, peer) = listener.accept().map_err(|source| TransportError::Io {
+        stage: "accept on",
+        addr,
+        source,
+    })?;
     tracing::info!(%peer, "accepted");
     let _ = tcp.set_nodelay(true);
     match tls {
         None => Ok(Conn::Plain(tcp)),
         Some(cfg) => {
-            let conn = ServerConnection::new(cfg).map_err(|e| TransportError::Config(e.to_string()))?;
+            let conn =
+                ServerConnection::new(cfg).map_err(|e| TransportError::Config(e.to_string()))?;
             Ok(Conn::TlsServer(Box::new(StreamOwned::new(conn, tcp))))
         }
     }

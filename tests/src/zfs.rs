@@ -1,1 +1,143 @@
-//! ZFS pools on files served by zfs-fuse (filled by the streamer issue).
+//! ZFS pools on files, served by the zfs-fuse daemon (no kernel module here).
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! let pool = flocker_e2e::zfs::TestPool::create("demo", 128)?; // starts zfs-fuse if needed
+//! pool.zfs(&["create", &format!("{}/vol", pool.name())])?;
+//! // ... `zfs`/`zpool` against pool.name() ...
+//! # Ok(()) } // dropping `pool` destroys it and deletes its backing file
+//! ```
+//!
+//! zfs-fuse serves pool version 23: no resume tokens (`recv -s`), no `send -c`. Datasets are
+//! mounted through FUSE under `/POOL/...` unless a mountpoint is set.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// Runs `zfs`/`zpool` (or anything) and returns stdout, failing with stderr on a non-zero exit.
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn daemon_answers() -> bool {
+    Command::new("zpool")
+        .arg("list")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Makes sure the zfs-fuse daemon is running, starting it (daemonized, so it outlives the
+/// test) if `zpool list` gets no answer. Idempotent and safe to race: a second daemon refuses
+/// to start and the first one answers.
+pub fn ensure_daemon() -> anyhow::Result<()> {
+    if daemon_answers() {
+        return Ok(());
+    }
+    // zfs-fuse forks into the background by itself; a failure here may just mean another
+    // process started it first, so the poll below decides.
+    let started = Command::new("zfs-fuse")
+        .args(["--pidfile", "/run/zfs-fuse.pid"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if daemon_answers() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!(
+        "zfs-fuse did not come up within 20 s (start attempt: {started:?}); is the zfs-fuse package installed?"
+    )
+}
+
+/// A pool on a sparse file, destroyed (with everything in it) on drop.
+#[derive(Debug)]
+pub struct TestPool {
+    name: String,
+    file: PathBuf,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl TestPool {
+    /// Creates pool `PREFIX-PID-N` on a `size_mib` MiB file in the temp dir. zfs-fuse needs
+    /// at least 64 MiB per pool.
+    pub fn create(prefix: &str, size_mib: u64) -> anyhow::Result<Self> {
+        ensure_daemon()?;
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{prefix}-{}-{n}", std::process::id());
+        let file = std::env::temp_dir().join(format!("flocker-zpool-{name}.img"));
+        let f =
+            std::fs::File::create(&file).with_context(|| format!("creating {}", file.display()))?;
+        f.set_len(size_mib << 20)
+            .with_context(|| format!("sizing {}", file.display()))?;
+        drop(f);
+        let path = file.to_string_lossy().into_owned();
+        // Mount under a private directory so pools of concurrent tests do not collide in /.
+        let mountpoint = format!("/tmp/flocker-zfs-mnt/{name}");
+        if let Err(e) = run("zpool", &["create", "-m", &mountpoint, &name, &path]) {
+            let _ = std::fs::remove_file(&file);
+            return Err(e);
+        }
+        Ok(Self { name, file })
+    }
+
+    /// The pool's name (also its root dataset).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `zfs ARGS...`.
+    pub fn zfs(&self, args: &[&str]) -> anyhow::Result<String> {
+        run("zfs", args)
+    }
+
+    /// Whether `dataset` (a filesystem or `fs@snap`) exists.
+    pub fn exists(&self, dataset: &str) -> bool {
+        run("zfs", &["list", "-H", "-t", "all", "-o", "name", dataset]).is_ok()
+    }
+
+    /// Mountpoint of a mounted filesystem.
+    pub fn mountpoint(&self, fs: &str) -> anyhow::Result<PathBuf> {
+        let out = run("zfs", &["get", "-H", "-o", "value", "mountpoint", fs])?;
+        Ok(PathBuf::from(out.trim()))
+    }
+}
+
+impl Drop for TestPool {
+    fn drop(&mut self) {
+        // Retry: zfs-fuse can report the pool busy for a moment after a receive or unmount.
+        for _ in 0..20 {
+            match run("zpool", &["destroy", "-f", &self.name]) {
+                Ok(_) => break,
+                Err(e) if e.to_string().contains("no such pool") => break,
+                Err(_) => std::thread::sleep(Duration::from_millis(250)),
+            }
+        }
+        let _ = std::fs::remove_file(&self.file);
+        let _ = std::fs::remove_dir(format!("/tmp/flocker-zfs-mnt/{}", self.name));
+    }
+}

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use super::{
-    BackendError, BtrfsSink, BtrfsSource, DirSink, DirSource, FileSink, FileSource, Sink, Source, StdinSource,
-    StdoutSink, ZfsSink, ZfsSource,
+    BackendError, BtrfsSink, BtrfsSource, DirSink, DirSource, FileSink, FileSource, Sink, Source,
+    StdinSource, StdoutSink, ZfsSink, ZfsSource,
 };
 
 /// Where a stream comes from or goes to.
@@ -30,7 +30,11 @@ impl std::str::FromStr for Spec {
         if s == "-" {
             return Ok(Self::Stdio);
         }
-        let bad = || BackendError::Target(format!("bad spec {s:?}: expected -, file:PATH, zfs:POOL/FS[@SNAP], btrfs:PATH or dir:PATH"));
+        let bad = || {
+            BackendError::Target(format!(
+                "bad spec {s:?}: expected -, file:PATH, zfs:POOL/FS[@SNAP], btrfs:PATH or dir:PATH"
+            ))
+        };
         let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
         if rest.is_empty() {
             return Err(bad());
@@ -47,8 +51,13 @@ impl std::str::FromStr for Spec {
 
 impl Spec {
     /// A source for this spec. `incremental_from` applies to ZFS (`@SNAP`), `parent` to btrfs.
-    pub fn source(&self, incremental_from: Option<&str>, parent: Option<&std::path::Path>) -> Result<Box<dyn Source>, BackendError> {
-        let misplaced = |what: &str| BackendError::Target(format!("{what} does not apply to source {self:?}"));
+    pub fn source(
+        &self,
+        incremental_from: Option<&str>,
+        parent: Option<&std::path::Path>,
+    ) -> Result<Box<dyn Source>, BackendError> {
+        let misplaced =
+            |what: &str| BackendError::Target(format!("{what} does not apply to source {self:?}"));
         if incremental_from.is_some() && !matches!(self, Self::Zfs(_)) {
             return Err(misplaced("--incremental-from"));
         }
@@ -89,8 +98,14 @@ mod tests {
     #[test]
     fn parses_specs() {
         assert_eq!("-".parse::<Spec>().ok(), Some(Spec::Stdio));
-        assert_eq!("zfs:tank/v@s1".parse::<Spec>().ok(), Some(Spec::Zfs("tank/v@s1".into())));
-        assert_eq!("dir:/a/b".parse::<Spec>().ok(), Some(Spec::Dir("/a/b".into())));
+        assert_eq!(
+            "zfs:tank/v@s1".parse::<Spec>().ok(),
+            Some(Spec::Zfs("tank/v@s1".into()))
+        );
+        assert_eq!(
+            "dir:/a/b".parse::<Spec>().ok(),
+            Some(Spec::Dir("/a/b".into()))
+        );
         assert!("nfs:/x".parse::<Spec>().is_err());
         assert!("file:".parse::<Spec>().is_err());
     }

@@ -121,16 +121,25 @@ fn parse_rate(s: &str) -> Result<u64, String> {
         Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
         _ => (s, 1),
     };
-    let n: f64 = num.parse().map_err(|_| format!("bad rate {s:?}: expected e.g. 500K, 100M, 1G"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("bad rate {s:?}: expected e.g. 500K, 100M, 1G"))?;
     let rate = (n * mult as f64) as u64;
-    if n.is_finite() && rate > 0 { Ok(rate) } else { Err(format!("rate {s:?} must be positive")) }
+    if n.is_finite() && rate > 0 {
+        Ok(rate)
+    } else {
+        Err(format!("rate {s:?} must be positive"))
+    }
 }
 
 /// Sets up logs on stderr, filtered by `RUST_LOG` (default: warnings).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 enum Chosen {
@@ -144,12 +153,18 @@ fn choose(sec: &Security) -> anyhow::Result<Chosen> {
         return Ok(Chosen::Psk(flocker_stream::read_key_file(path)?));
     }
     if let (Some(ca), Some(cert), Some(key)) = (&sec.tls_ca, &sec.tls_cert, &sec.tls_key) {
-        return Ok(Chosen::Tls(TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() }));
+        return Ok(Chosen::Tls(TlsFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }));
     }
     if sec.insecure {
         return Ok(Chosen::Insecure);
     }
-    bail!("no authentication chosen: pass --key-file, or --tls-ca/--tls-cert/--tls-key, or --insecure explicitly")
+    bail!(
+        "no authentication chosen: pass --key-file, or --tls-ca/--tls-cert/--tls-key, or --insecure explicitly"
+    )
 }
 
 fn progress_mode(mode: ProgressMode) -> ProgressMode {
@@ -174,7 +189,10 @@ fn send(a: SendArgs) -> anyhow::Result<()> {
     let spec: Spec = a.source.parse()?;
     let mut source = spec.source(a.incremental_from.as_deref(), a.parent.as_deref())?;
     let mode = progress_mode(a.progress);
-    let reporter = Arc::new(progress::Reporter::new(mode == ProgressMode::Json, source.size_hint()));
+    let reporter = Arc::new(progress::Reporter::new(
+        mode == ProgressMode::Json,
+        source.size_hint(),
+    ));
     let mut opts = SendOptions {
         chunk_size: a.chunk_size,
         compress_level: a.compress_level,

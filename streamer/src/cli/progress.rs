@@ -22,11 +22,17 @@ fn mib(b: u64) -> f64 {
 
 impl Reporter {
     pub fn new(json: bool, total: Option<u64>) -> Self {
-        Self { json, total, last: Mutex::new(None) }
+        Self {
+            json,
+            total,
+            last: Mutex::new(None),
+        }
     }
 
     pub fn update(&self, p: &Progress) {
-        let Ok(mut last) = self.last.lock() else { return };
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
         let every = if self.json { JSON_EVERY } else { BAR_EVERY };
         let now = Instant::now();
         if last.is_some_and(|t| now.duration_since(t) < every) {
@@ -35,7 +41,10 @@ impl Reporter {
         *last = Some(now);
         let secs = p.elapsed.as_secs_f64().max(1e-6);
         let rate = p.bytes_in as f64 / secs;
-        let eta = self.total.filter(|_| rate > 0.0).map(|t| t.saturating_sub(p.bytes_in) as f64 / rate);
+        let eta = self
+            .total
+            .filter(|_| rate > 0.0)
+            .map(|t| t.saturating_sub(p.bytes_in) as f64 / rate);
         let mut err = std::io::stderr().lock();
         if self.json {
             let v = serde_json::json!({
@@ -49,9 +58,18 @@ impl Reporter {
             });
             let _ = writeln!(err, "{v}");
         } else {
-            let ratio = if p.bytes_on_wire > 0 { p.bytes_in as f64 / p.bytes_on_wire as f64 } else { 1.0 };
-            let pct = self.total.map(|t| format!(" {:5.1}%", 100.0 * p.bytes_in as f64 / t.max(1) as f64)).unwrap_or_default();
-            let eta = eta.map(|e| format!("  ETA {}:{:02}", e as u64 / 60, e as u64 % 60)).unwrap_or_default();
+            let ratio = if p.bytes_on_wire > 0 {
+                p.bytes_in as f64 / p.bytes_on_wire as f64
+            } else {
+                1.0
+            };
+            let pct = self
+                .total
+                .map(|t| format!(" {:5.1}%", 100.0 * p.bytes_in as f64 / t.max(1) as f64))
+                .unwrap_or_default();
+            let eta = eta
+                .map(|e| format!("  ETA {}:{:02}", e as u64 / 60, e as u64 % 60))
+                .unwrap_or_default();
             let _ = write!(
                 err,
                 "\r\x1b[K{:10.1} MiB{pct}  {:8.1} MiB/s  ratio {ratio:4.2}{eta}",
@@ -70,7 +88,10 @@ impl Reporter {
 
     pub fn listening(&self, addr: &str) {
         if self.json {
-            eprintln!("{}", serde_json::json!({"event": "listening", "addr": addr}));
+            eprintln!(
+                "{}",
+                serde_json::json!({"event": "listening", "addr": addr})
+            );
         } else {
             eprintln!("listening on {addr}");
         }

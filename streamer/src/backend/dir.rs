@@ -85,6 +85,45 @@ impl Source for DirSource {
     }
 }
 
+/// Unpacks entries one by one so directory mtimes can be restored last (unpacking a child
+/// changes its parent's mtime, and the `tar` crate leaves directory mtimes alone).
+fn unpack(reader: &mut impl Read, staging: &Path) -> std::io::Result<()> {
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_preserve_mtime(true);
+    archive.set_overwrite(true);
+    let mut dir_mtimes = Vec::new();
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        if entry.header().entry_type().is_dir() {
+            let path = entry.path()?.into_owned();
+            dir_mtimes.push((path, entry.header().mtime()?));
+        }
+        entry.unpack_in(staging)?;
+    }
+    // Deepest first, so setting a child's time cannot disturb its parent afterwards.
+    dir_mtimes.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+    for (rel, mtime) in dir_mtimes {
+        let path = staging.join(rel);
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
+        std::fs::File::open(&path).and_then(|f| f.set_modified(t))?;
+    }
+    Ok(())
+}
+
+/// An error with its causes, so "failed to unpack x" also says "No space left on device".
+fn chain(e: &std::io::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.get_ref().and_then(|inner| inner.source());
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
 /// Unpacks a tree into `target` (which must not exist) via a staging directory.
 #[derive(Debug)]
 pub struct DirSink {
@@ -166,15 +205,11 @@ impl Sink for DirSink {
         })?;
         let staging = self.staging.clone();
         self.unpacker = Some(std::thread::spawn(move || {
-            let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, reader));
-            archive.set_preserve_permissions(true);
-            archive.set_preserve_ownerships(true);
-            archive.set_preserve_mtime(true);
-            archive.set_overwrite(true);
-            let result = archive.unpack(&staging);
+            let mut reader = std::io::BufReader::with_capacity(1 << 20, reader);
+            let result =
+                unpack(&mut reader, &staging).map_err(|e| std::io::Error::new(e.kind(), chain(&e)));
             // Drain so the writer never blocks on a pipe nobody reads.
-            let mut rest = archive.into_inner();
-            let _ = std::io::copy(&mut rest, &mut std::io::sink());
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
             result
         }));
         let pipe = self.pipe.insert(writer);

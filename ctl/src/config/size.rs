@@ -78,9 +78,15 @@ mod tests {
     fn refusals() {
         assert_eq!(parse_size("-1G"), Err(SizeError::Negative("-1G".into())));
         assert_eq!(parse_size("0"), Err(SizeError::Zero("0".into())));
-        assert_eq!(parse_size("0.0001K"), Err(SizeError::Zero("0.0001K".into())));
+        assert_eq!(
+            parse_size("0.0001K"),
+            Err(SizeError::Zero("0.0001K".into()))
+        );
         assert_eq!(parse_size("lots"), Err(SizeError::NotASize("lots".into())));
-        assert_eq!(parse_size("1.2.3G"), Err(SizeError::NotASize("1.2.3G".into())));
+        assert_eq!(
+            parse_size("1.2.3G"),
+            Err(SizeError::NotASize("1.2.3G".into()))
+        );
         assert_eq!(parse_size("G"), Err(SizeError::NotASize("G".into())));
         assert_eq!(parse_size("5X"), Err(SizeError::NotASize("5X".into())));
         assert!(matches!(

@@ -194,10 +194,7 @@ impl Node {
     }
 
     pub fn is_null(&self) -> bool {
-        matches!(
-            self.as_scalar().map(Scalar::resolve),
-            Some(Resolved::Null)
-        )
+        matches!(self.as_scalar().map(Scalar::resolve), Some(Resolved::Null))
     }
 
     /// Looks a key up in a mapping node.
@@ -246,10 +243,7 @@ pub fn load(text: &str) -> Loaded {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
     let mut documents = 0usize;
-    loop {
-        let Some(next) = parser.next_event() else {
-            break;
-        };
+    while let Some(next) = parser.next_event() {
         let (event, span) = match next {
             Ok(ev) => ev,
             Err(e) => {
@@ -559,7 +553,13 @@ mod tests {
         assert_eq!(b.value.as_int(), Some(1));
         let c = a.value.get("c").expect("c");
         let items = c.value.as_seq().expect("seq");
-        assert_eq!(items[1].mark, Mark { line: 3, column: 10 });
+        assert_eq!(
+            items[1].mark,
+            Mark {
+                line: 3,
+                column: 10
+            }
+        );
         assert_eq!(items[1].as_str(), Some("y"));
     }
 

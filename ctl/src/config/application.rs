@@ -1,0 +1,333 @@
+//! Flocker's native application config: `version: 1` and `applications:`, each application
+//! a mapping with the keys Flocker accepted.
+
+use std::collections::BTreeMap;
+
+use flocker_wire::{Application, Link, PortMap, RestartPolicy, VolumeSpec};
+
+use super::ApplicationConfig;
+use super::common::{
+    PortClaim, Sink, alias_problem, application_name_problem, check_external_ports, check_keys,
+    env_name_problem, env_value, expect_list, expect_map, find, join, mountpoint_problem, port,
+    positive_int, require, size, string,
+};
+use super::image::parse_image;
+use super::yaml::{Mark, Node};
+
+pub const APPLICATION_KEYS: &[&str] = &[
+    "image",
+    "ports",
+    "volume",
+    "environment",
+    "links",
+    "mem_limit",
+    "cpu_shares",
+    "restart_policy",
+];
+
+/// Validates a native config whose root is a mapping that has an `applications` key.
+pub fn parse_native(sink: &mut Sink<'_>, root: &Node) -> ApplicationConfig {
+    let mut config = ApplicationConfig::default();
+    let Some(top) = expect_map(
+        sink,
+        root,
+        "",
+        "a mapping with `version: 1` and `applications:`",
+    ) else {
+        return config;
+    };
+    check_keys(sink, top, &["version", "applications"], "");
+    check_version(sink, top, root.mark);
+    let Some(apps) = require(sink, top, "applications", root.mark, "") else {
+        return config;
+    };
+    let Some(entries) = expect_map(
+        sink,
+        &apps.value,
+        "applications",
+        "a mapping from application names to their settings",
+    ) else {
+        return config;
+    };
+    let mut claims = Vec::new();
+    for entry in entries {
+        config.defined.insert(entry.key.clone(), entry.key_mark);
+        if let Some(app) = parse_one(sink, &entry.key, entry.key_mark, &entry.value, &mut claims) {
+            config.applications.insert(entry.key.clone(), app);
+        }
+    }
+    check_external_ports(sink, &claims);
+    config
+}
+
+/// `version: 1` is required in both native files; it is how Flocker told its formats apart.
+pub fn check_version(sink: &mut Sink<'_>, top: &[super::yaml::Entry], root_mark: Mark) {
+    if let Some(version) = require(sink, top, "version", root_mark, "") {
+        if version.value.as_int() != Some(1) {
+            sink.error(
+                version.value.mark,
+                "version",
+                format!("expected the integer 1, found {}", version.value.describe()),
+            );
+        }
+    }
+}
+
+fn parse_one(
+    sink: &mut Sink<'_>,
+    name: &str,
+    key_mark: Mark,
+    node: &Node,
+    claims: &mut Vec<PortClaim>,
+) -> Option<Application> {
+    let before = sink.diagnostics.len();
+    if let Some(problem) = application_name_problem(name) {
+        sink.error(key_mark, name, problem);
+    }
+    let entries = expect_map(sink, node, name, "a mapping of application settings")?;
+    check_keys(sink, entries, APPLICATION_KEYS, name);
+
+    let image = require(sink, entries, "image", key_mark, name).and_then(|e| {
+        let path = join(name, "image");
+        let text = string(
+            sink,
+            &e.value,
+            &path,
+            "an image reference such as \"redis:7\"",
+        )?;
+        parse_image(text)
+            .map_err(|err| sink.error(e.value.mark, path, err.to_string()))
+            .ok()
+    });
+
+    let mut ports = Vec::new();
+    if let Some(e) = find(entries, "ports") {
+        let path = join(name, "ports");
+        for (i, item) in expect_list(sink, &e.value, &path, "a list of {internal, external}")
+            .unwrap_or(&[])
+            .iter()
+            .enumerate()
+        {
+            let item_path = format!("{path}[{i}]");
+            let Some(fields) = expect_map(
+                sink,
+                item,
+                &item_path,
+                "a mapping with `internal` and `external`",
+            ) else {
+                continue;
+            };
+            check_keys(sink, fields, &["internal", "external"], &item_path);
+            let internal = require(sink, fields, "internal", item.mark, &item_path)
+                .and_then(|f| port(sink, &f.value, &join(&item_path, "internal")));
+            let external = require(sink, fields, "external", item.mark, &item_path).and_then(|f| {
+                let p = port(sink, &f.value, &join(&item_path, "external"))?;
+                claims.push(PortClaim {
+                    external: p,
+                    application: name.to_owned(),
+                    mark: f.value.mark,
+                    path: join(&item_path, "external"),
+                });
+                Some(p)
+            });
+            if let (Some(internal), Some(external)) = (internal, external) {
+                ports.push(PortMap { internal, external });
+            }
+        }
+    }
+
+    let volume = find(entries, "volume").and_then(|e| {
+        let path = join(name, "volume");
+        let fields = expect_map(
+            sink,
+            &e.value,
+            &path,
+            "a mapping with `mountpoint` (and optionally `maximum_size`)",
+        )?;
+        check_keys(sink, fields, &["mountpoint", "maximum_size"], &path);
+        let mountpoint = require(sink, fields, "mountpoint", e.value.mark, &path).and_then(|m| {
+            let mpath = join(&path, "mountpoint");
+            let text = string(sink, &m.value, &mpath, "an absolute path")?;
+            match mountpoint_problem(text) {
+                Some(problem) => {
+                    sink.error(m.value.mark, mpath, problem);
+                    None
+                }
+                None => Some(text.to_owned()),
+            }
+        });
+        let maximum_size = match find(fields, "maximum_size") {
+            Some(m) => Some(size(sink, &m.value, &join(&path, "maximum_size"))?),
+            None => None,
+        };
+        Some(VolumeSpec {
+            mountpoint: mountpoint?,
+            maximum_size,
+        })
+    });
+
+    let mut environment = BTreeMap::new();
+    if let Some(e) = find(entries, "environment") {
+        let path = join(name, "environment");
+        if !e.value.is_null()
+            && let Some(vars) = expect_map(
+                sink,
+                &e.value,
+                &path,
+                "a mapping of variable names to strings",
+            )
+        {
+            for var in vars {
+                let var_path = join(&path, &var.key);
+                if let Some(problem) = env_name_problem(&var.key) {
+                    sink.error(var.key_mark, &var_path, problem);
+                    continue;
+                }
+                if let Some(value) = env_value(sink, &var.value, &var_path) {
+                    environment.insert(var.key.clone(), value);
+                }
+            }
+        }
+    }
+
+    let mut links = Vec::new();
+    if let Some(e) = find(entries, "links") {
+        let path = join(name, "links");
+        for (i, item) in expect_list(
+            sink,
+            &e.value,
+            &path,
+            "a list of {local_port, remote_port, alias}",
+        )
+        .unwrap_or(&[])
+        .iter()
+        .enumerate()
+        {
+            let item_path = format!("{path}[{i}]");
+            let Some(fields) = expect_map(
+                sink,
+                item,
+                &item_path,
+                "a mapping with `local_port`, `remote_port` and `alias`",
+            ) else {
+                continue;
+            };
+            check_keys(
+                sink,
+                fields,
+                &["local_port", "remote_port", "alias"],
+                &item_path,
+            );
+            let local_port = require(sink, fields, "local_port", item.mark, &item_path)
+                .and_then(|f| port(sink, &f.value, &join(&item_path, "local_port")));
+            let remote_port = require(sink, fields, "remote_port", item.mark, &item_path)
+                .and_then(|f| port(sink, &f.value, &join(&item_path, "remote_port")));
+            let alias = require(sink, fields, "alias", item.mark, &item_path).and_then(|f| {
+                let apath = join(&item_path, "alias");
+                let text = string(sink, &f.value, &apath, "an alias name")?;
+                match alias_problem(text) {
+                    Some(problem) => {
+                        sink.error(f.value.mark, apath, problem);
+                        None
+                    }
+                    None => Some(text.to_owned()),
+                }
+            });
+            if let (Some(local_port), Some(remote_port), Some(alias)) =
+                (local_port, remote_port, alias)
+            {
+                links.push(Link {
+                    local_port,
+                    remote_port,
+                    alias,
+                });
+            }
+        }
+    }
+
+    let mem_limit =
+        find(entries, "mem_limit").and_then(|e| size(sink, &e.value, &join(name, "mem_limit")));
+    let cpu_shares = find(entries, "cpu_shares")
+        .and_then(|e| positive_int(sink, &e.value, &join(name, "cpu_shares")));
+    let restart_policy = match find(entries, "restart_policy") {
+        Some(e) => {
+            restart_policy(sink, &e.value, &join(name, "restart_policy")).unwrap_or_default()
+        }
+        None => RestartPolicy::Never,
+    };
+
+    if sink.diagnostics.len() != before {
+        return None;
+    }
+    Some(Application {
+        name: name.to_owned(),
+        image: image?,
+        ports,
+        volume,
+        environment,
+        links,
+        mem_limit,
+        cpu_shares,
+        restart_policy,
+    })
+}
+
+fn restart_policy(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<RestartPolicy> {
+    let fields = expect_map(
+        sink,
+        node,
+        path,
+        "a mapping with `name` (never, always or on-failure)",
+    )?;
+    check_keys(sink, fields, &["name", "maximum_retry_count"], path);
+    let name_entry = require(sink, fields, "name", node.mark, path)?;
+    let name_path = join(path, "name");
+    let name = string(
+        sink,
+        &name_entry.value,
+        &name_path,
+        "never, always or on-failure",
+    )?;
+    let count = find(fields, "maximum_retry_count");
+    match name {
+        "never" | "always" => {
+            if let Some(c) = count {
+                sink.error(
+                    c.key_mark,
+                    join(path, "maximum_retry_count"),
+                    format!("`maximum_retry_count` is only allowed with `name: on-failure`, not `{name}`"),
+                );
+                return None;
+            }
+            Some(if name == "never" {
+                RestartPolicy::Never
+            } else {
+                RestartPolicy::Always
+            })
+        }
+        "on-failure" => {
+            let maximum_retry_count = match count {
+                Some(c) => {
+                    let cpath = join(path, "maximum_retry_count");
+                    let n = positive_int(sink, &c.value, &cpath)?;
+                    Some(u32::try_from(n).ok().or_else(|| {
+                        sink.error(c.value.mark, cpath, format!("{n} is too large"));
+                        None
+                    })?)
+                }
+                None => None,
+            };
+            Some(RestartPolicy::OnFailure {
+                maximum_retry_count,
+            })
+        }
+        other => {
+            sink.error(
+                name_entry.value.mark,
+                name_path,
+                format!("unknown restart policy {other:?}; expected never, always or on-failure"),
+            );
+            None
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! Checks shared by both application dialects and the deployment parser: the diagnostic
+//! sink, key-set checks, ports, names, mount points, sizes and environment values.
+//!
+//! Every check reports into a [`Sink`] and returns `None` on failure instead of stopping, so
+//! one run reports every problem in the file.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::Diagnostic;
+use super::size::{SizeError, parse_size};
+use super::yaml::{Entry, Kind, Mark, Node, Resolved};
+
+/// Collects the diagnostics of one file.
+#[derive(Debug)]
+pub struct Sink<'f> {
+    pub file: &'f Path,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl<'f> Sink<'f> {
+    pub fn new(file: &'f Path) -> Self {
+        Sink {
+            file,
+            diagnostics: Vec::new(),
+        }
+    }
+
+    pub fn error(&mut self, mark: Mark, path: impl Into<String>, message: impl Into<String>) {
+        self.diagnostics.push(Diagnostic {
+            file: self.file.to_path_buf(),
+            line: mark.line.max(1),
+            column: mark.column.max(1),
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Diagnostics in file order; a stable sort keeps same-spot problems in check order.
+    pub fn finish(mut self) -> Vec<Diagnostic> {
+        self.diagnostics.sort_by_key(|d| (d.line, d.column));
+        self.diagnostics
+    }
+}
+
+/// Joins a model path: `join("redis", "ports[0]")` is `redis/ports[0]`.
+pub fn join(parent: &str, child: &str) -> String {
+    if parent.is_empty() {
+        child.to_owned()
+    } else {
+        format!("{parent}/{child}")
+    }
+}
+
+/// The mapping entries of `node`, or an error saying what was found instead.
+pub fn expect_map<'n>(
+    sink: &mut Sink<'_>,
+    node: &'n Node,
+    path: &str,
+    what: &str,
+) -> Option<&'n [Entry]> {
+    match &node.kind {
+        Kind::Map(entries) => Some(entries),
+        _ => {
+            sink.error(
+                node.mark,
+                path,
+                format!("expected {what}, found {}", node.describe()),
+            );
+            None
+        }
+    }
+}
+
+/// The items of a list; `null` (an empty `key:`) counts as an empty list.
+pub fn expect_list<'n>(
+    sink: &mut Sink<'_>,
+    node: &'n Node,
+    path: &str,
+    what: &str,
+) -> Option<&'n [Node]> {
+    match &node.kind {
+        Kind::Seq(items) => Some(items),
+        _ if node.is_null() => Some(&[]),
+        _ => {
+            sink.error(
+                node.mark,
+                path,
+                format!("expected {what}, found {}", node.describe()),
+            );
+            None
+        }
+    }
+}
+
+/// Reports every key of `entries` not in `allowed`, listing the allowed ones.
+pub fn check_keys(sink: &mut Sink<'_>, entries: &[Entry], allowed: &[&str], path: &str) {
+    for entry in entries {
+        if !allowed.contains(&entry.key.as_str()) {
+            sink.error(
+                entry.key_mark,
+                join(path, &entry.key),
+                format!("unknown key; allowed keys are: {}", allowed.join(", ")),
+            );
+        }
+    }
+}
+
+pub fn find<'n>(entries: &'n [Entry], key: &str) -> Option<&'n Entry> {
+    entries.iter().find(|e| e.key == key)
+}
+
+/// A required key: reports it missing at `mark` (the mapping's own position).
+pub fn require<'n>(
+    sink: &mut Sink<'_>,
+    entries: &'n [Entry],
+    key: &str,
+    mark: Mark,
+    path: &str,
+) -> Option<&'n Entry> {
+    let found = find(entries, key);
+    if found.is_none() {
+        sink.error(mark, path, format!("missing key `{key}`"));
+    }
+    found
+}
+
+/// A TCP port: an integer in 1..65535. Strings are refused even when they hold digits, so the
+/// file says what it means.
+pub fn port(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<u16> {
+    match node.as_scalar().map(|s| s.resolve()) {
+        Some(Resolved::Int(i)) => match u16::try_from(i) {
+            Ok(p) if p >= 1 => Some(p),
+            _ => {
+                let text = node.as_scalar().map_or(String::new(), |s| s.text.clone());
+                sink.error(node.mark, path, format!("port {text} is outside 1..65535"));
+                None
+            }
+        },
+        _ => {
+            sink.error(
+                node.mark,
+                path,
+                format!("expected an integer port, found {}", node.describe()),
+            );
+            None
+        }
+    }
+}
+
+/// Checks a port number already extracted from a string (compose `"8080:80"`).
+pub fn port_in_range(value: &str) -> Result<u16, String> {
+    if value.is_empty() || !value.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!("{value:?} is not a port number"));
+    }
+    match value.parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) => u16::try_from(p).map_err(|e| e.to_string()),
+        _ => Err(format!("port {value} is outside 1..65535")),
+    }
+}
+
+/// Names become container names and dataset names, so they use the charset both accept and
+/// that is the same on every backend: `[a-z0-9][a-z0-9_.-]*`, at most 63 characters.
+pub fn application_name_problem(name: &str) -> Option<String> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-'));
+    (!valid).then(|| {
+        format!(
+            "{name:?} cannot be an application name: it names the container and the volume, so \
+             use 1 to 63 characters from a-z, 0-9, `_`, `.`, `-`, starting with a letter or digit"
+        )
+    })
+}
+
+/// Link aliases become environment variable prefixes (`<ALIAS>_PORT_...`).
+pub fn alias_problem(alias: &str) -> Option<String> {
+    let valid = !alias.is_empty()
+        && alias.len() <= 63
+        && alias.starts_with(|c: char| c.is_ascii_alphabetic())
+        && alias
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+    (!valid).then(|| {
+        format!(
+            "{alias:?} cannot be a link alias: it prefixes environment variable names, so use \
+             letters, digits, `_` and `-`, starting with a letter, at most 63 characters"
+        )
+    })
+}
+
+/// A container mount point: absolute, ASCII, no `..`, not `/` itself, and no `:` (Docker's
+/// volume syntax separator).
+pub fn mountpoint_problem(path: &str) -> Option<String> {
+    if !path.is_ascii() {
+        return Some(format!("the mount point {path:?} must be ASCII"));
+    }
+    if !path.starts_with('/') {
+        return Some(format!(
+            "the mount point {path:?} must be an absolute path (start with `/`)"
+        ));
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Some(format!("the mount point {path:?} must not contain `..`"));
+    }
+    if path.trim_end_matches('/').is_empty() {
+        return Some("the mount point cannot be `/` itself".to_owned());
+    }
+    if path.chars().any(|c| c.is_ascii_control() || c == ':') {
+        return Some(format!(
+            "the mount point {path:?} must not contain `:` or control characters"
+        ));
+    }
+    None
+}
+
+/// A byte size: a positive integer (bytes) or a size string such as `"1.5G"`.
+pub fn size(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<u64> {
+    let result = match node.as_scalar().map(|s| s.resolve()) {
+        Some(Resolved::Int(i)) if i < 0 => Err(SizeError::Negative(i.to_string())),
+        Some(Resolved::Int(0)) => Err(SizeError::Zero("0".to_owned())),
+        Some(Resolved::Int(i)) => u64::try_from(i).map_err(|_| SizeError::TooLarge(i.to_string())),
+        Some(Resolved::Str(s)) => parse_size(s),
+        _ => {
+            sink.error(
+                node.mark,
+                path,
+                format!(
+                    "expected a size in bytes or a string such as \"500M\" or \"1.5G\", found {}",
+                    node.describe()
+                ),
+            );
+            return None;
+        }
+    };
+    result
+        .map_err(|e| sink.error(node.mark, path, e.to_string()))
+        .ok()
+}
+
+/// A positive integer (`cpu_shares`, retry counts).
+pub fn positive_int(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<u64> {
+    match node.as_int() {
+        Some(i) if i >= 1 => u64::try_from(i).ok().or_else(|| {
+            sink.error(node.mark, path, format!("{i} is too large"));
+            None
+        }),
+        Some(i) => {
+            sink.error(
+                node.mark,
+                path,
+                format!("expected a positive integer, found {i}"),
+            );
+            None
+        }
+        None => {
+            sink.error(
+                node.mark,
+                path,
+                format!("expected a positive integer, found {}", node.describe()),
+            );
+            None
+        }
+    }
+}
+
+/// A string value; reports anything else.
+pub fn string<'n>(sink: &mut Sink<'_>, node: &'n Node, path: &str, what: &str) -> Option<&'n str> {
+    let found = node.as_str();
+    if found.is_none() {
+        sink.error(
+            node.mark,
+            path,
+            format!("expected {what}, found {}", node.describe()),
+        );
+    }
+    found
+}
+
+/// Environment variable names: no `=`, no NUL, not empty.
+pub fn env_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() || name.contains(['=', '\0']) {
+        Some(format!("{name:?} cannot be an environment variable name"))
+    } else {
+        None
+    }
+}
+
+/// An environment value. Numbers are accepted and kept exactly as written (`PORT: 6379` is
+/// `"6379"`), since that is unambiguous; booleans and null are refused because YAML readers
+/// disagree on their spelling (`True`, `yes`) and compose reads null from the caller's shell,
+/// which would differ from node to node.
+pub fn env_value(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<String> {
+    match node.as_scalar().map(|s| (s, s.resolve())) {
+        Some((_, Resolved::Str(s))) => Some(s.to_owned()),
+        Some((s, Resolved::Int(_) | Resolved::Float)) => Some(s.text.clone()),
+        Some((s, Resolved::Bool(_))) => {
+            sink.error(
+                node.mark,
+                path,
+                format!(
+                    "expected a string, found {}; quote it (\"{}\") to pass it as text",
+                    node.describe(),
+                    s.text
+                ),
+            );
+            None
+        }
+        Some((_, Resolved::Null)) => {
+            sink.error(
+                node.mark,
+                path,
+                "the variable has no value; values are never taken from the shell running \
+                 flockerctl, give one (\"\" for empty)",
+            );
+            None
+        }
+        None => {
+            sink.error(
+                node.mark,
+                path,
+                format!("expected a string, found {}", node.describe()),
+            );
+            None
+        }
+    }
+}
+
+/// One external port claimed by an application, with where it was written.
+#[derive(Debug, Clone)]
+pub struct PortClaim {
+    pub external: u16,
+    pub application: String,
+    pub mark: Mark,
+    pub path: String,
+}
+
+/// External ports are routed on every node, so each one may be claimed only once in the
+/// cluster. Reports every claim after the first.
+pub fn check_external_ports(sink: &mut Sink<'_>, claims: &[PortClaim]) {
+    let mut first: BTreeMap<u16, &PortClaim> = BTreeMap::new();
+    for claim in claims {
+        match first.get(&claim.external) {
+            Some(earlier) => sink.error(
+                claim.mark,
+                claim.path.clone(),
+                format!(
+                    "external port {} is already claimed by `{}` (line {}); each external port \
+                     is routed cluster-wide to one application",
+                    claim.external, earlier.application, earlier.mark.line
+                ),
+            ),
+            None => {
+                first.insert(claim.external, claim);
+            }
+        }
+    }
+}

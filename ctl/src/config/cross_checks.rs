@@ -1,0 +1,90 @@
+//! Checks that need both files: every placed application is defined, and every node address
+//! resolves. Resolution sits behind [`NodeResolver`] so unit tests never touch DNS.
+
+use std::net::{IpAddr, ToSocketAddrs};
+use std::path::Path;
+
+use super::common::Sink;
+use super::deployment::Deployment;
+use super::{ApplicationConfig, Diagnostic};
+
+/// Answers whether a node address can be reached by name.
+pub trait NodeResolver {
+    fn resolves(&self, address: &str) -> bool;
+}
+
+/// The system resolver (`getaddrinfo`), which reads `/etc/hosts` before any DNS, so a
+/// cluster named in `/etc/hosts` validates offline.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemResolver;
+
+impl NodeResolver for SystemResolver {
+    fn resolves(&self, address: &str) -> bool {
+        if address.parse::<IpAddr>().is_ok() {
+            return true;
+        }
+        match (address, 0u16).to_socket_addrs() {
+            Ok(mut addrs) => addrs.next().is_some(),
+            Err(e) => {
+                tracing::debug!(address, error = %e, "node address does not resolve");
+                false
+            }
+        }
+    }
+}
+
+/// Cross-file checks. Reported against the deployment file, which is where the fix goes.
+pub fn validate(
+    applications: &ApplicationConfig,
+    application_file: &Path,
+    deployment: &Deployment,
+    deployment_file: &Path,
+    resolver: &dyn NodeResolver,
+) -> Vec<Diagnostic> {
+    let mut sink = Sink::new(deployment_file);
+    check_placements(&mut sink, applications, application_file, deployment);
+    check_addresses(&mut sink, deployment, resolver);
+    sink.finish()
+}
+
+/// Every placed application must be defined.
+pub(super) fn check_placements(
+    sink: &mut Sink<'_>,
+    applications: &ApplicationConfig,
+    application_file: &Path,
+    deployment: &Deployment,
+) {
+    for placement in &deployment.placements {
+        if !applications.defined.contains_key(&placement.application) {
+            sink.error(
+                placement.mark,
+                format!("nodes/{}", placement.node),
+                format!(
+                    "application `{}` is not defined in {}",
+                    placement.application,
+                    application_file.display()
+                ),
+            );
+        }
+    }
+}
+
+/// Every syntactically valid node address must resolve.
+pub(super) fn check_addresses(
+    sink: &mut Sink<'_>,
+    deployment: &Deployment,
+    resolver: &dyn NodeResolver,
+) {
+    for (node, mark) in &deployment.node_marks {
+        if super::deployment::address_problem(node).is_none() && !resolver.resolves(node) {
+            sink.error(
+                *mark,
+                format!("nodes/{node}"),
+                format!(
+                    "the node address {node:?} does not resolve: it is not an IP address and the system \
+                     resolver (/etc/hosts, DNS) does not know it"
+                ),
+            );
+        }
+    }
+}

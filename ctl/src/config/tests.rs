@@ -1,0 +1,1059 @@
+//! Tests of the config parsers against every error class of the issue, the dialect
+//! equivalence, the bundled examples, and arbitrary input.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use flocker_wire::{Application, Image, Link, PortMap, RestartPolicy, VolumeSpec};
+
+use super::*;
+
+/// Resolves IP literals and `*.cluster.test`; nothing else, so no test touches DNS.
+struct FakeResolver;
+
+impl NodeResolver for FakeResolver {
+    fn resolves(&self, address: &str) -> bool {
+        address.parse::<std::net::IpAddr>().is_ok() || address.ends_with(".cluster.test")
+    }
+}
+
+const APP: &str = "application.yml";
+const DEP: &str = "deployment.yml";
+
+/// Every diagnostic of an application text, rendered as `LINE:COLUMN: path: message`.
+fn app_errors(text: &str) -> Vec<String> {
+    let (_, diagnostics) = parse_application_config(text, Path::new(APP));
+    diagnostics.iter().map(render).collect()
+}
+
+fn dep_errors(text: &str) -> Vec<String> {
+    let (_, diagnostics) = parse_deployment_config(text, Path::new(DEP));
+    diagnostics.iter().map(render).collect()
+}
+
+fn render(d: &Diagnostic) -> String {
+    let full = d.to_string();
+    let prefix = format!("{}:", d.file.display());
+    full.strip_prefix(&prefix).unwrap_or(&full).to_owned()
+}
+
+fn both_errors(deployment: &str, application: &str) -> Vec<String> {
+    match load_texts(
+        deployment,
+        Path::new(DEP),
+        application,
+        Path::new(APP),
+        &FakeResolver,
+    ) {
+        Ok(_) => Vec::new(),
+        Err(ConfigError::Invalid(ds)) => ds.iter().map(|d| d.to_string()).collect(),
+        Err(e) => vec![e.to_string()],
+    }
+}
+
+fn apps(text: &str) -> BTreeMap<String, Application> {
+    parse_application(text, Path::new(APP)).unwrap_or_else(|ds| {
+        panic!(
+            "{}",
+            ds.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })
+}
+
+// ---- the native form ----
+
+#[test]
+fn native_form_parses_every_key() {
+    let parsed = apps(
+        "version: 1
+applications:
+  db:
+    image: registry.local:5000/team/db:7.2
+    ports:
+      - internal: 5432
+        external: 15432
+    volume:
+      mountpoint: /var/lib/db
+      maximum_size: \"1.5G\"
+    environment:
+      USER: admin
+      PORT: 5432
+    links:
+      - local_port: 6379
+        remote_port: 16379
+        alias: cache
+    mem_limit: 512M
+    cpu_shares: 512
+    restart_policy:
+      name: on-failure
+      maximum_retry_count: 5
+  plain:
+    image: busybox
+",
+    );
+    let db = &parsed["db"];
+    assert_eq!(
+        db,
+        &Application {
+            name: "db".into(),
+            image: Image {
+                repository: "registry.local:5000/team/db".into(),
+                tag: "7.2".into()
+            },
+            ports: vec![PortMap {
+                internal: 5432,
+                external: 15432
+            }],
+            volume: Some(VolumeSpec {
+                mountpoint: "/var/lib/db".into(),
+                maximum_size: Some(1536 << 20)
+            }),
+            environment: [
+                ("PORT".to_owned(), "5432".to_owned()),
+                ("USER".to_owned(), "admin".to_owned())
+            ]
+            .into_iter()
+            .collect(),
+            links: vec![Link {
+                local_port: 6379,
+                remote_port: 16379,
+                alias: "cache".into()
+            }],
+            mem_limit: Some(512 << 20),
+            cpu_shares: Some(512),
+            restart_policy: RestartPolicy::OnFailure {
+                maximum_retry_count: Some(5)
+            },
+        }
+    );
+    let plain = &parsed["plain"];
+    assert_eq!(plain.image.tag, "latest");
+    assert_eq!(plain.restart_policy, RestartPolicy::Never);
+    assert!(plain.ports.is_empty() && plain.volume.is_none() && plain.links.is_empty());
+}
+
+#[test]
+fn port_given_as_a_string() {
+    assert_eq!(
+        app_errors(
+            "version: 1
+applications:
+  redis:
+    image: redis
+    ports:
+      - internal: 6379
+        external: \"80\"
+"
+        ),
+        vec!["7:19: redis/ports[0]/external: expected an integer port, found the string \"80\""]
+    );
+}
+
+#[test]
+fn ports_outside_the_valid_range() {
+    assert_eq!(
+        app_errors(
+            "version: 1
+applications:
+  redis:
+    image: redis
+    ports:
+      - {internal: 0, external: 65536}
+      - {internal: -5, external: 99999999999999999999999999999999999999999999}
+"
+        ),
+        vec![
+            "6:20: redis/ports[0]/internal: port 0 is outside 1..65535",
+            "6:33: redis/ports[0]/external: port 65536 is outside 1..65535",
+            "7:20: redis/ports[1]/internal: port -5 is outside 1..65535",
+            "7:34: redis/ports[1]/external: port 99999999999999999999999999999999999999999999 is outside 1..65535",
+        ]
+    );
+}
+
+#[test]
+fn port_mapping_missing_a_field() {
+    assert_eq!(
+        app_errors(
+            "version: 1\napplications:\n  a:\n    image: x\n    ports:\n      - internal: 80\n"
+        ),
+        vec!["6:9: a/ports[0]: missing key `external`"]
+    );
+}
+
+#[test]
+fn relative_non_ascii_and_dotdot_mount_points() {
+    let template = |mp: &str| {
+        format!(
+            "version: 1\napplications:\n  redis:\n    image: redis\n    volume:\n      mountpoint: {mp}\n"
+        )
+    };
+    assert_eq!(
+        app_errors(&template("data")),
+        vec![
+            "6:19: redis/volume/mountpoint: the mount point \"data\" must be an absolute path (start with `/`)"
+        ]
+    );
+    assert_eq!(
+        app_errors(&template("/dönnées")),
+        vec!["6:19: redis/volume/mountpoint: the mount point \"/dönnées\" must be ASCII"]
+    );
+    assert_eq!(
+        app_errors(&template("/data/../etc")),
+        vec![
+            "6:19: redis/volume/mountpoint: the mount point \"/data/../etc\" must not contain `..`"
+        ]
+    );
+    assert_eq!(
+        app_errors(&template("/")),
+        vec!["6:19: redis/volume/mountpoint: the mount point cannot be `/` itself"]
+    );
+    assert_eq!(
+        app_errors("version: 1\napplications:\n  redis:\n    image: redis\n    volume: {}\n"),
+        vec!["5:13: redis/volume: missing key `mountpoint`"]
+    );
+}
+
+#[test]
+fn unknown_keys_list_the_allowed_ones() {
+    assert_eq!(
+        app_errors("version: 1\napplications:\n  redis:\n    image: redis\n    port: 6379\n"),
+        vec![
+            "5:5: redis/port: unknown key; allowed keys are: image, ports, volume, environment, links, mem_limit, \
+             cpu_shares, restart_policy"
+        ]
+    );
+    assert_eq!(
+        app_errors("version: 1\napplications: {}\nextra: 1\n"),
+        vec!["3:1: extra: unknown key; allowed keys are: version, applications"]
+    );
+    assert_eq!(
+        app_errors(
+            "version: 1\napplications:\n  a:\n    image: x\n    volume:\n      mountpoint: /d\n      size: 1G\n"
+        ),
+        vec!["7:7: a/volume/size: unknown key; allowed keys are: mountpoint, maximum_size"]
+    );
+}
+
+#[test]
+fn missing_image() {
+    assert_eq!(
+        app_errors("version: 1\napplications:\n  redis:\n    volume:\n      mountpoint: /data\n"),
+        vec!["3:3: redis: missing key `image`"]
+    );
+}
+
+#[test]
+fn invalid_image_references() {
+    let template = |image: &str| format!("version: 1\napplications:\n  a:\n    image: {image}\n");
+    assert_eq!(
+        app_errors(&template("Redis")),
+        vec![
+            "4:12: a/image: invalid image reference \"Redis\": repository names must be lowercase"
+        ]
+    );
+    assert_eq!(
+        app_errors(&template("'re dis'")),
+        vec!["4:12: a/image: invalid image reference \"re dis\": it contains whitespace"]
+    );
+    assert_eq!(
+        app_errors(&template("''")),
+        vec!["4:12: a/image: the image reference is empty"]
+    );
+    assert_eq!(
+        app_errors(&template("7")),
+        vec!["4:12: a/image: expected an image reference such as \"redis:7\", found the integer 7"]
+    );
+}
+
+#[test]
+fn maximum_size_negative_zero_or_not_a_size() {
+    let template = |size: &str| {
+        format!(
+            "version: 1\napplications:\n  a:\n    image: x\n    volume:\n      mountpoint: /d\n      maximum_size: {size}\n"
+        )
+    };
+    assert_eq!(
+        app_errors(&template("\"-1G\"")),
+        vec!["7:21: a/volume/maximum_size: the size must be positive, found \"-1G\""]
+    );
+    assert_eq!(
+        app_errors(&template("-5")),
+        vec!["7:21: a/volume/maximum_size: the size must be positive, found \"-5\""]
+    );
+    assert_eq!(
+        app_errors(&template("0")),
+        vec!["7:21: a/volume/maximum_size: the size must be more than zero, found \"0\""]
+    );
+    assert_eq!(
+        app_errors(&template("big")),
+        vec![
+            "7:21: a/volume/maximum_size: expected a size such as \"500M\" or \"1.5G\" (units K, M, G, T, binary), \
+             found \"big\""
+        ]
+    );
+    assert_eq!(
+        app_errors(&template("1.5")),
+        vec![
+            "7:21: a/volume/maximum_size: expected a size in bytes or a string such as \"500M\" or \"1.5G\", found \
+             the number 1.5"
+        ]
+    );
+}
+
+#[test]
+fn environment_rules() {
+    assert_eq!(
+        app_errors(
+            "version: 1\napplications:\n  a:\n    image: x\n    environment:\n      A: true\n      B:\n      C: [1]\n"
+        ),
+        vec![
+            "6:10: a/environment/A: expected a string, found the boolean true; quote it (\"true\") to pass it as text",
+            "7:8: a/environment/B: the variable has no value; values are never taken from the shell running \
+             flockerctl, give one (\"\" for empty)",
+            "8:10: a/environment/C: expected a string, found a list",
+        ]
+    );
+}
+
+#[test]
+fn links_need_all_three_fields_and_a_valid_alias() {
+    assert_eq!(
+        app_errors(
+            "version: 1\napplications:\n  a:\n    image: x\n    links:\n      - {local_port: 1, alias: '9x'}\n"
+        ),
+        vec![
+            "6:9: a/links[0]: missing key `remote_port`",
+            "6:32: a/links[0]/alias: \"9x\" cannot be a link alias: it prefixes environment variable names, so use \
+             letters, digits, `_` and `-`, starting with a letter, at most 63 characters",
+        ]
+    );
+}
+
+#[test]
+fn restart_policy_rules() {
+    let template = |policy: &str| {
+        format!("version: 1\napplications:\n  a:\n    image: x\n    restart_policy: {policy}\n")
+    };
+    assert_eq!(
+        app_errors(&template("{name: always, maximum_retry_count: 3}")),
+        vec![
+            "5:36: a/restart_policy/maximum_retry_count: `maximum_retry_count` is only allowed with `name: \
+             on-failure`, not `always`"
+        ]
+    );
+    assert_eq!(
+        app_errors(&template("{name: sometimes}")),
+        vec![
+            "5:28: a/restart_policy/name: unknown restart policy \"sometimes\"; expected never, always or on-failure"
+        ]
+    );
+    assert_eq!(
+        app_errors(&template("{name: on-failure, maximum_retry_count: 0}")),
+        vec!["5:61: a/restart_policy/maximum_retry_count: expected a positive integer, found 0"]
+    );
+    assert_eq!(
+        apps(&template("{name: on-failure}"))["a"].restart_policy,
+        RestartPolicy::OnFailure {
+            maximum_retry_count: None
+        }
+    );
+}
+
+#[test]
+fn mem_limit_and_cpu_shares() {
+    let parsed = apps(
+        "version: 1\napplications:\n  a:\n    image: x\n    mem_limit: 1048576\n    cpu_shares: 2\n",
+    );
+    assert_eq!(parsed["a"].mem_limit, Some(1 << 20));
+    assert_eq!(parsed["a"].cpu_shares, Some(2));
+    assert_eq!(
+        app_errors("version: 1\napplications:\n  a:\n    image: x\n    cpu_shares: \"2\"\n"),
+        vec!["5:17: a/cpu_shares: expected a positive integer, found the string \"2\""]
+    );
+}
+
+#[test]
+fn version_must_be_one() {
+    assert_eq!(
+        app_errors("version: 2\napplications: {}\n"),
+        vec!["1:10: version: expected the integer 1, found the integer 2"]
+    );
+    assert_eq!(
+        app_errors("applications: {}\n"),
+        vec!["1:1: missing key `version`"]
+    );
+    assert_eq!(
+        app_errors("version: 1\n"),
+        vec!["1:1: missing key `applications`"]
+    );
+}
+
+#[test]
+fn names_that_cannot_be_containers_or_datasets() {
+    let long = "a".repeat(64);
+    for name in ["My App", "-lead", "UPPER", long.as_str(), "a/b"] {
+        let errors = app_errors(&format!(
+            "version: 1\napplications:\n  '{name}':\n    image: x\n"
+        ));
+        assert_eq!(errors.len(), 1, "{name}: {errors:?}");
+        assert!(
+            errors[0].starts_with(&format!(
+                "3:3: {name}: {name:?} cannot be an application name"
+            )),
+            "{errors:?}"
+        );
+    }
+    assert!(
+        app_errors(&format!(
+            "version: 1\napplications:\n  {}:\n    image: x\n",
+            "a".repeat(63)
+        ))
+        .is_empty()
+    );
+}
+
+#[test]
+fn external_port_claimed_twice() {
+    assert_eq!(
+        app_errors(
+            "version: 1
+applications:
+  a:
+    image: x
+    ports: [{internal: 80, external: 8080}]
+  b:
+    image: y
+    ports: [{internal: 81, external: 8080}]
+"
+        ),
+        vec![
+            "8:38: b/ports[0]/external: external port 8080 is already claimed by `a` (line 5); each external port \
+             is routed cluster-wide to one application"
+        ]
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let errors = app_errors(
+        "version: 1
+applications:
+  a:
+    image: Bad
+    ports: [{internal: \"1\", external: 2}]
+  b:
+    volume: {mountpoint: rel}
+",
+    );
+    assert_eq!(errors.len(), 4, "{errors:?}");
+    assert!(errors[0].starts_with("4:12: a/image:"));
+    assert!(errors[1].starts_with("5:24: a/ports[0]/internal:"));
+    assert!(errors[2].starts_with("6:3: b: missing key `image`"));
+    assert!(errors[3].starts_with("7:26: b/volume/mountpoint:"));
+}
+
+// ---- YAML-level problems ----
+
+#[test]
+fn invalid_yaml_gives_the_parser_location() {
+    let errors = app_errors("version: 1\napplications:\n  a:\n    image: [x\n  b: 1\n");
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].contains(": invalid YAML: "), "{errors:?}");
+    let line: usize = errors[0]
+        .split(':')
+        .next()
+        .and_then(|l| l.parse().ok())
+        .expect("a line number");
+    assert!((4..=6).contains(&line), "{errors:?}");
+}
+
+#[test]
+fn tabs_and_bad_indentation_are_yaml_errors() {
+    let errors = app_errors("version: 1\napplications:\n\ta: 1\n");
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].starts_with("3:"), "{errors:?}");
+}
+
+#[test]
+fn duplicate_keys_are_rejected_with_their_location() {
+    assert_eq!(
+        app_errors("version: 1\napplications:\n  a:\n    image: x\n  a:\n    image: y\n"),
+        vec!["5:3: duplicate key \"a\" (first given at line 3)"]
+    );
+}
+
+#[test]
+fn empty_and_non_mapping_files() {
+    assert_eq!(
+        app_errors(""),
+        vec![
+            "1:1: the file is empty; expected `version: 1` and `applications:`, or a docker-compose file"
+        ]
+    );
+    assert_eq!(app_errors("# only a comment\n").len(), 1);
+    assert_eq!(
+        dep_errors("- a\n- b\n"),
+        vec!["1:1: expected a mapping with `version: 1` and `nodes:`, found a list"]
+    );
+}
+
+#[test]
+fn non_utf8_is_reported_where_it_starts() {
+    let d = decode(b"version: 1\nab\xff\n", Path::new(APP)).expect_err("not utf-8");
+    assert_eq!((d.line, d.column), (2, 3));
+    assert_eq!(d.message, "the file is not UTF-8 text");
+}
+
+// ---- the compose forms ----
+
+const NATIVE_EQUIVALENT: &str = "version: 1
+applications:
+  redis:
+    image: redis-flocker:latest
+    ports:
+      - internal: 6379
+        external: 6379
+      - internal: 26379
+        external: 26379
+    volume:
+      mountpoint: /data
+    mem_limit: 256M
+    cpu_shares: 100
+    restart_policy:
+      name: on-failure
+      maximum_retry_count: 3
+  web:
+    image: busybox-flocker
+    ports:
+      - internal: 80
+        external: 8080
+    links:
+      - {local_port: 6379, remote_port: 6379, alias: db}
+      - {local_port: 26379, remote_port: 26379, alias: db}
+    environment:
+      A: '1'
+      B: two
+";
+
+const MODERN_EQUIVALENT: &str = "version: \"3\"
+services:
+  redis:
+    image: redis-flocker:latest
+    ports: [\"6379:6379\", \"26379:26379/tcp\"]
+    volumes: [\"redis-data:/data\"]
+    mem_limit: 256m
+    cpu_shares: 100
+    restart: on-failure:3
+  web:
+    image: busybox-flocker
+    ports:
+      - target: 80
+        published: \"8080\"
+    links: [\"redis:db\"]
+    environment: [\"A=1\", \"B=two\"]
+volumes:
+  redis-data:
+";
+
+const FIG_EQUIVALENT: &str = "redis:
+  image: redis-flocker:latest
+  ports: [\"6379:6379\", \"26379:26379\"]
+  volumes: [\"/srv/redis:/data\"]
+  mem_limit: 268435456
+  cpu_shares: 100
+  restart: on-failure:3
+web:
+  image: busybox-flocker
+  ports: [\"8080:80\"]
+  links: [\"redis:db\"]
+  environment:
+    A: 1
+    B: two
+";
+
+#[test]
+fn native_modern_and_fig_forms_yield_identical_applications() {
+    let native = apps(NATIVE_EQUIVALENT);
+    assert_eq!(apps(MODERN_EQUIVALENT), native);
+    assert_eq!(apps(FIG_EQUIVALENT), native);
+    assert_eq!(
+        parse_application_config(MODERN_EQUIVALENT, Path::new(APP))
+            .0
+            .dialect,
+        Dialect::Compose
+    );
+    assert_eq!(
+        parse_application_config(FIG_EQUIVALENT, Path::new(APP))
+            .0
+            .dialect,
+        Dialect::Fig
+    );
+}
+
+#[test]
+fn compose_link_without_alias_uses_the_service_name() {
+    let parsed = apps(
+        "services:\n  db:\n    image: x\n    ports: ['5432:15432']\n  app:\n    image: y\n    links: [db]\n",
+    );
+    assert_eq!(
+        parsed["app"].links,
+        vec![Link {
+            local_port: 15432,
+            remote_port: 5432,
+            alias: "db".into()
+        }]
+    );
+}
+
+#[test]
+fn compose_keys_that_cannot_be_honoured_are_refused_by_name() {
+    assert_eq!(
+        app_errors(
+            "web:\n  image: x\n  build: .\n  command: run\n  depends_on: [db]\n  frobnicate: 1\n"
+        ),
+        vec![
+            "3:3: web/build: `build` cannot be honoured: images are not built by Flocker; build and tag the image \
+             beforehand and name it with `image`",
+            "4:3: web/command: `command` cannot be honoured: the image's own command is run; bake the command into \
+             the image",
+            "5:3: web/depends_on: `depends_on` cannot be honoured: applications start independently on their nodes; \
+             use `links` to reach another application",
+            "6:3: web/frobnicate: unknown key; allowed keys are: image, ports, environment, links, volumes, \
+             mem_limit, cpu_shares, restart",
+        ]
+    );
+    assert_eq!(
+        app_errors("services:\n  web:\n    image: x\nnetworks:\n  front: {}\n"),
+        vec![
+            "4:1: networks: `networks` cannot be honoured: networking is managed by Flocker: use `ports` and `links`"
+        ]
+    );
+}
+
+#[test]
+fn compose_port_forms() {
+    let errors = app_errors(
+        "web:\n  image: x\n  ports:\n    - \"80\"\n    - \"127.0.0.1:80:80\"\n    - \"53:53/udp\"\n    - \"1-3:1-3\"\n    - \"0:80\"\n    - 8080\n",
+    );
+    assert_eq!(
+        errors,
+        vec![
+            "4:7: web/ports[0]: \"80\" publishes the port on a random host port, which cannot be routed across the \
+             cluster; give the external port too, e.g. \"80:80\"",
+            "5:7: web/ports[1]: \"127.0.0.1:80:80\": binding to a host address cannot be honoured; write \
+             \"EXTERNAL:INTERNAL\"",
+            "6:7: web/ports[2]: \"53:53/udp\": only tcp ports are routed",
+            "7:7: web/ports[3]: \"1-3:1-3\": port ranges are not supported, list each port",
+            "8:7: web/ports[4]: \"0:80\": port 0 is outside 1..65535",
+            "9:7: web/ports[5]: \"8080\" publishes the port on a random host port, which cannot be routed across \
+             the cluster; give the external port too, e.g. \"8080:8080\"",
+        ]
+    );
+}
+
+#[test]
+fn compose_volumes_environment_and_restart() {
+    assert_eq!(
+        app_errors("web:\n  image: x\n  volumes: [/a, /b]\n"),
+        vec!["3:17: web/volumes[1]: at most one volume per application is supported"]
+    );
+    assert_eq!(
+        app_errors("web:\n  image: x\n  volumes: ['/h:/c:ro']\n"),
+        vec![
+            "3:13: web/volumes[0]: \"/h:/c:ro\": the volume mode \"ro\" cannot be honoured; volumes are read-write"
+        ]
+    );
+    assert_eq!(
+        app_errors("web:\n  image: x\n  volumes: [data]\n"),
+        vec![
+            "3:13: web/volumes[0]: the mount point \"data\" must be an absolute path (start with `/`)"
+        ]
+    );
+    assert_eq!(
+        app_errors("web:\n  image: x\n  environment: [A=1, B, A=2]\n"),
+        vec![
+            "3:22: web/environment[1]: \"B\" has no value; values are never taken from the shell running \
+             flockerctl, write \"B=VALUE\"",
+            "3:25: web/environment[2]: the variable `A` is set twice",
+        ]
+    );
+    assert_eq!(
+        app_errors("web:\n  image: x\n  restart: unless-stopped\n"),
+        vec![
+            "3:12: web/restart: `unless-stopped` cannot be honoured: Flocker stops containers itself; use `always`"
+        ]
+    );
+    assert_eq!(
+        app_errors("web:\n  image: x\n  restart: false\n"),
+        vec![
+            "3:12: web/restart: expected no, always or on-failure[:N], found the boolean false; write \"no\""
+        ]
+    );
+    assert_eq!(
+        apps("web:\n  image: x\n  restart: no\n")["web"].restart_policy,
+        RestartPolicy::Never
+    );
+}
+
+#[test]
+fn compose_links_to_unknown_or_portless_services() {
+    assert_eq!(
+        app_errors(
+            "services:\n  web:\n    image: x\n    links: [db]\n  cache:\n    image: y\n    links: [web]\n"
+        ),
+        vec![
+            "4:13: web/links[0]: links to `db`, which is not a service in this file",
+            "7:13: cache/links[0]: links to `web`, which publishes no ports, so there is nothing to link to",
+        ]
+    );
+}
+
+#[test]
+fn compose_missing_image_and_version() {
+    assert_eq!(
+        app_errors("services:\n  web:\n    ports: ['80:80']\n"),
+        vec!["2:3: web: missing key `image` (images are not built by Flocker)"]
+    );
+    assert_eq!(
+        app_errors("version: '1'\nservices: {}\n"),
+        vec![
+            "1:10: version: unsupported compose file version, expected \"2\" or \"3\" (or a 2.x/3.x), found the string \"1\""
+        ]
+    );
+    assert_eq!(
+        app_errors("version: '3'\n"),
+        vec!["1:1: missing key `services`"]
+    );
+}
+
+#[test]
+fn compose_anchors_and_merge_keys() {
+    let parsed = apps(
+        "x-base: &base\n  image: x\n  restart: always\nservices:\n  a:\n    <<: *base\n    ports: ['1:1']\n  b:\n    <<: *base\n    image: y\n",
+    );
+    assert_eq!(parsed["a"].image.repository, "x");
+    assert_eq!(parsed["a"].restart_policy, RestartPolicy::Always);
+    assert_eq!(parsed["b"].image.repository, "y");
+}
+
+// ---- the deployment and the cross-file checks ----
+
+#[test]
+fn deployment_parses_with_empty_nodes() {
+    let deployment = parse_deployment(
+        "version: 1\nnodes:\n  198.18.0.11: [a, b]\n  node-2.cluster.test: []\n  '::1':\n",
+        Path::new(DEP),
+    )
+    .expect("valid");
+    assert_eq!(
+        deployment.nodes["198.18.0.11"],
+        BTreeSet::from(["a".to_owned(), "b".to_owned()])
+    );
+    assert!(deployment.nodes["node-2.cluster.test"].is_empty());
+    assert!(deployment.nodes["::1"].is_empty());
+}
+
+#[test]
+fn deployment_problems() {
+    assert_eq!(
+        dep_errors(
+            "version: 1\nnodes:\n  198.18.0.11: [a]\n  198.18.0.12: [b, a]\n  node_3: [c, c]\n  n4: a\n"
+        ),
+        vec![
+            "4:20: nodes/198.18.0.12[1]: `a` is already placed on node 198.18.0.11 (line 3); an application runs on \
+             exactly one node",
+            "5:3: nodes/node_3: \"node_3\" is neither an IP address nor a hostname",
+            "5:15: nodes/node_3[1]: `c` is listed twice on this node (line 5)",
+            "6:7: nodes/n4: expected a list of application names (`[]` for none), found the string \"a\"",
+        ]
+    );
+    assert_eq!(dep_errors("version: 1\n"), vec!["1:1: missing key `nodes`"]);
+    assert_eq!(
+        dep_errors("version: 1\nnodes: {}\napps: 1\n"),
+        vec!["3:1: apps: unknown key; allowed keys are: version, nodes"]
+    );
+}
+
+const VALID_APPS: &str = "version: 1\napplications:\n  a:\n    image: x\n    ports: [{internal: 1, external: 1}]\n  b:\n    image: y\n";
+
+#[test]
+fn application_not_defined_and_unresolvable_node() {
+    assert_eq!(
+        both_errors(
+            "version: 1\nnodes:\n  198.18.0.11: [a, ghost]\n  nowhere.example: [b]\n",
+            VALID_APPS
+        ),
+        vec![
+            "deployment.yml:3:20: nodes/198.18.0.11: application `ghost` is not defined in application.yml",
+            "deployment.yml:4:3: nodes/nowhere.example: the node address \"nowhere.example\" does not resolve: it is \
+             not an IP address and the system resolver (/etc/hosts, DNS) does not know it",
+        ]
+    );
+}
+
+#[test]
+fn errors_of_both_files_are_reported_together_deployment_first() {
+    let errors = both_errors(
+        "version: 1\nnodes:\n  198.18.0.11: [a, a]\n",
+        "version: 1\napplications:\n  a:\n    image: X\n",
+    );
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].starts_with("deployment.yml:3:20: "));
+    assert!(errors[1].starts_with("application.yml:4:12: a/image: "));
+}
+
+#[test]
+fn a_broken_application_is_not_also_reported_undefined() {
+    let errors = both_errors(
+        "version: 1\nnodes:\n  198.18.0.11: [a]\n",
+        "version: 1\napplications:\n  a:\n    port: 1\n",
+    );
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors.iter().all(|e| e.starts_with("application.yml:")),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn files_in_the_wrong_order() {
+    let deployment = "version: 1\nnodes:\n  198.18.0.11: [a]\n";
+    let errors = both_errors(VALID_APPS, deployment);
+    assert_eq!(
+        errors,
+        vec![
+            "deployment.yml:2:1: this is an application config (it has `applications:`), given where the deployment \
+             config is expected; were the files passed in the wrong order? the deployment config comes first: \
+             `flockerctl validate DEPLOYMENT APPLICATION`",
+            "application.yml:2:1: this is a deployment config (it has `nodes:`), given where the application config \
+             is expected; were the files passed in the wrong order? the deployment config comes first: `flockerctl \
+             validate DEPLOYMENT APPLICATION`",
+        ]
+    );
+    // A compose file in the deployment slot is recognised too.
+    let errors = both_errors("web:\n  image: x\n", VALID_APPS);
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].contains("application config in docker-compose form"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn desired_state_holds_placed_applications_and_every_node() {
+    let state = load_texts(
+        "version: 1\nnodes:\n  198.18.0.11: [a]\n  198.18.0.12: []\n",
+        Path::new(DEP),
+        VALID_APPS,
+        Path::new(APP),
+        &FakeResolver,
+    )
+    .expect("valid");
+    assert_eq!(state.applications.keys().collect::<Vec<_>>(), vec!["a"]);
+    assert_eq!(state.nodes.len(), 2);
+    assert_eq!(state.node_of("a"), Some("198.18.0.11"));
+}
+
+#[test]
+fn missing_file_is_a_usage_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let present = dir.path().join("deployment.yml");
+    std::fs::write(&present, "version: 1\nnodes: {}\n").expect("write");
+    match load_files(&present, &dir.path().join("absent.yml")) {
+        Err(ConfigError::Usage(message)) => {
+            assert!(
+                message.starts_with("cannot read the application config "),
+                "{message}"
+            );
+            assert!(message.contains("absent.yml"), "{message}");
+        }
+        other => panic!("expected a usage error, got {other:?}"),
+    }
+}
+
+#[test]
+fn system_resolver_accepts_literals_and_etc_hosts_names() {
+    assert!(SystemResolver.resolves("198.18.0.11"));
+    assert!(SystemResolver.resolves("::1"));
+    // `localhost` is in /etc/hosts on every Debian system: no DNS traffic.
+    assert!(SystemResolver.resolves("localhost"));
+}
+
+// ---- the bundled examples ----
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The `# validate: DEPLOYMENT APPLICATION` header of a broken example, with `THIS` standing
+/// for the file itself.
+fn header(file: &Path) -> (String, PathBuf, PathBuf) {
+    let text = std::fs::read_to_string(file).expect("readable example");
+    let mut lines = text.lines();
+    let error = lines
+        .next()
+        .and_then(|l| l.strip_prefix("# error: "))
+        .unwrap_or_else(|| panic!("{}: first line must be `# error: ...`", file.display()))
+        .to_owned();
+    let validate = lines
+        .next()
+        .and_then(|l| l.strip_prefix("# validate: "))
+        .unwrap_or_else(|| panic!("{}: second line must be `# validate: ...`", file.display()));
+    let resolve = |word: &str| {
+        if word == "THIS" {
+            file.to_path_buf()
+        } else {
+            repo_root().join(word)
+        }
+    };
+    let words: Vec<&str> = validate.split_whitespace().collect();
+    assert_eq!(words.len(), 2, "{}", file.display());
+    (error, resolve(words[0]), resolve(words[1]))
+}
+
+#[test]
+fn valid_examples_parse() {
+    let root = repo_root();
+    let app = root.join("examples/redis/application.yml");
+    for deployment in ["deployment.yml", "deployment-moved.yml"] {
+        let state = load_files_with(
+            &root.join("examples/redis").join(deployment),
+            &app,
+            &FakeResolver,
+        )
+        .unwrap_or_else(|e| panic!("{deployment}: {e:?}"));
+        assert_eq!(state.nodes.len(), 3);
+        assert_eq!(state.applications.len(), 2);
+    }
+    let native =
+        parse_application(&std::fs::read_to_string(&app).expect("read"), &app).expect("native");
+    for compose in [
+        "examples/compose/docker-compose.yml",
+        "examples/compose/fig.yml",
+    ] {
+        let path = root.join(compose);
+        let parsed = parse_application(&std::fs::read_to_string(&path).expect("read"), &path)
+            .unwrap_or_else(|e| panic!("{compose}: {e:?}"));
+        assert_eq!(parsed, native, "{compose} differs from the native example");
+    }
+}
+
+#[test]
+fn broken_examples_yield_the_error_their_header_names() {
+    let dir = repo_root().join("examples/broken");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("examples/broken")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yml"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 20,
+        "expected one broken example per error class"
+    );
+    let mut mismatches = Vec::new();
+    for file in files {
+        let (expected, deployment, application) = header(&file);
+        let errors = match load_files_with(&deployment, &application, &FakeResolver) {
+            Err(ConfigError::Invalid(ds)) => ds,
+            other => panic!("{}: expected invalid, got {other:?}", file.display()),
+        };
+        let rendered: Vec<String> = errors
+            .iter()
+            .map(|d| {
+                if d.file == file {
+                    render(d)
+                } else {
+                    d.to_string()
+                }
+            })
+            .map(|line| line.replace(&format!("{}/", repo_root().display()), ""))
+            .collect();
+        if rendered != vec![expected.clone()] {
+            mismatches.push(format!(
+                "{}:\n  expected: {expected}\n  got:      {rendered:?}",
+                file.display()
+            ));
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+// ---- arbitrary input ----
+
+mod no_panic {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn feed(text: &str) {
+        let _ = parse_application_config(text, Path::new(APP));
+        let _ = parse_deployment_config(text, Path::new(DEP));
+        let _ = load_texts(text, Path::new(DEP), text, Path::new(APP), &FakeResolver);
+    }
+
+    /// Fragments of valid configs, so the generator reaches the validators and not only the
+    /// YAML scanner.
+    const FRAGMENTS: &[&str] = &[
+        "version: 1\n",
+        "applications:\n",
+        "nodes:\n",
+        "services:\n",
+        "  a:\n",
+        "    image: x\n",
+        "    ports:\n",
+        "      - internal: 80\n",
+        "        external: \"80\"\n",
+        "    volume:\n",
+        "      mountpoint: /d\n",
+        "      maximum_size: 1.5G\n",
+        "    links: [db]\n",
+        "    environment: [A=1]\n",
+        "  198.18.0.1: [a]\n",
+        "    restart: on-failure:x\n",
+        "&a ",
+        "*a\n",
+        "<<: *a\n",
+        "- ",
+        "[",
+        "]",
+        "{",
+        "}",
+        ": ",
+        "'",
+        "\"",
+        "\t",
+        "#",
+        "!!str ",
+        "---\n",
+        "\n",
+        "  ",
+        "é",
+        "\u{0}",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_strings_never_panic(text in ".{0,300}") {
+            feed(&text);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(text) = decode(&bytes, Path::new(APP)) {
+                feed(text);
+            }
+        }
+
+        #[test]
+        fn config_shaped_input_never_panics(parts in proptest::collection::vec(proptest::sample::select(FRAGMENTS), 0..40)) {
+            feed(&parts.concat());
+        }
+    }
+}

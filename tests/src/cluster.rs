@@ -190,6 +190,8 @@ impl Cluster {
             .arg(format!("zfs:{}", node.pool))
             .arg("--routing")
             .arg(&self.spec.routing)
+            .arg("--state-dir")
+            .arg(node.dir.join("agent"))
             .arg("--ca-cert")
             .arg(ca.join("cluster.crt"))
             .arg("--cert")

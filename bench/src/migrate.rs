@@ -1,6 +1,437 @@
-//! `cargo xtask bench migrate`: not written yet.
+//! `cargo xtask bench migrate`: how long an application is unreachable while it moves.
+//!
+//! On a local three-node cluster, a Redis application with a volume of `--size` MiB (default
+//! 1024) is moved between two nodes while a client polls its port through the third node
+//! every 10 ms; the downtime is the longest interval in which no poll succeeded. Rows:
+//!
+//! - the first move (the whole volume is pre-copied while Redis runs),
+//! - a move back after `--delta` MiB (default 1) changed since the last push,
+//! - Flocker 0.1's way on the same data: stop, full `zfs send | ssh | zfs recv`, start,
+//! - the wall time of a no-op `flockerctl deploy` with `--apps` (default 20) applications.
+
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec};
+
+struct Args {
+    size_mib: u64,
+    delta_mib: u64,
+    apps: usize,
+}
+
+fn parse(args: &[String]) -> Result<Args> {
+    let mut parsed = Args {
+        size_mib: 1024,
+        delta_mib: 1,
+        apps: 20,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--size" => parsed.size_mib = value.parse()?,
+            "--delta" => parsed.delta_mib = value.parse()?,
+            "--apps" => parsed.apps = value.parse()?,
+            other => bail!("unknown flag {other}: expected --size MiB, --delta MiB, --apps N"),
+        }
+    }
+    Ok(parsed)
+}
 
 /// Runs the benchmark and prints its table.
-pub fn run(_args: &[String]) -> anyhow::Result<()> {
-    anyhow::bail!("the migrate benchmark is not written yet")
+pub fn run(args: &[String]) -> Result<()> {
+    let args = parse(args)?;
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "flocker-dataplane",
+            "-p",
+            "flocker-ctl",
+        ])
+        .status()?;
+    ensure!(status.success(), "building the agent failed");
+    let target = workspace_target().join("release");
+    let pool_size = format!("{}M", (args.size_mib * 3).max(1024) + 512);
+    let mut cluster = Cluster::up(ClusterSpec {
+        nodes: 3,
+        dir: PathBuf::from("/tmp/flocker-bench-migrate"),
+        pool_size: Box::leak(pool_size.into_boxed_str()),
+        agent_binary: target.join("flocker-agent"),
+        ctl_binary: target.join("flockerctl"),
+        routing: "nftables".into(),
+    })?;
+    cluster.teardown_on_drop = true;
+    let [n1, n2, n3] = [0, 1, 2].map(|i| cluster.nodes[i].clone());
+    let files = tempfile::tempdir()?;
+    let apps = files.path().join("application.yml");
+    std::fs::write(
+        &apps,
+        "version: 1\napplications:\n  db:\n    image: redis-flocker:latest\n    ports:\n      - internal: 6379\n        external: 6379\n    volume:\n      mountpoint: /data\n",
+    )?;
+    let on = |node: &ClusterNode, name: &str| -> Result<PathBuf> {
+        let path = files.path().join(name);
+        let mut text = String::from("version: 1\nnodes:\n");
+        for n in [&n1, &n2, &n3] {
+            let list = if n.address == node.address {
+                "[db]"
+            } else {
+                "[]"
+            };
+            text.push_str(&format!("  {}: {list}\n", n.address));
+        }
+        std::fs::write(&path, text)?;
+        Ok(path)
+    };
+    eprintln!(
+        "migrate: deploying db on n1 and writing {} MiB",
+        args.size_mib
+    );
+    deploy(&cluster, &on(&n1, "d1.yml")?, &apps)?;
+    write_data(&n1, "blob", args.size_mib)?;
+
+    let probe = format!("{}:6379", n3.address);
+    eprintln!("migrate: first move n1 -> n2 (whole volume pre-copied)");
+    let first = measure(&probe, || deploy(&cluster, &on(&n2, "d2.yml")?, &apps))?;
+    write_data(&n2, "delta", args.delta_mib)?;
+    eprintln!(
+        "migrate: move n2 -> n1 after {} MiB changed",
+        args.delta_mib
+    );
+    let second = measure(&probe, || deploy(&cluster, &on(&n1, "d3.yml")?, &apps))?;
+    eprintln!("migrate: Flocker 0.1's stop, full copy over ssh, start (n1 -> n3)");
+    let baseline = stop_copy_start(&cluster, &n1, &n3)?;
+
+    eprintln!("migrate: no-op deploy with {} applications", args.apps);
+    let noop = noop_deploy(&cluster, &[&n1, &n2, &n3], args.apps, files.path())?;
+
+    let mut table = String::new();
+    table.push_str(&format!(
+        "| move ({} MiB volume) | downtime | move wall time |\n| --- | ---: | ---: |\n",
+        args.size_mib
+    ));
+    table.push_str(&format!(
+        "| flocker, first move (full pre-copy while running) | {} | {} |\n",
+        ms(first.downtime),
+        ms(first.wall)
+    ));
+    table.push_str(&format!(
+        "| flocker, {} MiB changed since the last push | {} | {} |\n",
+        args.delta_mib,
+        ms(second.downtime),
+        ms(second.wall)
+    ));
+    table.push_str(&format!(
+        "| Flocker 0.1: stop, full zfs send over ssh, start | {} | {} |\n",
+        ms(baseline),
+        ms(baseline)
+    ));
+    table.push_str(&format!(
+        "\n| no-op `flockerctl deploy`, {} applications on 3 nodes | median of 5 |\n| --- | ---: |\n| wall time | {} |\n",
+        args.apps,
+        ms(noop)
+    ));
+    let ratio = second.downtime.as_secs_f64() / baseline.as_secs_f64().max(1e-9);
+    table.push_str(&format!(
+        "\nDowntime with {} MiB changed is {:.1}% of stop-copy-start.\n",
+        args.delta_mib,
+        ratio * 100.0
+    ));
+    println!("{table}");
+    let results = workspace_target()
+        .parent()
+        .map(|root| root.join("bench/results"))
+        .unwrap_or_else(|| PathBuf::from("bench/results"));
+    std::fs::create_dir_all(&results)?;
+    let mut out = std::fs::File::create(results.join("migrate.md"))?;
+    writeln!(
+        out,
+        "## Migration downtime (`cargo xtask bench migrate`)\n\n{table}"
+    )?;
+    Ok(())
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn workspace_target() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .map(|p| p.join("target"))
+                .unwrap_or_else(|| PathBuf::from("target"))
+        })
+}
+
+fn deploy(cluster: &Cluster, deployment: &Path, application: &Path) -> Result<()> {
+    let out = cluster.flockerctl(&[
+        "deploy",
+        &deployment.display().to_string(),
+        &application.display().to_string(),
+    ])?;
+    ensure!(
+        out.status.success(),
+        "deploy failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn docker(node: &ClusterNode, args: &[&str]) -> Result<String> {
+    let out = Command::new("docker")
+        .args(["-H", &node.docker_host])
+        .args(args)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Writes `mib` MiB of random bytes into the running container's volume.
+fn write_data(node: &ClusterNode, file: &str, mib: u64) -> Result<()> {
+    docker(
+        node,
+        &[
+            "exec",
+            "flocker-db",
+            "/bin/busybox",
+            "dd",
+            "if=/dev/urandom",
+            &format!("of=/data/{file}"),
+            "bs=1M",
+            &format!("count={mib}"),
+        ],
+    )?;
+    Ok(())
+}
+
+struct Measured {
+    downtime: Duration,
+    wall: Duration,
+}
+
+/// Runs `action` while polling `probe` every 10 ms with a Redis PING; the downtime is the
+/// longest stretch between a failed poll's start and the next successful poll.
+fn measure(probe: &str, action: impl FnOnce() -> Result<()>) -> Result<Measured> {
+    let addr: SocketAddr = probe.parse()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut longest = Duration::ZERO;
+            let mut down_since: Option<Instant> = None;
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                if ping(addr) {
+                    if let Some(since) = down_since.take() {
+                        longest = longest.max(since.elapsed());
+                    }
+                } else if down_since.is_none() {
+                    down_since = Some(started);
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            if let Some(since) = down_since {
+                longest = longest.max(since.elapsed());
+            }
+            longest
+        })
+    };
+    let started = Instant::now();
+    let result = action();
+    let wall = started.elapsed();
+    // Keep polling until the application answers again (routes settle after deploy returns).
+    let settle = Instant::now();
+    while !ping(addr) && settle.elapsed() < Duration::from_secs(30) {
+        thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let downtime = poller
+        .join()
+        .map_err(|_| anyhow::anyhow!("poller panicked"))?;
+    result?;
+    Ok(Measured { downtime, wall })
+}
+
+fn ping(addr: SocketAddr) -> bool {
+    let attempt = || -> std::io::Result<bool> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        s.write_all(b"PING\r\n")?;
+        let mut buf = [0u8; 16];
+        let n = std::io::Read::read(&mut s, &mut buf)?;
+        Ok(buf[..n].starts_with(b"+PONG"))
+    };
+    attempt().unwrap_or(false)
+}
+
+/// Flocker 0.1's move: stop the container, snapshot, send the whole dataset over ssh to
+/// the target, start a container there; timed from stop until Redis answers again.
+fn stop_copy_start(cluster: &Cluster, from: &ClusterNode, to: &ClusterNode) -> Result<Duration> {
+    let keys = cluster.spec.dir.join("ssh");
+    let sshd = start_sshd(&keys, to)?;
+    let source = format!("{}/db", from.pool);
+    let target = format!("{}/baseline", to.pool);
+    let started = Instant::now();
+    docker(from, &["stop", "flocker-db"])?;
+    let snap = format!("{source}@baseline");
+    sh(Command::new("zfs").args(["snapshot", &snap]))?;
+    let pipeline = format!(
+        "zfs send {snap} | ssh -i {key} -p 2222 -o StrictHostKeyChecking=no \
+         -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR root@{addr} zfs recv -F {target}",
+        key = keys.join("client").display(),
+        addr = to.address,
+    );
+    sh(Command::new("sh").args(["-c", &pipeline]))?;
+    let mountpoint =
+        sh(Command::new("zfs").args(["get", "-H", "-o", "value", "mountpoint", &target]))?;
+    docker(
+        to,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "baseline-db",
+            "-v",
+            &format!("{}:/data", mountpoint.trim()),
+            "redis-flocker:latest",
+        ],
+    )?;
+    while docker(
+        to,
+        &[
+            "exec",
+            "baseline-db",
+            "/bin/busybox",
+            "nc",
+            "-z",
+            "127.0.0.1",
+            "6379",
+        ],
+    )
+    .is_err()
+    {
+        ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "baseline redis never answered"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    let elapsed = started.elapsed();
+    let _ = docker(to, &["rm", "-f", "baseline-db"]);
+    let _ = docker(from, &["start", "flocker-db"]);
+    let _ = sh(Command::new("zfs").args(["destroy", "-r", &target]));
+    let _ = sh(Command::new("zfs").args(["destroy", &snap]));
+    drop(sshd);
+    Ok(elapsed)
+}
+
+/// An sshd in the target node's namespace on port 2222, with throwaway keys.
+struct Sshd(std::process::Child);
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_sshd(dir: &Path, node: &ClusterNode) -> Result<Sshd> {
+    std::fs::create_dir_all(dir)?;
+    for (name, _) in [("host", ()), ("client", ())] {
+        let key = dir.join(name);
+        if !key.exists() {
+            sh(Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(&key))?;
+        }
+    }
+    std::fs::copy(dir.join("client.pub"), dir.join("authorized_keys"))?;
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port 2222\nHostKey {host}\nAuthorizedKeysFile {auth}\nPermitRootLogin yes\nPasswordAuthentication no\nUsePAM no\nPidFile {pid}\nStrictModes no\n",
+            host = dir.join("host").display(),
+            auth = dir.join("authorized_keys").display(),
+            pid = dir.join("sshd.pid").display(),
+        ),
+    )?;
+    std::fs::create_dir_all("/run/sshd")?;
+    let child = node
+        .command("/usr/sbin/sshd")
+        .arg("-D")
+        .arg("-f")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("start sshd")?;
+    flocker_e2e::cluster::wait_for_port(
+        &format!("{}:2222", node.address),
+        Duration::from_secs(10),
+    )?;
+    Ok(Sshd(child))
+}
+
+fn sh(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Deploys `count` small web applications round-robin, then times `deploy` when nothing
+/// changed (median of five).
+fn noop_deploy(
+    cluster: &Cluster,
+    nodes: &[&ClusterNode],
+    count: usize,
+    dir: &Path,
+) -> Result<Duration> {
+    let mut apps = String::from("version: 1\napplications:\n");
+    let mut placement: Vec<Vec<String>> = vec![Vec::new(); nodes.len()];
+    for i in 0..count {
+        apps.push_str(&format!(
+            "  web{i}:\n    image: busybox-flocker:latest\n    ports:\n      - internal: 80\n        external: {}\n",
+            9000 + i
+        ));
+        placement[i % nodes.len()].push(format!("web{i}"));
+    }
+    let mut deployment = String::from("version: 1\nnodes:\n");
+    for (node, names) in nodes.iter().zip(&placement) {
+        deployment.push_str(&format!("  {}: [{}]\n", node.address, names.join(", ")));
+    }
+    let a = dir.join("many.yml");
+    let d = dir.join("many-deployment.yml");
+    std::fs::write(&a, apps)?;
+    std::fs::write(&d, deployment)?;
+    deploy(cluster, &d, &a)?;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        deploy(cluster, &d, &a)?;
+        times.push(started.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
 }

@@ -160,9 +160,13 @@ fn start_node(
         "--ca-cert".into(),
         ca.join("cluster.crt").display().to_string(),
         "--cert".into(),
-        ca.join(format!("nodes/{address}.crt")).display().to_string(),
+        ca.join(format!("nodes/{address}.crt"))
+            .display()
+            .to_string(),
         "--key".into(),
-        ca.join(format!("nodes/{address}.key")).display().to_string(),
+        ca.join(format!("nodes/{address}.key"))
+            .display()
+            .to_string(),
         "--state-dir".into(),
         state_dir.display().to_string(),
     ];
@@ -227,7 +231,13 @@ impl Cluster {
     fn wait_healthy(&self, node: &Node) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match self.call(&self.admin(), node.address, Method::GET, "/v1/health", vec![]) {
+            match self.call(
+                &self.admin(),
+                node.address,
+                Method::GET,
+                "/v1/health",
+                vec![],
+            ) {
                 Ok((StatusCode::OK, _)) => return Ok(()),
                 _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(300)),
                 other => bail!(
@@ -271,28 +281,32 @@ impl Cluster {
             let tcp = tokio::net::TcpStream::from_std(std_stream)?;
             let name = ServerName::try_from(node.clone())?;
             let tls = TlsConnector::from(config).connect(name, tcp).await?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
             tokio::spawn(conn);
             let req = Request::builder()
                 .method(method)
                 .uri(path)
                 .header(hyper::header::HOST, node)
                 .body(Full::new(Bytes::from(body)))?;
-            let resp = tokio::time::timeout(Duration::from_secs(240), sender.send_request(req))
-                .await??;
+            let resp =
+                tokio::time::timeout(Duration::from_secs(240), sender.send_request(req)).await??;
             let status = resp.status();
-            let bytes = tokio::time::timeout(
-                Duration::from_secs(240),
-                resp.into_body().collect(),
-            )
-            .await??
-            .to_bytes();
+            let bytes = tokio::time::timeout(Duration::from_secs(240), resp.into_body().collect())
+                .await??
+                .to_bytes();
             Ok((status, bytes))
         })
     }
 
     fn state(&self, node: &Node) -> Result<NodeState> {
-        let (status, body) = self.call(&self.admin(), node.address, Method::GET, "/v1/state", vec![])?;
+        let (status, body) = self.call(
+            &self.admin(),
+            node.address,
+            Method::GET,
+            "/v1/state",
+            vec![],
+        )?;
         ensure!(status == StatusCode::OK, "state: {status} {body:?}");
         Ok(serde_json::from_slice(&body)?)
     }
@@ -321,8 +335,18 @@ impl Cluster {
     }
 
     /// Sends a converge request; returns status and the events (or the error body).
-    fn converge_raw(&self, node: &Node, body: Vec<u8>) -> Result<(StatusCode, Vec<ConvergeEvent>, String)> {
-        let (status, bytes) = self.call(&self.admin(), node.address, Method::POST, "/v1/converge", body)?;
+    fn converge_raw(
+        &self,
+        node: &Node,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Vec<ConvergeEvent>, String)> {
+        let (status, bytes) = self.call(
+            &self.admin(),
+            node.address,
+            Method::POST,
+            "/v1/converge",
+            body,
+        )?;
         let text = String::from_utf8_lossy(&bytes).into_owned();
         if !status.is_success() {
             let message = serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -341,17 +365,33 @@ impl Cluster {
     }
 
     /// Sends a converge request and requires every action to be done.
-    fn converge(&self, node: &Node, desired: &DesiredState, actions: Vec<Action>) -> Result<Vec<ConvergeEvent>> {
+    fn converge(
+        &self,
+        node: &Node,
+        desired: &DesiredState,
+        actions: Vec<Action>,
+    ) -> Result<Vec<ConvergeEvent>> {
         let n = actions.len();
         let req = ConvergeRequest {
             desired: desired.clone(),
             actions,
         };
         let (status, events, text) = self.converge_raw(node, serde_json::to_vec(&req)?)?;
-        ensure!(status == StatusCode::OK, "converge on {}: {status}: {text}\n{}", node.address, node.agent.log_tail());
-        let done = events.iter().filter(|e| matches!(e, ConvergeEvent::Done { .. })).count();
         ensure!(
-            done == n && !events.iter().any(|e| matches!(e, ConvergeEvent::Failed { .. })),
+            status == StatusCode::OK,
+            "converge on {}: {status}: {text}\n{}",
+            node.address,
+            node.agent.log_tail()
+        );
+        let done = events
+            .iter()
+            .filter(|e| matches!(e, ConvergeEvent::Done { .. }))
+            .count();
+        ensure!(
+            done == n
+                && !events
+                    .iter()
+                    .any(|e| matches!(e, ConvergeEvent::Failed { .. })),
             "converge on {}: {text}\n{}",
             node.address,
             node.agent.log_tail()
@@ -371,7 +411,10 @@ impl Cluster {
         for phase in &plan.phases {
             let mut per_node: BTreeMap<&str, Vec<Action>> = BTreeMap::new();
             for a in &phase.actions {
-                per_node.entry(a.node.as_str()).or_default().push(a.action.clone());
+                per_node
+                    .entry(a.node.as_str())
+                    .or_default()
+                    .push(a.action.clone());
             }
             for (node, actions) in per_node {
                 self.converge(self.node(node), desired, actions)
@@ -440,7 +483,14 @@ fn write_random(node: &Node, file: &str, kib: u32) -> Result<()> {
     let of = format!("of={file}");
     let count = format!("count={kib}");
     node.docker.docker(&[
-        "exec", "flocker-web", "/bin/busybox", "dd", "if=/dev/urandom", &of, "bs=1024", &count,
+        "exec",
+        "flocker-web",
+        "/bin/busybox",
+        "dd",
+        "if=/dev/urandom",
+        &of,
+        "bs=1024",
+        &count,
     ])?;
     Ok(())
 }
@@ -467,17 +517,43 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
     assert_eq!(record(&sa, "web"), Some((A.into(), 1, vec![])));
     assert_eq!(cluster.a.zfs_get("web", "quota")?, "64M");
     assert!(cluster.a.writable("web")?);
-    let env = cluster.a.docker.docker(&["inspect", "-f", "{{.Config.Env}} {{.HostConfig.Memory}} {{.HostConfig.CpuShares}}", "flocker-web"])?;
-    assert!(env.contains("GREETING=hello") && env.contains("134217728") && env.contains("256"), "{env}");
+    let env = cluster.a.docker.docker(&[
+        "inspect",
+        "-f",
+        "{{.Config.Env}} {{.HostConfig.Memory}} {{.HostConfig.CpuShares}}",
+        "flocker-web",
+    ])?;
+    assert!(
+        env.contains("GREETING=hello") && env.contains("134217728") && env.contains("256"),
+        "{env}"
+    );
     // Running it twice changes nothing: the planner has nothing left to do, and re-sending
     // the same actions is harmless.
     assert!(flocker_ctl::planner::plan(&d1, &cluster.cluster_state()?).is_empty());
-    let id_before = cluster.a.docker.docker(&["inspect", "-f", "{{.Id}}", "flocker-web"])?;
-    cluster.converge(&cluster.a, &d1, vec![
-        Action::CreateVolume { volume: "web".into(), maximum_size: Some(64 << 20) },
-        Action::StartApplication { application: app.clone() },
-    ])?;
-    assert_eq!(cluster.a.docker.docker(&["inspect", "-f", "{{.Id}}", "flocker-web"])?, id_before);
+    let id_before = cluster
+        .a
+        .docker
+        .docker(&["inspect", "-f", "{{.Id}}", "flocker-web"])?;
+    cluster.converge(
+        &cluster.a,
+        &d1,
+        vec![
+            Action::CreateVolume {
+                volume: "web".into(),
+                maximum_size: Some(64 << 20),
+            },
+            Action::StartApplication {
+                application: app.clone(),
+            },
+        ],
+    )?;
+    assert_eq!(
+        cluster
+            .a
+            .docker
+            .docker(&["inspect", "-f", "{{.Id}}", "flocker-web"])?,
+        id_before
+    );
 
     write_random(&cluster.a, "/www/first", 3072)?;
 
@@ -521,10 +597,18 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
             "handoff" => {
                 assert_eq!(record(&sa, "web").map(|r| (r.0, r.1)), Some((B.into(), 2)));
                 assert_eq!(record(&sb, "web").map(|r| (r.0, r.1)), Some((B.into(), 2)));
-                assert!(!cl.a.writable("web")?, "A's copy must be read-only after the handoff");
-                assert!(cl.b.writable("web")?, "B's copy must be writable after the handoff");
+                assert!(
+                    !cl.a.writable("web")?,
+                    "A's copy must be read-only after the handoff"
+                );
+                assert!(
+                    cl.b.writable("web")?,
+                    "B's copy must be writable after the handoff"
+                );
                 assert_eq!(cl.b.zfs_get("web", "quota")?, "64M");
-                let cs = ClusterState { nodes: BTreeMap::from([(A.into(), sa.clone()), (B.into(), sb.clone())]) };
+                let cs = ClusterState {
+                    nodes: BTreeMap::from([(A.into(), sa.clone()), (B.into(), sb.clone())]),
+                };
                 assert_eq!(cs.volume_owner("web"), Some(B));
                 assert!(cs.ownership_settled("web"));
             }
@@ -533,17 +617,42 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
         }
         Ok(())
     })?;
-    assert_eq!(phases, vec!["pre-copy", "stop", "final-push", "handoff", "start", "routes"]);
+    assert_eq!(
+        phases,
+        vec![
+            "pre-copy",
+            "stop",
+            "final-push",
+            "handoff",
+            "start",
+            "routes"
+        ]
+    );
     assert!(crash_after_final_push);
-    assert_eq!(checksums(&cluster.b, &["/www/first", "/www/second"])?, sums_on_a);
+    assert_eq!(
+        checksums(&cluster.b, &["/www/first", "/www/second"])?,
+        sums_on_a
+    );
 
     // A still refuses to start the application on its read-only copy.
-    let req = ConvergeRequest { desired: d1.clone(), actions: vec![Action::StartApplication { application: app.clone() }] };
+    let req = ConvergeRequest {
+        desired: d1.clone(),
+        actions: vec![Action::StartApplication {
+            application: app.clone(),
+        }],
+    };
     let (status, _, text) = cluster.converge_raw(&cluster.a, serde_json::to_vec(&req)?)?;
     assert_eq!(status, StatusCode::CONFLICT, "{text}");
     assert!(text.contains("owned by 198.18.30.2"), "{text}");
     // Re-sending the handoff is harmless (the source only re-tells the target).
-    cluster.converge(&cluster.a, &d2, vec![Action::Handoff { volume: "web".into(), to: B.into() }])?;
+    cluster.converge(
+        &cluster.a,
+        &d2,
+        vec![Action::Handoff {
+            volume: "web".into(),
+            to: B.into(),
+        }],
+    )?;
 
     // 5. Restarts: every agent reports exactly what it did before.
     let before = cluster.stable_state()?;
@@ -553,14 +662,24 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
     assert!(flocker_ctl::planner::plan(&d2, &before).is_empty());
 
     // 6. Changed image: restart in place on B with the new image, data kept.
-    cluster.b.docker.docker(&["tag", BUSYBOX_IMAGE, "busybox-flocker:v2"])?;
+    cluster
+        .b
+        .docker
+        .docker(&["tag", BUSYBOX_IMAGE, "busybox-flocker:v2"])?;
     let mut app2 = app.clone();
     app2.image.tag = "v2".into();
     let d3 = desired_on(B, Some(app2.clone()));
     cluster.deploy(&d3, |_, _| Ok(()))?;
     let sb = cluster.state(&cluster.b)?;
-    assert_eq!(sb.container("web").map(|c| c.application.image.tag.as_str()), Some("v2"));
-    assert_eq!(checksums(&cluster.b, &["/www/first", "/www/second"])?, sums_on_a);
+    assert_eq!(
+        sb.container("web")
+            .map(|c| c.application.image.tag.as_str()),
+        Some("v2")
+    );
+    assert_eq!(
+        checksums(&cluster.b, &["/www/first", "/www/second"])?,
+        sums_on_a
+    );
 
     // 7. Removed application: the container goes, the volume (the only writable copy) stays.
     let d4 = desired_on(B, None);
@@ -580,7 +699,9 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
     no_image.image.repository = "no-such-image".into();
     no_image.volume = None;
     let mut d_no_image = desired.clone();
-    d_no_image.applications.insert("web".into(), no_image.clone());
+    d_no_image
+        .applications
+        .insert("web".into(), no_image.clone());
     let cases: Vec<(Vec<u8>, StatusCode, &str)> = vec![
         (b"{not json".to_vec(), StatusCode::BAD_REQUEST, "invalid converge request"),
         (
@@ -645,7 +766,15 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
     // leaves A the owner.
     let req = ConvergeRequest {
         desired: desired.clone(),
-        actions: vec![Action::StopApplication { application: "nothing-here".into() }, Action::Handoff { volume: "web".into(), to: B.into() }],
+        actions: vec![
+            Action::StopApplication {
+                application: "nothing-here".into(),
+            },
+            Action::Handoff {
+                volume: "web".into(),
+                to: B.into(),
+            },
+        ],
     };
     let (status, events, text) = cluster.converge_raw(&cluster.a, serde_json::to_vec(&req)?)?;
     assert_eq!(status, StatusCode::OK, "{text}");
@@ -670,7 +799,10 @@ fn check_mtls_refusals(cluster: &Cluster) -> Result<()> {
         key: other.path().join("users/admin.key"),
     };
     let refused = cluster.call(&foreign, A, Method::GET, "/v1/state", vec![]);
-    assert!(refused.is_err(), "another CA's certificate was accepted: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "another CA's certificate was accepted: {refused:?}"
+    );
 
     // Expired, from the right CA.
     let now = SystemTime::now();
@@ -684,11 +816,16 @@ fn check_mtls_refusals(cluster: &Cluster) -> Result<()> {
     )?;
     let expired = cluster.user(cluster.ca.path(), "expired");
     let refused = cluster.call(&expired, A, Method::GET, "/v1/state", vec![]);
-    assert!(refused.is_err(), "an expired certificate was accepted: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "an expired certificate was accepted: {refused:?}"
+    );
 
     // No client certificate at all.
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::pem::PemObject::pem_file_iter(cluster.ca.path().join("cluster.crt"))? {
+    for cert in
+        rustls_pki_types::pem::PemObject::pem_file_iter(cluster.ca.path().join("cluster.crt"))?
+    {
         roots.add(cert?)?;
     }
     let anonymous = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -698,7 +835,10 @@ fn check_mtls_refusals(cluster: &Cluster) -> Result<()> {
     .with_root_certificates(roots)
     .with_no_client_auth();
     let refused = cluster.call_with(Arc::new(anonymous), A, Method::GET, "/v1/state", vec![]);
-    assert!(refused.is_err(), "a peer without certificate was accepted: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "a peer without certificate was accepted: {refused:?}"
+    );
 
     // The right CA works, and an agent's own node certificate works too.
     let node_creds = TlsFiles {

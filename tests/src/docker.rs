@@ -80,10 +80,7 @@ impl Dockerd {
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    bail!(
-                        "dockerd exited at start ({status}): {}",
-                        self.log_tail()
-                    );
+                    bail!("dockerd exited at start ({status}): {}", self.log_tail());
                 }
             }
             if self.socket.exists() && self.docker(&["version"]).is_ok() {

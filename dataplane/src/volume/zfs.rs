@@ -105,14 +105,14 @@ pub fn parse_volumes(root: &str, output: &str) -> Vec<VolumeState> {
             continue;
         };
         match rest.split_once('@') {
-            Some((volume, snapshot)) => {
-                if property == OWNER && !volume.contains('/') {
-                    acc.entry(volume.to_string())
-                        .or_default()
-                        .snapshots
-                        .push(snapshot.to_string());
-                }
+            // Every snapshot lists each property once; counting it under one avoids duplicates.
+            Some((volume, snapshot)) if property == OWNER && !volume.contains('/') => {
+                acc.entry(volume.to_string())
+                    .or_default()
+                    .snapshots
+                    .push(snapshot.to_string());
             }
+            Some(_) => {}
             None if !rest.contains('/') => {
                 let entry = acc.entry(rest.to_string()).or_default();
                 match property {

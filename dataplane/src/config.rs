@@ -288,6 +288,20 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_parses() {
+        let flags = Flags {
+            config: Some(PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/agent.toml.example"
+            ))),
+            ..Flags::default()
+        };
+        let c = AgentConfig::resolve(flags).expect("example config");
+        assert_eq!(c.routing, RoutingChoice::Auto);
+        assert_eq!(c.peer_port, 4523);
+    }
+
+    #[test]
     fn unknown_file_keys_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("agent.toml");

@@ -11,6 +11,8 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+#[cfg(test)]
+mod agent_tests;
 pub mod api;
 pub mod config;
 pub mod containers;

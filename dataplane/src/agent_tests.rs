@@ -1,0 +1,485 @@
+//! Two agents in one process on loopback addresses (127.0.0.1 and 127.0.0.2), talking to
+//! each other over real mutual TLS and moving a real directory volume, with a fake container
+//! runtime in place of Docker. No root needed; the privileged end-to-end test with real
+//! Docker and ZFS lives in `tests/agent_e2e.rs`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use flocker_wire::{
+    Action, Application, ConvergeEvent, ConvergeRequest, DesiredState, Image, RestartPolicy,
+    VolumeSpec,
+};
+
+use crate::agent::{Agent, TakeOverRequest};
+use crate::containers::{ContainerError, ContainerRuntime, ContainerSpec, ManagedContainer};
+use crate::peer::PeerClient;
+use crate::routes::RouteStore;
+use crate::tls::{TlsFiles, client_config, server_config};
+use crate::volume::VolumeBackend;
+use crate::volume::command::SystemRunner;
+use crate::volume::dir::DirBackend;
+
+const A: &str = "127.0.0.1";
+const B: &str = "127.0.0.2";
+
+/// Containers in memory; images from a fixed set.
+#[derive(Default)]
+struct FakeRuntime {
+    containers: Mutex<BTreeMap<String, ManagedContainer>>,
+    images: BTreeSet<String>,
+}
+
+#[async_trait]
+impl ContainerRuntime for FakeRuntime {
+    async fn list_managed(&self) -> Result<Vec<ManagedContainer>, ContainerError> {
+        Ok(self
+            .containers
+            .lock()
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn ensure_image(&self, image: &str) -> Result<(), ContainerError> {
+        if self.images.contains(image) {
+            Ok(())
+        } else {
+            Err(ContainerError::ImageMissing {
+                image: image.into(),
+                detail: "no registry".into(),
+            })
+        }
+    }
+
+    async fn create_and_start(&self, spec: &ContainerSpec) -> Result<(), ContainerError> {
+        let json = &spec.labels[crate::containers::LABEL_APPLICATION];
+        let application: Application =
+            serde_json::from_str(json).map_err(|e| ContainerError::Other(e.to_string()))?;
+        let mut c = self
+            .containers
+            .lock()
+            .map_err(|_| ContainerError::Other("poisoned".into()))?;
+        if c.contains_key(&spec.name) {
+            return Err(ContainerError::Other(format!("{} exists", spec.name)));
+        }
+        c.insert(
+            spec.name.clone(),
+            ManagedContainer {
+                name: spec.name.clone(),
+                application,
+                running: true,
+                ip: Some("172.17.0.2".into()),
+            },
+        );
+        Ok(())
+    }
+
+    async fn start(&self, name: &str) -> Result<(), ContainerError> {
+        if let Ok(mut c) = self.containers.lock() {
+            if let Some(c) = c.get_mut(name) {
+                c.running = true;
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop_and_remove(&self, name: &str) -> Result<(), ContainerError> {
+        if let Ok(mut c) = self.containers.lock() {
+            c.remove(name);
+        }
+        Ok(())
+    }
+}
+
+struct TestNode {
+    agent: Arc<Agent>,
+    runtime: Arc<FakeRuntime>,
+    volumes: Arc<DirBackend>,
+}
+
+fn node_files(ca: &Path, address: &str) -> TlsFiles {
+    TlsFiles {
+        ca_cert: ca.join("cluster.crt"),
+        cert: ca.join(format!("nodes/{address}.crt")),
+        key: ca.join(format!("nodes/{address}.key")),
+    }
+}
+
+/// A free port on both loopback addresses.
+fn free_port() -> u16 {
+    for _ in 0..50 {
+        let Ok(l) = std::net::TcpListener::bind((A, 0)) else {
+            continue;
+        };
+        let Ok(addr) = l.local_addr() else { continue };
+        if std::net::TcpListener::bind((B, addr.port())).is_ok() {
+            return addr.port();
+        }
+    }
+    panic!("no free port on loopback");
+}
+
+async fn start_node(dir: &Path, ca: &Path, address: &str, port: u16) -> TestNode {
+    let root = dir.join(address);
+    let volumes =
+        Arc::new(DirBackend::open(&root.join("volumes"), Arc::new(SystemRunner)).expect("dir"));
+    let runtime = Arc::new(FakeRuntime {
+        images: BTreeSet::from(["busybox:latest".to_string()]),
+        ..FakeRuntime::default()
+    });
+    let files = node_files(ca, address);
+    let routes = RouteStore::open(root.join("routes.json"), None).expect("routes");
+    let agent = Arc::new(Agent::new(
+        address.to_string(),
+        volumes.clone(),
+        runtime.clone(),
+        PeerClient::new(client_config(&files).expect("client tls"), port),
+        routes,
+    ));
+    let listener = crate::api::bind(format!("{address}:{port}").parse().expect("addr"))
+        .await
+        .expect("bind");
+    tokio::spawn(crate::api::serve(
+        listener,
+        server_config(&files).expect("server tls"),
+        agent.clone(),
+    ));
+    TestNode {
+        agent,
+        runtime,
+        volumes,
+    }
+}
+
+fn app() -> Application {
+    Application {
+        name: "db".into(),
+        image: Image {
+            repository: "busybox".into(),
+            tag: "latest".into(),
+        },
+        ports: vec![],
+        volume: Some(VolumeSpec {
+            mountpoint: "/data".into(),
+            maximum_size: None,
+        }),
+        environment: BTreeMap::new(),
+        links: vec![],
+        mem_limit: None,
+        cpu_shares: None,
+        restart_policy: RestartPolicy::Never,
+    }
+}
+
+fn desired(on: &str) -> DesiredState {
+    let mut d = DesiredState::default();
+    d.applications.insert("db".into(), app());
+    d.nodes.insert(A.into(), BTreeSet::new());
+    d.nodes.insert(B.into(), BTreeSet::new());
+    d.nodes.get_mut(on).map(|s| s.insert("db".into()));
+    d
+}
+
+async fn converge(
+    node: &TestNode,
+    desired: &DesiredState,
+    actions: Vec<Action>,
+) -> Vec<ConvergeEvent> {
+    let mut rx = node
+        .agent
+        .converge(ConvergeRequest {
+            desired: desired.clone(),
+            actions,
+        })
+        .await
+        .expect("accepted");
+    let mut events = vec![];
+    while let Some(e) = rx.recv().await {
+        events.push(e);
+    }
+    events
+}
+
+fn failed(events: &[ConvergeEvent]) -> Option<String> {
+    events.iter().find_map(|e| match e {
+        ConvergeEvent::Failed { error, .. } => Some(error.clone()),
+        _ => None,
+    })
+}
+
+async fn setup() -> (tempfile::TempDir, TestNode, TestNode) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca");
+    flocker_ctl::ca::init(&ca, "test").expect("ca");
+    flocker_ctl::ca::issue_node(&ca, A).expect("a");
+    flocker_ctl::ca::issue_node(&ca, B).expect("b");
+    let port = free_port();
+    let a = start_node(dir.path(), &ca, A, port).await;
+    let b = start_node(dir.path(), &ca, B, port).await;
+    (dir, a, b)
+}
+
+fn record(node: &TestNode) -> Option<(String, u64, Vec<String>)> {
+    node.volumes
+        .get("db")
+        .expect("get")
+        .map(|v| (v.owner, v.epoch, v.snapshots))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_a_directory_volume_between_two_agents_over_mutual_tls() {
+    let (_dir, a, b) = setup().await;
+    let d1 = desired(A);
+    let events = converge(
+        &a,
+        &d1,
+        vec![
+            Action::CreateVolume {
+                volume: "db".into(),
+                maximum_size: None,
+            },
+            Action::StartApplication { application: app() },
+        ],
+    )
+    .await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    let data = a.volumes.mountpoint("db").expect("mp");
+    std::fs::write(data.join("f"), "v1").expect("write");
+
+    let d2 = desired(B);
+    let push = |last| Action::PushVolume {
+        volume: "db".into(),
+        to: B.into(),
+        last,
+    };
+    // A handoff before B holds the newest snapshot is refused; A stays the owner.
+    let events = converge(
+        &a,
+        &d2,
+        vec![Action::StopApplication {
+            application: "db".into(),
+        }],
+    )
+    .await;
+    assert_eq!(failed(&events), None);
+    let events = converge(
+        &a,
+        &d2,
+        vec![Action::Handoff {
+            volume: "db".into(),
+            to: B.into(),
+        }],
+    )
+    .await;
+    assert!(
+        failed(&events).is_some_and(|e| e.contains("push it first")),
+        "{events:?}"
+    );
+    assert_eq!(record(&a).map(|r| (r.0, r.1)), Some((A.into(), 1)));
+
+    for last in [false, true] {
+        let events = converge(&a, &d2, vec![push(last)]).await;
+        assert_eq!(failed(&events), None, "{events:?}");
+        assert!(events.iter().any(|e| matches!(
+            e,
+            ConvergeEvent::Progress {
+                bytes_total: Some(_),
+                ..
+            }
+        )));
+    }
+    // Pruned down to the newest common snapshot on both sides; B's copy records A at 1.
+    let (_, _, snaps_a) = record(&a).expect("a");
+    assert_eq!(snaps_a, vec!["push-0000000002"]);
+    assert_eq!(record(&b), Some((A.into(), 1, snaps_a.clone())));
+
+    // B does not own it yet: starting there is refused before anything happens.
+    let err = b
+        .agent
+        .converge(ConvergeRequest {
+            desired: d2.clone(),
+            actions: vec![Action::StartApplication { application: app() }],
+        })
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.status(), 409, "{err}");
+
+    let handoff = Action::Handoff {
+        volume: "db".into(),
+        to: B.into(),
+    };
+    for _ in 0..2 {
+        // The second time is a retry: A only re-tells B.
+        let events = converge(&a, &d2, vec![handoff.clone()]).await;
+        assert_eq!(failed(&events), None, "{events:?}");
+        assert_eq!(record(&a).map(|r| (r.0, r.1)), Some((B.into(), 2)));
+        assert_eq!(record(&b).map(|r| (r.0, r.1)), Some((B.into(), 2)));
+    }
+    // A pushing again after the handoff is a no-op, never a second writer.
+    assert_eq!(failed(&converge(&a, &d2, vec![push(true)]).await), None);
+    assert_eq!(record(&b).map(|r| (r.0, r.1)), Some((B.into(), 2)));
+
+    let events = converge(
+        &b,
+        &d2,
+        vec![Action::StartApplication { application: app() }],
+    )
+    .await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    let got =
+        std::fs::read_to_string(b.volumes.mountpoint("db").expect("mp").join("f")).expect("read");
+    assert_eq!(got, "v1");
+    assert!(
+        b.agent
+            .state()
+            .await
+            .expect("state")
+            .container("db")
+            .is_some_and(|c| c.running)
+    );
+
+    // A's copy is now a replica: starting there is refused, and so is a stale takeover.
+    let err = a
+        .agent
+        .converge(ConvergeRequest {
+            desired: d1.clone(),
+            actions: vec![Action::StartApplication { application: app() }],
+        })
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("owned by 127.0.0.2 at epoch 2"),
+        "{err}"
+    );
+    let stale = b
+        .agent
+        .take_over(
+            "db",
+            TakeOverRequest {
+                epoch: 1,
+                from: A.into(),
+            },
+        )
+        .await
+        .err()
+        .expect("stale");
+    assert_eq!(stale.status(), 409);
+    assert!(a.runtime.list_managed().await.expect("list").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_change_nothing() {
+    let (_dir, a, b) = setup().await;
+    let d = desired(A);
+    let mut no_image = app();
+    no_image.image.tag = "nope".into();
+    let cases: Vec<(Vec<Action>, u16, &str)> = vec![
+        (
+            vec![
+                Action::CreateVolume {
+                    volume: "db".into(),
+                    maximum_size: None,
+                },
+                Action::StartApplication {
+                    application: no_image,
+                },
+            ],
+            422,
+            "busybox:nope",
+        ),
+        (
+            vec![
+                Action::CreateVolume {
+                    volume: "db".into(),
+                    maximum_size: None,
+                },
+                Action::PushVolume {
+                    volume: "other".into(),
+                    to: B.into(),
+                    last: false,
+                },
+            ],
+            404,
+            "volume \"other\" does not exist",
+        ),
+        (
+            vec![Action::PushVolume {
+                volume: "db".into(),
+                to: A.into(),
+                last: false,
+            }],
+            400,
+            "this node itself",
+        ),
+        (
+            vec![Action::CreateVolume {
+                volume: "a/b".into(),
+                maximum_size: None,
+            }],
+            400,
+            "invalid volume",
+        ),
+    ];
+    for (actions, status, needle) in cases {
+        let err = a
+            .agent
+            .converge(ConvergeRequest {
+                desired: d.clone(),
+                actions,
+            })
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(err.status(), status, "{err}");
+        assert!(err.to_string().contains(needle), "{needle:?} not in {err}");
+        assert!(a.volumes.list().expect("list").is_empty());
+        assert!(a.runtime.list_managed().await.expect("list").is_empty());
+    }
+
+    // A push must never land on the owner's own copy.
+    assert_eq!(
+        failed(
+            &converge(
+                &a,
+                &d,
+                vec![Action::CreateVolume {
+                    volume: "db".into(),
+                    maximum_size: None
+                }]
+            )
+            .await
+        ),
+        None
+    );
+    assert_eq!(
+        failed(
+            &converge(
+                &b,
+                &d,
+                vec![Action::CreateVolume {
+                    volume: "db".into(),
+                    maximum_size: None
+                }]
+            )
+            .await
+        ),
+        None
+    );
+    let events = converge(
+        &a,
+        &d,
+        vec![Action::PushVolume {
+            volume: "db".into(),
+            to: B.into(),
+            last: false,
+        }],
+    )
+    .await;
+    let error = failed(&events).expect("refused push");
+    assert!(error.contains("sharing no snapshot"), "{error}");
+    assert_eq!(record(&b), Some((B.into(), 1, vec![])));
+}

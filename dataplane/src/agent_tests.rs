@@ -303,8 +303,7 @@ async fn moves_a_directory_volume_between_two_agents_over_mutual_tls() {
             actions: vec![Action::StartApplication { application: app() }],
         })
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(err.status(), 409, "{err}");
 
     let handoff = Action::Handoff {
@@ -349,8 +348,7 @@ async fn moves_a_directory_volume_between_two_agents_over_mutual_tls() {
             actions: vec![Action::StartApplication { application: app() }],
         })
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(
         err.to_string().contains("owned by 127.0.0.2 at epoch 2"),
         "{err}"
@@ -365,8 +363,7 @@ async fn moves_a_directory_volume_between_two_agents_over_mutual_tls() {
             },
         )
         .await
-        .err()
-        .expect("stale");
+        .expect_err("stale");
     assert_eq!(stale.status(), 409);
     assert!(a.runtime.list_managed().await.expect("list").is_empty());
 }
@@ -432,8 +429,7 @@ async fn refused_requests_change_nothing() {
                 actions,
             })
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert_eq!(err.status(), status, "{err}");
         assert!(err.to_string().contains(needle), "{needle:?} not in {err}");
         assert!(a.volumes.list().expect("list").is_empty());

@@ -58,7 +58,7 @@ pub(super) fn check_placements(
         if !applications.defined.contains_key(&placement.application) {
             sink.error(
                 placement.mark,
-                format!("nodes/{}", placement.node),
+                placement.path.clone(),
                 format!(
                     "application `{}` is not defined in {}",
                     placement.application,

@@ -22,6 +22,8 @@ pub struct Placement {
     pub application: String,
     pub node: String,
     pub mark: Mark,
+    /// The model path of the list item, e.g. `nodes/198.18.0.11[1]`.
+    pub path: String,
 }
 
 pub fn parse_deployment_tree(sink: &mut Sink<'_>, root: &Node) -> Deployment {
@@ -82,6 +84,7 @@ pub fn parse_deployment_tree(sink: &mut Sink<'_>, root: &Node) -> Deployment {
                 application: name.to_owned(),
                 node: node.clone(),
                 mark: item.mark,
+                path: item_path.clone(),
             };
             placed.insert(name.to_owned(), placement.clone());
             apps.insert(name.to_owned());

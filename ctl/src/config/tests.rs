@@ -788,7 +788,7 @@ fn application_not_defined_and_unresolvable_node() {
             VALID_APPS
         ),
         vec![
-            "deployment.yml:3:20: nodes/198.18.0.11: application `ghost` is not defined in application.yml",
+            "deployment.yml:3:20: nodes/198.18.0.11[1]: application `ghost` is not defined in application.yml",
             "deployment.yml:4:3: nodes/nowhere.example: the node address \"nowhere.example\" does not resolve: it is \
              not an IP address and the system resolver (/etc/hosts, DNS) does not know it",
         ]

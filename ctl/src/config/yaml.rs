@@ -218,8 +218,9 @@ pub struct Loaded {
     pub problems: Vec<YamlProblem>,
 }
 
-/// Alias expansion copies nodes; this bounds the total so hostile input cannot exhaust memory.
-const NODE_BUDGET: usize = 100_000;
+/// Alias expansion copies nodes; this bounds the total (one unit per node plus one per byte
+/// of scalar text) so hostile input cannot exhaust memory. Real configs are a few kilobytes.
+const EXPANSION_BUDGET: usize = 1 << 20;
 /// Deeper nesting than any config needs; bounds recursion in the validators.
 const MAX_DEPTH: usize = 64;
 
@@ -233,6 +234,8 @@ enum Frame {
         mark: Mark,
         anchor: usize,
         entries: Vec<Entry>,
+        /// Key -> index into `entries`, so duplicate detection stays linear.
+        seen: HashMap<String, usize>,
         merges: Vec<Node>,
         pending_key: Option<Node>,
     },
@@ -276,12 +279,12 @@ pub fn load(text: &str) -> Loaded {
                 let node = match builder.anchors.get(&id) {
                     Some((node, size)) => {
                         builder.budget = builder.budget.saturating_add(*size);
-                        if builder.budget > NODE_BUDGET {
+                        if builder.budget > EXPANSION_BUDGET {
                             builder.problems.push(YamlProblem {
                                 mark,
                                 message: format!(
-                                    "aliases expand to more than {NODE_BUDGET} nodes; the file \
-                                     is too large to be a configuration"
+                                    "aliases expand the document beyond {EXPANSION_BUDGET} nodes \
+                                     and bytes; the file is too large to be a configuration"
                                 ),
                             });
                             return Loaded {
@@ -311,7 +314,7 @@ pub fn load(text: &str) -> Loaded {
                 // `!!str 80` is the explicit way to write a string that looks like a number.
                 let forced_str = tag.as_ref().is_some_and(|t| t.suffix == "str");
                 let plain = style == saphyr_parser::ScalarStyle::Plain && !forced_str;
-                builder.budget += 1;
+                builder.budget += 1 + text.len();
                 builder.push_node(
                     Node {
                         kind: Kind::Scalar(Scalar {
@@ -344,6 +347,7 @@ pub fn load(text: &str) -> Loaded {
                         mark,
                         anchor,
                         entries: Vec::new(),
+                        seen: HashMap::new(),
                         merges: Vec::new(),
                         pending_key: None,
                     },
@@ -417,6 +421,7 @@ impl Builder {
                 mark,
                 anchor,
                 mut entries,
+                mut seen,
                 merges,
                 ..
             } => {
@@ -424,7 +429,8 @@ impl Builder {
                 for merged in merges {
                     for source in merge_sources(&merged) {
                         for entry in source {
-                            if !entries.iter().any(|e| e.key == entry.key) {
+                            if !seen.contains_key(&entry.key) {
+                                seen.insert(entry.key.clone(), entries.len());
                                 entries.push(entry.clone());
                             }
                         }
@@ -455,6 +461,7 @@ impl Builder {
             Frame::Seq { items, .. } => items.push(node),
             Frame::Map {
                 entries,
+                seen,
                 merges,
                 pending_key,
                 ..
@@ -490,7 +497,7 @@ impl Builder {
                         }
                         return;
                     }
-                    if let Some(first) = entries.iter().find(|e| e.key == k.text) {
+                    if let Some(first) = seen.get(&k.text).and_then(|&i| entries.get(i)) {
                         self.problems.push(YamlProblem {
                             mark: key.mark,
                             message: format!(
@@ -500,6 +507,7 @@ impl Builder {
                         });
                         return;
                     }
+                    seen.insert(k.text.clone(), entries.len());
                     entries.push(Entry {
                         key: k.text.clone(),
                         key_mark: key.mark,
@@ -519,14 +527,15 @@ fn merge_sources(node: &Node) -> Vec<&[Entry]> {
     }
 }
 
+/// The node's weight against [`EXPANSION_BUDGET`].
 fn node_count(node: &Node) -> usize {
     match &node.kind {
-        Kind::Scalar(_) => 1,
+        Kind::Scalar(s) => 1 + s.text.len(),
         Kind::Seq(items) => 1 + items.iter().map(node_count).sum::<usize>(),
         Kind::Map(entries) => {
             1 + entries
                 .iter()
-                .map(|e| 1 + node_count(&e.value))
+                .map(|e| 1 + e.key.len() + node_count(&e.value))
                 .sum::<usize>()
         }
     }
@@ -620,6 +629,19 @@ mod tests {
             ));
         }
         let loaded = load(&text);
+        assert!(loaded.root.is_none());
+        assert!(loaded.problems[0].message.contains("aliases expand"));
+    }
+
+    #[test]
+    fn aliases_of_long_scalars_count_their_bytes() {
+        let long = "x".repeat(64 * 1024);
+        let aliases = vec!["*s"; 32].join(", ");
+        let loaded = load(&format!(
+            "s: &s {long}
+t: [{aliases}]
+"
+        ));
         assert!(loaded.root.is_none());
         assert!(loaded.problems[0].message.contains("aliases expand"));
     }

@@ -113,11 +113,15 @@ fn shape(root: &Node) -> (Shape, Mark) {
         ("services", Shape::Compose),
         ("nodes", Shape::Deployment),
     ] {
-        if let Some(e) = root.get(key) {
+        // A fig-style service may be named like a section; a mapping with an `image` is one.
+        if let Some(e) = root.get(key).filter(|e| e.value.get("image").is_none()) {
             return (shape, e.key_mark);
         }
     }
-    if let Some(version) = root.get("version") {
+    if let Some(version) = root
+        .get("version")
+        .filter(|e| e.value.get("image").is_none())
+    {
         // `version: 1` is Flocker's; compose versions are "2"/"3" strings.
         let shape = if version.value.as_int() == Some(1) {
             Shape::Native
@@ -307,6 +311,13 @@ pub fn load_texts(
         diagnostics.extend(sink.finish());
     }
     diagnostics.sort_by_key(|d| (d.file != deployment_file, d.line, d.column));
+    tracing::debug!(
+        dialect = ?applications.dialect,
+        applications = applications.defined.len(),
+        nodes = deployment.nodes.len(),
+        problems = diagnostics.len(),
+        "configuration checked"
+    );
     if !diagnostics.is_empty() {
         return Err(ConfigError::Invalid(diagnostics));
     }

@@ -595,6 +595,17 @@ fn native_modern_and_fig_forms_yield_identical_applications() {
 }
 
 #[test]
+fn fig_services_may_be_named_like_sections() {
+    let (config, diagnostics) = parse_application_config(
+        "nodes:\n  image: x\nservices:\n  image: y\nversion:\n  image: z\n",
+        Path::new(APP),
+    );
+    assert!(diagnostics.is_empty(), "{diagnostics:?}");
+    assert_eq!(config.dialect, Dialect::Fig);
+    assert_eq!(config.applications.len(), 3);
+}
+
+#[test]
 fn compose_link_without_alias_uses_the_service_name() {
     let parsed = apps(
         "services:\n  db:\n    image: x\n    ports: ['5432:15432']\n  app:\n    image: y\n    links: [db]\n",

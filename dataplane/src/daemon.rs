@@ -126,7 +126,12 @@ pub async fn build(
         }
     }
     let routing = open_routing(config.routing)?;
-    let routes = RouteStore::open(config.state_dir.join("routes.json"), routing)?;
+    // Named after the node so that several agents on one host (test clusters) can share a
+    // state directory without sharing a route table.
+    let route_file = config
+        .state_dir
+        .join(format!("routes-{}.json", config.node_address));
+    let routes = RouteStore::open(route_file, routing)?;
     let agent = Arc::new(Agent::new(
         config.node_address.clone(),
         volumes,

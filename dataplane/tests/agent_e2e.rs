@@ -156,7 +156,7 @@ fn start_node(
         "--volumes".into(),
         format!("zfs:{}", pool.name()),
         "--routing".into(),
-        "none".into(),
+        "nftables".into(),
         "--ca-cert".into(),
         ca.join("cluster.crt").display().to_string(),
         "--cert".into(),
@@ -426,6 +426,29 @@ impl Cluster {
         Ok(names)
     }
 
+    /// The body of `GET http://NODE:PORT/PATH`, fetched from the client namespace.
+    fn http_get(&self, node: &str, port: u16, path: &str) -> Result<Vec<u8>> {
+        use std::io::{Read, Write};
+        let addr = format!("{node}:{port}");
+        let mut stream = self
+            .client
+            .run(move || std::net::TcpStream::connect(addr))??;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {node}\r\n\r\n")?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response)?;
+        let split = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .context("no HTTP header end")?;
+        ensure!(
+            response.starts_with(b"HTTP/1.0 200") || response.starts_with(b"HTTP/1.1 200"),
+            "GET {path} via {node}: {}",
+            String::from_utf8_lossy(&response[..split])
+        );
+        Ok(response[split + 4..].to_vec())
+    }
+
     /// Kills an agent (SIGKILL, as a crash) and starts it again.
     fn restart_agent(&self, which: &str) -> Result<()> {
         let node = self.node(which);
@@ -633,6 +656,19 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
         checksums(&cluster.b, &["/www/first", "/www/second"])?,
         sums_on_a
     );
+
+    // Routes: the external port answers on both nodes with the moved container's data.
+    let mp = cluster.b.pool.mountpoint(&cluster.b.dataset("web"))?;
+    let first = std::fs::read(mp.join("first"))?;
+    for node in [A, B] {
+        let got = cluster.http_get(node, 8080, "/first")?;
+        assert!(
+            got == first,
+            "GET /first via {node}: {} bytes, expected {}",
+            got.len(),
+            first.len()
+        );
+    }
 
     // A still refuses to start the application on its read-only copy.
     let req = ConvergeRequest {

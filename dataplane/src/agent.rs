@@ -72,6 +72,12 @@ impl AgentError {
             AgentError::Volume(VolumeError::Exists(_)) => 409,
             AgentError::Container(ContainerError::ImageMissing { .. }) => 422,
             AgentError::Routes(RoutesError::Table(_)) => 400,
+            // A stream that fails verification or ends early is the sender's fault; a sink
+            // that cannot take verified data (full pool) is ours.
+            AgentError::Stream(transfer::TransferError::Stream(
+                flocker_stream::StreamError::SinkWrite(_),
+            )) => 500,
+            AgentError::Stream(_) => 400,
             AgentError::Peer(_) => 502,
             _ => 500,
         }
@@ -667,6 +673,40 @@ impl Agent {
         Ok(())
     }
 
+    /// Everything a receive can be refused for before reading the stream; returns this
+    /// node's copy, if any.
+    async fn check_receive(
+        &self,
+        name: &str,
+        params: &ReceiveParams,
+    ) -> Result<Option<VolumeState>, AgentError> {
+        check_name(name)?;
+        check_name(&params.snapshot)?;
+        if let Some(b) = &params.base {
+            check_name(b)?;
+        }
+        let local = self.local_volume(name).await?;
+        ownership::check_receive(&self.me, &params.from, local.as_ref())?;
+        match (&local, &params.base) {
+            (None, Some(base)) => Err(AgentError::Conflict(format!(
+                "volume {name:?}: incremental stream from {base:?}, but this node has no copy"
+            ))),
+            (Some(_), None) => Err(AgentError::Conflict(format!(
+                "volume {name:?}: full stream refused, this node already has a copy"
+            ))),
+            (Some(v), Some(base)) if !v.snapshots.contains(base) => Err(AgentError::Conflict(
+                format!("volume {name:?}: this copy does not hold base snapshot {base:?}"),
+            )),
+            (Some(v), _) if v.snapshots.contains(&params.snapshot) => {
+                Err(AgentError::Conflict(format!(
+                    "volume {name:?}: this copy already holds snapshot {:?}",
+                    params.snapshot
+                )))
+            }
+            _ => Ok(local),
+        }
+    }
+
     /// `POST /v1/volumes/NAME/receive`: applies a pushed stream to this node's copy.
     pub async fn receive(
         &self,
@@ -674,59 +714,49 @@ impl Agent {
         params: ReceiveParams,
         body: hyper::body::Incoming,
     ) -> Result<ReceiveReport, AgentError> {
-        check_name(name)?;
-        check_name(&params.snapshot)?;
-        if let Some(b) = &params.base {
-            check_name(b)?;
-        }
         let _lock = self.lock_volume(name).await;
-        let local = self.local_volume(name).await?;
-        ownership::check_receive(&self.me, &params.from, local.as_ref())?;
-        match (&local, &params.base) {
-            (None, Some(base)) => {
-                return Err(AgentError::Conflict(format!(
-                    "volume {name:?}: incremental stream from {base:?}, but this node has no copy"
-                )));
+        let local = match self.check_receive(name, &params).await {
+            Ok(local) => local,
+            Err(e) => {
+                // An HTTP/1.1 client still writing the stream would see a broken connection
+                // instead of this answer: read the stream away first.
+                drain(body).await;
+                return Err(e);
             }
-            (Some(_), None) => {
-                return Err(AgentError::Conflict(format!(
-                    "volume {name:?}: full stream refused, this node already has a copy"
-                )));
-            }
-            (Some(v), Some(base)) if !v.snapshots.contains(base) => {
-                return Err(AgentError::Conflict(format!(
-                    "volume {name:?}: this copy does not hold base snapshot {base:?}"
-                )));
-            }
-            _ => {}
-        }
+        };
         let (n, b, s) = (
             name.to_string(),
             params.base.clone(),
             params.snapshot.clone(),
         );
-        let mut sink = self
+        let mut sink = match self
             .blocking(move |be| be.receive(&n, b.as_deref(), &s))
-            .await?;
+            .await
+        {
+            Ok(sink) => sink,
+            Err(e) => {
+                drain(body).await;
+                return Err(e);
+            }
+        };
         let stream = body
             .into_data_stream()
             .map_err(|e| std::io::Error::other(e.to_string()));
         let mut bridge = SyncIoBridge::new(StreamReader::new(stream));
-        let received = tokio::task::spawn_blocking(move || {
-            let n = transfer::receive(&mut bridge, &mut sink)?;
-            Ok::<_, AgentError>((n, sink))
+        let (bytes, sink) = tokio::task::spawn_blocking(move || {
+            match transfer::receive(&mut bridge, &mut sink) {
+                Ok(n) => Ok((n, sink)),
+                Err(e) => {
+                    // Dropping the sink unfinished discards the partial receive; read the
+                    // rest of the stream away so the sender gets this answer.
+                    drop(sink);
+                    let _ = std::io::copy(&mut bridge, &mut std::io::sink());
+                    Err(AgentError::from(e))
+                }
+            }
         })
         .await
-        .map_err(|e| AgentError::Internal(e.to_string()))?;
-        let (bytes, sink) = match received {
-            Ok(r) => r,
-            Err(e) => {
-                return Err(AgentError::Transfer {
-                    volume: name.to_string(),
-                    detail: e.to_string(),
-                });
-            }
-        };
+        .map_err(|e| AgentError::Internal(e.to_string()))??;
         let (owner, epoch) =
             ownership::received_record(local.as_ref(), &params.owner, params.epoch);
         let record = Record { owner, epoch };
@@ -862,6 +892,19 @@ impl Agent {
         let resolver = self.resolver().await?;
         Ok(self.routes.set(routes, &resolver)?)
     }
+}
+
+/// Reads a request body to its end (bounded in time), discarding it.
+pub async fn drain(body: hyper::body::Incoming) {
+    let mut body = body;
+    let _ = tokio::time::timeout(Duration::from_secs(300), async {
+        while let Some(frame) = body.frame().await {
+            if frame.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// A short human name of an action for progress events.

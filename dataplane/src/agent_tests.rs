@@ -97,6 +97,7 @@ struct TestNode {
     agent: Arc<Agent>,
     runtime: Arc<FakeRuntime>,
     volumes: Arc<DirBackend>,
+    agent_port: u16,
 }
 
 fn node_files(ca: &Path, address: &str) -> TlsFiles {
@@ -150,6 +151,7 @@ async fn start_node(dir: &Path, ca: &Path, address: &str, port: u16) -> TestNode
         agent,
         runtime,
         volumes,
+        agent_port: port,
     }
 }
 
@@ -478,4 +480,87 @@ async fn refused_requests_change_nothing() {
     let error = failed(&events).expect("refused push");
     assert!(error.contains("sharing no snapshot"), "{error}");
     assert_eq!(record(&b), Some((B.into(), 1, vec![])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_pushes_are_refused_and_leave_the_copy_as_it_was() {
+    use crate::peer::{Body, full};
+    use bytes::Bytes;
+    use futures_util::stream;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::Method;
+    use hyper::body::Frame;
+
+    let (dir, a, b) = setup().await;
+    let d = desired(A);
+    let create = Action::CreateVolume {
+        volume: "db".into(),
+        maximum_size: None,
+    };
+    assert_eq!(failed(&converge(&a, &d, vec![create]).await), None);
+    std::fs::write(a.volumes.mountpoint("db").expect("mp").join("f"), "v1").expect("write");
+    let push = Action::PushVolume {
+        volume: "db".into(),
+        to: B.into(),
+        last: false,
+    };
+    assert_eq!(failed(&converge(&a, &d, vec![push]).await), None);
+    let before = record(&b);
+
+    let client = PeerClient::new(
+        client_config(&node_files(&dir.path().join("ca"), A)).expect("tls"),
+        b.agent_port,
+    );
+    // 32 MiB of stream the receiver should never need to read.
+    let big = || -> Body {
+        let chunks =
+            (0..32).map(|_| Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![0u8; 1 << 20]))));
+        BodyExt::boxed(StreamBody::new(stream::iter(chunks)))
+    };
+    let query = |base: &str| {
+        format!(
+            "/v1/volumes/db/receive?snapshot=push-0000000009&base={base}&owner={A}&epoch=1&from={A}"
+        )
+    };
+    let (status, body) = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        client.request(B, Method::POST, &query("push-0000000007"), big()),
+    )
+    .await
+    .expect("no hang")
+    .expect("answer");
+    assert_eq!(status.as_u16(), 409, "{body:?}");
+    assert!(String::from_utf8_lossy(&body).contains("does not hold base snapshot"));
+
+    // Garbage instead of a verified stream: refused, nothing lands.
+    let (status, body) = client
+        .request(
+            B,
+            Method::POST,
+            &query("push-0000000001"),
+            full(vec![7u8; 100_000]),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(status.as_u16(), 400, "{body:?}");
+    assert_eq!(record(&b), before);
+    let got =
+        std::fs::read_to_string(b.volumes.mountpoint("db").expect("mp").join("f")).expect("read");
+    assert_eq!(got, "v1");
+
+    // Missing query parameters name what is missing.
+    let (status, body) = client
+        .request(
+            B,
+            Method::POST,
+            "/v1/volumes/db/receive?snapshot=x",
+            full(vec![]),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(status.as_u16(), 400);
+    assert!(
+        String::from_utf8_lossy(&body).contains("owner"),
+        "{body:?}"
+    );
 }

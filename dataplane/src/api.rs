@@ -116,7 +116,10 @@ pub async fn handle(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Body>
                     .receive(&name, params, req.into_body())
                     .await
                     .map(|r| json_response(StatusCode::OK, &r)),
-                Err(e) => Err(e),
+                Err(e) => {
+                    crate::agent::drain(req.into_body()).await;
+                    Err(e)
+                }
             }
         }
         (&Method::POST, ["v1", "volumes", name, "handoff"]) => {

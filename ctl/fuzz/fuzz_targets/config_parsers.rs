@@ -31,5 +31,11 @@ fuzz_target!(|data: &[u8]| {
         .find(|&i| i >= text.len() / 2)
         .unwrap_or(text.len());
     let (deployment, application) = text.split_at(middle);
-    let _ = config::load_texts(deployment, file, application, Path::new("other.yml"), &LiteralsOnly);
+    let _ = config::load_texts(
+        deployment,
+        file,
+        application,
+        Path::new("other.yml"),
+        &LiteralsOnly,
+    );
 });

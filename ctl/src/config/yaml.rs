@@ -219,8 +219,8 @@ pub struct Loaded {
 }
 
 /// Alias expansion copies nodes; this bounds the total (one unit per node plus one per byte
-/// of scalar text) so hostile input cannot exhaust memory. Real configs are a few kilobytes.
-const EXPANSION_BUDGET: usize = 1 << 20;
+/// of scalar text) so hostile input cannot exhaust memory. Real configs weigh a few thousand.
+const EXPANSION_BUDGET: usize = 1 << 18;
 /// Deeper nesting than any config needs; bounds recursion in the validators.
 const MAX_DEPTH: usize = 64;
 

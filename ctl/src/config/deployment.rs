@@ -15,6 +15,8 @@ pub struct Deployment {
     pub node_marks: BTreeMap<String, Mark>,
     /// Every placement, in file order.
     pub placements: Vec<Placement>,
+    /// The file is not a deployment config at all (an application config given in its place).
+    pub misplaced: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

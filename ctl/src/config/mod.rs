@@ -92,6 +92,8 @@ pub struct ApplicationConfig {
     /// deployment naming a broken application is not also told it is undefined.
     pub defined: BTreeMap<String, Mark>,
     pub dialect: Dialect,
+    /// The file is not an application config at all (a deployment given in its place).
+    pub misplaced: bool,
 }
 
 /// What a file looks like from its top-level keys, used to pick the dialect and to notice
@@ -209,7 +211,10 @@ pub fn parse_application_config(text: &str, file: &Path) -> (ApplicationConfig, 
                      expected; were the files passed in the wrong order? {ORDER_HINT}"
                 ),
             );
-            ApplicationConfig::default()
+            ApplicationConfig {
+                misplaced: true,
+                ..ApplicationConfig::default()
+            }
         }
     };
     (config, sink.finish())
@@ -257,7 +262,10 @@ pub fn parse_deployment_config(text: &str, file: &Path) -> (Deployment, Vec<Diag
                      expected; were the files passed in the wrong order? {ORDER_HINT}"
                 ),
             );
-            Deployment::default()
+            Deployment {
+                misplaced: true,
+                ..Deployment::default()
+            }
         }
         (Shape::Fig, mark) if looks_like_fig => {
             sink.error(
@@ -268,7 +276,10 @@ pub fn parse_deployment_config(text: &str, file: &Path) -> (Deployment, Vec<Diag
                      is expected; were the files passed in the wrong order? {ORDER_HINT}"
                 ),
             );
-            Deployment::default()
+            Deployment {
+                misplaced: true,
+                ..Deployment::default()
+            }
         }
         _ => deployment::parse_deployment_tree(&mut sink, &root),
     };
@@ -295,8 +306,7 @@ pub fn load_texts(
     let (deployment, mut diagnostics) = parse_deployment_config(deployment_text, deployment_file);
     let (applications, app_diagnostics) =
         parse_application_config(application_text, application_file);
-    let misplaced = |d: &Diagnostic| d.message.contains("wrong order");
-    let swapped = diagnostics.iter().any(misplaced) || app_diagnostics.iter().any(misplaced);
+    let swapped = deployment.misplaced || applications.misplaced;
     // An application file that could not be read as a whole defines nothing; saying every
     // placement is undefined would bury the real problem.
     let unreadable = applications.defined.is_empty() && !app_diagnostics.is_empty();

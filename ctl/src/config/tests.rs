@@ -724,6 +724,25 @@ fn compose_links_to_unknown_or_portless_services() {
 }
 
 #[test]
+fn compose_top_level_volumes_only_as_plain_declarations() {
+    let base = "services:\n  db:\n    image: x\n    volumes: ['data:/var/lib/db']\n";
+    assert_eq!(
+        apps(&format!("{base}volumes:\n  data:\n"))["db"].volume,
+        Some(VolumeSpec {
+            mountpoint: "/var/lib/db".into(),
+            maximum_size: None
+        })
+    );
+    assert_eq!(
+        app_errors(&format!("{base}volumes:\n  data:\n    driver: local\n")),
+        vec![
+            "7:5: volumes/data: volume options cannot be honoured: Flocker chooses the volume's storage; declare \
+             the volume with no settings"
+        ]
+    );
+}
+
+#[test]
 fn compose_missing_image_and_version() {
     assert_eq!(
         app_errors("services:\n  web:\n    ports: ['80:80']\n"),

@@ -102,7 +102,11 @@ fn every_problem_is_reported_at_once() {
 
 #[test]
 fn a_missing_file_is_a_usage_error() {
-    let out = flockerctl(&["validate", "/nonexistent/deployment.yml", "/nonexistent/app.yml"]);
+    let out = flockerctl(&[
+        "validate",
+        "/nonexistent/deployment.yml",
+        "/nonexistent/app.yml",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("/nonexistent/"));
 }
@@ -137,8 +141,14 @@ fn plan_on_an_empty_cluster_creates_starts_and_routes() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("create volume redis"), "{stdout}");
-    assert!(stdout.contains("start redis (redis-flocker:latest)"), "{stdout}");
-    assert!(stdout.contains("6379 -> redis (on 198.18.0.11)"), "{stdout}");
+    assert!(
+        stdout.contains("start redis (redis-flocker:latest)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("6379 -> redis (on 198.18.0.11)"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -188,7 +198,14 @@ fn plan_json_from_a_state_file_moves_the_volume() {
         .collect();
     assert_eq!(
         names,
-        ["pre-copy", "stop", "final-push", "handoff", "start", "routes"]
+        [
+            "pre-copy",
+            "stop",
+            "final-push",
+            "handoff",
+            "start",
+            "routes"
+        ]
     );
 }
 

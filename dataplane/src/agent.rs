@@ -41,6 +41,8 @@ pub enum AgentError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
     Conflict(String),
     #[error(transparent)]
     Ownership(#[from] OwnershipError),
@@ -66,6 +68,7 @@ impl AgentError {
         match self {
             AgentError::BadRequest(_) => 400,
             AgentError::NotFound(_) => 404,
+            AgentError::Forbidden(_) => 403,
             AgentError::Conflict(_) | AgentError::Ownership(_) => 409,
             AgentError::Volume(VolumeError::InvalidName(_)) => 400,
             AgentError::Volume(VolumeError::NotFound(_)) => 404,

@@ -548,6 +548,29 @@ async fn bad_pushes_are_refused_and_leave_the_copy_as_it_was() {
         std::fs::read_to_string(b.volumes.mountpoint("db").expect("mp").join("f")).expect("read");
     assert_eq!(got, "v1");
 
+    // A node cannot speak for another: A's certificate claiming to be B is refused, for
+    // pushes and handoffs alike.
+    let forged = format!(
+        "/v1/volumes/db/receive?snapshot=push-0000000009&base=push-0000000001&owner={B}&epoch=5&from={B}"
+    );
+    let (status, body) = client
+        .request(B, Method::POST, &forged, big())
+        .await
+        .expect("answer");
+    assert_eq!(status.as_u16(), 403, "{body:?}");
+    let takeover = serde_json::to_vec(&TakeOverRequest {
+        epoch: 5,
+        from: B.into(),
+    })
+    .expect("json");
+    let (status, body) = client
+        .request(A, Method::POST, "/v1/volumes/db/handoff", full(takeover))
+        .await
+        .expect("answer");
+    assert_eq!(status.as_u16(), 403, "{body:?}");
+    assert_eq!(record(&a).map(|r| (r.0, r.1)), Some((A.into(), 1)));
+    assert_eq!(record(&b), before);
+
     // Missing query parameters name what is missing.
     let (status, body) = client
         .request(
@@ -559,8 +582,5 @@ async fn bad_pushes_are_refused_and_leave_the_copy_as_it_was() {
         .await
         .expect("answer");
     assert_eq!(status.as_u16(), 400);
-    assert!(
-        String::from_utf8_lossy(&body).contains("owner"),
-        "{body:?}"
-    );
+    assert!(String::from_utf8_lossy(&body).contains("owner"), "{body:?}");
 }

@@ -25,6 +25,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls::ServerConfig;
+use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream_shim::ReceiverStream;
@@ -82,8 +83,28 @@ async fn read_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| AgentError::BadRequest(format!("invalid {what}: {e}")))
 }
 
+/// The verified certificate the peer presented during the handshake.
+pub type PeerCert = Option<CertificateDer<'static>>;
+
+fn require_node(peer: &PeerCert, node: &str, what: &str) -> Result<(), AgentError> {
+    if peer
+        .as_ref()
+        .is_some_and(|c| crate::tls::is_node_certificate(c, node))
+    {
+        Ok(())
+    } else {
+        Err(AgentError::Forbidden(format!(
+            "{what}: only the agent of {node} may send this, with its node certificate"
+        )))
+    }
+}
+
 /// Routes one request.
-pub async fn handle(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(
+    agent: Arc<Agent>,
+    peer: Arc<PeerCert>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
@@ -111,7 +132,9 @@ pub async fn handle(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Body>
             .map(|v| json_response(StatusCode::OK, &v)),
         (&Method::POST, ["v1", "volumes", name, "receive"]) => {
             let name = name.to_string();
-            match ReceiveParams::parse(&query) {
+            match ReceiveParams::parse(&query)
+                .and_then(|p| require_node(&peer, &p.from, "volume push").map(|()| p))
+            {
                 Ok(params) => agent
                     .receive(&name, params, req.into_body())
                     .await
@@ -124,7 +147,10 @@ pub async fn handle(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Body>
         }
         (&Method::POST, ["v1", "volumes", name, "handoff"]) => {
             let name = name.to_string();
-            match read_json::<TakeOverRequest>(req.into_body(), "handoff request").await {
+            let request = read_json::<TakeOverRequest>(req.into_body(), "handoff request")
+                .await
+                .and_then(|r| require_node(&peer, &r.from, "volume handoff").map(|()| r));
+            match request {
                 Ok(r) => agent
                     .take_over(&name, r)
                     .await
@@ -177,9 +203,16 @@ pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, agent: Arc<Age
                     return;
                 }
             };
+            let cert: PeerCert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.clone().into_owned());
+            let cert = Arc::new(cert);
             let service = service_fn(move |req| {
-                let agent = agent.clone();
-                async move { Ok::<_, Infallible>(handle(agent, req).await) }
+                let (agent, cert) = (agent.clone(), cert.clone());
+                async move { Ok::<_, Infallible>(handle(agent, cert, req).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), service)

@@ -91,3 +91,34 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
+
+/// Whether a peer's (already verified) certificate is the node certificate of `node`, i.e.
+/// valid for that address or name. Agent-to-agent endpoints require it, so a user
+/// certificate, or another node's, cannot speak for a node.
+pub fn is_node_certificate(cert: &CertificateDer<'_>, node: &str) -> bool {
+    let Ok(name) = rustls_pki_types::ServerName::try_from(node) else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(cert)
+        .and_then(|c| c.verify_is_valid_for_subject_name(&name))
+        .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_certificates_speak_only_for_their_node() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        flocker_ctl::ca::init(dir.path(), "t").expect("ca");
+        let node = flocker_ctl::ca::issue_node(dir.path(), "198.18.0.5").expect("node");
+        let user = flocker_ctl::ca::issue_user(dir.path(), "198.18.0.5").expect("user");
+        let node_cert = certs(&node.cert).expect("pem").remove(0);
+        let user_cert = certs(&user.cert).expect("pem").remove(0);
+        assert!(is_node_certificate(&node_cert, "198.18.0.5"));
+        assert!(!is_node_certificate(&node_cert, "198.18.0.6"));
+        assert!(!is_node_certificate(&user_cert, "198.18.0.5"));
+        assert!(!is_node_certificate(&node_cert, "not a name"));
+    }
+}

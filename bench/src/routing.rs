@@ -1,6 +1,576 @@
-//! `cargo xtask bench routing`: not written yet.
+//! `cargo xtask bench routing`: connection rate, connect latency, throughput and programming
+//! time of the ways to publish a container port, side by side, in network namespaces:
+//! direct to the container, Flocker 0.1's iptables DNAT (one rule per route), a socat
+//! userspace proxy, the nftables backend and the eBPF backend.
+//!
+//! Topology: `client` (198.18.1.100) and `node` (198.18.1.1) on a bridge; the "container"
+//! `ctr` (198.19.9.2) behind `node`. "outside" clients run in `client`, "local" clients on the
+//! node itself. Each measurement is a separate client process (this binary re-executed with
+//! `routing --client`), so the eBPF hooks see it in the node's cgroup only when it is local.
+//!
+//! Arguments: `--seconds S` per connection-rate sample (default 1), `--routes 1,1000,10000`.
+
+use std::{
+    fmt::Write as _,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+use flocker_e2e::netns::{Cgroup, Netns, Switch, veth};
+use flocker_routing::{RouteEntry, RouteTable, RoutingBackend, ebpf::EbpfBackend, nft::NftBackend};
+
+const NODE: &str = "198.18.1.1";
+const CTR: Ipv4Addr = Ipv4Addr::new(198, 19, 9, 2);
+const ECHO_PORT: u16 = 8000;
+const IPERF_PORT: u16 = 5201;
+const FIRST_ROUTE: u16 = 20000;
+/// The external port of the iperf3 route (outside the range of the bulk routes).
+const IPERF_ROUTE: u16 = 15201;
 
 /// Runs the benchmark and prints its table.
-pub fn run(_args: &[String]) -> anyhow::Result<()> {
-    anyhow::bail!("the routing benchmark is not written yet")
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    if args.first().map(String::as_str) == Some("--client") {
+        return client(&args[1..]);
+    }
+    let mut seconds = 1.0f64;
+    let mut route_counts = vec![1usize, 1000, 10_000];
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--seconds" => seconds = it.next().context("--seconds S")?.parse()?,
+            "--routes" => {
+                route_counts = it
+                    .next()
+                    .context("--routes N,N")?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    let lab = Lab::build()?;
+    let mut report = Report::default();
+    for peer in Peer::ALL {
+        for &n in &route_counts {
+            if matches!(peer, Peer::Direct | Peer::Socat) && n != route_counts[0] {
+                continue;
+            }
+            let mut setup = lab.program(peer, n)?;
+            let port = setup.measured_port;
+            let target = if peer == Peer::Direct {
+                CTR.to_string()
+            } else {
+                NODE.to_owned()
+            };
+            let outside = lab
+                .connections(false, &target, port, seconds)
+                .with_context(|| format!("{} with {n} routes, outside", peer.label()))?;
+            let local = lab
+                .connections(true, &target, port, seconds)
+                .with_context(|| format!("{} with {n} routes, local", peer.label()))?;
+            report.conn_rows.push((peer, n, outside, local));
+            if n == route_counts[0] {
+                let iperf_port = if peer == Peer::Direct {
+                    IPERF_PORT
+                } else {
+                    IPERF_ROUTE
+                };
+                let fwd = lab.iperf(false, &target, iperf_port)?;
+                let loc = lab.iperf(true, &target, iperf_port)?;
+                report.iperf_rows.push((peer, fwd, loc));
+            }
+            if n == *route_counts.iter().max().unwrap_or(&n) {
+                if let Some((cold, change)) = setup.timings.take() {
+                    report.program_rows.push((peer, n, (cold, change)));
+                }
+            }
+            lab.teardown(&mut setup)?;
+        }
+    }
+    let text = report.render(seconds);
+    println!("{text}");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/routing.md");
+    std::fs::create_dir_all(out.parent().context("results dir")?)?;
+    std::fs::write(&out, &text).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("written to {}", out.display());
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    Direct,
+    Iptables,
+    Socat,
+    Nftables,
+    Ebpf,
+}
+
+impl Peer {
+    const ALL: [Peer; 5] = [
+        Peer::Direct,
+        Peer::Iptables,
+        Peer::Socat,
+        Peer::Nftables,
+        Peer::Ebpf,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Peer::Direct => "direct to container",
+            Peer::Iptables => "iptables DNAT, rule per route (0.1)",
+            Peer::Socat => "socat userspace proxy",
+            Peer::Nftables => "nftables backend",
+            Peer::Ebpf => "eBPF backend",
+        }
+    }
+}
+
+/// A connection-rate sample: connections completed, p50 and p99 connect latency.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    per_second: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Cold programming time and p99 of one route change.
+type Timings = (Duration, Option<(Duration, Duration)>);
+
+struct Setup {
+    measured_port: u16,
+    backend: Option<Box<dyn RoutingBackend>>,
+    proxies: Vec<std::process::Child>,
+    iptables: bool,
+    timings: Option<Timings>,
+}
+
+struct Lab {
+    client: Netns,
+    node: Netns,
+    iperf_server: std::process::Child,
+    cgroup: Cgroup,
+    _ctr: Netns,
+    _switch: Switch,
+}
+
+impl Lab {
+    fn build() -> anyhow::Result<Lab> {
+        let mut switch = Switch::create("bsw")?;
+        let client = Netns::create("bcl")?;
+        let node = Netns::create("bnode")?;
+        let ctr = Netns::create("bctr")?;
+        switch.plug(&client, "eth0", "198.18.1.100/24")?;
+        switch.plug(&node, "eth0", &format!("{NODE}/24"))?;
+        veth(&node, "ctr0", &ctr, "eth0")?;
+        node.ip(&["addr", "add", "198.19.9.1/24", "dev", "ctr0"])?;
+        ctr.ip(&["addr", "add", "198.19.9.2/24", "dev", "eth0"])?;
+        ctr.ip(&["route", "add", "default", "via", "198.19.9.1"])?;
+        client.ip(&["route", "add", "198.19.9.0/24", "via", NODE])?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        // Tens of thousands of short connections per run: keep ports and conntrack slots
+        // from running out.
+        for ns in [&client, &node] {
+            ns.sysctl("net.ipv4.ip_local_port_range", "32768 65000")?;
+            ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        }
+        // Best effort: the key exists once nf_conntrack is loaded.
+        let _ = node.sysctl("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "1");
+        let cgroup = Cgroup::create("bench-node")?;
+        // Accept, send one byte, wait for the client to close: the cheapest possible
+        // "application". The client closes first so TIME_WAIT stays on the client, as with
+        // real request/response clients.
+        let listener = ctr.run(|| TcpListener::bind((CTR, ECHO_PORT)))??;
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                let _ = s.write_all(b"k");
+                let _ = s.read(&mut [0u8; 1]);
+            }
+        });
+        let iperf_server = ctr
+            .command("iperf3")
+            .args(["-s", "-p", &IPERF_PORT.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 -s")?;
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Lab {
+            client,
+            node,
+            iperf_server,
+            cgroup,
+            _ctr: ctr,
+            _switch: switch,
+        })
+    }
+
+    fn table(n: usize) -> RouteTable {
+        let mut entries: std::collections::BTreeMap<u16, RouteEntry> = (0..n)
+            .map(|i| {
+                (
+                    FIRST_ROUTE + i as u16,
+                    RouteEntry::Local {
+                        container: SocketAddrV4::new(CTR, ECHO_PORT),
+                    },
+                )
+            })
+            .collect();
+        entries.insert(
+            IPERF_ROUTE,
+            RouteEntry::Local {
+                container: SocketAddrV4::new(CTR, IPERF_PORT),
+            },
+        );
+        RouteTable { entries }
+    }
+
+    fn program(&self, peer: Peer, n: usize) -> anyhow::Result<Setup> {
+        let measured_port = FIRST_ROUTE + (n / 2) as u16;
+        let mut setup = Setup {
+            measured_port,
+            backend: None,
+            proxies: Vec::new(),
+            iptables: false,
+            timings: None,
+        };
+        match peer {
+            Peer::Direct => setup.measured_port = ECHO_PORT,
+            Peer::Socat => {
+                let spawn = |listen: u16, to: u16| {
+                    self.node
+                        .command("socat")
+                        .arg(format!(
+                            "TCP-LISTEN:{listen},bind={NODE},fork,reuseaddr,backlog=1024"
+                        ))
+                        .arg(format!("TCP:{CTR}:{to}"))
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                };
+                setup.proxies.push(spawn(measured_port, ECHO_PORT)?);
+                setup.proxies.push(spawn(IPERF_ROUTE, IPERF_PORT)?);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Peer::Iptables => {
+                setup.iptables = true;
+                let mut rules = String::from("*nat\n");
+                let mut rule = |chain: &str, port: u16, to: u16| {
+                    let _ = writeln!(
+                        rules,
+                        "-A {chain} -d {NODE}/32 -p tcp -m tcp --dport {port} -j DNAT --to-destination {CTR}:{to}"
+                    );
+                };
+                for (port, entry) in Self::table(n).entries {
+                    let to = entry.backend().port();
+                    rule("PREROUTING", port, to);
+                    rule("OUTPUT", port, to);
+                }
+                rules.push_str("COMMIT\n");
+                let start = Instant::now();
+                let mut child = self
+                    .node
+                    .command("iptables-restore")
+                    .arg("--noflush")
+                    .stdin(Stdio::piped())
+                    .spawn()?;
+                child
+                    .stdin
+                    .take()
+                    .context("stdin")?
+                    .write_all(rules.as_bytes())?;
+                ensure!(child.wait()?.success(), "iptables-restore failed");
+                let cold = start.elapsed();
+                // Flocker 0.1 ran one iptables command per change.
+                let mut changes = Vec::new();
+                for i in 0..20 {
+                    let port = (FIRST_ROUTE + i).to_string();
+                    let start = Instant::now();
+                    let ok = self
+                        .node
+                        .command("iptables")
+                        .args([
+                            "-t",
+                            "nat",
+                            "-I",
+                            "PREROUTING",
+                            "1",
+                            "-d",
+                            NODE,
+                            "-p",
+                            "tcp",
+                        ])
+                        .args(["--dport", &port, "-j", "DNAT", "--to-destination"])
+                        .arg(format!("{CTR}:{IPERF_PORT}"))
+                        .status()?
+                        .success();
+                    changes.push(start.elapsed());
+                    ensure!(ok, "iptables -I failed");
+                    let del = self
+                        .node
+                        .command("iptables")
+                        .args(["-t", "nat", "-D", "PREROUTING", "1"])
+                        .status()?;
+                    ensure!(del.success(), "iptables -D failed");
+                }
+                setup.timings = Some((cold, Some(p50_p99(&mut changes))));
+            }
+            Peer::Nftables | Peer::Ebpf => {
+                let table = Self::table(n);
+                let cgroup = self.cgroup.path().to_owned();
+                let (backend, timings) = self.node.run(move || -> anyhow::Result<_> {
+                    let mut backend: Box<dyn RoutingBackend> = if peer == Peer::Ebpf {
+                        Box::new(EbpfBackend::open(Some(&cgroup))?)
+                    } else {
+                        Box::new(NftBackend::new())
+                    };
+                    let start = Instant::now();
+                    backend.apply(&table)?;
+                    let cold = start.elapsed();
+                    // One route change: move one port to another node, then back.
+                    let mut changes = Vec::new();
+                    for i in 0..200u16 {
+                        let mut next = table.clone();
+                        if i % 2 == 0 {
+                            let port = FIRST_ROUTE + i % 50;
+                            next.entries.insert(
+                                port,
+                                RouteEntry::Remote {
+                                    node: SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 2), port),
+                                },
+                            );
+                        }
+                        let start = Instant::now();
+                        backend.apply(&next)?;
+                        changes.push(start.elapsed());
+                    }
+                    backend.apply(&table)?;
+                    Ok((backend, (cold, Some(p50_p99(&mut changes)))))
+                })??;
+                setup.backend = Some(backend);
+                setup.timings = Some(timings);
+            }
+        }
+        Ok(setup)
+    }
+
+    fn teardown(&self, setup: &mut Setup) -> anyhow::Result<()> {
+        if let Some(mut backend) = setup.backend.take() {
+            self.node.run(|| backend.clear())??;
+        }
+        // nsenter execs the program, so the child is the proxy itself.
+        for mut proxy in setup.proxies.drain(..) {
+            let _ = proxy.kill();
+            let _ = proxy.wait();
+        }
+        if setup.iptables {
+            let _ = self
+                .node
+                .command("iptables")
+                .args(["-t", "nat", "-F"])
+                .status();
+        }
+        Ok(())
+    }
+
+    fn client_command(&self, local: bool, program: &Path) -> Command {
+        if local {
+            self.node
+                .command_in_cgroup(self.cgroup.path(), &program.to_string_lossy())
+        } else {
+            self.client.command(&program.to_string_lossy())
+        }
+    }
+
+    fn connections(
+        &self,
+        local: bool,
+        ip: &str,
+        port: u16,
+        seconds: f64,
+    ) -> anyhow::Result<Sample> {
+        let exe: PathBuf = std::env::current_exe()?;
+        let out = self
+            .client_command(local, &exe)
+            .args([
+                "routing",
+                "--client",
+                ip,
+                &port.to_string(),
+                &seconds.to_string(),
+            ])
+            .stderr(Stdio::inherit())
+            .output()?;
+        ensure!(out.status.success(), "client to {ip}:{port} failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: Vec<f64> = text
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        ensure!(v.len() == 3, "client printed {text:?}");
+        Ok(Sample {
+            per_second: v[0],
+            p50_us: v[1],
+            p99_us: v[2],
+        })
+    }
+
+    /// Gbit/s of a 3-second iperf3 run, or `None` when it failed.
+    fn iperf(&self, local: bool, ip: &str, port: u16) -> anyhow::Result<Option<f64>> {
+        let out = self
+            .client_command(local, Path::new("iperf3"))
+            .args(["-c", ip, "-p", &port.to_string(), "-t", "3", "-J"])
+            .output()?;
+        if !out.status.success() {
+            return Ok(None);
+        }
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(json["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|b| b / 1e9))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.iperf_server.kill();
+        let _ = self.iperf_server.wait();
+    }
+}
+
+fn p50_p99(samples: &mut [Duration]) -> (Duration, Duration) {
+    samples.sort();
+    let pick = |q: usize| {
+        samples
+            .get((samples.len() * q).div_ceil(100).saturating_sub(1))
+            .copied()
+            .unwrap_or_default()
+    };
+    (pick(50), pick(99))
+}
+
+/// The client process: connect, read the one byte, close, for `seconds`; prints
+/// `connections_per_second p50_us p99_us`.
+fn client(args: &[String]) -> anyhow::Result<()> {
+    let [ip, port, seconds] = args else {
+        bail!("usage: routing --client IP PORT SECONDS");
+    };
+    let addr = SocketAddrV4::new(ip.parse()?, port.parse()?);
+    let duration = Duration::from_secs_f64(seconds.parse()?);
+    let mut latencies = Vec::new();
+    let start = Instant::now();
+    let mut failures = 0u32;
+    while start.elapsed() < duration {
+        let t = Instant::now();
+        match TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2)) {
+            Ok(mut s) => {
+                latencies.push(t.elapsed());
+                let mut b = [0u8; 1];
+                let _ = s.read(&mut b);
+            }
+            Err(e) => {
+                // A freshly started proxy may not listen yet; after the first success any
+                // failure counts.
+                failures += 1;
+                if !latencies.is_empty() || failures > 20 {
+                    bail!(
+                        "connect {addr}: {e} ({} connections succeeded)",
+                        latencies.len()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let n = latencies.len();
+    ensure!(n > 0, "no connection to {addr} succeeded");
+    latencies.sort();
+    let pick = |q: usize| {
+        latencies
+            .get((n * q).div_ceil(100).saturating_sub(1))
+            .copied()
+            .unwrap_or_default()
+    };
+    println!(
+        "{:.0} {:.1} {:.1}",
+        n as f64 / elapsed,
+        pick(50).as_secs_f64() * 1e6,
+        pick(99).as_secs_f64() * 1e6
+    );
+    Ok(())
+}
+
+#[derive(Default)]
+struct Report {
+    conn_rows: Vec<(Peer, usize, Sample, Sample)>,
+    iperf_rows: Vec<(Peer, Option<f64>, Option<f64>)>,
+    program_rows: Vec<(Peer, usize, Timings)>,
+}
+
+impl Report {
+    fn render(&self, seconds: f64) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "## Routing benchmark\n");
+        let _ = writeln!(
+            s,
+            "One run, network namespaces on one host (2 cores), single-threaded client, median of 3 samples of {seconds} s each. \
+             \"outside\": client namespace -> node address -> container (DNAT + forward); \
+             \"local\": a process on the node itself -> node address. Routes are N ports all \
+             published; the measured port is the middle one (iptables scans rules linearly). \
+             Direct and socat do not depend on N.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| way | routes | outside conn/s | outside p50 / p99 µs | local conn/s | local p50 / p99 µs |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: |");
+        for (peer, n, o, l) in &self.conn_rows {
+            let _ = writeln!(
+                s,
+                "| {} | {n} | {:.0} | {:.0} / {:.0} | {:.0} | {:.0} / {:.0} |",
+                peer.label(),
+                o.per_second,
+                o.p50_us,
+                o.p99_us,
+                l.per_second,
+                l.p50_us,
+                l.p99_us
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n| way | iperf3 forwarded Gbit/s | iperf3 local Gbit/s |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: |");
+        let fmt = |v: &Option<f64>| v.map_or("failed".to_owned(), |g| format!("{g:.2}"));
+        for (peer, fwd, loc) in &self.iperf_rows {
+            let _ = writeln!(s, "| {} | {} | {} |", peer.label(), fmt(fwd), fmt(loc));
+        }
+        let _ = writeln!(
+            s,
+            "\n| way | routes | program cold | one change p50 / p99 |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: |");
+        for (peer, n, (cold, change)) in &self.program_rows {
+            let _ = writeln!(
+                s,
+                "| {} | {n} | {:.1} ms | {} |",
+                peer.label(),
+                cold.as_secs_f64() * 1e3,
+                change.map_or("-".to_owned(), |(p50, p99)| {
+                    format!(
+                        "{:.3} / {:.3} ms",
+                        p50.as_secs_f64() * 1e3,
+                        p99.as_secs_f64() * 1e3
+                    )
+                })
+            );
+        }
+        s
+    }
 }

@@ -8,6 +8,7 @@
 //! of `ebpf`) compute what the kernel should hold as plain data; `nft::netlink` and the aya
 //! calls in `ebpf` are the only code that touches the kernel.
 
+pub mod conntrack;
 pub mod ebpf;
 pub mod nft;
 pub mod sysctl;

@@ -380,7 +380,48 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     expect_reaches("after restart", &lab.outside, None, &node_ip(2), PORT, "c1")?;
 
     // Move the application to node 2: new connections follow.
+    let tracked = |node: &Netns, port: u16| -> anyhow::Result<usize> {
+        let out = node
+            .command("conntrack")
+            .args([
+                "-L",
+                "--dst-nat",
+                "-p",
+                "tcp",
+                "--orig-port-dst",
+                &port.to_string(),
+            ])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+    };
+    for node in &lab.nodes {
+        ensure!(
+            tracked(node, PORT)? > 0,
+            "no conntrack entries to forget in {}",
+            node.name()
+        );
+    }
+    let all_tracked = |node: &Netns, port: u16| -> anyhow::Result<usize> {
+        let out = node
+            .command("conntrack")
+            .args(["-L", "-p", "tcp", "--orig-port-dst", &port.to_string()])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+    };
+    let unrelated = all_tracked(&lab.nodes[0], UNROUTED_PORT)?;
+    ensure!(unrelated > 0, "no conntrack entry for the unrouted port");
     apply_all(&lab, &mut backends, &tables(1)?)?;
+    for node in &lab.nodes {
+        ensure!(
+            tracked(node, PORT)? == 0,
+            "conntrack entries of the moved port survive in {}",
+            node.name()
+        );
+    }
+    ensure!(
+        all_tracked(&lab.nodes[0], UNROUTED_PORT)? == unrelated,
+        "conntrack entries of an unrouted port were deleted"
+    );
     check_reachable(&lab, 1, "c2")?;
 
     // Remove the route: the port closes everywhere, rulesets are as found.

@@ -10,7 +10,7 @@ pub mod plan;
 
 use std::{collections::BTreeMap, net::SocketAddrV4};
 
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::{RouteTable, RoutingBackend, RoutingError, sysctl};
 use plan::{ElementDiff, MapElement, Ruleset, Scope};
@@ -92,6 +92,12 @@ impl RoutingBackend for NftBackend {
             added = diff.add.len(),
             "nftables: routes map updated"
         );
+        // The routes are already changed; a stale entry only affects existing 5-tuples, so
+        // failing to forget it is worth a warning, not a failed apply.
+        let ports = diff.moved_or_removed_ports().into_iter().collect();
+        if let Err(error) = crate::conntrack::forget_ports(&ports) {
+            warn!(error = %crate::error_chain(&error), "cannot forget conntrack entries of moved routes");
+        }
         self.installed = Some(wanted);
         Ok(())
     }

@@ -698,10 +698,10 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
     assert!(flocker_ctl::planner::plan(&d2, &before).is_empty());
 
     // 6. Changed image: restart in place on B with the new image, data kept.
-    cluster
-        .b
-        .docker
-        .docker(&["tag", BUSYBOX_IMAGE, "busybox-flocker:v2"])?;
+    for node in [&cluster.a, &cluster.b] {
+        node.docker
+            .docker(&["tag", BUSYBOX_IMAGE, "busybox-flocker:v2"])?;
+    }
     let mut app2 = app.clone();
     app2.image.tag = "v2".into();
     let d3 = desired_on(B, Some(app2.clone()));
@@ -717,12 +717,46 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
         sums_on_a
     );
 
-    // 7. Removed application: the container goes, the volume (the only writable copy) stays.
-    let d4 = desired_on(B, None);
+    // 7. Move back to A: A's old read-only copy shares a snapshot with B, so only the
+    // changes travel (incremental), and ownership goes to A at epoch 3.
+    write_random(&cluster.b, "/www/third", 512)?;
+    let sums_on_b = checksums(&cluster.b, &["/www/first", "/www/second", "/www/third"])?;
+    let d5 = desired_on(A, Some(app2.clone()));
+    let phases = cluster.deploy(&d5, |_, _| Ok(()))?;
+    assert_eq!(
+        phases,
+        vec![
+            "pre-copy",
+            "stop",
+            "final-push",
+            "handoff",
+            "start",
+            "routes"
+        ]
+    );
+    assert_eq!(
+        checksums(&cluster.a, &["/www/first", "/www/second", "/www/third"])?,
+        sums_on_b
+    );
+    let cs = cluster.cluster_state()?;
+    assert_eq!(cs.volume_owner("web"), Some(A));
+    assert_eq!(
+        record(&cs.nodes[A], "web").map(|r| (r.0, r.1)),
+        Some((A.into(), 3))
+    );
+    assert_eq!(
+        record(&cs.nodes[B], "web").map(|r| (r.0, r.1)),
+        Some((A.into(), 3))
+    );
+    assert!(cluster.a.writable("web")? && !cluster.b.writable("web")?);
+
+    // 8. Removed application: the container goes, the volume (the only writable copy) stays.
+    let d4 = desired_on(A, None);
     cluster.deploy(&d4, |_, _| Ok(()))?;
-    let sb = cluster.state(&cluster.b)?;
-    assert!(sb.containers.is_empty());
-    assert_eq!(record(&sb, "web").map(|r| (r.0, r.1)), Some((B.into(), 2)));
+    let sa = cluster.state(&cluster.a)?;
+    assert!(sa.containers.is_empty());
+    assert_eq!(record(&sa, "web").map(|r| (r.0, r.1)), Some((A.into(), 3)));
+    assert!(flocker_ctl::planner::plan(&d4, &cluster.cluster_state()?).is_empty());
     Ok(())
 }
 

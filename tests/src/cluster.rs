@@ -464,8 +464,17 @@ fn read_pid(pidfile: &Path) -> Option<String> {
         .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()))
 }
 
+/// Whether the process runs; a killed child nobody reaped yet (a zombie) does not count.
 fn pid_alive(pidfile: &Path) -> bool {
-    read_pid(pidfile).is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    read_pid(pidfile).is_some_and(|pid| {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let state = stat.rsplit_once(')')?.1.split_whitespace().next()?.to_string();
+                Some(state != "Z" && state != "X")
+            })
+            .unwrap_or(false)
+    })
 }
 
 fn kill_pidfile(pidfile: &Path, signal: &str) {

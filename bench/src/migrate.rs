@@ -10,16 +10,15 @@
 //! - the wall time of a no-op `flockerctl deploy` with `--apps` (default 20) applications.
 
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec};
+use flocker_e2e::probe::measure;
 
 struct Args {
     size_mib: u64,
@@ -100,15 +99,15 @@ pub fn run(args: &[String]) -> Result<()> {
     deploy(&cluster, &on(&n1, "d1.yml")?, &apps)?;
     write_data(&n1, "blob", args.size_mib)?;
 
-    let probe = format!("{}:6379", n3.address);
+    let probe: SocketAddr = format!("{}:6379", n3.address).parse()?;
     eprintln!("migrate: first move n1 -> n2 (whole volume pre-copied)");
-    let first = measure(&probe, || deploy(&cluster, &on(&n2, "d2.yml")?, &apps))?;
+    let first = measure(probe, || deploy(&cluster, &on(&n2, "d2.yml")?, &apps))?;
     write_data(&n2, "delta", args.delta_mib)?;
     eprintln!(
         "migrate: move n2 -> n1 after {} MiB changed",
         args.delta_mib
     );
-    let second = measure(&probe, || deploy(&cluster, &on(&n1, "d3.yml")?, &apps))?;
+    let second = measure(probe, || deploy(&cluster, &on(&n1, "d3.yml")?, &apps))?;
     eprintln!("migrate: Flocker 0.1's stop, full copy over ssh, start (n1 -> n3)");
     let baseline = stop_copy_start(&cluster, &n1, &n3)?;
 
@@ -220,66 +219,6 @@ fn write_data(node: &ClusterNode, file: &str, mib: u64) -> Result<()> {
         ],
     )?;
     Ok(())
-}
-
-struct Measured {
-    downtime: Duration,
-    wall: Duration,
-}
-
-/// Runs `action` while polling `probe` every 10 ms with a Redis PING; the downtime is the
-/// longest stretch between a failed poll's start and the next successful poll.
-fn measure(probe: &str, action: impl FnOnce() -> Result<()>) -> Result<Measured> {
-    let addr: SocketAddr = probe.parse()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let poller = {
-        let stop = stop.clone();
-        thread::spawn(move || {
-            let mut longest = Duration::ZERO;
-            let mut down_since: Option<Instant> = None;
-            while !stop.load(Ordering::Relaxed) {
-                let started = Instant::now();
-                if ping(addr) {
-                    if let Some(since) = down_since.take() {
-                        longest = longest.max(since.elapsed());
-                    }
-                } else if down_since.is_none() {
-                    down_since = Some(started);
-                }
-                thread::sleep(Duration::from_millis(10));
-            }
-            if let Some(since) = down_since {
-                longest = longest.max(since.elapsed());
-            }
-            longest
-        })
-    };
-    let started = Instant::now();
-    let result = action();
-    let wall = started.elapsed();
-    // Keep polling until the application answers again (routes settle after deploy returns).
-    let settle = Instant::now();
-    while !ping(addr) && settle.elapsed() < Duration::from_secs(30) {
-        thread::sleep(Duration::from_millis(10));
-    }
-    stop.store(true, Ordering::Relaxed);
-    let downtime = poller
-        .join()
-        .map_err(|_| anyhow::anyhow!("poller panicked"))?;
-    result?;
-    Ok(Measured { downtime, wall })
-}
-
-fn ping(addr: SocketAddr) -> bool {
-    let attempt = || -> std::io::Result<bool> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
-        s.set_read_timeout(Some(Duration::from_millis(200)))?;
-        s.write_all(b"PING\r\n")?;
-        let mut buf = [0u8; 16];
-        let n = std::io::Read::read(&mut s, &mut buf)?;
-        Ok(buf[..n].starts_with(b"+PONG"))
-    };
-    attempt().unwrap_or(false)
 }
 
 /// Flocker 0.1's move: stop the container, snapshot, send the whole dataset over ssh to

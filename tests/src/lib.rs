@@ -6,5 +6,6 @@ pub mod cluster;
 pub mod docker;
 pub mod images;
 pub mod netns;
+pub mod probe;
 pub mod redis;
 pub mod zfs;

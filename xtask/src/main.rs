@@ -23,7 +23,7 @@ enum Task {
     Deps,
     /// Everything CI runs: deps, cargo fmt --check, clippy -D warnings, the whole test suite.
     Ci,
-    /// The README's main job: validate and plan the bundled examples.
+    /// The README's main job: a local cluster, deploy Redis, move it with its data, tear down.
     Demo,
     /// A local cluster of network-namespace nodes (dockerd, zfs-fuse pool, agent on each).
     Cluster {
@@ -78,24 +78,9 @@ fn ci() -> Result<()> {
 }
 
 fn demo() -> Result<()> {
-    run(cargo().args(["build", "--quiet", "-p", "flocker-ctl"]))?;
-    let ctl = "target/debug/flockerctl";
-    for (deployment, application) in [
-        (
-            "examples/redis/deployment.yml",
-            "examples/redis/application.yml",
-        ),
-        (
-            "examples/redis/deployment-moved.yml",
-            "examples/redis/application.yml",
-        ),
-    ] {
-        println!("$ flockerctl validate {deployment} {application}");
-        run(Command::new(ctl).args(["validate", deployment, application]))?;
-        println!("$ flockerctl plan {deployment} {application}");
-        run(Command::new(ctl).args(["plan", deployment, application]))?;
-    }
-    Ok(())
+    deps::install()?;
+    run(cargo().args(["build", "--quiet", "-p", "flocker-dataplane", "-p", "flocker-ctl"]))?;
+    run(cargo().args(["run", "--quiet", "-p", "flocker-e2e", "--bin", "flocker-demo"]))
 }
 
 fn cluster(action: &str, nodes: usize, routing: &str) -> Result<()> {

@@ -528,6 +528,11 @@ fn record(state: &NodeState, volume: &str) -> Option<(String, u64, Vec<String>)>
 fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<()> {
     let cluster = Cluster::up()?;
     let app = busybox_app();
+    // A container the agent does not manage: it must stay invisible and untouched.
+    cluster
+        .a
+        .docker
+        .docker(&["run", "-d", "--name", "bystander", BUSYBOX_IMAGE])?;
 
     // 1. New application: create the volume on A and start it there.
     let d1 = desired_on(A, Some(app.clone()));
@@ -757,6 +762,12 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
     assert!(sa.containers.is_empty());
     assert_eq!(record(&sa, "web").map(|r| (r.0, r.1)), Some((A.into(), 3)));
     assert!(flocker_ctl::planner::plan(&d4, &cluster.cluster_state()?).is_empty());
+    let bystander =
+        cluster
+            .a
+            .docker
+            .docker(&["inspect", "-f", "{{.State.Running}}", "bystander"])?;
+    assert_eq!(bystander.trim(), "true");
     Ok(())
 }
 

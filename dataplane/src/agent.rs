@@ -566,6 +566,12 @@ impl Agent {
             return Ok(());
         }
         ownership::check_owner(&self.me, &local)?;
+        if last && self.managed(name).await?.is_some_and(|c| c.running) {
+            // The final push is what the handoff relies on: nothing may be written after it.
+            return Err(AgentError::Conflict(format!(
+                "final push of volume {name:?}: application {name:?} still runs here; stop it first"
+            )));
+        }
         let remote = self.remote_volume(to, name).await?;
         let base = match &remote {
             None => None,

@@ -256,6 +256,13 @@ async fn moves_a_directory_volume_between_two_agents_over_mutual_tls() {
         to: B.into(),
         last,
     };
+    // The final push needs the application stopped: nothing may change after it.
+    let events = converge(&a, &d2, vec![push(true)]).await;
+    assert!(
+        failed(&events).is_some_and(|e| e.contains("still runs here")),
+        "{events:?}"
+    );
+    assert_eq!(record(&b), None);
     // A handoff before B holds the newest snapshot is refused; A stays the owner.
     let events = converge(
         &a,

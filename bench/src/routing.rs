@@ -53,6 +53,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             other => bail!("unknown argument {other:?}"),
         }
     }
+    let load_start = load_average();
     let lab = Lab::build()?;
     let mut report = Report::default();
     for peer in Peer::ALL {
@@ -92,7 +93,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             lab.teardown(&mut setup)?;
         }
     }
-    let text = report.render(seconds);
+    let text = report.render(seconds, &load_start, &load_average());
     println!("{text}");
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/routing.md");
     std::fs::create_dir_all(out.parent().context("results dir")?)?;
@@ -442,6 +443,14 @@ impl Drop for Lab {
     }
 }
 
+/// The 1-minute load average, to show how busy the shared machine was.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
+}
+
 fn p50_p99(samples: &mut [Duration]) -> (Duration, Duration) {
     samples.sort();
     let pick = |q: usize| {
@@ -513,12 +522,12 @@ struct Report {
 }
 
 impl Report {
-    fn render(&self, seconds: f64) -> String {
+    fn render(&self, seconds: f64, load_start: &str, load_end: &str) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "## Routing benchmark\n");
         let _ = writeln!(
             s,
-            "One run, network namespaces on one host (2 cores), single-threaded client, median of 3 samples of {seconds} s each. \
+            "One run, network namespaces on one host (2 cores), single-threaded client, best of 3 samples of {seconds} s each (load average at start: {load_start}, at end: {load_end}). \
              \"outside\": client namespace -> node address -> container (DNAT + forward); \
              \"local\": a process on the node itself -> node address. Routes are N ports all \
              published; the measured port is the middle one (iptables scans rules linearly). \

@@ -23,6 +23,8 @@ pub struct NftBackend {
     /// What the kernel holds, as far as this instance knows; `None` until the first apply
     /// (or after a failed one), which forces a full rebuild of the table.
     installed: Option<BTreeMap<u16, SocketAddrV4>>,
+    /// This instance removed the table and installed nothing since: an empty apply is a no-op.
+    known_absent: bool,
 }
 
 impl NftBackend {
@@ -36,6 +38,7 @@ impl NftBackend {
         NftBackend {
             scope,
             installed: None,
+            known_absent: false,
         }
     }
 
@@ -55,6 +58,7 @@ impl NftBackend {
             "nftables: table ip flocker rebuilt"
         );
         self.installed = Some(wanted);
+        self.known_absent = false;
         Ok(())
     }
 }
@@ -74,6 +78,10 @@ impl RoutingBackend for NftBackend {
         let wanted = plan::map_elements(table);
         if wanted.is_empty() {
             // No routes means no table at all: the ruleset is left as the agent found it.
+            // A table left by a previous run is removed once; after that there is nothing to do.
+            if self.known_absent {
+                return Ok(());
+            }
             return self.clear();
         }
         let Some(installed) = self.installed.take() else {
@@ -107,6 +115,7 @@ impl RoutingBackend for NftBackend {
         if self.installed.take().is_some() {
             info!("nftables: table ip flocker removed");
         }
+        self.known_absent = true;
         Ok(())
     }
 }

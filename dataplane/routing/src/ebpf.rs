@@ -9,7 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
 };
 
@@ -22,7 +22,10 @@ use tracing::{debug, info};
 
 use crate::{
     RouteTable, RoutingBackend, RoutingError,
-    nft::{NftBackend, plan::Scope},
+    nft::{
+        NftBackend,
+        plan::{ElementDiff, Scope},
+    },
 };
 
 /// A failure loading, attaching or updating the BPF programs and maps.
@@ -84,14 +87,16 @@ pub fn route_entries(table: &RouteTable) -> BTreeMap<u32, [u32; 2]> {
     table
         .entries
         .iter()
-        .map(|(port, entry)| {
-            let backend = entry.backend();
-            (
-                port_key(*port),
-                [addr_key(*backend.ip()), port_key(backend.port())],
-            )
-        })
+        .map(|(port, entry)| route_entry(*port, entry.backend()))
         .collect()
+}
+
+/// One `flk_routes` element.
+pub fn route_entry(port: u16, backend: SocketAddrV4) -> (u32, [u32; 2]) {
+    (
+        port_key(port),
+        [addr_key(*backend.ip()), port_key(backend.port())],
+    )
 }
 
 /// The `flk_local` contents: the node's own addresses, without loopback, because a container
@@ -155,7 +160,10 @@ pub fn resolve_cgroup(configured: Option<&Path>) -> Result<PathBuf, EbpfError> {
 /// Programs attached and maps open; dropping it detaches the programs.
 struct Loaded {
     bpf: Ebpf,
-    routes: BTreeMap<u32, [u32; 2]>,
+    routes: RouteTable,
+    /// Set while an update is under way; still set at the next apply means it failed half
+    /// way, and the map is emptied and rewritten.
+    routes_unknown: bool,
     local: BTreeSet<u32>,
 }
 
@@ -188,7 +196,8 @@ impl Loaded {
         info!(cgroup = %cgroup.display(), "eBPF connect4/getpeername4 attached");
         Ok(Loaded {
             bpf,
-            routes: BTreeMap::new(),
+            routes: RouteTable::default(),
+            routes_unknown: false,
             local: BTreeSet::new(),
         })
     }
@@ -199,26 +208,39 @@ impl Loaded {
             .ok_or(EbpfError::Missing { kind: "map", name })
     }
 
-    fn sync_routes(&mut self, wanted: BTreeMap<u32, [u32; 2]>) -> Result<(), EbpfError> {
+    fn sync_routes(&mut self, wanted: &RouteTable) -> Result<(), EbpfError> {
         let map_error = |source| EbpfError::Map {
             name: ROUTES_MAP,
             source: Box::new(source),
         };
+        let unknown = std::mem::replace(&mut self.routes_unknown, true);
         let installed = std::mem::take(&mut self.routes);
         let mut map: BpfHashMap<_, u32, [u32; 2]> =
             BpfHashMap::try_from(self.map(ROUTES_MAP)?).map_err(map_error)?;
-        // Insert before removing so a moved port is never briefly unrouted.
-        for (key, value) in &wanted {
-            if installed.get(key) != Some(value) {
-                map.insert(key, value, 0).map_err(map_error)?;
+        let diff = if unknown {
+            let keys = map
+                .keys()
+                .collect::<Result<Vec<u32>, _>>()
+                .map_err(map_error)?;
+            for key in keys {
+                map.remove(&key).map_err(map_error)?;
+            }
+            ElementDiff::between_tables(&RouteTable::default(), wanted)
+        } else {
+            ElementDiff::between_tables(&installed, wanted)
+        };
+        // Insert (which overwrites) before removing, so a moved port is never unrouted.
+        for element in &diff.add {
+            let (key, value) = route_entry(element.port, element.backend);
+            map.insert(key, value, 0).map_err(map_error)?;
+        }
+        for element in &diff.delete {
+            if !wanted.entries.contains_key(&element.port) {
+                map.remove(&port_key(element.port)).map_err(map_error)?;
             }
         }
-        for key in installed.keys() {
-            if !wanted.contains_key(key) {
-                map.remove(key).map_err(map_error)?;
-            }
-        }
-        self.routes = wanted;
+        self.routes = wanted.clone();
+        self.routes_unknown = false;
         Ok(())
     }
 
@@ -276,7 +298,7 @@ impl RoutingBackend for EbpfBackend {
             None => self.loaded.insert(Loaded::attach(&self.cgroup)?),
         };
         loaded.sync_local(local_entries(node_addresses()?))?;
-        loaded.sync_routes(route_entries(table))?;
+        loaded.sync_routes(table)?;
         debug!(routes = table.entries.len(), "eBPF routes map updated");
         self.outside.apply(table)
     }
@@ -294,7 +316,6 @@ mod tests {
     use super::*;
     use crate::RouteEntry;
     use expect_test::expect;
-    use std::net::SocketAddrV4;
 
     #[test]
     fn map_contents_use_sock_addr_byte_order() {

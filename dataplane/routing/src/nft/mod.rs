@@ -8,8 +8,6 @@
 pub mod netlink;
 pub mod plan;
 
-use std::{collections::BTreeMap, net::SocketAddrV4};
-
 use tracing::{debug, info, warn};
 
 use crate::{RouteTable, RoutingBackend, RoutingError, sysctl};
@@ -22,7 +20,7 @@ pub struct NftBackend {
     scope: Scope,
     /// What the kernel holds, as far as this instance knows; `None` until the first apply
     /// (or after a failed one), which forces a full rebuild of the table.
-    installed: Option<BTreeMap<u16, SocketAddrV4>>,
+    installed: Option<RouteTable>,
     /// This instance removed the table and installed nothing since: an empty apply is a no-op.
     known_absent: bool,
 }
@@ -42,9 +40,9 @@ impl NftBackend {
         }
     }
 
-    fn rebuild(&mut self, wanted: BTreeMap<u16, SocketAddrV4>) -> Result<(), RoutingError> {
+    fn rebuild(&mut self, wanted: &RouteTable) -> Result<(), RoutingError> {
         sysctl::enable_forwarding()?;
-        let elements: Vec<MapElement> = wanted
+        let elements: Vec<MapElement> = plan::map_elements(wanted)
             .iter()
             .map(|(port, backend)| MapElement {
                 port: *port,
@@ -57,7 +55,7 @@ impl NftBackend {
             routes = elements.len(),
             "nftables: table ip flocker rebuilt"
         );
-        self.installed = Some(wanted);
+        self.installed = Some(wanted.clone());
         self.known_absent = false;
         Ok(())
     }
@@ -75,8 +73,7 @@ impl RoutingBackend for NftBackend {
     }
 
     fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
-        let wanted = plan::map_elements(table);
-        if wanted.is_empty() {
+        if table.entries.is_empty() {
             // No routes means no table at all: the ruleset is left as the agent found it.
             // A table left by a previous run is removed once; after that there is nothing to do.
             if self.known_absent {
@@ -85,9 +82,9 @@ impl RoutingBackend for NftBackend {
             return self.clear();
         }
         let Some(installed) = self.installed.take() else {
-            return self.rebuild(wanted);
+            return self.rebuild(table);
         };
-        let diff = ElementDiff::between(&installed, &wanted);
+        let diff = ElementDiff::between_tables(&installed, table);
         if diff.is_empty() {
             self.installed = Some(installed);
             return Ok(());
@@ -106,7 +103,7 @@ impl RoutingBackend for NftBackend {
         if let Err(error) = crate::conntrack::forget_ports(&ports) {
             warn!(error = %crate::error_chain(&error), "cannot forget conntrack entries of moved routes");
         }
-        self.installed = Some(wanted);
+        self.installed = Some(table.clone());
         Ok(())
     }
 

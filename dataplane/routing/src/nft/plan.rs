@@ -12,7 +12,7 @@ use std::{
     net::SocketAddrV4,
 };
 
-use crate::table::RouteTable;
+use crate::table::{RouteEntry, RouteTable};
 
 /// The one table the agent owns (family `ip`).
 pub const TABLE: &str = "flocker";
@@ -252,6 +252,31 @@ impl ElementDiff {
         diff
     }
 
+    /// The same diff straight from two route tables, without building the maps first: a
+    /// route change at 10,000 routes stays a merge walk over two sorted maps.
+    pub fn between_tables(from: &RouteTable, to: &RouteTable) -> ElementDiff {
+        let mut diff = ElementDiff::default();
+        for (port, entry) in &from.entries {
+            let backend = entry.backend();
+            if to.entries.get(port).map(RouteEntry::backend) != Some(backend) {
+                diff.delete.push(MapElement {
+                    port: *port,
+                    backend,
+                });
+            }
+        }
+        for (port, entry) in &to.entries {
+            let backend = entry.backend();
+            if from.entries.get(port).map(RouteEntry::backend) != Some(backend) {
+                diff.add.push(MapElement {
+                    port: *port,
+                    backend,
+                });
+            }
+        }
+        diff
+    }
+
     pub fn is_empty(&self) -> bool {
         self.delete.is_empty() && self.add.is_empty()
     }
@@ -382,6 +407,14 @@ mod tests {
 
     fn check_diff(from: &[(u16, RouteEntry)], to: &[(u16, RouteEntry)], expect: Expect) {
         let diff = ElementDiff::between(&table(from), &table(to));
+        let tables = |e: &[(u16, RouteEntry)]| RouteTable {
+            entries: e.iter().copied().collect(),
+        };
+        assert_eq!(
+            diff,
+            ElementDiff::between_tables(&tables(from), &tables(to)),
+            "both diffs agree"
+        );
         let mut out = String::new();
         for e in &diff.delete {
             let _ = writeln!(out, "- {} => {}", e.port, e.backend);

@@ -60,6 +60,8 @@ impl<R: Read + Send> Source for ReaderSource<R> {
 }
 
 /// Writes a file: into `PATH.flocker-partial`, renamed over `PATH` on commit, removed on abort.
+/// An existing device (`/dev/null`, a block device) is written in place and cannot be rolled
+/// back.
 #[derive(Debug)]
 pub struct FileSink {
     path: PathBuf,
@@ -86,45 +88,47 @@ impl FileSink {
     }
 }
 
+impl FileSink {
+    /// Devices (`/dev/null`, a block device) cannot be staged and renamed: write in place.
+    fn is_device(&self) -> bool {
+        std::fs::metadata(&self.path).is_ok_and(|m| !m.is_file() && !m.is_dir())
+    }
+}
+
 impl Sink for FileSink {
     fn open(&mut self) -> Result<Box<dyn Write + Send + '_>, BackendError> {
-        let f = File::create(&self.partial).map_err(|source| BackendError::Fs {
-            op: "create",
-            path: self.partial.clone(),
-            source,
-        })?;
+        let f = if self.is_device() {
+            std::fs::OpenOptions::new().write(true).open(&self.path)
+        } else {
+            File::create(&self.partial)
+        };
+        let f = f.map_err(|source| BackendError::Fs { op: "create", path: self.partial.clone(), source })?;
         let file = self.file.insert(f);
         Ok(Box::new(std::io::BufWriter::with_capacity(1 << 20, file)))
     }
 
     fn commit(&mut self) -> Result<(), BackendError> {
-        let file = self
-            .file
-            .take()
-            .ok_or_else(|| BackendError::Target("file sink committed before open".into()))?;
-        file.sync_all().map_err(|source| BackendError::Fs {
-            op: "sync",
-            path: self.partial.clone(),
-            source,
-        })?;
+        let file = self.file.take().ok_or_else(|| BackendError::Target("file sink committed before open".into()))?;
+        if self.is_device() {
+            // Best effort: character devices such as /dev/null do not sync.
+            let _ = file.sync_all();
+            return Ok(());
+        }
+        file.sync_all().map_err(|source| BackendError::Fs { op: "sync", path: self.partial.clone(), source })?;
         drop(file);
-        std::fs::rename(&self.partial, &self.path).map_err(|source| BackendError::Fs {
-            op: "rename into place",
-            path: self.path.clone(),
-            source,
-        })
+        std::fs::rename(&self.partial, &self.path)
+            .map_err(|source| BackendError::Fs { op: "rename into place", path: self.path.clone(), source })
     }
 
     fn abort(&mut self) -> Result<Option<String>, BackendError> {
         self.file = None;
+        if self.is_device() {
+            return Ok(None);
+        }
         match std::fs::remove_file(&self.partial) {
             Ok(()) => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(BackendError::Fs {
-                op: "remove",
-                path: self.partial.clone(),
-                source,
-            }),
+            Err(source) => Err(BackendError::Fs { op: "remove", path: self.partial.clone(), source }),
         }
     }
 }

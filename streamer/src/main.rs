@@ -12,7 +12,7 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("flocker-stream: error: {e:#}");
+            eprintln!("flocker-stream: error: {}", cli::render_error(&e));
             ExitCode::from(1)
         }
     }

@@ -231,10 +231,9 @@ fn write_ack<S: Write>(
 /// Reads the receiver's verdict: `Ok(())` if it committed the same stream.
 fn read_ack<S: Read>(conn: &mut S, auth: &Auth, summary: &Summary) -> Result<(), StreamError> {
     let mut head = [0u8; 16];
-    conn.read_exact(&mut head).map_err(|e| {
-        StreamError::Peer(format!(
-            "the receiver closed the connection without acknowledging ({e})"
-        ))
+    conn.read_exact(&mut head).map_err(|e| StreamError::Transport {
+        stage: "waiting for the receiver's acknowledgement (receiver killed or connection cut?)",
+        source: e,
     })?;
     if head[..8] != ACK_MAGIC {
         return Err(StreamError::Peer("malformed acknowledgement".into()));

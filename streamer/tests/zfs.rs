@@ -218,3 +218,136 @@ fn zfs_full_target_pool_fails_cleanly() {
         "source snapshot must be untouched"
     );
 }
+
+/// Starts `flocker-stream recv` into `target`; returns the child and its address.
+fn start_cli_receiver(
+    target: &str,
+    key: &Path,
+) -> (
+    std::process::Child,
+    String,
+    std::sync::mpsc::Receiver<String>,
+) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flocker-stream"))
+        .args([
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--progress",
+            "json",
+            "--sink",
+            &format!("zfs:{target}"),
+        ])
+        .arg("--key-file")
+        .arg(key)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("receiver");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let first = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("listening line");
+    let v: serde_json::Value = serde_json::from_str(&first).expect("json");
+    (child, v["addr"].as_str().expect("addr").to_owned(), rx)
+}
+
+fn wait_progress(rx: &std::sync::mpsc::Receiver<String>) {
+    loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("no progress");
+        if line.contains("\"progress\"") {
+            return;
+        }
+    }
+}
+
+/// Waits until `name` disappears (zfs-fuse finishes unwinding an interrupted receive).
+fn gone_eventually(pool: &TestPool, name: &str) -> bool {
+    for _ in 0..50 {
+        if !pool.exists(name) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    false
+}
+
+#[test]
+fn zfs_killing_either_cli_end_mid_stream_leaves_no_dataset() {
+    let src = TestPool::create("ksrc", 128).expect("source pool");
+    let dst = TestPool::create("kdst", 128).expect("target pool");
+    let vol = format!("{}/vol", src.name());
+    src.zfs(&["create", &vol]).expect("create");
+    write(&src, &vol, "a.bin", &common::random_bytes(24 << 20, 31));
+    src.zfs(&["snapshot", &format!("{vol}@s1")]).expect("snap");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let key = tmp.path().join("key");
+    std::fs::write(&key, [3u8; 32]).expect("key");
+    let target = format!("{}/vol", dst.name());
+    let sender = |addr: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flocker-stream"))
+            .args([
+                "send",
+                "--progress",
+                "none",
+                "--limit-rate",
+                "4M",
+                "--to",
+                addr,
+            ])
+            .args(["--source", &format!("zfs:{vol}@s1")])
+            .arg("--key-file")
+            .arg(&key)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("sender")
+    };
+
+    // Kill the sender: the receiver reports truncation, aborts zfs recv, nothing remains.
+    let (receiver, addr, rx) = start_cli_receiver(&target, &key);
+    let mut s = sender(&addr);
+    wait_progress(&rx);
+    s.kill().expect("kill sender");
+    let _ = s.wait();
+    let out = receiver.wait_with_output().expect("receiver");
+    let text: Vec<String> = rx.try_iter().collect();
+    assert!(!out.status.success(), "receiver must fail");
+    assert!(text.join("\n").contains("truncated"), "{text:?}");
+    assert!(
+        gone_eventually(&dst, &target),
+        "dataset left after a killed sender"
+    );
+
+    // Kill the receiver: the sender fails; zfs recv, orphaned, sees EOF and unwinds.
+    let (mut receiver, addr, rx) = start_cli_receiver(&target, &key);
+    let s = sender(&addr);
+    wait_progress(&rx);
+    receiver.kill().expect("kill receiver");
+    let _ = receiver.wait();
+    let out = s.wait_with_output().expect("sender");
+    assert!(
+        !out.status.success(),
+        "sender must fail: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("sender said: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        gone_eventually(&dst, &target),
+        "dataset left after a killed receiver"
+    );
+    assert!(
+        src.exists(&format!("{vol}@s1")),
+        "source snapshot untouched"
+    );
+}

@@ -102,22 +102,36 @@ impl Sink for FileSink {
         } else {
             File::create(&self.partial)
         };
-        let f = f.map_err(|source| BackendError::Fs { op: "create", path: self.partial.clone(), source })?;
+        let f = f.map_err(|source| BackendError::Fs {
+            op: "create",
+            path: self.partial.clone(),
+            source,
+        })?;
         let file = self.file.insert(f);
         Ok(Box::new(std::io::BufWriter::with_capacity(1 << 20, file)))
     }
 
     fn commit(&mut self) -> Result<(), BackendError> {
-        let file = self.file.take().ok_or_else(|| BackendError::Target("file sink committed before open".into()))?;
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| BackendError::Target("file sink committed before open".into()))?;
         if self.is_device() {
             // Best effort: character devices such as /dev/null do not sync.
             let _ = file.sync_all();
             return Ok(());
         }
-        file.sync_all().map_err(|source| BackendError::Fs { op: "sync", path: self.partial.clone(), source })?;
+        file.sync_all().map_err(|source| BackendError::Fs {
+            op: "sync",
+            path: self.partial.clone(),
+            source,
+        })?;
         drop(file);
-        std::fs::rename(&self.partial, &self.path)
-            .map_err(|source| BackendError::Fs { op: "rename into place", path: self.path.clone(), source })
+        std::fs::rename(&self.partial, &self.path).map_err(|source| BackendError::Fs {
+            op: "rename into place",
+            path: self.path.clone(),
+            source,
+        })
     }
 
     fn abort(&mut self) -> Result<Option<String>, BackendError> {
@@ -128,7 +142,11 @@ impl Sink for FileSink {
         match std::fs::remove_file(&self.partial) {
             Ok(()) => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(BackendError::Fs { op: "remove", path: self.partial.clone(), source }),
+            Err(source) => Err(BackendError::Fs {
+                op: "remove",
+                path: self.partial.clone(),
+                source,
+            }),
         }
     }
 }

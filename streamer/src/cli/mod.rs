@@ -132,6 +132,22 @@ fn parse_rate(s: &str) -> Result<u64, String> {
     }
 }
 
+/// The error and its causes on one line, skipping causes the message above already quotes
+/// (the library's messages include their source).
+pub fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
 /// Sets up logs on stderr, filtered by `RUST_LOG` (default: warnings).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -388,3 +388,47 @@ fn killing_the_receiver_mid_stream_fails_the_sender_cleanly() {
         "a killed receiver never renamed its staging file into place"
     );
 }
+
+#[test]
+fn sigterm_to_the_receiver_aborts_the_sink_and_removes_staging() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src.bin");
+    std::fs::write(&src, common::random_bytes(32 << 20, 13)).expect("write");
+    let key = key_file(tmp.path(), "key", 7);
+    let key = key.to_str().expect("utf8");
+    let dst = tmp.path().join("dst.bin");
+    let r = start_receiver(&format!("file:{}", dst.display()), &["--key-file", key]);
+    let mut sender = Command::new(BIN)
+        .args([
+            "send",
+            "--progress",
+            "none",
+            "--key-file",
+            key,
+            "--limit-rate",
+            "4M",
+            "--to",
+            &r.addr,
+        ])
+        .arg("--source")
+        .arg(format!("file:{}", src.display()))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sender");
+    wait_for_progress(&r);
+    let ok = Command::new("kill")
+        .args(["-TERM", &r.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    let (ok, rerr, _) = r.finish();
+    let sent = sender.wait().expect("sender");
+    assert!(!ok, "receiver must exit non-zero");
+    assert!(rerr.contains("interrupted"), "{rerr}");
+    assert!(!sent.success(), "sender must fail too");
+    assert!(!dst.exists());
+    assert!(
+        !tmp.path().join("dst.bin.flocker-partial").exists(),
+        "staging file must be removed on SIGTERM"
+    );
+}

@@ -1,6 +1,7 @@
 //! Command-line arguments, security selection, and the send and receive commands.
 
 mod progress;
+mod signals;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -230,10 +231,15 @@ fn send(a: SendArgs) -> anyhow::Result<()> {
         Chosen::Psk(k) => Auth::PresharedKey(k),
         _ => Auth::None,
     };
+    let guard = signals::Guard::install().context("installing signal handlers")?;
     let mut conn = transport::connect(&a.to, tls)?;
+    guard.arm(conn.tcp());
     let result = flocker_stream::send_over(source.as_mut(), &mut conn, &opts);
     let _ = conn.finish();
     reporter.clear();
+    if result.is_err() && signals::interrupted() {
+        bail!("interrupted by a signal; the transfer was aborted");
+    }
     let summary = result.context("send failed")?;
     reporter.summary("sent", &summary);
     Ok(())
@@ -261,13 +267,18 @@ fn recv(a: RecvArgs) -> anyhow::Result<()> {
         Chosen::Psk(k) => Auth::PresharedKey(k),
         _ => Auth::None,
     };
+    let guard = signals::Guard::install().context("installing signal handlers")?;
     let listener = transport::listen(&a.listen)?;
     let local = listener.local_addr().context("listener address")?;
     reporter.listening(&local.to_string());
     let mut conn = transport::accept(&listener, tls)?;
+    guard.arm(conn.tcp());
     let result = flocker_stream::receive_over(&mut conn, sink.as_mut(), &opts);
     let _ = conn.finish();
     reporter.clear();
+    if result.is_err() && signals::interrupted() {
+        bail!("interrupted by a signal; the sink was aborted and the target left as it was");
+    }
     let summary: Summary = result.context("receive failed")?;
     reporter.summary("received", &summary);
     Ok(())

@@ -226,7 +226,7 @@ fn write_data(node: &ClusterNode, file: &str, mib: u64) -> Result<()> {
 fn stop_copy_start(cluster: &Cluster, from: &ClusterNode, to: &ClusterNode) -> Result<Duration> {
     let keys = cluster.spec.dir.join("ssh");
     let sshd = start_sshd(&keys, to)?;
-    let source = format!("{}/db", from.pool);
+    let source = format!("{}/flocker/db", from.pool);
     let target = format!("{}/baseline", to.pool);
     let started = Instant::now();
     docker(from, &["stop", "flocker-db"])?;

@@ -99,8 +99,12 @@ pub struct Cluster {
 
 impl Cluster {
     /// Brings the cluster up, creating only what is not there yet.
-    pub fn up(spec: ClusterSpec) -> Result<Cluster> {
+    pub fn up(mut spec: ClusterSpec) -> Result<Cluster> {
         fs::create_dir_all(&spec.dir).context("cluster dir")?;
+        // The agents run under nsenter, which resolves relative paths from wherever it is.
+        spec.dir = absolute(&spec.dir)?;
+        spec.agent_binary = absolute(&spec.agent_binary)?;
+        spec.ctl_binary = absolute(&spec.ctl_binary)?;
         let nodes: Vec<ClusterNode> = (1..=spec.nodes)
             .map(|i| ClusterNode::new(&spec.dir, i))
             .collect();
@@ -265,6 +269,10 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+fn absolute(path: &Path) -> Result<PathBuf> {
+    fs::canonicalize(path).with_context(|| format!("{} not found", path.display()))
 }
 
 /// How many node directories an earlier `up` left behind.

@@ -97,6 +97,9 @@ pub struct ReceiveParams {
     pub epoch: u64,
     pub from: String,
     pub quota: Option<u64>,
+    /// The target's copy is a stale replica sharing no snapshot with the sender: replace it
+    /// with this full stream. Never honoured for a copy the target owns.
+    pub replace: bool,
 }
 
 impl ReceiveParams {
@@ -122,6 +125,7 @@ impl ReceiveParams {
             epoch: num("epoch", &get("epoch")?)?,
             from: get("from")?,
             quota: map.get("quota").map(|q| num("quota", q)).transpose()?,
+            replace: map.get("replace") == Some(&"1"),
         })
     }
 
@@ -135,6 +139,9 @@ impl ReceiveParams {
         }
         if let Some(quota) = self.quota {
             q.push_str(&format!("&quota={quota}"));
+        }
+        if self.replace {
+            q.push_str("&replace=1");
         }
         q
     }
@@ -573,17 +580,19 @@ impl Agent {
             )));
         }
         let remote = self.remote_volume(to, name).await?;
-        let base = match &remote {
-            None => None,
-            Some(r) => Some(
-                ownership::newest_common(&local.snapshots, &r.snapshots)
-                    .ok_or_else(|| {
-                        AgentError::Conflict(format!(
-                            "{to} holds a copy of volume {name:?} sharing no snapshot with this node; remove that copy first"
-                        ))
-                    })?
-                    .to_string(),
-            ),
+        let (base, replace) = match &remote {
+            None => (None, false),
+            Some(r) => match ownership::newest_common(&local.snapshots, &r.snapshots) {
+                Some(common) => (Some(common.to_string()), false),
+                // A replica left behind by an earlier move, whose snapshots were pruned
+                // since: it is not the only copy (we own the volume), so it may be replaced.
+                None if r.owner != to && r.epoch <= local.epoch => (None, true),
+                None => {
+                    return Err(AgentError::Conflict(format!(
+                        "{to} holds a copy of volume {name:?} sharing no snapshot with this node; remove that copy first"
+                    )));
+                }
+            },
         };
         let snapshot = next_push_snapshot(&local.snapshots);
         let quota = {
@@ -601,6 +610,7 @@ impl Agent {
             epoch: local.epoch,
             from: self.me.clone(),
             quota,
+            replace,
         };
         tracing::info!(volume = name, to, %snapshot, base = ?base, last, "pushing");
         let sent = Arc::new(AtomicU64::new(0));
@@ -700,6 +710,9 @@ impl Agent {
             (None, Some(base)) => Err(AgentError::Conflict(format!(
                 "volume {name:?}: incremental stream from {base:?}, but this node has no copy"
             ))),
+            (Some(v), None) if params.replace && v.owner != self.me && v.epoch <= params.epoch => {
+                Ok(local)
+            }
             (Some(_), None) => Err(AgentError::Conflict(format!(
                 "volume {name:?}: full stream refused, this node already has a copy"
             ))),
@@ -738,8 +751,16 @@ impl Agent {
             params.base.clone(),
             params.snapshot.clone(),
         );
+        let replace_stale = local.is_some() && params.base.is_none();
         let mut sink = match self
-            .blocking(move |be| be.receive(&n, b.as_deref(), &s))
+            .blocking(move |be| {
+                if replace_stale {
+                    // check_receive allowed it: a stale replica this node does not own.
+                    tracing::info!(volume = %n, "replacing a stale replica with a full stream");
+                    be.destroy_replica(&n)?;
+                }
+                be.receive(&n, b.as_deref(), &s)
+            })
             .await
         {
             Ok(sink) => sink,
@@ -771,6 +792,7 @@ impl Agent {
         let record = Record { owner, epoch };
         let writable = record.owner == self.me;
         let (n, snap) = (name.to_string(), params.snapshot.clone());
+        let local = local.filter(|_| !replace_stale);
         let quota = params.quota.filter(|_| local.is_none());
         self.blocking(move |b| {
             sink.finish()?;

@@ -478,7 +478,12 @@ fn pid_alive(pidfile: &Path) -> bool {
         fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|stat| {
-                let state = stat.rsplit_once(')')?.1.split_whitespace().next()?.to_string();
+                let state = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .to_string();
                 Some(state != "Z" && state != "X")
             })
             .unwrap_or(false)

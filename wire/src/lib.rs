@@ -427,6 +427,9 @@ mod tests {
         };
         let json = serde_json::to_string(&p).expect("serialize");
         assert_eq!(json, r#"{"name":"on-failure","maximum_retry_count":3}"#);
-        assert_eq!(serde_json::from_str::<RestartPolicy>(&json).expect("parse"), p);
+        assert_eq!(
+            serde_json::from_str::<RestartPolicy>(&json).expect("parse"),
+            p
+        );
     }
 }

@@ -34,11 +34,7 @@ pub const PACKAGES: &[&str] = &[
 
 /// Installs whatever is missing; does nothing (and needs no network) when all are present.
 pub fn install() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed(p))
-        .collect();
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }

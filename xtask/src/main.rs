@@ -79,8 +79,22 @@ fn ci() -> Result<()> {
 
 fn demo() -> Result<()> {
     deps::install()?;
-    run(cargo().args(["build", "--quiet", "-p", "flocker-dataplane", "-p", "flocker-ctl"]))?;
-    run(cargo().args(["run", "--quiet", "-p", "flocker-e2e", "--bin", "flocker-demo"]))
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "-p",
+        "flocker-dataplane",
+        "-p",
+        "flocker-ctl",
+    ]))?;
+    run(cargo().args([
+        "run",
+        "--quiet",
+        "-p",
+        "flocker-e2e",
+        "--bin",
+        "flocker-demo",
+    ]))
 }
 
 fn cluster(action: &str, nodes: usize, routing: &str) -> Result<()> {

@@ -84,7 +84,12 @@ pub async fn execute(
         ..Summary::default()
     };
     for (index, phase) in plan.phases.iter().enumerate() {
-        eprintln!("running phase {}/{}: {}", index + 1, plan.phases.len(), phase.name);
+        eprintln!(
+            "running phase {}/{}: {}",
+            index + 1,
+            plan.phases.len(),
+            phase.name
+        );
         let mut per_node: BTreeMap<&str, Vec<Action>> = BTreeMap::new();
         for action in &phase.actions {
             per_node

@@ -203,6 +203,21 @@ impl VolumeBackend for BtrfsBackend {
         .map(drop)
     }
 
+    fn destroy_replica(&self, name: &str) -> Result<(), VolumeError> {
+        for snapshot in self.snapshots(name)? {
+            self.destroy_snapshot(name, &snapshot)?;
+        }
+        let subvolume = self.subvolume(name)?;
+        if subvolume.exists() {
+            self.btrfs(&["subvolume".into(), "delete".into(), s(&subvolume)])?;
+        }
+        let sidecar = self.sidecar_path(name)?;
+        match fs::remove_file(&sidecar) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&sidecar)(e)),
+            _ => Ok(()),
+        }
+    }
+
     fn destroy_snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError> {
         check_name(snapshot)?;
         let path = self.snapshot_dir(name)?.join(snapshot);

@@ -176,6 +176,11 @@ impl VolumeBackend for DirBackend {
             .map(drop)
     }
 
+    fn destroy_replica(&self, name: &str) -> Result<(), VolumeError> {
+        let dir = self.volume_dir(name)?;
+        fs::remove_dir_all(&dir).map_err(io(&dir))
+    }
+
     fn destroy_snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError> {
         check_name(snapshot)?;
         let target = self.volume_dir(name)?.join("snapshots").join(snapshot);

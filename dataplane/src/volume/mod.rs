@@ -91,6 +91,9 @@ pub trait VolumeBackend: Send + Sync {
         order: crate::ownership::RecordOrder,
     ) -> Result<(), VolumeError>;
     fn snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError>;
+    /// Removes a read-only replica with its snapshots and record. The agent calls it only
+    /// for a copy it does not own, just before a full stream from the owner replaces it.
+    fn destroy_replica(&self, name: &str) -> Result<(), VolumeError>;
     fn destroy_snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError>;
     /// Streams `snapshot`, incrementally from `base` when given.
     fn send(

@@ -233,6 +233,11 @@ impl VolumeBackend for ZfsBackend {
             .map(drop)
     }
 
+    fn destroy_replica(&self, name: &str) -> Result<(), VolumeError> {
+        let dataset = self.dataset(name)?;
+        self.zfs(&["destroy", "-r", "-f", &dataset]).map(drop)
+    }
+
     fn destroy_snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError> {
         check_name(snapshot)?;
         let dataset = self.dataset(name)?;

@@ -253,20 +253,21 @@ fn stop_copy_start(cluster: &Cluster, from: &ClusterNode, to: &ClusterNode) -> R
             "redis-flocker:latest",
         ],
     )?;
-    while docker(
-        to,
-        &[
-            "exec",
-            "baseline-db",
-            "/bin/busybox",
-            "nc",
-            "-z",
-            "127.0.0.1",
-            "6379",
-        ],
-    )
-    .is_err()
-    {
+    // Ready when Redis answers PING inside the new container (docker exec adds tens of ms).
+    let answered = || {
+        docker(
+            to,
+            &[
+                "exec",
+                "baseline-db",
+                "/bin/sh",
+                "-c",
+                "echo PING | /bin/busybox nc -w 1 127.0.0.1 6379",
+            ],
+        )
+        .is_ok_and(|out| out.contains("PONG"))
+    };
+    while !answered() {
         ensure!(
             started.elapsed() < Duration::from_secs(600),
             "baseline redis never answered"

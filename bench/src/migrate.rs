@@ -228,6 +228,7 @@ fn stop_copy_start(cluster: &Cluster, from: &ClusterNode, to: &ClusterNode) -> R
     let sshd = start_sshd(&keys, to)?;
     let source = format!("{}/flocker/db", from.pool);
     let target = format!("{}/baseline", to.pool);
+    let _ = docker(to, &["rm", "-f", "baseline-db"]);
     let started = Instant::now();
     docker(from, &["stop", "flocker-db"])?;
     let snap = format!("{source}@baseline");

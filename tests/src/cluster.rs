@@ -252,8 +252,17 @@ impl Cluster {
         }
         let _ = quiet(Command::new("ip").args(["link", "del", BRIDGE]));
         if spec.dir.exists() {
-            // Mount points of dockerd inside the directory must be gone before removal.
-            let _ = quiet(Command::new("umount").arg("-R").arg(&spec.dir));
+            // Mount points dockerd left inside the directory must be gone before removal.
+            let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+            let mut inside: Vec<&str> = mounts
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .filter(|m| Path::new(m).starts_with(&spec.dir))
+                .collect();
+            inside.sort_by_key(|m| std::cmp::Reverse(m.len()));
+            for mount in inside {
+                let _ = quiet(Command::new("umount").args(["-l", mount]));
+            }
             fs::remove_dir_all(&spec.dir)
                 .with_context(|| format!("remove {}", spec.dir.display()))?;
         }

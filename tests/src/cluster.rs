@@ -115,7 +115,7 @@ impl Cluster {
         };
         cluster.say("bridge");
         ensure_bridge()?;
-        ensure_zfs_daemon()?;
+        crate::zfs::ensure_daemon()?;
         cluster.ensure_ca()?;
         for node in &cluster.nodes {
             cluster.say(&format!("node {} at {}", node.name, node.address));
@@ -362,26 +362,6 @@ fn ensure_netns(node: &ClusterNode) -> Result<()> {
     ns(&["link", "set", "eth0", "up"])?;
     ns(&["route", "add", "default", "via", HOST_ADDRESS])?;
     Ok(())
-}
-
-fn ensure_zfs_daemon() -> Result<()> {
-    let running = quiet(Command::new("pgrep").args(["-x", "zfs-fuse"]))
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !running {
-        run(&mut Command::new("zfs-fuse"))?;
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if quiet(Command::new("zpool").arg("list"))
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-        {
-            return Ok(());
-        }
-        sleep(Duration::from_millis(200));
-    }
-    bail!("zfs-fuse did not answer within 20 s")
 }
 
 fn ensure_pool(node: &ClusterNode, size: &str) -> Result<()> {

@@ -275,16 +275,10 @@ struct BtrfsReceive {
 
 impl Write for BtrfsReceive {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match &mut self.inner {
-            Some(t) => t.write(buf),
-            None => Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe)),
-        }
+        super::write_inner(&mut self.inner, buf)
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        match &mut self.inner {
-            Some(t) => t.flush(),
-            None => Ok(()),
-        }
+        super::flush_inner(&mut self.inner)
     }
 }
 

@@ -242,16 +242,10 @@ struct DirReceive {
 
 impl Write for DirReceive {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match &mut self.tar {
-            Some(t) => t.write(buf),
-            None => Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe)),
-        }
+        super::write_inner(&mut self.tar, buf)
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        match &mut self.tar {
-            Some(t) => t.flush(),
-            None => Ok(()),
-        }
+        super::flush_inner(&mut self.tar)
     }
 }
 

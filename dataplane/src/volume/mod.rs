@@ -112,6 +112,26 @@ pub trait VolumeBackend: Send + Sync {
     ) -> Result<Box<dyn ReceiveSink>, VolumeError>;
 }
 
+/// The write half of a receive sink that wraps an inner command sink, which is taken away
+/// once the sink finishes; writing after that is a broken pipe.
+pub(crate) fn write_inner(
+    inner: &mut Option<Box<dyn ReceiveSink>>,
+    buf: &[u8],
+) -> std::io::Result<usize> {
+    match inner {
+        Some(sink) => sink.write(buf),
+        None => Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe)),
+    }
+}
+
+/// Flushes the inner command sink of a receive, if it is still there.
+pub(crate) fn flush_inner(inner: &mut Option<Box<dyn ReceiveSink>>) -> std::io::Result<()> {
+    match inner {
+        Some(sink) => sink.flush(),
+        None => Ok(()),
+    }
+}
+
 /// Volume, application and snapshot names end up in commands and paths: keep them tame.
 pub fn check_name(name: &str) -> Result<(), VolumeError> {
     let ok = !name.is_empty()

@@ -8,9 +8,9 @@
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{ChildStdin, Command};
+use std::process::Command;
 
-use super::child::{Tool, ToolReader, run};
+use super::child::{ToolReader, ToolWriter, run};
 use super::{BackendError, Sink, Source};
 
 /// `btrfs send [-p PARENT] SNAPSHOT`.
@@ -55,8 +55,7 @@ impl Source for BtrfsSource {
 pub struct BtrfsSink {
     dir: PathBuf,
     before: Option<BTreeSet<String>>,
-    tool: Option<Tool>,
-    stdin: Option<ChildStdin>,
+    receiver: ToolWriter,
 }
 
 impl BtrfsSink {
@@ -66,8 +65,7 @@ impl BtrfsSink {
         Self {
             dir: dir.into(),
             before: None,
-            tool: None,
-            stdin: None,
+            receiver: ToolWriter::default(),
         }
     }
 
@@ -89,28 +87,15 @@ impl Sink for BtrfsSink {
         self.before = Some(self.entries()?);
         let mut cmd = Command::new("btrfs");
         cmd.arg("receive").arg(&self.dir);
-        let mut tool = Tool::spawn(cmd, false)?;
-        self.stdin = tool.take_stdin();
-        self.tool = Some(tool);
-        let stdin = self
-            .stdin
-            .as_mut()
-            .ok_or_else(|| BackendError::Target("btrfs receive has no stdin".into()))?;
-        Ok(Box::new(stdin))
+        Ok(Box::new(self.receiver.start(cmd, "btrfs receive")?))
     }
 
     fn commit(&mut self) -> Result<(), BackendError> {
-        self.stdin = None;
-        let mut tool = self
-            .tool
-            .take()
-            .ok_or_else(|| BackendError::Target("btrfs sink committed before open".into()))?;
-        tool.wait()
+        self.receiver.finish("btrfs sink")
     }
 
     fn abort(&mut self) -> Result<Option<String>, BackendError> {
-        let stderr = self.tool.take().map(|mut t| t.kill());
-        self.stdin = None;
+        let stderr = self.receiver.kill();
         if let Some(before) = self.before.take() {
             let mut left = Vec::new();
             for name in self.entries()?.difference(&before) {

@@ -20,6 +20,48 @@ pub(crate) struct Tool {
     stderr_thread: Option<JoinHandle<()>>,
 }
 
+/// A tool fed through its stdin: the running half of a command-backed sink (`zfs recv`,
+/// `btrfs receive`).
+#[derive(Debug, Default)]
+pub(crate) struct ToolWriter {
+    tool: Option<Tool>,
+    stdin: Option<ChildStdin>,
+}
+
+impl ToolWriter {
+    /// Starts `cmd` and returns its stdin to write the stream into.
+    pub(crate) fn start(
+        &mut self,
+        cmd: Command,
+        what: &str,
+    ) -> Result<&mut ChildStdin, BackendError> {
+        let mut tool = Tool::spawn(cmd, false)?;
+        self.stdin = tool.take_stdin();
+        self.tool = Some(tool);
+        self.stdin
+            .as_mut()
+            .ok_or_else(|| BackendError::Target(format!("{what} has no stdin")))
+    }
+
+    /// Closes stdin, which is the tool's end of stream, and waits for it to succeed.
+    pub(crate) fn finish(&mut self, what: &str) -> Result<(), BackendError> {
+        self.stdin = None;
+        let mut tool = self
+            .tool
+            .take()
+            .ok_or_else(|| BackendError::Target(format!("{what} committed before open")))?;
+        tool.wait()
+    }
+
+    /// Kills the tool before closing stdin, so that a stream cut at a record boundary cannot
+    /// look complete; returns what it printed on stderr, if it ran.
+    pub(crate) fn kill(&mut self) -> Option<String> {
+        let stderr = self.tool.take().map(|mut t| t.kill());
+        self.stdin = None;
+        stderr
+    }
+}
+
 pub(crate) fn describe(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for a in cmd.get_args() {

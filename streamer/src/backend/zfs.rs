@@ -19,9 +19,9 @@
 //! interrupted transfer starts over.
 
 use std::io::{Read, Write};
-use std::process::{ChildStdin, Command};
+use std::process::Command;
 
-use super::child::{Tool, ToolReader, run};
+use super::child::{ToolReader, ToolWriter, run};
 use super::{BackendError, Sink, Source};
 
 /// `zfs send [-i BASE] POOL/FS@SNAP`.
@@ -87,8 +87,7 @@ pub struct ZfsSink {
     rollback: bool,
     zfs: String,
     before: Option<Vec<String>>,
-    tool: Option<Tool>,
-    stdin: Option<ChildStdin>,
+    receiver: ToolWriter,
 }
 
 impl ZfsSink {
@@ -100,8 +99,7 @@ impl ZfsSink {
             rollback: false,
             zfs: "zfs".into(),
             before: None,
-            tool: None,
-            stdin: None,
+            receiver: ToolWriter::default(),
         }
     }
 
@@ -166,30 +164,17 @@ impl Sink for ZfsSink {
             cmd.arg("-F");
         }
         cmd.arg(&self.target);
-        let mut tool = Tool::spawn(cmd, false)?;
-        self.stdin = tool.take_stdin();
-        self.tool = Some(tool);
-        let stdin = self
-            .stdin
-            .as_mut()
-            .ok_or_else(|| BackendError::Target("zfs recv has no stdin".into()))?;
-        Ok(Box::new(stdin))
+        Ok(Box::new(self.receiver.start(cmd, "zfs recv")?))
     }
 
     fn commit(&mut self) -> Result<(), BackendError> {
         // Closing stdin is zfs recv's EOF.
-        self.stdin = None;
-        let mut tool = self
-            .tool
-            .take()
-            .ok_or_else(|| BackendError::Target("zfs sink committed before open".into()))?;
-        tool.wait()
+        self.receiver.finish("zfs sink")
     }
 
     fn abort(&mut self) -> Result<Option<String>, BackendError> {
         // Kill before closing stdin: an EOF at a record boundary must not look like the end.
-        let stderr = self.tool.take().map(|mut t| t.kill());
-        self.stdin = None;
+        let stderr = self.receiver.kill();
         if let Some(before) = self.before.take() {
             // With zfs-fuse the receive runs inside the daemon, which may still be unwinding
             // (or, if every byte arrived, finishing) after the client is gone: clean up until

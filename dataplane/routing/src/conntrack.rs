@@ -9,13 +9,16 @@
 use std::{
     collections::BTreeSet,
     os::fd::{AsRawFd, OwnedFd},
+    sync::mpsc,
+    thread::JoinHandle,
+    time::Duration,
 };
 
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
     socket,
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// A failure talking ctnetlink.
 #[derive(Debug, thiserror::Error)]
@@ -269,6 +272,87 @@ pub fn forget_ports(ports: &BTreeSet<u16>) -> Result<usize, ConntrackError> {
         deleted, "conntrack entries of moved routes forgotten"
     );
     Ok(deleted)
+}
+
+/// How long the routes must stay unchanged before the janitor dumps the conntrack table.
+pub const SETTLE: Duration = Duration::from_millis(100);
+
+/// Forgets the entries of moved ports on a worker thread, once the routes have settled.
+///
+/// The conntrack dump walks every bucket of the table with bottom halves disabled: about 10 ms
+/// at the default 262,144 buckets, even with no entries at all, and while it runs no RCU grace
+/// period (not even an expedited one) can end. A route change that deletes a map element
+/// waits for one, so a dump on the apply path, or overlapping it, costs a move 10 ms. The
+/// janitor therefore waits until no change has come for [`SETTLE`], then forgets all ports
+/// queued since in one dump. Dropping the janitor forgets what is queued at once.
+///
+/// The worker is created in the network namespace of the thread that spawns the janitor, and
+/// stays there.
+pub struct Janitor {
+    queue: Option<mpsc::Sender<BTreeSet<u16>>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Janitor {
+    pub fn spawn() -> Janitor {
+        let (queue, pending) = mpsc::channel::<BTreeSet<u16>>();
+        let worker = std::thread::Builder::new()
+            .name("conntrack-janitor".into())
+            .spawn(move || {
+                while let Ok(mut ports) = pending.recv() {
+                    while let Ok(more) = pending.recv_timeout(SETTLE) {
+                        ports.extend(more);
+                    }
+                    forget_logged(&ports);
+                }
+            });
+        match worker {
+            Ok(worker) => Janitor {
+                queue: Some(queue),
+                worker: Some(worker),
+            },
+            Err(error) => {
+                warn!(%error, "cannot start the conntrack janitor; forgetting entries inline");
+                Janitor {
+                    queue: None,
+                    worker: None,
+                }
+            }
+        }
+    }
+
+    /// Queues `ports` for forgetting (or forgets them now if there is no worker).
+    pub fn forget(&self, ports: BTreeSet<u16>) {
+        if ports.is_empty() {
+            return;
+        }
+        let unsent = match &self.queue {
+            Some(queue) => queue.send(ports).err().map(|e| e.0),
+            None => Some(ports),
+        };
+        if let Some(ports) = unsent {
+            forget_logged(&ports);
+        }
+    }
+}
+
+impl Drop for Janitor {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(worker) = self.worker.take()
+            && worker.join().is_err()
+        {
+            warn!("the conntrack janitor panicked");
+        }
+    }
+}
+
+/// The routes are already changed; a stale entry only affects existing 5-tuples, so failing
+/// to forget it is worth a warning, not a failed apply.
+fn forget_logged(ports: &BTreeSet<u16>) {
+    if let Err(error) = forget_ports(ports) {
+        warn!(error = %crate::error_chain(&error), "cannot forget conntrack entries of moved routes");
+    }
 }
 
 #[cfg(test)]

@@ -214,10 +214,11 @@ impl Loaded {
             source: Box::new(source),
         };
         let unknown = std::mem::replace(&mut self.routes_unknown, true);
-        let installed = std::mem::take(&mut self.routes);
+        let mut installed = std::mem::take(&mut self.routes);
         let mut map: BpfHashMap<_, u32, [u32; 2]> =
             BpfHashMap::try_from(self.map(ROUTES_MAP)?).map_err(map_error)?;
         let diff = if unknown {
+            installed = RouteTable::default();
             let keys = map
                 .keys()
                 .collect::<Result<Vec<u32>, _>>()
@@ -225,7 +226,7 @@ impl Loaded {
             for key in keys {
                 map.remove(&key).map_err(map_error)?;
             }
-            ElementDiff::between_tables(&RouteTable::default(), wanted)
+            ElementDiff::between_tables(&installed, wanted)
         } else {
             ElementDiff::between_tables(&installed, wanted)
         };
@@ -239,7 +240,8 @@ impl Loaded {
                 map.remove(&port_key(element.port)).map_err(map_error)?;
             }
         }
-        self.routes = wanted.clone();
+        diff.patch(&mut installed, wanted);
+        self.routes = installed;
         self.routes_unknown = false;
         Ok(())
     }

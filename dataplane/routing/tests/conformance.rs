@@ -9,12 +9,14 @@ use std::{
     net::{Ipv4Addr, TcpListener},
     path::Path,
     process::Stdio,
+    time::Instant,
 };
 
 use anyhow::{Context, bail, ensure};
 use flocker_e2e::netns::{Cgroup, Netns, Switch};
 use flocker_routing::{
-    BackendChoice, BackendConfig, RouteTable, RoutingBackend, StaticResolver, open_backend,
+    BackendChoice, BackendConfig, RouteTable, RoutingBackend, StaticResolver, conntrack,
+    open_backend,
 };
 use flocker_wire::{Route, RouteTarget};
 
@@ -411,12 +413,17 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     let unrelated = all_tracked(&lab.nodes[0], UNROUTED_PORT)?;
     ensure!(unrelated > 0, "no conntrack entry for the unrouted port");
     apply_all(&lab, &mut backends, &tables(1)?)?;
+    // The janitor forgets them once the routes have settled, off the apply path.
+    let deadline = Instant::now() + conntrack::SETTLE * 20;
     for node in &lab.nodes {
-        ensure!(
-            tracked(node, PORT)? == 0,
-            "conntrack entries of the moved port survive in {}",
-            node.name()
-        );
+        while tracked(node, PORT)? > 0 {
+            ensure!(
+                Instant::now() < deadline,
+                "conntrack entries of the moved port survive in {}",
+                node.name()
+            );
+            std::thread::sleep(conntrack::SETTLE / 4);
+        }
     }
     ensure!(
         all_tracked(&lab.nodes[0], UNROUTED_PORT)? == unrelated,

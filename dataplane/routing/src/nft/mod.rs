@@ -8,9 +8,9 @@
 pub mod netlink;
 pub mod plan;
 
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-use crate::{RouteTable, RoutingBackend, RoutingError, sysctl};
+use crate::{RouteTable, RoutingBackend, RoutingError, conntrack::Janitor, rcu, sysctl};
 use plan::{ElementDiff, MapElement, Ruleset, Scope};
 
 pub use netlink::NetlinkError;
@@ -23,6 +23,8 @@ pub struct NftBackend {
     installed: Option<RouteTable>,
     /// This instance removed the table and installed nothing since: an empty apply is a no-op.
     known_absent: bool,
+    /// Forgets conntrack entries of moved ports off the apply path.
+    janitor: Janitor,
 }
 
 impl NftBackend {
@@ -37,6 +39,7 @@ impl NftBackend {
             scope,
             installed: None,
             known_absent: false,
+            janitor: Janitor::spawn(),
         }
     }
 
@@ -50,7 +53,10 @@ impl NftBackend {
             })
             .collect();
         let encoded = netlink::encode_rebuild(&Ruleset::new(self.scope), &elements)?;
+        // The rebuild deletes the old table first, which waits for a grace period.
+        let expedited = rcu::Expedited::start();
         netlink::send(&encoded)?;
+        drop(expedited);
         info!(
             routes = elements.len(),
             "nftables: table ip flocker rebuilt"
@@ -81,7 +87,7 @@ impl RoutingBackend for NftBackend {
             }
             return self.clear();
         }
-        let Some(installed) = self.installed.take() else {
+        let Some(mut installed) = self.installed.take() else {
             return self.rebuild(table);
         };
         let diff = ElementDiff::between_tables(&installed, table);
@@ -90,25 +96,27 @@ impl RoutingBackend for NftBackend {
             return Ok(());
         }
         let encoded = netlink::encode_diff(&diff)?;
+        // A transaction that deletes elements waits for an RCU grace period; see `rcu`.
+        let expedited = (!diff.delete.is_empty()).then(rcu::Expedited::start);
         // On failure `installed` stays None, so the next apply rebuilds from scratch.
         netlink::send(&encoded)?;
+        drop(expedited);
         debug!(
             deleted = diff.delete.len(),
             added = diff.add.len(),
             "nftables: routes map updated"
         );
-        // The routes are already changed; a stale entry only affects existing 5-tuples, so
-        // failing to forget it is worth a warning, not a failed apply.
-        let ports = diff.moved_or_removed_ports().into_iter().collect();
-        if let Err(error) = crate::conntrack::forget_ports(&ports) {
-            warn!(error = %crate::error_chain(&error), "cannot forget conntrack entries of moved routes");
-        }
-        self.installed = Some(table.clone());
+        self.janitor
+            .forget(diff.moved_or_removed_ports().into_iter().collect());
+        diff.patch(&mut installed, table);
+        self.installed = Some(installed);
         Ok(())
     }
 
     fn clear(&mut self) -> Result<(), RoutingError> {
+        let expedited = rcu::Expedited::start();
         netlink::send(&netlink::encode_delete_table())?;
+        drop(expedited);
         if self.installed.take().is_some() {
             info!("nftables: table ip flocker removed");
         }

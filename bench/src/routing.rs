@@ -37,11 +37,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         return client(&args[1..]);
     }
     let mut seconds = 1.0f64;
+    let mut rounds = 3usize;
     let mut route_counts = vec![1usize, 1000, 10_000];
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--seconds" => seconds = it.next().context("--seconds S")?.parse()?,
+            "--rounds" => rounds = it.next().context("--rounds N")?.parse()?,
             "--routes" => {
                 route_counts = it
                     .next()
@@ -56,44 +58,49 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let load_start = load_average();
     let lab = Lab::build()?;
     let mut report = Report::default();
-    for peer in Peer::ALL {
-        for &n in &route_counts {
-            if matches!(peer, Peer::Direct | Peer::Socat) && n != route_counts[0] {
-                continue;
-            }
-            let mut setup = lab.program(peer, n)?;
-            let port = setup.measured_port;
-            let target = if peer == Peer::Direct {
-                CTR.to_string()
-            } else {
-                NODE.to_owned()
-            };
-            let outside = lab
-                .connections(false, &target, port, seconds)
-                .with_context(|| format!("{} with {n} routes, outside", peer.label()))?;
-            let local = lab
-                .connections(true, &target, port, seconds)
-                .with_context(|| format!("{} with {n} routes, local", peer.label()))?;
-            report.conn_rows.push((peer, n, outside, local));
-            if n == route_counts[0] {
-                let iperf_port = if peer == Peer::Direct {
-                    IPERF_PORT
-                } else {
-                    IPERF_ROUTE
-                };
-                let fwd = lab.iperf(false, &target, iperf_port)?;
-                let loc = lab.iperf(true, &target, iperf_port)?;
-                report.iperf_rows.push((peer, fwd, loc));
-            }
-            if n == *route_counts.iter().max().unwrap_or(&n) {
-                if let Some(timings) = setup.timings.take() {
-                    report.program_rows.push((peer, n, timings));
+    // Every way is measured once per round and the rounds interleave, so a slow stretch of
+    // the shared machine lowers one sample of every way rather than all samples of one way.
+    for round in 0..rounds {
+        eprintln!("routing: round {}/{rounds}", round + 1);
+        for peer in Peer::ALL {
+            for &n in &route_counts {
+                if matches!(peer, Peer::Direct | Peer::Socat) && n != route_counts[0] {
+                    continue;
                 }
+                let mut setup = lab.program(peer, n)?;
+                let port = setup.measured_port;
+                let target = if peer == Peer::Direct {
+                    CTR.to_string()
+                } else {
+                    NODE.to_owned()
+                };
+                let outside = lab
+                    .connections(false, &target, port, seconds)
+                    .with_context(|| format!("{} with {n} routes, outside", peer.label()))?;
+                let local = lab
+                    .connections(true, &target, port, seconds)
+                    .with_context(|| format!("{} with {n} routes, local", peer.label()))?;
+                report.add_connections(peer, n, outside, local);
+                if round == 0 && n == route_counts[0] {
+                    let iperf_port = if peer == Peer::Direct {
+                        IPERF_PORT
+                    } else {
+                        IPERF_ROUTE
+                    };
+                    let fwd = lab.iperf(false, &target, iperf_port)?;
+                    let loc = lab.iperf(true, &target, iperf_port)?;
+                    report.iperf_rows.push((peer, fwd, loc));
+                }
+                if round == 0 && n == *route_counts.iter().max().unwrap_or(&n) {
+                    if let Some(timings) = setup.timings.take() {
+                        report.program_rows.push((peer, n, timings));
+                    }
+                }
+                lab.teardown(&mut setup)?;
             }
-            lab.teardown(&mut setup)?;
         }
     }
-    let text = report.render(seconds, &load_start, &load_average());
+    let text = report.render(rounds, seconds, &load_start, &load_average());
     println!("{text}");
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/routing.md");
     std::fs::create_dir_all(out.parent().context("results dir")?)?;
@@ -551,6 +558,23 @@ struct Report {
 }
 
 impl Report {
+    /// Keeps the best sample of each cell: interference on a shared machine only ever lowers
+    /// a connection rate.
+    fn add_connections(&mut self, peer: Peer, n: usize, outside: Sample, local: Sample) {
+        let better = |old: &mut Sample, new: Sample| {
+            if new.per_second > old.per_second {
+                *old = new;
+            }
+        };
+        match self.conn_rows.iter_mut().find(|r| r.0 == peer && r.1 == n) {
+            Some(row) => {
+                better(&mut row.2, outside);
+                better(&mut row.3, local);
+            }
+            None => self.conn_rows.push((peer, n, outside, local)),
+        }
+    }
+
     /// The issue's targets, checked against this run.
     fn render_targets(&self, s: &mut String) {
         let max_routes = self.conn_rows.iter().map(|r| r.1).max().unwrap_or(0);
@@ -612,12 +636,12 @@ impl Report {
         });
     }
 
-    fn render(&self, seconds: f64, load_start: &str, load_end: &str) -> String {
+    fn render(&self, rounds: usize, seconds: f64, load_start: &str, load_end: &str) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "## Routing benchmark\n");
         let _ = writeln!(
             s,
-            "One run, network namespaces on one host (2 cores), single-threaded client, best of 3 samples of {seconds} s each (load average at start: {load_start}, at end: {load_end}). \
+            "One run, network namespaces on one host (2 cores), single-threaded client, connection rates the best of {rounds} interleaved rounds of one {seconds} s sample per way (load average at start: {load_start}, at end: {load_end}). \
              \"outside\": client namespace -> node address -> container (DNAT + forward); \
              \"local\": a process on the node itself -> node address. Routes are N ports all \
              published; the measured port is the middle one (iptables scans rules linearly). \
@@ -678,12 +702,14 @@ impl Report {
             "\nNotes: the single-threaded client tops out near 16,000 connections/s on this \
              machine, which hides per-connection differences smaller than its own cost; the \
              machine is shared with other builds, and the same cell varies by up to ~30% between \
-             runs (interference only lowers a sample, hence best of 3). \"Move one route\" \
-             deletes and re-adds a map element in one transaction: the kernel needs 10-20 ms \
-             to commit any nf_tables transaction that deletes set elements here (the nft CLI \
-             shows the same: `nft delete element` ~10 ms, `nft add element` ~0 ms), and the \
-             eBPF backend pays it for its nftables part (outside traffic); its BPF map update \
-             itself is an in-place overwrite. iptables \"program cold\" is one \
+             runs (interference only lowers a sample, hence the best of interleaved rounds). \
+             \"Move one route\" deletes and re-adds a map element in one transaction; \
+             committing a transaction that deletes anything waits for an RCU grace period \
+             (10-20 ms on this VM), so the backends expedite grace periods for the length of \
+             such a transaction (`flocker_routing::rcu`) and forget conntrack entries on a \
+             worker once the routes settle (a conntrack dump blocks grace periods for ~10 ms). \
+             The eBPF backend's BPF map update is an in-place overwrite; it pays the nftables \
+             transaction for its outside-traffic part. iptables \"program cold\" is one \
              iptables-restore of all rules (Flocker 0.1 ran one iptables command per rule, \
              slower still); its \"move\" is one `iptables -I` command."
         );

@@ -84,6 +84,7 @@ pub async fn execute(
         ..Summary::default()
     };
     for (index, phase) in plan.phases.iter().enumerate() {
+        let phase_started = Instant::now();
         eprintln!(
             "running phase {}/{}: {}",
             index + 1,
@@ -127,6 +128,11 @@ pub async fn execute(
         if let Some(e) = failure {
             return Err(e);
         }
+        eprintln!(
+            "  {} done in {} ms",
+            phase.name,
+            phase_started.elapsed().as_millis()
+        );
     }
     summary.elapsed_ms = started.elapsed().as_millis();
     Ok(summary)

@@ -3,11 +3,13 @@
 //! 5-tuple to the old backend. The dump is filtered here rather than by the kernel, whose
 //! flush filters differ between versions.
 //!
-//! Only entries that were DNAT'd (`IPS_DST_NAT`), are TCP and whose original destination port
-//! is one of the given ports are deleted.
+//! Only entries that were DNAT'd (`IPS_DST_NAT`), are TCP, whose original destination port is
+//! one of the given ports and whose DNAT target (the source of the reply tuple) is not the
+//! port's current backend are deleted: connections made after the change stay untouched.
 
 use std::{
-    collections::BTreeSet,
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsRawFd, OwnedFd},
     sync::mpsc,
     thread::JoinHandle,
@@ -44,6 +46,10 @@ const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_STATUS: u16 = 3;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_PROTO_NUM: u16 = 1;
@@ -94,13 +100,59 @@ fn attrs(mut b: &[u8]) -> Result<Vec<Attr<'_>>, ConntrackError> {
     Ok(out)
 }
 
+/// Which backend each changed port routes to now: `None` when the port is no longer routed.
+/// Entries of these ports that DNAT to any other backend are stale.
+pub type CurrentBackends = BTreeMap<u16, Option<SocketAddrV4>>;
+
+/// Protocol, source and destination port of a `CTA_TUPLE_PROTO` payload.
+fn proto_fields(payload: &[u8]) -> Result<(Option<u8>, Option<u16>, Option<u16>), ConntrackError> {
+    let (mut proto, mut sport, mut dport) = (None, None, None);
+    for Attr { kind, payload, .. } in attrs(payload)? {
+        let port = || {
+            u16_at(payload, 0)
+                .map(u16::from_be)
+                .ok_or(ConntrackError::Malformed)
+        };
+        match kind {
+            CTA_PROTO_NUM => proto = payload.first().copied(),
+            CTA_PROTO_SRC_PORT => sport = Some(port()?),
+            CTA_PROTO_DST_PORT => dport = Some(port()?),
+            _ => {}
+        }
+    }
+    Ok((proto, sport, dport))
+}
+
+/// The source address and port of a reply tuple: where the connection was DNAT'd to.
+fn reply_source(tuple: &[u8]) -> Result<Option<SocketAddrV4>, ConntrackError> {
+    let (mut ip, mut port) = (None, None);
+    for outer in attrs(tuple)? {
+        match outer.kind {
+            CTA_TUPLE_IP => {
+                for inner in attrs(outer.payload)? {
+                    if inner.kind == CTA_IP_V4_SRC {
+                        let [a, b, c, d] = inner.payload else {
+                            return Err(ConntrackError::Malformed);
+                        };
+                        ip = Some(Ipv4Addr::new(*a, *b, *c, *d));
+                    }
+                }
+            }
+            CTA_TUPLE_PROTO => port = proto_fields(outer.payload)?.1,
+            _ => {}
+        }
+    }
+    Ok(ip.zip(port).map(|(ip, port)| SocketAddrV4::new(ip, port)))
+}
+
 /// If one ctnetlink entry (the payload after `nfgenmsg`) should be forgotten, the bytes of its
 /// `CTA_TUPLE_ORIG` attribute, which identify it in a delete request.
 pub fn entry_to_forget<'a>(
     entry: &'a [u8],
-    ports: &BTreeSet<u16>,
+    current: &CurrentBackends,
 ) -> Result<Option<&'a [u8]>, ConntrackError> {
-    let mut tuple = None;
+    let mut original = None;
+    let mut reply = None;
     let mut status = 0u32;
     for Attr {
         kind,
@@ -109,14 +161,15 @@ pub fn entry_to_forget<'a>(
     } in attrs(entry)?
     {
         match kind {
-            CTA_TUPLE_ORIG => tuple = Some((payload, whole)),
+            CTA_TUPLE_ORIG => original = Some((payload, whole)),
+            CTA_TUPLE_REPLY => reply = Some(payload),
             CTA_STATUS => {
                 status = u32::from_be(u32_at(payload, 0).ok_or(ConntrackError::Malformed)?)
             }
             _ => {}
         }
     }
-    let Some((tuple, whole)) = tuple else {
+    let Some((tuple, whole)) = original else {
         return Ok(None);
     };
     if status & IPS_DST_NAT == 0 {
@@ -126,21 +179,20 @@ pub fn entry_to_forget<'a>(
     let mut dport = None;
     for outer in attrs(tuple)? {
         if outer.kind == CTA_TUPLE_PROTO {
-            for Attr {
-                kind, payload: p, ..
-            } in attrs(outer.payload)?
-            {
-                match kind {
-                    CTA_PROTO_NUM => proto = p.first().copied(),
-                    CTA_PROTO_DST_PORT => {
-                        dport = Some(u16::from_be(u16_at(p, 0).ok_or(ConntrackError::Malformed)?))
-                    }
-                    _ => {}
-                }
-            }
+            (proto, _, dport) = proto_fields(outer.payload)?;
         }
     }
-    Ok((proto == Some(IPPROTO_TCP) && dport.is_some_and(|p| ports.contains(&p))).then_some(whole))
+    if proto != Some(IPPROTO_TCP) {
+        return Ok(None);
+    }
+    let Some(backend) = dport.and_then(|p| current.get(&p)) else {
+        return Ok(None);
+    };
+    let target = match reply {
+        Some(reply) => reply_source(reply)?,
+        None => None,
+    };
+    Ok((backend.is_none() || target != *backend).then_some(whole))
 }
 
 fn message(kind: u16, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
@@ -207,9 +259,10 @@ fn read_until(
     }
 }
 
-/// Deletes the DNAT'd TCP conntrack entries whose original destination port is in `ports`,
-/// in the caller's network namespace. Returns how many were deleted.
-pub fn forget_ports(ports: &BTreeSet<u16>) -> Result<usize, ConntrackError> {
+/// Deletes the DNAT'd TCP conntrack entries of the changed ports that point at a backend
+/// other than the port's current one, in the caller's network namespace. Returns how many
+/// were deleted.
+pub fn forget_stale(ports: &CurrentBackends) -> Result<usize, ConntrackError> {
     if ports.is_empty() {
         return Ok(0);
     }
@@ -289,17 +342,18 @@ pub const SETTLE: Duration = Duration::from_millis(100);
 /// The worker is created in the network namespace of the thread that spawns the janitor, and
 /// stays there.
 pub struct Janitor {
-    queue: Option<mpsc::Sender<BTreeSet<u16>>>,
+    queue: Option<mpsc::Sender<CurrentBackends>>,
     worker: Option<JoinHandle<()>>,
 }
 
 impl Janitor {
     pub fn spawn() -> Janitor {
-        let (queue, pending) = mpsc::channel::<BTreeSet<u16>>();
+        let (queue, pending) = mpsc::channel::<CurrentBackends>();
         let worker = std::thread::Builder::new()
             .name("conntrack-janitor".into())
             .spawn(move || {
                 while let Ok(mut ports) = pending.recv() {
+                    // A later change of the same port supersedes the earlier one.
                     while let Ok(more) = pending.recv_timeout(SETTLE) {
                         ports.extend(more);
                     }
@@ -321,8 +375,8 @@ impl Janitor {
         }
     }
 
-    /// Queues `ports` for forgetting (or forgets them now if there is no worker).
-    pub fn forget(&self, ports: BTreeSet<u16>) {
+    /// Queues the changed ports (or forgets their stale entries now if there is no worker).
+    pub fn forget(&self, ports: CurrentBackends) {
         if ports.is_empty() {
             return;
         }
@@ -349,8 +403,8 @@ impl Drop for Janitor {
 
 /// The routes are already changed; a stale entry only affects existing 5-tuples, so failing
 /// to forget it is worth a warning, not a failed apply.
-fn forget_logged(ports: &BTreeSet<u16>) {
-    if let Err(error) = forget_ports(ports) {
+fn forget_logged(ports: &CurrentBackends) {
+    if let Err(error) = forget_stale(ports) {
         warn!(error = %crate::error_chain(&error), "cannot forget conntrack entries of moved routes");
     }
 }
@@ -370,38 +424,57 @@ mod tests {
         a
     }
 
-    fn entry(proto: u8, dport: u16, status: u32) -> Vec<u8> {
+    fn tuple(ip: [u8; 4], sport: u16, dport: u16, proto: u8) -> Vec<u8> {
         let proto_attrs = [
             attr(CTA_PROTO_NUM, &[proto]),
-            attr(2, &1234u16.to_be_bytes()),
+            attr(CTA_PROTO_SRC_PORT, &sport.to_be_bytes()),
             attr(CTA_PROTO_DST_PORT, &dport.to_be_bytes()),
         ]
         .concat();
-        let tuple = [
-            attr(1 | NLA_F_NESTED, &attr(1, &[198, 18, 0, 100])),
+        [
+            attr(
+                CTA_TUPLE_IP | NLA_F_NESTED,
+                &[attr(CTA_IP_V4_SRC, &ip), attr(2, &[198, 18, 0, 1])].concat(),
+            ),
             attr(CTA_TUPLE_PROTO | NLA_F_NESTED, &proto_attrs),
         ]
-        .concat();
+        .concat()
+    }
+
+    /// A client 198.18.0.100:1234 -> node port `dport`, DNAT'd to `backend`.
+    fn entry(proto: u8, dport: u16, status: u32, backend: SocketAddrV4) -> Vec<u8> {
         [
-            attr(CTA_TUPLE_ORIG | NLA_F_NESTED, &tuple),
+            attr(
+                CTA_TUPLE_ORIG | NLA_F_NESTED,
+                &tuple([198, 18, 0, 100], 1234, dport, proto),
+            ),
+            attr(
+                CTA_TUPLE_REPLY | NLA_F_NESTED,
+                &tuple(backend.ip().octets(), backend.port(), 1234, proto),
+            ),
             attr(CTA_STATUS, &status.to_be_bytes()),
         ]
         .concat()
     }
 
     #[test]
-    fn only_dnated_tcp_entries_of_the_ports_are_forgotten() {
-        let ports = BTreeSet::from([7000]);
+    fn only_stale_dnated_tcp_entries_of_the_ports_are_forgotten() {
+        let old = SocketAddrV4::new(Ipv4Addr::new(172, 17, 0, 2), 6379);
+        let new = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 7000);
+        let moved = CurrentBackends::from([(7000, Some(new))]);
+        let removed = CurrentBackends::from([(7000, None)]);
         let dnat = IPS_DST_NAT | 0x8;
         let cases = [
-            (entry(IPPROTO_TCP, 7000, dnat), true),
-            (entry(IPPROTO_TCP, 7001, dnat), false),
-            (entry(17, 7000, dnat), false),
-            (entry(IPPROTO_TCP, 7000, 0x8), false),
+            (entry(IPPROTO_TCP, 7000, dnat, old), &moved, true),
+            (entry(IPPROTO_TCP, 7000, dnat, new), &moved, false),
+            (entry(IPPROTO_TCP, 7000, dnat, new), &removed, true),
+            (entry(IPPROTO_TCP, 7001, dnat, old), &moved, false),
+            (entry(17, 7000, dnat, old), &moved, false),
+            (entry(IPPROTO_TCP, 7000, 0x8, old), &moved, false),
         ];
-        for (bytes, forget) in cases {
-            let got = entry_to_forget(&bytes, &ports).expect("well-formed");
-            assert_eq!(got.is_some(), forget);
+        for (i, (bytes, current, forget)) in cases.into_iter().enumerate() {
+            let got = entry_to_forget(&bytes, current).expect("well-formed");
+            assert_eq!(got.is_some(), forget, "case {i}");
             if let Some(tuple) = got {
                 assert_eq!(
                     u16_at(tuple, 2).map(|k| k & NLA_TYPE_MASK),
@@ -413,7 +486,9 @@ mod tests {
 
     #[test]
     fn truncated_entry_is_malformed() {
-        let bytes = entry(IPPROTO_TCP, 7000, IPS_DST_NAT);
-        assert!(entry_to_forget(&bytes[..10], &BTreeSet::from([7000])).is_err());
+        let backend = SocketAddrV4::new(Ipv4Addr::new(172, 17, 0, 2), 6379);
+        let bytes = entry(IPPROTO_TCP, 7000, IPS_DST_NAT, backend);
+        let current = CurrentBackends::from([(7000, None)]);
+        assert!(entry_to_forget(&bytes[..10], &current).is_err());
     }
 }

@@ -106,8 +106,7 @@ impl RoutingBackend for NftBackend {
             added = diff.add.len(),
             "nftables: routes map updated"
         );
-        self.janitor
-            .forget(diff.moved_or_removed_ports().into_iter().collect());
+        self.janitor.forget(diff.changed_ports());
         diff.patch(&mut installed, table);
         self.installed = Some(installed);
         Ok(())

@@ -303,9 +303,17 @@ impl ElementDiff {
         self.delete.is_empty() && self.add.is_empty()
     }
 
-    /// Ports whose existing connections point at a backend that is no longer theirs.
-    pub fn moved_or_removed_ports(&self) -> Vec<u16> {
-        self.delete.iter().map(|e| e.port).collect()
+    /// The ports whose existing connections may point at a backend that is no longer theirs,
+    /// each with the backend it routes to now (`None`: no longer routed).
+    pub fn changed_ports(&self) -> BTreeMap<u16, Option<SocketAddrV4>> {
+        let mut changed: BTreeMap<u16, Option<SocketAddrV4>> =
+            self.delete.iter().map(|e| (e.port, None)).collect();
+        for element in &self.add {
+            if let Some(now) = changed.get_mut(&element.port) {
+                *now = Some(element.backend);
+            }
+        }
+        changed
     }
 }
 

@@ -187,6 +187,12 @@ fn deploy(cluster: &Cluster, deployment: &Path, application: &Path) -> Result<()
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // Where a move spends its time, phase by phase.
+    for line in String::from_utf8_lossy(&out.stderr).lines() {
+        if line.contains(" done in ") {
+            eprintln!("migrate: {}", line.trim());
+        }
+    }
     Ok(())
 }
 

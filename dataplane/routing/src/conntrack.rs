@@ -105,8 +105,15 @@ fn attrs(mut b: &[u8]) -> Result<Vec<Attr<'_>>, ConntrackError> {
 pub type CurrentBackends = BTreeMap<u16, Option<SocketAddrV4>>;
 
 /// Protocol, source and destination port of a `CTA_TUPLE_PROTO` payload.
-fn proto_fields(payload: &[u8]) -> Result<(Option<u8>, Option<u16>, Option<u16>), ConntrackError> {
-    let (mut proto, mut sport, mut dport) = (None, None, None);
+#[derive(Default)]
+struct ProtoFields {
+    proto: Option<u8>,
+    sport: Option<u16>,
+    dport: Option<u16>,
+}
+
+fn proto_fields(payload: &[u8]) -> Result<ProtoFields, ConntrackError> {
+    let mut fields = ProtoFields::default();
     for Attr { kind, payload, .. } in attrs(payload)? {
         let port = || {
             u16_at(payload, 0)
@@ -114,13 +121,13 @@ fn proto_fields(payload: &[u8]) -> Result<(Option<u8>, Option<u16>, Option<u16>)
                 .ok_or(ConntrackError::Malformed)
         };
         match kind {
-            CTA_PROTO_NUM => proto = payload.first().copied(),
-            CTA_PROTO_SRC_PORT => sport = Some(port()?),
-            CTA_PROTO_DST_PORT => dport = Some(port()?),
+            CTA_PROTO_NUM => fields.proto = payload.first().copied(),
+            CTA_PROTO_SRC_PORT => fields.sport = Some(port()?),
+            CTA_PROTO_DST_PORT => fields.dport = Some(port()?),
             _ => {}
         }
     }
-    Ok((proto, sport, dport))
+    Ok(fields)
 }
 
 /// The source address and port of a reply tuple: where the connection was DNAT'd to.
@@ -138,7 +145,7 @@ fn reply_source(tuple: &[u8]) -> Result<Option<SocketAddrV4>, ConntrackError> {
                     }
                 }
             }
-            CTA_TUPLE_PROTO => port = proto_fields(outer.payload)?.1,
+            CTA_TUPLE_PROTO => port = proto_fields(outer.payload)?.sport,
             _ => {}
         }
     }
@@ -175,17 +182,16 @@ pub fn entry_to_forget<'a>(
     if status & IPS_DST_NAT == 0 {
         return Ok(None);
     }
-    let mut proto = None;
-    let mut dport = None;
+    let mut fields = ProtoFields::default();
     for outer in attrs(tuple)? {
         if outer.kind == CTA_TUPLE_PROTO {
-            (proto, _, dport) = proto_fields(outer.payload)?;
+            fields = proto_fields(outer.payload)?;
         }
     }
-    if proto != Some(IPPROTO_TCP) {
+    if fields.proto != Some(IPPROTO_TCP) {
         return Ok(None);
     }
-    let Some(backend) = dport.and_then(|p| current.get(&p)) else {
+    let Some(backend) = fields.dport.and_then(|p| current.get(&p)) else {
         return Ok(None);
     };
     let target = match reply {

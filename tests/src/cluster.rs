@@ -14,7 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::images;
 
@@ -398,6 +398,14 @@ fn destroy_pool(pool: &str) {
 fn ensure_dockerd(node: &ClusterNode) -> Result<()> {
     let pidfile = node.dir.join("docker.pid");
     if !pid_alive(&pidfile) {
+        // A node forwards (the agent turns this on anyway). dockerd sets the FORWARD policy
+        // to DROP when it finds forwarding off, which would drop every connection the
+        // routing DNATs into a container; a new namespace starts with the host's setting.
+        let forwarding = node
+            .command("sysctl")
+            .args(["-q", "-w", "net.ipv4.ip_forward=1"])
+            .status()?;
+        ensure!(forwarding.success(), "enable forwarding in {}", node.name);
         let log = fs::File::create(node.dir.join("dockerd.log"))?;
         let index: usize = node.name.trim_start_matches('n').parse().unwrap_or(1);
         node.command("dockerd")

@@ -48,6 +48,9 @@ impl Dockerd {
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let socket = dir.join("docker.sock");
+        // dockerd sets the FORWARD policy to DROP when it finds forwarding off, which would
+        // drop what the routing DNATs into containers; a node forwards anyway.
+        netns.sysctl("net.ipv4.ip_forward", "1")?;
         let log = std::fs::File::create(dir.join("dockerd.log")).context("dockerd log")?;
         let child = netns
             .command("dockerd")

@@ -7,6 +7,9 @@
 //! - the first move (the whole volume is pre-copied while Redis runs),
 //! - a move back after `--delta` MiB (default 1) changed since the last push,
 //! - Flocker 0.1's way on the same data: stop, full `zfs send | ssh | zfs recv`, start,
+//! - the same move and Flocker 0.1's way again with every node's link shaped to `--link`
+//!   (default `1gbit`, `none` to skip), as on a real cluster network: the local bridge moves
+//!   data at memory speed, which makes the baseline's full copy unrealistically short,
 //! - the wall time of a no-op `flockerctl deploy` with `--apps` (default 20) applications.
 
 use std::io::Write as _;
@@ -24,6 +27,7 @@ struct Args {
     size_mib: u64,
     delta_mib: u64,
     apps: usize,
+    link: String,
 }
 
 fn parse(args: &[String]) -> Result<Args> {
@@ -31,6 +35,7 @@ fn parse(args: &[String]) -> Result<Args> {
         size_mib: 1024,
         delta_mib: 1,
         apps: 20,
+        link: "1gbit".into(),
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -39,7 +44,10 @@ fn parse(args: &[String]) -> Result<Args> {
             "--size" => parsed.size_mib = value.parse()?,
             "--delta" => parsed.delta_mib = value.parse()?,
             "--apps" => parsed.apps = value.parse()?,
-            other => bail!("unknown flag {other}: expected --size MiB, --delta MiB, --apps N"),
+            "--link" => parsed.link = value.clone(),
+            other => bail!(
+                "unknown flag {other}: expected --size MiB, --delta MiB, --apps N, --link RATE|none"
+            ),
         }
     }
     Ok(parsed)
@@ -111,6 +119,24 @@ pub fn run(args: &[String]) -> Result<()> {
     eprintln!("migrate: Flocker 0.1's stop, full copy over ssh, start (n1 -> n3)");
     let baseline = stop_copy_start(&cluster, &n1, &n3)?;
 
+    let shaped = if args.link == "none" {
+        None
+    } else {
+        eprintln!("migrate: shaping every node's link to {}", args.link);
+        for node in [&n1, &n2, &n3] {
+            shape_link(node, &args.link)?;
+        }
+        write_data(&n1, "delta-shaped", args.delta_mib)?;
+        eprintln!(
+            "migrate: move n1 -> n2 after {} MiB changed, {} links",
+            args.delta_mib, args.link
+        );
+        let moved = measure(probe, || deploy(&cluster, &on(&n2, "d4.yml")?, &apps))?;
+        eprintln!("migrate: Flocker 0.1's way n2 -> n3, {} links", args.link);
+        let baseline = stop_copy_start(&cluster, &n2, &n3)?;
+        Some((moved, baseline))
+    };
+
     eprintln!("migrate: no-op deploy with {} applications", args.apps);
     let noop = noop_deploy(&cluster, &[&n1, &n2, &n3], args.apps, files.path())?;
 
@@ -135,6 +161,21 @@ pub fn run(args: &[String]) -> Result<()> {
         ms(baseline),
         ms(baseline)
     ));
+    if let Some((moved, baseline)) = &shaped {
+        table.push_str(&format!(
+            "| {} links: flocker, {} MiB changed since the last push | {} | {} |\n",
+            args.link,
+            args.delta_mib,
+            ms(moved.downtime),
+            ms(moved.wall)
+        ));
+        table.push_str(&format!(
+            "| {} links: Flocker 0.1, stop, full zfs send over ssh, start | {} | {} |\n",
+            args.link,
+            ms(*baseline),
+            ms(*baseline)
+        ));
+    }
     table.push_str(&format!(
         "\n| no-op `flockerctl deploy`, {} applications on 3 nodes | median of 5 |\n| --- | ---: |\n| wall time | {} |\n",
         args.apps,
@@ -146,6 +187,15 @@ pub fn run(args: &[String]) -> Result<()> {
         args.delta_mib,
         ratio * 100.0
     ));
+    if let Some((moved, baseline)) = &shaped {
+        let ratio = moved.downtime.as_secs_f64() / baseline.as_secs_f64().max(1e-9);
+        table.push_str(&format!(
+            "On {} links, downtime with {} MiB changed is {:.1}% of stop-copy-start.\n",
+            args.link,
+            args.delta_mib,
+            ratio * 100.0
+        ));
+    }
     println!("{table}");
     let results = workspace_target()
         .parent()
@@ -157,6 +207,19 @@ pub fn run(args: &[String]) -> Result<()> {
         out,
         "## Migration downtime (`cargo xtask bench migrate`)\n\n{table}"
     )?;
+    Ok(())
+}
+
+/// Shapes both directions of a node's link: egress of its `eth0` and of the bridge side of
+/// its veth pair.
+fn shape_link(node: &ClusterNode, rate: &str) -> Result<()> {
+    let tbf = ["root", "tbf", "rate", rate, "burst", "256kb", "latency", "20ms"];
+    sh(Command::new("tc")
+        .args(["-n", &node.netns, "qdisc", "replace", "dev", "eth0"])
+        .args(tbf))?;
+    sh(Command::new("tc")
+        .args(["qdisc", "replace", "dev", &format!("{}-h", node.netns)])
+        .args(tbf))?;
     Ok(())
 }
 

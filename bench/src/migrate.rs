@@ -213,7 +213,9 @@ pub fn run(args: &[String]) -> Result<()> {
 /// Shapes both directions of a node's link: egress of its `eth0` and of the bridge side of
 /// its veth pair.
 fn shape_link(node: &ClusterNode, rate: &str) -> Result<()> {
-    let tbf = ["root", "tbf", "rate", rate, "burst", "256kb", "latency", "20ms"];
+    let tbf = [
+        "root", "tbf", "rate", rate, "burst", "256kb", "latency", "20ms",
+    ];
     sh(Command::new("tc")
         .args(["-n", &node.netns, "qdisc", "replace", "dev", "eth0"])
         .args(tbf))?;

@@ -19,8 +19,10 @@
 //!   container sees the node's address, not the outside client's.
 //! - A filter chain elsewhere that drops forwarded traffic still wins: Docker with its iptables
 //!   integration sets the `FORWARD` policy to DROP, which drops both forwarding to other nodes
-//!   and DNAT into containers on non-Docker-published ports. We never edit other tables, so
-//!   run dockerd with `--iptables=false` (or accept the traffic in `DOCKER-USER` by policy).
+//!   and DNAT into containers on non-Docker-published ports. dockerd does so only when it
+//!   finds forwarding off at start, so enable `net.ipv4.ip_forward` before dockerd starts (the
+//!   test cluster does), or run dockerd with `--iptables=false`, or accept the traffic in
+//!   `DOCKER-USER`. We never edit other tables.
 //! - Moving or removing a route deletes a map element, and committing a transaction that
 //!   deletes anything waits for an RCU grace period (10-20 ms here). The nftables backend
 //!   expedites grace periods for the length of such a transaction (`rcu`), which brings a move

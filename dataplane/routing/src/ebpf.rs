@@ -217,7 +217,7 @@ impl Loaded {
         let mut installed = std::mem::take(&mut self.routes);
         let mut map: BpfHashMap<_, u32, [u32; 2]> =
             BpfHashMap::try_from(self.map(ROUTES_MAP)?).map_err(map_error)?;
-        let diff = if unknown {
+        if unknown {
             installed = RouteTable::default();
             let keys = map
                 .keys()
@@ -226,10 +226,8 @@ impl Loaded {
             for key in keys {
                 map.remove(&key).map_err(map_error)?;
             }
-            ElementDiff::between_tables(&installed, wanted)
-        } else {
-            ElementDiff::between_tables(&installed, wanted)
-        };
+        }
+        let diff = ElementDiff::between_tables(&installed, wanted);
         // Insert (which overwrites) before removing, so a moved port is never unrouted.
         for element in &diff.add {
             let (key, value) = route_entry(element.port, element.backend);

@@ -382,20 +382,16 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     expect_reaches("after restart", &lab.outside, None, &node_ip(2), PORT, "c1")?;
 
     // Move the application to node 2: new connections follow.
-    let tracked = |node: &Netns, port: u16| -> anyhow::Result<usize> {
+    // Conntrack entries of TCP connections to `port` on a node, narrowed by `filter`.
+    let count = |node: &Netns, port: u16, filter: &[&str]| -> anyhow::Result<usize> {
         let out = node
             .command("conntrack")
-            .args([
-                "-L",
-                "--dst-nat",
-                "-p",
-                "tcp",
-                "--orig-port-dst",
-                &port.to_string(),
-            ])
+            .args(["-L", "-p", "tcp", "--orig-port-dst", &port.to_string()])
+            .args(filter)
             .output()?;
         Ok(String::from_utf8_lossy(&out.stdout).lines().count())
     };
+    let tracked = |node: &Netns, port: u16| count(node, port, &["--dst-nat"]);
     for node in &lab.nodes {
         ensure!(
             tracked(node, PORT)? > 0,
@@ -403,13 +399,7 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
             node.name()
         );
     }
-    let all_tracked = |node: &Netns, port: u16| -> anyhow::Result<usize> {
-        let out = node
-            .command("conntrack")
-            .args(["-L", "-p", "tcp", "--orig-port-dst", &port.to_string()])
-            .output()?;
-        Ok(String::from_utf8_lossy(&out.stdout).lines().count())
-    };
+    let all_tracked = |node: &Netns, port: u16| count(node, port, &[]);
     let unrelated = all_tracked(&lab.nodes[0], UNROUTED_PORT)?;
     ensure!(unrelated > 0, "no conntrack entry for the unrouted port");
     let (before, after) = (tables(0)?, tables(1)?);
@@ -418,15 +408,8 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
         Ok(entry.backend().ip().to_string())
     };
     // DNAT'd entries of PORT on a node whose connection went to `target`.
-    let tracked_to = |node: &Netns, target: &str| -> anyhow::Result<usize> {
-        let out = node
-            .command("conntrack")
-            .args(["-L", "--dst-nat", "-p", "tcp", "--orig-port-dst"])
-            .arg(PORT.to_string())
-            .args(["--reply-src", target])
-            .output()?;
-        Ok(String::from_utf8_lossy(&out.stdout).lines().count())
-    };
+    let tracked_to =
+        |node: &Netns, target: &str| count(node, PORT, &["--dst-nat", "--reply-src", target]);
     apply_all(&lab, &mut backends, &after)?;
     // New connections right after the move, while the janitor has yet to run.
     check_reachable(&lab, 1, "c2")?;

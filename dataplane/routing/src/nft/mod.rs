@@ -10,7 +10,7 @@ pub mod plan;
 
 use tracing::{debug, info};
 
-use crate::{RouteTable, RoutingBackend, RoutingError, conntrack::Janitor, rcu, sysctl};
+use crate::{RouteTable, RoutingBackend, RoutingError, conntrack::Janitor, sysctl};
 use plan::{ElementDiff, MapElement, Ruleset, Scope};
 
 pub use netlink::NetlinkError;
@@ -53,10 +53,7 @@ impl NftBackend {
             })
             .collect();
         let encoded = netlink::encode_rebuild(&Ruleset::new(self.scope), &elements)?;
-        // The rebuild deletes the old table first, which waits for a grace period.
-        let expedited = rcu::Expedited::start();
         netlink::send(&encoded)?;
-        drop(expedited);
         info!(
             routes = elements.len(),
             "nftables: table ip flocker rebuilt"
@@ -96,11 +93,8 @@ impl RoutingBackend for NftBackend {
             return Ok(());
         }
         let encoded = netlink::encode_diff(&diff)?;
-        // A transaction that deletes elements waits for an RCU grace period; see `rcu`.
-        let expedited = (!diff.delete.is_empty()).then(rcu::Expedited::start);
         // On failure `installed` stays None, so the next apply rebuilds from scratch.
         netlink::send(&encoded)?;
-        drop(expedited);
         debug!(
             deleted = diff.delete.len(),
             added = diff.add.len(),
@@ -113,9 +107,7 @@ impl RoutingBackend for NftBackend {
     }
 
     fn clear(&mut self) -> Result<(), RoutingError> {
-        let expedited = rcu::Expedited::start();
         netlink::send(&netlink::encode_delete_table())?;
-        drop(expedited);
         if self.installed.take().is_some() {
             info!("nftables: table ip flocker removed");
         }

@@ -62,6 +62,8 @@ fn table_name() -> CString {
 pub struct Encoded {
     batch: FinalizedBatch,
     seqs: Range<u32>,
+    /// The batch deletes something, so its commit waits for an RCU grace period.
+    deletes: bool,
 }
 
 /// Deletes the table if present and recreates it with every chain, rule and element, all in one
@@ -95,7 +97,8 @@ pub fn encode_rebuild(ruleset: &Ruleset, elements: &[MapElement]) -> Result<Enco
         }
     }
     add_elements(&mut batch, elements, MsgType::Add)?;
-    Ok(finalize(batch))
+    // The old table goes first.
+    Ok(finalize(batch, true))
 }
 
 /// Only the element messages of a diff: deletes first, then adds, in one transaction.
@@ -103,7 +106,7 @@ pub fn encode_diff(diff: &ElementDiff) -> Result<Encoded, NetlinkError> {
     let mut batch = Batch::new();
     add_elements(&mut batch, &diff.delete, MsgType::Del)?;
     add_elements(&mut batch, &diff.add, MsgType::Add)?;
-    Ok(finalize(batch))
+    Ok(finalize(batch, !diff.delete.is_empty()))
 }
 
 /// Removes the table, and with it everything the agent installed; a no-op if it is absent.
@@ -112,13 +115,17 @@ pub fn encode_delete_table() -> Encoded {
     let mut batch = Batch::new();
     batch.add(&table, MsgType::Add);
     batch.add(&table, MsgType::Del);
-    finalize(batch)
+    finalize(batch, true)
 }
 
-fn finalize(batch: Batch) -> Encoded {
+fn finalize(batch: Batch, deletes: bool) -> Encoded {
     let batch = batch.finalize();
     let seqs = batch.sequence_numbers();
-    Encoded { batch, seqs }
+    Encoded {
+        batch,
+        seqs,
+        deletes,
+    }
 }
 
 fn add_elements(
@@ -137,8 +144,10 @@ fn add_elements(
 }
 
 /// Sends one batch in a single `sendmsg` (the kernel treats a batch split over several sends
-/// as several transactions) and waits for every acknowledgement.
+/// as several transactions) and waits for every acknowledgement. A batch that deletes
+/// anything is committed with expedited RCU grace periods (see `crate::rcu`).
 pub fn send(encoded: &Encoded) -> Result<(), NetlinkError> {
+    let _expedited = encoded.deletes.then(crate::rcu::Expedited::start);
     let fd = open_socket()?;
     let pages: Vec<IoSlice<'_>> = encoded.batch.iter().map(IoSlice::new).collect();
     let total: usize = pages.iter().map(|p| p.len()).sum();

@@ -13,7 +13,10 @@ use std::{
     net::SocketAddrV4,
 };
 
-use crate::table::{RouteEntry, RouteTable};
+use crate::{
+    conntrack::CurrentBackends,
+    table::{RouteEntry, RouteTable},
+};
 
 /// The one table the agent owns (family `ip`).
 pub const TABLE: &str = "flocker";
@@ -305,9 +308,8 @@ impl ElementDiff {
 
     /// The ports whose existing connections may point at a backend that is no longer theirs,
     /// each with the backend it routes to now (`None`: no longer routed).
-    pub fn changed_ports(&self) -> BTreeMap<u16, Option<SocketAddrV4>> {
-        let mut changed: BTreeMap<u16, Option<SocketAddrV4>> =
-            self.delete.iter().map(|e| (e.port, None)).collect();
+    pub fn changed_ports(&self) -> CurrentBackends {
+        let mut changed: CurrentBackends = self.delete.iter().map(|e| (e.port, None)).collect();
         for element in &self.add {
             if let Some(now) = changed.get_mut(&element.port) {
                 *now = Some(element.backend);

@@ -46,30 +46,74 @@ fn daemon_answers() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Where the daemon records its pid. zfs-fuse refuses to start (exit 1, a message only to
+/// syslog) while this file exists and is newer than the boot, even when the process it names
+/// is long gone, so a daemon that was killed blocks every later start.
+const PIDFILE: &str = "/run/zfs-fuse.pid";
+
+/// Whether a zfs-fuse process is alive (perhaps still starting, perhaps still exiting).
+fn daemon_process_alive() -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "zfs-fuse")
+    })
+}
+
+/// Removes the pidfile when no zfs-fuse process is alive to own it.
+fn remove_stale_pidfile() {
+    if std::path::Path::new(PIDFILE).exists() && !daemon_process_alive() {
+        eprintln!("zfs: removing stale {PIDFILE} (no zfs-fuse process is running)");
+        let _ = std::fs::remove_file(PIDFILE);
+    }
+}
+
+/// Starts the daemon; it forks into the background by itself. Returns what it printed when
+/// it exited with an error (which may only mean that another process started it first).
+fn start_daemon() -> Option<String> {
+    remove_stale_pidfile();
+    match Command::new("zfs-fuse")
+        .args(["--pidfile", PIDFILE])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+    {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(format!(
+            "zfs-fuse exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => Some(format!("cannot run zfs-fuse: {e}")),
+    }
+}
+
 /// Makes sure the zfs-fuse daemon is running, starting it (daemonized, so it outlives the
 /// test) if `zpool list` gets no answer. Idempotent and safe to race: a second daemon refuses
-/// to start and the first one answers.
+/// to start and the first one answers. A daemon that is still exiting when this is called
+/// makes the first start fail, so the start is tried again while no zfs-fuse process runs.
 pub fn ensure_daemon() -> anyhow::Result<()> {
     if daemon_answers() {
         return Ok(());
     }
-    // zfs-fuse forks into the background by itself; a failure here may just mean another
-    // process started it first, so the poll below decides.
-    let started = Command::new("zfs-fuse")
-        .args(["--pidfile", "/run/zfs-fuse.pid"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last_failure = start_daemon();
+    let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if daemon_answers() {
             return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(100));
+        if !daemon_process_alive() {
+            last_failure = start_daemon();
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
     bail!(
-        "zfs-fuse did not come up within 20 s (start attempt: {started:?}); is the zfs-fuse package installed?"
+        "zfs-fuse did not come up within 30 s ({}); is the zfs-fuse package installed?",
+        last_failure
+            .as_deref()
+            .unwrap_or("the daemon started but never answered")
     )
 }
 

@@ -1,8 +1,15 @@
 //! The eBPF backend: `cgroup/connect4` and `cgroup/getpeername4` programs (from
 //! `flocker-ebpf`) attached to a cgroup v2 redirect a local or container client's connect to
 //! a routed port on one of the node's addresses straight to the backend, so those packets need
-//! no NAT. Traffic arriving from outside the node is handled by the nftables prerouting and
-//! postrouting chains (`Scope::FromOutside`), installed alongside.
+//! no NAT.
+//!
+//! Traffic arriving from outside the node meets the TC program `flk_tc_ingress`, attached to
+//! the ingress of every interface with an IPv4 address: a connection to a local container is
+//! rewritten and redirected in both directions without netfilter or conntrack (its flows in
+//! the LRU map `flk_flows`). What it leaves to the stack (a backend on another node, hairpin,
+//! connections the stack already carries) is handled by the nftables prerouting and
+//! postrouting chains (`Scope::FromOutside`), installed alongside. Where the TC program cannot
+//! be loaded or attached, the nftables chains carry all outside traffic, and a warning says so.
 //!
 //! The route table lives in the BPF hash map `flk_routes`, updated in place element by element.
 
@@ -16,9 +23,11 @@ use std::{
 use aya::{
     Ebpf,
     maps::HashMap as BpfHashMap,
-    programs::{CgroupAttachMode, CgroupSockAddr},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId,
+    },
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::{
     RouteTable, RoutingBackend, RoutingError,
@@ -69,6 +78,7 @@ pub enum EbpfError {
 const ROUTES_MAP: &str = "flk_routes";
 const LOCAL_MAP: &str = "flk_local";
 const PROGRAMS: [&str; 2] = ["flk_connect4", "flk_getpeername4"];
+const TC_PROGRAM: &str = "flk_tc_ingress";
 /// Where we mount cgroup v2 ourselves when the host has not.
 const OWN_CGROUP2_MOUNT: &str = "/run/flocker/cgroup2";
 
@@ -109,12 +119,27 @@ pub fn local_entries(addrs: impl IntoIterator<Item = Ipv4Addr>) -> BTreeSet<u32>
         .collect()
 }
 
-fn node_addresses() -> Result<Vec<Ipv4Addr>, EbpfError> {
+/// The node's IPv4 addresses with the interface each is on.
+fn node_addresses() -> Result<Vec<(String, Ipv4Addr)>, EbpfError> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(EbpfError::Addresses)?;
     Ok(addrs
-        .filter_map(|ifa| ifa.address)
-        .filter_map(|a| a.as_sockaddr_in().map(|s| s.ip()))
+        .filter_map(|ifa| {
+            let ip = ifa.address?.as_sockaddr_in()?.ip();
+            Some((ifa.interface_name, ip))
+        })
         .collect())
+}
+
+/// The interfaces the TC program goes on: every one with a non-loopback IPv4 address (the
+/// uplinks outside traffic arrives on, and the bridges or veths behind which containers live).
+pub fn tc_interfaces<'a>(
+    addrs: impl IntoIterator<Item = &'a (String, Ipv4Addr)>,
+) -> BTreeSet<String> {
+    addrs
+        .into_iter()
+        .filter(|(_, ip)| !ip.is_loopback() && !ip.is_unspecified())
+        .map(|(name, _)| name.clone())
+        .collect()
 }
 
 /// The first cgroup v2 mount point listed in `/proc/self/mounts` (`/sys/fs/cgroup` on a unified
@@ -165,6 +190,12 @@ struct Loaded {
     /// way, and the map is emptied and rewritten.
     routes_unknown: bool,
     local: BTreeSet<u32>,
+    /// Whether `flk_tc_ingress` loaded; without it outside traffic takes the nftables path.
+    tc_loaded: bool,
+    /// Interfaces `flk_tc_ingress` is attached to.
+    tc_links: BTreeMap<String, SchedClassifierLinkId>,
+    /// Interfaces where attaching failed, warned about once.
+    tc_failed: BTreeSet<String>,
 }
 
 impl Loaded {
@@ -194,12 +225,69 @@ impl Loaded {
                 .map_err(program_error)?;
         }
         info!(cgroup = %cgroup.display(), "eBPF connect4/getpeername4 attached");
+        let tc_loaded = match load_tc(&mut bpf) {
+            Ok(()) => true,
+            Err(error) => {
+                warn!(
+                    error = %crate::error_chain(&error),
+                    "eBPF TC program unavailable: traffic from outside takes the nftables path"
+                );
+                false
+            }
+        };
         Ok(Loaded {
             bpf,
             routes: RouteTable::default(),
             routes_unknown: false,
             local: BTreeSet::new(),
+            tc_loaded,
+            tc_links: BTreeMap::new(),
+            tc_failed: BTreeSet::new(),
         })
+    }
+
+    /// Attaches `flk_tc_ingress` to the interfaces in `wanted` it is not on yet, and forgets
+    /// the ones that went away (their links went with them).
+    fn sync_interfaces(&mut self, wanted: BTreeSet<String>) -> Result<(), EbpfError> {
+        if !self.tc_loaded {
+            return Ok(());
+        }
+        let gone: Vec<String> = self
+            .tc_links
+            .keys()
+            .filter(|name| !wanted.contains(*name))
+            .cloned()
+            .collect();
+        let program = tc_program(&mut self.bpf)?;
+        for name in gone {
+            if let Some(link) = self.tc_links.remove(&name) {
+                // The interface may be gone already, and its link with it.
+                let _ = program.detach(link);
+            }
+        }
+        for name in wanted {
+            if self.tc_links.contains_key(&name) {
+                continue;
+            }
+            match program.attach(&name, TcAttachType::Ingress) {
+                Ok(link) => {
+                    debug!(interface = %name, "eBPF TC ingress attached");
+                    self.tc_failed.remove(&name);
+                    self.tc_links.insert(name, link);
+                }
+                Err(error) => {
+                    if self.tc_failed.insert(name.clone()) {
+                        warn!(
+                            interface = %name,
+                            error = %crate::error_chain(&error),
+                            "cannot attach the eBPF TC program: outside traffic on this \
+                             interface takes the nftables path"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, EbpfError> {
@@ -266,8 +354,28 @@ impl Loaded {
     }
 }
 
-/// eBPF at the socket for the node's own and its containers' connections, nftables for
-/// connections from outside.
+fn tc_program(bpf: &mut Ebpf) -> Result<&mut SchedClassifier, EbpfError> {
+    let program = bpf.program_mut(TC_PROGRAM).ok_or(EbpfError::Missing {
+        kind: "program",
+        name: TC_PROGRAM,
+    })?;
+    program.try_into().map_err(|source| EbpfError::Program {
+        name: TC_PROGRAM,
+        source: Box::new(source),
+    })
+}
+
+fn load_tc(bpf: &mut Ebpf) -> Result<(), EbpfError> {
+    tc_program(bpf)?
+        .load()
+        .map_err(|source| EbpfError::Program {
+            name: TC_PROGRAM,
+            source: Box::new(source),
+        })
+}
+
+/// eBPF at the socket for the node's own and its containers' connections, eBPF at TC ingress
+/// for connections from outside to local containers, nftables for the rest.
 pub struct EbpfBackend {
     cgroup: PathBuf,
     loaded: Option<Loaded>,
@@ -297,8 +405,10 @@ impl RoutingBackend for EbpfBackend {
             Some(loaded) => loaded,
             None => self.loaded.insert(Loaded::attach(&self.cgroup)?),
         };
-        loaded.sync_local(local_entries(node_addresses()?))?;
+        let addrs = node_addresses()?;
+        loaded.sync_local(local_entries(addrs.iter().map(|(_, ip)| *ip)))?;
         loaded.sync_routes(table)?;
+        loaded.sync_interfaces(tc_interfaces(&addrs))?;
         debug!(routes = table.entries.len(), "eBPF routes map updated");
         self.outside.apply(table)
     }
@@ -354,6 +464,20 @@ mod tests {
             ]
         "#]]
         .assert_debug_eq(&rendered);
+    }
+
+    #[test]
+    fn tc_goes_on_every_interface_with_an_ipv4_address_but_loopback() {
+        let addrs = [
+            ("lo".to_owned(), Ipv4Addr::LOCALHOST),
+            ("eth0".to_owned(), Ipv4Addr::new(198, 18, 0, 1)),
+            ("docker0".to_owned(), Ipv4Addr::new(172, 17, 0, 1)),
+            ("eth0".to_owned(), Ipv4Addr::new(198, 18, 0, 9)),
+        ];
+        assert_eq!(
+            tc_interfaces(&addrs),
+            BTreeSet::from(["docker0".to_owned(), "eth0".to_owned()])
+        );
     }
 
     #[test]

@@ -68,11 +68,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         eprintln!("routing: round {}/{rounds}", round + 1);
         let mut direct_before = lab.direct_sample(seconds)?;
         report.add_connections(Peer::Direct, route_counts[0], direct_before);
-        if round == 0 {
-            let fwd = lab.iperf(false, &CTR.to_string(), IPERF_PORT)?;
-            let loc = lab.iperf(true, &CTR.to_string(), IPERF_PORT)?;
-            report.iperf_rows.push((Peer::Direct, fwd, loc));
-        }
+        let fwd = lab.iperf(false, &CTR.to_string(), IPERF_PORT)?;
+        let loc = lab.iperf(true, &CTR.to_string(), IPERF_PORT)?;
+        report.add_iperf(Peer::Direct, fwd, loc);
         for peer in Peer::ALL.into_iter().filter(|p| *p != Peer::Direct) {
             for &n in &route_counts {
                 if matches!(peer, Peer::Socat | Peer::DirectTracked) && n != route_counts[0] {
@@ -93,10 +91,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                     .with_context(|| format!("{} with {n} routes, local", peer.label()))?;
                 let sample = Pair { outside, local };
                 report.add_connections(peer, n, sample);
-                if round == 0 && n == route_counts[0] && peer != Peer::DirectTracked {
+                if n == route_counts[0] && peer != Peer::DirectTracked {
                     let fwd = lab.iperf(false, NODE, IPERF_ROUTE)?;
                     let loc = lab.iperf(true, NODE, IPERF_ROUTE)?;
-                    report.iperf_rows.push((peer, fwd, loc));
+                    report.add_iperf(peer, fwd, loc);
                 }
                 if round == 0 && n == *route_counts.iter().max().unwrap_or(&n) {
                     if let Some(timings) = setup.timings.take() {
@@ -659,6 +657,21 @@ impl Report {
         }
     }
 
+    /// Keeps the best throughput of each cell, as for connection rates.
+    fn add_iperf(&mut self, peer: Peer, forwarded: Option<f64>, local: Option<f64>) {
+        let best = |old: Option<f64>, new: Option<f64>| match (old, new) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        match self.iperf_rows.iter_mut().find(|r| r.0 == peer) {
+            Some(row) => {
+                row.1 = best(row.1, forwarded);
+                row.2 = best(row.2, local);
+            }
+            None => self.iperf_rows.push((peer, forwarded, local)),
+        }
+    }
+
     fn add_ratio(&mut self, peer: Peer, n: usize, sample: Pair, before: Pair, after: Pair) {
         let ratio =
             |s: Sample, b: Sample, a: Sample| s.per_second / ((b.per_second + a.per_second) / 2.0);
@@ -732,7 +745,7 @@ impl Report {
         let _ = writeln!(s, "## Routing benchmark\n");
         let _ = writeln!(
             s,
-            "One run, network namespaces on one host (2 cores), single-threaded client, connection rates the best of {rounds} interleaved rounds of one {seconds} s sample per way (load average at start: {load_start}, at end: {load_end}). \
+            "One run, network namespaces on one host (2 cores), single-threaded client, connection rates and iperf3 throughputs (3 s) the best of {rounds} interleaved rounds of one {seconds} s sample per way (load average at start: {load_start}, at end: {load_end}). \
              Every sample of a way is bracketed by a direct sample just before its set-up and one just after its tear-down; \
              \"paired\" is the median over the rounds of the way's rate over the mean of those two, and the targets are checked on it. \
              \"outside\": client namespace -> node address -> container (DNAT + forward); \

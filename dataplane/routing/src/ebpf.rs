@@ -405,12 +405,25 @@ impl RoutingBackend for EbpfBackend {
             Some(loaded) => loaded,
             None => self.loaded.insert(Loaded::attach(&self.cgroup)?),
         };
-        let addrs = node_addresses()?;
-        loaded.sync_local(local_entries(addrs.iter().map(|(_, ip)| *ip)))?;
-        loaded.sync_routes(table)?;
-        loaded.sync_interfaces(tc_interfaces(&addrs))?;
+        let outside = &mut self.outside;
+        // The BPF maps and the nftables transaction are independent kernel objects: update
+        // them side by side (a thread started here shares this thread's network namespace).
+        let (maps, chains) = std::thread::scope(|scope| {
+            let chains = scope.spawn(|| outside.apply(table));
+            let maps = (|| -> Result<(), EbpfError> {
+                let addrs = node_addresses()?;
+                loaded.sync_local(local_entries(addrs.iter().map(|(_, ip)| *ip)))?;
+                loaded.sync_routes(table)?;
+                loaded.sync_interfaces(tc_interfaces(&addrs))
+            })();
+            (maps, chains.join())
+        });
+        maps?;
         debug!(routes = table.entries.len(), "eBPF routes map updated");
-        self.outside.apply(table)
+        match chains {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 
     fn clear(&mut self) -> Result<(), RoutingError> {

@@ -1,6 +1,7 @@
 //! One conformance suite run against every routing backend, in network namespaces: three nodes
-//! and an outside client on a bridge, a "container" namespace behind node 1 and one behind
-//! node 2, each running an echo server that prefixes its reply with its name.
+//! and an outside client on a bridge, a "container" namespace behind node 1 (on a veth) and
+//! one behind node 2 (on a bridge, like Docker's), each running an echo server that prefixes
+//! its reply with its name.
 //!
 //! Needs root, `ip`, `nft` (only to read rulesets) and `socat` (the clients).
 
@@ -73,12 +74,22 @@ impl Lab {
         for (i, node) in nodes.iter().take(2).enumerate() {
             let c = Netns::create(&format!("{tag}c{}", i + 1))?;
             flocker_e2e::netns::veth(node, "ctr0", &c, "eth0")?;
+            // Node 1's container hangs off a plain veth; node 2's off a bridge, as Docker's
+            // containers hang off docker0.
+            let gateway_dev = if i == 1 {
+                node.ip(&["link", "add", "ctrbr", "type", "bridge"])?;
+                node.ip(&["link", "set", "ctr0", "master", "ctrbr"])?;
+                node.ip(&["link", "set", "ctrbr", "up"])?;
+                "ctrbr"
+            } else {
+                "ctr0"
+            };
             node.ip(&[
                 "addr",
                 "add",
                 &format!("198.19.{}.1/24", i + 1),
                 "dev",
-                "ctr0",
+                gateway_dev,
             ])?;
             c.ip(&[
                 "addr",

@@ -33,6 +33,11 @@ use crate::routes::{Resolver, RouteStore, RoutesError};
 use crate::transfer;
 use crate::volume::{Record, VolumeBackend, VolumeError, check_name, next_push_snapshot};
 
+/// At most this many pushes per pre-copy: the first and its catch-up passes.
+const PRE_COPY_PASSES: u32 = 3;
+/// A pre-copy pass that took at least this long is followed by another.
+const CATCH_UP_AFTER: Duration = Duration::from_secs(1);
+
 /// Everything a request can fail with; [`AgentError::status`] maps it to HTTP.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -549,6 +554,10 @@ impl Agent {
         })
     }
 
+    /// Pushes the volume to `to`. A pre-copy (`last` false) that took long is followed by
+    /// catch-up passes while the application still runs, as live VM migration does: each
+    /// carries only what changed during the one before (and lets the target finish writing
+    /// the big one out), so the final push after the stop is left with the last moments only.
     async fn push_volume(
         &self,
         name: &str,
@@ -558,6 +567,34 @@ impl Agent {
         events: &Events,
     ) -> Result<(), AgentError> {
         let _lock = self.lock_volume(name).await;
+        for pass in 1..=PRE_COPY_PASSES {
+            let started = std::time::Instant::now();
+            let pushed = self.push_pass(name, to, last, step, events).await?;
+            let quick = started.elapsed() < CATCH_UP_AFTER;
+            if last || !pushed || quick {
+                break;
+            }
+            tracing::info!(
+                volume = name,
+                to,
+                pass,
+                took_ms = started.elapsed().as_millis() as u64,
+                "pre-copy took long: catching up while the application runs"
+            );
+        }
+        Ok(())
+    }
+
+    /// One push of everything since the newest snapshot both sides hold; `false` when there
+    /// was nothing to push (the target already owns the volume). The caller holds the lock.
+    async fn push_pass(
+        &self,
+        name: &str,
+        to: &str,
+        last: bool,
+        step: &str,
+        events: &Events,
+    ) -> Result<bool, AgentError> {
         let local = self
             .local_volume(name)
             .await?
@@ -570,7 +607,7 @@ impl Agent {
                 last,
                 "already handed off, nothing to push"
             );
-            return Ok(());
+            return Ok(false);
         }
         ownership::check_owner(&self.me, &local)?;
         if last && self.managed(name).await?.is_some_and(|c| c.running) {
@@ -689,7 +726,7 @@ impl Agent {
         })
         .await?;
         tracing::info!(volume = name, to, %snapshot, bytes, "pushed");
-        Ok(())
+        Ok(true)
     }
 
     /// Everything a receive can be refused for before reading the stream; returns this

@@ -192,10 +192,10 @@ struct Loaded {
     local: BTreeSet<u32>,
     /// Whether `flk_tc_ingress` loaded; without it outside traffic takes the nftables path.
     tc_loaded: bool,
-    /// Interfaces `flk_tc_ingress` is attached to.
-    tc_links: BTreeMap<String, SchedClassifierLinkId>,
+    /// Interfaces (name, index) `flk_tc_ingress` is attached to.
+    tc_links: BTreeMap<(String, u32), SchedClassifierLinkId>,
     /// Interfaces where attaching failed, warned about once.
-    tc_failed: BTreeSet<String>,
+    tc_failed: BTreeSet<(String, u32)>,
 }
 
 impl Loaded {
@@ -247,36 +247,46 @@ impl Loaded {
     }
 
     /// Attaches `flk_tc_ingress` to the interfaces in `wanted` it is not on yet, and forgets
-    /// the ones that went away (their links went with them).
+    /// the ones that went away (their links went with them). An interface is known by name
+    /// and index, so one deleted and made again under the same name (docker0 when dockerd
+    /// restarts) gets the program again.
     fn sync_interfaces(&mut self, wanted: BTreeSet<String>) -> Result<(), EbpfError> {
         if !self.tc_loaded {
             return Ok(());
         }
-        let gone: Vec<String> = self
+        let wanted: BTreeSet<(String, u32)> = wanted
+            .into_iter()
+            .filter_map(|name| {
+                let index = nix::net::if_::if_nametoindex(name.as_str()).ok()?;
+                Some((name, index))
+            })
+            .collect();
+        let gone: Vec<(String, u32)> = self
             .tc_links
             .keys()
-            .filter(|name| !wanted.contains(*name))
+            .filter(|interface| !wanted.contains(*interface))
             .cloned()
             .collect();
         let program = tc_program(&mut self.bpf)?;
-        for name in gone {
-            if let Some(link) = self.tc_links.remove(&name) {
+        for interface in gone {
+            if let Some(link) = self.tc_links.remove(&interface) {
                 // The interface may be gone already, and its link with it.
                 let _ = program.detach(link);
             }
         }
-        for name in wanted {
-            if self.tc_links.contains_key(&name) {
+        for interface in wanted {
+            if self.tc_links.contains_key(&interface) {
                 continue;
             }
+            let name = interface.0.clone();
             match program.attach(&name, TcAttachType::Ingress) {
                 Ok(link) => {
                     debug!(interface = %name, "eBPF TC ingress attached");
-                    self.tc_failed.remove(&name);
-                    self.tc_links.insert(name, link);
+                    self.tc_failed.remove(&interface);
+                    self.tc_links.insert(interface, link);
                 }
                 Err(error) => {
-                    if self.tc_failed.insert(name.clone()) {
+                    if self.tc_failed.insert(interface) {
                         warn!(
                             interface = %name,
                             error = %crate::error_chain(&error),

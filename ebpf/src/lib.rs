@@ -14,8 +14,9 @@ struct Aligned<B: ?Sized>(B);
 static ROUTING_OBJECT: &Aligned<[u8]> =
     &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/routing.bpf.o")));
 
-/// `routing.bpf.c`: programs `flk_connect4` (`cgroup/connect4`) and `flk_getpeername4`
-/// (`cgroup/getpeername4`); maps `flk_routes`, `flk_local` and `flk_orig`.
+/// `routing.bpf.c`: programs `flk_connect4` (`cgroup/connect4`), `flk_getpeername4`
+/// (`cgroup/getpeername4`) and `flk_tc_ingress` (TC classifier); maps `flk_routes`,
+/// `flk_local`, `flk_orig` and `flk_flows`.
 pub static ROUTING: &[u8] = &ROUTING_OBJECT.0;
 
 #[cfg(test)]

@@ -109,14 +109,6 @@ struct {
 	__type(value, struct backend);
 } flk_flows SEC(".maps");
 
-// Packets the TC program redirected: [0] to a backend, [1] replies back to a client.
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 2);
-	__type(key, __u32);
-	__type(value, __u64);
-} flk_stats SEC(".maps");
-
 #define IP_OFF ETH_HLEN
 #define IP_CSUM_OFF (IP_OFF + offsetof(struct iphdr, check))
 #define IP_TTL_OFF (IP_OFF + offsetof(struct iphdr, ttl))
@@ -126,13 +118,6 @@ struct {
 #define TCP_SPORT_OFF (TCP_OFF + offsetof(struct tcphdr, source))
 #define TCP_DPORT_OFF (TCP_OFF + offsetof(struct tcphdr, dest))
 #define TCP_CSUM_OFF (TCP_OFF + offsetof(struct tcphdr, check))
-
-static __always_inline void count(__u32 slot)
-{
-	__u64 *n = bpf_map_lookup_elem(&flk_stats, &slot);
-	if (n)
-		*n += 1;
-}
 
 // Looks up the way to `daddr` as if forwarding the packet; returns the egress interface, or
 // 0 when the packet is better left to the stack (no route, local delivery, forwarding off, or
@@ -234,7 +219,6 @@ int flk_tc_ingress(struct __sk_buff *skb)
 				return TC_ACT_OK;
 			bpf_map_update_elem(&flk_flows, &f, &dialled, BPF_ANY);
 		}
-		count(0);
 		return rewrite_and_redirect(skb, &fib, rc, out, 1, daddr, to_addr, dport, to_port,
 					    ttl);
 	}
@@ -249,7 +233,6 @@ int flk_tc_ingress(struct __sk_buff *skb)
 	__u32 out = egress(skb, &fib, ip, from_addr, daddr, from_port, dport, &rc);
 	if (!out)
 		return TC_ACT_OK;
-	count(1);
 	return rewrite_and_redirect(skb, &fib, rc, out, 0, saddr, from_addr, sport, from_port, ttl);
 }
 

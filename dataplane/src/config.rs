@@ -46,6 +46,10 @@ pub struct Flags {
     /// or `none` (routes are recorded but not programmed).
     #[arg(long)]
     pub routing: Option<String>,
+    /// The cgroup v2 directory the eBPF connect4/getpeername4 programs attach to: only
+    /// processes below it are redirected at connect() [default: the host's cgroup v2 root].
+    #[arg(long)]
+    pub bpf_cgroup: Option<PathBuf>,
     /// The cluster CA certificate.
     #[arg(long)]
     pub ca_cert: Option<PathBuf>,
@@ -73,6 +77,7 @@ struct FileConfig {
     docker_host: Option<String>,
     volumes: Option<String>,
     routing: Option<String>,
+    bpf_cgroup: Option<PathBuf>,
     ca_cert: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
@@ -121,6 +126,8 @@ pub struct AgentConfig {
     pub docker_socket: PathBuf,
     pub volumes: VolumeSpec,
     pub routing: RoutingChoice,
+    /// Where the eBPF programs attach; the host's cgroup v2 root when `None`.
+    pub bpf_cgroup: Option<PathBuf>,
     pub tls: TlsFiles,
     pub state_dir: PathBuf,
     pub json_logs: bool,
@@ -222,6 +229,7 @@ impl AgentConfig {
             docker_socket,
             volumes,
             routing,
+            bpf_cgroup: flags.bpf_cgroup.or(file.bpf_cgroup),
             tls: TlsFiles { ca_cert, cert, key },
             state_dir,
             json_logs,

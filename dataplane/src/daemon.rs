@@ -70,6 +70,7 @@ pub fn open_volumes(spec: &VolumeSpec) -> Result<Arc<dyn VolumeBackend>, VolumeE
 
 fn open_routing(
     choice: RoutingChoice,
+    bpf_cgroup: Option<&std::path::Path>,
 ) -> Result<Option<Box<dyn flocker_routing::RoutingBackend>>, StartError> {
     use flocker_routing::{BackendChoice, BackendConfig, open_backend};
     let choice = match choice {
@@ -85,7 +86,7 @@ fn open_routing(
     };
     let config = BackendConfig {
         choice,
-        ..BackendConfig::default()
+        cgroup_path: bpf_cgroup.map(std::path::Path::to_path_buf),
     };
     open_backend(&config)
         .map(Some)
@@ -125,7 +126,7 @@ pub async fn build(
             });
         }
     }
-    let routing = open_routing(config.routing)?;
+    let routing = open_routing(config.routing, config.bpf_cgroup.as_deref())?;
     // Named after the node so that several agents on one host (test clusters) can share a
     // state directory without sharing a route table.
     let route_file = config

@@ -70,6 +70,13 @@ impl ClusterNode {
     fn agent_pidfile(&self) -> PathBuf {
         self.dir.join("agent.pid")
     }
+
+    /// The node's own cgroup for the eBPF connect4 programs: the nodes share one host, so
+    /// attaching at the root would redirect every process's connects to this node's
+    /// container addresses. Empty: processes are redirected by the node they enter.
+    fn bpf_cgroup(&self) -> Result<PathBuf> {
+        Ok(crate::netns::cgroup2_root()?.join(format!("flocker-cluster-{}", self.netns)))
+    }
 }
 
 /// Sizes and paths of a local cluster.
@@ -183,8 +190,13 @@ impl Cluster {
         }
         let ca = self.ca_dir();
         let log = fs::File::create(node.dir.join("agent.log")).context("agent log")?;
-        let child = node
-            .command(&self.spec.agent_binary)
+        let mut agent = node.command(&self.spec.agent_binary);
+        if self.spec.routing == "ebpf" {
+            let cgroup = node.bpf_cgroup()?;
+            fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
+            agent.arg("--bpf-cgroup").arg(cgroup);
+        }
+        let child = agent
             .args(["--node-address", &node.address])
             .arg("--listen")
             .arg(format!("{}:{AGENT_PORT}", node.address))
@@ -249,6 +261,9 @@ impl Cluster {
             destroy_pool(&node.pool);
             let _ = quiet(Command::new("ip").args(["netns", "del", &node.netns]));
             let _ = quiet(Command::new("ip").args(["link", "del", &format!("{}-h", node.netns)]));
+            if let Ok(cgroup) = node.bpf_cgroup() {
+                let _ = fs::remove_dir(cgroup);
+            }
         }
         let _ = quiet(Command::new("ip").args(["link", "del", BRIDGE]));
         if spec.dir.exists() {

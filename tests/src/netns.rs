@@ -198,16 +198,7 @@ impl Cgroup {
     /// Creates `flk<pid>-SUFFIX` in the cgroup v2 hierarchy (wherever `/proc/self/mounts` says
     /// it is mounted: `/sys/fs/cgroup` or `/sys/fs/cgroup/unified`).
     pub fn create(suffix: &str) -> anyhow::Result<Cgroup> {
-        let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading mounts")?;
-        let Some(root) = mounts.lines().find_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
-        }) else {
-            bail!(
-                "no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)"
-            );
-        };
-        let path = root.join(format!("flk{}-{suffix}", std::process::id()));
+        let path = cgroup2_root()?.join(format!("flk{}-{suffix}", std::process::id()));
         std::fs::create_dir_all(&path).with_context(|| format!("mkdir {}", path.display()))?;
         Ok(Cgroup { path })
     }
@@ -215,6 +206,18 @@ impl Cgroup {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Where the cgroup v2 hierarchy is mounted, as `/proc/self/mounts` says.
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading mounts")?;
+    let Some(root) = mounts.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+    }) else {
+        bail!("no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)");
+    };
+    Ok(root)
 }
 
 impl Drop for Cgroup {

@@ -214,17 +214,27 @@ fn assert_single_owner(copies: &[(String, String, u64)], node: &ClusterNode) {
     );
 }
 
+/// The whole scenario once per routing backend, one after the other (the cluster's
+/// namespace names are fixed, so two clusters cannot run at once).
 #[test]
 fn a_deployment_lives_moves_and_survives_a_crash() -> Result<()> {
     build_binaries();
-    let dir = std::env::temp_dir().join(format!("flocker-e2e-{}", std::process::id()));
+    for routing in ["nftables", "ebpf"] {
+        eprintln!("=== routing backend: {routing}");
+        scenario(routing).with_context(|| format!("with {routing} routing"))?;
+    }
+    Ok(())
+}
+
+fn scenario(routing: &str) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("flocker-e2e-{}-{routing}", std::process::id()));
     let mut cluster = Cluster::up(ClusterSpec {
         nodes: 3,
         dir,
         pool_size: "1G",
         agent_binary: binary("flocker-agent"),
         ctl_binary: binary("flockerctl"),
-        routing: "nftables".into(),
+        routing: routing.into(),
     })?;
     cluster.teardown_on_drop = true;
     let [n1, n2, n3] = [0, 1, 2].map(|i| cluster.nodes[i].clone());

@@ -31,8 +31,8 @@ enum Task {
         action: String,
         #[arg(long, default_value_t = 3)]
         nodes: usize,
-        /// The agents' routing backend: nftables, or ebpf (its connect4 programs see every
-        /// process on this host, since the nodes share one cgroup tree: try it, don't measure it)
+        /// The agents' routing backend: nftables or ebpf (each node's connect4 programs then
+        /// attach to an empty cgroup of its own, so its TC and nftables paths carry the traffic)
         #[arg(long, default_value = "nftables")]
         routing: String,
     },

@@ -36,19 +36,6 @@ fn main() -> Result<()> {
     }
     match command.as_str() {
         "up" => {
-            if spec.routing == "ebpf" {
-                // The nodes share one host and one cgroup tree: each agent's connect4 program
-                // lands on the host's root cgroup and rewrites connects from every process on
-                // the host (other nodes', the host's own) to its node's container addresses,
-                // which only that node can reach.
-                eprintln!(
-                    "cluster: warning: with --routing ebpf every agent's connect4 program sees \
-                     every process on this host, not only its node's; connections made from the \
-                     host or another node to a routed port may be sent where they cannot arrive. \
-                     Use it to try the backend on one node from inside it; the conformance suite \
-                     tests the eBPF backend with a cgroup per node"
-                );
-            }
             let cluster = Cluster::up(spec)?;
             for node in &cluster.nodes {
                 println!(

@@ -105,6 +105,28 @@ fn deploy_ok(cluster: &Cluster, deployment: &Path, application: &Path) -> Result
     Ok(text(&out.stdout))
 }
 
+/// Conntrack entries in `node` of TCP connections to `port` that were DNAT'd.
+fn dnat_entries(node: &ClusterNode, port: u16) -> Result<usize> {
+    let out = node
+        .command("conntrack")
+        .args([
+            "-L",
+            "-p",
+            "tcp",
+            "--orig-port-dst",
+            &port.to_string(),
+            "--dst-nat",
+        ])
+        .output()
+        .context("run conntrack")?;
+    ensure!(
+        out.status.success(),
+        "conntrack -L failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+}
+
 fn redis_at(node: &ClusterNode) -> Result<Redis> {
     let addr = format!("{}:6379", node.address);
     // Routes and containers settle quickly, but not instantly.
@@ -264,6 +286,17 @@ fn scenario(routing: &str) -> Result<()> {
     }
     assert!(http_get(&n1, 8080)?.contains("flocker"), "web through n1");
     assert_single_owner(&volume_copies(&cluster, &first, &apps)?, &n1);
+    // Which path carried those connections into the node hosting Redis: the eBPF backend's
+    // TC program leaves no conntrack entry there, the nftables DNAT one per connection.
+    let tracked = dnat_entries(&n1, 6379)?;
+    if routing == "ebpf" {
+        ensure!(
+            tracked == 0,
+            "{tracked} DNAT'd conntrack entries for 6379 on n1: the TC fast path was not taken"
+        );
+    } else {
+        ensure!(tracked > 0, "no DNAT'd conntrack entry for 6379 on n1");
+    }
 
     // 2. The same deploy again changes nothing.
     let again = deploy_ok(&cluster, &first, &apps)?;

@@ -416,20 +416,28 @@ impl RoutingBackend for EbpfBackend {
             None => self.loaded.insert(Loaded::attach(&self.cgroup)?),
         };
         let outside = &mut self.outside;
-        // The BPF maps and the nftables transaction are independent kernel objects: update
+        let sync_maps = |loaded: &mut Loaded| -> Result<(), EbpfError> {
+            let addrs = node_addresses()?;
+            loaded.sync_local(local_entries(addrs.iter().map(|(_, ip)| *ip)))?;
+            loaded.sync_routes(table)?;
+            loaded.sync_interfaces(tc_interfaces(&addrs))
+        };
+        // Filling the BPF map element by element costs as much as the nftables transaction
+        // when every route is new, and the two are independent kernel objects: then update
         // them side by side (a thread started here shares this thread's network namespace).
+        // A change of a few routes is a few map writes, less than starting a thread.
+        let rebuild = loaded.routes_unknown || loaded.routes.entries.is_empty();
+        if !rebuild {
+            sync_maps(loaded)?;
+            debug!(routes = table.entries.len(), "eBPF routes map updated");
+            return outside.apply(table);
+        }
         let (maps, chains) = std::thread::scope(|scope| {
             let chains = scope.spawn(|| outside.apply(table));
-            let maps = (|| -> Result<(), EbpfError> {
-                let addrs = node_addresses()?;
-                loaded.sync_local(local_entries(addrs.iter().map(|(_, ip)| *ip)))?;
-                loaded.sync_routes(table)?;
-                loaded.sync_interfaces(tc_interfaces(&addrs))
-            })();
-            (maps, chains.join())
+            (sync_maps(loaded), chains.join())
         });
         maps?;
-        debug!(routes = table.entries.len(), "eBPF routes map updated");
+        debug!(routes = table.entries.len(), "eBPF routes map rebuilt");
         match chains {
             Ok(result) => result,
             Err(panic) => std::panic::resume_unwind(panic),

@@ -77,12 +77,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                     continue;
                 }
                 let mut setup = lab.program(peer, n)?;
-                let port = setup.measured_port;
-                let target = if peer == Peer::DirectTracked {
-                    CTR.to_string()
-                } else {
-                    NODE.to_owned()
-                };
+                let (target, port) = (setup.measured_ip.clone(), setup.measured_port);
                 let outside = lab
                     .connections(false, &target, port, seconds)
                     .with_context(|| format!("{} with {n} routes, outside", peer.label()))?;
@@ -177,6 +172,8 @@ struct Timings {
 }
 
 struct Setup {
+    /// Where the clients connect: the node's address, or the container's for the direct ways.
+    measured_ip: String,
     measured_port: u16,
     backend: Option<Box<dyn RoutingBackend>>,
     proxies: Vec<std::process::Child>,
@@ -269,6 +266,7 @@ impl Lab {
     fn program(&self, peer: Peer, n: usize) -> anyhow::Result<Setup> {
         let measured_port = FIRST_ROUTE + (n / 2) as u16;
         let mut setup = Setup {
+            measured_ip: NODE.to_owned(),
             measured_port,
             backend: None,
             proxies: Vec::new(),
@@ -277,8 +275,12 @@ impl Lab {
             timings: None,
         };
         match peer {
-            Peer::Direct => setup.measured_port = ECHO_PORT,
+            Peer::Direct => {
+                setup.measured_ip = CTR.to_string();
+                setup.measured_port = ECHO_PORT;
+            }
             Peer::DirectTracked => {
+                setup.measured_ip = CTR.to_string();
                 setup.measured_port = ECHO_PORT;
                 setup.tracking_table = true;
                 let mut load = self

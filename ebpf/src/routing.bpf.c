@@ -203,20 +203,21 @@ int flk_tc_ingress(struct __sk_buff *skb)
 			return TC_ACT_OK;
 		__u32 to_addr = b->addr;
 		__u16 to_port = (__u16)b->port;
+		struct flow f = { .client_addr = saddr, .backend_addr = to_addr,
+				  .client_port = sport, .backend_port = to_port };
+		struct backend *known = bpf_map_lookup_elem(&flk_flows, &f);
+		int new_flow = !known || known->addr != daddr || known->port != dport;
+		// Only a connection's first packet starts a flow here. Anything else is a
+		// connection the stack already carries (one made before this route was local, or
+		// the reply to one of the node's own connections that happens to use a routed
+		// port), so conntrack decides, without a route lookup here.
+		if (new_flow && !syn)
+			return TC_ACT_OK;
 		__u32 out = egress(skb, &fib, ip, saddr, to_addr, sport, to_port, &rc);
 		if (!out)
 			return TC_ACT_OK;
-		struct flow f = { .client_addr = saddr, .backend_addr = to_addr,
-				  .client_port = sport, .backend_port = to_port };
-		struct backend dialled = { .addr = daddr, .port = dport };
-		struct backend *known = bpf_map_lookup_elem(&flk_flows, &f);
-		if (!known || known->addr != daddr || known->port != dport) {
-			// Only a connection's first packet starts a flow here. Anything else is a
-			// connection the stack already carries (one made before this route was
-			// local, or the reply to one of the node's own connections that happens to
-			// use a routed port), so conntrack decides.
-			if (!syn)
-				return TC_ACT_OK;
+		if (new_flow) {
+			struct backend dialled = { .addr = daddr, .port = dport };
 			bpf_map_update_elem(&flk_flows, &f, &dialled, BPF_ANY);
 		}
 		return rewrite_and_redirect(skb, &fib, rc, out, 1, daddr, to_addr, dport, to_port,

@@ -61,18 +61,15 @@ fn daemon_process_alive() -> bool {
     })
 }
 
-/// Removes the pidfile when no zfs-fuse process is alive to own it.
-fn remove_stale_pidfile() {
-    if std::path::Path::new(PIDFILE).exists() && !daemon_process_alive() {
+/// Starts the daemon, which forks into the background by itself; the caller has seen no
+/// zfs-fuse process alive, so a pidfile left behind is stale and goes first. Returns what the
+/// daemon printed when it exited with an error (which may only mean that another process
+/// started it first).
+fn start_daemon() -> Option<String> {
+    if std::path::Path::new(PIDFILE).exists() {
         eprintln!("zfs: removing stale {PIDFILE} (no zfs-fuse process is running)");
         let _ = std::fs::remove_file(PIDFILE);
     }
-}
-
-/// Starts the daemon; it forks into the background by itself. Returns what it printed when
-/// it exited with an error (which may only mean that another process started it first).
-fn start_daemon() -> Option<String> {
-    remove_stale_pidfile();
     match Command::new("zfs-fuse")
         .args(["--pidfile", PIDFILE])
         .stdin(Stdio::null())
@@ -93,12 +90,9 @@ fn start_daemon() -> Option<String> {
 /// Makes sure the zfs-fuse daemon is running, starting it (daemonized, so it outlives the
 /// test) if `zpool list` gets no answer. Idempotent and safe to race: a second daemon refuses
 /// to start and the first one answers. A daemon that is still exiting when this is called
-/// makes the first start fail, so the start is tried again while no zfs-fuse process runs.
+/// makes a start fail, so the start is tried again while no zfs-fuse process runs.
 pub fn ensure_daemon() -> anyhow::Result<()> {
-    if daemon_answers() {
-        return Ok(());
-    }
-    let mut last_failure = start_daemon();
+    let mut last_failure = None;
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if daemon_answers() {

@@ -109,12 +109,17 @@ pub fn route_entry(port: u16, backend: SocketAddrV4) -> (u32, [u32; 2]) {
     )
 }
 
-/// The `flk_local` contents: the node's own addresses, without loopback, because a container
-/// (same cgroup tree, own network namespace) dialling 127.0.0.1 means itself, not the node.
+/// An address that reaches this node from elsewhere: not loopback, because a container (same
+/// cgroup tree, own network namespace) dialling 127.0.0.1 means itself, not the node.
+fn is_node_address(ip: &Ipv4Addr) -> bool {
+    !ip.is_loopback() && !ip.is_unspecified()
+}
+
+/// The `flk_local` contents: the node's own addresses.
 pub fn local_entries(addrs: impl IntoIterator<Item = Ipv4Addr>) -> BTreeSet<u32> {
     addrs
         .into_iter()
-        .filter(|a| !a.is_loopback() && !a.is_unspecified())
+        .filter(is_node_address)
         .map(addr_key)
         .collect()
 }
@@ -137,7 +142,7 @@ pub fn tc_interfaces<'a>(
 ) -> BTreeSet<String> {
     addrs
         .into_iter()
-        .filter(|(_, ip)| !ip.is_loopback() && !ip.is_unspecified())
+        .filter(|(_, ip)| is_node_address(ip))
         .map(|(name, _)| name.clone())
         .collect()
 }
@@ -211,10 +216,7 @@ impl Loaded {
                 kind: "program",
                 name,
             })?;
-            let program_error = |source| EbpfError::Program {
-                name,
-                source: Box::new(source),
-            };
+            let program_error = program_error(name);
             let program: &mut CgroupSockAddr = program.try_into().map_err(program_error)?;
             program.load().map_err(program_error)?;
             // aya attaches through a BPF link (kernel >= 5.7), which always coexists with
@@ -254,11 +256,13 @@ impl Loaded {
         if !self.tc_loaded {
             return Ok(());
         }
-        let wanted: BTreeSet<(String, u32)> = wanted
-            .into_iter()
-            .filter_map(|name| {
-                let index = nix::net::if_::if_nametoindex(name.as_str()).ok()?;
-                Some((name, index))
+        // One listing for every interface's index, rather than a lookup per interface.
+        let indexes = nix::net::if_::if_nameindex().map_err(EbpfError::Addresses)?;
+        let wanted: BTreeSet<(String, u32)> = indexes
+            .iter()
+            .filter_map(|i| {
+                let name = i.name().to_str().ok()?;
+                wanted.contains(name).then(|| (name.to_owned(), i.index()))
             })
             .collect();
         let gone: Vec<(String, u32)> = self
@@ -364,24 +368,23 @@ impl Loaded {
     }
 }
 
+fn program_error(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> EbpfError + Copy {
+    move |source| EbpfError::Program {
+        name,
+        source: Box::new(source),
+    }
+}
+
 fn tc_program(bpf: &mut Ebpf) -> Result<&mut SchedClassifier, EbpfError> {
     let program = bpf.program_mut(TC_PROGRAM).ok_or(EbpfError::Missing {
         kind: "program",
         name: TC_PROGRAM,
     })?;
-    program.try_into().map_err(|source| EbpfError::Program {
-        name: TC_PROGRAM,
-        source: Box::new(source),
-    })
+    program.try_into().map_err(program_error(TC_PROGRAM))
 }
 
 fn load_tc(bpf: &mut Ebpf) -> Result<(), EbpfError> {
-    tc_program(bpf)?
-        .load()
-        .map_err(|source| EbpfError::Program {
-            name: TC_PROGRAM,
-            source: Box::new(source),
-        })
+    tc_program(bpf)?.load().map_err(program_error(TC_PROGRAM))
 }
 
 /// eBPF at the socket for the node's own and its containers' connections, eBPF at TC ingress

@@ -406,22 +406,23 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     // The eBPF backend's TC program carries outside connections to a local container past
     // netfilter: the node hosting the application tracks none of them. Everywhere else (and
     // with nftables everywhere) they are DNAT'd and tracked.
-    let bypassed = |node: usize, host: usize| choice == BackendChoice::Ebpf && node == host;
+    // `entries` counted on node `i` while the application lives on node `host`: none where
+    // the TC fast path carries them, some (`missing` says what their absence means) elsewhere.
+    let expect_tracking =
+        |i: usize, host: usize, entries: usize, missing: &str| -> anyhow::Result<()> {
+            let name = lab.nodes[i].name();
+            if choice == BackendChoice::Ebpf && i == host {
+                ensure!(
+                    entries == 0,
+                    "{entries} conntrack entries in {name}: the TC fast path was not taken"
+                );
+            } else {
+                ensure!(entries > 0, "{missing} in {name}");
+            }
+            Ok(())
+        };
     for (i, node) in lab.nodes.iter().enumerate() {
-        let entries = tracked(node, PORT)?;
-        if bypassed(i, 0) {
-            ensure!(
-                entries == 0,
-                "{entries} conntrack entries in {}: the TC fast path was not taken",
-                node.name()
-            );
-        } else {
-            ensure!(
-                entries > 0,
-                "no conntrack entries to forget in {}",
-                node.name()
-            );
-        }
+        expect_tracking(i, 0, tracked(node, PORT)?, "no conntrack entries to forget")?;
     }
     let all_tracked = |node: &Netns, port: u16| count(node, port, &[]);
     let unrelated = all_tracked(&lab.nodes[0], UNROUTED_PORT)?;
@@ -452,20 +453,12 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     }
     std::thread::sleep(conntrack::SETTLE * 3);
     for (i, node) in lab.nodes.iter().enumerate() {
-        let entries = tracked_to(node, &backend(&after, i)?)?;
-        if bypassed(i, 1) {
-            ensure!(
-                entries == 0,
-                "{entries} conntrack entries in {}: the TC fast path was not taken after the move",
-                node.name()
-            );
-        } else {
-            ensure!(
-                entries > 0,
-                "entries of connections made after the move were forgotten in {}",
-                node.name()
-            );
-        }
+        expect_tracking(
+            i,
+            1,
+            tracked_to(node, &backend(&after, i)?)?,
+            "entries of connections made after the move were forgotten",
+        )?;
     }
 
     // Remove the route: the port closes everywhere, rulesets are as found.

@@ -289,10 +289,14 @@ impl Lab {
                     .args(["-f", "-"])
                     .stdin(Stdio::piped())
                     .spawn()?;
+                // Docker's masquerade rule for its bridge's subnet: a nat chain alone does
+                // not start conntrack, a NAT expression does.
                 load.stdin.take().context("nft stdin")?.write_all(
                     b"table ip bench_tracked {\n\
                       chain pre { type nat hook prerouting priority -100; }\n\
-                      chain out { type nat hook output priority -100; }\n}\n",
+                      chain out { type nat hook output priority -100; }\n\
+                      chain post { type nat hook postrouting priority 100; \
+                      ip saddr 172.17.0.0/16 oifname != \"docker0\" masquerade; }\n}\n",
                 )?;
                 ensure!(load.wait()?.success(), "loading the nat table");
             }

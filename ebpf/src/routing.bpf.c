@@ -7,13 +7,15 @@
 // node) before the socket is bound to a destination, so its packets need no per-packet NAT.
 // getpeername() is rewritten back so the application sees the address it dialled.
 //
-// Packet level (flk_tc_ingress, attached to the ingress of the node's interfaces): a TCP
-// packet from outside to a routed port on a node address whose backend is reached through
-// another interface (a local container) is rewritten to the backend and redirected to that
-// interface, and the container's replies are rewritten back and redirected out, so these
-// connections bypass netfilter and conntrack. Everything else (a backend on another node,
-// reached back out of the interface the packet came in on; hairpin; IP options; fragments)
-// is left to the stack, where the nftables chains handle it.
+// Packet level (flk_tc_ingress, attached to the ingress of the node's interfaces): the first
+// packet of a TCP connection to a routed port on a node address starts a flow. Its packets
+// are rewritten to the backend and redirected to the interface the backend is reached
+// through, and the backend's replies are rewritten back and redirected to the client, so
+// these connections bypass netfilter and conntrack. When the backend is another node, or
+// back out of the interface the client came in on (hairpin), the source is translated too,
+// to the node address the client dialled and a port of SNAT_FIRST.. (flk_fwd and flk_rev hold
+// both directions' translations). Left to the stack: packets with IP options, fragments, and
+// packets of connections that no flow knows.
 //
 // All values in the maps use the byte order the kernel uses in struct bpf_sock_addr: the
 // address as the four network-order bytes, the port as the network-order 16-bit value in the
@@ -34,8 +36,11 @@
 
 struct backend {
 	__u32 addr;
+	// The port in the low half; FLK_REMOTE set when the backend is another node.
 	__u32 port;
 };
+
+#define FLK_REMOTE (1u << 16)
 
 // external port -> backend; updated in place by the agent.
 struct {
@@ -77,7 +82,7 @@ int flk_connect4(struct bpf_sock_addr *ctx)
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	bpf_map_update_elem(&flk_orig, &cookie, &orig, BPF_ANY);
 	ctx->user_ip4 = b->addr;
-	ctx->user_port = b->port;
+	ctx->user_port = b->port & 0xffff;
 	return 1;
 }
 
@@ -93,21 +98,63 @@ int flk_getpeername4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-// A connection the TC program forwarded: the outside client and the backend it was sent to.
-struct flow {
-	__u32 client_addr;
-	__u32 backend_addr;
-	__u16 client_port;
-	__u16 backend_port;
+// A TCP connection as the packets of one direction carry it (network byte order).
+struct tuple {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
 };
 
-// flow -> the node address and port the client dialled, for rewriting the replies.
+// What a client's packets are rewritten to: the backend, and the source the backend sees
+// (the client itself, or the node address the client dialled when the backend is on another
+// node or back out of the interface the client came in on).
+struct fwd_nat {
+	__u32 backend_addr;
+	__u32 snat_addr;
+	__u16 backend_port;
+	__u16 snat_port;
+	__u32 pad;
+};
+
+// What a backend's replies are rewritten to: from the address the client dialled, to the
+// client. `seen` (coarse ns) and `closing` (a FIN or RST passed) say when a translated port
+// may be given to another connection.
+struct rev_nat {
+	__u32 client_addr;
+	__u32 dialled_addr;
+	__u16 client_port;
+	__u16 dialled_port;
+	__u32 closing;
+	__u64 seen;
+};
+
+// client's tuple -> translation, for the client's packets.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 262144);
-	__type(key, struct flow);
-	__type(value, struct backend);
-} flk_flows SEC(".maps");
+	__type(key, struct tuple);
+	__type(value, struct fwd_nat);
+} flk_fwd SEC(".maps");
+
+// backend's tuple (backend -> source it saw) -> translation, for the backend's replies.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct tuple);
+	__type(value, struct rev_nat);
+} flk_rev SEC(".maps");
+
+// Source ports given to translated connections: above Linux's default ephemeral range
+// (32768-60999), so the node's own connections rarely pick one; a port a local socket holds
+// towards the same backend is skipped.
+#define SNAT_FIRST 61000
+#define SNAT_COUNT 4536
+#define SNAT_TRIES 16
+// A translated port whose connection closed is free again after this long (ns); one whose
+// backend has been silent for the idle time too.
+#define CLOSED_REUSE_NS (10ULL * 1000000000ULL)
+#define IDLE_REUSE_NS (6ULL * 3600ULL * 1000000000ULL)
 
 #define IP_OFF ETH_HLEN
 #define IP_CSUM_OFF (IP_OFF + offsetof(struct iphdr, check))
@@ -119,16 +166,15 @@ struct {
 #define TCP_DPORT_OFF (TCP_OFF + offsetof(struct tcphdr, dest))
 #define TCP_CSUM_OFF (TCP_OFF + offsetof(struct tcphdr, check))
 
-// Looks up the way to `daddr` as if forwarding the packet; returns the egress interface, or
-// 0 when the packet is better left to the stack (no route, local delivery, forwarding off, or
-// back out of the interface it came in on). `fib` keeps the MAC addresses when resolved.
-static __always_inline __u32 egress(struct __sk_buff *skb, struct bpf_fib_lookup *fib,
-				    struct iphdr *ip, __u32 saddr, __u32 daddr, __u16 sport,
-				    __u16 dport, long *rc)
+// Looks up the way from `saddr` to `daddr` as if forwarding the packet; returns the egress
+// interface, or 0 when the packet is better left to the stack (no route, local delivery,
+// forwarding off). `fib` keeps the MAC addresses when resolved.
+static __always_inline __u32 egress(struct __sk_buff *skb, struct bpf_fib_lookup *fib, __u8 tos,
+				    __u32 saddr, __u32 daddr, __u16 sport, __u16 dport, long *rc)
 {
 	fib->family = AF_INET;
 	fib->l4_protocol = IPPROTO_TCP;
-	fib->tos = ip->tos;
+	fib->tos = tos;
 	// 0 skips the MTU check: GRO hands us merged packets larger than the MTU, which the
 	// egress device segments again.
 	fib->tot_len = 0;
@@ -140,29 +186,37 @@ static __always_inline __u32 egress(struct __sk_buff *skb, struct bpf_fib_lookup
 	*rc = bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
 	if (*rc != BPF_FIB_LKUP_RET_SUCCESS && *rc != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return 0;
-	if (fib->ifindex == skb->ingress_ifindex)
-		return 0;
 	return fib->ifindex;
 }
 
-// Rewrites one address and one port (the destination pair when `dst`, else the source pair),
-// decrements the TTL, and sends the packet out of `ifindex`.
-static __always_inline int rewrite_and_redirect(struct __sk_buff *skb, struct bpf_fib_lookup *fib,
-						long rc, __u32 ifindex, int dst, __u32 old_addr,
-						__u32 new_addr, __u16 old_port, __u16 new_port,
-						__u8 ttl)
+// Rewrites one address and port pair (the destination when `dst`, else the source) with the
+// checksums; unchanged halves are left alone.
+static __always_inline int rewrite(struct __sk_buff *skb, int dst, __u32 old_addr,
+				   __u32 new_addr, __u16 old_port, __u16 new_port)
 {
 	__u32 addr_off = dst ? IP_DADDR_OFF : IP_SADDR_OFF;
 	__u32 port_off = dst ? TCP_DPORT_OFF : TCP_SPORT_OFF;
+
+	if (old_addr != new_addr &&
+	    (bpf_l4_csum_replace(skb, TCP_CSUM_OFF, old_addr, new_addr, BPF_F_PSEUDO_HDR | 4) ||
+	     bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, 4) ||
+	     bpf_skb_store_bytes(skb, addr_off, &new_addr, 4, 0)))
+		return -1;
+	if (old_port != new_port &&
+	    (bpf_l4_csum_replace(skb, TCP_CSUM_OFF, old_port, new_port, 2) ||
+	     bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0)))
+		return -1;
+	return 0;
+}
+
+// Decrements the TTL and sends the (rewritten) packet out of `ifindex`.
+static __always_inline int send_out(struct __sk_buff *skb, struct bpf_fib_lookup *fib, long rc,
+				    __u32 ifindex, __u8 ttl)
+{
 	__u16 old_ttl = bpf_htons((__u16)ttl << 8), new_ttl = bpf_htons((__u16)(ttl - 1) << 8);
 	__u8 new_ttl_byte = ttl - 1;
 
-	if (bpf_l4_csum_replace(skb, TCP_CSUM_OFF, old_addr, new_addr, BPF_F_PSEUDO_HDR | 4) ||
-	    bpf_l4_csum_replace(skb, TCP_CSUM_OFF, old_port, new_port, 2) ||
-	    bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, 4) ||
-	    bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_ttl, new_ttl, 2) ||
-	    bpf_skb_store_bytes(skb, addr_off, &new_addr, 4, 0) ||
-	    bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0) ||
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_ttl, new_ttl, 2) ||
 	    bpf_skb_store_bytes(skb, IP_TTL_OFF, &new_ttl_byte, 1, 0))
 		return TC_ACT_SHOT;
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
@@ -172,6 +226,156 @@ static __always_inline int rewrite_and_redirect(struct __sk_buff *skb, struct bp
 		return bpf_redirect(ifindex, 0);
 	}
 	return bpf_redirect_neigh(ifindex, NULL, 0, 0);
+}
+
+// The backend's side of a translation: the tuple its replies carry.
+static __always_inline struct tuple reply_tuple(const struct fwd_nat *nat)
+{
+	struct tuple r = { .saddr = nat->backend_addr, .daddr = nat->snat_addr,
+			   .sport = nat->backend_port, .dport = nat->snat_port };
+	return r;
+}
+
+// Whether the reply translation `rev` still belongs to the client of `t`.
+static __always_inline int owned_by(const struct rev_nat *rev, const struct tuple *t)
+{
+	return rev && rev->client_addr == t->saddr && rev->client_port == t->sport &&
+	       rev->dialled_addr == t->daddr && rev->dialled_port == t->dport;
+}
+
+static __always_inline int reusable(const struct rev_nat *rev, __u64 now)
+{
+	__u64 age = now - rev->seen;
+	return (rev->closing && age > CLOSED_REUSE_NS) || age > IDLE_REUSE_NS;
+}
+
+// Records the reply translation of a new connection. With `snat`, picks a free source port
+// on the dialled address; returns -1 when none is free (the packet is then left to the
+// stack).
+static __always_inline int start_flow(struct __sk_buff *skb, const struct tuple *t,
+				      struct fwd_nat *nat, int snat, __u64 now)
+{
+	struct rev_nat rev = { .client_addr = t->saddr, .client_port = t->sport,
+			       .dialled_addr = t->daddr, .dialled_port = t->dport,
+			       .closing = 0, .seen = now };
+	if (!snat) {
+		nat->snat_addr = t->saddr;
+		nat->snat_port = t->sport;
+		struct tuple r = reply_tuple(nat);
+		return bpf_map_update_elem(&flk_rev, &r, &rev, BPF_ANY) ? -1 : 0;
+	}
+	nat->snat_addr = t->daddr;
+	__u32 start = bpf_get_prandom_u32();
+	for (int i = 0; i < SNAT_TRIES; i++) {
+		nat->snat_port = bpf_htons((__u16)(SNAT_FIRST + (start + i) % SNAT_COUNT));
+		struct tuple r = reply_tuple(nat);
+		struct rev_nat *old = bpf_map_lookup_elem(&flk_rev, &r);
+		if (old && !reusable(old, now))
+			continue;
+		// A socket of the node's own that would receive these replies.
+		struct bpf_sock_tuple st = { .ipv4 = { .saddr = r.saddr, .daddr = r.daddr,
+						       .sport = r.sport, .dport = r.dport } };
+		struct bpf_sock *sk =
+			bpf_skc_lookup_tcp(skb, &st, sizeof(st.ipv4), BPF_F_CURRENT_NETNS, 0);
+		if (sk) {
+			bpf_sk_release(sk);
+			continue;
+		}
+		if (!bpf_map_update_elem(&flk_rev, &r, &rev, old ? BPF_EXIST : BPF_NOEXIST))
+			return 0;
+	}
+	return -1;
+}
+
+// Marks a translation closing when a FIN or RST passes, so its port can be reused soon.
+static __always_inline void note_close(struct rev_nat *rev, int fin_or_rst, __u64 now)
+{
+	if (fin_or_rst && !rev->closing)
+		rev->closing = 1;
+	rev->seen = now;
+}
+
+// A packet from a client to a routed port on a node address.
+static __always_inline int from_client(struct __sk_buff *skb, const struct tuple *t, __u8 tos,
+				       __u8 ttl, int syn, int fin_or_rst)
+{
+	struct fwd_nat *known = bpf_map_lookup_elem(&flk_fwd, t);
+	struct fwd_nat nat = {};
+	struct bpf_fib_lookup fib = {};
+	long rc = 0;
+	__u64 now = bpf_ktime_get_coarse_ns();
+
+	if (!syn) {
+		// Only a connection's first packet starts a flow here: anything else is a
+		// connection the stack already carries.
+		if (!known)
+			return TC_ACT_OK;
+		nat = *known;
+	} else {
+		__u32 key = t->dport;
+		struct backend *b = bpf_map_lookup_elem(&flk_routes, &key);
+		if (!b)
+			return TC_ACT_OK;
+		nat.backend_addr = b->addr;
+		nat.backend_port = (__u16)b->port;
+		int remote = (b->port & FLK_REMOTE) != 0;
+		// A retransmitted SYN, or the client reusing its port towards the same backend,
+		// keeps its translation while that is still this client's.
+		int keep = 0;
+		if (known && known->backend_addr == nat.backend_addr &&
+		    known->backend_port == nat.backend_port) {
+			struct tuple r = reply_tuple(known);
+			struct rev_nat *rev = bpf_map_lookup_elem(&flk_rev, &r);
+			if (owned_by(rev, t)) {
+				nat = *known;
+				rev->closing = 0;
+				rev->seen = now;
+				keep = 1;
+			}
+		}
+		if (!keep) {
+			__u32 out = egress(skb, &fib, tos, t->saddr, nat.backend_addr, t->sport,
+					   nat.backend_port, &rc);
+			if (!out)
+				return TC_ACT_OK;
+			int snat = remote || out == skb->ingress_ifindex;
+			if (start_flow(skb, t, &nat, snat, now) ||
+			    bpf_map_update_elem(&flk_fwd, t, &nat, BPF_ANY))
+				return TC_ACT_OK;
+		}
+	}
+	if (fin_or_rst) {
+		struct tuple r = reply_tuple(&nat);
+		struct rev_nat *rev = bpf_map_lookup_elem(&flk_rev, &r);
+		if (rev)
+			note_close(rev, 1, now);
+	}
+	__u32 out = egress(skb, &fib, tos, nat.snat_addr, nat.backend_addr, nat.snat_port,
+			   nat.backend_port, &rc);
+	if (!out)
+		return TC_ACT_OK;
+	if (rewrite(skb, 1, t->daddr, nat.backend_addr, t->dport, nat.backend_port) ||
+	    rewrite(skb, 0, t->saddr, nat.snat_addr, t->sport, nat.snat_port))
+		return TC_ACT_SHOT;
+	return send_out(skb, &fib, rc, out, ttl);
+}
+
+// A backend's reply on a translated connection.
+static __always_inline int from_backend(struct __sk_buff *skb, const struct tuple *t,
+					struct rev_nat *rev, __u8 tos, __u8 ttl, int fin_or_rst)
+{
+	struct bpf_fib_lookup fib = {};
+	long rc = 0;
+	note_close(rev, fin_or_rst, bpf_ktime_get_coarse_ns());
+	struct rev_nat to = *rev;
+	__u32 out = egress(skb, &fib, tos, to.dialled_addr, to.client_addr, to.dialled_port,
+			   to.client_port, &rc);
+	if (!out)
+		return TC_ACT_OK;
+	if (rewrite(skb, 0, t->saddr, to.dialled_addr, t->sport, to.dialled_port) ||
+	    rewrite(skb, 1, t->daddr, to.client_addr, t->dport, to.client_port))
+		return TC_ACT_SHOT;
+	return send_out(skb, &fib, rc, out, ttl);
 }
 
 SEC("classifier")
@@ -189,52 +393,18 @@ int flk_tc_ingress(struct __sk_buff *skb)
 	    (ip->frag_off & bpf_htons(0x3fff)))
 		return TC_ACT_OK;
 
-	__u32 saddr = ip->saddr, daddr = ip->daddr;
-	__u16 sport = tcp->source, dport = tcp->dest;
-	__u8 ttl = ip->ttl;
+	struct tuple t = { .saddr = ip->saddr, .daddr = ip->daddr,
+			   .sport = tcp->source, .dport = tcp->dest };
+	__u8 tos = ip->tos, ttl = ip->ttl;
 	int syn = tcp->syn && !tcp->ack;
-	struct bpf_fib_lookup fib = {};
-	long rc = 0;
+	int fin_or_rst = tcp->fin || tcp->rst;
 
-	if (bpf_map_lookup_elem(&flk_local, &daddr)) {
-		__u32 key = dport;
-		struct backend *b = bpf_map_lookup_elem(&flk_routes, &key);
-		if (!b)
-			return TC_ACT_OK;
-		__u32 to_addr = b->addr;
-		__u16 to_port = (__u16)b->port;
-		struct flow f = { .client_addr = saddr, .backend_addr = to_addr,
-				  .client_port = sport, .backend_port = to_port };
-		struct backend *known = bpf_map_lookup_elem(&flk_flows, &f);
-		int new_flow = !known || known->addr != daddr || known->port != dport;
-		// Only a connection's first packet starts a flow here. Anything else is a
-		// connection the stack already carries (one made before this route was local, or
-		// the reply to one of the node's own connections that happens to use a routed
-		// port), so conntrack decides, without a route lookup here.
-		if (new_flow && !syn)
-			return TC_ACT_OK;
-		__u32 out = egress(skb, &fib, ip, saddr, to_addr, sport, to_port, &rc);
-		if (!out)
-			return TC_ACT_OK;
-		if (new_flow) {
-			struct backend dialled = { .addr = daddr, .port = dport };
-			bpf_map_update_elem(&flk_flows, &f, &dialled, BPF_ANY);
-		}
-		return rewrite_and_redirect(skb, &fib, rc, out, 1, daddr, to_addr, dport, to_port,
-					    ttl);
-	}
-
-	struct flow f = { .client_addr = daddr, .backend_addr = saddr,
-			  .client_port = dport, .backend_port = sport };
-	struct backend *dialled = bpf_map_lookup_elem(&flk_flows, &f);
-	if (!dialled)
-		return TC_ACT_OK;
-	__u32 from_addr = dialled->addr;
-	__u16 from_port = (__u16)dialled->port;
-	__u32 out = egress(skb, &fib, ip, from_addr, daddr, from_port, dport, &rc);
-	if (!out)
-		return TC_ACT_OK;
-	return rewrite_and_redirect(skb, &fib, rc, out, 0, saddr, from_addr, sport, from_port, ttl);
+	struct rev_nat *rev = bpf_map_lookup_elem(&flk_rev, &t);
+	if (rev)
+		return from_backend(skb, &t, rev, tos, ttl, fin_or_rst);
+	if (bpf_map_lookup_elem(&flk_local, &t.daddr))
+		return from_client(skb, &t, tos, ttl, syn, fin_or_rst);
+	return TC_ACT_OK;
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -4,19 +4,21 @@
 //! no NAT.
 //!
 //! Traffic arriving from outside the node meets the TC program `flk_tc_ingress`, attached to
-//! the ingress of every interface with an IPv4 address: a connection to a local container is
-//! rewritten and redirected in both directions without netfilter or conntrack (its flows in
-//! the LRU map `flk_flows`). What it leaves to the stack (a backend on another node, hairpin,
-//! connections the stack already carries) is handled by the nftables prerouting and
-//! postrouting chains (`Scope::FromOutside`), installed alongside. Where the TC program cannot
-//! be loaded or attached, the nftables chains carry all outside traffic, and a warning says so.
+//! the ingress of every interface with an IPv4 address. A connection's first packet starts a
+//! flow (LRU maps `flk_fwd` and `flk_rev`): its packets are rewritten to the backend and
+//! redirected, and the replies rewritten back, without netfilter or conntrack. Connections to
+//! a backend on another node, and hairpin ones (the backend back out of the interface the
+//! client came in on), are source-translated too, to the address the client dialled and a
+//! port from 61000-65535. So while the TC program is on every interface, this backend keeps
+//! no nftables table at all. Where it cannot be loaded or attached, the nftables prerouting and
+//! postrouting chains (`Scope::FromOutside`) carry outside traffic, and a warning says so.
 //!
 //! The route table lives in the BPF hash map `flk_routes`, updated in place element by element.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
@@ -30,11 +32,12 @@ use aya::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    RouteTable, RoutingBackend, RoutingError,
+    RouteEntry, RouteTable, RoutingBackend, RoutingError,
     nft::{
         NftBackend,
         plan::{ElementDiff, Scope},
     },
+    sysctl,
 };
 
 /// A failure loading, attaching or updating the BPF programs and maps.
@@ -92,20 +95,29 @@ pub fn addr_key(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
-/// The `flk_routes` contents a table implies: key -> `[addr, port]`.
+/// `FLK_REMOTE` of `routing.bpf.c`: set in the port word of a backend on another node, whose
+/// connections the TC program also source-translates.
+const REMOTE_FLAG: u32 = 1 << 16;
+
+/// The `flk_routes` contents a table implies: key -> `[addr, port | flags]`.
 pub fn route_entries(table: &RouteTable) -> BTreeMap<u32, [u32; 2]> {
     table
         .entries
         .iter()
-        .map(|(port, entry)| route_entry(*port, entry.backend()))
+        .map(|(port, entry)| route_entry(*port, entry))
         .collect()
 }
 
 /// One `flk_routes` element.
-pub fn route_entry(port: u16, backend: SocketAddrV4) -> (u32, [u32; 2]) {
+pub fn route_entry(port: u16, entry: &RouteEntry) -> (u32, [u32; 2]) {
+    let backend = entry.backend();
+    let flags = match entry {
+        RouteEntry::Local { .. } => 0,
+        RouteEntry::Remote { .. } => REMOTE_FLAG,
+    };
     (
         port_key(port),
-        [addr_key(*backend.ip()), port_key(backend.port())],
+        [addr_key(*backend.ip()), port_key(backend.port()) | flags],
     )
 }
 
@@ -201,6 +213,8 @@ struct Loaded {
     tc_links: BTreeMap<(String, u32), SchedClassifierLinkId>,
     /// Interfaces where attaching failed, warned about once.
     tc_failed: BTreeSet<(String, u32)>,
+    /// Whether this instance has made sure IPv4 forwarding is on.
+    forwarding_on: bool,
 }
 
 impl Loaded {
@@ -245,6 +259,7 @@ impl Loaded {
             tc_loaded,
             tc_links: BTreeMap::new(),
             tc_failed: BTreeSet::new(),
+            forwarding_on: false,
         })
     }
 
@@ -265,6 +280,8 @@ impl Loaded {
                 wanted.contains(name).then(|| (name.to_owned(), i.index()))
             })
             .collect();
+        self.tc_failed
+            .retain(|interface| wanted.contains(interface));
         let gone: Vec<(String, u32)> = self
             .tc_links
             .keys()
@@ -304,6 +321,12 @@ impl Loaded {
         Ok(())
     }
 
+    /// Whether `flk_tc_ingress` is on every interface it should be: then no traffic needs
+    /// the nftables chains.
+    fn tc_everywhere(&self) -> bool {
+        self.tc_loaded && self.tc_failed.is_empty()
+    }
+
     fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, EbpfError> {
         self.bpf
             .map_mut(name)
@@ -332,7 +355,10 @@ impl Loaded {
         let diff = ElementDiff::between_tables(&installed, wanted);
         // Insert (which overwrites) before removing, so a moved port is never unrouted.
         for element in &diff.add {
-            let (key, value) = route_entry(element.port, element.backend);
+            let Some(entry) = wanted.entries.get(&element.port) else {
+                continue;
+            };
+            let (key, value) = route_entry(element.port, entry);
             map.insert(key, value, 0).map_err(map_error)?;
         }
         for element in &diff.delete {
@@ -418,33 +444,22 @@ impl RoutingBackend for EbpfBackend {
             Some(loaded) => loaded,
             None => self.loaded.insert(Loaded::attach(&self.cgroup)?),
         };
-        let outside = &mut self.outside;
-        let sync_maps = |loaded: &mut Loaded| -> Result<(), EbpfError> {
-            let addrs = node_addresses()?;
-            loaded.sync_local(local_entries(addrs.iter().map(|(_, ip)| *ip)))?;
-            loaded.sync_routes(table)?;
-            loaded.sync_interfaces(tc_interfaces(&addrs))
-        };
-        // Filling the BPF map element by element costs as much as the nftables transaction
-        // when every route is new, and the two are independent kernel objects: then update
-        // them side by side (a thread started here shares this thread's network namespace).
-        // A change of a few routes is a few map writes, less than starting a thread.
-        let rebuild = loaded.routes_unknown || loaded.routes.entries.is_empty();
-        if !rebuild {
-            sync_maps(loaded)?;
-            debug!(routes = table.entries.len(), "eBPF routes map updated");
-            return outside.apply(table);
+        let addrs = node_addresses()?;
+        loaded.sync_local(local_entries(addrs.iter().map(|(_, ip)| *ip)))?;
+        loaded.sync_routes(table)?;
+        loaded.sync_interfaces(tc_interfaces(&addrs))?;
+        debug!(routes = table.entries.len(), "eBPF routes map updated");
+        if loaded.tc_everywhere() {
+            // The TC program carries all outside traffic: no nftables table, so nothing of
+            // ours makes the node's netfilter run conntrack. Forwarding must be on for its
+            // route lookups to succeed.
+            if !loaded.forwarding_on {
+                sysctl::enable_forwarding()?;
+                loaded.forwarding_on = true;
+            }
+            return self.outside.apply(&RouteTable::default());
         }
-        let (maps, chains) = std::thread::scope(|scope| {
-            let chains = scope.spawn(|| outside.apply(table));
-            (sync_maps(loaded), chains.join())
-        });
-        maps?;
-        debug!(routes = table.entries.len(), "eBPF routes map rebuilt");
-        match chains {
-            Ok(result) => result,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
+        self.outside.apply(table)
     }
 
     fn clear(&mut self) -> Result<(), RoutingError> {
@@ -458,8 +473,8 @@ impl RoutingBackend for EbpfBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::RouteEntry;
     use expect_test::expect;
+    use std::net::SocketAddrV4;
 
     #[test]
     fn map_contents_use_sock_addr_byte_order() {
@@ -493,7 +508,7 @@ mod tests {
             .collect();
         expect![[r#"
             [
-                "[00, 50, 00, 00] -> [c6, 12, 00, 02] [00, 50, 00, 00]",
+                "[00, 50, 00, 00] -> [c6, 12, 00, 02] [00, 50, 01, 00]",
                 "[18, eb, 00, 00] -> [ac, 11, 00, 02] [1b, 58, 00, 00]",
             ]
         "#]]

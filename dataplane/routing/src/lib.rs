@@ -1,8 +1,8 @@
 //! Routing for the agent: a connection to an application's external port on any node reaches
 //! its container. [`RouteTable`] is what a node should route (derived from the wire routes);
 //! a [`RoutingBackend`] programs it into the kernel, either nftables over netlink
-//! ([`nft::NftBackend`]) or eBPF cgroup hooks plus nftables for outside traffic
-//! ([`ebpf::EbpfBackend`]). Nothing here shells out.
+//! ([`nft::NftBackend`]) or eBPF cgroup hooks plus a TC program for outside traffic, with
+//! nftables only where the TC program cannot attach ([`ebpf::EbpfBackend`]). Nothing here shells out.
 //!
 //! **Architecture invariant:** the pure parts (`table`, `nft::plan`, the map-content functions
 //! of `ebpf`, the entry filter of `conntrack`) compute what the kernel should hold as plain
@@ -15,8 +15,15 @@
 //!   (`fib daddr type local`). `127.0.0.1:PORT` is not routed: the nftables backend would need
 //!   `route_localnet`, and the eBPF backend leaves loopback alone on purpose (a container in the
 //!   same cgroup tree dialling its own 127.0.0.1 means itself).
-//! - Connections we DNAT are masqueraded (needed for forwarding and hairpin), so a local
-//!   container sees the node's address, not the outside client's.
+//! - The nftables backend masquerades the connections it DNATs (needed for forwarding and
+//!   hairpin), so a local container sees the node's address, not the outside client's. The
+//!   eBPF backend's TC program translates the source only for forwarded and hairpin
+//!   connections, so a local container sees outside clients as they are.
+//! - Hairpin through a Linux bridge with the nftables backend: where `br_netfilter` is loaded
+//!   (dockerd loads it), a container dialling its own published port is DNAT'd inside the
+//!   bridge and sent back out of the port it came in on, which needs hairpin mode on that
+//!   bridge port (Docker sets it when its userland proxy is off). We leave Docker's ports
+//!   alone; the eBPF backend's TC program handles hairpin before the bridge code sees it.
 //! - A filter chain elsewhere that drops forwarded traffic still wins: Docker with its iptables
 //!   integration sets the `FORWARD` policy to DROP, which drops both forwarding to other nodes
 //!   and DNAT into containers on non-Docker-published ports. dockerd does so only when it

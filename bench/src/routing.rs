@@ -825,11 +825,12 @@ impl Report {
              (10-20 ms on this VM), so the backends expedite grace periods for the length of \
              such a transaction (`flocker_routing::rcu`) and forget conntrack entries on a \
              worker once the routes settle (a conntrack dump blocks grace periods for ~10 ms). \
-             The eBPF backend's BPF map update is an in-place overwrite; it pays the nftables \
-             transaction for the outside traffic it leaves to the stack. Its outside connections \
-             to a local container take the TC fast path (rewrite and redirect, no netfilter, no \
-             conntrack); the nftables backend's, like iptables', are DNAT'd and tracked by \
-             conntrack, which is most of what separates them from direct. iptables \"program cold\" is one \
+             The eBPF backend's BPF map update is an in-place overwrite, and with its TC \
+             program on every interface it keeps no nftables table: its outside connections \
+             take the TC path (rewrite and redirect, no netfilter, no conntrack), its local \
+             ones are sent to the container at connect(), and nothing of ours starts \
+             conntrack in the node. The nftables backend's connections, like iptables', are \
+             DNAT'd and tracked by conntrack, which is most of what separates them from direct. iptables \"program cold\" is one \
              iptables-restore of all rules (Flocker 0.1 ran one iptables command per rule, \
              slower still); its \"move\" is one `iptables -I` command."
         );

@@ -13,8 +13,8 @@
 // through, and the backend's replies are rewritten back and redirected to the client, so
 // these connections bypass netfilter and conntrack. When the backend is another node, or
 // back out of the interface the client came in on (hairpin), the source is translated too,
-// to the node address the client dialled and a port of SNAT_FIRST.. (flk_fwd and flk_rev hold
-// both directions' translations). Left to the stack: packets with IP options, fragments, and
+// to the address of the interface it leaves by (flk_ifaddr) and a port of SNAT_FIRST..
+// (flk_fwd and flk_rev hold both directions' translations). Left to the stack: packets with IP options, fragments, and
 // packets of connections that no flow knows.
 //
 // All values in the maps use the byte order the kernel uses in struct bpf_sock_addr: the
@@ -145,6 +145,15 @@ struct {
 	__type(value, struct rev_nat);
 } flk_rev SEC(".maps");
 
+// interface index -> its IPv4 address: the source of translated connections that leave by
+// it (as masquerade picks it), so the backend can answer.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u32);
+} flk_ifaddr SEC(".maps");
+
 // Source ports given to translated connections: above Linux's default ephemeral range
 // (32768-60999), so the node's own connections rarely pick one; a port a local socket holds
 // towards the same backend is skipped.
@@ -245,15 +254,18 @@ static __always_inline int owned_by(const struct rev_nat *rev, const struct tupl
 
 static __always_inline int reusable(const struct rev_nat *rev, __u64 now)
 {
+	// Another CPU may have stamped it after `now` was read.
+	if (rev->seen >= now)
+		return 0;
 	__u64 age = now - rev->seen;
 	return (rev->closing && age > CLOSED_REUSE_NS) || age > IDLE_REUSE_NS;
 }
 
 // Records the reply translation of a new connection. With `snat`, picks a free source port
-// on the dialled address; returns -1 when none is free (the packet is then left to the
-// stack).
+// on the address of the interface `out` the connection leaves by (the dialled address if that
+// is unknown); returns -1 when none is free (the packet is then left to the stack).
 static __always_inline int start_flow(struct __sk_buff *skb, const struct tuple *t,
-				      struct fwd_nat *nat, int snat, __u64 now)
+				      struct fwd_nat *nat, int snat, __u32 out, __u64 now)
 {
 	struct rev_nat rev = { .client_addr = t->saddr, .client_port = t->sport,
 			       .dialled_addr = t->daddr, .dialled_port = t->dport,
@@ -264,7 +276,8 @@ static __always_inline int start_flow(struct __sk_buff *skb, const struct tuple 
 		struct tuple r = reply_tuple(nat);
 		return bpf_map_update_elem(&flk_rev, &r, &rev, BPF_ANY) ? -1 : 0;
 	}
-	nat->snat_addr = t->daddr;
+	__u32 *out_addr = bpf_map_lookup_elem(&flk_ifaddr, &out);
+	nat->snat_addr = out_addr ? *out_addr : t->daddr;
 	__u32 start = bpf_get_prandom_u32();
 	for (int i = 0; i < SNAT_TRIES; i++) {
 		nat->snat_port = bpf_htons((__u16)(SNAT_FIRST + (start + i) % SNAT_COUNT));
@@ -339,7 +352,7 @@ static __always_inline int from_client(struct __sk_buff *skb, const struct tuple
 			if (!out)
 				return TC_ACT_OK;
 			int snat = remote || out == skb->ingress_ifindex;
-			if (start_flow(skb, t, &nat, snat, now) ||
+			if (start_flow(skb, t, &nat, snat, out, now) ||
 			    bpf_map_update_elem(&flk_fwd, t, &nat, BPF_ANY))
 				return TC_ACT_OK;
 		}

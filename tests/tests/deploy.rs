@@ -286,16 +286,24 @@ fn scenario(routing: &str) -> Result<()> {
     }
     assert!(http_get(&n1, 8080)?.contains("flocker"), "web through n1");
     assert_single_owner(&volume_copies(&cluster, &first, &apps)?, &n1);
-    // Which path carried those connections into the node hosting Redis: the eBPF backend's
-    // TC program leaves no conntrack entry there, the nftables DNAT one per connection.
-    let tracked = dnat_entries(&n1, 6379)?;
-    if routing == "ebpf" {
-        ensure!(
-            tracked == 0,
-            "{tracked} DNAT'd conntrack entries for 6379 on n1: the TC fast path was not taken"
-        );
-    } else {
-        ensure!(tracked > 0, "no DNAT'd conntrack entry for 6379 on n1");
+    // Which path carried those connections: the eBPF backend's TC program leaves no DNAT'd
+    // conntrack entry on any node (into the node hosting Redis, and on from the others), the
+    // nftables DNAT one per connection.
+    for node in [&n1, &n2, &n3] {
+        let tracked = dnat_entries(node, 6379)?;
+        if routing == "ebpf" {
+            ensure!(
+                tracked == 0,
+                "{tracked} DNAT'd conntrack entries for 6379 on {}: the TC path was not taken",
+                node.name
+            );
+        } else {
+            ensure!(
+                tracked > 0,
+                "no DNAT'd conntrack entry for 6379 on {}",
+                node.name
+            );
+        }
     }
 
     // 2. The same deploy again changes nothing.

@@ -80,8 +80,12 @@ pub enum EbpfError {
 
 const ROUTES_MAP: &str = "flk_routes";
 const LOCAL_MAP: &str = "flk_local";
+const IFADDR_MAP: &str = "flk_ifaddr";
 const PROGRAMS: [&str; 2] = ["flk_connect4", "flk_getpeername4"];
 const TC_PROGRAM: &str = "flk_tc_ingress";
+/// `SNAT_FIRST..SNAT_FIRST + SNAT_COUNT` of `routing.bpf.c`: the source ports of translated
+/// connections, reserved so that the node's own sockets never pick one.
+const SNAT_PORTS: (u16, u16) = (61000, 65535);
 /// Where we mount cgroup v2 ourselves when the host has not.
 const OWN_CGROUP2_MOUNT: &str = "/run/flocker/cgroup2";
 
@@ -159,6 +163,21 @@ pub fn tc_interfaces<'a>(
         .collect()
 }
 
+/// The `flk_ifaddr` contents: each interface's index -> its first node address, the source
+/// the TC program gives the connections it translates out of that interface.
+pub fn interface_addresses<'a>(
+    addrs: impl IntoIterator<Item = &'a (String, Ipv4Addr)>,
+    interfaces: &BTreeSet<(String, u32)>,
+) -> BTreeMap<u32, u32> {
+    let mut entries = BTreeMap::new();
+    for (name, ip) in addrs.into_iter().filter(|(_, ip)| is_node_address(ip)) {
+        for (_, index) in interfaces.iter().filter(|(n, _)| n == name) {
+            entries.entry(*index).or_insert_with(|| addr_key(*ip));
+        }
+    }
+    entries
+}
+
 /// The first cgroup v2 mount point listed in `/proc/self/mounts` (`/sys/fs/cgroup` on a unified
 /// host, `/sys/fs/cgroup/unified` on a hybrid one).
 pub fn cgroup2_mount() -> Option<PathBuf> {
@@ -206,15 +225,17 @@ struct Loaded {
     /// Set while an update is under way; still set at the next apply means it failed half
     /// way, and the map is emptied and rewritten.
     routes_unknown: bool,
-    local: BTreeSet<u32>,
+    local: BTreeMap<u32, u32>,
+    /// `flk_ifaddr` as installed.
+    ifaddr: BTreeMap<u32, u32>,
     /// Whether `flk_tc_ingress` loaded; without it outside traffic takes the nftables path.
     tc_loaded: bool,
     /// Interfaces (name, index) `flk_tc_ingress` is attached to.
     tc_links: BTreeMap<(String, u32), SchedClassifierLinkId>,
     /// Interfaces where attaching failed, warned about once.
     tc_failed: BTreeSet<(String, u32)>,
-    /// Whether this instance has made sure IPv4 forwarding is on.
-    forwarding_on: bool,
+    /// Whether this instance has turned forwarding on and reserved `SNAT_PORTS`.
+    sysctls_set: bool,
 }
 
 impl Loaded {
@@ -255,11 +276,12 @@ impl Loaded {
             bpf,
             routes: RouteTable::default(),
             routes_unknown: false,
-            local: BTreeSet::new(),
+            local: BTreeMap::new(),
+            ifaddr: BTreeMap::new(),
             tc_loaded,
             tc_links: BTreeMap::new(),
             tc_failed: BTreeSet::new(),
-            forwarding_on: false,
+            sysctls_set: false,
         })
     }
 
@@ -267,10 +289,11 @@ impl Loaded {
     /// the ones that went away (their links went with them). An interface is known by name
     /// and index, so one deleted and made again under the same name (docker0 when dockerd
     /// restarts) gets the program again.
-    fn sync_interfaces(&mut self, wanted: BTreeSet<String>) -> Result<(), EbpfError> {
+    fn sync_interfaces(&mut self, addrs: &[(String, Ipv4Addr)]) -> Result<(), EbpfError> {
         if !self.tc_loaded {
             return Ok(());
         }
+        let wanted = tc_interfaces(addrs);
         // One listing for every interface's index, rather than a lookup per interface.
         let indexes = nix::net::if_::if_nameindex().map_err(EbpfError::Addresses)?;
         let wanted: BTreeSet<(String, u32)> = indexes
@@ -282,6 +305,8 @@ impl Loaded {
             .collect();
         self.tc_failed
             .retain(|interface| wanted.contains(interface));
+        let ifaddr = interface_addresses(addrs, &wanted);
+        sync_map(&mut self.bpf, IFADDR_MAP, &mut self.ifaddr, ifaddr)?;
         let gone: Vec<(String, u32)> = self
             .tc_links
             .keys()
@@ -373,25 +398,39 @@ impl Loaded {
     }
 
     fn sync_local(&mut self, wanted: BTreeSet<u32>) -> Result<(), EbpfError> {
-        if wanted == self.local {
-            return Ok(());
-        }
-        let map_error = |source| EbpfError::Map {
-            name: LOCAL_MAP,
-            source: Box::new(source),
-        };
-        let installed = std::mem::take(&mut self.local);
-        let mut map: BpfHashMap<_, u32, u32> =
-            BpfHashMap::try_from(self.map(LOCAL_MAP)?).map_err(map_error)?;
-        for key in wanted.difference(&installed) {
-            map.insert(key, 1, 0).map_err(map_error)?;
-        }
-        for key in installed.difference(&wanted) {
-            map.remove(key).map_err(map_error)?;
-        }
-        self.local = wanted;
-        Ok(())
+        let wanted = wanted.into_iter().map(|key| (key, 1)).collect();
+        sync_map(&mut self.bpf, LOCAL_MAP, &mut self.local, wanted)
     }
+}
+
+/// Brings the `u32 -> u32` hash map `name`, which holds `installed`, to `wanted`.
+fn sync_map(
+    bpf: &mut Ebpf,
+    name: &'static str,
+    installed: &mut BTreeMap<u32, u32>,
+    wanted: BTreeMap<u32, u32>,
+) -> Result<(), EbpfError> {
+    if *installed == wanted {
+        return Ok(());
+    }
+    let map_error = |source| EbpfError::Map {
+        name,
+        source: Box::new(source),
+    };
+    let map = bpf
+        .map_mut(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })?;
+    let mut map: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(map).map_err(map_error)?;
+    for (key, value) in &wanted {
+        if installed.get(key) != Some(value) {
+            map.insert(key, value, 0).map_err(map_error)?;
+        }
+    }
+    for key in installed.keys().filter(|key| !wanted.contains_key(key)) {
+        map.remove(key).map_err(map_error)?;
+    }
+    *installed = wanted;
+    Ok(())
 }
 
 fn program_error(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> EbpfError + Copy {
@@ -447,15 +486,16 @@ impl RoutingBackend for EbpfBackend {
         let addrs = node_addresses()?;
         loaded.sync_local(local_entries(addrs.iter().map(|(_, ip)| *ip)))?;
         loaded.sync_routes(table)?;
-        loaded.sync_interfaces(tc_interfaces(&addrs))?;
+        loaded.sync_interfaces(&addrs)?;
         debug!(routes = table.entries.len(), "eBPF routes map updated");
         if loaded.tc_everywhere() {
             // The TC program carries all outside traffic: no nftables table, so nothing of
             // ours makes the node's netfilter run conntrack. Forwarding must be on for its
             // route lookups to succeed.
-            if !loaded.forwarding_on {
+            if !loaded.sysctls_set {
                 sysctl::enable_forwarding()?;
-                loaded.forwarding_on = true;
+                sysctl::reserve_local_ports(SNAT_PORTS.0, SNAT_PORTS.1)?;
+                loaded.sysctls_set = true;
             }
             return self.outside.apply(&RouteTable::default());
         }
@@ -526,6 +566,28 @@ mod tests {
         assert_eq!(
             tc_interfaces(&addrs),
             BTreeSet::from(["docker0".to_owned(), "eth0".to_owned()])
+        );
+    }
+
+    #[test]
+    fn translated_connections_leave_with_their_interfaces_first_address() {
+        let addrs = [
+            ("lo".to_owned(), Ipv4Addr::LOCALHOST),
+            ("eth0".to_owned(), Ipv4Addr::new(198, 18, 0, 1)),
+            ("eth0".to_owned(), Ipv4Addr::new(198, 18, 0, 9)),
+            ("docker0".to_owned(), Ipv4Addr::new(172, 17, 0, 1)),
+        ];
+        let interfaces = BTreeSet::from([
+            ("eth0".to_owned(), 2),
+            ("docker0".to_owned(), 5),
+            ("gone0".to_owned(), 7),
+        ]);
+        assert_eq!(
+            interface_addresses(&addrs, &interfaces),
+            BTreeMap::from([
+                (2, addr_key(Ipv4Addr::new(198, 18, 0, 1))),
+                (5, addr_key(Ipv4Addr::new(172, 17, 0, 1))),
+            ])
         );
     }
 

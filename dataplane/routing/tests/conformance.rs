@@ -10,7 +10,7 @@ use std::{
     net::{Ipv4Addr, TcpListener},
     path::Path,
     process::Stdio,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail, ensure};
@@ -218,6 +218,42 @@ fn expect_reaches(
     Ok(())
 }
 
+/// `count` connections in a row from `ns`, each echoed intact by `expected`: enough to cycle
+/// through translations (the eBPF backend's source ports, conntrack's entries) rather than
+/// one lucky connection.
+fn expect_burst(
+    what: &str,
+    ns: &Netns,
+    ip: &str,
+    port: u16,
+    expected: &str,
+    count: u32,
+) -> anyhow::Result<()> {
+    let addr = std::net::SocketAddrV4::new(ip.parse()?, port);
+    ns.run(|| -> anyhow::Result<()> {
+        for i in 0..count {
+            let mut stream =
+                std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))
+                    .with_context(|| format!("{what}: connection {i} of {count} to {addr}"))?;
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let data = i.to_be_bytes();
+            stream.write_all(&data)?;
+            stream.shutdown(std::net::Shutdown::Write)?;
+            let mut reply = Vec::new();
+            stream
+                .read_to_end(&mut reply)
+                .with_context(|| format!("{what}: reply {i} of {count}"))?;
+            let want = [format!("{expected}:").as_bytes(), &data[..]].concat();
+            ensure!(
+                reply == want,
+                "{what}: connection {i} of {count} answered {:?}",
+                String::from_utf8_lossy(&reply)
+            );
+        }
+        Ok(())
+    })?
+}
+
 fn expect_closed(what: &str, ns: &Netns, ip: &str, port: u16) -> anyhow::Result<()> {
     ensure!(
         dial(ns, None, ip, port, b"x").is_none(),
@@ -379,6 +415,23 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     // Applying the same table again changes nothing (idempotent).
     apply_all(&lab, &mut backends, &tables(0)?)?;
     check_reachable(&lab, 0, "c1")?;
+    // Many connections, into the hosting node and on from another one.
+    expect_burst(
+        "burst into node1",
+        &lab.outside,
+        &node_ip(0),
+        PORT,
+        "c1",
+        300,
+    )?;
+    expect_burst(
+        "burst via node3",
+        &lab.outside,
+        &node_ip(2),
+        PORT,
+        "c1",
+        300,
+    )?;
     expect_reaches(
         "unrouted port",
         &lab.outside,
@@ -406,6 +459,14 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
         .map(|n| nft(n, &["-s", "list", "ruleset"]))
         .collect::<anyhow::Result<_>>()?;
     for (node, ruleset) in lab.nodes.iter().zip(&listed) {
+        // The TC program's translated source ports are kept from the node's own sockets.
+        let reserved =
+            node.run(|| std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports"))??;
+        ensure!(
+            (choice == BackendChoice::Ebpf) == reserved.contains("61000-65535"),
+            "ip_local_reserved_ports in {} is {reserved:?}",
+            node.name()
+        );
         let has_table = ruleset.contains("table ip flocker");
         match choice {
             BackendChoice::Ebpf => ensure!(

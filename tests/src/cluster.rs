@@ -259,6 +259,7 @@ impl Cluster {
             kill_pidfile(&node.agent_pidfile(), "TERM");
             stop_dockerd(&node);
             destroy_pool(&node.pool);
+            remove_bpf_pins(&node.netns);
             let _ = quiet(Command::new("ip").args(["netns", "del", &node.netns]));
             let _ = quiet(Command::new("ip").args(["link", "del", &format!("{}-h", node.netns)]));
             if let Ok(cgroup) = node.bpf_cgroup() {
@@ -292,6 +293,15 @@ impl Drop for Cluster {
                 eprintln!("cluster: teardown failed: {e:#}");
             }
         }
+    }
+}
+
+/// Removes what an eBPF-routing agent of the namespace `netns` pinned, which outlives the
+/// agent on purpose: `/sys/fs/bpf/flocker/net-INODE`, as `flocker_routing::pins` lays it out.
+fn remove_bpf_pins(netns: &str) {
+    use std::os::unix::fs::MetadataExt as _;
+    if let Ok(meta) = fs::metadata(Path::new("/var/run/netns").join(netns)) {
+        let _ = fs::remove_dir_all(format!("/sys/fs/bpf/flocker/net-{}", meta.ino()));
     }
 }
 

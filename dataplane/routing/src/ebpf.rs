@@ -23,10 +23,12 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::HashMap as BpfHashMap,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
     },
 };
 use tracing::{debug, info, warn};
@@ -37,6 +39,7 @@ use crate::{
         NftBackend,
         plan::{ElementDiff, Scope},
     },
+    pins::Pins,
     sysctl,
 };
 
@@ -76,12 +79,33 @@ pub enum EbpfError {
     },
     #[error("cannot list the node's addresses")]
     Addresses(#[source] nix::Error),
+    #[error("cannot pin a BPF link at {path}")]
+    PinLink {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::pin::PinError>,
+    },
+    #[error("BPF link of {name}")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::links::LinkError>,
+    },
 }
 
 const ROUTES_MAP: &str = "flk_routes";
 const LOCAL_MAP: &str = "flk_local";
 const IFADDR_MAP: &str = "flk_ifaddr";
 const PROGRAMS: [&str; 2] = ["flk_connect4", "flk_getpeername4"];
+/// Every map of `routing.bpf.c`, pinned so that they outlive the agent.
+const MAPS: [&str; 6] = [
+    "flk_routes",
+    "flk_local",
+    "flk_orig",
+    "flk_fwd",
+    "flk_rev",
+    "flk_ifaddr",
+];
 const TC_PROGRAM: &str = "flk_tc_ingress";
 /// `SNAT_FIRST..SNAT_FIRST + SNAT_COUNT` of `routing.bpf.c`: the source ports of translated
 /// connections, reserved so that the node's own sockets never pick one.
@@ -218,9 +242,58 @@ pub fn resolve_cgroup(configured: Option<&Path>) -> Result<PathBuf, EbpfError> {
     Ok(own)
 }
 
-/// Programs attached and maps open; dropping it detaches the programs.
+/// One program attachment. A pinned one outlives this process (dropping it only closes our
+/// handle); the others, where bpffs or BPF links are unavailable, go with it.
+enum Attachment {
+    Pinned(PinnedLink),
+    Fd(FdLink),
+    Tc(SchedClassifierLink),
+}
+
+impl Attachment {
+    /// Pins `link` at `path` when pins are in use, replacing whatever an earlier agent left
+    /// pinned there.
+    fn keep(link: FdLink, path: Option<PathBuf>) -> Result<Attachment, EbpfError> {
+        let Some(path) = path else {
+            return Ok(Attachment::Fd(link));
+        };
+        remove_pin(&path);
+        link.pin(&path)
+            .map(Attachment::Pinned)
+            .map_err(|source| EbpfError::PinLink {
+                path,
+                source: Box::new(source),
+            })
+    }
+
+    /// Detaches the program now, pinned or not.
+    fn detach(self) {
+        match self {
+            // With the pin gone our handle is the last reference; dropping it detaches.
+            Attachment::Pinned(pinned) => drop(pinned.unpin()),
+            Attachment::Fd(link) => drop(link),
+            Attachment::Tc(link) => drop(link),
+        }
+    }
+}
+
+/// Removes a pinned link (detaching its program unless a process still holds it).
+fn remove_pin(path: &Path) {
+    if let Err(error) = std::fs::remove_file(path) {
+        if error.kind() != std::io::ErrorKind::NotFound {
+            warn!(path = %path.display(), %error, "cannot remove a pinned BPF link");
+        }
+    }
+}
+
+/// Programs attached and maps open. Dropping it keeps pinned programs attached (the next
+/// agent takes them over); [`Loaded::detach_all`] detaches everything.
 struct Loaded {
     bpf: Ebpf,
+    /// Where the maps and links are pinned; `None` where bpffs is unavailable.
+    pins: Option<Pins>,
+    /// `flk_connect4` and `flk_getpeername4` on the cgroup.
+    cgroup_links: Vec<Attachment>,
     routes: RouteTable,
     /// Set while an update is under way; still set at the next apply means it failed half
     /// way, and the map is emptied and rewritten.
@@ -231,21 +304,41 @@ struct Loaded {
     /// Whether `flk_tc_ingress` loaded; without it outside traffic takes the nftables path.
     tc_loaded: bool,
     /// Interfaces (name, index) `flk_tc_ingress` is attached to.
-    tc_links: BTreeMap<(String, u32), SchedClassifierLinkId>,
+    tc_links: BTreeMap<(String, u32), Attachment>,
     /// Interfaces where attaching failed, warned about once.
     tc_failed: BTreeSet<(String, u32)>,
     /// Whether this instance has turned forwarding on and reserved `SNAT_PORTS`.
     sysctls_set: bool,
+    /// Whether older builds' pins have been removed (once our programs were on).
+    others_removed: bool,
 }
 
 impl Loaded {
     fn attach(cgroup: &Path) -> Result<Loaded, EbpfError> {
-        let mut bpf =
-            Ebpf::load(flocker_ebpf::ROUTING).map_err(|e| EbpfError::Load(Box::new(e)))?;
+        let pins = match Pins::open(flocker_ebpf::ROUTING) {
+            Ok(pins) => Some(pins),
+            Err(error) => {
+                warn!(
+                    error = %crate::error_chain(&error),
+                    "cannot pin the eBPF maps and links: routing stops while the agent restarts"
+                );
+                None
+            }
+        };
+        let mut loader = EbpfLoader::new();
+        if let Some(pins) = &pins {
+            for name in MAPS {
+                loader.map_pin_path(name, pins.map(name));
+            }
+        }
+        let mut bpf = loader
+            .load(flocker_ebpf::ROUTING)
+            .map_err(|e| EbpfError::Load(Box::new(e)))?;
         let cgroup_fd = File::open(cgroup).map_err(|source| EbpfError::Cgroup {
             path: cgroup.to_owned(),
             source,
         })?;
+        let mut cgroup_links = Vec::new();
         for name in PROGRAMS {
             let program = bpf.program_mut(name).ok_or(EbpfError::Missing {
                 kind: "program",
@@ -256,10 +349,19 @@ impl Loaded {
             program.load().map_err(program_error)?;
             // aya attaches through a BPF link (kernel >= 5.7), which always coexists with
             // other programs on the cgroup and rejects any attach flag, so "Single" (no
-            // flag) is the only mode that works; it does not exclude others' programs.
-            program
+            // flag) is the only mode that works; it does not exclude others' programs. The
+            // new program is attached before an earlier agent's pinned one is removed, so
+            // connects are redirected throughout.
+            let id = program
                 .attach(&cgroup_fd, CgroupAttachMode::Single)
                 .map_err(program_error)?;
+            let link = program.take_link(id).map_err(program_error)?;
+            let link = FdLink::try_from(link).map_err(|source| EbpfError::Link {
+                name,
+                source: Box::new(source),
+            })?;
+            let path = pins.as_ref().map(|pins| pins.link(name));
+            cgroup_links.push(Attachment::keep(link, path)?);
         }
         info!(cgroup = %cgroup.display(), "eBPF connect4/getpeername4 attached");
         let tc_loaded = match load_tc(&mut bpf) {
@@ -272,17 +374,78 @@ impl Loaded {
                 false
             }
         };
+        // Pinned maps may hold an earlier agent's entries: start from what they hold.
+        let local = read_map(&mut bpf, LOCAL_MAP)?;
+        let ifaddr = read_map(&mut bpf, IFADDR_MAP)?;
         Ok(Loaded {
             bpf,
+            pins,
+            cgroup_links,
             routes: RouteTable::default(),
-            routes_unknown: false,
-            local: BTreeMap::new(),
-            ifaddr: BTreeMap::new(),
+            // Likewise the routes: the first sync compares with what the map holds.
+            routes_unknown: true,
+            local,
+            ifaddr,
             tc_loaded,
             tc_links: BTreeMap::new(),
             tc_failed: BTreeSet::new(),
             sysctls_set: false,
+            others_removed: false,
         })
+    }
+
+    /// Detaches every program and removes every pin of this namespace.
+    fn detach_all(mut self) {
+        for attachment in std::mem::take(&mut self.cgroup_links) {
+            attachment.detach();
+        }
+        for (_, attachment) in std::mem::take(&mut self.tc_links) {
+            attachment.detach();
+        }
+        if let Some(pins) = &self.pins {
+            pins.remove_all();
+        }
+    }
+
+    /// Attaches `flk_tc_ingress` to one interface: in place of the program of the link an
+    /// earlier agent pinned for it when that link still works (atomically: no packet misses
+    /// the program), else anew.
+    fn attach_tc(&mut self, name: &str) -> Result<Attachment, EbpfError> {
+        let path = self
+            .pins
+            .as_ref()
+            .map(|pins| pins.link(&format!("tc-{name}")));
+        let program = tc_program(&mut self.bpf)?;
+        let error = program_error(TC_PROGRAM);
+        if let Some(path) = &path {
+            if let Ok(old) = PinnedLink::from_pin(path) {
+                let replaced = SchedClassifierLink::try_from(FdLink::from(old))
+                    .ok()
+                    .and_then(|link| program.attach_to_link(link).ok());
+                if let Some(id) = replaced {
+                    // The pin already names this link; keep a handle of our own to it.
+                    drop(program.take_link(id).map_err(error)?);
+                    let pinned = PinnedLink::from_pin(path).map_err(|source| EbpfError::Link {
+                        name: TC_PROGRAM,
+                        source: Box::new(source),
+                    })?;
+                    return Ok(Attachment::Pinned(pinned));
+                }
+                // Its interface went away (a new one has the name), or it is no BPF link.
+                remove_pin(path);
+            }
+        }
+        let id = program.attach(name, TcAttachType::Ingress).map_err(error)?;
+        let link = program.take_link(id).map_err(error)?;
+        if <&FdLink>::try_from(&link).is_err() {
+            // Attached over netlink (kernel < 6.6): no link to pin.
+            return Ok(Attachment::Tc(link));
+        }
+        let link = FdLink::try_from(link).map_err(|source| EbpfError::Link {
+            name: TC_PROGRAM,
+            source: Box::new(source),
+        })?;
+        Attachment::keep(link, path)
     }
 
     /// Attaches `flk_tc_ingress` to the interfaces in `wanted` it is not on yet, and forgets
@@ -313,11 +476,10 @@ impl Loaded {
             .filter(|interface| !wanted.contains(*interface))
             .cloned()
             .collect();
-        let program = tc_program(&mut self.bpf)?;
         for interface in gone {
-            if let Some(link) = self.tc_links.remove(&interface) {
+            if let Some(attachment) = self.tc_links.remove(&interface) {
                 // The interface may be gone already, and its link with it.
-                let _ = program.detach(link);
+                attachment.detach();
             }
         }
         for interface in wanted {
@@ -325,11 +487,11 @@ impl Loaded {
                 continue;
             }
             let name = interface.0.clone();
-            match program.attach(&name, TcAttachType::Ingress) {
-                Ok(link) => {
+            match self.attach_tc(&name) {
+                Ok(attachment) => {
                     debug!(interface = %name, "eBPF TC ingress attached");
                     self.tc_failed.remove(&interface);
-                    self.tc_links.insert(interface, link);
+                    self.tc_links.insert(interface, attachment);
                 }
                 Err(error) => {
                     if self.tc_failed.insert(interface) {
@@ -364,19 +526,31 @@ impl Loaded {
             source: Box::new(source),
         };
         let unknown = std::mem::replace(&mut self.routes_unknown, true);
-        let mut installed = std::mem::take(&mut self.routes);
+        let installed = std::mem::take(&mut self.routes);
         let mut map: BpfHashMap<_, u32, [u32; 2]> =
             BpfHashMap::try_from(self.map(ROUTES_MAP)?).map_err(map_error)?;
         if unknown {
-            installed = RouteTable::default();
-            let keys = map
-                .keys()
-                .collect::<Result<Vec<u32>, _>>()
+            // What the map holds is unknown (an earlier agent's pinned entries, or an update
+            // that failed half way): compare with it and change only what differs, so routes
+            // that stay are never missing.
+            let held = map
+                .iter()
+                .collect::<Result<BTreeMap<u32, [u32; 2]>, _>>()
                 .map_err(map_error)?;
-            for key in keys {
-                map.remove(&key).map_err(map_error)?;
+            let entries = route_entries(wanted);
+            for (key, value) in &entries {
+                if held.get(key) != Some(value) {
+                    map.insert(key, value, 0).map_err(map_error)?;
+                }
             }
+            for key in held.keys().filter(|key| !entries.contains_key(key)) {
+                map.remove(key).map_err(map_error)?;
+            }
+            self.routes = wanted.clone();
+            self.routes_unknown = false;
+            return Ok(());
         }
+        let mut installed = installed;
         let diff = ElementDiff::between_tables(&installed, wanted);
         // Insert (which overwrites) before removing, so a moved port is never unrouted.
         for element in &diff.add {
@@ -401,6 +575,19 @@ impl Loaded {
         let wanted = wanted.into_iter().map(|key| (key, 1)).collect();
         sync_map(&mut self.bpf, LOCAL_MAP, &mut self.local, wanted)
     }
+}
+
+/// What the `u32 -> u32` hash map `name` holds.
+fn read_map(bpf: &mut Ebpf, name: &'static str) -> Result<BTreeMap<u32, u32>, EbpfError> {
+    let map_error = |source| EbpfError::Map {
+        name,
+        source: Box::new(source),
+    };
+    let map = bpf
+        .map_mut(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })?;
+    let map: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(map).map_err(map_error)?;
+    map.iter().collect::<Result<_, _>>().map_err(map_error)
 }
 
 /// Brings the `u32 -> u32` hash map `name`, which holds `installed`, to `wanted`.
@@ -487,6 +674,11 @@ impl RoutingBackend for EbpfBackend {
         loaded.sync_local(local_entries(addrs.iter().map(|(_, ip)| *ip)))?;
         loaded.sync_routes(table)?;
         loaded.sync_interfaces(&addrs)?;
+        if let Some(pins) = loaded.pins.as_ref().filter(|_| !loaded.others_removed) {
+            // Our programs are on: an older build's may go now.
+            pins.remove_other_builds();
+            loaded.others_removed = true;
+        }
         debug!(routes = table.entries.len(), "eBPF routes map updated");
         if loaded.tc_everywhere() {
             // The TC program carries all outside traffic: no nftables table, so nothing of
@@ -503,9 +695,12 @@ impl RoutingBackend for EbpfBackend {
     }
 
     fn clear(&mut self) -> Result<(), RoutingError> {
-        if self.loaded.take().is_some() {
-            info!(cgroup = %self.cgroup.display(), "eBPF programs detached");
+        match self.loaded.take() {
+            Some(loaded) => loaded.detach_all(),
+            // An earlier agent's pinned programs, maps and links go too.
+            None => Pins::open(flocker_ebpf::ROUTING)?.remove_all(),
         }
+        info!(cgroup = %self.cgroup.display(), "eBPF programs detached");
         self.outside.clear()
     }
 }

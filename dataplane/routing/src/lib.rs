@@ -40,6 +40,7 @@
 pub mod conntrack;
 pub mod ebpf;
 pub mod nft;
+pub mod pins;
 pub mod rcu;
 pub mod sysctl;
 pub mod table;
@@ -59,6 +60,8 @@ pub enum RoutingError {
     Ebpf(#[from] ebpf::EbpfError),
     #[error("kernel settings")]
     Sysctl(#[from] sysctl::SysctlError),
+    #[error("eBPF pins")]
+    Pins(#[from] pins::PinError),
 }
 
 /// Programs a node's route table into the kernel.

@@ -477,9 +477,37 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
             _ => ensure!(has_table, "no flocker table in {}", node.name()),
         }
     }
+    // Connections open across the restart, into the hosting node and on from another one,
+    // carry on: the routes outlive the backend instances (for eBPF, pinned programs and maps,
+    // whose programs the new instances replace in place).
+    let mut open_streams = Vec::new();
+    for i in [0, 2] {
+        let addr = std::net::SocketAddrV4::new(node_ip(i).parse()?, PORT);
+        let mut stream = lab
+            .outside
+            .run(|| std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2)))??;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"before restart,")?;
+        open_streams.push((i, stream));
+    }
     drop(backends);
     let mut backends = open_all(&lab, choice)?;
     apply_all(&lab, &mut backends, &tables(0)?)?;
+    for (i, mut stream) in open_streams {
+        let what = format!("connection through node{} across the restart", i + 1);
+        let mut reply = Vec::new();
+        stream
+            .write_all(b"after restart")
+            .and_then(|()| stream.shutdown(std::net::Shutdown::Write))
+            .and_then(|()| stream.read_to_end(&mut reply))
+            .with_context(|| what.clone())?;
+        ensure!(
+            reply == b"c1:before restart,after restart",
+            "connection through node{} across the restart answered {:?}",
+            i + 1,
+            String::from_utf8_lossy(&reply)
+        );
+    }
     for (node, before) in lab.nodes.iter().zip(&listed) {
         let after = nft(node, &["-s", "list", "ruleset"])?;
         ensure!(

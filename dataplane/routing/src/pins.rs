@@ -1,0 +1,160 @@
+//! Where the eBPF backend pins its maps and links in bpffs, so routing outlives the agent:
+//! while the agent restarts (or after it crashed), its programs stay attached and their maps
+//! (routes, addresses, the TC program's flows) stay filled, and the next agent takes them over
+//! and replaces the programs in place instead of starting from nothing.
+//!
+//! Layout: `/sys/fs/bpf/flocker/net-INODE/OBJECT/`. One directory per network namespace
+//! (INODE of `/proc/thread-self/ns/net`), since bpffs is shared by every namespace of a mount
+//! namespace and the test cluster runs several nodes on one host; below it one directory per
+//! build of the BPF object (OBJECT, a hash of its bytes), since a new build's maps may be laid
+//! out differently: it starts with maps of its own, and removes the older builds' directories
+//! (detaching their programs) once its own programs are attached.
+
+use std::{
+    fs, io,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use tracing::{info, warn};
+
+/// bpffs, mounted here if nothing is.
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// A failure preparing the pin directory.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error("cannot mount bpffs at {path}")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// This namespace's pin directory for this build of the BPF object.
+#[derive(Debug)]
+pub struct Pins {
+    /// `.../net-INODE`
+    namespace: PathBuf,
+    /// `.../net-INODE/OBJECT`
+    dir: PathBuf,
+}
+
+impl Pins {
+    /// Mounts bpffs if needed and creates the directory for `object` (the BPF ELF bytes) in
+    /// the calling thread's network namespace.
+    pub fn open(object: &[u8]) -> Result<Pins, PinError> {
+        ensure_bpffs()?;
+        let ns_path = Path::new("/proc/thread-self/ns/net");
+        let inode = fs::metadata(ns_path)
+            .map_err(|source| PinError::Io {
+                path: ns_path.to_owned(),
+                source,
+            })?
+            .ino();
+        let namespace = namespace_dir(inode);
+        let dir = namespace.join(format!("{:016x}", fnv1a(object)));
+        fs::create_dir_all(&dir).map_err(|source| PinError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(Pins { namespace, dir })
+    }
+
+    /// Where the map `name` is pinned.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Where the link `name` is pinned.
+    pub fn link(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("link-{name}"))
+    }
+
+    /// Removes the directories of other builds in this namespace: their links go (detaching
+    /// their programs) and their maps with them.
+    pub fn remove_other_builds(&self) {
+        let Ok(entries) = fs::read_dir(&self.namespace) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path != self.dir {
+                remove(&path);
+            }
+        }
+    }
+
+    /// Removes every pin of this namespace.
+    pub fn remove_all(&self) {
+        remove(&self.namespace);
+    }
+}
+
+/// The pin directory of the network namespace with inode `inode`, for tools that clean up
+/// after a namespace (`/sys/fs/bpf/flocker/net-INODE`).
+pub fn namespace_dir(inode: u64) -> PathBuf {
+    Path::new(BPFFS)
+        .join("flocker")
+        .join(format!("net-{inode}"))
+}
+
+fn remove(path: &Path) {
+    match fs::remove_dir_all(path) {
+        Ok(()) => info!(path = %path.display(), "eBPF pins removed"),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => warn!(path = %path.display(), %error, "cannot remove eBPF pins"),
+    }
+}
+
+fn ensure_bpffs() -> Result<(), PinError> {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mounted = mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, fstype) = (fields.next(), fields.next(), fields.next());
+        dir == Some(BPFFS) && fstype == Some("bpf")
+    });
+    if mounted {
+        return Ok(());
+    }
+    let path = PathBuf::from(BPFFS);
+    nix::mount::mount(
+        Some("bpf"),
+        &path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| PinError::Mount { path, source })?;
+    info!(path = BPFFS, "mounted bpffs");
+    Ok(())
+}
+
+/// FNV-1a, 64 bits: a stable name for a build of the BPF object.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_and_namespaces_get_their_own_directories() {
+        assert_ne!(fnv1a(b"object one"), fnv1a(b"object two"));
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(
+            namespace_dir(4026531840),
+            PathBuf::from("/sys/fs/bpf/flocker/net-4026531840")
+        );
+    }
+}

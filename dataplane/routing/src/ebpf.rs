@@ -666,6 +666,10 @@ impl RoutingBackend for EbpfBackend {
     }
 
     fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
+        if table.entries.is_empty() {
+            // No routes: no programs, no pins, no table, as the node was before.
+            return self.clear();
+        }
         let loaded = match &mut self.loaded {
             Some(loaded) => loaded,
             None => self.loaded.insert(Loaded::attach(&self.cgroup)?),
@@ -696,12 +700,14 @@ impl RoutingBackend for EbpfBackend {
 
     fn clear(&mut self) -> Result<(), RoutingError> {
         match self.loaded.take() {
-            Some(loaded) => loaded.detach_all(),
+            Some(loaded) => {
+                loaded.detach_all();
+                info!(cgroup = %self.cgroup.display(), "eBPF programs detached");
+            }
             // An earlier agent's pinned programs, maps and links go too.
-            None => Pins::open(flocker_ebpf::ROUTING)?.remove_all(),
+            None => crate::pins::remove_current_namespace()?,
         }
-        info!(cgroup = %self.cgroup.display(), "eBPF programs detached");
-        self.outside.clear()
+        self.outside.apply(&RouteTable::default())
     }
 }
 

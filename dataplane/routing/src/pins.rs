@@ -52,14 +52,7 @@ impl Pins {
     /// the calling thread's network namespace.
     pub fn open(object: &[u8]) -> Result<Pins, PinError> {
         ensure_bpffs()?;
-        let ns_path = Path::new("/proc/thread-self/ns/net");
-        let inode = fs::metadata(ns_path)
-            .map_err(|source| PinError::Io {
-                path: ns_path.to_owned(),
-                source,
-            })?
-            .ino();
-        let namespace = namespace_dir(inode);
+        let namespace = namespace_dir(current_namespace()?);
         let dir = namespace.join(format!("{:016x}", fnv1a(object)));
         fs::create_dir_all(&dir).map_err(|source| PinError::Io {
             path: dir.clone(),
@@ -96,6 +89,22 @@ impl Pins {
     pub fn remove_all(&self) {
         remove(&self.namespace);
     }
+}
+
+/// Removes every pin of the calling thread's network namespace, if it has any.
+pub fn remove_current_namespace() -> Result<(), PinError> {
+    remove(&namespace_dir(current_namespace()?));
+    Ok(())
+}
+
+fn current_namespace() -> Result<u64, PinError> {
+    let path = Path::new("/proc/thread-self/ns/net");
+    fs::metadata(path)
+        .map(|meta| meta.ino())
+        .map_err(|source| PinError::Io {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// The pin directory of the network namespace with inode `inode`, for tools that clean up

@@ -8,6 +8,7 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, TcpListener},
+    os::unix::fs::MetadataExt,
     path::Path,
     process::Stdio,
     time::{Duration, Instant},
@@ -467,6 +468,13 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
             "ip_local_reserved_ports in {} is {reserved:?}",
             node.name()
         );
+        let pinned = flocker_routing::pins::namespace_dir(std::fs::metadata(node.path())?.ino());
+        ensure!(
+            (choice == BackendChoice::Ebpf) == pinned.exists(),
+            "{} exists: {}",
+            pinned.display(),
+            pinned.exists()
+        );
         let has_table = ruleset.contains("table ip flocker");
         match choice {
             BackendChoice::Ebpf => ensure!(
@@ -608,6 +616,14 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
             .is_none(),
             "removed route still answers from node{} itself",
             i + 1
+        );
+        // Nothing of the eBPF backend's stays pinned either.
+        let inode = std::fs::metadata(lab.nodes[i].path())?.ino();
+        let pins = flocker_routing::pins::namespace_dir(inode);
+        ensure!(
+            !pins.exists(),
+            "{} still exists after the routes were removed",
+            pins.display()
         );
     }
     expect_reaches(

@@ -514,21 +514,11 @@ impl Loaded {
         self.tc_loaded && self.tc_failed.is_empty()
     }
 
-    fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, EbpfError> {
-        self.bpf
-            .map_mut(name)
-            .ok_or(EbpfError::Missing { kind: "map", name })
-    }
-
     fn sync_routes(&mut self, wanted: &RouteTable) -> Result<(), EbpfError> {
-        let map_error = |source| EbpfError::Map {
-            name: ROUTES_MAP,
-            source: Box::new(source),
-        };
+        let map_error = map_error(ROUTES_MAP);
         let unknown = std::mem::replace(&mut self.routes_unknown, true);
         let installed = std::mem::take(&mut self.routes);
-        let mut map: BpfHashMap<_, u32, [u32; 2]> =
-            BpfHashMap::try_from(self.map(ROUTES_MAP)?).map_err(map_error)?;
+        let mut map = hash_map::<u32, [u32; 2]>(&mut self.bpf, ROUTES_MAP)?;
         if unknown {
             // What the map holds is unknown (an earlier agent's pinned entries, or an update
             // that failed half way): compare with it and change only what differs, so routes
@@ -577,17 +567,30 @@ impl Loaded {
     }
 }
 
-/// What the `u32 -> u32` hash map `name` holds.
-fn read_map(bpf: &mut Ebpf, name: &'static str) -> Result<BTreeMap<u32, u32>, EbpfError> {
-    let map_error = |source| EbpfError::Map {
+fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> EbpfError + Copy {
+    move |source| EbpfError::Map {
         name,
         source: Box::new(source),
-    };
+    }
+}
+
+/// The hash map `name` of `bpf`, with keys `K` and values `V`.
+fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
+    bpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<BpfHashMap<&'a mut aya::maps::MapData, K, V>, EbpfError> {
     let map = bpf
         .map_mut(name)
         .ok_or(EbpfError::Missing { kind: "map", name })?;
-    let map: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(map).map_err(map_error)?;
-    map.iter().collect::<Result<_, _>>().map_err(map_error)
+    BpfHashMap::try_from(map).map_err(map_error(name))
+}
+
+/// What the `u32 -> u32` hash map `name` holds.
+fn read_map(bpf: &mut Ebpf, name: &'static str) -> Result<BTreeMap<u32, u32>, EbpfError> {
+    let map = hash_map::<u32, u32>(bpf, name)?;
+    map.iter()
+        .collect::<Result<_, _>>()
+        .map_err(map_error(name))
 }
 
 /// Brings the `u32 -> u32` hash map `name`, which holds `installed`, to `wanted`.
@@ -600,14 +603,8 @@ fn sync_map(
     if *installed == wanted {
         return Ok(());
     }
-    let map_error = |source| EbpfError::Map {
-        name,
-        source: Box::new(source),
-    };
-    let map = bpf
-        .map_mut(name)
-        .ok_or(EbpfError::Missing { kind: "map", name })?;
-    let mut map: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(map).map_err(map_error)?;
+    let map_error = map_error(name);
+    let mut map = hash_map::<u32, u32>(bpf, name)?;
     for (key, value) in &wanted {
         if installed.get(key) != Some(value) {
             map.insert(key, value, 0).map_err(map_error)?;

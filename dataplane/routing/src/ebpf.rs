@@ -245,7 +245,7 @@ pub fn resolve_cgroup(configured: Option<&Path>) -> Result<PathBuf, EbpfError> {
 /// One program attachment. A pinned one outlives this process (dropping it only closes our
 /// handle); the others, where bpffs or BPF links are unavailable, go with it.
 enum Attachment {
-    Pinned(PinnedLink),
+    Pinned { link: PinnedLink, path: PathBuf },
     Fd(FdLink),
     Tc(SchedClassifierLink),
 }
@@ -258,19 +258,28 @@ impl Attachment {
             return Ok(Attachment::Fd(link));
         };
         remove_pin(&path);
-        link.pin(&path)
-            .map(Attachment::Pinned)
-            .map_err(|source| EbpfError::PinLink {
+        match link.pin(&path) {
+            Ok(link) => Ok(Attachment::Pinned { link, path }),
+            Err(source) => Err(EbpfError::PinLink {
                 path,
                 source: Box::new(source),
-            })
+            }),
+        }
+    }
+
+    /// Where it is pinned, if it is.
+    fn pin_path(&self) -> Option<&Path> {
+        match self {
+            Attachment::Pinned { path, .. } => Some(path),
+            Attachment::Fd(_) | Attachment::Tc(_) => None,
+        }
     }
 
     /// Detaches the program now, pinned or not.
     fn detach(self) {
         match self {
             // With the pin gone our handle is the last reference; dropping it detaches.
-            Attachment::Pinned(pinned) => drop(pinned.unpin()),
+            Attachment::Pinned { link, .. } => drop(link.unpin()),
             Attachment::Fd(link) => drop(link),
             Attachment::Tc(link) => drop(link),
         }
@@ -295,8 +304,9 @@ struct Loaded {
     /// `flk_connect4` and `flk_getpeername4` on the cgroup.
     cgroup_links: Vec<Attachment>,
     routes: RouteTable,
-    /// Set while an update is under way; still set at the next apply means it failed half
-    /// way, and the map is emptied and rewritten.
+    /// Set while an update is under way (and at first, when pinned maps may hold an earlier
+    /// agent's routes); still set at the next apply means the map's contents are unknown, and
+    /// that apply compares with what the map holds.
     routes_unknown: bool,
     local: BTreeMap<u32, u32>,
     /// `flk_ifaddr` as installed.
@@ -309,7 +319,7 @@ struct Loaded {
     tc_failed: BTreeSet<(String, u32)>,
     /// Whether this instance has turned forwarding on and reserved `SNAT_PORTS`.
     sysctls_set: bool,
-    /// Whether older builds' pins have been removed (once our programs were on).
+    /// Whether older builds' pins and stale links have been removed (once ours were on).
     others_removed: bool,
 }
 
@@ -425,11 +435,14 @@ impl Loaded {
                 if let Some(id) = replaced {
                     // The pin already names this link; keep a handle of our own to it.
                     drop(program.take_link(id).map_err(error)?);
-                    let pinned = PinnedLink::from_pin(path).map_err(|source| EbpfError::Link {
+                    let link = PinnedLink::from_pin(path).map_err(|source| EbpfError::Link {
                         name: TC_PROGRAM,
                         source: Box::new(source),
                     })?;
-                    return Ok(Attachment::Pinned(pinned));
+                    return Ok(Attachment::Pinned {
+                        link,
+                        path: path.clone(),
+                    });
                 }
                 // Its interface went away (a new one has the name), or it is no BPF link.
                 remove_pin(path);
@@ -676,8 +689,16 @@ impl RoutingBackend for EbpfBackend {
         loaded.sync_routes(table)?;
         loaded.sync_interfaces(&addrs)?;
         if let Some(pins) = loaded.pins.as_ref().filter(|_| !loaded.others_removed) {
-            // Our programs are on: an older build's may go now.
+            // Our programs are on: an older build's may go now, and links an earlier agent
+            // pinned for interfaces that are gone.
             pins.remove_other_builds();
+            let kept: Vec<&Path> = loaded
+                .cgroup_links
+                .iter()
+                .chain(loaded.tc_links.values())
+                .filter_map(Attachment::pin_path)
+                .collect();
+            pins.remove_links_except(&kept);
             loaded.others_removed = true;
         }
         debug!(routes = table.entries.len(), "eBPF routes map updated");

@@ -85,6 +85,21 @@ impl Pins {
         }
     }
 
+    /// Removes this build's pinned links other than `kept` (an earlier agent's links for
+    /// interfaces that are gone), detaching their programs.
+    pub fn remove_links_except(&self, kept: &[&Path]) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let is_link = entry.file_name().to_string_lossy().starts_with("link-");
+            if is_link && !kept.contains(&path.as_path()) {
+                remove(&path);
+            }
+        }
+    }
+
     /// Removes every pin of this namespace.
     pub fn remove_all(&self) {
         remove(&self.namespace);
@@ -115,8 +130,14 @@ pub fn namespace_dir(inode: u64) -> PathBuf {
         .join(format!("net-{inode}"))
 }
 
+/// Removes a pinned object, or a directory of them.
 fn remove(path: &Path) {
-    match fs::remove_dir_all(path) {
+    let removed = if path.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    };
+    match removed {
         Ok(()) => info!(path = %path.display(), "eBPF pins removed"),
         Err(error) if error.kind() == io::ErrorKind::NotFound => {}
         Err(error) => warn!(path = %path.display(), %error, "cannot remove eBPF pins"),

@@ -488,6 +488,30 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     // Connections open across the restart, into the hosting node and on from another one,
     // carry on: the routes outlive the backend instances (for eBPF, pinned programs and maps,
     // whose programs the new instances replace in place).
+    // An interface that goes away while the backend is down: its pinned TC link must not
+    // outlive the next backend's first apply.
+    let node3 = &lab.nodes[2];
+    node3.ip(&[
+        "link", "add", "gone0", "type", "veth", "peer", "name", "gone1",
+    ])?;
+    node3.ip(&["addr", "add", "198.18.9.3/32", "dev", "gone0"])?;
+    node3.ip(&["link", "set", "gone0", "up"])?;
+    apply_all(&lab, &mut backends, &tables(0)?)?;
+    let gone_pinned = || -> anyhow::Result<bool> {
+        let inode = std::fs::metadata(node3.path())?.ino();
+        let dir = flocker_routing::pins::namespace_dir(inode);
+        let Ok(builds) = std::fs::read_dir(&dir) else {
+            return Ok(false);
+        };
+        Ok(builds
+            .flatten()
+            .any(|build| build.path().join("link-tc-gone0").exists()))
+    };
+    ensure!(
+        gone_pinned()? == (choice == BackendChoice::Ebpf),
+        "pinned TC link of gone0: {}",
+        gone_pinned()?
+    );
     let mut open_streams = Vec::new();
     for i in [0, 2] {
         let addr = std::net::SocketAddrV4::new(node_ip(i).parse()?, PORT);
@@ -499,8 +523,13 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
         open_streams.push((i, stream));
     }
     drop(backends);
+    node3.ip(&["link", "del", "gone0"])?;
     let mut backends = open_all(&lab, choice)?;
     apply_all(&lab, &mut backends, &tables(0)?)?;
+    ensure!(
+        !gone_pinned()?,
+        "the TC link of an interface that went away is still pinned"
+    );
     for (i, mut stream) in open_streams {
         let what = format!("connection through node{} across the restart", i + 1);
         let mut reply = Vec::new();

@@ -14,8 +14,9 @@
 // these connections bypass netfilter and conntrack. When the backend is another node, or
 // back out of the interface the client came in on (hairpin), the source is translated too,
 // to the address of the interface it leaves by (flk_ifaddr) and a port of SNAT_FIRST..
-// (flk_fwd and flk_rev hold both directions' translations). Left to the stack: packets with IP options, fragments, and
-// packets of connections that no flow knows.
+// (flk_fwd and flk_rev hold both directions' translations). A flow is forgotten with the last
+// ACK after both FINs, or a RST (a translated port stays taken a while longer). Left to the
+// stack: packets with IP options, fragments, and packets of connections no flow knows.
 //
 // All values in the maps use the byte order the kernel uses in struct bpf_sock_addr: the
 // address as the four network-order bytes, the port as the network-order 16-bit value in the
@@ -114,20 +115,27 @@ struct fwd_nat {
 	__u32 snat_addr;
 	__u16 backend_port;
 	__u16 snat_port;
-	__u32 pad;
+	// CLIENT_FIN | BACKEND_FIN | RESET seen so far (as in the flow's rev_nat).
+	__u32 state;
 };
 
 // What a backend's replies are rewritten to: from the address the client dialled, to the
-// client. `seen` (coarse ns) and `closing` (a FIN or RST passed) say when a translated port
-// may be given to another connection.
+// client. `seen` (coarse ns of the backend's last packet) and `state` say when a translated
+// port may be given to another connection.
 struct rev_nat {
 	__u32 client_addr;
 	__u32 dialled_addr;
 	__u16 client_port;
 	__u16 dialled_port;
-	__u32 closing;
+	__u32 state;
 	__u64 seen;
 };
+
+// How far a flow's connection has closed (`state` bits).
+#define CLIENT_FIN 1
+#define BACKEND_FIN 2
+#define RESET 4
+#define BOTH_FINS (CLIENT_FIN | BACKEND_FIN)
 
 // client's tuple -> translation, for the client's packets.
 struct {
@@ -258,7 +266,7 @@ static __always_inline int reusable(const struct rev_nat *rev, __u64 now)
 	if (rev->seen >= now)
 		return 0;
 	__u64 age = now - rev->seen;
-	return (rev->closing && age > CLOSED_REUSE_NS) || age > IDLE_REUSE_NS;
+	return (rev->state && age > CLOSED_REUSE_NS) || age > IDLE_REUSE_NS;
 }
 
 // Records the reply translation of a new connection. With `snat`, picks a free source port
@@ -269,7 +277,7 @@ static __always_inline int start_flow(struct __sk_buff *skb, const struct tuple 
 {
 	struct rev_nat rev = { .client_addr = t->saddr, .client_port = t->sport,
 			       .dialled_addr = t->daddr, .dialled_port = t->dport,
-			       .closing = 0, .seen = now };
+			       .state = 0, .seen = now };
 	if (!snat) {
 		nat->snat_addr = t->saddr;
 		nat->snat_port = t->sport;
@@ -300,17 +308,40 @@ static __always_inline int start_flow(struct __sk_buff *skb, const struct tuple 
 	return -1;
 }
 
-// Marks a translation closing when a FIN or RST passes, so its port can be reused soon.
-static __always_inline void note_close(struct rev_nat *rev, int fin_or_rst, __u64 now)
+// The client's tuple of the flow `rev` belongs to: the key of its flk_fwd entry.
+static __always_inline struct tuple client_tuple(const struct rev_nat *rev)
 {
-	if (fin_or_rst && !rev->closing)
-		rev->closing = 1;
-	rev->seen = now;
+	struct tuple t = { .saddr = rev->client_addr, .daddr = rev->dialled_addr,
+			   .sport = rev->client_port, .dport = rev->dialled_port };
+	return t;
+}
+
+// The `state` bits a packet adds: its FIN (by `fin_bit`'s side) and RST.
+static __always_inline __u32 close_bits(int fin, int rst, __u32 fin_bit)
+{
+	return (fin ? fin_bit : 0) | (rst ? RESET : 0);
+}
+
+// Whether a packet with `state` so far, and no FIN or RST of its own, ends the connection: a
+// reset, or the last ACK after both FINs. Its flow goes once the packet is on its way.
+static __always_inline int ends_flow(__u32 state, int fin, int rst)
+{
+	return rst || (!fin && (state & BOTH_FINS) == BOTH_FINS);
+}
+
+// Forgets a finished connection: its client-side entry, and its backend-side entry unless
+// that holds a translated source port, which stays (marked closed) until it may be reused.
+static __always_inline void end_flow(const struct tuple *client, const struct tuple *reply,
+				     int snat)
+{
+	bpf_map_delete_elem(&flk_fwd, client);
+	if (!snat)
+		bpf_map_delete_elem(&flk_rev, reply);
 }
 
 // A packet from a client to a routed port on a node address.
 static __always_inline int from_client(struct __sk_buff *skb, const struct tuple *t, __u8 tos,
-				       __u8 ttl, int syn, int fin_or_rst)
+				       __u8 ttl, int syn, int fin, int rst)
 {
 	struct fwd_nat *known = bpf_map_lookup_elem(&flk_fwd, t);
 	struct fwd_nat nat = {};
@@ -340,8 +371,9 @@ static __always_inline int from_client(struct __sk_buff *skb, const struct tuple
 			struct tuple r = reply_tuple(known);
 			struct rev_nat *rev = bpf_map_lookup_elem(&flk_rev, &r);
 			if (owned_by(rev, t)) {
+				known->state = 0;
 				nat = *known;
-				rev->closing = 0;
+				rev->state = 0;
 				rev->seen = now;
 				keep = 1;
 			}
@@ -357,11 +389,15 @@ static __always_inline int from_client(struct __sk_buff *skb, const struct tuple
 				return TC_ACT_OK;
 		}
 	}
-	if (fin_or_rst) {
-		struct tuple r = reply_tuple(&nat);
-		struct rev_nat *rev = bpf_map_lookup_elem(&flk_rev, &r);
+	struct tuple reply = reply_tuple(&nat);
+	__u32 bits = close_bits(fin, rst, CLIENT_FIN);
+	if (bits) {
+		struct rev_nat *rev = bpf_map_lookup_elem(&flk_rev, &reply);
 		if (rev)
-			note_close(rev, 1, now);
+			rev->state |= bits;
+		struct fwd_nat *entry = bpf_map_lookup_elem(&flk_fwd, t);
+		if (entry)
+			entry->state |= bits;
 	}
 	__u32 out = egress(skb, &fib, tos, nat.snat_addr, nat.backend_addr, nat.snat_port,
 			   nat.backend_port, &rc);
@@ -370,16 +406,26 @@ static __always_inline int from_client(struct __sk_buff *skb, const struct tuple
 	if (rewrite(skb, 1, t->daddr, nat.backend_addr, t->dport, nat.backend_port) ||
 	    rewrite(skb, 0, t->saddr, nat.snat_addr, t->sport, nat.snat_port))
 		return TC_ACT_SHOT;
+	if (ends_flow(nat.state | bits, fin, rst))
+		end_flow(t, &reply, nat.snat_addr != t->saddr || nat.snat_port != t->sport);
 	return send_out(skb, &fib, rc, out, ttl);
 }
 
 // A backend's reply on a translated connection.
 static __always_inline int from_backend(struct __sk_buff *skb, const struct tuple *t,
-					struct rev_nat *rev, __u8 tos, __u8 ttl, int fin_or_rst)
+					struct rev_nat *rev, __u8 tos, __u8 ttl, int fin, int rst)
 {
 	struct bpf_fib_lookup fib = {};
 	long rc = 0;
-	note_close(rev, fin_or_rst, bpf_ktime_get_coarse_ns());
+	__u32 bits = close_bits(fin, rst, BACKEND_FIN);
+	rev->seen = bpf_ktime_get_coarse_ns();
+	struct tuple client = client_tuple(rev);
+	if (bits) {
+		rev->state |= bits;
+		struct fwd_nat *entry = bpf_map_lookup_elem(&flk_fwd, &client);
+		if (entry)
+			entry->state |= bits;
+	}
 	struct rev_nat to = *rev;
 	__u32 out = egress(skb, &fib, tos, to.dialled_addr, to.client_addr, to.dialled_port,
 			   to.client_port, &rc);
@@ -388,6 +434,8 @@ static __always_inline int from_backend(struct __sk_buff *skb, const struct tupl
 	if (rewrite(skb, 0, t->saddr, to.dialled_addr, t->sport, to.dialled_port) ||
 	    rewrite(skb, 1, t->daddr, to.client_addr, t->dport, to.client_port))
 		return TC_ACT_SHOT;
+	if (ends_flow(to.state, fin, rst))
+		end_flow(&client, t, t->daddr != to.client_addr || t->dport != to.client_port);
 	return send_out(skb, &fib, rc, out, ttl);
 }
 
@@ -410,13 +458,13 @@ int flk_tc_ingress(struct __sk_buff *skb)
 			   .sport = tcp->source, .dport = tcp->dest };
 	__u8 tos = ip->tos, ttl = ip->ttl;
 	int syn = tcp->syn && !tcp->ack;
-	int fin_or_rst = tcp->fin || tcp->rst;
+	int fin = tcp->fin, rst = tcp->rst;
 
 	struct rev_nat *rev = bpf_map_lookup_elem(&flk_rev, &t);
 	if (rev)
-		return from_backend(skb, &t, rev, tos, ttl, fin_or_rst);
+		return from_backend(skb, &t, rev, tos, ttl, fin, rst);
 	if (bpf_map_lookup_elem(&flk_local, &t.daddr))
-		return from_client(skb, &t, tos, ttl, syn, fin_or_rst);
+		return from_client(skb, &t, tos, ttl, syn, fin, rst);
 	return TC_ACT_OK;
 }
 

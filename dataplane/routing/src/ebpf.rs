@@ -85,6 +85,8 @@ pub enum EbpfError {
         #[source]
         source: Box<aya::pin::PinError>,
     },
+    #[error("eBPF pins")]
+    Pins(#[from] crate::pins::PinError),
     #[error("BPF link of {name}")]
     Link {
         name: &'static str,
@@ -596,6 +598,26 @@ fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
         .map_mut(name)
         .ok_or(EbpfError::Missing { kind: "map", name })?;
     BpfHashMap::try_from(map).map_err(map_error(name))
+}
+
+/// How many connections the TC program tracks in this network namespace's pinned maps:
+/// entries of `flk_fwd` (one per open connection) and of `flk_rev` (the same, plus translated
+/// source ports of closed connections not yet free again). For tests and diagnostics.
+pub fn pinned_flow_counts() -> Result<(usize, usize), EbpfError> {
+    let pins = Pins::open(flocker_ebpf::ROUTING)?;
+    Ok((
+        count_pinned::<[u8; 16]>(&pins, "flk_fwd")?,
+        count_pinned::<[u8; 24]>(&pins, "flk_rev")?,
+    ))
+}
+
+/// The number of entries of the pinned flow map `name` (keys: `struct tuple`, 12 bytes).
+fn count_pinned<V: aya::Pod>(pins: &Pins, name: &'static str) -> Result<usize, EbpfError> {
+    let map_error = map_error(name);
+    let data = aya::maps::MapData::from_pin(pins.map(name)).map_err(map_error)?;
+    let map: BpfHashMap<_, [u8; 12], V> =
+        BpfHashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_error)?;
+    Ok(map.keys().filter(Result::is_ok).count())
 }
 
 /// What the `u32 -> u32` hash map `name` holds.

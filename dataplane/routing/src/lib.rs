@@ -19,6 +19,12 @@
 //!   hairpin), so a local container sees the node's address, not the outside client's. The
 //!   eBPF backend's TC program translates the source only for forwarded and hairpin
 //!   connections, so a local container sees outside clients as they are.
+//! - The eBPF backend reserves ports 61000-65535 (`ip_local_reserved_ports`) for the source
+//!   ports it translates to. Linux's default ephemeral range ends at 60999; where a node's
+//!   range reaches further, its own connects lose those ports. Each (node address, backend)
+//!   pair has 4,536 of them, and a port is reused 10 s after its connection closed, which
+//!   bounds new connections forwarded through a node that does not host the application to
+//!   about 450 per second per backend.
 //! - Hairpin through a Linux bridge with the nftables backend: where `br_netfilter` is loaded
 //!   (dockerd loads it), a container dialling its own published port is DNAT'd inside the
 //!   bridge and sent back out of the port it came in on, which needs hairpin mode on that

@@ -16,7 +16,7 @@ static ROUTING_OBJECT: &Aligned<[u8]> =
 
 /// `routing.bpf.c`: programs `flk_connect4` (`cgroup/connect4`), `flk_getpeername4`
 /// (`cgroup/getpeername4`) and `flk_tc_ingress` (TC classifier); maps `flk_routes`,
-/// `flk_local`, `flk_orig`, `flk_fwd` and `flk_rev`.
+/// `flk_local`, `flk_orig`, `flk_fwd`, `flk_rev` and `flk_ifaddr`.
 pub static ROUTING: &[u8] = &ROUTING_OBJECT.0;
 
 #[cfg(test)]

@@ -347,6 +347,7 @@ static __always_inline int from_client(struct __sk_buff *skb, const struct tuple
 	struct fwd_nat nat = {};
 	struct bpf_fib_lookup fib = {};
 	long rc = 0;
+	__u32 out = 0;
 	__u64 now = bpf_ktime_get_coarse_ns();
 
 	if (!syn) {
@@ -379,8 +380,8 @@ static __always_inline int from_client(struct __sk_buff *skb, const struct tuple
 			}
 		}
 		if (!keep) {
-			__u32 out = egress(skb, &fib, tos, t->saddr, nat.backend_addr, t->sport,
-					   nat.backend_port, &rc);
+			out = egress(skb, &fib, tos, t->saddr, nat.backend_addr, t->sport,
+				     nat.backend_port, &rc);
 			if (!out)
 				return TC_ACT_OK;
 			int snat = remote || out == skb->ingress_ifindex;
@@ -399,8 +400,10 @@ static __always_inline int from_client(struct __sk_buff *skb, const struct tuple
 		if (entry)
 			entry->state |= bits;
 	}
-	__u32 out = egress(skb, &fib, tos, nat.snat_addr, nat.backend_addr, nat.snat_port,
-			   nat.backend_port, &rc);
+	// A new flow's first packet goes where the lookup that chose its translation said.
+	if (!out)
+		out = egress(skb, &fib, tos, nat.snat_addr, nat.backend_addr, nat.snat_port,
+			     nat.backend_port, &rc);
 	if (!out)
 		return TC_ACT_OK;
 	if (rewrite(skb, 1, t->daddr, nat.backend_addr, t->dport, nat.backend_port) ||

@@ -34,12 +34,12 @@ use aya::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    RouteEntry, RouteTable, RoutingBackend, RoutingError,
+    RouteEntry, RouteTable, RoutingBackend, RoutingError, mounts,
     nft::{
         NftBackend,
         plan::{ElementDiff, Scope},
     },
-    pins::Pins,
+    pins::{self, Pins},
     sysctl,
 };
 
@@ -207,12 +207,7 @@ pub fn interface_addresses<'a>(
 /// The first cgroup v2 mount point listed in `/proc/self/mounts` (`/sys/fs/cgroup` on a unified
 /// host, `/sys/fs/cgroup/unified` on a hybrid one).
 pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(dir))
-    })
+    mounts::mount_points("cgroup2").into_iter().next()
 }
 
 /// The cgroup v2 directory to attach to: the configured one, else the host's cgroup v2
@@ -229,18 +224,10 @@ pub fn resolve_cgroup(configured: Option<&Path>) -> Result<PathBuf, EbpfError> {
         path: own.clone(),
         source,
     })?;
-    nix::mount::mount(
-        Some("none"),
-        &own,
-        Some("cgroup2"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|source| EbpfError::Mount {
+    mounts::mount("cgroup2", &own).map_err(|source| EbpfError::Mount {
         path: own.clone(),
         source,
     })?;
-    info!(path = %own.display(), "mounted cgroup2");
     Ok(own)
 }
 
@@ -259,7 +246,7 @@ impl Attachment {
         let Some(path) = path else {
             return Ok(Attachment::Fd(link));
         };
-        remove_pin(&path);
+        pins::remove(&path);
         match link.pin(&path) {
             Ok(link) => Ok(Attachment::Pinned { link, path }),
             Err(source) => Err(EbpfError::PinLink {
@@ -284,15 +271,6 @@ impl Attachment {
             Attachment::Pinned { link, .. } => drop(link.unpin()),
             Attachment::Fd(link) => drop(link),
             Attachment::Tc(link) => drop(link),
-        }
-    }
-}
-
-/// Removes a pinned link (detaching its program unless a process still holds it).
-fn remove_pin(path: &Path) {
-    if let Err(error) = std::fs::remove_file(path) {
-        if error.kind() != std::io::ErrorKind::NotFound {
-            warn!(path = %path.display(), %error, "cannot remove a pinned BPF link");
         }
     }
 }
@@ -447,7 +425,7 @@ impl Loaded {
                     });
                 }
                 // Its interface went away (a new one has the name), or it is no BPF link.
-                remove_pin(path);
+                pins::remove(path);
             }
         }
         let id = program.attach(name, TcAttachType::Ingress).map_err(error)?;
@@ -523,6 +501,23 @@ impl Loaded {
         Ok(())
     }
 
+    /// Once our programs are on (after the first apply): removes an older build's pins, and
+    /// links an earlier agent pinned for interfaces that are gone.
+    fn remove_stale_pins(&mut self) {
+        let Some(pins) = self.pins.as_ref().filter(|_| !self.others_removed) else {
+            return;
+        };
+        pins.remove_other_builds();
+        let kept: Vec<&Path> = self
+            .cgroup_links
+            .iter()
+            .chain(self.tc_links.values())
+            .filter_map(Attachment::pin_path)
+            .collect();
+        pins.remove_links_except(&kept);
+        self.others_removed = true;
+    }
+
     /// Whether `flk_tc_ingress` is on every interface it should be: then no traffic needs
     /// the nftables chains.
     fn tc_everywhere(&self) -> bool {
@@ -530,32 +525,20 @@ impl Loaded {
     }
 
     fn sync_routes(&mut self, wanted: &RouteTable) -> Result<(), EbpfError> {
-        let map_error = map_error(ROUTES_MAP);
         let unknown = std::mem::replace(&mut self.routes_unknown, true);
-        let installed = std::mem::take(&mut self.routes);
-        let mut map = hash_map::<u32, [u32; 2]>(&mut self.bpf, ROUTES_MAP)?;
         if unknown {
             // What the map holds is unknown (an earlier agent's pinned entries, or an update
             // that failed half way): compare with it and change only what differs, so routes
             // that stay are never missing.
-            let held = map
-                .iter()
-                .collect::<Result<BTreeMap<u32, [u32; 2]>, _>>()
-                .map_err(map_error)?;
-            let entries = route_entries(wanted);
-            for (key, value) in &entries {
-                if held.get(key) != Some(value) {
-                    map.insert(key, value, 0).map_err(map_error)?;
-                }
-            }
-            for key in held.keys().filter(|key| !entries.contains_key(key)) {
-                map.remove(key).map_err(map_error)?;
-            }
+            let mut held = read_map::<[u32; 2]>(&mut self.bpf, ROUTES_MAP)?;
+            sync_map(&mut self.bpf, ROUTES_MAP, &mut held, route_entries(wanted))?;
             self.routes = wanted.clone();
             self.routes_unknown = false;
             return Ok(());
         }
-        let mut installed = installed;
+        let map_error = map_error(ROUTES_MAP);
+        let mut installed = std::mem::take(&mut self.routes);
+        let mut map = hash_map::<u32, [u32; 2]>(&mut self.bpf, ROUTES_MAP)?;
         let diff = ElementDiff::between_tables(&installed, wanted);
         // Insert (which overwrites) before removing, so a moved port is never unrouted.
         for element in &diff.add {
@@ -620,26 +603,30 @@ fn count_pinned<V: aya::Pod>(pins: &Pins, name: &'static str) -> Result<usize, E
     Ok(map.keys().filter(Result::is_ok).count())
 }
 
-/// What the `u32 -> u32` hash map `name` holds.
-fn read_map(bpf: &mut Ebpf, name: &'static str) -> Result<BTreeMap<u32, u32>, EbpfError> {
-    let map = hash_map::<u32, u32>(bpf, name)?;
+/// What the hash map `name` (keys `u32`) holds.
+fn read_map<V: aya::Pod>(
+    bpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<BTreeMap<u32, V>, EbpfError> {
+    let map = hash_map::<u32, V>(bpf, name)?;
     map.iter()
         .collect::<Result<_, _>>()
         .map_err(map_error(name))
 }
 
-/// Brings the `u32 -> u32` hash map `name`, which holds `installed`, to `wanted`.
-fn sync_map(
+/// Brings the hash map `name` (keys `u32`), which holds `installed`, to `wanted`, writing
+/// only the elements that differ.
+fn sync_map<V: aya::Pod + PartialEq>(
     bpf: &mut Ebpf,
     name: &'static str,
-    installed: &mut BTreeMap<u32, u32>,
-    wanted: BTreeMap<u32, u32>,
+    installed: &mut BTreeMap<u32, V>,
+    wanted: BTreeMap<u32, V>,
 ) -> Result<(), EbpfError> {
     if *installed == wanted {
         return Ok(());
     }
     let map_error = map_error(name);
-    let mut map = hash_map::<u32, u32>(bpf, name)?;
+    let mut map = hash_map::<u32, V>(bpf, name)?;
     for (key, value) in &wanted {
         if installed.get(key) != Some(value) {
             map.insert(key, value, 0).map_err(map_error)?;
@@ -710,19 +697,7 @@ impl RoutingBackend for EbpfBackend {
         loaded.sync_local(local_entries(addrs.iter().map(|(_, ip)| *ip)))?;
         loaded.sync_routes(table)?;
         loaded.sync_interfaces(&addrs)?;
-        if let Some(pins) = loaded.pins.as_ref().filter(|_| !loaded.others_removed) {
-            // Our programs are on: an older build's may go now, and links an earlier agent
-            // pinned for interfaces that are gone.
-            pins.remove_other_builds();
-            let kept: Vec<&Path> = loaded
-                .cgroup_links
-                .iter()
-                .chain(loaded.tc_links.values())
-                .filter_map(Attachment::pin_path)
-                .collect();
-            pins.remove_links_except(&kept);
-            loaded.others_removed = true;
-        }
+        loaded.remove_stale_pins();
         debug!(routes = table.entries.len(), "eBPF routes map updated");
         if loaded.tc_everywhere() {
             // The TC program carries all outside traffic: no nftables table, so nothing of
@@ -745,7 +720,7 @@ impl RoutingBackend for EbpfBackend {
                 info!(cgroup = %self.cgroup.display(), "eBPF programs detached");
             }
             // An earlier agent's pinned programs, maps and links go too.
-            None => crate::pins::remove_current_namespace()?,
+            None => pins::remove_current_namespace()?,
         }
         self.outside.apply(&RouteTable::default())
     }

@@ -45,6 +45,7 @@
 
 pub mod conntrack;
 pub mod ebpf;
+pub mod mounts;
 pub mod nft;
 pub mod pins;
 pub mod rcu;

@@ -18,6 +18,8 @@ use std::{
 
 use tracing::{info, warn};
 
+use crate::mounts;
+
 /// bpffs, mounted here if nothing is.
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -130,8 +132,9 @@ pub fn namespace_dir(inode: u64) -> PathBuf {
         .join(format!("net-{inode}"))
 }
 
-/// Removes a pinned object, or a directory of them.
-fn remove(path: &Path) {
+/// Removes a pinned object (a link's program is detached unless a process still holds the
+/// link), or a directory of them.
+pub(crate) fn remove(path: &Path) {
     let removed = if path.is_dir() {
         fs::remove_dir_all(path)
     } else {
@@ -145,26 +148,14 @@ fn remove(path: &Path) {
 }
 
 fn ensure_bpffs() -> Result<(), PinError> {
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let mounted = mounts.lines().any(|line| {
-        let mut fields = line.split_whitespace();
-        let (_, dir, fstype) = (fields.next(), fields.next(), fields.next());
-        dir == Some(BPFFS) && fstype == Some("bpf")
-    });
-    if mounted {
+    let path = Path::new(BPFFS);
+    if mounts::mount_points("bpf").iter().any(|dir| dir == path) {
         return Ok(());
     }
-    let path = PathBuf::from(BPFFS);
-    nix::mount::mount(
-        Some("bpf"),
-        &path,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|source| PinError::Mount { path, source })?;
-    info!(path = BPFFS, "mounted bpffs");
-    Ok(())
+    mounts::mount("bpf", path).map_err(|source| PinError::Mount {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// FNV-1a, 64 bits: a stable name for a build of the BPF object.

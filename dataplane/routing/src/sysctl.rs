@@ -17,7 +17,8 @@ pub struct SysctlError {
     source: io::Error,
 }
 
-fn set(key: &str, value: &str, only_if: Option<&str>) -> Result<(), SysctlError> {
+/// Reads `key`, and writes what `change` makes of its (trimmed) value unless that is `None`.
+fn update(key: &str, change: impl FnOnce(&str) -> Option<String>) -> Result<(), SysctlError> {
     let path = Path::new("/proc/sys").join(key.replace('.', "/"));
     let error = |source| SysctlError {
         key: key.to_owned(),
@@ -25,12 +26,20 @@ fn set(key: &str, value: &str, only_if: Option<&str>) -> Result<(), SysctlError>
     };
     let current = fs::read_to_string(&path).map_err(error)?;
     let current = current.trim();
-    if current == value || only_if.is_some_and(|want| want != current) {
+    let Some(value) = change(current) else {
         return Ok(());
-    }
-    fs::write(&path, value).map_err(error)?;
-    info!(key, from = current, to = value, "sysctl set");
+    };
+    fs::write(&path, &value).map_err(error)?;
+    info!(key, from = current, to = %value, "sysctl set");
     Ok(())
+}
+
+/// Sets `key` to `value`, when it is `only_if` (if given).
+fn set(key: &str, value: &str, only_if: Option<&str>) -> Result<(), SysctlError> {
+    update(key, |current| {
+        let wanted = current != value && only_if.is_none_or(|want| want == current);
+        wanted.then(|| value.to_owned())
+    })
 }
 
 /// Turns on forwarding and relaxes strict (1) reverse-path filtering to loose (2); a disabled
@@ -45,19 +54,9 @@ pub fn enable_forwarding() -> Result<(), SysctlError> {
 /// Adds `first..=last` to `net.ipv4.ip_local_reserved_ports` unless a listed range covers it
 /// already; the ports listed before stay reserved.
 pub fn reserve_local_ports(first: u16, last: u16) -> Result<(), SysctlError> {
-    let key = "net.ipv4.ip_local_reserved_ports";
-    let path = Path::new("/proc/sys").join(key.replace('.', "/"));
-    let error = |source| SysctlError {
-        key: key.to_owned(),
-        source,
-    };
-    let current = fs::read_to_string(&path).map_err(error)?;
-    let Some(wanted) = with_reserved(current.trim(), first, last) else {
-        return Ok(());
-    };
-    fs::write(&path, &wanted).map_err(error)?;
-    info!(key, from = current.trim(), to = %wanted, "sysctl set");
-    Ok(())
+    update("net.ipv4.ip_local_reserved_ports", |current| {
+        with_reserved(current, first, last)
+    })
 }
 
 /// The reserved-ports list `current` with `first..=last` added, or `None` when one of its

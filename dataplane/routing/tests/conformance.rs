@@ -263,6 +263,12 @@ fn expect_closed(what: &str, ns: &Netns, ip: &str, port: u16) -> anyhow::Result<
     Ok(())
 }
 
+/// Where the eBPF backend pins its maps and links for the namespace `ns`.
+fn pin_dir(ns: &Netns) -> anyhow::Result<std::path::PathBuf> {
+    let inode = std::fs::metadata(ns.path())?.ino();
+    Ok(flocker_routing::pins::namespace_dir(inode))
+}
+
 fn nft(ns: &Netns, args: &[&str]) -> anyhow::Result<String> {
     let out = ns
         .command("nft")
@@ -487,7 +493,7 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
             "ip_local_reserved_ports in {} is {reserved:?}",
             node.name()
         );
-        let pinned = flocker_routing::pins::namespace_dir(std::fs::metadata(node.path())?.ino());
+        let pinned = pin_dir(node)?;
         ensure!(
             (choice == BackendChoice::Ebpf) == pinned.exists(),
             "{} exists: {}",
@@ -517,9 +523,7 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     node3.ip(&["link", "set", "gone0", "up"])?;
     apply_all(&lab, &mut backends, &tables(0)?)?;
     let gone_pinned = || -> anyhow::Result<bool> {
-        let inode = std::fs::metadata(node3.path())?.ino();
-        let dir = flocker_routing::pins::namespace_dir(inode);
-        let Ok(builds) = std::fs::read_dir(&dir) else {
+        let Ok(builds) = std::fs::read_dir(pin_dir(node3)?) else {
             return Ok(false);
         };
         Ok(builds
@@ -666,8 +670,7 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
             i + 1
         );
         // Nothing of the eBPF backend's stays pinned either.
-        let inode = std::fs::metadata(lab.nodes[i].path())?.ino();
-        let pins = flocker_routing::pins::namespace_dir(inode);
+        let pins = pin_dir(&lab.nodes[i])?;
         ensure!(
             !pins.exists(),
             "{} still exists after the routes were removed",

@@ -137,6 +137,9 @@ pub fn status_text(desired: &DesiredState, state: &ClusterState) -> String {
                 "{name:<16} {node:<16} {running:<9} {}{mark}\n",
                 c.application.image
             ));
+            if let Some(problem) = &c.volume_problem {
+                out.push_str(&format!("  ! volume problem: {problem}\n"));
+            }
         }
     }
     out.push_str(

@@ -31,6 +31,7 @@ use crate::ownership::{self, HandoffStep, OwnershipError, RecordOrder, TakeOver}
 use crate::peer::{PeerClient, PeerError};
 use crate::routes::{Resolver, RouteStore, RoutesError};
 use crate::transfer;
+use crate::volume::mountinfo::{self, FsLocation};
 use crate::volume::{Record, VolumeBackend, VolumeError, check_name, next_push_snapshot};
 
 /// At most this many pushes per pre-copy: the first and its catch-up passes.
@@ -78,6 +79,7 @@ impl AgentError {
             AgentError::Volume(VolumeError::InvalidName(_)) => 400,
             AgentError::Volume(VolumeError::NotFound(_)) => 404,
             AgentError::Volume(VolumeError::Exists(_)) => 409,
+            AgentError::Volume(VolumeError::NotProven { .. }) => 409,
             AgentError::Container(ContainerError::ImageMissing { .. }) => 422,
             AgentError::Routes(RoutesError::Table(_)) => 400,
             // A stream that fails verification or ends early is the sender's fault; a sink
@@ -170,12 +172,16 @@ pub struct TakeOverRequest {
 /// One node's agent.
 pub struct Agent {
     me: String,
-    volumes: Arc<dyn VolumeBackend>,
-    runtime: Arc<dyn ContainerRuntime>,
+    pub(crate) volumes: Arc<dyn VolumeBackend>,
+    pub(crate) runtime: Arc<dyn ContainerRuntime>,
     peers: PeerClient,
     routes: RouteStore,
-    converge_lock: Arc<Mutex<()>>,
+    /// Held by a converge from validation to its last action, and by each restart
+    /// supervision pass, so the supervisor never restarts what a converge is stopping.
+    pub(crate) converge_lock: Arc<Mutex<()>>,
     volume_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Restarts the supervisor made, per container name (cleared when a converge starts it).
+    pub(crate) restarts: std::sync::Mutex<HashMap<String, crate::supervisor::RestartMemory>>,
 }
 
 /// Progress events of one action.
@@ -197,6 +203,7 @@ impl Agent {
             routes,
             converge_lock: Arc::new(Mutex::new(())),
             volume_locks: std::sync::Mutex::new(HashMap::new()),
+            restarts: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -241,17 +248,22 @@ impl Agent {
 
     /// `GET /v1/state`.
     pub async fn state(&self) -> Result<NodeState, AgentError> {
-        let containers = self
-            .runtime
-            .list_managed()
-            .await?
-            .into_iter()
-            .map(|c| ContainerState {
+        let mut containers = Vec::new();
+        for c in self.runtime.list_managed().await? {
+            let volume_problem = match &c.application.volume {
+                Some(spec) if c.running => {
+                    self.volume_problem(&c.name, &c.application.name, &spec.mountpoint)
+                        .await
+                }
+                _ => None,
+            };
+            containers.push(ContainerState {
                 application: c.application,
                 running: c.running,
                 ip: c.ip,
-            })
-            .collect();
+                volume_problem,
+            });
+        }
         let volumes = self.blocking(|b| b.list()).await?;
         Ok(NodeState {
             address: self.me.clone(),
@@ -259,6 +271,59 @@ impl Agent {
             volumes,
             routes: self.routes.current(),
         })
+    }
+
+    /// Whether a running container really runs on its volume: the volume is still proven
+    /// on the host, and the container's mount at `mountpoint` is that same filesystem and
+    /// directory (not the bare directory an unmounted volume left when it started).
+    async fn volume_problem(
+        &self,
+        container: &str,
+        volume: &str,
+        mountpoint: &str,
+    ) -> Option<String> {
+        let v = volume.to_string();
+        let host_path = match self.blocking(move |b| b.verify(&v)).await {
+            Ok(path) => path,
+            Err(e) => return Some(e.to_string()),
+        };
+        let pid = match self.runtime.details(container).await {
+            Ok(d) => d.pid?,
+            Err(e) => {
+                tracing::debug!(container, error = %e, "cannot inspect container");
+                return None;
+            }
+        };
+        let inside = std::path::PathBuf::from(mountpoint);
+        let read = move || -> std::io::Result<Option<(FsLocation, FsLocation)>> {
+            let host = mountinfo::parse(&std::fs::read_to_string("/proc/self/mountinfo")?);
+            let ctr = mountinfo::parse(&std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?);
+            Ok(mountinfo::locate(&host, &host_path).zip(mountinfo::locate(&ctr, &inside)))
+        };
+        match tokio::task::spawn_blocking(read).await {
+            Ok(Ok(Some((host, ctr)))) if host != ctr => Some(format!(
+                "the container's {mountpoint} is {ctr}, not its volume ({host}): it was started while \
+                 the volume was not mounted, and its writes do not reach the volume"
+            )),
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => {
+                tracing::debug!(container, error = %e, "cannot read mount tables");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(container, error = %e, "mount table task failed");
+                None
+            }
+        }
+    }
+
+    /// The proven path of `volume` (mounted first where safe): see [`VolumeBackend::prove`].
+    pub(crate) async fn prove_volume(
+        &self,
+        volume: &str,
+    ) -> Result<std::path::PathBuf, AgentError> {
+        let v = volume.to_string();
+        self.blocking(move |b| b.prove(&v)).await
     }
 
     async fn resolver(&self) -> Result<Resolver, AgentError> {
@@ -482,6 +547,20 @@ impl Agent {
         replace: bool,
     ) -> Result<(), AgentError> {
         let existing = self.managed(&app.name).await?;
+        let volume_path = match &app.volume {
+            Some(_) => {
+                // Ownership may have moved since validation (another request in between).
+                let v = self.local_volume(&app.name).await?.ok_or_else(|| {
+                    AgentError::Conflict(format!("volume {:?} does not exist here", app.name))
+                })?;
+                ownership::check_owner(&self.me, &v)?;
+                // Never start on a bare directory, even an existing container whose bind
+                // mount names the right path: the path must be the volume right now.
+                Some(self.prove_volume(&app.name).await?)
+            }
+            None => None,
+        };
+        self.forget_restarts(&app.name);
         if let Some(c) = &existing {
             if !replace && &c.application == app {
                 if !c.running {
@@ -490,24 +569,19 @@ impl Agent {
                 return Ok(());
             }
         }
-        let volume_path = match &app.volume {
-            Some(_) => {
-                // Ownership may have moved since validation (another request in between).
-                let v = self.local_volume(&app.name).await?.ok_or_else(|| {
-                    AgentError::Conflict(format!("volume {:?} does not exist here", app.name))
-                })?;
-                ownership::check_owner(&self.me, &v)?;
-                let n = app.name.clone();
-                Some(self.blocking(move |b| b.mountpoint(&n)).await?)
-            }
-            None => None,
-        };
         let spec = container_spec(app, volume_path.as_deref(), desired, &self.me)?;
         if let Some(c) = existing {
             self.runtime.stop_and_remove(&c.name).await?;
         }
         self.runtime.create_and_start(&spec).await?;
         Ok(())
+    }
+
+    /// A converge (re)starts the application: the supervisor's restart count begins anew.
+    fn forget_restarts(&self, application: &str) {
+        if let Ok(mut r) = self.restarts.lock() {
+            r.remove(&crate::containers::container_name(application));
+        }
     }
 
     async fn stop_application(&self, application: &str) -> Result<(), AgentError> {
@@ -631,6 +705,8 @@ impl Agent {
                 }
             },
         };
+        // The snapshot is what the target will run on: it must be of the volume itself.
+        self.prove_volume(name).await?;
         let snapshot = next_push_snapshot(&local.snapshots);
         let quota = {
             let (n, s) = (name.to_string(), snapshot.clone());
@@ -880,6 +956,7 @@ impl Agent {
         )?;
         let epoch = match step {
             HandoffStep::GiveAway { epoch } => {
+                self.prove_volume(name).await?;
                 let record = Record {
                     owner: to.to_string(),
                     epoch,

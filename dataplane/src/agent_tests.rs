@@ -14,7 +14,9 @@ use flocker_wire::{
 };
 
 use crate::agent::{Agent, TakeOverRequest};
-use crate::containers::{ContainerError, ContainerRuntime, ContainerSpec, ManagedContainer};
+use crate::containers::{
+    ContainerDetails, ContainerError, ContainerRuntime, ContainerSpec, ManagedContainer,
+};
 use crate::peer::PeerClient;
 use crate::routes::RouteStore;
 use crate::tls::{TlsFiles, client_config, server_config};
@@ -30,6 +32,34 @@ const B: &str = "127.0.0.2";
 struct FakeRuntime {
     containers: Mutex<BTreeMap<String, ManagedContainer>>,
     images: BTreeSet<String>,
+    /// Exit codes of stopped containers.
+    exit_codes: Mutex<BTreeMap<String, i64>>,
+    starts: Mutex<u32>,
+}
+
+impl FakeRuntime {
+    /// The container's process exits with `code`, as a crash would.
+    fn exit(&self, name: &str, code: i64) {
+        if let Ok(mut c) = self.containers.lock() {
+            if let Some(c) = c.get_mut(name) {
+                c.running = false;
+            }
+        }
+        if let Ok(mut e) = self.exit_codes.lock() {
+            e.insert(name.to_string(), code);
+        }
+    }
+
+    fn running(&self, name: &str) -> bool {
+        self.containers
+            .lock()
+            .map(|c| c.get(name).is_some_and(|c| c.running))
+            .unwrap_or(false)
+    }
+
+    fn starts(&self) -> u32 {
+        self.starts.lock().map(|s| *s).unwrap_or(0)
+    }
 }
 
 #[async_trait]
@@ -82,6 +112,26 @@ impl ContainerRuntime for FakeRuntime {
                 c.running = true;
             }
         }
+        if let Ok(mut s) = self.starts.lock() {
+            *s += 1;
+        }
+        Ok(())
+    }
+
+    async fn details(&self, name: &str) -> Result<ContainerDetails, ContainerError> {
+        Ok(ContainerDetails {
+            pid: None,
+            exit_code: self
+                .exit_codes
+                .lock()
+                .ok()
+                .and_then(|e| e.get(name).copied())
+                .filter(|_| !self.running(name)),
+            docker_restarts: false,
+        })
+    }
+
+    async fn disable_docker_restart(&self, _name: &str) -> Result<(), ContainerError> {
         Ok(())
     }
 
@@ -590,4 +640,137 @@ async fn bad_pushes_are_refused_and_leave_the_copy_as_it_was() {
         .expect("answer");
     assert_eq!(status.as_u16(), 400);
     assert!(String::from_utf8_lossy(&body).contains("owner"), "{body:?}");
+}
+
+/// The record beside a directory volume names another volume (a directory swapped in by
+/// hand, a restored backup of the wrong thing): the application is neither started by a
+/// converge nor restarted by the supervisor, and its state reports the problem; once the
+/// record is right again, the supervisor restarts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_starts_on_a_volume_that_is_not_proven() {
+    let (_dir, a, _b) = setup().await;
+    let mut d = desired(A);
+    if let Some(app) = d.applications.get_mut("db") {
+        app.restart_policy = RestartPolicy::Always;
+    }
+    let app = d.applications["db"].clone();
+    let events = converge(
+        &a,
+        &d,
+        vec![
+            Action::CreateVolume {
+                volume: "db".into(),
+                maximum_size: None,
+            },
+            Action::StartApplication {
+                application: app.clone(),
+            },
+        ],
+    )
+    .await;
+    assert_eq!(failed(&events), None);
+    assert!(a.runtime.running("flocker-db"));
+    let state = a.agent.state().await.expect("state");
+    assert_eq!(state.containers[0].volume_problem, None);
+
+    let sidecar = a
+        .volumes
+        .mountpoint("db")
+        .expect("mp")
+        .parent()
+        .expect("dir")
+        .join("flocker.json");
+    let good = std::fs::read_to_string(&sidecar).expect("read");
+    assert!(good.contains("\"volume\": \"db\""), "{good}");
+    std::fs::write(
+        &sidecar,
+        good.replace("\"volume\": \"db\"", "\"volume\": \"other\""),
+    )
+    .expect("write");
+
+    // Running on it: reported, not silently kept.
+    let state = a.agent.state().await.expect("state");
+    let problem = state.containers[0]
+        .volume_problem
+        .clone()
+        .unwrap_or_default();
+    assert!(problem.contains("names volume \"other\""), "{problem}");
+
+    // Crashed: the supervisor does not restart it, however often it looks.
+    a.runtime.exit("flocker-db", 137);
+    let starts = a.runtime.starts();
+    crate::supervisor::pass(&a.agent).await;
+    assert!(!a.runtime.running("flocker-db"));
+    assert_eq!(a.runtime.starts(), starts);
+
+    // A converge restarting it is refused with the volume, path and finding.
+    let events = converge(
+        &a,
+        &d,
+        vec![Action::RestartApplication {
+            application: app.clone(),
+        }],
+    )
+    .await;
+    let error = failed(&events).unwrap_or_default();
+    assert!(
+        error.contains("volume \"db\" is not at") && error.contains("names volume \"other\""),
+        "{error}"
+    );
+    assert!(!a.runtime.running("flocker-db"));
+
+    // Repaired: the supervisor restarts it (its backoff has passed by the next pass).
+    std::fs::write(&sidecar, &good).expect("write");
+    if let Ok(mut r) = a.agent.restarts.lock() {
+        r.clear();
+    }
+    crate::supervisor::pass(&a.agent).await;
+    assert!(a.runtime.running("flocker-db"));
+    assert_eq!(a.runtime.starts(), starts + 1);
+}
+
+/// Restart policies are the agent's: `never` stays down, `on-failure` stops after its count
+/// and never restarts a clean exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_supervisor_follows_the_restart_policy() {
+    let (_dir, a, _b) = setup().await;
+    let mut d = desired(A);
+    if let Some(app) = d.applications.get_mut("db") {
+        app.restart_policy = RestartPolicy::OnFailure {
+            maximum_retry_count: Some(1),
+        };
+    }
+    let app = d.applications["db"].clone();
+    let events = converge(
+        &a,
+        &d,
+        vec![
+            Action::CreateVolume {
+                volume: "db".into(),
+                maximum_size: None,
+            },
+            Action::StartApplication { application: app },
+        ],
+    )
+    .await;
+    assert_eq!(failed(&events), None);
+    let reset_backoff = || {
+        if let Ok(mut r) = a.agent.restarts.lock() {
+            r.values_mut()
+                .for_each(crate::supervisor::RestartMemory::clear_backoff);
+        }
+    };
+    a.runtime.exit("flocker-db", 0);
+    crate::supervisor::pass(&a.agent).await;
+    assert!(!a.runtime.running("flocker-db"), "a clean exit stays down");
+    a.runtime.exit("flocker-db", 1);
+    crate::supervisor::pass(&a.agent).await;
+    assert!(
+        a.runtime.running("flocker-db"),
+        "the first failure restarts"
+    );
+    a.runtime.exit("flocker-db", 1);
+    reset_backoff();
+    crate::supervisor::pass(&a.agent).await;
+    assert!(!a.runtime.running("flocker-db"), "on-failure:1 is used up");
 }

@@ -11,12 +11,12 @@ use std::path::Path;
 use async_trait::async_trait;
 use bollard::Docker;
 use bollard::container::{
-    Config, CreateContainerOptions, ListContainersOptions, RemoveContainerOptions,
-    StartContainerOptions, StopContainerOptions,
+    Config, CreateContainerOptions, InspectContainerOptions, ListContainersOptions,
+    RemoveContainerOptions, StartContainerOptions, StopContainerOptions, UpdateContainerOptions,
 };
 use bollard::image::CreateImageOptions;
 use bollard::models::{HostConfig, RestartPolicy as DockerRestart, RestartPolicyNameEnum};
-use flocker_wire::{Application, DesiredState, RestartPolicy};
+use flocker_wire::{Application, DesiredState};
 use futures_util::StreamExt;
 
 pub const LABEL_MANAGED: &str = "flocker.managed";
@@ -50,7 +50,6 @@ pub struct ContainerSpec {
     pub binds: Vec<String>,
     pub memory: Option<u64>,
     pub cpu_shares: Option<u64>,
-    pub restart: RestartPolicy,
 }
 
 /// A container the agent manages, as Docker reports it.
@@ -60,6 +59,19 @@ pub struct ManagedContainer {
     pub application: Application,
     pub running: bool,
     pub ip: Option<String>,
+}
+
+/// What the agent's restart supervision needs to know of one container, beyond the listing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ContainerDetails {
+    /// The main process, while the container runs (its `/proc/PID/mountinfo` shows what
+    /// the container's volume mount really is).
+    pub pid: Option<u32>,
+    /// The exit code of the last run, once it has stopped.
+    pub exit_code: Option<i64>,
+    /// Docker's own restart policy is something other than `no`: Docker may then restart
+    /// the container without the agent proving its volume first.
+    pub docker_restarts: bool,
 }
 
 /// The Docker container name of an application.
@@ -142,7 +154,6 @@ pub fn container_spec(
         binds,
         memory: app.mem_limit,
         cpu_shares: app.cpu_shares,
-        restart: app.restart_policy,
     })
 }
 
@@ -158,6 +169,10 @@ pub trait ContainerRuntime: Send + Sync {
     async fn start(&self, name: &str) -> Result<(), ContainerError>;
     /// Stops and removes; a container that does not exist is not an error.
     async fn stop_and_remove(&self, name: &str) -> Result<(), ContainerError>;
+    /// Process, exit code and Docker restart policy of one container.
+    async fn details(&self, name: &str) -> Result<ContainerDetails, ContainerError>;
+    /// Sets Docker's restart policy to `no`: restarts are the agent's (see `supervisor`).
+    async fn disable_docker_restart(&self, name: &str) -> Result<(), ContainerError>;
 }
 
 /// The Docker Engine through bollard.
@@ -299,21 +314,12 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<(), ContainerError> {
-        let restart = match spec.restart {
-            RestartPolicy::Never => DockerRestart {
-                name: Some(RestartPolicyNameEnum::NO),
-                maximum_retry_count: None,
-            },
-            RestartPolicy::Always => DockerRestart {
-                name: Some(RestartPolicyNameEnum::ALWAYS),
-                maximum_retry_count: None,
-            },
-            RestartPolicy::OnFailure {
-                maximum_retry_count,
-            } => DockerRestart {
-                name: Some(RestartPolicyNameEnum::ON_FAILURE),
-                maximum_retry_count: maximum_retry_count.map(i64::from),
-            },
+        // Docker never restarts a managed container by itself: it would do so without the
+        // volume proof (after a reboot, before the dataset is mounted). The application's
+        // policy is carried out by the agent's supervisor from the label.
+        let restart = DockerRestart {
+            name: Some(RestartPolicyNameEnum::NO),
+            maximum_retry_count: None,
         };
         let config = Config {
             image: Some(spec.image.clone()),
@@ -383,13 +389,54 @@ impl ContainerRuntime for DockerRuntime {
             Err(e) => Err(e.into()),
         }
     }
+
+    async fn details(&self, name: &str) -> Result<ContainerDetails, ContainerError> {
+        let info = self
+            .docker
+            .inspect_container(name, None::<InspectContainerOptions>)
+            .await?;
+        let state = info.state.unwrap_or_default();
+        let running = state.running.unwrap_or(false);
+        let docker_restarts = info
+            .host_config
+            .and_then(|h| h.restart_policy)
+            .and_then(|p| p.name)
+            .is_some_and(|n| {
+                !matches!(n, RestartPolicyNameEnum::NO | RestartPolicyNameEnum::EMPTY)
+            });
+        Ok(ContainerDetails {
+            pid: state
+                .pid
+                .filter(|_| running)
+                .and_then(|p| u32::try_from(p).ok())
+                .filter(|&p| p > 0),
+            exit_code: state.exit_code.filter(|_| !running),
+            docker_restarts,
+        })
+    }
+
+    async fn disable_docker_restart(&self, name: &str) -> Result<(), ContainerError> {
+        self.docker
+            .update_container(
+                name,
+                UpdateContainerOptions::<String> {
+                    restart_policy: Some(DockerRestart {
+                        name: Some(RestartPolicyNameEnum::NO),
+                        maximum_retry_count: None,
+                    }),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
 
-    use flocker_wire::{Image, Link, PortMap, VolumeSpec};
+    use flocker_wire::{Image, Link, PortMap, RestartPolicy, VolumeSpec};
 
     use super::*;
 

@@ -151,10 +151,12 @@ pub async fn run(config: AgentConfig) -> Result<(), StartError> {
     let (agent, tls) = build(&config).await?;
     let listener = crate::api::bind(config.listen).await?;
     tracing::info!(listen = %config.listen, node = %config.node_address, "serving the agent API over mutual TLS");
+    let supervisor = tokio::spawn(crate::supervisor::run(agent.clone()));
     let server = tokio::spawn(crate::api::serve(listener, tls, agent));
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.abort();
+    supervisor.abort();
     Ok(())
 }
 

@@ -21,6 +21,7 @@ pub mod observability;
 pub mod ownership;
 pub mod peer;
 pub mod routes;
+pub mod supervisor;
 pub mod tls;
 pub mod transfer;
 pub mod volume;

@@ -155,6 +155,11 @@ pub struct ContainerState {
     /// The container's address on the node's container network, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+    /// Why this container's volume is not what it runs on, when that is so: the volume is
+    /// not mounted (any more), or the container was started on the bare directory an
+    /// unmounted volume leaves behind. Its writes then do not reach the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_problem: Option<String>,
 }
 
 /// One copy of a volume on a node. Owner and epoch are read from the volume itself.

@@ -120,6 +120,7 @@ fn apply(node: &str, action: &Action, state: &mut ClusterState) -> Result<(), St
                 application: application.clone(),
                 running: true,
                 ip: None,
+                volume_problem: None,
             });
         }
         Action::StopApplication { application } => {
@@ -248,6 +249,7 @@ pub fn realize(desired: &DesiredState) -> ClusterState {
                 application: app.clone(),
                 running: true,
                 ip: None,
+                volume_problem: None,
             });
             if app.volume.is_some() {
                 n.volumes.push(VolumeState {

@@ -273,6 +273,7 @@ fn unknown_managed_container_is_stopped_and_stopped_app_restarted() {
         application: app("old", 9000, false),
         running: true,
         ip: None,
+        volume_problem: None,
     });
     check(
         &d,

@@ -124,6 +124,7 @@ impl VolumeBackend for BtrfsBackend {
         sidecar::write(
             &self.sidecar_path(name)?,
             &Sidecar {
+                volume: Some(name.to_string()),
                 owner: owner.to_string(),
                 epoch: 1,
                 writable: true,
@@ -134,6 +135,44 @@ impl VolumeBackend for BtrfsBackend {
 
     fn mountpoint(&self, name: &str) -> Result<PathBuf, VolumeError> {
         self.subvolume(name)
+    }
+
+    fn verify(&self, name: &str) -> Result<PathBuf, VolumeError> {
+        let path = self.subvolume(name)?;
+        let not = |found: String| VolumeError::NotProven {
+            volume: name.to_string(),
+            path: path.clone(),
+            found,
+        };
+        let shown = s(&path);
+        let stat = |a: &[&str]| -> Result<String, VolumeError> {
+            let mut argv: Vec<String> = a.iter().map(|x| x.to_string()).collect();
+            argv.push(shown.clone());
+            self.runner
+                .run("stat", &argv)
+                .map(|o| o.trim().to_string())
+                .map_err(|e| not(format!("cannot stat it ({e})")))
+        };
+        let fstype = stat(&["-f", "-c", "%T"])?;
+        if fstype != "btrfs" {
+            return Err(not(format!("it is on a {fstype} filesystem, not btrfs")));
+        }
+        // Inode 256 is the root directory of a btrfs subvolume; anything else is a plain
+        // directory.
+        let inode = stat(&["-c", "%i"])?;
+        if inode != "256" {
+            return Err(not(format!(
+                "it is a plain directory (inode {inode}), not a btrfs subvolume"
+            )));
+        }
+        match sidecar::read(&self.sidecar_path(name)?, name)? {
+            Some(car) if car.volume.as_deref().is_none_or(|v| v == name) => Ok(path),
+            Some(car) => Err(not(format!(
+                "its record names volume {:?}",
+                car.volume.unwrap_or_default()
+            ))),
+            None => Err(not("it has no ownership record".into())),
+        }
     }
 
     fn quota(&self, name: &str) -> Result<Option<u64>, VolumeError> {
@@ -170,6 +209,7 @@ impl VolumeBackend for BtrfsBackend {
         let path = self.sidecar_path(name)?;
         let maximum_size = sidecar::read(&path, name)?.and_then(|c| c.maximum_size);
         let car = Sidecar {
+            volume: Some(name.to_string()),
             owner: record.owner.clone(),
             epoch: record.epoch,
             writable,
@@ -349,5 +389,24 @@ mod tests {
             fake.calls().last().cloned(),
             Some(format!("btrfs property set {root}/db ro true"))
         );
+    }
+
+    #[test]
+    fn proof_wants_a_btrfs_subvolume_with_its_record() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let prove = |fs: &str, inode: &str| {
+            let fake = Arc::new(FakeRunner::default());
+            let b = BtrfsBackend::open(tmp.path(), fake.clone()).expect("open");
+            let _ = b.create("db", None, "S");
+            fake.answer("stat -f -c %T", Ok(fs));
+            fake.answer("stat -c %i", Ok(inode));
+            b.prove("db").map_err(|e| e.to_string())
+        };
+        assert_eq!(prove("btrfs\n", "256\n"), Ok(tmp.path().join("db")));
+        let e = prove("ext2/ext3\n", "256\n").expect_err("not btrfs");
+        assert!(e.contains("on a ext2/ext3 filesystem, not btrfs"), "{e}");
+        // The subvolume's mount is gone and a plain directory is left in its place.
+        let e = prove("btrfs\n", "4711\n").expect_err("plain dir");
+        assert!(e.contains("plain directory (inode 4711)"), "{e}");
     }
 }

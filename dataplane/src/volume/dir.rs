@@ -8,6 +8,7 @@
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -123,6 +124,7 @@ impl VolumeBackend for DirBackend {
         sidecar::write(
             &car,
             &Sidecar {
+                volume: Some(name.to_string()),
                 owner: owner.to_string(),
                 epoch: 1,
                 writable: true,
@@ -133,6 +135,45 @@ impl VolumeBackend for DirBackend {
 
     fn mountpoint(&self, name: &str) -> Result<PathBuf, VolumeError> {
         Ok(self.volume_dir(name)?.join("data"))
+    }
+
+    fn verify(&self, name: &str) -> Result<PathBuf, VolumeError> {
+        let data = self.mountpoint(name)?;
+        let not = |found: String| VolumeError::NotProven {
+            volume: name.to_string(),
+            path: data.clone(),
+            found,
+        };
+        let car_path = self.sidecar_path(name)?;
+        match sidecar::read(&car_path, name)? {
+            Some(car) if car.volume.as_deref().is_none_or(|v| v == name) => {}
+            Some(car) => {
+                return Err(not(format!(
+                    "the record {} names volume {:?}",
+                    car_path.display(),
+                    car.volume.unwrap_or_default()
+                )));
+            }
+            None => {
+                return Err(not(format!(
+                    "there is no ownership record {} beside it (is the filesystem holding the volumes mounted?)",
+                    car_path.display()
+                )));
+            }
+        }
+        let meta =
+            |p: &Path| fs::symlink_metadata(p).map_err(|e| not(format!("{}: {e}", p.display())));
+        let (data_meta, dir_meta) = (meta(&data)?, meta(&self.volume_dir(name)?)?);
+        if !data_meta.is_dir() {
+            return Err(not("it is not a directory".into()));
+        }
+        // Something mounted over the data directory would take the writes instead.
+        if data_meta.dev() != dir_meta.dev() {
+            return Err(not(
+                "another filesystem is mounted there, not the volume's directory".into(),
+            ));
+        }
+        Ok(data)
     }
 
     fn quota(&self, name: &str) -> Result<Option<u64>, VolumeError> {
@@ -159,6 +200,7 @@ impl VolumeBackend for DirBackend {
         sidecar::write(
             &path,
             &Sidecar {
+                volume: Some(name.to_string()),
                 owner: record.owner.clone(),
                 epoch: record.epoch,
                 writable,
@@ -328,5 +370,32 @@ mod tests {
         let v = b.get("db").expect("get").expect("present");
         assert_eq!((v.owner.as_str(), v.epoch), ("B", 2));
         assert_eq!(a.quota("db").expect("quota"), Some(10));
+    }
+
+    #[test]
+    fn proof_wants_the_record_that_names_the_volume() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let b = DirBackend::open(tmp.path(), Arc::new(SystemRunner)).expect("open");
+        b.create("db", None, "A").expect("create");
+        assert_eq!(b.prove("db").expect("proven"), tmp.path().join("db/data"));
+
+        let car = tmp.path().join("db/flocker.json");
+        let text = fs::read_to_string(&car).expect("read");
+        fs::write(&car, text.replace("\"db\"", "\"web\"")).expect("write");
+        let e = b.prove("db").expect_err("other volume").to_string();
+        assert!(e.contains("names volume \"web\""), "{e}");
+
+        // The filesystem holding the volumes is not mounted: a bare directory with data
+        // but no record is not the volume.
+        fs::remove_file(&car).expect("rm");
+        let e = b.prove("db").expect_err("no record").to_string();
+        assert!(e.contains("no ownership record"), "{e}");
+
+        // Records written before they named their volume are still accepted.
+        b.create("old", None, "A").expect("create");
+        let car = tmp.path().join("old/flocker.json");
+        let text = fs::read_to_string(&car).expect("read");
+        fs::write(&car, text.replace("\"volume\": \"old\",", "")).expect("write");
+        assert!(b.prove("old").is_ok());
     }
 }

@@ -7,6 +7,7 @@
 pub mod btrfs;
 pub mod command;
 pub mod dir;
+pub mod mountinfo;
 pub mod sidecar;
 pub mod zfs;
 
@@ -41,6 +42,14 @@ pub enum VolumeError {
     Corrupt { volume: String, detail: String },
     #[error("{0}")]
     Unsupported(String),
+    /// The path where the volume should be is not the volume: using it would put the
+    /// application on the wrong filesystem (an empty directory, or someone else's data).
+    #[error("volume {volume:?} is not at {}: {found}", path.display())]
+    NotProven {
+        volume: String,
+        path: PathBuf,
+        found: String,
+    },
 }
 
 /// A running `send`: the stream to read, then `finish` to learn whether it was complete.
@@ -75,8 +84,19 @@ pub trait VolumeBackend: Send + Sync {
     /// Creates an empty writable volume recorded as owned by `owner` at epoch 1.
     fn create(&self, name: &str, maximum_size: Option<u64>, owner: &str)
     -> Result<(), VolumeError>;
-    /// The host path to bind-mount into the container.
+    /// Where the volume's data should be on the host. Only a path that [`VolumeBackend::prove`]
+    /// or [`VolumeBackend::verify`] returned may be used: this one may be a bare directory.
     fn mountpoint(&self, name: &str) -> Result<PathBuf, VolumeError>;
+    /// Proves, without changing anything, that the volume's path *is* the volume (the ZFS
+    /// dataset mounted there, the btrfs subvolume, the directory whose record names it) and
+    /// returns it; [`VolumeError::NotProven`] says what is there instead.
+    fn verify(&self, name: &str) -> Result<PathBuf, VolumeError>;
+    /// [`VolumeBackend::verify`], after mounting the volume where that is safe (ZFS: the
+    /// dataset is not mounted and its mountpoint holds nothing of its own). Every use of a
+    /// volume's data (start, restart, push, snapshot, handoff) goes through this.
+    fn prove(&self, name: &str) -> Result<PathBuf, VolumeError> {
+        self.verify(name)
+    }
     /// The volume's quota, if it has one.
     fn quota(&self, name: &str) -> Result<Option<u64>, VolumeError>;
     fn set_quota(&self, name: &str, bytes: u64) -> Result<(), VolumeError>;

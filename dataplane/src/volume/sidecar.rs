@@ -14,6 +14,10 @@ use super::VolumeError;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sidecar {
+    /// The volume this record belongs to, so a record found at a path proves which volume
+    /// is there. Records written before it existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
     pub owner: String,
     pub epoch: u64,
     #[serde(default)]
@@ -80,6 +84,7 @@ mod tests {
         let path = dir.path().join("v.json");
         assert_eq!(read(&path, "v").expect("read"), None);
         let mut s = Sidecar {
+            volume: Some("v".into()),
             owner: "a".into(),
             epoch: 1,
             writable: true,

@@ -6,7 +6,7 @@
 //! `zfs set`, no `zfs list -p`, no resume tokens.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use flocker_wire::VolumeState;
@@ -80,6 +80,100 @@ impl ZfsBackend {
 
     fn exists(&self, dataset: &str) -> bool {
         self.zfs(&["list", "-H", "-o", "name", dataset]).is_ok()
+    }
+}
+
+/// Whether a dataset is mounted, and where it should be.
+enum MountState {
+    Mounted(PathBuf),
+    Unmounted(PathBuf),
+}
+
+impl MountState {
+    fn path(&self) -> &Path {
+        match self {
+            MountState::Mounted(p) | MountState::Unmounted(p) => p,
+        }
+    }
+}
+
+/// `None` when `dir` is missing or empty; otherwise how many entries it holds and one name.
+fn own_entries(dir: &Path) -> Result<Option<String>, VolumeError> {
+    let io = |source| VolumeError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut names = Vec::new();
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for e in entries {
+                names.push(e.map_err(io)?.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(e)),
+    }
+    names.sort();
+    Ok(names
+        .first()
+        .map(|first| format!("{} entries, e.g. {first:?}", names.len())))
+}
+
+impl ZfsBackend {
+    fn mount_state(&self, name: &str, dataset: &str) -> Result<MountState, VolumeError> {
+        let out = self.zfs(&["get", "-H", "-o", "value", "mounted,mountpoint", dataset])?;
+        let mut lines = out.lines().map(str::trim);
+        let (mounted, mp) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+        if !mp.starts_with('/') {
+            return Err(VolumeError::NotProven {
+                volume: name.to_string(),
+                path: PathBuf::from(mp),
+                found: format!("dataset {dataset} has no mountpoint of its own ({mp:?})"),
+            });
+        }
+        let path = PathBuf::from(mp);
+        Ok(if mounted == "yes" {
+            MountState::Mounted(path)
+        } else {
+            MountState::Unmounted(path)
+        })
+    }
+
+    /// ZFS says the dataset is mounted: check that the topmost mount at `path` is it, not
+    /// another dataset or filesystem stacked there.
+    fn check_mounted_at(
+        &self,
+        name: &str,
+        dataset: &str,
+        path: PathBuf,
+    ) -> Result<PathBuf, VolumeError> {
+        let shown = path.display().to_string();
+        let found = match self.runner.run(
+            "findmnt",
+            &args(&["-r", "-n", "-o", "SOURCE,FSTYPE", "--mountpoint", &shown]),
+        ) {
+            Ok(out) => match out.lines().last().and_then(|l| l.split_once(' ')) {
+                Some((source, fstype))
+                    if source == dataset && (fstype == "zfs" || fstype.starts_with("fuse.zfs")) =>
+                {
+                    return Ok(path);
+                }
+                Some((source, fstype)) => {
+                    format!("{source} ({fstype}) is mounted there instead of dataset {dataset}")
+                }
+                None => format!(
+                    "findmnt shows no filesystem there, though ZFS reports dataset {dataset} mounted"
+                ),
+            },
+            Err(e) => format!(
+                "no filesystem is mounted there, though ZFS reports dataset {dataset} mounted ({e})"
+            ),
+        };
+        Err(VolumeError::NotProven {
+            volume: name.to_string(),
+            path,
+            found,
+        })
     }
 }
 
@@ -183,16 +277,41 @@ impl VolumeBackend for ZfsBackend {
 
     fn mountpoint(&self, name: &str) -> Result<PathBuf, VolumeError> {
         let dataset = self.dataset(name)?;
-        let mp = self.get(&dataset, "mountpoint")?;
-        if mp.starts_with('/') {
-            Ok(PathBuf::from(mp))
-        } else {
-            Err(VolumeError::Unsupported(format!(
-                "dataset {dataset} has no mountpoint ({mp})"
-            )))
+        Ok(self.mount_state(name, &dataset)?.path().to_path_buf())
+    }
+
+    fn verify(&self, name: &str) -> Result<PathBuf, VolumeError> {
+        let dataset = self.dataset(name)?;
+        match self.mount_state(name, &dataset)? {
+            MountState::Mounted(path) => self.check_mounted_at(name, &dataset, path),
+            MountState::Unmounted(path) => Err(VolumeError::NotProven {
+                volume: name.to_string(),
+                path,
+                found: format!("dataset {dataset} is not mounted"),
+            }),
         }
     }
 
+    fn prove(&self, name: &str) -> Result<PathBuf, VolumeError> {
+        let dataset = self.dataset(name)?;
+        if let MountState::Unmounted(path) = self.mount_state(name, &dataset)? {
+            // Mounting over files would hide them; they may be writes an application made
+            // while the dataset was away, which a person has to look at.
+            if let Some(found) = own_entries(&path)? {
+                return Err(VolumeError::NotProven {
+                    volume: name.to_string(),
+                    path,
+                    found: format!(
+                        "dataset {dataset} is not mounted, and the directory holds files of its own ({found}); \
+                         move them away, then `zfs mount {dataset}`"
+                    ),
+                });
+            }
+            tracing::warn!(volume = name, %dataset, path = %path.display(), "volume was not mounted: mounting it");
+            self.zfs(&["mount", &dataset])?;
+        }
+        self.verify(name)
+    }
     fn quota(&self, name: &str) -> Result<Option<u64>, VolumeError> {
         let value = self.get(&self.dataset(name)?, "quota")?;
         Ok(value.parse().ok().filter(|&q: &u64| q > 0))
@@ -374,5 +493,89 @@ pool/flocker/stray\tused\t5
         );
         assert!(calls.contains(&"zfs recv -F pool/flocker/db".into()));
         assert!(b.send("../x", None, "s").is_err());
+    }
+
+    /// A fake whose dataset `pool/flocker/db` should be at `mp`.
+    fn proving(
+        mp: &Path,
+        mounted: &str,
+        findmnt: Result<&str, &str>,
+    ) -> (Arc<FakeRunner>, ZfsBackend) {
+        let (fake, b) = backend();
+        let props = format!("{mounted}\n{}\n", mp.display());
+        fake.answer(
+            "zfs get -H -o value mounted,mountpoint pool/flocker/db",
+            Ok(&props),
+        );
+        fake.answer("findmnt", findmnt);
+        (fake, b)
+    }
+
+    #[test]
+    fn proof_accepts_only_the_dataset_mounted_at_its_mountpoint() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mp = tmp.path().join("db");
+        let (_, b) = proving(&mp, "yes", Ok("pool/flocker/db fuse.zfs\n"));
+        assert_eq!(b.verify("db").expect("proven"), mp);
+        assert_eq!(b.prove("db").expect("proven"), mp);
+
+        // Another dataset stacked on the path (the topmost mount is the last line).
+        let (_, b) = proving(
+            &mp,
+            "yes",
+            Ok("pool/flocker/db fuse.zfs\npool/other fuse.zfs\n"),
+        );
+        let e = b.prove("db").expect_err("another dataset").to_string();
+        assert!(e.contains("pool/other (fuse.zfs) is mounted there"), "{e}");
+
+        // ZFS says mounted, but the kernel shows nothing there.
+        let (_, b) = proving(&mp, "yes", Err("exit status: 1"));
+        let e = b.verify("db").expect_err("nothing mounted").to_string();
+        assert!(e.contains("no filesystem is mounted there"), "{e}");
+    }
+
+    #[test]
+    fn proof_mounts_an_unmounted_dataset_over_an_empty_directory_only() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mp = tmp.path().join("db");
+        std::fs::create_dir(&mp).expect("mkdir");
+
+        // Read-only verification reports it and changes nothing.
+        let (fake, b) = proving(&mp, "no", Ok("pool/flocker/db zfs\n"));
+        let e = b.verify("db").expect_err("unmounted").to_string();
+        assert!(e.contains("dataset pool/flocker/db is not mounted"), "{e}");
+        assert!(!fake.calls().iter().any(|c| c.starts_with("zfs mount")));
+
+        // The empty bare directory: mounted, then proven (the fake answers "no" again, so
+        // the check after the mount is the one that fails; what matters is the mount).
+        let _ = b.prove("db");
+        assert!(
+            fake.calls()
+                .contains(&"zfs mount pool/flocker/db".to_string())
+        );
+
+        // Files written into the bare directory (an application ran there): refused,
+        // naming what was found, and nothing is mounted over them.
+        std::fs::write(mp.join("dump.rdb"), "stray").expect("write");
+        let (fake, b) = proving(&mp, "no", Ok("pool/flocker/db zfs\n"));
+        let e = b.prove("db").expect_err("stale files").to_string();
+        assert!(
+            e.contains("not mounted")
+                && e.contains("1 entries, e.g. \"dump.rdb\"")
+                && e.contains(&mp.display().to_string()),
+            "{e}"
+        );
+        assert!(!fake.calls().iter().any(|c| c.starts_with("zfs mount")));
+    }
+
+    #[test]
+    fn proof_refuses_a_dataset_without_a_mountpoint() {
+        let (fake, b) = backend();
+        fake.answer(
+            "zfs get -H -o value mounted,mountpoint pool/flocker/db",
+            Ok("no\nlegacy\n"),
+        );
+        let e = b.prove("db").expect_err("legacy").to_string();
+        assert!(e.contains("has no mountpoint of its own"), "{e}");
     }
 }

@@ -1,0 +1,227 @@
+//! Restarts of managed containers, carried out by the agent instead of Docker.
+//!
+//! Docker's own restart policy restarts a container whenever its daemon likes (after a crash,
+//! when `dockerd` or the host comes back), without asking whether the container's volume is
+//! mounted: after a reboot it can start a database on the bare directory of a dataset that is
+//! not mounted yet, and that database then comes up empty and writes outside its volume. So
+//! every managed container is created with Docker's policy `no` (and older ones are switched
+//! to it when the agent starts), and this supervisor applies the application's policy: it
+//! restarts an exited container only after proving its volume, with Docker's backoff
+//! (doubling from 1 s, at most 60 s). While the agent is down nothing restarts, which is the
+//! point: nothing starts unproven.
+//!
+//! A supervision pass takes the converge lock without waiting: it never races a converge
+//! that is stopping or moving the same application.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flocker_wire::RestartPolicy;
+
+use crate::agent::Agent;
+
+/// How often exited containers are looked for.
+pub const INTERVAL: Duration = Duration::from_secs(1);
+/// The first retry delay after a failed restart or a quick exit; doubles up to [`MAX_DELAY`].
+const FIRST_DELAY: Duration = Duration::from_secs(1);
+const MAX_DELAY: Duration = Duration::from_secs(60);
+/// A container that runs this long past its last restart has its backoff reset.
+const STABLE: Duration = Duration::from_secs(10);
+
+/// What the supervisor remembers of one container.
+#[derive(Debug, Clone, Default)]
+pub struct RestartMemory {
+    /// Restarts made since a converge last started it (bounded by `on-failure:N`).
+    pub restarts: u32,
+    /// Consecutive attempts that failed or exited again, for the backoff.
+    attempts: u32,
+    /// No attempt before this instant.
+    not_before: Option<Instant>,
+    /// The last proof failure logged, so a lasting problem is logged once.
+    last_error: Option<String>,
+}
+
+impl RestartMemory {
+    /// Tests step past the backoff instead of waiting it out.
+    #[cfg(test)]
+    pub fn clear_backoff(&mut self) {
+        self.attempts = 0;
+        self.not_before = None;
+    }
+}
+
+/// Whether the application's policy asks for a restart of a container that exited with
+/// `exit_code` after `restarts` supervisor restarts.
+pub fn wants_restart(policy: &RestartPolicy, exit_code: Option<i64>, restarts: u32) -> bool {
+    match policy {
+        RestartPolicy::Never => false,
+        RestartPolicy::Always => true,
+        RestartPolicy::OnFailure {
+            maximum_retry_count,
+        } => exit_code != Some(0) && maximum_retry_count.is_none_or(|max| restarts < max),
+    }
+}
+
+/// The delay before attempt number `attempts + 1`.
+pub fn backoff(attempts: u32) -> Duration {
+    FIRST_DELAY
+        .saturating_mul(1u32 << attempts.min(16))
+        .min(MAX_DELAY)
+}
+
+/// Runs supervision passes until the task is aborted.
+pub async fn run(agent: Arc<Agent>) {
+    adopt(&agent).await;
+    let mut ticker = tokio::time::interval(INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        pass(&agent).await;
+    }
+}
+
+/// Switches containers created before the agent supervised restarts to Docker's policy `no`.
+pub async fn adopt(agent: &Agent) {
+    let Ok(containers) = agent.runtime.list_managed().await else {
+        return;
+    };
+    for c in containers {
+        match agent.runtime.details(&c.name).await {
+            Ok(d) if d.docker_restarts => match agent.runtime.disable_docker_restart(&c.name).await
+            {
+                Ok(()) => tracing::info!(
+                    container = %c.name,
+                    "Docker's restart policy set to `no`: the agent restarts it after proving its volume"
+                ),
+                Err(e) => {
+                    tracing::warn!(container = %c.name, error = %e, "cannot change Docker's restart policy")
+                }
+            },
+            Ok(_) => {}
+            Err(e) => tracing::warn!(container = %c.name, error = %e, "cannot inspect container"),
+        }
+    }
+}
+
+/// One pass: every exited container whose policy asks for it, and whose backoff has passed,
+/// is restarted once its volume is proven.
+pub async fn pass(agent: &Agent) {
+    let Ok(_guard) = agent.converge_lock.clone().try_lock_owned() else {
+        return;
+    };
+    let containers = match agent.runtime.list_managed().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "supervisor: cannot list containers");
+            return;
+        }
+    };
+    let now = Instant::now();
+    for c in containers {
+        let memory = remembered(agent, &c.name);
+        if c.running {
+            // Ran well past its backoff: a later exit starts the backoff over.
+            if memory.attempts > 0 && memory.not_before.is_some_and(|t| now >= t + STABLE) {
+                update(agent, &c.name, |m| {
+                    m.attempts = 0;
+                    m.last_error = None;
+                });
+            }
+            continue;
+        }
+        if memory.not_before.is_some_and(|t| now < t) {
+            continue;
+        }
+        let details = match agent.runtime.details(&c.name).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(container = %c.name, error = %e, "supervisor: cannot inspect");
+                continue;
+            }
+        };
+        if !wants_restart(
+            &c.application.restart_policy,
+            details.exit_code,
+            memory.restarts,
+        ) {
+            continue;
+        }
+        let delay = backoff(memory.attempts);
+        let outcome = match &c.application.volume {
+            Some(_) => agent.prove_volume(&c.application.name).await.map(drop),
+            None => Ok(()),
+        };
+        let outcome = match outcome {
+            Ok(()) => agent.runtime.start(&c.name).await.map_err(Into::into),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::info!(
+                    container = %c.name,
+                    exit_code = ?details.exit_code,
+                    restart = memory.restarts + 1,
+                    "restarted an exited container (its volume proven first)"
+                );
+                update(agent, &c.name, |m| {
+                    m.restarts += 1;
+                    m.attempts += 1;
+                    m.not_before = Some(now + delay);
+                    m.last_error = None;
+                });
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if memory.last_error.as_deref() != Some(text.as_str()) {
+                    tracing::error!(container = %c.name, error = %text, "not restarting an exited container");
+                }
+                update(agent, &c.name, |m| {
+                    m.attempts += 1;
+                    m.not_before = Some(now + delay);
+                    m.last_error = Some(text);
+                });
+            }
+        }
+    }
+}
+
+fn remembered(agent: &Agent, container: &str) -> RestartMemory {
+    agent
+        .restarts
+        .lock()
+        .ok()
+        .and_then(|m| m.get(container).cloned())
+        .unwrap_or_default()
+}
+
+fn update(agent: &Agent, container: &str, change: impl FnOnce(&mut RestartMemory)) {
+    if let Ok(mut m) = agent.restarts.lock() {
+        change(m.entry(container.to_string()).or_default());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_decide_like_docker() {
+        let on_failure = |max| RestartPolicy::OnFailure {
+            maximum_retry_count: max,
+        };
+        assert!(!wants_restart(&RestartPolicy::Never, Some(1), 0));
+        assert!(wants_restart(&RestartPolicy::Always, Some(0), 100));
+        assert!(!wants_restart(&on_failure(None), Some(0), 0));
+        assert!(wants_restart(&on_failure(None), Some(137), 50));
+        assert!(wants_restart(&on_failure(Some(2)), Some(1), 1));
+        assert!(!wants_restart(&on_failure(Some(2)), Some(1), 2));
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_minute() {
+        assert_eq!(backoff(0), Duration::from_secs(1));
+        assert_eq!(backoff(3), Duration::from_secs(8));
+        assert_eq!(backoff(6), Duration::from_secs(60));
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(60));
+    }
+}

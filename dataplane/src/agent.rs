@@ -818,7 +818,14 @@ impl Agent {
             check_name(b)?;
         }
         let local = self.local_volume(name).await?;
-        ownership::check_receive(&self.me, &params.from, local.as_ref())?;
+        ownership::check_receive(
+            &self.me,
+            name,
+            &params.from,
+            &params.owner,
+            params.epoch,
+            local.as_ref(),
+        )?;
         match (&local, &params.base) {
             (None, Some(base)) => Err(AgentError::Conflict(format!(
                 "volume {name:?}: incremental stream from {base:?}, but this node has no copy"
@@ -865,15 +872,10 @@ impl Agent {
             params.snapshot.clone(),
         );
         let replace_stale = local.is_some() && params.base.is_none();
+        // A stale replica is replaced only once the stream verified (the sink swaps it in
+        // at `finish`); a refused or cut-off stream leaves it as it was.
         let mut sink = match self
-            .blocking(move |be| {
-                if replace_stale {
-                    // check_receive allowed it: a stale replica this node does not own.
-                    tracing::info!(volume = %n, "replacing a stale replica with a full stream");
-                    be.destroy_replica(&n)?;
-                }
-                be.receive(&n, b.as_deref(), &s)
-            })
+            .blocking(move |be| be.receive(&n, b.as_deref(), &s, replace_stale))
             .await
         {
             Ok(sink) => sink,
@@ -1007,7 +1009,7 @@ impl Agent {
                 self.me
             ))
         })?;
-        match ownership::accept_ownership(&self.me, &local, request.epoch)? {
+        match ownership::accept_ownership(&self.me, &local, &request.from, request.epoch)? {
             TakeOver::AlreadyOwner => {}
             TakeOver::Record => {
                 let record = Record {

@@ -774,3 +774,110 @@ async fn the_supervisor_follows_the_restart_policy() {
     crate::supervisor::pass(&a.agent).await;
     assert!(!a.runtime.running("flocker-db"), "on-failure:1 is used up");
 }
+
+/// Issue 11, items 2 and 3: a third node's certificate cannot make a replica the owner, a
+/// push cannot name another owner than its sender or outrank the replica's record at the same
+/// epoch, an epoch at the end of the range is refused without a panic, and a `replace` push
+/// that does not verify (garbage, or a real stream cut in half) leaves the replica intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_owner_hands_off_or_pushes_and_an_unverified_replace_destroys_nothing() {
+    use crate::peer::full;
+    use hyper::Method;
+    use std::sync::atomic::AtomicU64;
+
+    const C: &str = "127.0.0.3";
+    let (dir, a, b) = setup().await;
+    let ca = dir.path().join("ca");
+    flocker_ctl::ca::issue_node(&ca, C).expect("c");
+    let d = desired(A);
+    let create = Action::CreateVolume {
+        volume: "db".into(),
+        maximum_size: None,
+    };
+    assert_eq!(failed(&converge(&a, &d, vec![create]).await), None);
+    let data = a.volumes.mountpoint("db").expect("mp");
+    std::fs::write(data.join("f"), "v1").expect("write");
+    let push = Action::PushVolume {
+        volume: "db".into(),
+        to: B.into(),
+        last: false,
+    };
+    assert_eq!(failed(&converge(&a, &d, vec![push]).await), None);
+    let before = record(&b);
+    assert_eq!(before.as_ref().map(|r| (r.0.as_str(), r.1)), Some((A, 1)));
+    let replica_file =
+        || std::fs::read_to_string(b.volumes.mountpoint("db").expect("mp").join("f"));
+
+    let client = |node: &str| {
+        PeerClient::new(
+            client_config(&node_files(&ca, node)).expect("tls"),
+            b.agent_port,
+        )
+    };
+    let (from_a, from_c) = (client(A), client(C));
+    let handoff = |from: &str, epoch: u64| {
+        full(
+            serde_json::to_vec(&TakeOverRequest {
+                epoch,
+                from: from.into(),
+            })
+            .expect("json"),
+        )
+    };
+
+    // A third node tells the replica it owns the volume now: refused, record unchanged.
+    let (status, body) = from_c
+        .request(B, Method::POST, "/v1/volumes/db/handoff", handoff(C, 2))
+        .await
+        .expect("answer");
+    assert_eq!(status.as_u16(), 409, "{body:?}");
+    assert!(String::from_utf8_lossy(&body).contains("only the recorded owner"));
+    // The owner itself, but not exactly one epoch up (2^64-1 once overflowed later on).
+    for epoch in [u64::MAX, 3, 1] {
+        let (status, body) = from_a
+            .request(B, Method::POST, "/v1/volumes/db/handoff", handoff(A, epoch))
+            .await
+            .expect("answer");
+        assert_eq!(status.as_u16(), 409, "epoch {epoch}: {body:?}");
+    }
+    assert_eq!(record(&b), before);
+
+    // Pushes naming another owner than the sender, or a rival owner at the replica's epoch.
+    let push_query = |owner: &str, from: &str, epoch: u64, extra: &str| {
+        format!(
+            "/v1/volumes/db/receive?snapshot=push-0000000009&owner={owner}&epoch={epoch}&from={from}{extra}"
+        )
+    };
+    for (who, query) in [
+        (&from_c, push_query(B, C, 1, "")),
+        (&from_c, push_query(A, C, 1, "&replace=1")),
+        (&from_c, push_query(C, C, 1, "&replace=1")),
+    ] {
+        let (status, body) = who
+            .request(B, Method::POST, &query, full(vec![0u8; 4096]))
+            .await
+            .expect("answer");
+        assert_eq!(status.as_u16(), 409, "{query}: {body:?}");
+        assert_eq!(record(&b), before, "{query}");
+    }
+
+    // The owner's `replace` push that does not verify: garbage, then a real stream cut in
+    // half. The replica is swapped only after verification, so it stays as it was.
+    let mut wire = Vec::new();
+    let source: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+    crate::transfer::send(&mut &source[..], &mut wire, Arc::new(AtomicU64::new(0))).expect("send");
+    for body in [vec![7u8; 100_000], wire[..wire.len() / 2].to_vec()] {
+        let (status, answer) = from_a
+            .request(
+                B,
+                Method::POST,
+                &push_query(A, A, 1, "&replace=1"),
+                full(body),
+            )
+            .await
+            .expect("answer");
+        assert_eq!(status.as_u16(), 400, "{answer:?}");
+        assert_eq!(record(&b), before);
+        assert_eq!(replica_file().expect("replica data"), "v1");
+    }
+}

@@ -54,6 +54,33 @@ pub enum OwnershipError {
     NoSnapshot { volume: String },
     #[error("cannot hand volume {volume:?} to this node itself")]
     HandoffToSelf { volume: String },
+    #[error(
+        "handoff of volume {volume:?} refused: it comes from {from}, but this copy records {owner} as owner at epoch {epoch}; only the recorded owner hands a volume off"
+    )]
+    NotFromOwner {
+        volume: String,
+        from: String,
+        owner: String,
+        epoch: u64,
+    },
+    #[error(
+        "handoff of volume {volume:?} refused: offered epoch {offered}, but this copy is at epoch {current}; a handoff is exactly one epoch up"
+    )]
+    WrongEpoch {
+        volume: String,
+        offered: u64,
+        current: u64,
+    },
+    #[error("volume {volume:?}: the epoch cannot grow past {epoch}")]
+    EpochExhausted { volume: String, epoch: u64 },
+    #[error(
+        "push of volume {volume:?} refused: it names {owner} as owner but comes from {from}; only the owner pushes its volume"
+    )]
+    PushNotFromOwner {
+        volume: String,
+        owner: String,
+        from: String,
+    },
 }
 
 /// What the source of a handoff does.
@@ -98,8 +125,19 @@ pub fn plan_handoff(
         });
     }
     Ok(HandoffStep::GiveAway {
-        epoch: local.epoch + 1,
+        epoch: next_epoch(local)?,
     })
+}
+
+/// `epoch + 1`, refused rather than wrapped or panicking at the end of the range.
+fn next_epoch(local: &VolumeState) -> Result<u64, OwnershipError> {
+    local
+        .epoch
+        .checked_add(1)
+        .ok_or_else(|| OwnershipError::EpochExhausted {
+            volume: local.name.clone(),
+            epoch: local.epoch,
+        })
 }
 
 /// What the target of a handoff does when told "you own V at `epoch`".
@@ -111,21 +149,30 @@ pub enum TakeOver {
     AlreadyOwner,
 }
 
-/// Decides the target side: accept only a strictly newer epoch, or the same record again.
+/// Decides the target side of "you own V at `epoch`", sent by `from` (whose certificate the
+/// API checked): only the owner this copy records may hand it over, and only at exactly its
+/// epoch + 1. The same record again (a retried handoff) is accepted and changes nothing.
 pub fn accept_ownership(
     me: &str,
     local: &VolumeState,
+    from: &str,
     epoch: u64,
 ) -> Result<TakeOver, OwnershipError> {
     if local.owner == me && local.epoch == epoch {
         return Ok(TakeOver::AlreadyOwner);
     }
-    if epoch <= local.epoch {
-        return Err(OwnershipError::Stale {
+    if local.owner != from {
+        return Err(OwnershipError::NotFromOwner {
             volume: local.name.clone(),
-            owner: me.to_string(),
+            from: from.to_string(),
+            owner: local.owner.clone(),
+            epoch: local.epoch,
+        });
+    }
+    if epoch != next_epoch(local)? {
+        return Err(OwnershipError::WrongEpoch {
+            volume: local.name.clone(),
             offered: epoch,
-            current_owner: local.owner.clone(),
             current: local.epoch,
         });
     }
@@ -141,19 +188,41 @@ pub fn check_owner(me: &str, local: &VolumeState) -> Result<(), OwnershipError> 
     }
 }
 
-/// Checks that a push from `from` may land on this node's copy (if any): never on the copy
-/// this node owns, which would destroy the only writable copy.
+/// Checks that a push from `from` (whose certificate the API checked), claiming the record
+/// "`owner` at `epoch`", may land on this node's copy of `volume` (if any). The pusher must
+/// be the owner it names; the copy this node owns is never a target (it would destroy the
+/// only writable copy); an existing replica takes pushes from its recorded owner at its
+/// epoch or later, or from anyone at a newer epoch (ownership moved on), never from a
+/// stale or rival owner.
 pub fn check_receive(
     me: &str,
+    volume: &str,
     from: &str,
+    owner: &str,
+    epoch: u64,
     local: Option<&VolumeState>,
 ) -> Result<(), OwnershipError> {
+    if owner != from {
+        return Err(OwnershipError::PushNotFromOwner {
+            volume: volume.to_string(),
+            owner: owner.to_string(),
+            from: from.to_string(),
+        });
+    }
     match local {
         Some(v) if v.owner == me => Err(OwnershipError::WouldOverwriteOwner {
             volume: v.name.clone(),
             from: from.to_string(),
         }),
-        _ => Ok(()),
+        Some(v) if epoch > v.epoch || (epoch == v.epoch && v.owner == from) => Ok(()),
+        Some(v) => Err(OwnershipError::Stale {
+            volume: v.name.clone(),
+            owner: owner.to_string(),
+            offered: epoch,
+            current_owner: v.owner.clone(),
+            current: v.epoch,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -256,24 +325,62 @@ mod tests {
     }
 
     #[test]
-    fn takeover_accepts_only_newer_epochs_or_the_same_record() {
+    fn takeover_accepts_only_the_recorded_owner_one_epoch_up() {
         assert_eq!(
-            accept_ownership("T", &vol("S", 3, &[]), 4),
+            accept_ownership("T", &vol("S", 3, &[]), "S", 4),
             Ok(TakeOver::Record)
         );
         assert_eq!(
-            accept_ownership("T", &vol("T", 4, &[]), 4),
+            accept_ownership("T", &vol("T", 4, &[]), "S", 4),
             Ok(TakeOver::AlreadyOwner)
         );
-        assert!(accept_ownership("T", &vol("S", 4, &[]), 4).is_err());
-        assert!(accept_ownership("T", &vol("R", 6, &[]), 5).is_err());
+        // A third node is not the owner this copy records.
+        assert!(matches!(
+            accept_ownership("T", &vol("S", 3, &[]), "R", 4),
+            Err(OwnershipError::NotFromOwner { .. })
+        ));
+        // The owner, but not exactly one epoch up.
+        for epoch in [3, 5, u64::MAX] {
+            assert!(matches!(
+                accept_ownership("T", &vol("S", 3, &[]), "S", epoch),
+                Err(OwnershipError::WrongEpoch { .. })
+            ));
+        }
+        assert!(accept_ownership("T", &vol("S", 4, &[]), "S", 4).is_err());
+        // The end of the range is an error, not a panic.
+        assert!(matches!(
+            accept_ownership("T", &vol("S", u64::MAX, &[]), "S", 0),
+            Err(OwnershipError::EpochExhausted { .. })
+        ));
+        assert!(matches!(
+            plan_handoff(
+                "S",
+                &vol("S", u64::MAX, &["push-1"]),
+                "T",
+                Some(&s(&["push-1"]))
+            ),
+            Err(OwnershipError::EpochExhausted { .. })
+        ));
     }
 
     #[test]
-    fn receive_never_overwrites_the_owners_copy() {
-        assert!(check_receive("T", "S", Some(&vol("T", 2, &[]))).is_err());
-        assert!(check_receive("T", "S", Some(&vol("S", 2, &[]))).is_ok());
-        assert!(check_receive("T", "S", None).is_ok());
+    fn receive_only_from_the_owner_it_names_and_never_onto_the_owners_copy() {
+        let ok = |local: Option<&VolumeState>, from: &str, owner: &str, epoch: u64| {
+            check_receive("T", "db", from, owner, epoch, local).is_ok()
+        };
+        assert!(!ok(Some(&vol("T", 2, &[])), "S", "S", 3), "T owns it");
+        assert!(ok(Some(&vol("S", 2, &[])), "S", "S", 2), "its owner");
+        assert!(ok(None, "S", "S", 1), "a new replica");
+        assert!(!ok(None, "R", "S", 1), "R claims to push S's volume");
+        assert!(
+            !ok(Some(&vol("S", 2, &[])), "R", "R", 2),
+            "a rival at the same epoch"
+        );
+        assert!(!ok(Some(&vol("S", 2, &[])), "S", "S", 1), "a stale record");
+        assert!(
+            ok(Some(&vol("S", 2, &[])), "U", "U", 3),
+            "ownership moved on to U"
+        );
         assert_eq!(
             received_record(Some(&vol("R", 9, &[])), "S", 3),
             ("R".to_string(), 9)

@@ -71,7 +71,7 @@ fn copy(
     snap: &str,
 ) -> Result<()> {
     let mut send = from.send("db", base, snap)?;
-    let mut recv = to.receive("db", base, snap)?;
+    let mut recv = to.receive("db", base, snap, false)?;
     std::io::copy(&mut send, &mut recv)?;
     send.finish()?;
     recv.finish()?;

@@ -243,21 +243,6 @@ impl VolumeBackend for BtrfsBackend {
         .map(drop)
     }
 
-    fn destroy_replica(&self, name: &str) -> Result<(), VolumeError> {
-        for snapshot in self.snapshots(name)? {
-            self.destroy_snapshot(name, &snapshot)?;
-        }
-        let subvolume = self.subvolume(name)?;
-        if subvolume.exists() {
-            self.btrfs(&["subvolume".into(), "delete".into(), s(&subvolume)])?;
-        }
-        let sidecar = self.sidecar_path(name)?;
-        match fs::remove_file(&sidecar) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&sidecar)(e)),
-            _ => Ok(()),
-        }
-    }
-
     fn destroy_snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError> {
         check_name(snapshot)?;
         let path = self.snapshot_dir(name)?.join(snapshot);
@@ -288,9 +273,16 @@ impl VolumeBackend for BtrfsBackend {
         name: &str,
         _base: Option<&str>,
         snapshot: &str,
+        replace: bool,
     ) -> Result<Box<dyn ReceiveSink>, VolumeError> {
         check_name(snapshot)?;
         let dir = self.snapshot_dir(name)?;
+        // A stale replica's snapshots stay until the new one is in; then they go.
+        let stale = if replace {
+            self.snapshots(name)?
+        } else {
+            vec![]
+        };
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         let inner = self
             .runner
@@ -298,6 +290,7 @@ impl VolumeBackend for BtrfsBackend {
         Ok(Box::new(BtrfsReceive {
             inner: Some(inner),
             snapshot: dir.join(snapshot),
+            stale: stale.iter().map(|s| dir.join(s)).collect(),
             volume: self.subvolume(name)?,
             runner: self.runner.clone(),
         }))
@@ -309,6 +302,8 @@ impl VolumeBackend for BtrfsBackend {
 struct BtrfsReceive {
     inner: Option<Box<dyn ReceiveSink>>,
     snapshot: PathBuf,
+    /// Snapshots of the replica this stream replaces, deleted once it is in.
+    stale: Vec<PathBuf>,
     volume: PathBuf,
     runner: Arc<dyn CommandRunner>,
 }
@@ -333,17 +328,20 @@ impl ReceiveSink for BtrfsReceive {
                 &["subvolume".into(), "delete".into(), s(&self.volume)],
             )?;
         }
-        self.runner
-            .run(
-                "btrfs",
-                &[
-                    "subvolume".into(),
-                    "snapshot".into(),
-                    s(&self.snapshot),
-                    s(&self.volume),
-                ],
-            )
-            .map(drop)
+        self.runner.run(
+            "btrfs",
+            &[
+                "subvolume".into(),
+                "snapshot".into(),
+                s(&self.snapshot),
+                s(&self.volume),
+            ],
+        )?;
+        for old in &self.stale {
+            self.runner
+                .run("btrfs", &["subvolume".into(), "delete".into(), s(old)])?;
+        }
+        Ok(())
     }
 }
 

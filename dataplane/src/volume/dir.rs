@@ -218,11 +218,6 @@ impl VolumeBackend for DirBackend {
             .map(drop)
     }
 
-    fn destroy_replica(&self, name: &str) -> Result<(), VolumeError> {
-        let dir = self.volume_dir(name)?;
-        fs::remove_dir_all(&dir).map_err(io(&dir))
-    }
-
     fn destroy_snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError> {
         check_name(snapshot)?;
         let target = self.volume_dir(name)?.join("snapshots").join(snapshot);
@@ -252,6 +247,7 @@ impl VolumeBackend for DirBackend {
         name: &str,
         _base: Option<&str>,
         snapshot: &str,
+        replace: bool,
     ) -> Result<Box<dyn ReceiveSink>, VolumeError> {
         check_name(snapshot)?;
         let dir = self.volume_dir(name)?;
@@ -268,6 +264,7 @@ impl VolumeBackend for DirBackend {
             dir,
             staging,
             snapshot: snapshot.to_string(),
+            replace,
             runner: self.runner.clone(),
         }))
     }
@@ -279,6 +276,8 @@ struct DirReceive {
     dir: PathBuf,
     staging: PathBuf,
     snapshot: String,
+    /// The stream replaces a stale replica: its other snapshots go once the new data is in.
+    replace: bool,
     runner: Arc<dyn CommandRunner>,
 }
 
@@ -309,7 +308,16 @@ impl ReceiveSink for DirReceive {
         if data.exists() {
             fs::remove_dir_all(&data).map_err(io(&data))?;
         }
-        fs::rename(&fresh, &data).map_err(io(&data))
+        fs::rename(&fresh, &data).map_err(io(&data))?;
+        if self.replace {
+            for e in fs::read_dir(&snaps).map_err(io(&snaps))? {
+                let e = e.map_err(io(&snaps))?;
+                if e.file_name() != self.snapshot.as_str() {
+                    fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -341,7 +349,9 @@ mod tests {
         fs::write(a.mountpoint("db").expect("mp").join("f"), "hello").expect("write");
         a.snapshot("db", "push-0000000001").expect("snap");
         let mut send = a.send("db", None, "push-0000000001").expect("send");
-        let mut recv = b.receive("db", None, "push-0000000001").expect("recv");
+        let mut recv = b
+            .receive("db", None, "push-0000000001", false)
+            .expect("recv");
         std::io::copy(&mut send, &mut recv).expect("copy");
         send.finish().expect("send finish");
         recv.finish().expect("recv finish");

@@ -111,9 +111,6 @@ pub trait VolumeBackend: Send + Sync {
         order: crate::ownership::RecordOrder,
     ) -> Result<(), VolumeError>;
     fn snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError>;
-    /// Removes a read-only replica with its snapshots and record. The agent calls it only
-    /// for a copy it does not own, just before a full stream from the owner replaces it.
-    fn destroy_replica(&self, name: &str) -> Result<(), VolumeError>;
     fn destroy_snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError>;
     /// Streams `snapshot`, incrementally from `base` when given.
     fn send(
@@ -123,12 +120,16 @@ pub trait VolumeBackend: Send + Sync {
         snapshot: &str,
     ) -> Result<Box<dyn SendStream>, VolumeError>;
     /// Receives a stream produced by [`VolumeBackend::send`] on another node. The copy
-    /// must not exist for a full stream and must hold `base` for an incremental one.
+    /// must not exist for a full stream and must hold `base` for an incremental one, except
+    /// with `replace`: a full stream then replaces the existing read-only replica (the agent
+    /// allows it only for a stale replica this node does not own). The replica is left as it
+    /// was until `finish`, which swaps the verified copy in; an abandoned sink changes nothing.
     fn receive(
         &self,
         name: &str,
         base: Option<&str>,
         snapshot: &str,
+        replace: bool,
     ) -> Result<Box<dyn ReceiveSink>, VolumeError>;
 }
 

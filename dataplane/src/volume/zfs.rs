@@ -352,11 +352,6 @@ impl VolumeBackend for ZfsBackend {
             .map(drop)
     }
 
-    fn destroy_replica(&self, name: &str) -> Result<(), VolumeError> {
-        let dataset = self.dataset(name)?;
-        self.zfs(&["destroy", "-r", "-f", &dataset]).map(drop)
-    }
-
     fn destroy_snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError> {
         check_name(snapshot)?;
         let dataset = self.dataset(name)?;
@@ -387,6 +382,7 @@ impl VolumeBackend for ZfsBackend {
         name: &str,
         base: Option<&str>,
         snapshot: &str,
+        replace: bool,
     ) -> Result<Box<dyn ReceiveSink>, VolumeError> {
         check_name(snapshot)?;
         let dataset = self.dataset(name)?;
@@ -396,6 +392,7 @@ impl VolumeBackend for ZfsBackend {
                 check_name(base)?;
                 args(&["recv", "-F", &dataset])
             }
+            None if replace => return self.receive_replacing(name, &dataset),
             None => {
                 if self.exists(&dataset) {
                     return Err(VolumeError::Exists(name.to_string()));
@@ -404,6 +401,90 @@ impl VolumeBackend for ZfsBackend {
             }
         };
         self.runner.spawn_writer("zfs", &a)
+    }
+}
+
+impl ZfsBackend {
+    /// The parent of datasets being received to replace a replica. `:` never appears in a
+    /// volume name, so it cannot collide with one; its mountpoint `none` keeps staged copies
+    /// unmounted until they are renamed into place.
+    fn staging(&self) -> String {
+        format!("{}/{STAGING}", self.root)
+    }
+
+    fn receive_replacing(
+        &self,
+        name: &str,
+        dataset: &str,
+    ) -> Result<Box<dyn ReceiveSink>, VolumeError> {
+        let parent = self.staging();
+        if !self.exists(&parent) {
+            self.zfs(&["create", "-o", "mountpoint=none", &parent])?;
+        }
+        let staged = format!("{parent}/{name}");
+        if self.exists(&staged) {
+            // Left by a receive that was cut off before an earlier agent could clean up.
+            self.zfs(&["destroy", "-r", &staged])?;
+        }
+        let inner = self.runner.spawn_writer("zfs", &args(&["recv", &staged]))?;
+        Ok(Box::new(ZfsReplace {
+            inner: Some(inner),
+            staged,
+            dataset: dataset.to_string(),
+            runner: self.runner.clone(),
+        }))
+    }
+}
+
+/// The name of the staging parent dataset below the root.
+const STAGING: &str = "flocker:staging";
+
+/// A full stream received beside the replica it replaces: only `finish` destroys the old
+/// replica and renames the verified copy into its place. Dropped unfinished, it removes the
+/// staged copy and leaves the replica as it was.
+struct ZfsReplace {
+    inner: Option<Box<dyn ReceiveSink>>,
+    staged: String,
+    dataset: String,
+    runner: Arc<dyn CommandRunner>,
+}
+
+impl std::io::Write for ZfsReplace {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        super::write_inner(&mut self.inner, buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        super::flush_inner(&mut self.inner)
+    }
+}
+
+impl ReceiveSink for ZfsReplace {
+    fn finish(mut self: Box<Self>) -> Result<(), VolumeError> {
+        if let Some(inner) = self.inner.take() {
+            inner.finish()?;
+        }
+        self.runner
+            .run("zfs", &args(&["destroy", "-r", "-f", &self.dataset]))?;
+        let renamed = self
+            .runner
+            .run("zfs", &args(&["rename", &self.staged, &self.dataset]))
+            .map(drop);
+        if renamed.is_ok() {
+            self.staged.clear();
+        }
+        renamed
+    }
+}
+
+impl Drop for ZfsReplace {
+    fn drop(&mut self) {
+        // Kill the receive first, so nothing is still writing the staged dataset.
+        drop(self.inner.take());
+        if !self.staged.is_empty() {
+            let _ = self
+                .runner
+                .run("zfs", &args(&["destroy", "-r", &self.staged]));
+        }
     }
 }
 
@@ -486,7 +567,10 @@ pool/flocker/stray\tused\t5
     fn incremental_send_and_receive_commands() {
         let (fake, b) = backend();
         drop(b.send("db", Some("push-1"), "push-2").expect("send"));
-        drop(b.receive("db", Some("push-1"), "push-2").expect("recv"));
+        drop(
+            b.receive("db", Some("push-1"), "push-2", false)
+                .expect("recv"),
+        );
         let calls = fake.calls();
         assert!(
             calls.contains(&"zfs send -i pool/flocker/db@push-1 pool/flocker/db@push-2".into())

@@ -6,7 +6,7 @@
 //! **Architecture invariant:** every request is checked completely before anything changes;
 //! a refused request (4xx) has no effect.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, OwnedMutexGuard, mpsc};
 use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
 
+use flocker_wire::checks;
 use flocker_wire::{
     Action, Application, ContainerState, ConvergeEvent, ConvergeRequest, DesiredState, NodeState,
     Route, RouteTarget, VolumeState,
@@ -180,6 +181,8 @@ pub struct Agent {
     /// supervision pass, so the supervisor never restarts what a converge is stopping.
     pub(crate) converge_lock: Arc<Mutex<()>>,
     volume_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// The agent API's own port, never routed to an application.
+    api_port: Option<u16>,
     /// Restarts the supervisor made, per container name (cleared when a converge starts it).
     pub(crate) restarts: std::sync::Mutex<HashMap<String, crate::supervisor::RestartMemory>>,
 }
@@ -204,7 +207,14 @@ impl Agent {
             converge_lock: Arc::new(Mutex::new(())),
             volume_locks: std::sync::Mutex::new(HashMap::new()),
             restarts: std::sync::Mutex::new(HashMap::new()),
+            api_port: None,
         }
+    }
+
+    /// The port the agent API listens on, which routes must never take.
+    pub fn with_api_port(mut self, port: u16) -> Self {
+        self.api_port = Some(port);
+        self
     }
 
     pub fn address(&self) -> &str {
@@ -394,6 +404,12 @@ impl Agent {
             .collect();
         let mut created: Vec<&str> = Vec::new();
         let bad = |s: String| Err(AgentError::BadRequest(s));
+        // Everything the request carries is checked again here, as if no flockerctl had
+        // validated it: names end up in paths and commands, ports in the node's routing.
+        let problems = checks::desired_problems(&request.desired);
+        if !problems.is_empty() {
+            return bad(format!("invalid desired state: {}", problems.join("; ")));
+        }
         for action in &request.actions {
             match action {
                 Action::CreateVolume { volume, .. } => {
@@ -423,8 +439,10 @@ impl Agent {
                             "volume {volume:?}: cannot push or hand off to this node itself ({to})"
                         ));
                     }
-                    if to.is_empty() || to.contains(['/', '?', '&', ' ']) {
-                        return bad(format!("volume {volume:?}: invalid target node {to:?}"));
+                    if !request.desired.nodes.contains_key(to) {
+                        return bad(format!(
+                            "volume {volume:?}: target {to:?} is not a node of the desired state"
+                        ));
                     }
                     let Some(v) = volumes.get(volume) else {
                         return Err(AgentError::NotFound(format!(
@@ -436,23 +454,68 @@ impl Agent {
                         ownership::check_owner(&self.me, v)?;
                     }
                 }
-                Action::SetRoutes { routes } => {
-                    let mut seen = BTreeMap::new();
-                    for r in routes {
-                        if let Some(first) = seen.insert(r.external_port, &r.application) {
-                            return bad(format!(
-                                "set routes: external port {} is routed twice (applications {first:?} and {:?})",
-                                r.external_port, r.application
-                            ));
-                        }
-                        if matches!(r.target, RouteTarget::Local { .. })
-                            && !request.desired.applications.contains_key(&r.application)
-                        {
-                            return bad(format!(
-                                "set routes: local route to unknown application {:?}",
-                                r.application
-                            ));
-                        }
+                Action::SetRoutes { routes } => self.validate_routes(request, routes)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Routes are programmed into the node's kernel: every port and target is checked.
+    fn validate_routes(
+        &self,
+        request: &ConvergeRequest,
+        routes: &[Route],
+    ) -> Result<(), AgentError> {
+        let bad = |s: String| Err(AgentError::BadRequest(s));
+        let listening = crate::listeners::listening_ports();
+        let already: BTreeSet<u16> = self
+            .routes
+            .current()
+            .iter()
+            .map(|r| r.external_port)
+            .collect();
+        let mut seen = BTreeMap::new();
+        for r in routes {
+            let port = r.external_port;
+            if let Some(first) = seen.insert(port, &r.application) {
+                return bad(format!(
+                    "set routes: external port {port} is routed twice (applications {first:?} and {:?})",
+                    r.application
+                ));
+            }
+            if port == 0 {
+                return bad(format!("set routes: {:?} routes port 0", r.application));
+            }
+            if Some(port) == self.api_port {
+                return bad(format!(
+                    "set routes: external port {port} of {:?} is this agent's API port; routing it would cut the node off",
+                    r.application
+                ));
+            }
+            if listening.contains(&port) && !already.contains(&port) {
+                return bad(format!(
+                    "set routes: external port {port} of {:?} is held by a service of this node ({}), which a route would take over: stop that service or choose another port",
+                    r.application, self.me
+                ));
+            }
+            match &r.target {
+                RouteTarget::Local { internal_port } => {
+                    if !request.desired.applications.contains_key(&r.application) {
+                        return bad(format!(
+                            "set routes: local route to unknown application {:?}",
+                            r.application
+                        ));
+                    }
+                    if *internal_port == 0 {
+                        return bad(format!("set routes: {:?} routes to port 0", r.application));
+                    }
+                }
+                RouteTarget::Node { address } => {
+                    if !request.desired.nodes.contains_key(address) || address == &self.me {
+                        return bad(format!(
+                            "set routes: port {port} of {:?} is routed to {address:?}, which is not another node of the desired state",
+                            r.application
+                        ));
                     }
                 }
             }

@@ -881,3 +881,85 @@ async fn only_the_owner_hands_off_or_pushes_and_an_unverified_replace_destroys_n
         assert_eq!(replica_file().expect("replica data"), "v1");
     }
 }
+
+/// Issue 11, item 6: the agent checks every value of a converge request again, as if no
+/// flockerctl had validated it, and refuses before anything changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_values_in_a_converge_are_refused_before_anything_changes() {
+    use flocker_wire::{Route, RouteTarget};
+
+    let (_dir, a, _b) = setup().await;
+    let refused = |d: DesiredState, actions: Vec<Action>| {
+        let agent = a.agent.clone();
+        async move {
+            agent
+                .converge(ConvergeRequest {
+                    desired: d,
+                    actions,
+                })
+                .await
+                .expect_err("refused")
+        }
+    };
+    let create = Action::CreateVolume {
+        volume: "db".into(),
+        maximum_size: None,
+    };
+    let route = |port: u16, target: RouteTarget| Action::SetRoutes {
+        routes: vec![Route {
+            external_port: port,
+            application: "db".into(),
+            target,
+        }],
+    };
+    let mut bad_mount = desired(A);
+    if let Some(app) = bad_mount.applications.get_mut("db") {
+        app.volume = Some(VolumeSpec {
+            mountpoint: "/data/../../etc".into(),
+            maximum_size: None,
+        });
+        app.environment.insert("X=Y".into(), "z".into());
+    }
+    let cases = vec![
+        (bad_mount, vec![create.clone()], "must not contain `..`"),
+        (
+            desired(A),
+            vec![Action::PushVolume {
+                volume: "db".into(),
+                to: "203.0.113.9".into(),
+                last: false,
+            }],
+            "not a node of the desired state",
+        ),
+        (
+            desired(A),
+            vec![route(
+                a.agent_port,
+                RouteTarget::Local { internal_port: 80 },
+            )],
+            "held by a service of this node",
+        ),
+        (
+            desired(A),
+            vec![route(
+                8080,
+                RouteTarget::Node {
+                    address: "203.0.113.9".into(),
+                },
+            )],
+            "not another node of the desired state",
+        ),
+        (
+            desired(A),
+            vec![route(0, RouteTarget::Local { internal_port: 80 })],
+            "routes port 0",
+        ),
+    ];
+    for (d, actions, needle) in cases {
+        let err = refused(d, actions).await;
+        assert_eq!(err.status(), 400, "{err}");
+        assert!(err.to_string().contains(needle), "{needle:?} not in {err}");
+        assert!(a.volumes.list().expect("list").is_empty());
+        assert!(a.agent.state().await.expect("state").routes.is_empty());
+    }
+}

@@ -133,13 +133,16 @@ pub async fn build(
         .state_dir
         .join(format!("routes-{}.json", config.node_address));
     let routes = RouteStore::open(route_file, routing)?;
-    let agent = Arc::new(Agent::new(
-        config.node_address.clone(),
-        volumes,
-        Arc::new(runtime),
-        PeerClient::new(client_tls, config.peer_port),
-        routes,
-    ));
+    let agent = Arc::new(
+        Agent::new(
+            config.node_address.clone(),
+            volumes,
+            Arc::new(runtime),
+            PeerClient::new(client_tls, config.peer_port),
+            routes,
+        )
+        .with_api_port(config.listen.port()),
+    );
     if let Err(e) = agent.reapply_routes().await {
         tracing::warn!(error = %e, "could not re-apply recorded routes; the next converge will");
     }

@@ -17,6 +17,7 @@ pub mod api;
 pub mod config;
 pub mod containers;
 pub mod daemon;
+pub mod listeners;
 pub mod observability;
 pub mod ownership;
 pub mod peer;

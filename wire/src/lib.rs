@@ -8,6 +8,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod checks;
+pub mod image;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 

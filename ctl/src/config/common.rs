@@ -7,6 +7,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+pub use flocker_wire::checks::{
+    alias_problem, application_name_problem, env_name_problem, mountpoint_problem,
+};
+
 use super::Diagnostic;
 use super::size::{SizeError, parse_size};
 use super::yaml::{Entry, Kind, Mark, Node, Resolved};
@@ -159,64 +163,6 @@ pub fn port_in_range(value: &str) -> Result<u16, String> {
     }
 }
 
-/// Names become container names and dataset names, so they use the charset both accept and
-/// that is the same on every backend: `[a-z0-9][a-z0-9_.-]*`, at most 63 characters.
-pub fn application_name_problem(name: &str) -> Option<String> {
-    let valid = !name.is_empty()
-        && name.len() <= 63
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-'));
-    (!valid).then(|| {
-        format!(
-            "{name:?} cannot be an application name: it names the container and the volume, so \
-             use 1 to 63 characters from a-z, 0-9, `_`, `.`, `-`, starting with a letter or digit"
-        )
-    })
-}
-
-/// Link aliases become environment variable prefixes (`<ALIAS>_PORT_...`).
-pub fn alias_problem(alias: &str) -> Option<String> {
-    let valid = !alias.is_empty()
-        && alias.len() <= 63
-        && alias.starts_with(|c: char| c.is_ascii_alphabetic())
-        && alias
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
-    (!valid).then(|| {
-        format!(
-            "{alias:?} cannot be a link alias: it prefixes environment variable names, so use \
-             letters, digits, `_` and `-`, starting with a letter, at most 63 characters"
-        )
-    })
-}
-
-/// A container mount point: absolute, ASCII, no `..`, not `/` itself, and no `:` (Docker's
-/// volume syntax separator).
-pub fn mountpoint_problem(path: &str) -> Option<String> {
-    if !path.is_ascii() {
-        return Some(format!("the mount point {path:?} must be ASCII"));
-    }
-    if !path.starts_with('/') {
-        return Some(format!(
-            "the mount point {path:?} must be an absolute path (start with `/`)"
-        ));
-    }
-    if path.split('/').any(|c| c == "..") {
-        return Some(format!("the mount point {path:?} must not contain `..`"));
-    }
-    if path.trim_end_matches('/').is_empty() {
-        return Some("the mount point cannot be `/` itself".to_owned());
-    }
-    if path.chars().any(|c| c.is_ascii_control() || c == ':') {
-        return Some(format!(
-            "the mount point {path:?} must not contain `:` or control characters"
-        ));
-    }
-    None
-}
-
 /// A byte size: a positive integer (bytes) or a size string such as `"1.5G"`.
 pub fn size(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<u64> {
     let result = match node.as_scalar().map(|s| s.resolve()) {
@@ -280,15 +226,6 @@ pub fn string<'n>(sink: &mut Sink<'_>, node: &'n Node, path: &str, what: &str) -
     found
 }
 
-/// Environment variable names: no `=`, no NUL, not empty.
-pub fn env_name_problem(name: &str) -> Option<String> {
-    if name.is_empty() || name.contains(['=', '\0']) {
-        Some(format!("{name:?} cannot be an environment variable name"))
-    } else {
-        None
-    }
-}
-
 /// An environment value. Numbers are accepted and kept exactly as written (`PORT: 6379` is
 /// `"6379"`), since that is unambiguous; booleans and null are refused because YAML readers
 /// disagree on their spelling (`True`, `yes`) and compose reads null from the caller's shell,
@@ -343,6 +280,17 @@ pub struct PortClaim {
 pub fn check_external_ports(sink: &mut Sink<'_>, claims: &[PortClaim]) {
     let mut first: BTreeMap<u16, &PortClaim> = BTreeMap::new();
     for claim in claims {
+        if claim.external == flocker_wire::checks::DEFAULT_AGENT_PORT {
+            sink.error(
+                claim.mark,
+                claim.path.clone(),
+                format!(
+                    "external port {} is the port of the node agents' API; routing it to an \
+                     application would cut every node off from flockerctl and its peers",
+                    claim.external
+                ),
+            );
+        }
         match first.get(&claim.external) {
             Some(earlier) => sink.error(
                 claim.mark,

@@ -1,8 +1,8 @@
 //! The deployment config: `version: 1` and `nodes:`, mapping each node address (IP or
 //! hostname) to the list of applications it runs (`[]` or nothing means none).
 
+pub use flocker_wire::checks::address_problem;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
 
 use super::common::{Sink, check_keys, expect_list, expect_map, join, string};
 use super::yaml::{Mark, Node};
@@ -94,22 +94,4 @@ pub fn parse_deployment_tree(sink: &mut Sink<'_>, root: &Node) -> Deployment {
         }
     }
     deployment
-}
-
-/// Syntax only: an IP literal or a DNS hostname. Whether it resolves is a cross-file check
-/// behind [`super::NodeResolver`], so unit tests do not depend on DNS.
-pub fn address_problem(address: &str) -> Option<String> {
-    if address.parse::<IpAddr>().is_ok() {
-        return None;
-    }
-    let valid = !address.is_empty()
-        && address.len() <= 253
-        && address.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        });
-    (!valid).then(|| format!("{address:?} is neither an IP address nor a hostname"))
 }

@@ -24,7 +24,7 @@ mod common;
 mod compose;
 mod cross_checks;
 pub mod deployment;
-pub mod image;
+pub use flocker_wire::image;
 pub mod size;
 pub mod yaml;
 

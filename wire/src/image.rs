@@ -1,11 +1,12 @@
-//! Docker image references: `repository[:tag]`, checked against Docker's reference grammar so
+//! Docker image references (checked by `flockerctl` when it reads a config and again by the
+//! agent for every application it is sent): `repository[:tag]`, checked against Docker's reference grammar so
 //! a typo is caught here rather than as a pull failure on some node later.
 //!
 //! The repository may start with a registry host (`registry.local:5000/team/app`). Digests
 //! (`@sha256:...`) are refused: the wire model carries a tag, and a digest silently dropped
 //! would run a different image than the one written.
 
-use flocker_wire::Image;
+use crate::Image;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ImageError {

@@ -7,5 +7,6 @@ pub mod docker;
 pub mod images;
 pub mod netns;
 pub mod probe;
+pub mod reap;
 pub mod redis;
 pub mod zfs;

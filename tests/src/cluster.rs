@@ -128,6 +128,13 @@ impl Cluster {
             cluster.say(&format!("node {} at {}", node.name, node.address));
             fs::create_dir_all(&node.dir)?;
             ensure_netns(node)?;
+            if !pid_alive(&node.dir.join("docker.pid")) {
+                // A dockerd that died hard left orphans and pid files that would stop the
+                // next one: clear them first.
+                for problem in crate::reap::reap(&node.dir) {
+                    eprintln!("cluster: {}: {problem}", node.name);
+                }
+            }
             ensure_pool(node, cluster.spec.pool_size)?;
             ensure_dockerd(node)?;
             images::ensure_images(&node.docker_host)?;
@@ -258,7 +265,13 @@ impl Cluster {
             let node = ClusterNode::new(&spec.dir, i);
             kill_pidfile(&node.agent_pidfile(), "TERM");
             stop_dockerd(&node);
+            // What a dockerd killed hard leaves (containerd, shims, containers holding the
+            // pool's datasets, mounts, pid files) would keep the pool busy.
+            for problem in crate::reap::reap(&node.dir) {
+                eprintln!("cluster: {}: {problem}", node.name);
+            }
             destroy_pool(&node.pool);
+            remove_pool_mountpoint(&node.pool);
             remove_bpf_pins(&node.netns);
             let _ = quiet(Command::new("ip").args(["netns", "del", &node.netns]));
             let _ = quiet(Command::new("ip").args(["link", "del", &format!("{}-h", node.netns)]));
@@ -403,6 +416,21 @@ fn ensure_pool(node: &ClusterNode, size: &str) -> Result<()> {
         .arg(format!("/{}", node.pool))
         .arg(&node.pool)
         .arg(&file))
+}
+
+/// Removes the directory `zpool create -m /POOL` made, once the pool is gone and nothing is
+/// mounted there any more (never while a dataset could still be below it).
+fn remove_pool_mountpoint(pool: &str) {
+    let exists = quiet(Command::new("zpool").args(["list", pool]))
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let dir = Path::new("/").join(pool);
+    if exists || !crate::reap::mounts_below(&dir).is_empty() || !dir.exists() {
+        return;
+    }
+    if let Err(e) = fs::remove_dir_all(&dir) {
+        eprintln!("cluster: could not remove {}: {e}", dir.display());
+    }
 }
 
 /// Destroys a pool, retrying while a just-stopped daemon still holds its mounts.

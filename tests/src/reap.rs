@@ -144,13 +144,29 @@ mod tests {
     fn finds_the_shims_and_their_containers_but_not_other_nodes() {
         let all = vec![
             p(1, 0, "/sbin/init"),
-            p(10, 1, "containerd-shim-runc-v2 -namespace moby -id ab -address /c/n1/exec/containerd/containerd.sock"),
+            p(
+                10,
+                1,
+                "containerd-shim-runc-v2 -namespace moby -id ab -address /c/n1/exec/containerd/containerd.sock",
+            ),
             p(11, 10, "redis-server *:6379"),
             p(12, 11, "redis-rdb-bgsave"),
-            p(20, 1, "containerd-shim-runc-v2 -namespace moby -id cd -address /c/n2/exec/containerd/containerd.sock"),
+            p(
+                20,
+                1,
+                "containerd-shim-runc-v2 -namespace moby -id cd -address /c/n2/exec/containerd/containerd.sock",
+            ),
             p(21, 20, "redis-server *:6379"),
-            p(30, 1, "dockerd --data-root /c/n1/docker --exec-root /c/n1/exec"),
-            p(40, 1, "dockerd --data-root /c/n10/docker --exec-root /c/n10/exec"),
+            p(
+                30,
+                1,
+                "dockerd --data-root /c/n1/docker --exec-root /c/n1/exec",
+            ),
+            p(
+                40,
+                1,
+                "dockerd --data-root /c/n10/docker --exec-root /c/n10/exec",
+            ),
         ];
         assert_eq!(
             processes_of(&all, Path::new("/c/n1")),

@@ -153,3 +153,88 @@ fn btrfs_volumes_move_full_then_incremental_with_their_records() -> Result<()> {
     assert_eq!(a.quota("db")?, Some(1 << 20));
     Ok(())
 }
+
+/// Issue 23 on btrfs: the volume's path is proven to be its subvolume. A plain directory in
+/// its place (the subvolume gone, a directory made by hand or by Docker's bind mount) and the
+/// volumes' filesystem unmounted (its root left as a bare directory on the parent
+/// filesystem) are both refused, naming what is there.
+#[test]
+fn btrfs_proof_refuses_a_plain_directory_or_an_unmounted_filesystem() -> Result<()> {
+    let fs = LoopBtrfs::create()?;
+    let runner = Arc::new(SystemRunner);
+    let root = fs.path().join("vols");
+    let b = BtrfsBackend::open(&root, runner.clone())?;
+    b.create("db", None, "A")?;
+    assert_eq!(b.prove("db")?, root.join("db"));
+
+    run(
+        "btrfs",
+        &[
+            "subvolume",
+            "delete",
+            &root.join("db").display().to_string(),
+        ],
+    )?;
+    std::fs::create_dir(root.join("db"))?;
+    let e = b.prove("db").expect_err("plain directory").to_string();
+    ensure!(e.contains("plain directory"), "{e}");
+
+    // The whole filesystem gone: the same paths now lie on the parent filesystem.
+    run("umount", &[&fs.path().display().to_string()])?;
+    std::fs::create_dir_all(root.join(".flocker"))?;
+    std::fs::create_dir_all(root.join("db"))?;
+    let e = b.prove("db").expect_err("unmounted").to_string();
+    ensure!(e.contains("not btrfs"), "{e}");
+    run("mount", &[&fs.device, &fs.path().display().to_string()])?;
+    Ok(())
+}
+
+/// Issue 11 item 3 on btrfs: a full stream replacing a stale replica, cut off before it
+/// verified, leaves the replica and its snapshots as they were; completed, it swaps in the
+/// new copy and drops the stale snapshots.
+#[test]
+fn btrfs_replace_swaps_only_a_complete_stream() -> Result<()> {
+    let fs = LoopBtrfs::create()?;
+    let runner = Arc::new(SystemRunner);
+    let a = BtrfsBackend::open(&fs.path().join("a"), runner.clone())?;
+    let b = BtrfsBackend::open(&fs.path().join("b"), runner)?;
+    let replica = Record {
+        owner: "A".into(),
+        epoch: 1,
+    };
+    a.create("db", None, "A")?;
+    std::fs::write(a.mountpoint("db")?.join("f"), "old")?;
+    a.snapshot("db", "push-0000000001")?;
+    copy(&a, &b, None, "push-0000000001")?;
+    b.set_record("db", &replica, false, RecordOrder::TakeOver)?;
+
+    // A new history on A that shares no snapshot with B's replica.
+    std::fs::write(a.mountpoint("db")?.join("f"), "new")?;
+    a.snapshot("db", "push-0000000005")?;
+    a.destroy_snapshot("db", "push-0000000001")?;
+
+    let mut send = a.send("db", None, "push-0000000005")?;
+    let mut whole = Vec::new();
+    std::io::Read::read_to_end(&mut send, &mut whole)?;
+    send.finish()?;
+    {
+        let mut recv = b.receive("db", None, "push-0000000005", true)?;
+        std::io::Write::write_all(&mut recv, &whole[..whole.len() / 2])?;
+        // Dropped unfinished: the cut-off stream.
+    }
+    assert_eq!(read(&b, "f")?, "old");
+    assert_eq!(
+        b.get("db")?.context("listed")?.snapshots,
+        vec!["push-0000000001"]
+    );
+
+    let mut recv = b.receive("db", None, "push-0000000005", true)?;
+    std::io::Write::write_all(&mut recv, &whole)?;
+    recv.finish()?;
+    assert_eq!(read(&b, "f")?, "new");
+    assert_eq!(
+        b.get("db")?.context("listed")?.snapshots,
+        vec!["push-0000000005"]
+    );
+    Ok(())
+}

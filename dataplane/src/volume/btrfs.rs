@@ -317,10 +317,35 @@ impl Write for BtrfsReceive {
     }
 }
 
+impl BtrfsReceive {
+    /// Removes the partial snapshot an unfinished or failed `btrfs receive` may have left, so
+    /// the copy is exactly as it was before.
+    fn discard_partial(&self) {
+        if self.snapshot.exists() {
+            let _ = self.runner.run(
+                "btrfs",
+                &["subvolume".into(), "delete".into(), s(&self.snapshot)],
+            );
+        }
+    }
+}
+
+impl Drop for BtrfsReceive {
+    fn drop(&mut self) {
+        // Unfinished: kill `btrfs receive` first.
+        if self.inner.take().is_some() {
+            self.discard_partial();
+        }
+    }
+}
+
 impl ReceiveSink for BtrfsReceive {
     fn finish(mut self: Box<Self>) -> Result<(), VolumeError> {
         if let Some(inner) = self.inner.take() {
-            inner.finish()?;
+            if let Err(e) = inner.finish() {
+                self.discard_partial();
+                return Err(e);
+            }
         }
         if self.volume.exists() {
             self.runner.run(

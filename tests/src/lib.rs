@@ -2,6 +2,7 @@
 //! ZFS pools on files served by zfs-fuse, and `dockerd` instances inside namespaces. The
 //! tests themselves live in `tests/tests/`.
 
+pub mod binaries;
 pub mod cluster;
 pub mod docker;
 pub mod images;

@@ -3,37 +3,14 @@
 //! the cluster's directory (containerd, shims, the orphaned containers), no mount below it or
 //! below a pool's mountpoint, no pool, no pool mountpoint directory, no pid file.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use flocker_e2e::binaries::{binary, build_binaries};
 use flocker_e2e::cluster::{Cluster, ClusterSpec};
 use flocker_e2e::reap::{mounts_below, processes, processes_of};
-
-fn binary(name: &str) -> PathBuf {
-    let mut path = std::env::current_exe().expect("test binary path");
-    path.pop();
-    if path.ends_with("deps") {
-        path.pop();
-    }
-    path.join(name)
-}
-
-fn build_binaries() {
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "flocker-dataplane",
-            "-p",
-            "flocker-ctl",
-        ])
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "building the agent and flockerctl failed");
-}
 
 const APPLICATIONS: &str = "\
 version: 1

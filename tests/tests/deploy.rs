@@ -13,33 +13,9 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use flocker_e2e::binaries::{binary, build_binaries};
 use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec};
 use flocker_e2e::redis::Redis;
-
-fn binary(name: &str) -> PathBuf {
-    // Integration tests live in target/<profile>/deps; the binaries one level up.
-    let mut path = std::env::current_exe().expect("test binary path");
-    path.pop();
-    if path.ends_with("deps") {
-        path.pop();
-    }
-    path.join(name)
-}
-
-fn build_binaries() {
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "flocker-dataplane",
-            "-p",
-            "flocker-ctl",
-        ])
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "building the agent and flockerctl failed");
-}
 
 const APPLICATIONS: &str = "\
 version: 1

@@ -7,18 +7,9 @@
 
 use flocker_wire::VolumeState;
 
-/// In which order the fields of a record are written. Backends that cannot write owner and
-/// epoch atomically (ZFS user properties are set one at a time) follow it so that a crash
-/// between the writes never leaves two owners at one epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RecordOrder {
-    /// The source giving a volume away: read-only first, then the new epoch, then the new
-    /// owner. A crash in between leaves "S at e+1" on S, which still names S alone.
-    GiveAway,
-    /// The target taking a volume over: owner first, then epoch, then writable. A crash in
-    /// between leaves "T at e" on T, outranked by S's "T at e+1".
-    TakeOver,
-}
+/// The write order of records lives with the backends that follow it; the rules here
+/// choose it.
+pub use crate::volume::RecordOrder;
 
 /// Why a protocol step was refused; rendered into the 4xx answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

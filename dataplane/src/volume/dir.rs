@@ -17,9 +17,9 @@ use flocker_wire::VolumeState;
 use super::command::CommandRunner;
 use super::sidecar::{self, Sidecar};
 use super::{
-    ReceiveSink, Record, SendStream, VolumeBackend, VolumeError, check_name, sort_push_snapshots,
+    ReceiveSink, Record, RecordOrder, SendStream, VolumeBackend, VolumeError, check_name,
+    sort_push_snapshots,
 };
-use crate::ownership::RecordOrder;
 
 /// Volumes as directories below `root`.
 pub struct DirBackend {

@@ -63,6 +63,19 @@ pub trait ReceiveSink: Write + Send {
     fn finish(self: Box<Self>) -> Result<(), VolumeError>;
 }
 
+/// In which order the fields of a record are written. Backends that cannot write owner and
+/// epoch atomically (ZFS user properties are set one at a time) follow it so that a crash
+/// between the writes never leaves two owners at one epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordOrder {
+    /// The source giving a volume away: read-only first, then the new epoch, then the new
+    /// owner. A crash in between leaves "S at e+1" on S, which still names S alone.
+    GiveAway,
+    /// The target taking a volume over: owner first, then epoch, then writable. A crash in
+    /// between leaves "T at e" on T, outranked by S's "T at e+1".
+    TakeOver,
+}
+
 /// Where and how a received copy should be recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -102,13 +115,13 @@ pub trait VolumeBackend: Send + Sync {
     fn set_quota(&self, name: &str, bytes: u64) -> Result<(), VolumeError>;
     /// Writes the ownership record. `writable` is false for copies this node does not own.
     /// The order of the writes is chosen by the caller's protocol step, see
-    /// [`crate::ownership::RecordOrder`].
+    /// [`RecordOrder`].
     fn set_record(
         &self,
         name: &str,
         record: &Record,
         writable: bool,
-        order: crate::ownership::RecordOrder,
+        order: RecordOrder,
     ) -> Result<(), VolumeError>;
     fn snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError>;
     fn destroy_snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError>;

@@ -13,9 +13,9 @@ use flocker_wire::VolumeState;
 
 use super::command::CommandRunner;
 use super::{
-    ReceiveSink, Record, SendStream, VolumeBackend, VolumeError, check_name, sort_push_snapshots,
+    ReceiveSink, Record, RecordOrder, SendStream, VolumeBackend, VolumeError, check_name,
+    sort_push_snapshots,
 };
-use crate::ownership::RecordOrder;
 
 const OWNER: &str = "flocker:owner";
 const EPOCH: &str = "flocker:epoch";

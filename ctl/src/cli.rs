@@ -113,21 +113,82 @@ pub struct AgentArgs {
     pub timeout: u64,
 }
 
+/// The role a certificate is issued for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    /// A node's agent (NAME is the node's address as the deployment file spells it).
+    Node,
+    /// A user of flockerctl.
+    User,
+}
+
+/// Cluster CA: every agent and user needs a certificate from it, and each certificate
+/// carries a role. A node certificate lets an agent serve the API and push volumes to its
+/// peers as itself; a user certificate lets flockerctl read state and deploy.
+///
+/// Typical use:
+///
+///   flockerctl ca init --dir ca
+///   flockerctl ca node 198.18.0.11 --dir ca      # copy ca/cluster.crt, ca/cluster.crl and
+///                                                # ca/nodes/198.18.0.11.{crt,key} to the node
+///   flockerctl ca user admin --dir ca
+///   flockerctl ca renew node 198.18.0.11 --dir ca   # before it expires (default: 90 days)
+///   flockerctl ca revoke user admin --dir ca        # then copy ca/cluster.crl to every node
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
-    /// Create a new cluster CA in DIR (refuses to overwrite an existing one).
+    /// Create a new cluster CA in DIR (refuses to overwrite an existing one): the CA
+    /// certificate cluster.crt, its key cluster.key (keep it off the nodes), and an empty
+    /// revocation list cluster.crl.
     Init {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
-    /// Issue a certificate for the agent on node ADDRESS, signed by the CA in DIR.
+    /// Issue a certificate for the agent on node ADDRESS, signed by the CA in DIR, into
+    /// DIR/nodes/ADDRESS.{crt,key}.
     Node {
         address: String,
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// Lifetime in days (1 to 1825).
+        #[arg(long, default_value_t = crate::ca::DEFAULT_DAYS)]
+        days: u32,
     },
-    /// Issue a client certificate for user NAME (flockerctl uses it to talk to agents).
+    /// Issue a client certificate for user NAME into DIR/users/NAME.{crt,key} (flockerctl
+    /// presents it to the agents).
     User {
+        name: String,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Lifetime in days (1 to 1825).
+        #[arg(long, default_value_t = crate::ca::DEFAULT_DAYS)]
+        days: u32,
+    },
+    /// Replace a node's or user's certificate with a new key and a fresh lifetime.
+    ///
+    /// Also the way to give certificates from before roles existed a role. The old
+    /// certificate stays valid until it expires; revoke it too if its key may have leaked.
+    /// Restart the agent (or flockerctl) that uses the pair to pick the new one up.
+    ///
+    /// Example: flockerctl ca renew node 198.18.0.11 --dir ca
+    Renew {
+        role: RoleArg,
+        name: String,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Lifetime in days (1 to 1825).
+        #[arg(long, default_value_t = crate::ca::DEFAULT_DAYS)]
+        days: u32,
+    },
+    /// Put a node's or user's current certificate on the revocation list DIR/cluster.crl.
+    ///
+    /// Copy cluster.crl to every node (to the path the agents' --crl names); agents re-read
+    /// it on the next connection, without a restart. Write it there atomically (copy to a
+    /// temporary name, then rename): an agent refuses every client while the file it was
+    /// told to use is missing or unreadable.
+    ///
+    /// Example: flockerctl ca revoke user alice --dir ca
+    Revoke {
+        role: RoleArg,
         name: String,
         #[arg(long, default_value = ".")]
         dir: PathBuf,

@@ -17,10 +17,17 @@ pub mod api;
 pub mod config;
 pub mod containers;
 pub mod daemon;
+pub mod identity;
+pub mod idle;
+pub mod limits;
 pub mod observability;
 pub mod ownership;
 pub mod peer;
+pub mod revocation;
 pub mod routes;
+pub mod server;
 pub mod tls;
 pub mod transfer;
+#[cfg(test)]
+mod trust_tests;
 pub mod volume;

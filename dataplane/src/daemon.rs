@@ -98,6 +98,7 @@ pub async fn build(
     config: &AgentConfig,
 ) -> Result<(Arc<Agent>, Arc<rustls::ServerConfig>), StartError> {
     let trust = tls::trust(&config.tls, config.crl.as_deref())?;
+    tls::warn_if_expiring(&config.tls.cert);
     match &config.crl {
         Some(crl) => {
             tracing::info!(crl = %crl.display(), "checking certificates against the revocation list")

@@ -88,6 +88,30 @@ pub fn warn_if_exposed(path: &Path) {
     }
 }
 
+/// Warns when the certificate at `path` has expired or expires within two weeks.
+pub fn warn_if_expiring(path: &Path) {
+    let Some(cert) = certs(path).ok().and_then(|c| c.into_iter().next()) else {
+        return;
+    };
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return;
+    };
+    match parsed.validity().time_to_expiration() {
+        None => tracing::warn!(
+            path = %path.display(),
+            "certificate has expired: peers refuse it; `flockerctl ca renew` it"
+        ),
+        Some(left) if left.whole_days() < 14 => tracing::warn!(
+            path = %path.display(),
+            days = left.whole_days(),
+            "certificate expires soon; `flockerctl ca renew` it and restart the agent"
+        ),
+        Some(left) => {
+            tracing::info!(path = %path.display(), days = left.whole_days(), "certificate valid")
+        }
+    }
+}
+
 /// The cluster CA of `files`, with the revocation list at `crl` if given (see
 /// [`crate::revocation`]).
 pub fn trust(files: &TlsFiles, crl: Option<&Path>) -> Result<Arc<Trust>, TlsError> {

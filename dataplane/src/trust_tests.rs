@@ -465,9 +465,10 @@ async fn a_silent_peer_fails_converge_and_peer_calls_within_its_timeout_naming_i
     // A direct call to a peer that answers the handshake but never the request.
     let client = s.client(&s.files(Role::Node, A)).with_timeouts(timeouts);
     let started = Instant::now();
-    let err = client
-        .request(SILENT_HTTP, Method::GET, "/v1/volumes/db", full(vec![]))
+    let call = client.request(SILENT_HTTP, Method::GET, "/v1/volumes/db", full(vec![]));
+    let err = tokio::time::timeout(Duration::from_secs(30), call)
         .await
+        .expect("the client gave up on its own")
         .expect_err("silent peer");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(matches!(err, PeerError::Timeout { .. }), "{err}");

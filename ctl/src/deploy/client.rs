@@ -89,6 +89,14 @@ impl Credentials {
     }
 }
 
+/// The `error` field of an agent's error answer, or the raw body.
+fn error_message(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string())
+}
+
 /// Warns when a private key can be read by group or others.
 fn warn_if_exposed(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
@@ -322,7 +330,7 @@ impl AgentClient {
         Err(ClientError::Refused {
             node: node.to_string(),
             status,
-            message: String::from_utf8_lossy(&body).trim().to_string(),
+            message: error_message(&body),
         })
     }
 }

@@ -91,8 +91,22 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Cluster certificate authority: create it and issue node and user certificates.
-    #[command(subcommand)]
+    /// Cluster certificate authority: create it, issue, renew and revoke certificates.
+    ///
+    /// Every agent and user needs a certificate from the cluster CA, and each certificate
+    /// carries a role. A node certificate lets an agent serve the API and push volumes to
+    /// its peers as itself; a user certificate lets flockerctl read state and deploy.
+    ///
+    /// Typical use:
+    ///
+    ///   flockerctl ca init --dir ca
+    ///   flockerctl ca node 198.18.0.11 --dir ca
+    ///       (copy ca/cluster.crt, ca/cluster.crl, ca/nodes/198.18.0.11.{crt,key} to the node)
+    ///   flockerctl ca user admin --dir ca
+    ///   flockerctl ca renew node 198.18.0.11 --dir ca    (before it expires: 90 days)
+    ///   flockerctl ca revoke user admin --dir ca
+    ///       (then copy ca/cluster.crl to every node)
+    #[command(subcommand, verbatim_doc_comment)]
     Ca(CaCommand),
 }
 
@@ -113,22 +127,82 @@ pub struct AgentArgs {
     pub timeout: u64,
 }
 
+/// The role a certificate is issued for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    /// A node's agent (NAME is the node's address as the deployment file spells it).
+    Node,
+    /// A user of flockerctl.
+    User,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
-    /// Create a new cluster CA in DIR (refuses to overwrite an existing one).
+    /// Create a new cluster CA in DIR.
+    ///
+    /// Writes the CA certificate cluster.crt, its key cluster.key (keep it off the nodes)
+    /// and an empty revocation list cluster.crl; refuses to overwrite an existing CA.
     Init {
+        /// The CA directory.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
-    /// Issue a certificate for the agent on node ADDRESS, signed by the CA in DIR.
+    /// Issue a certificate for the agent on node ADDRESS.
+    ///
+    /// Writes DIR/nodes/ADDRESS.{crt,key}, signed by the CA in DIR. ADDRESS is the node's
+    /// address exactly as the deployment file spells it.
     Node {
         address: String,
+        /// The CA directory.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// Lifetime in days (1 to 1825).
+        #[arg(long, default_value_t = crate::ca::DEFAULT_DAYS)]
+        days: u32,
     },
-    /// Issue a client certificate for user NAME (flockerctl uses it to talk to agents).
+    /// Issue a certificate for user NAME.
+    ///
+    /// Writes DIR/users/NAME.{crt,key}; flockerctl presents it to the agents (`--user NAME`).
     User {
         name: String,
+        /// The CA directory.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Lifetime in days (1 to 1825).
+        #[arg(long, default_value_t = crate::ca::DEFAULT_DAYS)]
+        days: u32,
+    },
+    /// Replace a node's or user's certificate with a new key and a fresh lifetime.
+    ///
+    /// Also the way to give certificates from before roles existed a role. The old
+    /// certificate stays valid until it expires; revoke it too if its key may have leaked.
+    /// Restart the agent (or flockerctl) that uses the pair to pick the new one up.
+    ///
+    /// Example: flockerctl ca renew node 198.18.0.11 --dir ca
+    Renew {
+        role: RoleArg,
+        /// The node's address or the user's name, as issued.
+        name: String,
+        /// The CA directory.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Lifetime in days (1 to 1825).
+        #[arg(long, default_value_t = crate::ca::DEFAULT_DAYS)]
+        days: u32,
+    },
+    /// Put a node's or user's certificate on the revocation list DIR/cluster.crl.
+    ///
+    /// Copy cluster.crl to every node (to the path the agents' --crl names); agents re-read
+    /// it on the next connection, without a restart. Write it there atomically (copy to a
+    /// temporary name, then rename): an agent refuses every client while the file it was
+    /// told to use is missing or unreadable.
+    ///
+    /// Example: flockerctl ca revoke user alice --dir ca
+    Revoke {
+        role: RoleArg,
+        /// The node's address or the user's name, as issued.
+        name: String,
+        /// The CA directory.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },

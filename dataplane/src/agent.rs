@@ -363,7 +363,7 @@ impl Agent {
         self: &Arc<Self>,
         request: ConvergeRequest,
     ) -> Result<mpsc::Receiver<ConvergeEvent>, AgentError> {
-        let guard = self.converge_lock.clone().lock_owned().await;
+        let guard = crate::limits::converge_lock(&self.converge_lock).await?;
         self.validate(&request).await?;
         let (tx, rx) = mpsc::channel(64);
         let agent = self.clone();
@@ -917,7 +917,7 @@ impl Agent {
         &self,
         name: &str,
         params: ReceiveParams,
-        body: hyper::body::Incoming,
+        body: crate::idle::RequestBody,
     ) -> Result<ReceiveReport, AgentError> {
         let _lock = self.lock_volume(name).await;
         let local = match self.check_receive(name, &params).await {
@@ -1105,7 +1105,7 @@ impl Agent {
 }
 
 /// Reads a request body to its end (bounded in time), discarding it.
-pub async fn drain(body: hyper::body::Incoming) {
+pub async fn drain(body: crate::idle::RequestBody) {
     let mut body = body;
     let _ = tokio::time::timeout(Duration::from_secs(300), async {
         while let Some(frame) = body.frame().await {

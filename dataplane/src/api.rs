@@ -10,27 +10,29 @@
 //! | POST | `/v1/volumes/NAME/handoff` | "you own NAME at epoch e" (agent to agent) |
 //!
 //! Errors are `{"error": "..."}` with a 4xx status for requests that were refused before
-//! anything changed.
+//! anything changed. Who may call what is decided by [`crate::identity`] from the caller's
+//! certificate: state and converge need a user, pushes and handoffs the node they name as
+//! sender (403 otherwise). Connections, handshakes and their limits are [`crate::server`]'s.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use rustls::ServerConfig;
-use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_stream_shim::ReceiverStream;
 
 use crate::agent::{Agent, AgentError, ReceiveParams, TakeOverRequest, event_line};
+use crate::identity::{AuthError, Caller};
+use crate::idle::IdleTimeout;
+use crate::limits::ServerLimits;
 
 /// Request bodies beyond this are refused (converge requests are small JSON).
 const MAX_JSON_BODY: usize = 16 << 20;
@@ -72,37 +74,29 @@ fn error_response(e: &AgentError) -> Response<Body> {
 async fn read_json<T: serde::de::DeserializeOwned>(
     body: Incoming,
     what: &str,
+    timeout: Duration,
 ) -> Result<T, AgentError> {
     let limited = http_body_util::Limited::new(body, MAX_JSON_BODY);
-    let bytes = limited
-        .collect()
+    let bytes = tokio::time::timeout(timeout, limited.collect())
         .await
+        .map_err(|_| {
+            AgentError::BadRequest(format!("{what}: body not received within {timeout:?}"))
+        })?
         .map_err(|e| AgentError::BadRequest(format!("{what}: reading body: {e}")))?
         .to_bytes();
     serde_json::from_slice(&bytes)
         .map_err(|e| AgentError::BadRequest(format!("invalid {what}: {e}")))
 }
 
-/// The verified certificate the peer presented during the handshake.
-pub type PeerCert = Option<CertificateDer<'static>>;
-
-fn require_node(peer: &PeerCert, node: &str, what: &str) -> Result<(), AgentError> {
-    if peer
-        .as_ref()
-        .is_some_and(|c| crate::tls::is_node_certificate(c, node))
-    {
-        Ok(())
-    } else {
-        Err(AgentError::Forbidden(format!(
-            "{what}: only the agent of {node} may send this, with its node certificate"
-        )))
-    }
+fn forbidden(e: AuthError) -> AgentError {
+    AgentError::Forbidden(e.to_string())
 }
 
 /// Routes one request.
 pub async fn handle(
     agent: Arc<Agent>,
-    peer: Arc<PeerCert>,
+    caller: Arc<Caller>,
+    limits: ServerLimits,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let method = req.method().clone();
@@ -121,35 +115,57 @@ pub async fn handle(
                 "routing": agent.routing_name(),
             }),
         )),
-        (&Method::GET, ["v1", "state"]) => agent
-            .state()
-            .await
-            .map(|s| json_response(StatusCode::OK, &s)),
-        (&Method::POST, ["v1", "converge"]) => converge(&agent, req.into_body()).await,
-        (&Method::GET, ["v1", "volumes", name]) => agent
-            .volume(name)
-            .await
-            .map(|v| json_response(StatusCode::OK, &v)),
+        (&Method::GET, ["v1", "state"]) => match caller.require_user("state") {
+            Ok(()) => agent
+                .state()
+                .await
+                .map(|s| json_response(StatusCode::OK, &s)),
+            Err(e) => Err(forbidden(e)),
+        },
+        (&Method::POST, ["v1", "converge"]) => match caller.require_user("converge") {
+            Ok(()) => converge(&agent, req.into_body(), limits.json_body_timeout).await,
+            Err(e) => Err(forbidden(e)),
+        },
+        (&Method::GET, ["v1", "volumes", name]) => match caller.require_role("volume query") {
+            Ok(()) => agent
+                .volume(name)
+                .await
+                .map(|v| json_response(StatusCode::OK, &v)),
+            Err(e) => Err(forbidden(e)),
+        },
         (&Method::POST, ["v1", "volumes", name, "receive"]) => {
             let name = name.to_string();
-            match ReceiveParams::parse(&query)
-                .and_then(|p| require_node(&peer, &p.from, "volume push").map(|()| p))
-            {
+            let body = IdleTimeout::new(req.into_body(), limits.body_idle_timeout);
+            match ReceiveParams::parse(&query).and_then(|p| {
+                caller
+                    .require_node(&p.from, "volume push")
+                    .map(|()| p)
+                    .map_err(forbidden)
+            }) {
                 Ok(params) => agent
-                    .receive(&name, params, req.into_body())
+                    .receive(&name, params, body)
                     .await
                     .map(|r| json_response(StatusCode::OK, &r)),
                 Err(e) => {
-                    crate::agent::drain(req.into_body()).await;
+                    crate::agent::drain(body).await;
                     Err(e)
                 }
             }
         }
         (&Method::POST, ["v1", "volumes", name, "handoff"]) => {
             let name = name.to_string();
-            let request = read_json::<TakeOverRequest>(req.into_body(), "handoff request")
-                .await
-                .and_then(|r| require_node(&peer, &r.from, "volume handoff").map(|()| r));
+            let request = read_json::<TakeOverRequest>(
+                req.into_body(),
+                "handoff request",
+                limits.json_body_timeout,
+            )
+            .await
+            .and_then(|r| {
+                caller
+                    .require_node(&r.from, "volume handoff")
+                    .map(|()| r)
+                    .map_err(forbidden)
+            });
             match request {
                 Ok(r) => agent
                     .take_over(&name, r)
@@ -168,8 +184,12 @@ pub async fn handle(
     result.unwrap_or_else(|e| error_response(&e))
 }
 
-async fn converge(agent: &Arc<Agent>, body: Incoming) -> Result<Response<Body>, AgentError> {
-    let request = read_json(body, "converge request").await?;
+async fn converge(
+    agent: &Arc<Agent>,
+    body: Incoming,
+    timeout: Duration,
+) -> Result<Response<Body>, AgentError> {
+    let request = read_json(body, "converge request", timeout).await?;
     let events = agent.converge(request).await?;
     let stream =
         ReceiverStream::new(events).map(|e| Ok::<_, Infallible>(Frame::data(event_line(&e))));
@@ -181,54 +201,15 @@ async fn converge(agent: &Arc<Agent>, body: Incoming) -> Result<Response<Body>, 
     Ok(resp)
 }
 
-/// Serves the API on `listener` until the task is dropped. Peers that fail the mutual TLS
-/// handshake never reach [`handle`].
+/// Serves the API on `listener` with the default [`ServerLimits`]; see
+/// [`crate::server::serve`].
 pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, agent: Arc<Agent>) {
-    let acceptor = TlsAcceptor::from(tls);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                continue;
-            }
-        };
-        let acceptor = acceptor.clone();
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e, "refused TLS peer");
-                    return;
-                }
-            };
-            let cert: PeerCert = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| c.clone().into_owned());
-            let cert = Arc::new(cert);
-            let service = service_fn(move |req| {
-                let (agent, cert) = (agent.clone(), cert.clone());
-                async move { Ok::<_, Infallible>(handle(agent, cert, req).await) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), service)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "connection ended");
-            }
-        });
-    }
+    crate::server::serve(listener, tls, agent, ServerLimits::default()).await;
 }
 
 /// Binds the listen address.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ApiError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ApiError::Bind { addr, source })
+    crate::server::bind(addr).await
 }
 
 mod tokio_stream_shim {

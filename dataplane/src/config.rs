@@ -56,9 +56,14 @@ pub struct Flags {
     /// This node's certificate.
     #[arg(long)]
     pub cert: Option<PathBuf>,
-    /// This node's private key.
+    /// This node's private key (mode 0600; the agent warns otherwise).
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// The cluster's revocation list (`cluster.crl` from `flockerctl ca`). Re-read when it
+    /// changes, without a restart; while it is missing or unreadable every peer is refused.
+    /// Without it, revoked certificates are accepted until they expire.
+    #[arg(long)]
+    pub crl: Option<PathBuf>,
     /// Where the agent keeps its route file [default: /var/lib/flocker].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -81,6 +86,7 @@ struct FileConfig {
     ca_cert: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+    crl: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     log_format: Option<String>,
 }
@@ -129,6 +135,8 @@ pub struct AgentConfig {
     /// Where the eBPF programs attach; the host's cgroup v2 root when `None`.
     pub bpf_cgroup: Option<PathBuf>,
     pub tls: TlsFiles,
+    /// The revocation list, if any.
+    pub crl: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub json_logs: bool,
 }
@@ -231,6 +239,7 @@ impl AgentConfig {
             routing,
             bpf_cgroup: flags.bpf_cgroup.or(file.bpf_cgroup),
             tls: TlsFiles { ca_cert, cert, key },
+            crl: flags.crl.or(file.crl),
             state_dir,
             json_logs,
         })

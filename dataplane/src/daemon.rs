@@ -97,8 +97,18 @@ fn open_routing(
 pub async fn build(
     config: &AgentConfig,
 ) -> Result<(Arc<Agent>, Arc<rustls::ServerConfig>), StartError> {
-    let server_tls = tls::server_config(&config.tls)?;
-    let client_tls = tls::client_config(&config.tls)?;
+    let trust = tls::trust(&config.tls, config.crl.as_deref())?;
+    tls::warn_if_expiring(&config.tls.cert);
+    match &config.crl {
+        Some(crl) => {
+            tracing::info!(crl = %crl.display(), "checking certificates against the revocation list")
+        }
+        None => tracing::warn!(
+            "no revocation list (--crl): revoked certificates are accepted until they expire"
+        ),
+    }
+    let server_tls = tls::server_config_with(&config.tls, &trust)?;
+    let client_tls = tls::client_config_with(&config.tls, &trust)?;
     std::fs::create_dir_all(&config.state_dir).map_err(|source| StartError::StateDir {
         path: config.state_dir.display().to_string(),
         source,
@@ -152,10 +162,11 @@ pub async fn build(
 /// Runs the agent until SIGINT/SIGTERM.
 pub async fn run(config: AgentConfig) -> Result<(), StartError> {
     let (agent, tls) = build(&config).await?;
-    let listener = crate::api::bind(config.listen).await?;
+    let listener = crate::server::bind(config.listen).await?;
     tracing::info!(listen = %config.listen, node = %config.node_address, "serving the agent API over mutual TLS");
+    let limits = crate::limits::ServerLimits::default();
     let supervisor = tokio::spawn(crate::supervisor::run(agent.clone()));
-    let server = tokio::spawn(crate::api::serve(listener, tls, agent));
+    let server = tokio::spawn(crate::server::serve(listener, tls, agent, limits));
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.abort();

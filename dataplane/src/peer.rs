@@ -1,7 +1,13 @@
 //! The HTTP/1.1-over-mutual-TLS client agents use to talk to each other (volume queries,
 //! pushes, ownership handoff), and that tests and tools can use to talk to an agent.
+//!
+//! Every stage has a bound ([`PeerTimeouts`]): connecting, the TLS handshake, and then
+//! progress: a request fails once the peer has neither taken request bytes nor sent answer
+//! bytes for `idle`, so a push of many gigabytes runs as long as it moves, and a silent peer
+//! fails it (naming the peer) instead of holding the converge that called it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -12,6 +18,9 @@ use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+use crate::idle::{Activity, Tracked};
+pub use crate::limits::PeerTimeouts;
 
 /// Request bodies: whole buffers or streams of volume data.
 pub type Body = BoxBody<Bytes, std::io::Error>;
@@ -24,6 +33,12 @@ pub enum PeerError {
         node: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("peer {node}: {stage} took longer than {after:?}")]
+    Timeout {
+        node: String,
+        stage: &'static str,
+        after: Duration,
     },
     #[error("invalid node name {0:?}")]
     BadName(String),
@@ -51,11 +66,23 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 pub struct PeerClient {
     config: Arc<ClientConfig>,
     port: u16,
+    timeouts: PeerTimeouts,
 }
 
 impl PeerClient {
+    /// A client with the default [`PeerTimeouts`].
     pub fn new(config: Arc<ClientConfig>, port: u16) -> Self {
-        PeerClient { config, port }
+        PeerClient {
+            config,
+            port,
+            timeouts: PeerTimeouts::default(),
+        }
+    }
+
+    /// The same client with other timeouts.
+    pub fn with_timeouts(mut self, timeouts: PeerTimeouts) -> Self {
+        self.timeouts = timeouts;
+        self
     }
 
     /// Sends one request on a fresh connection and returns status and whole body.
@@ -70,47 +97,69 @@ impl PeerClient {
             node: node.to_string(),
             detail,
         };
-        let tcp = TcpStream::connect((node, self.port))
+        let timeout = |stage: &'static str, after: Duration| PeerError::Timeout {
+            node: node.to_string(),
+            stage,
+            after,
+        };
+        let t = self.timeouts;
+        let tcp = tokio::time::timeout(t.connect, TcpStream::connect((node, self.port)))
             .await
+            .map_err(|_| timeout("connect", t.connect))?
             .map_err(|source| PeerError::Connect {
                 node: node.to_string(),
                 source,
             })?;
         let name = ServerName::try_from(node.to_string())
             .map_err(|_| PeerError::BadName(node.to_string()))?;
-        let tls = TlsConnector::from(self.config.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|source| PeerError::Connect {
-                node: node.to_string(),
-                source,
-            })?;
+        let tls = tokio::time::timeout(
+            t.handshake,
+            TlsConnector::from(self.config.clone()).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| timeout("TLS handshake", t.handshake))?
+        .map_err(|source| PeerError::Connect {
+            node: node.to_string(),
+            source,
+        })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| http(e.to_string()))?;
-        tokio::spawn(async move {
+        // Ends with the request: dropping `sender` and the response closes the connection.
+        let conn = tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "peer connection ended");
             }
         });
+        let activity = Activity::default();
+        let body = Tracked::new(body, activity.clone()).boxed();
         let req = Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, node)
             .body(body)
             .map_err(|e| http(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| http(e.to_string()))?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| http(e.to_string()))?
-            .to_bytes();
-        Ok((status, bytes))
+        let answer = async {
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| http(e.to_string()))?;
+            let status = resp.status();
+            let mut body = Tracked::new(resp.into_body(), activity.clone());
+            let mut bytes = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| http(e.to_string()))?;
+                if let Some(data) = frame.data_ref() {
+                    bytes.extend_from_slice(data);
+                }
+            }
+            Ok((status, Bytes::from(bytes)))
+        };
+        let result = activity.watch(t.idle, answer).await;
+        if result.is_none() {
+            conn.abort();
+        }
+        result.unwrap_or_else(|| Err(timeout("answer (no progress)", t.idle)))
     }
 
     /// Like [`PeerClient::request`], but a non-2xx status is an error and the body JSON.

@@ -1,14 +1,17 @@
 //! Mutual TLS for the agent: a server that accepts only peers whose certificate chains to
-//! the cluster CA (no certificate, another CA's or an expired one are refused during the
-//! handshake), and the client configuration agents use to talk to each other.
+//! the cluster CA and is not on its revocation list (no certificate, another CA's, an
+//! expired or a revoked one are refused during the handshake), and the client configuration
+//! agents use to talk to each other. What a certificate may do once accepted is
+//! [`crate::identity`]'s business.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::revocation::{RevocationError, Trust};
 
 /// Errors loading certificates or building TLS configurations.
 #[derive(Debug, thiserror::Error)]
@@ -19,8 +22,8 @@ pub enum TlsError {
     NoCertificate { path: PathBuf },
     #[error("tls: {0}")]
     Rustls(#[from] rustls::Error),
-    #[error("client verifier: {0}")]
-    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error(transparent)]
+    Revocation(#[from] RevocationError),
 }
 
 /// Where the cluster CA certificate and this node's certificate and key live.
@@ -55,6 +58,7 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    warn_if_exposed(path);
     PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
         path: path.to_path_buf(),
         detail: e.to_string(),
@@ -69,56 +73,86 @@ fn roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(store))
 }
 
-/// The server side: client certificates are mandatory and must chain to the cluster CA.
+/// Warns when a secret file (a private key) can be read by group or others.
+pub fn warn_if_exposed(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                "private key is readable by group or others; `chmod 600` it"
+            );
+        }
+    }
+}
+
+/// Warns when the certificate at `path` has expired or expires within two weeks.
+pub fn warn_if_expiring(path: &Path) {
+    let Some(cert) = certs(path).ok().and_then(|c| c.into_iter().next()) else {
+        return;
+    };
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return;
+    };
+    match parsed.validity().time_to_expiration() {
+        None => tracing::warn!(
+            path = %path.display(),
+            "certificate has expired: peers refuse it; `flockerctl ca renew` it"
+        ),
+        Some(left) if left.whole_days() < 14 => tracing::warn!(
+            path = %path.display(),
+            days = left.whole_days(),
+            "certificate expires soon; `flockerctl ca renew` it and restart the agent"
+        ),
+        Some(left) => {
+            tracing::info!(path = %path.display(), days = left.whole_days(), "certificate valid")
+        }
+    }
+}
+
+/// The cluster CA of `files`, with the revocation list at `crl` if given (see
+/// [`crate::revocation`]).
+pub fn trust(files: &TlsFiles, crl: Option<&Path>) -> Result<Arc<Trust>, TlsError> {
+    Ok(Trust::new(roots(&files.ca_cert)?, provider(), crl)?)
+}
+
+/// The server side without a revocation list (tests); see [`server_config_with`].
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(roots(&files.ca_cert)?, provider()).build()?;
+    server_config_with(files, &trust(files, None)?)
+}
+
+/// The server side: client certificates are mandatory, must chain to the cluster CA and
+/// must not be revoked.
+pub fn server_config_with(
+    files: &TlsFiles,
+    trust: &Arc<Trust>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(trust.client_verifier())
         .with_single_cert(certs(&files.cert)?, key(&files.key)?)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
-/// The client side: trusts only the cluster CA and presents this node's (or user's)
-/// certificate.
+/// The client side without a revocation list (tests); see [`client_config_with`].
 pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_with(files, &trust(files, None)?)
+}
+
+/// The client side: trusts only the cluster CA, refuses revoked servers, and presents this
+/// node's (or user's) certificate.
+pub fn client_config_with(
+    files: &TlsFiles,
+    trust: &Arc<Trust>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots(&files.ca_cert)?)
+        .dangerous()
+        .with_custom_certificate_verifier(trust.server_verifier())
         .with_client_auth_cert(certs(&files.cert)?, key(&files.key)?)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// Whether a peer's (already verified) certificate is the node certificate of `node`, i.e.
-/// valid for that address or name. Agent-to-agent endpoints require it, so a user
-/// certificate, or another node's, cannot speak for a node.
-pub fn is_node_certificate(cert: &CertificateDer<'_>, node: &str) -> bool {
-    let Ok(name) = rustls_pki_types::ServerName::try_from(node) else {
-        return false;
-    };
-    webpki::EndEntityCert::try_from(cert)
-        .and_then(|c| c.verify_is_valid_for_subject_name(&name))
-        .is_ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_certificates_speak_only_for_their_node() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        flocker_ctl::ca::init(dir.path(), "t").expect("ca");
-        let node = flocker_ctl::ca::issue_node(dir.path(), "198.18.0.5").expect("node");
-        let user = flocker_ctl::ca::issue_user(dir.path(), "198.18.0.5").expect("user");
-        let node_cert = certs(&node.cert).expect("pem").remove(0);
-        let user_cert = certs(&user.cert).expect("pem").remove(0);
-        assert!(is_node_certificate(&node_cert, "198.18.0.5"));
-        assert!(!is_node_certificate(&node_cert, "198.18.0.6"));
-        assert!(!is_node_certificate(&user_cert, "198.18.0.5"));
-        assert!(!is_node_certificate(&node_cert, "not a name"));
-    }
 }

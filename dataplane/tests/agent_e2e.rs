@@ -169,6 +169,8 @@ fn start_node(
             .to_string(),
         "--state-dir".into(),
         state_dir.display().to_string(),
+        "--crl".into(),
+        ca.join("cluster.crl").display().to_string(),
     ];
     let agent = AgentProc {
         ns_path: ns.path(),
@@ -929,5 +931,20 @@ fn check_mtls_refusals(cluster: &Cluster) -> Result<()> {
     };
     let (status, _) = cluster.call(&node_creds, A, Method::GET, "/v1/health", vec![])?;
     assert_eq!(status, StatusCode::OK);
+    // ... but a node certificate may not read state (it holds the applications' secrets).
+    let (status, body) = cluster.call(&node_creds, A, Method::GET, "/v1/state", vec![])?;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body:?}");
+
+    // A revoked user is refused from the next connection on, without restarting the agent.
+    ca::issue_user(cluster.ca.path(), "carol")?;
+    let carol = cluster.user(cluster.ca.path(), "carol");
+    let (status, _) = cluster.call(&carol, A, Method::GET, "/v1/state", vec![])?;
+    assert_eq!(status, StatusCode::OK);
+    ca::revoke(cluster.ca.path(), ca::Role::User, "carol")?;
+    let refused = cluster.call(&carol, A, Method::GET, "/v1/state", vec![]);
+    assert!(
+        refused.is_err(),
+        "a revoked certificate was accepted: {refused:?}"
+    );
     Ok(())
 }

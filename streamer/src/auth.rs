@@ -127,6 +127,7 @@ pub enum KeyError {
 /// Reads a pre-shared key file: 32 raw bytes, or 64 hex digits (surrounding whitespace ignored).
 /// `head -c32 /dev/urandom > key` or `openssl rand -hex 32 > key` both make one.
 pub fn read_key_file(path: &std::path::Path) -> Result<[u8; 32], KeyError> {
+    warn_if_exposed(path, "pre-shared key");
     let bytes = std::fs::read(path).map_err(|source| KeyError::Read {
         path: path.to_owned(),
         source,
@@ -134,6 +135,21 @@ pub fn read_key_file(path: &std::path::Path) -> Result<[u8; 32], KeyError> {
     parse_key(&bytes).ok_or_else(|| KeyError::Format {
         path: path.to_owned(),
     })
+}
+
+/// Warns when a secret file (`what`: a pre-shared or private key) can be read by group or
+/// others: whoever can read it can authenticate as us.
+pub fn warn_if_exposed(path: &std::path::Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "{what} {} is readable by group or others (mode {mode:o}); `chmod 600` it",
+                path.display()
+            );
+        }
+    }
 }
 
 fn parse_key(bytes: &[u8]) -> Option<[u8; 32]> {

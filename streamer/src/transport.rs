@@ -111,6 +111,7 @@ fn load(
             reason: "no certificate".into(),
         });
     }
+    crate::auth::warn_if_exposed(&files.key, "private key");
     let key =
         PrivateKeyDer::from_pem_file(&files.key).map_err(pem_err("private key", &files.key))?;
     Ok((roots, chain, key))

@@ -176,16 +176,25 @@ impl Cluster {
             }
             Ok(())
         };
+        // A CA from before certificates carried roles has no revocation list; its
+        // certificates are refused by today's agents, so they are renewed (with a role).
+        let legacy = ca.join("cluster.crt").exists() && !ca.join("cluster.crl").exists();
         if !ca.join("cluster.crt").exists() {
             ctl(&["ca", "init"])?;
         }
-        if !ca.join("users/admin.crt").exists() {
-            ctl(&["ca", "user", "admin"])?;
-        }
-        for node in &self.nodes {
-            if !ca.join(format!("nodes/{}.crt", node.address)).exists() {
-                ctl(&["ca", "node", &node.address])?;
+        let issue = |role: &str, name: &str| -> Result<()> {
+            let sub = if role == "node" { "nodes" } else { "users" };
+            if !ca.join(format!("{sub}/{name}.crt")).exists() {
+                ctl(&["ca", role, name])
+            } else if legacy {
+                ctl(&["ca", "renew", role, name])
+            } else {
+                Ok(())
             }
+        };
+        issue("user", "admin")?;
+        for node in &self.nodes {
+            issue("node", &node.address)?;
         }
         Ok(())
     }
@@ -221,6 +230,13 @@ impl Cluster {
             .arg(ca.join(format!("nodes/{}.crt", node.address)))
             .arg("--key")
             .arg(ca.join(format!("nodes/{}.key", node.address)))
+            .args(
+                Some(ca.join("cluster.crl"))
+                    .filter(|crl| crl.exists())
+                    .map(|crl| ["--crl".into(), crl.into_os_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -1,8 +1,13 @@
 //! A client for one node agent's API over mutual TLS: `GET /v1/state` and
 //! `POST /v1/converge` (whose answer is a stream of newline-delimited [`ConvergeEvent`]s).
 //!
-//! The agent's certificate must chain to the cluster CA and name the node's address; ours
-//! is a user certificate issued by `flockerctl ca user`.
+//! The agent's certificate must chain to the cluster CA, name the node's address and not be
+//! on the CA directory's revocation list; ours is a user certificate issued by
+//! `flockerctl ca user`.
+//!
+//! Every wait is bounded: connecting, the handshake and the answer's headers together by the
+//! client's timeout, and a converge's event stream by [`EVENT_IDLE_TIMEOUT`] between two
+//! events (agents report progress every second while they push volumes).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -15,10 +20,15 @@ use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls::RootCertStore;
+use rustls::client::WebPkiServerVerifier;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+/// How long a converge's event stream may stay silent. Longer than an agent's own bound on
+/// a silent peer (60 s), so that its failure event, naming the peer, arrives first.
+pub const EVENT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Errors talking to one agent.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +61,8 @@ pub enum ClientError {
     Protocol { node: String, reason: String },
     #[error("{node}: no answer within {0:?}", .timeout)]
     Timeout { node: String, timeout: Duration },
+    #[error("{node}: converge sent nothing for {0:?}; it may still be running there", .after)]
+    Stalled { node: String, after: Duration },
 }
 
 /// Where the credentials of a user live: a CA directory as `flockerctl ca` writes it.
@@ -59,15 +71,42 @@ pub struct Credentials {
     pub ca_cert: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The revocation list agents' certificates are checked against, if any.
+    pub crl: Option<PathBuf>,
 }
 
 impl Credentials {
-    /// `DIR/cluster.crt`, `DIR/users/USER.crt`, `DIR/users/USER.key`.
+    /// `DIR/cluster.crt`, `DIR/users/USER.crt`, `DIR/users/USER.key`, and `DIR/cluster.crl`
+    /// if it exists (CA directories made before revocation existed have none).
     pub fn from_ca_dir(dir: &Path, user: &str) -> Credentials {
+        let crl = dir.join("cluster.crl");
         Credentials {
             ca_cert: dir.join("cluster.crt"),
             cert: dir.join("users").join(format!("{user}.crt")),
             key: dir.join("users").join(format!("{user}.key")),
+            crl: crl.exists().then_some(crl),
+        }
+    }
+}
+
+/// The `error` field of an agent's error answer, or the raw body.
+fn error_message(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string())
+}
+
+/// Warns when a private key can be read by group or others.
+fn warn_if_exposed(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "private key {} is readable by group or others (mode {mode:o}); `chmod 600` it",
+                path.display()
+            );
         }
     }
 }
@@ -109,12 +148,24 @@ impl AgentClient {
         let chain = CertificateDer::pem_slice_iter(&cert_pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| bad(&credentials.cert, e.to_string()))?;
+        warn_if_exposed(&credentials.key);
         let key = PrivateKeyDer::from_pem_slice(&read_pem(&credentials.key)?)
             .map_err(|e| bad(&credentials.key, e.to_string()))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+        if let Some(crl) = &credentials.crl {
+            let crls = CertificateRevocationListDer::pem_slice_iter(&read_pem(crl)?)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(crl, e.to_string()))?;
+            verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+        }
+        let verifier = verifier
+            .build()
+            .map_err(|e| bad(&credentials.ca_cert, e.to_string()))?;
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
+            .with_webpki_verifier(verifier)
             .with_client_auth_cert(chain, key)?;
         Ok(AgentClient {
             connector: TlsConnector::from(Arc::new(config)),
@@ -158,7 +209,14 @@ impl AgentClient {
             node: node.to_string(),
             source,
         };
-        while let Some(frame) = response.frame().await {
+        loop {
+            let Ok(frame) = tokio::time::timeout(EVENT_IDLE_TIMEOUT, response.frame()).await else {
+                return Err(ClientError::Stalled {
+                    node: node.to_string(),
+                    after: EVENT_IDLE_TIMEOUT,
+                });
+            };
+            let Some(frame) = frame else { break };
             let frame = frame.map_err(http)?;
             let Some(data) = frame.data_ref() else {
                 continue;
@@ -272,7 +330,7 @@ impl AgentClient {
         Err(ClientError::Refused {
             node: node.to_string(),
             status,
-            message: String::from_utf8_lossy(&body).trim().to_string(),
+            message: error_message(&body),
         })
     }
 }

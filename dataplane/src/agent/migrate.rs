@@ -1,0 +1,561 @@
+//! The migration protocol's agent side: pushes (pre-copy and final) to a peer, receiving
+//! a peer's push, giving a volume away and taking it over, and the parameters of those
+//! agent-to-agent requests.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::Method;
+use hyper::body::Frame;
+use serde::{Deserialize, Serialize};
+use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
+
+use flocker_wire::{ConvergeEvent, VolumeState};
+
+use crate::ownership::{self, HandoffStep, RecordOrder, TakeOver};
+use crate::peer::PeerError;
+use crate::transfer;
+use crate::volume::{Record, check_name, next_push_snapshot};
+
+use super::{Agent, AgentError, Events};
+
+/// At most this many pushes per pre-copy: the first and its catch-up passes.
+const PRE_COPY_PASSES: u32 = 3;
+/// A pre-copy pass that took at least this long is followed by another.
+const CATCH_UP_AFTER: Duration = Duration::from_secs(1);
+
+/// Query of `POST /v1/volumes/NAME/receive`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiveParams {
+    pub snapshot: String,
+    pub base: Option<String>,
+    /// The sender's ownership record, which the received copy adopts.
+    pub owner: String,
+    pub epoch: u64,
+    pub from: String,
+    pub quota: Option<u64>,
+    /// The target's copy is a stale replica sharing no snapshot with the sender: replace it
+    /// with this full stream. Never honoured for a copy the target owns.
+    pub replace: bool,
+}
+
+impl ReceiveParams {
+    /// Parses `a=b&c=d` (names are restricted, so no percent-decoding is needed).
+    pub fn parse(query: &str) -> Result<Self, AgentError> {
+        let map: HashMap<&str, &str> = query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        let get = |k: &str| {
+            map.get(k).map(|v| v.to_string()).ok_or_else(|| {
+                AgentError::BadRequest(format!("receive: missing query parameter {k:?}"))
+            })
+        };
+        let num = |k: &str, v: &str| {
+            v.parse::<u64>()
+                .map_err(|_| AgentError::BadRequest(format!("receive: {k}={v:?} is not a number")))
+        };
+        Ok(ReceiveParams {
+            snapshot: get("snapshot")?,
+            base: map.get("base").map(|s| s.to_string()),
+            owner: get("owner")?,
+            epoch: num("epoch", &get("epoch")?)?,
+            from: get("from")?,
+            quota: map.get("quota").map(|q| num("quota", q)).transpose()?,
+            replace: map.get("replace") == Some(&"1"),
+        })
+    }
+
+    fn query(&self) -> String {
+        let mut q = format!(
+            "snapshot={}&owner={}&epoch={}&from={}",
+            self.snapshot, self.owner, self.epoch, self.from
+        );
+        if let Some(b) = &self.base {
+            q.push_str(&format!("&base={b}"));
+        }
+        if let Some(quota) = self.quota {
+            q.push_str(&format!("&quota={quota}"));
+        }
+        if self.replace {
+            q.push_str("&replace=1");
+        }
+        q
+    }
+}
+
+/// Answer of a receive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiveReport {
+    pub snapshot: String,
+    pub bytes: u64,
+}
+
+/// Body of `POST /v1/volumes/NAME/handoff`: "you own it at `epoch`", sent by `from`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TakeOverRequest {
+    pub epoch: u64,
+    pub from: String,
+}
+
+impl Agent {
+    async fn remote_volume(
+        &self,
+        node: &str,
+        name: &str,
+    ) -> Result<Option<VolumeState>, AgentError> {
+        let (status, body) = self
+            .peers
+            .request(
+                node,
+                Method::GET,
+                &format!("/v1/volumes/{name}"),
+                crate::peer::full(Bytes::new()),
+            )
+            .await?;
+        if status == hyper::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(PeerError::Status {
+                node: node.to_string(),
+                status,
+                message: crate::peer::error_message(&body),
+            }
+            .into());
+        }
+        serde_json::from_slice(&body).map(Some).map_err(|e| {
+            PeerError::Json {
+                node: node.to_string(),
+                detail: e.to_string(),
+            }
+            .into()
+        })
+    }
+
+    /// Pushes the volume to `to`. A pre-copy (`last` false) that took long is followed by
+    /// catch-up passes while the application still runs, as live VM migration does: each
+    /// carries only what changed during the one before (and lets the target finish writing
+    /// the big one out), so the final push after the stop is left with the last moments only.
+    pub(super) async fn push_volume(
+        &self,
+        name: &str,
+        to: &str,
+        last: bool,
+        step: &str,
+        events: &Events,
+    ) -> Result<(), AgentError> {
+        let _lock = self.lock_volume(name).await;
+        for pass in 1..=PRE_COPY_PASSES {
+            let started = std::time::Instant::now();
+            let pushed = self.push_pass(name, to, last, step, events).await?;
+            let quick = started.elapsed() < CATCH_UP_AFTER;
+            if last || !pushed || quick {
+                break;
+            }
+            tracing::info!(
+                volume = name,
+                to,
+                pass,
+                took_ms = started.elapsed().as_millis() as u64,
+                "pre-copy took long: catching up while the application runs"
+            );
+        }
+        Ok(())
+    }
+
+    /// One push of everything since the newest snapshot both sides hold; `false` when there
+    /// was nothing to push (the target already owns the volume). The caller holds the lock.
+    async fn push_pass(
+        &self,
+        name: &str,
+        to: &str,
+        last: bool,
+        step: &str,
+        events: &Events,
+    ) -> Result<bool, AgentError> {
+        let local = self
+            .local_volume(name)
+            .await?
+            .ok_or_else(|| AgentError::NotFound(format!("volume {name:?} does not exist here")))?;
+        if local.owner == to {
+            // A retry after the handoff: the target already holds everything.
+            tracing::info!(
+                volume = name,
+                to,
+                last,
+                "already handed off, nothing to push"
+            );
+            return Ok(false);
+        }
+        ownership::check_owner(&self.me, &local)?;
+        if last && self.managed(name).await?.is_some_and(|c| c.running) {
+            // The final push is what the handoff relies on: nothing may be written after it.
+            return Err(AgentError::Conflict(format!(
+                "final push of volume {name:?}: application {name:?} still runs here; stop it first"
+            )));
+        }
+        let remote = self.remote_volume(to, name).await?;
+        let (base, replace) = match &remote {
+            None => (None, false),
+            Some(r) => match ownership::newest_common(&local.snapshots, &r.snapshots) {
+                Some(common) => (Some(common.to_string()), false),
+                // A replica left behind by an earlier move, whose snapshots were pruned
+                // since: it is not the only copy (we own the volume), so it may be replaced.
+                None if r.owner != to && r.epoch <= local.epoch => (None, true),
+                None => {
+                    return Err(AgentError::Conflict(format!(
+                        "{to} holds a copy of volume {name:?} sharing no snapshot with this node; remove that copy first"
+                    )));
+                }
+            },
+        };
+        // The snapshot is what the target will run on: it must be of the volume itself.
+        self.prove_volume(name).await?;
+        let snapshot = next_push_snapshot(&local.snapshots);
+        let quota = {
+            let (n, s) = (name.to_string(), snapshot.clone());
+            self.blocking(move |b| {
+                b.snapshot(&n, &s)?;
+                b.quota(&n)
+            })
+            .await?
+        };
+        let params = ReceiveParams {
+            snapshot: snapshot.clone(),
+            base: base.clone(),
+            owner: local.owner.clone(),
+            epoch: local.epoch,
+            from: self.me.clone(),
+            quota,
+            replace,
+        };
+        tracing::info!(volume = name, to, %snapshot, base = ?base, last, "pushing");
+        let sent = Arc::new(AtomicU64::new(0));
+        let (n, b, s) = (name.to_string(), base.clone(), snapshot.clone());
+        let mut source = self
+            .blocking(move |be| be.send(&n, b.as_deref(), &s))
+            .await?;
+        let (writer, reader) = tokio::io::duplex(1 << 20);
+        let mut bridge = SyncIoBridge::new(writer);
+        let counter = sent.clone();
+        let sender = tokio::task::spawn_blocking(move || {
+            let result = transfer::send(&mut source, &mut bridge, counter);
+            drop(bridge);
+            let finished = source.finish();
+            (result, finished)
+        });
+        let body = StreamBody::new(ReaderStream::new(reader).map_ok(Frame::data)).boxed();
+        let ticker = {
+            let (events, step, sent) = (events.clone(), step.to_string(), sent.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let _ = events
+                        .send(ConvergeEvent::Progress {
+                            step: step.clone(),
+                            bytes_done: sent.load(Ordering::Relaxed),
+                            bytes_total: None,
+                        })
+                        .await;
+                }
+            })
+        };
+        let answer: Result<ReceiveReport, PeerError> = self
+            .peers
+            .json(
+                to,
+                Method::POST,
+                &format!("/v1/volumes/{name}/receive?{}", params.query()),
+                body,
+            )
+            .await;
+        ticker.abort();
+        let (send_result, send_finished) = sender
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        let transfer_err = |detail: String| AgentError::Transfer {
+            volume: name.to_string(),
+            detail,
+        };
+        let report = answer?;
+        let bytes = send_result.map_err(|e| transfer_err(e.to_string()))?;
+        send_finished?;
+        if report.snapshot != snapshot {
+            return Err(transfer_err(format!(
+                "{to} confirmed snapshot {:?}, expected {snapshot:?}",
+                report.snapshot
+            )));
+        }
+        let _ = events
+            .send(ConvergeEvent::Progress {
+                step: step.to_string(),
+                bytes_done: bytes,
+                bytes_total: Some(bytes),
+            })
+            .await;
+        // Both sides now hold `snapshot`: older push snapshots are no longer a base.
+        let mut all = local.snapshots.clone();
+        all.push(snapshot.clone());
+        let prune = ownership::prunable(&all, &snapshot);
+        let n = name.to_string();
+        self.blocking(move |b| {
+            for s in &prune {
+                b.destroy_snapshot(&n, s)?;
+            }
+            Ok(())
+        })
+        .await?;
+        tracing::info!(volume = name, to, %snapshot, bytes, "pushed");
+        Ok(true)
+    }
+
+    /// Everything a receive can be refused for before reading the stream; returns this
+    /// node's copy, if any.
+    async fn check_receive(
+        &self,
+        name: &str,
+        params: &ReceiveParams,
+    ) -> Result<Option<VolumeState>, AgentError> {
+        check_name(name)?;
+        check_name(&params.snapshot)?;
+        if let Some(b) = &params.base {
+            check_name(b)?;
+        }
+        let local = self.local_volume(name).await?;
+        ownership::check_receive(
+            &self.me,
+            name,
+            &params.from,
+            &params.owner,
+            params.epoch,
+            local.as_ref(),
+        )?;
+        match (&local, &params.base) {
+            (None, Some(base)) => Err(AgentError::Conflict(format!(
+                "volume {name:?}: incremental stream from {base:?}, but this node has no copy"
+            ))),
+            (Some(v), None) if params.replace && v.owner != self.me && v.epoch <= params.epoch => {
+                Ok(local)
+            }
+            (Some(_), None) => Err(AgentError::Conflict(format!(
+                "volume {name:?}: full stream refused, this node already has a copy"
+            ))),
+            (Some(v), Some(base)) if !v.snapshots.contains(base) => Err(AgentError::Conflict(
+                format!("volume {name:?}: this copy does not hold base snapshot {base:?}"),
+            )),
+            (Some(v), _) if v.snapshots.contains(&params.snapshot) => {
+                Err(AgentError::Conflict(format!(
+                    "volume {name:?}: this copy already holds snapshot {:?}",
+                    params.snapshot
+                )))
+            }
+            _ => Ok(local),
+        }
+    }
+
+    /// `POST /v1/volumes/NAME/receive`: applies a pushed stream to this node's copy.
+    pub async fn receive(
+        &self,
+        name: &str,
+        params: ReceiveParams,
+        body: crate::idle::RequestBody,
+    ) -> Result<ReceiveReport, AgentError> {
+        let _lock = self.lock_volume(name).await;
+        let local = match self.check_receive(name, &params).await {
+            Ok(local) => local,
+            Err(e) => {
+                // An HTTP/1.1 client still writing the stream would see a broken connection
+                // instead of this answer: read the stream away first.
+                drain(body).await;
+                return Err(e);
+            }
+        };
+        let (n, b, s) = (
+            name.to_string(),
+            params.base.clone(),
+            params.snapshot.clone(),
+        );
+        let replace_stale = local.is_some() && params.base.is_none();
+        // A stale replica is replaced only once the stream verified (the sink swaps it in
+        // at `finish`); a refused or cut-off stream leaves it as it was.
+        let mut sink = match self
+            .blocking(move |be| be.receive(&n, b.as_deref(), &s, replace_stale))
+            .await
+        {
+            Ok(sink) => sink,
+            Err(e) => {
+                drain(body).await;
+                return Err(e);
+            }
+        };
+        let stream = body
+            .into_data_stream()
+            .map_err(|e| std::io::Error::other(e.to_string()));
+        let mut bridge = SyncIoBridge::new(StreamReader::new(stream));
+        let (bytes, sink) = tokio::task::spawn_blocking(move || {
+            match transfer::receive(&mut bridge, &mut sink) {
+                Ok(n) => Ok((n, sink)),
+                Err(e) => {
+                    // Dropping the sink unfinished discards the partial receive; read the
+                    // rest of the stream away so the sender gets this answer.
+                    drop(sink);
+                    let _ = std::io::copy(&mut bridge, &mut std::io::sink());
+                    Err(AgentError::from(e))
+                }
+            }
+        })
+        .await
+        .map_err(|e| AgentError::Internal(e.to_string()))??;
+        let (owner, epoch) =
+            ownership::received_record(local.as_ref(), &params.owner, params.epoch);
+        let record = Record { owner, epoch };
+        let writable = record.owner == self.me;
+        let (n, snap) = (name.to_string(), params.snapshot.clone());
+        let local = local.filter(|_| !replace_stale);
+        let quota = params.quota.filter(|_| local.is_none());
+        self.blocking(move |b| {
+            sink.finish()?;
+            b.set_record(&n, &record, writable, RecordOrder::TakeOver)?;
+            if let Some(q) = quota {
+                b.set_quota(&n, q)?;
+            }
+            if let Some(v) = b.get(&n)? {
+                for s in ownership::prunable(&v.snapshots, &snap) {
+                    b.destroy_snapshot(&n, &s)?;
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        tracing::info!(volume = name, from = %params.from, snapshot = %params.snapshot, bytes, "received");
+        Ok(ReceiveReport {
+            snapshot: params.snapshot,
+            bytes,
+        })
+    }
+
+    pub(super) async fn handoff(&self, name: &str, to: &str) -> Result<(), AgentError> {
+        let _lock = self.lock_volume(name).await;
+        let local = self
+            .local_volume(name)
+            .await?
+            .ok_or_else(|| AgentError::NotFound(format!("volume {name:?} does not exist here")))?;
+        if local.owner == self.me {
+            if let Some(c) = self.managed(name).await? {
+                if c.running {
+                    return Err(AgentError::Conflict(format!(
+                        "application {name:?} still runs here; stop it before handing its volume off"
+                    )));
+                }
+            }
+        }
+        let remote = if local.owner == to {
+            None
+        } else {
+            self.remote_volume(to, name).await?
+        };
+        let step = ownership::plan_handoff(
+            &self.me,
+            &local,
+            to,
+            remote.as_ref().map(|r| r.snapshots.as_slice()),
+        )?;
+        let epoch = match step {
+            HandoffStep::GiveAway { epoch } => {
+                self.prove_volume(name).await?;
+                let record = Record {
+                    owner: to.to_string(),
+                    epoch,
+                };
+                let n = name.to_string();
+                self.blocking(move |b| b.set_record(&n, &record, false, RecordOrder::GiveAway))
+                    .await?;
+                tracing::info!(volume = name, to, epoch, "recorded handoff");
+                epoch
+            }
+            HandoffStep::RetellTarget { epoch } => epoch,
+        };
+        let body = serde_json::to_vec(&TakeOverRequest {
+            epoch,
+            from: self.me.clone(),
+        })
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
+        let theirs: VolumeState = self
+            .peers
+            .json(
+                to,
+                Method::POST,
+                &format!("/v1/volumes/{name}/handoff"),
+                crate::peer::full(body),
+            )
+            .await?;
+        if theirs.owner != to || theirs.epoch != epoch {
+            return Err(AgentError::Conflict(format!(
+                "{to} reports volume {name:?} owned by {} at epoch {} after the handoff at epoch {epoch}",
+                theirs.owner, theirs.epoch
+            )));
+        }
+        tracing::info!(volume = name, to, epoch, "handoff complete");
+        Ok(())
+    }
+
+    /// `POST /v1/volumes/NAME/handoff`: this node becomes the owner at `epoch`.
+    pub async fn take_over(
+        &self,
+        name: &str,
+        request: TakeOverRequest,
+    ) -> Result<VolumeState, AgentError> {
+        check_name(name)?;
+        let _lock = self.lock_volume(name).await;
+        let local = self.local_volume(name).await?.ok_or_else(|| {
+            AgentError::NotFound(format!(
+                "volume {name:?} does not exist on this node ({}): push it first",
+                self.me
+            ))
+        })?;
+        match ownership::accept_ownership(&self.me, &local, &request.from, request.epoch)? {
+            TakeOver::AlreadyOwner => {}
+            TakeOver::Record => {
+                let record = Record {
+                    owner: self.me.clone(),
+                    epoch: request.epoch,
+                };
+                let n = name.to_string();
+                self.blocking(move |b| b.set_record(&n, &record, true, RecordOrder::TakeOver))
+                    .await?;
+                tracing::info!(volume = name, from = %request.from, epoch = request.epoch, "took ownership");
+            }
+        }
+        self.local_volume(name)
+            .await?
+            .ok_or_else(|| AgentError::NotFound(format!("volume {name:?} vanished")))
+    }
+
+    /// `GET /v1/volumes/NAME`.
+    pub async fn volume(&self, name: &str) -> Result<VolumeState, AgentError> {
+        check_name(name)?;
+        self.local_volume(name)
+            .await?
+            .ok_or_else(|| AgentError::NotFound(format!("volume {name:?} does not exist here")))
+    }
+}
+
+/// Reads a request body to its end (bounded in time), discarding it.
+pub async fn drain(body: crate::idle::RequestBody) {
+    let mut body = body;
+    let _ = tokio::time::timeout(Duration::from_secs(300), async {
+        while let Some(frame) = body.frame().await {
+            if frame.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+}

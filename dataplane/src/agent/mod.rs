@@ -1,0 +1,448 @@
+//! The agent's behaviour behind the API: reporting state and carrying out converge actions
+//! (containers, volumes, routes). `validate.rs` checks a converge request before anything
+//! happens; `migrate.rs` holds the migration protocol (push, receive, handoff, take-over). Everything it knows comes from Docker (labels),
+//! its volumes (ownership records) and the route file, so a restarted agent reports the same
+//! state as before.
+//!
+//! **Architecture invariant:** every request is checked completely before anything changes;
+//! a refused request (4xx) has no effect.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{Mutex, OwnedMutexGuard, mpsc};
+
+use flocker_wire::{
+    Action, Application, ContainerState, ConvergeEvent, ConvergeRequest, DesiredState, NodeState,
+    Route, VolumeState,
+};
+
+use crate::containers::{ContainerError, ContainerRuntime, ManagedContainer, container_spec};
+use crate::ownership::{self, OwnershipError};
+use crate::peer::{PeerClient, PeerError};
+use crate::routes::{Resolver, RouteStore, RoutesError};
+use crate::transfer;
+use crate::volume::mountinfo::{self, FsLocation};
+use crate::volume::{VolumeBackend, VolumeError};
+
+mod migrate;
+mod validate;
+
+pub use migrate::{ReceiveParams, ReceiveReport, TakeOverRequest, drain};
+
+/// Everything a request can fail with; [`AgentError::status`] maps it to HTTP.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Ownership(#[from] OwnershipError),
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error(transparent)]
+    Container(#[from] ContainerError),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    #[error(transparent)]
+    Routes(#[from] RoutesError),
+    #[error(transparent)]
+    Stream(#[from] transfer::TransferError),
+    #[error("transfer of volume {volume:?}: {detail}")]
+    Transfer { volume: String, detail: String },
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl AgentError {
+    /// The HTTP status: 4xx for what the caller got wrong, 5xx for what failed here.
+    pub fn status(&self) -> u16 {
+        match self {
+            AgentError::BadRequest(_) => 400,
+            AgentError::NotFound(_) => 404,
+            AgentError::Forbidden(_) => 403,
+            AgentError::Conflict(_) | AgentError::Ownership(_) => 409,
+            AgentError::Volume(VolumeError::InvalidName(_)) => 400,
+            AgentError::Volume(VolumeError::NotFound(_)) => 404,
+            AgentError::Volume(VolumeError::Exists(_)) => 409,
+            AgentError::Volume(VolumeError::NotProven { .. }) => 409,
+            AgentError::Container(ContainerError::ImageMissing { .. }) => 422,
+            AgentError::Routes(RoutesError::Table(_)) => 400,
+            // A stream that fails verification or ends early is the sender's fault; a sink
+            // that cannot take verified data (full pool) is ours.
+            AgentError::Stream(transfer::TransferError::Stream(
+                flocker_stream::StreamError::SinkWrite(_),
+            )) => 500,
+            AgentError::Stream(_) => 400,
+            AgentError::Peer(_) => 502,
+            _ => 500,
+        }
+    }
+}
+
+/// One node's agent.
+pub struct Agent {
+    me: String,
+    pub(crate) volumes: Arc<dyn VolumeBackend>,
+    pub(crate) runtime: Arc<dyn ContainerRuntime>,
+    peers: PeerClient,
+    routes: RouteStore,
+    /// Held by a converge from validation to its last action, and by each restart
+    /// supervision pass, so the supervisor never restarts what a converge is stopping.
+    pub(crate) converge_lock: Arc<Mutex<()>>,
+    volume_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// The agent API's own port, never routed to an application.
+    api_port: Option<u16>,
+    /// Restarts the supervisor made, per container name (cleared when a converge starts it).
+    pub(crate) restarts: std::sync::Mutex<HashMap<String, crate::supervisor::RestartMemory>>,
+}
+
+/// Progress events of one action.
+type Events = mpsc::Sender<ConvergeEvent>;
+
+impl Agent {
+    pub fn new(
+        me: String,
+        volumes: Arc<dyn VolumeBackend>,
+        runtime: Arc<dyn ContainerRuntime>,
+        peers: PeerClient,
+        routes: RouteStore,
+    ) -> Self {
+        Agent {
+            me,
+            volumes,
+            runtime,
+            peers,
+            routes,
+            converge_lock: Arc::new(Mutex::new(())),
+            volume_locks: std::sync::Mutex::new(HashMap::new()),
+            restarts: std::sync::Mutex::new(HashMap::new()),
+            api_port: None,
+        }
+    }
+
+    /// The port the agent API listens on, which routes must never take.
+    pub fn with_api_port(mut self, port: u16) -> Self {
+        self.api_port = Some(port);
+        self
+    }
+
+    pub fn address(&self) -> &str {
+        &self.me
+    }
+
+    pub fn volume_kind(&self) -> &'static str {
+        self.volumes.kind()
+    }
+
+    pub fn routing_name(&self) -> &'static str {
+        self.routes.backend_name()
+    }
+
+    /// One lock per volume name: a push, receive or handoff of V excludes the others on V,
+    /// while operations on different volumes (possibly waiting on each other across nodes)
+    /// never block each other.
+    async fn lock_volume(&self, name: &str) -> OwnedMutexGuard<()> {
+        let lock = match self.volume_locks.lock() {
+            Ok(mut map) => map.entry(name.to_string()).or_default().clone(),
+            Err(_) => Arc::new(Mutex::new(())),
+        };
+        lock.lock_owned().await
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn VolumeBackend) -> Result<T, VolumeError> + Send + 'static,
+    ) -> Result<T, AgentError> {
+        let backend = self.volumes.clone();
+        tokio::task::spawn_blocking(move || f(backend.as_ref()))
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?
+            .map_err(AgentError::from)
+    }
+
+    async fn local_volume(&self, name: &str) -> Result<Option<VolumeState>, AgentError> {
+        let name = name.to_string();
+        self.blocking(move |b| b.get(&name)).await
+    }
+
+    /// `GET /v1/state`.
+    pub async fn state(&self) -> Result<NodeState, AgentError> {
+        let mut containers = Vec::new();
+        for c in self.runtime.list_managed().await? {
+            let volume_problem = match &c.application.volume {
+                Some(spec) if c.running => {
+                    self.volume_problem(&c.name, &c.application.name, &spec.mountpoint)
+                        .await
+                }
+                _ => None,
+            };
+            containers.push(ContainerState {
+                application: c.application,
+                running: c.running,
+                ip: c.ip,
+                volume_problem,
+            });
+        }
+        let volumes = self.blocking(|b| b.list()).await?;
+        Ok(NodeState {
+            address: self.me.clone(),
+            containers,
+            volumes,
+            routes: self.routes.current(),
+        })
+    }
+
+    /// Whether a running container really runs on its volume: the volume is still proven
+    /// on the host, and the container's mount at `mountpoint` is that same filesystem and
+    /// directory (not the bare directory an unmounted volume left when it started).
+    async fn volume_problem(
+        &self,
+        container: &str,
+        volume: &str,
+        mountpoint: &str,
+    ) -> Option<String> {
+        let v = volume.to_string();
+        let host_path = match self.blocking(move |b| b.verify(&v)).await {
+            Ok(path) => path,
+            Err(e) => return Some(e.to_string()),
+        };
+        let pid = match self.runtime.details(container).await {
+            Ok(d) => d.pid?,
+            Err(e) => {
+                tracing::debug!(container, error = %e, "cannot inspect container");
+                return None;
+            }
+        };
+        let inside = std::path::PathBuf::from(mountpoint);
+        let read = move || -> std::io::Result<Option<(FsLocation, FsLocation)>> {
+            let host = mountinfo::parse(&std::fs::read_to_string("/proc/self/mountinfo")?);
+            let ctr = mountinfo::parse(&std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?);
+            Ok(mountinfo::locate(&host, &host_path).zip(mountinfo::locate(&ctr, &inside)))
+        };
+        match tokio::task::spawn_blocking(read).await {
+            Ok(Ok(Some((host, ctr)))) if host != ctr => Some(format!(
+                "the container's {mountpoint} is {ctr}, not its volume ({host}): it was started while \
+                 the volume was not mounted, and its writes do not reach the volume"
+            )),
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => {
+                tracing::debug!(container, error = %e, "cannot read mount tables");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(container, error = %e, "mount table task failed");
+                None
+            }
+        }
+    }
+
+    /// The proven path of `volume` (mounted first where safe): see [`VolumeBackend::prove`].
+    pub(crate) async fn prove_volume(
+        &self,
+        volume: &str,
+    ) -> Result<std::path::PathBuf, AgentError> {
+        let v = volume.to_string();
+        self.blocking(move |b| b.prove(&v)).await
+    }
+
+    async fn resolver(&self) -> Result<Resolver, AgentError> {
+        let containers = self
+            .runtime
+            .list_managed()
+            .await?
+            .into_iter()
+            .filter_map(|c| {
+                let ip: Ipv4Addr = c.ip.as_deref()?.parse().ok()?;
+                Some((c.application.name, ip))
+            })
+            .collect();
+        Ok(Resolver { containers })
+    }
+
+    /// Re-programs the recorded routes (agent start).
+    pub async fn reapply_routes(&self) -> Result<(), AgentError> {
+        let resolver = self.resolver().await?;
+        Ok(self.routes.reapply(&resolver)?)
+    }
+
+    /// `POST /v1/converge`: checks the whole request, then carries the actions out in
+    /// order on a task of its own (it finishes even if the caller goes away), streaming
+    /// events. Stops at the first failed action.
+    pub async fn converge(
+        self: &Arc<Self>,
+        request: ConvergeRequest,
+    ) -> Result<mpsc::Receiver<ConvergeEvent>, AgentError> {
+        let guard = crate::limits::converge_lock(&self.converge_lock).await?;
+        self.validate(&request).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            for action in &request.actions {
+                let step = step_name(action);
+                let _ = tx.send(ConvergeEvent::Started { step: step.clone() }).await;
+                tracing::info!(%step, "converge step");
+                match agent.execute(&request.desired, action, &step, &tx).await {
+                    Ok(()) => {
+                        let _ = tx.send(ConvergeEvent::Done { step }).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%step, error = %e, "converge step failed");
+                        let _ = tx
+                            .send(ConvergeEvent::Failed {
+                                step,
+                                error: e.to_string(),
+                            })
+                            .await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn execute(
+        &self,
+        desired: &DesiredState,
+        action: &Action,
+        step: &str,
+        events: &Events,
+    ) -> Result<(), AgentError> {
+        match action {
+            Action::CreateVolume {
+                volume,
+                maximum_size,
+            } => self.create_volume(volume, *maximum_size).await,
+            Action::StartApplication { application } => {
+                self.start_application(desired, application, false).await
+            }
+            Action::RestartApplication { application } => {
+                self.start_application(desired, application, true).await
+            }
+            Action::StopApplication { application } => self.stop_application(application).await,
+            Action::PushVolume { volume, to, last } => {
+                self.push_volume(volume, to, *last, step, events).await
+            }
+            Action::Handoff { volume, to } => self.handoff(volume, to).await,
+            Action::SetRoutes { routes } => self.set_routes(routes.clone()).await,
+        }
+    }
+
+    async fn create_volume(&self, name: &str, maximum_size: Option<u64>) -> Result<(), AgentError> {
+        let _lock = self.lock_volume(name).await;
+        match self.local_volume(name).await? {
+            Some(v) if v.owner == self.me => Ok(()),
+            Some(v) => Err(AgentError::Conflict(format!(
+                "create volume {name:?}: a copy already exists here, owned by {} at epoch {}",
+                v.owner, v.epoch
+            ))),
+            None => {
+                let (n, me) = (name.to_string(), self.me.clone());
+                self.blocking(move |b| b.create(&n, maximum_size, &me))
+                    .await
+            }
+        }
+    }
+
+    async fn managed(&self, application: &str) -> Result<Option<ManagedContainer>, AgentError> {
+        Ok(self
+            .runtime
+            .list_managed()
+            .await?
+            .into_iter()
+            .find(|c| c.application.name == application))
+    }
+
+    async fn start_application(
+        &self,
+        desired: &DesiredState,
+        app: &Application,
+        replace: bool,
+    ) -> Result<(), AgentError> {
+        let existing = self.managed(&app.name).await?;
+        let volume_path = match &app.volume {
+            Some(_) => {
+                // Ownership may have moved since validation (another request in between).
+                let v = self.local_volume(&app.name).await?.ok_or_else(|| {
+                    AgentError::Conflict(format!("volume {:?} does not exist here", app.name))
+                })?;
+                ownership::check_owner(&self.me, &v)?;
+                // Never start on a bare directory, even an existing container whose bind
+                // mount names the right path: the path must be the volume right now.
+                Some(self.prove_volume(&app.name).await?)
+            }
+            None => None,
+        };
+        self.forget_restarts(&app.name);
+        if let Some(c) = &existing {
+            if !replace && &c.application == app {
+                if !c.running {
+                    self.runtime.start(&c.name).await?;
+                }
+                return Ok(());
+            }
+        }
+        let spec = container_spec(app, volume_path.as_deref(), desired, &self.me)?;
+        if let Some(c) = existing {
+            self.runtime.stop_and_remove(&c.name).await?;
+        }
+        self.runtime.create_and_start(&spec).await?;
+        Ok(())
+    }
+
+    /// A converge (re)starts the application: the supervisor's restart count begins anew.
+    fn forget_restarts(&self, application: &str) {
+        if let Ok(mut r) = self.restarts.lock() {
+            r.remove(&crate::containers::container_name(application));
+        }
+    }
+
+    async fn stop_application(&self, application: &str) -> Result<(), AgentError> {
+        // Only a container carrying our labels is ever stopped, whatever its name.
+        if let Some(c) = self.managed(application).await? {
+            self.runtime.stop_and_remove(&c.name).await?;
+        } else {
+            tracing::debug!(application, "not running here, nothing to stop");
+        }
+        Ok(())
+    }
+
+    async fn set_routes(&self, routes: Vec<Route>) -> Result<(), AgentError> {
+        let resolver = self.resolver().await?;
+        Ok(self.routes.set(routes, &resolver)?)
+    }
+}
+
+/// A short human name of an action for progress events.
+pub fn step_name(action: &Action) -> String {
+    match action {
+        Action::CreateVolume { volume, .. } => format!("create-volume {volume}"),
+        Action::PushVolume { volume, to, last } => {
+            format!(
+                "push-volume {volume} to {to}{}",
+                if *last { " (last)" } else { "" }
+            )
+        }
+        Action::Handoff { volume, to } => format!("handoff {volume} to {to}"),
+        Action::StartApplication { application } => format!("start {}", application.name),
+        Action::StopApplication { application } => format!("stop {application}"),
+        Action::RestartApplication { application } => format!("restart {}", application.name),
+        Action::SetRoutes { routes } => format!("set-routes ({} routes)", routes.len()),
+    }
+}
+
+/// Used by the converge stream: one JSON line per event.
+pub fn event_line(event: &ConvergeEvent) -> Bytes {
+    let mut line = serde_json::to_vec(event).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}

@@ -1,0 +1,173 @@
+//! Validation of a converge request: everything that can be known to fail before acting,
+//! checked against what this node holds (its volumes, its listening ports, its own API port),
+//! with every value from the wire checked again as if no `flockerctl` had validated it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use flocker_wire::checks;
+use flocker_wire::{Action, Application, ConvergeRequest, Route, RouteTarget, VolumeState};
+
+use crate::ownership;
+use crate::volume::check_name;
+
+use super::{Agent, AgentError};
+
+impl Agent {
+    /// Everything that can be known to fail before acting. Pulls missing images, which
+    /// changes no state the API reports.
+    pub(super) async fn validate(&self, request: &ConvergeRequest) -> Result<(), AgentError> {
+        let volumes: BTreeMap<String, VolumeState> = self
+            .blocking(|b| b.list())
+            .await?
+            .into_iter()
+            .map(|v| (v.name.clone(), v))
+            .collect();
+        let mut created: Vec<&str> = Vec::new();
+        let bad = |s: String| Err(AgentError::BadRequest(s));
+        // Everything the request carries is checked again here, as if no flockerctl had
+        // validated it: names end up in paths and commands, ports in the node's routing.
+        let problems = checks::desired_problems(&request.desired);
+        if !problems.is_empty() {
+            return bad(format!("invalid desired state: {}", problems.join("; ")));
+        }
+        for action in &request.actions {
+            match action {
+                Action::CreateVolume { volume, .. } => {
+                    check_name(volume)?;
+                    if let Some(v) = volumes.get(volume) {
+                        if v.owner != self.me {
+                            return Err(AgentError::Conflict(format!(
+                                "create volume {volume:?}: a copy already exists here, owned by {} at epoch {}",
+                                v.owner, v.epoch
+                            )));
+                        }
+                    }
+                    created.push(volume);
+                }
+                Action::StartApplication { application }
+                | Action::RestartApplication { application } => {
+                    self.validate_application(request, application, &volumes, &created)?;
+                    self.runtime
+                        .ensure_image(&application.image.to_string())
+                        .await?;
+                }
+                Action::StopApplication { application } => check_name(application)?,
+                Action::PushVolume { volume, to, .. } | Action::Handoff { volume, to } => {
+                    check_name(volume)?;
+                    if to == &self.me {
+                        return bad(format!(
+                            "volume {volume:?}: cannot push or hand off to this node itself ({to})"
+                        ));
+                    }
+                    if !request.desired.nodes.contains_key(to) {
+                        return bad(format!(
+                            "volume {volume:?}: target {to:?} is not a node of the desired state"
+                        ));
+                    }
+                    let Some(v) = volumes.get(volume) else {
+                        return Err(AgentError::NotFound(format!(
+                            "volume {volume:?} does not exist on this node ({})",
+                            self.me
+                        )));
+                    };
+                    if v.owner != self.me && &v.owner != to {
+                        ownership::check_owner(&self.me, v)?;
+                    }
+                }
+                Action::SetRoutes { routes } => self.validate_routes(request, routes)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Routes are programmed into the node's kernel: every port and target is checked.
+    fn validate_routes(
+        &self,
+        request: &ConvergeRequest,
+        routes: &[Route],
+    ) -> Result<(), AgentError> {
+        let bad = |s: String| Err(AgentError::BadRequest(s));
+        let listening = crate::listeners::listening_ports();
+        let already: BTreeSet<u16> = self
+            .routes
+            .current()
+            .iter()
+            .map(|r| r.external_port)
+            .collect();
+        let mut seen = BTreeMap::new();
+        for r in routes {
+            let port = r.external_port;
+            if let Some(first) = seen.insert(port, &r.application) {
+                return bad(format!(
+                    "set routes: external port {port} is routed twice (applications {first:?} and {:?})",
+                    r.application
+                ));
+            }
+            if port == 0 {
+                return bad(format!("set routes: {:?} routes port 0", r.application));
+            }
+            if Some(port) == self.api_port {
+                return bad(format!(
+                    "set routes: external port {port} of {:?} is this agent's API port; routing it would cut the node off",
+                    r.application
+                ));
+            }
+            if listening.contains(&port) && !already.contains(&port) {
+                return bad(format!(
+                    "set routes: external port {port} of {:?} is held by a service of this node ({}), which a route would take over: stop that service or choose another port",
+                    r.application, self.me
+                ));
+            }
+            match &r.target {
+                RouteTarget::Local { internal_port } => {
+                    if !request.desired.applications.contains_key(&r.application) {
+                        return bad(format!(
+                            "set routes: local route to unknown application {:?}",
+                            r.application
+                        ));
+                    }
+                    if *internal_port == 0 {
+                        return bad(format!("set routes: {:?} routes to port 0", r.application));
+                    }
+                }
+                RouteTarget::Node { address } => {
+                    if !request.desired.nodes.contains_key(address) || address == &self.me {
+                        return bad(format!(
+                            "set routes: port {port} of {:?} is routed to {address:?}, which is not another node of the desired state",
+                            r.application
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_application(
+        &self,
+        request: &ConvergeRequest,
+        app: &Application,
+        volumes: &BTreeMap<String, VolumeState>,
+        created: &[&str],
+    ) -> Result<(), AgentError> {
+        check_name(&app.name)?;
+        if !request.desired.applications.contains_key(&app.name) {
+            return Err(AgentError::BadRequest(format!(
+                "unknown application {:?}: not in the desired state",
+                app.name
+            )));
+        }
+        if app.volume.is_some() && !created.contains(&app.name.as_str()) {
+            match volumes.get(&app.name) {
+                None => {
+                    return Err(AgentError::Conflict(format!(
+                        "application {:?} needs volume {:?}, which does not exist on this node ({})",
+                        app.name, app.name, self.me
+                    )));
+                }
+                Some(v) => ownership::check_owner(&self.me, v)?,
+            }
+        }
+        Ok(())
+    }
+}

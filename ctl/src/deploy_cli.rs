@@ -64,6 +64,7 @@ fn run_deploy(
     let started = Instant::now();
     runtime()?.block_on(async {
         let current = deploy::gather_state(&client, desired.nodes.keys()).await?;
+        warn_volume_problems(&current);
         let plan = planner::plan(desired, &current);
         if output == Output::Text {
             print!("{}", render::plan_text(&plan));
@@ -118,6 +119,22 @@ pub fn status(
             Outcome::Success
         }
         Err(e) => fail(&e, output),
+    }
+}
+
+/// A container that runs without its volume (not mounted, or started on the bare directory)
+/// is left running, since its writes since then need a person's decision; the deploy says
+/// so on stderr rather than report the cluster healthy.
+fn warn_volume_problems(state: &ClusterState) {
+    for (node, n) in &state.nodes {
+        for c in &n.containers {
+            if let Some(problem) = &c.volume_problem {
+                eprintln!(
+                    "flockerctl: warning: {node}: application {:?} runs without its volume: {problem}",
+                    c.application.name
+                );
+            }
+        }
     }
 }
 

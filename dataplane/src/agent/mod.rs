@@ -30,6 +30,10 @@ use crate::volume::{VolumeBackend, VolumeError};
 mod migrate;
 mod validate;
 
+/// The longest a single volume backend call (a `zfs` command, a directory copy for a `dir`
+/// snapshot) may take before the request fails.
+const STORAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 pub use migrate::{ReceiveParams, ReceiveReport, TakeOverRequest, drain};
 
 /// Everything a request can fail with; [`AgentError::status`] maps it to HTTP.
@@ -157,15 +161,25 @@ impl Agent {
         lock.lock_owned().await
     }
 
+    /// Runs a volume backend call on a blocking thread, waiting at most
+    /// [`STORAGE_TIMEOUT`]: a filesystem that stops answering (a wedged FUSE daemon) must
+    /// fail the request, not hold the converge lock forever. The stuck thread is abandoned.
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&dyn VolumeBackend) -> Result<T, VolumeError> + Send + 'static,
     ) -> Result<T, AgentError> {
         let backend = self.volumes.clone();
-        tokio::task::spawn_blocking(move || f(backend.as_ref()))
-            .await
-            .map_err(|e| AgentError::Internal(e.to_string()))?
-            .map_err(AgentError::from)
+        let call = tokio::task::spawn_blocking(move || f(backend.as_ref()));
+        match tokio::time::timeout(STORAGE_TIMEOUT, call).await {
+            Ok(joined) => joined
+                .map_err(|e| AgentError::Internal(e.to_string()))?
+                .map_err(AgentError::from),
+            Err(_) => Err(AgentError::Internal(format!(
+                "the {} volume backend did not answer within {} s (a hung filesystem or storage daemon?)",
+                self.volumes.kind(),
+                STORAGE_TIMEOUT.as_secs()
+            ))),
+        }
     }
 
     async fn local_volume(&self, name: &str) -> Result<Option<VolumeState>, AgentError> {

@@ -395,7 +395,10 @@ impl Lab {
                 let cgroup = self.cgroup.path().to_owned();
                 let (backend, timings) = self.node.run(move || -> anyhow::Result<_> {
                     let mut backend: Box<dyn RoutingBackend> = if peer == Peer::Ebpf {
-                        Box::new(EbpfBackend::open(Some(&cgroup))?)
+                        Box::new(EbpfBackend::open(
+                            Some(&cgroup),
+                            flocker_routing::settings::KernelSettings::in_memory().shared(),
+                        )?)
                     } else {
                         Box::new(NftBackend::new())
                     };

@@ -70,6 +70,7 @@ fn start_daemon() -> Option<String> {
         eprintln!("zfs: removing stale {PIDFILE} (no zfs-fuse process is running)");
         let _ = std::fs::remove_file(PIDFILE);
     }
+    crate::keep_descriptors_from_daemons();
     match Command::new("zfs-fuse")
         .args(["--pidfile", PIDFILE])
         .stdin(Stdio::null())

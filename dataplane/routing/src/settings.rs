@@ -188,7 +188,9 @@ impl KernelSettings {
     }
 
     fn write(&self, path: &str, value: &str) -> Result<(), SettingsError> {
-        fs::write(self.file(path), value).map_err(|source| SettingsError::Setting {
+        // With the newline: an empty write leaves a sysctl as it is, so an empty list (no
+        // reserved ports) could not be written back otherwise.
+        fs::write(self.file(path), format!("{value}\n")).map_err(|source| SettingsError::Setting {
             path: path.to_owned(),
             source,
         })

@@ -923,7 +923,19 @@ fn build_expr(expr: &Expr) -> NonNull<sys::nftnl_expr> {
                 let name = CString::new(*name).unwrap_or_default();
                 sys::nftnl_expr_set_str(e.as_ptr(), sys::NFTNL_EXPR_MT_NAME as u16, name.as_ptr());
                 set_u32(e, sys::NFTNL_EXPR_MT_REV, *rev);
-                set_data(e, sys::NFTNL_EXPR_MT_INFO, info);
+                // Unlike every other attribute we set, libnftnl keeps this pointer and frees it
+                // with the expression: it must be a malloc'd copy.
+                let copy = libc::malloc(info.len().max(1));
+                if copy.is_null() {
+                    std::process::abort();
+                }
+                std::ptr::copy_nonoverlapping(info.as_ptr(), copy.cast::<u8>(), info.len());
+                sys::nftnl_expr_set(
+                    e.as_ptr(),
+                    sys::NFTNL_EXPR_MT_INFO as u16,
+                    copy,
+                    info.len() as u32,
+                );
                 e
             }
             Expr::Accept => {

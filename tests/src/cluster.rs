@@ -242,6 +242,22 @@ impl Cluster {
         )
     }
 
+    /// Restarts a node's dockerd as a service manager would (SIGTERM, wait, start): Docker
+    /// rewrites its iptables chains on start. Its containers are not removed (those without
+    /// a restart policy stay stopped, as on a host).
+    pub fn restart_dockerd(&self, node: &ClusterNode) -> Result<()> {
+        let pidfile = node.dir.join("docker.pid");
+        kill_pidfile(&pidfile, "TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while pid_alive(&pidfile) {
+            if Instant::now() > deadline {
+                bail!("dockerd of {} did not stop within 20 s", node.name);
+            }
+            sleep(Duration::from_millis(200));
+        }
+        ensure_dockerd(node)
+    }
+
     /// Runs `flockerctl` against this cluster (its CA and user certificate).
     pub fn flockerctl(&self, args: &[&str]) -> Result<Output> {
         Command::new(&self.spec.ctl_binary)

@@ -441,7 +441,7 @@ pub fn udata_comment(mut data: &[u8]) -> Option<String> {
     while let [kind, len, rest @ ..] = data {
         let len = usize::from(*len);
         let value = rest.get(..len)?;
-        if u32::from(*kind) == sys::NFTNL_UDATA_RULE_COMMENT as u32 {
+        if u32::from(*kind) == sys::NFTNL_UDATA_RULE_COMMENT {
             let text = value.strip_suffix(&[0]).unwrap_or(value);
             return Some(String::from_utf8_lossy(text).into_owned());
         }

@@ -518,6 +518,33 @@ pub fn encode_delete_rules(
     Ok(finalize(batch, true))
 }
 
+/// Whether a datagram of nf_tables notifications adds or deletes a table, chain or rule
+/// (a truncated one counts as a change). Pure.
+pub fn touches_rules(mut data: &[u8]) -> bool {
+    const HEADER: usize = 16;
+    let subsys = (libc::NFNL_SUBSYS_NFTABLES as u16) << 8;
+    let kinds = [
+        libc::NFT_MSG_NEWTABLE,
+        libc::NFT_MSG_DELTABLE,
+        libc::NFT_MSG_NEWCHAIN,
+        libc::NFT_MSG_DELCHAIN,
+        libc::NFT_MSG_NEWRULE,
+        libc::NFT_MSG_DELRULE,
+    ]
+    .map(|k| subsys | k as u16);
+    while data.len() >= HEADER {
+        let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+        if len < HEADER || len > data.len() {
+            return true;
+        }
+        if kinds.contains(&u16::from_ne_bytes([data[4], data[5]])) {
+            return true;
+        }
+        data = &data[((len + 3) & !3).min(data.len())..];
+    }
+    !data.is_empty()
+}
+
 /// A chain as the kernel lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainInfo {
@@ -747,12 +774,13 @@ impl Events {
         Ok(Events(fd))
     }
 
-    /// Waits for the next notification: `true` when something changed (or notifications were
-    /// lost, which may hide a change), `false` on timeout.
+    /// Waits for the next notification: `true` when a table, chain or rule changed (or
+    /// notifications were lost, which may hide such a change), `false` on timeout or when
+    /// only set elements or generations changed (every route change of ours does that).
     pub fn wait(&self) -> Result<bool, NetlinkError> {
         let mut buf = [0u8; 8192];
         match recv(self.0.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-            Ok(_) => Ok(true),
+            Ok(n) => Ok(touches_rules(&buf[..n.min(buf.len())])),
             Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => Ok(false),
             Err(nix::errno::Errno::ENOBUFS) => Ok(true),
             Err(source) => Err(NetlinkError::Socket {
@@ -974,6 +1002,30 @@ mod tests {
         data.extend(nlmsgerr(8, -libc::EEXIST));
         let acks = parse_acks(&data).expect("well-formed");
         assert_eq!(acks, vec![(7, 0), (8, libc::EEXIST)]);
+    }
+
+    fn notification(kind: i32) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&20u32.to_ne_bytes());
+        m.extend_from_slice(&((10u16 << 8) | kind as u16).to_ne_bytes());
+        m.extend_from_slice(&[0; 14]);
+        m
+    }
+
+    #[test]
+    fn only_table_chain_and_rule_notifications_count_as_changes() {
+        let mut elements = notification(libc::NFT_MSG_NEWSETELEM);
+        elements.extend(notification(libc::NFT_MSG_DELSETELEM));
+        elements.extend(notification(libc::NFT_MSG_NEWGEN));
+        assert!(!touches_rules(&elements), "our route changes");
+        let mut flushed = elements.clone();
+        flushed.extend(notification(libc::NFT_MSG_DELRULE));
+        assert!(touches_rules(&flushed), "a rule deleted");
+        assert!(touches_rules(&notification(libc::NFT_MSG_NEWCHAIN)));
+        assert!(
+            touches_rules(&elements[..30]),
+            "truncated: may hide a change"
+        );
     }
 
     #[test]

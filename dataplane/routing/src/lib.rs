@@ -63,6 +63,8 @@ pub use table::{AddressResolver, RouteEntry, RouteTable, StaticResolver, TableEr
 pub enum RoutingError {
     #[error("nftables")]
     Netlink(#[from] nft::NetlinkError),
+    #[error("our rule in Docker's DOCKER-USER chain")]
+    DockerUser(#[from] nft::docker_user::DockerUserError),
     #[error("eBPF")]
     Ebpf(#[from] ebpf::EbpfError),
     #[error("kernel settings")]

@@ -408,7 +408,8 @@ fn with_reserved(current: &str, first: u16, last: u16) -> Option<String> {
     })
 }
 
-/// For logs: where a journal would be for `dir` and `node`.
+/// The journal of the agent of `node` in its state directory `dir` (per node: test clusters
+/// run several agents on one state directory).
 pub fn journal_path(dir: &Path, node: &str) -> PathBuf {
     dir.join(format!("kernel-settings-{node}"))
 }

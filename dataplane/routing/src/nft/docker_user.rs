@@ -46,6 +46,15 @@ const NFPROTO_IPV4: u8 = 2;
 const NF_INET_FORWARD: u32 = 2;
 const NF_DROP: u32 = 0;
 
+/// Why our rule could not be checked, kept or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerUserError {
+    #[error("nf_tables")]
+    Netlink(#[from] NetlinkError),
+    #[error("cannot start the DOCKER-USER watcher thread")]
+    Spawn(#[source] std::io::Error),
+}
+
 /// `-m connmark --mark ROUTED_MARK/ROUTED_MARK -m comment --comment RULE_COMMENT -j ACCEPT`.
 pub fn accept_rule() -> ForeignRule {
     // struct xt_connmark_mtinfo1 { u32 mark, mask; u8 invert; }, padded to XT_ALIGN (8).
@@ -145,12 +154,12 @@ fn legacy_filter_table() -> bool {
 }
 
 /// Reads the forward chains of this namespace (nothing is changed).
-pub fn check() -> Result<Assessment, NetlinkError> {
+pub fn check() -> Result<Assessment, DockerUserError> {
     Ok(assess(&netlink::list_chains()?, legacy_filter_table()))
 }
 
 /// Handles of our rules in `DOCKER-USER`.
-fn our_rules() -> Result<Vec<u64>, NetlinkError> {
+fn our_rules() -> Result<Vec<u64>, DockerUserError> {
     Ok(netlink::list_rules(FILTER_TABLE, DOCKER_USER)?
         .into_iter()
         .filter(|r| r.comment.as_deref() == Some(RULE_COMMENT))
@@ -160,7 +169,7 @@ fn our_rules() -> Result<Vec<u64>, NetlinkError> {
 
 /// Puts our rule at the head of `DOCKER-USER` if the chain exists and the rule is not in it
 /// (one copy: extra copies, say from two agents racing, are deleted).
-pub fn ensure() -> Result<Assessment, NetlinkError> {
+pub fn ensure() -> Result<Assessment, DockerUserError> {
     let assessment = check()?;
     if !assessment.docker_user {
         return Ok(assessment);
@@ -187,7 +196,7 @@ pub fn ensure() -> Result<Assessment, NetlinkError> {
 }
 
 /// Deletes our rules from `DOCKER-USER`; returns how many there were.
-pub fn remove() -> Result<usize, NetlinkError> {
+pub fn remove() -> Result<usize, DockerUserError> {
     let chains = netlink::list_chains()?;
     if !assess(&chains, false).docker_user {
         return Ok(0);
@@ -226,7 +235,7 @@ pub struct ForwardGuard {
 
 impl ForwardGuard {
     /// Subscribes to nf_tables notifications, ensures the rule now, then watches.
-    pub fn start() -> Result<ForwardGuard, NetlinkError> {
+    pub fn start() -> Result<ForwardGuard, DockerUserError> {
         let events = Events::subscribe(WAIT)?;
         let first = ensure()?;
         let warnings = Arc::new(Mutex::new(report(&first)));
@@ -236,10 +245,7 @@ impl ForwardGuard {
             std::thread::Builder::new()
                 .name("flk-docker-user".into())
                 .spawn(move || watch(&events, &warnings, &stop))
-                .map_err(|e| NetlinkError::Socket {
-                    call: "spawn the DOCKER-USER watcher",
-                    source: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)),
-                })?
+                .map_err(DockerUserError::Spawn)?
         };
         Ok(ForwardGuard {
             warnings,
@@ -261,7 +267,7 @@ impl ForwardGuard {
     }
 
     /// Stops watching, then deletes the rule. Must run in the guard's namespace.
-    pub fn stop_and_remove(mut self) -> Result<(), NetlinkError> {
+    pub fn stop_and_remove(mut self) -> Result<(), DockerUserError> {
         self.stop_thread();
         remove().map(|_| ())
     }

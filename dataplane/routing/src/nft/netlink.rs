@@ -1,7 +1,10 @@
 //! Encodes the plain-data ruleset of `plan.rs` into nf_tables netlink messages with libnftnl and
 //! sends each batch as one transaction. nftnl's safe API has no maps, map lookups, `fib` or
 //! `ct original`, so those are built here over `nftnl-sys`; this module holds all of the
-//! crate's netlink-related `unsafe`.
+//! crate's netlink-related `unsafe`. It also reads: chain and rule dumps (`list_chains`,
+//! `list_rules`, for `docker_user`), and nf_tables change notifications (`Events`); and it
+//! inserts and deletes single rules by handle in a chain of another table (only
+//! `docker_user`'s one rule is ever written there).
 
 use std::{
     ffi::{CString, c_char, c_void},

@@ -8,7 +8,13 @@
 //! node itself. Each measurement is a separate client process (this binary re-executed with
 //! `routing --client`), so the eBPF hooks see it in the node's cgroup only when it is local.
 //!
-//! Arguments: `--seconds S` per connection-rate sample (default 1), `--routes 1,1000,10000`.
+//! Arguments: `--seconds S` per connection-rate sample (default 1), `--rounds N` (default 3),
+//! `--routes 1,1000,10000`, `--docker`: a real dockerd in the node, so the ways are measured
+//! under Docker's defaults (iptables `FORWARD` policy `DROP`, the container on `docker0`).
+//! With `--docker`, only direct and the two backends are measured, and the direct baseline
+//! goes through an accept rule for the container's address in `DOCKER-USER`, as a user
+//! reaching a container directly on such a host must add; its table goes to
+//! `results/routing-docker.md`.
 
 use std::{
     fmt::Write as _,
@@ -20,7 +26,10 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
-use flocker_e2e::netns::{Cgroup, Netns, Switch, veth};
+use flocker_e2e::{
+    docker::Dockerd,
+    netns::{Cgroup, Netns, Switch, veth},
+};
 use flocker_routing::{RouteEntry, RouteTable, RoutingBackend, ebpf::EbpfBackend, nft::NftBackend};
 
 const NODE: &str = "198.18.1.1";
@@ -39,11 +48,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut seconds = 1.0f64;
     let mut rounds = 3usize;
     let mut route_counts = vec![1usize, 1000, 10_000];
+    let mut docker = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--seconds" => seconds = it.next().context("--seconds S")?.parse()?,
             "--rounds" => rounds = it.next().context("--rounds N")?.parse()?,
+            "--docker" => docker = true,
             "--routes" => {
                 route_counts = it
                     .next()
@@ -56,7 +67,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         }
     }
     let load_start = load_average();
-    let lab = Lab::build()?;
+    let lab = Lab::build(docker)?;
     let mut report = Report::default();
     // Every way is measured once per round and the rounds interleave, so a slow stretch of
     // the shared machine lowers one sample of every way rather than all samples of one way.
@@ -71,7 +82,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         let fwd = lab.iperf(false, &CTR.to_string(), IPERF_PORT)?;
         let loc = lab.iperf(true, &CTR.to_string(), IPERF_PORT)?;
         report.add_iperf(Peer::Direct, fwd, loc);
-        for peer in Peer::ALL.into_iter().filter(|p| *p != Peer::Direct) {
+        let measured =
+            |p: &Peer| *p != Peer::Direct && (!docker || matches!(p, Peer::Nftables | Peer::Ebpf));
+        for peer in Peer::ALL.into_iter().filter(measured) {
             for &n in &route_counts {
                 if matches!(peer, Peer::Socat | Peer::DirectTracked) && n != route_counts[0] {
                     continue;
@@ -106,7 +119,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     let text = report.render(rounds, seconds, &load_start, &load_average());
     println!("{text}");
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/routing.md");
+    let name = if docker {
+        "results/routing-docker.md"
+    } else {
+        "results/routing.md"
+    };
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
     std::fs::create_dir_all(out.parent().context("results dir")?)?;
     std::fs::write(&out, &text).with_context(|| format!("writing {}", out.display()))?;
     eprintln!("written to {}", out.display());
@@ -187,6 +205,8 @@ struct Setup {
 }
 
 struct Lab {
+    /// Dropped first: the node's dockerd (with `--docker`).
+    _dockerd: Option<Dockerd>,
     client: Netns,
     node: Netns,
     iperf_server: std::process::Child,
@@ -196,7 +216,7 @@ struct Lab {
 }
 
 impl Lab {
-    fn build() -> anyhow::Result<Lab> {
+    fn build(docker: bool) -> anyhow::Result<Lab> {
         let mut switch = Switch::create("bsw")?;
         let client = Netns::create("bcl")?;
         let node = Netns::create("bnode")?;
@@ -204,11 +224,33 @@ impl Lab {
         switch.plug(&client, "eth0", "198.18.1.100/24")?;
         switch.plug(&node, "eth0", &format!("{NODE}/24"))?;
         veth(&node, "ctr0", &ctr, "eth0")?;
-        node.ip(&["addr", "add", "198.19.9.1/24", "dev", "ctr0"])?;
+        let dockerd = if docker {
+            // Forwarding is left to dockerd, which then sets the FORWARD policy to DROP.
+            let dockerd = Dockerd::start(&node, "bnode", "198.19.9.1/24")?;
+            node.ip(&["link", "set", "ctr0", "master", "docker0"])?;
+            let status = node
+                .command("iptables")
+                .args([
+                    "-I",
+                    "DOCKER-USER",
+                    "-d",
+                    &format!("{CTR}/32"),
+                    "-j",
+                    "ACCEPT",
+                ])
+                .status()?;
+            ensure!(status.success(), "iptables -I DOCKER-USER");
+            Some(dockerd)
+        } else {
+            node.ip(&["addr", "add", "198.19.9.1/24", "dev", "ctr0"])?;
+            None
+        };
         ctr.ip(&["addr", "add", "198.19.9.2/24", "dev", "eth0"])?;
         ctr.ip(&["route", "add", "default", "via", "198.19.9.1"])?;
         client.ip(&["route", "add", "198.19.9.0/24", "via", NODE])?;
-        node.sysctl("net.ipv4.ip_forward", "1")?;
+        if !docker {
+            node.sysctl("net.ipv4.ip_forward", "1")?;
+        }
         // Tens of thousands of short connections per run: keep ports and conntrack slots
         // from running out. The node keeps Linux's default ephemeral range, which ends below
         // the ports the eBPF backend reserves for its translations (61000-65535): a range
@@ -247,6 +289,7 @@ impl Lab {
             cgroup,
             _ctr: ctr,
             _switch: switch,
+            _dockerd: dockerd,
         })
     }
 
@@ -395,7 +438,10 @@ impl Lab {
                 let cgroup = self.cgroup.path().to_owned();
                 let (backend, timings) = self.node.run(move || -> anyhow::Result<_> {
                     let mut backend: Box<dyn RoutingBackend> = if peer == Peer::Ebpf {
-                        Box::new(EbpfBackend::open(Some(&cgroup))?)
+                        Box::new(EbpfBackend::open(
+                            Some(&cgroup),
+                            flocker_routing::settings::KernelSettings::in_memory().shared(),
+                        )?)
                     } else {
                         Box::new(NftBackend::new())
                     };

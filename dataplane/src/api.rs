@@ -2,7 +2,7 @@
 //!
 //! | method | path | |
 //! | --- | --- | --- |
-//! | GET | `/v1/health` | liveness, address and backends |
+//! | GET | `/v1/health` | liveness, address, backends and routing warnings |
 //! | GET | `/v1/state` | [`flocker_wire::NodeState`] |
 //! | POST | `/v1/converge` | [`flocker_wire::ConvergeRequest`] in, NDJSON [`flocker_wire::ConvergeEvent`]s out |
 //! | GET | `/v1/volumes/NAME` | this node's copy of a volume |
@@ -113,6 +113,7 @@ pub async fn handle(
                 "api_version": flocker_wire::API_VERSION,
                 "volumes": agent.volume_kind(),
                 "routing": agent.routing_name(),
+                "routing_warnings": agent.routing_warnings(),
             }),
         )),
         (&Method::GET, ["v1", "state"]) => match caller.require_user("state") {

@@ -71,6 +71,7 @@ pub fn open_volumes(spec: &VolumeSpec) -> Result<Arc<dyn VolumeBackend>, VolumeE
 fn open_routing(
     choice: RoutingChoice,
     bpf_cgroup: Option<&std::path::Path>,
+    settings_journal: std::path::PathBuf,
 ) -> Result<Option<Box<dyn flocker_routing::RoutingBackend>>, StartError> {
     use flocker_routing::{BackendChoice, BackendConfig, open_backend};
     let choice = match choice {
@@ -87,6 +88,7 @@ fn open_routing(
     let config = BackendConfig {
         choice,
         cgroup_path: bpf_cgroup.map(std::path::Path::to_path_buf),
+        settings_journal: Some(settings_journal),
     };
     open_backend(&config)
         .map(Some)
@@ -136,7 +138,9 @@ pub async fn build(
             });
         }
     }
-    let routing = open_routing(config.routing, config.bpf_cgroup.as_deref())?;
+    // Per node, like the route file: test clusters run several agents on one state dir.
+    let journal = flocker_routing::settings::journal_path(&config.state_dir, &config.node_address);
+    let routing = open_routing(config.routing, config.bpf_cgroup.as_deref(), journal)?;
     // Named after the node so that several agents on one host (test clusters) can share a
     // state directory without sharing a route table.
     let route_file = config

@@ -94,6 +94,16 @@ impl RouteStore {
             .unwrap_or("none")
     }
 
+    /// What keeps routed connections from getting through, for health (see
+    /// `RoutingBackend::warnings`).
+    pub fn warnings(&self) -> Vec<String> {
+        self.backend
+            .lock()
+            .ok()
+            .and_then(|b| b.as_ref().map(|b| b.warnings()))
+            .unwrap_or_default()
+    }
+
     pub fn current(&self) -> Vec<Route> {
         self.routes.lock().map(|r| r.clone()).unwrap_or_default()
     }

@@ -14,7 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 
 use crate::images;
 
@@ -212,6 +212,7 @@ impl Cluster {
             fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
             agent.arg("--bpf-cgroup").arg(cgroup);
         }
+        crate::keep_descriptors_from_daemons();
         let child = agent
             .args(["--node-address", &node.address])
             .arg("--listen")
@@ -262,6 +263,22 @@ impl Cluster {
             &format!("{}:{AGENT_PORT}", node.address),
             Duration::from_secs(30),
         )
+    }
+
+    /// Restarts a node's dockerd as a service manager would (SIGTERM, wait, start): Docker
+    /// rewrites its iptables chains on start. Its containers are not removed (those without
+    /// a restart policy stay stopped, as on a host).
+    pub fn restart_dockerd(&self, node: &ClusterNode) -> Result<()> {
+        let pidfile = node.dir.join("docker.pid");
+        kill_pidfile(&pidfile, "TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while pid_alive(&pidfile) {
+            if Instant::now() > deadline {
+                bail!("dockerd of {} did not stop within 20 s", node.name);
+            }
+            sleep(Duration::from_millis(200));
+        }
+        ensure_dockerd(node)
     }
 
     /// Runs `flockerctl` against this cluster (its CA and user certificate).
@@ -467,14 +484,10 @@ fn destroy_pool(pool: &str) {
 fn ensure_dockerd(node: &ClusterNode) -> Result<()> {
     let pidfile = node.dir.join("docker.pid");
     if !pid_alive(&pidfile) {
-        // A node forwards (the agent turns this on anyway). dockerd sets the FORWARD policy
-        // to DROP when it finds forwarding off, which would drop every connection the
-        // routing DNATs into a container; a new namespace starts with the host's setting.
-        let forwarding = node
-            .command("sysctl")
-            .args(["-q", "-w", "net.ipv4.ip_forward=1"])
-            .status()?;
-        ensure!(forwarding.success(), "enable forwarding in {}", node.name);
+        // As on a real host, forwarding is left to dockerd: it turns it on, then sets the
+        // iptables FORWARD policy to DROP and creates DOCKER-USER, where the agent's
+        // nftables backend accepts what it routes.
+        crate::keep_descriptors_from_daemons();
         let log = fs::File::create(node.dir.join("dockerd.log"))?;
         let index: usize = node.name.trim_start_matches('n').parse().unwrap_or(1);
         node.command("dockerd")

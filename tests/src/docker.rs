@@ -34,6 +34,9 @@ pub struct Dockerd {
     child: Option<Child>,
     dir: PathBuf,
     socket: PathBuf,
+    /// `/var/run/netns/NAME` of the namespace it runs in.
+    netns: PathBuf,
+    bip: String,
 }
 
 impl Dockerd {
@@ -48,34 +51,73 @@ impl Dockerd {
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let socket = dir.join("docker.sock");
-        // dockerd sets the FORWARD policy to DROP when it finds forwarding off, which would
-        // drop what the routing DNATs into containers; a node forwards anyway.
-        netns.sysctl("net.ipv4.ip_forward", "1")?;
-        let log = std::fs::File::create(dir.join("dockerd.log")).context("dockerd log")?;
-        let child = netns
-            .command("dockerd")
+        let mut dockerd = Dockerd {
+            child: None,
+            dir,
+            socket,
+            netns: netns.path(),
+            bip: bip.to_owned(),
+        };
+        dockerd.spawn()?;
+        Ok(dockerd)
+    }
+
+    /// Starts the daemon the way a real host does: forwarding is left to dockerd, which turns
+    /// it on itself and then sets the iptables `FORWARD` policy to `DROP` (only what Docker
+    /// publishes passes), and creates `DOCKER-USER`.
+    fn spawn(&mut self) -> Result<()> {
+        crate::keep_descriptors_from_daemons();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("dockerd.log"))
+            .context("dockerd log")?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns.display()))
+            .arg("dockerd")
             .arg("--data-root")
-            .arg(dir.join("data"))
+            .arg(self.dir.join("data"))
             .arg("--exec-root")
-            .arg(dir.join("exec"))
+            .arg(self.dir.join("exec"))
             .arg("-H")
-            .arg(format!("unix://{}", socket.display()))
+            .arg(format!("unix://{}", self.socket.display()))
             .arg("--pidfile")
-            .arg(dir.join("docker.pid"))
+            .arg(self.dir.join("docker.pid"))
             .arg("--bip")
-            .arg(bip)
+            .arg(&self.bip)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("start dockerd (is docker.io installed?)")?;
-        let mut dockerd = Dockerd {
-            child: Some(child),
-            dir,
-            socket,
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// Stops dockerd (SIGTERM, as a service manager would) and starts it again; dockerd
+    /// rewrites its iptables chains on start. Containers stay (not removed), as on a host.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn()
+    }
+
+    /// SIGTERM, then SIGKILL after `STOP_TIMEOUT`.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
         };
-        dockerd.wait_ready()?;
-        Ok(dockerd)
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -147,23 +189,7 @@ impl Drop for Dockerd {
                 let _ = self.docker(&args);
             }
         }
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .output();
-            let deadline = Instant::now() + STOP_TIMEOUT;
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if Instant::now() < deadline => sleep(Duration::from_millis(200)),
-                    _ => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                }
-            }
-        }
+        self.stop();
         unmount_below(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }

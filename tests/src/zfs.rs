@@ -70,16 +70,9 @@ fn start_daemon() -> Option<String> {
         eprintln!("zfs: removing stale {PIDFILE} (no zfs-fuse process is running)");
         let _ = std::fs::remove_file(PIDFILE);
     }
-    // The daemon outlives this process, so it must not inherit descriptors that this process
-    // inherited (std opens its own close-on-exec): under `flock LOCK cargo test`, fd 3 is the
-    // lock, and a daemon holding it keeps the lock taken after the test has exited. The
-    // shell closes fds 3-9 (dash keeps its own saved descriptors at 10 and above).
-    match Command::new("sh")
-        .args([
-            "-c",
-            "exec 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&-; exec zfs-fuse --pidfile \"$0\"",
-            PIDFILE,
-        ])
+    crate::keep_descriptors_from_daemons();
+    match Command::new("zfs-fuse")
+        .args(["--pidfile", PIDFILE])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -327,6 +327,20 @@ fn scenario(routing: &str) -> Result<()> {
         "one handoff, epoch 2: {copies:?}"
     );
 
+    // 3b. dockerd restarts on n1, which now hosts nothing: Docker rewrites its chains (FORWARD
+    // policy DROP) and connections through n1 still reach redis on n2 and web on n3.
+    cluster.restart_dockerd(&n1)?;
+    let got = redis_at(&n1)?.command(&["GET", "key8"])?;
+    assert_eq!(
+        got.as_deref(),
+        Some("value8"),
+        "redis through n1 after dockerd restarted there"
+    );
+    assert!(
+        http_get(&n1, 8080)?.contains("flocker"),
+        "web through n1 after dockerd restarted there"
+    );
+
     // 4. A changed environment restarts web in place.
     let web_before = container_of(&n3, "busybox-flocker:latest")?.context("web on n3")?;
     let changed = files.write(

@@ -40,7 +40,7 @@ use crate::{
         plan::{ElementDiff, Scope},
     },
     pins::{self, Pins},
-    sysctl,
+    settings::{self, SharedSettings},
 };
 
 /// A failure loading, attaching or updating the BPF programs and maps.
@@ -664,17 +664,22 @@ pub struct EbpfBackend {
     cgroup: PathBuf,
     loaded: Option<Loaded>,
     outside: NftBackend,
+    settings: SharedSettings,
 }
 
 impl EbpfBackend {
     /// Loads and attaches the programs now, so an unsupported kernel is reported at open.
-    pub fn open(cgroup_path: Option<&Path>) -> Result<EbpfBackend, EbpfError> {
+    pub fn open(
+        cgroup_path: Option<&Path>,
+        settings: SharedSettings,
+    ) -> Result<EbpfBackend, EbpfError> {
         let cgroup = resolve_cgroup(cgroup_path)?;
         let loaded = Loaded::attach(&cgroup)?;
         Ok(EbpfBackend {
             cgroup,
             loaded: Some(loaded),
-            outside: NftBackend::with_scope(Scope::FromOutside),
+            outside: NftBackend::embedded(Scope::FromOutside, settings.clone()),
+            settings,
         })
     }
 }
@@ -704,8 +709,9 @@ impl RoutingBackend for EbpfBackend {
             // ours makes the node's netfilter run conntrack. Forwarding must be on for its
             // route lookups to succeed.
             if !loaded.sysctls_set {
-                sysctl::enable_forwarding()?;
-                sysctl::reserve_local_ports(SNAT_PORTS.0, SNAT_PORTS.1)?;
+                let mut settings = self.settings.lock().map_err(|_| RoutingError::Poisoned)?;
+                settings::enable_forwarding(&mut settings)?;
+                settings::reserve_local_ports(&mut settings, SNAT_PORTS.0, SNAT_PORTS.1)?;
                 loaded.sysctls_set = true;
             }
             return self.outside.apply(&RouteTable::default());
@@ -722,7 +728,18 @@ impl RoutingBackend for EbpfBackend {
             // An earlier agent's pinned programs, maps and links go too.
             None => pins::remove_current_namespace()?,
         }
-        self.outside.apply(&RouteTable::default())
+        self.outside.apply(&RouteTable::default())?;
+        self.settings
+            .lock()
+            .map_err(|_| RoutingError::Poisoned)?
+            .restore()?;
+        Ok(())
+    }
+
+    /// The TC program skips netfilter; only the nftables table, where it carries outside
+    /// traffic, can be dropped by a forward filter.
+    fn warnings(&self) -> Vec<String> {
+        self.outside.warnings()
     }
 }
 

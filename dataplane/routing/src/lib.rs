@@ -6,7 +6,7 @@
 //!
 //! **Architecture invariant:** the pure parts (`table`, `nft::plan`, the map-content functions
 //! of `ebpf`, the entry filter of `conntrack`) compute what the kernel should hold as plain
-//! data; `nft::netlink`, `conntrack`'s socket calls, `sysctl` and the aya calls in `ebpf` are
+//! data; `nft::netlink`, `conntrack`'s socket calls, `settings` and the aya calls in `ebpf` are
 //! the only code that touches the kernel. Netlink sockets are opened per call, in the network
 //! namespace of the calling thread.
 //!
@@ -30,12 +30,12 @@
 //!   bridge and sent back out of the port it came in on, which needs hairpin mode on that
 //!   bridge port (Docker sets it when its userland proxy is off). We leave Docker's ports
 //!   alone; the eBPF backend's TC program handles hairpin before the bridge code sees it.
-//! - A filter chain elsewhere that drops forwarded traffic still wins: Docker with its iptables
-//!   integration sets the `FORWARD` policy to DROP, which drops both forwarding to other nodes
-//!   and DNAT into containers on non-Docker-published ports. dockerd does so only when it
-//!   finds forwarding off at start, so enable `net.ipv4.ip_forward` before dockerd starts (the
-//!   test cluster does), or run dockerd with `--iptables=false`, or accept the traffic in
-//!   `DOCKER-USER`. We never edit other tables.
+//! - A forward filter that drops by policy: the nftables table marks the connections it
+//!   DNATs and keeps one accept rule for that mark in Docker's `DOCKER-USER` chain
+//!   (`nft::docker_user`), which gets them past Docker's `FORWARD` policy `DROP`. A dropping
+//!   forward chain anywhere else (firewalld, a hand-made `FORWARD DROP` without Docker, a
+//!   legacy iptables table) is not changed; it is reported by `RoutingBackend::warnings` and
+//!   logged loudly. The eBPF backend's TC path skips netfilter and is not affected.
 //! - Moving or removing a route deletes a map element, and committing a transaction that
 //!   deletes anything waits for an RCU grace period (10-20 ms here). The nftables backend
 //!   expedites grace periods for the length of such a transaction (`rcu`), which brings a move
@@ -49,7 +49,7 @@ pub mod mounts;
 pub mod nft;
 pub mod pins;
 pub mod rcu;
-pub mod sysctl;
+pub mod settings;
 pub mod table;
 
 use std::path::PathBuf;
@@ -63,10 +63,14 @@ pub use table::{AddressResolver, RouteEntry, RouteTable, StaticResolver, TableEr
 pub enum RoutingError {
     #[error("nftables")]
     Netlink(#[from] nft::NetlinkError),
+    #[error("our rule in Docker's DOCKER-USER chain")]
+    DockerUser(#[from] nft::docker_user::DockerUserError),
     #[error("eBPF")]
     Ebpf(#[from] ebpf::EbpfError),
     #[error("kernel settings")]
-    Sysctl(#[from] sysctl::SysctlError),
+    Settings(#[from] settings::SettingsError),
+    #[error("a routing thread panicked holding the kernel settings")]
+    Poisoned,
     #[error("eBPF pins")]
     Pins(#[from] pins::PinError),
 }
@@ -79,8 +83,14 @@ pub trait RoutingBackend: Send {
     /// before, in one atomic step per kernel object. Idempotent. An empty table removes
     /// everything, like [`RoutingBackend::clear`].
     fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError>;
-    /// Removes everything this backend installed.
+    /// Removes everything this backend installed, and puts back the kernel settings it
+    /// changed.
     fn clear(&mut self) -> Result<(), RoutingError>;
+    /// Problems that keep routed connections from getting through (a forward filter that
+    /// drops them), as sentences for logs and the health endpoint.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Which backend to open.
@@ -100,25 +110,31 @@ pub struct BackendConfig {
     /// The cgroup v2 directory the eBPF programs attach to; the host's root cgroup
     /// (`/sys/fs/cgroup`, or a cgroup2 mount of our own) when `None`.
     pub cgroup_path: Option<PathBuf>,
+    /// Where the original values of the kernel settings we change are journaled (in the
+    /// agent's state directory), so a restarted agent can put them back; in memory only when
+    /// `None`.
+    pub settings_journal: Option<PathBuf>,
 }
 
 /// Opens the chosen backend. `Auto` tries eBPF first and falls back to nftables, logging which
 /// one it uses and why.
 pub fn open_backend(config: &BackendConfig) -> Result<Box<dyn RoutingBackend>, RoutingError> {
+    let settings = settings::KernelSettings::open(config.settings_journal.clone())?.shared();
+    let cgroup = config.cgroup_path.as_deref();
     match config.choice {
         BackendChoice::Nftables => {
             info!(
                 backend = "nftables",
                 "routing backend chosen by configuration"
             );
-            Ok(Box::new(nft::NftBackend::new()))
+            Ok(Box::new(nft::NftBackend::with_settings(settings)))
         }
         BackendChoice::Ebpf => {
-            let backend = ebpf::EbpfBackend::open(config.cgroup_path.as_deref())?;
+            let backend = ebpf::EbpfBackend::open(cgroup, settings)?;
             info!(backend = "ebpf", "routing backend chosen by configuration");
             Ok(Box::new(backend))
         }
-        BackendChoice::Auto => match ebpf::EbpfBackend::open(config.cgroup_path.as_deref()) {
+        BackendChoice::Auto => match ebpf::EbpfBackend::open(cgroup, settings.clone()) {
             Ok(backend) => {
                 info!(backend = "ebpf", "routing backend: eBPF available");
                 Ok(Box::new(backend))
@@ -129,7 +145,7 @@ pub fn open_backend(config: &BackendConfig) -> Result<Box<dyn RoutingBackend>, R
                     error = %error_chain(&error),
                     "routing backend: eBPF unavailable, falling back to nftables"
                 );
-                Ok(Box::new(nft::NftBackend::new()))
+                Ok(Box::new(nft::NftBackend::with_settings(settings)))
             }
         },
     }

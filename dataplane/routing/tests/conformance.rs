@@ -1,9 +1,14 @@
 //! One conformance suite run against every routing backend, in network namespaces: three nodes
-//! and an outside client on a bridge, a "container" namespace behind node 1 (on a veth) and
-//! one behind node 2 (on a bridge, like Docker's), each running an echo server that prefixes
-//! its reply with its name.
+//! and an outside client on a bridge, a "container" namespace on the docker0 bridge of node 1
+//! and one on node 2's, each running an echo server that prefixes its reply with its name.
 //!
-//! Needs root, `ip`, `nft` (only to read rulesets) and `socat` (the clients).
+//! Every node runs a real `dockerd`, started as on a real host (forwarding left to Docker), so
+//! the suite runs under Docker's defaults: iptables `FORWARD` policy `DROP`, a `DOCKER-USER`
+//! chain, `br_netfilter` loaded. Halfway through, dockerd restarts on two nodes (it rewrites
+//! its chains) and `DOCKER-USER` is flushed on the third; routing must carry on.
+//!
+//! Needs root, `ip`, `nft` and `iptables` (only to read rulesets, and to flush a chain as
+//! Docker or firewalld may), `dockerd` and `socat` (the clients).
 
 use std::{
     io::{Read, Write},
@@ -15,7 +20,10 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
-use flocker_e2e::netns::{Cgroup, Netns, Switch};
+use flocker_e2e::{
+    docker::Dockerd,
+    netns::{Cgroup, Netns, Switch},
+};
 use flocker_routing::{
     BackendChoice, BackendConfig, RouteTable, RoutingBackend, StaticResolver, conntrack,
     open_backend,
@@ -30,6 +38,10 @@ fn node_ip(i: usize) -> String {
 }
 
 struct Lab {
+    // Dropped first: the daemons inside the namespaces.
+    dockerds: Vec<Dockerd>,
+    /// The agents' state directory: the kernel settings journals.
+    state: tempfile::TempDir,
     nodes: Vec<Netns>,
     cgroups: Vec<Cgroup>,
     outside: Netns,
@@ -71,38 +83,41 @@ impl Lab {
         }
         let outside = Netns::create(&format!("{tag}out"))?;
         switch.plug(&outside, "eth0", "198.18.0.100/24")?;
+        // Each node's dockerd owns the node's container network (docker0, 198.19.N.0/24).
+        let mut dockerds = Vec::new();
+        for (i, node) in nodes.iter().enumerate() {
+            dockerds.push(Dockerd::start(
+                node,
+                &format!("{tag}n{}", i + 1),
+                &format!("198.19.{}.1/24", i + 1),
+            )?);
+            let forward = nft(node, &["list", "chain", "ip", "filter", "FORWARD"])?;
+            ensure!(
+                forward.contains("policy drop"),
+                "dockerd in {} left the FORWARD policy at accept:\n{forward}",
+                node.name()
+            );
+        }
+        // The "containers" of nodes 1 and 2 hang off docker0, where Docker's own rules treat
+        // them as its containers (their traffic out is accepted, traffic in is not unless
+        // published). They are namespaces rather than Docker containers so that the echo
+        // servers run in this process.
         let mut containers = Vec::new();
         for (i, node) in nodes.iter().take(2).enumerate() {
             let c = Netns::create(&format!("{tag}c{}", i + 1))?;
             flocker_e2e::netns::veth(node, "ctr0", &c, "eth0")?;
-            // Node 1's container hangs off a plain veth; node 2's off a bridge, as Docker's
-            // containers hang off docker0.
-            let gateway_dev = if i == 1 {
-                node.ip(&["link", "add", "ctrbr", "type", "bridge"])?;
-                node.ip(&["link", "set", "ctr0", "master", "ctrbr"])?;
-                // As Docker sets it without its userland proxy: with br_netfilter loaded
-                // (dockerd loads it), a hairpin connection DNAT'd in the bridge goes back out
-                // of the port it came in on.
-                node.ip(&[
-                    "link",
-                    "set",
-                    "ctr0",
-                    "type",
-                    "bridge_slave",
-                    "hairpin",
-                    "on",
-                ])?;
-                node.ip(&["link", "set", "ctrbr", "up"])?;
-                "ctrbr"
-            } else {
-                "ctr0"
-            };
+            node.ip(&["link", "set", "ctr0", "master", "docker0"])?;
+            // As Docker sets it without its userland proxy: with br_netfilter loaded (dockerd
+            // loads it), a hairpin connection DNAT'd in the bridge goes back out of the port
+            // it came in on.
             node.ip(&[
-                "addr",
-                "add",
-                &format!("198.19.{}.1/24", i + 1),
-                "dev",
-                gateway_dev,
+                "link",
+                "set",
+                "ctr0",
+                "type",
+                "bridge_slave",
+                "hairpin",
+                "on",
             ])?;
             c.ip(&[
                 "addr",
@@ -139,6 +154,8 @@ impl Lab {
         serve(&containers[1], &format!("198.19.2.2:{PORT}"), "c2")?;
         serve(&nodes[0], &format!("{}:{UNROUTED_PORT}", node_ip(0)), "n1")?;
         Ok(Lab {
+            dockerds,
+            state: tempfile::tempdir()?,
             nodes,
             cgroups,
             outside,
@@ -283,6 +300,90 @@ fn nft(ns: &Netns, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A listed ruleset as its tables' chains, sets and maps, each with its table's name, in
+/// sorted order: dockerd recreates its chains when it restarts, which changes the order
+/// they are listed in but not what they hold.
+fn chains_of(ruleset: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut table = "";
+    let mut block: Option<String> = None;
+    for line in ruleset.lines() {
+        if line.starts_with("table ") {
+            table = line;
+        } else if let Some(current) = block.as_mut() {
+            current.push_str(line);
+            current.push('\n');
+            if line == "\t}" {
+                blocks.extend(block.take());
+            }
+        } else if line.starts_with('\t') && line.ends_with('{') {
+            block = Some(format!("{table}\n{line}\n"));
+        }
+    }
+    blocks.sort();
+    blocks
+}
+
+fn run_in(ns: &Netns, program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = ns.command(program).args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "{program} {args:?} in {}: {}",
+        ns.name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Within 3 s, `DOCKER-USER` holds our accept rule exactly once (`present`) or not at all;
+/// read through iptables, which proves Docker's own iptables calls still parse the chain.
+fn expect_docker_user_rule(node: &Netns, present: bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let chain = run_in(node, "iptables", &["-S", "DOCKER-USER"])?;
+        let ours = chain
+            .lines()
+            .filter(|l| l.contains(flocker_routing::nft::docker_user::RULE_COMMENT))
+            .collect::<Vec<_>>();
+        let ok = if present {
+            ours.len() == 1
+                && ours[0].contains("-m connmark --mark 0x800000/0x800000")
+                && ours[0].ends_with("-j ACCEPT")
+                && chain.lines().nth(1).is_some_and(|first| first == ours[0])
+        } else {
+            ours.is_empty()
+        };
+        if ok {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "DOCKER-USER in {} (our rule expected: {present}):\n{chain}",
+            node.name()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The per-namespace settings the backends change, and the host's RCU switch.
+fn kernel_settings(node: &Netns) -> anyhow::Result<Vec<String>> {
+    use flocker_routing::settings::{
+        IP_FORWARD, RCU_EXPEDITED, RESERVED_PORTS, RP_FILTER_ALL, RP_FILTER_DEFAULT,
+    };
+    node.run(|| {
+        [
+            IP_FORWARD,
+            RP_FILTER_ALL,
+            RP_FILTER_DEFAULT,
+            RESERVED_PORTS,
+            RCU_EXPEDITED,
+        ]
+        .iter()
+        .map(|p| Ok(format!("{p}={}", std::fs::read_to_string(p)?.trim())))
+        .collect::<anyhow::Result<Vec<String>>>()
+    })?
+}
+
 const FOREIGN: &str = "table ip foreign {
     set blocked { type ipv4_addr; elements = { 198.18.5.5 } }
     chain input { type filter hook input priority 0; policy accept; ct state established accept; tcp dport 9999 counter accept; }
@@ -326,9 +427,15 @@ fn open_all(lab: &Lab, choice: BackendChoice) -> anyhow::Result<Vec<Box<dyn Rout
         .iter()
         .zip(&lab.cgroups)
         .map(|(node, cg)| {
+            // As the agent does: a restarted backend learns from the journal which settings
+            // the one before it changed, and what they were.
             let config = BackendConfig {
                 choice,
                 cgroup_path: Some(cg.path().to_owned()),
+                settings_journal: Some(flocker_routing::settings::journal_path(
+                    lab.state.path(),
+                    node.name(),
+                )),
             };
             Ok(node.run(|| open_backend(&config))??)
         })
@@ -405,10 +512,16 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
         .context("nft stdin")?
         .write_all(FOREIGN.as_bytes())?;
     ensure!(load.wait()?.success(), "loading the foreign table");
+    // Stateless (no counters): Docker's rules count the packets that pass.
     let ruleset_before: Vec<String> = lab
         .nodes
         .iter()
-        .map(|n| nft(n, &["list", "ruleset"]))
+        .map(|n| nft(n, &["-s", "list", "ruleset"]))
+        .collect::<anyhow::Result<_>>()?;
+    let settings_before: Vec<Vec<String>> = lab
+        .nodes
+        .iter()
+        .map(kernel_settings)
         .collect::<anyhow::Result<_>>()?;
     let foreign_before = nft(&lab.nodes[0], &["list", "table", "ip", "foreign"])?;
 
@@ -421,6 +534,9 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     apply_all(&lab, &mut backends, &tables(0)?)?;
     // Applying the same table again changes nothing (idempotent).
     apply_all(&lab, &mut backends, &tables(0)?)?;
+    for node in &lab.nodes {
+        expect_docker_user_rule(node, choice == BackendChoice::Nftables)?;
+    }
     check_reachable(&lab, 0, "c1")?;
     // Many connections, into the hosting node and on from another one.
     expect_burst(
@@ -577,6 +693,38 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     }
     expect_reaches("after restart", &lab.outside, None, &node_ip(2), PORT, "c1")?;
 
+    // dockerd restarts on nodes 1 and 3 (it rewrites its chains on start), and DOCKER-USER is
+    // flushed on node 2 (as firewalld reloads or other Docker versions do): our rule comes
+    // back by itself, and everything still routes.
+    let mut lab = lab;
+    for i in [0, 2] {
+        lab.dockerds[i].restart()?;
+    }
+    // Rewritten as its owner would: flushed, then its own rule put back.
+    run_in(&lab.nodes[1], "iptables", &["-F", "DOCKER-USER"])?;
+    run_in(
+        &lab.nodes[1],
+        "iptables",
+        &["-A", "DOCKER-USER", "-j", "RETURN"],
+    )?;
+    for node in &lab.nodes {
+        let forward = nft(node, &["list", "chain", "ip", "filter", "FORWARD"])?;
+        ensure!(
+            forward.contains("policy drop"),
+            "FORWARD policy after the restart:\n{forward}"
+        );
+        expect_docker_user_rule(node, choice == BackendChoice::Nftables)?;
+    }
+    check_reachable(&lab, 0, "c1")?;
+    expect_burst(
+        "burst via node3 after dockerd restarted",
+        &lab.outside,
+        &node_ip(2),
+        PORT,
+        "c1",
+        50,
+    )?;
+
     // Move the application to node 2: new connections follow.
     // Conntrack entries of TCP connections to `port` on a node, narrowed by `filter`.
     let count = |node: &Netns, port: u16, filter: &[&str]| -> anyhow::Result<usize> {
@@ -656,6 +804,7 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
         ],
     )?;
     for i in 0..3 {
+        expect_docker_user_rule(&lab.nodes[i], false)?;
         expect_closed("removed route", &lab.outside, &node_ip(i), PORT)?;
         ensure!(
             dial(
@@ -687,9 +836,19 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     )?;
     for (node, before) in lab.nodes.iter().zip(&ruleset_before) {
         ensure!(
-            &nft(node, &["list", "ruleset"])? == before,
-            "ruleset of {} not as found",
-            node.name()
+            chains_of(&nft(node, &["-s", "list", "ruleset"])?) == chains_of(before),
+            "ruleset of {} not as found:\n{before}\n---\n{}",
+            node.name(),
+            nft(node, &["-s", "list", "ruleset"])?
+        );
+    }
+    // Every kernel setting the backends changed is back as it was.
+    for (node, before) in lab.nodes.iter().zip(&settings_before) {
+        ensure!(
+            &kernel_settings(node)? == before,
+            "kernel settings of {} not restored: {before:?} before, {:?} now",
+            node.name(),
+            kernel_settings(node)?
         );
     }
     for (node, backend) in lab.nodes.iter().zip(backends.iter_mut()) {

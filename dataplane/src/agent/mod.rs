@@ -150,6 +150,11 @@ impl Agent {
         self.routes.backend_name()
     }
 
+    /// Problems with routing on this node (a forward filter dropping routed connections).
+    pub fn routing_warnings(&self) -> Vec<String> {
+        self.routes.warnings()
+    }
+
     /// One lock per volume name: a push, receive or handoff of V excludes the others on V,
     /// while operations on different volumes (possibly waiting on each other across nodes)
     /// never block each other.

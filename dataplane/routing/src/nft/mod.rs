@@ -1,16 +1,26 @@
 //! The nftables backend: one table `ip flocker` programmed over netlink. The ruleset is fixed
 //! and built once per backend instance; every later change is a diff of the `routes` map's
-//! elements sent as one transaction.
+//! elements sent as one transaction. While routes are installed, `docker_user` keeps one
+//! accept rule in Docker's `DOCKER-USER` chain, so Docker's `FORWARD` policy `DROP` does not
+//! drop the connections the table routes.
 //!
-//! **Architecture invariant:** only the table `ip flocker` is ever created, changed or
-//! deleted; other tables (Docker's, firewalld's) are never read or written.
+//! **Architecture invariant:** the table `ip flocker` is the only table ever created, changed
+//! or deleted; in other tables, only our one rule in `ip filter DOCKER-USER` (recognised by
+//! its comment) is ever added or removed. Other tables' chains are read only to detect forward
+//! filters that would drop routed connections.
 
+pub mod docker_user;
 pub mod netlink;
 pub mod plan;
 
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use crate::{RouteTable, RoutingBackend, RoutingError, conntrack::Janitor, sysctl};
+use crate::{
+    RouteTable, RoutingBackend, RoutingError,
+    conntrack::Janitor,
+    settings::{self, KernelSettings, SharedSettings},
+};
+use docker_user::ForwardGuard;
 use plan::{ElementDiff, MapElement, Ruleset, Scope};
 
 pub use netlink::NetlinkError;
@@ -25,26 +35,67 @@ pub struct NftBackend {
     known_absent: bool,
     /// Forgets conntrack entries of moved ports off the apply path.
     janitor: Janitor,
+    /// The kernel settings we changed and their originals.
+    settings: SharedSettings,
+    /// Whether clearing this backend puts the kernel settings back (not when it is the
+    /// eBPF backend's outside table: the eBPF backend still needs them then).
+    restores_settings: bool,
+    /// Our rule in `DOCKER-USER`, kept while the table is installed.
+    forward: Option<ForwardGuard>,
+    /// Warnings from the last look at the forward filters when no guard runs.
+    forward_warnings: Vec<String>,
 }
 
 impl NftBackend {
-    /// A backend handling all traffic: from outside, from the node itself, masquerade.
+    /// A backend handling all traffic (from outside, from the node itself, masquerade),
+    /// keeping the originals of the kernel settings it changes in memory only.
     pub fn new() -> NftBackend {
-        NftBackend::with_scope(Scope::All)
+        NftBackend::with_settings(KernelSettings::in_memory().shared())
     }
 
-    /// `Scope::FromOutside` is the part the eBPF backend delegates to nftables.
-    pub fn with_scope(scope: Scope) -> NftBackend {
+    /// As [`NftBackend::new`], with the settings (and their journal) given, and a first look
+    /// at the forward filters, whose problems are logged loudly.
+    pub fn with_settings(settings: SharedSettings) -> NftBackend {
+        let mut backend = NftBackend::embedded(Scope::All, settings);
+        backend.restores_settings = true;
+        backend.forward_warnings = match docker_user::check() {
+            Ok(assessment) => {
+                if assessment.docker_user {
+                    info!(
+                        "forward filter: Docker's DOCKER-USER chain found; routed connections will be accepted there while routes are installed"
+                    );
+                }
+                docker_user::report(&assessment)
+            }
+            Err(error) => {
+                warn!(error = %crate::error_chain(&error), "forward filter: cannot read the forward chains");
+                Vec::new()
+            }
+        };
+        backend
+    }
+
+    /// `Scope::FromOutside` is the part the eBPF backend delegates to nftables; it shares the
+    /// eBPF backend's settings, and leaves restoring them to it.
+    pub fn embedded(scope: Scope, settings: SharedSettings) -> NftBackend {
         NftBackend {
             scope,
             installed: None,
             known_absent: false,
             janitor: Janitor::spawn(),
+            settings,
+            restores_settings: false,
+            forward: None,
+            forward_warnings: Vec::new(),
         }
     }
 
     fn rebuild(&mut self, wanted: &RouteTable) -> Result<(), RoutingError> {
-        sysctl::enable_forwarding()?;
+        {
+            let mut settings = self.settings.lock().map_err(|_| RoutingError::Poisoned)?;
+            settings::enable_forwarding(&mut settings)?;
+            settings.note_rcu_expedited()?;
+        }
         let elements: Vec<MapElement> = plan::map_elements(wanted)
             .iter()
             .map(|(port, backend)| MapElement {
@@ -60,6 +111,45 @@ impl NftBackend {
         );
         self.installed = Some(wanted.clone());
         self.known_absent = false;
+        if self.forward.is_none() {
+            // Without the rule the table still routes where nothing drops forwarded packets,
+            // so a failure here is a warning, not a failed apply.
+            match ForwardGuard::start() {
+                Ok(guard) => self.forward = Some(guard),
+                Err(error) => {
+                    let text = format!(
+                        "cannot keep the DOCKER-USER accept rule: {}",
+                        crate::error_chain(&error)
+                    );
+                    warn!(warning = %text, "forward filter");
+                    self.forward_warnings = vec![text];
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Problems found with the forward filters: the guard's latest, or those seen last.
+    pub fn warnings(&self) -> Vec<String> {
+        match &self.forward {
+            Some(guard) => guard.warnings(),
+            None => self.forward_warnings.clone(),
+        }
+    }
+
+    /// Removes the table and our `DOCKER-USER` rule, leaving the kernel settings alone.
+    fn remove(&mut self) -> Result<(), RoutingError> {
+        if let Some(guard) = self.forward.take() {
+            guard.stop_and_remove()?;
+        } else if self.installed.is_none() && !self.known_absent {
+            // A rule an earlier agent left behind.
+            docker_user::remove()?;
+        }
+        netlink::send(&netlink::encode_delete_table())?;
+        if self.installed.take().is_some() {
+            info!("nftables: table ip flocker removed");
+        }
+        self.known_absent = true;
         Ok(())
     }
 }
@@ -107,11 +197,32 @@ impl RoutingBackend for NftBackend {
     }
 
     fn clear(&mut self) -> Result<(), RoutingError> {
-        netlink::send(&netlink::encode_delete_table())?;
-        if self.installed.take().is_some() {
-            info!("nftables: table ip flocker removed");
+        self.remove()?;
+        if self.restores_settings {
+            self.settings
+                .lock()
+                .map_err(|_| RoutingError::Poisoned)?
+                .restore()?;
         }
-        self.known_absent = true;
         Ok(())
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        NftBackend::warnings(self)
+    }
+}
+
+impl Drop for NftBackend {
+    /// The agent stops: the routes stay, and with them the settings they need and our
+    /// `DOCKER-USER` rule (the next agent takes them over); only the transient RCU switch,
+    /// which no commit holds any more, is forgotten.
+    fn drop(&mut self) {
+        if self.restores_settings {
+            if let Ok(mut settings) = self.settings.lock() {
+                if let Err(error) = settings.release_transient() {
+                    warn!(error = %crate::error_chain(&error), "kernel settings journal");
+                }
+            }
+        }
     }
 }

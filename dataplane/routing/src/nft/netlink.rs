@@ -1,7 +1,10 @@
 //! Encodes the plain-data ruleset of `plan.rs` into nf_tables netlink messages with libnftnl and
 //! sends each batch as one transaction. nftnl's safe API has no maps, map lookups, `fib` or
 //! `ct original`, so those are built here over `nftnl-sys`; this module holds all of the
-//! crate's netlink-related `unsafe`.
+//! crate's netlink-related `unsafe`. It also reads: chain and rule dumps (`list_chains`,
+//! `list_rules`, for `docker_user`), and nf_tables change notifications (`Events`); and it
+//! inserts and deletes single rules by handle in a chain of another table (only
+//! `docker_user`'s one rule is ever written there).
 
 use std::{
     ffi::{CString, c_char, c_void},
@@ -369,6 +372,434 @@ unsafe impl NlMsg for ElementsMsg<'_> {
     }
 }
 
+/// A rule in a chain of someone else's table, built over `nftnl-sys` so that it can be
+/// inserted at the head of its chain (nftnl's `Rule` always appends) and deleted by handle.
+struct RawRule(NonNull<sys::nftnl_rule>);
+
+impl RawRule {
+    fn new(family: u32, table: &str, chain: &str) -> Result<RawRule, NetlinkError> {
+        let table = CString::new(table).map_err(|_| NetlinkError::Alloc)?;
+        let chain = CString::new(chain).map_err(|_| NetlinkError::Alloc)?;
+        // SAFETY: nftnl_rule_alloc returns an owned object or null; the string setters copy.
+        unsafe {
+            let rule = NonNull::new(sys::nftnl_rule_alloc()).ok_or(NetlinkError::Alloc)?;
+            sys::nftnl_rule_set_u32(rule.as_ptr(), sys::NFTNL_RULE_FAMILY as u16, family);
+            sys::nftnl_rule_set_str(rule.as_ptr(), sys::NFTNL_RULE_TABLE as u16, table.as_ptr());
+            sys::nftnl_rule_set_str(rule.as_ptr(), sys::NFTNL_RULE_CHAIN as u16, chain.as_ptr());
+            Ok(RawRule(rule))
+        }
+    }
+
+    fn add_expr(&mut self, expr: &Expr) {
+        // SAFETY: the rule takes ownership of the freshly built expression.
+        unsafe { sys::nftnl_rule_add_expr(self.0.as_ptr(), build_expr(expr).as_ptr()) }
+    }
+
+    /// The comment as nft and iptables store it: a NUL-terminated string in the rule's
+    /// userdata, type `NFTNL_UDATA_RULE_COMMENT`.
+    fn set_comment(&mut self, comment: &str) -> Result<(), NetlinkError> {
+        let data = comment_udata(comment).ok_or(NetlinkError::Alloc)?;
+        // SAFETY: the setter copies `data`.
+        let result = unsafe {
+            sys::nftnl_rule_set_data(
+                self.0.as_ptr(),
+                sys::NFTNL_RULE_USERDATA as u16,
+                data.as_ptr().cast::<c_void>(),
+                data.len() as u32,
+            )
+        };
+        if result < 0 {
+            return Err(NetlinkError::Alloc);
+        }
+        Ok(())
+    }
+
+    fn set_handle(&mut self, handle: u64) {
+        // SAFETY: the rule is live.
+        unsafe { sys::nftnl_rule_set_u64(self.0.as_ptr(), sys::NFTNL_RULE_HANDLE as u16, handle) }
+    }
+}
+
+impl Drop for RawRule {
+    fn drop(&mut self) {
+        // SAFETY: allocated by nftnl_rule_alloc, freed exactly once.
+        unsafe { sys::nftnl_rule_free(self.0.as_ptr()) };
+    }
+}
+
+/// The userdata TLV of a rule comment: type, length (with the NUL), the bytes, NUL.
+pub fn comment_udata(comment: &str) -> Option<Vec<u8>> {
+    let len = u8::try_from(comment.len() + 1).ok()?;
+    if comment.contains('\0') {
+        return None;
+    }
+    let mut data = vec![sys::NFTNL_UDATA_RULE_COMMENT as u8, len];
+    data.extend_from_slice(comment.as_bytes());
+    data.push(0);
+    Some(data)
+}
+
+/// The comment in a rule's userdata, if it has one.
+pub fn udata_comment(mut data: &[u8]) -> Option<String> {
+    while let [kind, len, rest @ ..] = data {
+        let len = usize::from(*len);
+        let value = rest.get(..len)?;
+        if u32::from(*kind) == sys::NFTNL_UDATA_RULE_COMMENT {
+            let text = value.strip_suffix(&[0]).unwrap_or(value);
+            return Some(String::from_utf8_lossy(text).into_owned());
+        }
+        data = &rest[len..];
+    }
+    None
+}
+
+/// Where a new rule goes.
+enum RulePlacement {
+    /// Before every other rule of its chain.
+    Head,
+    Delete,
+}
+
+/// A NEWRULE (at the head: no `NLM_F_APPEND`) or DELRULE message.
+struct RuleMsg<'a>(&'a RawRule, RulePlacement);
+
+// SAFETY: a rule of a few expressions stays far below nft_nlmsg_maxsize().
+unsafe impl NlMsg for RuleMsg<'_> {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, _msg_type: MsgType) {
+        let (kind, flags) = match self.1 {
+            RulePlacement::Head => (libc::NFT_MSG_NEWRULE, libc::NLM_F_CREATE | libc::NLM_F_ACK),
+            RulePlacement::Delete => (libc::NFT_MSG_DELRULE, libc::NLM_F_ACK),
+        };
+        // SAFETY: the caller provides a buffer of nft_nlmsg_maxsize() bytes.
+        unsafe {
+            let family = sys::nftnl_rule_get_u32(self.0.0.as_ptr(), sys::NFTNL_RULE_FAMILY as u16);
+            let header = sys::nftnl_nlmsg_build_hdr(
+                buf.cast::<c_char>(),
+                kind as u16,
+                family as u16,
+                flags as u16,
+                seq,
+            );
+            sys::nftnl_rule_nlmsg_build_payload(header, self.0.0.as_ptr());
+        }
+    }
+}
+
+/// A rule for a chain of another table, as plain data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignRule {
+    pub table: &'static str,
+    pub chain: &'static str,
+    pub exprs: Vec<Expr>,
+    pub comment: &'static str,
+}
+
+/// Inserts `rule` (family ip) before every other rule of its chain.
+pub fn encode_insert_at_head(rule: &ForeignRule) -> Result<Encoded, NetlinkError> {
+    let mut raw = RawRule::new(ProtoFamily::Ipv4 as u32, rule.table, rule.chain)?;
+    for expr in &rule.exprs {
+        raw.add_expr(expr);
+    }
+    raw.set_comment(rule.comment)?;
+    let mut batch = Batch::new();
+    batch.add(&RuleMsg(&raw, RulePlacement::Head), MsgType::Add);
+    Ok(finalize(batch, false))
+}
+
+/// Deletes the rules with these handles from `table`'s (family ip) `chain`.
+pub fn encode_delete_rules(
+    table: &str,
+    chain: &str,
+    handles: &[u64],
+) -> Result<Encoded, NetlinkError> {
+    let mut batch = Batch::new();
+    for handle in handles {
+        let mut raw = RawRule::new(ProtoFamily::Ipv4 as u32, table, chain)?;
+        raw.set_handle(*handle);
+        batch.add(&RuleMsg(&raw, RulePlacement::Delete), MsgType::Del);
+    }
+    Ok(finalize(batch, true))
+}
+
+/// Whether a datagram of nf_tables notifications adds or deletes a table, chain or rule
+/// (a truncated one counts as a change). Pure.
+pub fn touches_rules(mut data: &[u8]) -> bool {
+    const HEADER: usize = 16;
+    let subsys = (libc::NFNL_SUBSYS_NFTABLES as u16) << 8;
+    let kinds = [
+        libc::NFT_MSG_NEWTABLE,
+        libc::NFT_MSG_DELTABLE,
+        libc::NFT_MSG_NEWCHAIN,
+        libc::NFT_MSG_DELCHAIN,
+        libc::NFT_MSG_NEWRULE,
+        libc::NFT_MSG_DELRULE,
+    ]
+    .map(|k| subsys | k as u16);
+    while data.len() >= HEADER {
+        let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+        if len < HEADER || len > data.len() {
+            return true;
+        }
+        if kinds.contains(&u16::from_ne_bytes([data[4], data[5]])) {
+            return true;
+        }
+        data = &data[((len + 3) & !3).min(data.len())..];
+    }
+    !data.is_empty()
+}
+
+/// A chain as the kernel lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainInfo {
+    /// `NFPROTO_*`: 2 ip, 1 inet, 10 ip6, ...
+    pub family: u8,
+    pub table: String,
+    pub name: String,
+    /// The hook of a base chain (`NF_INET_*`), `None` for a regular chain.
+    pub hook: Option<u32>,
+    /// The policy of a base chain (`NF_DROP` 0, `NF_ACCEPT` 1).
+    pub policy: Option<u32>,
+}
+
+/// A rule as the kernel lists it: only what we identify our own rules by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleInfo {
+    pub handle: u64,
+    pub comment: Option<String>,
+}
+
+/// A netlink buffer aligned for `nlmsghdr`.
+fn aligned_buffer(bytes: usize) -> Vec<u32> {
+    vec![0u32; bytes / 4]
+}
+
+/// Sends a dump request built by `build` (into an aligned buffer) and hands every reply
+/// message of type `reply_type` to `each`.
+fn dump(
+    build: impl FnOnce(*mut c_char) -> u32,
+    reply_type: u16,
+    mut each: impl FnMut(*const libc::nlmsghdr),
+) -> Result<(), NetlinkError> {
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const HEADER: usize = 16;
+    let fd = open_socket()?;
+    let mut request = aligned_buffer(4096);
+    let len = build(request.as_mut_ptr().cast::<c_char>()) as usize;
+    // SAFETY: `request` holds at least `len` initialised bytes (the message just built).
+    let bytes = unsafe { std::slice::from_raw_parts(request.as_ptr().cast::<u8>(), len) };
+    let kernel = NetlinkAddr::new(0, 0);
+    sendmsg(
+        fd.as_raw_fd(),
+        &[IoSlice::new(bytes)],
+        &[],
+        MsgFlags::empty(),
+        Some(&kernel),
+    )
+    .map_err(|source| NetlinkError::Socket {
+        call: "sendmsg",
+        source,
+    })?;
+    let mut buf = aligned_buffer(1 << 16);
+    let wanted = (u16::try_from(libc::NFNL_SUBSYS_NFTABLES).unwrap_or(10) << 8) | reply_type;
+    loop {
+        // SAFETY: the byte view covers exactly the u32 buffer.
+        let view =
+            unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), buf.len() * 4) };
+        let n = recv(fd.as_raw_fd(), view, MsgFlags::empty()).map_err(|source| {
+            NetlinkError::Socket {
+                call: "recv",
+                source,
+            }
+        })?;
+        let mut offset = 0;
+        while offset + HEADER <= n {
+            let data = &view[offset..n];
+            let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+            if len < HEADER || len > data.len() {
+                return Err(NetlinkError::Malformed);
+            }
+            let kind = u16::from_ne_bytes([data[4], data[5]]);
+            match kind {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let errno = data
+                        .get(HEADER..HEADER + 4)
+                        .map(|b| -i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                        .ok_or(NetlinkError::Malformed)?;
+                    if errno != 0 {
+                        return Err(NetlinkError::Rejected {
+                            seq: 0,
+                            source: std::io::Error::from_raw_os_error(errno),
+                        });
+                    }
+                }
+                // Messages start 4-byte aligned in the datagram, and the buffer is aligned.
+                k if k == wanted => each(data.as_ptr().cast::<libc::nlmsghdr>()),
+                _ => {}
+            }
+            offset += (len + 3) & !3;
+        }
+    }
+}
+
+/// Every chain of every table in this network namespace (all families).
+pub fn list_chains() -> Result<Vec<ChainInfo>, NetlinkError> {
+    let mut chains = Vec::new();
+    dump(
+        // SAFETY: the buffer is 4 KiB, a header with no payload needs 20 bytes.
+        |buf| unsafe {
+            let header = sys::nftnl_nlmsg_build_hdr(
+                buf,
+                libc::NFT_MSG_GETCHAIN as u16,
+                libc::NFPROTO_UNSPEC as u16,
+                (libc::NLM_F_DUMP | libc::NLM_F_ACK) as u16,
+                1,
+            );
+            (*header).nlmsg_len
+        },
+        libc::NFT_MSG_NEWCHAIN as u16,
+        |header| {
+            // SAFETY: `header` points at one complete, aligned message of the reply; the
+            // chain is freed before returning and the strings are copied out.
+            unsafe {
+                let Some(chain) = NonNull::new(sys::nftnl_chain_alloc()) else {
+                    return;
+                };
+                let c = chain.as_ptr();
+                if sys::nftnl_chain_nlmsg_parse(header, c) >= 0 {
+                    let text = |attr: u32| {
+                        let p = sys::nftnl_chain_get_str(c, attr as u16);
+                        if p.is_null() {
+                            String::new()
+                        } else {
+                            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+                        }
+                    };
+                    let u32_if_set = |attr: u32| {
+                        sys::nftnl_chain_is_set(c, attr as u16)
+                            .then(|| sys::nftnl_chain_get_u32(c, attr as u16))
+                    };
+                    chains.push(ChainInfo {
+                        family: sys::nftnl_chain_get_u32(c, sys::NFTNL_CHAIN_FAMILY as u16) as u8,
+                        table: text(sys::NFTNL_CHAIN_TABLE),
+                        name: text(sys::NFTNL_CHAIN_NAME),
+                        hook: u32_if_set(sys::NFTNL_CHAIN_HOOKNUM),
+                        policy: u32_if_set(sys::NFTNL_CHAIN_POLICY),
+                    });
+                }
+                sys::nftnl_chain_free(c);
+            }
+        },
+    )?;
+    Ok(chains)
+}
+
+/// The rules of `table`'s (family ip) `chain`, in order.
+pub fn list_rules(table: &str, chain: &str) -> Result<Vec<RuleInfo>, NetlinkError> {
+    let filter = RawRule::new(ProtoFamily::Ipv4 as u32, table, chain)?;
+    let mut rules = Vec::new();
+    dump(
+        // SAFETY: the buffer is 4 KiB; a header with a table and a chain name fits easily.
+        |buf| unsafe {
+            let header = sys::nftnl_nlmsg_build_hdr(
+                buf,
+                libc::NFT_MSG_GETRULE as u16,
+                ProtoFamily::Ipv4 as u16,
+                (libc::NLM_F_DUMP | libc::NLM_F_ACK) as u16,
+                1,
+            );
+            sys::nftnl_rule_nlmsg_build_payload(header, filter.0.as_ptr());
+            (*header).nlmsg_len
+        },
+        libc::NFT_MSG_NEWRULE as u16,
+        |header| {
+            // SAFETY: as in list_chains; the userdata is copied out before the rule is freed.
+            unsafe {
+                let Some(rule) = NonNull::new(sys::nftnl_rule_alloc()) else {
+                    return;
+                };
+                let r = rule.as_ptr();
+                if sys::nftnl_rule_nlmsg_parse(header, r) >= 0 {
+                    let mut len = 0u32;
+                    let data =
+                        sys::nftnl_rule_get_data(r, sys::NFTNL_RULE_USERDATA as u16, &mut len);
+                    let comment = if data.is_null() {
+                        None
+                    } else {
+                        udata_comment(std::slice::from_raw_parts(data.cast::<u8>(), len as usize))
+                    };
+                    rules.push(RuleInfo {
+                        handle: sys::nftnl_rule_get_u64(r, sys::NFTNL_RULE_HANDLE as u16),
+                        comment,
+                    });
+                }
+                sys::nftnl_rule_free(r);
+            }
+        },
+    )?;
+    Ok(rules)
+}
+
+/// A socket subscribed to nf_tables change notifications of this network namespace.
+pub struct Events(OwnedFd);
+
+impl Events {
+    /// Subscribes; `wait` returns after at most `timeout`.
+    pub fn subscribe(timeout: std::time::Duration) -> Result<Events, NetlinkError> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkNetFilter,
+        )
+        .map_err(|source| NetlinkError::Socket {
+            call: "socket(AF_NETLINK, NETLINK_NETFILTER)",
+            source,
+        })?;
+        let groups = 1u32 << (libc::NFNLGRP_NFTABLES - 1);
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups)).map_err(|source| {
+            NetlinkError::Socket {
+                call: "bind(NFNLGRP_NFTABLES)",
+                source,
+            }
+        })?;
+        let timeout = nix::sys::time::TimeVal::new(
+            timeout.as_secs() as libc::time_t,
+            timeout.subsec_micros() as libc::suseconds_t,
+        );
+        setsockopt(&fd, sockopt::ReceiveTimeout, &timeout).map_err(|source| {
+            NetlinkError::Socket {
+                call: "setsockopt(SO_RCVTIMEO)",
+                source,
+            }
+        })?;
+        Ok(Events(fd))
+    }
+
+    /// Waits for the next notification: `true` when a table, chain or rule changed (or
+    /// notifications were lost, which may hide such a change), `false` on timeout or when
+    /// only set elements or generations changed (every route change of ours does that).
+    pub fn wait(&self) -> Result<bool, NetlinkError> {
+        let mut buf = [0u8; 8192];
+        match recv(self.0.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Ok(n) => Ok(touches_rules(&buf[..n.min(buf.len())])),
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => Ok(false),
+            Err(nix::errno::Errno::ENOBUFS) => Ok(true),
+            Err(source) => Err(NetlinkError::Socket {
+                call: "recv(NFNLGRP_NFTABLES)",
+                source,
+            }),
+        }
+    }
+
+    /// Reads and drops every notification already queued, without waiting.
+    pub fn drain(&self) {
+        let mut buf = [0u8; 8192];
+        while recv(self.0.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).is_ok() {}
+    }
+}
+
 /// One plan expression as a libnftnl expression.
 struct RawExpr<'a>(&'a Expr);
 
@@ -383,113 +814,166 @@ fn alloc_expr(name: &std::ffi::CStr) -> NonNull<sys::nftnl_expr> {
 
 impl Expression for RawExpr<'_> {
     fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
-        let reg1 = libc::NFT_REG_1 as u32;
-        // SAFETY: every expression is freshly allocated and only given attributes its type
-        // defines; data setters copy their input.
-        unsafe {
-            let set_u32 = |e: NonNull<sys::nftnl_expr>, attr: u32, v: u32| {
-                sys::nftnl_expr_set_u32(e.as_ptr(), attr as u16, v)
-            };
-            let set_data = |e: NonNull<sys::nftnl_expr>, attr: u32, d: &[u8]| {
+        build_expr(self.0)
+    }
+}
+
+/// One plan expression as a freshly allocated libnftnl expression, owned by the caller.
+fn build_expr(expr: &Expr) -> NonNull<sys::nftnl_expr> {
+    let reg1 = libc::NFT_REG_1 as u32;
+    let reg2 = libc::NFT_REG_2 as u32;
+    // SAFETY: every expression is freshly allocated and only given attributes its type
+    // defines; data setters copy their input.
+    unsafe {
+        let set_u32 = |e: NonNull<sys::nftnl_expr>, attr: u32, v: u32| {
+            sys::nftnl_expr_set_u32(e.as_ptr(), attr as u16, v)
+        };
+        let set_data = |e: NonNull<sys::nftnl_expr>, attr: u32, d: &[u8]| {
+            sys::nftnl_expr_set(
+                e.as_ptr(),
+                attr as u16,
+                d.as_ptr().cast::<c_void>(),
+                d.len() as u32,
+            )
+        };
+        match expr {
+            Expr::FibDaddrType => {
+                let e = alloc_expr(c"fib");
+                set_u32(e, sys::NFTNL_EXPR_FIB_FLAGS, NFTA_FIB_F_DADDR);
+                set_u32(e, sys::NFTNL_EXPR_FIB_RESULT, NFT_FIB_RESULT_ADDRTYPE);
+                set_u32(e, sys::NFTNL_EXPR_FIB_DREG, reg1);
+                e
+            }
+            Expr::MetaL4Proto => {
+                let e = alloc_expr(c"meta");
+                set_u32(e, sys::NFTNL_EXPR_META_KEY, libc::NFT_META_L4PROTO as u32);
+                set_u32(e, sys::NFTNL_EXPR_META_DREG, reg1);
+                e
+            }
+            Expr::TransportDport => {
+                let e = alloc_expr(c"payload");
+                set_u32(e, sys::NFTNL_EXPR_PAYLOAD_DREG, reg1);
+                set_u32(
+                    e,
+                    sys::NFTNL_EXPR_PAYLOAD_BASE,
+                    libc::NFT_PAYLOAD_TRANSPORT_HEADER as u32,
+                );
+                set_u32(e, sys::NFTNL_EXPR_PAYLOAD_OFFSET, 2);
+                set_u32(e, sys::NFTNL_EXPR_PAYLOAD_LEN, 2);
+                e
+            }
+            Expr::CtStatus => {
+                let e = alloc_expr(c"ct");
+                set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_STATUS as u32);
+                set_u32(e, sys::NFTNL_EXPR_CT_DREG, reg1);
+                e
+            }
+            Expr::CtOriginalProtoDst => {
+                let e = alloc_expr(c"ct");
+                set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_PROTO_DST as u32);
+                set_u32(e, sys::NFTNL_EXPR_CT_DREG, reg1);
+                sys::nftnl_expr_set_u8(
+                    e.as_ptr(),
+                    sys::NFTNL_EXPR_CT_DIR as u16,
+                    IP_CT_DIR_ORIGINAL,
+                );
+                e
+            }
+            Expr::Bitwise { mask, xor } => {
+                let e = alloc_expr(c"bitwise");
+                set_u32(e, sys::NFTNL_EXPR_BITWISE_SREG, reg1);
+                set_u32(e, sys::NFTNL_EXPR_BITWISE_DREG, reg1);
+                set_u32(e, sys::NFTNL_EXPR_BITWISE_LEN, mask.len() as u32);
+                set_data(e, sys::NFTNL_EXPR_BITWISE_MASK, mask);
+                set_data(e, sys::NFTNL_EXPR_BITWISE_XOR, xor);
+                e
+            }
+            Expr::Cmp { op, data } => {
+                let e = alloc_expr(c"cmp");
+                set_u32(e, sys::NFTNL_EXPR_CMP_SREG, reg1);
+                let op = match op {
+                    CmpOp::Eq => libc::NFT_CMP_EQ,
+                    CmpOp::Neq => libc::NFT_CMP_NEQ,
+                };
+                set_u32(e, sys::NFTNL_EXPR_CMP_OP, op as u32);
+                set_data(e, sys::NFTNL_EXPR_CMP_DATA, data);
+                e
+            }
+            Expr::Lookup { set, to_register } => {
+                let e = alloc_expr(c"lookup");
+                set_u32(e, sys::NFTNL_EXPR_LOOKUP_SREG, reg1);
+                let name = CString::new(*set).unwrap_or_default();
+                sys::nftnl_expr_set_str(
+                    e.as_ptr(),
+                    sys::NFTNL_EXPR_LOOKUP_SET as u16,
+                    name.as_ptr(),
+                );
+                set_u32(e, sys::NFTNL_EXPR_LOOKUP_SET_ID, 1);
+                if *to_register {
+                    set_u32(e, sys::NFTNL_EXPR_LOOKUP_DREG, reg1);
+                }
+                e
+            }
+            Expr::DnatFromRegisters => {
+                let e = alloc_expr(c"nat");
+                set_u32(e, sys::NFTNL_EXPR_NAT_TYPE, libc::NFT_NAT_DNAT as u32);
+                set_u32(e, sys::NFTNL_EXPR_NAT_FAMILY, libc::NFPROTO_IPV4 as u32);
+                set_u32(e, sys::NFTNL_EXPR_NAT_REG_ADDR_MIN, reg1);
+                set_u32(
+                    e,
+                    sys::NFTNL_EXPR_NAT_REG_PROTO_MIN,
+                    libc::NFT_REG32_01 as u32,
+                );
+                e
+            }
+            Expr::Masquerade => alloc_expr(c"masq"),
+            Expr::Counter => alloc_expr(c"counter"),
+            Expr::CtMarkToReg2 => {
+                let e = alloc_expr(c"ct");
+                set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_MARK as u32);
+                set_u32(e, sys::NFTNL_EXPR_CT_DREG, reg2);
+                e
+            }
+            Expr::SetBitReg2(bit) => {
+                let e = alloc_expr(c"bitwise");
+                set_u32(e, sys::NFTNL_EXPR_BITWISE_SREG, reg2);
+                set_u32(e, sys::NFTNL_EXPR_BITWISE_DREG, reg2);
+                set_u32(e, sys::NFTNL_EXPR_BITWISE_LEN, 4);
+                set_data(e, sys::NFTNL_EXPR_BITWISE_MASK, &(!bit).to_ne_bytes());
+                set_data(e, sys::NFTNL_EXPR_BITWISE_XOR, &bit.to_ne_bytes());
+                e
+            }
+            Expr::CtMarkFromReg2 => {
+                let e = alloc_expr(c"ct");
+                set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_MARK as u32);
+                set_u32(e, sys::NFTNL_EXPR_CT_SREG, reg2);
+                e
+            }
+            Expr::XtMatch { name, rev, info } => {
+                let e = alloc_expr(c"match");
+                let name = CString::new(*name).unwrap_or_default();
+                sys::nftnl_expr_set_str(e.as_ptr(), sys::NFTNL_EXPR_MT_NAME as u16, name.as_ptr());
+                set_u32(e, sys::NFTNL_EXPR_MT_REV, *rev);
+                // Unlike every other attribute we set, libnftnl keeps this pointer and frees it
+                // with the expression: it must be a malloc'd copy.
+                let copy = libc::malloc(info.len().max(1));
+                if copy.is_null() {
+                    std::process::abort();
+                }
+                std::ptr::copy_nonoverlapping(info.as_ptr(), copy.cast::<u8>(), info.len());
                 sys::nftnl_expr_set(
                     e.as_ptr(),
-                    attr as u16,
-                    d.as_ptr().cast::<c_void>(),
-                    d.len() as u32,
-                )
-            };
-            match self.0 {
-                Expr::FibDaddrType => {
-                    let e = alloc_expr(c"fib");
-                    set_u32(e, sys::NFTNL_EXPR_FIB_FLAGS, NFTA_FIB_F_DADDR);
-                    set_u32(e, sys::NFTNL_EXPR_FIB_RESULT, NFT_FIB_RESULT_ADDRTYPE);
-                    set_u32(e, sys::NFTNL_EXPR_FIB_DREG, reg1);
-                    e
-                }
-                Expr::MetaL4Proto => {
-                    let e = alloc_expr(c"meta");
-                    set_u32(e, sys::NFTNL_EXPR_META_KEY, libc::NFT_META_L4PROTO as u32);
-                    set_u32(e, sys::NFTNL_EXPR_META_DREG, reg1);
-                    e
-                }
-                Expr::TransportDport => {
-                    let e = alloc_expr(c"payload");
-                    set_u32(e, sys::NFTNL_EXPR_PAYLOAD_DREG, reg1);
-                    set_u32(
-                        e,
-                        sys::NFTNL_EXPR_PAYLOAD_BASE,
-                        libc::NFT_PAYLOAD_TRANSPORT_HEADER as u32,
-                    );
-                    set_u32(e, sys::NFTNL_EXPR_PAYLOAD_OFFSET, 2);
-                    set_u32(e, sys::NFTNL_EXPR_PAYLOAD_LEN, 2);
-                    e
-                }
-                Expr::CtStatus => {
-                    let e = alloc_expr(c"ct");
-                    set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_STATUS as u32);
-                    set_u32(e, sys::NFTNL_EXPR_CT_DREG, reg1);
-                    e
-                }
-                Expr::CtOriginalProtoDst => {
-                    let e = alloc_expr(c"ct");
-                    set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_PROTO_DST as u32);
-                    set_u32(e, sys::NFTNL_EXPR_CT_DREG, reg1);
-                    sys::nftnl_expr_set_u8(
-                        e.as_ptr(),
-                        sys::NFTNL_EXPR_CT_DIR as u16,
-                        IP_CT_DIR_ORIGINAL,
-                    );
-                    e
-                }
-                Expr::Bitwise { mask, xor } => {
-                    let e = alloc_expr(c"bitwise");
-                    set_u32(e, sys::NFTNL_EXPR_BITWISE_SREG, reg1);
-                    set_u32(e, sys::NFTNL_EXPR_BITWISE_DREG, reg1);
-                    set_u32(e, sys::NFTNL_EXPR_BITWISE_LEN, mask.len() as u32);
-                    set_data(e, sys::NFTNL_EXPR_BITWISE_MASK, mask);
-                    set_data(e, sys::NFTNL_EXPR_BITWISE_XOR, xor);
-                    e
-                }
-                Expr::Cmp { op, data } => {
-                    let e = alloc_expr(c"cmp");
-                    set_u32(e, sys::NFTNL_EXPR_CMP_SREG, reg1);
-                    let op = match op {
-                        CmpOp::Eq => libc::NFT_CMP_EQ,
-                        CmpOp::Neq => libc::NFT_CMP_NEQ,
-                    };
-                    set_u32(e, sys::NFTNL_EXPR_CMP_OP, op as u32);
-                    set_data(e, sys::NFTNL_EXPR_CMP_DATA, data);
-                    e
-                }
-                Expr::Lookup { set, to_register } => {
-                    let e = alloc_expr(c"lookup");
-                    set_u32(e, sys::NFTNL_EXPR_LOOKUP_SREG, reg1);
-                    let name = CString::new(*set).unwrap_or_default();
-                    sys::nftnl_expr_set_str(
-                        e.as_ptr(),
-                        sys::NFTNL_EXPR_LOOKUP_SET as u16,
-                        name.as_ptr(),
-                    );
-                    set_u32(e, sys::NFTNL_EXPR_LOOKUP_SET_ID, 1);
-                    if *to_register {
-                        set_u32(e, sys::NFTNL_EXPR_LOOKUP_DREG, reg1);
-                    }
-                    e
-                }
-                Expr::DnatFromRegisters => {
-                    let e = alloc_expr(c"nat");
-                    set_u32(e, sys::NFTNL_EXPR_NAT_TYPE, libc::NFT_NAT_DNAT as u32);
-                    set_u32(e, sys::NFTNL_EXPR_NAT_FAMILY, libc::NFPROTO_IPV4 as u32);
-                    set_u32(e, sys::NFTNL_EXPR_NAT_REG_ADDR_MIN, reg1);
-                    set_u32(
-                        e,
-                        sys::NFTNL_EXPR_NAT_REG_PROTO_MIN,
-                        libc::NFT_REG32_01 as u32,
-                    );
-                    e
-                }
-                Expr::Masquerade => alloc_expr(c"masq"),
-                Expr::Counter => alloc_expr(c"counter"),
+                    sys::NFTNL_EXPR_MT_INFO as u16,
+                    copy,
+                    info.len() as u32,
+                );
+                e
+            }
+            Expr::Accept => {
+                let e = alloc_expr(c"immediate");
+                set_u32(e, sys::NFTNL_EXPR_IMM_DREG, libc::NFT_REG_VERDICT as u32);
+                set_u32(e, sys::NFTNL_EXPR_IMM_VERDICT, libc::NF_ACCEPT as u32);
+                e
             }
         }
     }
@@ -521,6 +1005,30 @@ mod tests {
         data.extend(nlmsgerr(8, -libc::EEXIST));
         let acks = parse_acks(&data).expect("well-formed");
         assert_eq!(acks, vec![(7, 0), (8, libc::EEXIST)]);
+    }
+
+    fn notification(kind: i32) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&20u32.to_ne_bytes());
+        m.extend_from_slice(&((10u16 << 8) | kind as u16).to_ne_bytes());
+        m.extend_from_slice(&[0; 14]);
+        m
+    }
+
+    #[test]
+    fn only_table_chain_and_rule_notifications_count_as_changes() {
+        let mut elements = notification(libc::NFT_MSG_NEWSETELEM);
+        elements.extend(notification(libc::NFT_MSG_DELSETELEM));
+        elements.extend(notification(libc::NFT_MSG_NEWGEN));
+        assert!(!touches_rules(&elements), "our route changes");
+        let mut flushed = elements.clone();
+        flushed.extend(notification(libc::NFT_MSG_DELRULE));
+        assert!(touches_rules(&flushed), "a rule deleted");
+        assert!(touches_rules(&notification(libc::NFT_MSG_NEWCHAIN)));
+        assert!(
+            touches_rules(&elements[..30]),
+            "truncated: may hide a change"
+        );
     }
 
     #[test]

@@ -81,6 +81,21 @@ pub enum Expr {
     DnatFromRegisters,
     Masquerade,
     Counter,
+    /// `ct mark` into register 2 (host-order u32); register 1 holds the route's backend.
+    CtMarkToReg2,
+    /// Register 2 = register 2 with `bit` set.
+    SetBitReg2(u32),
+    /// `ct mark set` from register 2.
+    CtMarkFromReg2,
+    /// An xtables match through nft_compat, as iptables-nft encodes the matches it has no
+    /// native form for (so iptables can still list and check a chain holding the rule).
+    XtMatch {
+        name: &'static str,
+        rev: u32,
+        info: Vec<u8>,
+    },
+    /// Verdict `accept`.
+    Accept,
 }
 
 /// One rule of one chain.
@@ -96,6 +111,11 @@ pub struct Ruleset {
     pub chains: Vec<ChainSpec>,
     pub rules: Vec<RuleSpec>,
 }
+
+/// The conntrack mark bit set on every connection the table DNATs. One bit of the 32, so
+/// that other users of connection marks keep theirs; high enough to stay clear of the low
+/// bits most tools use for small mark values.
+pub const ROUTED_MARK: u32 = 0x0080_0000;
 
 /// The kernel's `RTN_LOCAL`, as `fib ... type` stores it.
 const RTN_LOCAL: u32 = 2;
@@ -135,6 +155,11 @@ fn dnat_rule(chain: &'static str) -> RuleSpec {
                 set: ROUTES_MAP,
                 to_register: true,
             },
+            // Marks the connection as ours, so that a forward filter that drops by policy
+            // (Docker's) lets it through on our one rule in DOCKER-USER (`docker_user`).
+            Expr::CtMarkToReg2,
+            Expr::SetBitReg2(ROUTED_MARK),
+            Expr::CtMarkFromReg2,
             Expr::Counter,
             Expr::DnatFromRegisters,
         ],
@@ -351,6 +376,13 @@ impl fmt::Display for Expr {
             Expr::DnatFromRegisters => write!(f, "nat dnat ip addr reg 1 proto reg 9"),
             Expr::Masquerade => write!(f, "masq"),
             Expr::Counter => write!(f, "counter"),
+            Expr::CtMarkToReg2 => write!(f, "ct mark => reg 2"),
+            Expr::SetBitReg2(bit) => write!(f, "bitwise reg 2 | {bit:#x}"),
+            Expr::CtMarkFromReg2 => write!(f, "ct mark set reg 2"),
+            Expr::XtMatch { name, rev, info } => {
+                write!(f, "match name {name} rev {rev} info {}", hex(info))
+            }
+            Expr::Accept => write!(f, "immediate accept"),
         }
     }
 }
@@ -402,9 +434,9 @@ mod tests {
                 table ip flocker
                 map routes inet_service -> ipv4_addr . inet_service
                 chain prerouting nat hook Prerouting priority -100
-                  [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ cmp eq reg 1 0x06 ] [ payload transport +2 len 2 => reg 1 ] [ lookup reg 1 @routes => reg 1 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
+                  [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ cmp eq reg 1 0x06 ] [ payload transport +2 len 2 => reg 1 ] [ lookup reg 1 @routes => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
                 chain output nat hook Output priority -100
-                  [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ cmp eq reg 1 0x06 ] [ payload transport +2 len 2 => reg 1 ] [ lookup reg 1 @routes => reg 1 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
+                  [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ cmp eq reg 1 0x06 ] [ payload transport +2 len 2 => reg 1 ] [ lookup reg 1 @routes => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
                 chain postrouting nat hook Postrouting priority 100
                   [ ct status => reg 1 ] [ bitwise reg 1 & 0x20000000 ^ 0x00000000 ] [ cmp neq reg 1 0x00000000 ] [ ct original proto-dst => reg 1 ] [ lookup reg 1 @routes ] [ counter ] [ masq ]
             "#]],

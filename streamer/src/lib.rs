@@ -15,6 +15,8 @@
 //! - [`session`]: a duplex connection with a nonce handshake and the receiver's acknowledgement
 //!   ([`send_over`] / [`receive_over`]).
 //! - [`transport`]: TCP, TLS (rustls, cluster CA) and listening helpers.
+//! - [`listener`]: waits for the one authenticated sender among whatever connects, with
+//!   handshake, idle and overall timeouts.
 //!
 //! **Memory**: each end keeps at most `2 * threads + 2` chunk buffer pairs in flight
 //! ([`SendOptions::memory_bound`], [`ReceiveOptions::memory_bound`]): with the default 1 MiB
@@ -42,6 +44,7 @@ mod auth;
 pub mod backend;
 mod error;
 pub mod format;
+pub mod listener;
 mod options;
 mod receive;
 mod send;
@@ -56,4 +59,4 @@ pub use options::{
 };
 pub use receive::receive_stream;
 pub use send::send_stream;
-pub use session::{receive_into, receive_over, send_from, send_over};
+pub use session::{receive_authenticated, receive_into, receive_over, send_from, send_over};

@@ -316,13 +316,25 @@ pub fn receive_over<S: Read + Write + Send>(
     sink: &mut dyn Sink,
     opts: &ReceiveOptions,
 ) -> Result<Summary, StreamError> {
-    let auth = server_handshake(conn, &opts.auth)?;
+    let session = server_handshake(conn, &opts.auth)?;
+    receive_authenticated(conn, sink, opts, &session)
+}
+
+/// The part of [`receive_over`] after the handshake: receives the stream keyed by `session`
+/// (what [`server_handshake`] or [`crate::listener::accept_authenticated`] returned) into
+/// `sink`, commits or aborts it, and tells the sender the outcome.
+pub fn receive_authenticated<S: Read + Write + Send>(
+    conn: &mut S,
+    sink: &mut dyn Sink,
+    opts: &ReceiveOptions,
+    session: &Auth,
+) -> Result<Summary, StreamError> {
     let session_opts = ReceiveOptions {
-        auth: auth.clone(),
+        auth: session.clone(),
         ..opts.clone()
     };
     let result = receive_into(&mut *conn, sink, &session_opts);
-    if let Err(e) = write_ack(conn, &auth, &result) {
+    if let Err(e) = write_ack(conn, session, &result) {
         tracing::warn!(error = %e, "could not send the acknowledgement");
     }
     result

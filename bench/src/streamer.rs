@@ -1,6 +1,6 @@
 //! `cargo xtask bench streamer`: moves the same data with a raw TCP pipe (socat),
 //! `zstd -T0 | socat`, mbuffer, an ssh pipe (sshd on the receiving side) and `flocker-stream`
-//! (pre-shared key, every byte verified), on two corpora (random bytes; a tar of /usr), over
+//! (pre-shared key: every frame encrypted, every byte verified), on two corpora (random bytes; a tar of /usr), over
 //! loopback and over a veth pair between two network namespaces shaped to 1 Gbit/s with `tc`.
 //! Then the peak RSS of both `flocker-stream` ends for a large stream.
 //!
@@ -294,7 +294,7 @@ impl Method {
             Method::Zstd => "zstd -T0 \\| socat",
             Method::Mbuffer => "mbuffer",
             Method::Ssh => "ssh pipe",
-            Method::Flocker => "flocker-stream (PSK, verified)",
+            Method::Flocker => "flocker-stream (PSK: AES-256-GCM, verified)",
         }
     }
 }
@@ -618,7 +618,8 @@ fn render(cfg: &Config, rows: &[Row], rss: &RssResult) -> String {
          numbers are noisy. MB/s = 10^6 uncompressed bytes per second, wall time from sender \
          start to both ends exiting (loopback: median of {} runs; 1 Gbit/s link: one run), receiver writing to /dev/null. Ratio = input / bytes on \
          the wire. flocker-stream: default settings (1 MiB chunks, zstd level 1, all cores), \
-         pre-shared key, every chunk verified; zstd pipe: `zstd -T0` (level 3); socat with 1 MiB \
+         pre-shared key (wire format v2: every frame sealed with AES-256-GCM), every chunk \
+         verified; zstd pipe: `zstd -T0` (level 3); socat with 1 MiB \
          buffers (its default 8 KiB is about half as fast on loopback); mbuffer with 128 MiB; ssh \
          with Debian's default cipher.\n",
         date.trim(),

@@ -1,9 +1,10 @@
 //! `flocker-stream`: moves a byte stream (a ZFS or btrfs snapshot stream, a directory tree, a
-//! file) between hosts, pipelined, compressed, verified and authenticated.
+//! file) between hosts, pipelined, compressed, verified, authenticated and (with a pre-shared
+//! key) encrypted.
 //!
 //! ```text
-//! source -> chunks -> parallel zstd + BLAKE3 -> frames -> transport
-//!        -> verify + parallel decompress -> in-order sink
+//! source -> chunks -> parallel zstd + BLAKE3 + seal -> frames -> transport
+//!        -> parallel open + decompress + verify -> in-order sink
 //! ```
 //!
 //! The core is two functions over plain `Read`/`Write`: [`send_stream`] and
@@ -12,6 +13,8 @@
 //! them:
 //! - [`backend`]: [`backend::Source`] and [`backend::Sink`] for ZFS, btrfs, directory trees,
 //!   files and stdio, with commit/abort so a failed stream leaves the target untouched.
+//! - [`seal`]: how frames are protected: AES-256-GCM with a pre-shared key, keyed BLAKE3
+//!   checksums without one.
 //! - [`session`]: a duplex connection with a nonce handshake and the receiver's acknowledgement
 //!   ([`send_over`] / [`receive_over`]).
 //! - [`transport`]: TCP, TLS (rustls, cluster CA) and listening helpers.
@@ -47,6 +50,7 @@ pub mod format;
 pub mod listener;
 mod options;
 mod receive;
+pub mod seal;
 mod send;
 pub mod session;
 pub mod transport;

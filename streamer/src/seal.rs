@@ -13,9 +13,9 @@
 //! across streams the key differs, because it is derived from fresh random nonces (both peers'
 //! in a session, the sender's in one-way mode). So a (key, nonce) pair never repeats.
 //!
-//! AES-256-GCM rather than ChaCha20-Poly1305: on this project's machines (AES-NI, VAES,
-//! PCLMULQDQ) it measured faster (see `FORMAT.md`); ring picks its constant-time fallback on
-//! CPUs without them.
+//! AES-256-GCM rather than ChaCha20-Poly1305: on this project's machine (AES-NI, VAES,
+//! PCLMULQDQ) ring sealed 1 MiB at 2.2 GB/s with it against 0.8 GB/s (see `FORMAT.md`); ring
+//! picks its constant-time fallback on CPUs without AES instructions.
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 

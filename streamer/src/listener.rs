@@ -164,9 +164,17 @@ pub fn accept_authenticated(
         cut_overdue(&mut pending, limits.handshake_timeout);
         match done_rx.recv_timeout(POLL) {
             Ok(Outcome { id, peer, result }) => {
+                // A handshake cut (overdue or evicted) may still finish just as its socket is
+                // shut down; that connection is dead, so it cannot win.
+                let cut = !pending.iter().any(|p| p.id == id);
                 pending.retain(|p| p.id != id);
                 match result {
-                    Ok((conn, session)) => break Ok((conn, peer, session)),
+                    Ok((conn, session)) if !cut => break Ok((conn, peer, session)),
+                    Ok(_) => {
+                        refused += 1;
+                        tracing::warn!(%peer, "handshake finished after it was cut; still listening");
+                        last = format!("{peer}: handshake cut");
+                    }
                     Err(e) => {
                         refused += 1;
                         tracing::warn!(%peer, error = %e, "handshake failed; still listening");

@@ -1,6 +1,6 @@
 //! `cargo xtask bench streamer`: moves the same data with a raw TCP pipe (socat),
 //! `zstd -T0 | socat`, mbuffer, an ssh pipe (sshd on the receiving side) and `flocker-stream`
-//! (pre-shared key, every byte verified), on two corpora (random bytes; a tar of /usr), over
+//! (pre-shared key: every frame encrypted, every byte verified), on two corpora (random bytes; a tar of /usr), over
 //! loopback and over a veth pair between two network namespaces shaped to 1 Gbit/s with `tc`.
 //! Then the peak RSS of both `flocker-stream` ends for a large stream.
 //!
@@ -277,15 +277,17 @@ enum Method {
     Mbuffer,
     Ssh,
     Flocker,
+    FlockerInsecure,
 }
 
 impl Method {
-    const ALL: [Method; 5] = [
+    const ALL: [Method; 6] = [
         Method::Raw,
         Method::Zstd,
         Method::Mbuffer,
         Method::Ssh,
         Method::Flocker,
+        Method::FlockerInsecure,
     ];
 
     fn name(self) -> &'static str {
@@ -294,7 +296,8 @@ impl Method {
             Method::Zstd => "zstd -T0 \\| socat",
             Method::Mbuffer => "mbuffer",
             Method::Ssh => "ssh pipe",
-            Method::Flocker => "flocker-stream (PSK, verified)",
+            Method::Flocker => "flocker-stream (PSK: AES-256-GCM, verified)",
+            Method::FlockerInsecure => "flocker-stream (--insecure: cleartext, checksummed)",
         }
     }
 }
@@ -383,6 +386,16 @@ fn measure(
             ),
             PORT,
         ),
+        // The same pipeline without the cipher: what encrypting costs.
+        Method::FlockerInsecure => (
+            format!(
+                "{bin} recv --listen {host}:{PORT} --sink - --insecure --progress none > /dev/null"
+            ),
+            format!(
+                "{bin} send --source file:{file} --to {host}:{PORT} --insecure --progress json"
+            ),
+            PORT,
+        ),
     };
     let mut receiver = net
         .side(true, &recv_cmd)
@@ -414,7 +427,7 @@ fn measure(
     let mbps = corpus.size as f64 / elapsed.as_secs_f64() / 1e6;
     let ratio = match method {
         Method::Zstd => corpus.size as f64 / corpus.zstd_size as f64,
-        Method::Flocker => flocker_ratio(&send_err)?,
+        Method::Flocker | Method::FlockerInsecure => flocker_ratio(&send_err)?,
         _ => 1.0,
     };
     Ok(Measured { mbps, ratio })
@@ -618,7 +631,9 @@ fn render(cfg: &Config, rows: &[Row], rss: &RssResult) -> String {
          numbers are noisy. MB/s = 10^6 uncompressed bytes per second, wall time from sender \
          start to both ends exiting (loopback: median of {} runs; 1 Gbit/s link: one run), receiver writing to /dev/null. Ratio = input / bytes on \
          the wire. flocker-stream: default settings (1 MiB chunks, zstd level 1, all cores), \
-         pre-shared key, every chunk verified; zstd pipe: `zstd -T0` (level 3); socat with 1 MiB \
+         pre-shared key (wire format v2: every frame sealed with AES-256-GCM), every chunk \
+         verified; its `--insecure` row is the same pipeline with no cipher (cleartext, keyed \
+         BLAKE3 checksums), to show what encrypting costs; zstd pipe: `zstd -T0` (level 3); socat with 1 MiB \
          buffers (its default 8 KiB is about half as fast on loopback); mbuffer with 128 MiB; ssh \
          with Debian's default cipher.\n",
         date.trim(),

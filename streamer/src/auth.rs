@@ -1,9 +1,11 @@
 //! How frames are keyed: [`Auth`] as the caller chooses it, and the frame keys derived from it.
 //!
-//! Every frame carries a keyed BLAKE3 tag. Without a secret ([`Auth::None`]) the key is a
-//! public constant, so tags only catch corruption; the transport must provide authenticity
-//! (mutual TLS) or the user chose `--insecure`. With a pre-shared key, the frame key is derived
-//! from the key and fresh nonces, so frames of one stream cannot be replayed into another.
+//! Without a secret ([`Auth::None`]) the frame key is a public constant and frames carry keyed
+//! BLAKE3 checksums in the clear, which only catch corruption; the transport must provide
+//! authenticity and confidentiality (mutual TLS) or the user chose `--insecure`. With a
+//! pre-shared key, the frame key is derived from the key and fresh nonces, and frames are
+//! sealed under it ([`crate::seal`]), so they are secret and cannot be forged or replayed into
+//! another stream.
 
 use crate::format::AuthMode;
 

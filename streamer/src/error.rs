@@ -75,9 +75,9 @@ pub enum StreamError {
         /// The cause.
         reason: String,
     },
-    /// A data frame's tag does not match its contents.
+    /// A data frame's tag (checksum or seal) does not match its contents.
     #[error(
-        "data frame {seq} failed verification: its bytes were corrupted or tampered with (or the key is wrong)"
+        "data frame {seq} failed verification: its bytes were corrupted, tampered with, reordered or replayed (or the key is wrong)"
     )]
     DataTag {
         /// The frame.
@@ -112,6 +112,9 @@ pub enum StreamError {
     /// A pipeline thread panicked (a bug).
     #[error("internal error: a pipeline thread panicked")]
     Panic,
+    /// The cipher refused to seal (a payload beyond its limit: a bug).
+    #[error("internal error: sealing a frame failed")]
+    Seal,
 }
 
 impl StreamError {

@@ -1,5 +1,6 @@
 //! The wire format (see `streamer/FORMAT.md`): the stream header, data and end frames, and the
-//! keyed BLAKE3 tags that bind every frame to its stream and position.
+//! keyed BLAKE3 checksums of the no-key mode (the encrypting modes' seals are in
+//! [`crate::seal`]).
 //!
 //! Everything here is pure: encoding, decoding and tag computation, no I/O beyond `Read`/`Write`.
 
@@ -8,12 +9,13 @@ use std::io::{self, Read, Write};
 /// Bytes every stream starts with.
 pub const MAGIC: [u8; 8] = *b"FLKSTRM\0";
 /// The only version this build speaks; a receiver refuses any other.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Length of the stream header on the wire, tag included.
 pub const STREAM_HEADER_LEN: usize = 8 + 2 + 1 + 1 + 4 + 32 + 32;
 /// Length of a frame header on the wire.
 pub const FRAME_HEADER_LEN: usize = 24;
-/// Length of every tag (keyed BLAKE3 output).
+/// Length of the stream header's tag and of a checksum tag (keyed BLAKE3 output); sealed
+/// frames carry shorter tags ([`crate::seal::AEAD_TAG_LEN`]).
 pub const TAG_LEN: usize = 32;
 /// Smallest chunk size a sender may announce.
 pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
@@ -42,6 +44,11 @@ impl AuthMode {
             2 => Some(Self::Session),
             _ => None,
         }
+    }
+
+    /// Whether frames are encrypted (every mode with a pre-shared key).
+    pub fn encrypts(self) -> bool {
+        !matches!(self, Self::None)
     }
 
     /// A short name for messages.
@@ -263,8 +270,8 @@ pub fn data_tag(
     h.finalize()
 }
 
-/// Tag of the end frame: binds its header and payload.
-pub fn end_tag(key: &[u8; 32], header: &[u8; FRAME_HEADER_LEN], payload: &[u8]) -> blake3::Hash {
+/// Checksum of the end frame (and of the acknowledgement): `H(key, header ‖ payload)`.
+pub fn end_tag(key: &[u8; 32], header: &[u8], payload: &[u8]) -> blake3::Hash {
     let mut h = blake3::Hasher::new_keyed(key);
     h.update(header);
     h.update(payload);
@@ -394,14 +401,14 @@ mod tests {
     #[test]
     fn header_rejects_other_version() {
         let h = StreamHeader {
-            version: 2,
+            version: 1,
             auth: AuthMode::None,
             chunk_size: 1 << 20,
             nonce: [0; 32],
         };
         assert_eq!(
             parse_stream_header(&h.body()),
-            Err(HeaderError::Version { got: 2 })
+            Err(HeaderError::Version { got: 1 })
         );
     }
 

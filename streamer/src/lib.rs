@@ -1,9 +1,10 @@
 //! `flocker-stream`: moves a byte stream (a ZFS or btrfs snapshot stream, a directory tree, a
-//! file) between hosts, pipelined, compressed, verified and authenticated.
+//! file) between hosts, pipelined, compressed, verified, authenticated and (with a pre-shared
+//! key) encrypted.
 //!
 //! ```text
-//! source -> chunks -> parallel zstd + BLAKE3 -> frames -> transport
-//!        -> verify + parallel decompress -> in-order sink
+//! source -> chunks -> parallel zstd + BLAKE3 + seal -> frames -> transport
+//!        -> parallel open + decompress + verify -> in-order sink
 //! ```
 //!
 //! The core is two functions over plain `Read`/`Write`: [`send_stream`] and
@@ -12,9 +13,13 @@
 //! them:
 //! - [`backend`]: [`backend::Source`] and [`backend::Sink`] for ZFS, btrfs, directory trees,
 //!   files and stdio, with commit/abort so a failed stream leaves the target untouched.
+//! - [`seal`]: how frames are protected: AES-256-GCM with a pre-shared key, keyed BLAKE3
+//!   checksums without one.
 //! - [`session`]: a duplex connection with a nonce handshake and the receiver's acknowledgement
 //!   ([`send_over`] / [`receive_over`]).
 //! - [`transport`]: TCP, TLS (rustls, cluster CA) and listening helpers.
+//! - [`listener`]: waits for the one authenticated sender among whatever connects, with
+//!   handshake, idle and overall timeouts.
 //!
 //! **Memory**: each end keeps at most `2 * threads + 2` chunk buffer pairs in flight
 //! ([`SendOptions::memory_bound`], [`ReceiveOptions::memory_bound`]): with the default 1 MiB
@@ -42,8 +47,10 @@ mod auth;
 pub mod backend;
 mod error;
 pub mod format;
+pub mod listener;
 mod options;
 mod receive;
+pub mod seal;
 mod send;
 pub mod session;
 pub mod transport;
@@ -56,4 +63,4 @@ pub use options::{
 };
 pub use receive::receive_stream;
 pub use send::send_stream;
-pub use session::{receive_into, receive_over, send_from, send_over};
+pub use session::{receive_authenticated, receive_into, receive_over, send_from, send_over};

@@ -1,7 +1,9 @@
-//! The receiving pipeline: framed reads -> parallel decompress + verify -> in-order sink writes.
+//! The receiving pipeline: framed reads -> parallel open + decompress + verify -> in-order sink
+//! writes.
 //!
-//! The calling thread reads frames into pooled buffers; workers decompress (bounded by the
-//! frame's declared length, itself bounded by the chunk size) and check each chunk's tag; one
+//! The calling thread reads frames into pooled buffers; workers open sealed payloads (before
+//! anything is decompressed), decompress (bounded by the frame's declared length, itself
+//! bounded by the chunk size) and check each chunk's checksum; one
 //! writer thread puts verified chunks into the sink in order. A chunk reaches the sink only after
 //! its tag matched, so the sink never sees an unverified byte. The pool of `2 * threads + 2`
 //! buffers bounds memory as on the sending side.
@@ -15,10 +17,11 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use crate::error::StreamError;
 use crate::format::{
     END_PAYLOAD_LEN, EndPayload, FLAG_ZSTD, FRAME_HEADER_LEN, FrameHeader, FrameKind,
-    STREAM_HEADER_LEN, StreamHasher, TAG_LEN, data_tag, end_tag, parse_frame_header,
-    parse_stream_header, read_exact_or_eof,
+    STREAM_HEADER_LEN, StreamHasher, TAG_LEN, parse_frame_header, parse_stream_header,
+    read_exact_or_eof,
 };
 use crate::options::{Progress, ReceiveOptions, Summary, slots};
+use crate::seal::{Direction, MAX_TAG_LEN, Protection};
 
 /// Buffers that circulate reader -> worker -> writer -> reader.
 struct Buffers {
@@ -29,7 +32,8 @@ struct Buffers {
 struct Frame {
     header: FrameHeader,
     header_bytes: [u8; FRAME_HEADER_LEN],
-    tag: [u8; TAG_LEN],
+    /// The tag, `Protection::tag_len` bytes of it.
+    tag: [u8; MAX_TAG_LEN],
     bufs: Buffers,
 }
 
@@ -94,6 +98,7 @@ pub fn receive_stream<R: Read + Send, W: Write + Send>(
     if tag != blake3::Hash::from_bytes(tail(&hb)) {
         return Err(StreamError::HeaderTag);
     }
+    let protection = Protection::new(header.auth, &key).map_err(|_| StreamError::Seal)?;
     let chunk_size = header.chunk_size;
     let threads = opts.threads.max(1);
     let n_slots = slots(threads);
@@ -107,19 +112,24 @@ pub fn receive_stream<R: Read + Send, W: Write + Send>(
     let (work_tx, work_rx) = bounded::<Frame>(n_slots);
     let (done_tx, done_rx) = bounded::<Result<Verified, StreamError>>(n_slots);
     let wire_start = STREAM_HEADER_LEN as u64;
+    let tag_len = protection.tag_len();
 
     std::thread::scope(|s| {
         for _ in 0..threads {
             let work_rx = work_rx.clone();
             let done_tx = done_tx.clone();
-            s.spawn(move || verify_chunks(&key, &work_rx, &done_tx));
+            let protection = &protection;
+            s.spawn(move || verify_chunks(protection, &work_rx, &done_tx));
         }
         drop(work_rx);
         drop(done_tx);
         let progress = opts.progress.clone();
-        let writer =
-            s.spawn(move || write_chunks(&mut sink, done_rx, pool_tx, progress, start, wire_start));
-        let read = read_frames(&mut transport, chunk_size, &key, &pool_rx, work_tx);
+        let writer = s.spawn(move || {
+            write_chunks(
+                &mut sink, done_rx, pool_tx, progress, start, wire_start, tag_len,
+            )
+        });
+        let read = read_frames(&mut transport, chunk_size, &protection, &pool_rx, work_tx);
         drop(pool_rx);
         let written = writer.join().map_err(|_| StreamError::Panic)?;
         // A sink or verification error is the root cause; the reader then only saw the pipeline
@@ -178,10 +188,11 @@ enum ReadError {
 fn read_frames<R: Read>(
     transport: &mut R,
     chunk_size: u32,
-    key: &[u8; 32],
+    protection: &Protection,
     pool: &Receiver<Buffers>,
     work: Sender<Frame>,
 ) -> Result<(EndPayload, u64), ReadError> {
+    let tag_len = protection.tag_len();
     let mut wire = STREAM_HEADER_LEN as u64;
     let mut seq = 0u64;
     let io = |e: std::io::Error| {
@@ -207,16 +218,16 @@ fn read_frames<R: Read>(
                 got: header.seq,
             }));
         }
-        wire += (FRAME_HEADER_LEN + header.payload_len as usize + TAG_LEN) as u64;
+        wire += (FRAME_HEADER_LEN + header.payload_len as usize + tag_len) as u64;
         match header.kind {
             FrameKind::End => {
                 let mut payload = [0u8; END_PAYLOAD_LEN];
-                let mut tag = [0u8; TAG_LEN];
+                let mut tag = [0u8; MAX_TAG_LEN];
                 read_all(transport, &mut payload).map_err(io)?;
-                read_all(transport, &mut tag).map_err(io)?;
-                if end_tag(key, &hb, &payload) != blake3::Hash::from_bytes(tag) {
-                    return Err(ReadError::Stream(StreamError::EndTag));
-                }
+                read_all(transport, &mut tag[..tag_len]).map_err(io)?;
+                protection
+                    .open_message(Direction::Frames, seq, &hb, &mut payload, &tag[..tag_len])
+                    .map_err(|_| ReadError::Stream(StreamError::EndTag))?;
                 return Ok((EndPayload::decode(&payload), wire));
             }
             FrameKind::Data => {
@@ -225,8 +236,8 @@ fn read_frames<R: Read>(
                 };
                 bufs.payload.resize(header.payload_len as usize, 0);
                 read_all(transport, &mut bufs.payload).map_err(io)?;
-                let mut tag = [0u8; TAG_LEN];
-                read_all(transport, &mut tag).map_err(io)?;
+                let mut tag = [0u8; MAX_TAG_LEN];
+                read_all(transport, &mut tag[..tag_len]).map_err(io)?;
                 if work
                     .send(Frame {
                         header,
@@ -259,7 +270,7 @@ fn read_all<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<()> {
 }
 
 fn verify_chunks(
-    key: &[u8; 32],
+    protection: &Protection,
     work: &Receiver<Frame>,
     done: &Sender<Result<Verified, StreamError>>,
 ) {
@@ -274,7 +285,7 @@ fn verify_chunks(
         }
     };
     while let Ok(frame) = work.recv() {
-        let result = verify_one(key, &mut decompressor, frame);
+        let result = verify_one(protection, &mut decompressor, frame);
         let stop = result.is_err();
         if done.send(result).is_err() || stop {
             return;
@@ -283,7 +294,7 @@ fn verify_chunks(
 }
 
 fn verify_one(
-    key: &[u8; 32],
+    protection: &Protection,
     decompressor: &mut zstd::bulk::Decompressor<'_>,
     frame: Frame,
 ) -> Result<Verified, StreamError> {
@@ -296,6 +307,11 @@ fn verify_one(
     let seq = header.seq;
     let len = header.raw_len as usize;
     let compressed = header.flags & FLAG_ZSTD != 0;
+    let tag = &tag[..protection.tag_len()];
+    // A sealed payload is authenticated before zstd ever sees it.
+    protection
+        .open_data(&header_bytes, seq, &mut bufs.payload, tag)
+        .map_err(|_| StreamError::DataTag { seq })?;
     if compressed {
         bufs.raw.clear();
         bufs.raw.reserve(len);
@@ -319,10 +335,9 @@ fn verify_one(
         &bufs.payload[..len]
     };
     let hash = blake3::hash(data);
-    // blake3::Hash equality is constant-time.
-    if data_tag(key, &header_bytes, &hash) != blake3::Hash::from_bytes(tag) {
-        return Err(StreamError::DataTag { seq });
-    }
+    protection
+        .check_data(&header_bytes, &hash, tag)
+        .map_err(|_| StreamError::DataTag { seq })?;
     Ok(Verified {
         seq,
         len,
@@ -341,6 +356,7 @@ fn write_chunks<W: Write>(
     progress: Option<crate::options::ProgressFn>,
     start: Instant,
     wire_start: u64,
+    tag_len: usize,
 ) -> Result<Written, StreamError> {
     let mut hasher = StreamHasher::new();
     let mut compressed_chunks = 0u64;
@@ -359,7 +375,7 @@ fn write_chunks<W: Write>(
             sink.write_all(data).map_err(StreamError::SinkWrite)?;
             hasher.push(v.len, &v.hash);
             compressed_chunks += u64::from(v.compressed);
-            wire += (FRAME_HEADER_LEN + v.bufs.payload.len() + TAG_LEN) as u64;
+            wire += (FRAME_HEADER_LEN + v.bufs.payload.len() + tag_len) as u64;
             let _ = pool.send(v.bufs);
             next += 1;
             if let Some(p) = &progress {

@@ -1,4 +1,5 @@
-//! The sending pipeline: source -> chunks -> parallel zstd + BLAKE3 -> in-order framed writes.
+//! The sending pipeline: source -> chunks -> parallel zstd + BLAKE3 + seal -> in-order framed
+//! writes.
 //!
 //! Three stages joined by bounded channels. A fixed pool of `2 * threads + 2` chunk buffers
 //! circulates reader -> workers -> writer -> reader, so at most that many chunks exist at once
@@ -12,9 +13,10 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::error::StreamError;
 use crate::format::{
-    FLAG_ZSTD, FrameHeader, FrameKind, StreamHasher, StreamHeader, VERSION, data_tag, end_tag,
+    FLAG_ZSTD, FRAME_HEADER_LEN, FrameHeader, FrameKind, StreamHasher, StreamHeader, VERSION,
 };
 use crate::options::{Progress, SendOptions, Summary, slots};
+use crate::seal::{Direction, Protection, WireTag};
 
 /// A chunk as read from the source.
 struct RawChunk {
@@ -23,13 +25,26 @@ struct RawChunk {
     len: usize,
 }
 
-/// A chunk ready to frame.
+/// A chunk framed and sealed, ready to write.
 struct EncodedChunk {
     seq: u64,
     raw: Vec<u8>,
     len: usize,
+    /// The compressed payload, when it is smaller than the raw chunk.
     compressed: Option<Vec<u8>>,
     hash: blake3::Hash,
+    header: [u8; FRAME_HEADER_LEN],
+    tag: WireTag,
+}
+
+impl EncodedChunk {
+    /// What goes on the wire after the header (sealed in place when encrypting).
+    fn payload(&self) -> &[u8] {
+        match &self.compressed {
+            Some(c) => c,
+            None => &self.raw[..self.len],
+        }
+    }
 }
 
 /// Below this, compressing a probe first costs more than it saves.
@@ -59,6 +74,7 @@ pub fn send_stream<R: Read + Send, W: Write + Send>(
         chunk_size: opts.chunk_size,
         nonce,
     };
+    let protection = Protection::new(header.auth, &key).map_err(|_| StreamError::Seal)?;
     header
         .write_to(&mut transport, &key)
         .map_err(StreamError::transport("writing the stream header"))?;
@@ -80,17 +96,18 @@ pub fn send_stream<R: Read + Send, W: Write + Send>(
             let work_rx = work_rx.clone();
             let done_tx = done_tx.clone();
             let level = opts.compress_level;
-            s.spawn(move || encode_chunks(level, &work_rx, &done_tx));
+            let protection = &protection;
+            s.spawn(move || encode_chunks(level, protection, &work_rx, &done_tx));
         }
         drop(done_tx);
         drop(work_rx);
-        let written = write_frames(&mut transport, &key, opts, start, done_rx, pool_tx);
+        let written = write_frames(&mut transport, opts, start, done_rx, pool_tx);
         let read = reader.join().map_err(|_| StreamError::Panic)?;
         let (hasher, wire, compressed_chunks) = written?;
         // A source error must never turn into a valid end frame.
         read?;
         let end = hasher.finish();
-        let payload = end.encode();
+        let mut payload = end.encode();
         let fh = FrameHeader {
             kind: FrameKind::End,
             flags: 0,
@@ -99,15 +116,17 @@ pub fn send_stream<R: Read + Send, W: Write + Send>(
             seq: end.chunks,
         };
         let h = fh.encode();
-        let tag = end_tag(&key, &h, &payload);
+        let tag = protection
+            .seal_message(Direction::Frames, fh.seq, &h, &mut payload)
+            .map_err(|_| StreamError::Seal)?;
         let write_end = |t: &mut W| -> std::io::Result<()> {
             t.write_all(&h)?;
             t.write_all(&payload)?;
-            t.write_all(tag.as_bytes())?;
+            t.write_all(tag.as_slice())?;
             t.flush()
         };
         write_end(&mut transport).map_err(StreamError::transport("writing the end frame"))?;
-        let bytes_on_wire = wire + (h.len() + payload.len() + tag.as_bytes().len()) as u64;
+        let bytes_on_wire = wire + (h.len() + payload.len() + tag.as_slice().len()) as u64;
         let summary = Summary {
             bytes_in: end.total_bytes,
             bytes_on_wire,
@@ -179,6 +198,7 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
 
 fn encode_chunks(
     level: i32,
+    protection: &Protection,
     work: &Receiver<RawChunk>,
     done: &Sender<Result<EncodedChunk, StreamError>>,
 ) {
@@ -199,17 +219,48 @@ fn encode_chunks(
         let data = &buf[..len];
         let hash = blake3::hash(data);
         let compressed = compressor.as_mut().and_then(|c| compress(c, data));
-        let chunk = EncodedChunk {
-            seq,
-            raw: buf,
-            len,
-            compressed,
-            hash,
-        };
-        if done.send(Ok(chunk)).is_err() {
+        let chunk = seal_chunk(protection, seq, buf, len, compressed, hash);
+        let stop = chunk.is_err();
+        if done.send(chunk).is_err() || stop {
             return;
         }
     }
+}
+
+/// Frames a chunk and seals it: the header, then the payload encrypted in place (or left as
+/// is) and its tag. Runs on the workers, so sealing is as parallel as compression.
+fn seal_chunk(
+    protection: &Protection,
+    seq: u64,
+    mut raw: Vec<u8>,
+    len: usize,
+    mut compressed: Option<Vec<u8>>,
+    hash: blake3::Hash,
+) -> Result<EncodedChunk, StreamError> {
+    let (flags, payload): (u8, &mut [u8]) = match &mut compressed {
+        Some(c) => (FLAG_ZSTD, c),
+        None => (0, &mut raw[..len]),
+    };
+    let header = FrameHeader {
+        kind: FrameKind::Data,
+        flags,
+        payload_len: payload.len() as u32,
+        raw_len: len as u32,
+        seq,
+    }
+    .encode();
+    let tag = protection
+        .seal_data(&header, seq, payload, &hash)
+        .map_err(|_| StreamError::Seal)?;
+    Ok(EncodedChunk {
+        seq,
+        raw,
+        len,
+        compressed,
+        hash,
+        header,
+        tag,
+    })
 }
 
 /// Compresses `data` if that makes it smaller. Large chunks are probed first so incompressible
@@ -236,7 +287,6 @@ fn compress(c: &mut zstd::bulk::Compressor<'_>, data: &[u8]) -> Option<Vec<u8>> 
 /// chunks went compressed.
 fn write_frames<W: Write>(
     transport: &mut W,
-    key: &[u8; 32],
     opts: &SendOptions,
     start: Instant,
     done: Receiver<Result<EncodedChunk, StreamError>>,
@@ -251,27 +301,15 @@ fn write_frames<W: Write>(
         let chunk = msg?;
         pending.insert(chunk.seq, chunk);
         while let Some(chunk) = pending.remove(&next) {
-            let (flags, payload): (u8, &[u8]) = match &chunk.compressed {
-                Some(c) => (FLAG_ZSTD, c),
-                None => (0, &chunk.raw[..chunk.len]),
-            };
-            let fh = FrameHeader {
-                kind: FrameKind::Data,
-                flags,
-                payload_len: payload.len() as u32,
-                raw_len: chunk.len as u32,
-                seq: chunk.seq,
-            };
-            let h = fh.encode();
-            let tag = data_tag(key, &h, &chunk.hash);
+            let payload = chunk.payload();
             let mut write = || -> std::io::Result<()> {
-                transport.write_all(&h)?;
+                transport.write_all(&chunk.header)?;
                 transport.write_all(payload)?;
-                transport.write_all(tag.as_bytes())
+                transport.write_all(chunk.tag.as_slice())
             };
             write().map_err(StreamError::transport("sending a data frame"))?;
-            wire += (h.len() + payload.len() + tag.as_bytes().len()) as u64;
-            compressed_chunks += u64::from(flags == FLAG_ZSTD);
+            wire += (chunk.header.len() + payload.len() + chunk.tag.as_slice().len()) as u64;
+            compressed_chunks += u64::from(chunk.compressed.is_some());
             hasher.push(chunk.len, &chunk.hash);
             let _ = pool.send(chunk.raw);
             next += 1;

@@ -5,14 +5,16 @@
 //! client -> server  hello:   "FLKHELLO" version:u16 mode:u8 0:u8 client_nonce[32]
 //! server -> client  reply:   "FLKHELLO" version:u16 mode:u8 status:u8 server_nonce[32] confirm[32]
 //! client -> server  confirm: confirm[32]
-//! client -> server  the stream (format.rs), keyed with K
-//! server -> client  ack:     "FLKACK\0\0" status:u8 0[3] len:u32 message[len] tag[32]
+//! client -> server  the stream (format.rs), keyed with K (sealed with a pre-shared key)
+//! server -> client  ack:     "FLKACK\0\0" status:u8 0[3] len:u32 message[len] tag[16 or 32]
 //! ```
 //! With a pre-shared key, `K = BLAKE3-derive_key("flocker-stream v1 session frame key",
 //! psk || client_nonce || server_nonce)`, so a recorded stream cannot be replayed into another
 //! connection. Each confirm is a keyed hash under K proving the peer holds the same key, so a
 //! wrong key is reported by both ends before any data moves. Without a key (TLS or
-//! `--insecure`), K is the public integrity key.
+//! `--insecure`), K is the public integrity key. The acknowledgement is protected as the frames
+//! are ([`crate::seal`]): sealed with a pre-shared key (its own nonce direction), checksummed
+//! without.
 
 use std::io::{Read, Write};
 
@@ -21,6 +23,7 @@ use crate::backend::{Sink, Source};
 use crate::error::StreamError;
 use crate::format::VERSION;
 use crate::options::{ReceiveOptions, SendOptions, Summary};
+use crate::seal::{Direction, MAX_TAG_LEN, Protection};
 
 const HELLO_MAGIC: [u8; 8] = *b"FLKHELLO";
 const ACK_MAGIC: [u8; 8] = *b"FLKACK\0\0";
@@ -192,11 +195,13 @@ pub fn server_handshake<S: Read + Write>(conn: &mut S, auth: &Auth) -> Result<Au
     })
 }
 
-fn ack_key(auth: &Auth) -> [u8; 32] {
-    match auth {
-        Auth::Session(s) => s.key,
-        _ => integrity_key(),
-    }
+/// How the acknowledgement is protected: as the session's frames are.
+fn ack_protection(auth: &Auth) -> Result<Protection, StreamError> {
+    let (mode, key) = match auth {
+        Auth::Session(s) => (auth.mode(), s.key),
+        _ => (crate::format::AuthMode::None, integrity_key()),
+    };
+    Protection::new(mode, &key).map_err(|_| StreamError::Seal)
 }
 
 /// Sends the receiver's verdict.
@@ -204,7 +209,7 @@ fn write_ack<S: Write>(
     conn: &mut S,
     auth: &Auth,
     result: &Result<Summary, StreamError>,
-) -> std::io::Result<()> {
+) -> Result<(), StreamError> {
     let (status, mut msg) = match result {
         Ok(s) => (STATUS_OK, s.stream_hash_hex()),
         Err(e) => (1, e.to_string()),
@@ -216,16 +221,21 @@ fn write_ack<S: Write>(
         }
         msg.truncate(cut);
     }
-    let mut buf = Vec::with_capacity(16 + msg.len() + 32);
-    buf.extend_from_slice(&ACK_MAGIC);
-    buf.push(status);
-    buf.extend_from_slice(&[0; 3]);
-    buf.extend_from_slice(&(msg.len() as u32).to_le_bytes());
-    buf.extend_from_slice(msg.as_bytes());
-    let tag = blake3::keyed_hash(&ack_key(auth), &buf);
-    buf.extend_from_slice(tag.as_bytes());
-    conn.write_all(&buf)?;
-    conn.flush()
+    let mut head = [0u8; 16];
+    head[..8].copy_from_slice(&ACK_MAGIC);
+    head[8] = status;
+    head[12..].copy_from_slice(&(msg.len() as u32).to_le_bytes());
+    let mut body = msg.into_bytes();
+    let tag = ack_protection(auth)?
+        .seal_message(Direction::Ack, 0, &head, &mut body)
+        .map_err(|_| StreamError::Seal)?;
+    let mut write = || -> std::io::Result<()> {
+        conn.write_all(&head)?;
+        conn.write_all(&body)?;
+        conn.write_all(tag.as_slice())?;
+        conn.flush()
+    };
+    write().map_err(StreamError::transport("sending the acknowledgement"))
 }
 
 /// Reads the receiver's verdict: `Ok(())` if it committed the same stream.
@@ -242,19 +252,17 @@ fn read_ack<S: Read>(conn: &mut S, auth: &Auth, summary: &Summary) -> Result<(),
     if len > MAX_ACK_MESSAGE {
         return Err(StreamError::Peer("malformed acknowledgement".into()));
     }
-    let mut rest = vec![0u8; len + 32];
-    conn.read_exact(&mut rest)
+    let protection = ack_protection(auth)?;
+    let mut body = vec![0u8; len];
+    let mut tag = [0u8; MAX_TAG_LEN];
+    let tag = &mut tag[..protection.tag_len()];
+    conn.read_exact(&mut body)
+        .and_then(|()| conn.read_exact(tag))
         .map_err(|e| StreamError::Peer(format!("acknowledgement cut short ({e})")))?;
-    let mut h = blake3::Hasher::new_keyed(&ack_key(auth));
-    h.update(&head);
-    h.update(&rest[..len]);
-    let tag: [u8; 32] = rest[len..].try_into().unwrap_or([0; 32]);
-    if h.finalize() != blake3::Hash::from_bytes(tag) {
-        return Err(StreamError::Peer(
-            "acknowledgement failed authentication".into(),
-        ));
-    }
-    let msg = String::from_utf8_lossy(&rest[..len]).into_owned();
+    protection
+        .open_message(Direction::Ack, 0, &head, &mut body, tag)
+        .map_err(|_| StreamError::Peer("acknowledgement failed authentication".into()))?;
+    let msg = String::from_utf8_lossy(&body).into_owned();
     if head[8] != STATUS_OK {
         return Err(StreamError::Peer(msg));
     }
@@ -316,13 +324,25 @@ pub fn receive_over<S: Read + Write + Send>(
     sink: &mut dyn Sink,
     opts: &ReceiveOptions,
 ) -> Result<Summary, StreamError> {
-    let auth = server_handshake(conn, &opts.auth)?;
+    let session = server_handshake(conn, &opts.auth)?;
+    receive_authenticated(conn, sink, opts, &session)
+}
+
+/// The part of [`receive_over`] after the handshake: receives the stream keyed by `session`
+/// (what [`server_handshake`] or [`crate::listener::accept_authenticated`] returned) into
+/// `sink`, commits or aborts it, and tells the sender the outcome.
+pub fn receive_authenticated<S: Read + Write + Send>(
+    conn: &mut S,
+    sink: &mut dyn Sink,
+    opts: &ReceiveOptions,
+    session: &Auth,
+) -> Result<Summary, StreamError> {
     let session_opts = ReceiveOptions {
-        auth: auth.clone(),
+        auth: session.clone(),
         ..opts.clone()
     };
     let result = receive_into(&mut *conn, sink, &session_opts);
-    if let Err(e) = write_ack(conn, &auth, &result) {
+    if let Err(e) = write_ack(conn, session, &result) {
         tracing::warn!(error = %e, "could not send the acknowledgement");
     }
     result

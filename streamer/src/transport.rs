@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -197,23 +198,52 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// A socket timeout shows up as `WouldBlock` ("resource temporarily unavailable"); say
+    /// what it is instead.
+    fn explain_timeout(
+        &self,
+        e: std::io::Error,
+        what: &str,
+        timeout: Option<Duration>,
+    ) -> std::io::Error {
+        match (e.kind(), timeout) {
+            (std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut, Some(t)) => {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the peer {what} nothing for {t:?} (timeout)"),
+                )
+            }
+            _ => e,
+        }
+    }
+}
+
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
+        let r = match self {
             Self::Plain(s) => s.read(buf),
             Self::TlsClient(s) => s.read(buf),
             Self::TlsServer(s) => s.read(buf),
-        }
+        };
+        r.map_err(|e| {
+            let t = self.tcp().read_timeout().ok().flatten();
+            self.explain_timeout(e, "sent", t)
+        })
     }
 }
 
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
+        let r = match self {
             Self::Plain(s) => s.write(buf),
             Self::TlsClient(s) => s.write(buf),
             Self::TlsServer(s) => s.write(buf),
-        }
+        };
+        r.map_err(|e| {
+            let t = self.tcp().write_timeout().ok().flatten();
+            self.explain_timeout(e, "accepted", t)
+        })
     }
 
     fn flush(&mut self) -> std::io::Result<()> {

@@ -149,12 +149,21 @@ fn authentication_must_be_chosen_and_keys_must_match() {
         &r.addr,
         &["--key-file", k2.to_str().expect("utf8")],
     );
-    let (ok, rerr, _) = r.finish();
     let serr = String::from_utf8_lossy(&s.stderr);
-    assert!(!s.status.success() && !ok, "both ends must fail");
+    assert!(!s.status.success(), "a sender with the wrong key must fail");
     assert!(serr.contains("different pre-shared key"), "{serr}");
-    assert!(rerr.contains("different pre-shared key"), "{rerr}");
     assert!(!dst.exists());
+    // The receiver logged the failed handshake and kept listening: the right key gets through.
+    let s = send(
+        &format!("file:{}", src.display()),
+        &r.addr,
+        &["--key-file", k1.to_str().expect("utf8")],
+    );
+    let (ok, rerr, _) = r.finish();
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    assert!(ok, "{rerr}");
+    assert!(rerr.contains("different pre-shared key"), "{rerr}");
+    assert_eq!(std::fs::read(&dst).expect("dst"), b"hello");
 
     // Explicit --insecure on both ends works, stdin to stdout.
     let r = start_receiver("-", &["--insecure"]);
@@ -258,7 +267,8 @@ fn mutual_tls_round_trip_and_foreign_client_rejected() {
     assert!(ok, "{rerr}");
     assert_eq!(std::fs::read(&dst).expect("dst"), data);
 
-    // A client whose certificate comes from another CA is refused; nothing is written.
+    // A client whose certificate comes from another CA is refused; nothing is written, and the
+    // receiver keeps listening for a client of its own CA.
     let (other, other_key, _) = ca(tmp.path(), "other-ca");
     let (bad_c, bad_k) = cert_pair(&other, &other_key, "intruder", tmp.path());
     let dst2 = tmp.path().join("dst2.bin");
@@ -277,13 +287,34 @@ fn mutual_tls_round_trip_and_foreign_client_rejected() {
             "localhost",
         ],
     );
+    assert!(!out.status.success(), "the foreign client must fail");
+    assert!(!dst2.exists());
+    let out = send(
+        &format!("file:{}", src.display()),
+        &r.addr,
+        &[
+            "--tls-ca",
+            &s(&ca_path),
+            "--tls-cert",
+            &s(&cli_c),
+            "--tls-key",
+            &s(&cli_k),
+            "--tls-server-name",
+            "localhost",
+        ],
+    );
     let (ok, rerr, _) = r.finish();
-    assert!(!out.status.success() && !ok, "both ends must fail");
     assert!(
-        rerr.to_lowercase().contains("certificate") || rerr.contains("handshake"),
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(ok, "{rerr}");
+    assert!(
+        rerr.to_lowercase().contains("certificate") && rerr.contains("handshake failed"),
         "{rerr}"
     );
-    assert!(!dst2.exists());
+    assert_eq!(std::fs::read(&dst2).expect("dst2"), data);
 }
 
 fn wait_for_progress(r: &Receiver) -> Vec<String> {
@@ -431,4 +462,81 @@ fn sigterm_to_the_receiver_aborts_the_sink_and_removes_staging() {
         !tmp.path().join("dst.bin.flocker-partial").exists(),
         "staging file must be removed on SIGTERM"
     );
+}
+
+/// Runs the sender, killing it if it has not finished within a (generous) bound, so a
+/// receiver that never serves it fails the test instead of hanging it.
+fn send_within(source: &str, to: &str, extra: &[&str], bound: Duration) -> (bool, String) {
+    let mut child = Command::new(BIN)
+        .args(["send", "--progress", "json", "--source", source, "--to", to])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sender");
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait sender") {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            return (status.success(), err);
+        }
+        if start.elapsed() > bound {
+            kill(&mut child);
+            let _ = child.wait();
+            panic!("the sender was not served within {bound:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_receiver_serves_the_real_sender_despite_a_silent_client_and_a_port_scan() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src.bin");
+    let data = common::random_bytes(2 << 20, 21);
+    std::fs::write(&src, &data).expect("write");
+    let key = key_file(tmp.path(), "key", 8);
+    let key = key.to_str().expect("utf8");
+    let dst = tmp.path().join("dst.bin");
+    let r = start_receiver(&format!("file:{}", dst.display()), &["--key-file", key]);
+    // A silent client that connects first and stays connected throughout.
+    let silent = std::net::TcpStream::connect(&r.addr).expect("silent client");
+    // A port scan: connect and close; connect, send garbage, close.
+    drop(std::net::TcpStream::connect(&r.addr).expect("scan"));
+    let mut garbage = std::net::TcpStream::connect(&r.addr).expect("scan");
+    let _ = garbage.write_all(&common::random_bytes(4096, 22));
+    drop(garbage);
+    let (sent, serr) = send_within(
+        &format!("file:{}", src.display()),
+        &r.addr,
+        &["--key-file", key],
+        Duration::from_secs(120),
+    );
+    let (ok, rerr, _) = r.finish();
+    drop(silent);
+    assert!(sent, "sender: {serr}");
+    assert!(ok, "receiver: {rerr}");
+    assert_eq!(std::fs::read(&dst).expect("dst"), data);
+    assert!(
+        rerr.contains("handshake failed"),
+        "the scan is logged: {rerr}"
+    );
+}
+
+#[test]
+fn the_receiver_gives_up_at_its_deadline() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let key = key_file(tmp.path(), "key", 9);
+    let dst = tmp.path().join("dst.bin");
+    let r = start_receiver(
+        &format!("file:{}", dst.display()),
+        &["--key-file", key.to_str().expect("utf8"), "--deadline", "1"],
+    );
+    let (ok, rerr, _) = r.finish();
+    assert!(!ok);
+    assert!(rerr.contains("no sender authenticated"), "{rerr}");
+    assert!(!dst.exists());
 }

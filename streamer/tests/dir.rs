@@ -212,3 +212,168 @@ fn full_disk_fails_cleanly_for_file_and_directory_sinks() {
     let left: Vec<_> = std::fs::read_dir(fs.0.path()).expect("ls").collect();
     assert!(left.is_empty(), "tmpfs should be empty: {left:?}");
 }
+
+/// A tar entry with a raw name (and link name), as a hostile sender would write it: the `tar`
+/// crate's own `set_path` refuses `..` and absolute paths, so the header bytes are set by hand.
+fn raw_entry(
+    builder: &mut tar::Builder<Vec<u8>>,
+    kind: tar::EntryType,
+    name: &str,
+    link: Option<&str>,
+    data: &[u8],
+) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+    h.set_mtime(12345);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_size(data.len() as u64);
+    let old = h.as_old_mut();
+    assert!(name.len() < old.name.len() && link.is_none_or(|l| l.len() < old.linkname.len()));
+    old.name[..name.len()].copy_from_slice(name.as_bytes());
+    if let Some(l) = link {
+        old.linkname[..l.len()].copy_from_slice(l.as_bytes());
+    }
+    h.set_cksum();
+    builder.append(&h, data).expect("append");
+}
+
+/// Everything under `dir` (which lies outside the sink's target): path -> (mtime, contents).
+fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, i64, Option<Vec<u8>>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = p.symlink_metadata().expect("stat");
+        let contents = if m.is_file() {
+            Some(std::fs::read(&p).expect("read"))
+        } else {
+            None
+        };
+        out.push((p.clone(), m.mtime(), contents));
+        if m.is_dir() {
+            for e in std::fs::read_dir(&p).expect("ls") {
+                stack.push(e.expect("entry").path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn hostile_tar_cannot_touch_anything_outside_the_sink() {
+    use tar::EntryType::{Directory, Link, Regular, Symlink};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The sink's staging directory is tmp/.dst.flocker-partial, so "../victim" from there
+    // (and from the target) is tmp/victim.
+    let victim = tmp.path().join("victim");
+    std::fs::create_dir(&victim).expect("mkdir");
+    std::fs::write(victim.join("file"), b"original").expect("write");
+    set_mtime(&victim.join("file"), 1_000_000_000);
+    set_mtime(&victim, 1_100_000_000);
+    let abs = victim.to_str().expect("utf8").to_owned();
+    let abs_file = format!("{abs}/file");
+    let dst = tmp.path().join("dst");
+
+    type Entry<'a> = (tar::EntryType, &'a str, Option<&'a str>, &'a [u8]);
+    let attacks: Vec<(&str, Vec<Entry>)> = vec![
+        (
+            "absolute paths",
+            vec![
+                (Directory, "./", None, b""),
+                (Directory, &abs, None, b""),
+                (Regular, &abs_file, None, b"pwned"),
+            ],
+        ),
+        (
+            "parent components",
+            vec![
+                (Directory, "../victim", None, b""),
+                (Directory, "..", None, b""),
+                (Regular, "../victim/file", None, b"pwned"),
+                (Directory, "a/", None, b""),
+                (Directory, "a/../../victim", None, b""),
+            ],
+        ),
+        (
+            "a symlink out, then a file through it",
+            vec![
+                (Symlink, "esc", Some(&abs), b""),
+                (Regular, "esc/file", None, b"pwned"),
+            ],
+        ),
+        (
+            "a symlink out, then a directory at it",
+            vec![
+                (Symlink, "esc", Some(&abs), b""),
+                (Directory, "esc", None, b""),
+            ],
+        ),
+        (
+            "a symlink out, then a directory under it",
+            vec![
+                (Symlink, "esc", Some(&abs), b""),
+                (Directory, "esc/sub", None, b""),
+            ],
+        ),
+        (
+            "a symlink to a file out, then the file",
+            vec![
+                (Symlink, "f", Some(&abs_file), b""),
+                (Regular, "f", None, b"pwned"),
+            ],
+        ),
+        (
+            "a hard link to a file out, then the file",
+            vec![
+                (Link, "h", Some(&abs_file), b""),
+                (Regular, "h", None, b"pwned"),
+            ],
+        ),
+        (
+            "a relative symlink out",
+            vec![
+                (Symlink, "up", Some("../victim"), b""),
+                (Directory, "up/", None, b""),
+                (Regular, "up/file", None, b"pwned"),
+            ],
+        ),
+    ];
+    let before = snapshot(&victim);
+    let (so, ro) = keyed();
+    for (what, entries) in attacks {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (kind, name, link, data) in entries {
+            raw_entry(&mut builder, kind, name, link, data);
+        }
+        let archive = builder.into_inner().expect("tar");
+        let mut wire = Vec::new();
+        flocker_stream::send_stream(&archive[..], &mut wire, &so).expect("send");
+        let mut sink = DirSink::new(&dst);
+        let result = flocker_stream::receive_into(&wire[..], &mut sink, &ro);
+        assert_eq!(
+            snapshot(&victim),
+            before,
+            "{what}: outside the target changed"
+        );
+        // Only the target itself may have appeared next to it (not counting its staging).
+        let mut names: Vec<_> = std::fs::read_dir(tmp.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        names.sort();
+        let expect: Vec<std::ffi::OsString> = if result.is_ok() {
+            vec!["dst".into(), "victim".into()]
+        } else {
+            vec!["victim".into()]
+        };
+        assert_eq!(names, expect, "{what}: {result:?}");
+        if result.is_ok() {
+            for entry in snapshot(&dst) {
+                assert!(entry.0.starts_with(&dst));
+            }
+            std::fs::remove_dir_all(&dst).expect("rm dst");
+        }
+    }
+}

@@ -4,7 +4,8 @@
 mod common;
 
 use flocker_stream::backend::{FileSink, ReaderSource};
-use flocker_stream::format::{FRAME_HEADER_LEN, STREAM_HEADER_LEN, TAG_LEN};
+use flocker_stream::format::{FRAME_HEADER_LEN, STREAM_HEADER_LEN};
+use flocker_stream::seal::AEAD_TAG_LEN;
 use flocker_stream::{Auth, ReceiveOptions, SendOptions, StreamError, receive_stream, send_stream};
 use proptest::prelude::*;
 
@@ -76,6 +77,7 @@ struct FrameAt {
     end: bool,
 }
 
+/// The frames of a pre-shared-key stream (sealed: 16-byte tags).
 fn frames(wire: &[u8]) -> Vec<FrameAt> {
     let mut at = STREAM_HEADER_LEN;
     let mut out = Vec::new();
@@ -88,7 +90,7 @@ fn frames(wire: &[u8]) -> Vec<FrameAt> {
             compressed: h[1] & 1 == 1,
             end: h[0] == 2,
         });
-        at += FRAME_HEADER_LEN + payload_len + TAG_LEN;
+        at += FRAME_HEADER_LEN + payload_len + AEAD_TAG_LEN;
     }
     out
 }
@@ -230,17 +232,17 @@ fn wrong_key_version_and_mode_mismatch_are_named() {
         .expect_err("keyed stream, keyless receiver");
     assert!(matches!(e, StreamError::AuthMismatch { .. }), "{e}");
 
-    let mut v2 = wire.clone();
-    v2[8] = 2;
+    let mut v1 = wire.clone();
+    v1[8] = 1;
     let e = receive_stream(
-        &v2[..],
+        &v1[..],
         &mut out,
         &ReceiveOptions {
             auth: Auth::PresharedKey([1; 32]),
             ..Default::default()
         },
     )
-    .expect_err("version 2");
+    .expect_err("version 1");
     assert!(e.to_string().contains("version mismatch"), "{e}");
     assert!(out.is_empty());
 }

@@ -4,6 +4,7 @@
 //! any system library is installed.
 
 mod deps;
+mod fuzz;
 
 use std::process::Command;
 
@@ -11,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(about = "Project tasks: deps, ci, demo, bench")]
+#[command(about = "Project tasks: deps, ci, demo, bench, fuzz")]
 struct Cli {
     #[command(subcommand)]
     command: Task,
@@ -21,7 +22,8 @@ struct Cli {
 enum Task {
     /// Install the Debian packages the tests and benchmarks need (apt-get).
     Deps,
-    /// Everything CI runs: deps, cargo fmt --check, clippy -D warnings, the whole test suite.
+    /// Everything CI runs: deps, cargo fmt --check, clippy -D warnings, the whole test suite,
+    /// then a minute of coverage-guided fuzzing.
     Ci,
     /// The README's main job: a local cluster, deploy Redis, move it with its data, tear down.
     Demo,
@@ -42,6 +44,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the fuzz targets (streamer/fuzz) with libFuzzer and run them for a bounded time.
+    Fuzz {
+        /// Total seconds, split evenly between the targets run.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Run only this target (stream_receiver, agent_requests).
+        target: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -54,6 +64,7 @@ fn main() -> Result<()> {
             nodes,
             routing,
         } => cluster(&action, nodes, &routing),
+        Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
         Task::Bench { name, args } => {
             deps::install()?;
             let mut cmd = cargo();
@@ -76,8 +87,12 @@ fn ci() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    run(cargo().args(["test", "--workspace", "--", "--test-threads=1"]))
+    run(cargo().args(["test", "--workspace", "--", "--test-threads=1"]))?;
+    fuzz::run(CI_FUZZ_SECONDS, None)
 }
+
+/// Fuzzing time in CI, shared by all targets (the first run also builds them).
+const CI_FUZZ_SECONDS: u64 = 60;
 
 fn demo() -> Result<()> {
     deps::install()?;

@@ -87,6 +87,12 @@ impl Source for DirSource {
 
 /// Unpacks entries one by one so directory mtimes can be restored last (unpacking a child
 /// changes its parent's mtime, and the `tar` crate leaves directory mtimes alone).
+///
+/// The stream verified, but its sender may still be hostile (or its tree odd): the `tar` crate
+/// skips entries with a `..` component, strips a leading `/`, and refuses to write through a
+/// symlink leading out of `staging`. Directory mtimes are therefore applied only to the
+/// directories it accepted, at the path it used ([`inside_path`]), and opened component by
+/// component without following any symlink ([`open_dir_nofollow`]).
 fn unpack(reader: &mut impl Read, staging: &Path) -> std::io::Result<()> {
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
@@ -96,20 +102,69 @@ fn unpack(reader: &mut impl Read, staging: &Path) -> std::io::Result<()> {
     let mut dir_mtimes = Vec::new();
     for entry in archive.entries()? {
         let mut entry = entry?;
-        if entry.header().entry_type().is_dir() {
-            let path = entry.path()?.into_owned();
-            dir_mtimes.push((path, entry.header().mtime()?));
+        let dir = if entry.header().entry_type().is_dir() {
+            let mtime = entry.header().mtime()?;
+            inside_path(&entry.path()?).map(|rel| (rel, mtime))
+        } else {
+            None
+        };
+        if !entry.unpack_in(staging)? {
+            let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            tracing::warn!(%path, "skipped a tar entry leading out of the target");
+            continue;
         }
-        entry.unpack_in(staging)?;
+        dir_mtimes.extend(dir);
     }
     // Deepest first, so setting a child's time cannot disturb its parent afterwards.
     dir_mtimes.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+    let root = std::fs::File::open(staging)?;
     for (rel, mtime) in dir_mtimes {
-        let path = staging.join(rel);
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
-        std::fs::File::open(&path).and_then(|f| f.set_modified(t))?;
+        open_dir_nofollow(&root, &rel)
+            .and_then(|dir| dir.set_modified(t))
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("setting the mtime of {}: {e}", rel.display()),
+                )
+            })?;
     }
     Ok(())
+}
+
+/// Where `tar::Entry::unpack_in` puts an entry named `path`, relative to its destination:
+/// leading `/`, prefixes and `.` components dropped; `None` when it skips the entry (a `..`
+/// component). The empty path is the destination itself.
+fn inside_path(path: &Path) -> Option<PathBuf> {
+    use std::path::Component;
+    let mut rel = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::Prefix(_) | Component::RootDir | Component::CurDir => {}
+            Component::ParentDir => return None,
+            Component::Normal(name) => rel.push(name),
+        }
+    }
+    Some(rel)
+}
+
+/// Opens the directory `rel` (from [`inside_path`]) under `root`, one component at a time with
+/// `O_NOFOLLOW`, so no symlink anywhere on the way can lead outside `root`.
+fn open_dir_nofollow(root: &std::fs::File, rel: &Path) -> std::io::Result<std::fs::File> {
+    use rustix::fs::{Mode, OFlags, openat};
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut dir = root.try_clone()?;
+    for part in rel.components() {
+        let std::path::Component::Normal(name) = part else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("unexpected component in {}", rel.display()),
+            ));
+        };
+        let fd = openat(&dir, name, flags, Mode::empty()).map_err(std::io::Error::from)?;
+        dir = std::fs::File::from(fd);
+    }
+    Ok(dir)
 }
 
 /// An error with its causes, so "failed to unpack x" also says "No space left on device".

@@ -5,10 +5,12 @@ mod signals;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use flocker_stream::backend::Spec;
+use flocker_stream::listener::{self, ListenLimits};
 use flocker_stream::transport::{self, TlsFiles};
 use flocker_stream::{Auth, ReceiveOptions, SendOptions, Summary};
 
@@ -24,7 +26,8 @@ pub struct Args {
 enum Command {
     /// Send SOURCE to a listening receiver.
     Send(SendArgs),
-    /// Receive one stream into SINK.
+    /// Receive one stream into SINK: wait for the first sender that authenticates (stray or
+    /// failed connections are cut and logged), then receive its stream.
     Recv(RecvArgs),
 }
 
@@ -92,6 +95,9 @@ struct SendArgs {
     limit_rate: Option<u64>,
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
+    /// Fail when the receiver accepts or sends nothing for this many seconds.
+    #[arg(long, default_value_t = listener::DEFAULT_IDLE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout: u64,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -112,6 +118,16 @@ struct RecvArgs {
     threads: Option<usize>,
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
+    /// Cut a connection that has not completed its handshake after this many seconds (the
+    /// receiver keeps listening for the real sender).
+    #[arg(long, default_value_t = listener::DEFAULT_HANDSHAKE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    handshake_timeout: u64,
+    /// Fail the transfer when the sender sends nothing for this many seconds.
+    #[arg(long, default_value_t = listener::DEFAULT_IDLE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout: u64,
+    /// Give up when no sender has authenticated after this many seconds (default: wait).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    deadline: Option<u64>,
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -233,6 +249,7 @@ fn send(a: SendArgs) -> anyhow::Result<()> {
     };
     let guard = signals::Guard::install().context("installing signal handlers")?;
     let mut conn = transport::connect(&a.to, tls)?;
+    listener::set_timeouts(conn.tcp(), Some(Duration::from_secs(a.idle_timeout)));
     guard.arm(conn.tcp());
     let result = flocker_stream::send_over(source.as_mut(), &mut conn, &opts);
     let _ = conn.finish();
@@ -268,12 +285,19 @@ fn recv(a: RecvArgs) -> anyhow::Result<()> {
         _ => Auth::None,
     };
     let guard = signals::Guard::install().context("installing signal handlers")?;
-    let listener = transport::listen(&a.listen)?;
-    let local = listener.local_addr().context("listener address")?;
+    let socket = transport::listen(&a.listen)?;
+    let local = socket.local_addr().context("listener address")?;
     reporter.listening(&local.to_string());
-    let mut conn = transport::accept(&listener, tls)?;
+    let limits = ListenLimits {
+        handshake_timeout: Duration::from_secs(a.handshake_timeout),
+        idle_timeout: Duration::from_secs(a.idle_timeout),
+        deadline: a.deadline.map(Duration::from_secs),
+        ..ListenLimits::default()
+    };
+    let (mut conn, _peer, session) =
+        listener::accept_authenticated(&socket, tls, &opts.auth, &limits)?;
     guard.arm(conn.tcp());
-    let result = flocker_stream::receive_over(&mut conn, sink.as_mut(), &opts);
+    let result = flocker_stream::receive_authenticated(&mut conn, sink.as_mut(), &opts, &session);
     let _ = conn.finish();
     reporter.clear();
     if result.is_err() && signals::interrupted() {

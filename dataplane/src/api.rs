@@ -137,12 +137,14 @@ pub async fn handle(
         (&Method::POST, ["v1", "volumes", name, "receive"]) => {
             let name = name.to_string();
             let body = IdleTimeout::new(req.into_body(), limits.body_idle_timeout);
-            match ReceiveParams::parse(&query).and_then(|p| {
-                caller
-                    .require_node(&p.from, "volume push")
-                    .map(|()| p)
-                    .map_err(forbidden)
-            }) {
+            match ReceiveParams::parse(&query)
+                .map_err(|e| AgentError::BadRequest(e.to_string()))
+                .and_then(|p| {
+                    caller
+                        .require_node(&p.from, "volume push")
+                        .map(|()| p)
+                        .map_err(forbidden)
+                }) {
                 Ok(params) => agent
                     .receive(&name, params, body)
                     .await

@@ -10,6 +10,7 @@
 
 pub mod checks;
 pub mod image;
+pub mod transfer;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

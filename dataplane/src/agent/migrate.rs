@@ -2,7 +2,6 @@
 //! a peer's push, giving a volume away and taking it over, and the parameters of those
 //! agent-to-agent requests.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -12,7 +11,6 @@ use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::Method;
 use hyper::body::Frame;
-use serde::{Deserialize, Serialize};
 use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
 
 use flocker_wire::{ConvergeEvent, VolumeState};
@@ -22,87 +20,14 @@ use crate::peer::PeerError;
 use crate::transfer;
 use crate::volume::{Record, check_name, next_push_snapshot};
 
+use flocker_wire::transfer::{ReceiveParams, ReceiveReport, TakeOverRequest};
+
 use super::{Agent, AgentError, Events};
 
 /// At most this many pushes per pre-copy: the first and its catch-up passes.
 const PRE_COPY_PASSES: u32 = 3;
 /// A pre-copy pass that took at least this long is followed by another.
 const CATCH_UP_AFTER: Duration = Duration::from_secs(1);
-
-/// Query of `POST /v1/volumes/NAME/receive`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReceiveParams {
-    pub snapshot: String,
-    pub base: Option<String>,
-    /// The sender's ownership record, which the received copy adopts.
-    pub owner: String,
-    pub epoch: u64,
-    pub from: String,
-    pub quota: Option<u64>,
-    /// The target's copy is a stale replica sharing no snapshot with the sender: replace it
-    /// with this full stream. Never honoured for a copy the target owns.
-    pub replace: bool,
-}
-
-impl ReceiveParams {
-    /// Parses `a=b&c=d` (names are restricted, so no percent-decoding is needed).
-    pub fn parse(query: &str) -> Result<Self, AgentError> {
-        let map: HashMap<&str, &str> = query
-            .split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .collect();
-        let get = |k: &str| {
-            map.get(k).map(|v| v.to_string()).ok_or_else(|| {
-                AgentError::BadRequest(format!("receive: missing query parameter {k:?}"))
-            })
-        };
-        let num = |k: &str, v: &str| {
-            v.parse::<u64>()
-                .map_err(|_| AgentError::BadRequest(format!("receive: {k}={v:?} is not a number")))
-        };
-        Ok(ReceiveParams {
-            snapshot: get("snapshot")?,
-            base: map.get("base").map(|s| s.to_string()),
-            owner: get("owner")?,
-            epoch: num("epoch", &get("epoch")?)?,
-            from: get("from")?,
-            quota: map.get("quota").map(|q| num("quota", q)).transpose()?,
-            replace: map.get("replace") == Some(&"1"),
-        })
-    }
-
-    fn query(&self) -> String {
-        let mut q = format!(
-            "snapshot={}&owner={}&epoch={}&from={}",
-            self.snapshot, self.owner, self.epoch, self.from
-        );
-        if let Some(b) = &self.base {
-            q.push_str(&format!("&base={b}"));
-        }
-        if let Some(quota) = self.quota {
-            q.push_str(&format!("&quota={quota}"));
-        }
-        if self.replace {
-            q.push_str("&replace=1");
-        }
-        q
-    }
-}
-
-/// Answer of a receive.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReceiveReport {
-    pub snapshot: String,
-    pub bytes: u64,
-}
-
-/// Body of `POST /v1/volumes/NAME/handoff`: "you own it at `epoch`", sent by `from`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TakeOverRequest {
-    pub epoch: u64,
-    pub from: String,
-}
 
 impl Agent {
     async fn remote_volume(

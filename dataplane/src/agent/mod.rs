@@ -34,7 +34,8 @@ mod validate;
 /// snapshot) may take before the request fails.
 const STORAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
-pub use migrate::{ReceiveParams, ReceiveReport, TakeOverRequest, drain};
+pub use flocker_wire::transfer::{ReceiveParams, ReceiveReport, TakeOverRequest};
+pub use migrate::drain;
 
 /// Everything a request can fail with; [`AgentError::status`] maps it to HTTP.
 #[derive(Debug, thiserror::Error)]

@@ -106,6 +106,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let corpora = make_corpora(work.path(), cfg.size)?;
     let key = work.path().join("psk");
     std::fs::write(&key, [0x5au8; 32])?;
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let ssh = SshSetup::new(work.path())?;
 
     let mut rows = Vec::new();

@@ -92,9 +92,69 @@ fn summary_hash(stderr: &str) -> String {
 }
 
 fn key_file(dir: &Path, name: &str, byte: u8) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
     let p = dir.join(name);
     std::fs::write(&p, [byte; 32]).expect("key");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     p
+}
+
+#[test]
+fn keygen_writes_a_private_key_and_readable_keys_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let key = tmp.path().join("key");
+    let out = Command::new(BIN)
+        .arg("keygen")
+        .arg(&key)
+        .output()
+        .expect("keygen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = std::fs::metadata(&key).expect("key").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let text = std::fs::read_to_string(&key).expect("read");
+    assert_eq!(text.trim().len(), 64, "{text}");
+    assert!(text.trim().chars().all(|c| c.is_ascii_hexdigit()));
+    // Never overwritten.
+    let again = Command::new(BIN)
+        .arg("keygen")
+        .arg(&key)
+        .output()
+        .expect("keygen");
+    assert!(!again.status.success());
+    assert_eq!(std::fs::read_to_string(&key).expect("read"), text);
+
+    // A key others can read is refused, unless the user insists.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let refused = send(
+        "-",
+        "127.0.0.1:9",
+        &["--key-file", &key.display().to_string()],
+    );
+    let said = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert!(!refused.status.success());
+    assert!(
+        said.contains("readable by group or others") && said.contains("--allow-readable-key"),
+        "{said}"
+    );
+    let insisted = send(
+        "-",
+        "127.0.0.1:9",
+        &[
+            "--key-file",
+            &key.display().to_string(),
+            "--allow-readable-key",
+        ],
+    );
+    let said = String::from_utf8_lossy(&insisted.stderr).to_string();
+    assert!(
+        !said.contains("--allow-readable-key"),
+        "past the check, fails later: {said}"
+    );
 }
 
 #[test]
@@ -211,6 +271,8 @@ fn cert_pair(
     );
     std::fs::write(&c, cert.pem()).expect("write cert");
     std::fs::write(&k, key.serialize_pem()).expect("write key");
+    std::fs::set_permissions(&k, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod key");
     (c, k)
 }
 

@@ -294,6 +294,8 @@ fn zfs_killing_either_cli_end_mid_stream_leaves_no_dataset() {
     let tmp = tempfile::tempdir().expect("tmp");
     let key = tmp.path().join("key");
     std::fs::write(&key, [3u8; 32]).expect("key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
     let target = format!("{}/vol", dst.name());
     let sender = |addr: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_flocker-stream"))

@@ -29,13 +29,27 @@ enum Command {
     /// Receive one stream into SINK: wait for the first sender that authenticates (stray or
     /// failed connections are cut and logged), then receive its stream.
     Recv(RecvArgs),
+    /// Write a new random pre-shared key (64 hex digits) to FILE, readable by its owner only
+    /// (mode 0600). Copy it to the other end over a channel you trust, e.g. `scp`.
+    Keygen(KeygenArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+struct KeygenArgs {
+    /// Where to write the key; an existing file is not overwritten.
+    file: PathBuf,
 }
 
 #[derive(Debug, ClapArgs)]
 struct Security {
-    /// Pre-shared key file (32 raw bytes or 64 hex digits).
+    /// Pre-shared key file (32 raw bytes or 64 hex digits; `flocker-stream keygen` makes one).
+    /// It must be readable by its owner only.
     #[arg(long, conflicts_with_all = ["tls_ca", "insecure"])]
     key_file: Option<PathBuf>,
+    /// Use a key file that group or others can read (anyone who can read it can send and
+    /// receive as you).
+    #[arg(long, requires = "key_file")]
+    allow_readable_key: bool,
     /// Cluster CA certificate (PEM); with --tls-cert and --tls-key enables mutual TLS.
     #[arg(long, requires_all = ["tls_cert", "tls_key"], conflicts_with = "insecure")]
     tls_ca: Option<PathBuf>,
@@ -175,6 +189,43 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// A key file that group or others can read is refused unless the user says otherwise.
+fn refuse_exposed_key(path: &std::path::Path, allowed: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("cannot read key file {}", path.display()))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 && !allowed {
+        bail!(
+            "key file {} is readable by group or others (mode {mode:o}): `chmod 600` it, or pass --allow-readable-key",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Writes 32 random bytes as 64 hex digits to a new file of mode 0600.
+fn keygen(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("no randomness for the key: {e}"))?;
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create key file {}", path.display()))?;
+    file.write_all(format!("{hex}\n").as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write key file {}", path.display()))?;
+    eprintln!("flocker-stream: wrote a new key to {}", path.display());
+    Ok(())
+}
+
 enum Chosen {
     Psk([u8; 32]),
     Tls(TlsFiles),
@@ -183,6 +234,7 @@ enum Chosen {
 
 fn choose(sec: &Security) -> anyhow::Result<Chosen> {
     if let Some(path) = &sec.key_file {
+        refuse_exposed_key(path, sec.allow_readable_key)?;
         return Ok(Chosen::Psk(flocker_stream::read_key_file(path)?));
     }
     if let (Some(ca), Some(cert), Some(key)) = (&sec.tls_ca, &sec.tls_cert, &sec.tls_key) {
@@ -214,6 +266,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Send(a) => send(a),
         Command::Recv(a) => recv(a),
+        Command::Keygen(a) => keygen(&a.file),
     }
 }
 

@@ -463,8 +463,7 @@ impl ReceiveSink for ZfsReplace {
         if let Some(inner) = self.inner.take() {
             inner.finish()?;
         }
-        self.runner
-            .run("zfs", &args(&["destroy", "-r", "-f", &self.dataset]))?;
+        destroy_when_idle(self.runner.as_ref(), &self.dataset)?;
         let renamed = self
             .runner
             .run("zfs", &args(&["rename", &self.staged, &self.dataset]))
@@ -473,6 +472,28 @@ impl ReceiveSink for ZfsReplace {
             self.staged.clear();
         }
         renamed
+    }
+}
+
+/// How long a dataset that is briefly busy (zfs-fuse releases files a reader just closed
+/// asynchronously) may take to become destroyable.
+const BUSY_RETRIES: u32 = 20;
+const BUSY_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// `zfs destroy -r -f`, retried while ZFS says the dataset is busy, for up to 5 s.
+fn destroy_when_idle(runner: &dyn CommandRunner, dataset: &str) -> Result<(), VolumeError> {
+    let mut attempt = 0;
+    loop {
+        match runner.run("zfs", &args(&["destroy", "-r", "-f", dataset])) {
+            Err(VolumeError::Command { detail, .. })
+                if detail.contains("busy") && attempt < BUSY_RETRIES =>
+            {
+                attempt += 1;
+                tracing::debug!(%dataset, attempt, "dataset busy, retrying its destroy");
+                std::thread::sleep(BUSY_PAUSE);
+            }
+            other => return other.map(drop),
+        }
     }
 }
 

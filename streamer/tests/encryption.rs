@@ -313,7 +313,11 @@ fn sealed_frames_cannot_be_altered_reordered_or_replayed() {
         set_seq(fr, i as u64);
     }
     let (r, _) = receive(&rebuild(f));
-    assert!(matches!(r, Err(StreamError::DataTag { seq: 3 })), "{r:?}");
+    // Every frame from 3 on is refused; which one the parallel verifiers report first varies.
+    assert!(
+        matches!(r, Err(StreamError::DataTag { seq }) if seq >= 3),
+        "{r:?}"
+    );
 }
 
 #[test]

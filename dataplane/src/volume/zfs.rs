@@ -294,22 +294,25 @@ impl VolumeBackend for ZfsBackend {
 
     fn prove(&self, name: &str) -> Result<PathBuf, VolumeError> {
         let dataset = self.dataset(name)?;
-        if let MountState::Unmounted(path) = self.mount_state(name, &dataset)? {
-            // Mounting over files would hide them; they may be writes an application made
-            // while the dataset was away, which a person has to look at.
-            if let Some(found) = own_entries(&path)? {
-                return Err(VolumeError::NotProven {
-                    volume: name.to_string(),
-                    path,
-                    found: format!(
-                        "dataset {dataset} is not mounted, and the directory holds files of its own ({found}); \
-                         move them away, then `zfs mount {dataset}`"
-                    ),
-                });
-            }
-            tracing::warn!(volume = name, %dataset, path = %path.display(), "volume was not mounted: mounting it");
-            self.zfs(&["mount", &dataset])?;
+        let path = match self.mount_state(name, &dataset)? {
+            // The common case: one `zfs get` and one `findmnt`, as `verify` does.
+            MountState::Mounted(path) => return self.check_mounted_at(name, &dataset, path),
+            MountState::Unmounted(path) => path,
+        };
+        // Mounting over files would hide them; they may be writes an application made
+        // while the dataset was away, which a person has to look at.
+        if let Some(found) = own_entries(&path)? {
+            return Err(VolumeError::NotProven {
+                volume: name.to_string(),
+                path,
+                found: format!(
+                    "dataset {dataset} is not mounted, and the directory holds files of its own ({found}); \
+                     move them away, then `zfs mount {dataset}`"
+                ),
+            });
         }
+        tracing::warn!(volume = name, %dataset, path = %path.display(), "volume was not mounted: mounting it");
+        self.zfs(&["mount", &dataset])?;
         self.verify(name)
     }
     fn quota(&self, name: &str) -> Result<Option<u64>, VolumeError> {

@@ -92,6 +92,7 @@ fn writable(dir: &Path) -> bool {
 }
 
 #[test]
+#[ignore = "privileged: needs root, loop devices and btrfs; `cargo xtask ci` runs it"]
 fn btrfs_volumes_move_full_then_incremental_with_their_records() -> Result<()> {
     let fs = LoopBtrfs::create()?;
     let runner = Arc::new(SystemRunner);
@@ -159,6 +160,7 @@ fn btrfs_volumes_move_full_then_incremental_with_their_records() -> Result<()> {
 /// volumes' filesystem unmounted (its root left as a bare directory on the parent
 /// filesystem) are both refused, naming what is there.
 #[test]
+#[ignore = "privileged: needs root, loop devices and btrfs; `cargo xtask ci` runs it"]
 fn btrfs_proof_refuses_a_plain_directory_or_an_unmounted_filesystem() -> Result<()> {
     let fs = LoopBtrfs::create()?;
     let runner = Arc::new(SystemRunner);
@@ -193,6 +195,7 @@ fn btrfs_proof_refuses_a_plain_directory_or_an_unmounted_filesystem() -> Result<
 /// verified, leaves the replica and its snapshots as they were; completed, it swaps in the
 /// new copy and drops the stale snapshots.
 #[test]
+#[ignore = "privileged: needs root, loop devices and btrfs; `cargo xtask ci` runs it"]
 fn btrfs_replace_swaps_only_a_complete_stream() -> Result<()> {
     let fs = LoopBtrfs::create()?;
     let runner = Arc::new(SystemRunner);

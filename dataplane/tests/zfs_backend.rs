@@ -19,6 +19,7 @@ fn mounted(pool: &TestPool, dataset: &str) -> Result<String> {
 }
 
 #[test]
+#[ignore = "privileged: needs root and zfs-fuse; `cargo xtask ci` runs it"]
 fn zfs_proof_mounts_an_empty_mountpoint_and_refuses_one_with_files() -> Result<()> {
     let pool = TestPool::create("proof", 128)?;
     let b = ZfsBackend::open(pool.name(), Arc::new(SystemRunner))?;
@@ -48,6 +49,7 @@ fn zfs_proof_mounts_an_empty_mountpoint_and_refuses_one_with_files() -> Result<(
 }
 
 #[test]
+#[ignore = "privileged: needs root and zfs-fuse; `cargo xtask ci` runs it"]
 fn zfs_replace_swaps_only_a_complete_stream() -> Result<()> {
     let src = TestPool::create("rsrc", 128)?;
     let dst = TestPool::create("rdst", 128)?;

@@ -87,7 +87,15 @@ fn ci() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    run(cargo().args(["test", "--workspace", "--", "--test-threads=1"]))?;
+    // The privileged tests (root, daemons, namespaces) are `#[ignore]`d with their reason so
+    // that a plain `cargo test` as any user runs the rest; CI is root and runs them all.
+    run(cargo().args([
+        "test",
+        "--workspace",
+        "--",
+        "--test-threads=1",
+        "--include-ignored",
+    ]))?;
     fuzz::run(CI_FUZZ_SECONDS, None)
 }
 

@@ -858,11 +858,13 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
 }
 
 #[test]
+#[ignore = "privileged: needs root, nftables, eBPF and network namespaces; `cargo xtask ci` runs it"]
 fn nftables_backend_conforms() -> anyhow::Result<()> {
     conformance(BackendChoice::Nftables, "nf", "nftables")
 }
 
 #[test]
+#[ignore = "privileged: needs root, nftables, eBPF and network namespaces; `cargo xtask ci` runs it"]
 fn ebpf_backend_conforms() -> anyhow::Result<()> {
     conformance(BackendChoice::Ebpf, "bp", "ebpf")
 }

@@ -1,4 +1,5 @@
 //! `flocker-bench NAME [ARGS...]`: runs one benchmark and prints its table.
+#![forbid(unsafe_code)]
 
 use anyhow::bail;
 

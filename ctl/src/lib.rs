@@ -1,5 +1,6 @@
 //! The `flockerctl` library: configuration parsing and validation, the cluster planner, the
 //! deploy driver and the cluster CA tooling. The binary in `main.rs` only wires these.
+#![forbid(unsafe_code)]
 
 pub mod ca;
 mod ca_cli;
@@ -7,6 +8,5 @@ pub mod cli;
 pub mod config;
 pub mod deploy;
 mod deploy_cli;
-pub mod logging;
 pub mod planner;
 pub mod render;

@@ -21,7 +21,6 @@ pub mod identity;
 pub mod idle;
 pub mod limits;
 pub mod listeners;
-pub mod observability;
 pub mod ownership;
 pub mod peer;
 pub mod revocation;

@@ -1,9 +1,11 @@
 //! `flocker-agent`: parse the configuration, set up logging, run the agent until a signal.
 //! Exit codes: 0 after a clean shutdown, 2 for a bad configuration, 1 for a failed start.
+#![forbid(unsafe_code)]
 
 use clap::Parser;
 use flocker_dataplane::config::{AgentConfig, Flags};
-use flocker_dataplane::{daemon, observability};
+use flocker_dataplane::daemon;
+use flocker_wire::logging::{self, LogFormat};
 
 fn main() -> std::process::ExitCode {
     let flags = Flags::parse();
@@ -14,7 +16,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    observability::init(config.json_logs);
+    let format = if config.json_logs {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    };
+    logging::init("info", format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -1,4 +1,5 @@
 //! `flocker-stream send|recv`: the standalone streamer. Only wiring lives here; see `cli/`.
+#![forbid(unsafe_code)]
 
 mod cli;
 
@@ -8,7 +9,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Args::parse();
-    cli::init_tracing();
+    flocker_wire::logging::init("warn", flocker_wire::logging::LogFormat::Text);
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

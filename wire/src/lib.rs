@@ -10,6 +10,8 @@
 
 pub mod checks;
 pub mod image;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod transfer;
 
 use std::collections::{BTreeMap, BTreeSet};

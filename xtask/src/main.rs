@@ -2,6 +2,7 @@
 //! system packages the tests need, running the whole test suite as CI does, the README's
 //! demo, and the benchmarks. It depends on no crate of the workspace, so it builds before
 //! any system library is installed.
+#![forbid(unsafe_code)]
 
 mod deps;
 mod fuzz;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use flocker_wire::{Application, Link, PortMap, RestartPolicy, VolumeSpec};
 
 use super::ApplicationConfig;
-use super::common::{
+use super::fields::{
     PortClaim, Sink, alias_problem, application_name_problem, check_external_ports, check_keys,
     env_name_problem, env_value, expect_list, expect_map, find, join, mountpoint_problem, port,
     positive_int, require, size, string,

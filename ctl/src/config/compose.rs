@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use flocker_wire::{Application, Link, PortMap, RestartPolicy, VolumeSpec};
 
 use super::ApplicationConfig;
-use super::common::{
+use super::fields::{
     PortClaim, Sink, alias_problem, application_name_problem, check_external_ports,
     env_name_problem, env_value, expect_list, expect_map, find, join, mountpoint_problem, port,
     port_in_range, positive_int, size, string,
@@ -169,7 +169,7 @@ pub fn parse_modern(sink: &mut Sink<'_>, root: &Node) -> ApplicationConfig {
             },
         }
     }
-    let Some(services) = super::common::require(sink, top, "services", root.mark, "") else {
+    let Some(services) = super::fields::require(sink, top, "services", root.mark, "") else {
         return ApplicationConfig::default();
     };
     let Some(entries) = expect_map(
@@ -465,11 +465,11 @@ fn parse_service(
 /// `"EXTERNAL:INTERNAL"` (optionally `/tcp`), or the long form `{target, published}`.
 fn compose_port(sink: &mut Sink<'_>, item: &Node, path: &str) -> Option<PortMap> {
     if let Kind::Map(fields) = &item.kind {
-        super::common::check_keys(sink, fields, &["target", "published", "protocol"], path);
-        let internal = super::common::require(sink, fields, "target", item.mark, path)
+        super::fields::check_keys(sink, fields, &["target", "published", "protocol"], path);
+        let internal = super::fields::require(sink, fields, "target", item.mark, path)
             .and_then(|f| port(sink, &f.value, &join(path, "target")));
         let external =
-            super::common::require(sink, fields, "published", item.mark, path).and_then(|f| {
+            super::fields::require(sink, fields, "published", item.mark, path).and_then(|f| {
                 let ppath = join(path, "published");
                 match f.value.as_str() {
                     Some(s) => port_in_range(s)

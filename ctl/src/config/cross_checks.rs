@@ -4,8 +4,8 @@
 use std::net::{IpAddr, ToSocketAddrs};
 use std::path::Path;
 
-use super::common::Sink;
 use super::deployment::Deployment;
+use super::fields::Sink;
 use super::{ApplicationConfig, Diagnostic};
 
 /// Answers whether a node address can be reached by name.

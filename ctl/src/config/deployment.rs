@@ -4,7 +4,7 @@
 pub use flocker_wire::checks::address_problem;
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::common::{Sink, check_keys, expect_list, expect_map, join, string};
+use super::fields::{Sink, check_keys, expect_list, expect_map, join, string};
 use super::yaml::{Mark, Node};
 
 /// A parsed deployment with the locations the cross-file checks point at.
@@ -35,7 +35,7 @@ pub fn parse_deployment_tree(sink: &mut Sink<'_>, root: &Node) -> Deployment {
     };
     check_keys(sink, top, &["version", "nodes"], "");
     super::application::check_version(sink, top, root.mark);
-    let Some(nodes) = super::common::require(sink, top, "nodes", root.mark, "") else {
+    let Some(nodes) = super::fields::require(sink, top, "nodes", root.mark, "") else {
         return deployment;
     };
     let Some(entries) = expect_map(

@@ -20,10 +20,10 @@
 //!   unplaced applications are validated and then left out (they run nowhere).
 
 mod application;
-mod common;
 mod compose;
 mod cross_checks;
 pub mod deployment;
+mod fields;
 pub use flocker_wire::image;
 pub mod size;
 pub mod yaml;
@@ -37,7 +37,7 @@ use flocker_wire::{Application, DesiredState};
 pub use cross_checks::{NodeResolver, SystemResolver, validate};
 pub use deployment::{Deployment, Placement};
 
-use common::Sink;
+use fields::Sink;
 use yaml::{Mark, Node};
 
 /// One problem found in a config file, with its location.

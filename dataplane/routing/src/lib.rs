@@ -42,6 +42,7 @@
 //!   to about 0.1 ms; where `/sys/kernel/rcu_expedited` cannot be written it stays slow.
 //! - Conntrack entries of a moved port are forgotten on a worker thread shortly after the
 //!   change (`conntrack::Janitor`), not before `apply` returns.
+#![deny(unsafe_code)]
 
 pub mod conntrack;
 pub mod ebpf;

@@ -59,7 +59,11 @@ struct Security {
     /// This end's private key (PEM).
     #[arg(long, requires = "tls_ca")]
     tls_key: Option<PathBuf>,
-    /// Send without any authentication (frames are still checksummed).
+    /// No authentication at all. Sending: the stream goes to whoever listens at --to.
+    /// Receiving: the first connection that speaks the format is accepted from any host that
+    /// can reach the port, and what it sends is written into the target. Frames are still
+    /// checksummed (this catches corruption, not an attacker). Only for trusted networks and
+    /// tests.
     #[arg(long)]
     insecure: bool,
 }
@@ -177,16 +181,6 @@ pub fn render_error(e: &anyhow::Error) -> String {
         }
     }
     out
-}
-
-/// Sets up logs on stderr, filtered by `RUST_LOG` (default: warnings).
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 /// A key file that group or others can read is refused unless the user says otherwise.

@@ -10,6 +10,8 @@
 //! filters that would drop routed connections.
 
 pub mod docker_user;
+// The one module of this crate that calls C (libnftnl, libmnl); each block says why it is sound.
+#[allow(unsafe_code)]
 pub mod netlink;
 pub mod plan;
 

@@ -1,4 +1,4 @@
-//! Checks shared by both application dialects and the deployment parser: the diagnostic
+//! Reading typed fields, shared by both application dialects and the deployment parser: the diagnostic
 //! sink, key-set checks, ports, names, mount points, sizes and environment values.
 //!
 //! Every check reports into a [`Sink`] and returns `None` on failure instead of stopping, so

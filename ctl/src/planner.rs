@@ -3,6 +3,8 @@
 //!
 //! Phases, in order (empty ones are left out):
 //!
+//! 0. `failover` (only from [`plan_around`] with failover asked for): replicas of volumes whose
+//!    owner does not answer are promoted.
 //! 1. `finish-handoff`: a handoff that a crash interrupted is completed first.
 //! 2. `create-volumes`: volumes of applications that have none anywhere yet.
 //! 3. `pre-copy`: moved applications' volumes are pushed while they still run.
@@ -216,6 +218,9 @@ fn plan_routes(desired: &DesiredState, current: &ClusterState, phases: &mut Phas
         }
     }
 }
+
+mod failover;
+pub use failover::{Blocked, FailoverError, Planned, Promotion, plan_around};
 
 #[cfg(test)]
 mod simulate;

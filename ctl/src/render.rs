@@ -23,6 +23,9 @@ pub fn describe(action: &Action) -> String {
             format!("push volume {volume} to {to} ({when})")
         }
         Action::Handoff { volume, to } => format!("hand volume {volume} over to {to}"),
+        Action::Promote { volume, epoch } => {
+            format!("promote this node's replica of volume {volume} to owner at epoch {epoch}")
+        }
         Action::StartApplication { application } => {
             format!("start {} ({})", application.name, application.image)
         }

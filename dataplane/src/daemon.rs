@@ -155,7 +155,12 @@ pub async fn build(
             PeerClient::new(client_tls, config.peer_port),
             routes,
         )
-        .with_api_port(config.listen.port()),
+        .with_api_port(config.listen.port())
+        .with_schedule_file(
+            config
+                .state_dir
+                .join(format!("schedule-{}.json", config.node_address)),
+        ),
     );
     if let Err(e) = agent.reapply_routes().await {
         tracing::warn!(error = %e, "could not re-apply recorded routes; the next converge will");
@@ -169,12 +174,17 @@ pub async fn run(config: AgentConfig) -> Result<(), StartError> {
     let listener = crate::server::bind(config.listen).await?;
     tracing::info!(listen = %config.listen, node = %config.node_address, "serving the agent API over mutual TLS");
     let limits = crate::limits::ServerLimits::default();
+    // The supervisor fences first (before it may restart anything), then supervises.
     let supervisor = tokio::spawn(crate::supervisor::run(agent.clone()));
+    let fencing = tokio::spawn(crate::agent::fencing::run(agent.clone()));
+    let replication = tokio::spawn(crate::agent::replication::run(agent.clone()));
     let server = tokio::spawn(crate::server::serve(listener, tls, agent, limits));
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.abort();
     supervisor.abort();
+    fencing.abort();
+    replication.abort();
     Ok(())
 }
 

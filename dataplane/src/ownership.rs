@@ -83,6 +83,45 @@ pub enum HandoffStep {
     RetellTarget { epoch: u64 },
 }
 
+/// What a promotion (failover) does with this node's copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Promote {
+    /// Record "owner: this node, at `epoch`", writable.
+    Record,
+    /// Already promoted at that epoch (a retried deploy).
+    AlreadyOwner,
+}
+
+/// Decides `Promote { volume, epoch }` on this node: only a replica may be promoted, and only
+/// to an epoch above everything it records, so the promoted copy outranks the lost owner's.
+pub fn check_promote(me: &str, local: &VolumeState, epoch: u64) -> Result<Promote, OwnershipError> {
+    if local.owner == me && local.epoch == epoch {
+        return Ok(Promote::AlreadyOwner);
+    }
+    if local.owner == me {
+        return Err(OwnershipError::WouldOverwriteOwner {
+            volume: local.name.clone(),
+            from: "a promotion".to_string(),
+        });
+    }
+    if epoch <= local.epoch {
+        return Err(OwnershipError::Stale {
+            volume: local.name.clone(),
+            owner: me.to_string(),
+            offered: epoch,
+            current_owner: local.owner.clone(),
+            current: local.epoch,
+        });
+    }
+    Ok(Promote::Record)
+}
+
+/// Whether this node's copy must be fenced: it records itself as owner, but `other` (a
+/// peer's copy) records a newer epoch, so someone else was promoted or handed it since.
+pub fn must_fence(me: &str, local: &VolumeState, other: &VolumeState) -> bool {
+    local.owner == me && other.epoch > local.epoch && other.owner != me
+}
+
 /// Decides the source side of `Handoff { volume, to }`. `target_snapshots` is what T reports
 /// holding; T must hold this node's newest snapshot.
 pub fn plan_handoff(
@@ -272,6 +311,33 @@ mod tests {
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn only_a_replica_is_promoted_and_only_upwards() {
+        let replica = vol("S", 3, &["push-0000000004"]);
+        assert_eq!(check_promote("T", &replica, 5), Ok(Promote::Record));
+        assert!(matches!(
+            check_promote("T", &replica, 3),
+            Err(OwnershipError::Stale { .. })
+        ));
+        assert_eq!(
+            check_promote("T", &vol("T", 5, &[]), 5),
+            Ok(Promote::AlreadyOwner)
+        );
+        assert!(matches!(
+            check_promote("T", &vol("T", 4, &[]), 6),
+            Err(OwnershipError::WouldOverwriteOwner { .. })
+        ));
+    }
+
+    #[test]
+    fn a_stale_owner_is_fenced_by_any_newer_epoch() {
+        let mine = vol("S", 3, &[]);
+        assert!(must_fence("S", &mine, &vol("T", 5, &[])));
+        assert!(!must_fence("S", &mine, &vol("S", 3, &[])));
+        assert!(!must_fence("S", &mine, &vol("T", 3, &[])));
+        assert!(!must_fence("S", &vol("T", 5, &[]), &vol("T", 6, &[])));
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub fn backoff(attempts: u32) -> Duration {
 /// Runs supervision passes until the task is aborted.
 pub async fn run(agent: Arc<Agent>) {
     adopt(&agent).await;
+    // A copy another node now owns (a failover while this node was away) must never be
+    // restarted: find out before the first pass.
+    crate::agent::fencing::check(&agent).await;
     let mut ticker = tokio::time::interval(INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -148,7 +151,14 @@ pub async fn pass(agent: &Agent) {
         }
         let delay = backoff(memory.attempts);
         let outcome = match &c.application.volume {
-            Some(_) => agent.prove_volume(&c.application.name).await.map(drop),
+            Some(_) => match agent.owns_volume(&c.application.name).await {
+                Ok(true) => agent.prove_volume(&c.application.name).await.map(drop),
+                Ok(false) => {
+                    tracing::warn!(container = %c.name, "not restarted: this node does not own its volume");
+                    continue;
+                }
+                Err(e) => Err(e),
+            },
             None => Ok(()),
         };
         let outcome = match outcome {

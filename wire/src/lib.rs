@@ -12,6 +12,7 @@ pub mod checks;
 pub mod image;
 #[cfg(feature = "logging")]
 pub mod logging;
+pub mod snapshots;
 pub mod transfer;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -110,7 +111,25 @@ pub struct Application {
 pub struct DesiredState {
     pub applications: BTreeMap<String, Application>,
     pub nodes: BTreeMap<String, BTreeSet<String>>,
+    /// Standby replicas per application (with a volume); absent for none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub standby: BTreeMap<String, Standby>,
 }
+
+/// Where and how often an application's volume is replicated: its owner pushes an
+/// incremental snapshot to each standby node every `interval_ms`, leaving a read-only replica
+/// that a failover can promote.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Standby {
+    pub nodes: Vec<String>,
+    pub interval_ms: u64,
+}
+
+/// The shortest replication interval accepted: each pass snapshots and pushes.
+pub const MIN_REPLICATION_INTERVAL_MS: u64 = 1_000;
+/// The longest replication interval accepted (one day).
+pub const MAX_REPLICATION_INTERVAL_MS: u64 = 86_400_000;
 
 impl DesiredState {
     /// The node an application is placed on, if any.
@@ -287,6 +306,10 @@ pub enum Action {
     },
     /// Give ownership to `to` at the next epoch, once `to` holds the newest snapshot.
     Handoff { volume: String, to: String },
+    /// Failover: this node's read-only replica becomes the owning copy at `epoch`, because
+    /// the owner cannot be reached. Chosen by a person (`deploy --failover`), never by an
+    /// agent on its own.
+    Promote { volume: String, epoch: u64 },
     /// Create and start the application's container.
     StartApplication { application: Application },
     /// Stop and remove the application's container.

@@ -88,3 +88,28 @@ pub(super) fn check_addresses(
         }
     }
 }
+
+/// Every application with standby replicas must have a volume to replicate.
+pub(super) fn check_standby(
+    sink: &mut Sink<'_>,
+    applications: &ApplicationConfig,
+    deployment: &Deployment,
+) {
+    for entry in &deployment.standby {
+        let Some(app) = applications.applications.get(&entry.application) else {
+            // Undefined applications are reported at their placement; broken ones in their
+            // own file.
+            continue;
+        };
+        if app.volume.is_none() {
+            sink.error(
+                entry.mark,
+                format!("standby/{}", entry.application),
+                format!(
+                    "`{}` has no volume: there is nothing to replicate (give it a volume, or remove this entry)",
+                    entry.application
+                ),
+            );
+        }
+    }
+}

@@ -307,3 +307,52 @@ pub fn check_external_ports(sink: &mut Sink<'_>, claims: &[PortClaim]) {
         }
     }
 }
+
+/// A duration written with a unit: `500ms`, `5s`, `2m`, `1h`; returns milliseconds.
+pub fn duration_ms(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<u64> {
+    let Some(text) = node.as_str() else {
+        sink.error(
+            node.mark,
+            path,
+            format!(
+                "expected a duration such as `5s` or `2m`, found {}",
+                node.describe()
+            ),
+        );
+        return None;
+    };
+    parse_duration_ms(text)
+        .map_err(|e| sink.error(node.mark, path, e))
+        .ok()
+}
+
+/// Parses `NUMBER UNIT` with unit `ms`, `s`, `m` or `h` into milliseconds.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let factor = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "" => {
+            return Err(format!(
+                "{text:?} has no unit: write for example `{text}s` (ms, s, m and h are understood)"
+            ));
+        }
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}: use ms, s, m or h"
+            ));
+        }
+    };
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("expected a duration such as `5s` or `2m`, found {text:?}"))?;
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("the duration {text:?} is too long"))
+}

@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use flocker_wire::{Application, DesiredState};
+use flocker_wire::{Application, DesiredState, Standby};
 
 pub use cross_checks::{NodeResolver, SystemResolver, validate};
 pub use deployment::{Deployment, Placement};
@@ -316,6 +316,7 @@ pub fn load_texts(
         let mut sink = Sink::new(deployment_file);
         if !unreadable {
             cross_checks::check_placements(&mut sink, &applications, application_file, &deployment);
+            cross_checks::check_standby(&mut sink, &applications, &deployment);
         }
         cross_checks::check_addresses(&mut sink, &deployment, resolver);
         diagnostics.extend(sink.finish());
@@ -336,9 +337,23 @@ pub fn load_texts(
         .into_iter()
         .filter(|(name, _)| deployment.placements.iter().any(|p| &p.application == name))
         .collect();
+    let standby = deployment
+        .standby
+        .into_iter()
+        .map(|s| {
+            (
+                s.application,
+                Standby {
+                    nodes: s.nodes,
+                    interval_ms: s.interval_ms,
+                },
+            )
+        })
+        .collect();
     Ok(DesiredState {
         applications,
         nodes: deployment.nodes,
+        standby,
     })
 }
 

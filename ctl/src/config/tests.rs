@@ -804,7 +804,7 @@ fn deployment_problems() {
     assert_eq!(dep_errors("version: 1\n"), vec!["1:1: missing key `nodes`"]);
     assert_eq!(
         dep_errors("version: 1\nnodes: {}\napps: 1\n"),
-        vec!["3:1: apps: unknown key; allowed keys are: version, nodes"]
+        vec!["3:1: apps: unknown key; allowed keys are: version, nodes, standby"]
     );
 }
 
@@ -1086,4 +1086,103 @@ mod no_panic {
             feed(&parts.concat());
         }
     }
+}
+
+// ---- standby replicas ----
+
+const STANDBY_APPS: &str = "version: 1
+applications:
+  redis:
+    image: redis
+    volume:
+      mountpoint: /data
+  web:
+    image: nginx
+";
+
+#[test]
+fn standby_replicas_parse_into_the_desired_state() {
+    let desired = load_texts(
+        "version: 1
+nodes:
+  198.18.0.11: [redis]
+  198.18.0.12: []
+  198.18.0.13: []
+standby:
+  redis: {nodes: [198.18.0.12, 198.18.0.13], every: 2s}
+",
+        Path::new(DEP),
+        STANDBY_APPS,
+        Path::new(APP),
+        &FakeResolver,
+    )
+    .expect("valid");
+    let standby = &desired.standby["redis"];
+    assert_eq!(standby.nodes, vec!["198.18.0.12", "198.18.0.13"]);
+    assert_eq!(standby.interval_ms, 2_000);
+}
+
+#[test]
+fn every_defaults_to_ten_seconds_and_takes_units() {
+    for (every, ms) in [
+        ("", 10_000),
+        (", every: 1500ms", 1_500),
+        (", every: 2m", 120_000),
+        (", every: 1h", 3_600_000),
+    ] {
+        let text = format!(
+            "version: 1\nnodes:\n  198.18.0.11: [redis]\n  198.18.0.12: []\nstandby:\n  redis: {{nodes: [198.18.0.12]{every}}}\n"
+        );
+        let (deployment, diagnostics) = parse_deployment_config(&text, Path::new(DEP));
+        assert!(diagnostics.is_empty(), "{every}: {diagnostics:?}");
+        assert_eq!(deployment.standby[0].interval_ms, ms, "{every}");
+    }
+}
+
+#[test]
+fn standby_mistakes_are_located() {
+    let errors = dep_errors(
+        "version: 1
+nodes:
+  198.18.0.11: [redis]
+  198.18.0.12: []
+standby:
+  redis: {nodes: [198.18.0.11, 198.18.0.99, 198.18.0.12, 198.18.0.12], every: 500ms}
+  ghost: {nodes: [198.18.0.12]}
+  web: {nodes: [198.18.0.12], every: soon, when: now}
+",
+    );
+    assert_eq!(
+        errors,
+        vec![
+            "6:19: standby/redis/nodes[0]: 198.18.0.11 runs `redis` itself: a standby must be another node",
+            "6:32: standby/redis/nodes[1]: 198.18.0.99 is not a node of this deployment (add it under `nodes:`)",
+            "6:58: standby/redis/nodes[3]: 198.18.0.12 is listed twice",
+            "6:79: standby/redis/every: the replication interval must be between 1s and 24h",
+            "7:3: standby/ghost: `ghost` is not placed on any node under `nodes:`, so it has no volume to replicate",
+            "8:3: standby/web: `web` is not placed on any node under `nodes:`, so it has no volume to replicate",
+            "8:38: standby/web/every: unknown unit \"soon\" in \"soon\": use ms, s, m or h",
+            "8:44: standby/web/when: unknown key; allowed keys are: nodes, every",
+        ],
+    );
+}
+
+#[test]
+fn a_standby_needs_an_application_with_a_volume() {
+    let errors = both_errors(
+        "version: 1
+nodes:
+  198.18.0.11: [redis, web]
+  198.18.0.12: []
+standby:
+  web: {nodes: [198.18.0.12], every: 5s}
+",
+        STANDBY_APPS,
+    );
+    assert_eq!(
+        errors,
+        vec![
+            "deployment.yml:6:3: standby/web: `web` has no volume: there is nothing to replicate (give it a volume, or remove this entry)"
+        ]
+    );
 }

@@ -8,6 +8,16 @@ use flocker_wire::{
 
 /// Applies every action of every phase in order, checking invariants after each action.
 pub fn apply_plan(plan: &Plan, state: &mut ClusterState) -> Result<(), String> {
+    apply_plan_checking(plan, state, check_invariants)
+}
+
+/// [`apply_plan`] with a chosen invariant check (a cluster whose stateless applications run
+/// twice after a node returned is checked for its volumes only).
+pub fn apply_plan_checking(
+    plan: &Plan,
+    state: &mut ClusterState,
+    check_invariants: fn(&ClusterState) -> Result<(), String>,
+) -> Result<(), String> {
     for phase in &plan.phases {
         for action in &phase.actions {
             apply(&action.node, &action.action, state)
@@ -98,6 +108,27 @@ fn apply(node: &str, action: &Action, state: &mut ClusterState) -> Result<(), St
                 source.epoch = epoch;
             }
         }
+        Action::Promote { volume, epoch } => {
+            let highest = state
+                .nodes
+                .values()
+                .filter_map(|n| n.volume(volume))
+                .map(|v| v.epoch)
+                .max()
+                .unwrap_or(0);
+            let copy = volume_mut(state, node, volume)
+                .ok_or_else(|| format!("{node} holds no replica of {volume} to promote"))?;
+            if copy.owner == node {
+                return Err(format!("{node} already owns {volume}"));
+            }
+            if *epoch <= highest {
+                return Err(format!(
+                    "promotion of {volume} at epoch {epoch} does not outrank epoch {highest}"
+                ));
+            }
+            copy.owner = node.to_string();
+            copy.epoch = *epoch;
+        }
         Action::StartApplication { application } | Action::RestartApplication { application } => {
             if application.volume.is_some() {
                 let owned = state
@@ -134,11 +165,12 @@ fn apply(node: &str, action: &Action, state: &mut ClusterState) -> Result<(), St
                     RouteTarget::Local { .. } => node,
                     RouteTarget::Node { address } => address.as_str(),
                 };
+                // A node the state knows nothing about did not answer: what runs there is
+                // unknown, and routes to it are left as the deployment says.
                 let up = state
                     .nodes
                     .get(host)
-                    .and_then(|n| n.container(&route.application))
-                    .is_some_and(|c| c.running);
+                    .is_none_or(|n| n.container(&route.application).is_some_and(|c| c.running));
                 if !up {
                     return Err(format!(
                         "route for {} points at {host} where it does not run",
@@ -154,6 +186,24 @@ fn apply(node: &str, action: &Action, state: &mut ClusterState) -> Result<(), St
 
 /// One owner per volume, one node per application.
 pub fn check_invariants(state: &ClusterState) -> Result<(), String> {
+    check_volumes(state)?;
+    let mut running: Vec<&str> = state
+        .nodes
+        .values()
+        .flat_map(|n| n.containers.iter().map(|c| c.application.name.as_str()))
+        .collect();
+    running.sort();
+    let before = running.len();
+    running.dedup();
+    if running.len() != before {
+        return Err("an application runs on two nodes".to_string());
+    }
+    Ok(())
+}
+
+/// One writable copy and one owner per epoch for every volume, and no application with a
+/// volume running where its volume is not owned.
+pub fn check_volumes(state: &ClusterState) -> Result<(), String> {
     let mut volumes: Vec<&str> = state
         .nodes
         .values()
@@ -185,17 +235,13 @@ pub fn check_invariants(state: &ClusterState) -> Result<(), String> {
                 record.epoch
             ));
         }
-    }
-    let mut running: Vec<&str> = state
-        .nodes
-        .values()
-        .flat_map(|n| n.containers.iter().map(|c| c.application.name.as_str()))
-        .collect();
-    running.sort();
-    let before = running.len();
-    running.dedup();
-    if running.len() != before {
-        return Err("an application runs on two nodes".to_string());
+        for (address, node) in &state.nodes {
+            if node.container(volume).is_some() && record.owner != *address {
+                return Err(format!(
+                    "{volume} runs on {address}, which does not own its volume"
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -264,4 +310,35 @@ pub fn realize(desired: &DesiredState) -> ClusterState {
         n.routes = desired.routes_for(node);
     }
     state
+}
+
+/// What a returning agent does (the agent's fencing): a copy it owns at an epoch some other
+/// copy outranks becomes a replica of the newer owner, and its application stops.
+pub fn fence(state: &mut ClusterState) {
+    let records: Vec<(String, String, u64)> = state
+        .nodes
+        .values()
+        .flat_map(|n| n.volumes.iter())
+        .map(|v| v.name.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter_map(|name| {
+            state
+                .volume_record(&name)
+                .map(|(_, r)| (name.clone(), r.owner.clone(), r.epoch))
+        })
+        .collect();
+    for (address, node) in state.nodes.iter_mut() {
+        for (name, owner, epoch) in &records {
+            let stale = node
+                .volumes
+                .iter_mut()
+                .find(|v| &v.name == name && &v.owner == address && v.epoch < *epoch);
+            if let Some(copy) = stale {
+                copy.owner = owner.clone();
+                copy.epoch = *epoch;
+                node.containers.retain(|c| &c.application.name != name);
+            }
+        }
+    }
 }

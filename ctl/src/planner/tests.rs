@@ -8,8 +8,10 @@ use flocker_wire::{
 };
 use proptest::prelude::*;
 
-use super::plan;
-use super::simulate::{apply_plan, check_invariants, matches, realize};
+use super::simulate::{
+    apply_plan, apply_plan_checking, check_invariants, check_volumes, fence, matches, realize,
+};
+use super::{FailoverError, plan, plan_around};
 use crate::render::plan_text;
 
 const N1: &str = "198.18.0.11";
@@ -49,6 +51,7 @@ fn desired(apps: &[Application], placement: &[(&str, &[&str])]) -> DesiredState 
                 (node.to_string(), set)
             })
             .collect(),
+        standby: BTreeMap::new(),
     }
 }
 
@@ -339,5 +342,214 @@ proptest! {
             apply_plan(&p, &mut state).map_err(TestCaseError::fail)?;
             matches(d, &state).map_err(TestCaseError::fail)?;
         }
+    }
+}
+
+// ---- failover ----
+
+/// A cluster where `redis` (with a volume) runs on N1 with a replica on N2 holding
+/// `push-0000000007-1000`, and `web` (no volume) runs on N3.
+fn replicated() -> (DesiredState, ClusterState) {
+    let d = desired(
+        &[app("redis", 6379, true), app("web", 80, false)],
+        &[(N1, &["redis"]), (N2, &[]), (N3, &["web"])],
+    );
+    let mut state = realize(&d);
+    let snapshots = vec!["push-0000000007-1000".to_string()];
+    for n in state.nodes.values_mut() {
+        for v in &mut n.volumes {
+            v.snapshots = snapshots.clone();
+        }
+    }
+    let mut replica = state.nodes[N1].volumes[0].clone();
+    replica.snapshots = snapshots;
+    state
+        .nodes
+        .entry(N2.into())
+        .or_default()
+        .volumes
+        .push(replica);
+    (d, state)
+}
+
+fn without(state: &ClusterState, dead: &str) -> ClusterState {
+    let mut s = state.clone();
+    s.nodes.remove(dead);
+    s
+}
+
+#[test]
+fn a_dead_unrelated_node_leaves_the_rest_to_plan() {
+    let (mut d, state) = replicated();
+    d.nodes.get_mut(N3).expect("n3").remove("web");
+    d.nodes.get_mut(N1).expect("n1").insert("web".into());
+    let dead: BTreeSet<String> = [N2.to_string()].into();
+    let planned = plan_around(&d, &without(&state, N2), &dead, false).expect("plan");
+    assert!(planned.blocked.is_empty(), "{:?}", planned.blocked);
+    assert_eq!(planned.stale_routes, vec![N2.to_string()]);
+    assert!(
+        planned
+            .plan
+            .phases
+            .iter()
+            .all(|p| p.actions.iter().all(|a| a.node != N2))
+    );
+    let mut after = without(&state, N2);
+    apply_plan(&planned.plan, &mut after).expect("safe");
+    assert!(after.nodes[N1].container("web").is_some());
+}
+
+#[test]
+fn moving_off_a_dead_owner_needs_failover_and_then_promotes_two_epochs_up() {
+    let (mut d, state) = replicated();
+    d.nodes.get_mut(N1).expect("n1").remove("redis");
+    d.nodes.get_mut(N2).expect("n2").insert("redis".into());
+    let dead: BTreeSet<String> = [N1.to_string()].into();
+    let reachable = without(&state, N1);
+
+    let refused = plan_around(&d, &reachable, &dead, false).expect("plan");
+    assert_eq!(refused.blocked.len(), 1);
+    assert!(
+        refused.blocked[0].reason.contains("--failover"),
+        "{:?}",
+        refused.blocked
+    );
+    assert!(refused.plan.phases.iter().all(|p| {
+        p.actions.iter().all(|a| !matches!(
+        &a.action,
+        flocker_wire::Action::StartApplication { application } if application.name == "redis"
+    ))
+    }));
+
+    let planned = plan_around(&d, &reachable, &dead, true).expect("plan");
+    assert_eq!(planned.promotions.len(), 1);
+    let p = &planned.promotions[0];
+    assert_eq!((p.node.as_str(), p.epoch), (N2, 3));
+    assert_eq!(p.snapshot_time_ms, Some(1000));
+    let text = plan_text(&planned.plan);
+    assert!(text.starts_with("phase 1/"), "{text}");
+    assert!(text.contains("failover\n  198.18.0.12     promote this node's replica of volume redis to owner at epoch 3"), "{text}");
+    let mut after = reachable.clone();
+    apply_plan(&planned.plan, &mut after).expect("safe");
+    assert!(
+        after.nodes[N2]
+            .container("redis")
+            .is_some_and(|c| c.running)
+    );
+    assert_eq!(after.volume_owner("redis"), Some(N2));
+}
+
+#[test]
+fn failover_without_a_replica_refuses_everything() {
+    let (mut d, mut state) = replicated();
+    state.nodes.get_mut(N2).expect("n2").volumes.clear();
+    d.nodes.get_mut(N1).expect("n1").remove("redis");
+    d.nodes.get_mut(N3).expect("n3").insert("redis".into());
+    let dead: BTreeSet<String> = [N1.to_string()].into();
+    assert_eq!(
+        plan_around(&d, &without(&state, N1), &dead, true),
+        Err(FailoverError::NoReplica {
+            application: "redis".into(),
+            owner: N1.into()
+        })
+    );
+}
+
+#[test]
+fn failover_to_a_node_without_the_replica_promotes_then_moves() {
+    let (mut d, state) = replicated();
+    d.nodes.get_mut(N1).expect("n1").remove("redis");
+    d.nodes.get_mut(N3).expect("n3").insert("redis".into());
+    let dead: BTreeSet<String> = [N1.to_string()].into();
+    let planned = plan_around(&d, &without(&state, N1), &dead, true).expect("plan");
+    let names: Vec<&str> = planned
+        .plan
+        .phases
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["failover", "final-push", "handoff", "start", "routes"]
+    );
+    let mut after = without(&state, N1);
+    apply_plan(&planned.plan, &mut after).expect("safe");
+    assert_eq!(after.volume_owner("redis"), Some(N3));
+}
+
+#[test]
+fn the_returning_owner_is_fenced_and_one_owner_remains() {
+    let (mut d, state) = replicated();
+    d.nodes.get_mut(N1).expect("n1").remove("redis");
+    d.nodes.get_mut(N2).expect("n2").insert("redis".into());
+    let dead: BTreeSet<String> = [N1.to_string()].into();
+    let planned = plan_around(&d, &without(&state, N1), &dead, true).expect("plan");
+    let mut after = without(&state, N1);
+    apply_plan(&planned.plan, &mut after).expect("safe");
+    // N1 comes back as it was: still thinking it owns redis, with redis running.
+    after.nodes.insert(N1.into(), state.nodes[N1].clone());
+    fence(&mut after);
+    check_invariants(&after).expect("one owner after fencing");
+    assert!(after.nodes[N1].container("redis").is_none());
+    let p = plan(&d, &after);
+    apply_plan(&p, &mut after).expect("safe");
+    matches(&d, &after).expect("the next deploy converges");
+}
+
+proptest! {
+    /// Any deployment with any one node dead and failover asked for: the plan keeps the
+    /// invariants on the reachable nodes, promotes only to outrank every copy, never loses a
+    /// copy, and after the dead node returns and fences itself there is one owner per volume.
+    #[test]
+    fn failover_and_fencing_keep_one_owner(
+        before in arb_desired(),
+        after in arb_desired(),
+        dead in 0..3usize,
+        replica_on in 0..3usize,
+    ) {
+        let mut state = realize(&before);
+        // Every volume has one push snapshot and, where possible, a replica.
+        let volumes: Vec<(String, String)> = state.nodes.iter()
+            .flat_map(|(a, n)| n.volumes.iter().map(move |v| (a.clone(), v.name.clone())))
+            .collect();
+        for (owner, name) in &volumes {
+            let mut copy = state.nodes[owner].volume(name).cloned().expect("copy");
+            copy.snapshots = vec!["push-1".into()];
+            if let Some(v) = state.nodes.get_mut(owner).and_then(|n| n.volumes.iter_mut().find(|v| &v.name == name)) {
+                v.snapshots = copy.snapshots.clone();
+            }
+            let to = NODES[replica_on];
+            if to != owner {
+                state.nodes.entry(to.to_string()).or_default().volumes.push(copy);
+            }
+        }
+        let epochs_before: BTreeMap<String, u64> = volumes.iter()
+            .filter_map(|(_, n)| state.volume_record(n).map(|(_, r)| (n.clone(), r.epoch)))
+            .collect();
+        let dead = NODES[dead].to_string();
+        let unreachable: BTreeSet<String> = [dead.clone()].into();
+        let mut live = without(&state, &dead);
+        let planned = match plan_around(&after, &live, &unreachable, true) {
+            Ok(p) => p,
+            Err(FailoverError::NoReplica { application, .. }) => {
+                prop_assert!(live.nodes.values().all(|n| n.volume(&application).is_none()));
+                return Ok(());
+            }
+            Err(e) => return Err(TestCaseError::fail(e.to_string())),
+        };
+        prop_assert!(planned.plan.phases.iter().all(|p| p.actions.iter().all(|a| a.node != dead)));
+        apply_plan(&planned.plan, &mut live).map_err(TestCaseError::fail)?;
+        live.nodes.insert(dead.clone(), state.nodes.get(&dead).cloned().unwrap_or_default());
+        fence(&mut live);
+        // Stateless applications may run twice until the next deploy; volumes never.
+        check_volumes(&live).map_err(TestCaseError::fail)?;
+        for (name, epoch) in &epochs_before {
+            let now = live.volume_record(name).map(|(_, r)| r.epoch);
+            prop_assert!(now.is_some_and(|e| e >= *epoch), "{name}: epoch {epoch} -> {now:?}");
+        }
+        // The next deploy, with every node back, converges safely.
+        let p = plan(&after, &live);
+        apply_plan_checking(&p, &mut live, check_volumes).map_err(TestCaseError::fail)?;
+        matches(&after, &live).map_err(TestCaseError::fail)?;
     }
 }

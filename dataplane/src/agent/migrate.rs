@@ -225,10 +225,12 @@ impl Agent {
                 bytes_total: Some(bytes),
             })
             .await;
-        // Both sides now hold `snapshot`: older push snapshots are no longer a base.
+        // Both sides now hold `snapshot`: older push snapshots are no longer a base, except
+        // the newest one another standby holds (its next push starts there).
+        let keep = self.note_pushed(name, to, &snapshot);
         let mut all = local.snapshots.clone();
         all.push(snapshot.clone());
-        let prune = ownership::prunable(&all, &snapshot);
+        let prune = ownership::prunable(&all, &keep);
         let n = name.to_string();
         self.blocking(move |b| {
             for s in &prune {
@@ -461,6 +463,85 @@ impl Agent {
         self.local_volume(name)
             .await?
             .ok_or_else(|| AgentError::NotFound(format!("volume {name:?} vanished")))
+    }
+
+    /// Records that `peer` holds `snapshot` of `volume`, and returns the oldest snapshot a
+    /// current standby of the volume still needs as its base (`snapshot` when none needs an
+    /// older one). Pruning keeps that one and everything newer.
+    fn note_pushed(&self, volume: &str, peer: &str, snapshot: &str) -> String {
+        let standbys: Vec<String> = self
+            .last_desired()
+            .and_then(|d| d.standby.get(volume).map(|s| s.nodes.clone()))
+            .unwrap_or_default();
+        let Ok(mut pushed) = self.pushed_to.lock() else {
+            return snapshot.to_string();
+        };
+        let marks = pushed.entry(volume.to_string()).or_default();
+        marks.insert(peer.to_string(), snapshot.to_string());
+        marks.retain(|node, _| standbys.contains(node) || node == peer);
+        marks
+            .values()
+            .filter(|s| crate::volume::push_sequence(s).is_some())
+            .min_by_key(|s| crate::volume::push_sequence(s))
+            .cloned()
+            .unwrap_or_else(|| snapshot.to_string())
+    }
+
+    /// `Promote { volume, epoch }`: this node's replica becomes the owning copy. The person
+    /// who asked (`deploy --failover`) decided the owner is lost; the checks here make sure
+    /// the promoted copy outranks every record this node has seen.
+    pub(super) async fn promote(&self, name: &str, epoch: u64) -> Result<(), AgentError> {
+        let _lock = self.lock_volume(name).await;
+        let local = self
+            .local_volume(name)
+            .await?
+            .ok_or_else(|| AgentError::NotFound(format!("no replica of volume {name:?} here")))?;
+        match ownership::check_promote(&self.me, &local, epoch)? {
+            ownership::Promote::AlreadyOwner => Ok(()),
+            ownership::Promote::Record => {
+                let record = Record {
+                    owner: self.me.clone(),
+                    epoch,
+                };
+                let n = name.to_string();
+                self.blocking(move |b| b.set_record(&n, &record, true, RecordOrder::TakeOver))
+                    .await?;
+                tracing::warn!(
+                    volume = name,
+                    lost_owner = %local.owner,
+                    lost_epoch = local.epoch,
+                    epoch,
+                    newest = ?local.snapshots.last(),
+                    "promoted this replica to owner (failover)"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// One replication push of `name` to the standby `to`, unless a move holds the volume
+    /// (replication never waits for or slows a move: it skips this round). `Ok(false)` when
+    /// skipped.
+    pub(crate) async fn replicate_once(&self, name: &str, to: &str) -> Result<bool, AgentError> {
+        let lock = match self.volume_locks.lock() {
+            Ok(mut map) => map.entry(name.to_string()).or_default().clone(),
+            Err(_) => return Ok(false),
+        };
+        let Ok(_guard) = lock.try_lock_owned() else {
+            return Ok(false);
+        };
+        // Nobody reads replication progress: with the receiver gone, sends fail at once.
+        let (events, _) = tokio::sync::mpsc::channel(1);
+        self.push_pass(name, to, false, "replicate", &events).await
+    }
+
+    /// Asks `node` for its copy of `name` (fencing compares epochs).
+    pub(crate) async fn peer_volume(
+        &self,
+        node: &str,
+        name: &str,
+    ) -> Result<Option<VolumeState>, AgentError> {
+        self.remote_volume(node, name).await
     }
 
     /// `GET /v1/volumes/NAME`.

@@ -27,7 +27,9 @@ use crate::transfer;
 use crate::volume::mountinfo::{self, FsLocation};
 use crate::volume::{VolumeBackend, VolumeError};
 
+pub mod fencing;
 mod migrate;
+pub mod replication;
 mod validate;
 
 /// The longest a single volume backend call (a `zfs` command, a directory copy for a `dir`
@@ -107,6 +109,14 @@ pub struct Agent {
     api_port: Option<u16>,
     /// Restarts the supervisor made, per container name (cleared when a converge starts it).
     pub(crate) restarts: std::sync::Mutex<HashMap<String, crate::supervisor::RestartMemory>>,
+    /// The desired state of the last converge: which peers exist (fencing asks them) and
+    /// which volumes replicate where (see `replication`). Kept in `schedule_file` so that a
+    /// restarted agent resumes both before the next deploy.
+    desired: std::sync::Mutex<Option<DesiredState>>,
+    schedule_file: Option<std::path::PathBuf>,
+    /// Per volume, the newest snapshot each peer was last seen to hold after a push: pruning
+    /// keeps it, so every standby keeps an incremental base.
+    pushed_to: std::sync::Mutex<HashMap<String, HashMap<String, String>>>,
 }
 
 /// Progress events of one action.
@@ -130,6 +140,54 @@ impl Agent {
             volume_locks: std::sync::Mutex::new(HashMap::new()),
             restarts: std::sync::Mutex::new(HashMap::new()),
             api_port: None,
+            desired: std::sync::Mutex::new(None),
+            schedule_file: None,
+            pushed_to: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Keeps the last converge's desired state in `path` (and loads it now, if present).
+    pub fn with_schedule_file(mut self, path: std::path::PathBuf) -> Self {
+        match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<DesiredState>(&bytes) {
+                Ok(d) => {
+                    if let Ok(mut slot) = self.desired.lock() {
+                        *slot = Some(d);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable schedule file; the next deploy rewrites it")
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the schedule file")
+            }
+        }
+        self.schedule_file = Some(path);
+        self
+    }
+
+    /// The desired state of the last converge, if any.
+    pub fn last_desired(&self) -> Option<DesiredState> {
+        self.desired.lock().ok().and_then(|d| d.clone())
+    }
+
+    /// Remembers (and persists) the desired state a converge was validated against.
+    fn remember_desired(&self, desired: &DesiredState) {
+        if let Ok(mut slot) = self.desired.lock() {
+            *slot = Some(desired.clone());
+        }
+        let Some(path) = &self.schedule_file else {
+            return;
+        };
+        match serde_json::to_vec_pretty(desired) {
+            Ok(bytes) => {
+                if let Err(e) = crate::volume::sidecar::write_bytes(path, &bytes) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot record the schedule");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot encode the schedule"),
         }
     }
 
@@ -265,6 +323,14 @@ impl Agent {
     }
 
     /// The proven path of `volume` (mounted first where safe): see [`VolumeBackend::prove`].
+    /// Whether this node's copy of `volume` records this node as its owner.
+    pub(crate) async fn owns_volume(&self, volume: &str) -> Result<bool, AgentError> {
+        Ok(self
+            .local_volume(volume)
+            .await?
+            .is_some_and(|v| v.owner == self.me))
+    }
+
     pub(crate) async fn prove_volume(
         &self,
         volume: &str,
@@ -302,6 +368,7 @@ impl Agent {
     ) -> Result<mpsc::Receiver<ConvergeEvent>, AgentError> {
         let guard = crate::limits::converge_lock(&self.converge_lock).await?;
         self.validate(&request).await?;
+        self.remember_desired(&request.desired);
         let (tx, rx) = mpsc::channel(64);
         let agent = self.clone();
         tokio::spawn(async move {
@@ -353,6 +420,7 @@ impl Agent {
                 self.push_volume(volume, to, *last, step, events).await
             }
             Action::Handoff { volume, to } => self.handoff(volume, to).await,
+            Action::Promote { volume, epoch } => self.promote(volume, *epoch).await,
             Action::SetRoutes { routes } => self.set_routes(routes.clone()).await,
         }
     }
@@ -453,6 +521,7 @@ pub fn step_name(action: &Action) -> String {
             )
         }
         Action::Handoff { volume, to } => format!("handoff {volume} to {to}"),
+        Action::Promote { volume, epoch } => format!("promote {volume} at epoch {epoch}"),
         Action::StartApplication { application } => format!("start {}", application.name),
         Action::StopApplication { application } => format!("stop {application}"),
         Action::RestartApplication { application } => format!("restart {}", application.name),

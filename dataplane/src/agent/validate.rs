@@ -74,6 +74,16 @@ impl Agent {
                         ownership::check_owner(&self.me, v)?;
                     }
                 }
+                Action::Promote { volume, epoch } => {
+                    check_name(volume)?;
+                    let Some(v) = volumes.get(volume) else {
+                        return Err(AgentError::NotFound(format!(
+                            "promote volume {volume:?}: this node ({}) holds no replica of it",
+                            self.me
+                        )));
+                    };
+                    ownership::check_promote(&self.me, v, *epoch)?;
+                }
                 Action::SetRoutes { routes } => self.validate_routes(request, routes)?,
             }
         }

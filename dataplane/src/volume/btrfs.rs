@@ -83,6 +83,25 @@ impl VolumeBackend for BtrfsBackend {
         "btrfs"
     }
 
+    fn set_aside(&self, name: &str, aside: &str) -> Result<(), VolumeError> {
+        super::check_aside(aside)?;
+        if self.subvolume(aside)?.exists() {
+            return Err(VolumeError::Exists(aside.to_string()));
+        }
+        // Snapshots and data first, the record last: until the record moves, the volume is
+        // still listed under its own name, so a crash in between is visible, not lost.
+        for (from, to) in [
+            (self.snapshot_dir(name)?, self.snapshot_dir(aside)?),
+            (self.subvolume(name)?, self.subvolume(aside)?),
+            (self.sidecar_path(name)?, self.sidecar_path(aside)?),
+        ] {
+            if from.exists() {
+                fs::rename(&from, &to).map_err(io(&from))?;
+            }
+        }
+        Ok(())
+    }
+
     fn list(&self) -> Result<Vec<VolumeState>, VolumeError> {
         let dir = self.root.join(".flocker");
         let mut out = Vec::new();
@@ -92,7 +111,7 @@ impl VolumeBackend for BtrfsBackend {
             let Some(name) = file.strip_suffix(".json") else {
                 continue;
             };
-            if check_name(name).is_err() {
+            if check_name(name).is_err() || super::is_set_aside(name) {
                 continue;
             }
             let Some(car) = sidecar::read(&e.path(), name)? else {

@@ -83,12 +83,21 @@ impl VolumeBackend for DirBackend {
         "dir"
     }
 
+    fn set_aside(&self, name: &str, aside: &str) -> Result<(), VolumeError> {
+        super::check_aside(aside)?;
+        let (from, to) = (self.volume_dir(name)?, self.volume_dir(aside)?);
+        if to.exists() {
+            return Err(VolumeError::Exists(aside.to_string()));
+        }
+        fs::rename(&from, &to).map_err(io(&from))
+    }
+
     fn list(&self) -> Result<Vec<VolumeState>, VolumeError> {
         let mut out = Vec::new();
         for e in fs::read_dir(&self.root).map_err(io(&self.root))? {
             let e = e.map_err(io(&self.root))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if check_name(&name).is_err() {
+            if check_name(&name).is_err() || super::is_set_aside(&name) {
                 continue;
             }
             let Some(car) = sidecar::read(&self.sidecar_path(&name)?, &name)? else {

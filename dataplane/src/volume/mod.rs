@@ -16,8 +16,7 @@ use std::path::PathBuf;
 
 use flocker_wire::VolumeState;
 
-/// Prefix of the snapshots the agent takes for pushes; only these are reported and pruned.
-pub const PUSH_PREFIX: &str = "push-";
+pub use flocker_wire::snapshots::{PUSH_PREFIX, push_sequence};
 
 /// Errors of the volume backends.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +143,28 @@ pub trait VolumeBackend: Send + Sync {
         snapshot: &str,
         replace: bool,
     ) -> Result<Box<dyn ReceiveSink>, VolumeError>;
+    /// Keeps a fenced copy (see `agent::fencing`) under `aside`, a name marked by
+    /// [`ASIDE_MARK`]: renamed with its snapshots and data untouched, and no longer listed, so
+    /// the volume's own name is free for a fresh replica. Removing it is left to a person.
+    fn set_aside(&self, name: &str, aside: &str) -> Result<(), VolumeError>;
+}
+
+/// What marks the name of a copy set aside by fencing (`NAME.fenced-eEPOCH-UNIXMS`).
+pub const ASIDE_MARK: &str = ".fenced-";
+
+/// Whether a volume name is that of a copy set aside by fencing; listings skip those.
+pub fn is_set_aside(name: &str) -> bool {
+    name.contains(ASIDE_MARK)
+}
+
+/// Refuses an aside name without the mark (it would reappear as a volume).
+fn check_aside(aside: &str) -> Result<(), VolumeError> {
+    check_name(aside)?;
+    if is_set_aside(aside) {
+        Ok(())
+    } else {
+        Err(VolumeError::InvalidName(aside.to_string()))
+    }
 }
 
 /// The write half of a receive sink that wraps an inner command sink, which is taken away
@@ -181,20 +202,18 @@ pub fn check_name(name: &str) -> Result<(), VolumeError> {
     }
 }
 
-/// The sequence number of a push snapshot name, `None` for other snapshots.
-pub fn push_sequence(snapshot: &str) -> Option<u64> {
-    snapshot.strip_prefix(PUSH_PREFIX)?.parse().ok()
-}
-
-/// The name of the next push snapshot: one past the highest sequence present. Zero-padded so
-/// that name order is age order on every backend.
+/// The name of the next push snapshot: one past the highest sequence present, stamped with
+/// the time it is taken (see [`flocker_wire::snapshots`]).
 pub fn next_push_snapshot(existing: &[String]) -> String {
     let next = existing
         .iter()
         .filter_map(|s| push_sequence(s))
         .max()
         .map_or(1, |n| n + 1);
-    format!("{PUSH_PREFIX}{next:010}")
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    flocker_wire::snapshots::push_snapshot_name(next, now_ms)
 }
 
 /// Keeps only push snapshots, oldest first.
@@ -215,8 +234,8 @@ mod tests {
             "manual".into(),
             "push-0000000010".into(),
         ];
-        assert_eq!(next_push_snapshot(&snaps), "push-0000000011");
-        assert_eq!(next_push_snapshot(&[]), "push-0000000001");
+        assert!(next_push_snapshot(&snaps).starts_with("push-0000000011-"));
+        assert!(next_push_snapshot(&[]).starts_with("push-0000000001-"));
         assert_eq!(
             sort_push_snapshots(snaps),
             vec!["push-0000000002".to_string(), "push-0000000010".into()]

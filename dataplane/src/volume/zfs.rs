@@ -198,6 +198,9 @@ pub fn parse_volumes(root: &str, output: &str) -> Vec<VolumeState> {
         let Some(rest) = name.strip_prefix(&prefix) else {
             continue;
         };
+        if super::is_set_aside(rest) {
+            continue;
+        }
         match rest.split_once('@') {
             // Every snapshot lists each property once; counting it under one avoids duplicates.
             Some((volume, snapshot)) if property == OWNER && !volume.contains('/') => {
@@ -237,6 +240,15 @@ pub fn parse_volumes(root: &str, output: &str) -> Vec<VolumeState> {
 impl VolumeBackend for ZfsBackend {
     fn kind(&self) -> &'static str {
         "zfs"
+    }
+
+    fn set_aside(&self, name: &str, aside: &str) -> Result<(), VolumeError> {
+        super::check_aside(aside)?;
+        let (from, to) = (self.dataset(name)?, self.dataset(aside)?);
+        if self.exists(&to) {
+            return Err(VolumeError::Exists(aside.to_string()));
+        }
+        self.zfs(&["rename", &from, &to]).map(drop)
     }
 
     fn list(&self) -> Result<Vec<VolumeState>, VolumeError> {

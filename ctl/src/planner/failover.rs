@@ -1,0 +1,286 @@
+//! Planning around nodes that do not answer: what can still be done, what needs the missing
+//! nodes, and, when a person asks for it (`deploy --failover`), which replica takes over a
+//! volume whose owner is gone.
+//!
+//! The rules, all pure:
+//! - An application whose volume's owner is unreachable cannot move by the migration protocol
+//!   (the owner must push and hand off). It is *blocked*, unless failover is asked for: then the
+//!   newest replica among the reachable nodes (highest push sequence) is promoted, at the
+//!   highest epoch any reachable copy records plus two, and the move continues from there. Two,
+//!   because the dead owner may have recorded a handoff at one more than what its replicas know
+//!   (a give-away whose target never heard): a promotion must outrank it, never tie with it.
+//! - Failover never invents data: with no replica the whole plan is refused. A volume that no
+//!   reachable node knows is not created while some node does not answer (it may live there).
+//! - An application placed on an unreachable node is *unknown* (it may well be running) unless
+//!   the deployment moves it there from a reachable node, which is *blocked*.
+//! - Actions on unreachable nodes are left out; route tables there follow on a later deploy
+//!   (and a returning agent fences itself, see the agent's `fencing` module).
+//!
+//! Everything else is planned as usual, against an effective desired state in which blocked
+//! applications stay where they are.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use flocker_wire::snapshots::{newest_push, push_sequence, push_time_ms};
+use flocker_wire::{Action, ClusterState, DesiredState, NodeAction, Phase, Plan};
+
+/// Why a failover cannot be planned; nothing is done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FailoverError {
+    #[error(
+        "cannot fail over `{application}`: the owner of its volume, {owner}, does not answer and no reachable node holds a replica; starting it on an empty volume would lose its data, so nothing was changed"
+    )]
+    NoReplica { application: String, owner: String },
+    #[error("cannot fail over `{application}`: the epoch of its volume cannot grow further")]
+    EpochExhausted { application: String },
+}
+
+/// A replica promoted to owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Promotion {
+    pub application: String,
+    /// The node that owned the volume and does not answer.
+    pub lost_owner: String,
+    pub node: String,
+    pub epoch: u64,
+    /// The replica's newest snapshot: every write before it survives.
+    pub snapshot: String,
+    /// When that snapshot was taken (ms since the Unix epoch), if its name says.
+    pub snapshot_time_ms: Option<u64>,
+}
+
+/// Something the deployment asks for that needs an unreachable node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    pub application: String,
+    pub reason: String,
+}
+
+/// A plan around unreachable nodes, with what it leaves out.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Planned {
+    pub plan: Plan,
+    pub promotions: Vec<Promotion>,
+    /// Needs an unreachable node: not done, and the deploy fails.
+    pub blocked: Vec<Blocked>,
+    /// Placed on an unreachable node and not moving: cannot be checked, left alone.
+    pub unknown: Vec<String>,
+    /// Unreachable nodes whose route tables would change, left for a later deploy.
+    pub stale_routes: Vec<String>,
+}
+
+/// Plans `desired` against what the reachable nodes report (`current`), with `unreachable`
+/// the nodes that did not answer. With no unreachable node this is exactly [`super::plan`].
+pub fn plan_around(
+    desired: &DesiredState,
+    current: &ClusterState,
+    unreachable: &BTreeSet<String>,
+    failover: bool,
+) -> Result<Planned, FailoverError> {
+    let mut effective = desired.clone();
+    let mut state = current.clone();
+    let mut planned = Planned::default();
+    let mut promote_actions = Vec::new();
+    // Applications left where they are on a node that does not answer: no action may touch
+    // them (not even a reachable replica's "finish the handoff" to that node).
+    let mut hands_off: BTreeSet<String> = BTreeSet::new();
+    for (name, app) in &desired.applications {
+        let Some(target) = desired.node_of(name).map(str::to_owned) else {
+            continue;
+        };
+        let owner = app
+            .volume
+            .as_ref()
+            .and_then(|_| current.volume_owner(name))
+            .map(str::to_owned);
+        let running_on = current
+            .nodes
+            .iter()
+            .find(|(_, n)| n.container(name).is_some_and(|c| c.running))
+            .map(|(address, _)| address.clone());
+        if unreachable.contains(&target) {
+            let here = owner
+                .as_ref()
+                .filter(|o| !unreachable.contains(*o) && **o != target)
+                .or(running_on.as_ref());
+            match here {
+                Some(node) => {
+                    planned.blocked.push(Blocked {
+                        application: name.clone(),
+                        reason: format!("its new node {target} does not answer"),
+                    });
+                    place(&mut effective, name, node);
+                }
+                None => {
+                    planned.unknown.push(name.clone());
+                    hands_off.insert(name.clone());
+                }
+            }
+            continue;
+        }
+        let owner = match owner {
+            Some(o) if unreachable.contains(&o) => o,
+            Some(_) => continue,
+            // No reachable node knows the volume: it is new, or it lives only on a node that
+            // does not answer. Creating an empty one could hide the real data, so wait.
+            None if app.volume.is_some() && !unreachable.is_empty() => {
+                let nodes = unreachable.iter().cloned().collect::<Vec<_>>().join(", ");
+                if failover {
+                    return Err(FailoverError::NoReplica {
+                        application: name.clone(),
+                        owner: nodes,
+                    });
+                }
+                planned.blocked.push(Blocked {
+                    application: name.clone(),
+                    reason: format!(
+                        "no reachable node holds its volume, which may live on {nodes} (not answering); an empty one is not created in its place"
+                    ),
+                });
+                place(
+                    &mut effective,
+                    name,
+                    unreachable.iter().next().map_or(&target, |n| n),
+                );
+                hands_off.insert(name.clone());
+                continue;
+            }
+            None => continue,
+        };
+        if !failover {
+            let hint = match best_replica(current, name) {
+                Some((node, snapshot)) => format!(
+                    "; `flockerctl deploy --failover` promotes the newest replica (on {node}, snapshot {snapshot})"
+                ),
+                None => "; no reachable node holds a replica, so it cannot fail over".to_string(),
+            };
+            planned.blocked.push(Blocked {
+                application: name.clone(),
+                reason: format!("the owner of its volume, {owner}, does not answer{hint}"),
+            });
+            place(&mut effective, name, &owner);
+            hands_off.insert(name.clone());
+            continue;
+        }
+        let Some((node, snapshot)) = best_replica(current, name) else {
+            return Err(FailoverError::NoReplica {
+                application: name.clone(),
+                owner,
+            });
+        };
+        let epoch = highest_epoch(current, name).checked_add(2).ok_or_else(|| {
+            FailoverError::EpochExhausted {
+                application: name.clone(),
+            }
+        })?;
+        if let Some(copy) = state
+            .nodes
+            .get_mut(&node)
+            .and_then(|n| n.volumes.iter_mut().find(|v| v.name == *name))
+        {
+            copy.owner = node.clone();
+            copy.epoch = epoch;
+        }
+        promote_actions.push(NodeAction {
+            node: node.clone(),
+            action: Action::Promote {
+                volume: name.clone(),
+                epoch,
+            },
+        });
+        planned.promotions.push(Promotion {
+            application: name.clone(),
+            lost_owner: owner,
+            node,
+            epoch,
+            snapshot_time_ms: push_time_ms(&snapshot),
+            snapshot,
+        });
+    }
+    let mut plan = super::plan(&effective, &state);
+    let mut stale_routes = BTreeSet::new();
+    for phase in &mut plan.phases {
+        phase.actions.retain(|a| {
+            if concerns(&a.action).is_some_and(|n| hands_off.contains(n)) {
+                return false;
+            }
+            if !unreachable.contains(&a.node) {
+                return true;
+            }
+            if matches!(a.action, Action::SetRoutes { .. }) {
+                stale_routes.insert(a.node.clone());
+            }
+            false
+        });
+    }
+    plan.phases.retain(|p| !p.actions.is_empty());
+    if !promote_actions.is_empty() {
+        plan.phases.insert(
+            0,
+            Phase {
+                name: "failover".to_string(),
+                actions: promote_actions,
+            },
+        );
+    }
+    planned.plan = plan;
+    planned.stale_routes = stale_routes.into_iter().collect();
+    Ok(planned)
+}
+
+/// The application or volume (they share the name) an action is about; `None` for routes.
+fn concerns(action: &Action) -> Option<&str> {
+    match action {
+        Action::CreateVolume { volume, .. }
+        | Action::PushVolume { volume, .. }
+        | Action::Handoff { volume, .. }
+        | Action::Promote { volume, .. } => Some(volume),
+        Action::StartApplication { application } | Action::RestartApplication { application } => {
+            Some(&application.name)
+        }
+        Action::StopApplication { application } => Some(application),
+        Action::SetRoutes { .. } => None,
+    }
+}
+
+/// Moves `name` to `node` in the effective desired state.
+fn place(desired: &mut DesiredState, name: &str, node: &str) {
+    for apps in desired.nodes.values_mut() {
+        apps.remove(name);
+    }
+    desired
+        .nodes
+        .entry(node.to_string())
+        .or_default()
+        .insert(name.to_string());
+}
+
+/// The reachable replica with the newest push snapshot: its node and that snapshot. Ties go
+/// to the lowest address, so the choice is stable.
+fn best_replica(current: &ClusterState, volume: &str) -> Option<(String, String)> {
+    let mut best: BTreeMap<u64, (String, String)> = BTreeMap::new();
+    for (address, node) in &current.nodes {
+        let Some(copy) = node.volume(volume) else {
+            continue;
+        };
+        let Some(newest) = newest_push(&copy.snapshots) else {
+            continue;
+        };
+        let Some(sequence) = push_sequence(newest) else {
+            continue;
+        };
+        best.entry(sequence)
+            .or_insert_with(|| (address.clone(), newest.to_string()));
+    }
+    best.pop_last().map(|(_, choice)| choice)
+}
+
+fn highest_epoch(current: &ClusterState, volume: &str) -> u64 {
+    current
+        .nodes
+        .values()
+        .filter_map(|n| n.volume(volume))
+        .map(|v| v.epoch)
+        .max()
+        .unwrap_or(0)
+}

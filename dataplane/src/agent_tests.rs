@@ -597,12 +597,7 @@ async fn bad_pushes_are_refused_and_leave_the_copy_as_it_was() {
 
     // Garbage instead of a verified stream: refused, nothing lands.
     let (status, body) = client
-        .request(
-            B,
-            Method::POST,
-            &query(&pushed),
-            full(vec![7u8; 100_000]),
-        )
+        .request(B, Method::POST, &query(&pushed), full(vec![7u8; 100_000]))
         .await
         .expect("answer");
     assert_eq!(status.as_u16(), 400, "{body:?}");
@@ -968,4 +963,109 @@ async fn hostile_values_in_a_converge_are_refused_before_anything_changes() {
         assert!(a.volumes.list().expect("list").is_empty());
         assert!(a.agent.state().await.expect("state").routes.is_empty());
     }
+}
+
+/// Issue 13 in process: replication to a standby, a promotion after the owner is lost, and
+/// the lost owner fencing itself when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_is_promoted_and_the_returning_owner_fences_itself() {
+    let (_dir, a, b) = setup().await;
+    let mut on_a = desired(A);
+    on_a.standby.insert(
+        "db".into(),
+        flocker_wire::Standby {
+            nodes: vec![B.into()],
+            interval_ms: 1_000,
+        },
+    );
+    let events = converge(
+        &a,
+        &on_a,
+        vec![
+            Action::CreateVolume {
+                volume: "db".into(),
+                maximum_size: None,
+            },
+            Action::StartApplication { application: app() },
+        ],
+    )
+    .await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    let data_a = a.volumes.mountpoint("db").expect("mp");
+    std::fs::write(data_a.join("kept"), "before the snapshot").expect("write");
+
+    // Replication: B gets a read-only replica recording A at epoch 1.
+    assert!(a.agent.replicate_once("db", B).await.expect("replicate"));
+    let (owner, epoch, snaps) = record(&b).expect("replica on B");
+    assert_eq!((owner.as_str(), epoch), (A, 1));
+    let replicated = snaps.last().cloned().expect("a snapshot");
+    assert!(flocker_wire::snapshots::push_time_ms(&replicated).is_some());
+    // A second round sends only the delta from that snapshot.
+    std::fs::write(data_a.join("second"), "also replicated").expect("write");
+    assert!(a.agent.replicate_once("db", B).await.expect("replicate"));
+    // Written after the last replication: lost with A.
+    std::fs::write(data_a.join("lost"), "after the snapshot").expect("write");
+
+    // A is gone; a person fails over to B. A promotion below B's epoch is refused first.
+    let mut on_b = desired(B);
+    on_b.standby.clear();
+    let refused = b
+        .agent
+        .converge(ConvergeRequest {
+            desired: on_b.clone(),
+            actions: vec![Action::Promote {
+                volume: "db".into(),
+                epoch: 1,
+            }],
+        })
+        .await;
+    assert!(refused.is_err(), "promotion not above the recorded epoch");
+    let events = converge(
+        &b,
+        &on_b,
+        vec![
+            Action::Promote {
+                volume: "db".into(),
+                epoch: 3,
+            },
+            Action::StartApplication { application: app() },
+        ],
+    )
+    .await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    assert_eq!(record(&b).map(|(o, e, _)| (o, e)), Some((B.into(), 3)));
+    let data_b = b.volumes.mountpoint("db").expect("mp");
+    assert_eq!(
+        std::fs::read_to_string(data_b.join("kept")).ok().as_deref(),
+        Some("before the snapshot")
+    );
+    assert_eq!(
+        std::fs::read_to_string(data_b.join("second"))
+            .ok()
+            .as_deref(),
+        Some("also replicated")
+    );
+    assert!(!data_b.join("lost").exists());
+
+    // A returns, still believing it owns db at epoch 1, its application running: fencing
+    // stops it and sets the divergent copy aside, keeping the lost write.
+    assert!(a.runtime.running(&crate::containers::container_name("db")));
+    let fenced = crate::agent::fencing::check(&a.agent).await;
+    assert_eq!(fenced, vec!["db".to_string()]);
+    assert!(!a.runtime.running(&crate::containers::container_name("db")));
+    assert_eq!(record(&a), None, "A no longer lists a copy of db");
+    let aside: Vec<_> = std::fs::read_dir(a.volumes.root())
+        .expect("root")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("db.fenced-e1-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let kept = a.volumes.root().join(&aside[0]).join("data/lost");
+    assert_eq!(
+        std::fs::read_to_string(kept).ok().as_deref(),
+        Some("after the snapshot")
+    );
+    // Nothing of A's can be restarted or pushed as owner any more; a second check is a no-op.
+    assert!(crate::agent::fencing::check(&a.agent).await.is_empty());
 }

@@ -83,6 +83,8 @@ impl Agent {
                         )));
                     };
                     ownership::check_promote(&self.me, v, *epoch)?;
+                    // Owned from here on, like a volume this request creates.
+                    created.push(volume);
                 }
                 Action::SetRoutes { routes } => self.validate_routes(request, routes)?,
             }

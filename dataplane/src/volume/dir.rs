@@ -47,6 +47,11 @@ impl DirBackend {
         })
     }
 
+    /// The directory holding every volume (and copies set aside by fencing).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     fn volume_dir(&self, name: &str) -> Result<PathBuf, VolumeError> {
         check_name(name)?;
         Ok(self.root.join(name))

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use flocker_client::AgentClient;
 use flocker_wire::{
     Action, Application, ConvergeEvent, ConvergeRequest, DesiredState, Image, RestartPolicy,
     VolumeSpec,
@@ -17,7 +18,6 @@ use crate::agent::{Agent, TakeOverRequest};
 use crate::containers::{
     ContainerDetails, ContainerError, ContainerRuntime, ContainerSpec, ManagedContainer,
 };
-use crate::peer::PeerClient;
 use crate::routes::RouteStore;
 use crate::tls::{TlsFiles, client_config, server_config};
 use crate::volume::VolumeBackend;
@@ -186,7 +186,7 @@ async fn start_node(dir: &Path, ca: &Path, address: &str, port: u16) -> TestNode
         address.to_string(),
         volumes.clone(),
         runtime.clone(),
-        PeerClient::new(client_config(&files).expect("client tls"), port),
+        AgentClient::new(client_config(&files).expect("client tls"), port),
         routes,
     ));
     let listener = crate::api::bind(format!("{address}:{port}").parse().expect("addr"))
@@ -541,8 +541,8 @@ async fn refused_requests_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_pushes_are_refused_and_leave_the_copy_as_it_was() {
-    use crate::peer::{Body, full};
     use bytes::Bytes;
+    use flocker_client::{Body, full};
     use futures_util::stream;
     use http_body_util::{BodyExt, StreamBody};
     use hyper::Method;
@@ -564,7 +564,7 @@ async fn bad_pushes_are_refused_and_leave_the_copy_as_it_was() {
     assert_eq!(failed(&converge(&a, &d, vec![push]).await), None);
     let before = record(&b);
 
-    let client = PeerClient::new(
+    let client = AgentClient::new(
         client_config(&node_files(&dir.path().join("ca"), A)).expect("tls"),
         b.agent_port,
     );
@@ -781,7 +781,7 @@ async fn the_supervisor_follows_the_restart_policy() {
 /// that does not verify (garbage, or a real stream cut in half) leaves the replica intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_owner_hands_off_or_pushes_and_an_unverified_replace_destroys_nothing() {
-    use crate::peer::full;
+    use flocker_client::full;
     use hyper::Method;
     use std::sync::atomic::AtomicU64;
 
@@ -809,7 +809,7 @@ async fn only_the_owner_hands_off_or_pushes_and_an_unverified_replace_destroys_n
         || std::fs::read_to_string(b.volumes.mountpoint("db").expect("mp").join("f"));
 
     let client = |node: &str| {
-        PeerClient::new(
+        AgentClient::new(
             client_config(&node_files(&ca, node)).expect("tls"),
             b.agent_port,
         )

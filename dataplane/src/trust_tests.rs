@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use flocker_client::{AgentClient, ClientError, full};
 use flocker_ctl::ca::{self, Role};
 use flocker_wire::{Action, ConvergeEvent, ConvergeRequest, DesiredState};
 use hyper::{Method, StatusCode};
@@ -25,7 +26,6 @@ use crate::containers::{
     ContainerDetails, ContainerError, ContainerRuntime, ContainerSpec, ManagedContainer,
 };
 use crate::limits::{PeerTimeouts, ServerLimits};
-use crate::peer::{PeerClient, PeerError, full};
 use crate::routes::RouteStore;
 use crate::tls::{self, TlsFiles};
 use crate::volume::command::SystemRunner;
@@ -89,8 +89,8 @@ impl Setup {
         }
     }
 
-    fn client(&self, files: &TlsFiles) -> PeerClient {
-        PeerClient::new(tls::client_config(files).expect("client tls"), self.port)
+    fn client(&self, files: &TlsFiles) -> AgentClient {
+        AgentClient::new(tls::client_config(files).expect("client tls"), self.port)
     }
 
     /// One request to agent A as `files`; `Err` when the TLS layer refused.
@@ -100,7 +100,7 @@ impl Setup {
         method: Method,
         path: &str,
         body: Vec<u8>,
-    ) -> Result<(StatusCode, String), PeerError> {
+    ) -> Result<(StatusCode, String), ClientError> {
         let (status, bytes) = self
             .client(files)
             .request(A, method, path, full(body))
@@ -147,7 +147,7 @@ async fn setup(limits: ServerLimits, peer: PeerTimeouts) -> Setup {
     let root = dir.path().join("a");
     let volumes =
         Arc::new(DirBackend::open(&root.join("volumes"), Arc::new(SystemRunner)).expect("dir"));
-    let peers = PeerClient::new(
+    let peers = AgentClient::new(
         tls::client_config_with(&files, &trust).expect("client tls"),
         port,
     )
@@ -465,6 +465,7 @@ async fn a_silent_peer_fails_converge_and_peer_calls_within_its_timeout_naming_i
         connect: Duration::from_secs(1),
         handshake: Duration::from_secs(1),
         idle: Duration::from_secs(1),
+        ..PeerTimeouts::default()
     };
     let s = setup(ServerLimits::default(), timeouts).await;
     let tcp = silent_tcp(format!("{SILENT_TCP}:{}", s.port)).await;
@@ -479,7 +480,7 @@ async fn a_silent_peer_fails_converge_and_peer_calls_within_its_timeout_naming_i
         .expect("the client gave up on its own")
         .expect_err("silent peer");
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert!(matches!(err, PeerError::Timeout { .. }), "{err}");
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
     assert!(err.to_string().contains(SILENT_HTTP), "{err}");
 
     // A converge pushing to each silent peer fails within the timeouts, naming the peer.

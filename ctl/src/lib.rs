@@ -2,11 +2,9 @@
 //! deploy driver and the cluster CA tooling. The binary in `main.rs` only wires these.
 
 pub mod ca;
-mod ca_cli;
 pub mod cli;
 pub mod config;
 pub mod deploy;
-mod deploy_cli;
 pub mod logging;
 pub mod planner;
 pub mod render;

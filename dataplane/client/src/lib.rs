@@ -22,6 +22,7 @@ pub mod progress;
 use std::future::Future;
 
 use flocker_wire::{ConvergeEvent, ConvergeRequest, NodeState};
+pub use hyper::{Method, StatusCode};
 
 pub use client::{
     AgentClient, Body, ClientError, Dialer, EVENT_IDLE_TIMEOUT, Timeouts, empty, error_message,

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use flocker_client::AgentClient;
+use flocker_client::{AgentClient, paths};
 use flocker_wire::{
     Action, Application, ConvergeEvent, ConvergeRequest, DesiredState, Image, RestartPolicy,
     VolumeSpec,
@@ -621,7 +621,7 @@ async fn bad_pushes_are_refused_and_leave_the_copy_as_it_was() {
     })
     .expect("json");
     let (status, body) = client
-        .request(A, Method::POST, "/v1/volumes/db/handoff", full(takeover))
+        .request(A, Method::POST, &paths::handoff("db"), full(takeover))
         .await
         .expect("answer");
     assert_eq!(status.as_u16(), 403, "{body:?}");
@@ -827,7 +827,7 @@ async fn only_the_owner_hands_off_or_pushes_and_an_unverified_replace_destroys_n
 
     // A third node tells the replica it owns the volume now: refused, record unchanged.
     let (status, body) = from_c
-        .request(B, Method::POST, "/v1/volumes/db/handoff", handoff(C, 2))
+        .request(B, Method::POST, &paths::handoff("db"), handoff(C, 2))
         .await
         .expect("answer");
     assert_eq!(status.as_u16(), 409, "{body:?}");
@@ -835,7 +835,7 @@ async fn only_the_owner_hands_off_or_pushes_and_an_unverified_replace_destroys_n
     // The owner itself, but not exactly one epoch up (2^64-1 once overflowed later on).
     for epoch in [u64::MAX, 3, 1] {
         let (status, body) = from_a
-            .request(B, Method::POST, "/v1/volumes/db/handoff", handoff(A, epoch))
+            .request(B, Method::POST, &paths::handoff("db"), handoff(A, epoch))
             .await
             .expect("answer");
         assert_eq!(status.as_u16(), 409, "epoch {epoch}: {body:?}");

@@ -29,12 +29,15 @@ enum StateReply {
 type ConvergeReply =
     Arc<dyn Fn(&str, &ConvergeRequest) -> Result<Vec<ConvergeEvent>, ClientError> + Send + Sync>;
 
+/// The converge requests each node got, in order: (node, actions).
+type ConvergeLog = Arc<Mutex<Vec<(String, Vec<Action>)>>>;
+
 /// Agents that answer from a script and log every converge request they get.
 #[derive(Clone)]
 struct FakeAgents {
     states: Arc<BTreeMap<String, StateReply>>,
     converge: ConvergeReply,
-    log: Arc<Mutex<Vec<(String, Vec<Action>)>>>,
+    log: ConvergeLog,
 }
 
 impl FakeAgents {

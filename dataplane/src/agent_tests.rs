@@ -963,3 +963,85 @@ async fn hostile_values_in_a_converge_are_refused_before_anything_changes() {
         assert!(a.agent.state().await.expect("state").routes.is_empty());
     }
 }
+
+/// `flockerctl`'s side over real mutual TLS: the deploy driver asks both agents for their
+/// state and converges through `flocker_client::AgentClient` with a user certificate; an
+/// agent's refusal arrives as its status and message; an agent whose certificate was revoked
+/// is not talked to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flockerctl_deploys_through_the_agent_client_and_checks_revocation() {
+    use flocker_client::{ClientError, StatusCode};
+    use flocker_ctl::deploy::{self, Credentials, DeployError};
+    use flocker_wire::{NodeAction, Phase, Plan};
+    use std::time::Duration;
+
+    let (dir, a, _b) = setup().await;
+    let ca = dir.path().join("ca");
+    flocker_ctl::ca::issue_user(&ca, "admin").expect("user");
+    let user = || {
+        Credentials::from_ca_dir(&ca, "admin")
+            .client(a.agent_port, Duration::from_secs(10))
+            .expect("client")
+    };
+    let nodes = [A.to_string(), B.to_string()];
+    let d = desired(A);
+
+    let plan = Plan {
+        phases: vec![Phase {
+            name: "create-volumes".into(),
+            actions: vec![NodeAction {
+                node: A.into(),
+                action: Action::CreateVolume {
+                    volume: "db".into(),
+                    maximum_size: None,
+                },
+            }],
+        }],
+    };
+    let summary = deploy::execute(&user(), &d, &plan, false)
+        .await
+        .expect("deploy");
+    assert_eq!((summary.phases, summary.actions), (1, 1));
+    let state = deploy::gather_state(&user(), &nodes).await.expect("state");
+    assert_eq!(state.volume_owner("db"), Some(A));
+    assert!(state.nodes[B].volumes.is_empty());
+
+    // Refused before anything happens: the agent's status and message, read one way.
+    let plan = Plan {
+        phases: vec![Phase {
+            name: "handoff".into(),
+            actions: vec![NodeAction {
+                node: B.into(),
+                action: Action::Handoff {
+                    volume: "db".into(),
+                    to: A.into(),
+                },
+            }],
+        }],
+    };
+    let err = deploy::execute(&user(), &d, &plan, false)
+        .await
+        .expect_err("B has no copy to hand off");
+    match &err {
+        DeployError::Client(ClientError::Refused {
+            node,
+            status,
+            message,
+        }) => {
+            assert_eq!((node.as_str(), *status), (B, StatusCode::NOT_FOUND));
+            assert!(message.contains("does not exist"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other}"),
+    }
+
+    // B's certificate revoked: flockerctl (which reads cluster.crl) refuses to talk to it,
+    // and the state query fails naming B rather than leaving B out.
+    flocker_ctl::ca::revoke(&ca, flocker_ctl::ca::Role::Node, B).expect("revoke");
+    let err = deploy::gather_state(&user(), &nodes)
+        .await
+        .expect_err("B is revoked");
+    assert!(
+        matches!(&err, DeployError::Client(ClientError::Connect { node, .. }) if node == B),
+        "{err}"
+    );
+}

@@ -3,10 +3,8 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
-mod ca_cli;
 pub mod cli;
 pub mod config;
 pub mod deploy;
-mod deploy_cli;
 pub mod planner;
 pub mod render;

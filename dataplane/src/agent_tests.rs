@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use flocker_client::{AgentClient, paths};
 use flocker_wire::{
     Action, Application, ConvergeEvent, ConvergeRequest, DesiredState, Image, RestartPolicy,
     VolumeSpec,
@@ -17,7 +18,6 @@ use crate::agent::{Agent, TakeOverRequest};
 use crate::containers::{
     ContainerDetails, ContainerError, ContainerRuntime, ContainerSpec, ManagedContainer,
 };
-use crate::peer::PeerClient;
 use crate::routes::RouteStore;
 use crate::tls::{TlsFiles, client_config, server_config};
 use crate::volume::VolumeBackend;
@@ -186,7 +186,7 @@ async fn start_node(dir: &Path, ca: &Path, address: &str, port: u16) -> TestNode
         address.to_string(),
         volumes.clone(),
         runtime.clone(),
-        PeerClient::new(client_config(&files).expect("client tls"), port),
+        AgentClient::new(client_config(&files).expect("client tls"), port),
         routes,
     ));
     let listener = crate::api::bind(format!("{address}:{port}").parse().expect("addr"))
@@ -542,8 +542,8 @@ async fn refused_requests_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_pushes_are_refused_and_leave_the_copy_as_it_was() {
-    use crate::peer::{Body, full};
     use bytes::Bytes;
+    use flocker_client::{Body, full};
     use futures_util::stream;
     use http_body_util::{BodyExt, StreamBody};
     use hyper::Method;
@@ -570,7 +570,7 @@ async fn bad_pushes_are_refused_and_leave_the_copy_as_it_was() {
         .and_then(|(_, _, snaps)| snaps.last().cloned())
         .expect("B holds the pushed snapshot");
 
-    let client = PeerClient::new(
+    let client = AgentClient::new(
         client_config(&node_files(&dir.path().join("ca"), A)).expect("tls"),
         b.agent_port,
     );
@@ -622,7 +622,7 @@ async fn bad_pushes_are_refused_and_leave_the_copy_as_it_was() {
     })
     .expect("json");
     let (status, body) = client
-        .request(A, Method::POST, "/v1/volumes/db/handoff", full(takeover))
+        .request(A, Method::POST, &paths::handoff("db"), full(takeover))
         .await
         .expect("answer");
     assert_eq!(status.as_u16(), 403, "{body:?}");
@@ -782,7 +782,7 @@ async fn the_supervisor_follows_the_restart_policy() {
 /// that does not verify (garbage, or a real stream cut in half) leaves the replica intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_owner_hands_off_or_pushes_and_an_unverified_replace_destroys_nothing() {
-    use crate::peer::full;
+    use flocker_client::full;
     use hyper::Method;
     use std::sync::atomic::AtomicU64;
 
@@ -810,7 +810,7 @@ async fn only_the_owner_hands_off_or_pushes_and_an_unverified_replace_destroys_n
         || std::fs::read_to_string(b.volumes.mountpoint("db").expect("mp").join("f"));
 
     let client = |node: &str| {
-        PeerClient::new(
+        AgentClient::new(
             client_config(&node_files(&ca, node)).expect("tls"),
             b.agent_port,
         )
@@ -828,7 +828,7 @@ async fn only_the_owner_hands_off_or_pushes_and_an_unverified_replace_destroys_n
 
     // A third node tells the replica it owns the volume now: refused, record unchanged.
     let (status, body) = from_c
-        .request(B, Method::POST, "/v1/volumes/db/handoff", handoff(C, 2))
+        .request(B, Method::POST, &paths::handoff("db"), handoff(C, 2))
         .await
         .expect("answer");
     assert_eq!(status.as_u16(), 409, "{body:?}");
@@ -836,7 +836,7 @@ async fn only_the_owner_hands_off_or_pushes_and_an_unverified_replace_destroys_n
     // The owner itself, but not exactly one epoch up (2^64-1 once overflowed later on).
     for epoch in [u64::MAX, 3, 1] {
         let (status, body) = from_a
-            .request(B, Method::POST, "/v1/volumes/db/handoff", handoff(A, epoch))
+            .request(B, Method::POST, &paths::handoff("db"), handoff(A, epoch))
             .await
             .expect("answer");
         assert_eq!(status.as_u16(), 409, "epoch {epoch}: {body:?}");
@@ -1068,4 +1068,86 @@ async fn a_replica_is_promoted_and_the_returning_owner_fences_itself() {
     );
     // Nothing of A's can be restarted or pushed as owner any more; a second check is a no-op.
     assert!(crate::agent::fencing::check(&a.agent).await.is_empty());
+}
+
+/// `flockerctl`'s side over real mutual TLS: the deploy driver asks both agents for their
+/// state and converges through `flocker_client::AgentClient` with a user certificate; an
+/// agent's refusal arrives as its status and message; an agent whose certificate was revoked
+/// is not talked to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flockerctl_deploys_through_the_agent_client_and_checks_revocation() {
+    use flocker_client::{ClientError, StatusCode};
+    use flocker_ctl::deploy::{self, Credentials, DeployError};
+    use flocker_wire::{NodeAction, Phase, Plan};
+    use std::time::Duration;
+
+    let (dir, a, _b) = setup().await;
+    let ca = dir.path().join("ca");
+    flocker_ctl::ca::issue_user(&ca, "admin").expect("user");
+    let user = || {
+        Credentials::from_ca_dir(&ca, "admin")
+            .client(a.agent_port, Duration::from_secs(10))
+            .expect("client")
+    };
+    let nodes = [A.to_string(), B.to_string()];
+    let d = desired(A);
+
+    let plan = Plan {
+        phases: vec![Phase {
+            name: "create-volumes".into(),
+            actions: vec![NodeAction {
+                node: A.into(),
+                action: Action::CreateVolume {
+                    volume: "db".into(),
+                    maximum_size: None,
+                },
+            }],
+        }],
+    };
+    let summary = deploy::execute(&user(), &d, &plan, false)
+        .await
+        .expect("deploy");
+    assert_eq!((summary.phases, summary.actions), (1, 1));
+    let state = deploy::gather_state(&user(), &nodes).await.expect("state");
+    assert_eq!(state.volume_owner("db"), Some(A));
+    assert!(state.nodes[B].volumes.is_empty());
+
+    // Refused before anything happens: the agent's status and message, read one way.
+    let plan = Plan {
+        phases: vec![Phase {
+            name: "handoff".into(),
+            actions: vec![NodeAction {
+                node: B.into(),
+                action: Action::Handoff {
+                    volume: "db".into(),
+                    to: A.into(),
+                },
+            }],
+        }],
+    };
+    let err = deploy::execute(&user(), &d, &plan, false)
+        .await
+        .expect_err("B has no copy to hand off");
+    match &err {
+        DeployError::Client(ClientError::Refused {
+            node,
+            status,
+            message,
+        }) => {
+            assert_eq!((node.as_str(), *status), (B, StatusCode::NOT_FOUND));
+            assert!(message.contains("does not exist"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other}"),
+    }
+
+    // B's certificate revoked: flockerctl (which reads cluster.crl) refuses to talk to it,
+    // and the state query fails naming B rather than leaving B out.
+    flocker_ctl::ca::revoke(&ca, flocker_ctl::ca::Role::Node, B).expect("revoke");
+    let err = deploy::gather_state(&user(), &nodes)
+        .await
+        .expect_err("B is revoked");
+    assert!(
+        matches!(&err, DeployError::Client(ClientError::Connect { node, .. }) if node == B),
+        "{err}"
+    );
 }

@@ -9,6 +9,9 @@
 //! | POST | `/v1/volumes/NAME/receive?...` | a pushed volume stream (agent to agent) |
 //! | POST | `/v1/volumes/NAME/handoff` | "you own NAME at epoch e" (agent to agent) |
 //!
+//! Clients name these paths through `flocker_client::paths`, and call them through
+//! `flocker_client::AgentClient`.
+//!
 //! Errors are `{"error": "..."}` with a 4xx status for requests that were refused before
 //! anything changed. Who may call what is decided by [`crate::identity`] from the caller's
 //! certificate: state and converge need a user, pushes and handoffs the node they name as

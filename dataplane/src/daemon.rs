@@ -4,10 +4,11 @@
 
 use std::sync::Arc;
 
+use flocker_client::AgentClient;
+
 use crate::agent::Agent;
 use crate::config::{AgentConfig, RoutingChoice, VolumeSpec};
 use crate::containers::{ContainerError, DockerRuntime};
-use crate::peer::PeerClient;
 use crate::routes::{RouteStore, RoutesError};
 use crate::tls::{self, TlsError};
 use crate::volume::command::{CommandRunner, SystemRunner};
@@ -152,7 +153,7 @@ pub async fn build(
             config.node_address.clone(),
             volumes,
             Arc::new(runtime),
-            PeerClient::new(client_tls, config.peer_port),
+            AgentClient::new(client_tls, config.peer_port),
             routes,
         )
         .with_api_port(config.listen.port())

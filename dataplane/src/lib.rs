@@ -1,7 +1,7 @@
 //! The per-node agent `flocker-agent`: API server over mutual TLS ([`api`]), container
 //! runtime over the Docker API ([`containers`]), volume backends ([`volume`]), the ownership
 //! rules of the migration protocol ([`ownership`]), volume transfers between agents
-//! ([`transfer`], [`peer`]) and the route table ([`routes`], programmed by `flocker-routing`).
+//! ([`transfer`], over `flocker_client::AgentClient`) and the route table ([`routes`], programmed by `flocker-routing`).
 //!
 //! **Architecture invariant:** every side effect goes through one seam per subsystem
 //! ([`containers::ContainerRuntime`], [`volume::command::CommandRunner`],
@@ -22,7 +22,6 @@ pub mod idle;
 pub mod limits;
 pub mod listeners;
 pub mod ownership;
-pub mod peer;
 pub mod revocation;
 pub mod routes;
 pub mod server;

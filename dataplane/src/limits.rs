@@ -49,27 +49,9 @@ impl Default for ServerLimits {
     }
 }
 
-/// Bounds of the client agents use to talk to each other.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerTimeouts {
-    /// For the TCP connection to be established.
-    pub connect: Duration,
-    /// For the TLS handshake.
-    pub handshake: Duration,
-    /// For progress once connected: the peer taking request bytes, or sending response
-    /// bytes. A push of many gigabytes is fine as long as it keeps moving.
-    pub idle: Duration,
-}
-
-impl Default for PeerTimeouts {
-    fn default() -> Self {
-        PeerTimeouts {
-            connect: Duration::from_secs(5),
-            handshake: Duration::from_secs(10),
-            idle: Duration::from_secs(60),
-        }
-    }
-}
+/// Bounds of the client agents use to talk to each other: connect 5 s, TLS handshake
+/// 10 s, 60 s without progress.
+pub use flocker_client::Timeouts as PeerTimeouts;
 
 /// Takes the converge lock, or fails with a conflict after [`CONVERGE_LOCK_WAIT`].
 pub async fn converge_lock(lock: &Arc<Mutex<()>>) -> Result<OwnedMutexGuard<()>, AgentError> {

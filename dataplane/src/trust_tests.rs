@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use flocker_client::{AgentClient, ClientError, full, paths};
 use flocker_ctl::ca::{self, Role};
 use flocker_wire::{Action, ConvergeEvent, ConvergeRequest, DesiredState};
 use hyper::{Method, StatusCode};
@@ -25,7 +26,6 @@ use crate::containers::{
     ContainerDetails, ContainerError, ContainerRuntime, ContainerSpec, ManagedContainer,
 };
 use crate::limits::{PeerTimeouts, ServerLimits};
-use crate::peer::{PeerClient, PeerError, full};
 use crate::routes::RouteStore;
 use crate::tls::{self, TlsFiles};
 use crate::volume::command::SystemRunner;
@@ -89,8 +89,8 @@ impl Setup {
         }
     }
 
-    fn client(&self, files: &TlsFiles) -> PeerClient {
-        PeerClient::new(tls::client_config(files).expect("client tls"), self.port)
+    fn client(&self, files: &TlsFiles) -> AgentClient {
+        AgentClient::new(tls::client_config(files).expect("client tls"), self.port)
     }
 
     /// One request to agent A as `files`; `Err` when the TLS layer refused.
@@ -100,7 +100,7 @@ impl Setup {
         method: Method,
         path: &str,
         body: Vec<u8>,
-    ) -> Result<(StatusCode, String), PeerError> {
+    ) -> Result<(StatusCode, String), ClientError> {
         let (status, bytes) = self
             .client(files)
             .request(A, method, path, full(body))
@@ -147,7 +147,7 @@ async fn setup(limits: ServerLimits, peer: PeerTimeouts) -> Setup {
     let root = dir.path().join("a");
     let volumes =
         Arc::new(DirBackend::open(&root.join("volumes"), Arc::new(SystemRunner)).expect("dir"));
-    let peers = PeerClient::new(
+    let peers = AgentClient::new(
         tls::client_config_with(&files, &trust).expect("client tls"),
         port,
     )
@@ -185,12 +185,12 @@ async fn node_certificates_may_not_converge_or_read_state() {
     let s = setup(ServerLimits::default(), PeerTimeouts::default()).await;
     let admin = s.files(Role::User, "admin");
     let (status, body) = s
-        .call(&admin, Method::GET, "/v1/state", vec![])
+        .call(&admin, Method::GET, paths::STATE, vec![])
         .await
         .expect("user state");
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = s
-        .call(&admin, Method::POST, "/v1/converge", converge_body(vec![]))
+        .call(&admin, Method::POST, paths::CONVERGE, converge_body(vec![]))
         .await
         .expect("user converge");
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -199,7 +199,7 @@ async fn node_certificates_may_not_converge_or_read_state() {
     for node in [B, A] {
         let files = s.files(Role::Node, node);
         let (status, body) = s
-            .call(&files, Method::GET, "/v1/state", vec![])
+            .call(&files, Method::GET, paths::STATE, vec![])
             .await
             .expect("answer");
         assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
@@ -212,7 +212,7 @@ async fn node_certificates_may_not_converge_or_read_state() {
             .call(
                 &files,
                 Method::POST,
-                "/v1/converge",
+                paths::CONVERGE,
                 converge_body(vec![create]),
             )
             .await
@@ -221,7 +221,7 @@ async fn node_certificates_may_not_converge_or_read_state() {
         assert!(body.contains("converge needs a user certificate"), "{body}");
         // Health stays open to every member of the cluster.
         let (status, _) = s
-            .call(&files, Method::GET, "/v1/health", vec![])
+            .call(&files, Method::GET, paths::HEALTH, vec![])
             .await
             .expect("health");
         assert_eq!(status, StatusCode::OK);
@@ -265,7 +265,7 @@ async fn agent_to_agent_endpoints_take_only_the_node_they_name() {
         assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
         assert!(body.contains(needle), "{needle:?} not in {body}");
         let (status, body) = s
-            .call(files, Method::POST, "/v1/volumes/db/handoff", handoff(from))
+            .call(files, Method::POST, &paths::handoff("db"), handoff(from))
             .await
             .expect("answer");
         assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
@@ -309,7 +309,7 @@ fn issue_without_role(ca_dir: &Path, name: &str) -> TlsFiles {
 async fn certificates_without_a_role_are_refused_with_the_fix() {
     let s = setup(ServerLimits::default(), PeerTimeouts::default()).await;
     let old = issue_without_role(&s.ca(), "admin");
-    for path in ["/v1/state", "/v1/volumes/db"] {
+    for path in [paths::STATE, &paths::volume("db")] {
         let (status, body) = s
             .call(&old, Method::GET, path, vec![])
             .await
@@ -324,19 +324,19 @@ async fn a_revoked_certificate_is_refused_from_the_next_connection() {
     let s = setup(ServerLimits::default(), PeerTimeouts::default()).await;
     let (admin, bob) = (s.files(Role::User, "admin"), s.files(Role::User, "bob"));
     let (status, _) = s
-        .call(&bob, Method::GET, "/v1/state", vec![])
+        .call(&bob, Method::GET, paths::STATE, vec![])
         .await
         .expect("before");
     assert_eq!(status, StatusCode::OK);
 
     ca::revoke(&s.ca(), Role::User, "bob").expect("revoke");
-    let refused = s.call(&bob, Method::GET, "/v1/state", vec![]).await;
+    let refused = s.call(&bob, Method::GET, paths::STATE, vec![]).await;
     assert!(
         refused.is_err(),
         "revoked certificate accepted: {refused:?}"
     );
     let (status, _) = s
-        .call(&admin, Method::GET, "/v1/state", vec![])
+        .call(&admin, Method::GET, paths::STATE, vec![])
         .await
         .expect("others still in");
     assert_eq!(status, StatusCode::OK);
@@ -345,11 +345,11 @@ async fn a_revoked_certificate_is_refused_from_the_next_connection() {
     let crl = s.ca().join("cluster.crl");
     let good = std::fs::read(&crl).expect("crl");
     std::fs::write(&crl, "not a CRL").expect("break");
-    let refused = s.call(&admin, Method::GET, "/v1/state", vec![]).await;
+    let refused = s.call(&admin, Method::GET, paths::STATE, vec![]).await;
     assert!(refused.is_err(), "accepted with a broken list: {refused:?}");
     std::fs::write(&crl, good).expect("restore");
     let (status, _) = s
-        .call(&admin, Method::GET, "/v1/state", vec![])
+        .call(&admin, Method::GET, paths::STATE, vec![])
         .await
         .expect("list fixed");
     assert_eq!(status, StatusCode::OK);
@@ -397,7 +397,7 @@ async fn idle_and_stalled_connections_neither_block_a_user_nor_stay_open() {
         .call(
             &s.files(Role::User, "admin"),
             Method::GET,
-            "/v1/state",
+            paths::STATE,
             vec![],
         )
         .await
@@ -465,6 +465,7 @@ async fn a_silent_peer_fails_converge_and_peer_calls_within_its_timeout_naming_i
         connect: Duration::from_secs(1),
         handshake: Duration::from_secs(1),
         idle: Duration::from_secs(1),
+        ..PeerTimeouts::default()
     };
     let s = setup(ServerLimits::default(), timeouts).await;
     let tcp = silent_tcp(format!("{SILENT_TCP}:{}", s.port)).await;
@@ -473,13 +474,14 @@ async fn a_silent_peer_fails_converge_and_peer_calls_within_its_timeout_naming_i
     // A direct call to a peer that answers the handshake but never the request.
     let client = s.client(&s.files(Role::Node, A)).with_timeouts(timeouts);
     let started = Instant::now();
-    let call = client.request(SILENT_HTTP, Method::GET, "/v1/volumes/db", full(vec![]));
+    let path = paths::volume("db");
+    let call = client.request(SILENT_HTTP, Method::GET, &path, full(vec![]));
     let err = tokio::time::timeout(Duration::from_secs(30), call)
         .await
         .expect("the client gave up on its own")
         .expect_err("silent peer");
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert!(matches!(err, PeerError::Timeout { .. }), "{err}");
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
     assert!(err.to_string().contains(SILENT_HTTP), "{err}");
 
     // A converge pushing to each silent peer fails within the timeouts, naming the peer.
@@ -491,7 +493,7 @@ async fn a_silent_peer_fails_converge_and_peer_calls_within_its_timeout_naming_i
         .call(
             &s.files(Role::User, "admin"),
             Method::POST,
-            "/v1/converge",
+            paths::CONVERGE,
             converge_body(vec![create]),
         )
         .await
@@ -533,7 +535,7 @@ async fn a_silent_peer_fails_converge_and_peer_calls_within_its_timeout_naming_i
             .call(
                 &s.files(Role::User, "admin"),
                 Method::POST,
-                "/v1/converge",
+                paths::CONVERGE,
                 converge_body(vec![]),
             )
             .await

@@ -15,12 +15,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
-use rustls_pki_types::ServerName;
-use tokio_rustls::TlsConnector;
+use hyper::{Method, StatusCode};
 
+use flocker_client::{AgentClient, ClientError, Dialer, Timeouts, full, paths};
 use flocker_ctl::ca;
 use flocker_dataplane::tls::{TlsFiles, client_config};
 use flocker_e2e::docker::Dockerd;
@@ -125,7 +122,7 @@ impl Node {
 struct Cluster {
     a: Node,
     b: Node,
-    client: Netns,
+    client: Arc<Netns>,
     _switch: Switch,
     ca: tempfile::TempDir,
     rt: tokio::runtime::Runtime,
@@ -208,7 +205,7 @@ impl Cluster {
         let cluster = Cluster {
             a,
             b,
-            client,
+            client: Arc::new(client),
             _switch: switch,
             ca,
             rt,
@@ -233,14 +230,11 @@ impl Cluster {
     fn wait_healthy(&self, node: &Node) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match self.call(
-                &self.admin(),
-                node.address,
-                Method::GET,
-                "/v1/health",
-                vec![],
-            ) {
-                Ok((StatusCode::OK, _)) => return Ok(()),
+            let health = self
+                .api(client_config(&self.admin())?)
+                .and_then(|api| Ok(self.rt.block_on(api.health(node.address))?));
+            match health {
+                Ok(_) => return Ok(()),
                 _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(300)),
                 other => bail!(
                     "agent {} not healthy: {other:?}\n{}",
@@ -251,7 +245,34 @@ impl Cluster {
         }
     }
 
-    /// One HTTP request from the client namespace with the given credentials.
+    /// The agent client, connecting from the client namespace and presenting `config`.
+    fn api(&self, config: Arc<rustls::ClientConfig>) -> Result<AgentClient> {
+        let ns = self.client.clone();
+        let dialer: Dialer = Arc::new(move |node: String, port: u16| {
+            let ns = ns.clone();
+            Box::pin(async move {
+                let connect = move || ns.run(move || std::net::TcpStream::connect((node, port)));
+                let stream = tokio::task::spawn_blocking(connect)
+                    .await
+                    .map_err(std::io::Error::other)?
+                    .map_err(std::io::Error::other)??;
+                stream.set_nonblocking(true)?;
+                tokio::net::TcpStream::from_std(stream)
+            })
+        });
+        Ok(AgentClient::new(config, PORT)
+            .with_dialer(dialer)
+            .with_timeouts(Timeouts {
+                connect: Duration::from_secs(30),
+                handshake: Duration::from_secs(30),
+                idle: Duration::from_secs(240),
+                answer: None,
+                events: Duration::from_secs(240),
+            }))
+    }
+
+    /// One HTTP request from the client namespace with the given credentials: the status and
+    /// body whatever the status, for the checks of refusals.
     fn call(
         &self,
         creds: &TlsFiles,
@@ -272,45 +293,15 @@ impl Cluster {
         path: &str,
         body: Vec<u8>,
     ) -> Result<(StatusCode, Bytes)> {
-        let addr = format!("{node}:{PORT}");
-        let std_stream = self
-            .client
-            .run(move || std::net::TcpStream::connect(addr))??;
-        std_stream.set_nonblocking(true)?;
-        let node = node.to_string();
-        let path = path.to_string();
-        self.rt.block_on(async move {
-            let tcp = tokio::net::TcpStream::from_std(std_stream)?;
-            let name = ServerName::try_from(node.clone())?;
-            let tls = TlsConnector::from(config).connect(name, tcp).await?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
-            tokio::spawn(conn);
-            let req = Request::builder()
-                .method(method)
-                .uri(path)
-                .header(hyper::header::HOST, node)
-                .body(Full::new(Bytes::from(body)))?;
-            let resp =
-                tokio::time::timeout(Duration::from_secs(240), sender.send_request(req)).await??;
-            let status = resp.status();
-            let bytes = tokio::time::timeout(Duration::from_secs(240), resp.into_body().collect())
-                .await??
-                .to_bytes();
-            Ok((status, bytes))
-        })
+        let api = self.api(config)?;
+        Ok(self
+            .rt
+            .block_on(api.request(node, method, path, full(body)))?)
     }
 
     fn state(&self, node: &Node) -> Result<NodeState> {
-        let (status, body) = self.call(
-            &self.admin(),
-            node.address,
-            Method::GET,
-            "/v1/state",
-            vec![],
-        )?;
-        ensure!(status == StatusCode::OK, "state: {status} {body:?}");
-        Ok(serde_json::from_slice(&body)?)
+        let api = self.api(client_config(&self.admin())?)?;
+        Ok(self.rt.block_on(api.state(node.address))?)
     }
 
     /// The cluster state with `used_bytes` cleared: ZFS accounting moves on its own (atime
@@ -336,34 +327,30 @@ impl Cluster {
         if address == A { &self.a } else { &self.b }
     }
 
-    /// Sends a converge request; returns status and the events (or the error body).
+    /// Sends a converge request; returns status and the events as NDJSON text, or the
+    /// status and the agent's error message.
     fn converge_raw(
         &self,
         node: &Node,
         body: Vec<u8>,
     ) -> Result<(StatusCode, Vec<ConvergeEvent>, String)> {
-        let (status, bytes) = self.call(
-            &self.admin(),
-            node.address,
-            Method::POST,
-            "/v1/converge",
-            body,
-        )?;
-        let text = String::from_utf8_lossy(&bytes).into_owned();
-        if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or(text);
-            return Ok((status, vec![], message));
+        let api = self.api(client_config(&self.admin())?)?;
+        match self
+            .rt
+            .block_on(api.converge_body(node.address, body, |_| {}))
+        {
+            Ok(events) => {
+                let lines = events
+                    .iter()
+                    .map(serde_json::to_string)
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((StatusCode::OK, events, lines.join("\n")))
+            }
+            Err(ClientError::Refused {
+                status, message, ..
+            }) => Ok((status, vec![], message)),
+            Err(e) => Err(e.into()),
         }
-        let events = text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(serde_json::from_str)
-            .collect::<Result<Vec<ConvergeEvent>, _>>()
-            .with_context(|| format!("events: {text}"))?;
-        Ok((status, events, text))
     }
 
     /// Sends a converge request and requires every action to be done.
@@ -886,7 +873,7 @@ fn check_mtls_refusals(cluster: &Cluster) -> Result<()> {
         cert: other.path().join("users/admin.crt"),
         key: other.path().join("users/admin.key"),
     };
-    let refused = cluster.call(&foreign, A, Method::GET, "/v1/state", vec![]);
+    let refused = cluster.call(&foreign, A, Method::GET, paths::STATE, vec![]);
     assert!(
         refused.is_err(),
         "another CA's certificate was accepted: {refused:?}"
@@ -903,7 +890,7 @@ fn check_mtls_refusals(cluster: &Cluster) -> Result<()> {
         },
     )?;
     let expired = cluster.user(cluster.ca.path(), "expired");
-    let refused = cluster.call(&expired, A, Method::GET, "/v1/state", vec![]);
+    let refused = cluster.call(&expired, A, Method::GET, paths::STATE, vec![]);
     assert!(
         refused.is_err(),
         "an expired certificate was accepted: {refused:?}"
@@ -922,7 +909,7 @@ fn check_mtls_refusals(cluster: &Cluster) -> Result<()> {
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let refused = cluster.call_with(Arc::new(anonymous), A, Method::GET, "/v1/state", vec![]);
+    let refused = cluster.call_with(Arc::new(anonymous), A, Method::GET, paths::STATE, vec![]);
     assert!(
         refused.is_err(),
         "a peer without certificate was accepted: {refused:?}"
@@ -934,19 +921,19 @@ fn check_mtls_refusals(cluster: &Cluster) -> Result<()> {
         cert: cluster.ca.path().join(format!("nodes/{B}.crt")),
         key: cluster.ca.path().join(format!("nodes/{B}.key")),
     };
-    let (status, _) = cluster.call(&node_creds, A, Method::GET, "/v1/health", vec![])?;
+    let (status, _) = cluster.call(&node_creds, A, Method::GET, paths::HEALTH, vec![])?;
     assert_eq!(status, StatusCode::OK);
     // ... but a node certificate may not read state (it holds the applications' secrets).
-    let (status, body) = cluster.call(&node_creds, A, Method::GET, "/v1/state", vec![])?;
+    let (status, body) = cluster.call(&node_creds, A, Method::GET, paths::STATE, vec![])?;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body:?}");
 
     // A revoked user is refused from the next connection on, without restarting the agent.
     ca::issue_user(cluster.ca.path(), "carol")?;
     let carol = cluster.user(cluster.ca.path(), "carol");
-    let (status, _) = cluster.call(&carol, A, Method::GET, "/v1/state", vec![])?;
+    let (status, _) = cluster.call(&carol, A, Method::GET, paths::STATE, vec![])?;
     assert_eq!(status, StatusCode::OK);
     ca::revoke(cluster.ca.path(), ca::Role::User, "carol")?;
-    let refused = cluster.call(&carol, A, Method::GET, "/v1/state", vec![]);
+    let refused = cluster.call(&carol, A, Method::GET, paths::STATE, vec![]);
     assert!(
         refused.is_err(),
         "a revoked certificate was accepted: {refused:?}"

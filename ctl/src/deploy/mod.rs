@@ -3,20 +3,30 @@
 //! only when every node finished the previous one; the first failure stops the run and is
 //! reported with the node and its cause. Running deploy again finishes the job, because the
 //! planner starts from whatever state the nodes then report.
+//!
+//! The driver talks to agents through [`AgentApi`] (in production
+//! [`flocker_client::AgentClient`], built by [`Credentials::client`]), so it is tested with
+//! fake agents.
 
-pub mod client;
+pub mod credentials;
+#[cfg(test)]
+mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use flocker_wire::{Action, ClusterState, ConvergeEvent, ConvergeRequest, DesiredState, Plan};
 use indicatif::{ProgressBar, ProgressStyle};
+use tokio::task::{JoinError, JoinSet};
 
-pub use client::{AgentClient, ClientError, Credentials};
+pub use credentials::{Credentials, CredentialsError};
+pub use flocker_client::{AgentApi, AgentClient, ClientError, EVENT_IDLE_TIMEOUT};
 
 /// Errors of a deploy run.
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
     #[error(transparent)]
     Client(#[from] ClientError),
     #[error("{node}: {step} failed: {error}")]
@@ -24,6 +34,14 @@ pub enum DeployError {
         node: String,
         step: String,
         error: String,
+    },
+    /// The task talking to a node ended without an answer (it panicked or was cancelled).
+    /// What the node did is unknown, which is not the same as "nothing".
+    #[error("{node}: {what} ended without an answer: {reason}")]
+    Lost {
+        node: String,
+        what: String,
+        reason: String,
     },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
@@ -38,42 +56,91 @@ pub struct Summary {
     pub elapsed_ms: u128,
 }
 
-/// Asks every node of the deployment for its state, all at once.
-pub async fn gather_state(
-    client: &AgentClient,
+/// One task per node, remembering which task talks to which node, so that a task that
+/// panicked is still put down to its node.
+struct PerNode<T> {
+    tasks: JoinSet<T>,
+    nodes: HashMap<tokio::task::Id, String>,
+}
+
+impl<T: Send + 'static> PerNode<T> {
+    fn new() -> Self {
+        PerNode {
+            tasks: JoinSet::new(),
+            nodes: HashMap::new(),
+        }
+    }
+
+    fn spawn(&mut self, node: &str, task: impl Future<Output = T> + Send + 'static) {
+        let id = self.tasks.spawn(task).id();
+        self.nodes.insert(id, node.to_string());
+    }
+
+    /// The next task to finish, with its node; a task that did not finish yields its
+    /// [`JoinError`].
+    async fn next(&mut self) -> Option<(String, Result<T, JoinError>)> {
+        let joined = self.tasks.join_next_with_id().await?;
+        let id = match &joined {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        let node = self.nodes.remove(&id).unwrap_or_else(|| "?".to_string());
+        Some((node, joined.map(|(_, out)| out)))
+    }
+}
+
+fn lost(node: String, what: &str, e: &JoinError) -> DeployError {
+    let reason = if e.is_panic() {
+        "the task panicked".to_string()
+    } else {
+        e.to_string()
+    };
+    DeployError::Lost {
+        node,
+        what: what.to_string(),
+        reason,
+    }
+}
+
+/// Asks every node of the deployment for its state, all at once. Every node must answer:
+/// a node that cannot be asked fails the whole query (naming it), since planning as if it
+/// were empty would start its applications a second time elsewhere. When several fail, the
+/// first by address is reported.
+pub async fn gather_state<A: AgentApi>(
+    agents: &A,
     nodes: impl IntoIterator<Item = &String>,
 ) -> Result<ClusterState, DeployError> {
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = PerNode::new();
     for node in nodes {
-        let client = client.clone();
-        let node = node.clone();
-        tasks.spawn(async move {
-            let state = client.state(&node).await;
-            (node, state)
-        });
+        let agents = agents.clone();
+        let name = node.clone();
+        tasks.spawn(node, async move { agents.state(&name).await });
     }
     let mut cluster = ClusterState::default();
-    let mut first_error = None;
-    while let Some(joined) = tasks.join_next().await {
-        let Ok((node, state)) = joined else { continue };
-        match state {
-            Ok(state) => {
+    let mut failures: BTreeMap<String, DeployError> = BTreeMap::new();
+    while let Some((node, joined)) = tasks.next().await {
+        match joined {
+            Ok(Ok(state)) => {
                 cluster.nodes.insert(node, state);
             }
+            Ok(Err(e)) => {
+                failures.insert(node, e.into());
+            }
             Err(e) => {
-                first_error.get_or_insert(e);
+                let error = lost(node.clone(), "state query", &e);
+                failures.insert(node, error);
             }
         }
     }
-    match first_error {
-        Some(e) => Err(e.into()),
+    match failures.into_values().next() {
+        Some(e) => Err(e),
         None => Ok(cluster),
     }
 }
 
 /// Carries out a plan phase by phase. `show_progress` draws a bar for volume pushes.
-pub async fn execute(
-    client: &AgentClient,
+pub async fn execute<A: AgentApi>(
+    agents: &A,
     desired: &DesiredState,
     plan: &Plan,
     show_progress: bool,
@@ -99,33 +166,32 @@ pub async fn execute(
                 .push(action.action.clone());
             summary.actions += 1;
         }
-        let mut tasks = tokio::task::JoinSet::new();
+        let mut tasks = PerNode::new();
         for (node, actions) in per_node {
-            let client = client.clone();
-            let node = node.to_string();
+            let agents = agents.clone();
+            let name = node.to_string();
             let request = ConvergeRequest {
                 desired: desired.clone(),
                 actions,
             };
-            tasks.spawn(async move { run_on_node(&client, &node, &request, show_progress).await });
+            tasks.spawn(node, async move {
+                run_on_node(&agents, &name, &request, show_progress).await
+            });
         }
-        let mut failure = None;
-        while let Some(joined) = tasks.join_next().await {
+        let mut failures: BTreeMap<String, DeployError> = BTreeMap::new();
+        while let Some((node, joined)) = tasks.next().await {
             match joined {
                 Ok(Ok(bytes)) => summary.bytes_pushed += bytes,
                 Ok(Err(e)) => {
-                    failure.get_or_insert(e);
+                    failures.insert(node, e);
                 }
                 Err(e) => {
-                    failure.get_or_insert(DeployError::StepFailed {
-                        node: "?".into(),
-                        step: phase.name.clone(),
-                        error: e.to_string(),
-                    });
+                    let error = lost(node.clone(), &format!("phase {}", phase.name), &e);
+                    failures.insert(node, error);
                 }
             }
         }
-        if let Some(e) = failure {
+        if let Some(e) = failures.into_values().next() {
             return Err(e);
         }
         eprintln!(
@@ -139,8 +205,8 @@ pub async fn execute(
 }
 
 /// Sends one node its actions and follows the events; returns the bytes it pushed.
-async fn run_on_node(
-    client: &AgentClient,
+async fn run_on_node<A: AgentApi>(
+    agents: &A,
     node: &str,
     request: &ConvergeRequest,
     show_progress: bool,
@@ -156,7 +222,7 @@ async fn run_on_node(
     });
     let mut pushed = 0u64;
     let mut failed = None;
-    let events = client
+    let events = agents
         .converge(node, request, |event| match event {
             ConvergeEvent::Started { step } => {
                 if let Some(bar) = &bar {

@@ -6,17 +6,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, StreamBody};
-use hyper::Method;
 use hyper::body::Frame;
 use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
 
+use flocker_client::ClientError;
 use flocker_wire::{ConvergeEvent, VolumeState};
 
 use crate::ownership::{self, HandoffStep, RecordOrder, TakeOver};
-use crate::peer::PeerError;
 use crate::transfer;
 use crate::volume::{Record, check_name, next_push_snapshot};
 
@@ -35,33 +33,7 @@ impl Agent {
         node: &str,
         name: &str,
     ) -> Result<Option<VolumeState>, AgentError> {
-        let (status, body) = self
-            .peers
-            .request(
-                node,
-                Method::GET,
-                &format!("/v1/volumes/{name}"),
-                crate::peer::full(Bytes::new()),
-            )
-            .await?;
-        if status == hyper::StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        if !status.is_success() {
-            return Err(PeerError::Status {
-                node: node.to_string(),
-                status,
-                message: crate::peer::error_message(&body),
-            }
-            .into());
-        }
-        serde_json::from_slice(&body).map(Some).map_err(|e| {
-            PeerError::Json {
-                node: node.to_string(),
-                detail: e.to_string(),
-            }
-            .into()
-        })
+        Ok(self.peers.volume(node, name).await?)
     }
 
     /// Pushes the volume to `to`. A pre-copy (`last` false) that took long is followed by
@@ -192,15 +164,8 @@ impl Agent {
                 }
             })
         };
-        let answer: Result<ReceiveReport, PeerError> = self
-            .peers
-            .json(
-                to,
-                Method::POST,
-                &format!("/v1/volumes/{name}/receive?{}", params.query()),
-                body,
-            )
-            .await;
+        let answer: Result<ReceiveReport, ClientError> =
+            self.peers.receive(to, name, &params, body).await;
         ticker.abort();
         let (send_result, send_finished) = sender
             .await
@@ -409,20 +374,11 @@ impl Agent {
             }
             HandoffStep::RetellTarget { epoch } => epoch,
         };
-        let body = serde_json::to_vec(&TakeOverRequest {
+        let request = TakeOverRequest {
             epoch,
             from: self.me.clone(),
-        })
-        .map_err(|e| AgentError::Internal(e.to_string()))?;
-        let theirs: VolumeState = self
-            .peers
-            .json(
-                to,
-                Method::POST,
-                &format!("/v1/volumes/{name}/handoff"),
-                crate::peer::full(body),
-            )
-            .await?;
+        };
+        let theirs = self.peers.handoff(to, name, &request).await?;
         if theirs.owner != to || theirs.epoch != epoch {
             return Err(AgentError::Conflict(format!(
                 "{to} reports volume {name:?} owned by {} at epoch {} after the handoff at epoch {epoch}",

@@ -14,6 +14,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::{Mutex, OwnedMutexGuard, mpsc};
 
+use flocker_client::{AgentClient, ClientError};
+
 use flocker_wire::{
     Action, Application, ContainerState, ConvergeEvent, ConvergeRequest, DesiredState, NodeState,
     Route, VolumeState,
@@ -21,7 +23,6 @@ use flocker_wire::{
 
 use crate::containers::{ContainerError, ContainerRuntime, ManagedContainer, container_spec};
 use crate::ownership::{self, OwnershipError};
-use crate::peer::{PeerClient, PeerError};
 use crate::routes::{Resolver, RouteStore, RoutesError};
 use crate::transfer;
 use crate::volume::mountinfo::{self, FsLocation};
@@ -57,7 +58,7 @@ pub enum AgentError {
     #[error(transparent)]
     Container(#[from] ContainerError),
     #[error(transparent)]
-    Peer(#[from] PeerError),
+    Peer(#[from] ClientError),
     #[error(transparent)]
     Routes(#[from] RoutesError),
     #[error(transparent)]
@@ -99,7 +100,7 @@ pub struct Agent {
     me: String,
     pub(crate) volumes: Arc<dyn VolumeBackend>,
     pub(crate) runtime: Arc<dyn ContainerRuntime>,
-    peers: PeerClient,
+    peers: AgentClient,
     routes: RouteStore,
     /// Held by a converge from validation to its last action, and by each restart
     /// supervision pass, so the supervisor never restarts what a converge is stopping.
@@ -127,7 +128,7 @@ impl Agent {
         me: String,
         volumes: Arc<dyn VolumeBackend>,
         runtime: Arc<dyn ContainerRuntime>,
-        peers: PeerClient,
+        peers: AgentClient,
         routes: RouteStore,
     ) -> Self {
         Agent {

@@ -1,24 +1,37 @@
-//! `flockerctl deploy` and `flockerctl status`: wiring from the subcommands to
+//! `flockerctl deploy` and `flockerctl status`: their arguments and the wiring from them to
 //! [`crate::deploy`], with text or JSON output.
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use flocker_wire::{ClusterState, DesiredState, RouteTarget};
 use serde_json::json;
 
-use crate::cli::{AgentArgs, Outcome, Output, load, print_json};
+use super::output::{Outcome, Output, fail, load, print_json};
 use crate::deploy::{self, AgentClient, Credentials, DeployError};
 use crate::{planner, render};
 
+/// How to reach the agents.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// CA directory written by `flockerctl ca` (cluster.crt and users/USER.{crt,key}).
+    #[arg(long, env = "FLOCKER_CA_DIR", default_value = ".")]
+    pub ca_dir: PathBuf,
+    /// User certificate to present to the agents.
+    #[arg(long, env = "FLOCKER_USER", default_value = "admin")]
+    pub user: String,
+    /// The agents' API port.
+    #[arg(long, default_value_t = 4523)]
+    pub port: u16,
+    /// Seconds a node gets to answer a state query.
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
+}
+
 fn client(agents: &AgentArgs) -> Result<AgentClient, DeployError> {
     let credentials = Credentials::from_ca_dir(&agents.ca_dir, &agents.user);
-    Ok(AgentClient::new(
-        &credentials,
-        agents.port,
-        Duration::from_secs(agents.timeout),
-    )?)
+    Ok(credentials.client(agents.port, Duration::from_secs(agents.timeout))?)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, DeployError> {
@@ -27,14 +40,6 @@ fn runtime() -> Result<tokio::runtime::Runtime, DeployError> {
         .enable_all()
         .build()
         .map_err(DeployError::Runtime)
-}
-
-fn fail(e: &DeployError, output: Output) -> Outcome {
-    match output {
-        Output::Json => print_json(&json!({ "ok": false, "error": e.to_string() })),
-        Output::Text => eprintln!("flockerctl: {e}"),
-    }
-    Outcome::Failure
 }
 
 pub fn deploy(

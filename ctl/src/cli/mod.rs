@@ -1,15 +1,27 @@
 //! `flockerctl` subcommands. Each returns an [`Outcome`]; `main` maps it to an exit code in
 //! one place: 0 success, 1 invalid configuration (or a failed operation), 2 usage error.
+//!
+//! This module holds the command line and `validate` and `plan`; [`deploy`] (deploy,
+//! status) and [`ca`] hold the rest, each with its own arguments. What they share (output
+//! form, exit codes, config loading) is [`output`]'s. Dependencies point one way: this
+//! module uses its children, the children use only [`output`] and the library.
 
-use std::io::Write;
+pub mod ca;
+pub mod deploy;
+pub mod output;
+
 use std::path::{Path, PathBuf};
 
-use clap::{Parser, Subcommand, ValueEnum};
-use flocker_wire::{ClusterState, DesiredState};
+use clap::{Parser, Subcommand};
+use flocker_wire::ClusterState;
 use serde_json::json;
 
-use crate::config::{self, ConfigError, Diagnostic};
 use crate::{planner, render};
+
+pub use ca::CaCommand;
+pub use deploy::AgentArgs;
+pub use output::{Outcome, Output};
+use output::{load, print_json};
 
 /// Run databases and other stateful applications in Docker containers on a cluster, and
 /// move them together with their data.
@@ -22,15 +34,6 @@ use crate::{planner, render};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    /// For people.
-    #[default]
-    Text,
-    /// One JSON document on stdout, for scripts.
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -110,124 +113,6 @@ pub enum Command {
     Ca(CaCommand),
 }
 
-/// How to reach the agents.
-#[derive(Debug, Clone, clap::Args)]
-pub struct AgentArgs {
-    /// CA directory written by `flockerctl ca` (cluster.crt and users/USER.{crt,key}).
-    #[arg(long, env = "FLOCKER_CA_DIR", default_value = ".")]
-    pub ca_dir: PathBuf,
-    /// User certificate to present to the agents.
-    #[arg(long, env = "FLOCKER_USER", default_value = "admin")]
-    pub user: String,
-    /// The agents' API port.
-    #[arg(long, default_value_t = 4523)]
-    pub port: u16,
-    /// Seconds a node gets to answer a state query.
-    #[arg(long, default_value_t = 10)]
-    pub timeout: u64,
-}
-
-/// The role a certificate is issued for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum RoleArg {
-    /// A node's agent (NAME is the node's address as the deployment file spells it).
-    Node,
-    /// A user of flockerctl.
-    User,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum CaCommand {
-    /// Create a new cluster CA in DIR.
-    ///
-    /// Writes the CA certificate cluster.crt, its key cluster.key (keep it off the nodes)
-    /// and an empty revocation list cluster.crl; refuses to overwrite an existing CA.
-    Init {
-        /// The CA directory.
-        #[arg(long, default_value = ".")]
-        dir: PathBuf,
-    },
-    /// Issue a certificate for the agent on node ADDRESS.
-    ///
-    /// Writes DIR/nodes/ADDRESS.{crt,key}, signed by the CA in DIR. ADDRESS is the node's
-    /// address exactly as the deployment file spells it.
-    Node {
-        address: String,
-        /// The CA directory.
-        #[arg(long, default_value = ".")]
-        dir: PathBuf,
-        /// Lifetime in days (1 to 1825).
-        #[arg(long, default_value_t = crate::ca::DEFAULT_DAYS)]
-        days: u32,
-    },
-    /// Issue a certificate for user NAME.
-    ///
-    /// Writes DIR/users/NAME.{crt,key}; flockerctl presents it to the agents (`--user NAME`).
-    User {
-        name: String,
-        /// The CA directory.
-        #[arg(long, default_value = ".")]
-        dir: PathBuf,
-        /// Lifetime in days (1 to 1825).
-        #[arg(long, default_value_t = crate::ca::DEFAULT_DAYS)]
-        days: u32,
-    },
-    /// Replace a node's or user's certificate with a new key and a fresh lifetime.
-    ///
-    /// Also the way to give certificates from before roles existed a role. The old
-    /// certificate stays valid until it expires; revoke it too if its key may have leaked.
-    /// Restart the agent (or flockerctl) that uses the pair to pick the new one up.
-    ///
-    /// Example: flockerctl ca renew node 198.18.0.11 --dir ca
-    Renew {
-        role: RoleArg,
-        /// The node's address or the user's name, as issued.
-        name: String,
-        /// The CA directory.
-        #[arg(long, default_value = ".")]
-        dir: PathBuf,
-        /// Lifetime in days (1 to 1825).
-        #[arg(long, default_value_t = crate::ca::DEFAULT_DAYS)]
-        days: u32,
-    },
-    /// Put a node's or user's certificate on the revocation list DIR/cluster.crl.
-    ///
-    /// Copy cluster.crl to every node (to the path the agents' --crl names); agents re-read
-    /// it on the next connection, without a restart. Write it there atomically (copy to a
-    /// temporary name, then rename): an agent refuses every client while the file it was
-    /// told to use is missing or unreadable.
-    ///
-    /// Example: flockerctl ca revoke user alice --dir ca
-    Revoke {
-        role: RoleArg,
-        /// The node's address or the user's name, as issued.
-        name: String,
-        /// The CA directory.
-        #[arg(long, default_value = ".")]
-        dir: PathBuf,
-    },
-}
-
-/// How a command ended; `main` turns it into the exit code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Success,
-    /// The configuration is invalid or an operation failed: exit 1.
-    Failure,
-    /// The command was used wrongly (missing file, unreadable state): exit 2.
-    Usage,
-}
-
-impl Outcome {
-    pub fn exit_code(self) -> i32 {
-        match self {
-            Outcome::Success => 0,
-            Outcome::Failure => 1,
-            Outcome::Usage => 2,
-        }
-    }
-}
-
 pub fn run(cli: Cli) -> Outcome {
     match cli.command {
         Command::Validate {
@@ -247,14 +132,14 @@ pub fn run(cli: Cli) -> Outcome {
             agents,
             dry_run,
             output,
-        } => crate::deploy_cli::deploy(&deployment, &application, &agents, dry_run, output),
+        } => deploy::deploy(&deployment, &application, &agents, dry_run, output),
         Command::Status {
             deployment,
             application,
             agents,
             output,
-        } => crate::deploy_cli::status(&deployment, &application, &agents, output),
-        Command::Ca(command) => crate::ca_cli::run(command),
+        } => deploy::status(&deployment, &application, &agents, output),
+        Command::Ca(command) => ca::run(command),
     }
 }
 
@@ -310,62 +195,4 @@ fn read_state(path: &Path) -> Result<ClusterState, String> {
             e.column()
         )
     })
-}
-
-/// Loads both files, printing problems in the requested form.
-pub(crate) fn load(
-    deployment: &Path,
-    application: &Path,
-    output: Output,
-) -> Result<DesiredState, Outcome> {
-    match config::load_files(deployment, application) {
-        Ok(desired) => Ok(desired),
-        Err(ConfigError::Usage(message)) => {
-            match output {
-                Output::Json => print_json(&json!({ "valid": false, "usage_error": message })),
-                Output::Text => eprintln!("flockerctl: {message}"),
-            }
-            Err(Outcome::Usage)
-        }
-        Err(ConfigError::Invalid(diagnostics)) => {
-            report_invalid(&diagnostics, output);
-            Err(Outcome::Failure)
-        }
-    }
-}
-
-fn report_invalid(diagnostics: &[Diagnostic], output: Output) {
-    match output {
-        Output::Json => {
-            let errors: Vec<_> = diagnostics
-                .iter()
-                .map(|d| {
-                    json!({
-                        "file": d.file.display().to_string(),
-                        "line": d.line,
-                        "column": d.column,
-                        "path": d.path,
-                        "message": d.message,
-                    })
-                })
-                .collect();
-            print_json(&json!({ "valid": false, "errors": errors }));
-        }
-        Output::Text => {
-            for d in diagnostics {
-                eprintln!("{d}");
-            }
-            eprintln!(
-                "flockerctl: {} problem(s) found; nothing was changed",
-                diagnostics.len()
-            );
-        }
-    }
-}
-
-pub(crate) fn print_json(value: &serde_json::Value) {
-    let mut out = std::io::stdout().lock();
-    // A closed stdout (e.g. piped into `head`) is not worth a panic.
-    let _ = serde_json::to_writer_pretty(&mut out, value);
-    let _ = writeln!(out);
 }

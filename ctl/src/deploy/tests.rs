@@ -1,0 +1,437 @@
+//! The deploy driver against fake agents: what each node is asked, in which order, and how
+//! unreachable, refusing, failing and panicking nodes are reported.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use flocker_client::StatusCode;
+use flocker_client::{AgentApi, ClientError};
+use flocker_wire::{
+    Action, ClusterState, ConvergeEvent, ConvergeRequest, DesiredState, NodeAction, NodeState,
+    Phase, Plan,
+};
+
+use super::{DeployError, execute, gather_state};
+
+const A: &str = "10.0.0.1";
+const B: &str = "10.0.0.2";
+const C: &str = "10.0.0.3";
+
+/// How a fake node answers a state query.
+#[derive(Clone)]
+enum StateReply {
+    State(NodeState),
+    Unreachable,
+    Panic,
+}
+
+type ConvergeReply =
+    Arc<dyn Fn(&str, &ConvergeRequest) -> Result<Vec<ConvergeEvent>, ClientError> + Send + Sync>;
+
+/// The converge requests each node got, in order: (node, actions).
+type ConvergeLog = Arc<Mutex<Vec<(String, Vec<Action>)>>>;
+
+/// Agents that answer from a script and log every converge request they get.
+#[derive(Clone)]
+struct FakeAgents {
+    states: Arc<BTreeMap<String, StateReply>>,
+    converge: ConvergeReply,
+    log: ConvergeLog,
+}
+
+impl FakeAgents {
+    fn new(states: &[(&str, StateReply)]) -> Self {
+        FakeAgents {
+            states: Arc::new(
+                states
+                    .iter()
+                    .map(|(n, r)| (n.to_string(), r.clone()))
+                    .collect(),
+            ),
+            converge: Arc::new(|_, request| Ok(done_events(request))),
+            log: Arc::default(),
+        }
+    }
+
+    fn converging(
+        mut self,
+        reply: impl Fn(&str, &ConvergeRequest) -> Result<Vec<ConvergeEvent>, ClientError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        self.converge = Arc::new(reply);
+        self
+    }
+
+    /// The converge requests each node got, in order, as (node, actions).
+    fn log(&self) -> Vec<(String, Vec<Action>)> {
+        self.log.lock().expect("log").clone()
+    }
+}
+
+fn unreachable(node: &str) -> ClientError {
+    ClientError::Connect {
+        node: node.to_string(),
+        source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+    }
+}
+
+impl AgentApi for FakeAgents {
+    fn state(&self, node: &str) -> impl Future<Output = Result<NodeState, ClientError>> + Send {
+        let reply = self.states.get(node).cloned();
+        let node = node.to_string();
+        async move {
+            match reply {
+                Some(StateReply::State(state)) => Ok(state),
+                Some(StateReply::Panic) => panic!("fake agent {node} panicked"),
+                Some(StateReply::Unreachable) | None => Err(unreachable(&node)),
+            }
+        }
+    }
+
+    fn converge<F>(
+        &self,
+        node: &str,
+        request: &ConvergeRequest,
+        mut on_event: F,
+    ) -> impl Future<Output = Result<Vec<ConvergeEvent>, ClientError>> + Send
+    where
+        F: FnMut(&ConvergeEvent) + Send,
+    {
+        self.log
+            .lock()
+            .expect("log")
+            .push((node.to_string(), request.actions.clone()));
+        let reply = (self.converge)(node, request);
+        async move {
+            let events = reply?;
+            for event in &events {
+                on_event(event);
+            }
+            Ok(events)
+        }
+    }
+}
+
+fn step(action: &Action) -> String {
+    match action {
+        Action::CreateVolume { volume, .. } => format!("create-volume {volume}"),
+        Action::PushVolume { volume, to, .. } => format!("push {volume} to {to}"),
+        Action::Handoff { volume, to } => format!("handoff {volume} to {to}"),
+        Action::Promote { volume, epoch } => format!("promote {volume} at {epoch}"),
+        Action::StartApplication { application } => format!("start {}", application.name),
+        Action::StopApplication { application } => format!("stop {application}"),
+        Action::RestartApplication { application } => format!("restart {}", application.name),
+        Action::SetRoutes { .. } => "routes".to_string(),
+    }
+}
+
+/// Started and Done for every action, as an agent that did everything.
+fn done_events(request: &ConvergeRequest) -> Vec<ConvergeEvent> {
+    request
+        .actions
+        .iter()
+        .flat_map(|a| {
+            let step = step(a);
+            [
+                ConvergeEvent::Started { step: step.clone() },
+                ConvergeEvent::Done { step },
+            ]
+        })
+        .collect()
+}
+
+fn node_state(address: &str, volume: Option<&str>) -> NodeState {
+    NodeState {
+        address: address.to_string(),
+        volumes: volume
+            .map(|name| {
+                vec![flocker_wire::VolumeState {
+                    name: name.to_string(),
+                    owner: address.to_string(),
+                    epoch: 1,
+                    snapshots: vec![],
+                    used_bytes: 0,
+                }]
+            })
+            .unwrap_or_default(),
+        ..NodeState::default()
+    }
+}
+
+fn nodes(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+fn desired(names: &[&str]) -> DesiredState {
+    let mut d = DesiredState::default();
+    for n in names {
+        d.nodes.insert(n.to_string(), BTreeSet::new());
+    }
+    d
+}
+
+fn phase(name: &str, actions: &[(&str, Action)]) -> Phase {
+    Phase {
+        name: name.to_string(),
+        actions: actions
+            .iter()
+            .map(|(node, action)| NodeAction {
+                node: node.to_string(),
+                action: action.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn create(volume: &str) -> Action {
+    Action::CreateVolume {
+        volume: volume.to_string(),
+        maximum_size: None,
+    }
+}
+
+fn push(volume: &str, to: &str) -> Action {
+    Action::PushVolume {
+        volume: volume.to_string(),
+        to: to.to_string(),
+        last: false,
+    }
+}
+
+fn handoff(volume: &str, to: &str) -> Action {
+    Action::Handoff {
+        volume: volume.to_string(),
+        to: to.to_string(),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn gather_state_asks_every_node() {
+    let agents = FakeAgents::new(&[
+        (A, StateReply::State(node_state(A, Some("db")))),
+        (B, StateReply::State(node_state(B, None))),
+    ]);
+    let got = runtime()
+        .block_on(gather_state(&agents, &nodes(&[A, B])))
+        .expect("state");
+    let expected = ClusterState {
+        nodes: BTreeMap::from([
+            (A.to_string(), node_state(A, Some("db"))),
+            (B.to_string(), node_state(B, None)),
+        ]),
+    };
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn an_unreachable_node_fails_the_query_naming_it() {
+    let agents = FakeAgents::new(&[
+        (A, StateReply::State(node_state(A, Some("db")))),
+        (B, StateReply::Unreachable),
+    ]);
+    let err = runtime()
+        .block_on(gather_state(&agents, &nodes(&[A, B])))
+        .expect_err("B is unreachable");
+    assert!(
+        matches!(&err, DeployError::Client(ClientError::Connect { node, .. }) if node == B),
+        "{err}"
+    );
+    assert!(err.to_string().contains(B), "{err}");
+}
+
+#[test]
+fn a_node_whose_query_panicked_is_an_error_not_an_empty_node() {
+    let agents = FakeAgents::new(&[
+        (A, StateReply::State(node_state(A, Some("db")))),
+        (B, StateReply::Panic),
+    ]);
+    let err = runtime()
+        .block_on(gather_state(&agents, &nodes(&[A, B])))
+        .expect_err("B's state is unknown");
+    match &err {
+        DeployError::Lost { node, what, reason } => {
+            assert_eq!((node.as_str(), what.as_str()), (B, "state query"));
+            assert!(reason.contains("panicked"), "{reason}");
+        }
+        other => panic!("expected a lost node, got {other}"),
+    }
+    assert!(err.to_string().starts_with(B), "{err}");
+}
+
+#[test]
+fn with_several_failures_the_first_node_by_address_is_reported() {
+    let agents = FakeAgents::new(&[
+        (A, StateReply::State(node_state(A, None))),
+        (B, StateReply::Panic),
+        (C, StateReply::Unreachable),
+    ]);
+    for _ in 0..5 {
+        let err = runtime()
+            .block_on(gather_state(&agents, &nodes(&[C, B, A])))
+            .expect_err("two nodes fail");
+        assert!(
+            matches!(&err, DeployError::Lost { node, .. } if node == B),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn execute_sends_each_node_its_share_phase_by_phase() {
+    let agents = FakeAgents::new(&[]).converging(|node, request| {
+        let mut events = done_events(request);
+        // A push reports its progress, as agents do every second.
+        if node == A
+            && request
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::PushVolume { .. }))
+        {
+            events.insert(
+                1,
+                ConvergeEvent::Progress {
+                    step: "push db".into(),
+                    bytes_done: 4096,
+                    bytes_total: None,
+                },
+            );
+            events.insert(
+                2,
+                ConvergeEvent::Progress {
+                    step: "push db".into(),
+                    bytes_done: 8192,
+                    bytes_total: Some(8192),
+                },
+            );
+        }
+        Ok(events)
+    });
+    let plan = Plan {
+        phases: vec![
+            phase(
+                "create-volumes",
+                &[(A, create("db")), (B, create("cache")), (A, create("logs"))],
+            ),
+            phase("pre-copy", &[(A, push("db", B))]),
+            phase("handoff", &[(A, handoff("db", B))]),
+        ],
+    };
+    let d = desired(&[A, B]);
+    let summary = runtime()
+        .block_on(execute(&agents, &d, &plan, false))
+        .expect("deploy");
+    assert_eq!(
+        (summary.phases, summary.actions, summary.bytes_pushed),
+        (3, 5, 8192)
+    );
+    let mut log = agents.log();
+    // Within a phase nodes run in parallel; phases run in order.
+    log[..2].sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(
+        log,
+        vec![
+            (A.to_string(), vec![create("db"), create("logs")]),
+            (B.to_string(), vec![create("cache")]),
+            (A.to_string(), vec![push("db", B)]),
+            (A.to_string(), vec![handoff("db", B)]),
+        ]
+    );
+}
+
+#[test]
+fn a_failed_step_stops_the_run_before_the_next_phase() {
+    let agents = FakeAgents::new(&[]).converging(|node, request| {
+        let mut events = done_events(request);
+        if node == B {
+            events.push(ConvergeEvent::Failed {
+                step: "create-volume cache".into(),
+                error: "pool is full".into(),
+            });
+        }
+        Ok(events)
+    });
+    let plan = Plan {
+        phases: vec![
+            phase("create-volumes", &[(A, create("db")), (B, create("cache"))]),
+            phase("pre-copy", &[(A, push("db", B))]),
+        ],
+    };
+    let err = runtime()
+        .block_on(execute(&agents, &desired(&[A, B]), &plan, false))
+        .expect_err("B failed");
+    assert_eq!(
+        err.to_string(),
+        format!("{B}: create-volume cache failed: pool is full")
+    );
+    assert!(
+        agents
+            .log()
+            .iter()
+            .all(|(_, actions)| !actions.contains(&push("db", B))),
+        "the next phase ran: {:?}",
+        agents.log()
+    );
+}
+
+#[test]
+fn a_refused_converge_is_reported_with_the_agents_status_and_message() {
+    let agents = FakeAgents::new(&[]).converging(|node, _| {
+        Err(ClientError::Refused {
+            node: node.to_string(),
+            status: StatusCode::CONFLICT,
+            message: "another converge has been running on this node".into(),
+        })
+    });
+    let plan = Plan {
+        phases: vec![phase("create-volumes", &[(A, create("db"))])],
+    };
+    let err = runtime()
+        .block_on(execute(&agents, &desired(&[A]), &plan, false))
+        .expect_err("refused");
+    assert!(
+        matches!(&err, DeployError::Client(e) if e.status() == Some(StatusCode::CONFLICT)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("another converge"), "{err}");
+}
+
+#[test]
+fn a_converge_that_panicked_names_its_node_and_phase() {
+    let agents = FakeAgents::new(&[]).converging(|node, request| {
+        if node == B {
+            panic!("fake agent {node} panicked");
+        }
+        Ok(done_events(request))
+    });
+    let plan = Plan {
+        phases: vec![phase("start", &[(A, create("db")), (B, create("cache"))])],
+    };
+    let err = runtime()
+        .block_on(execute(&agents, &desired(&[A, B]), &plan, false))
+        .expect_err("B panicked");
+    assert!(
+        matches!(&err, DeployError::Lost { node, what, .. } if node == B && what == "phase start"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_empty_plan_asks_nobody() {
+    let agents = FakeAgents::new(&[]);
+    let summary = runtime()
+        .block_on(execute(&agents, &desired(&[A]), &Plan::default(), false))
+        .expect("nothing to do");
+    assert_eq!((summary.phases, summary.actions), (0, 0));
+    assert!(agents.log().is_empty());
+}

@@ -1,10 +1,12 @@
 //! `flockerctl deploy` and `flockerctl status`: their arguments and the wiring from them to
 //! [`crate::deploy`], with text or JSON output.
 
+use std::collections::BTreeSet;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use flocker_wire::snapshots::{newest_push, push_time_ms};
 use flocker_wire::{ClusterState, DesiredState, RouteTarget};
 use serde_json::json;
 
@@ -42,63 +44,156 @@ fn runtime() -> Result<tokio::runtime::Runtime, DeployError> {
         .map_err(DeployError::Runtime)
 }
 
+/// The switches of `flockerctl deploy`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeployFlags {
+    pub dry_run: bool,
+    pub failover: bool,
+}
+
 pub fn deploy(
     deployment: &Path,
     application: &Path,
     agents: &AgentArgs,
-    dry_run: bool,
+    flags: DeployFlags,
     output: Output,
 ) -> Outcome {
     let desired = match load(deployment, application, output) {
         Ok(d) => d,
         Err(outcome) => return outcome,
     };
-    match run_deploy(&desired, agents, dry_run, output) {
+    match run_deploy(&desired, agents, flags, output) {
         Ok(()) => Outcome::Success,
+        // The JSON answer already says what was blocked.
+        Err(DeployError::Blocked(_)) if output == Output::Json => Outcome::Failure,
         Err(e) => fail(&e, output),
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How much was lost in a failover: the age of the promoted snapshot when the deploy ran.
+fn loss_window_ms(p: &planner::Promotion, now: u64) -> Option<u64> {
+    p.snapshot_time_ms.map(|t| now.saturating_sub(t))
+}
+
+/// What is said about nodes that do not answer and what that leaves undone (stderr in text
+/// mode; in JSON it is part of the answer).
+fn report_around(gathered: &deploy::Gathered, planned: &planner::Planned, now: u64) {
+    for (node, reason) in &gathered.unreachable {
+        eprintln!("flockerctl: warning: node {node} does not answer: {reason}");
+    }
+    for app in &planned.unknown {
+        eprintln!(
+            "flockerctl: warning: {app} is placed on a node that does not answer: left as it is, not checked"
+        );
+    }
+    for node in &planned.stale_routes {
+        eprintln!(
+            "flockerctl: warning: routes on {node} not updated (it does not answer); the next deploy does it, and its agent fences itself on return"
+        );
+    }
+    for b in &planned.blocked {
+        eprintln!("flockerctl: {}: not done: {}", b.application, b.reason);
+    }
+    for p in &planned.promotions {
+        let window = match loss_window_ms(p, now) {
+            Some(ms) => format!("{:.1} s", ms as f64 / 1000.0),
+            None => "an unknown time (its snapshot name carries no time)".to_string(),
+        };
+        eprintln!(
+            "flockerctl: failover: {} moves off {} (not answering): the replica on {} (snapshot {}) becomes the owner at epoch {}; writes of the last {window} before this deploy are lost",
+            p.application, p.lost_owner, p.node, p.snapshot, p.epoch
+        );
+    }
+}
+
+fn promotions_json(planned: &planner::Planned, now: u64) -> serde_json::Value {
+    planned
+        .promotions
+        .iter()
+        .map(|p| {
+            json!({
+                "application": p.application,
+                "lost_owner": p.lost_owner,
+                "node": p.node,
+                "epoch": p.epoch,
+                "snapshot": p.snapshot,
+                "snapshot_time_ms": p.snapshot_time_ms,
+                "data_loss_window_ms": loss_window_ms(p, now),
+            })
+        })
+        .collect()
 }
 
 fn run_deploy(
     desired: &DesiredState,
     agents: &AgentArgs,
-    dry_run: bool,
+    flags: DeployFlags,
     output: Output,
 ) -> Result<(), DeployError> {
     let client = client(agents)?;
     let started = Instant::now();
     runtime()?.block_on(async {
-        let current = deploy::gather_state(&client, desired.nodes.keys()).await?;
-        warn_volume_problems(&current);
-        let plan = planner::plan(desired, &current);
+        let gathered = deploy::gather_reachable(&client, desired.nodes.keys()).await?;
+        warn_volume_problems(&gathered.state);
+        let unreachable: BTreeSet<String> = gathered.unreachable.keys().cloned().collect();
+        let planned =
+            planner::plan_around(desired, &gathered.state, &unreachable, flags.failover)?;
+        let now = now_ms();
+        let plan = &planned.plan;
+        let blocked: Vec<String> = planned
+            .blocked
+            .iter()
+            .map(|b| format!("{}: {}", b.application, b.reason))
+            .collect();
+        let around = json!({
+            "unreachable": gathered.unreachable,
+            "blocked": planned.blocked.iter().map(|b| json!({"application": b.application, "reason": b.reason})).collect::<Vec<_>>(),
+            "unknown": planned.unknown,
+            "promotions": promotions_json(&planned, now),
+        });
         if output == Output::Text {
-            print!("{}", render::plan_text(&plan));
+            print!("{}", render::plan_text(plan));
         }
-        if plan.is_empty() || dry_run {
+        report_around(&gathered, &planned, now);
+        let finish = |changed: bool, summary: Option<&deploy::Summary>| {
             if output == Output::Json {
-                print_json(&json!({ "ok": true, "changed": false, "phases": plan.phases }));
+                print_json(&json!({
+                    "ok": blocked.is_empty(),
+                    "changed": changed,
+                    "phases": plan.phases,
+                    "summary": summary,
+                    "around": around,
+                }));
             }
-            return Ok(());
+            if blocked.is_empty() {
+                Ok(())
+            } else {
+                Err(DeployError::Blocked(blocked.clone()))
+            }
+        };
+        if plan.is_empty() || flags.dry_run {
+            return finish(false, None);
         }
         let progress = output == Output::Text && std::io::stderr().is_terminal();
-        let mut summary = deploy::execute(&client, desired, &plan, progress).await?;
+        let mut summary =
+            deploy::execute(&client, &planned.effective, plan, progress).await?;
         summary.elapsed_ms = started.elapsed().as_millis();
-        match output {
-            Output::Json => print_json(&json!({
-                "ok": true,
-                "changed": true,
-                "phases": plan.phases,
-                "summary": summary,
-            })),
-            Output::Text => println!(
+        if output == Output::Text {
+            println!(
                 "done: {} action(s) in {} phase(s), {} byte(s) of volume data pushed, {:.2} s",
                 summary.actions,
                 summary.phases,
                 summary.bytes_pushed,
                 summary.elapsed_ms as f64 / 1000.0
-            ),
+            );
         }
-        Ok(())
+        finish(true, Some(&summary))
     })
 }
 
@@ -113,18 +208,117 @@ pub fn status(
         Err(outcome) => return outcome,
     };
     let gathered = client(agents).and_then(|client| {
-        runtime()?.block_on(deploy::gather_state(&client, desired.nodes.keys()))
+        runtime()?.block_on(deploy::gather_reachable(&client, desired.nodes.keys()))
     });
     match gathered {
-        Ok(state) => {
+        Ok(gathered) => {
+            let now = now_ms();
+            let volumes = volume_summaries(&gathered.state, now);
             match output {
-                Output::Json => print_json(&json!({ "nodes": state.nodes })),
-                Output::Text => print!("{}", status_text(&desired, &state)),
+                Output::Json => print_json(&json!({
+                    "nodes": gathered.state.nodes,
+                    "volumes": volumes,
+                    "unreachable": gathered.unreachable,
+                })),
+                Output::Text => {
+                    print!("{}", status_text(&desired, &gathered.state));
+                    print!("{}", replicas_text(&volumes));
+                    for (node, reason) in &gathered.unreachable {
+                        println!("\nUNREACHABLE      {node}: {reason}");
+                    }
+                }
             }
             Outcome::Success
         }
         Err(e) => fail(&e, output),
     }
+}
+
+/// One volume as `status` reports it: its authoritative record and its replicas.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VolumeSummary {
+    pub name: String,
+    pub owner: String,
+    pub epoch: u64,
+    pub replicas: Vec<ReplicaSummary>,
+}
+
+/// A copy on another node than the owner's.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplicaSummary {
+    pub node: String,
+    /// The newest snapshot the replica holds.
+    pub snapshot: Option<String>,
+    /// How old that snapshot is: what a failover to this replica would lose.
+    pub lag_ms: Option<u64>,
+    /// The owner and epoch this copy records (older than the volume's when it is stale).
+    pub records: String,
+}
+
+/// Every volume's record with its replicas and their lag (age of the newest snapshot each
+/// holds, which every replica shares with the owner, since only the owner pushes).
+pub fn volume_summaries(state: &ClusterState, now_ms: u64) -> Vec<VolumeSummary> {
+    let names: BTreeSet<&str> = state
+        .nodes
+        .values()
+        .flat_map(|n| n.volumes.iter().map(|v| v.name.as_str()))
+        .collect();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let (_, record) = state.volume_record(name)?;
+            let replicas = state
+                .nodes
+                .iter()
+                .filter(|(node, _)| **node != record.owner)
+                .filter_map(|(node, n)| n.volume(name).map(|v| (node, v)))
+                .map(|(node, v)| {
+                    let snapshot = newest_push(&v.snapshots).map(str::to_owned);
+                    let lag_ms = snapshot
+                        .as_deref()
+                        .and_then(push_time_ms)
+                        .map(|t| now_ms.saturating_sub(t));
+                    ReplicaSummary {
+                        node: node.clone(),
+                        snapshot,
+                        lag_ms,
+                        records: format!("{} at epoch {}", v.owner, v.epoch),
+                    }
+                })
+                .collect();
+            Some(VolumeSummary {
+                name: name.to_string(),
+                owner: record.owner.clone(),
+                epoch: record.epoch,
+                replicas,
+            })
+        })
+        .collect()
+}
+
+/// The replica table of `status`.
+pub fn replicas_text(volumes: &[VolumeSummary]) -> String {
+    let mut out = String::from(
+        "\nVOLUME           OWNER            EPOCH  REPLICA          LAG        RECORDS\n",
+    );
+    for v in volumes {
+        if v.replicas.is_empty() {
+            out.push_str(&format!(
+                "{:<16} {:<16} {:<6} -\n",
+                v.name, v.owner, v.epoch
+            ));
+        }
+        for r in &v.replicas {
+            let lag = r
+                .lag_ms
+                .map_or("-".to_string(), |ms| format!("{:.1} s", ms as f64 / 1000.0));
+            out.push_str(&format!(
+                "{:<16} {:<16} {:<6} {:<16} {:<10} {}\n",
+                v.name, v.owner, v.epoch, r.node, lag, r.records
+            ));
+        }
+    }
+    out
 }
 
 /// A container that runs without its volume (not mounted, or started on the bare directory)

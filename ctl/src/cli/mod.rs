@@ -78,6 +78,13 @@ pub enum Command {
         /// Print the plan and stop without changing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Move applications off nodes that do not answer by promoting the newest replica of
+        /// each one's volume (see `standby:` in the deployment config). Writes after that
+        /// replica's snapshot are lost; the output states how many seconds' worth. Without a
+        /// replica nothing is changed. Use only when the node is really gone: a node that
+        /// comes back fences itself (stops the application, keeps its copy aside).
+        #[arg(long)]
+        failover: bool,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
@@ -131,8 +138,15 @@ pub fn run(cli: Cli) -> Outcome {
             application,
             agents,
             dry_run,
+            failover,
             output,
-        } => deploy::deploy(&deployment, &application, &agents, dry_run, output),
+        } => deploy::deploy(
+            &deployment,
+            &application,
+            &agents,
+            deploy::DeployFlags { dry_run, failover },
+            output,
+        ),
         Command::Status {
             deployment,
             application,

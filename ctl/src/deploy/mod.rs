@@ -45,6 +45,11 @@ pub enum DeployError {
     },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Failover(#[from] crate::planner::FailoverError),
+    /// The rest was done; these need nodes that do not answer.
+    #[error("not done, because it needs a node that does not answer: {}", .0.join("; "))]
+    Blocked(Vec<String>),
 }
 
 /// What a deploy did.
@@ -99,6 +104,49 @@ fn lost(node: String, what: &str, e: &JoinError) -> DeployError {
         node,
         what: what.to_string(),
         reason,
+    }
+}
+
+/// The state of the nodes that answered, and why the others did not.
+#[derive(Debug, Default)]
+pub struct Gathered {
+    pub state: ClusterState,
+    pub unreachable: BTreeMap<String, String>,
+}
+
+/// Asks every node for its state, all at once, and keeps going without those that do not
+/// answer (they are named, with the reason). Fails only when no node answers at all.
+pub async fn gather_reachable<A: AgentApi>(
+    agents: &A,
+    nodes: impl IntoIterator<Item = &String>,
+) -> Result<Gathered, DeployError> {
+    let mut tasks = PerNode::new();
+    let mut asked = 0usize;
+    for node in nodes {
+        let agents = agents.clone();
+        let name = node.clone();
+        tasks.spawn(node, async move { agents.state(&name).await });
+        asked += 1;
+    }
+    let mut gathered = Gathered::default();
+    let mut first: Option<DeployError> = None;
+    while let Some((node, joined)) = tasks.next().await {
+        let error = match joined {
+            Ok(Ok(state)) => {
+                gathered.state.nodes.insert(node, state);
+                continue;
+            }
+            Ok(Err(e)) => DeployError::from(e),
+            Err(e) => lost(node.clone(), "state query", &e),
+        };
+        gathered.unreachable.insert(node, error.to_string());
+        if first.is_none() {
+            first = Some(error);
+        }
+    }
+    match first {
+        Some(e) if asked > 0 && gathered.state.nodes.is_empty() => Err(e),
+        _ => Ok(gathered),
     }
 }
 

@@ -12,7 +12,7 @@ use flocker_wire::{
     Phase, Plan,
 };
 
-use super::{DeployError, execute, gather_state};
+use super::{DeployError, execute, gather_reachable, gather_state};
 
 const A: &str = "10.0.0.1";
 const B: &str = "10.0.0.2";
@@ -434,4 +434,36 @@ fn an_empty_plan_asks_nobody() {
         .expect("nothing to do");
     assert_eq!((summary.phases, summary.actions), (0, 0));
     assert!(agents.log().is_empty());
+}
+
+#[test]
+fn gather_reachable_names_the_nodes_that_do_not_answer_and_keeps_the_rest() {
+    let agents = FakeAgents::new(&[
+        (A, StateReply::State(node_state(A, Some("db")))),
+        (B, StateReply::Panic),
+        (C, StateReply::Unreachable),
+    ]);
+    let gathered = runtime()
+        .block_on(gather_reachable(&agents, &nodes(&[A, B, C])))
+        .expect("A answers");
+    assert_eq!(gathered.state.nodes.keys().collect::<Vec<_>>(), vec![A]);
+    assert_eq!(
+        gathered.unreachable.keys().collect::<Vec<_>>(),
+        vec![B, C],
+        "a panicked query is not an empty node either"
+    );
+    assert!(
+        gathered.unreachable[B].contains("panicked"),
+        "{:?}",
+        gathered.unreachable
+    );
+}
+
+#[test]
+fn gather_reachable_fails_when_no_node_answers() {
+    let agents = FakeAgents::new(&[(A, StateReply::Unreachable), (B, StateReply::Unreachable)]);
+    let err = runtime()
+        .block_on(gather_reachable(&agents, &nodes(&[A, B])))
+        .expect_err("nobody answers");
+    assert!(err.to_string().contains(A), "{err}");
 }

@@ -60,6 +60,9 @@ pub struct Blocked {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Planned {
     pub plan: Plan,
+    /// The desired state the plan was made for: blocked applications stay where they are.
+    /// Agents are sent this one, so their schedules (replication) match what they run.
+    pub effective: DesiredState,
     pub promotions: Vec<Promotion>,
     /// Needs an unreachable node: not done, and the deploy fails.
     pub blocked: Vec<Blocked>,
@@ -224,6 +227,7 @@ pub fn plan_around(
         );
     }
     planned.plan = plan;
+    planned.effective = effective;
     planned.stale_routes = stale_routes.into_iter().collect();
     Ok(planned)
 }

@@ -114,6 +114,11 @@ impl RouteStore {
         routes.sort();
         let table = RouteTable::from_wire(&routes, resolver)?;
         self.program(&table)?;
+        self.record(routes)
+    }
+
+    /// Persists `routes` as the node's route list.
+    fn record(&self, routes: Vec<Route>) -> Result<(), RoutesError> {
         let bytes = serde_json::to_vec_pretty(&routes).map_err(|e| RoutesError::File {
             path: self.path.clone(),
             detail: e.to_string(),
@@ -132,8 +137,23 @@ impl RouteStore {
         if routes.is_empty() {
             return Ok(());
         }
-        let table = RouteTable::from_wire(&routes, resolver)?;
+        let table = RouteTable::from_wire(&resolvable(&routes, resolver), resolver)?;
         self.program(&table)
+    }
+
+    /// Records `routes` and programs those that resolve now: local routes to containers that
+    /// are not running (yet) are left out of the kernel until [`RouteStore::reapply`] after
+    /// they start. For the agent's own corrections (fencing), where one stopped container
+    /// must not keep another application's route pointing at a stale copy.
+    pub fn set_resolvable(
+        &self,
+        mut routes: Vec<Route>,
+        resolver: &Resolver,
+    ) -> Result<(), RoutesError> {
+        routes.sort();
+        let table = RouteTable::from_wire(&resolvable(&routes, resolver), resolver)?;
+        self.program(&table)?;
+        self.record(routes)
     }
 
     fn program(&self, table: &RouteTable) -> Result<(), RoutesError> {
@@ -149,6 +169,25 @@ impl RouteStore {
         }
         Ok(())
     }
+}
+
+/// The routes that can be programmed now: local ones only where the container has an
+/// address (the others are logged and left for a later re-apply).
+fn resolvable(routes: &[Route], resolver: &Resolver) -> Vec<Route> {
+    routes
+        .iter()
+        .filter(|r| match &r.target {
+            flocker_wire::RouteTarget::Local { .. } => {
+                let up = resolver.containers.contains_key(&r.application);
+                if !up {
+                    tracing::info!(application = %r.application, port = r.external_port, "route left out until its container runs");
+                }
+                up
+            }
+            flocker_wire::RouteTarget::Node { .. } => true,
+        })
+        .cloned()
+        .collect()
 }
 
 fn sidecar_write(path: &std::path::Path, bytes: &[u8]) -> Result<(), RoutesError> {

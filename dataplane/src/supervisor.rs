@@ -167,6 +167,10 @@ pub async fn pass(agent: &Agent) {
         };
         match outcome {
             Ok(()) => {
+                // Its routes were left out while it was down (or its address changed).
+                if let Err(e) = agent.reapply_routes().await {
+                    tracing::warn!(container = %c.name, error = %e, "cannot re-apply routes after the restart");
+                }
                 tracing::info!(
                     container = %c.name,
                     exit_code = ?details.exit_code,

@@ -10,6 +10,7 @@ pub mod netns;
 pub mod probe;
 pub mod reap;
 pub mod redis;
+pub mod scenario;
 pub mod zfs;
 
 /// Marks every file descriptor above stderr close-on-exec, so that daemons the harness starts

@@ -8,14 +8,14 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use flocker_e2e::binaries::{binary, build_binaries};
 use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec};
-use flocker_e2e::redis::Redis;
+use flocker_e2e::scenario::{Files, redis_at, text};
 
 const APPLICATIONS: &str = "\
 version: 1
@@ -46,22 +46,6 @@ fn deployment(placement: &[(&ClusterNode, &[&str])]) -> String {
         out.push_str(&format!("  {}: [{}]\n", node.address, apps.join(", ")));
     }
     out
-}
-
-struct Files {
-    dir: tempfile::TempDir,
-}
-
-impl Files {
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.dir.path().join(name);
-        std::fs::write(&path, text).expect("write config");
-        path
-    }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 fn deploy(cluster: &Cluster, deployment: &Path, application: &Path) -> Result<Output> {
@@ -101,24 +85,6 @@ fn dnat_entries(node: &ClusterNode, port: u16) -> Result<usize> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).lines().count())
-}
-
-fn redis_at(node: &ClusterNode) -> Result<Redis> {
-    let addr = format!("{}:6379", node.address);
-    // Routes and containers settle quickly, but not instantly.
-    let mut last = None;
-    for _ in 0..50 {
-        match Redis::connect(&addr, Duration::from_secs(2)).and_then(|mut r| {
-            r.command(&["PING"])?;
-            Ok(r)
-        }) {
-            Ok(r) => return Ok(r),
-            Err(e) => last = Some(e),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt")))
-        .with_context(|| format!("redis through {addr}"))
 }
 
 fn http_get(node: &ClusterNode, port: u16) -> Result<String> {
@@ -237,9 +203,7 @@ fn scenario(routing: &str) -> Result<()> {
     })?;
     cluster.teardown_on_drop = true;
     let [n1, n2, n3] = [0, 1, 2].map(|i| cluster.nodes[i].clone());
-    let files = Files {
-        dir: tempfile::tempdir()?,
-    };
+    let files = Files::new()?;
     let apps = files.write("application.yml", APPLICATIONS);
 
     // 1. Deploy: redis on n1, web on n3.

@@ -103,7 +103,8 @@ impl Agent {
         self.blocking(move |b| b.set_aside(&n, &a)).await?;
         let routes = reroute(&self.routes.current(), &local.name, &newer.owner);
         if routes != self.routes.current() {
-            self.set_routes(routes).await?;
+            let resolver = self.resolver().await?;
+            self.routes.set_resolvable(routes, &resolver)?;
         }
         Ok(aside)
     }

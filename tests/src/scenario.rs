@@ -1,0 +1,59 @@
+//! Small helpers the end-to-end scenarios share: config files in a temporary directory,
+//! reading command output, and a Redis connection through a node's routed port.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::cluster::ClusterNode;
+use crate::redis::Redis;
+
+/// Config files written for one scenario, removed with it.
+pub struct Files {
+    pub dir: tempfile::TempDir,
+}
+
+impl Files {
+    pub fn new() -> Result<Files> {
+        Ok(Files {
+            dir: tempfile::tempdir()?,
+        })
+    }
+
+    /// Writes `text` to `name` in the scenario's directory and returns its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+}
+
+/// Command output as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Redis through `node`'s routed port 6379, retried for about 10 s while routes and
+/// containers settle.
+pub fn redis_at(node: &ClusterNode) -> Result<Redis> {
+    redis_at_port(node, 6379)
+}
+
+/// [`redis_at`] on another external port.
+pub fn redis_at_port(node: &ClusterNode, port: u16) -> Result<Redis> {
+    let addr = format!("{}:{port}", node.address);
+    let mut last = None;
+    for _ in 0..50 {
+        match Redis::connect(&addr, Duration::from_secs(2)).and_then(|mut r| {
+            r.command(&["PING"])?;
+            Ok(r)
+        }) {
+            Ok(r) => return Ok(r),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt")))
+        .with_context(|| format!("redis through {addr}"))
+}

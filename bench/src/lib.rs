@@ -3,6 +3,7 @@
 //! table.
 #![forbid(unsafe_code)]
 
+pub mod failover;
 pub mod migrate;
 pub mod routing;
 pub mod streamer;

@@ -6,12 +6,15 @@ use anyhow::bail;
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((name, rest)) = args.split_first() else {
-        bail!("usage: flocker-bench streamer|routing|migrate [ARGS...]");
+        bail!("usage: flocker-bench streamer|routing|migrate|failover [ARGS...]");
     };
     match name.as_str() {
         "streamer" => flocker_bench::streamer::run(rest),
         "routing" => flocker_bench::routing::run(rest),
         "migrate" => flocker_bench::migrate::run(rest),
-        other => bail!("unknown benchmark {other:?}: expected streamer, routing or migrate"),
+        "failover" => flocker_bench::failover::run(rest),
+        other => {
+            bail!("unknown benchmark {other:?}: expected streamer, routing, migrate or failover")
+        }
     }
 }

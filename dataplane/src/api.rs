@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -139,7 +139,12 @@ pub async fn handle(
         },
         (&Method::POST, ["v1", "volumes", name, "receive"]) => {
             let name = name.to_string();
-            let body = IdleTimeout::new(req.into_body(), limits.body_idle_timeout);
+            // The agent reads a byte stream; HTTP framing stays here.
+            let body = tokio_util::io::StreamReader::new(
+                IdleTimeout::new(req.into_body(), limits.body_idle_timeout)
+                    .into_data_stream()
+                    .map_err(|e| std::io::Error::other(e.to_string())),
+            );
             match ReceiveParams::parse(&query)
                 .map_err(|e| AgentError::BadRequest(e.to_string()))
                 .and_then(|p| {

@@ -47,6 +47,15 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// A request body streamed from `reader` (a volume push), so callers need no HTTP types.
+pub fn body_from_reader(reader: impl tokio::io::AsyncRead + Send + Sync + 'static) -> Body {
+    use futures_util::TryStreamExt;
+    http_body_util::StreamBody::new(
+        tokio_util::io::ReaderStream::new(reader).map_ok(hyper::body::Frame::data),
+    )
+    .boxed()
+}
+
 /// An empty request body.
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()

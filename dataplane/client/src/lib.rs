@@ -25,8 +25,8 @@ use flocker_wire::{ConvergeEvent, ConvergeRequest, NodeState};
 pub use hyper::{Method, StatusCode};
 
 pub use client::{
-    AgentClient, Body, ClientError, Dialer, EVENT_IDLE_TIMEOUT, Timeouts, empty, error_message,
-    full,
+    AgentClient, Body, ClientError, Dialer, EVENT_IDLE_TIMEOUT, Timeouts, body_from_reader, empty,
+    error_message, full,
 };
 
 /// What a user does with agents (`flockerctl deploy` and `status`): the seam the deploy

@@ -6,10 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::TryStreamExt;
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
-use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
+use tokio::io::AsyncRead;
+use tokio_util::io::SyncIoBridge;
 
 use flocker_client::ClientError;
 use flocker_wire::{ConvergeEvent, VolumeState};
@@ -148,7 +146,7 @@ impl Agent {
             let finished = source.finish();
             (result, finished)
         });
-        let body = StreamBody::new(ReaderStream::new(reader).map_ok(Frame::data)).boxed();
+        let body = flocker_client::body_from_reader(reader);
         let ticker = {
             let (events, step, sent) = (events.clone(), step.to_string(), sent.clone());
             tokio::spawn(async move {
@@ -257,7 +255,7 @@ impl Agent {
         &self,
         name: &str,
         params: ReceiveParams,
-        body: crate::idle::RequestBody,
+        body: impl AsyncRead + Send + Unpin + 'static,
     ) -> Result<ReceiveReport, AgentError> {
         let _lock = self.lock_volume(name).await;
         let local = match self.check_receive(name, &params).await {
@@ -287,10 +285,7 @@ impl Agent {
                 return Err(e);
             }
         };
-        let stream = body
-            .into_data_stream()
-            .map_err(|e| std::io::Error::other(e.to_string()));
-        let mut bridge = SyncIoBridge::new(StreamReader::new(stream));
+        let mut bridge = SyncIoBridge::new(body);
         let (bytes, sink) = tokio::task::spawn_blocking(move || {
             match transfer::receive(&mut bridge, &mut sink) {
                 Ok(n) => Ok((n, sink)),
@@ -509,15 +504,11 @@ impl Agent {
     }
 }
 
-/// Reads a request body to its end (bounded in time), discarding it.
-pub async fn drain(body: crate::idle::RequestBody) {
-    let mut body = body;
-    let _ = tokio::time::timeout(Duration::from_secs(300), async {
-        while let Some(frame) = body.frame().await {
-            if frame.is_err() {
-                break;
-            }
-        }
-    })
+/// Reads a pushed stream to its end (bounded in time), discarding it.
+pub async fn drain(mut body: impl AsyncRead + Unpin) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(300),
+        tokio::io::copy(&mut body, &mut tokio::io::sink()),
+    )
     .await;
 }

@@ -22,17 +22,6 @@ use flocker_e2e::redis::Redis;
 const INTERVAL: &str = "1s";
 const ROUNDS: usize = 3;
 
-fn workspace_target() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .map(|p| p.join("target"))
-                .unwrap_or_else(|| PathBuf::from("target"))
-        })
-}
-
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -141,19 +130,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(_args: &[String]) -> Result<()> {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "flocker-dataplane",
-            "-p",
-            "flocker-ctl",
-        ])
-        .status()?;
-    ensure!(status.success(), "building the agent failed");
-    let target = workspace_target().join("release");
+    let target = crate::build_release_agents()?;
     let mut cluster = Cluster::up(ClusterSpec {
         nodes: 3,
         dir: PathBuf::from("/tmp/flocker-bench-failover"),

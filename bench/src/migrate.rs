@@ -56,19 +56,7 @@ fn parse(args: &[String]) -> Result<Args> {
 /// Runs the benchmark and prints its table.
 pub fn run(args: &[String]) -> Result<()> {
     let args = parse(args)?;
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "flocker-dataplane",
-            "-p",
-            "flocker-ctl",
-        ])
-        .status()?;
-    ensure!(status.success(), "building the agent failed");
-    let target = workspace_target().join("release");
+    let target = crate::build_release_agents()?;
     let pool_size = format!("{}M", (args.size_mib * 3).max(1024) + 512);
     let mut cluster = Cluster::up(ClusterSpec {
         nodes: 3,
@@ -197,7 +185,7 @@ pub fn run(args: &[String]) -> Result<()> {
         ));
     }
     println!("{table}");
-    let results = workspace_target()
+    let results = crate::workspace_target()
         .parent()
         .map(|root| root.join("bench/results"))
         .unwrap_or_else(|| PathBuf::from("bench/results"));
@@ -227,17 +215,6 @@ fn shape_link(node: &ClusterNode, rate: &str) -> Result<()> {
 
 fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
-}
-
-fn workspace_target() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .map(|p| p.join("target"))
-                .unwrap_or_else(|| PathBuf::from("target"))
-        })
 }
 
 fn deploy(cluster: &Cluster, deployment: &Path, application: &Path) -> Result<()> {

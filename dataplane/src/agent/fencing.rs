@@ -39,10 +39,17 @@ pub async fn check(agent: &Agent) -> Vec<String> {
             return Vec::new();
         }
     };
+    let peers: Vec<&String> = desired.nodes.keys().filter(|n| **n != agent.me).collect();
     let mut fenced = Vec::new();
     for local in owned {
-        for peer in desired.nodes.keys().filter(|n| **n != agent.me) {
-            let theirs = match agent.peer_volume(peer, &local.name).await {
+        // All peers at once: a dead one costs one timeout, not one per peer.
+        let answers = futures_util::future::join_all(peers.iter().map(|peer| {
+            let name = local.name.as_str();
+            async move { (*peer, agent.peer_volume(peer, name).await) }
+        }))
+        .await;
+        for (peer, answer) in answers {
+            let theirs = match answer {
                 Ok(Some(v)) => v,
                 Ok(None) => continue,
                 Err(e) => {

@@ -70,6 +70,9 @@ pub struct Flags {
     /// Log format: `text` or `json`.
     #[arg(long)]
     pub log_format: Option<String>,
+    /// Cap on replication pushes to standby nodes, bytes per second (moves are not capped).
+    #[arg(long)]
+    pub replication_rate_limit: Option<u64>,
 }
 
 /// The TOML file.
@@ -89,6 +92,7 @@ struct FileConfig {
     crl: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     log_format: Option<String>,
+    replication_rate_limit: Option<u64>,
 }
 
 /// Which volume backend, and where.
@@ -139,6 +143,8 @@ pub struct AgentConfig {
     pub crl: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub json_logs: bool,
+    /// Bytes per second for replication pushes; `None` for no cap.
+    pub replication_rate_limit: Option<u64>,
 }
 
 impl AgentConfig {
@@ -227,6 +233,12 @@ impl AgentConfig {
                 false
             }
         };
+        let replication_rate_limit = flags.replication_rate_limit.or(file.replication_rate_limit);
+        if replication_rate_limit == Some(0) {
+            errors.push(
+                "replication_rate_limit: 0 would stop replication; leave it out for no cap".into(),
+            );
+        }
         if !errors.is_empty() {
             return Err(ConfigError::Invalid(errors));
         }
@@ -242,6 +254,7 @@ impl AgentConfig {
             crl: flags.crl.or(file.crl),
             state_dir,
             json_logs,
+            replication_rate_limit,
         })
     }
 }

@@ -157,6 +157,7 @@ pub async fn build(
             routes,
         )
         .with_api_port(config.listen.port())
+        .with_replication_rate(config.replication_rate_limit)
         .with_schedule_file(
             config
                 .state_dir

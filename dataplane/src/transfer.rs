@@ -23,9 +23,11 @@ pub fn send(
     source: &mut (dyn Read + Send),
     transport: &mut (dyn Write + Send),
     progress: Arc<AtomicU64>,
+    limit_rate: Option<u64>,
 ) -> Result<u64, TransferError> {
     let options = SendOptions {
         auth: Auth::None,
+        limit_rate,
         progress: Some(Arc::new(move |p: &Progress| {
             progress.store(p.bytes_in, Ordering::Relaxed);
         })),
@@ -58,7 +60,7 @@ mod tests {
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let mut wire = Vec::new();
         let progress = Arc::new(AtomicU64::new(0));
-        let sent = send(&mut &data[..], &mut wire, progress.clone()).expect("send");
+        let sent = send(&mut &data[..], &mut wire, progress.clone(), None).expect("send");
         assert_eq!(sent, data.len() as u64);
         assert_eq!(progress.load(Ordering::Relaxed), data.len() as u64);
         let mut out = Vec::new();

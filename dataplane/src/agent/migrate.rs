@@ -49,7 +49,7 @@ impl Agent {
         let _lock = self.lock_volume(name).await;
         for pass in 1..=PRE_COPY_PASSES {
             let started = std::time::Instant::now();
-            let pushed = self.push_pass(name, to, last, step, events).await?;
+            let pushed = self.push_pass(name, to, last, step, events, None).await?;
             let quick = started.elapsed() < CATCH_UP_AFTER;
             if last || !pushed || quick {
                 break;
@@ -74,6 +74,7 @@ impl Agent {
         last: bool,
         step: &str,
         events: &Events,
+        limit_rate: Option<u64>,
     ) -> Result<bool, AgentError> {
         let local = self
             .local_volume(name)
@@ -141,7 +142,7 @@ impl Agent {
         let mut bridge = SyncIoBridge::new(writer);
         let counter = sent.clone();
         let sender = tokio::task::spawn_blocking(move || {
-            let result = transfer::send(&mut source, &mut bridge, counter);
+            let result = transfer::send(&mut source, &mut bridge, counter, limit_rate);
             drop(bridge);
             let finished = source.finish();
             (result, finished)
@@ -483,7 +484,8 @@ impl Agent {
         };
         // Nobody reads replication progress: with the receiver gone, sends fail at once.
         let (events, _) = tokio::sync::mpsc::channel(1);
-        self.push_pass(name, to, false, "replicate", &events).await
+        self.push_pass(name, to, false, "replicate", &events, self.replication_rate)
+            .await
     }
 
     /// Asks `node` for its copy of `name` (fencing compares epochs).

@@ -118,6 +118,8 @@ pub struct Agent {
     /// Per volume, the newest snapshot each peer was last seen to hold after a push: pruning
     /// keeps it, so every standby keeps an incremental base.
     pushed_to: std::sync::Mutex<HashMap<String, HashMap<String, String>>>,
+    /// Bytes per second for replication pushes (moves are never capped).
+    replication_rate: Option<u64>,
 }
 
 /// Progress events of one action.
@@ -144,7 +146,14 @@ impl Agent {
             desired: std::sync::Mutex::new(None),
             schedule_file: None,
             pushed_to: std::sync::Mutex::new(HashMap::new()),
+            replication_rate: None,
         }
+    }
+
+    /// Caps replication pushes at `bytes_per_second`.
+    pub fn with_replication_rate(mut self, bytes_per_second: Option<u64>) -> Self {
+        self.replication_rate = bytes_per_second;
+        self
     }
 
     /// Keeps the last converge's desired state in `path` (and loads it now, if present).

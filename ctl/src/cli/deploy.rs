@@ -392,3 +392,63 @@ pub fn status_text(desired: &DesiredState, state: &ClusterState) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use flocker_wire::{NodeState, VolumeState};
+
+    use super::*;
+
+    fn copy(owner: &str, epoch: u64, snapshot: &str) -> VolumeState {
+        VolumeState {
+            name: "redis".into(),
+            owner: owner.into(),
+            epoch,
+            snapshots: vec![snapshot.into()],
+            used_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn replicas_show_their_lag_from_the_snapshot_time() {
+        let mut state = ClusterState::default();
+        for (node, v) in [
+            (
+                "198.18.0.11",
+                copy("198.18.0.11", 2, "push-0000000009-10000"),
+            ),
+            (
+                "198.18.0.12",
+                copy("198.18.0.11", 2, "push-0000000009-10000"),
+            ),
+            (
+                "198.18.0.13",
+                copy("198.18.0.11", 2, "push-0000000004-2000"),
+            ),
+        ] {
+            state.nodes.insert(
+                node.into(),
+                NodeState {
+                    address: node.into(),
+                    volumes: vec![v],
+                    ..NodeState::default()
+                },
+            );
+        }
+        let volumes = volume_summaries(&state, 11_500);
+        assert_eq!(volumes.len(), 1);
+        let v = &volumes[0];
+        assert_eq!((v.owner.as_str(), v.epoch), ("198.18.0.11", 2));
+        let lags: Vec<(&str, Option<u64>)> = v
+            .replicas
+            .iter()
+            .map(|r| (r.node.as_str(), r.lag_ms))
+            .collect();
+        assert_eq!(
+            lags,
+            vec![("198.18.0.12", Some(1_500)), ("198.18.0.13", Some(9_500))]
+        );
+        let table = replicas_text(&volumes);
+        assert!(table.contains("198.18.0.12      1.5 s"), "{table}");
+    }
+}

@@ -107,6 +107,22 @@ fn a_dead_owner_fails_over_to_its_standby_and_is_fenced_on_return() -> Result<()
         routing: "nftables".into(),
     })?;
     cluster.teardown_on_drop = true;
+    let result = scenario(&cluster);
+    if result.is_err() {
+        // The cluster's directory goes with it: show what the agents said first.
+        for node in &cluster.nodes {
+            let log = std::fs::read_to_string(node.dir.join("agent.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("=== agent log of {} (last 60 lines)", node.name);
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+    result
+}
+
+fn scenario(cluster: &Cluster) -> Result<()> {
     let [n1, n2, n3] = [0, 1, 2].map(|i| cluster.nodes[i].clone());
     let files = Files::new()?;
     let apps = files.write("application.yml", APPLICATIONS);
@@ -122,13 +138,13 @@ fn a_dead_owner_fails_over_to_its_standby_and_is_fenced_on_return() -> Result<()
 
     // 1. Redis on n1 with a standby on n2 every 2 s.
     ensure!(
-        run(&cluster, &["deploy", &d1, &apps])?.status.success(),
+        run(cluster, &["deploy", &d1, &apps])?.status.success(),
         "first deploy"
     );
 
     // 2. A deploy with an unrelated node down goes on, naming it.
     cluster.kill_agent(&n3)?;
-    let out = run(&cluster, &["deploy", &d1, &apps])?;
+    let out = run(cluster, &["deploy", &d1, &apps])?;
     ensure!(out.status.success(), "deploy with n3 down");
     ensure!(
         text(&out.stderr).contains(&format!("node {} does not answer", n3.address)),
@@ -149,7 +165,7 @@ fn a_dead_owner_fails_over_to_its_standby_and_is_fenced_on_return() -> Result<()
     let written = now_ms();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let s = status(&cluster, &[&d1, &apps])?;
+        let s = status(cluster, &[&d1, &apps])?;
         let replica = volume(&s, "redis").and_then(|v| {
             v["replicas"]
                 .as_array()?
@@ -189,7 +205,7 @@ fn a_dead_owner_fails_over_to_its_standby_and_is_fenced_on_return() -> Result<()
         &deployment(&[(&n1, &[]), (&n2, &["redis", "cache"]), (&n3, &[])], None),
     );
     let both = both.display().to_string();
-    let out = run(&cluster, &["deploy", "--failover", &both, &apps])?;
+    let out = run(cluster, &["deploy", "--failover", &both, &apps])?;
     ensure!(
         !out.status.success(),
         "failover without a replica must fail"
@@ -198,7 +214,7 @@ fn a_dead_owner_fails_over_to_its_standby_and_is_fenced_on_return() -> Result<()
         text(&out.stderr).contains("no reachable node holds a replica"),
         "names the missing replica"
     );
-    let s = status(&cluster, &[&both, &apps])?;
+    let s = status(cluster, &[&both, &apps])?;
     let record = volume(&s, "redis").context("redis volume")?;
     ensure!(
         record["owner"] == n1.address.as_str(),
@@ -211,7 +227,7 @@ fn a_dead_owner_fails_over_to_its_standby_and_is_fenced_on_return() -> Result<()
         &deployment(&[(&n1, &["cache"]), (&n2, &["redis"]), (&n3, &[])], None),
     );
     let d2 = d2.display().to_string();
-    let out = run(&cluster, &["deploy", &d2, &apps])?;
+    let out = run(cluster, &["deploy", &d2, &apps])?;
     ensure!(
         !out.status.success(),
         "moving off a dead owner needs --failover"
@@ -284,9 +300,9 @@ fn a_dead_owner_fails_over_to_its_standby_and_is_fenced_on_return() -> Result<()
     redis_at_port(&n1, 6380)?;
 
     // 9. One owner, and the next deploy (everyone back) converges.
-    let out = run(&cluster, &["deploy", &d2, &apps])?;
+    let out = run(cluster, &["deploy", &d2, &apps])?;
     ensure!(out.status.success(), "deploy after the return");
-    let s = status(&cluster, &[&d2, &apps])?;
+    let s = status(cluster, &[&d2, &apps])?;
     let record = volume(&s, "redis").context("redis")?;
     ensure!(record["owner"] == n2.address.as_str(), "{record}");
     let writable: Vec<&String> = s["nodes"]

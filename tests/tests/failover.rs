@@ -52,6 +52,11 @@ fn deployment(placement: &[(&ClusterNode, &[&str])], standby: Option<&ClusterNod
     out
 }
 
+/// When a push snapshot was taken, from its name (`push-SEQ-UNIXMS`).
+fn snapshot_time_ms(name: &str) -> Option<u64> {
+    name.strip_prefix("push-")?.split_once('-')?.1.parse().ok()
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -174,10 +179,12 @@ fn scenario(cluster: &Cluster) -> Result<()> {
                 .cloned()
         });
         let lag = replica.as_ref().and_then(|r| r["lag_ms"].as_u64());
-        if let Some(lag) = lag {
-            if lag < 2_000 && lag < now_ms().saturating_sub(written) {
-                break;
-            }
+        let taken = replica
+            .as_ref()
+            .and_then(|r| r["snapshot"].as_str())
+            .and_then(snapshot_time_ms);
+        if lag.is_some_and(|l| l < 2_000) && taken.is_some_and(|t| t > written) {
+            break;
         }
         ensure!(
             Instant::now() < deadline,
@@ -244,12 +251,17 @@ fn scenario(cluster: &Cluster) -> Result<()> {
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let promotion = &answer["around"]["promotions"][0];
     ensure!(promotion["node"] == n2.address.as_str(), "{answer}");
+    let finished = now_ms();
     let window = promotion["data_loss_window_ms"]
         .as_u64()
         .context("a data-loss window")?;
+    let taken = promotion["snapshot_time_ms"]
+        .as_u64()
+        .context("the promoted snapshot's time")?;
+    ensure!(taken > written, "the promoted snapshot holds every key: {promotion}");
     ensure!(
-        window <= started.saturating_sub(written) + 1_000,
-        "the window ({window} ms) covers at most what was written after the keys"
+        (started.saturating_sub(taken)..=finished.saturating_sub(taken)).contains(&window),
+        "the reported window ({window} ms) is the promoted snapshot's age at the deploy"
     );
     for node in [&n2, &n3] {
         let mut r = redis_at(node)?;

@@ -186,6 +186,8 @@ pub struct DirSink {
     staging: PathBuf,
     pipe: Option<PipeWriter>,
     unpacker: Option<JoinHandle<std::io::Result<()>>>,
+    /// The staging directory is ours to remove: from `open` until commit or abort.
+    staged: bool,
 }
 
 impl DirSink {
@@ -202,6 +204,7 @@ impl DirSink {
             staging,
             pipe: None,
             unpacker: None,
+            staged: false,
         }
     }
 
@@ -253,6 +256,7 @@ impl Sink for DirSink {
             path: self.staging.clone(),
             source,
         })?;
+        self.staged = true;
         let (reader, writer) = std::io::pipe().map_err(|source| BackendError::Fs {
             op: "pipe for",
             path: self.staging.clone(),
@@ -277,12 +281,27 @@ impl Sink for DirSink {
             op: "rename into place",
             path: self.target.clone(),
             source,
-        })
+        })?;
+        self.staged = false;
+        Ok(())
     }
 
     fn abort(&mut self) -> Result<Option<String>, BackendError> {
         let why = self.join_unpacker().err().map(|e| e.to_string());
-        self.remove_staging()?;
+        if self.staged {
+            self.remove_staging()?;
+            self.staged = false;
+        }
         Ok(why)
+    }
+}
+
+impl Drop for DirSink {
+    fn drop(&mut self) {
+        if self.staged
+            && let Err(e) = self.abort()
+        {
+            tracing::error!(target = %self.target.display(), error = %e, "aborting the dropped directory sink failed");
+        }
     }
 }

@@ -10,7 +10,7 @@ use crate::containers::{ContainerError, DockerRuntime};
 use crate::peer::PeerClient;
 use crate::routes::{RouteStore, RoutesError};
 use crate::tls::{self, TlsError};
-use crate::volume::command::{CommandRunner, SystemRunner};
+use crate::volume::{Runner, SystemRunner};
 use crate::volume::{VolumeBackend, VolumeError, btrfs, dir, zfs};
 
 /// Why the agent could not start.
@@ -42,7 +42,7 @@ pub enum StartError {
 
 /// Opens the configured volume backend.
 pub fn open_volumes(spec: &VolumeSpec) -> Result<Arc<dyn VolumeBackend>, VolumeError> {
-    let runner: Arc<dyn CommandRunner> = Arc::new(SystemRunner);
+    let runner: Arc<dyn Runner> = Arc::new(SystemRunner);
     Ok(match spec {
         VolumeSpec::Zfs { dataset } => {
             let b = zfs::ZfsBackend::open(dataset, runner)?;

@@ -18,7 +18,8 @@ use flocker_wire::{ConvergeEvent, VolumeState};
 use crate::ownership::{self, HandoffStep, RecordOrder, TakeOver};
 use crate::peer::PeerError;
 use crate::transfer;
-use crate::volume::{Record, check_name, next_push_snapshot};
+use crate::ownership::{Record, next_push_snapshot};
+use crate::volume::check_name;
 
 use flocker_wire::transfer::{ReceiveParams, ReceiveReport, TakeOverRequest};
 
@@ -170,11 +171,12 @@ impl Agent {
         let (writer, reader) = tokio::io::duplex(1 << 20);
         let mut bridge = SyncIoBridge::new(writer);
         let counter = sent.clone();
+        // The source reaps its process: a failed `zfs send` is a read error at its end, so
+        // a broken source never yields a complete stream.
         let sender = tokio::task::spawn_blocking(move || {
-            let result = transfer::send(&mut source, &mut bridge, counter);
+            let result = transfer::send(source.as_mut(), &mut bridge, counter);
             drop(bridge);
-            let finished = source.finish();
-            (result, finished)
+            result
         });
         let body = StreamBody::new(ReaderStream::new(reader).map_ok(Frame::data)).boxed();
         let ticker = {
@@ -202,7 +204,7 @@ impl Agent {
             )
             .await;
         ticker.abort();
-        let (send_result, send_finished) = sender
+        let send_result = sender
             .await
             .map_err(|e| AgentError::Internal(e.to_string()))?;
         let transfer_err = |detail: String| AgentError::Transfer {
@@ -211,7 +213,6 @@ impl Agent {
         };
         let report = answer?;
         let bytes = send_result.map_err(|e| transfer_err(e.to_string()))?;
-        send_finished?;
         if report.snapshot != snapshot {
             return Err(transfer_err(format!(
                 "{to} confirmed snapshot {:?}, expected {snapshot:?}",
@@ -309,7 +310,7 @@ impl Agent {
         );
         let replace_stale = local.is_some() && params.base.is_none();
         // A stale replica is replaced only once the stream verified (the sink swaps it in
-        // at `finish`); a refused or cut-off stream leaves it as it was.
+        // at commit); a refused or cut-off stream leaves it as it was.
         let mut sink = match self
             .blocking(move |be| be.receive(&n, b.as_deref(), &s, replace_stale))
             .await
@@ -324,17 +325,15 @@ impl Agent {
             .into_data_stream()
             .map_err(|e| std::io::Error::other(e.to_string()));
         let mut bridge = SyncIoBridge::new(StreamReader::new(stream));
-        let (bytes, sink) = tokio::task::spawn_blocking(move || {
-            match transfer::receive(&mut bridge, &mut sink) {
-                Ok(n) => Ok((n, sink)),
-                Err(e) => {
-                    // Dropping the sink unfinished discards the partial receive; read the
-                    // rest of the stream away so the sender gets this answer.
-                    drop(sink);
-                    let _ = std::io::copy(&mut bridge, &mut std::io::sink());
-                    Err(AgentError::from(e))
-                }
-            }
+        // The stream verified end to end is committed (swapped in) before this returns; any
+        // failure aborts the sink, which leaves no partial copy and the replica as it was.
+        let bytes = tokio::task::spawn_blocking(move || {
+            transfer::receive(&mut bridge, sink.as_mut()).map_err(|e| {
+                // Read the rest of the stream away so the sender gets this answer.
+                drop(sink);
+                let _ = std::io::copy(&mut bridge, &mut std::io::sink());
+                AgentError::from(e)
+            })
         })
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))??;
@@ -346,7 +345,6 @@ impl Agent {
         let local = local.filter(|_| !replace_stale);
         let quota = params.quota.filter(|_| local.is_none());
         self.blocking(move |b| {
-            sink.finish()?;
             b.set_record(&n, &record, writable, RecordOrder::TakeOver)?;
             if let Some(q) = quota {
                 b.set_quota(&n, q)?;

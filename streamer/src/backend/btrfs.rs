@@ -156,3 +156,30 @@ impl Drop for BtrfsSink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::runner::fake::FakeRunner;
+
+    #[test]
+    fn a_dropped_sink_deletes_the_partial_subvolume_only() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(tmp.path().join("old")).expect("mkdir");
+        let fake = Arc::new(FakeRunner::default());
+        {
+            let mut sink = BtrfsSink::new(tmp.path()).runner(fake.clone());
+            drop(sink.open().expect("open"));
+            // What `btrfs receive` had created when the stream was cut.
+            std::fs::create_dir(tmp.path().join("partial")).expect("mkdir");
+        }
+        let dir = tmp.path().display();
+        assert_eq!(
+            fake.calls(),
+            [
+                format!("btrfs receive {dir}"),
+                format!("btrfs subvolume delete {dir}/partial"),
+            ]
+        );
+    }
+}

@@ -11,7 +11,7 @@
 //! committed sink's abort takes nothing back.
 //!
 //! Every process (`zfs`, `btrfs`) is started through [`runner::Runner`], the seam unit tests
-//! fake; the flocker agent's volume backends run their other commands through it too.
+//! fake; a caller that manages volumes runs its other commands through it too.
 //!
 //! Resuming: none of the sinks resumes an interrupted transfer. zfs-fuse (pool version 23) has
 //! no resume tokens (`zfs recv -s` / `zfs send -t` need OpenZFS 0.7+); btrfs receive has none;
@@ -102,4 +102,32 @@ pub trait Sink: Send {
     /// Returns what the consumer said on its way out (a tool's stderr), if anything, so the
     /// caller can name the real cause of a write error (say "out of space").
     fn abort(&mut self) -> Result<Option<String>, BackendError>;
+}
+
+/// Copies `source` into `sink` on this host, without the wire: commits when every byte
+/// arrived and the source ended cleanly, aborts otherwise. Returns the bytes copied.
+pub fn copy(source: &mut dyn Source, sink: &mut dyn Sink) -> Result<u64, BackendError> {
+    let copied = source.open().and_then(|mut reader| {
+        let mut writer = sink.open()?;
+        std::io::copy(&mut reader, &mut writer).map_err(|e| {
+            BackendError::Target(format!("copying the stream into its sink: {e}"))
+        })
+    });
+    match copied {
+        Ok(n) => match sink.commit() {
+            Ok(()) => Ok(n),
+            Err(e) => {
+                if let Err(abort) = sink.abort() {
+                    tracing::error!(error = %abort, "aborting the sink after a failed commit also failed");
+                }
+                Err(e)
+            }
+        },
+        Err(e) => {
+            if let Err(abort) = sink.abort() {
+                tracing::error!(error = %abort, "aborting the sink failed");
+            }
+            Err(e)
+        }
+    }
 }

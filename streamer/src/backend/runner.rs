@@ -306,23 +306,51 @@ pub mod fake {
 
     use super::*;
 
-    /// Records every command line; answers from [`FakeRunner::answer`], else an empty stdout.
+    /// One canned answer.
+    #[derive(Debug, Clone)]
+    struct Answer {
+        prefix: String,
+        out: Result<String, String>,
+        once: bool,
+    }
+
+    /// Records every command line; answers from [`FakeRunner::answer`] (the latest matching
+    /// answer wins, so a test can change the world between steps), else an empty stdout.
     #[derive(Debug, Default)]
     pub struct FakeRunner {
         calls: Mutex<Vec<String>>,
-        /// (command-line prefix, stdout or stderr of a failure); the first match answers.
-        outputs: Mutex<Vec<(String, Result<String, String>)>>,
+        answers: Mutex<Vec<Answer>>,
     }
 
     impl FakeRunner {
         /// Commands starting with `prefix` answer `out` (`Err`: fail with that stderr).
         pub fn answer(&self, prefix: &str, out: Result<&str, &str>) {
-            if let Ok(mut o) = self.outputs.lock() {
-                o.push((
-                    prefix.to_string(),
-                    out.map(str::to_string).map_err(str::to_string),
-                ));
+            self.push(prefix, out, false);
+        }
+
+        /// Like [`FakeRunner::answer`], for the next matching command only.
+        pub fn answer_once(&self, prefix: &str, out: Result<&str, &str>) {
+            self.push(prefix, out, true);
+        }
+
+        fn push(&self, prefix: &str, out: Result<&str, &str>, once: bool) {
+            if let Ok(mut a) = self.answers.lock() {
+                a.push(Answer {
+                    prefix: prefix.to_string(),
+                    out: out.map(str::to_string).map_err(str::to_string),
+                    once,
+                });
             }
+        }
+
+        fn lookup(&self, line: &str) -> Option<Result<String, String>> {
+            let mut answers = self.answers.lock().ok()?;
+            let i = answers.iter().rposition(|a| line.starts_with(&a.prefix))?;
+            Some(if answers[i].once {
+                answers.remove(i).out
+            } else {
+                answers[i].out.clone()
+            })
         }
 
         /// Every command line run or spawned so far, in order.
@@ -362,17 +390,14 @@ pub mod fake {
     impl Runner for FakeRunner {
         fn run(&self, program: &str, args: &[String]) -> Result<String, BackendError> {
             let line = self.record(program, args);
-            let outputs = self.outputs.lock().map(|o| o.clone()).unwrap_or_default();
-            for (prefix, out) in outputs {
-                if line.starts_with(&prefix) {
-                    return out.map_err(|stderr| BackendError::Command {
-                        command: line.clone(),
-                        status: "exit status: 1".into(),
-                        stderr,
-                    });
-                }
+            match self.lookup(&line) {
+                Some(out) => out.map_err(|stderr| BackendError::Command {
+                    command: line,
+                    status: "exit status: 1".into(),
+                    stderr,
+                }),
+                None => Ok(String::new()),
             }
-            Ok(String::new())
         }
 
         fn spawn_reader(

@@ -226,3 +226,53 @@ impl Drop for ZfsSink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::runner::fake::FakeRunner;
+
+    const LIST: &str = "zfs list -H -o name -t filesystem,volume,snapshot -r tank/v";
+
+    #[test]
+    fn an_abort_kills_the_receive_and_destroys_what_it_created() {
+        let fake = Arc::new(FakeRunner::default());
+        fake.answer(LIST, Err("cannot open 'tank/v': dataset does not exist"));
+        let mut sink = ZfsSink::new("tank/v").runner(fake.clone());
+        drop(sink.open().expect("open"));
+        // What the cut-off receive left; once destroyed, the listing is empty again.
+        fake.answer_once(LIST, Ok("tank/v\ntank/v@s1\n"));
+        sink.abort().expect("abort");
+        let calls = fake.calls();
+        let destroys: Vec<&String> = calls.iter().filter(|c| c.contains("destroy")).collect();
+        assert_eq!(
+            destroys,
+            ["zfs destroy -r tank/v@s1", "zfs destroy -r tank/v"],
+            "{calls:?}"
+        );
+        assert!(calls.contains(&"zfs recv tank/v".to_string()), "{calls:?}");
+    }
+
+    #[test]
+    fn a_dropped_sink_aborts_and_a_committed_one_takes_nothing_back() {
+        let fake = Arc::new(FakeRunner::default());
+        fake.answer(LIST, Ok("tank/v\n"));
+        {
+            let mut sink = ZfsSink::new("tank/v").rollback(true).runner(fake.clone());
+            drop(sink.open().expect("open"));
+            fake.answer_once(LIST, Ok("tank/v\ntank/v@s2\n"));
+        }
+        assert!(fake.calls().contains(&"zfs destroy -r tank/v@s2".to_string()));
+
+        let fake = Arc::new(FakeRunner::default());
+        fake.answer(LIST, Ok("tank/v\n"));
+        let mut sink = ZfsSink::new("tank/v").rollback(true).runner(fake.clone());
+        drop(sink.open().expect("open"));
+        sink.commit().expect("commit");
+        fake.answer(LIST, Ok("tank/v\ntank/v@s2\n"));
+        assert_eq!(sink.abort().expect("abort"), None);
+        drop(sink);
+        assert!(!fake.calls().iter().any(|c| c.contains("destroy")));
+        assert!(fake.calls().contains(&"zfs recv -F tank/v".to_string()));
+    }
+}

@@ -213,9 +213,14 @@ impl Tool {
 
     /// Kills the tool (if still running), waits for it and returns its stderr.
     fn kill(&mut self) -> String {
+        self.stop();
+        self.stderr_text()
+    }
+
+    /// Kills the tool (if still running) and waits for it.
+    fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.stderr_text()
     }
 }
 
@@ -282,17 +287,27 @@ impl ChildInput for ToolWriter {
     }
 
     fn kill(mut self: Box<Self>) -> String {
-        let stderr = self.tool.take().map(|mut t| t.kill()).unwrap_or_default();
+        let Some(mut tool) = self.tool.take() else {
+            return String::new();
+        };
+        // Killed before its stdin closes, so a cut stream never ends at a clean EOF; stdin
+        // closes before the stderr is collected, so a helper the tool forked sees its end.
+        tool.stop();
         self.stdin = None;
-        stderr
+        tool.stderr_text()
     }
 }
 
 impl Drop for ToolWriter {
     fn drop(&mut self) {
-        if let Some(mut tool) = self.tool.take() {
-            let stderr = tool.kill();
-            tracing::debug!(command = %tool.command, %stderr, "input dropped unfinished; killed");
+        if let Some(tool) = self.tool.take() {
+            let stdin = self.stdin.take();
+            let command = tool.command.clone();
+            let stderr = ChildInput::kill(Box::new(ToolWriter {
+                tool: Some(tool),
+                stdin,
+            }));
+            tracing::debug!(%command, %stderr, "input dropped unfinished; killed");
         }
     }
 }
@@ -445,12 +460,12 @@ mod tests {
     #[test]
     fn an_input_is_finished_or_killed() {
         let mut w = SystemRunner
-            .spawn_writer("sh", &args(&["-c", "cat >/dev/null"]))
+            .spawn_writer("sh", &args(&["-c", "exec cat >/dev/null"]))
             .expect("spawn");
         w.write_all(b"data").expect("write");
         w.finish().expect("finish");
         let w = SystemRunner
-            .spawn_writer("sh", &args(&["-c", "echo said >&2; cat >/dev/null"]))
+            .spawn_writer("sh", &args(&["-c", "echo said >&2; exec cat >/dev/null"]))
             .expect("spawn");
         std::thread::sleep(std::time::Duration::from_millis(100));
         assert_eq!(w.kill(), "said");

@@ -20,8 +20,8 @@ use crate::containers::{
 use crate::peer::PeerClient;
 use crate::routes::RouteStore;
 use crate::tls::{TlsFiles, client_config, server_config};
-use crate::volume::VolumeBackend;
 use crate::volume::SystemRunner;
+use crate::volume::VolumeBackend;
 use crate::volume::dir::DirBackend;
 
 const A: &str = "127.0.0.1";

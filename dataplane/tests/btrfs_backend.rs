@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
 use flocker_dataplane::ownership::RecordOrder;
-use flocker_dataplane::volume::btrfs::BtrfsBackend;
 use flocker_dataplane::volume::SystemRunner;
+use flocker_dataplane::volume::btrfs::BtrfsBackend;
 use flocker_dataplane::volume::{Record, VolumeBackend};
 
 fn run(program: &str, args: &[&str]) -> Result<String> {

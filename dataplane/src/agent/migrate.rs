@@ -16,9 +16,9 @@ use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
 use flocker_wire::{ConvergeEvent, VolumeState};
 
 use crate::ownership::{self, HandoffStep, RecordOrder, TakeOver};
+use crate::ownership::{Record, next_push_snapshot};
 use crate::peer::PeerError;
 use crate::transfer;
-use crate::ownership::{Record, next_push_snapshot};
 use crate::volume::check_name;
 
 use flocker_wire::transfer::{ReceiveParams, ReceiveReport, TakeOverRequest};

@@ -298,7 +298,12 @@ impl VolumeBackend for BtrfsBackend {
             }
             runner.run(
                 "btrfs",
-                &["subvolume".into(), "snapshot".into(), s(&received), s(&volume)],
+                &[
+                    "subvolume".into(),
+                    "snapshot".into(),
+                    s(&received),
+                    s(&volume),
+                ],
             )?;
             stale.iter().try_for_each(|old| delete(old))
         })))

@@ -109,9 +109,8 @@ pub trait Sink: Send {
 pub fn copy(source: &mut dyn Source, sink: &mut dyn Sink) -> Result<u64, BackendError> {
     let copied = source.open().and_then(|mut reader| {
         let mut writer = sink.open()?;
-        std::io::copy(&mut reader, &mut writer).map_err(|e| {
-            BackendError::Target(format!("copying the stream into its sink: {e}"))
-        })
+        std::io::copy(&mut reader, &mut writer)
+            .map_err(|e| BackendError::Target(format!("copying the stream into its sink: {e}")))
     });
     match copied {
         Ok(n) => match sink.commit() {

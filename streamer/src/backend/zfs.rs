@@ -262,7 +262,10 @@ mod tests {
             drop(sink.open().expect("open"));
             fake.answer_once(LIST, Ok("tank/v\ntank/v@s2\n"));
         }
-        assert!(fake.calls().contains(&"zfs destroy -r tank/v@s2".to_string()));
+        assert!(
+            fake.calls()
+                .contains(&"zfs destroy -r tank/v@s2".to_string())
+        );
 
         let fake = Arc::new(FakeRunner::default());
         fake.answer(LIST, Ok("tank/v\n"));

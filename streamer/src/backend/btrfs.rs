@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::runner::{ChildInput, Runner, system};
+use super::runner::{ChildInput, Runner, finish, system};
 use super::{BackendError, Sink, Source};
 
 fn shown(p: &std::path::Path) -> String {
@@ -116,11 +116,8 @@ impl Sink for BtrfsSink {
     }
 
     fn commit(&mut self) -> Result<(), BackendError> {
-        let receiver = self
-            .receiver
-            .take()
-            .ok_or_else(|| BackendError::Target("btrfs sink committed before open".into()))?;
-        receiver.finish()?;
+        // Closing stdin is btrfs receive's EOF.
+        finish(&mut self.receiver, "btrfs sink")?;
         // Received: an abort from now on has nothing to take back.
         self.before = None;
         Ok(())

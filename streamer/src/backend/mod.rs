@@ -112,21 +112,11 @@ pub fn copy(source: &mut dyn Source, sink: &mut dyn Sink) -> Result<u64, Backend
         std::io::copy(&mut reader, &mut writer)
             .map_err(|e| BackendError::Target(format!("copying the stream into its sink: {e}")))
     });
-    match copied {
-        Ok(n) => match sink.commit() {
-            Ok(()) => Ok(n),
-            Err(e) => {
-                if let Err(abort) = sink.abort() {
-                    tracing::error!(error = %abort, "aborting the sink after a failed commit also failed");
-                }
-                Err(e)
-            }
-        },
-        Err(e) => {
-            if let Err(abort) = sink.abort() {
-                tracing::error!(error = %abort, "aborting the sink failed");
-            }
-            Err(e)
-        }
+    let result = copied.and_then(|n| sink.commit().map(|()| n));
+    if result.is_err()
+        && let Err(abort) = sink.abort()
+    {
+        tracing::error!(error = %abort, "aborting the sink failed");
     }
+    result
 }

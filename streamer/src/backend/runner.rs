@@ -44,6 +44,17 @@ pub trait ChildInput: Write + Send {
     fn kill(self: Box<Self>) -> String;
 }
 
+/// Finishes the running input of sink `what` (its commit): closes stdin, waits for success.
+pub(crate) fn finish(
+    input: &mut Option<Box<dyn ChildInput>>,
+    what: &str,
+) -> Result<(), BackendError> {
+    input
+        .take()
+        .ok_or_else(|| BackendError::Target(format!("{what} committed before open")))?
+        .finish()
+}
+
 /// Renders a command line for messages and logs.
 pub fn command_line(program: &str, args: &[String]) -> String {
     let mut s = program.to_string();

@@ -23,7 +23,7 @@
 use std::io::{Read, Write};
 use std::sync::Arc;
 
-use super::runner::{ChildInput, Runner, args, system};
+use super::runner::{ChildInput, Runner, args, finish, system};
 use super::{BackendError, Sink, Source};
 
 /// `zfs send [-i BASE] POOL/FS@SNAP`.
@@ -184,11 +184,7 @@ impl Sink for ZfsSink {
 
     fn commit(&mut self) -> Result<(), BackendError> {
         // Closing stdin is zfs recv's EOF.
-        let receiver = self
-            .receiver
-            .take()
-            .ok_or_else(|| BackendError::Target("zfs sink committed before open".into()))?;
-        receiver.finish()?;
+        finish(&mut self.receiver, "zfs sink")?;
         // Received: an abort from now on has nothing to take back.
         self.before = None;
         Ok(())

@@ -7,7 +7,7 @@
 //!
 //! This module is the bottom of the volume model: the record a copy carries ([`Record`]),
 //! the order its fields are written in ([`RecordOrder`]) and the names of push snapshots live
-//! here, and the volume backends (`crate::volume`) store what these rules decide. It uses
+//! here, and the volume backends store what these rules decide. It uses
 //! nothing of the backends.
 
 use flocker_wire::VolumeState;

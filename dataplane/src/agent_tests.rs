@@ -20,8 +20,8 @@ use crate::containers::{
 };
 use crate::routes::RouteStore;
 use crate::tls::{TlsFiles, client_config, server_config};
+use crate::volume::SystemRunner;
 use crate::volume::VolumeBackend;
-use crate::volume::command::SystemRunner;
 use crate::volume::dir::DirBackend;
 
 const A: &str = "127.0.0.1";
@@ -866,13 +866,8 @@ async fn only_the_owner_hands_off_or_pushes_and_an_unverified_replace_destroys_n
     // half. The replica is swapped only after verification, so it stays as it was.
     let mut wire = Vec::new();
     let source: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
-    crate::transfer::send(
-        &mut &source[..],
-        &mut wire,
-        Arc::new(AtomicU64::new(0)),
-        None,
-    )
-    .expect("send");
+    let mut source = flocker_stream::backend::ReaderSource(Some(&source[..]));
+    crate::transfer::send(&mut source, &mut wire, Arc::new(AtomicU64::new(0)), None).expect("send");
     for body in [vec![7u8; 100_000], wire[..wire.len() / 2].to_vec()] {
         let (status, answer) = from_a
             .request(

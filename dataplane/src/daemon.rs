@@ -11,7 +11,7 @@ use crate::config::{AgentConfig, RoutingChoice, VolumeSpec};
 use crate::containers::{ContainerError, DockerRuntime};
 use crate::routes::{RouteStore, RoutesError};
 use crate::tls::{self, TlsError};
-use crate::volume::command::{CommandRunner, SystemRunner};
+use crate::volume::{Runner, SystemRunner};
 use crate::volume::{VolumeBackend, VolumeError, btrfs, dir, zfs};
 
 /// Why the agent could not start.
@@ -43,7 +43,7 @@ pub enum StartError {
 
 /// Opens the configured volume backend.
 pub fn open_volumes(spec: &VolumeSpec) -> Result<Arc<dyn VolumeBackend>, VolumeError> {
-    let runner: Arc<dyn CommandRunner> = Arc::new(SystemRunner);
+    let runner: Arc<dyn Runner> = Arc::new(SystemRunner);
     Ok(match spec {
         VolumeSpec::Zfs { dataset } => {
             let b = zfs::ZfsBackend::open(dataset, runner)?;
@@ -176,18 +176,26 @@ pub async fn run(config: AgentConfig) -> Result<(), StartError> {
     let listener = crate::server::bind(config.listen).await?;
     tracing::info!(listen = %config.listen, node = %config.node_address, "serving the agent API over mutual TLS");
     let limits = crate::limits::ServerLimits::default();
-    // The supervisor fences first (before it may restart anything), then supervises.
-    let supervisor = tokio::spawn(crate::supervisor::run(agent.clone()));
-    let fencing = tokio::spawn(crate::agent::fencing::run(agent.clone()));
-    let replication = tokio::spawn(crate::agent::replication::run(agent.clone()));
+    let background = tokio::spawn(background(agent.clone()));
     let server = tokio::spawn(crate::server::serve(listener, tls, agent, limits));
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.abort();
-    supervisor.abort();
-    fencing.abort();
-    replication.abort();
+    background.abort();
     Ok(())
+}
+
+/// The agent's own work besides answering requests. Order matters at start: a copy another
+/// node owns now (a failover while this node was away) is fenced before the supervisor may
+/// restart its application or replication may push it.
+async fn background(agent: std::sync::Arc<Agent>) {
+    crate::supervisor::adopt(&agent).await;
+    crate::agent::fencing::check(&agent).await;
+    tokio::join!(
+        crate::supervisor::run(agent.clone()),
+        crate::agent::fencing::run(agent.clone()),
+        crate::agent::replication::run(agent),
+    );
 }
 
 async fn shutdown_signal() {

@@ -4,7 +4,7 @@
 //! ([`transfer`], over `flocker_client::AgentClient`) and the route table ([`routes`], programmed by `flocker-routing`).
 //!
 //! **Architecture invariant:** every side effect goes through one seam per subsystem
-//! ([`containers::ContainerRuntime`], [`volume::command::CommandRunner`],
+//! ([`containers::ContainerRuntime`], [`volume::Runner`] (the streamer's),
 //! `flocker_routing::RoutingBackend`), so the decisions above them are unit-tested without
 //! root; the integration tests run the real daemons.
 

@@ -4,12 +4,58 @@
 //! volume V from S to T: S pushes until T holds S's newest snapshot, then S records "handed
 //! to T at epoch e+1" (its copy turns read-only), then T records "owner T, epoch e+1". The
 //! newest epoch among all copies is authoritative (`ClusterState::volume_owner`).
+//!
+//! This module is the bottom of the volume model: the record a copy carries ([`Record`]),
+//! the order its fields are written in ([`RecordOrder`]) and the names of push snapshots live
+//! here, and the volume backends store what these rules decide. It uses
+//! nothing of the backends.
 
 use flocker_wire::VolumeState;
 
-/// The write order of records lives with the backends that follow it; the rules here
-/// choose it.
-pub use crate::volume::RecordOrder;
+/// Prefix of the snapshots the agent takes for pushes; only these are reported and pruned.
+pub use flocker_wire::snapshots::{PUSH_PREFIX, push_sequence};
+
+/// Who owns a copy, at which epoch: what a copy records, and where a received copy says it
+/// came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub owner: String,
+    pub epoch: u64,
+}
+
+/// In which order the fields of a record are written. Backends that cannot write owner and
+/// epoch atomically (ZFS user properties are set one at a time) follow it so that a crash
+/// between the writes never leaves two owners at one epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordOrder {
+    /// The source giving a volume away: read-only first, then the new epoch, then the new
+    /// owner. A crash in between leaves "S at e+1" on S, which still names S alone.
+    GiveAway,
+    /// The target taking a volume over: owner first, then epoch, then writable. A crash in
+    /// between leaves "T at e" on T, outranked by S's "T at e+1".
+    TakeOver,
+}
+
+/// The name of the next push snapshot: one past the highest sequence present, stamped with
+/// the time it is taken (see [`flocker_wire::snapshots`]).
+pub fn next_push_snapshot(existing: &[String]) -> String {
+    let next = existing
+        .iter()
+        .filter_map(|s| push_sequence(s))
+        .max()
+        .map_or(1, |n| n + 1);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    flocker_wire::snapshots::push_snapshot_name(next, now_ms)
+}
+
+/// Keeps only push snapshots, oldest first.
+pub fn sort_push_snapshots(mut snapshots: Vec<String>) -> Vec<String> {
+    snapshots.retain(|s| push_sequence(s).is_some());
+    snapshots.sort_by_key(|s| push_sequence(s));
+    snapshots
+}
 
 /// Why a protocol step was refused; rendered into the 4xx answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -276,12 +322,12 @@ pub fn newest_common<'a>(source: &'a [String], target: &[String]) -> Option<&'a 
 
 /// The push snapshots to destroy once `keep` is known to be on both sides: every older one.
 pub fn prunable(snapshots: &[String], keep: &str) -> Vec<String> {
-    let Some(keep_seq) = crate::volume::push_sequence(keep) else {
+    let Some(keep_seq) = push_sequence(keep) else {
         return vec![];
     };
     snapshots
         .iter()
-        .filter(|s| crate::volume::push_sequence(s).is_some_and(|n| n < keep_seq))
+        .filter(|s| push_sequence(s).is_some_and(|n| n < keep_seq))
         .cloned()
         .collect()
 }
@@ -298,6 +344,21 @@ fn not_owner(me: &str, local: &VolumeState) -> OwnershipError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn push_snapshot_names_sort_by_age() {
+        let snaps = vec![
+            "push-0000000002".to_string(),
+            "manual".into(),
+            "push-0000000010".into(),
+        ];
+        assert!(next_push_snapshot(&snaps).starts_with("push-0000000011-"));
+        assert!(next_push_snapshot(&[]).starts_with("push-0000000001-"));
+        assert_eq!(
+            sort_push_snapshots(snaps),
+            vec!["push-0000000002".to_string(), "push-0000000010".into()]
+        );
+    }
 
     fn vol(owner: &str, epoch: u64, snaps: &[&str]) -> VolumeState {
         VolumeState {

@@ -70,11 +70,8 @@ pub fn backoff(attempts: u32) -> Duration {
 }
 
 /// Runs supervision passes until the task is aborted.
+/// The daemon calls [`adopt`] and the first fencing check before this.
 pub async fn run(agent: Arc<Agent>) {
-    adopt(&agent).await;
-    // A copy another node now owns (a failover while this node was away) must never be
-    // restarted: find out before the first pass.
-    crate::agent::fencing::check(&agent).await;
     let mut ticker = tokio::time::interval(INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -28,7 +28,7 @@ use crate::containers::{
 use crate::limits::{PeerTimeouts, ServerLimits};
 use crate::routes::RouteStore;
 use crate::tls::{self, TlsFiles};
-use crate::volume::command::SystemRunner;
+use crate::volume::SystemRunner;
 use crate::volume::dir::DirBackend;
 
 const A: &str = "127.0.0.1";

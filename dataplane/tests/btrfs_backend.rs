@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
 use flocker_dataplane::ownership::RecordOrder;
+use flocker_dataplane::volume::SystemRunner;
 use flocker_dataplane::volume::btrfs::BtrfsBackend;
-use flocker_dataplane::volume::command::SystemRunner;
 use flocker_dataplane::volume::{Record, VolumeBackend};
 
 fn run(program: &str, args: &[&str]) -> Result<String> {
@@ -72,9 +72,7 @@ fn copy(
 ) -> Result<()> {
     let mut send = from.send("db", base, snap)?;
     let mut recv = to.receive("db", base, snap, false)?;
-    std::io::copy(&mut send, &mut recv)?;
-    send.finish()?;
-    recv.finish()?;
+    flocker_stream::backend::copy(send.as_mut(), recv.as_mut())?;
     Ok(())
 }
 
@@ -218,11 +216,11 @@ fn btrfs_replace_swaps_only_a_complete_stream() -> Result<()> {
 
     let mut send = a.send("db", None, "push-0000000005")?;
     let mut whole = Vec::new();
-    std::io::Read::read_to_end(&mut send, &mut whole)?;
-    send.finish()?;
+    // Reads to the end, where a failed `btrfs send` would be an error.
+    std::io::Read::read_to_end(&mut send.open()?, &mut whole)?;
     {
         let mut recv = b.receive("db", None, "push-0000000005", true)?;
-        std::io::Write::write_all(&mut recv, &whole[..whole.len() / 2])?;
+        std::io::Write::write_all(&mut recv.open()?, &whole[..whole.len() / 2])?;
         // Dropped unfinished: the cut-off stream.
     }
     assert_eq!(read(&b, "f")?, "old");
@@ -232,8 +230,8 @@ fn btrfs_replace_swaps_only_a_complete_stream() -> Result<()> {
     );
 
     let mut recv = b.receive("db", None, "push-0000000005", true)?;
-    std::io::Write::write_all(&mut recv, &whole)?;
-    recv.finish()?;
+    std::io::Write::write_all(&mut recv.open()?, &whole)?;
+    recv.commit()?;
     assert_eq!(read(&b, "f")?, "new");
     assert_eq!(
         b.get("db")?.context("listed")?.snapshots,

@@ -4,9 +4,11 @@
 use std::io::{Read, Write};
 use std::sync::Arc;
 
+use flocker_stream::backend::copy as stream_copy;
+
 use anyhow::{Context, Result, ensure};
 use flocker_dataplane::ownership::RecordOrder;
-use flocker_dataplane::volume::command::SystemRunner;
+use flocker_dataplane::volume::SystemRunner;
 use flocker_dataplane::volume::zfs::ZfsBackend;
 use flocker_dataplane::volume::{Record, VolumeBackend};
 use flocker_e2e::zfs::TestPool;
@@ -59,9 +61,7 @@ fn zfs_replace_swaps_only_a_complete_stream() -> Result<()> {
     let copy = |base: Option<&str>, snap: &str| -> Result<()> {
         let mut send = a.send("db", base, snap)?;
         let mut recv = b.receive("db", base, snap, false)?;
-        std::io::copy(&mut send, &mut recv)?;
-        send.finish()?;
-        recv.finish()?;
+        stream_copy(send.as_mut(), recv.as_mut())?;
         Ok(())
     };
     a.create("db", None, "A")?;
@@ -81,12 +81,12 @@ fn zfs_replace_swaps_only_a_complete_stream() -> Result<()> {
     a.destroy_snapshot("db", "push-0000000001")?;
     let mut whole = Vec::new();
     let mut send = a.send("db", None, "push-0000000005")?;
-    send.read_to_end(&mut whole)?;
-    send.finish()?;
+    // Reads to the end, where a failed `zfs send` would be an error.
+    send.open()?.read_to_end(&mut whole)?;
 
     {
         let mut recv = b.receive("db", None, "push-0000000005", true)?;
-        recv.write_all(&whole[..whole.len() / 2])?;
+        recv.open()?.write_all(&whole[..whole.len() / 2])?;
         // Dropped unfinished: a stream cut off before it verified.
     }
     ensure!(read_b()? == "old", "the replica is untouched");
@@ -99,8 +99,8 @@ fn zfs_replace_swaps_only_a_complete_stream() -> Result<()> {
     ensure!(!dst.exists(&staged), "the staged copy is gone");
 
     let mut recv = b.receive("db", None, "push-0000000005", true)?;
-    recv.write_all(&whole)?;
-    recv.finish()?;
+    recv.open()?.write_all(&whole)?;
+    recv.commit()?;
     b.set_record("db", &replica, false, RecordOrder::TakeOver)?;
     ensure!(
         read_b()? == "new",

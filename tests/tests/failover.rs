@@ -244,7 +244,7 @@ fn scenario(cluster: &Cluster) -> Result<()> {
     // 7. The failover: redis moves to n2 from its replica, with the window stated.
     let started = now_ms();
     let out = run(
-        &cluster,
+        cluster,
         &["deploy", "--failover", "--output", "json", &d2, &apps],
     )?;
     ensure!(out.status.success(), "failover deploy");
@@ -258,7 +258,10 @@ fn scenario(cluster: &Cluster) -> Result<()> {
     let taken = promotion["snapshot_time_ms"]
         .as_u64()
         .context("the promoted snapshot's time")?;
-    ensure!(taken > written, "the promoted snapshot holds every key: {promotion}");
+    ensure!(
+        taken > written,
+        "the promoted snapshot holds every key: {promotion}"
+    );
     ensure!(
         (started.saturating_sub(taken)..=finished.saturating_sub(taken)).contains(&window),
         "the reported window ({window} ms) is the promoted snapshot's age at the deploy"

@@ -13,8 +13,9 @@ use flocker_client::ClientError;
 use flocker_wire::{ConvergeEvent, VolumeState};
 
 use crate::ownership::{self, HandoffStep, RecordOrder, TakeOver};
+use crate::ownership::{Record, next_push_snapshot};
 use crate::transfer;
-use crate::volume::{Record, check_name, next_push_snapshot};
+use crate::volume::check_name;
 
 use flocker_wire::transfer::{ReceiveParams, ReceiveReport, TakeOverRequest};
 
@@ -141,11 +142,12 @@ impl Agent {
         let (writer, reader) = tokio::io::duplex(1 << 20);
         let mut bridge = SyncIoBridge::new(writer);
         let counter = sent.clone();
+        // The source reaps its process: a failed `zfs send` is a read error at its end, so
+        // a broken source never yields a complete stream.
         let sender = tokio::task::spawn_blocking(move || {
-            let result = transfer::send(&mut source, &mut bridge, counter, limit_rate);
+            let result = transfer::send(source.as_mut(), &mut bridge, counter, limit_rate);
             drop(bridge);
-            let finished = source.finish();
-            (result, finished)
+            result
         });
         let body = flocker_client::body_from_reader(reader);
         let ticker = {
@@ -166,7 +168,7 @@ impl Agent {
         let answer: Result<ReceiveReport, ClientError> =
             self.peers.receive(to, name, &params, body).await;
         ticker.abort();
-        let (send_result, send_finished) = sender
+        let send_result = sender
             .await
             .map_err(|e| AgentError::Internal(e.to_string()))?;
         let transfer_err = |detail: String| AgentError::Transfer {
@@ -175,7 +177,6 @@ impl Agent {
         };
         let report = answer?;
         let bytes = send_result.map_err(|e| transfer_err(e.to_string()))?;
-        send_finished?;
         if report.snapshot != snapshot {
             return Err(transfer_err(format!(
                 "{to} confirmed snapshot {:?}, expected {snapshot:?}",
@@ -275,7 +276,7 @@ impl Agent {
         );
         let replace_stale = local.is_some() && params.base.is_none();
         // A stale replica is replaced only once the stream verified (the sink swaps it in
-        // at `finish`); a refused or cut-off stream leaves it as it was.
+        // at commit); a refused or cut-off stream leaves it as it was.
         let mut sink = match self
             .blocking(move |be| be.receive(&n, b.as_deref(), &s, replace_stale))
             .await
@@ -287,17 +288,15 @@ impl Agent {
             }
         };
         let mut bridge = SyncIoBridge::new(body);
-        let (bytes, sink) = tokio::task::spawn_blocking(move || {
-            match transfer::receive(&mut bridge, &mut sink) {
-                Ok(n) => Ok((n, sink)),
-                Err(e) => {
-                    // Dropping the sink unfinished discards the partial receive; read the
-                    // rest of the stream away so the sender gets this answer.
-                    drop(sink);
-                    let _ = std::io::copy(&mut bridge, &mut std::io::sink());
-                    Err(AgentError::from(e))
-                }
-            }
+        // The stream verified end to end is committed (swapped in) before this returns; any
+        // failure aborts the sink, which leaves no partial copy and the replica as it was.
+        let bytes = tokio::task::spawn_blocking(move || {
+            transfer::receive(&mut bridge, sink.as_mut()).map_err(|e| {
+                // Read the rest of the stream away so the sender gets this answer.
+                drop(sink);
+                let _ = std::io::copy(&mut bridge, &mut std::io::sink());
+                AgentError::from(e)
+            })
         })
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))??;
@@ -309,7 +308,6 @@ impl Agent {
         let local = local.filter(|_| !replace_stale);
         let quota = params.quota.filter(|_| local.is_none());
         self.blocking(move |b| {
-            sink.finish()?;
             b.set_record(&n, &record, writable, RecordOrder::TakeOver)?;
             if let Some(q) = quota {
                 b.set_quota(&n, q)?;
@@ -433,8 +431,8 @@ impl Agent {
         marks.retain(|node, _| standbys.contains(node) || node == peer);
         marks
             .values()
-            .filter(|s| crate::volume::push_sequence(s).is_some())
-            .min_by_key(|s| crate::volume::push_sequence(s))
+            .filter(|s| ownership::push_sequence(s).is_some())
+            .min_by_key(|s| ownership::push_sequence(s))
             .cloned()
             .unwrap_or_else(|| snapshot.to_string())
     }

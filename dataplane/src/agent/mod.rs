@@ -84,9 +84,9 @@ impl AgentError {
             AgentError::Container(ContainerError::ImageMissing { .. }) => 422,
             AgentError::Routes(RoutesError::Table(_)) => 400,
             // A stream that fails verification or ends early is the sender's fault; a sink
-            // that cannot take verified data (full pool) is ours.
+            // that cannot take verified data (full pool), start or commit is ours.
             AgentError::Stream(transfer::TransferError::Stream(
-                flocker_stream::StreamError::SinkWrite(_),
+                flocker_stream::StreamError::SinkWrite(_) | flocker_stream::StreamError::Backend(_),
             )) => 500,
             AgentError::Stream(_) => 400,
             AgentError::Peer(_) => 502,

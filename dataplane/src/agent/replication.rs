@@ -98,12 +98,26 @@ async fn round(agent: &Agent, due: &mut Due) {
                     tracing::debug!(volume = %application, standby = %node, "replication skipped: the volume is busy");
                 }
                 Err(e) => {
+                    if refused_as_stale(&e) {
+                        // The standby owns it now (a failover): this copy is stale. Fence
+                        // at once rather than at the next periodic check.
+                        tracing::warn!(volume = %application, standby = %node, "the standby owns this volume now: fencing");
+                        super::fencing::check(agent).await;
+                    }
                     let wait = due.failed(key, interval, Instant::now());
                     tracing::warn!(volume = %application, standby = %node, error = %e, retry_in_s = wait.as_secs(), "replication failed");
                 }
             }
         }
     }
+}
+
+/// Whether a push was refused because the target's copy outranks ours.
+fn refused_as_stale(error: &super::AgentError) -> bool {
+    matches!(
+        error,
+        super::AgentError::Peer(flocker_client::ClientError::Refused { status, .. }) if status.as_u16() == 409
+    )
 }
 
 #[cfg(test)]

@@ -4,23 +4,20 @@
 //! writable snapshot of it. Quotas are recorded but not enforced (qgroups are not set up).
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use flocker_stream::backend::{BtrfsSink, BtrfsSource, Runner, Sink, Source};
 use flocker_wire::VolumeState;
 
-use super::command::CommandRunner;
 use super::sidecar::{self, Sidecar};
-use super::{
-    ReceiveSink, Record, RecordOrder, SendStream, VolumeBackend, VolumeError, check_name,
-    sort_push_snapshots,
-};
+use super::{FinishingSink, Record, RecordOrder, VolumeBackend, VolumeError, check_name};
+use crate::ownership::sort_push_snapshots;
 
 /// Volumes as btrfs subvolumes below `root` (which must be on a btrfs filesystem).
 pub struct BtrfsBackend {
     root: PathBuf,
-    runner: Arc<dyn CommandRunner>,
+    runner: Arc<dyn Runner>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError + '_ {
@@ -35,7 +32,7 @@ fn s(p: &Path) -> String {
 }
 
 impl BtrfsBackend {
-    pub fn open(root: &Path, runner: Arc<dyn CommandRunner>) -> Result<Self, VolumeError> {
+    pub fn open(root: &Path, runner: Arc<dyn Runner>) -> Result<Self, VolumeError> {
         for sub in [".snapshots", ".flocker"] {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(io(&p))?;
@@ -62,7 +59,7 @@ impl BtrfsBackend {
     }
 
     fn btrfs(&self, a: &[String]) -> Result<String, VolumeError> {
-        self.runner.run("btrfs", a)
+        Ok(self.runner.run("btrfs", a)?)
     }
 
     fn snapshots(&self, name: &str) -> Result<Vec<String>, VolumeError> {
@@ -170,7 +167,7 @@ impl VolumeBackend for BtrfsBackend {
             self.runner
                 .run("stat", &argv)
                 .map(|o| o.trim().to_string())
-                .map_err(|e| not(format!("cannot stat it ({e})")))
+                .map_err(|e| not(format!("cannot stat it ({})", VolumeError::from(e))))
         };
         let fstype = stat(&["-f", "-c", "%T"])?;
         if fstype != "btrfs" {
@@ -274,135 +271,78 @@ impl VolumeBackend for BtrfsBackend {
         name: &str,
         base: Option<&str>,
         snapshot: &str,
-    ) -> Result<Box<dyn SendStream>, VolumeError> {
+    ) -> Result<Box<dyn Source>, VolumeError> {
         check_name(snapshot)?;
         let dir = self.snapshot_dir(name)?;
-        let mut a = vec!["send".to_string()];
-        if let Some(base) = base {
-            check_name(base)?;
-            a.push("-p".into());
-            a.push(s(&dir.join(base)));
-        }
-        a.push(s(&dir.join(snapshot)));
-        self.runner.spawn_reader("btrfs", &a)
+        let source = match base {
+            Some(base) => {
+                check_name(base)?;
+                BtrfsSource::incremental(dir.join(snapshot), dir.join(base))
+            }
+            None => BtrfsSource::full(dir.join(snapshot)),
+        };
+        Ok(Box::new(source.runner(self.runner.clone())))
     }
 
+    /// `btrfs receive` lands the read-only snapshot; the commit then replaces the volume by a
+    /// writable snapshot of it (made read-only again by the record that follows) and, for a
+    /// stream replacing a stale replica, deletes the replica's old snapshots.
     fn receive(
         &self,
         name: &str,
         _base: Option<&str>,
         snapshot: &str,
         replace: bool,
-    ) -> Result<Box<dyn ReceiveSink>, VolumeError> {
+    ) -> Result<Box<dyn Sink>, VolumeError> {
         check_name(snapshot)?;
         let dir = self.snapshot_dir(name)?;
         // A stale replica's snapshots stay until the new one is in; then they go.
-        let stale = if replace {
-            self.snapshots(name)?
+        let stale: Vec<PathBuf> = if replace {
+            self.snapshots(name)?.iter().map(|s| dir.join(s)).collect()
         } else {
             vec![]
         };
         fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let inner = self
-            .runner
-            .spawn_writer("btrfs", &["receive".into(), s(&dir)])?;
-        Ok(Box::new(BtrfsReceive {
-            inner: Some(inner),
-            snapshot: dir.join(snapshot),
-            stale: stale.iter().map(|s| dir.join(s)).collect(),
-            volume: self.subvolume(name)?,
-            runner: self.runner.clone(),
-        }))
-    }
-}
-
-/// After `btrfs receive` lands the read-only snapshot, replaces the volume by a writable
-/// snapshot of it (made read-only again by the record that follows).
-struct BtrfsReceive {
-    inner: Option<Box<dyn ReceiveSink>>,
-    snapshot: PathBuf,
-    /// Snapshots of the replica this stream replaces, deleted once it is in.
-    stale: Vec<PathBuf>,
-    volume: PathBuf,
-    runner: Arc<dyn CommandRunner>,
-}
-
-impl Write for BtrfsReceive {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        super::write_inner(&mut self.inner, buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        super::flush_inner(&mut self.inner)
-    }
-}
-
-impl BtrfsReceive {
-    /// Removes the partial snapshot an unfinished or failed `btrfs receive` may have left, so
-    /// the copy is exactly as it was before.
-    fn discard_partial(&self) {
-        if self.snapshot.exists() {
-            let _ = self.runner.run(
-                "btrfs",
-                &["subvolume".into(), "delete".into(), s(&self.snapshot)],
-            );
-        }
-    }
-}
-
-impl Drop for BtrfsReceive {
-    fn drop(&mut self) {
-        // Unfinished: kill `btrfs receive` first.
-        if self.inner.take().is_some() {
-            self.discard_partial();
-        }
-    }
-}
-
-impl ReceiveSink for BtrfsReceive {
-    fn finish(mut self: Box<Self>) -> Result<(), VolumeError> {
-        if let Some(inner) = self.inner.take() {
-            if let Err(e) = inner.finish() {
-                self.discard_partial();
-                return Err(e);
+        let inner = BtrfsSink::new(&dir).runner(self.runner.clone());
+        let (received, volume) = (dir.join(snapshot), self.subvolume(name)?);
+        let runner = self.runner.clone();
+        let delete = move |path: &Path| -> Result<(), VolumeError> {
+            runner.run("btrfs", &["subvolume".into(), "delete".into(), s(path)])?;
+            Ok(())
+        };
+        let runner = self.runner.clone();
+        Ok(Box::new(FinishingSink::new(inner, move || {
+            if volume.exists() {
+                delete(&volume)?;
             }
-        }
-        if self.volume.exists() {
-            self.runner.run(
+            runner.run(
                 "btrfs",
-                &["subvolume".into(), "delete".into(), s(&self.volume)],
+                &[
+                    "subvolume".into(),
+                    "snapshot".into(),
+                    s(&received),
+                    s(&volume),
+                ],
             )?;
-        }
-        self.runner.run(
-            "btrfs",
-            &[
-                "subvolume".into(),
-                "snapshot".into(),
-                s(&self.snapshot),
-                s(&self.volume),
-            ],
-        )?;
-        for old in &self.stale {
-            self.runner
-                .run("btrfs", &["subvolume".into(), "delete".into(), s(old)])?;
-        }
-        Ok(())
+            stale.iter().try_for_each(|old| delete(old))
+        })))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::volume::command::fake::FakeRunner;
+    use flocker_stream::backend::runner::fake::FakeRunner;
 
     #[test]
     fn incremental_send_uses_the_base_as_parent() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let fake = Arc::new(FakeRunner::default());
         let b = BtrfsBackend::open(tmp.path(), fake.clone()).expect("open");
-        drop(
-            b.send("db", Some("push-0000000001"), "push-0000000002")
-                .expect("send"),
-        );
+        let mut send = b
+            .send("db", Some("push-0000000001"), "push-0000000002")
+            .expect("send");
+        drop(send.open().expect("open"));
         let root = tmp.path().display();
         assert_eq!(
             fake.calls(),

@@ -2,29 +2,27 @@
 //!
 //! Layout under the root: `NAME/data` (bind-mounted into the container), `NAME/flocker.json`
 //! (the ownership sidecar), `NAME/snapshots/SNAP` (full copies made with `cp -a`). Pushes
-//! are always full `tar` streams of a snapshot, whatever the base; quotas are recorded but
-//! not enforced, and read-only copies are protected only by the agent refusing to start
-//! their application.
+//! are always full tar streams of a snapshot, whatever the base, through the streamer's
+//! [`DirSource`] and [`DirSink`] (which unpacks into a staging directory beside the snapshot
+//! and removes it on abort); quotas are recorded but not enforced, and read-only copies are
+//! protected only by the agent refusing to start their application.
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use flocker_stream::backend::{DirSink, DirSource, Runner, Sink, Source};
 use flocker_wire::VolumeState;
 
-use super::command::CommandRunner;
 use super::sidecar::{self, Sidecar};
-use super::{
-    ReceiveSink, Record, RecordOrder, SendStream, VolumeBackend, VolumeError, check_name,
-    sort_push_snapshots,
-};
+use super::{FinishingSink, Record, RecordOrder, VolumeBackend, VolumeError, check_name};
+use crate::ownership::sort_push_snapshots;
 
 /// Volumes as directories below `root`.
 pub struct DirBackend {
     root: PathBuf,
-    runner: Arc<dyn CommandRunner>,
+    runner: Arc<dyn Runner>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError + '_ {
@@ -39,7 +37,7 @@ fn s(p: &Path) -> String {
 }
 
 impl DirBackend {
-    pub fn open(root: &Path, runner: Arc<dyn CommandRunner>) -> Result<Self, VolumeError> {
+    pub fn open(root: &Path, runner: Arc<dyn Runner>) -> Result<Self, VolumeError> {
         fs::create_dir_all(root).map_err(io(root))?;
         Ok(DirBackend {
             root: root.to_path_buf(),
@@ -227,9 +225,7 @@ impl VolumeBackend for DirBackend {
         check_name(snapshot)?;
         let dir = self.volume_dir(name)?;
         let target = dir.join("snapshots").join(snapshot);
-        self.runner
-            .run("cp", &["-a".into(), s(&dir.join("data")), s(&target)])
-            .map(drop)
+        cp(self.runner.as_ref(), &dir.join("data"), &target)
     }
 
     fn destroy_snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError> {
@@ -243,7 +239,7 @@ impl VolumeBackend for DirBackend {
         name: &str,
         _base: Option<&str>,
         snapshot: &str,
-    ) -> Result<Box<dyn SendStream>, VolumeError> {
+    ) -> Result<Box<dyn Source>, VolumeError> {
         check_name(snapshot)?;
         let snap = self.volume_dir(name)?.join("snapshots").join(snapshot);
         if !snap.is_dir() {
@@ -252,107 +248,66 @@ impl VolumeBackend for DirBackend {
                 snapshot: snapshot.to_string(),
             });
         }
-        self.runner
-            .spawn_reader("tar", &["-C".into(), s(&snap), "-c".into(), ".".into()])
+        Ok(Box::new(DirSource::new(snap)))
     }
 
+    /// Unpacks into the snapshot (through the sink's staging directory); only the commit
+    /// makes it the data and, for a stream replacing a stale replica, removes the replica's
+    /// other snapshots.
     fn receive(
         &self,
         name: &str,
         _base: Option<&str>,
         snapshot: &str,
         replace: bool,
-    ) -> Result<Box<dyn ReceiveSink>, VolumeError> {
+    ) -> Result<Box<dyn Sink>, VolumeError> {
         check_name(snapshot)?;
         let dir = self.volume_dir(name)?;
-        let staging = dir.join(format!(".incoming-{snapshot}"));
-        if staging.exists() {
-            fs::remove_dir_all(&staging).map_err(io(&staging))?;
-        }
-        fs::create_dir_all(&staging).map_err(io(&staging))?;
-        let tar = self
-            .runner
-            .spawn_writer("tar", &["-C".into(), s(&staging), "-x".into()])?;
-        Ok(Box::new(DirReceive {
-            tar: Some(tar),
-            dir,
-            staging,
-            snapshot: snapshot.to_string(),
-            replace,
-            runner: self.runner.clone(),
-        }))
-    }
-}
-
-/// Extracts into a staging directory; only `finish` makes it the snapshot and the data.
-struct DirReceive {
-    tar: Option<Box<dyn ReceiveSink>>,
-    dir: PathBuf,
-    staging: PathBuf,
-    snapshot: String,
-    /// The stream replaces a stale replica: its other snapshots go once the new data is in.
-    replace: bool,
-    runner: Arc<dyn CommandRunner>,
-}
-
-impl Write for DirReceive {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        super::write_inner(&mut self.tar, buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        super::flush_inner(&mut self.tar)
-    }
-}
-
-impl ReceiveSink for DirReceive {
-    fn finish(mut self: Box<Self>) -> Result<(), VolumeError> {
-        if let Some(tar) = self.tar.take() {
-            tar.finish()?;
-        }
-        let snaps = self.dir.join("snapshots");
+        let snaps = dir.join("snapshots");
         fs::create_dir_all(&snaps).map_err(io(&snaps))?;
-        let snap = snaps.join(&self.snapshot);
-        fs::rename(&self.staging, &snap).map_err(io(&snap))?;
-        let data = self.dir.join("data");
-        let fresh = self.dir.join(".data-new");
-        if fresh.exists() {
-            fs::remove_dir_all(&fresh).map_err(io(&fresh))?;
-        }
-        self.runner.run("cp", &["-a".into(), s(&snap), s(&fresh)])?;
-        if data.exists() {
-            fs::remove_dir_all(&data).map_err(io(&data))?;
-        }
-        fs::rename(&fresh, &data).map_err(io(&data))?;
-        if self.replace {
-            for e in fs::read_dir(&snaps).map_err(io(&snaps))? {
-                let e = e.map_err(io(&snaps))?;
-                if e.file_name() != self.snapshot.as_str() {
-                    fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
+        let snap = snaps.join(snapshot);
+        let inner = DirSink::new(&snap);
+        let runner = self.runner.clone();
+        Ok(Box::new(FinishingSink::new(inner, move || {
+            let data = dir.join("data");
+            let fresh = dir.join(".data-new");
+            if fresh.exists() {
+                fs::remove_dir_all(&fresh).map_err(io(&fresh))?;
+            }
+            cp(runner.as_ref(), &snap, &fresh)?;
+            if data.exists() {
+                fs::remove_dir_all(&data).map_err(io(&data))?;
+            }
+            fs::rename(&fresh, &data).map_err(io(&data))?;
+            if replace {
+                for e in fs::read_dir(&snaps).map_err(io(&snaps))? {
+                    let e = e.map_err(io(&snaps))?;
+                    if e.path() != snap {
+                        fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
+                    }
                 }
             }
-        }
-        Ok(())
+            Ok(())
+        })))
     }
 }
 
-impl Drop for DirReceive {
-    fn drop(&mut self) {
-        if self.staging.exists() {
-            let _ = fs::remove_dir_all(&self.staging);
-        }
-    }
+/// `cp -a FROM TO`: a full copy with modes, owners and times.
+fn cp(runner: &dyn Runner, from: &Path, to: &Path) -> Result<(), VolumeError> {
+    runner.run("cp", &["-a".into(), s(from), s(to)])?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::volume::command::SystemRunner;
+    use flocker_stream::backend::SystemRunner;
 
     /// Runs real `cp` and `tar` on a temporary directory: no privileges needed.
     #[test]
     fn create_snapshot_send_receive_round_trip() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let runner: Arc<dyn CommandRunner> = Arc::new(SystemRunner);
+        let runner: Arc<dyn Runner> = Arc::new(SystemRunner);
         let a = DirBackend::open(&tmp.path().join("a"), runner.clone()).expect("a");
         let b = DirBackend::open(&tmp.path().join("b"), runner).expect("b");
         a.create("db", Some(10), "A").expect("create");
@@ -366,9 +321,7 @@ mod tests {
         let mut recv = b
             .receive("db", None, "push-0000000001", false)
             .expect("recv");
-        std::io::copy(&mut send, &mut recv).expect("copy");
-        send.finish().expect("send finish");
-        recv.finish().expect("recv finish");
+        flocker_stream::backend::copy(send.as_mut(), recv.as_mut()).expect("copy");
         // The receiver has data but no record until the agent writes one.
         assert!(b.list().expect("list").is_empty());
         b.set_record(

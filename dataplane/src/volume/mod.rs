@@ -2,21 +2,28 @@
 //!
 //! Owner and epoch live with the volume itself (ZFS user properties, a sidecar file for the
 //! others), so a restarted agent recovers what it owns from its volumes alone. The backends
-//! only store and move bytes; the ownership decisions live in [`crate::ownership`].
+//! only store and move bytes; the ownership decisions, the record they store and the names
+//! of push snapshots live in [`crate::ownership`], which knows nothing of this module.
+//!
+//! This is the agent's layout on top of the streamer's storage layer
+//! ([`flocker_stream::backend`]): `send` and `receive` hand out its sources and sinks, and
+//! every command runs through its [`Runner`], so there is one implementation of each tool's
+//! send, receive and abort, and one seam for unit tests to fake.
 
 pub mod btrfs;
-pub mod command;
 pub mod dir;
 pub mod mountinfo;
 pub mod sidecar;
 pub mod zfs;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
+use flocker_stream::backend::{BackendError, Sink, Source};
 use flocker_wire::VolumeState;
 
-pub use flocker_wire::snapshots::{PUSH_PREFIX, push_sequence};
+pub use crate::ownership::{Record, RecordOrder};
+pub use flocker_stream::backend::{Runner, SystemRunner};
 
 /// Errors of the volume backends.
 #[derive(Debug, thiserror::Error)]
@@ -49,37 +56,32 @@ pub enum VolumeError {
         path: PathBuf,
         found: String,
     },
+    /// A source or sink of the storage layer failed otherwise.
+    #[error(transparent)]
+    Storage(BackendError),
 }
 
-/// A running `send`: the stream to read, then `finish` to learn whether it was complete.
-pub trait SendStream: Read + Send {
-    fn finish(self: Box<Self>) -> Result<(), VolumeError>;
-}
-
-/// A running `receive`: write the stream, then `finish` to apply it. Dropping it without
-/// `finish` must leave the target as it was before.
-pub trait ReceiveSink: Write + Send {
-    fn finish(self: Box<Self>) -> Result<(), VolumeError>;
-}
-
-/// In which order the fields of a record are written. Backends that cannot write owner and
-/// epoch atomically (ZFS user properties are set one at a time) follow it so that a crash
-/// between the writes never leaves two owners at one epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RecordOrder {
-    /// The source giving a volume away: read-only first, then the new epoch, then the new
-    /// owner. A crash in between leaves "S at e+1" on S, which still names S alone.
-    GiveAway,
-    /// The target taking a volume over: owner first, then epoch, then writable. A crash in
-    /// between leaves "T at e" on T, outranked by S's "T at e+1".
-    TakeOver,
-}
-
-/// Where and how a received copy should be recorded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub owner: String,
-    pub epoch: u64,
+impl From<BackendError> for VolumeError {
+    /// A command's failure keeps the shape it always had here: the command line, then its
+    /// exit status and stderr.
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::Command {
+                command,
+                status,
+                stderr,
+            } => VolumeError::Command {
+                command,
+                detail: format!("{status}: {stderr}"),
+            },
+            BackendError::Spawn { command, source } => VolumeError::Command {
+                command,
+                detail: source.to_string(),
+            },
+            BackendError::Fs { path, source, .. } => VolumeError::Io { path, source },
+            other => VolumeError::Storage(other),
+        }
+    }
 }
 
 /// One volume storage technology. Calls block (they run commands), so async callers use
@@ -124,25 +126,27 @@ pub trait VolumeBackend: Send + Sync {
     ) -> Result<(), VolumeError>;
     fn snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError>;
     fn destroy_snapshot(&self, name: &str, snapshot: &str) -> Result<(), VolumeError>;
-    /// Streams `snapshot`, incrementally from `base` when given.
+    /// The stream of `snapshot`, incrementally from `base` when given: a source of the
+    /// streamer, started when it is opened.
     fn send(
         &self,
         name: &str,
         base: Option<&str>,
         snapshot: &str,
-    ) -> Result<Box<dyn SendStream>, VolumeError>;
-    /// Receives a stream produced by [`VolumeBackend::send`] on another node. The copy
+    ) -> Result<Box<dyn Source>, VolumeError>;
+    /// A sink for a stream produced by [`VolumeBackend::send`] on another node. The copy
     /// must not exist for a full stream and must hold `base` for an incremental one, except
     /// with `replace`: a full stream then replaces the existing read-only replica (the agent
     /// allows it only for a stale replica this node does not own). The replica is left as it
-    /// was until `finish`, which swaps the verified copy in; an abandoned sink changes nothing.
+    /// was until [`Sink::commit`], which swaps the verified copy in; an aborted sink, or one
+    /// dropped unfinished, leaves no partial dataset, subvolume or directory behind.
     fn receive(
         &self,
         name: &str,
         base: Option<&str>,
         snapshot: &str,
         replace: bool,
-    ) -> Result<Box<dyn ReceiveSink>, VolumeError>;
+    ) -> Result<Box<dyn Sink>, VolumeError>;
     /// Keeps a fenced copy (see `agent::fencing`) under `aside`, a name marked by
     /// [`ASIDE_MARK`]: renamed with its snapshots and data untouched, and no longer listed, so
     /// the volume's own name is free for a fresh replica. Removing it is left to a person.
@@ -167,23 +171,45 @@ fn check_aside(aside: &str) -> Result<(), VolumeError> {
     }
 }
 
-/// The write half of a receive sink that wraps an inner command sink, which is taken away
-/// once the sink finishes; writing after that is a broken pipe.
-pub(crate) fn write_inner(
-    inner: &mut Option<Box<dyn ReceiveSink>>,
-    buf: &[u8],
-) -> std::io::Result<usize> {
-    match inner {
-        Some(sink) => sink.write(buf),
-        None => Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe)),
+/// What a backend does once its inner sink committed (the verified stream landed): make it
+/// the volume. It runs inside [`Sink::commit`]; when it fails, the caller's abort takes
+/// nothing back (the inner sink is committed), so it cleans up after itself.
+type AfterCommit = Box<dyn FnOnce() -> Result<(), VolumeError> + Send>;
+
+/// A sink of the storage layer followed by the backend's own step at commit.
+pub(crate) struct FinishingSink {
+    inner: Box<dyn Sink>,
+    then: Option<AfterCommit>,
+}
+
+impl FinishingSink {
+    pub(crate) fn new(
+        inner: impl Sink + 'static,
+        then: impl FnOnce() -> Result<(), VolumeError> + Send + 'static,
+    ) -> Self {
+        Self {
+            inner: Box::new(inner),
+            then: Some(Box::new(then)),
+        }
     }
 }
 
-/// Flushes the inner command sink of a receive, if it is still there.
-pub(crate) fn flush_inner(inner: &mut Option<Box<dyn ReceiveSink>>) -> std::io::Result<()> {
-    match inner {
-        Some(sink) => sink.flush(),
-        None => Ok(()),
+impl Sink for FinishingSink {
+    fn open(&mut self) -> Result<Box<dyn Write + Send + '_>, BackendError> {
+        self.inner.open()
+    }
+
+    fn commit(&mut self) -> Result<(), BackendError> {
+        self.inner.commit()?;
+        match self.then.take() {
+            Some(then) => then().map_err(|e| BackendError::Target(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    fn abort(&mut self) -> Result<Option<String>, BackendError> {
+        self.then = None;
+        self.inner.abort()
     }
 }
 
@@ -202,45 +228,9 @@ pub fn check_name(name: &str) -> Result<(), VolumeError> {
     }
 }
 
-/// The name of the next push snapshot: one past the highest sequence present, stamped with
-/// the time it is taken (see [`flocker_wire::snapshots`]).
-pub fn next_push_snapshot(existing: &[String]) -> String {
-    let next = existing
-        .iter()
-        .filter_map(|s| push_sequence(s))
-        .max()
-        .map_or(1, |n| n + 1);
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    flocker_wire::snapshots::push_snapshot_name(next, now_ms)
-}
-
-/// Keeps only push snapshots, oldest first.
-pub fn sort_push_snapshots(mut snapshots: Vec<String>) -> Vec<String> {
-    snapshots.retain(|s| push_sequence(s).is_some());
-    snapshots.sort_by_key(|s| push_sequence(s));
-    snapshots
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn push_snapshot_names_sort_by_age() {
-        let snaps = vec![
-            "push-0000000002".to_string(),
-            "manual".into(),
-            "push-0000000010".into(),
-        ];
-        assert!(next_push_snapshot(&snaps).starts_with("push-0000000011-"));
-        assert!(next_push_snapshot(&[]).starts_with("push-0000000001-"));
-        assert_eq!(
-            sort_push_snapshots(snaps),
-            vec!["push-0000000002".to_string(), "push-0000000010".into()]
-        );
-    }
 
     #[test]
     fn names_cannot_escape() {

@@ -1,6 +1,8 @@
 //! ZFS datasets under one parent dataset (`POOL/PARENT/NAME`), with the ownership record in
 //! the user properties `flocker:owner` and `flocker:epoch`, read-only copies via
-//! `readonly=on`, quotas from `maximum_size`, and pushes through `zfs send`/`zfs recv`.
+//! `readonly=on`, quotas from `maximum_size`, and pushes through the streamer's
+//! [`ZfsSource`] and [`ZfsSink`] (`zfs send`/`zfs recv`; an aborted receive destroys what it
+//! created).
 //!
 //! Written for the oldest ZFS in use here (zfs-fuse, pool version 23): one property per
 //! `zfs set`, no `zfs list -p`, no resume tokens.
@@ -11,11 +13,11 @@ use std::sync::Arc;
 
 use flocker_wire::VolumeState;
 
-use super::command::CommandRunner;
-use super::{
-    ReceiveSink, Record, RecordOrder, SendStream, VolumeBackend, VolumeError, check_name,
-    sort_push_snapshots,
-};
+use flocker_stream::backend::runner::args;
+use flocker_stream::backend::{BackendError, Runner, Sink, Source, ZfsSink, ZfsSource};
+
+use super::{FinishingSink, Record, RecordOrder, VolumeBackend, VolumeError, check_name};
+use crate::ownership::sort_push_snapshots;
 
 const OWNER: &str = "flocker:owner";
 const EPOCH: &str = "flocker:epoch";
@@ -23,17 +25,13 @@ const EPOCH: &str = "flocker:epoch";
 /// Volumes as ZFS datasets below `root`.
 pub struct ZfsBackend {
     root: String,
-    runner: Arc<dyn CommandRunner>,
-}
-
-fn args(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
+    runner: Arc<dyn Runner>,
 }
 
 impl ZfsBackend {
     /// Opens the backend on `root` (`POOL` or `POOL/PARENT`; a bare pool gets the parent
     /// `flocker`), creating the parent dataset when missing.
-    pub fn open(spec: &str, runner: Arc<dyn CommandRunner>) -> Result<Self, VolumeError> {
+    pub fn open(spec: &str, runner: Arc<dyn Runner>) -> Result<Self, VolumeError> {
         let root = if spec.contains('/') {
             spec.trim_end_matches('/').to_string()
         } else {
@@ -63,7 +61,7 @@ impl ZfsBackend {
     }
 
     fn zfs(&self, a: &[&str]) -> Result<String, VolumeError> {
-        self.runner.run("zfs", &args(a))
+        Ok(self.runner.run("zfs", &args(a))?)
     }
 
     fn set(&self, dataset: &str, property: &str, value: &str) -> Result<(), VolumeError> {
@@ -166,7 +164,8 @@ impl ZfsBackend {
                 ),
             },
             Err(e) => format!(
-                "no filesystem is mounted there, though ZFS reports dataset {dataset} mounted ({e})"
+                "no filesystem is mounted there, though ZFS reports dataset {dataset} mounted ({})",
+                VolumeError::from(e)
             ),
         };
         Err(VolumeError::NotProven {
@@ -248,7 +247,18 @@ impl VolumeBackend for ZfsBackend {
         if self.exists(&to) {
             return Err(VolumeError::Exists(aside.to_string()));
         }
-        self.zfs(&["rename", &from, &to]).map(drop)
+        // Renaming remounts the dataset; while anything still has it open (a container being
+        // torn down, a `zfs send` just ended) ZFS says "busy". Wait a little, then unmount it
+        // by force: its application was stopped, and what is set aside is not served.
+        let rename = || self.runner.run("zfs", &args(&["rename", &from, &to]));
+        match retry_while_busy(&from, rename) {
+            Err(BackendError::Command { stderr, .. }) if stderr.contains("busy") => {
+                tracing::warn!(dataset = %from, "still busy: unmounting it by force to set it aside");
+                self.zfs(&["unmount", "-f", &from])?;
+                self.zfs(&["rename", &from, &to]).map(drop)
+            }
+            other => other.map(drop).map_err(VolumeError::from),
+        }
     }
 
     fn list(&self) -> Result<Vec<VolumeState>, VolumeError> {
@@ -379,17 +389,18 @@ impl VolumeBackend for ZfsBackend {
         name: &str,
         base: Option<&str>,
         snapshot: &str,
-    ) -> Result<Box<dyn SendStream>, VolumeError> {
+    ) -> Result<Box<dyn Source>, VolumeError> {
         check_name(snapshot)?;
         let dataset = self.dataset(name)?;
-        let mut a = args(&["send"]);
-        if let Some(base) = base {
-            check_name(base)?;
-            a.push("-i".into());
-            a.push(format!("{dataset}@{base}"));
-        }
-        a.push(format!("{dataset}@{snapshot}"));
-        self.runner.spawn_reader("zfs", &a)
+        let full = format!("{dataset}@{snapshot}");
+        let source = match base {
+            Some(base) => {
+                check_name(base)?;
+                ZfsSource::incremental(full, format!("{dataset}@{base}"))
+            }
+            None => ZfsSource::full(full),
+        };
+        Ok(Box::new(source.runner(self.runner.clone())))
     }
 
     fn receive(
@@ -398,24 +409,24 @@ impl VolumeBackend for ZfsBackend {
         base: Option<&str>,
         snapshot: &str,
         replace: bool,
-    ) -> Result<Box<dyn ReceiveSink>, VolumeError> {
+    ) -> Result<Box<dyn Sink>, VolumeError> {
         check_name(snapshot)?;
         let dataset = self.dataset(name)?;
-        let a = match base {
+        let sink = match base {
             // -F rolls back whatever changed since `base` (atime updates on a mounted copy).
             Some(base) => {
                 check_name(base)?;
-                args(&["recv", "-F", &dataset])
+                ZfsSink::new(&dataset).rollback(true)
             }
             None if replace => return self.receive_replacing(name, &dataset),
             None => {
                 if self.exists(&dataset) {
                     return Err(VolumeError::Exists(name.to_string()));
                 }
-                args(&["recv", &dataset])
+                ZfsSink::new(&dataset)
             }
         };
-        self.runner.spawn_writer("zfs", &a)
+        Ok(Box::new(sink.runner(self.runner.clone())))
     }
 }
 
@@ -427,11 +438,11 @@ impl ZfsBackend {
         format!("{}/{STAGING}", self.root)
     }
 
-    fn receive_replacing(
-        &self,
-        name: &str,
-        dataset: &str,
-    ) -> Result<Box<dyn ReceiveSink>, VolumeError> {
+    /// A full stream received beside the replica it replaces: only the commit destroys the
+    /// old replica and renames the verified copy into its place. Aborted or dropped
+    /// unfinished, the streamer's sink destroys the staged copy and the replica stays as it
+    /// was.
+    fn receive_replacing(&self, name: &str, dataset: &str) -> Result<Box<dyn Sink>, VolumeError> {
         let parent = self.staging();
         if !self.exists(&parent) {
             self.zfs(&["create", "-o", "mountpoint=none", &parent])?;
@@ -441,54 +452,21 @@ impl ZfsBackend {
             // Left by a receive that was cut off before an earlier agent could clean up.
             self.zfs(&["destroy", "-r", &staged])?;
         }
-        let inner = self.runner.spawn_writer("zfs", &args(&["recv", &staged]))?;
-        Ok(Box::new(ZfsReplace {
-            inner: Some(inner),
-            staged,
-            dataset: dataset.to_string(),
-            runner: self.runner.clone(),
-        }))
+        let inner = ZfsSink::new(&staged).runner(self.runner.clone());
+        let (runner, dataset) = (self.runner.clone(), dataset.to_string());
+        Ok(Box::new(FinishingSink::new(inner, move || {
+            let swapped = destroy_when_idle(runner.as_ref(), &dataset)
+                .and_then(|_| runner.run("zfs", &args(&["rename", &staged, &dataset])));
+            if swapped.is_err() {
+                let _ = runner.run("zfs", &args(&["destroy", "-r", &staged]));
+            }
+            Ok(swapped.map(drop)?)
+        })))
     }
 }
 
 /// The name of the staging parent dataset below the root.
 const STAGING: &str = "flocker:staging";
-
-/// A full stream received beside the replica it replaces: only `finish` destroys the old
-/// replica and renames the verified copy into its place. Dropped unfinished, it removes the
-/// staged copy and leaves the replica as it was.
-struct ZfsReplace {
-    inner: Option<Box<dyn ReceiveSink>>,
-    staged: String,
-    dataset: String,
-    runner: Arc<dyn CommandRunner>,
-}
-
-impl std::io::Write for ZfsReplace {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        super::write_inner(&mut self.inner, buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        super::flush_inner(&mut self.inner)
-    }
-}
-
-impl ReceiveSink for ZfsReplace {
-    fn finish(mut self: Box<Self>) -> Result<(), VolumeError> {
-        if let Some(inner) = self.inner.take() {
-            inner.finish()?;
-        }
-        destroy_when_idle(self.runner.as_ref(), &self.dataset)?;
-        let renamed = self
-            .runner
-            .run("zfs", &args(&["rename", &self.staged, &self.dataset]))
-            .map(drop);
-        if renamed.is_ok() {
-            self.staged.clear();
-        }
-        renamed
-    }
-}
 
 /// How long a dataset that is briefly busy (zfs-fuse releases files a reader just closed
 /// asynchronously) may take to become destroyable.
@@ -496,30 +474,29 @@ const BUSY_RETRIES: u32 = 20;
 const BUSY_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// `zfs destroy -r -f`, retried while ZFS says the dataset is busy, for up to 5 s.
-fn destroy_when_idle(runner: &dyn CommandRunner, dataset: &str) -> Result<(), VolumeError> {
-    let mut attempt = 0;
-    loop {
-        match runner.run("zfs", &args(&["destroy", "-r", "-f", dataset])) {
-            Err(VolumeError::Command { detail, .. })
-                if detail.contains("busy") && attempt < BUSY_RETRIES =>
-            {
-                attempt += 1;
-                tracing::debug!(%dataset, attempt, "dataset busy, retrying its destroy");
-                std::thread::sleep(BUSY_PAUSE);
-            }
-            other => return other.map(drop),
-        }
-    }
+fn destroy_when_idle(runner: &dyn Runner, dataset: &str) -> Result<String, BackendError> {
+    retry_while_busy(dataset, || {
+        runner.run("zfs", &args(&["destroy", "-r", "-f", dataset]))
+    })
 }
 
-impl Drop for ZfsReplace {
-    fn drop(&mut self) {
-        // Kill the receive first, so nothing is still writing the staged dataset.
-        drop(self.inner.take());
-        if !self.staged.is_empty() {
-            let _ = self
-                .runner
-                .run("zfs", &args(&["destroy", "-r", &self.staged]));
+/// Runs `command` again while ZFS says `dataset` is busy, for up to 5 s (zfs-fuse releases a
+/// file just read asynchronously).
+fn retry_while_busy(
+    dataset: &str,
+    command: impl Fn() -> Result<String, BackendError>,
+) -> Result<String, BackendError> {
+    let mut attempt = 0;
+    loop {
+        match command() {
+            Err(BackendError::Command { stderr, .. })
+                if stderr.contains("busy") && attempt < BUSY_RETRIES =>
+            {
+                attempt += 1;
+                tracing::debug!(%dataset, attempt, "dataset busy, retrying");
+                std::thread::sleep(BUSY_PAUSE);
+            }
+            other => return other,
         }
     }
 }
@@ -527,7 +504,7 @@ impl Drop for ZfsReplace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::volume::command::fake::FakeRunner;
+    use flocker_stream::backend::runner::fake::FakeRunner;
 
     const LISTING: &str = "pool/flocker\tflocker:owner\t-
 pool/flocker\tflocker:epoch\t-
@@ -602,17 +579,69 @@ pool/flocker/stray\tused\t5
     #[test]
     fn incremental_send_and_receive_commands() {
         let (fake, b) = backend();
-        drop(b.send("db", Some("push-1"), "push-2").expect("send"));
-        drop(
-            b.receive("db", Some("push-1"), "push-2", false)
-                .expect("recv"),
-        );
+        let mut send = b.send("db", Some("push-1"), "push-2").expect("send");
+        drop(send.open().expect("send open"));
+        let mut recv = b
+            .receive("db", Some("push-1"), "push-2", false)
+            .expect("recv");
+        drop(recv.open().expect("recv open"));
+        recv.commit().expect("commit");
         let calls = fake.calls();
         assert!(
             calls.contains(&"zfs send -i pool/flocker/db@push-1 pool/flocker/db@push-2".into())
         );
         assert!(calls.contains(&"zfs recv -F pool/flocker/db".into()));
         assert!(b.send("../x", None, "s").is_err());
+    }
+
+    #[test]
+    fn a_replacing_receive_is_staged_and_swapped_in_only_at_commit() {
+        const STAGED: &str = "pool/flocker/flocker:staging/db";
+        let (fake, b) = backend();
+        fake.answer(
+            &format!("zfs list -H -o name {STAGED}"),
+            Err("dataset does not exist"),
+        );
+        let mut recv = b.receive("db", None, "push-5", true).expect("recv");
+        drop(recv.open().expect("open"));
+        recv.commit().expect("commit");
+        let calls = fake.calls();
+        let tail: Vec<&str> = calls.iter().map(String::as_str).rev().take(3).collect();
+        assert_eq!(
+            tail,
+            [
+                "zfs rename pool/flocker/flocker:staging/db pool/flocker/db",
+                "zfs destroy -r -f pool/flocker/db",
+                "zfs recv pool/flocker/flocker:staging/db",
+            ],
+            "{calls:?}"
+        );
+
+        // Cut off: the staged copy the receive made goes, the replica is not touched.
+        let (fake, b) = backend();
+        let list = format!("zfs list -H -o name -t filesystem,volume,snapshot -r {STAGED}");
+        fake.answer(&list, Err("dataset does not exist"));
+        fake.answer(
+            &format!("zfs list -H -o name {STAGED}"),
+            Err("dataset does not exist"),
+        );
+        {
+            let mut recv = b.receive("db", None, "push-5", true).expect("recv");
+            drop(recv.open().expect("open"));
+            fake.answer_once(&list, Ok(&format!("{STAGED}\n{STAGED}@push-5\n")));
+        }
+        let destroys: Vec<String> = fake
+            .calls()
+            .into_iter()
+            .filter(|c| c.contains("destroy") || c.contains("rename"))
+            .collect();
+        assert_eq!(
+            destroys,
+            [
+                format!("zfs destroy -r {STAGED}@push-5"),
+                format!("zfs destroy -r {STAGED}")
+            ]
+        );
     }
 
     /// A fake whose dataset `pool/flocker/db` should be at `mp`.

@@ -1,23 +1,29 @@
 //! btrfs: `btrfs send [-p PARENT] SNAPSHOT` as a source, `btrfs receive DIR` as a sink.
 //!
-//! The source must be a read-only snapshot (`btrfs subvolume snapshot -r`). On abort the sink
-//! kills `btrfs receive` and deletes every subvolume that appeared in the target directory
-//! since it started (btrfs receive leaves a partial subvolume behind otherwise). btrfs has no
-//! resumable receive: an interrupted transfer starts over.
+//! The source must be a read-only snapshot (`btrfs subvolume snapshot -r`). On abort (or when
+//! dropped after `open` without `commit`) the sink kills `btrfs receive`, waits for it, and
+//! deletes every subvolume that appeared in the target directory since it started (btrfs
+//! receive leaves a partial subvolume behind otherwise). btrfs has no resumable receive: an
+//! interrupted transfer starts over. Commands go through a [`Runner`].
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::Command;
+use std::sync::Arc;
 
-use super::child::{ToolReader, ToolWriter, run};
+use super::runner::{ChildInput, Runner, finish, system};
 use super::{BackendError, Sink, Source};
 
+fn shown(p: &std::path::Path) -> String {
+    p.display().to_string()
+}
+
 /// `btrfs send [-p PARENT] SNAPSHOT`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BtrfsSource {
     snapshot: PathBuf,
     parent: Option<PathBuf>,
+    runner: Arc<dyn Runner>,
 }
 
 impl BtrfsSource {
@@ -26,6 +32,7 @@ impl BtrfsSource {
         Self {
             snapshot: snapshot.into(),
             parent: None,
+            runner: system(),
         }
     }
 
@@ -34,28 +41,37 @@ impl BtrfsSource {
         Self {
             snapshot: snapshot.into(),
             parent: Some(parent.into()),
+            runner: system(),
         }
+    }
+
+    /// Runs `btrfs` through `runner`.
+    pub fn runner(mut self, runner: Arc<dyn Runner>) -> Self {
+        self.runner = runner;
+        self
     }
 }
 
 impl Source for BtrfsSource {
     fn open(&mut self) -> Result<Box<dyn Read + Send + '_>, BackendError> {
-        let mut cmd = Command::new("btrfs");
-        cmd.arg("send");
+        let mut a = vec!["send".to_string()];
         if let Some(p) = &self.parent {
-            cmd.arg("-p").arg(p);
+            a.push("-p".into());
+            a.push(shown(p));
         }
-        cmd.arg(&self.snapshot);
-        Ok(Box::new(ToolReader::spawn(cmd)?))
+        a.push(shown(&self.snapshot));
+        self.runner.spawn_reader("btrfs", &a)
     }
 }
 
 /// `btrfs receive DIR`, deleting any partial subvolume on abort.
-#[derive(Debug)]
 pub struct BtrfsSink {
     dir: PathBuf,
+    runner: Arc<dyn Runner>,
+    /// The directory's entries when the receive started; `Some` from `open` until commit or
+    /// abort.
     before: Option<BTreeSet<String>>,
-    receiver: ToolWriter,
+    receiver: Option<Box<dyn ChildInput>>,
 }
 
 impl BtrfsSink {
@@ -64,9 +80,16 @@ impl BtrfsSink {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
+            runner: system(),
             before: None,
-            receiver: ToolWriter::default(),
+            receiver: None,
         }
+    }
+
+    /// Runs `btrfs` through `runner`.
+    pub fn runner(mut self, runner: Arc<dyn Runner>) -> Self {
+        self.runner = runner;
+        self
     }
 
     fn entries(&self) -> Result<BTreeSet<String>, BackendError> {
@@ -84,28 +107,33 @@ impl BtrfsSink {
 
 impl Sink for BtrfsSink {
     fn open(&mut self) -> Result<Box<dyn Write + Send + '_>, BackendError> {
-        self.before = Some(self.entries()?);
-        let mut cmd = Command::new("btrfs");
-        cmd.arg("receive").arg(&self.dir);
-        Ok(Box::new(self.receiver.start(cmd, "btrfs receive")?))
+        let before = self.entries()?;
+        let receiver = self
+            .runner
+            .spawn_writer("btrfs", &["receive".into(), shown(&self.dir)])?;
+        self.before = Some(before);
+        Ok(Box::new(self.receiver.insert(receiver)))
     }
 
     fn commit(&mut self) -> Result<(), BackendError> {
-        self.receiver.finish("btrfs sink")
+        // Closing stdin is btrfs receive's EOF.
+        finish(&mut self.receiver, "btrfs sink")?;
+        // Received: an abort from now on has nothing to take back.
+        self.before = None;
+        Ok(())
     }
 
     fn abort(&mut self) -> Result<Option<String>, BackendError> {
-        let stderr = self.receiver.kill();
+        let stderr = self.receiver.take().map(|r| r.kill());
         if let Some(before) = self.before.take() {
             let mut left = Vec::new();
             for name in self.entries()?.difference(&before) {
                 let path = self.dir.join(name);
                 tracing::warn!(path = %path.display(), "deleting the partial subvolume");
-                let mut cmd = Command::new("btrfs");
-                cmd.args(["subvolume", "delete"]).arg(&path);
-                if let Err(e) = run(cmd) {
+                let a = ["subvolume".into(), "delete".into(), shown(&path)];
+                if let Err(e) = self.runner.run("btrfs", &a) {
                     tracing::warn!(error = %e, "btrfs subvolume delete failed");
-                    left.push(path.display().to_string());
+                    left.push(shown(&path));
                 }
             }
             if !left.is_empty() {
@@ -113,5 +141,42 @@ impl Sink for BtrfsSink {
             }
         }
         Ok(stderr.filter(|s| !s.is_empty()))
+    }
+}
+
+impl Drop for BtrfsSink {
+    fn drop(&mut self) {
+        if self.before.is_some()
+            && let Err(e) = self.abort()
+        {
+            tracing::error!(dir = %self.dir.display(), error = %e, "aborting the dropped btrfs sink failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::runner::fake::FakeRunner;
+
+    #[test]
+    fn a_dropped_sink_deletes_the_partial_subvolume_only() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(tmp.path().join("old")).expect("mkdir");
+        let fake = Arc::new(FakeRunner::default());
+        {
+            let mut sink = BtrfsSink::new(tmp.path()).runner(fake.clone());
+            drop(sink.open().expect("open"));
+            // What `btrfs receive` had created when the stream was cut.
+            std::fs::create_dir(tmp.path().join("partial")).expect("mkdir");
+        }
+        let dir = tmp.path().display();
+        assert_eq!(
+            fake.calls(),
+            [
+                format!("btrfs receive {dir}"),
+                format!("btrfs subvolume delete {dir}/partial"),
+            ]
+        );
     }
 }

@@ -186,6 +186,8 @@ pub struct DirSink {
     staging: PathBuf,
     pipe: Option<PipeWriter>,
     unpacker: Option<JoinHandle<std::io::Result<()>>>,
+    /// The staging directory is ours to remove: from `open` until commit or abort.
+    staged: bool,
 }
 
 impl DirSink {
@@ -202,6 +204,7 @@ impl DirSink {
             staging,
             pipe: None,
             unpacker: None,
+            staged: false,
         }
     }
 
@@ -253,6 +256,7 @@ impl Sink for DirSink {
             path: self.staging.clone(),
             source,
         })?;
+        self.staged = true;
         let (reader, writer) = std::io::pipe().map_err(|source| BackendError::Fs {
             op: "pipe for",
             path: self.staging.clone(),
@@ -277,12 +281,94 @@ impl Sink for DirSink {
             op: "rename into place",
             path: self.target.clone(),
             source,
-        })
+        })?;
+        self.staged = false;
+        Ok(())
     }
 
     fn abort(&mut self) -> Result<Option<String>, BackendError> {
         let why = self.join_unpacker().err().map(|e| e.to_string());
-        self.remove_staging()?;
+        if self.staged {
+            self.remove_staging()?;
+            self.staged = false;
+        }
         Ok(why)
+    }
+}
+
+impl Drop for DirSink {
+    fn drop(&mut self) {
+        if self.staged
+            && let Err(e) = self.abort()
+        {
+            tracing::error!(target = %self.target.display(), error = %e, "aborting the dropped directory sink failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+
+    use super::*;
+    use crate::backend::{ReaderSource, copy};
+
+    /// Agents before issue 12 sent `tar -C SNAP -c .` and unpacked with `tar -x`: streams
+    /// still go both ways between the `tar` crate and GNU tar.
+    #[test]
+    fn gnu_tar_streams_interoperate_both_ways() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src = tmp.path().join("src");
+        let long = "n".repeat(150);
+        std::fs::create_dir_all(src.join("sub")).expect("mkdir");
+        std::fs::write(src.join("sub").join(&long), "long").expect("write");
+        std::fs::write(src.join("f"), "hello").expect("write");
+        std::os::unix::fs::symlink("f", src.join("link")).expect("symlink");
+        let check = |root: &Path| {
+            let read = |p: &Path| std::fs::read_to_string(root.join(p)).expect("read");
+            assert_eq!(read(Path::new("f")), "hello");
+            assert_eq!(read(&Path::new("sub").join(&long)), "long");
+            let link = std::fs::read_link(root.join("link")).expect("link");
+            assert_eq!(link, Path::new("f"));
+        };
+
+        let gnu = Command::new("tar")
+            .arg("-C")
+            .arg(&src)
+            .args(["-c", "."])
+            .output()
+            .expect("tar -c");
+        assert!(gnu.status.success());
+        let got = tmp.path().join("got");
+        copy(
+            &mut ReaderSource(Some(&gnu.stdout[..])),
+            &mut DirSink::new(&got),
+        )
+        .expect("unpack GNU tar");
+        check(&got);
+
+        let mut ours = Vec::new();
+        DirSource::new(&src)
+            .open()
+            .expect("open")
+            .read_to_end(&mut ours)
+            .expect("pack");
+        let back = tmp.path().join("back");
+        std::fs::create_dir(&back).expect("mkdir");
+        let mut tar = Command::new("tar")
+            .arg("-C")
+            .arg(&back)
+            .arg("-x")
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("tar -x");
+        tar.stdin
+            .take()
+            .expect("stdin")
+            .write_all(&ours)
+            .expect("feed");
+        assert!(tar.wait().expect("wait").success());
+        check(&back);
     }
 }

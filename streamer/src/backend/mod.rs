@@ -5,8 +5,13 @@
 //! as a read error at its EOF, so the sender never writes an end frame for a broken source. A
 //! [`Sink`] opens a writer and is then either committed (the stream verified end to end) or
 //! aborted (anything else), and an abort leaves the target as it was: `zfs recv` and
-//! `btrfs receive` are killed and anything they created is destroyed, the directory and file
-//! sinks write into a staging path that is removed.
+//! `btrfs receive` are killed (and waited for) and anything they created is destroyed, the
+//! directory and file sinks write into a staging path that is removed. The ZFS, btrfs and
+//! directory sinks also abort when dropped after `open` without `commit` or `abort`, and a
+//! committed sink's abort takes nothing back.
+//!
+//! Every process (`zfs`, `btrfs`) is started through [`runner::Runner`], the seam unit tests
+//! fake; a caller that manages volumes runs its other commands through it too.
 //!
 //! Resuming: none of the sinks resumes an interrupted transfer. zfs-fuse (pool version 23) has
 //! no resume tokens (`zfs recv -s` / `zfs send -t` need OpenZFS 0.7+); btrfs receive has none;
@@ -14,9 +19,9 @@
 //! target is left as it was before.
 
 mod btrfs;
-mod child;
 mod dir;
 mod file;
+pub mod runner;
 mod spec;
 mod zfs;
 
@@ -25,6 +30,7 @@ use std::io::{Read, Write};
 pub use btrfs::{BtrfsSink, BtrfsSource};
 pub use dir::{DirSink, DirSource};
 pub use file::{FileSink, FileSource, ReaderSource, StdinSource, StdoutSink, WriterSink};
+pub use runner::{ChildInput, Runner, SystemRunner};
 pub use spec::Spec;
 pub use zfs::{ZfsSink, ZfsSource};
 
@@ -91,8 +97,26 @@ pub trait Sink: Send {
     /// The stream verified end to end: make it durable and visible.
     fn commit(&mut self) -> Result<(), BackendError>;
 
-    /// Anything went wrong: discard everything written and leave the target as it was.
+    /// Anything went wrong: discard everything written and leave the target as it was (after
+    /// a successful [`Sink::commit`], nothing is taken back).
     /// Returns what the consumer said on its way out (a tool's stderr), if anything, so the
     /// caller can name the real cause of a write error (say "out of space").
     fn abort(&mut self) -> Result<Option<String>, BackendError>;
+}
+
+/// Copies `source` into `sink` on this host, without the wire: commits when every byte
+/// arrived and the source ended cleanly, aborts otherwise. Returns the bytes copied.
+pub fn copy(source: &mut dyn Source, sink: &mut dyn Sink) -> Result<u64, BackendError> {
+    let copied = source.open().and_then(|mut reader| {
+        let mut writer = sink.open()?;
+        std::io::copy(&mut reader, &mut writer)
+            .map_err(|e| BackendError::Target(format!("copying the stream into its sink: {e}")))
+    });
+    let result = copied.and_then(|n| sink.commit().map(|()| n));
+    if result.is_err()
+        && let Err(abort) = sink.abort()
+    {
+        tracing::error!(error = %abort, "aborting the sink failed");
+    }
+    result
 }

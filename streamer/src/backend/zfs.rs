@@ -13,23 +13,25 @@
 //! ```
 //! Over a network use [`crate::send_over`] / [`crate::receive_over`] with the same types.
 //!
-//! On abort the sink kills `zfs recv`, then checks the pool: a dataset or snapshot that did
-//! not exist before the receive is destroyed, and if one still remains the abort fails with
-//! [`BackendError::Leftover`]. zfs-fuse (pool v23) has no resumable receive, so an
-//! interrupted transfer starts over.
+//! On abort the sink kills `zfs recv` and waits for it, then checks the pool: a dataset or
+//! snapshot that did not exist before the receive is destroyed, and if one still remains the
+//! abort fails with [`BackendError::Leftover`]. A sink dropped after `open` without `commit`
+//! or `abort` aborts. zfs-fuse (pool v23) has no resumable receive, so an interrupted
+//! transfer starts over. Every command goes through a [`Runner`] (real processes unless
+//! [`ZfsSource::runner`] / [`ZfsSink::runner`] say otherwise).
 
 use std::io::{Read, Write};
-use std::process::Command;
+use std::sync::Arc;
 
-use super::child::{ToolReader, ToolWriter, run};
+use super::runner::{ChildInput, Runner, args, finish, system};
 use super::{BackendError, Sink, Source};
 
 /// `zfs send [-i BASE] POOL/FS@SNAP`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ZfsSource {
     snapshot: String,
     base: Option<String>,
-    zfs: String,
+    runner: Arc<dyn Runner>,
 }
 
 impl ZfsSource {
@@ -38,7 +40,7 @@ impl ZfsSource {
         Self {
             snapshot: snapshot.into(),
             base: None,
-            zfs: "zfs".into(),
+            runner: system(),
         }
     }
 
@@ -47,13 +49,18 @@ impl ZfsSource {
         Self {
             snapshot: snapshot.into(),
             base: Some(base.into()),
-            zfs: "zfs".into(),
+            runner: system(),
         }
     }
 
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.zfs);
-        cmd.arg("send");
+    /// Runs `zfs` through `runner`.
+    pub fn runner(mut self, runner: Arc<dyn Runner>) -> Self {
+        self.runner = runner;
+        self
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut a = args(&["send"]);
         if let Some(base) = &self.base {
             // `zfs send -i` wants `@snap` or a full name.
             let base = if base.contains('@') {
@@ -61,10 +68,11 @@ impl ZfsSource {
             } else {
                 format!("@{base}")
             };
-            cmd.arg("-i").arg(base);
+            a.push("-i".into());
+            a.push(base);
         }
-        cmd.arg(&self.snapshot);
-        cmd
+        a.push(self.snapshot.clone());
+        a
     }
 }
 
@@ -76,18 +84,18 @@ impl Source for ZfsSource {
                 self.snapshot
             )));
         }
-        Ok(Box::new(ToolReader::spawn(self.command())?))
+        self.runner.spawn_reader("zfs", &self.args())
     }
 }
 
 /// `zfs recv [-F] POOL/FS`, destroying whatever a failed receive created.
-#[derive(Debug)]
 pub struct ZfsSink {
     target: String,
     rollback: bool,
-    zfs: String,
+    runner: Arc<dyn Runner>,
+    /// What existed when the receive started; `Some` from `open` until commit or abort.
     before: Option<Vec<String>>,
-    receiver: ToolWriter,
+    receiver: Option<Box<dyn ChildInput>>,
 }
 
 impl ZfsSink {
@@ -97,10 +105,16 @@ impl ZfsSink {
         Self {
             target: target.into(),
             rollback: false,
-            zfs: "zfs".into(),
+            runner: system(),
             before: None,
-            receiver: ToolWriter::default(),
+            receiver: None,
         }
+    }
+
+    /// Runs `zfs` through `runner`.
+    pub fn runner(mut self, runner: Arc<dyn Runner>) -> Self {
+        self.runner = runner;
+        self
     }
 
     /// Passes `-F`: roll the target back to its newest snapshot before an incremental receive.
@@ -111,18 +125,20 @@ impl ZfsSink {
 
     /// The dataset and its snapshots as they exist now (empty if absent).
     fn existing(&self) -> Result<Vec<String>, BackendError> {
-        let mut cmd = Command::new(&self.zfs);
-        cmd.args([
-            "list",
-            "-H",
-            "-o",
-            "name",
-            "-t",
-            "filesystem,volume,snapshot",
-            "-r",
-            &self.target,
-        ]);
-        match run(cmd) {
+        let listed = self.runner.run(
+            "zfs",
+            &args(&[
+                "list",
+                "-H",
+                "-o",
+                "name",
+                "-t",
+                "filesystem,volume,snapshot",
+                "-r",
+                &self.target,
+            ]),
+        );
+        match listed {
             Ok(out) => Ok(out.lines().map(str::to_owned).collect()),
             // `zfs list` of a missing dataset fails; that is the "absent" answer.
             Err(BackendError::Command { stderr, .. }) if stderr.contains("does not exist") => {
@@ -139,9 +155,7 @@ impl ZfsSink {
         fresh.sort_by_key(|n| (!n.contains('@'), std::cmp::Reverse(n.len())));
         for name in fresh {
             tracing::warn!(%name, "destroying what the failed receive created");
-            let mut cmd = Command::new(&self.zfs);
-            cmd.args(["destroy", "-r", name]);
-            if let Err(e) = run(cmd) {
+            if let Err(e) = self.runner.run("zfs", &args(&["destroy", "-r", name])) {
                 tracing::warn!(error = %e, %name, "destroy failed");
             }
         }
@@ -157,24 +171,28 @@ impl ZfsSink {
 
 impl Sink for ZfsSink {
     fn open(&mut self) -> Result<Box<dyn Write + Send + '_>, BackendError> {
-        self.before = Some(self.existing()?);
-        let mut cmd = Command::new(&self.zfs);
-        cmd.arg("recv");
+        let before = self.existing()?;
+        let mut a = args(&["recv"]);
         if self.rollback {
-            cmd.arg("-F");
+            a.push("-F".into());
         }
-        cmd.arg(&self.target);
-        Ok(Box::new(self.receiver.start(cmd, "zfs recv")?))
+        a.push(self.target.clone());
+        let receiver = self.runner.spawn_writer("zfs", &a)?;
+        self.before = Some(before);
+        Ok(Box::new(self.receiver.insert(receiver)))
     }
 
     fn commit(&mut self) -> Result<(), BackendError> {
         // Closing stdin is zfs recv's EOF.
-        self.receiver.finish("zfs sink")
+        finish(&mut self.receiver, "zfs sink")?;
+        // Received: an abort from now on has nothing to take back.
+        self.before = None;
+        Ok(())
     }
 
     fn abort(&mut self) -> Result<Option<String>, BackendError> {
         // Kill before closing stdin: an EOF at a record boundary must not look like the end.
-        let stderr = self.receiver.kill();
+        let stderr = self.receiver.take().map(|r| r.kill());
         if let Some(before) = self.before.take() {
             // With zfs-fuse the receive runs inside the daemon, which may still be unwinding
             // (or, if every byte arrived, finishing) after the client is gone: clean up until
@@ -192,5 +210,68 @@ impl Sink for ZfsSink {
             last?;
         }
         Ok(stderr.filter(|s| !s.is_empty()))
+    }
+}
+
+impl Drop for ZfsSink {
+    fn drop(&mut self) {
+        if self.before.is_some()
+            && let Err(e) = self.abort()
+        {
+            tracing::error!(target = %self.target, error = %e, "aborting the dropped zfs sink failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::runner::fake::FakeRunner;
+
+    const LIST: &str = "zfs list -H -o name -t filesystem,volume,snapshot -r tank/v";
+
+    #[test]
+    fn an_abort_kills_the_receive_and_destroys_what_it_created() {
+        let fake = Arc::new(FakeRunner::default());
+        fake.answer(LIST, Err("cannot open 'tank/v': dataset does not exist"));
+        let mut sink = ZfsSink::new("tank/v").runner(fake.clone());
+        drop(sink.open().expect("open"));
+        // What the cut-off receive left; once destroyed, the listing is empty again.
+        fake.answer_once(LIST, Ok("tank/v\ntank/v@s1\n"));
+        sink.abort().expect("abort");
+        let calls = fake.calls();
+        let destroys: Vec<&String> = calls.iter().filter(|c| c.contains("destroy")).collect();
+        assert_eq!(
+            destroys,
+            ["zfs destroy -r tank/v@s1", "zfs destroy -r tank/v"],
+            "{calls:?}"
+        );
+        assert!(calls.contains(&"zfs recv tank/v".to_string()), "{calls:?}");
+    }
+
+    #[test]
+    fn a_dropped_sink_aborts_and_a_committed_one_takes_nothing_back() {
+        let fake = Arc::new(FakeRunner::default());
+        fake.answer(LIST, Ok("tank/v\n"));
+        {
+            let mut sink = ZfsSink::new("tank/v").rollback(true).runner(fake.clone());
+            drop(sink.open().expect("open"));
+            fake.answer_once(LIST, Ok("tank/v\ntank/v@s2\n"));
+        }
+        assert!(
+            fake.calls()
+                .contains(&"zfs destroy -r tank/v@s2".to_string())
+        );
+
+        let fake = Arc::new(FakeRunner::default());
+        fake.answer(LIST, Ok("tank/v\n"));
+        let mut sink = ZfsSink::new("tank/v").rollback(true).runner(fake.clone());
+        drop(sink.open().expect("open"));
+        sink.commit().expect("commit");
+        fake.answer(LIST, Ok("tank/v\ntank/v@s2\n"));
+        assert_eq!(sink.abort().expect("abort"), None);
+        drop(sink);
+        assert!(!fake.calls().iter().any(|c| c.contains("destroy")));
+        assert!(fake.calls().contains(&"zfs recv -F tank/v".to_string()));
     }
 }

@@ -189,13 +189,14 @@ async fn start_node(dir: &Path, ca: &Path, address: &str, port: u16) -> TestNode
         AgentClient::new(client_config(&files).expect("client tls"), port),
         routes,
     ));
-    let listener = crate::api::bind(format!("{address}:{port}").parse().expect("addr"))
+    let listener = crate::server::bind(format!("{address}:{port}").parse().expect("addr"))
         .await
         .expect("bind");
-    tokio::spawn(crate::api::serve(
+    tokio::spawn(crate::server::serve(
         listener,
         server_config(&files).expect("server tls"),
         agent.clone(),
+        crate::limits::ServerLimits::default(),
     ));
     TestNode {
         agent,

@@ -18,7 +18,6 @@
 //! sender (403 otherwise). Connections, handshakes and their limits are [`crate::server`]'s.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,8 +27,6 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use rustls::ServerConfig;
-use tokio::net::TcpListener;
 use tokio_stream_shim::ReceiverStream;
 
 use crate::agent::{Agent, AgentError, ReceiveParams, TakeOverRequest, event_line};
@@ -41,17 +38,6 @@ use crate::limits::ServerLimits;
 const MAX_JSON_BODY: usize = 16 << 20;
 
 type Body = BoxBody<Bytes, Infallible>;
-
-/// Errors of the server itself (not of single requests).
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-}
 
 fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
     let bytes = serde_json::to_vec(value).unwrap_or_default();
@@ -210,17 +196,6 @@ async fn converge(
         hyper::header::HeaderValue::from_static("application/x-ndjson"),
     );
     Ok(resp)
-}
-
-/// Serves the API on `listener` with the default [`ServerLimits`]; see
-/// [`crate::server::serve`].
-pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, agent: Arc<Agent>) {
-    crate::server::serve(listener, tls, agent, ServerLimits::default()).await;
-}
-
-/// Binds the listen address.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ApiError> {
-    crate::server::bind(addr).await
 }
 
 mod tokio_stream_shim {

@@ -38,7 +38,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Api(#[from] crate::api::ApiError),
+    Server(#[from] crate::server::ServerError),
 }
 
 /// Opens the configured volume backend.

@@ -22,6 +22,7 @@ pub mod idle;
 pub mod limits;
 pub mod listeners;
 pub mod ownership;
+pub mod restart_memory;
 pub mod revocation;
 pub mod routes;
 pub mod server;

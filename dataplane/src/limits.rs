@@ -4,12 +4,7 @@
 //! connections an agent serves at once, how long a peer agent may stay silent, and how long
 //! a converge waits for the one before it.
 
-use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::sync::{Mutex, OwnedMutexGuard};
-
-use crate::agent::AgentError;
 
 /// How long a converge waits for the converge before it to finish; converges of one node
 /// run one at a time, and deploy sends them one after the other, so waiting longer only
@@ -52,38 +47,3 @@ impl Default for ServerLimits {
 /// Bounds of the client agents use to talk to each other: connect 5 s, TLS handshake
 /// 10 s, 60 s without progress.
 pub use flocker_client::Timeouts as PeerTimeouts;
-
-/// Takes the converge lock, or fails with a conflict after [`CONVERGE_LOCK_WAIT`].
-pub async fn converge_lock(lock: &Arc<Mutex<()>>) -> Result<OwnedMutexGuard<()>, AgentError> {
-    lock_within(lock, CONVERGE_LOCK_WAIT).await
-}
-
-async fn lock_within(
-    lock: &Arc<Mutex<()>>,
-    wait: Duration,
-) -> Result<OwnedMutexGuard<()>, AgentError> {
-    tokio::time::timeout(wait, lock.clone().lock_owned())
-        .await
-        .map_err(|_| {
-            AgentError::Conflict(format!(
-                "another converge has been running on this node for over {wait:?}; it finishes on its own (every step has a timeout), retry after it"
-            ))
-        })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_held_converge_lock_is_a_clear_conflict_not_a_hang() {
-        let lock = Arc::new(Mutex::new(()));
-        let wait = Duration::from_millis(50);
-        let held = lock_within(&lock, wait).await.expect("free");
-        let err = lock_within(&lock, wait).await.expect_err("held");
-        assert_eq!(err.status(), 409);
-        assert!(err.to_string().contains("another converge"), "{err}");
-        drop(held);
-        assert!(converge_lock(&lock).await.is_ok());
-    }
-}

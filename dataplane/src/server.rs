@@ -244,11 +244,22 @@ impl AcceptBackoff {
     }
 }
 
+/// Errors of the server itself (not of single requests).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Binds the listen address.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, crate::api::ApiError> {
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| crate::api::ApiError::Bind { addr, source })
+        .map_err(|source| ServerError::Bind { addr, source })
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use crate::restart_memory::RestartMemory;
+
 use flocker_wire::RestartPolicy;
 
 use crate::agent::Agent;
@@ -27,28 +29,6 @@ const FIRST_DELAY: Duration = Duration::from_secs(1);
 const MAX_DELAY: Duration = Duration::from_secs(60);
 /// A container that runs this long past its last restart has its backoff reset.
 const STABLE: Duration = Duration::from_secs(10);
-
-/// What the supervisor remembers of one container.
-#[derive(Debug, Clone, Default)]
-pub struct RestartMemory {
-    /// Restarts made since a converge last started it (bounded by `on-failure:N`).
-    pub restarts: u32,
-    /// Consecutive attempts that failed or exited again, for the backoff.
-    attempts: u32,
-    /// No attempt before this instant.
-    not_before: Option<Instant>,
-    /// The last proof failure logged, so a lasting problem is logged once.
-    last_error: Option<String>,
-}
-
-impl RestartMemory {
-    /// Tests step past the backoff instead of waiting it out.
-    #[cfg(test)]
-    pub fn clear_backoff(&mut self) {
-        self.attempts = 0;
-        self.not_before = None;
-    }
-}
 
 /// Whether the application's policy asks for a restart of a container that exited with
 /// `exit_code` after `restarts` supervisor restarts.

@@ -29,6 +29,7 @@ use crate::volume::mountinfo::{self, FsLocation};
 use crate::volume::{VolumeBackend, VolumeError};
 
 pub mod fencing;
+mod lock;
 mod migrate;
 pub mod replication;
 mod validate;
@@ -109,7 +110,7 @@ pub struct Agent {
     /// The agent API's own port, never routed to an application.
     api_port: Option<u16>,
     /// Restarts the supervisor made, per container name (cleared when a converge starts it).
-    pub(crate) restarts: std::sync::Mutex<HashMap<String, crate::supervisor::RestartMemory>>,
+    pub(crate) restarts: std::sync::Mutex<HashMap<String, crate::restart_memory::RestartMemory>>,
     /// The desired state of the last converge: which peers exist (fencing asks them) and
     /// which volumes replicate where (see `replication`). Kept in `schedule_file` so that a
     /// restarted agent resumes both before the next deploy.
@@ -376,7 +377,7 @@ impl Agent {
         self: &Arc<Self>,
         request: ConvergeRequest,
     ) -> Result<mpsc::Receiver<ConvergeEvent>, AgentError> {
-        let guard = crate::limits::converge_lock(&self.converge_lock).await?;
+        let guard = lock::converge_lock(&self.converge_lock).await?;
         self.validate(&request).await?;
         self.remember_desired(&request.desired);
         let (tx, rx) = mpsc::channel(64);

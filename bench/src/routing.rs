@@ -104,10 +104,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                     let loc = lab.iperf(true, NODE, IPERF_ROUTE)?;
                     report.add_iperf(peer, fwd, loc);
                 }
-                if round == 0 && n == *route_counts.iter().max().unwrap_or(&n) {
-                    if let Some(timings) = setup.timings.take() {
-                        report.program_rows.push((peer, n, timings));
-                    }
+                if round == 0
+                    && n == *route_counts.iter().max().unwrap_or(&n)
+                    && let Some(timings) = setup.timings.take()
+                {
+                    report.program_rows.push((peer, n, timings));
                 }
                 lab.teardown(&mut setup)?;
                 let direct_after = lab.direct_sample(seconds)?;

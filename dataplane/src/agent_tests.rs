@@ -40,10 +40,10 @@ struct FakeRuntime {
 impl FakeRuntime {
     /// The container's process exits with `code`, as a crash would.
     fn exit(&self, name: &str, code: i64) {
-        if let Ok(mut c) = self.containers.lock() {
-            if let Some(c) = c.get_mut(name) {
-                c.running = false;
-            }
+        if let Ok(mut c) = self.containers.lock()
+            && let Some(c) = c.get_mut(name)
+        {
+            c.running = false;
         }
         if let Ok(mut e) = self.exit_codes.lock() {
             e.insert(name.to_string(), code);
@@ -107,10 +107,10 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn start(&self, name: &str) -> Result<(), ContainerError> {
-        if let Ok(mut c) = self.containers.lock() {
-            if let Some(c) = c.get_mut(name) {
-                c.running = true;
-            }
+        if let Ok(mut c) = self.containers.lock()
+            && let Some(c) = c.get_mut(name)
+        {
+            c.running = true;
         }
         if let Ok(mut s) = self.starts.lock() {
             *s += 1;

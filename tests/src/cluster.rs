@@ -334,10 +334,10 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if self.teardown_on_drop {
-            if let Err(e) = Cluster::down(&self.spec) {
-                eprintln!("cluster: teardown failed: {e:#}");
-            }
+        if self.teardown_on_drop
+            && let Err(e) = Cluster::down(&self.spec)
+        {
+            eprintln!("cluster: teardown failed: {e:#}");
         }
     }
 }

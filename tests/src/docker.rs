@@ -123,10 +123,10 @@ impl Dockerd {
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         while Instant::now() < deadline {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    bail!("dockerd exited at start ({status}): {}", self.log_tail());
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                bail!("dockerd exited at start ({status}): {}", self.log_tail());
             }
             if self.socket.exists() && self.docker(&["version"]).is_ok() {
                 return Ok(());

@@ -62,14 +62,14 @@ pub fn parse_native(sink: &mut Sink<'_>, root: &Node) -> ApplicationConfig {
 
 /// `version: 1` is required in both native files; it is how Flocker told its formats apart.
 pub fn check_version(sink: &mut Sink<'_>, top: &[super::yaml::Entry], root_mark: Mark) {
-    if let Some(version) = require(sink, top, "version", root_mark, "") {
-        if version.value.as_int() != Some(1) {
-            sink.error(
-                version.value.mark,
-                "version",
-                format!("expected the integer 1, found {}", version.value.describe()),
-            );
-        }
+    if let Some(version) = require(sink, top, "version", root_mark, "")
+        && version.value.as_int() != Some(1)
+    {
+        sink.error(
+            version.value.mark,
+            "version",
+            format!("expected the integer 1, found {}", version.value.describe()),
+        );
     }
 }
 

@@ -308,10 +308,10 @@ fn arb_desired() -> impl Strategy<Value = DesiredState> {
                 a.image.tag = "v2".into();
             }
             d.applications.insert(a.name.clone(), a);
-            if let Some(node) = NODES.get(place) {
-                if let Some(apps) = d.nodes.get_mut(*node) {
-                    apps.insert(names[i].to_string());
-                }
+            if let Some(node) = NODES.get(place)
+                && let Some(apps) = d.nodes.get_mut(*node)
+            {
+                apps.insert(names[i].to_string());
             }
         }
         d

@@ -407,26 +407,26 @@ impl Loaded {
             .map(|pins| pins.link(&format!("tc-{name}")));
         let program = tc_program(&mut self.bpf)?;
         let error = program_error(TC_PROGRAM);
-        if let Some(path) = &path {
-            if let Ok(old) = PinnedLink::from_pin(path) {
-                let replaced = SchedClassifierLink::try_from(FdLink::from(old))
-                    .ok()
-                    .and_then(|link| program.attach_to_link(link).ok());
-                if let Some(id) = replaced {
-                    // The pin already names this link; keep a handle of our own to it.
-                    drop(program.take_link(id).map_err(error)?);
-                    let link = PinnedLink::from_pin(path).map_err(|source| EbpfError::Link {
-                        name: TC_PROGRAM,
-                        source: Box::new(source),
-                    })?;
-                    return Ok(Attachment::Pinned {
-                        link,
-                        path: path.clone(),
-                    });
-                }
-                // Its interface went away (a new one has the name), or it is no BPF link.
-                pins::remove(path);
+        if let Some(path) = &path
+            && let Ok(old) = PinnedLink::from_pin(path)
+        {
+            let replaced = SchedClassifierLink::try_from(FdLink::from(old))
+                .ok()
+                .and_then(|link| program.attach_to_link(link).ok());
+            if let Some(id) = replaced {
+                // The pin already names this link; keep a handle of our own to it.
+                drop(program.take_link(id).map_err(error)?);
+                let link = PinnedLink::from_pin(path).map_err(|source| EbpfError::Link {
+                    name: TC_PROGRAM,
+                    source: Box::new(source),
+                })?;
+                return Ok(Attachment::Pinned {
+                    link,
+                    path: path.clone(),
+                });
             }
+            // Its interface went away (a new one has the name), or it is no BPF link.
+            pins::remove(path);
         }
         let id = program.attach(name, TcAttachType::Ingress).map_err(error)?;
         let link = program.take_link(id).map_err(error)?;

@@ -221,11 +221,11 @@ impl KernelSettings {
         self.write(path, &value)?;
         // The kernel may print a value differently from how it was written (lists of ports).
         let now = self.read(path)?;
-        if let Some(entry) = self.entries.get_mut(path) {
-            if entry.ours != now {
-                entry.ours = now.clone();
-                self.save()?;
-            }
+        if let Some(entry) = self.entries.get_mut(path)
+            && entry.ours != now
+        {
+            entry.ours = now.clone();
+            self.save()?;
         }
         info!(setting = path, from = %current, to = %now, "kernel setting changed");
         Ok(())

@@ -333,14 +333,13 @@ impl Agent {
             .local_volume(name)
             .await?
             .ok_or_else(|| AgentError::NotFound(format!("volume {name:?} does not exist here")))?;
-        if local.owner == self.me {
-            if let Some(c) = self.managed(name).await? {
-                if c.running {
-                    return Err(AgentError::Conflict(format!(
-                        "application {name:?} still runs here; stop it before handing its volume off"
-                    )));
-                }
-            }
+        if local.owner == self.me
+            && let Some(c) = self.managed(name).await?
+            && c.running
+        {
+            return Err(AgentError::Conflict(format!(
+                "application {name:?} still runs here; stop it before handing its volume off"
+            )));
         }
         let remote = if local.owner == to {
             None

@@ -482,13 +482,14 @@ impl Agent {
             None => None,
         };
         self.forget_restarts(&app.name);
-        if let Some(c) = &existing {
-            if !replace && &c.application == app {
-                if !c.running {
-                    self.runtime.start(&c.name).await?;
-                }
-                return Ok(());
+        if let Some(c) = &existing
+            && !replace
+            && &c.application == app
+        {
+            if !c.running {
+                self.runtime.start(&c.name).await?;
             }
+            return Ok(());
         }
         let spec = container_spec(app, volume_path.as_deref(), desired, &self.me)?;
         if let Some(c) = existing {

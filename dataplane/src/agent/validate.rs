@@ -34,13 +34,13 @@ impl Agent {
             match action {
                 Action::CreateVolume { volume, .. } => {
                     check_name(volume)?;
-                    if let Some(v) = volumes.get(volume) {
-                        if v.owner != self.me {
-                            return Err(AgentError::Conflict(format!(
-                                "create volume {volume:?}: a copy already exists here, owned by {} at epoch {}",
-                                v.owner, v.epoch
-                            )));
-                        }
+                    if let Some(v) = volumes.get(volume)
+                        && v.owner != self.me
+                    {
+                        return Err(AgentError::Conflict(format!(
+                            "create volume {volume:?}: a copy already exists here, owned by {} at epoch {}",
+                            v.owner, v.epoch
+                        )));
                     }
                     created.push(volume);
                 }

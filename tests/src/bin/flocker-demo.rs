@@ -69,10 +69,10 @@ fn main() -> Result<()> {
 
 fn connect(addr: &str) -> Result<Redis> {
     for _ in 0..50 {
-        if let Ok(mut r) = Redis::connect(addr, Duration::from_secs(2)) {
-            if r.command(&["PING"]).is_ok() {
-                return Ok(r);
-            }
+        if let Ok(mut r) = Redis::connect(addr, Duration::from_secs(2))
+            && r.command(&["PING"]).is_ok()
+        {
+            return Ok(r);
         }
         std::thread::sleep(Duration::from_millis(200));
     }

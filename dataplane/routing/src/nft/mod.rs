@@ -219,12 +219,11 @@ impl Drop for NftBackend {
     /// `DOCKER-USER` rule (the next agent takes them over); only the transient RCU switch,
     /// which no commit holds any more, is forgotten.
     fn drop(&mut self) {
-        if self.restores_settings {
-            if let Ok(mut settings) = self.settings.lock() {
-                if let Err(error) = settings.release_transient() {
-                    warn!(error = %crate::error_chain(&error), "kernel settings journal");
-                }
-            }
+        if self.restores_settings
+            && let Ok(mut settings) = self.settings.lock()
+            && let Err(error) = settings.release_transient()
+        {
+            warn!(error = %crate::error_chain(&error), "kernel settings journal");
         }
     }
 }

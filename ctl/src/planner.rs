@@ -14,6 +14,8 @@
 //! 7. `start`: new containers start; changed ones restart in place.
 //! 8. `routes`: every node whose route table differs gets the new one, only now that every
 //!    container the routes point at is up.
+//! 9. `standby`: every node whose replication schedule (the `standby:` entries of the
+//!    applications it hosts) differs gets the new one, once the volumes are where they go.
 //!
 //! **Architecture invariant:** planning a cluster that matches its desired state yields the
 //! empty plan, so `flockerctl deploy` run twice changes nothing the second time.
@@ -36,6 +38,7 @@ pub fn plan(desired: &DesiredState, current: &ClusterState) -> Plan {
     }
     plan_stops(desired, current, &mut phases);
     plan_routes(desired, current, &mut phases);
+    plan_standby(desired, current, &mut phases);
     phases.into_plan()
 }
 
@@ -50,6 +53,7 @@ struct PhaseSet {
     handoff: Vec<NodeAction>,
     start: Vec<NodeAction>,
     routes: Vec<NodeAction>,
+    standby: Vec<NodeAction>,
 }
 
 impl PhaseSet {
@@ -63,6 +67,7 @@ impl PhaseSet {
             ("handoff", self.handoff),
             ("start", self.start),
             ("routes", self.routes),
+            ("standby", self.standby),
         ];
         Plan {
             phases: named
@@ -221,6 +226,24 @@ fn plan_routes(desired: &DesiredState, current: &ClusterState, phases: &mut Phas
 
 mod failover;
 pub use failover::{Blocked, FailoverError, Planned, Promotion, plan_around};
+
+/// Every node whose replication schedule differs from the deployment's `standby:` for the
+/// applications it hosts.
+fn plan_standby(desired: &DesiredState, current: &ClusterState, phases: &mut PhaseSet) {
+    for node in desired.nodes.keys() {
+        let wanted = desired.standby_for(node);
+        let have = current
+            .nodes
+            .get(node)
+            .map(|n| n.standby.clone())
+            .unwrap_or_default();
+        if have != wanted {
+            phases
+                .standby
+                .push(on(node, Action::SetStandby { standby: wanted }));
+        }
+    }
+}
 
 #[cfg(test)]
 mod simulate;

@@ -34,6 +34,18 @@ pub fn describe(action: &Action) -> String {
             "restart {} in place with new configuration ({})",
             application.name, application.image
         ),
+        Action::SetStandby { standby } if standby.is_empty() => {
+            "replicate nothing (no standby)".to_string()
+        }
+        Action::SetStandby { standby } => {
+            let parts: Vec<String> = standby
+                .iter()
+                .map(|(app, s)| {
+                    format!("{app} to {} every {} ms", s.nodes.join(", "), s.interval_ms)
+                })
+                .collect();
+            format!("replicate {}", parts.join("; "))
+        }
         Action::SetRoutes { routes } if routes.is_empty() => "remove all routes".to_string(),
         Action::SetRoutes { routes } => {
             let parts: Vec<String> = routes

@@ -132,6 +132,15 @@ pub const MIN_REPLICATION_INTERVAL_MS: u64 = 1_000;
 pub const MAX_REPLICATION_INTERVAL_MS: u64 = 86_400_000;
 
 impl DesiredState {
+    /// The standby entries of the applications placed on `node`: what its agent replicates.
+    pub fn standby_for(&self, node: &str) -> BTreeMap<String, Standby> {
+        self.standby
+            .iter()
+            .filter(|(app, _)| self.node_of(app) == Some(node))
+            .map(|(app, s)| (app.clone(), s.clone()))
+            .collect()
+    }
+
     /// The node an application is placed on, if any.
     pub fn node_of(&self, application: &str) -> Option<&str> {
         self.nodes
@@ -236,6 +245,10 @@ pub struct NodeState {
     pub volumes: Vec<VolumeState>,
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// The replication schedule this node follows for the applications it hosts (from the
+    /// last deploy); the planner compares it with the deployment's `standby:`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub standby: BTreeMap<String, Standby>,
 }
 
 impl NodeState {
@@ -318,6 +331,9 @@ pub enum Action {
     RestartApplication { application: Application },
     /// Replace this node's route table.
     SetRoutes { routes: Vec<Route> },
+    /// The replication schedule for the applications this node hosts. The converge request's
+    /// desired state carries it; the action makes a node that has nothing else to do take it.
+    SetStandby { standby: BTreeMap<String, Standby> },
 }
 
 /// An action and the node that carries it out.

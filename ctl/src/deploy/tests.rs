@@ -125,6 +125,7 @@ fn step(action: &Action) -> String {
         Action::StopApplication { application } => format!("stop {application}"),
         Action::RestartApplication { application } => format!("restart {}", application.name),
         Action::SetRoutes { .. } => "routes".to_string(),
+        Action::SetStandby { .. } => "standby".to_string(),
     }
 }
 

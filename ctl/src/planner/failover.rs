@@ -243,7 +243,7 @@ fn concerns(action: &Action) -> Option<&str> {
             Some(&application.name)
         }
         Action::StopApplication { application } => Some(application),
-        Action::SetRoutes { .. } => None,
+        Action::SetRoutes { .. } | Action::SetStandby { .. } => None,
     }
 }
 

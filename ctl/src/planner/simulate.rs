@@ -159,6 +159,9 @@ fn apply(node: &str, action: &Action, state: &mut ClusterState) -> Result<(), St
                 .containers
                 .retain(|c| &c.application.name != application);
         }
+        Action::SetStandby { standby } => {
+            node_mut(state, node).standby = standby.clone();
+        }
         Action::SetRoutes { routes } => {
             for route in routes {
                 let host = match &route.target {
@@ -278,6 +281,9 @@ pub fn matches(desired: &DesiredState, state: &ClusterState) -> Result<(), Strin
         if n.routes != wanted {
             return Err(format!("routes of {node} differ"));
         }
+        if desired.nodes.contains_key(node) && n.standby != desired.standby_for(node) {
+            return Err(format!("replication schedule of {node} differs"));
+        }
     }
     Ok(())
 }
@@ -308,6 +314,7 @@ pub fn realize(desired: &DesiredState) -> ClusterState {
             }
         }
         n.routes = desired.routes_for(node);
+        n.standby = desired.standby_for(node);
     }
     state
 }

@@ -553,3 +553,37 @@ proptest! {
         matches(&after, &live).map_err(TestCaseError::fail)?;
     }
 }
+
+#[test]
+fn a_new_standby_alone_reaches_the_owner_and_then_nothing_is_left() {
+    let before = desired(&[app("redis", 6379, true)], &[(N1, &["redis"]), (N2, &[])]);
+    let mut after = before.clone();
+    after.standby.insert(
+        "redis".into(),
+        flocker_wire::Standby {
+            nodes: vec![N2.into()],
+            interval_ms: 1_000,
+        },
+    );
+    check(
+        &after,
+        &realize(&before),
+        "phase 1/1: standby
+  198.18.0.11     replicate redis to 198.18.0.12 every 1000 ms
+",
+    );
+    // Moving the application moves its schedule with it.
+    let mut moved = after.clone();
+    moved.standby.clear();
+    moved.nodes.get_mut(N1).expect("n1").remove("redis");
+    moved.nodes.get_mut(N2).expect("n2").insert("redis".into());
+    let mut state = realize(&after);
+    let p = plan(&moved, &state);
+    assert!(
+        plan_text(&p).contains("198.18.0.11     replicate nothing (no standby)"),
+        "{}",
+        plan_text(&p)
+    );
+    apply_plan(&p, &mut state).expect("safe");
+    matches(&moved, &state).expect("converged");
+}

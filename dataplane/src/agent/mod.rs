@@ -286,6 +286,10 @@ impl Agent {
             containers,
             volumes,
             routes: self.routes.current(),
+            standby: self
+                .last_desired()
+                .map(|d| d.standby_for(&self.me))
+                .unwrap_or_default(),
         })
     }
 
@@ -433,6 +437,8 @@ impl Agent {
             Action::Handoff { volume, to } => self.handoff(volume, to).await,
             Action::Promote { volume, epoch } => self.promote(volume, *epoch).await,
             Action::SetRoutes { routes } => self.set_routes(routes.clone()).await,
+            // The schedule is the request's desired state, remembered when it was accepted.
+            Action::SetStandby { .. } => Ok(()),
         }
     }
 
@@ -538,6 +544,7 @@ pub fn step_name(action: &Action) -> String {
         Action::StopApplication { application } => format!("stop {application}"),
         Action::RestartApplication { application } => format!("restart {}", application.name),
         Action::SetRoutes { routes } => format!("set-routes ({} routes)", routes.len()),
+        Action::SetStandby { standby } => format!("set-standby ({} volumes)", standby.len()),
     }
 }
 

@@ -87,6 +87,13 @@ impl Agent {
                     created.push(volume);
                 }
                 Action::SetRoutes { routes } => self.validate_routes(request, routes)?,
+                Action::SetStandby { standby } => {
+                    if *standby != request.desired.standby_for(&self.me) {
+                        return bad(
+                            "set standby: the schedule differs from the desired state's `standby` for this node".to_string(),
+                        );
+                    }
+                }
             }
         }
         Ok(())

@@ -1088,7 +1088,11 @@ async fn flockerctl_deploys_through_the_agent_client_and_checks_revocation() {
     flocker_ctl::ca::issue_user(&ca, "admin").expect("user");
     let user = || {
         Credentials::from_ca_dir(&ca, "admin")
-            .client(a.agent_port, Duration::from_secs(10))
+            .client(
+                a.agent_port,
+                Duration::from_secs(10),
+                Duration::from_secs(10),
+            )
             .expect("client")
     };
     let nodes = [A.to_string(), B.to_string()];

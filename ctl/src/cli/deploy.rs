@@ -29,11 +29,17 @@ pub struct AgentArgs {
     /// Seconds a node gets to answer a state query.
     #[arg(long, default_value_t = 10)]
     pub timeout: u64,
+    /// Seconds a node gets to accept the connection; a node that does not is reported as
+    /// not answering (a dead node costs this long, not `--timeout`).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    pub connect_timeout: u64,
 }
 
 fn client(agents: &AgentArgs) -> Result<AgentClient, DeployError> {
     let credentials = Credentials::from_ca_dir(&agents.ca_dir, &agents.user);
-    Ok(credentials.client(agents.port, Duration::from_secs(agents.timeout))?)
+    let timeout = Duration::from_secs(agents.timeout);
+    let connect = Duration::from_secs(agents.connect_timeout).min(timeout);
+    Ok(credentials.client(agents.port, timeout, connect)?)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, DeployError> {

@@ -47,8 +47,19 @@ impl Credentials {
 
     /// The client of every agent at `port`, bounded by `timeout` (see
     /// [`Timeouts::within`]).
-    pub fn client(&self, port: u16, timeout: Duration) -> Result<AgentClient, CredentialsError> {
-        Ok(AgentClient::new(self.tls_config()?, port).with_timeouts(Timeouts::within(timeout)))
+    /// A client whose requests take at most `timeout` to be answered, and whose connections
+    /// at most `connect` to be accepted.
+    pub fn client(
+        &self,
+        port: u16,
+        timeout: Duration,
+        connect: Duration,
+    ) -> Result<AgentClient, CredentialsError> {
+        let timeouts = Timeouts {
+            connect,
+            ..Timeouts::within(timeout)
+        };
+        Ok(AgentClient::new(self.tls_config()?, port).with_timeouts(timeouts))
     }
 
     /// Presents the user certificate; trusts only the cluster CA, minus revoked agents.

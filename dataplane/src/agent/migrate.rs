@@ -287,19 +287,6 @@ impl Agent {
                 return Err(e);
             }
         };
-        let mut bridge = SyncIoBridge::new(body);
-        // The stream verified end to end is committed (swapped in) before this returns; any
-        // failure aborts the sink, which leaves no partial copy and the replica as it was.
-        let bytes = tokio::task::spawn_blocking(move || {
-            transfer::receive(&mut bridge, sink.as_mut()).map_err(|e| {
-                // Read the rest of the stream away so the sender gets this answer.
-                drop(sink);
-                let _ = std::io::copy(&mut bridge, &mut std::io::sink());
-                AgentError::from(e)
-            })
-        })
-        .await
-        .map_err(|e| AgentError::Internal(e.to_string()))??;
         let (owner, epoch) =
             ownership::received_record(local.as_ref(), &params.owner, params.epoch);
         let record = Record { owner, epoch };
@@ -307,19 +294,33 @@ impl Agent {
         let (n, snap) = (name.to_string(), params.snapshot.clone());
         let local = local.filter(|_| !replace_stale);
         let quota = params.quota.filter(|_| local.is_none());
-        self.blocking(move |b| {
-            b.set_record(&n, &record, writable, RecordOrder::TakeOver)?;
+        let backend = self.volumes.clone();
+        let mut bridge = SyncIoBridge::new(body);
+        // The stream verified end to end is committed (swapped in), and recorded, on one
+        // blocking thread: a sender that hangs up right after its last frame drops this
+        // request's future, but never leaves a received copy without its record. Any
+        // failure before the commit aborts the sink, which leaves no partial copy and the
+        // replica as it was.
+        let bytes = tokio::task::spawn_blocking(move || -> Result<u64, AgentError> {
+            let bytes = transfer::receive(&mut bridge, sink.as_mut()).map_err(|e| {
+                // Read the rest of the stream away so the sender gets this answer.
+                drop(sink);
+                let _ = std::io::copy(&mut bridge, &mut std::io::sink());
+                AgentError::from(e)
+            })?;
+            backend.set_record(&n, &record, writable, RecordOrder::TakeOver)?;
             if let Some(q) = quota {
-                b.set_quota(&n, q)?;
+                backend.set_quota(&n, q)?;
             }
-            if let Some(v) = b.get(&n)? {
+            if let Some(v) = backend.get(&n)? {
                 for s in ownership::prunable(&v.snapshots, &snap) {
-                    b.destroy_snapshot(&n, &s)?;
+                    backend.destroy_snapshot(&n, &s)?;
                 }
             }
-            Ok(())
+            Ok(bytes)
         })
-        .await?;
+        .await
+        .map_err(|e| AgentError::Internal(e.to_string()))??;
         tracing::info!(volume = name, from = %params.from, snapshot = %params.snapshot, bytes, "received");
         Ok(ReceiveReport {
             snapshot: params.snapshot,

@@ -129,7 +129,7 @@ pub async fn gather_reachable<A: AgentApi>(
         asked += 1;
     }
     let mut gathered = Gathered::default();
-    let mut first: Option<DeployError> = None;
+    let mut errors: BTreeMap<String, DeployError> = BTreeMap::new();
     while let Some((node, joined)) = tasks.next().await {
         let error = match joined {
             Ok(Ok(state)) => {
@@ -139,12 +139,12 @@ pub async fn gather_reachable<A: AgentApi>(
             Ok(Err(e)) => DeployError::from(e),
             Err(e) => lost(node.clone(), "state query", &e),
         };
-        gathered.unreachable.insert(node, error.to_string());
-        if first.is_none() {
-            first = Some(error);
-        }
+        gathered.unreachable.insert(node.clone(), error.to_string());
+        errors.insert(node, error);
     }
-    match first {
+    // When nobody answers, the first node by address is reported (whichever failed first
+    // would make the message depend on timing).
+    match errors.into_values().next() {
         Some(e) if asked > 0 && gathered.state.nodes.is_empty() => Err(e),
         _ => Ok(gathered),
     }

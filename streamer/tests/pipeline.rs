@@ -262,7 +262,8 @@ fn frames_cannot_be_spliced_between_streams_with_the_same_key() {
     spliced.extend_from_slice(&wb[STREAM_HEADER_LEN..]);
     let mut out = Vec::new();
     let e = receive_stream(&spliced[..], &mut out, &ro).expect_err("spliced");
-    assert!(matches!(e, StreamError::DataTag { seq: 0 }), "{e}");
+    // Every frame is B's, so every one fails; with two verifiers either may report first.
+    assert!(matches!(e, StreamError::DataTag { .. }), "{e}");
     assert!(out.is_empty());
 }
 

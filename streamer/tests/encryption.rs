@@ -279,7 +279,11 @@ fn sealed_frames_cannot_be_altered_reordered_or_replayed() {
     set_seq(&mut f[2], 2);
     set_seq(&mut f[3], 3);
     let (r, out) = receive(&rebuild(f));
-    assert!(matches!(r, Err(StreamError::DataTag { seq: 2 })), "{r:?}");
+    // Both swapped frames fail; with parallel verifiers either may be reported first.
+    assert!(
+        matches!(r, Err(StreamError::DataTag { seq: 2 | 3 })),
+        "{r:?}"
+    );
     assert_eq!(&out[..], &data[..out.len()]);
     assert!(out.len() <= 2 * CHUNK);
 

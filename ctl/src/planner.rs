@@ -20,7 +20,7 @@
 //! **Architecture invariant:** planning a cluster that matches its desired state yields the
 //! empty plan, so `flockerctl deploy` run twice changes nothing the second time.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use flocker_wire::{Action, ClusterState, DesiredState, NodeAction, Phase, Plan};
 
@@ -39,7 +39,7 @@ pub fn plan(desired: &DesiredState, current: &ClusterState) -> Plan {
     plan_stops(desired, current, &mut phases);
     plan_routes(desired, current, &mut phases);
     plan_standby(desired, current, &mut phases);
-    phases.into_plan()
+    phases.into_plan(desired)
 }
 
 /// The plan's phases, filled in any order and emitted in protocol order.
@@ -57,18 +57,18 @@ struct PhaseSet {
 }
 
 impl PhaseSet {
-    fn into_plan(self) -> Plan {
-        let named = [
-            ("finish-handoff", self.finish_handoff),
-            ("create-volumes", self.create_volumes),
-            ("pre-copy", self.pre_copy),
-            ("stop", self.stop),
-            ("final-push", self.final_push),
-            ("handoff", self.handoff),
-            ("start", self.start),
-            ("routes", self.routes),
-            ("standby", self.standby),
+    fn into_plan(self, desired: &DesiredState) -> Plan {
+        let mut named = vec![
+            ("finish-handoff".to_owned(), self.finish_handoff),
+            ("create-volumes".to_owned(), self.create_volumes),
+            ("pre-copy".to_owned(), self.pre_copy),
+            ("stop".to_owned(), self.stop),
+            ("final-push".to_owned(), self.final_push),
+            ("handoff".to_owned(), self.handoff),
         ];
+        named.extend(start_waves(self.start, desired));
+        named.push(("routes".to_owned(), self.routes));
+        named.push(("standby".to_owned(), self.standby));
         Plan {
             phases: named
                 .into_iter()
@@ -76,13 +76,64 @@ impl PhaseSet {
                 .map(|(name, mut actions)| {
                     // Within a phase order does not matter; sorting by node keeps output stable.
                     actions.sort_by(|a, b| a.node.cmp(&b.node));
-                    Phase {
-                        name: name.to_string(),
-                        actions,
-                    }
+                    Phase { name, actions }
                 })
                 .collect(),
         }
+    }
+}
+
+/// Splits the starts by `depends_on`: `start` holds the applications that wait for nothing
+/// being started, `start-2` those that wait only for the first, and so on. An application
+/// whose dependency is already running (not started by this plan) does not wait.
+fn start_waves(starts: Vec<NodeAction>, desired: &DesiredState) -> Vec<(String, Vec<NodeAction>)> {
+    let started: BTreeSet<String> = starts
+        .iter()
+        .filter_map(|a| started_application(&a.action))
+        .collect();
+    let mut depth: BTreeMap<String, usize> = BTreeMap::new();
+    // Waves are ordered, so a dependency's depth is known before its dependents'. A cycle
+    // was refused by validation; should one arrive anyway, everything stays in one wave.
+    if let Ok(waves) = flocker_wire::checks::start_order(desired) {
+        for name in waves.into_iter().flatten() {
+            let wait = desired.applications.get(&name).map_or(0, |app| {
+                app.depends_on
+                    .iter()
+                    .filter(|d| started.contains(*d))
+                    .map(|d| depth.get(d).map_or(0, |n| n + 1))
+                    .max()
+                    .unwrap_or(0)
+            });
+            depth.insert(name, wait);
+        }
+    }
+    let mut waves: BTreeMap<usize, Vec<NodeAction>> = BTreeMap::new();
+    for action in starts {
+        let level = started_application(&action.action)
+            .and_then(|name| depth.get(&name).copied())
+            .unwrap_or(0);
+        waves.entry(level).or_default().push(action);
+    }
+    waves
+        .into_values()
+        .enumerate()
+        .map(|(i, actions)| {
+            let name = if i == 0 {
+                "start".to_owned()
+            } else {
+                format!("start-{}", i + 1)
+            };
+            (name, actions)
+        })
+        .collect()
+}
+
+fn started_application(action: &Action) -> Option<String> {
+    match action {
+        Action::StartApplication { application } | Action::RestartApplication { application } => {
+            Some(application.name.clone())
+        }
+        _ => None,
     }
 }
 

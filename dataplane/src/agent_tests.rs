@@ -223,6 +223,8 @@ fn app() -> Application {
         mem_limit: None,
         cpu_shares: None,
         restart_policy: RestartPolicy::Never,
+        container: Default::default(),
+        depends_on: Vec::new(),
     }
 }
 

@@ -15,8 +15,11 @@ use bollard::container::{
     RemoveContainerOptions, StartContainerOptions, StopContainerOptions, UpdateContainerOptions,
 };
 use bollard::image::CreateImageOptions;
-use bollard::models::{HostConfig, RestartPolicy as DockerRestart, RestartPolicyNameEnum};
-use flocker_wire::{Application, DesiredState};
+use bollard::models::{
+    HostConfig, HostConfigLogConfig, ResourcesUlimits, RestartPolicy as DockerRestart,
+    RestartPolicyNameEnum,
+};
+use flocker_wire::{Application, ContainerSettings, DesiredState};
 use futures_util::StreamExt;
 
 pub const LABEL_MANAGED: &str = "flocker.managed";
@@ -50,6 +53,8 @@ pub struct ContainerSpec {
     pub binds: Vec<String>,
     pub memory: Option<u64>,
     pub cpu_shares: Option<u64>,
+    /// Command, user, capabilities and the rest; its labels are already in `labels`.
+    pub settings: ContainerSettings,
 }
 
 /// A container the agent manages, as Docker reports it.
@@ -74,9 +79,18 @@ pub struct ContainerDetails {
     pub docker_restarts: bool,
 }
 
-/// The Docker container name of an application.
+/// The default Docker container name of an application.
 pub fn container_name(application: &str) -> String {
     format!("flocker-{application}")
+}
+
+/// The Docker container name an application runs under: its `container_name` if it sets
+/// one, else the default.
+pub fn container_name_of(app: &Application) -> String {
+    app.container
+        .container_name
+        .clone()
+        .unwrap_or_else(|| container_name(&app.name))
 }
 
 /// The node that serves a link's remote port: the node hosting the application with that
@@ -136,7 +150,9 @@ pub fn container_spec(
         ));
     }
     let json = serde_json::to_string(app).map_err(|e| ContainerError::Other(e.to_string()))?;
-    let labels = BTreeMap::from([
+    // The config's own labels first, so Flocker's (which a config cannot name) win.
+    let mut labels = app.container.labels.clone();
+    labels.extend([
         (LABEL_MANAGED.to_string(), "true".to_string()),
         (LABEL_NODE.to_string(), me.to_string()),
         (LABEL_APPLICATION.to_string(), json),
@@ -146,15 +162,33 @@ pub fn container_spec(
         _ => vec![],
     };
     Ok(ContainerSpec {
-        name: container_name(&app.name),
+        name: container_name_of(app),
         image: app.image.to_string(),
         env,
         labels,
-        exposed_ports: app.ports.iter().map(|p| p.internal).collect(),
+        exposed_ports: exposed_ports(app),
         binds,
         memory: app.mem_limit,
         cpu_shares: app.cpu_shares,
+        settings: app.container.clone(),
     })
+}
+
+fn non_empty(list: &[String]) -> Option<Vec<String>> {
+    (!list.is_empty()).then(|| list.to_vec())
+}
+
+fn non_empty_map(map: &BTreeMap<String, String>) -> Option<HashMap<String, String>> {
+    (!map.is_empty()).then(|| map.clone().into_iter().collect())
+}
+
+/// The routed internal ports and the ones only exposed, each once, in order.
+fn exposed_ports(app: &Application) -> Vec<u16> {
+    let mut ports: Vec<u16> = app.ports.iter().map(|p| p.internal).collect();
+    ports.extend(&app.container.expose);
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 /// The container operations the agent needs. [`DockerRuntime`] is the real one.
@@ -321,6 +355,7 @@ impl ContainerRuntime for DockerRuntime {
             name: Some(RestartPolicyNameEnum::NO),
             maximum_retry_count: None,
         };
+        let settings = &spec.settings;
         let config = Config {
             image: Some(spec.image.clone()),
             env: Some(spec.env.clone()),
@@ -331,10 +366,45 @@ impl ContainerRuntime for DockerRuntime {
                     .map(|p| (format!("{p}/tcp"), HashMap::new()))
                     .collect(),
             ),
+            cmd: settings.command.clone(),
+            entrypoint: settings.entrypoint.clone(),
+            user: settings.user.clone(),
+            working_dir: settings.working_dir.clone(),
+            hostname: settings.hostname.clone(),
+            stop_signal: settings.stop_signal.clone(),
+            stop_timeout: settings.stop_timeout_seconds(),
+            tty: Some(settings.tty),
+            open_stdin: Some(settings.stdin_open),
             host_config: Some(HostConfig {
                 binds: Some(spec.binds.clone()),
                 memory: spec.memory.and_then(|m| i64::try_from(m).ok()),
                 cpu_shares: spec.cpu_shares.and_then(|c| i64::try_from(c).ok()),
+                nano_cpus: settings.nano_cpus.and_then(|c| i64::try_from(c).ok()),
+                cap_add: (!settings.cap_add.is_empty()).then(|| settings.cap_add.clone()),
+                cap_drop: (!settings.cap_drop.is_empty()).then(|| settings.cap_drop.clone()),
+                init: settings.init,
+                tmpfs: non_empty_map(&settings.tmpfs),
+                extra_hosts: non_empty(&settings.extra_hosts),
+                dns: non_empty(&settings.dns),
+                ulimits: (!settings.ulimits.is_empty()).then(|| {
+                    settings
+                        .ulimits
+                        .iter()
+                        .map(|(name, limit)| ResourcesUlimits {
+                            name: Some(name.clone()),
+                            soft: Some(limit.soft),
+                            hard: Some(limit.hard),
+                        })
+                        .collect()
+                }),
+                shm_size: settings.shm_size.and_then(|s| i64::try_from(s).ok()),
+                sysctls: non_empty_map(&settings.sysctls),
+                security_opt: non_empty(&settings.security_opt),
+                readonly_rootfs: settings.read_only.then_some(true),
+                log_config: settings.logging.as_ref().map(|l| HostConfigLogConfig {
+                    typ: Some(l.driver.clone()),
+                    config: non_empty_map(&l.options),
+                }),
                 restart_policy: Some(restart),
                 ..Default::default()
             }),
@@ -362,7 +432,9 @@ impl ContainerRuntime for DockerRuntime {
     async fn stop_and_remove(&self, name: &str) -> Result<(), ContainerError> {
         match self
             .docker
-            .stop_container(name, Some(StopContainerOptions { t: 10 }))
+            // No timeout given: Docker waits the container's own stop timeout (the
+            // application's `stop_grace_period`, else 10 s) before it kills.
+            .stop_container(name, None::<StopContainerOptions>)
             .await
         {
             Ok(()) => {}
@@ -460,6 +532,8 @@ mod tests {
             mem_limit: Some(64 << 20),
             cpu_shares: Some(512),
             restart_policy: RestartPolicy::Always,
+            container: Default::default(),
+            depends_on: Vec::new(),
         }
     }
 
@@ -521,5 +595,20 @@ mod tests {
         let back: Application = serde_json::from_str(label).expect("label json");
         assert_eq!(back, db);
         assert_eq!(spec.labels[LABEL_NODE], "198.18.0.2");
+    }
+
+    #[test]
+    fn settings_reach_the_spec_and_config_labels_cannot_shadow_flockers() {
+        let mut db = app("db");
+        db.container.labels = BTreeMap::from([("com.example.team".into(), "storage".into())]);
+        db.container.expose = vec![9121, 6379];
+        db.container.command = Some(vec!["redis-server".into(), "--save".into(), "60 1".into()]);
+        let mut desired = DesiredState::default();
+        desired.applications.insert("db".into(), db.clone());
+        let spec = container_spec(&db, None, &desired, "198.18.0.2").expect("spec");
+        assert_eq!(spec.labels["com.example.team"], "storage");
+        assert_eq!(spec.labels[LABEL_MANAGED], "true");
+        assert_eq!(spec.exposed_ports, vec![6379, 9121]);
+        assert_eq!(spec.settings, db.container);
     }
 }

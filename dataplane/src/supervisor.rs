@@ -35,7 +35,7 @@ const STABLE: Duration = Duration::from_secs(10);
 pub fn wants_restart(policy: &RestartPolicy, exit_code: Option<i64>, restarts: u32) -> bool {
     match policy {
         RestartPolicy::Never => false,
-        RestartPolicy::Always => true,
+        RestartPolicy::Always | RestartPolicy::UnlessStopped => true,
         RestartPolicy::OnFailure {
             maximum_retry_count,
         } => exit_code != Some(0) && maximum_retry_count.is_none_or(|max| restarts < max),

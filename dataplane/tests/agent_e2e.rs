@@ -470,6 +470,8 @@ fn busybox_app() -> Application {
         mem_limit: Some(128 << 20),
         cpu_shares: Some(256),
         restart_policy: RestartPolicy::Never,
+        container: Default::default(),
+        depends_on: Vec::new(),
     }
 }
 

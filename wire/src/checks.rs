@@ -134,6 +134,13 @@ pub fn application_problems(app: &Application) -> Vec<String> {
             out.push(format!("link {:?}: port 0 is not a port", link.alias));
         }
     }
+    out.extend(app.container.problems());
+    for dependency in &app.depends_on {
+        out.extend(application_name_problem(dependency).map(|p| format!("depends_on: {p}")));
+        if dependency == &app.name {
+            out.push("depends_on: an application cannot depend on itself".to_owned());
+        }
+    }
     out.into_iter()
         .map(|p| format!("application {:?}: {p}", app.name))
         .collect()
@@ -161,6 +168,8 @@ pub fn desired_problems(desired: &DesiredState) -> Vec<String> {
             }
         }
     }
+    out.extend(dependency_problems(desired));
+    out.extend(container_name_clashes(desired));
     let mut placed: BTreeMap<&str, &str> = BTreeMap::new();
     for (node, apps) in &desired.nodes {
         out.extend(address_problem(node).map(|p| format!("node {p}")));
@@ -176,6 +185,100 @@ pub fn desired_problems(desired: &DesiredState) -> Vec<String> {
         }
     }
     out
+}
+
+/// Two applications may run on one node (and move onto one), so their containers' names
+/// must differ cluster-wide, defaults (`flocker-NAME`) included.
+fn container_name_clashes(desired: &DesiredState) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut names: BTreeMap<String, &str> = BTreeMap::new();
+    for app in desired.applications.values() {
+        let name = app
+            .container
+            .container_name
+            .clone()
+            .unwrap_or_else(|| format!("flocker-{}", app.name));
+        if let Some(first) = names.insert(name.clone(), &app.name) {
+            out.push(format!(
+                "applications {first:?} and {:?} both run in a container named {name:?}",
+                app.name
+            ));
+        }
+    }
+    out
+}
+
+/// `depends_on` names applications of the same desired state and forms no cycle.
+fn dependency_problems(desired: &DesiredState) -> Vec<String> {
+    let mut out = Vec::new();
+    for app in desired.applications.values() {
+        for dependency in &app.depends_on {
+            if !desired.applications.contains_key(dependency) {
+                out.push(format!(
+                    "application {:?} depends on {dependency:?}, which is not deployed",
+                    app.name
+                ));
+            }
+        }
+    }
+    if out.is_empty()
+        && let Err(cycle) = start_order(desired)
+    {
+        out.push(format!("depends_on forms a cycle: {}", cycle.join(" -> ")));
+    }
+    out
+}
+
+/// The applications in waves: each wave depends only on earlier ones. `Err` names a cycle.
+/// Dependencies on applications that are not in `desired` are ignored.
+pub fn start_order(desired: &DesiredState) -> Result<Vec<Vec<String>>, Vec<String>> {
+    let mut remaining: BTreeMap<&str, Vec<&str>> = desired
+        .applications
+        .values()
+        .map(|app| {
+            let deps = app
+                .depends_on
+                .iter()
+                .map(String::as_str)
+                .filter(|d| desired.applications.contains_key(*d))
+                .collect();
+            (app.name.as_str(), deps)
+        })
+        .collect();
+    let mut waves = Vec::new();
+    while !remaining.is_empty() {
+        let wave: Vec<String> = remaining
+            .iter()
+            .filter(|(_, deps)| deps.iter().all(|d| !remaining.contains_key(d)))
+            .map(|(name, _)| (*name).to_owned())
+            .collect();
+        if wave.is_empty() {
+            return Err(find_cycle(&remaining));
+        }
+        for name in &wave {
+            remaining.remove(name.as_str());
+        }
+        waves.push(wave);
+    }
+    Ok(waves)
+}
+
+/// Follows first unresolved dependencies from the smallest name until one repeats.
+fn find_cycle(remaining: &BTreeMap<&str, Vec<&str>>) -> Vec<String> {
+    let mut path: Vec<&str> = Vec::new();
+    let mut current = remaining.keys().next().copied();
+    while let Some(name) = current {
+        if let Some(start) = path.iter().position(|n| *n == name) {
+            let mut cycle: Vec<String> = path[start..].iter().map(|n| (*n).to_owned()).collect();
+            cycle.push(name.to_owned());
+            return cycle;
+        }
+        path.push(name);
+        current = remaining
+            .get(name)
+            .and_then(|deps| deps.iter().find(|d| remaining.contains_key(**d)).copied());
+    }
+    path.iter().map(|n| (*n).to_owned()).collect()
 }
 
 #[cfg(test)]
@@ -205,6 +308,8 @@ mod tests {
             mem_limit: None,
             cpu_shares: None,
             restart_policy: RestartPolicy::Never,
+            container: Default::default(),
+            depends_on: Vec::new(),
         }
     }
 
@@ -261,5 +366,55 @@ mod tests {
         ] {
             assert!(problems.contains(needle), "{needle:?} in:\n{problems}");
         }
+    }
+
+    #[test]
+    fn start_order_puts_dependencies_first_and_names_cycles() {
+        let mut d = DesiredState::default();
+        for (name, port, deps) in [
+            ("web", 1, vec!["api"]),
+            ("api", 2, vec!["db", "cache"]),
+            ("db", 3, vec![]),
+            ("cache", 4, vec![]),
+        ] {
+            let mut a = app(name);
+            a.ports[0].external = port;
+            a.depends_on = deps.into_iter().map(String::from).collect();
+            d.applications.insert(name.into(), a);
+        }
+        assert_eq!(desired_problems(&d), Vec::<String>::new());
+        assert_eq!(
+            start_order(&d).expect("no cycle"),
+            vec![vec!["cache", "db"], vec!["api"], vec!["web"]]
+        );
+
+        if let Some(db) = d.applications.get_mut("db") {
+            db.depends_on = vec!["web".into()];
+        }
+        let problems = desired_problems(&d).join("\n");
+        assert!(
+            problems.contains("depends_on forms a cycle: api -> db -> web -> api"),
+            "{problems}"
+        );
+
+        if let Some(db) = d.applications.get_mut("db") {
+            db.depends_on = vec!["ghost".into(), "db".into()];
+        }
+        let problems = desired_problems(&d).join("\n");
+        assert!(
+            problems.contains("depends on \"ghost\", which is not deployed"),
+            "{problems}"
+        );
+        assert!(problems.contains("cannot depend on itself"), "{problems}");
+
+        if let Some(db) = d.applications.get_mut("db") {
+            db.depends_on.clear();
+            db.container.container_name = Some("flocker-web".into());
+        }
+        let problems = desired_problems(&d).join("\n");
+        assert!(
+            problems.contains("both run in a container named \"flocker-web\""),
+            "{problems}"
+        );
     }
 }

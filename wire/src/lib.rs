@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod checks;
+pub mod container;
 pub mod image;
 #[cfg(feature = "logging")]
 pub mod logging;
@@ -19,6 +20,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+
+pub use container::ContainerSettings;
 
 /// The version of the agent API these types describe.
 pub const API_VERSION: u32 = 1;
@@ -74,6 +77,9 @@ pub enum RestartPolicy {
     #[default]
     Never,
     Always,
+    /// Like `always` for Flocker's supervisor, which restarts the application whenever it
+    /// exits; kept apart so a compose file's `unless-stopped` reads back as written.
+    UnlessStopped,
     OnFailure {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         maximum_retry_count: Option<u32>,
@@ -101,6 +107,12 @@ pub struct Application {
     pub cpu_shares: Option<u64>,
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// Command, user, labels, capabilities and the rest of how the container runs.
+    #[serde(default, skip_serializing_if = "ContainerSettings::is_empty")]
+    pub container: ContainerSettings,
+    /// Applications whose containers start before this one's within a deploy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
 }
 
 /// What the cluster should look like: the applications and which node runs each.
@@ -427,6 +439,8 @@ mod tests {
             mem_limit: None,
             cpu_shares: None,
             restart_policy: RestartPolicy::Never,
+            container: Default::default(),
+            depends_on: Vec::new(),
         }
     }
 

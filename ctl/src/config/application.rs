@@ -12,6 +12,9 @@ use super::fields::{
     positive_int, require, size, string,
 };
 use super::image::parse_image;
+use super::settings::{
+    PendingDependency, SETTINGS_KEYS, depends_on, parse_settings, resolve_dependencies,
+};
 use super::yaml::{Mark, Node};
 
 pub const APPLICATION_KEYS: &[&str] = &[
@@ -23,6 +26,7 @@ pub const APPLICATION_KEYS: &[&str] = &[
     "mem_limit",
     "cpu_shares",
     "restart_policy",
+    "depends_on",
 ];
 
 /// Validates a native config whose root is a mapping that has an `applications` key.
@@ -50,13 +54,26 @@ pub fn parse_native(sink: &mut Sink<'_>, root: &Node) -> ApplicationConfig {
         return config;
     };
     let mut claims = Vec::new();
+    let mut dependencies = Vec::new();
     for entry in entries {
         config.defined.insert(entry.key.clone(), entry.key_mark);
-        if let Some(app) = parse_one(sink, &entry.key, entry.key_mark, &entry.value, &mut claims) {
+        if let Some(app) = parse_one(
+            sink,
+            &entry.key,
+            entry.key_mark,
+            &entry.value,
+            &mut claims,
+            &mut dependencies,
+        ) {
             config.applications.insert(entry.key.clone(), app);
         }
     }
     check_external_ports(sink, &claims);
+    for (name, targets) in resolve_dependencies(sink, dependencies, &config.defined) {
+        if let Some(app) = config.applications.get_mut(&name) {
+            app.depends_on = targets;
+        }
+    }
     config
 }
 
@@ -79,13 +96,23 @@ fn parse_one(
     key_mark: Mark,
     node: &Node,
     claims: &mut Vec<PortClaim>,
+    dependencies: &mut Vec<PendingDependency>,
 ) -> Option<Application> {
     let before = sink.diagnostics.len();
     if let Some(problem) = application_name_problem(name) {
         sink.error(key_mark, name, problem);
     }
     let entries = expect_map(sink, node, name, "a mapping of application settings")?;
-    check_keys(sink, entries, APPLICATION_KEYS, name);
+    let allowed: Vec<&str> = APPLICATION_KEYS
+        .iter()
+        .chain(SETTINGS_KEYS)
+        .copied()
+        .collect();
+    check_keys(sink, entries, &allowed, name);
+    let container = parse_settings(sink, entries, name);
+    if let Some(e) = find(entries, "depends_on") {
+        depends_on(sink, &e.value, name, dependencies);
+    }
 
     let image = require(sink, entries, "image", key_mark, name).and_then(|e| {
         let path = join(name, "image");
@@ -269,6 +296,8 @@ fn parse_one(
         mem_limit,
         cpu_shares,
         restart_policy,
+        container,
+        depends_on: Vec::new(),
     })
 }
 

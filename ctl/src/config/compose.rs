@@ -6,28 +6,39 @@
 //! silently lost its `command` would run something else than its author tested. `x-*`
 //! extension keys are skipped, since compose defines them as inert anchors holders.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 use flocker_wire::{Application, Link, PortMap, RestartPolicy, VolumeSpec};
 
-use super::ApplicationConfig;
 use super::fields::{
     PortClaim, Sink, alias_problem, application_name_problem, check_external_ports,
     env_name_problem, env_value, expect_list, expect_map, find, join, mountpoint_problem, port,
     port_in_range, positive_int, size, string,
 };
 use super::image::parse_image;
+use super::interpolate::{ComposeEnv, parse_env_file};
+use super::settings::{
+    PendingDependency, SETTINGS_KEYS, depends_on, parse_settings, resolve_dependencies,
+};
 use super::yaml::{Entry, Kind, Mark, Node, Resolved};
+use super::{ApplicationConfig, Diagnostic};
 
+/// Service keys read here; the container settings both dialects share are in
+/// [`SETTINGS_KEYS`].
 pub const SERVICE_KEYS: &[&str] = &[
     "image",
     "ports",
     "environment",
+    "env_file",
     "links",
+    "depends_on",
+    "networks",
     "volumes",
     "mem_limit",
     "cpu_shares",
     "restart",
+    "deploy",
 ];
 
 /// Compose keys Flocker cannot honour, each with the reason given to the user.
@@ -35,14 +46,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     (
         "build",
         "images are not built by Flocker; build and tag the image beforehand and name it with `image`",
-    ),
-    (
-        "command",
-        "the image's own command is run; bake the command into the image",
-    ),
-    (
-        "entrypoint",
-        "the image's own entrypoint is run; bake it into the image",
     ),
     (
         "volumes_from",
@@ -57,69 +60,46 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "networking is managed by Flocker: use `ports` and `links`",
     ),
     (
-        "networks",
-        "networking is managed by Flocker: use `ports` and `links`",
-    ),
-    (
-        "depends_on",
-        "applications start independently on their nodes; use `links` to reach another application",
-    ),
-    (
-        "expose",
-        "only published ports are routed; use `ports: [\"EXTERNAL:INTERNAL\"]`",
-    ),
-    (
         "external_links",
         "only applications of this file can be linked",
-    ),
-    (
-        "env_file",
-        "the environment must be written in the file so every node gets the same one",
     ),
     (
         "extends",
         "write each service out in full (YAML anchors and `<<` merge keys work)",
     ),
     (
-        "dns",
-        "name resolution inside containers is not configurable",
-    ),
-    (
         "dns_search",
         "name resolution inside containers is not configurable",
     ),
     (
-        "extra_hosts",
-        "name resolution inside containers is not configurable",
+        "domainname",
+        "set the full name with `hostname` (for example `db.example.com`)",
     ),
     (
-        "container_name",
-        "the container is named after the application",
+        "privileged",
+        "a privileged container can reach its node's storage, and with it another application's volume: Flocker could no longer promise one writer per volume",
     ),
-    ("hostname", "the container's hostname is not configurable"),
-    ("domainname", "the container's hostname is not configurable"),
-    (
-        "labels",
-        "labels are reserved for Flocker's own bookkeeping",
-    ),
-    ("privileged", "privileged containers are not supported"),
-    ("cap_add", "capabilities are not configurable"),
-    ("cap_drop", "capabilities are not configurable"),
     (
         "devices",
         "host devices differ between nodes, so they cannot follow an application",
     ),
-    ("user", "the image's user is used"),
-    ("working_dir", "the image's working directory is used"),
     ("healthcheck", "health checks are not supported"),
-    ("deploy", "placement comes from the deployment config"),
-    ("logging", "logging is not configurable"),
-    ("log_driver", "logging is not configurable"),
-    ("memswap_limit", "only `mem_limit` is supported"),
-    ("mem_reservation", "only `mem_limit` is supported"),
-    ("cpus", "only `cpu_shares` is supported"),
-    ("cpuset", "only `cpu_shares` is supported"),
-    ("tmpfs", "only one persistent volume is supported"),
+    (
+        "log_driver",
+        "the version 1 spelling; write `logging: {driver: ...}`",
+    ),
+    (
+        "memswap_limit",
+        "swap differs from node to node, so the limit would change when the application moves; use `mem_limit`",
+    ),
+    (
+        "mem_reservation",
+        "placement comes from the deployment config, not from reservations; use `mem_limit`",
+    ),
+    (
+        "cpuset",
+        "CPU numbers differ from node to node; use `cpus` or `cpu_shares`",
+    ),
     ("secrets", "secrets are not supported"),
     ("configs", "configs are not supported"),
     ("profiles", "every service in the file is an application"),
@@ -127,10 +107,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
 
 /// Top-level keys of the modern form that cannot be honoured.
 const UNSUPPORTED_TOP: &[(&str, &str)] = &[
-    (
-        "networks",
-        "networking is managed by Flocker: use `ports` and `links`",
-    ),
     ("secrets", "secrets are not supported"),
     ("configs", "configs are not supported"),
 ];
@@ -145,15 +121,22 @@ struct PendingLink {
 }
 
 /// Validates a modern compose file (root mapping with `services`).
-pub fn parse_modern(sink: &mut Sink<'_>, root: &Node) -> ApplicationConfig {
+pub fn parse_modern(sink: &mut Sink<'_>, root: &Node, env: &ComposeEnv) -> ApplicationConfig {
     let Some(top) = expect_map(sink, root, "", "a compose file mapping") else {
         return ApplicationConfig::default();
+    };
+    let mut file = ComposeFile {
+        env,
+        project: None,
+        networks: BTreeSet::from(["default".to_owned()]),
     };
     for entry in top {
         match entry.key.as_str() {
             "services" => {}
             "version" => check_compose_version(sink, &entry.value),
             "volumes" => check_volume_declarations(sink, &entry.value),
+            "name" => file.project = project_name(sink, &entry.value),
+            "networks" => file.networks.extend(check_network_declarations(sink, &entry.value)),
             k if k.starts_with("x-") => {}
             k => match UNSUPPORTED_TOP.iter().find(|(name, _)| *name == k) {
                 Some((_, why)) => sink.error(
@@ -164,7 +147,7 @@ pub fn parse_modern(sink: &mut Sink<'_>, root: &Node) -> ApplicationConfig {
                 None => sink.error(
                     entry.key_mark,
                     k,
-                    "unknown key; allowed top-level keys are: version, services, volumes, x-*",
+                    "unknown key; allowed top-level keys are: name, version, services, volumes, networks, x-*",
                 ),
             },
         }
@@ -180,11 +163,19 @@ pub fn parse_modern(sink: &mut Sink<'_>, root: &Node) -> ApplicationConfig {
     ) else {
         return ApplicationConfig::default();
     };
-    parse_services(sink, entries)
+    parse_services(sink, entries, &file)
+}
+
+/// What the services of one file share: the variables and directory it is read with, its
+/// project name and the networks it declares.
+struct ComposeFile<'e> {
+    env: &'e ComposeEnv,
+    project: Option<String>,
+    networks: BTreeSet<String>,
 }
 
 /// Validates a fig-style file: every top-level key is a service.
-pub fn parse_fig(sink: &mut Sink<'_>, root: &Node) -> ApplicationConfig {
+pub fn parse_fig(sink: &mut Sink<'_>, root: &Node, env: &ComposeEnv) -> ApplicationConfig {
     let Some(top) = expect_map(
         sink,
         root,
@@ -193,7 +184,84 @@ pub fn parse_fig(sink: &mut Sink<'_>, root: &Node) -> ApplicationConfig {
     ) else {
         return ApplicationConfig::default();
     };
-    parse_services(sink, top)
+    let file = ComposeFile {
+        env,
+        project: None,
+        networks: BTreeSet::from(["default".to_owned()]),
+    };
+    parse_services(sink, top, &file)
+}
+
+/// The top-level `name:` (compose's project name), set on each container as compose's own
+/// `com.docker.compose.project` label.
+fn project_name(sink: &mut Sink<'_>, node: &Node) -> Option<String> {
+    let name = string(sink, node, "name", "a project name")?;
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+    if !valid {
+        sink.error(
+            node.mark,
+            "name",
+            format!(
+                "{name:?} is not a project name: lowercase letters, digits, dashes and underscores, starting with a letter or digit"
+            ),
+        );
+        return None;
+    }
+    Some(name.to_owned())
+}
+
+/// Top-level `networks:`. A network that only groups services is accepted; what no set of
+/// nodes can honour is refused with the reason. Returns the declared names.
+fn check_network_declarations(sink: &mut Sink<'_>, node: &Node) -> Vec<String> {
+    let mut names = Vec::new();
+    if node.is_null() {
+        return names;
+    }
+    let Some(entries) = expect_map(sink, node, "networks", "a mapping of network names") else {
+        return names;
+    };
+    for entry in entries {
+        names.push(entry.key.clone());
+        let path = join("networks", &entry.key);
+        if entry.value.is_null() {
+            continue;
+        }
+        let Some(fields) = expect_map(sink, &entry.value, &path, "a mapping of network settings")
+        else {
+            continue;
+        };
+        for field in fields {
+            let field_path = join(&path, &field.key);
+            let refusal = match field.key.as_str() {
+                "name" | "labels" | "attachable" => None,
+                "driver" => match field.value.as_str() {
+                    Some("bridge") => None,
+                    _ => Some(format!(
+                        "the driver {} cannot be honoured: a network spanning nodes is Flocker's routing, and a host or macvlan network ties containers to one host; remove `driver` or write `bridge`",
+                        field.value.describe()
+                    )),
+                },
+                "external" => Some("an external network exists on the host that made it, not on the node an application moves to".to_owned()),
+                "internal" => Some("an internal network would cut the application off from the ports Flocker routes to it".to_owned()),
+                "ipam" | "driver_opts" | "enable_ipv6" => Some(format!(
+                    "`{}` cannot be honoured: addresses and drivers differ between nodes, and Flocker routes by port",
+                    field.key
+                )),
+                _ => Some("unknown network setting; allowed: name, labels, attachable, driver: bridge".to_owned()),
+            };
+            if let Some(why) = refusal {
+                sink.error(field.key_mark, field_path, why);
+            }
+        }
+    }
+    names
 }
 
 fn check_compose_version(sink: &mut Sink<'_>, node: &Node) {
@@ -232,10 +300,15 @@ fn check_volume_declarations(sink: &mut Sink<'_>, node: &Node) {
     }
 }
 
-fn parse_services(sink: &mut Sink<'_>, entries: &[Entry]) -> ApplicationConfig {
+fn parse_services(
+    sink: &mut Sink<'_>,
+    entries: &[Entry],
+    file: &ComposeFile<'_>,
+) -> ApplicationConfig {
     let mut config = ApplicationConfig::default();
     let mut claims = Vec::new();
     let mut pending = Vec::new();
+    let mut dependencies = Vec::new();
     let mut broken = Vec::new();
     for entry in entries {
         if entry.key.starts_with("x-") {
@@ -248,8 +321,12 @@ fn parse_services(sink: &mut Sink<'_>, entries: &[Entry]) -> ApplicationConfig {
             &entry.key,
             entry.key_mark,
             &entry.value,
-            &mut claims,
-            &mut pending,
+            &mut Collected {
+                claims: &mut claims,
+                links: &mut pending,
+                dependencies: &mut dependencies,
+            },
+            file,
         );
         match app {
             Some(app) if sink.diagnostics.len() == before => {
@@ -260,7 +337,19 @@ fn parse_services(sink: &mut Sink<'_>, entries: &[Entry]) -> ApplicationConfig {
     }
     check_external_ports(sink, &claims);
     resolve_links(sink, &mut config, pending, &broken);
+    for (name, targets) in resolve_dependencies(sink, dependencies, &config.defined) {
+        if let Some(app) = config.applications.get_mut(&name) {
+            app.depends_on = targets;
+        }
+    }
     config
+}
+
+/// What services hand on to checks that need the whole file.
+struct Collected<'a> {
+    claims: &'a mut Vec<PortClaim>,
+    links: &'a mut Vec<PendingLink>,
+    dependencies: &'a mut Vec<PendingDependency>,
 }
 
 /// Expands `app[:alias]` into one link per port of the target: the linking container reaches
@@ -325,8 +414,8 @@ fn parse_service(
     name: &str,
     key_mark: Mark,
     node: &Node,
-    claims: &mut Vec<PortClaim>,
-    pending: &mut Vec<PendingLink>,
+    collected: &mut Collected<'_>,
+    file: &ComposeFile<'_>,
 ) -> Option<Application> {
     if let Some(problem) = application_name_problem(name) {
         sink.error(key_mark, name, problem);
@@ -334,7 +423,7 @@ fn parse_service(
     let entries = expect_map(sink, node, name, "a mapping of service settings")?;
     for entry in entries {
         let key = entry.key.as_str();
-        if SERVICE_KEYS.contains(&key) || key.starts_with("x-") {
+        if SERVICE_KEYS.contains(&key) || SETTINGS_KEYS.contains(&key) || key.starts_with("x-") {
             continue;
         }
         let path = join(name, key);
@@ -344,11 +433,15 @@ fn parse_service(
                 path,
                 format!("`{key}` cannot be honoured: {why}"),
             ),
-            None => sink.error(
-                entry.key_mark,
-                path,
-                format!("unknown key; allowed keys are: {}", SERVICE_KEYS.join(", ")),
-            ),
+            None => {
+                let allowed: Vec<&str> =
+                    SERVICE_KEYS.iter().chain(SETTINGS_KEYS).copied().collect();
+                sink.error(
+                    entry.key_mark,
+                    path,
+                    super::fields::unknown_key(key, &allowed),
+                );
+            }
         }
     }
 
@@ -392,7 +485,7 @@ fn parse_service(
         {
             let item_path = format!("{path}[{i}]");
             if let Some(map) = compose_port(sink, item, &item_path) {
-                claims.push(PortClaim {
+                collected.claims.push(PortClaim {
                     external: map.external,
                     application: name.to_owned(),
                     mark: item.mark,
@@ -404,8 +497,23 @@ fn parse_service(
     }
 
     let mut environment = BTreeMap::new();
+    if let Some(e) = find(entries, "env_file") {
+        env_files(
+            sink,
+            &e.value,
+            &join(name, "env_file"),
+            file.env,
+            &mut environment,
+        );
+    }
     if let Some(e) = find(entries, "environment") {
-        compose_environment(sink, &e.value, &join(name, "environment"), &mut environment);
+        compose_environment(
+            sink,
+            &e.value,
+            &join(name, "environment"),
+            &file.env.vars,
+            &mut environment,
+        );
     }
 
     if let Some(e) = find(entries, "links") {
@@ -429,7 +537,7 @@ fn parse_service(
                 sink.error(item.mark, item_path, problem);
                 continue;
             }
-            pending.push(PendingLink {
+            collected.links.push(PendingLink {
                 service: name.to_owned(),
                 target: target.to_owned(),
                 alias: alias.to_owned(),
@@ -439,10 +547,46 @@ fn parse_service(
         }
     }
 
+    if let Some(e) = find(entries, "depends_on") {
+        depends_on(sink, &e.value, name, collected.dependencies);
+    }
+    if let Some(e) = find(entries, "networks") {
+        service_networks(sink, &e.value, &join(name, "networks"), &file.networks);
+    }
+    let mut container = parse_settings(sink, entries, name);
+    if let Some(project) = &file.project {
+        for (key, value) in [
+            ("com.docker.compose.project", project.as_str()),
+            ("com.docker.compose.service", name),
+        ] {
+            container
+                .labels
+                .entry(key.to_owned())
+                .or_insert_with(|| value.to_owned());
+        }
+    }
+    let limits = find(entries, "deploy")
+        .map(|e| deploy_limits(sink, &e.value, &join(name, "deploy")))
+        .unwrap_or_default();
     let volume = find(entries, "volumes")
         .and_then(|e| compose_volume(sink, &e.value, &join(name, "volumes")));
-    let mem_limit =
+    let mut mem_limit =
         find(entries, "mem_limit").and_then(|e| size(sink, &e.value, &join(name, "mem_limit")));
+    for (given, from_deploy, key) in [
+        (&mut mem_limit, limits.memory, "memory"),
+        (&mut container.nano_cpus, limits.nano_cpus, "cpus"),
+    ] {
+        if let Some(value) = from_deploy {
+            if given.is_some() {
+                sink.error(
+                    limits.mark,
+                    join(name, "deploy/resources/limits"),
+                    format!("the {key} limit is given twice, here and as a service key; keep one"),
+                );
+            }
+            *given = Some(value);
+        }
+    }
     let cpu_shares = find(entries, "cpu_shares")
         .and_then(|e| positive_int(sink, &e.value, &join(name, "cpu_shares")));
     let restart_policy = find(entries, "restart")
@@ -459,7 +603,242 @@ fn parse_service(
         mem_limit,
         cpu_shares,
         restart_policy,
+        container,
+        depends_on: Vec::new(),
     })
+}
+
+/// `env_file`: one path or a list of paths or `{path, required}`, relative to the compose
+/// file, read now by flockerctl so every node gets the same values. `environment` wins over
+/// these; a later file wins over an earlier one.
+fn env_files(
+    sink: &mut Sink<'_>,
+    node: &Node,
+    path: &str,
+    env: &ComposeEnv,
+    out: &mut BTreeMap<String, String>,
+) {
+    let items: Vec<(usize, &Node)> = match &node.kind {
+        Kind::Seq(items) => items.iter().enumerate().collect(),
+        _ => vec![(0, node)],
+    };
+    for (i, item) in items {
+        let item_path = if matches!(node.kind, Kind::Seq(_)) {
+            format!("{path}[{i}]")
+        } else {
+            path.to_owned()
+        };
+        let (file, required) = match &item.kind {
+            Kind::Map(fields) => {
+                super::fields::check_keys(
+                    sink,
+                    fields,
+                    &["path", "required", "format"],
+                    &item_path,
+                );
+                let file = super::fields::require(sink, fields, "path", item.mark, &item_path)
+                    .and_then(|f| string(sink, &f.value, &join(&item_path, "path"), "a file path"));
+                let required = match find(fields, "required")
+                    .map(|f| f.value.as_scalar().map(|s| s.resolve()))
+                {
+                    None => true,
+                    Some(Some(Resolved::Bool(b))) => b,
+                    Some(_) => {
+                        sink.error(
+                            item.mark,
+                            join(&item_path, "required"),
+                            "expected true or false",
+                        );
+                        true
+                    }
+                };
+                (file, required)
+            }
+            _ => (string(sink, item, &item_path, "a file path"), true),
+        };
+        let Some(file) = file else { continue };
+        let full = env.base_dir.join(file);
+        match std::fs::read_to_string(&full) {
+            Ok(text) => {
+                let mut file_sink = Sink::new(&full);
+                for (key, value) in parse_env_file(&mut file_sink, &text, &env.vars) {
+                    out.insert(key, value);
+                }
+                let problems: Vec<Diagnostic> = file_sink.finish();
+                sink.diagnostics.extend(problems);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {}
+            Err(e) => sink.error(
+                item.mark,
+                item_path,
+                format!("cannot read the env file {}: {e}", display(&full)),
+            ),
+        }
+    }
+}
+
+fn display(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// A service's `networks`: names declared at the top level (or `default`), as a list or a
+/// mapping. Only grouping is honoured; fixed addresses are refused with the reason.
+fn service_networks(sink: &mut Sink<'_>, node: &Node, path: &str, declared: &BTreeSet<String>) {
+    let check_name = |sink: &mut Sink<'_>, name: &str, mark, item_path: String| {
+        if !declared.contains(name) {
+            sink.error(
+                mark,
+                item_path,
+                format!("the network `{name}` is not declared under the top-level `networks:`"),
+            );
+        }
+    };
+    match &node.kind {
+        Kind::Seq(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let item_path = format!("{path}[{i}]");
+                if let Some(name) = string(sink, item, &item_path, "a network name") {
+                    check_name(sink, name, item.mark, item_path);
+                }
+            }
+        }
+        Kind::Map(entries) => {
+            for entry in entries {
+                let entry_path = join(path, &entry.key);
+                check_name(sink, &entry.key, entry.key_mark, entry_path.clone());
+                let Some(fields) = entry.value.as_map() else {
+                    if !entry.value.is_null() {
+                        sink.error(
+                            entry.value.mark,
+                            entry_path,
+                            "expected a mapping of network settings or nothing",
+                        );
+                    }
+                    continue;
+                };
+                for field in fields {
+                    let why = match field.key.as_str() {
+                        "ipv4_address" | "ipv6_address" | "link_local_ips" | "mac_address" => {
+                            "a fixed address exists on one node's bridge only; Flocker routes by port, so the address would change when the application moves"
+                        }
+                        "aliases" => {
+                            "other services reach this one through its published ports or `links`; extra names are not resolved"
+                        }
+                        "priority" | "gw_priority" => continue,
+                        _ => "unknown network setting",
+                    };
+                    sink.error(
+                        field.key_mark,
+                        join(&entry_path, &field.key),
+                        format!("`{}` cannot be honoured: {why}", field.key),
+                    );
+                }
+            }
+        }
+        _ if node.is_null() => {}
+        _ => sink.error(
+            node.mark,
+            path,
+            format!(
+                "expected a list of network names, found {}",
+                node.describe()
+            ),
+        ),
+    }
+}
+
+/// The limits `deploy.resources.limits` gives, and where.
+#[derive(Default)]
+struct DeployLimits {
+    memory: Option<u64>,
+    nano_cpus: Option<u64>,
+    mark: super::yaml::Mark,
+}
+
+/// `deploy:` — only what one container on one node means: `resources.limits` (memory,
+/// cpus) and `replicas: 1`. Swarm's placement and update settings are refused by name.
+fn deploy_limits(sink: &mut Sink<'_>, node: &Node, path: &str) -> DeployLimits {
+    let mut limits = DeployLimits::default();
+    let Some(fields) = expect_map(sink, node, path, "a mapping") else {
+        return limits;
+    };
+    for field in fields {
+        let field_path = join(path, &field.key);
+        match field.key.as_str() {
+            "resources" => {
+                let Some(resources) =
+                    expect_map(sink, &field.value, &field_path, "a mapping with `limits`")
+                else {
+                    continue;
+                };
+                for resource in resources {
+                    let resource_path = join(&field_path, &resource.key);
+                    match resource.key.as_str() {
+                        "limits" => {
+                            limits.mark = resource.value.mark;
+                            let Some(items) = expect_map(sink, &resource.value, &resource_path, "a mapping with `memory` and `cpus`") else {
+                                continue;
+                            };
+                            for item in items {
+                                let item_path = join(&resource_path, &item.key);
+                                match item.key.as_str() {
+                                    "memory" => limits.memory = size(sink, &item.value, &item_path),
+                                    "cpus" => {
+                                        let one = [Entry {
+                                            key: "cpus".to_owned(),
+                                            key_mark: item.key_mark,
+                                            value: item.value.clone(),
+                                        }];
+                                        limits.nano_cpus = parse_settings(sink, &one, &resource_path).nano_cpus;
+                                    }
+                                    "pids" => sink.error(item.key_mark, item_path, "`pids` limits are not honoured yet"),
+                                    _ => sink.error(item.key_mark, item_path, "unknown limit; allowed: memory, cpus"),
+                                }
+                            }
+                        }
+                        "reservations" => sink.error(
+                            resource.key_mark,
+                            resource_path,
+                            "reservations cannot be honoured: placement comes from the deployment config, and host devices differ between nodes; use `limits`",
+                        ),
+                        _ => sink.error(resource.key_mark, resource_path, "unknown key; allowed: limits"),
+                    }
+                }
+            }
+            "replicas" => {
+                if field.value.as_int() != Some(1) {
+                    sink.error(
+                        field.value.mark,
+                        field_path,
+                        "an application runs as one container, on the node the deployment config names: remove `replicas` or write 1",
+                    );
+                }
+            }
+            "mode" if field.value.as_str() == Some("replicated") => {}
+            "placement" | "mode" | "endpoint_mode" => sink.error(
+                field.key_mark,
+                field_path,
+                format!(
+                    "`{}` cannot be honoured: placement comes from the deployment config",
+                    field.key
+                ),
+            ),
+            "restart_policy" | "update_config" | "rollback_config" | "labels" => sink.error(
+                field.key_mark,
+                field_path,
+                format!(
+                    "`{}` is swarm's; use the service's own `restart` and `labels`",
+                    field.key
+                ),
+            ),
+            _ => sink.error(
+                field.key_mark,
+                field_path,
+                "unknown key; allowed: resources, replicas",
+            ),
+        }
+    }
+    limits
 }
 
 /// `"EXTERNAL:INTERNAL"` (optionally `/tcp`), or the long form `{target, published}`.
@@ -566,6 +945,7 @@ fn compose_environment(
     sink: &mut Sink<'_>,
     node: &Node,
     path: &str,
+    vars: &BTreeMap<String, String>,
     out: &mut BTreeMap<String, String>,
 ) {
     match &node.kind {
@@ -585,13 +965,18 @@ fn compose_environment(
                 let Some(text) = string(sink, item, &item_path, "a \"KEY=VALUE\" string") else {
                     continue;
                 };
-                let Some((key, value)) = text.split_once('=') else {
+                // A bare name takes its value from flockerctl's environment, once, so every
+                // node gets the same value.
+                let Some((key, value)) = text
+                    .split_once('=')
+                    .or_else(|| vars.get(text).map(|value| (text, value.as_str())))
+                else {
                     sink.error(
                         item.mark,
                         item_path,
                         format!(
-                            "{text:?} has no value; values are never taken from the shell running flockerctl, \
-                             write \"{text}=VALUE\""
+                            "{text:?} has no value and flockerctl's environment does not set it; \
+                             write \"{text}=VALUE\" or set it where flockerctl runs"
                         ),
                     );
                     continue;
@@ -689,7 +1074,7 @@ fn compose_restart(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Resta
             node.mark,
             path,
             format!(
-                "expected no, always or on-failure[:N], found {}{hint}",
+                "expected no, always, unless-stopped or on-failure[:N], found {}{hint}",
                 node.describe()
             ),
         );
@@ -701,30 +1086,25 @@ fn compose_restart(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Resta
         "on-failure" => Some(RestartPolicy::OnFailure {
             maximum_retry_count: None,
         }),
-        "unless-stopped" => {
-            sink.error(node.mark, path, "`unless-stopped` cannot be honoured: Flocker stops containers itself; use `always`");
-            None
-        }
-        other => {
-            match other.strip_prefix("on-failure:") {
-                Some(n) => match n.parse::<u32>() {
-                    Ok(count) if count >= 1 => Some(RestartPolicy::OnFailure {
-                        maximum_retry_count: Some(count),
-                    }),
-                    _ => {
-                        sink.error(
-                            node.mark,
-                            path,
-                            format!("{other:?}: the retry count must be a positive integer"),
-                        );
-                        None
-                    }
-                },
-                None => {
-                    sink.error(node.mark, path, format!("unknown restart policy {other:?}; expected no, always or on-failure[:N]"));
+        "unless-stopped" => Some(RestartPolicy::UnlessStopped),
+        other => match other.strip_prefix("on-failure:") {
+            Some(n) => match n.parse::<u32>() {
+                Ok(count) if count >= 1 => Some(RestartPolicy::OnFailure {
+                    maximum_retry_count: Some(count),
+                }),
+                _ => {
+                    sink.error(
+                        node.mark,
+                        path,
+                        format!("{other:?}: the retry count must be a positive integer"),
+                    );
                     None
                 }
+            },
+            None => {
+                sink.error(node.mark, path, format!("unknown restart policy {other:?}; expected no, always, unless-stopped or on-failure[:N]"));
+                None
             }
-        }
+        },
     }
 }

@@ -47,6 +47,30 @@ pub fn validate(
     sink.finish()
 }
 
+/// What a placed application `depends_on` must be placed too: its start waits for it.
+pub(super) fn check_dependencies_placed(
+    sink: &mut Sink<'_>,
+    applications: &ApplicationConfig,
+    deployment: &Deployment,
+) {
+    let placed = |name: &str| deployment.placements.iter().any(|p| p.application == name);
+    for placement in &deployment.placements {
+        let Some(app) = applications.applications.get(&placement.application) else {
+            continue;
+        };
+        for dependency in app.depends_on.iter().filter(|d| !placed(d)) {
+            sink.error(
+                placement.mark,
+                placement.application.clone(),
+                format!(
+                    "`{}` depends on `{dependency}`, which this deployment places on no node; place it too",
+                    placement.application
+                ),
+            );
+        }
+    }
+}
+
 /// Every placed application must be defined.
 pub(super) fn check_placements(
     sink: &mut Sink<'_>,

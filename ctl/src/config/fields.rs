@@ -97,17 +97,45 @@ pub fn expect_list<'n>(
     }
 }
 
-/// Reports every key of `entries` not in `allowed`, listing the allowed ones.
+/// Reports every key of `entries` not in `allowed`, naming the likely one or listing all.
 pub fn check_keys(sink: &mut Sink<'_>, entries: &[Entry], allowed: &[&str], path: &str) {
     for entry in entries {
         if !allowed.contains(&entry.key.as_str()) {
             sink.error(
                 entry.key_mark,
                 join(path, &entry.key),
-                format!("unknown key; allowed keys are: {}", allowed.join(", ")),
+                unknown_key(&entry.key, allowed),
             );
         }
     }
+}
+
+/// "unknown key; did you mean `ports`?" when one allowed key is a typo away, else the list.
+pub fn unknown_key(key: &str, allowed: &[&str]) -> String {
+    let close = allowed
+        .iter()
+        .map(|candidate| (edit_distance(key, candidate), *candidate))
+        .filter(|(distance, _)| *distance <= 2.min(key.len() / 2))
+        .min();
+    match close {
+        Some((_, candidate)) => format!("unknown key; did you mean `{candidate}`?"),
+        None => format!("unknown key; allowed keys are: {}", allowed.join(", ")),
+    }
+}
+
+/// Levenshtein distance over characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = previous[j] + usize::from(ca != *cb);
+            current.push(substitute.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
 }
 
 pub fn find<'n>(entries: &'n [Entry], key: &str) -> Option<&'n Entry> {

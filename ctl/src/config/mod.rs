@@ -25,6 +25,8 @@ mod cross_checks;
 pub mod deployment;
 mod fields;
 pub use flocker_wire::image;
+pub mod interpolate;
+mod settings;
 pub mod size;
 pub mod yaml;
 
@@ -38,6 +40,7 @@ pub use cross_checks::{NodeResolver, SystemResolver, validate};
 pub use deployment::{Deployment, Placement};
 
 use fields::Sink;
+pub use interpolate::ComposeEnv;
 use yaml::{Mark, Node};
 
 /// One problem found in a config file, with its location.
@@ -184,6 +187,19 @@ fn load_tree(sink: &mut Sink<'_>, text: &str, expected: &str) -> Option<Node> {
 
 /// Parses an application config in any dialect, returning what is valid and every problem.
 pub fn parse_application_config(text: &str, file: &Path) -> (ApplicationConfig, Vec<Diagnostic>) {
+    let (env, mut env_diagnostics) = ComposeEnv::for_file(file);
+    let (config, diagnostics) = parse_application_config_in(text, file, &env);
+    env_diagnostics.extend(diagnostics);
+    (config, env_diagnostics)
+}
+
+/// [`parse_application_config`] with the variables and base directory a compose file is
+/// read with given, instead of taken from the process and the file's directory.
+pub fn parse_application_config_in(
+    text: &str,
+    file: &Path,
+    env: &ComposeEnv,
+) -> (ApplicationConfig, Vec<Diagnostic>) {
     let mut sink = Sink::new(file);
     let expected = "`version: 1` and `applications:`, or a docker-compose file";
     let Some(root) = load_tree(&mut sink, text, expected) else {
@@ -194,14 +210,22 @@ pub fn parse_application_config(text: &str, file: &Path) -> (ApplicationConfig, 
             dialect: Dialect::Native,
             ..application::parse_native(&mut sink, &root)
         },
-        (Shape::Compose, _) => ApplicationConfig {
-            dialect: Dialect::Compose,
-            ..compose::parse_modern(&mut sink, &root)
-        },
-        (Shape::Fig, _) => ApplicationConfig {
-            dialect: Dialect::Fig,
-            ..compose::parse_fig(&mut sink, &root)
-        },
+        (Shape::Compose, _) => {
+            let mut root = root;
+            interpolate::interpolate_tree(&mut sink, &mut root, &env.vars, "");
+            ApplicationConfig {
+                dialect: Dialect::Compose,
+                ..compose::parse_modern(&mut sink, &root, env)
+            }
+        }
+        (Shape::Fig, _) => {
+            let mut root = root;
+            interpolate::interpolate_tree(&mut sink, &mut root, &env.vars, "");
+            ApplicationConfig {
+                dialect: Dialect::Fig,
+                ..compose::parse_fig(&mut sink, &root, env)
+            }
+        }
         (Shape::Deployment, mark) => {
             sink.error(
                 mark,
@@ -317,6 +341,7 @@ pub fn load_texts(
         if !unreadable {
             cross_checks::check_placements(&mut sink, &applications, application_file, &deployment);
             cross_checks::check_standby(&mut sink, &applications, &deployment);
+            cross_checks::check_dependencies_placed(&mut sink, &applications, &deployment);
         }
         cross_checks::check_addresses(&mut sink, &deployment, resolver);
         diagnostics.extend(sink.finish());

@@ -38,6 +38,8 @@ fn app(name: &str, external: u16, volume: bool) -> Application {
         mem_limit: None,
         cpu_shares: None,
         restart_policy: RestartPolicy::Never,
+        container: Default::default(),
+        depends_on: Vec::new(),
     }
 }
 

@@ -487,7 +487,7 @@ impl Agent {
             }
             None => None,
         };
-        self.forget_restarts(&app.name);
+        self.forget_restarts(app);
         if let Some(c) = &existing
             && !replace
             && &c.application == app
@@ -506,9 +506,9 @@ impl Agent {
     }
 
     /// A converge (re)starts the application: the supervisor's restart count begins anew.
-    fn forget_restarts(&self, application: &str) {
+    fn forget_restarts(&self, app: &Application) {
         if let Ok(mut r) = self.restarts.lock() {
-            r.remove(&crate::containers::container_name(application));
+            r.remove(&crate::containers::container_name_of(app));
         }
     }
 

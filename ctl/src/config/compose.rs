@@ -244,8 +244,8 @@ fn check_network_declarations(sink: &mut Sink<'_>, node: &Node) -> Vec<String> {
                 "driver" => match field.value.as_str() {
                     Some("bridge") => None,
                     _ => Some(format!(
-                        "the driver {} cannot be honoured: a network spanning nodes is Flocker's routing, and a host or macvlan network ties containers to one host; remove `driver` or write `bridge`",
-                        field.value.describe()
+                        "the driver {:?} cannot be honoured: a network spanning nodes is Flocker's routing, and a host or macvlan network ties containers to one host; remove `driver` or write `bridge`",
+                        field.value.as_scalar().map_or("", |s| s.text.as_str())
                     )),
                 },
                 "external" => Some("an external network exists on the host that made it, not on the node an application moves to".to_owned()),
@@ -507,13 +507,16 @@ fn parse_service(
         );
     }
     if let Some(e) = find(entries, "environment") {
+        // `environment` wins over `env_file`.
+        let mut explicit = BTreeMap::new();
         compose_environment(
             sink,
             &e.value,
             &join(name, "environment"),
             &file.env.vars,
-            &mut environment,
+            &mut explicit,
         );
+        environment.extend(explicit);
     }
 
     if let Some(e) = find(entries, "links") {

@@ -20,6 +20,9 @@ use super::yaml::{Entry, Kind, Mark, Node, Resolved};
 pub struct Sink<'f> {
     pub file: &'f Path,
     pub diagnostics: Vec<Diagnostic>,
+    /// Values already reported (a failed interpolation): what later checks would say about
+    /// the text left in them is noise.
+    silenced: Vec<Mark>,
 }
 
 impl<'f> Sink<'f> {
@@ -27,10 +30,20 @@ impl<'f> Sink<'f> {
         Sink {
             file,
             diagnostics: Vec::new(),
+            silenced: Vec::new(),
         }
     }
 
+    /// Reports a problem at `mark` and drops any later report at the same place.
+    pub fn error_once(&mut self, mark: Mark, path: impl Into<String>, message: impl Into<String>) {
+        self.error(mark, path, message);
+        self.silenced.push(mark);
+    }
+
     pub fn error(&mut self, mark: Mark, path: impl Into<String>, message: impl Into<String>) {
+        if self.silenced.contains(&mark) {
+            return;
+        }
         self.diagnostics.push(Diagnostic {
             file: self.file.to_path_buf(),
             line: mark.line.max(1),

@@ -46,6 +46,30 @@ impl ComposeEnv {
     }
 }
 
+/// Interpolates a whole compose file; problems are reported with the model paths the
+/// validators use (`cache/image`, not `services/cache/image`).
+pub fn interpolate_file(
+    sink: &mut Sink<'_>,
+    root: &mut Node,
+    vars: &BTreeMap<String, String>,
+    fig: bool,
+) {
+    let Kind::Map(entries) = &mut root.kind else {
+        return;
+    };
+    for entry in entries.iter_mut().filter(|e| !e.key.starts_with("x-")) {
+        if entry.key == "services" && !fig {
+            if let Kind::Map(services) = &mut entry.value.kind {
+                for service in services.iter_mut() {
+                    interpolate_tree(sink, &mut service.value, vars, &service.key);
+                }
+            }
+        } else {
+            interpolate_tree(sink, &mut entry.value, vars, &entry.key);
+        }
+    }
+}
+
 /// Replaces the variables of every scalar value in `node`, reporting each failure at its
 /// scalar. Mapping keys are left alone, as are `x-*` extension entries (inert by definition).
 pub fn interpolate_tree(
@@ -60,7 +84,7 @@ pub fn interpolate_tree(
             if scalar.text.contains('$') {
                 match interpolate(&scalar.text, vars) {
                     Ok(text) => scalar.text = text,
-                    Err(e) => sink.error(mark, path, e),
+                    Err(e) => sink.error_once(mark, path, e),
                 }
             }
         }

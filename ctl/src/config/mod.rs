@@ -212,7 +212,7 @@ pub fn parse_application_config_in(
         },
         (Shape::Compose, _) => {
             let mut root = root;
-            interpolate::interpolate_tree(&mut sink, &mut root, &env.vars, "");
+            interpolate::interpolate_file(&mut sink, &mut root, &env.vars, false);
             ApplicationConfig {
                 dialect: Dialect::Compose,
                 ..compose::parse_modern(&mut sink, &root, env)
@@ -220,7 +220,7 @@ pub fn parse_application_config_in(
         }
         (Shape::Fig, _) => {
             let mut root = root;
-            interpolate::interpolate_tree(&mut sink, &mut root, &env.vars, "");
+            interpolate::interpolate_file(&mut sink, &mut root, &env.vars, true);
             ApplicationConfig {
                 dialect: Dialect::Fig,
                 ..compose::parse_fig(&mut sink, &root, env)
@@ -415,5 +415,7 @@ pub fn load_files_with(
     }
 }
 
+#[cfg(test)]
+mod compose_keys_tests;
 #[cfg(test)]
 mod tests;

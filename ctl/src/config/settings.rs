@@ -233,6 +233,7 @@ pub fn resolve_dependencies(
     defined: &BTreeMap<String, Mark>,
 ) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut first_mark: BTreeMap<String, (Mark, String)> = BTreeMap::new();
     for dependency in pending {
         if !defined.contains_key(&dependency.target) {
             sink.error(
@@ -250,13 +251,64 @@ pub fn resolve_dependencies(
                 "an application cannot depend on itself",
             );
         } else {
+            first_mark
+                .entry(dependency.application.clone())
+                .or_insert((dependency.mark, dependency.path));
             let list = out.entry(dependency.application).or_default();
             if !list.contains(&dependency.target) {
                 list.push(dependency.target);
             }
         }
     }
+    if let Some(cycle) = find_cycle(&out) {
+        let (mark, path) = first_mark
+            .get(&cycle[0])
+            .cloned()
+            .unwrap_or((Mark::default(), cycle[0].clone()));
+        sink.error(
+            mark,
+            path,
+            format!(
+                "depends_on forms a cycle, so no application in it could start first: {}",
+                cycle.join(" -> ")
+            ),
+        );
+        out.clear();
+    }
     out
+}
+
+/// A dependency cycle, as the names along it with the first repeated at the end.
+fn find_cycle(graph: &BTreeMap<String, Vec<String>>) -> Option<Vec<String>> {
+    // Depth-first search with the path kept; `done` holds names known to reach no cycle.
+    fn visit(
+        name: &str,
+        graph: &BTreeMap<String, Vec<String>>,
+        path: &mut Vec<String>,
+        done: &mut std::collections::BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(start) = path.iter().position(|n| n == name) {
+            let mut cycle = path[start..].to_vec();
+            cycle.push(name.to_owned());
+            return Some(cycle);
+        }
+        if done.contains(name) {
+            return None;
+        }
+        path.push(name.to_owned());
+        for next in graph.get(name).into_iter().flatten() {
+            if let Some(cycle) = visit(next, graph, path, done) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        done.insert(name.to_owned());
+        None
+    }
+    let mut done = std::collections::BTreeSet::new();
+    graph
+        .keys()
+        .find_map(|name| visit(name, graph, &mut Vec::new(), &mut done))
 }
 
 /// A scalar as text: strings, and numbers as written. Booleans and null are refused.

@@ -88,6 +88,48 @@ phase 3/3: routes
 }
 
 #[test]
+fn dependencies_start_in_waves_and_running_ones_are_not_waited_for() {
+    let mut web = app("web", 80, false);
+    web.depends_on = vec!["api".into()];
+    let mut api = app("api", 81, false);
+    api.depends_on = vec!["db".into(), "cache".into()];
+    let apps = [web, api, app("db", 82, false), app("cache", 83, false)];
+    let d = desired(&apps, &[(N1, &["web", "db"]), (N2, &["api", "cache"])]);
+    let names = |plan: &flocker_wire::Plan| -> Vec<String> {
+        plan.phases.iter().map(|p| p.name.clone()).collect()
+    };
+    let first = plan(&d, &ClusterState::default());
+    assert_eq!(names(&first), ["start", "start-2", "start-3", "routes"]);
+    let started_in = |plan: &flocker_wire::Plan, phase: &str| -> Vec<String> {
+        plan.phases
+            .iter()
+            .filter(|p| p.name == phase)
+            .flat_map(|p| p.actions.iter())
+            .filter_map(|a| match &a.action {
+                flocker_wire::Action::StartApplication { application } => {
+                    Some(application.name.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(started_in(&first, "start"), ["db", "cache"]);
+    assert_eq!(started_in(&first, "start-2"), ["api"]);
+    assert_eq!(started_in(&first, "start-3"), ["web"]);
+
+    // With db and cache already running, api starts at once and web after it.
+    let mut state = ClusterState::default();
+    apply_plan(&first, &mut state).expect("plan keeps the invariants");
+    for node in state.nodes.values_mut() {
+        node.containers
+            .retain(|c| c.application.name == "db" || c.application.name == "cache");
+    }
+    let second = plan(&d, &state);
+    assert_eq!(started_in(&second, "start"), ["api"]);
+    assert_eq!(started_in(&second, "start-2"), ["web"]);
+}
+
+#[test]
 fn matching_cluster_plans_nothing() {
     let d = desired(&[app("redis", 6379, true)], &[(N1, &["redis"]), (N2, &[])]);
     check(

@@ -25,8 +25,8 @@ use flocker_e2e::images::BUSYBOX_IMAGE;
 use flocker_e2e::netns::{Netns, Switch};
 use flocker_e2e::zfs::TestPool;
 use flocker_wire::{
-    Action, Application, ClusterState, ConvergeEvent, ConvergeRequest, DesiredState, Image,
-    NodeState, PortMap, RestartPolicy, VolumeSpec,
+    Action, Application, ClusterState, ContainerSettings, ConvergeEvent, ConvergeRequest,
+    DesiredState, Image, NodeState, PortMap, RestartPolicy, VolumeSpec,
 };
 
 const A: &str = "198.18.30.1";
@@ -470,7 +470,18 @@ fn busybox_app() -> Application {
         mem_limit: Some(128 << 20),
         cpu_shares: Some(256),
         restart_policy: RestartPolicy::Never,
-        container: Default::default(),
+        // Settings compose files carry, each checked on the created container below.
+        container: ContainerSettings {
+            labels: BTreeMap::from([("com.example.team".into(), "web".into())]),
+            working_dir: Some("/www".into()),
+            hostname: Some("web-1".into()),
+            stop_signal: Some("SIGTERM".into()),
+            stop_grace_ms: Some(2_500),
+            cap_drop: vec!["NET_RAW".into()],
+            extra_hosts: vec!["db.local:198.18.0.5".into()],
+            tmpfs: BTreeMap::from([("/scratch".into(), "size=1m".into())]),
+            ..ContainerSettings::default()
+        },
         depends_on: Vec::new(),
     }
 }
@@ -546,6 +557,18 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
     assert!(
         env.contains("GREETING=hello") && env.contains("134217728") && env.contains("256"),
         "{env}"
+    );
+    let settings = cluster.a.docker.docker(&[
+        "inspect",
+        "-f",
+        "{{index .Config.Labels \"com.example.team\"}}|{{.Config.WorkingDir}}|{{.Config.Hostname}}|\
+         {{.Config.StopSignal}}|{{.Config.StopTimeout}}|{{.HostConfig.CapDrop}}|{{.HostConfig.ExtraHosts}}|\
+         {{.HostConfig.Tmpfs}}",
+        "flocker-web",
+    ])?;
+    assert_eq!(
+        settings.trim(),
+        "web|/www|web-1|SIGTERM|3|[NET_RAW]|[db.local:198.18.0.5]|map[/scratch:size=1m]"
     );
     // Running it twice changes nothing: the planner has nothing left to do, and re-sending
     // the same actions is harmless.

@@ -289,7 +289,13 @@ fn check_volume_declarations(sink: &mut Sink<'_>, node: &Node) {
         return;
     };
     for entry in entries {
-        let empty = entry.value.is_null() || entry.value.as_map().is_some_and(<[Entry]>::is_empty);
+        // `driver: local` is what every node has, and what Flocker's storage replaces.
+        let empty = entry.value.is_null()
+            || entry.value.as_map().is_some_and(|fields| {
+                fields
+                    .iter()
+                    .all(|f| f.key == "driver" && f.value.as_str() == Some("local"))
+            });
         if !empty {
             sink.error(
                 entry.value.mark,

@@ -738,8 +738,9 @@ fn compose_top_level_volumes_only_as_plain_declarations() {
             maximum_size: None
         })
     );
+    assert!(app_errors(&format!("{base}volumes:\n  data:\n    driver: local\n")).is_empty());
     assert_eq!(
-        app_errors(&format!("{base}volumes:\n  data:\n    driver: local\n")),
+        app_errors(&format!("{base}volumes:\n  data:\n    driver: nfs\n")),
         vec![
             "7:5: volumes/data: volume options cannot be honoured: Flocker chooses the volume's storage; declare \
              the volume with no settings"
@@ -1015,6 +1016,55 @@ fn broken_examples_yield_the_error_their_header_names() {
             ));
         }
     }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+#[test]
+fn compose_examples_meet_their_headers() {
+    let dir = repo_root().join("examples/compose");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("examples/compose")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 12, "expected a collection of compose files");
+    // The files' variables unset, so their defaults apply whatever the test's environment.
+    let env = ComposeEnv {
+        vars: BTreeMap::new(),
+        base_dir: dir.clone(),
+    };
+    let mut mismatches = Vec::new();
+    let mut valid = 0;
+    for file in &files {
+        let text = std::fs::read_to_string(file).expect("read");
+        let expect = text.lines().next().unwrap_or("").to_owned();
+        let (_, diagnostics) = parse_application_config_in(&text, file, &env);
+        match (
+            expect.strip_prefix("# expect: refused: "),
+            diagnostics.first(),
+        ) {
+            (None, None) if expect == "# expect: valid" => valid += 1,
+            (Some(reason), Some(first))
+                if first.message.contains(reason)
+                    && first.message.contains("cannot be honoured")
+                    || first.message.contains(reason) && reason.contains("at most one volume")
+                    || first.message.contains(reason) && reason.contains("only tcp") => {}
+            _ => mismatches.push(format!(
+                "{}: header {expect:?}, diagnostics {:#?}",
+                file.display(),
+                diagnostics
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+            )),
+        }
+    }
+    println!(
+        "compose examples: {valid} of {} validate ({}%)",
+        files.len(),
+        valid * 100 / files.len()
+    );
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
 }
 

@@ -35,6 +35,8 @@ struct FakeRuntime {
     /// Exit codes of stopped containers.
     exit_codes: Mutex<BTreeMap<String, i64>>,
     starts: Mutex<u32>,
+    /// The bind mounts each container was created with.
+    binds: Mutex<BTreeMap<String, Vec<String>>>,
 }
 
 impl FakeRuntime {
@@ -93,6 +95,9 @@ impl ContainerRuntime for FakeRuntime {
             .map_err(|_| ContainerError::Other("poisoned".into()))?;
         if c.contains_key(&spec.name) {
             return Err(ContainerError::Other(format!("{} exists", spec.name)));
+        }
+        if let Ok(mut binds) = self.binds.lock() {
+            binds.insert(spec.name.clone(), spec.binds.clone());
         }
         c.insert(
             spec.name.clone(),
@@ -182,13 +187,16 @@ async fn start_node(dir: &Path, ca: &Path, address: &str, port: u16) -> TestNode
     });
     let files = node_files(ca, address);
     let routes = RouteStore::open(root.join("routes.json"), None).expect("routes");
-    let agent = Arc::new(Agent::new(
-        address.to_string(),
-        volumes.clone(),
-        runtime.clone(),
-        AgentClient::new(client_config(&files).expect("client tls"), port),
-        routes,
-    ));
+    let agent = Arc::new(
+        Agent::new(
+            address.to_string(),
+            volumes.clone(),
+            runtime.clone(),
+            AgentClient::new(client_config(&files).expect("client tls"), port),
+            routes,
+        )
+        .with_file_store(crate::files::FileStore::in_directory(root.join("files"))),
+    );
     let listener = crate::server::bind(format!("{address}:{port}").parse().expect("addr"))
         .await
         .expect("bind");
@@ -225,6 +233,7 @@ fn app() -> Application {
         restart_policy: RestartPolicy::Never,
         container: Default::default(),
         depends_on: Vec::new(),
+        files: Vec::new(),
     }
 }
 
@@ -281,6 +290,81 @@ fn record(node: &TestNode) -> Option<(String, u64, Vec<String>)> {
         .get("db")
         .expect("get")
         .map(|v| (v.owner, v.epoch, v.snapshots))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_reach_the_container_read_only_and_are_kept_nowhere_else() {
+    let (dir, a, _b) = setup().await;
+    let secret = b"hunter2-do-not-leak".to_vec();
+    let mut db = app();
+    db.volume = None;
+    db.files = vec![flocker_wire::FileMount {
+        name: "password".into(),
+        kind: flocker_wire::FileKind::Secret,
+        target: "/run/secrets/password".into(),
+        mode: Some(0o400),
+        uid: None,
+        gid: None,
+        digest: flocker_wire::files::to_hex(blake3::hash(&secret).as_bytes()),
+    }];
+    let mut d = desired(A);
+    d.applications.insert("db".into(), db.clone());
+    let with_content = |content: &[u8]| {
+        let mut d = d.clone();
+        d.files.insert(
+            "db".into(),
+            BTreeMap::from([(
+                "password".to_string(),
+                flocker_wire::FileContent(content.to_vec()),
+            )]),
+        );
+        d
+    };
+    let start = || {
+        vec![Action::StartApplication {
+            application: db.clone(),
+        }]
+    };
+
+    // Content that does not match the digest, or none at all, starts nothing.
+    let events = converge(&a, &with_content(b"other"), start()).await;
+    let error = failed(&events).expect("refused");
+    assert!(error.contains("does not match its digest"), "{error}");
+    assert!(!error.contains("other"), "{error}");
+    let events = converge(&a, &d, start()).await;
+    assert!(failed(&events).is_some_and(|e| e.contains("was not sent")));
+    assert!(!a.runtime.running("flocker-db"));
+
+    let events = converge(&a, &with_content(&secret), start()).await;
+    assert_eq!(failed(&events), None);
+    let host = dir.path().join(A).join("files/db/password");
+    assert_eq!(std::fs::read(&host).expect("written"), secret);
+    let binds = a.runtime.binds.lock().expect("binds")["flocker-db"].clone();
+    assert_eq!(
+        binds,
+        [format!("{}:/run/secrets/password:ro", host.display())]
+    );
+    // Not in the remembered schedule, not in the container's labels or state.
+    let remembered = serde_json::to_string(&a.agent.last_desired()).expect("json");
+    let state = serde_json::to_string(&a.agent.state().await.expect("state")).expect("json");
+    for text in [remembered, state] {
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(
+            !text.contains(&flocker_wire::files::to_hex(&secret)),
+            "{text}"
+        );
+    }
+
+    let events = converge(
+        &a,
+        &d,
+        vec![Action::StopApplication {
+            application: "db".into(),
+        }],
+    )
+    .await;
+    assert_eq!(failed(&events), None);
+    assert!(!host.exists(), "the secret is removed with its application");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -534,6 +534,7 @@ mod tests {
             restart_policy: RestartPolicy::Always,
             container: Default::default(),
             depends_on: Vec::new(),
+            files: Vec::new(),
         }
     }
 

@@ -158,6 +158,7 @@ pub async fn build(
         )
         .with_api_port(config.listen.port())
         .with_replication_rate(config.replication_rate_limit)
+        .with_file_store_if(file_store(config))
         .with_schedule_file(
             config
                 .state_dir
@@ -209,6 +210,21 @@ async fn shutdown_signal() {
         }
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// The tmpfs for secrets and configs; without one, applications that mount files are
+/// refused (with the reason) and everything else works.
+fn file_store(config: &AgentConfig) -> Option<crate::files::FileStore> {
+    let root = config
+        .state_dir
+        .join(format!("files-{}", config.node_address));
+    match crate::files::FileStore::on_tmpfs(root) {
+        Ok(store) => Some(store),
+        Err(e) => {
+            tracing::warn!(error = %e, "no file store: applications with secrets or configs will be refused");
+            None
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod api;
 pub mod config;
 pub mod containers;
 pub mod daemon;
+pub mod files;
 pub mod identity;
 pub mod idle;
 pub mod limits;

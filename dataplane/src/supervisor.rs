@@ -138,7 +138,7 @@ pub async fn pass(agent: &Agent) {
             },
             None => Ok(()),
         };
-        let outcome = match outcome {
+        let outcome = match outcome.and_then(|()| agent.check_files(&c.application)) {
             Ok(()) => agent.runtime.start(&c.name).await.map_err(Into::into),
             Err(e) => Err(e),
         };

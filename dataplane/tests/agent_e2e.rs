@@ -483,6 +483,7 @@ fn busybox_app() -> Application {
             ..ContainerSettings::default()
         },
         depends_on: Vec::new(),
+        files: Vec::new(),
     }
 }
 

@@ -135,6 +135,17 @@ pub fn application_problems(app: &Application) -> Vec<String> {
         }
     }
     out.extend(app.container.problems());
+    let mut names = std::collections::BTreeSet::new();
+    let mut targets = std::collections::BTreeSet::new();
+    for mount in &app.files {
+        out.extend(mount.problems());
+        if !names.insert(&mount.name) {
+            out.push(format!("files: {:?} is mounted twice", mount.name));
+        }
+        if !targets.insert(&mount.target) {
+            out.push(format!("files: two files at {:?}", mount.target));
+        }
+    }
     for dependency in &app.depends_on {
         out.extend(application_name_problem(dependency).map(|p| format!("depends_on: {p}")));
         if dependency == &app.name {
@@ -169,6 +180,22 @@ pub fn desired_problems(desired: &DesiredState) -> Vec<String> {
         }
     }
     out.extend(dependency_problems(desired));
+    for (application, files) in &desired.files {
+        match desired.applications.get(application) {
+            None => out.push(format!(
+                "files sent for {application:?}, which is not deployed"
+            )),
+            Some(app) => {
+                for name in files.keys() {
+                    if !app.files.iter().any(|m| &m.name == name) {
+                        out.push(format!(
+                            "application {application:?}: {name:?} is sent but not mounted"
+                        ));
+                    }
+                }
+            }
+        }
+    }
     out.extend(container_name_clashes(desired));
     let mut placed: BTreeMap<&str, &str> = BTreeMap::new();
     for (node, apps) in &desired.nodes {
@@ -310,6 +337,7 @@ mod tests {
             restart_policy: RestartPolicy::Never,
             container: Default::default(),
             depends_on: Vec::new(),
+            files: Vec::new(),
         }
     }
 

@@ -10,6 +10,7 @@
 
 pub mod checks;
 pub mod container;
+pub mod files;
 pub mod image;
 #[cfg(feature = "logging")]
 pub mod logging;
@@ -22,6 +23,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use container::ContainerSettings;
+pub use files::{FileContent, FileKind, FileMount};
 
 /// The version of the agent API these types describe.
 pub const API_VERSION: u32 = 1;
@@ -113,6 +115,10 @@ pub struct Application {
     /// Applications whose containers start before this one's within a deploy.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<String>,
+    /// Secrets and configs mounted read-only; their content is in
+    /// [`DesiredState::files`], never here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileMount>,
 }
 
 /// What the cluster should look like: the applications and which node runs each.
@@ -126,6 +132,10 @@ pub struct DesiredState {
     /// Standby replicas per application (with a volume); absent for none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub standby: BTreeMap<String, Standby>,
+    /// The content of each application's secrets and configs, by application and file
+    /// name. Only what a node runs needs to reach it; nothing here is ever logged.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, BTreeMap<String, FileContent>>,
 }
 
 /// Where and how often an application's volume is replicated: its owner pushes an
@@ -441,6 +451,7 @@ mod tests {
             restart_policy: RestartPolicy::Never,
             container: Default::default(),
             depends_on: Vec::new(),
+            files: Vec::new(),
         }
     }
 

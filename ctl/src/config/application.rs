@@ -298,6 +298,7 @@ fn parse_one(
         restart_policy,
         container,
         depends_on: Vec::new(),
+        files: Vec::new(),
     })
 }
 

@@ -9,13 +9,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use flocker_wire::{Application, Link, PortMap, RestartPolicy, VolumeSpec};
+use flocker_wire::{Application, FileContent, FileKind, Link, PortMap, RestartPolicy, VolumeSpec};
 
 use super::fields::{
     PortClaim, Sink, alias_problem, application_name_problem, check_external_ports,
     env_name_problem, env_value, expect_list, expect_map, find, join, mountpoint_problem, port,
     port_in_range, positive_int, size, string,
 };
+use super::files::{Declared, declarations, service_files};
 use super::image::parse_image;
 use super::interpolate::{ComposeEnv, parse_env_file};
 use super::settings::{
@@ -39,6 +40,8 @@ pub const SERVICE_KEYS: &[&str] = &[
     "cpu_shares",
     "restart",
     "deploy",
+    "secrets",
+    "configs",
 ];
 
 /// Compose keys Flocker cannot honour, each with the reason given to the user.
@@ -100,16 +103,11 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "cpuset",
         "CPU numbers differ from node to node; use `cpus` or `cpu_shares`",
     ),
-    ("secrets", "secrets are not supported"),
-    ("configs", "configs are not supported"),
     ("profiles", "every service in the file is an application"),
 ];
 
 /// Top-level keys of the modern form that cannot be honoured.
-const UNSUPPORTED_TOP: &[(&str, &str)] = &[
-    ("secrets", "secrets are not supported"),
-    ("configs", "configs are not supported"),
-];
+const UNSUPPORTED_TOP: &[(&str, &str)] = &[];
 
 /// A `links` entry waiting for every service to be known.
 struct PendingLink {
@@ -129,6 +127,8 @@ pub fn parse_modern(sink: &mut Sink<'_>, root: &Node, env: &ComposeEnv) -> Appli
         env,
         project: None,
         networks: BTreeSet::from(["default".to_owned()]),
+        secrets: Declared::new(),
+        configs: Declared::new(),
     };
     for entry in top {
         match entry.key.as_str() {
@@ -137,6 +137,8 @@ pub fn parse_modern(sink: &mut Sink<'_>, root: &Node, env: &ComposeEnv) -> Appli
             "volumes" => check_volume_declarations(sink, &entry.value),
             "name" => file.project = project_name(sink, &entry.value),
             "networks" => file.networks.extend(check_network_declarations(sink, &entry.value)),
+            "secrets" => file.secrets = declarations(sink, &entry.value, FileKind::Secret, env),
+            "configs" => file.configs = declarations(sink, &entry.value, FileKind::Config, env),
             k if k.starts_with("x-") => {}
             k => match UNSUPPORTED_TOP.iter().find(|(name, _)| *name == k) {
                 Some((_, why)) => sink.error(
@@ -147,7 +149,7 @@ pub fn parse_modern(sink: &mut Sink<'_>, root: &Node, env: &ComposeEnv) -> Appli
                 None => sink.error(
                     entry.key_mark,
                     k,
-                    "unknown key; allowed top-level keys are: name, version, services, volumes, networks, x-*",
+                    "unknown key; allowed top-level keys are: name, version, services, volumes, networks, secrets, configs, x-*",
                 ),
             },
         }
@@ -172,6 +174,8 @@ struct ComposeFile<'e> {
     env: &'e ComposeEnv,
     project: Option<String>,
     networks: BTreeSet<String>,
+    secrets: Declared,
+    configs: Declared,
 }
 
 /// Validates a fig-style file: every top-level key is a service.
@@ -188,6 +192,8 @@ pub fn parse_fig(sink: &mut Sink<'_>, root: &Node, env: &ComposeEnv) -> Applicat
         env,
         project: None,
         networks: BTreeSet::from(["default".to_owned()]),
+        secrets: Declared::new(),
+        configs: Declared::new(),
     };
     parse_services(sink, top, &file)
 }
@@ -315,6 +321,7 @@ fn parse_services(
     let mut claims = Vec::new();
     let mut pending = Vec::new();
     let mut dependencies = Vec::new();
+    let mut files = BTreeMap::new();
     let mut broken = Vec::new();
     for entry in entries {
         if entry.key.starts_with("x-") {
@@ -331,6 +338,7 @@ fn parse_services(
                 claims: &mut claims,
                 links: &mut pending,
                 dependencies: &mut dependencies,
+                files: &mut files,
             },
             file,
         );
@@ -348,6 +356,8 @@ fn parse_services(
             app.depends_on = targets;
         }
     }
+    files.retain(|name, _| config.applications.contains_key(name));
+    config.files = files;
     config
 }
 
@@ -356,6 +366,7 @@ struct Collected<'a> {
     claims: &'a mut Vec<PortClaim>,
     links: &'a mut Vec<PendingLink>,
     dependencies: &'a mut Vec<PendingDependency>,
+    files: &'a mut BTreeMap<String, BTreeMap<String, FileContent>>,
 }
 
 /// Expands `app[:alias]` into one link per port of the target: the linking container reaches
@@ -562,6 +573,22 @@ fn parse_service(
     if let Some(e) = find(entries, "networks") {
         service_networks(sink, &e.value, &join(name, "networks"), &file.networks);
     }
+    let mut mounts = Vec::new();
+    for (key, kind, declared) in [
+        ("secrets", FileKind::Secret, &file.secrets),
+        ("configs", FileKind::Config, &file.configs),
+    ] {
+        if let Some(e) = find(entries, key) {
+            for (mount, content) in service_files(sink, &e.value, kind, name, declared) {
+                collected
+                    .files
+                    .entry(name.to_owned())
+                    .or_default()
+                    .insert(mount.name.clone(), content);
+                mounts.push(mount);
+            }
+        }
+    }
     let mut container = parse_settings(sink, entries, name);
     if let Some(project) = &file.project {
         for (key, value) in [
@@ -614,6 +641,7 @@ fn parse_service(
         restart_policy,
         container,
         depends_on: Vec::new(),
+        files: mounts,
     })
 }
 

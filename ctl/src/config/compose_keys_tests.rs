@@ -357,3 +357,63 @@ fn a_dependency_left_unplaced_is_reported_in_the_deployment() {
         other => panic!("expected the unplaced dependency refused, got {other:?}"),
     }
 }
+
+#[test]
+fn secrets_and_configs_are_read_and_only_their_digest_is_in_the_application() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("db_password.txt"), "hunter2\n").expect("write");
+    let env = ComposeEnv {
+        vars: BTreeMap::from([("API_TOKEN".to_owned(), "t0ken".to_owned())]),
+        base_dir: dir.path().to_path_buf(),
+    };
+    let text = "services:\n  db:\n    image: x\n    secrets:\n      - db_password\n      - source: token\n        target: api_token\n        uid: '999'\n        mode: 0440\n    configs:\n      - source: motd\n        target: /etc/motd\nsecrets:\n  db_password:\n    file: ./db_password.txt\n  token:\n    environment: API_TOKEN\nconfigs:\n  motd:\n    content: hello\n";
+    let (config, diagnostics) = parse_application_config_in(text, Path::new(APP), &env);
+    assert!(diagnostics.is_empty(), "{diagnostics:#?}");
+    let db = &config.applications["db"];
+    let mounts: Vec<(&str, &str, Option<u32>, Option<u32>)> = db
+        .files
+        .iter()
+        .map(|m| (m.name.as_str(), m.target.as_str(), m.mode, m.uid))
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            ("db_password", "/run/secrets/db_password", None, None),
+            ("token", "/run/secrets/api_token", Some(0o440), Some(999)),
+            ("motd", "/etc/motd", None, None),
+        ]
+    );
+    let contents = &config.files["db"];
+    assert_eq!(contents["db_password"].0, b"hunter2\n");
+    assert_eq!(contents["token"].0, b"t0ken");
+    assert_eq!(contents["motd"].0, b"hello");
+    let json = serde_json::to_string(db).expect("json");
+    assert!(
+        !json.contains("hunter2") && !json.contains(&flocker_wire::files::to_hex(b"hunter2")),
+        "{json}"
+    );
+    assert_eq!(
+        db.files[0].digest,
+        flocker_wire::files::to_hex(blake3::hash(b"hunter2\n").as_bytes())
+    );
+}
+
+#[test]
+fn secrets_that_no_node_could_read_are_refused() {
+    let found = errors(
+        "services:\n  db:\n    image: x\n    secrets: [nowhere, ext]\nsecrets:\n  ext:\n    external: true\n  missing:\n    file: ./does-not-exist\n",
+    );
+    assert_eq!(found.len(), 3, "{found:#?}");
+    assert_eq!(
+        found[0],
+        "4:15: db/secrets[0]: `nowhere` is not declared under the top-level `secrets:`"
+    );
+    assert!(found[1].starts_with(
+        "7:5: secrets/ext/external: an external secret lives in a swarm or on one host"
+    ));
+    assert!(
+        found[2].starts_with("9:11: secrets/missing/file: cannot read ./does-not-exist"),
+        "{}",
+        found[2]
+    );
+}

@@ -24,6 +24,7 @@ mod compose;
 mod cross_checks;
 pub mod deployment;
 mod fields;
+mod files;
 pub use flocker_wire::image;
 pub mod interpolate;
 mod settings;
@@ -97,6 +98,8 @@ pub struct ApplicationConfig {
     pub dialect: Dialect,
     /// The file is not an application config at all (a deployment given in its place).
     pub misplaced: bool,
+    /// The content of each application's secrets and configs, read by flockerctl.
+    pub files: BTreeMap<String, BTreeMap<String, flocker_wire::FileContent>>,
 }
 
 /// What a file looks like from its top-level keys, used to pick the dialect and to notice
@@ -357,6 +360,7 @@ pub fn load_texts(
     if !diagnostics.is_empty() {
         return Err(ConfigError::Invalid(diagnostics));
     }
+    let applications_files = applications.files;
     let applications = applications
         .applications
         .into_iter()
@@ -375,10 +379,15 @@ pub fn load_texts(
             )
         })
         .collect();
+    let files = applications_files
+        .into_iter()
+        .filter(|(name, _)| deployment.placements.iter().any(|p| &p.application == name))
+        .collect();
     Ok(DesiredState {
         applications,
         nodes: deployment.nodes,
         standby,
+        files,
     })
 }
 

@@ -129,6 +129,7 @@ applications:
             },
             container: Default::default(),
             depends_on: Vec::new(),
+            files: Vec::new(),
         }
     );
     let plain = &parsed["plain"];

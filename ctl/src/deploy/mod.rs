@@ -219,7 +219,7 @@ pub async fn execute<A: AgentApi>(
             let agents = agents.clone();
             let name = node.to_string();
             let request = ConvergeRequest {
-                desired: desired.clone(),
+                desired: with_files_of(desired, node),
                 actions,
             };
             tasks.spawn(node, async move {
@@ -312,3 +312,12 @@ async fn run_on_node<A: AgentApi>(
 
 /// Default time a node gets to answer a state query or accept a converge request.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The desired state as one node receives it: secrets and configs only of the applications
+/// it runs, so no node holds another's.
+fn with_files_of(desired: &DesiredState, node: &str) -> DesiredState {
+    let mut copy = desired.clone();
+    copy.files
+        .retain(|application, _| desired.node_of(application) == Some(node));
+    copy
+}

@@ -40,6 +40,7 @@ fn app(name: &str, external: u16, volume: bool) -> Application {
         restart_policy: RestartPolicy::Never,
         container: Default::default(),
         depends_on: Vec::new(),
+        files: Vec::new(),
     }
 }
 
@@ -54,6 +55,7 @@ fn desired(apps: &[Application], placement: &[(&str, &[&str])]) -> DesiredState 
             })
             .collect(),
         standby: BTreeMap::new(),
+        files: BTreeMap::new(),
     }
 }
 

@@ -7,7 +7,7 @@
 //! **Architecture invariant:** every request is checked completely before anything changes;
 //! a refused request (4xx) has no effect.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -121,6 +121,8 @@ pub struct Agent {
     pushed_to: std::sync::Mutex<HashMap<String, HashMap<String, String>>>,
     /// Bytes per second for replication pushes (moves are never capped).
     replication_rate: Option<u64>,
+    /// Where secrets and configs are written; applications with files are refused without.
+    pub(crate) files: Option<crate::files::FileStore>,
 }
 
 /// Progress events of one action.
@@ -148,7 +150,58 @@ impl Agent {
             schedule_file: None,
             pushed_to: std::sync::Mutex::new(HashMap::new()),
             replication_rate: None,
+            files: None,
         }
+    }
+
+    /// Before the supervisor restarts a container on its own: its files are all there.
+    pub(crate) fn check_files(&self, app: &Application) -> Result<(), AgentError> {
+        match &self.files {
+            Some(store) => store
+                .check(app)
+                .map_err(|e| AgentError::Conflict(e.to_string())),
+            None if app.files.is_empty() => Ok(()),
+            None => Err(AgentError::Conflict(format!(
+                "application {:?} mounts secrets or configs, and this agent has no file store",
+                app.name
+            ))),
+        }
+    }
+
+    /// Writes applications' secrets and configs into `store`.
+    pub fn with_file_store(self, store: crate::files::FileStore) -> Self {
+        self.with_file_store_if(Some(store))
+    }
+
+    /// [`Agent::with_file_store`] when there is one.
+    pub fn with_file_store_if(mut self, store: Option<crate::files::FileStore>) -> Self {
+        self.files = store;
+        self
+    }
+
+    /// Writes an application's files and returns their read-only bind mounts.
+    fn write_files(
+        &self,
+        desired: &DesiredState,
+        app: &Application,
+    ) -> Result<Vec<String>, AgentError> {
+        if app.files.is_empty() {
+            return Ok(Vec::new());
+        }
+        let store = self.files.as_ref().ok_or_else(|| {
+            AgentError::Conflict(format!(
+                "application {:?} mounts secrets or configs, and this agent has no file store (it could not mount its tmpfs; see its log)",
+                app.name
+            ))
+        })?;
+        store
+            .write(app, desired.files.get(&app.name))
+            .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        Ok(app
+            .files
+            .iter()
+            .map(|m| format!("{}:{}:ro", store.path(&app.name, m).display(), m.target))
+            .collect())
     }
 
     /// Caps replication pushes at `bytes_per_second`.
@@ -186,6 +239,11 @@ impl Agent {
 
     /// Remembers (and persists) the desired state a converge was validated against.
     fn remember_desired(&self, desired: &DesiredState) {
+        // Secrets are kept only where the container reads them, never in the schedule.
+        let desired = &DesiredState {
+            files: BTreeMap::new(),
+            ..desired.clone()
+        };
         if let Ok(mut slot) = self.desired.lock() {
             *slot = Some(desired.clone());
         }
@@ -493,11 +551,14 @@ impl Agent {
             && &c.application == app
         {
             if !c.running {
+                // Its files may be gone (a node restart empties the tmpfs).
+                self.write_files(desired, app)?;
                 self.runtime.start(&c.name).await?;
             }
             return Ok(());
         }
-        let spec = container_spec(app, volume_path.as_deref(), desired, &self.me)?;
+        let mut spec = container_spec(app, volume_path.as_deref(), desired, &self.me)?;
+        spec.binds.extend(self.write_files(desired, app)?);
         if let Some(c) = existing {
             self.runtime.stop_and_remove(&c.name).await?;
         }
@@ -518,6 +579,11 @@ impl Agent {
             self.runtime.stop_and_remove(&c.name).await?;
         } else {
             tracing::debug!(application, "not running here, nothing to stop");
+        }
+        if let Some(store) = &self.files
+            && let Err(e) = store.remove(application)
+        {
+            tracing::warn!(application, error = %e, "cannot remove the application's secrets and configs");
         }
         Ok(())
     }

@@ -71,6 +71,15 @@ impl AgentProc {
         }
     }
 
+    fn state_dir(&self) -> PathBuf {
+        let at = self.args.iter().position(|a| a == "--state-dir");
+        PathBuf::from(
+            at.and_then(|i| self.args.get(i + 1))
+                .cloned()
+                .unwrap_or_default(),
+        )
+    }
+
     fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
@@ -81,6 +90,14 @@ impl AgentProc {
 impl Drop for AgentProc {
     fn drop(&mut self) {
         self.kill();
+        // The tmpfs the agent mounted for secrets outlives it, by design; not the test.
+        let state_dir = self.state_dir();
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        for mount in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)) {
+            if Path::new(mount).starts_with(&state_dir) {
+                let _ = Command::new("umount").args(["-l", mount]).status();
+            }
+        }
     }
 }
 
@@ -525,6 +542,78 @@ fn record(state: &NodeState, volume: &str) -> Option<(String, u64, Vec<String>)>
     state
         .volume(volume)
         .map(|v| (v.owner.clone(), v.epoch, v.snapshots.clone()))
+}
+
+#[test]
+#[ignore = "privileged: needs root, dockerd, zfs-fuse and network namespaces; `cargo xtask ci` runs it"]
+fn a_secret_is_readable_in_the_container_and_nowhere_else() -> Result<()> {
+    let cluster = Cluster::up()?;
+    let secret = "e2e-secret-4f1c9a";
+    let mut app = busybox_app();
+    app.volume = None;
+    app.files = vec![flocker_wire::FileMount {
+        name: "token".into(),
+        kind: flocker_wire::FileKind::Secret,
+        target: "/run/secrets/token".into(),
+        mode: Some(0o400),
+        uid: None,
+        gid: None,
+        digest: flocker_wire::files::to_hex(blake3::hash(secret.as_bytes()).as_bytes()),
+    }];
+    let mut desired = desired_on(A, Some(app));
+    desired.files.insert(
+        "web".into(),
+        BTreeMap::from([(
+            "token".to_string(),
+            flocker_wire::FileContent(secret.as_bytes().to_vec()),
+        )]),
+    );
+    cluster.deploy(&desired, |_, _| Ok(()))?;
+
+    let docker = &cluster.a.docker;
+    let read = docker.docker(&[
+        "exec",
+        "flocker-web",
+        "/bin/busybox",
+        "cat",
+        "/run/secrets/token",
+    ])?;
+    assert_eq!(read, secret);
+    let write = docker.docker(&[
+        "exec",
+        "flocker-web",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "echo x > /run/secrets/token",
+    ]);
+    assert!(
+        write.is_err(),
+        "the secret must be read-only in the container"
+    );
+    // On the node it lives on the agent's tmpfs only.
+    let host = cluster
+        .a
+        .agent
+        .state_dir()
+        .join(format!("files-{A}/web/token"));
+    let fstype = Command::new("findmnt")
+        .args(["-n", "-o", "FSTYPE", "-T"])
+        .arg(&host)
+        .output()?;
+    assert_eq!(String::from_utf8_lossy(&fstype.stdout).trim(), "tmpfs");
+    // Nowhere else: not in Docker's view of the container, the agent's state or its log.
+    let inspect = docker.docker(&["inspect", "flocker-web"])?;
+    let state = serde_json::to_string(&cluster.state(&cluster.a)?)?;
+    let log = std::fs::read_to_string(&cluster.a.agent.log)?;
+    for (what, text) in [("inspect", &inspect), ("state", &state), ("log", &log)] {
+        assert!(!text.contains(secret), "the secret is in the {what}");
+    }
+
+    // Removed with its application.
+    cluster.deploy(&desired_on(A, None), |_, _| Ok(()))?;
+    assert!(!host.exists(), "{} left behind", host.display());
+    Ok(())
 }
 
 #[test]

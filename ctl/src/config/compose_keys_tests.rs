@@ -182,14 +182,14 @@ fn command_lines_split_like_a_shell() {
 
 #[test]
 fn compose_durations() {
-    use super::settings::parse_compose_duration_ms;
-    assert_eq!(parse_compose_duration_ms("1m30s"), Ok(90_000));
-    assert_eq!(parse_compose_duration_ms("1.5s"), Ok(1_500));
-    assert_eq!(parse_compose_duration_ms("500ms"), Ok(500));
-    assert_eq!(parse_compose_duration_ms("1h"), Ok(3_600_000));
-    assert_eq!(parse_compose_duration_ms("10us"), Ok(1));
-    assert!(parse_compose_duration_ms("10").is_err());
-    assert!(parse_compose_duration_ms("10d").is_err());
+    use super::fields::parse_duration_ms;
+    assert_eq!(parse_duration_ms("1m30s"), Ok(90_000));
+    assert_eq!(parse_duration_ms("1.5s"), Ok(1_500));
+    assert_eq!(parse_duration_ms("500ms"), Ok(500));
+    assert_eq!(parse_duration_ms("1h"), Ok(3_600_000));
+    assert_eq!(parse_duration_ms("10us"), Ok(1));
+    assert!(parse_duration_ms("10").is_err());
+    assert!(parse_duration_ms("10d").is_err());
 }
 
 #[test]

@@ -367,33 +367,51 @@ pub fn duration_ms(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<u64> 
         .ok()
 }
 
-/// Parses `NUMBER UNIT` with unit `ms`, `s`, `m` or `h` into milliseconds.
+/// A duration as compose (and Go) writes them: one or more `NUMBER UNIT` with units `us`,
+/// `ms`, `s`, `m`, `h` and decimal numbers allowed; rounded up to milliseconds.
 pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let factor = match unit.trim() {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "" => {
-            return Err(format!(
-                "{text:?} has no unit: write for example `{text}s` (ms, s, m and h are understood)"
-            ));
-        }
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?}: use ms, s, m or h"
-            ));
-        }
-    };
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("expected a duration such as `5s` or `2m`, found {text:?}"))?;
-    number
-        .checked_mul(factor)
-        .ok_or_else(|| format!("the duration {text:?} is too long"))
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err("an empty duration".to_owned());
+    }
+    let mut total_us: f64 = 0.0;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (number, after) = rest.split_at(number_len);
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(after.len());
+        let (unit, after) = after.split_at(unit_len);
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("{text:?} is not a duration such as \"10s\" or \"1m30s\""))?;
+        let factor = match unit {
+            "us" | "µs" => 1.0,
+            "ms" => 1_000.0,
+            "s" => 1_000_000.0,
+            "m" => 60_000_000.0,
+            "h" => 3_600_000_000.0,
+            "" => {
+                return Err(format!(
+                    "{text:?} has no unit: write for example \"{text}s\""
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "unknown unit {other:?} in {text:?}: use us, ms, s, m or h"
+                ));
+            }
+        };
+        total_us += value * factor;
+        rest = after;
+    }
+    let ms = (total_us / 1_000.0).ceil();
+    if !(0.0..=1e15).contains(&ms) {
+        return Err(format!("the duration {text:?} is too long"));
+    }
+    // In range and integral, so the conversion is exact.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Ok(ms as u64)
 }

@@ -1217,7 +1217,7 @@ standby:
             "6:79: standby/redis/every: the replication interval must be between 1s and 24h",
             "7:3: standby/ghost: `ghost` is not placed on any node under `nodes:`, so it has no volume to replicate",
             "8:3: standby/web: `web` is not placed on any node under `nodes:`, so it has no volume to replicate",
-            "8:38: standby/web/every: unknown unit \"soon\" in \"soon\": use ms, s, m or h",
+            "8:38: standby/web/every: \"soon\" is not a duration such as \"10s\" or \"1m30s\"",
             "8:44: standby/web/when: unknown key; allowed keys are: nodes, every",
         ],
     );

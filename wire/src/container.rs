@@ -88,6 +88,27 @@ pub struct ContainerSettings {
     /// Docker's log driver and its options (`json-file` with `max-size`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logging: Option<Logging>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domainname: Option<String>,
+    /// DNS search domains and resolver options.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_search: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_opt: Vec<String>,
+    /// The most processes the container may run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_limit: Option<i64>,
+    /// Soft memory limit in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_reservation: Option<u64>,
+    /// Memory plus swap limit in bytes; -1 for unlimited swap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memswap_limit: Option<i64>,
+    /// Extra groups for the container's process.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group_add: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_score_adj: Option<i64>,
 }
 
 /// A resource limit of the container's processes.
@@ -214,6 +235,30 @@ impl ContainerSettings {
                 free_form.push(("logging", key));
                 free_form.push(("logging", value));
             }
+        }
+        if let Some(domain) = &self.domainname {
+            out.extend(hostname_problem(domain).map(|p| format!("domainname: {p}")));
+        }
+        for domain in &self.dns_search {
+            out.extend(hostname_problem(domain).map(|p| format!("dns_search: {p}")));
+        }
+        for item in self.dns_opt.iter().chain(&self.group_add) {
+            free_form.push(("dns_opt", item));
+        }
+        if self.pids_limit.is_some_and(|p| p == 0 || p < -1) {
+            out.push("pids_limit: a positive number, or -1 for none".to_owned());
+        }
+        if self.mem_reservation == Some(0) {
+            out.push("mem_reservation: 0 bytes".to_owned());
+        }
+        if self.memswap_limit.is_some_and(|m| m == 0 || m < -1) {
+            out.push("memswap_limit: a size, or -1 for unlimited swap".to_owned());
+        }
+        if self
+            .oom_score_adj
+            .is_some_and(|o| !(-1000..=1000).contains(&o))
+        {
+            out.push("oom_score_adj: between -1000 and 1000".to_owned());
         }
         if self.shm_size == Some(0) {
             out.push("shm_size: 0 bytes".to_owned());
@@ -392,6 +437,14 @@ mod tests {
                 driver: "json-file".into(),
                 options: BTreeMap::from([("max-size".into(), "10m".into())]),
             }),
+            domainname: Some("example.com".into()),
+            dns_search: vec!["svc.example.com".into()],
+            dns_opt: vec!["ndots:2".into()],
+            pids_limit: Some(100),
+            mem_reservation: Some(1 << 20),
+            memswap_limit: Some(-1),
+            group_add: vec!["audio".into()],
+            oom_score_adj: Some(-500),
         };
         assert_eq!(settings.problems(), Vec::<String>::new());
         assert_eq!(settings.stop_timeout_seconds(), Some(2));

@@ -71,14 +71,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "write each service out in full (YAML anchors and `<<` merge keys work)",
     ),
     (
-        "dns_search",
-        "name resolution inside containers is not configurable",
-    ),
-    (
-        "domainname",
-        "set the full name with `hostname` (for example `db.example.com`)",
-    ),
-    (
         "privileged",
         "a privileged container can reach its node's storage, and with it another application's volume: Flocker could no longer promise one writer per volume",
     ),
@@ -90,14 +82,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     (
         "log_driver",
         "the version 1 spelling; write `logging: {driver: ...}`",
-    ),
-    (
-        "memswap_limit",
-        "swap differs from node to node, so the limit would change when the application moves; use `mem_limit`",
-    ),
-    (
-        "mem_reservation",
-        "placement comes from the deployment config, not from reservations; use `mem_limit`",
     ),
     (
         "cpuset",
@@ -608,6 +592,9 @@ fn parse_service(
         .and_then(|e| compose_volume(sink, &e.value, &join(name, "volumes")));
     let mut mem_limit =
         find(entries, "mem_limit").and_then(|e| size(sink, &e.value, &join(name, "mem_limit")));
+    if let Some(pids) = limits.pids {
+        container.pids_limit = Some(pids);
+    }
     for (given, from_deploy, key) in [
         (&mut mem_limit, limits.memory, "memory"),
         (&mut container.nano_cpus, limits.nano_cpus, "cpus"),
@@ -789,6 +776,7 @@ fn service_networks(sink: &mut Sink<'_>, node: &Node, path: &str, declared: &BTr
 struct DeployLimits {
     memory: Option<u64>,
     nano_cpus: Option<u64>,
+    pids: Option<i64>,
     mark: super::yaml::Mark,
 }
 
@@ -828,8 +816,11 @@ fn deploy_limits(sink: &mut Sink<'_>, node: &Node, path: &str) -> DeployLimits {
                                         }];
                                         limits.nano_cpus = parse_settings(sink, &one, &resource_path).nano_cpus;
                                     }
-                                    "pids" => sink.error(item.key_mark, item_path, "`pids` limits are not honoured yet"),
-                                    _ => sink.error(item.key_mark, item_path, "unknown limit; allowed: memory, cpus"),
+                                    "pids" => limits.pids = item.value.as_int().and_then(|p| i64::try_from(p).ok()).or_else(|| {
+                                        sink.error(item.value.mark, item_path, "expected an integer");
+                                        None
+                                    }),
+                                    _ => sink.error(item.key_mark, item_path, "unknown limit; allowed: memory, cpus, pids"),
                                 }
                             }
                         }

@@ -126,6 +126,7 @@ fn every_setting_expected() -> ContainerSettings {
             driver: "json-file".into(),
             options: BTreeMap::from([("max-size".into(), "10m".into())]),
         }),
+        ..ContainerSettings::default()
     }
 }
 
@@ -139,6 +140,35 @@ fn every_container_setting_reads_the_same_in_both_dialects() {
         "version: 1\napplications:\n  cache:\n    image: redis{EVERY_SETTING}"
     ));
     assert_eq!(native["cache"].container, every_setting_expected());
+}
+
+#[test]
+fn resource_and_resolver_settings() {
+    let parsed = ok(
+        "services:\n  db:\n    image: x\n    domainname: example.com\n    dns_search: [svc.example.com]\n    dns_opt: [ndots:2]\n    mem_reservation: 256m\n    memswap_limit: -1\n    group_add: [audio]\n    oom_score_adj: -500\n    deploy: {resources: {limits: {pids: 100}}}\n",
+    );
+    let c = &parsed["db"].container;
+    assert_eq!(c.domainname.as_deref(), Some("example.com"));
+    assert_eq!(c.dns_search, ["svc.example.com"]);
+    assert_eq!(c.dns_opt, ["ndots:2"]);
+    assert_eq!(c.mem_reservation, Some(256 << 20));
+    assert_eq!(c.memswap_limit, Some(-1));
+    assert_eq!(c.group_add, ["audio"]);
+    assert_eq!(c.oom_score_adj, Some(-500));
+    assert_eq!(c.pids_limit, Some(100));
+    let found =
+        errors("services:\n  db:\n    image: x\n    oom_score_adj: 5000\n    pids_limit: 0\n");
+    assert_eq!(found.len(), 2, "{found:#?}");
+    assert!(
+        found[0].starts_with("4:20: db/oom_score_adj: between -1000 and 1000"),
+        "{}",
+        found[0]
+    );
+    assert!(
+        found[1].starts_with("5:17: db/pids_limit: a positive number"),
+        "{}",
+        found[1]
+    );
 }
 
 #[test]

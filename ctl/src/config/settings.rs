@@ -43,6 +43,14 @@ pub const SETTINGS_KEYS: &[&str] = &[
     "security_opt",
     "read_only",
     "logging",
+    "domainname",
+    "dns_search",
+    "dns_opt",
+    "pids_limit",
+    "mem_reservation",
+    "memswap_limit",
+    "group_add",
+    "oom_score_adj",
 ];
 
 /// The most ports one `expose` range may name.
@@ -97,6 +105,20 @@ pub fn parse_settings(sink: &mut Sink<'_>, entries: &[Entry], name: &str) -> Con
             "security_opt" => s.security_opt = strings(sink, node, &path, "a list of options"),
             "read_only" => s.read_only = boolean(sink, node, &path).unwrap_or(false),
             "logging" => s.logging = logging(sink, node, &path),
+            "domainname" => s.domainname = text(sink, node, &path, "a domain name"),
+            "dns_search" => s.dns_search = strings(sink, node, &path, "a domain or a list"),
+            "dns_opt" => s.dns_opt = strings(sink, node, &path, "a list of resolver options"),
+            "pids_limit" => s.pids_limit = signed(sink, node, &path),
+            "mem_reservation" => s.mem_reservation = size(sink, node, &path),
+            "memswap_limit" => {
+                s.memswap_limit = if node.as_int() == Some(-1) {
+                    Some(-1)
+                } else {
+                    size(sink, node, &path).and_then(|b| i64::try_from(b).ok())
+                }
+            }
+            "group_add" => s.group_add = strings(sink, node, &path, "a list of groups"),
+            "oom_score_adj" => s.oom_score_adj = signed(sink, node, &path),
             _ => {}
         }
     }
@@ -325,6 +347,18 @@ fn text(sink: &mut Sink<'_>, node: &Node, path: &str, what: &str) -> Option<Stri
             None
         }
     }
+}
+
+fn signed(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<i64> {
+    let found = node.as_int().and_then(|i| i64::try_from(i).ok());
+    if found.is_none() {
+        sink.error(
+            node.mark,
+            path,
+            format!("expected an integer, found {}", node.describe()),
+        );
+    }
+    found
 }
 
 fn boolean(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<bool> {

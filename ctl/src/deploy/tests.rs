@@ -94,12 +94,14 @@ impl AgentApi for FakeAgents {
     fn converge<F>(
         &self,
         node: &str,
-        request: &ConvergeRequest,
+        body: flocker_client::ConvergeBody,
         mut on_event: F,
     ) -> impl Future<Output = Result<Vec<ConvergeEvent>, ClientError>> + Send
     where
         F: FnMut(&ConvergeEvent) + Send,
     {
+        let request = body.decode().expect("the driver sends a valid request");
+        let request = &request;
         self.log
             .lock()
             .expect("log")
@@ -124,7 +126,7 @@ fn step(action: &Action) -> String {
         Action::StartApplication { application } => format!("start {}", application.name),
         Action::StopApplication { application } => format!("stop {application}"),
         Action::RestartApplication { application } => format!("restart {}", application.name),
-        Action::SetRoutes { .. } => "routes".to_string(),
+        Action::SetRoutes { .. } | Action::FollowRoutes { .. } => "routes".to_string(),
         Action::SetStandby { .. } => "standby".to_string(),
     }
 }
@@ -224,7 +226,7 @@ fn gather_state_asks_every_node() {
         (B, StateReply::State(node_state(B, None))),
     ]);
     let got = runtime()
-        .block_on(gather_state(&agents, &nodes(&[A, B])))
+        .block_on(gather_state(&agents, &nodes(&[A, B]), 2))
         .expect("state");
     let expected = ClusterState {
         nodes: BTreeMap::from([
@@ -242,7 +244,7 @@ fn an_unreachable_node_fails_the_query_naming_it() {
         (B, StateReply::Unreachable),
     ]);
     let err = runtime()
-        .block_on(gather_state(&agents, &nodes(&[A, B])))
+        .block_on(gather_state(&agents, &nodes(&[A, B]), 2))
         .expect_err("B is unreachable");
     assert!(
         matches!(&err, DeployError::Client(ClientError::Connect { node, .. }) if node == B),
@@ -258,7 +260,7 @@ fn a_node_whose_query_panicked_is_an_error_not_an_empty_node() {
         (B, StateReply::Panic),
     ]);
     let err = runtime()
-        .block_on(gather_state(&agents, &nodes(&[A, B])))
+        .block_on(gather_state(&agents, &nodes(&[A, B]), 2))
         .expect_err("B's state is unknown");
     match &err {
         DeployError::Lost { node, what, reason } => {
@@ -279,7 +281,7 @@ fn with_several_failures_the_first_node_by_address_is_reported() {
     ]);
     for _ in 0..5 {
         let err = runtime()
-            .block_on(gather_state(&agents, &nodes(&[C, B, A])))
+            .block_on(gather_state(&agents, &nodes(&[C, B, A]), 2))
             .expect_err("two nodes fail");
         assert!(
             matches!(&err, DeployError::Lost { node, .. } if node == B),
@@ -330,7 +332,7 @@ fn execute_sends_each_node_its_share_phase_by_phase() {
     };
     let d = desired(&[A, B]);
     let summary = runtime()
-        .block_on(execute(&agents, &d, &plan, false))
+        .block_on(execute(&agents, &d, &plan, false, 2))
         .expect("deploy");
     assert_eq!(
         (summary.phases, summary.actions, summary.bytes_pushed),
@@ -369,7 +371,7 @@ fn a_failed_step_stops_the_run_before_the_next_phase() {
         ],
     };
     let err = runtime()
-        .block_on(execute(&agents, &desired(&[A, B]), &plan, false))
+        .block_on(execute(&agents, &desired(&[A, B]), &plan, false, 2))
         .expect_err("B failed");
     assert_eq!(
         err.to_string(),
@@ -398,7 +400,7 @@ fn a_refused_converge_is_reported_with_the_agents_status_and_message() {
         phases: vec![phase("create-volumes", &[(A, create("db"))])],
     };
     let err = runtime()
-        .block_on(execute(&agents, &desired(&[A]), &plan, false))
+        .block_on(execute(&agents, &desired(&[A]), &plan, false, 2))
         .expect_err("refused");
     assert!(
         matches!(&err, DeployError::Client(e) if e.status() == Some(StatusCode::CONFLICT)),
@@ -419,7 +421,7 @@ fn a_converge_that_panicked_names_its_node_and_phase() {
         phases: vec![phase("start", &[(A, create("db")), (B, create("cache"))])],
     };
     let err = runtime()
-        .block_on(execute(&agents, &desired(&[A, B]), &plan, false))
+        .block_on(execute(&agents, &desired(&[A, B]), &plan, false, 2))
         .expect_err("B panicked");
     assert!(
         matches!(&err, DeployError::Lost { node, what, .. } if node == B && what == "phase start"),
@@ -431,7 +433,7 @@ fn a_converge_that_panicked_names_its_node_and_phase() {
 fn an_empty_plan_asks_nobody() {
     let agents = FakeAgents::new(&[]);
     let summary = runtime()
-        .block_on(execute(&agents, &desired(&[A]), &Plan::default(), false))
+        .block_on(execute(&agents, &desired(&[A]), &Plan::default(), false, 2))
         .expect("nothing to do");
     assert_eq!((summary.phases, summary.actions), (0, 0));
     assert!(agents.log().is_empty());
@@ -445,7 +447,7 @@ fn gather_reachable_names_the_nodes_that_do_not_answer_and_keeps_the_rest() {
         (C, StateReply::Unreachable),
     ]);
     let gathered = runtime()
-        .block_on(gather_reachable(&agents, &nodes(&[A, B, C])))
+        .block_on(gather_reachable(&agents, &nodes(&[A, B, C]), 2))
         .expect("A answers");
     assert_eq!(gathered.state.nodes.keys().collect::<Vec<_>>(), vec![A]);
     assert_eq!(
@@ -464,7 +466,7 @@ fn gather_reachable_names_the_nodes_that_do_not_answer_and_keeps_the_rest() {
 fn gather_reachable_fails_when_no_node_answers() {
     let agents = FakeAgents::new(&[(A, StateReply::Unreachable), (B, StateReply::Unreachable)]);
     let err = runtime()
-        .block_on(gather_reachable(&agents, &nodes(&[A, B])))
+        .block_on(gather_reachable(&agents, &nodes(&[A, B]), 2))
         .expect_err("nobody answers");
     assert!(err.to_string().contains(A), "{err}");
 }

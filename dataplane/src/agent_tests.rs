@@ -244,6 +244,7 @@ async fn converge(
         .agent
         .converge(ConvergeRequest {
             desired: desired.clone(),
+            routes: None,
             actions,
         })
         .await
@@ -361,6 +362,7 @@ async fn moves_a_directory_volume_between_two_agents_over_mutual_tls() {
         .agent
         .converge(ConvergeRequest {
             desired: d2.clone(),
+            routes: None,
             actions: vec![Action::StartApplication { application: app() }],
         })
         .await
@@ -406,6 +408,7 @@ async fn moves_a_directory_volume_between_two_agents_over_mutual_tls() {
         .agent
         .converge(ConvergeRequest {
             desired: d1.clone(),
+            routes: None,
             actions: vec![Action::StartApplication { application: app() }],
         })
         .await
@@ -487,6 +490,7 @@ async fn refused_requests_change_nothing() {
             .agent
             .converge(ConvergeRequest {
                 desired: d.clone(),
+                routes: None,
                 actions,
             })
             .await
@@ -898,6 +902,7 @@ async fn hostile_values_in_a_converge_are_refused_before_anything_changes() {
             agent
                 .converge(ConvergeRequest {
                     desired: d,
+                    routes: None,
                     actions,
                 })
                 .await
@@ -1015,6 +1020,7 @@ async fn a_replica_is_promoted_and_the_returning_owner_fences_itself() {
         .agent
         .converge(ConvergeRequest {
             desired: on_b.clone(),
+            routes: None,
             actions: vec![Action::Promote {
                 volume: "db".into(),
                 epoch: 1,
@@ -1110,11 +1116,11 @@ async fn flockerctl_deploys_through_the_agent_client_and_checks_revocation() {
             }],
         }],
     };
-    let summary = deploy::execute(&user(), &d, &plan, false)
+    let summary = deploy::execute(&user(), &d, &plan, false, 4)
         .await
         .expect("deploy");
     assert_eq!((summary.phases, summary.actions), (1, 1));
-    let state = deploy::gather_state(&user(), &nodes).await.expect("state");
+    let state = deploy::gather_state(&user(), &nodes, 4).await.expect("state");
     assert_eq!(state.volume_owner("db"), Some(A));
     assert!(state.nodes[B].volumes.is_empty());
 
@@ -1131,7 +1137,7 @@ async fn flockerctl_deploys_through_the_agent_client_and_checks_revocation() {
             }],
         }],
     };
-    let err = deploy::execute(&user(), &d, &plan, false)
+    let err = deploy::execute(&user(), &d, &plan, false, 4)
         .await
         .expect_err("B has no copy to hand off");
     match &err {
@@ -1149,7 +1155,7 @@ async fn flockerctl_deploys_through_the_agent_client_and_checks_revocation() {
     // B's certificate revoked: flockerctl (which reads cluster.crl) refuses to talk to it,
     // and the state query fails naming B rather than leaving B out.
     flocker_ctl::ca::revoke(&ca, flocker_ctl::ca::Role::Node, B).expect("revoke");
-    let err = deploy::gather_state(&user(), &nodes)
+    let err = deploy::gather_state(&user(), &nodes, 4)
         .await
         .expect_err("B is revoked");
     assert!(

@@ -363,6 +363,7 @@ impl Cluster {
         let n = actions.len();
         let req = ConvergeRequest {
             desired: desired.clone(),
+            routes: None,
             actions,
         };
         let (status, events, text) = self.converge_raw(node, serde_json::to_vec(&req)?)?;
@@ -672,6 +673,7 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
     // A still refuses to start the application on its read-only copy.
     let req = ConvergeRequest {
         desired: d1.clone(),
+        routes: None,
         actions: vec![Action::StartApplication {
             application: app.clone(),
         }],
@@ -787,6 +789,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
         (
             serde_json::to_vec(&ConvergeRequest {
                 desired: desired.clone(),
+                routes: None,
                 actions: vec![
                     Action::CreateVolume { volume: "other".into(), maximum_size: None },
                     Action::StartApplication { application: unknown },
@@ -799,6 +802,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
             // B does not own web: it must not start it (nor create anything first).
             serde_json::to_vec(&ConvergeRequest {
                 desired: desired.clone(),
+                routes: None,
                 actions: vec![
                     Action::CreateVolume { volume: "other".into(), maximum_size: None },
                     Action::StartApplication { application: busybox_app() },
@@ -810,6 +814,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
         (
             serde_json::to_vec(&ConvergeRequest {
                 desired: d_no_image,
+                routes: None,
                 actions: vec![Action::StartApplication { application: no_image }],
             })?,
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -818,6 +823,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
         (
             serde_json::to_vec(&ConvergeRequest {
                 desired: desired.clone(),
+                routes: None,
                 actions: vec![Action::CreateVolume { volume: "../etc".into(), maximum_size: None }],
             })?,
             StatusCode::BAD_REQUEST,
@@ -826,6 +832,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
         (
             serde_json::to_vec(&ConvergeRequest {
                 desired: desired.clone(),
+                routes: None,
                 actions: vec![Action::Handoff { volume: "web".into(), to: A.into() }],
             })?,
             StatusCode::NOT_FOUND,
@@ -841,6 +848,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
     // leaves A the owner.
     let req = ConvergeRequest {
         desired: desired.clone(),
+        routes: None,
         actions: vec![
             Action::StopApplication {
                 application: "nothing-here".into(),

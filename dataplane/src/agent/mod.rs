@@ -18,7 +18,7 @@ use flocker_client::{AgentClient, ClientError};
 
 use flocker_wire::{
     Action, Application, ContainerState, ConvergeEvent, ConvergeRequest, DesiredState, NodeState,
-    Route, VolumeState,
+    Route, RouteMap, VolumeState,
 };
 
 use crate::containers::{ContainerError, ContainerRuntime, ManagedContainer, container_spec};
@@ -281,11 +281,13 @@ impl Agent {
             });
         }
         let volumes = self.blocking(|b| b.list()).await?;
+        let (routes, routes_version) = self.routes.reported();
         Ok(NodeState {
             address: self.me.clone(),
             containers,
             volumes,
-            routes: self.routes.current(),
+            routes,
+            routes_version,
             standby: self
                 .last_desired()
                 .map(|d| d.standby_for(&self.me))
@@ -392,7 +394,7 @@ impl Agent {
                 let step = step_name(action);
                 let _ = tx.send(ConvergeEvent::Started { step: step.clone() }).await;
                 tracing::info!(%step, "converge step");
-                match agent.execute(&request.desired, action, &step, &tx).await {
+                match agent.execute(&request, action, &step, &tx).await {
                     Ok(()) => {
                         let _ = tx.send(ConvergeEvent::Done { step }).await;
                     }
@@ -414,21 +416,25 @@ impl Agent {
 
     async fn execute(
         &self,
-        desired: &DesiredState,
+        request: &ConvergeRequest,
         action: &Action,
         step: &str,
         events: &Events,
     ) -> Result<(), AgentError> {
+        let desired = &request.desired;
+        let routes = request.routes.as_ref();
         match action {
             Action::CreateVolume {
                 volume,
                 maximum_size,
             } => self.create_volume(volume, *maximum_size).await,
             Action::StartApplication { application } => {
-                self.start_application(desired, application, false).await
+                self.start_application(desired, routes, application, false)
+                    .await
             }
             Action::RestartApplication { application } => {
-                self.start_application(desired, application, true).await
+                self.start_application(desired, routes, application, true)
+                    .await
             }
             Action::StopApplication { application } => self.stop_application(application).await,
             Action::PushVolume { volume, to, last } => {
@@ -436,7 +442,15 @@ impl Agent {
             }
             Action::Handoff { volume, to } => self.handoff(volume, to).await,
             Action::Promote { volume, epoch } => self.promote(volume, *epoch).await,
-            Action::SetRoutes { routes } => self.set_routes(routes.clone()).await,
+            Action::SetRoutes { routes } => self.set_routes(routes.clone(), None).await,
+            Action::FollowRoutes { version } => {
+                // Validation made sure the request carries the map of this version.
+                let map = routes.ok_or_else(|| {
+                    AgentError::BadRequest("follow routes: the request carries no route map".into())
+                })?;
+                self.set_routes(map.routes_for(&self.me), Some(version.clone()))
+                    .await
+            }
             // The schedule is the request's desired state, remembered when it was accepted.
             Action::SetStandby { .. } => Ok(()),
         }
@@ -470,6 +484,7 @@ impl Agent {
     async fn start_application(
         &self,
         desired: &DesiredState,
+        routes: Option<&RouteMap>,
         app: &Application,
         replace: bool,
     ) -> Result<(), AgentError> {
@@ -497,7 +512,7 @@ impl Agent {
             }
             return Ok(());
         }
-        let spec = container_spec(app, volume_path.as_deref(), desired, &self.me)?;
+        let spec = container_spec(app, volume_path.as_deref(), desired, routes, &self.me)?;
         if let Some(c) = existing {
             self.runtime.stop_and_remove(&c.name).await?;
         }
@@ -522,9 +537,13 @@ impl Agent {
         Ok(())
     }
 
-    async fn set_routes(&self, routes: Vec<Route>) -> Result<(), AgentError> {
+    async fn set_routes(
+        &self,
+        routes: Vec<Route>,
+        version: Option<String>,
+    ) -> Result<(), AgentError> {
         let resolver = self.resolver().await?;
-        Ok(self.routes.set(routes, &resolver)?)
+        Ok(self.routes.set_versioned(routes, version, &resolver)?)
     }
 }
 
@@ -544,6 +563,9 @@ pub fn step_name(action: &Action) -> String {
         Action::StopApplication { application } => format!("stop {application}"),
         Action::RestartApplication { application } => format!("restart {}", application.name),
         Action::SetRoutes { routes } => format!("set-routes ({} routes)", routes.len()),
+        Action::FollowRoutes { version } => {
+            format!("follow-routes {}", version.get(..12).unwrap_or(version))
+        }
         Action::SetStandby { standby } => format!("set-standby ({} volumes)", standby.len()),
     }
 }

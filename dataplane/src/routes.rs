@@ -264,3 +264,58 @@ fn resolvable(routes: &[Route], resolver: &Resolver) -> Vec<Route> {
 fn sidecar_write(path: &std::path::Path, bytes: &[u8]) -> Result<(), RoutesError> {
     sidecar::write_bytes(path, bytes).map_err(RoutesError::from)
 }
+
+#[cfg(test)]
+mod tests {
+    use flocker_wire::RouteTarget;
+
+    use super::*;
+
+    fn route(port: u16, target: RouteTarget) -> Route {
+        Route {
+            external_port: port,
+            application: format!("app{port}"),
+            target,
+        }
+    }
+
+    #[test]
+    fn the_version_is_kept_across_a_restart_and_old_route_files_still_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("routes.json");
+        let local = route(8080, RouteTarget::Local { internal_port: 80 });
+        let remote = route(
+            9090,
+            RouteTarget::Node {
+                address: "198.18.0.2".into(),
+            },
+        );
+        let resolver = Resolver {
+            containers: BTreeMap::from([("app8080".to_string(), Ipv4Addr::new(172, 17, 0, 2))]),
+        };
+        let store = RouteStore::open(path.clone(), None).expect("open");
+        store
+            .set_versioned(
+                vec![remote.clone(), local.clone()],
+                Some("v1".into()),
+                &resolver,
+            )
+            .expect("set");
+        let again = RouteStore::open(path.clone(), None).expect("reopen");
+        assert_eq!(again.current(), vec![local.clone(), remote.clone()]);
+        assert_eq!(again.reported(), (vec![local.clone()], Some("v1".into())));
+
+        // A table set as a list (or by fencing) follows no version and is reported whole.
+        again.set(vec![remote.clone()], &resolver).expect("set");
+        assert_eq!(again.reported(), (vec![remote.clone()], None));
+
+        // The bare list agents before route map versions wrote.
+        std::fs::write(
+            &path,
+            serde_json::to_vec(&vec![local.clone()]).expect("json"),
+        )
+        .expect("write");
+        let old = RouteStore::open(path, None).expect("old file");
+        assert_eq!(old.reported(), (vec![local], None));
+    }
+}

@@ -102,7 +102,7 @@ pub struct Agent {
     pub(crate) volumes: Arc<dyn VolumeBackend>,
     pub(crate) runtime: Arc<dyn ContainerRuntime>,
     peers: AgentClient,
-    routes: RouteStore,
+    pub(crate) routes: RouteStore,
     /// Held by a converge from validation to its last action, and by each restart
     /// supervision pass, so the supervisor never restarts what a converge is stopping.
     pub(crate) converge_lock: Arc<Mutex<()>>,

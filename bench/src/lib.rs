@@ -6,6 +6,7 @@
 pub mod failover;
 pub mod migrate;
 pub mod routing;
+pub mod scale;
 pub mod streamer;
 
 use std::path::{Path, PathBuf};

@@ -220,6 +220,11 @@ impl Agent {
         self.routes.backend_name()
     }
 
+    /// The node's whole recorded route table (what is programmed into the kernel).
+    pub fn route_table(&self) -> Vec<Route> {
+        self.routes.current()
+    }
+
     /// Problems with routing on this node (a forward filter dropping routed connections).
     pub fn routing_warnings(&self) -> Vec<String> {
         self.routes.warnings()

@@ -470,3 +470,168 @@ fn gather_reachable_fails_when_no_node_answers() {
         .expect_err("nobody answers");
     assert!(err.to_string().contains(A), "{err}");
 }
+
+/// Agents that count how many are asked at once and keep every converge request.
+#[derive(Clone, Default)]
+struct Counting {
+    in_flight: Arc<Mutex<(usize, usize)>>,
+    requests: Arc<Mutex<Vec<(String, ConvergeRequest)>>>,
+}
+
+impl Counting {
+    async fn busy(&self) {
+        {
+            let mut n = self.in_flight.lock().expect("count");
+            n.0 += 1;
+            n.1 = n.1.max(n.0);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        self.in_flight.lock().expect("count").0 -= 1;
+    }
+
+    fn most_at_once(&self) -> usize {
+        self.in_flight.lock().expect("count").1
+    }
+}
+
+impl AgentApi for Counting {
+    fn state(&self, node: &str) -> impl Future<Output = Result<NodeState, ClientError>> + Send {
+        let (me, node) = (self.clone(), node.to_string());
+        async move {
+            me.busy().await;
+            Ok(node_state(&node, None))
+        }
+    }
+
+    fn converge<F>(
+        &self,
+        node: &str,
+        body: flocker_client::ConvergeBody,
+        mut on_event: F,
+    ) -> impl Future<Output = Result<Vec<ConvergeEvent>, ClientError>> + Send
+    where
+        F: FnMut(&ConvergeEvent) + Send,
+    {
+        let request = body.decode().expect("the driver sends a valid request");
+        let events = done_events(&request);
+        self.requests
+            .lock()
+            .expect("requests")
+            .push((node.to_string(), request));
+        let me = self.clone();
+        async move {
+            me.busy().await;
+            for e in &events {
+                on_event(e);
+            }
+            Ok(events)
+        }
+    }
+}
+
+fn service(name: &str, external: u16, links_to: Option<u16>) -> flocker_wire::Application {
+    flocker_wire::Application {
+        name: name.into(),
+        image: flocker_wire::Image {
+            repository: "busybox".into(),
+            tag: "latest".into(),
+        },
+        ports: vec![flocker_wire::PortMap {
+            internal: 80,
+            external,
+        }],
+        volume: None,
+        environment: BTreeMap::new(),
+        links: links_to
+            .map(|remote_port| flocker_wire::Link {
+                local_port: 80,
+                remote_port,
+                alias: "peer".into(),
+            })
+            .into_iter()
+            .collect(),
+        mem_limit: None,
+        cpu_shares: None,
+        restart_policy: flocker_wire::RestartPolicy::Never,
+    }
+}
+
+#[test]
+fn no_more_nodes_than_parallel_are_asked_at_once() {
+    let names: Vec<String> = (0..40).map(|i| format!("10.0.1.{i}")).collect();
+    let agents = Counting::default();
+    let state = runtime()
+        .block_on(gather_state(&agents, &names, 3))
+        .expect("state");
+    assert_eq!(state.nodes.len(), 40);
+    assert!(agents.most_at_once() <= 3, "{}", agents.most_at_once());
+    let gathered = runtime()
+        .block_on(gather_reachable(&agents, &names, 1))
+        .expect("state");
+    assert_eq!(gathered.state.nodes.len(), 40);
+
+    let agents = Counting::default();
+    let mut d = DesiredState::default();
+    for n in &names {
+        d.nodes.insert(n.clone(), BTreeSet::new());
+    }
+    let plan = crate::planner::plan(&d, &state);
+    assert!(plan.is_empty(), "nothing to route, nothing to do");
+    d.applications
+        .insert("web".into(), service("web", 8080, None));
+    d.nodes
+        .get_mut(&names[0])
+        .expect("node")
+        .insert("web".into());
+    let plan = crate::planner::plan(&d, &state);
+    runtime()
+        .block_on(execute(&agents, &d, &plan, false, 4))
+        .expect("deploy");
+    assert!(agents.most_at_once() <= 4, "{}", agents.most_at_once());
+    // Start on one node, routes on all 40.
+    assert_eq!(agents.requests.lock().expect("requests").len(), 41);
+}
+
+/// Each request carries the node's own applications, every node's address, and the route
+/// map only where the node follows it (whole) or links to another port (that port only).
+#[test]
+fn each_node_gets_its_share_and_the_map_only_where_it_needs_it() {
+    let mut d = desired(&[A, B, C]);
+    d.applications
+        .insert("web".into(), service("web", 8080, Some(9090)));
+    d.applications
+        .insert("api".into(), service("api", 9090, None));
+    d.nodes.get_mut(A).expect("a").insert("web".into());
+    d.nodes.get_mut(B).expect("b").insert("api".into());
+    let plan = crate::planner::plan(&d, &ClusterState::default());
+    let agents = Counting::default();
+    let summary = runtime()
+        .block_on(execute(&agents, &d, &plan, false, 8))
+        .expect("deploy");
+    let map = d.route_map();
+    let requests = agents.requests.lock().expect("requests").clone();
+    for (node, request) in &requests {
+        assert_eq!(request.desired, d.for_node(node), "{node}");
+        let follows = request
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::FollowRoutes { version } if *version == map.version()));
+        let starts_web = request
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::StartApplication { application } if application.name == "web"));
+        let expected = if follows {
+            Some(map.clone())
+        } else if starts_web {
+            Some(map.only([9090]))
+        } else {
+            None
+        };
+        assert_eq!(request.routes, expected, "{node}: {:?}", request.actions);
+    }
+    // start on A and B, routes on all three.
+    assert_eq!(requests.len(), 5);
+    let map_bytes = serde_json::to_vec(&map).expect("json").len() as u64;
+    assert_eq!(summary.route_map_bytes, map_bytes);
+    assert_eq!(summary.requests, 5);
+}

@@ -15,7 +15,9 @@ fn main() -> anyhow::Result<()> {
         "failover" => flocker_bench::failover::run(rest),
         "scale" => flocker_bench::scale::run(rest),
         other => {
-            bail!("unknown benchmark {other:?}: expected streamer, routing, migrate, failover or scale")
+            bail!(
+                "unknown benchmark {other:?}: expected streamer, routing, migrate, failover or scale"
+            )
         }
     }
 }

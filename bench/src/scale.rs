@@ -59,7 +59,9 @@ fn parse_sizes(args: &[String]) -> Result<Vec<Size>> {
                 .with_context(|| format!("size {a:?}: expected NODESxAPPS, e.g. 100x1000"))?;
             let size = Size {
                 nodes: n.parse().with_context(|| format!("size {a:?}: nodes"))?,
-                apps: m.parse().with_context(|| format!("size {a:?}: applications"))?,
+                apps: m
+                    .parse()
+                    .with_context(|| format!("size {a:?}: applications"))?,
             };
             ensure!(
                 size.nodes >= 2 && size.apps >= 1 && size.apps <= 40000,

@@ -169,18 +169,18 @@ async fn start_node(root: &Path, ca: &Path, address: &str, port: u16) -> Result<
         node: node(),
         source,
     };
-    let volumes = DirBackend::open(&dir.join("volumes"), Arc::new(SystemRunner)).map_err(|source| {
-        SimError::Volumes {
+    let volumes =
+        DirBackend::open(&dir.join("volumes"), Arc::new(SystemRunner)).map_err(|source| {
+            SimError::Volumes {
+                node: node(),
+                source,
+            }
+        })?;
+    let routes =
+        RouteStore::open(dir.join("routes.json"), None).map_err(|source| SimError::Routes {
             node: node(),
             source,
-        }
-    })?;
-    let routes = RouteStore::open(dir.join("routes.json"), None).map_err(|source| {
-        SimError::Routes {
-            node: node(),
-            source,
-        }
-    })?;
+        })?;
     let agent = Agent::new(
         address.to_string(),
         Arc::new(volumes),

@@ -616,10 +616,9 @@ fn each_node_gets_its_share_and_the_map_only_where_it_needs_it() {
             .actions
             .iter()
             .any(|a| matches!(a, Action::FollowRoutes { version } if *version == map.version()));
-        let starts_web = request
-            .actions
-            .iter()
-            .any(|a| matches!(a, Action::StartApplication { application } if application.name == "web"));
+        let starts_web = request.actions.iter().any(
+            |a| matches!(a, Action::StartApplication { application } if application.name == "web"),
+        );
         let expected = if follows {
             Some(map.clone())
         } else if starts_web {

@@ -334,7 +334,7 @@ fn measure(flockerctl_bin: &Path, size: &Size, table: &mut String) -> Result<()>
 
 pub fn run(args: &[String]) -> Result<()> {
     let sizes = parse_sizes(args)?;
-    let release = crate::build_release_agents()?;
+    let release = crate::build_release_flockerctl()?;
     let flockerctl_bin = release.join("flockerctl");
     let mut table = String::from(
         "| nodes x apps | what | wall time | flockerctl peak RSS | requests | bytes sent | per request |\n|---|---|---:|---:|---:|---:|---:|\n",

@@ -6,6 +6,7 @@
 pub mod failover;
 pub mod migrate;
 pub mod routing;
+pub mod scale;
 pub mod streamer;
 
 use std::path::{Path, PathBuf};
@@ -37,5 +38,16 @@ pub fn build_release_agents() -> anyhow::Result<PathBuf> {
             ])
             .status()?;
     anyhow::ensure!(status.success(), "building the agent failed");
+    Ok(workspace_target().join("release"))
+}
+
+/// Builds the release `flockerctl` alone (the scale benchmark's agents run in its own
+/// process); returns where it is.
+pub fn build_release_flockerctl() -> anyhow::Result<PathBuf> {
+    let status =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "--quiet", "-p", "flocker-ctl"])
+            .status()?;
+    anyhow::ensure!(status.success(), "building flockerctl failed");
     Ok(workspace_target().join("release"))
 }

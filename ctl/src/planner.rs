@@ -12,34 +12,94 @@
 //! 5. `final-push`: the small incremental push of moved volumes after their application stopped.
 //! 6. `handoff`: ownership moves to the new node at the next epoch.
 //! 7. `start`: new containers start; changed ones restart in place.
-//! 8. `routes`: every node whose route table differs gets the new one, only now that every
-//!    container the routes point at is up.
+//! 8. `routes`: every node that does not yet route by the desired state's route map is told
+//!    to follow it (`FollowRoutes` with the map's version; each agent derives its own table),
+//!    only now that every container the routes point at is up. A node that left the
+//!    deployment gets an empty table.
 //! 9. `standby`: every node whose replication schedule (the `standby:` entries of the
 //!    applications it hosts) differs gets the new one, once the volumes are where they go.
 //!
 //! **Architecture invariant:** planning a cluster that matches its desired state yields the
 //! empty plan, so `flockerctl deploy` run twice changes nothing the second time.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use flocker_wire::{Action, ClusterState, DesiredState, NodeAction, Phase, Plan};
+use flocker_wire::{Action, ClusterState, DesiredState, NodeAction, Phase, Plan, VolumeState};
 
 /// Computes the plan that turns `current` into `desired`.
+///
+/// Its cost grows with nodes + applications: placements and volume records are indexed once
+/// (asking `DesiredState::node_of` or `ClusterState::volume_record` per application would
+/// scan every node each time), and routes are compared by map version, not table by table.
 pub fn plan(desired: &DesiredState, current: &ClusterState) -> Plan {
     let mut phases = PhaseSet::default();
+    let placement = desired.placement();
+    let volumes = VolumeIndex::new(current);
     for (name, app) in &desired.applications {
-        let Some(target) = desired.node_of(name) else {
+        let Some(&target) = placement.get(name.as_str()) else {
             continue;
         };
         if let Some(volume) = &app.volume {
-            plan_volume(name, volume.maximum_size, target, current, &mut phases);
+            plan_volume(
+                name,
+                volume.maximum_size,
+                target,
+                current,
+                &volumes,
+                &mut phases,
+            );
         }
-        plan_container(desired, current, name, target, &mut phases);
+        plan_container(current, app, target, &mut phases);
     }
-    plan_stops(desired, current, &mut phases);
+    plan_stops(&placement, current, &mut phases);
     plan_routes(desired, current, &mut phases);
-    plan_standby(desired, current, &mut phases);
+    plan_standby(desired, &placement, current, &mut phases);
     phases.into_plan(desired)
+}
+
+/// Every copy of every volume, by volume name, in node order: the same records
+/// [`ClusterState::volume_record`] and [`ClusterState::ownership_settled`] read, found
+/// without scanning every node per volume.
+struct VolumeIndex<'a> {
+    copies: HashMap<&'a str, Vec<(&'a str, &'a VolumeState)>>,
+}
+
+impl<'a> VolumeIndex<'a> {
+    fn new(current: &'a ClusterState) -> Self {
+        let mut copies: HashMap<&str, Vec<(&str, &VolumeState)>> = HashMap::new();
+        for (node, state) in &current.nodes {
+            for v in &state.volumes {
+                let here = copies.entry(v.name.as_str()).or_default();
+                // `NodeState::volume` finds a node's first copy of a name.
+                if !here.iter().any(|(n, _)| *n == node.as_str()) {
+                    here.push((node.as_str(), v));
+                }
+            }
+        }
+        VolumeIndex { copies }
+    }
+
+    /// As [`ClusterState::volume_record`]: the copy with the highest epoch, the last node
+    /// in address order among equals.
+    fn record(&self, volume: &str) -> Option<(&'a str, &'a VolumeState)> {
+        self.copies
+            .get(volume)?
+            .iter()
+            .copied()
+            .max_by_key(|(_, v)| v.epoch)
+    }
+
+    /// As [`ClusterState::ownership_settled`].
+    fn settled(&self, volume: &str) -> bool {
+        let Some((_, record)) = self.record(volume) else {
+            return true;
+        };
+        self.copies.get(volume).is_some_and(|copies| {
+            copies.iter().any(|(node, v)| {
+                *node == record.owner && v.owner == record.owner && v.epoch == record.epoch
+            })
+        })
+    }
 }
 
 /// The plan's phases, filled in any order and emitted in protocol order.
@@ -152,9 +212,10 @@ fn plan_volume(
     maximum_size: Option<u64>,
     target: &str,
     current: &ClusterState,
+    volumes: &VolumeIndex<'_>,
     phases: &mut PhaseSet,
 ) {
-    let Some((holder, record)) = current.volume_record(name) else {
+    let Some((holder, record)) = volumes.record(name) else {
         phases.create_volumes.push(on(
             target,
             Action::CreateVolume {
@@ -165,7 +226,7 @@ fn plan_volume(
         return;
     };
     let owner = record.owner.as_str();
-    let settled = current.ownership_settled(name);
+    let settled = volumes.settled(name);
     if owner == target {
         if !settled {
             // The holder recorded "handed to target" but the target never heard: tell it again.
@@ -213,15 +274,12 @@ fn handoff(from: &str, volume: &str, to: &str) -> NodeAction {
 /// Starts the application on its node, or restarts it in place when its configuration
 /// changed or it is not running.
 fn plan_container(
-    desired: &DesiredState,
     current: &ClusterState,
-    name: &str,
+    app: &flocker_wire::Application,
     target: &str,
     phases: &mut PhaseSet,
 ) {
-    let Some(app) = desired.applications.get(name) else {
-        return;
-    };
+    let name = app.name.as_str();
     let existing = current.nodes.get(target).and_then(|n| n.container(name));
     let action = match existing {
         None => Action::StartApplication {
@@ -236,11 +294,11 @@ fn plan_container(
 }
 
 /// Stops every managed container that runs where the desired state does not place it.
-fn plan_stops(desired: &DesiredState, current: &ClusterState, phases: &mut PhaseSet) {
+fn plan_stops(placement: &HashMap<&str, &str>, current: &ClusterState, phases: &mut PhaseSet) {
     for (node, state) in &current.nodes {
         for container in &state.containers {
             let name = &container.application.name;
-            if desired.node_of(name) != Some(node.as_str()) {
+            if placement.get(name.as_str()) != Some(&node.as_str()) {
                 phases.stop.push(on(
                     node,
                     Action::StopApplication {
@@ -252,25 +310,41 @@ fn plan_stops(desired: &DesiredState, current: &ClusterState, phases: &mut Phase
     }
 }
 
-/// Every node's route table, where it differs from what the desired state implies.
+/// Every node of the deployment that does not route by the desired route map yet is told
+/// to follow it; a node that left the deployment and still routes gets an empty table.
+///
+/// A node reporting the map's version routes by it. One reporting no version (its table was
+/// set as a list, or fencing changed it) is compared table by table, which costs its
+/// applications' worth of work but keeps a matching table from being sent again.
 fn plan_routes(desired: &DesiredState, current: &ClusterState, phases: &mut PhaseSet) {
-    let nodes: BTreeSet<&String> = desired.nodes.keys().chain(current.nodes.keys()).collect();
-    for node in nodes {
-        let wanted = if desired.nodes.contains_key(node) {
-            desired.routes_for(node)
-        } else {
-            Vec::new()
+    let map = desired.route_map();
+    let version = map.version();
+    for node in desired.nodes.keys() {
+        let state = current.nodes.get(node);
+        let follows = match state.map(|s| (&s.routes_version, &s.routes)) {
+            Some((Some(v), _)) => *v == version,
+            Some((None, routes)) => {
+                let mut have = routes.clone();
+                have.sort();
+                have == map.routes_for(node)
+            }
+            None => map.ports.is_empty(),
         };
-        let mut have = current
-            .nodes
-            .get(node)
-            .map(|n| n.routes.clone())
-            .unwrap_or_default();
-        have.sort();
-        if have != wanted {
+        if !follows {
+            phases.routes.push(on(
+                node,
+                Action::FollowRoutes {
+                    version: version.clone(),
+                },
+            ));
+        }
+    }
+    for (node, state) in &current.nodes {
+        let routes_something = !state.routes.is_empty() || state.routes_version.is_some();
+        if !desired.nodes.contains_key(node) && routes_something {
             phases
                 .routes
-                .push(on(node, Action::SetRoutes { routes: wanted }));
+                .push(on(node, Action::SetRoutes { routes: Vec::new() }));
         }
     }
 }
@@ -280,15 +354,25 @@ pub use failover::{Blocked, FailoverError, Planned, Promotion, plan_around};
 
 /// Every node whose replication schedule differs from the deployment's `standby:` for the
 /// applications it hosts.
-fn plan_standby(desired: &DesiredState, current: &ClusterState, phases: &mut PhaseSet) {
+fn plan_standby(
+    desired: &DesiredState,
+    placement: &HashMap<&str, &str>,
+    current: &ClusterState,
+    phases: &mut PhaseSet,
+) {
+    let mut wanted_by_node: HashMap<&str, BTreeMap<String, flocker_wire::Standby>> = HashMap::new();
+    for (app, standby) in &desired.standby {
+        if let Some(&node) = placement.get(app.as_str()) {
+            wanted_by_node
+                .entry(node)
+                .or_default()
+                .insert(app.clone(), standby.clone());
+        }
+    }
     for node in desired.nodes.keys() {
-        let wanted = desired.standby_for(node);
-        let have = current
-            .nodes
-            .get(node)
-            .map(|n| n.standby.clone())
-            .unwrap_or_default();
-        if have != wanted {
+        let wanted = wanted_by_node.remove(node.as_str()).unwrap_or_default();
+        let have = current.nodes.get(node).map(|n| &n.standby);
+        if have.map_or(!wanted.is_empty(), |h| *h != wanted) {
             phases
                 .standby
                 .push(on(node, Action::SetStandby { standby: wanted }));

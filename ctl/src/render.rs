@@ -1,11 +1,71 @@
 //! Human-readable rendering of plans for `flockerctl plan` and `flockerctl deploy`.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use flocker_wire::{Action, Plan, RouteTarget};
+use flocker_wire::{Action, DesiredState, Plan, Route, RouteMap, RouteTarget};
 
-/// One line saying what an action does.
-pub fn describe(action: &Action) -> String {
+/// How plans show `FollowRoutes`: by default a summary per node (the map's version, how
+/// many ports lead into the node's containers and how many it forwards); with `detail`, the
+/// node's whole table, derived as its agent derives it.
+pub struct RouteView {
+    map: RouteMap,
+    local: HashMap<String, usize>,
+    detail: bool,
+}
+
+impl RouteView {
+    pub fn new(desired: &DesiredState, detail: bool) -> Self {
+        let map = desired.route_map();
+        let mut local: HashMap<String, usize> = HashMap::new();
+        for p in map.ports.values() {
+            *local.entry(p.node.clone()).or_default() += 1;
+        }
+        RouteView { map, local, detail }
+    }
+
+    /// Whether each node's whole table is shown.
+    pub fn detail(&self) -> bool {
+        self.detail
+    }
+
+    /// The table `node` derives from the map.
+    pub fn table(&self, node: &str) -> Vec<Route> {
+        self.map.routes_for(node)
+    }
+
+    fn follow(&self, node: &str, version: &str) -> String {
+        if self.detail {
+            return describe_table(&self.map.routes_for(node));
+        }
+        let local = self.local.get(node).copied().unwrap_or(0);
+        let forwarded = self.map.ports.len() - local;
+        let short = version.get(..12).unwrap_or(version);
+        format!("routes follow map {short} ({local} local, {forwarded} forwarded)")
+    }
+}
+
+fn describe_table(routes: &[Route]) -> String {
+    if routes.is_empty() {
+        return "remove all routes".to_string();
+    }
+    let parts: Vec<String> = routes
+        .iter()
+        .map(|r| match &r.target {
+            RouteTarget::Local { internal_port } => format!(
+                "{} -> {} (local :{})",
+                r.external_port, r.application, internal_port
+            ),
+            RouteTarget::Node { address } => {
+                format!("{} -> {} (on {})", r.external_port, r.application, address)
+            }
+        })
+        .collect();
+    format!("set routes {}", parts.join(", "))
+}
+
+/// One line saying what an action does; `routes` shows how a node follows the route map.
+pub fn describe(node: &str, action: &Action, routes: &RouteView) -> String {
     match action {
         Action::CreateVolume {
             volume,
@@ -46,27 +106,27 @@ pub fn describe(action: &Action) -> String {
                 .collect();
             format!("replicate {}", parts.join("; "))
         }
-        Action::SetRoutes { routes } if routes.is_empty() => "remove all routes".to_string(),
-        Action::SetRoutes { routes } => {
-            let parts: Vec<String> = routes
-                .iter()
-                .map(|r| match &r.target {
-                    RouteTarget::Local { internal_port } => format!(
-                        "{} -> {} (local :{})",
-                        r.external_port, r.application, internal_port
-                    ),
-                    RouteTarget::Node { address } => {
-                        format!("{} -> {} (on {})", r.external_port, r.application, address)
-                    }
-                })
-                .collect();
-            format!("set routes {}", parts.join(", "))
-        }
+        Action::SetRoutes { routes } => describe_table(routes),
+        Action::FollowRoutes { version } => routes.follow(node, version),
     }
 }
 
+/// Each node's table for every node the plan tells to follow the route map (JSON of
+/// `plan --route-tables`).
+pub fn route_tables(
+    plan: &Plan,
+    routes: &RouteView,
+) -> std::collections::BTreeMap<String, Vec<Route>> {
+    plan.phases
+        .iter()
+        .flat_map(|p| &p.actions)
+        .filter(|a| matches!(a.action, Action::FollowRoutes { .. }))
+        .map(|a| (a.node.clone(), routes.table(&a.node)))
+        .collect()
+}
+
 /// The whole plan, one phase per block, one action per line.
-pub fn plan_text(plan: &Plan) -> String {
+pub fn plan_text(plan: &Plan, routes: &RouteView) -> String {
     if plan.is_empty() {
         return "nothing to do: the cluster matches the configuration\n".to_string();
     }
@@ -75,7 +135,12 @@ pub fn plan_text(plan: &Plan) -> String {
     for (i, phase) in plan.phases.iter().enumerate() {
         let _ = writeln!(out, "phase {}/{total}: {}", i + 1, phase.name);
         for action in &phase.actions {
-            let _ = writeln!(out, "  {:<15} {}", action.node, describe(&action.action));
+            let _ = writeln!(
+                out,
+                "  {:<15} {}",
+                action.node,
+                describe(&action.node, &action.action, routes)
+            );
         }
     }
     out

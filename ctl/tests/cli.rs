@@ -145,9 +145,22 @@ fn plan_on_an_empty_cluster_creates_starts_and_routes() {
         stdout.contains("start redis (redis-flocker:latest)"),
         "{stdout}"
     );
+    // Routes as one summary line per node by default...
+    assert!(stdout.contains("(1 local, 0 forwarded)"), "{stdout}");
+    assert!(stdout.contains("(0 local, 1 forwarded)"), "{stdout}");
+    assert!(!stdout.contains("6379 -> redis"), "{stdout}");
+    // ...and each node's whole table on request, in text and JSON.
+    let out = flockerctl(&["plan", &d, &a, "--route-tables"]);
+    let stdout = text(&out.stdout);
     assert!(
         stdout.contains("6379 -> redis (on 198.18.0.11)"),
         "{stdout}"
+    );
+    let out = flockerctl(&["plan", &d, &a, "--route-tables", "--output", "json"]);
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json plan");
+    assert_eq!(
+        plan["route_tables"]["198.18.0.12"][0]["target"],
+        serde_json::json!({ "kind": "node", "address": "198.18.0.11" })
     );
 }
 

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use flocker_client::{AgentClient, paths};
 use flocker_wire::{
     Action, Application, ConvergeEvent, ConvergeRequest, DesiredState, Image, RestartPolicy,
-    VolumeSpec,
+    RouteMap, VolumeSpec,
 };
 
 use crate::agent::{Agent, TakeOverRequest};
@@ -255,6 +255,7 @@ async fn converge(
         .agent
         .converge(ConvergeRequest {
             desired: desired.clone(),
+            routes: None,
             actions,
         })
         .await
@@ -447,6 +448,7 @@ async fn moves_a_directory_volume_between_two_agents_over_mutual_tls() {
         .agent
         .converge(ConvergeRequest {
             desired: d2.clone(),
+            routes: None,
             actions: vec![Action::StartApplication { application: app() }],
         })
         .await
@@ -492,6 +494,7 @@ async fn moves_a_directory_volume_between_two_agents_over_mutual_tls() {
         .agent
         .converge(ConvergeRequest {
             desired: d1.clone(),
+            routes: None,
             actions: vec![Action::StartApplication { application: app() }],
         })
         .await
@@ -573,6 +576,7 @@ async fn refused_requests_change_nothing() {
             .agent
             .converge(ConvergeRequest {
                 desired: d.clone(),
+                routes: None,
                 actions,
             })
             .await
@@ -984,6 +988,7 @@ async fn hostile_values_in_a_converge_are_refused_before_anything_changes() {
             agent
                 .converge(ConvergeRequest {
                     desired: d,
+                    routes: None,
                     actions,
                 })
                 .await
@@ -1101,6 +1106,7 @@ async fn a_replica_is_promoted_and_the_returning_owner_fences_itself() {
         .agent
         .converge(ConvergeRequest {
             desired: on_b.clone(),
+            routes: None,
             actions: vec![Action::Promote {
                 volume: "db".into(),
                 epoch: 1,
@@ -1196,11 +1202,13 @@ async fn flockerctl_deploys_through_the_agent_client_and_checks_revocation() {
             }],
         }],
     };
-    let summary = deploy::execute(&user(), &d, &plan, false)
+    let summary = deploy::execute(&user(), &d, &plan, false, 4)
         .await
         .expect("deploy");
     assert_eq!((summary.phases, summary.actions), (1, 1));
-    let state = deploy::gather_state(&user(), &nodes).await.expect("state");
+    let state = deploy::gather_state(&user(), &nodes, 4)
+        .await
+        .expect("state");
     assert_eq!(state.volume_owner("db"), Some(A));
     assert!(state.nodes[B].volumes.is_empty());
 
@@ -1217,7 +1225,7 @@ async fn flockerctl_deploys_through_the_agent_client_and_checks_revocation() {
             }],
         }],
     };
-    let err = deploy::execute(&user(), &d, &plan, false)
+    let err = deploy::execute(&user(), &d, &plan, false, 4)
         .await
         .expect_err("B has no copy to hand off");
     match &err {
@@ -1235,11 +1243,115 @@ async fn flockerctl_deploys_through_the_agent_client_and_checks_revocation() {
     // B's certificate revoked: flockerctl (which reads cluster.crl) refuses to talk to it,
     // and the state query fails naming B rather than leaving B out.
     flocker_ctl::ca::revoke(&ca, flocker_ctl::ca::Role::Node, B).expect("revoke");
-    let err = deploy::gather_state(&user(), &nodes)
+    let err = deploy::gather_state(&user(), &nodes, 4)
         .await
         .expect_err("B is revoked");
     assert!(
         matches!(&err, DeployError::Client(ClientError::Connect { node, .. }) if node == B),
         "{err}"
+    );
+}
+
+/// Issue 19: agents derive their route tables from the route map flockerctl sends once;
+/// each reports the map's version and its local routes, the next plan is empty, and a map
+/// that does not fit the desired state is refused before anything changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_follow_the_route_map_and_refuse_one_that_does_not_fit() {
+    use flocker_ctl::deploy::{self, Credentials};
+    use flocker_wire::{PortMap, PortRoute, RouteTarget};
+    use std::time::Duration;
+
+    let (dir, a, b) = setup().await;
+    let ca = dir.path().join("ca");
+    flocker_ctl::ca::issue_user(&ca, "admin").expect("user");
+    let user = Credentials::from_ca_dir(&ca, "admin")
+        .client(
+            a.agent_port,
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+        )
+        .expect("client");
+    let service = |name: &str, external: u16| Application {
+        name: name.into(),
+        ports: vec![PortMap {
+            internal: 80,
+            external,
+        }],
+        volume: None,
+        ..app()
+    };
+    let mut d = DesiredState::default();
+    d.applications.insert("web".into(), service("web", 8080));
+    d.applications.insert("api".into(), service("api", 9090));
+    d.nodes
+        .insert(A.into(), BTreeSet::from(["web".to_string()]));
+    d.nodes
+        .insert(B.into(), BTreeSet::from(["api".to_string()]));
+    let nodes = [A.to_string(), B.to_string()];
+
+    let state = deploy::gather_state(&user, &nodes, 2).await.expect("state");
+    let plan = flocker_ctl::planner::plan(&d, &state);
+    let summary = deploy::execute(&user, &d, &plan, false, 2)
+        .await
+        .expect("deploy");
+    assert!(summary.route_map_bytes > 0);
+    let state = deploy::gather_state(&user, &nodes, 2).await.expect("state");
+    let map = d.route_map();
+    for node in [A, B] {
+        let reported = &state.nodes[node];
+        assert_eq!(reported.routes_version, Some(map.version()));
+        assert_eq!(reported.routes, map.local_routes(node));
+    }
+    // What each agent programmed is the whole table the old planner would have sent.
+    assert_eq!(a.agent.routes.current(), d.routes_for(A));
+    assert_eq!(b.agent.routes.current(), d.routes_for(B));
+    assert!(flocker_ctl::planner::plan(&d, &state).is_empty());
+
+    // Refused: a version that is not the map's, a port led to a node outside the desired
+    // state, and a port said to lead into A for an application A does not run.
+    let follow = |map: &RouteMap, version: String| ConvergeRequest {
+        desired: d.for_node(A),
+        routes: Some(map.clone()),
+        actions: vec![Action::FollowRoutes { version }],
+    };
+    let mut elsewhere = map.clone();
+    elsewhere.ports.insert(
+        7000,
+        PortRoute {
+            application: "ghost".into(),
+            node: "198.18.9.9".into(),
+            internal_port: 80,
+        },
+    );
+    let mut stolen = map.clone();
+    if let Some(p) = stolen.ports.get_mut(&9090) {
+        p.node = A.into();
+    }
+    for (request, expect) in [
+        (
+            follow(&map, "0".repeat(32)),
+            "the route map carried is version",
+        ),
+        (
+            follow(&elsewhere, elsewhere.version()),
+            "not a node of the desired state",
+        ),
+        (
+            follow(&stolen, stolen.version()),
+            "does not place or map here",
+        ),
+    ] {
+        match a.agent.converge(request).await {
+            Err(e) => assert!(e.to_string().contains(expect), "{e}"),
+            Ok(_) => panic!("accepted a map that does not fit: {expect}"),
+        }
+    }
+    assert_eq!(a.agent.routes.current(), d.routes_for(A));
+    assert!(
+        a.agent
+            .routes
+            .current()
+            .iter()
+            .any(|r| r.target == RouteTarget::Node { address: B.into() })
     );
 }

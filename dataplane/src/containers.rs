@@ -19,7 +19,7 @@ use bollard::models::{
     HostConfig, HostConfigLogConfig, ResourcesUlimits, RestartPolicy as DockerRestart,
     RestartPolicyNameEnum,
 };
-use flocker_wire::{Application, ContainerSettings, DesiredState};
+use flocker_wire::{Application, ContainerSettings, DesiredState, RouteMap};
 use futures_util::StreamExt;
 
 pub const LABEL_MANAGED: &str = "flocker.managed";
@@ -93,9 +93,19 @@ pub fn container_name_of(app: &Application) -> String {
         .unwrap_or_else(|| container_name(&app.name))
 }
 
-/// The node that serves a link's remote port: the node hosting the application with that
-/// external port, or this node (every node routes every external port).
-pub fn link_host(desired: &DesiredState, me: &str, remote_port: u16) -> String {
+/// The node that serves a link's remote port: the node the route map names for it (a
+/// converge request carries the linked ports), else the node hosting the application with
+/// that external port in the desired state, else this node (every node routes every
+/// external port).
+pub fn link_host(
+    desired: &DesiredState,
+    routes: Option<&RouteMap>,
+    me: &str,
+    remote_port: u16,
+) -> String {
+    if let Some(p) = routes.and_then(|m| m.ports.get(&remote_port)) {
+        return p.node.clone();
+    }
     desired
         .applications
         .values()
@@ -128,11 +138,12 @@ pub fn link_environment(alias: &str, local: u16, host: &str, remote: u16) -> Vec
 }
 
 /// Translates an application into its container. `volume_path` is the host path of its
-/// volume; `desired` and `me` locate link targets.
+/// volume; `desired`, `routes` and `me` locate link targets.
 pub fn container_spec(
     app: &Application,
     volume_path: Option<&Path>,
     desired: &DesiredState,
+    routes: Option<&RouteMap>,
     me: &str,
 ) -> Result<ContainerSpec, ContainerError> {
     let mut env: Vec<String> = app
@@ -141,7 +152,7 @@ pub fn container_spec(
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     for link in &app.links {
-        let host = link_host(desired, me, link.remote_port);
+        let host = link_host(desired, routes, me, link.remote_port);
         env.extend(link_environment(
             &link.alias,
             link.local_port,
@@ -580,11 +591,16 @@ mod tests {
             .nodes
             .insert("198.18.0.1".into(), BTreeSet::from(["web".to_string()]));
 
-        let spec = container_spec(&web, None, &desired, "198.18.0.1").expect("spec");
+        let spec = container_spec(&web, None, &desired, None, "198.18.0.1").expect("spec");
         assert!(
             spec.env
                 .contains(&"REDIS_PORT_6379_TCP=tcp://198.18.0.2:16379".to_string())
         );
+        // What a converge request carries: web's share and the linked port of the map.
+        let share = desired.for_node("198.18.0.1");
+        let linked = desired.route_map().only([16379]);
+        let sized = container_spec(&web, None, &share, Some(&linked), "198.18.0.1").expect("spec");
+        assert_eq!(sized.env, spec.env);
         assert!(spec.env.contains(&"MODE=x".to_string()));
         assert!(spec.binds.is_empty());
 
@@ -592,6 +608,7 @@ mod tests {
             &db,
             Some(Path::new("/pool/flocker/db")),
             &desired,
+            None,
             "198.18.0.2",
         )
         .expect("spec");
@@ -614,7 +631,7 @@ mod tests {
         db.container.command = Some(vec!["redis-server".into(), "--save".into(), "60 1".into()]);
         let mut desired = DesiredState::default();
         desired.applications.insert("db".into(), db.clone());
-        let spec = container_spec(&db, None, &desired, "198.18.0.2").expect("spec");
+        let spec = container_spec(&db, None, &desired, None, "198.18.0.2").expect("spec");
         assert_eq!(spec.labels["com.example.team"], "storage");
         assert_eq!(spec.labels[LABEL_MANAGED], "true");
         assert_eq!(spec.exposed_ports, vec![6379, 9121]);

@@ -27,6 +27,8 @@ pub mod restart_memory;
 pub mod revocation;
 pub mod routes;
 pub mod server;
+#[cfg(feature = "sim")]
+pub mod sim;
 pub mod supervisor;
 pub mod tls;
 pub mod transfer;

@@ -1,4 +1,5 @@
-//! The node's route table: the wire routes last set by `SetRoutes`, persisted (fsync +
+//! The node's route table: the wire routes last set by `SetRoutes` or derived from the
+//! cluster's route map by `FollowRoutes` (then with that map's version), persisted (fsync +
 //! rename) so a restarted agent reports and re-applies them, and programmed into the kernel
 //! through a `flocker-routing` backend. The agent writes no routing code of its own.
 
@@ -55,8 +56,27 @@ impl AddressResolver for Resolver {
 /// The persisted route list and the kernel backend (none: routes are only recorded).
 pub struct RouteStore {
     path: PathBuf,
-    routes: Mutex<Vec<Route>>,
+    routes: Mutex<Recorded>,
     backend: Mutex<Option<Box<dyn RoutingBackend>>>,
+}
+
+/// What the route file holds: the table, and the version of the route map it was derived
+/// from when it was (absent when it was set as a list, or changed since).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Recorded {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    routes: Vec<Route>,
+}
+
+/// The route file as written now, or as agents before route map versions wrote it (the
+/// bare list).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum RouteFile {
+    Recorded(Recorded),
+    List(Vec<Route>),
 }
 
 impl RouteStore {
@@ -66,11 +86,20 @@ impl RouteStore {
         backend: Option<Box<dyn RoutingBackend>>,
     ) -> Result<Self, RoutesError> {
         let routes = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| RoutesError::File {
-                path: path.clone(),
-                detail: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(RouteFile::Recorded(recorded)) => recorded,
+                Ok(RouteFile::List(routes)) => Recorded {
+                    version: None,
+                    routes,
+                },
+                Err(e) => {
+                    return Err(RoutesError::File {
+                        path,
+                        detail: e.to_string(),
+                    });
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Recorded::default(),
             Err(e) => {
                 return Err(RoutesError::File {
                     path,
@@ -105,27 +134,65 @@ impl RouteStore {
     }
 
     pub fn current(&self) -> Vec<Route> {
-        self.routes.lock().map(|r| r.clone()).unwrap_or_default()
+        self.routes
+            .lock()
+            .map(|r| r.routes.clone())
+            .unwrap_or_default()
+    }
+
+    /// The route map version the table follows, if it does.
+    pub fn version(&self) -> Option<String> {
+        self.routes.lock().ok().and_then(|r| r.version.clone())
+    }
+
+    /// What `GET /v1/state` reports: with a version, only the routes into this node's
+    /// containers (the rest is the map's); without, the whole table.
+    pub fn reported(&self) -> (Vec<Route>, Option<String>) {
+        let Ok(r) = self.routes.lock() else {
+            return (Vec::new(), None);
+        };
+        match &r.version {
+            Some(v) => (
+                r.routes
+                    .iter()
+                    .filter(|r| matches!(r.target, flocker_wire::RouteTarget::Local { .. }))
+                    .cloned()
+                    .collect(),
+                Some(v.clone()),
+            ),
+            None => (r.routes.clone(), None),
+        }
     }
 
     /// Resolves, programs and records `routes`. Nothing is recorded when they cannot be
     /// resolved or programmed.
-    pub fn set(&self, mut routes: Vec<Route>, resolver: &Resolver) -> Result<(), RoutesError> {
+    pub fn set(&self, routes: Vec<Route>, resolver: &Resolver) -> Result<(), RoutesError> {
+        self.set_versioned(routes, None, resolver)
+    }
+
+    /// [`RouteStore::set`] for a table derived from the route map of `version` (`None`: a
+    /// table set as a list).
+    pub fn set_versioned(
+        &self,
+        mut routes: Vec<Route>,
+        version: Option<String>,
+        resolver: &Resolver,
+    ) -> Result<(), RoutesError> {
         routes.sort();
         let table = RouteTable::from_wire(&routes, resolver)?;
         self.program(&table)?;
-        self.record(routes)
+        self.record(Recorded { version, routes })
     }
 
-    /// Persists `routes` as the node's route list.
-    fn record(&self, routes: Vec<Route>) -> Result<(), RoutesError> {
-        let bytes = serde_json::to_vec_pretty(&routes).map_err(|e| RoutesError::File {
+    /// Persists the node's route list with its version.
+    fn record(&self, recorded: Recorded) -> Result<(), RoutesError> {
+        let bytes = serde_json::to_vec(&recorded).map_err(|e| RoutesError::File {
             path: self.path.clone(),
             detail: e.to_string(),
         })?;
         sidecar_write(&self.path, &bytes)?;
         if let Ok(mut r) = self.routes.lock() {
-            *r = routes;
+            *r = recorded;
         }
         Ok(())
     }
@@ -144,7 +211,8 @@ impl RouteStore {
     /// Records `routes` and programs those that resolve now: local routes to containers that
     /// are not running (yet) are left out of the kernel until [`RouteStore::reapply`] after
     /// they start. For the agent's own corrections (fencing), where one stopped container
-    /// must not keep another application's route pointing at a stale copy.
+    /// must not keep another application's route pointing at a stale copy. The table then
+    /// follows no route map version, so the next deploy compares it in full.
     pub fn set_resolvable(
         &self,
         mut routes: Vec<Route>,
@@ -153,7 +221,10 @@ impl RouteStore {
         routes.sort();
         let table = RouteTable::from_wire(&resolvable(&routes, resolver), resolver)?;
         self.program(&table)?;
-        self.record(routes)
+        self.record(Recorded {
+            version: None,
+            routes,
+        })
     }
 
     fn program(&self, table: &RouteTable) -> Result<(), RoutesError> {
@@ -192,4 +263,59 @@ fn resolvable(routes: &[Route], resolver: &Resolver) -> Vec<Route> {
 
 fn sidecar_write(path: &std::path::Path, bytes: &[u8]) -> Result<(), RoutesError> {
     sidecar::write_bytes(path, bytes).map_err(RoutesError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use flocker_wire::RouteTarget;
+
+    use super::*;
+
+    fn route(port: u16, target: RouteTarget) -> Route {
+        Route {
+            external_port: port,
+            application: format!("app{port}"),
+            target,
+        }
+    }
+
+    #[test]
+    fn the_version_is_kept_across_a_restart_and_old_route_files_still_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("routes.json");
+        let local = route(8080, RouteTarget::Local { internal_port: 80 });
+        let remote = route(
+            9090,
+            RouteTarget::Node {
+                address: "198.18.0.2".into(),
+            },
+        );
+        let resolver = Resolver {
+            containers: BTreeMap::from([("app8080".to_string(), Ipv4Addr::new(172, 17, 0, 2))]),
+        };
+        let store = RouteStore::open(path.clone(), None).expect("open");
+        store
+            .set_versioned(
+                vec![remote.clone(), local.clone()],
+                Some("v1".into()),
+                &resolver,
+            )
+            .expect("set");
+        let again = RouteStore::open(path.clone(), None).expect("reopen");
+        assert_eq!(again.current(), vec![local.clone(), remote.clone()]);
+        assert_eq!(again.reported(), (vec![local.clone()], Some("v1".into())));
+
+        // A table set as a list (or by fencing) follows no version and is reported whole.
+        again.set(vec![remote.clone()], &resolver).expect("set");
+        assert_eq!(again.reported(), (vec![remote.clone()], None));
+
+        // The bare list agents before route map versions wrote.
+        std::fs::write(
+            &path,
+            serde_json::to_vec(&vec![local.clone()]).expect("json"),
+        )
+        .expect("write");
+        let old = RouteStore::open(path, None).expect("old file");
+        assert_eq!(old.reported(), (vec![local], None));
+    }
 }

@@ -177,7 +177,12 @@ fn converge_body(actions: Vec<Action>) -> Vec<u8> {
     for node in [A, B, SILENT_TCP, SILENT_HTTP] {
         desired.nodes.insert(node.into(), BTreeSet::new());
     }
-    serde_json::to_vec(&ConvergeRequest { desired, actions }).expect("json")
+    serde_json::to_vec(&ConvergeRequest {
+        desired,
+        routes: None,
+        actions,
+    })
+    .expect("json")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

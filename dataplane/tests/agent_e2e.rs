@@ -380,6 +380,7 @@ impl Cluster {
         let n = actions.len();
         let req = ConvergeRequest {
             desired: desired.clone(),
+            routes: None,
             actions,
         };
         let (status, events, text) = self.converge_raw(node, serde_json::to_vec(&req)?)?;
@@ -787,6 +788,7 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
     // A still refuses to start the application on its read-only copy.
     let req = ConvergeRequest {
         desired: d1.clone(),
+        routes: None,
         actions: vec![Action::StartApplication {
             application: app.clone(),
         }],
@@ -902,6 +904,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
         (
             serde_json::to_vec(&ConvergeRequest {
                 desired: desired.clone(),
+                routes: None,
                 actions: vec![
                     Action::CreateVolume { volume: "other".into(), maximum_size: None },
                     Action::StartApplication { application: unknown },
@@ -914,6 +917,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
             // B does not own web: it must not start it (nor create anything first).
             serde_json::to_vec(&ConvergeRequest {
                 desired: desired.clone(),
+                routes: None,
                 actions: vec![
                     Action::CreateVolume { volume: "other".into(), maximum_size: None },
                     Action::StartApplication { application: busybox_app() },
@@ -925,6 +929,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
         (
             serde_json::to_vec(&ConvergeRequest {
                 desired: d_no_image,
+                routes: None,
                 actions: vec![Action::StartApplication { application: no_image }],
             })?,
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -933,6 +938,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
         (
             serde_json::to_vec(&ConvergeRequest {
                 desired: desired.clone(),
+                routes: None,
                 actions: vec![Action::CreateVolume { volume: "../etc".into(), maximum_size: None }],
             })?,
             StatusCode::BAD_REQUEST,
@@ -941,6 +947,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
         (
             serde_json::to_vec(&ConvergeRequest {
                 desired: desired.clone(),
+                routes: None,
                 actions: vec![Action::Handoff { volume: "web".into(), to: A.into() }],
             })?,
             StatusCode::NOT_FOUND,
@@ -956,6 +963,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
     // leaves A the owner.
     let req = ConvergeRequest {
         desired: desired.clone(),
+        routes: None,
         actions: vec![
             Action::StopApplication {
                 application: "nothing-here".into(),

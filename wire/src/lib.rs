@@ -14,6 +14,7 @@ pub mod files;
 pub mod image;
 #[cfg(feature = "logging")]
 pub mod logging;
+pub mod routes;
 pub mod snapshots;
 pub mod transfer;
 
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 pub use container::ContainerSettings;
 pub use files::{FileContent, FileKind, FileMount};
+pub use routes::{PortRoute, RouteMap};
 
 /// The version of the agent API these types describe.
 pub const API_VERSION: u32 = 1;
@@ -265,8 +267,15 @@ pub struct NodeState {
     pub containers: Vec<ContainerState>,
     #[serde(default)]
     pub volumes: Vec<VolumeState>,
+    /// The node's route table; only its local routes when `routes_version` is set.
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// The version of the cluster's [`RouteMap`] the node routes by, when its table is that
+    /// map's: `routes` then lists only the routes into its own containers (the others are the
+    /// map's entries for other nodes). Absent when the table was set as a list (`SetRoutes`)
+    /// or changed since (fencing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes_version: Option<String>,
     /// The replication schedule this node follows for the applications it hosts (from the
     /// last deploy); the planner compares it with the deployment's `standby:`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -353,6 +362,9 @@ pub enum Action {
     RestartApplication { application: Application },
     /// Replace this node's route table.
     SetRoutes { routes: Vec<Route> },
+    /// Route by the cluster's route map of this version, which the converge request
+    /// carries (`ConvergeRequest::routes`): the node derives its own table from it.
+    FollowRoutes { version: String },
     /// The replication schedule for the applications this node hosts. The converge request's
     /// desired state carries it; the action makes a node that has nothing else to do take it.
     SetStandby { standby: BTreeMap<String, Standby> },
@@ -396,13 +408,17 @@ impl Plan {
     }
 }
 
-/// Body of `POST /v1/converge`: the desired cluster state for context (link targets, route
-/// tables) and the actions of one phase that this node must carry out. Re-sending the same
-/// request is harmless: every action is idempotent.
+/// Body of `POST /v1/converge`: the desired state as far as this node needs it
+/// ([`DesiredState::for_node`]: its applications, every node's address), the route map when
+/// it routes by one (`FollowRoutes`, the whole map) or links to other applications (the
+/// linked ports), and the actions of one phase that this node must carry out. Re-sending the
+/// same request is harmless: every action is idempotent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConvergeRequest {
     pub desired: DesiredState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<RouteMap>,
     pub actions: Vec<Action>,
 }
 

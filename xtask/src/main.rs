@@ -39,7 +39,7 @@ enum Task {
         #[arg(long, default_value = "nftables")]
         routing: String,
     },
-    /// Run a benchmark and print its table: streamer, routing, migrate or failover.
+    /// Run a benchmark and print its table: streamer, routing, migrate, failover or scale.
     Bench {
         name: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

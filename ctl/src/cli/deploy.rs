@@ -33,6 +33,11 @@ pub struct AgentArgs {
     /// not answering (a dead node costs this long, not `--timeout`).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     pub connect_timeout: u64,
+    /// How many nodes are talked to at once (state queries, and each phase's converge
+    /// requests). Each node still gets `--timeout`; more in flight costs descriptors and
+    /// memory, fewer costs time on large clusters.
+    #[arg(long, default_value_t = deploy::DEFAULT_PARALLEL, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..4096))]
+    pub parallel: usize,
 }
 
 fn client(agents: &AgentArgs) -> Result<AgentClient, DeployError> {
@@ -55,6 +60,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, DeployError> {
 pub struct DeployFlags {
     pub dry_run: bool,
     pub failover: bool,
+    pub route_tables: bool,
 }
 
 pub fn deploy(
@@ -145,7 +151,7 @@ fn run_deploy(
     let client = client(agents)?;
     let started = Instant::now();
     runtime()?.block_on(async {
-        let gathered = deploy::gather_reachable(&client, desired.nodes.keys()).await?;
+        let gathered = deploy::gather_reachable(&client, desired.nodes.keys(), agents.parallel).await?;
         warn_volume_problems(&gathered.state);
         let unreachable: BTreeSet<String> = gathered.unreachable.keys().cloned().collect();
         let planned =
@@ -164,7 +170,8 @@ fn run_deploy(
             "promotions": promotions_json(&planned, now),
         });
         if output == Output::Text {
-            print!("{}", render::plan_text(plan));
+            let routes = render::RouteView::new(&planned.effective, flags.route_tables);
+            print!("{}", render::plan_text(plan, &routes));
         }
         report_around(&gathered, &planned, now);
         let finish = |changed: bool, summary: Option<&deploy::Summary>| {
@@ -188,14 +195,23 @@ fn run_deploy(
         }
         let progress = output == Output::Text && std::io::stderr().is_terminal();
         let mut summary =
-            deploy::execute(&client, &planned.effective, plan, progress).await?;
+            deploy::execute(
+            &client,
+            &planned.effective,
+            plan,
+            progress,
+            agents.parallel,
+        )
+        .await?;
         summary.elapsed_ms = started.elapsed().as_millis();
         if output == Output::Text {
             println!(
-                "done: {} action(s) in {} phase(s), {} byte(s) of volume data pushed, {:.2} s",
+                "done: {} action(s) in {} phase(s), {} byte(s) of volume data pushed, {} request(s) of {} byte(s) sent, {:.2} s",
                 summary.actions,
                 summary.phases,
                 summary.bytes_pushed,
+                summary.requests,
+                summary.request_bytes,
                 summary.elapsed_ms as f64 / 1000.0
             );
         }
@@ -214,7 +230,11 @@ pub fn status(
         Err(outcome) => return outcome,
     };
     let gathered = client(agents).and_then(|client| {
-        runtime()?.block_on(deploy::gather_reachable(&client, desired.nodes.keys()))
+        runtime()?.block_on(deploy::gather_reachable(
+            &client,
+            desired.nodes.keys(),
+            agents.parallel,
+        ))
     });
     match gathered {
         Ok(gathered) => {
@@ -393,6 +413,13 @@ pub fn status_text(desired: &DesiredState, state: &ClusterState) -> String {
             out.push_str(&format!(
                 "{node:<16} {:<6} {:<16} {target}\n",
                 r.external_port, r.application
+            ));
+        }
+        if let Some(version) = &n.routes_version {
+            let short = version.get(..12).unwrap_or(version);
+            out.push_str(&format!(
+                "{node:<16} {:<6} {:<16} forwarded to its node by route map {short}\n",
+                "*", "(every other)"
             ));
         }
     }

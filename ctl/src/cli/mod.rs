@@ -63,6 +63,11 @@ pub enum Command {
         /// Current cluster state (JSON); default: an empty cluster.
         #[arg(long)]
         state: Option<PathBuf>,
+        /// Show the whole route table of every node that changes routes, as its agent will
+        /// derive it, instead of one summary line per node (JSON: `route_tables`). This is
+        /// nodes x ports lines: meant for small clusters or for finding one node's table.
+        #[arg(long)]
+        route_tables: bool,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
@@ -78,6 +83,10 @@ pub enum Command {
         /// Print the plan and stop without changing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Print every changing node's whole route table instead of a summary line (see
+        /// `plan --route-tables`).
+        #[arg(long)]
+        route_tables: bool,
         /// Move applications off nodes that do not answer by promoting the newest replica of
         /// each one's volume (see `standby:` in the deployment config). Writes after that
         /// replica's snapshot are lost; the output states how many seconds' worth. Without a
@@ -131,20 +140,32 @@ pub fn run(cli: Cli) -> Outcome {
             deployment,
             application,
             state,
+            route_tables,
             output,
-        } => plan(&deployment, &application, state.as_deref(), output),
+        } => plan(
+            &deployment,
+            &application,
+            state.as_deref(),
+            route_tables,
+            output,
+        ),
         Command::Deploy {
             deployment,
             application,
             agents,
             dry_run,
+            route_tables,
             failover,
             output,
         } => deploy::deploy(
             &deployment,
             &application,
             &agents,
-            deploy::DeployFlags { dry_run, failover },
+            deploy::DeployFlags {
+                dry_run,
+                failover,
+                route_tables,
+            },
             output,
         ),
         Command::Status {
@@ -178,7 +199,13 @@ fn validate(deployment: &Path, application: &Path, output: Output) -> Outcome {
     }
 }
 
-fn plan(deployment: &Path, application: &Path, state: Option<&Path>, output: Output) -> Outcome {
+fn plan(
+    deployment: &Path,
+    application: &Path,
+    state: Option<&Path>,
+    route_tables: bool,
+    output: Output,
+) -> Outcome {
     let desired = match load(deployment, application, output) {
         Ok(desired) => desired,
         Err(outcome) => return outcome,
@@ -191,9 +218,14 @@ fn plan(deployment: &Path, application: &Path, state: Option<&Path>, output: Out
         }
     };
     let plan = planner::plan(&desired, &current);
+    let routes = render::RouteView::new(&desired, route_tables);
     match output {
+        Output::Json if route_tables => print_json(&json!({
+            "phases": plan.phases,
+            "route_tables": render::route_tables(&plan, &routes),
+        })),
         Output::Json => print_json(&json!({ "phases": plan.phases })),
-        Output::Text => print!("{}", render::plan_text(&plan)),
+        Output::Text => print!("{}", render::plan_text(&plan, &routes)),
     }
     Outcome::Success
 }

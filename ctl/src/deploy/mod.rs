@@ -1,5 +1,9 @@
 //! The deploy driver: ask every node for its state concurrently, plan, and carry the plan
-//! out phase by phase, sending each node its share of a phase in parallel. A phase starts
+//! out phase by phase, sending each node its share of a phase in parallel. At most
+//! `parallel` nodes are talked to at once (state queries and converge requests alike), so
+//! memory and descriptors stay bounded however many nodes there are; each request carries
+//! what its node needs (`DesiredState::for_node`, the route map when it follows one, encoded
+//! once and shared). A phase starts
 //! only when every node finished the previous one; the first failure stops the run and is
 //! reported with the node and its cause. Running deploy again finishes the job, because the
 //! planner starts from whatever state the nodes then report.
@@ -15,12 +19,14 @@ mod tests;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use flocker_wire::{Action, ClusterState, ConvergeEvent, ConvergeRequest, DesiredState, Plan};
+use flocker_wire::{Action, ClusterState, ConvergeEvent, DesiredState, Plan, RouteMap};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::{JoinError, JoinSet};
 
 pub use credentials::{Credentials, CredentialsError};
-pub use flocker_client::{AgentApi, AgentClient, ClientError, EVENT_IDLE_TIMEOUT};
+pub use flocker_client::{
+    AgentApi, AgentClient, ClientError, ConvergeBody, EVENT_IDLE_TIMEOUT, EncodedRoutes,
+};
 
 /// Errors of a deploy run.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +49,8 @@ pub enum DeployError {
         what: String,
         reason: String,
     },
+    #[error("{node}: cannot encode the converge request: {detail}")]
+    Encode { node: String, detail: String },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
     #[error(transparent)]
@@ -59,6 +67,13 @@ pub struct Summary {
     pub actions: usize,
     pub bytes_pushed: u64,
     pub elapsed_ms: u128,
+    /// Converge requests sent, and their bodies' bytes in total.
+    pub requests: usize,
+    pub request_bytes: u64,
+    /// The route map's JSON, in each request of a node told to follow it.
+    pub route_map_bytes: u64,
+    /// The largest request's bytes other than the whole route map.
+    pub largest_request_beyond_route_map: u64,
 }
 
 /// One task per node, remembering which task talks to which node, so that a task that
@@ -107,6 +122,33 @@ fn lost(node: String, what: &str, e: &JoinError) -> DeployError {
     }
 }
 
+/// Runs `task(node)` for every node, at most `parallel` at once (at least one), and hands
+/// each outcome to `done` as it arrives. A task is made only when a slot is free, so what it
+/// holds (a request body) exists for at most `parallel` nodes at a time.
+async fn for_each_node<T, Fut>(
+    nodes: impl IntoIterator<Item = String>,
+    parallel: usize,
+    mut task: impl FnMut(&str) -> Fut,
+    mut done: impl FnMut(String, Result<T, JoinError>),
+) where
+    T: Send + 'static,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    let mut running = PerNode::new();
+    let mut nodes = nodes.into_iter();
+    loop {
+        while running.tasks.len() < parallel.max(1) {
+            let Some(node) = nodes.next() else { break };
+            let future = task(&node);
+            running.spawn(&node, future);
+        }
+        match running.next().await {
+            Some((node, outcome)) => done(node, outcome),
+            None => break,
+        }
+    }
+}
+
 /// The state of the nodes that answered, and why the others did not.
 #[derive(Debug, Default)]
 pub struct Gathered {
@@ -114,34 +156,39 @@ pub struct Gathered {
     pub unreachable: BTreeMap<String, String>,
 }
 
-/// Asks every node for its state, all at once, and keeps going without those that do not
-/// answer (they are named, with the reason). Fails only when no node answers at all.
+/// Asks every node for its state, `parallel` at a time, and keeps going without those that
+/// do not answer (they are named, with the reason). Fails only when no node answers at all.
 pub async fn gather_reachable<A: AgentApi>(
     agents: &A,
     nodes: impl IntoIterator<Item = &String>,
+    parallel: usize,
 ) -> Result<Gathered, DeployError> {
-    let mut tasks = PerNode::new();
     let mut asked = 0usize;
-    for node in nodes {
-        let agents = agents.clone();
-        let name = node.clone();
-        tasks.spawn(node, async move { agents.state(&name).await });
-        asked += 1;
-    }
     let mut gathered = Gathered::default();
     let mut errors: BTreeMap<String, DeployError> = BTreeMap::new();
-    while let Some((node, joined)) = tasks.next().await {
-        let error = match joined {
-            Ok(Ok(state)) => {
-                gathered.state.nodes.insert(node, state);
-                continue;
-            }
-            Ok(Err(e)) => DeployError::from(e),
-            Err(e) => lost(node.clone(), "state query", &e),
-        };
-        gathered.unreachable.insert(node.clone(), error.to_string());
-        errors.insert(node, error);
-    }
+    let query = |node: &str| {
+        asked += 1;
+        let (agents, node) = (agents.clone(), node.to_string());
+        async move { agents.state(&node).await }
+    };
+    for_each_node(
+        nodes.into_iter().cloned(),
+        parallel,
+        query,
+        |node, joined| {
+            let error = match joined {
+                Ok(Ok(state)) => {
+                    gathered.state.nodes.insert(node, state);
+                    return;
+                }
+                Ok(Err(e)) => DeployError::from(e),
+                Err(e) => lost(node.clone(), "state query", &e),
+            };
+            gathered.unreachable.insert(node.clone(), error.to_string());
+            errors.insert(node, error);
+        },
+    )
+    .await;
     // When nobody answers, the first node by address is reported (whichever failed first
     // would make the message depend on timing).
     match errors.into_values().next() {
@@ -150,24 +197,26 @@ pub async fn gather_reachable<A: AgentApi>(
     }
 }
 
-/// Asks every node of the deployment for its state, all at once. Every node must answer:
-/// a node that cannot be asked fails the whole query (naming it), since planning as if it
-/// were empty would start its applications a second time elsewhere. When several fail, the
-/// first by address is reported.
+/// Asks every node of the deployment for its state, `parallel` at a time. Every node must
+/// answer: a node that cannot be asked fails the whole query (naming it), since planning as
+/// if it were empty would start its applications a second time elsewhere. When several
+/// fail, the first by address is reported.
 pub async fn gather_state<A: AgentApi>(
     agents: &A,
     nodes: impl IntoIterator<Item = &String>,
+    parallel: usize,
 ) -> Result<ClusterState, DeployError> {
-    let mut tasks = PerNode::new();
-    for node in nodes {
-        let agents = agents.clone();
-        let name = node.clone();
-        tasks.spawn(node, async move { agents.state(&name).await });
-    }
     let mut cluster = ClusterState::default();
     let mut failures: BTreeMap<String, DeployError> = BTreeMap::new();
-    while let Some((node, joined)) = tasks.next().await {
-        match joined {
+    let query = |node: &str| {
+        let (agents, node) = (agents.clone(), node.to_string());
+        async move { agents.state(&node).await }
+    };
+    for_each_node(
+        nodes.into_iter().cloned(),
+        parallel,
+        query,
+        |node, joined| match joined {
             Ok(Ok(state)) => {
                 cluster.nodes.insert(node, state);
             }
@@ -178,26 +227,91 @@ pub async fn gather_state<A: AgentApi>(
                 let error = lost(node.clone(), "state query", &e);
                 failures.insert(node, error);
             }
-        }
-    }
+        },
+    )
+    .await;
     match failures.into_values().next() {
         Some(e) => Err(e),
         None => Ok(cluster),
     }
 }
 
-/// Carries out a plan phase by phase. `show_progress` draws a bar for volume pushes.
+/// What every node's request of a deploy is made from: the desired state, its placement
+/// and route map computed once, and the map's JSON encoded once (the first time a node
+/// needs it) and shared by every request that carries it.
+struct RequestParts<'a> {
+    desired: &'a DesiredState,
+    map: RouteMap,
+    encoded: Option<EncodedRoutes>,
+}
+
+impl<'a> RequestParts<'a> {
+    fn new(desired: &'a DesiredState) -> Self {
+        RequestParts {
+            desired,
+            map: desired.route_map(),
+            encoded: None,
+        }
+    }
+
+    /// The body for `node`: its share of the desired state, the whole route map when it
+    /// is told to follow it, else only the ports its started applications link to.
+    /// Returns the body and how many of its bytes are the whole route map.
+    fn body(
+        &mut self,
+        node: &str,
+        actions: &[Action],
+    ) -> Result<(ConvergeBody, usize), DeployError> {
+        let encode = |e: serde_json::Error| DeployError::Encode {
+            node: node.to_string(),
+            detail: e.to_string(),
+        };
+        let share = self.desired.for_node(node);
+        let follows = actions
+            .iter()
+            .any(|a| matches!(a, Action::FollowRoutes { .. }));
+        if follows {
+            if self.encoded.is_none() {
+                self.encoded = Some(EncodedRoutes::encode(&self.map).map_err(encode)?);
+            }
+            let routes = self.encoded.as_ref();
+            let body = ConvergeBody::encode(&share, routes, actions).map_err(encode)?;
+            return Ok((body, routes.map_or(0, EncodedRoutes::len)));
+        }
+        let linked: Vec<u16> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::StartApplication { application }
+                | Action::RestartApplication { application } => Some(application),
+                _ => None,
+            })
+            .flat_map(|app| app.links.iter().map(|l| l.remote_port))
+            .collect();
+        let routes = if linked.is_empty() {
+            None
+        } else {
+            Some(EncodedRoutes::encode(&self.map.only(linked)).map_err(encode)?)
+        };
+        let body = ConvergeBody::encode(&share, routes.as_ref(), actions).map_err(encode)?;
+        Ok((body, 0))
+    }
+}
+
+/// Carries out a plan phase by phase, talking to at most `parallel` nodes at once.
+/// `show_progress` draws a bar for volume pushes.
 pub async fn execute<A: AgentApi>(
     agents: &A,
     desired: &DesiredState,
     plan: &Plan,
     show_progress: bool,
+    parallel: usize,
 ) -> Result<Summary, DeployError> {
     let started = Instant::now();
     let mut summary = Summary {
         phases: plan.phases.len(),
         ..Summary::default()
     };
+    let mut parts = RequestParts::new(desired);
     for (index, phase) in plan.phases.iter().enumerate() {
         let phase_started = Instant::now();
         eprintln!(
@@ -206,39 +320,50 @@ pub async fn execute<A: AgentApi>(
             plan.phases.len(),
             phase.name
         );
-        let mut per_node: BTreeMap<&str, Vec<Action>> = BTreeMap::new();
+        let mut per_node: BTreeMap<&str, Vec<&Action>> = BTreeMap::new();
         for action in &phase.actions {
             per_node
                 .entry(action.node.as_str())
                 .or_default()
-                .push(action.action.clone());
+                .push(&action.action);
             summary.actions += 1;
         }
-        let mut tasks = PerNode::new();
-        for (node, actions) in per_node {
-            let agents = agents.clone();
-            let name = node.to_string();
-            let request = ConvergeRequest {
-                desired: with_files_of(desired, node),
-                actions,
-            };
-            tasks.spawn(node, async move {
-                run_on_node(&agents, &name, &request, show_progress).await
-            });
-        }
+
         let mut failures: BTreeMap<String, DeployError> = BTreeMap::new();
-        while let Some((node, joined)) = tasks.next().await {
-            match joined {
-                Ok(Ok(bytes)) => summary.bytes_pushed += bytes,
-                Ok(Err(e)) => {
-                    failures.insert(node, e);
-                }
-                Err(e) => {
-                    let error = lost(node.clone(), &format!("phase {}", phase.name), &e);
-                    failures.insert(node, error);
-                }
+        let mut bytes_pushed = 0u64;
+        let nodes: Vec<String> = per_node.keys().map(|n| n.to_string()).collect();
+        let send = |node: &str| {
+            let actions: Vec<Action> = per_node
+                .get(node)
+                .map(|a| a.iter().map(|a| (*a).clone()).collect())
+                .unwrap_or_default();
+            let body = parts.body(node, &actions);
+            if let Ok((body, routes_len)) = &body {
+                summary.requests += 1;
+                summary.request_bytes += body.len() as u64;
+                summary.route_map_bytes = summary.route_map_bytes.max(*routes_len as u64);
+                let own = (body.len() - routes_len) as u64;
+                summary.largest_request_beyond_route_map =
+                    summary.largest_request_beyond_route_map.max(own);
             }
-        }
+            let (agents, node) = (agents.clone(), node.to_string());
+            async move {
+                let (body, _) = body?;
+                run_on_node(&agents, &node, body, show_progress).await
+            }
+        };
+        for_each_node(nodes, parallel, send, |node, joined| match joined {
+            Ok(Ok(bytes)) => bytes_pushed += bytes,
+            Ok(Err(e)) => {
+                failures.insert(node, e);
+            }
+            Err(e) => {
+                let error = lost(node.clone(), &format!("phase {}", phase.name), &e);
+                failures.insert(node, error);
+            }
+        })
+        .await;
+        summary.bytes_pushed += bytes_pushed;
         if let Some(e) = failures.into_values().next() {
             return Err(e);
         }
@@ -256,7 +381,7 @@ pub async fn execute<A: AgentApi>(
 async fn run_on_node<A: AgentApi>(
     agents: &A,
     node: &str,
-    request: &ConvergeRequest,
+    request: ConvergeBody,
     show_progress: bool,
 ) -> Result<u64, DeployError> {
     let bar = show_progress.then(|| {
@@ -310,14 +435,8 @@ async fn run_on_node<A: AgentApi>(
     Ok(pushed)
 }
 
+/// How many nodes are talked to at once unless `--parallel` says otherwise.
+pub const DEFAULT_PARALLEL: usize = 64;
+
 /// Default time a node gets to answer a state query or accept a converge request.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The desired state as one node receives it: secrets and configs only of the applications
-/// it runs, so no node holds another's.
-fn with_files_of(desired: &DesiredState, node: &str) -> DesiredState {
-    let mut copy = desired.clone();
-    copy.files
-        .retain(|application, _| desired.node_of(application) == Some(node));
-    copy
-}

@@ -94,12 +94,14 @@ impl AgentApi for FakeAgents {
     fn converge<F>(
         &self,
         node: &str,
-        request: &ConvergeRequest,
+        body: flocker_client::ConvergeBody,
         mut on_event: F,
     ) -> impl Future<Output = Result<Vec<ConvergeEvent>, ClientError>> + Send
     where
         F: FnMut(&ConvergeEvent) + Send,
     {
+        let request = body.decode().expect("the driver sends a valid request");
+        let request = &request;
         self.log
             .lock()
             .expect("log")
@@ -124,7 +126,7 @@ fn step(action: &Action) -> String {
         Action::StartApplication { application } => format!("start {}", application.name),
         Action::StopApplication { application } => format!("stop {application}"),
         Action::RestartApplication { application } => format!("restart {}", application.name),
-        Action::SetRoutes { .. } => "routes".to_string(),
+        Action::SetRoutes { .. } | Action::FollowRoutes { .. } => "routes".to_string(),
         Action::SetStandby { .. } => "standby".to_string(),
     }
 }
@@ -224,7 +226,7 @@ fn gather_state_asks_every_node() {
         (B, StateReply::State(node_state(B, None))),
     ]);
     let got = runtime()
-        .block_on(gather_state(&agents, &nodes(&[A, B])))
+        .block_on(gather_state(&agents, &nodes(&[A, B]), 2))
         .expect("state");
     let expected = ClusterState {
         nodes: BTreeMap::from([
@@ -242,7 +244,7 @@ fn an_unreachable_node_fails_the_query_naming_it() {
         (B, StateReply::Unreachable),
     ]);
     let err = runtime()
-        .block_on(gather_state(&agents, &nodes(&[A, B])))
+        .block_on(gather_state(&agents, &nodes(&[A, B]), 2))
         .expect_err("B is unreachable");
     assert!(
         matches!(&err, DeployError::Client(ClientError::Connect { node, .. }) if node == B),
@@ -258,7 +260,7 @@ fn a_node_whose_query_panicked_is_an_error_not_an_empty_node() {
         (B, StateReply::Panic),
     ]);
     let err = runtime()
-        .block_on(gather_state(&agents, &nodes(&[A, B])))
+        .block_on(gather_state(&agents, &nodes(&[A, B]), 2))
         .expect_err("B's state is unknown");
     match &err {
         DeployError::Lost { node, what, reason } => {
@@ -279,7 +281,7 @@ fn with_several_failures_the_first_node_by_address_is_reported() {
     ]);
     for _ in 0..5 {
         let err = runtime()
-            .block_on(gather_state(&agents, &nodes(&[C, B, A])))
+            .block_on(gather_state(&agents, &nodes(&[C, B, A]), 2))
             .expect_err("two nodes fail");
         assert!(
             matches!(&err, DeployError::Lost { node, .. } if node == B),
@@ -330,7 +332,7 @@ fn execute_sends_each_node_its_share_phase_by_phase() {
     };
     let d = desired(&[A, B]);
     let summary = runtime()
-        .block_on(execute(&agents, &d, &plan, false))
+        .block_on(execute(&agents, &d, &plan, false, 2))
         .expect("deploy");
     assert_eq!(
         (summary.phases, summary.actions, summary.bytes_pushed),
@@ -369,7 +371,7 @@ fn a_failed_step_stops_the_run_before_the_next_phase() {
         ],
     };
     let err = runtime()
-        .block_on(execute(&agents, &desired(&[A, B]), &plan, false))
+        .block_on(execute(&agents, &desired(&[A, B]), &plan, false, 2))
         .expect_err("B failed");
     assert_eq!(
         err.to_string(),
@@ -398,7 +400,7 @@ fn a_refused_converge_is_reported_with_the_agents_status_and_message() {
         phases: vec![phase("create-volumes", &[(A, create("db"))])],
     };
     let err = runtime()
-        .block_on(execute(&agents, &desired(&[A]), &plan, false))
+        .block_on(execute(&agents, &desired(&[A]), &plan, false, 2))
         .expect_err("refused");
     assert!(
         matches!(&err, DeployError::Client(e) if e.status() == Some(StatusCode::CONFLICT)),
@@ -419,7 +421,7 @@ fn a_converge_that_panicked_names_its_node_and_phase() {
         phases: vec![phase("start", &[(A, create("db")), (B, create("cache"))])],
     };
     let err = runtime()
-        .block_on(execute(&agents, &desired(&[A, B]), &plan, false))
+        .block_on(execute(&agents, &desired(&[A, B]), &plan, false, 2))
         .expect_err("B panicked");
     assert!(
         matches!(&err, DeployError::Lost { node, what, .. } if node == B && what == "phase start"),
@@ -431,7 +433,7 @@ fn a_converge_that_panicked_names_its_node_and_phase() {
 fn an_empty_plan_asks_nobody() {
     let agents = FakeAgents::new(&[]);
     let summary = runtime()
-        .block_on(execute(&agents, &desired(&[A]), &Plan::default(), false))
+        .block_on(execute(&agents, &desired(&[A]), &Plan::default(), false, 2))
         .expect("nothing to do");
     assert_eq!((summary.phases, summary.actions), (0, 0));
     assert!(agents.log().is_empty());
@@ -445,7 +447,7 @@ fn gather_reachable_names_the_nodes_that_do_not_answer_and_keeps_the_rest() {
         (C, StateReply::Unreachable),
     ]);
     let gathered = runtime()
-        .block_on(gather_reachable(&agents, &nodes(&[A, B, C])))
+        .block_on(gather_reachable(&agents, &nodes(&[A, B, C]), 2))
         .expect("A answers");
     assert_eq!(gathered.state.nodes.keys().collect::<Vec<_>>(), vec![A]);
     assert_eq!(
@@ -464,7 +466,174 @@ fn gather_reachable_names_the_nodes_that_do_not_answer_and_keeps_the_rest() {
 fn gather_reachable_fails_when_no_node_answers() {
     let agents = FakeAgents::new(&[(A, StateReply::Unreachable), (B, StateReply::Unreachable)]);
     let err = runtime()
-        .block_on(gather_reachable(&agents, &nodes(&[A, B])))
+        .block_on(gather_reachable(&agents, &nodes(&[A, B]), 2))
         .expect_err("nobody answers");
     assert!(err.to_string().contains(A), "{err}");
+}
+
+/// Agents that count how many are asked at once and keep every converge request.
+#[derive(Clone, Default)]
+struct Counting {
+    in_flight: Arc<Mutex<(usize, usize)>>,
+    requests: Arc<Mutex<Vec<(String, ConvergeRequest)>>>,
+}
+
+impl Counting {
+    async fn busy(&self) {
+        {
+            let mut n = self.in_flight.lock().expect("count");
+            n.0 += 1;
+            n.1 = n.1.max(n.0);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        self.in_flight.lock().expect("count").0 -= 1;
+    }
+
+    fn most_at_once(&self) -> usize {
+        self.in_flight.lock().expect("count").1
+    }
+}
+
+impl AgentApi for Counting {
+    fn state(&self, node: &str) -> impl Future<Output = Result<NodeState, ClientError>> + Send {
+        let (me, node) = (self.clone(), node.to_string());
+        async move {
+            me.busy().await;
+            Ok(node_state(&node, None))
+        }
+    }
+
+    fn converge<F>(
+        &self,
+        node: &str,
+        body: flocker_client::ConvergeBody,
+        mut on_event: F,
+    ) -> impl Future<Output = Result<Vec<ConvergeEvent>, ClientError>> + Send
+    where
+        F: FnMut(&ConvergeEvent) + Send,
+    {
+        let request = body.decode().expect("the driver sends a valid request");
+        let events = done_events(&request);
+        self.requests
+            .lock()
+            .expect("requests")
+            .push((node.to_string(), request));
+        let me = self.clone();
+        async move {
+            me.busy().await;
+            for e in &events {
+                on_event(e);
+            }
+            Ok(events)
+        }
+    }
+}
+
+fn service(name: &str, external: u16, links_to: Option<u16>) -> flocker_wire::Application {
+    flocker_wire::Application {
+        name: name.into(),
+        image: flocker_wire::Image {
+            repository: "busybox".into(),
+            tag: "latest".into(),
+        },
+        ports: vec![flocker_wire::PortMap {
+            internal: 80,
+            external,
+        }],
+        volume: None,
+        environment: BTreeMap::new(),
+        links: links_to
+            .map(|remote_port| flocker_wire::Link {
+                local_port: 80,
+                remote_port,
+                alias: "peer".into(),
+            })
+            .into_iter()
+            .collect(),
+        mem_limit: None,
+        cpu_shares: None,
+        restart_policy: flocker_wire::RestartPolicy::Never,
+        container: Default::default(),
+        depends_on: Vec::new(),
+        files: Vec::new(),
+    }
+}
+
+#[test]
+fn no_more_nodes_than_parallel_are_asked_at_once() {
+    let names: Vec<String> = (0..40).map(|i| format!("10.0.1.{i}")).collect();
+    let agents = Counting::default();
+    let state = runtime()
+        .block_on(gather_state(&agents, &names, 3))
+        .expect("state");
+    assert_eq!(state.nodes.len(), 40);
+    assert!(agents.most_at_once() <= 3, "{}", agents.most_at_once());
+    let gathered = runtime()
+        .block_on(gather_reachable(&agents, &names, 1))
+        .expect("state");
+    assert_eq!(gathered.state.nodes.len(), 40);
+
+    let agents = Counting::default();
+    let mut d = DesiredState::default();
+    for n in &names {
+        d.nodes.insert(n.clone(), BTreeSet::new());
+    }
+    let plan = crate::planner::plan(&d, &state);
+    assert!(plan.is_empty(), "nothing to route, nothing to do");
+    d.applications
+        .insert("web".into(), service("web", 8080, None));
+    d.nodes
+        .get_mut(&names[0])
+        .expect("node")
+        .insert("web".into());
+    let plan = crate::planner::plan(&d, &state);
+    runtime()
+        .block_on(execute(&agents, &d, &plan, false, 4))
+        .expect("deploy");
+    assert!(agents.most_at_once() <= 4, "{}", agents.most_at_once());
+    // Start on one node, routes on all 40.
+    assert_eq!(agents.requests.lock().expect("requests").len(), 41);
+}
+
+/// Each request carries the node's own applications, every node's address, and the route
+/// map only where the node follows it (whole) or links to another port (that port only).
+#[test]
+fn each_node_gets_its_share_and_the_map_only_where_it_needs_it() {
+    let mut d = desired(&[A, B, C]);
+    d.applications
+        .insert("web".into(), service("web", 8080, Some(9090)));
+    d.applications
+        .insert("api".into(), service("api", 9090, None));
+    d.nodes.get_mut(A).expect("a").insert("web".into());
+    d.nodes.get_mut(B).expect("b").insert("api".into());
+    let plan = crate::planner::plan(&d, &ClusterState::default());
+    let agents = Counting::default();
+    let summary = runtime()
+        .block_on(execute(&agents, &d, &plan, false, 8))
+        .expect("deploy");
+    let map = d.route_map();
+    let requests = agents.requests.lock().expect("requests").clone();
+    for (node, request) in &requests {
+        assert_eq!(request.desired, d.for_node(node), "{node}");
+        let follows = request
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::FollowRoutes { version } if *version == map.version()));
+        let starts_web = request.actions.iter().any(
+            |a| matches!(a, Action::StartApplication { application } if application.name == "web"),
+        );
+        let expected = if follows {
+            Some(map.clone())
+        } else if starts_web {
+            Some(map.only([9090]))
+        } else {
+            None
+        };
+        assert_eq!(request.routes, expected, "{node}: {:?}", request.actions);
+    }
+    // start on A and B, routes on all three.
+    assert_eq!(requests.len(), 5);
+    let map_bytes = serde_json::to_vec(&map).expect("json").len() as u64;
+    assert_eq!(summary.route_map_bytes, map_bytes);
+    assert_eq!(summary.requests, 5);
 }

@@ -210,7 +210,10 @@ pub fn plan_around(
             if !unreachable.contains(&a.node) {
                 return true;
             }
-            if matches!(a.action, Action::SetRoutes { .. }) {
+            if matches!(
+                a.action,
+                Action::SetRoutes { .. } | Action::FollowRoutes { .. }
+            ) {
                 stale_routes.insert(a.node.clone());
             }
             false
@@ -243,7 +246,7 @@ fn concerns(action: &Action) -> Option<&str> {
             Some(&application.name)
         }
         Action::StopApplication { application } => Some(application),
-        Action::SetRoutes { .. } | Action::SetStandby { .. } => None,
+        Action::SetRoutes { .. } | Action::FollowRoutes { .. } | Action::SetStandby { .. } => None,
     }
 }
 

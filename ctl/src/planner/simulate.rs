@@ -3,24 +3,33 @@
 //! reaches the desired state without ever breaking an invariant on the way.
 
 use flocker_wire::{
-    Action, ClusterState, ContainerState, DesiredState, NodeState, Plan, RouteTarget, VolumeState,
+    Action, ClusterState, ContainerState, DesiredState, NodeState, Plan, Route, RouteMap,
+    RouteTarget, VolumeState,
 };
 
 /// Applies every action of every phase in order, checking invariants after each action.
-pub fn apply_plan(plan: &Plan, state: &mut ClusterState) -> Result<(), String> {
-    apply_plan_checking(plan, state, check_invariants)
+/// `desired` is what the plan was made for: the deploy sends its route map with
+/// `FollowRoutes`.
+pub fn apply_plan(
+    plan: &Plan,
+    desired: &DesiredState,
+    state: &mut ClusterState,
+) -> Result<(), String> {
+    apply_plan_checking(plan, desired, state, check_invariants)
 }
 
 /// [`apply_plan`] with a chosen invariant check (a cluster whose stateless applications run
 /// twice after a node returned is checked for its volumes only).
 pub fn apply_plan_checking(
     plan: &Plan,
+    desired: &DesiredState,
     state: &mut ClusterState,
     check_invariants: fn(&ClusterState) -> Result<(), String>,
 ) -> Result<(), String> {
+    let map = desired.route_map();
     for phase in &plan.phases {
         for action in &phase.actions {
-            apply(&action.node, &action.action, state)
+            apply(&action.node, &action.action, &map, state)
                 .map_err(|e| format!("phase {} on {}: {e}", phase.name, action.node))?;
             check_invariants(state)
                 .map_err(|e| format!("after phase {} on {}: {e}", phase.name, action.node))?;
@@ -52,7 +61,12 @@ fn volume_mut<'a>(
         .find(|v| v.name == name)
 }
 
-fn apply(node: &str, action: &Action, state: &mut ClusterState) -> Result<(), String> {
+fn apply(
+    node: &str,
+    action: &Action,
+    map: &RouteMap,
+    state: &mut ClusterState,
+) -> Result<(), String> {
     match action {
         Action::CreateVolume { volume, .. } => {
             if state.volume_record(volume).is_some() {
@@ -163,25 +177,49 @@ fn apply(node: &str, action: &Action, state: &mut ClusterState) -> Result<(), St
             node_mut(state, node).standby = standby.clone();
         }
         Action::SetRoutes { routes } => {
-            for route in routes {
-                let host = match &route.target {
-                    RouteTarget::Local { .. } => node,
-                    RouteTarget::Node { address } => address.as_str(),
-                };
-                // A node the state knows nothing about did not answer: what runs there is
-                // unknown, and routes to it are left as the deployment says.
-                let up = state
-                    .nodes
-                    .get(host)
-                    .is_none_or(|n| n.container(&route.application).is_some_and(|c| c.running));
-                if !up {
-                    return Err(format!(
-                        "route for {} points at {host} where it does not run",
-                        route.application
-                    ));
-                }
+            check_routes_lead_somewhere(node, routes, state)?;
+            let n = node_mut(state, node);
+            n.routes = routes.clone();
+            n.routes_version = None;
+        }
+        Action::FollowRoutes { version } => {
+            if *version != map.version() {
+                return Err(format!(
+                    "routes follow version {version}, not the plan's map"
+                ));
             }
-            node_mut(state, node).routes = routes.clone();
+            check_routes_lead_somewhere(node, &map.routes_for(node), state)?;
+            // What the agent reports: the version and its local routes.
+            let n = node_mut(state, node);
+            n.routes = map.local_routes(node);
+            n.routes_version = Some(version.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Every route leads to a node where its application runs (or one that did not answer).
+fn check_routes_lead_somewhere(
+    node: &str,
+    routes: &[Route],
+    state: &ClusterState,
+) -> Result<(), String> {
+    for route in routes {
+        let host = match &route.target {
+            RouteTarget::Local { .. } => node,
+            RouteTarget::Node { address } => address.as_str(),
+        };
+        // A node the state knows nothing about did not answer: what runs there is
+        // unknown, and routes to it are left as the deployment says.
+        let up = state
+            .nodes
+            .get(host)
+            .is_none_or(|n| n.container(&route.application).is_some_and(|c| c.running));
+        if !up {
+            return Err(format!(
+                "route for {} points at {host} where it does not run",
+                route.application
+            ));
         }
     }
     Ok(())
@@ -273,12 +311,16 @@ pub fn matches(desired: &DesiredState, state: &ClusterState) -> Result<(), Strin
                 return Err(format!("{} still runs on {node}", c.application.name));
             }
         }
-        let wanted = if desired.nodes.contains_key(node) {
-            desired.routes_for(node)
+        let (wanted, version) = if desired.nodes.contains_key(node) {
+            let map = desired.route_map();
+            match n.routes_version {
+                Some(_) => (map.local_routes(node), Some(map.version())),
+                None => (desired.routes_for(node), None),
+            }
         } else {
-            vec![]
+            (vec![], None)
         };
-        if n.routes != wanted {
+        if n.routes != wanted || n.routes_version.is_some() && n.routes_version != version {
             return Err(format!("routes of {node} differ"));
         }
         if desired.nodes.contains_key(node) && n.standby != desired.standby_for(node) {
@@ -313,7 +355,10 @@ pub fn realize(desired: &DesiredState) -> ClusterState {
                 });
             }
         }
-        n.routes = desired.routes_for(node);
+        // As today's agents report it: the map's version and the local routes.
+        let map = desired.route_map();
+        n.routes = map.local_routes(node);
+        n.routes_version = Some(map.version());
         n.standby = desired.standby_for(node);
     }
     state

@@ -12,7 +12,7 @@ use super::simulate::{
     apply_plan, apply_plan_checking, check_invariants, check_volumes, fence, matches, realize,
 };
 use super::{FailoverError, plan, plan_around};
-use crate::render::plan_text;
+use crate::render::{RouteView, plan_text};
 
 const N1: &str = "198.18.0.11";
 const N2: &str = "198.18.0.12";
@@ -62,9 +62,9 @@ fn desired(apps: &[Application], placement: &[(&str, &[&str])]) -> DesiredState 
 /// Plans, checks the plan reaches the desired state safely, and compares its text.
 fn check(desired: &DesiredState, current: &ClusterState, expect: &str) {
     let plan = plan(desired, current);
-    assert_eq!(plan_text(&plan), expect);
+    assert_eq!(plan_text(&plan, &RouteView::new(desired, true)), expect);
     let mut state = current.clone();
-    apply_plan(&plan, &mut state).expect("plan keeps the invariants");
+    apply_plan(&plan, desired, &mut state).expect("plan keeps the invariants");
     matches(desired, &state).expect("plan reaches the desired state");
     assert!(
         super::plan(desired, &state).is_empty(),
@@ -121,7 +121,7 @@ fn dependencies_start_in_waves_and_running_ones_are_not_waited_for() {
 
     // With db and cache already running, api starts at once and web after it.
     let mut state = ClusterState::default();
-    apply_plan(&first, &mut state).expect("plan keeps the invariants");
+    apply_plan(&first, &d, &mut state).expect("plan keeps the invariants");
     for node in state.nodes.values_mut() {
         node.containers
             .retain(|c| c.application.name == "db" || c.application.name == "cache");
@@ -370,7 +370,7 @@ proptest! {
         let mut state = realize(&before);
         check_invariants(&state).map_err(TestCaseError::fail)?;
         let p = plan(&after, &state);
-        apply_plan(&p, &mut state).map_err(TestCaseError::fail)?;
+        apply_plan(&p, &after, &mut state).map_err(TestCaseError::fail)?;
         matches(&after, &state).map_err(TestCaseError::fail)?;
         prop_assert!(plan(&after, &state).is_empty());
     }
@@ -385,7 +385,7 @@ proptest! {
         let mut state = ClusterState::default();
         for d in &steps {
             let p = plan(d, &state);
-            apply_plan(&p, &mut state).map_err(TestCaseError::fail)?;
+            apply_plan(&p, d, &mut state).map_err(TestCaseError::fail)?;
             matches(d, &state).map_err(TestCaseError::fail)?;
         }
     }
@@ -441,7 +441,7 @@ fn a_dead_unrelated_node_leaves_the_rest_to_plan() {
             .all(|p| p.actions.iter().all(|a| a.node != N2))
     );
     let mut after = without(&state, N2);
-    apply_plan(&planned.plan, &mut after).expect("safe");
+    apply_plan(&planned.plan, &planned.effective, &mut after).expect("safe");
     assert!(after.nodes[N1].container("web").is_some());
 }
 
@@ -472,11 +472,11 @@ fn moving_off_a_dead_owner_needs_failover_and_then_promotes_two_epochs_up() {
     let p = &planned.promotions[0];
     assert_eq!((p.node.as_str(), p.epoch), (N2, 3));
     assert_eq!(p.snapshot_time_ms, Some(1000));
-    let text = plan_text(&planned.plan);
+    let text = plan_text(&planned.plan, &RouteView::new(&planned.effective, false));
     assert!(text.starts_with("phase 1/"), "{text}");
     assert!(text.contains("failover\n  198.18.0.12     promote this node's replica of volume redis to owner at epoch 3"), "{text}");
     let mut after = reachable.clone();
-    apply_plan(&planned.plan, &mut after).expect("safe");
+    apply_plan(&planned.plan, &planned.effective, &mut after).expect("safe");
     assert!(
         after.nodes[N2]
             .container("redis")
@@ -519,7 +519,7 @@ fn failover_to_a_node_without_the_replica_promotes_then_moves() {
         ["failover", "final-push", "handoff", "start", "routes"]
     );
     let mut after = without(&state, N1);
-    apply_plan(&planned.plan, &mut after).expect("safe");
+    apply_plan(&planned.plan, &planned.effective, &mut after).expect("safe");
     assert_eq!(after.volume_owner("redis"), Some(N3));
 }
 
@@ -531,14 +531,14 @@ fn the_returning_owner_is_fenced_and_one_owner_remains() {
     let dead: BTreeSet<String> = [N1.to_string()].into();
     let planned = plan_around(&d, &without(&state, N1), &dead, true).expect("plan");
     let mut after = without(&state, N1);
-    apply_plan(&planned.plan, &mut after).expect("safe");
+    apply_plan(&planned.plan, &planned.effective, &mut after).expect("safe");
     // N1 comes back as it was: still thinking it owns redis, with redis running.
     after.nodes.insert(N1.into(), state.nodes[N1].clone());
     fence(&mut after);
     check_invariants(&after).expect("one owner after fencing");
     assert!(after.nodes[N1].container("redis").is_none());
     let p = plan(&d, &after);
-    apply_plan(&p, &mut after).expect("safe");
+    apply_plan(&p, &d, &mut after).expect("safe");
     matches(&d, &after).expect("the next deploy converges");
 }
 
@@ -584,7 +584,7 @@ proptest! {
             Err(e) => return Err(TestCaseError::fail(e.to_string())),
         };
         prop_assert!(planned.plan.phases.iter().all(|p| p.actions.iter().all(|a| a.node != dead)));
-        apply_plan(&planned.plan, &mut live).map_err(TestCaseError::fail)?;
+        apply_plan(&planned.plan, &planned.effective, &mut live).map_err(TestCaseError::fail)?;
         live.nodes.insert(dead.clone(), state.nodes.get(&dead).cloned().unwrap_or_default());
         fence(&mut live);
         // Stateless applications may run twice until the next deploy; volumes never.
@@ -595,7 +595,7 @@ proptest! {
         }
         // The next deploy, with every node back, converges safely.
         let p = plan(&after, &live);
-        apply_plan_checking(&p, &mut live, check_volumes).map_err(TestCaseError::fail)?;
+        apply_plan_checking(&p, &after, &mut live, check_volumes).map_err(TestCaseError::fail)?;
         matches(&after, &live).map_err(TestCaseError::fail)?;
     }
 }
@@ -626,10 +626,11 @@ fn a_new_standby_alone_reaches_the_owner_and_then_nothing_is_left() {
     let mut state = realize(&after);
     let p = plan(&moved, &state);
     assert!(
-        plan_text(&p).contains("198.18.0.11     replicate nothing (no standby)"),
+        plan_text(&p, &RouteView::new(&moved, false))
+            .contains("198.18.0.11     replicate nothing (no standby)"),
         "{}",
-        plan_text(&p)
+        plan_text(&p, &RouteView::new(&moved, false))
     );
-    apply_plan(&p, &mut state).expect("safe");
+    apply_plan(&p, &moved, &mut state).expect("safe");
     matches(&moved, &state).expect("converged");
 }

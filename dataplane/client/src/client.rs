@@ -26,6 +26,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use crate::converge_body::ConvergeBody;
 use crate::paths;
 use crate::progress::{Activity, Tracked};
 
@@ -322,11 +323,11 @@ impl AgentClient {
         request: &ConvergeRequest,
         on_event: impl FnMut(&ConvergeEvent),
     ) -> Result<Vec<ConvergeEvent>, ClientError> {
-        let json = serde_json::to_vec(request).map_err(|e| ClientError::Protocol {
+        let body = ConvergeBody::from_request(request).map_err(|e| ClientError::Protocol {
             node: node.to_string(),
             detail: format!("cannot encode the converge request: {e}"),
         })?;
-        self.converge_body(node, json, on_event).await
+        self.converge_encoded(node, body, on_event).await
     }
 
     /// [`AgentClient::converge`] with the request body as given, for tests that send what
@@ -335,10 +336,30 @@ impl AgentClient {
         &self,
         node: &str,
         body: Vec<u8>,
+        on_event: impl FnMut(&ConvergeEvent),
+    ) -> Result<Vec<ConvergeEvent>, ClientError> {
+        self.send_converge(node, full(body), on_event).await
+    }
+
+    /// [`AgentClient::converge`] with a request encoded in parts (the deploy driver's,
+    /// whose route map is shared by every node's request).
+    pub async fn converge_encoded(
+        &self,
+        node: &str,
+        body: ConvergeBody,
+        on_event: impl FnMut(&ConvergeEvent),
+    ) -> Result<Vec<ConvergeEvent>, ClientError> {
+        self.send_converge(node, body.into_body(), on_event).await
+    }
+
+    async fn send_converge(
+        &self,
+        node: &str,
+        body: Body,
         mut on_event: impl FnMut(&ConvergeEvent),
     ) -> Result<Vec<ConvergeEvent>, ClientError> {
         let mut answer = self
-            .open(node, Method::POST, paths::CONVERGE, full(body), true)
+            .open(node, Method::POST, paths::CONVERGE, body, true)
             .await?
             .success()
             .await?;

@@ -16,12 +16,15 @@
 #![forbid(unsafe_code)]
 
 mod client;
+pub mod converge_body;
 pub mod paths;
 pub mod progress;
 
 use std::future::Future;
 
-use flocker_wire::{ConvergeEvent, ConvergeRequest, NodeState};
+use flocker_wire::{ConvergeEvent, NodeState};
+
+pub use converge_body::{ConvergeBody, EncodedRoutes};
 pub use hyper::{Method, StatusCode};
 
 pub use client::{
@@ -40,7 +43,7 @@ pub trait AgentApi: Clone + Send + Sync + 'static {
     fn converge<F>(
         &self,
         node: &str,
-        request: &ConvergeRequest,
+        request: ConvergeBody,
         on_event: F,
     ) -> impl Future<Output = Result<Vec<ConvergeEvent>, ClientError>> + Send
     where
@@ -55,13 +58,13 @@ impl AgentApi for AgentClient {
     fn converge<F>(
         &self,
         node: &str,
-        request: &ConvergeRequest,
+        request: ConvergeBody,
         on_event: F,
     ) -> impl Future<Output = Result<Vec<ConvergeEvent>, ClientError>> + Send
     where
         F: FnMut(&ConvergeEvent) + Send,
     {
-        AgentClient::converge(self, node, request, on_event)
+        AgentClient::converge_encoded(self, node, request, on_event)
     }
 }
 

@@ -18,7 +18,7 @@ use flocker_client::{AgentClient, ClientError};
 
 use flocker_wire::{
     Action, Application, ContainerState, ConvergeEvent, ConvergeRequest, DesiredState, NodeState,
-    Route, VolumeState,
+    Route, RouteMap, VolumeState,
 };
 
 use crate::containers::{ContainerError, ContainerRuntime, ManagedContainer, container_spec};
@@ -102,7 +102,7 @@ pub struct Agent {
     pub(crate) volumes: Arc<dyn VolumeBackend>,
     pub(crate) runtime: Arc<dyn ContainerRuntime>,
     peers: AgentClient,
-    routes: RouteStore,
+    pub(crate) routes: RouteStore,
     /// Held by a converge from validation to its last action, and by each restart
     /// supervision pass, so the supervisor never restarts what a converge is stopping.
     pub(crate) converge_lock: Arc<Mutex<()>>,
@@ -278,6 +278,11 @@ impl Agent {
         self.routes.backend_name()
     }
 
+    /// The node's whole recorded route table (what is programmed into the kernel).
+    pub fn route_table(&self) -> Vec<Route> {
+        self.routes.current()
+    }
+
     /// Problems with routing on this node (a forward filter dropping routed connections).
     pub fn routing_warnings(&self) -> Vec<String> {
         self.routes.warnings()
@@ -339,11 +344,13 @@ impl Agent {
             });
         }
         let volumes = self.blocking(|b| b.list()).await?;
+        let (routes, routes_version) = self.routes.reported();
         Ok(NodeState {
             address: self.me.clone(),
             containers,
             volumes,
-            routes: self.routes.current(),
+            routes,
+            routes_version,
             standby: self
                 .last_desired()
                 .map(|d| d.standby_for(&self.me))
@@ -450,7 +457,7 @@ impl Agent {
                 let step = step_name(action);
                 let _ = tx.send(ConvergeEvent::Started { step: step.clone() }).await;
                 tracing::info!(%step, "converge step");
-                match agent.execute(&request.desired, action, &step, &tx).await {
+                match agent.execute(&request, action, &step, &tx).await {
                     Ok(()) => {
                         let _ = tx.send(ConvergeEvent::Done { step }).await;
                     }
@@ -472,21 +479,25 @@ impl Agent {
 
     async fn execute(
         &self,
-        desired: &DesiredState,
+        request: &ConvergeRequest,
         action: &Action,
         step: &str,
         events: &Events,
     ) -> Result<(), AgentError> {
+        let desired = &request.desired;
+        let routes = request.routes.as_ref();
         match action {
             Action::CreateVolume {
                 volume,
                 maximum_size,
             } => self.create_volume(volume, *maximum_size).await,
             Action::StartApplication { application } => {
-                self.start_application(desired, application, false).await
+                self.start_application(desired, routes, application, false)
+                    .await
             }
             Action::RestartApplication { application } => {
-                self.start_application(desired, application, true).await
+                self.start_application(desired, routes, application, true)
+                    .await
             }
             Action::StopApplication { application } => self.stop_application(application).await,
             Action::PushVolume { volume, to, last } => {
@@ -494,7 +505,15 @@ impl Agent {
             }
             Action::Handoff { volume, to } => self.handoff(volume, to).await,
             Action::Promote { volume, epoch } => self.promote(volume, *epoch).await,
-            Action::SetRoutes { routes } => self.set_routes(routes.clone()).await,
+            Action::SetRoutes { routes } => self.set_routes(routes.clone(), None).await,
+            Action::FollowRoutes { version } => {
+                // Validation made sure the request carries the map of this version.
+                let map = routes.ok_or_else(|| {
+                    AgentError::BadRequest("follow routes: the request carries no route map".into())
+                })?;
+                self.set_routes(map.routes_for(&self.me), Some(version.clone()))
+                    .await
+            }
             // The schedule is the request's desired state, remembered when it was accepted.
             Action::SetStandby { .. } => Ok(()),
         }
@@ -528,6 +547,7 @@ impl Agent {
     async fn start_application(
         &self,
         desired: &DesiredState,
+        routes: Option<&RouteMap>,
         app: &Application,
         replace: bool,
     ) -> Result<(), AgentError> {
@@ -557,7 +577,7 @@ impl Agent {
             }
             return Ok(());
         }
-        let mut spec = container_spec(app, volume_path.as_deref(), desired, &self.me)?;
+        let mut spec = container_spec(app, volume_path.as_deref(), desired, routes, &self.me)?;
         spec.binds.extend(self.write_files(desired, app)?);
         if let Some(c) = existing {
             self.runtime.stop_and_remove(&c.name).await?;
@@ -588,9 +608,13 @@ impl Agent {
         Ok(())
     }
 
-    async fn set_routes(&self, routes: Vec<Route>) -> Result<(), AgentError> {
+    async fn set_routes(
+        &self,
+        routes: Vec<Route>,
+        version: Option<String>,
+    ) -> Result<(), AgentError> {
         let resolver = self.resolver().await?;
-        Ok(self.routes.set(routes, &resolver)?)
+        Ok(self.routes.set_versioned(routes, version, &resolver)?)
     }
 }
 
@@ -610,6 +634,9 @@ pub fn step_name(action: &Action) -> String {
         Action::StopApplication { application } => format!("stop {application}"),
         Action::RestartApplication { application } => format!("restart {}", application.name),
         Action::SetRoutes { routes } => format!("set-routes ({} routes)", routes.len()),
+        Action::FollowRoutes { version } => {
+            format!("follow-routes {}", version.get(..12).unwrap_or(version))
+        }
         Action::SetStandby { standby } => format!("set-standby ({} volumes)", standby.len()),
     }
 }

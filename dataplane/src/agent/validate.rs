@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use flocker_wire::checks;
-use flocker_wire::{Action, Application, ConvergeRequest, Route, RouteTarget, VolumeState};
+use flocker_wire::{
+    Action, Application, ConvergeRequest, Route, RouteMap, RouteTarget, VolumeState,
+};
 
 use crate::ownership;
 use crate::volume::check_name;
@@ -29,6 +31,9 @@ impl Agent {
         let problems = checks::desired_problems(&request.desired);
         if !problems.is_empty() {
             return bad(format!("invalid desired state: {}", problems.join("; ")));
+        }
+        if let Some(map) = &request.routes {
+            self.validate_route_map(request, map)?;
         }
         for action in &request.actions {
             match action {
@@ -87,12 +92,97 @@ impl Agent {
                     created.push(volume);
                 }
                 Action::SetRoutes { routes } => self.validate_routes(request, routes)?,
+                Action::FollowRoutes { version } => {
+                    let Some(map) = &request.routes else {
+                        return bad(format!(
+                            "follow routes {version}: the request carries no route map"
+                        ));
+                    };
+                    let actual = map.version();
+                    if *version != actual {
+                        return bad(format!(
+                            "follow routes {version}: the route map carried is version {actual}"
+                        ));
+                    }
+                    self.validate_own_ports(request, map)?;
+                    self.validate_routes(request, &map.routes_for(&self.me))?;
+                }
                 Action::SetStandby { standby } => {
                     if *standby != request.desired.standby_for(&self.me) {
                         return bad(
                             "set standby: the schedule differs from the desired state's `standby` for this node".to_string(),
                         );
                     }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every entry of a route map, whole or in part: application names, nodes of the desired
+    /// state, and a port said to lead into this node exactly as its application maps it.
+    fn validate_route_map(
+        &self,
+        request: &ConvergeRequest,
+        map: &RouteMap,
+    ) -> Result<(), AgentError> {
+        let bad = |s: String| Err(AgentError::BadRequest(s));
+        let mine = request.desired.nodes.get(&self.me);
+        for (&port, p) in &map.ports {
+            check_name(&p.application)?;
+            if port == 0 || p.internal_port == 0 {
+                return bad(format!(
+                    "route map: {:?} routes port 0 ({port}:{})",
+                    p.application, p.internal_port
+                ));
+            }
+            if !request.desired.nodes.contains_key(&p.node) {
+                return bad(format!(
+                    "route map: port {port} of {:?} leads to {:?}, which is not a node of the desired state",
+                    p.application, p.node
+                ));
+            }
+            if p.node != self.me {
+                continue;
+            }
+            let placed = mine.is_some_and(|m| m.contains(&p.application));
+            let mapped = request
+                .desired
+                .applications
+                .get(&p.application)
+                .is_some_and(|a| {
+                    a.ports
+                        .iter()
+                        .any(|m| m.external == port && m.internal == p.internal_port)
+                });
+            if !placed || !mapped {
+                return bad(format!(
+                    "route map: port {port} leads to {:?} on this node ({}) at :{}, which the desired state does not place or map here",
+                    p.application, self.me, p.internal_port
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A map this node follows routes every port of its own applications to itself.
+    fn validate_own_ports(
+        &self,
+        request: &ConvergeRequest,
+        map: &RouteMap,
+    ) -> Result<(), AgentError> {
+        let mine = request.desired.nodes.get(&self.me).into_iter().flatten();
+        for app in mine.filter_map(|name| request.desired.applications.get(name)) {
+            for port in &app.ports {
+                let here = map
+                    .ports
+                    .get(&port.external)
+                    .is_some_and(|p| p.node == self.me && p.application == app.name);
+                if !here {
+                    return Err(AgentError::BadRequest(format!(
+                        "follow routes: the route map does not lead port {} to {:?} on this node ({})",
+                        port.external, app.name, self.me
+                    )));
                 }
             }
         }

@@ -223,6 +223,7 @@ fn app() -> Application {
         mem_limit: None,
         cpu_shares: None,
         restart_policy: RestartPolicy::Never,
+        health_check: None,
     }
 }
 

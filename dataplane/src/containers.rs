@@ -15,8 +15,11 @@ use bollard::container::{
     RemoveContainerOptions, StartContainerOptions, StopContainerOptions, UpdateContainerOptions,
 };
 use bollard::image::CreateImageOptions;
-use bollard::models::{HostConfig, RestartPolicy as DockerRestart, RestartPolicyNameEnum};
-use flocker_wire::{Application, DesiredState};
+use bollard::models::{
+    HealthConfig, HealthStatusEnum, HostConfig, RestartPolicy as DockerRestart,
+    RestartPolicyNameEnum,
+};
+use flocker_wire::{Application, DesiredState, HealthCheck};
 use futures_util::StreamExt;
 
 pub const LABEL_MANAGED: &str = "flocker.managed";
@@ -50,6 +53,8 @@ pub struct ContainerSpec {
     pub binds: Vec<String>,
     pub memory: Option<u64>,
     pub cpu_shares: Option<u64>,
+    /// Run by Docker inside the container; see `readiness`.
+    pub health_check: Option<HealthCheck>,
 }
 
 /// A container the agent manages, as Docker reports it.
@@ -72,6 +77,17 @@ pub struct ContainerDetails {
     /// Docker's own restart policy is something other than `no`: Docker may then restart
     /// the container without the agent proving its volume first.
     pub docker_restarts: bool,
+    /// Docker's verdict of the container's health check, when it has one.
+    pub health: Option<DockerHealth>,
+}
+
+/// What Docker says of a container's health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DockerHealth {
+    /// `starting`, `healthy` or `unhealthy`.
+    pub status: String,
+    /// The output of the newest check run (Docker keeps the last five).
+    pub last_output: Option<String>,
 }
 
 /// The Docker container name of an application.
@@ -154,7 +170,21 @@ pub fn container_spec(
         binds,
         memory: app.mem_limit,
         cpu_shares: app.cpu_shares,
+        health_check: app.health_check.clone(),
     })
+}
+
+/// Docker's health configuration (nanoseconds) from the application's check.
+fn docker_health_config(check: &HealthCheck) -> HealthConfig {
+    let ns = |ms: u64| i64::try_from(ms.saturating_mul(1_000_000)).unwrap_or(i64::MAX);
+    HealthConfig {
+        test: Some(check.test.clone()),
+        interval: Some(ns(check.interval_ms)),
+        timeout: Some(ns(check.timeout_ms)),
+        retries: Some(i64::from(check.retries)),
+        start_period: Some(ns(check.start_period_ms)),
+        start_interval: None,
+    }
 }
 
 /// The container operations the agent needs. [`DockerRuntime`] is the real one.
@@ -338,6 +368,7 @@ impl ContainerRuntime for DockerRuntime {
                 restart_policy: Some(restart),
                 ..Default::default()
             }),
+            healthcheck: spec.health_check.as_ref().map(docker_health_config),
             ..Default::default()
         };
         self.docker
@@ -412,6 +443,22 @@ impl ContainerRuntime for DockerRuntime {
                 .filter(|&p| p > 0),
             exit_code: state.exit_code.filter(|_| !running),
             docker_restarts,
+            health: state.health.and_then(|h| {
+                let status = match h.status? {
+                    HealthStatusEnum::STARTING => "starting",
+                    HealthStatusEnum::HEALTHY => "healthy",
+                    HealthStatusEnum::UNHEALTHY => "unhealthy",
+                    HealthStatusEnum::NONE | HealthStatusEnum::EMPTY => return None,
+                };
+                let last_output = h
+                    .log
+                    .and_then(|log| log.into_iter().last())
+                    .and_then(|r| r.output);
+                Some(DockerHealth {
+                    status: status.to_string(),
+                    last_output,
+                })
+            }),
         })
     }
 
@@ -460,6 +507,7 @@ mod tests {
             mem_limit: Some(64 << 20),
             cpu_shares: Some(512),
             restart_policy: RestartPolicy::Always,
+            health_check: None,
         }
     }
 

@@ -470,6 +470,7 @@ fn busybox_app() -> Application {
         mem_limit: Some(128 << 20),
         cpu_shares: Some(256),
         restart_policy: RestartPolicy::Never,
+        health_check: None,
     }
 }
 

@@ -205,6 +205,7 @@ mod tests {
             mem_limit: None,
             cpu_shares: None,
             restart_policy: RestartPolicy::Never,
+            health_check: None,
         }
     }
 

@@ -23,6 +23,7 @@ pub const APPLICATION_KEYS: &[&str] = &[
     "mem_limit",
     "cpu_shares",
     "restart_policy",
+    "health_check",
 ];
 
 /// Validates a native config whose root is a mapping that has an `applications` key.
@@ -256,6 +257,9 @@ fn parse_one(
         None => RestartPolicy::Never,
     };
 
+    let health_check = find(entries, "health_check")
+        .and_then(|e| super::health::health_check(sink, &e.value, &join(name, "health_check")));
+
     if sink.diagnostics.len() != before {
         return None;
     }
@@ -269,6 +273,7 @@ fn parse_one(
         mem_limit,
         cpu_shares,
         restart_policy,
+        health_check,
     })
 }
 

@@ -28,6 +28,7 @@ pub const SERVICE_KEYS: &[&str] = &[
     "mem_limit",
     "cpu_shares",
     "restart",
+    "healthcheck",
 ];
 
 /// Compose keys Flocker cannot honour, each with the reason given to the user.
@@ -111,7 +112,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ),
     ("user", "the image's user is used"),
     ("working_dir", "the image's working directory is used"),
-    ("healthcheck", "health checks are not supported"),
     ("deploy", "placement comes from the deployment config"),
     ("logging", "logging is not configurable"),
     ("log_driver", "logging is not configurable"),
@@ -448,6 +448,14 @@ fn parse_service(
     let restart_policy = find(entries, "restart")
         .map(|e| compose_restart(sink, &e.value, &join(name, "restart")))
         .unwrap_or(Some(RestartPolicy::Never))?;
+    let health_check = match find(entries, "healthcheck") {
+        Some(e) => Some(super::health::health_check(
+            sink,
+            &e.value,
+            &join(name, "healthcheck"),
+        )?),
+        None => None,
+    };
 
     Some(Application {
         name: name.to_owned(),
@@ -459,6 +467,7 @@ fn parse_service(
         mem_limit,
         cpu_shares,
         restart_policy,
+        health_check,
     })
 }
 

@@ -24,6 +24,7 @@ mod compose;
 mod cross_checks;
 pub mod deployment;
 mod fields;
+mod health;
 pub use flocker_wire::image;
 pub mod size;
 pub mod yaml;

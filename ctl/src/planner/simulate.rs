@@ -152,6 +152,8 @@ fn apply(node: &str, action: &Action, state: &mut ClusterState) -> Result<(), St
                 running: true,
                 ip: None,
                 volume_problem: None,
+                health: None,
+                health_output: None,
             });
         }
         Action::StopApplication { application } => {
@@ -302,6 +304,8 @@ pub fn realize(desired: &DesiredState) -> ClusterState {
                 running: true,
                 ip: None,
                 volume_problem: None,
+                health: None,
+                health_output: None,
             });
             if app.volume.is_some() {
                 n.volumes.push(VolumeState {

@@ -38,6 +38,7 @@ fn app(name: &str, external: u16, volume: bool) -> Application {
         mem_limit: None,
         cpu_shares: None,
         restart_policy: RestartPolicy::Never,
+        health_check: None,
     }
 }
 
@@ -277,6 +278,8 @@ fn unknown_managed_container_is_stopped_and_stopped_app_restarted() {
         running: true,
         ip: None,
         volume_problem: None,
+        health: None,
+        health_output: None,
     });
     check(
         &d,

@@ -48,9 +48,13 @@ impl Agent {
         events: &Events,
     ) -> Result<(), AgentError> {
         let _lock = self.lock_volume(name).await;
+        let phase = if last { "final-push" } else { "pre-copy" };
         for pass in 1..=PRE_COPY_PASSES {
             let started = std::time::Instant::now();
-            let pushed = self.push_pass(name, to, last, step, events, None).await?;
+            let pushed = self
+                .push_pass(name, to, last, step, events, self.move_rate)
+                .await?;
+            self.metrics.move_phase(phase, started.elapsed());
             let quick = started.elapsed() < CATCH_UP_AFTER;
             if last || !pushed || quick {
                 break;
@@ -204,6 +208,7 @@ impl Agent {
             Ok(())
         })
         .await?;
+        self.metrics.sent(bytes);
         tracing::info!(volume = name, to, %snapshot, bytes, "pushed");
         Ok(true)
     }
@@ -321,6 +326,7 @@ impl Agent {
         })
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))??;
+        self.metrics.received(bytes);
         tracing::info!(volume = name, from = %params.from, snapshot = %params.snapshot, bytes, "received");
         Ok(ReceiveReport {
             snapshot: params.snapshot,

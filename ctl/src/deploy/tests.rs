@@ -12,7 +12,7 @@ use flocker_wire::{
     Phase, Plan,
 };
 
-use super::{DeployError, execute, gather_reachable, gather_state};
+use super::{DeployError, ProgressMode, execute, gather_reachable, gather_state};
 
 const A: &str = "10.0.0.1";
 const B: &str = "10.0.0.2";
@@ -330,7 +330,7 @@ fn execute_sends_each_node_its_share_phase_by_phase() {
     };
     let d = desired(&[A, B]);
     let summary = runtime()
-        .block_on(execute(&agents, &d, &plan, false))
+        .block_on(execute(&agents, &d, &plan, ProgressMode::Lines))
         .expect("deploy");
     assert_eq!(
         (summary.phases, summary.actions, summary.bytes_pushed),
@@ -369,7 +369,7 @@ fn a_failed_step_stops_the_run_before_the_next_phase() {
         ],
     };
     let err = runtime()
-        .block_on(execute(&agents, &desired(&[A, B]), &plan, false))
+        .block_on(execute(&agents, &desired(&[A, B]), &plan, ProgressMode::Lines))
         .expect_err("B failed");
     assert_eq!(
         err.to_string(),
@@ -398,7 +398,7 @@ fn a_refused_converge_is_reported_with_the_agents_status_and_message() {
         phases: vec![phase("create-volumes", &[(A, create("db"))])],
     };
     let err = runtime()
-        .block_on(execute(&agents, &desired(&[A]), &plan, false))
+        .block_on(execute(&agents, &desired(&[A]), &plan, ProgressMode::Lines))
         .expect_err("refused");
     assert!(
         matches!(&err, DeployError::Client(e) if e.status() == Some(StatusCode::CONFLICT)),
@@ -419,7 +419,7 @@ fn a_converge_that_panicked_names_its_node_and_phase() {
         phases: vec![phase("start", &[(A, create("db")), (B, create("cache"))])],
     };
     let err = runtime()
-        .block_on(execute(&agents, &desired(&[A, B]), &plan, false))
+        .block_on(execute(&agents, &desired(&[A, B]), &plan, ProgressMode::Lines))
         .expect_err("B panicked");
     assert!(
         matches!(&err, DeployError::Lost { node, what, .. } if node == B && what == "phase start"),
@@ -431,7 +431,7 @@ fn a_converge_that_panicked_names_its_node_and_phase() {
 fn an_empty_plan_asks_nobody() {
     let agents = FakeAgents::new(&[]);
     let summary = runtime()
-        .block_on(execute(&agents, &desired(&[A]), &Plan::default(), false))
+        .block_on(execute(&agents, &desired(&[A]), &Plan::default(), ProgressMode::Lines))
         .expect("nothing to do");
     assert_eq!((summary.phases, summary.actions), (0, 0));
     assert!(agents.log().is_empty());

@@ -140,8 +140,14 @@ impl Agent {
         tracing::info!(volume = name, to, %snapshot, base = ?base, last, "pushing");
         let sent = Arc::new(AtomicU64::new(0));
         let (n, b, s) = (name.to_string(), base.clone(), snapshot.clone());
-        let mut source = self
-            .blocking(move |be| be.send(&n, b.as_deref(), &s))
+        // The estimate (`zfs send -nP`, or what the backend can tell) gives the deploy a
+        // total and an ETA; unknown for some backends and for incrementals on zfs-fuse.
+        let (mut source, estimate) = self
+            .blocking(move |be| {
+                let source = be.send(&n, b.as_deref(), &s)?;
+                let estimate = source.size_hint();
+                Ok((source, estimate))
+            })
             .await?;
         let (writer, reader) = tokio::io::duplex(1 << 20);
         let mut bridge = SyncIoBridge::new(writer);
@@ -157,15 +163,16 @@ impl Agent {
         let ticker = {
             let (events, step, sent) = (events.clone(), step.to_string(), sent.clone());
             tokio::spawn(async move {
+                // At once (so the total is known from the start), then every second.
                 loop {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                     let _ = events
                         .send(ConvergeEvent::Progress {
                             step: step.clone(),
                             bytes_done: sent.load(Ordering::Relaxed),
-                            bytes_total: None,
+                            bytes_total: estimate,
                         })
                         .await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             })
         };

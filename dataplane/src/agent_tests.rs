@@ -121,6 +121,7 @@ impl ContainerRuntime for FakeRuntime {
     async fn details(&self, name: &str) -> Result<ContainerDetails, ContainerError> {
         Ok(ContainerDetails {
             pid: None,
+            running: self.running(name),
             exit_code: self
                 .exit_codes
                 .lock()
@@ -128,11 +129,16 @@ impl ContainerRuntime for FakeRuntime {
                 .and_then(|e| e.get(name).copied())
                 .filter(|_| !self.running(name)),
             docker_restarts: false,
+            health: None,
         })
     }
 
     async fn disable_docker_restart(&self, _name: &str) -> Result<(), ContainerError> {
         Ok(())
+    }
+
+    async fn listens_on(&self, name: &str, _port: u16) -> Result<bool, ContainerError> {
+        Ok(self.running(name))
     }
 
     async fn stop_and_remove(&self, name: &str) -> Result<(), ContainerError> {
@@ -1111,7 +1117,7 @@ async fn flockerctl_deploys_through_the_agent_client_and_checks_revocation() {
             }],
         }],
     };
-    let summary = deploy::execute(&user(), &d, &plan, false)
+    let summary = deploy::execute(&user(), &d, &plan, flocker_ctl::deploy::ProgressMode::Lines)
         .await
         .expect("deploy");
     assert_eq!((summary.phases, summary.actions), (1, 1));
@@ -1132,7 +1138,7 @@ async fn flockerctl_deploys_through_the_agent_client_and_checks_revocation() {
             }],
         }],
     };
-    let err = deploy::execute(&user(), &d, &plan, false)
+    let err = deploy::execute(&user(), &d, &plan, flocker_ctl::deploy::ProgressMode::Lines)
         .await
         .expect_err("B has no copy to hand off");
     match &err {

@@ -69,6 +69,7 @@ pub struct ManagedContainer {
 /// What the agent's restart supervision needs to know of one container, beyond the listing.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ContainerDetails {
+    pub running: bool,
     /// The main process, while the container runs (its `/proc/PID/mountinfo` shows what
     /// the container's volume mount really is).
     pub pid: Option<u32>,
@@ -203,6 +204,8 @@ pub trait ContainerRuntime: Send + Sync {
     async fn details(&self, name: &str) -> Result<ContainerDetails, ContainerError>;
     /// Sets Docker's restart policy to `no`: restarts are the agent's (see `supervisor`).
     async fn disable_docker_restart(&self, name: &str) -> Result<(), ContainerError>;
+    /// Whether a TCP socket listens on `port` inside the running container.
+    async fn listens_on(&self, name: &str, port: u16) -> Result<bool, ContainerError>;
 }
 
 /// The Docker Engine through bollard.
@@ -436,6 +439,7 @@ impl ContainerRuntime for DockerRuntime {
                 !matches!(n, RestartPolicyNameEnum::NO | RestartPolicyNameEnum::EMPTY)
             });
         Ok(ContainerDetails {
+            running,
             pid: state
                 .pid
                 .filter(|_| running)
@@ -460,6 +464,16 @@ impl ContainerRuntime for DockerRuntime {
                 })
             }),
         })
+    }
+
+    async fn listens_on(&self, name: &str, port: u16) -> Result<bool, ContainerError> {
+        let Some(pid) = self.details(name).await?.pid else {
+            return Ok(false);
+        };
+        let read = move || crate::readiness::process_listens_on(pid, port);
+        tokio::task::spawn_blocking(read)
+            .await
+            .map_err(|e| ContainerError::Other(e.to_string()))
     }
 
     async fn disable_docker_restart(&self, name: &str) -> Result<(), ContainerError> {

@@ -90,7 +90,7 @@ pub async fn check(
     app: &Application,
 ) -> Result<Verdict, ContainerError> {
     let details = runtime.details(container).await?;
-    let Some(pid) = details.pid else {
+    if !details.running {
         let code = details
             .exit_code
             .map_or("unknown".to_string(), |c| c.to_string());
@@ -98,7 +98,7 @@ pub async fn check(
             Health::Unhealthy,
             format!("the container is not running (exit code {code})"),
         ));
-    };
+    }
     match probe_for(app) {
         Probe::Running => Ok(Verdict::healthy()),
         Probe::DockerCheck => Ok(match details.health {
@@ -117,23 +117,14 @@ pub async fn check(
             },
             None => Verdict::new(Health::Starting, "(Docker reports no health yet)"),
         }),
-        Probe::Port(port) => {
-            let read = move || {
-                ["tcp", "tcp6"]
-                    .iter()
-                    .filter_map(|f| std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).ok())
-                    .any(|table| listens_on(&table, port))
-            };
-            let listening = tokio::task::spawn_blocking(read).await.unwrap_or(false);
-            Ok(if listening {
-                Verdict::healthy()
-            } else {
-                Verdict::new(
-                    Health::Starting,
-                    format!("nothing listens on port {port} in the container yet"),
-                )
-            })
-        }
+        Probe::Port(port) => Ok(if runtime.listens_on(container, port).await? {
+            Verdict::healthy()
+        } else {
+            Verdict::new(
+                Health::Starting,
+                format!("nothing listens on port {port} in the container yet"),
+            )
+        }),
     }
 }
 
@@ -187,6 +178,14 @@ pub fn wait_bound(app: &Application, agent_bound: Duration) -> Duration {
         .start_period_ms
         .saturating_add(per_try.saturating_mul(u64::from(check.retries) + 1));
     agent_bound.max(Duration::from_millis(verdict_ms))
+}
+
+/// Whether the process `pid`'s network namespace has a TCP socket listening on `port`.
+pub fn process_listens_on(pid: u32, port: u16) -> bool {
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).ok())
+        .any(|table| listens_on(&table, port))
 }
 
 /// Whether a `/proc/net/tcp`-style table has a socket listening on `port` (state `0A`).

@@ -267,9 +267,10 @@ impl AgentConfig {
         if move_rate_limit == Some(0) {
             errors.push("move_rate_limit: 0 would stop every move; leave it out for no cap".into());
         }
-        let ready_timeout = flags.ready_timeout.or(file.ready_timeout).unwrap_or(
-            crate::agent::DEFAULT_READY_TIMEOUT.as_secs(),
-        );
+        let ready_timeout = flags
+            .ready_timeout
+            .or(file.ready_timeout)
+            .unwrap_or(crate::agent::DEFAULT_READY_TIMEOUT.as_secs());
         if !(1..=3600).contains(&ready_timeout) {
             errors.push(format!(
                 "ready_timeout: {ready_timeout} s is outside 1 to 3600 seconds"

@@ -184,7 +184,10 @@ pub async fn run(config: AgentConfig) -> Result<(), StartError> {
         Some(addr) => {
             let listener = crate::metrics::bind(addr).await?;
             tracing::info!(listen = %addr, "serving Prometheus metrics at /metrics (plain HTTP)");
-            Some(tokio::spawn(crate::metrics::serve(listener, agent.metrics())))
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                agent.metrics(),
+            )))
         }
         None => None,
     };

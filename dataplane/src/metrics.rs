@@ -111,7 +111,11 @@ impl Metrics {
     /// A converge action finished; `kind` is the action's wire name (`push-volume`, ...).
     pub fn converge_action(&self, kind: &str, ok: bool) {
         let result = if ok { "ok" } else { "failed" };
-        self.with(|s| *s.converge_actions.entry((kind.to_string(), result)).or_default() += 1);
+        self.with(|s| {
+            *s.converge_actions
+                .entry((kind.to_string(), result))
+                .or_default() += 1
+        });
     }
 
     /// One phase of a move on this node: `pre-copy`, `final-push`, `handoff`, `receive`,
@@ -197,7 +201,12 @@ impl Metrics {
         );
         for ((kind, result), n) in &s.converge_actions {
             let labels = vec![("kind", kind.clone()), ("result", (*result).to_string())];
-            sample(&mut out, "flocker_converge_actions_total", &labels, *n as f64);
+            sample(
+                &mut out,
+                "flocker_converge_actions_total",
+                &labels,
+                *n as f64,
+            );
         }
         family(
             &mut out,
@@ -412,17 +421,20 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
 }
 
 fn answer(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = if req.method() == hyper::Method::GET
-        && req.uri().path() == "/metrics"
-    {
-        (
-            200,
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics.render(),
-        )
-    } else {
-        (404, "text/plain", "only GET /metrics is served here\n".to_string())
-    };
+    let (status, content_type, body) =
+        if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
+            (
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics.render(),
+            )
+        } else {
+            (
+                404,
+                "text/plain",
+                "only GET /metrics is served here\n".to_string(),
+            )
+        };
     Response::builder()
         .status(status)
         .header("content-type", content_type)
@@ -462,7 +474,10 @@ mod tests {
             "flocker_routes_programmed 4",
             "flocker_route_apply_duration_seconds_bucket{le=\"0.001\"} 1",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
     }
 }

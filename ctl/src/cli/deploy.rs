@@ -349,8 +349,7 @@ fn warn_volume_problems(state: &ClusterState) {
 
 /// The status tables: applications, volumes, routes.
 pub fn status_text(desired: &DesiredState, state: &ClusterState) -> String {
-    let mut out =
-        String::from("APPLICATION      NODE             STATE     HEALTH     IMAGE\n");
+    let mut out = String::from("APPLICATION      NODE             STATE     HEALTH     IMAGE\n");
     for (node, n) in &state.nodes {
         for c in &n.containers {
             let name = &c.application.name;

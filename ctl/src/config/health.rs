@@ -108,7 +108,10 @@ pub fn health_check(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Heal
             ),
         }
     }
-    for (key, value) in [("interval", check.interval_ms), ("timeout", check.timeout_ms)] {
+    for (key, value) in [
+        ("interval", check.interval_ms),
+        ("timeout", check.timeout_ms),
+    ] {
         if value == 0 && find(fields, key).is_some() {
             let mark = find(fields, key).map_or(node.mark, |e| e.value.mark);
             sink.error(mark, join(path, key), "must be longer than 0");
@@ -205,7 +208,11 @@ pub fn compose_duration_ms(text: &str) -> Result<u64, String> {
                     "{text:?} has no unit: write for example `{text}s` (ms, s, m and h are understood)"
                 ));
             }
-            other => return Err(format!("unknown unit {other:?} in {text:?}: use ms, s, m or h")),
+            other => {
+                return Err(format!(
+                    "unknown unit {other:?} in {text:?}: use ms, s, m or h"
+                ));
+            }
         };
         rest = &rest[unit_len..];
         total = number

@@ -1210,7 +1210,12 @@ fn compose_healthcheck_resolves_to_docker_form() {
     let web = parsed["web"].health_check.clone().expect("web check");
     assert_eq!(web.test, vec!["CMD-SHELL", "wget -q -O- localhost"]);
     assert_eq!((web.interval_ms, web.retries), (30_000, 3));
-    assert!(parsed["off"].health_check.as_ref().is_some_and(|c| c.is_disabled()));
+    assert!(
+        parsed["off"]
+            .health_check
+            .as_ref()
+            .is_some_and(|c| c.is_disabled())
+    );
 }
 
 #[test]

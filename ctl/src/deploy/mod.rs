@@ -21,9 +21,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::{JoinError, JoinSet};
 
 pub use credentials::{Credentials, CredentialsError};
+pub use flocker_client::{AgentApi, AgentClient, ClientError, EVENT_IDLE_TIMEOUT};
 pub use progress::ProgressMode;
 use progress::PushRate;
-pub use flocker_client::{AgentApi, AgentClient, ClientError, EVENT_IDLE_TIMEOUT};
 
 /// Errors of a deploy run.
 #[derive(Debug, thiserror::Error)]

@@ -369,7 +369,12 @@ fn a_failed_step_stops_the_run_before_the_next_phase() {
         ],
     };
     let err = runtime()
-        .block_on(execute(&agents, &desired(&[A, B]), &plan, ProgressMode::Lines))
+        .block_on(execute(
+            &agents,
+            &desired(&[A, B]),
+            &plan,
+            ProgressMode::Lines,
+        ))
         .expect_err("B failed");
     assert_eq!(
         err.to_string(),
@@ -419,7 +424,12 @@ fn a_converge_that_panicked_names_its_node_and_phase() {
         phases: vec![phase("start", &[(A, create("db")), (B, create("cache"))])],
     };
     let err = runtime()
-        .block_on(execute(&agents, &desired(&[A, B]), &plan, ProgressMode::Lines))
+        .block_on(execute(
+            &agents,
+            &desired(&[A, B]),
+            &plan,
+            ProgressMode::Lines,
+        ))
         .expect_err("B panicked");
     assert!(
         matches!(&err, DeployError::Lost { node, what, .. } if node == B && what == "phase start"),
@@ -431,7 +441,12 @@ fn a_converge_that_panicked_names_its_node_and_phase() {
 fn an_empty_plan_asks_nobody() {
     let agents = FakeAgents::new(&[]);
     let summary = runtime()
-        .block_on(execute(&agents, &desired(&[A]), &Plan::default(), ProgressMode::Lines))
+        .block_on(execute(
+            &agents,
+            &desired(&[A]),
+            &Plan::default(),
+            ProgressMode::Lines,
+        ))
         .expect("nothing to do");
     assert_eq!((summary.phases, summary.actions), (0, 0));
     assert!(agents.log().is_empty());

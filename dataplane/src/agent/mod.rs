@@ -23,8 +23,8 @@ use flocker_wire::{
 
 use crate::containers::{ContainerError, ContainerRuntime, ManagedContainer, container_spec};
 use crate::metrics::Metrics;
-use crate::readiness::{self, ReadinessError};
 use crate::ownership::{self, OwnershipError};
+use crate::readiness::{self, ReadinessError};
 use crate::routes::{Resolver, RouteStore, RoutesError};
 use crate::transfer;
 use crate::volume::mountinfo::{self, FsLocation};

@@ -188,17 +188,9 @@ pub fn process_listens_on(pid: u32, port: u16) -> bool {
         .any(|table| listens_on(&table, port))
 }
 
-/// Whether a `/proc/net/tcp`-style table has a socket listening on `port` (state `0A`).
+/// Whether a `/proc/net/tcp`-style table has a socket listening on `port`.
 pub fn listens_on(table: &str, port: u16) -> bool {
-    table.lines().skip(1).any(|line| {
-        let mut fields = line.split_whitespace();
-        let local = fields.nth(1);
-        let state = fields.nth(1);
-        let local_port = local
-            .and_then(|l| l.rsplit_once(':'))
-            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-        state == Some("0A") && local_port == Some(port)
-    })
+    crate::listeners::parse_listening(table).contains(&port)
 }
 
 /// Health check output is the application's: keep it short and on few lines.

@@ -15,8 +15,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 
-/// One series: the metric name and its labels, sorted by label name.
-pub type SeriesKey = (String, Vec<(String, String)>);
+/// Label pairs, sorted by label name.
+pub type Labels = Vec<(String, String)>;
+/// One series: the metric name and its labels.
+pub type SeriesKey = (String, Labels);
 
 /// A parsed exposition.
 #[derive(Debug, Default, Clone)]
@@ -88,7 +90,7 @@ fn parse_value(text: &str) -> Result<f64> {
 }
 
 /// Parses `{a="x",b="y"}` at the start of `text`; returns the labels and the rest.
-fn parse_labels(text: &str) -> Result<(Vec<(String, String)>, &str)> {
+fn parse_labels(text: &str) -> Result<(Labels, &str)> {
     let mut labels = Vec::new();
     let mut rest = text.strip_prefix('{').context("expected '{'")?;
     loop {
@@ -227,7 +229,8 @@ fn check_histograms(e: &Exposition) -> Result<()> {
             continue;
         }
         let bucket = format!("{family}_bucket");
-        let mut series: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+        // Per label set (without `le`): (bound, cumulative count) of each bucket.
+        let mut series: BTreeMap<Labels, Vec<(f64, f64)>> = BTreeMap::new();
         for ((name, labels), value) in &e.samples {
             if *name != bucket {
                 continue;

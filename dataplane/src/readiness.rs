@@ -206,7 +206,118 @@ fn trim_output(output: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::containers::{ContainerDetails, ContainerSpec, DockerHealth, ManagedContainer};
     use flocker_wire::{HealthCheck, Image, PortMap, RestartPolicy};
+    use std::sync::Mutex;
+
+    /// A container that starts listening (or turns healthy) at the `ready_at`-th look.
+    struct Scripted {
+        looks: Mutex<u32>,
+        ready_at: Option<u32>,
+        docker_verdict: Option<(&'static str, &'static str)>,
+    }
+
+    impl Scripted {
+        fn look(&self) -> u32 {
+            let mut n = self.looks.lock().expect("lock");
+            *n += 1;
+            *n
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ContainerRuntime for Scripted {
+        async fn list_managed(&self) -> Result<Vec<ManagedContainer>, ContainerError> {
+            Ok(vec![])
+        }
+        async fn ensure_image(&self, _: &str) -> Result<(), ContainerError> {
+            Ok(())
+        }
+        async fn create_and_start(&self, _: &ContainerSpec) -> Result<(), ContainerError> {
+            Ok(())
+        }
+        async fn start(&self, _: &str) -> Result<(), ContainerError> {
+            Ok(())
+        }
+        async fn stop_and_remove(&self, _: &str) -> Result<(), ContainerError> {
+            Ok(())
+        }
+        async fn details(&self, _: &str) -> Result<ContainerDetails, ContainerError> {
+            Ok(ContainerDetails {
+                running: true,
+                health: self.docker_verdict.map(|(status, output)| DockerHealth {
+                    status: status.into(),
+                    last_output: Some(output.into()),
+                }),
+                ..ContainerDetails::default()
+            })
+        }
+        async fn disable_docker_restart(&self, _: &str) -> Result<(), ContainerError> {
+            Ok(())
+        }
+        async fn listens_on(&self, _: &str, _: u16) -> Result<bool, ContainerError> {
+            let n = self.look();
+            Ok(self.ready_at.is_some_and(|at| n >= at))
+        }
+    }
+
+    fn scripted(
+        ready_at: Option<u32>,
+        docker_verdict: Option<(&'static str, &'static str)>,
+    ) -> Scripted {
+        Scripted {
+            looks: Mutex::new(0),
+            ready_at,
+            docker_verdict,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_start_waits_until_the_port_listens() {
+        let runtime = scripted(Some(3), None);
+        let a = app(&[80], None);
+        wait_ready(&runtime, "c", &a, Duration::from_secs(30), |_| {})
+            .await
+            .expect("ready at the third look");
+        assert_eq!(*runtime.looks.lock().expect("lock"), 3);
+    }
+
+    #[tokio::test]
+    async fn a_port_that_never_listens_times_out_saying_so() {
+        let runtime = scripted(None, None);
+        let err = wait_ready(
+            &runtime,
+            "c",
+            &app(&[80], None),
+            Duration::from_millis(300),
+            |_| {},
+        )
+        .await
+        .expect_err("never ready");
+        assert!(
+            err.to_string().contains("nothing listens on port 80"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unhealthy_check_fails_at_once_with_its_output() {
+        let runtime = scripted(None, Some(("unhealthy", "not ready yet\n")));
+        let check = HealthCheck::with_test(vec!["CMD-SHELL".into(), "exit 1".into()]);
+        let err = wait_ready(
+            &runtime,
+            "c",
+            &app(&[80], Some(check)),
+            Duration::from_secs(30),
+            |_| {},
+        )
+        .await
+        .expect_err("unhealthy");
+        assert!(
+            matches!(err, ReadinessError::Unhealthy { ref output, .. } if output == "not ready yet"),
+            "{err}"
+        );
+    }
 
     const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0

@@ -10,7 +10,15 @@
 //! - the same move and Flocker 0.1's way again with every node's link shaped to `--link`
 //!   (default `1gbit`, `none` to skip), as on a real cluster network: the local bridge moves
 //!   data at memory speed, which makes the baseline's full copy unrealistically short,
-//! - the wall time of a no-op `flockerctl deploy` with `--apps` (default 20) applications.
+//! - the wall time of a no-op `flockerctl deploy` with `--apps` (default 20) applications,
+//! - the overhead of the agents' metrics endpoint: the no-op deploy and a deploy that moves
+//!   one of those applications (route changes on every node), median of 5 each, with and
+//!   without a client scraping every agent's `/metrics` every 50 ms.
+//!
+//! Each flocker move reports two downtimes: until the application answers `PING` through
+//! the third node again (the headline figure), and until `flockerctl deploy` returned (its
+//! routes switched). Since starts wait for readiness, the routes switch only to an
+//! application that answers.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -126,39 +134,48 @@ pub fn run(args: &[String]) -> Result<()> {
     };
 
     eprintln!("migrate: no-op deploy with {} applications", args.apps);
-    let noop = noop_deploy(&cluster, &[&n1, &n2, &n3], args.apps, files.path())?;
+    let nodes = [&n1, &n2, &n3];
+    let many = many_applications(&nodes, args.apps, files.path())?;
+    let noop = noop_deploy(&cluster, &many, false)?;
+    eprintln!("migrate: metrics overhead (no-op and route-changing deploys, scraped or not)");
+    let noop_scraped = noop_deploy(&cluster, &many, true)?;
+    let moves = route_change_deploys(&cluster, &nodes, &many, false)?;
+    let moves_scraped = route_change_deploys(&cluster, &nodes, &many, true)?;
 
     let mut table = String::new();
     table.push_str(&format!(
-        "| move ({} MiB volume) | downtime | move wall time |\n| --- | ---: | ---: |\n",
+        "| move ({} MiB volume) | downtime (until it answers) | downtime (until deploy done) | move wall time |\n| --- | ---: | ---: | ---: |\n",
         args.size_mib
     ));
     table.push_str(&format!(
-        "| flocker, first move (full pre-copy while running) | {} | {} |\n",
+        "| flocker, first move (full pre-copy while running) | {} | {} | {} |\n",
         ms(first.downtime),
+        ms(first.until_action_done),
         ms(first.wall)
     ));
     table.push_str(&format!(
-        "| flocker, {} MiB changed since the last push | {} | {} |\n",
+        "| flocker, {} MiB changed since the last push | {} | {} | {} |\n",
         args.delta_mib,
         ms(second.downtime),
+        ms(second.until_action_done),
         ms(second.wall)
     ));
     table.push_str(&format!(
-        "| Flocker 0.1: stop, full zfs send over ssh, start | {} | {} |\n",
+        "| Flocker 0.1: stop, full zfs send over ssh, start | {} | - | {} |\n",
         ms(baseline),
         ms(baseline)
     ));
     if let Some((moved, baseline)) = &shaped {
         table.push_str(&format!(
-            "| {} links: flocker, {} MiB changed since the last push | {} | {} |\n",
+            "| {} links: flocker, {} MiB changed since the last push | {} | {} | {} |\n",
             args.link,
             args.delta_mib,
             ms(moved.downtime),
+            ms(moved.until_action_done),
             ms(moved.wall)
         ));
         table.push_str(&format!(
-            "| {} links: Flocker 0.1, stop, full zfs send over ssh, start | {} | {} |\n",
+            "| {} links: Flocker 0.1, stop, full zfs send over ssh, start | {} | - | {} |\n",
             args.link,
             ms(*baseline),
             ms(*baseline)
@@ -168,6 +185,19 @@ pub fn run(args: &[String]) -> Result<()> {
         "\n| no-op `flockerctl deploy`, {} applications on 3 nodes | median of 5 |\n| --- | ---: |\n| wall time | {} |\n",
         args.apps,
         ms(noop)
+    ));
+    table.push_str(&format!(
+        "\n| metrics endpoint overhead (median of 5) | not scraped | scraped every 50 ms |\n| --- | ---: | ---: |\n\
+         | no-op deploy, {} applications | {} | {} |\n\
+         | deploy moving one application: wall time | {} | {} |\n\
+         | deploy moving one application: routes phase | {} | {} |\n",
+        args.apps,
+        ms(noop),
+        ms(noop_scraped),
+        ms(moves.wall),
+        ms(moves_scraped.wall),
+        ms(moves.routes_phase),
+        ms(moves_scraped.routes_phase),
     ));
     let ratio = second.downtime.as_secs_f64() / baseline.as_secs_f64().max(1e-9);
     table.push_str(&format!(
@@ -391,12 +421,38 @@ fn sh(cmd: &mut Command) -> Result<String> {
 
 /// Deploys `count` small web applications round-robin, then times `deploy` when nothing
 /// changed (median of five).
-fn noop_deploy(
-    cluster: &Cluster,
-    nodes: &[&ClusterNode],
-    count: usize,
-    dir: &Path,
-) -> Result<Duration> {
+/// The `--apps` stateless applications of the no-op and route-change deploys.
+struct ManyApplications {
+    applications: PathBuf,
+    deployment: PathBuf,
+    /// Per node, the applications placed there.
+    placement: Vec<Vec<String>>,
+    nodes: Vec<String>,
+    dir: PathBuf,
+}
+
+impl ManyApplications {
+    /// The deployment with `web0` on node `index` instead of where it starts.
+    fn with_web0_on(&self, index: usize) -> Result<PathBuf> {
+        let mut deployment = String::from("version: 1\nnodes:\n");
+        for (i, (node, names)) in self.nodes.iter().zip(&self.placement).enumerate() {
+            let mut names: Vec<&str> = names
+                .iter()
+                .map(String::as_str)
+                .filter(|n| *n != "web0")
+                .collect();
+            if i == index {
+                names.push("web0");
+            }
+            deployment.push_str(&format!("  {node}: [{}]\n", names.join(", ")));
+        }
+        let path = self.dir.join(format!("many-web0-on-{index}.yml"));
+        std::fs::write(&path, deployment)?;
+        Ok(path)
+    }
+}
+
+fn many_applications(nodes: &[&ClusterNode], count: usize, dir: &Path) -> Result<ManyApplications> {
     let mut apps = String::from("version: 1\napplications:\n");
     let mut placement: Vec<Vec<String>> = vec![Vec::new(); nodes.len()];
     for i in 0..count {
@@ -410,17 +466,128 @@ fn noop_deploy(
     for (node, names) in nodes.iter().zip(&placement) {
         deployment.push_str(&format!("  {}: [{}]\n", node.address, names.join(", ")));
     }
-    let a = dir.join("many.yml");
+    let applications = dir.join("many.yml");
     let d = dir.join("many-deployment.yml");
-    std::fs::write(&a, apps)?;
+    std::fs::write(&applications, apps)?;
     std::fs::write(&d, deployment)?;
-    deploy(cluster, &d, &a)?;
+    Ok(ManyApplications {
+        applications,
+        deployment: d,
+        placement,
+        nodes: nodes.iter().map(|n| n.address.clone()).collect(),
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// A client that scrapes every agent's `/metrics` every 50 ms until dropped.
+struct Scraper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<u64>>,
+}
+
+impl Scraper {
+    fn start(nodes: &[String]) -> Scraper {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("{n}:{}", flocker_e2e::cluster::METRICS_PORT))
+            .collect();
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut scrapes = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                for addr in &addrs {
+                    if flocker_e2e::prometheus::scrape(addr).is_ok() {
+                        scrapes += 1;
+                    }
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            scrapes
+        });
+        Scraper {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops and returns how many scrapes succeeded.
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for Scraper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// Median wall time of five no-op deploys of the many applications (deployed first).
+fn noop_deploy(cluster: &Cluster, many: &ManyApplications, scraped: bool) -> Result<Duration> {
+    deploy(cluster, &many.deployment, &many.applications)?;
+    let scraper = scraped.then(|| Scraper::start(&many.nodes));
     let mut times = Vec::new();
     for _ in 0..5 {
         let started = Instant::now();
-        deploy(cluster, &d, &a)?;
+        deploy(cluster, &many.deployment, &many.applications)?;
         times.push(started.elapsed());
     }
-    times.sort();
-    Ok(times[times.len() / 2])
+    if let Some(s) = scraper {
+        let scrapes = s.finish();
+        ensure!(scrapes > 0, "the scraper never got an answer");
+    }
+    Ok(median(times))
+}
+
+struct RouteChanges {
+    wall: Duration,
+    routes_phase: Duration,
+}
+
+/// Five deploys that each move `web0` to the next node (a stop, a start and new routes on
+/// every node): median wall time and median `routes` phase.
+fn route_change_deploys(
+    cluster: &Cluster,
+    nodes: &[&ClusterNode],
+    many: &ManyApplications,
+    scraped: bool,
+) -> Result<RouteChanges> {
+    let scraper = scraped.then(|| Scraper::start(&many.nodes));
+    let (mut walls, mut routes) = (Vec::new(), Vec::new());
+    for round in 1..=5 {
+        let target = many.with_web0_on(round % nodes.len())?;
+        let started = Instant::now();
+        let out = cluster.flockerctl(&[
+            "deploy",
+            &target.display().to_string(),
+            &many.applications.display().to_string(),
+        ])?;
+        walls.push(started.elapsed());
+        ensure!(
+            out.status.success(),
+            "deploy failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let phase = stderr
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("routes done in "))
+            .and_then(|rest| rest.trim_end_matches(" ms").parse::<u64>().ok())
+            .context("no routes phase time in the deploy output")?;
+        routes.push(Duration::from_millis(phase));
+    }
+    if let Some(s) = scraper {
+        ensure!(s.finish() > 0, "the scraper never got an answer");
+    }
+    Ok(RouteChanges {
+        wall: median(walls),
+        routes_phase: median(routes),
+    })
 }

@@ -126,6 +126,7 @@ impl ContainerRuntime for FakeRuntime {
     async fn details(&self, name: &str) -> Result<ContainerDetails, ContainerError> {
         Ok(ContainerDetails {
             pid: None,
+            running: self.running(name),
             exit_code: self
                 .exit_codes
                 .lock()
@@ -133,11 +134,16 @@ impl ContainerRuntime for FakeRuntime {
                 .and_then(|e| e.get(name).copied())
                 .filter(|_| !self.running(name)),
             docker_restarts: false,
+            health: None,
         })
     }
 
     async fn disable_docker_restart(&self, _name: &str) -> Result<(), ContainerError> {
         Ok(())
+    }
+
+    async fn listens_on(&self, name: &str, _port: u16) -> Result<bool, ContainerError> {
+        Ok(self.running(name))
     }
 
     async fn stop_and_remove(&self, name: &str) -> Result<(), ContainerError> {
@@ -234,6 +240,7 @@ fn app() -> Application {
         container: Default::default(),
         depends_on: Vec::new(),
         files: Vec::new(),
+        health_check: None,
     }
 }
 
@@ -1202,9 +1209,15 @@ async fn flockerctl_deploys_through_the_agent_client_and_checks_revocation() {
             }],
         }],
     };
-    let summary = deploy::execute(&user(), &d, &plan, false, 4)
-        .await
-        .expect("deploy");
+    let summary = deploy::execute(
+        &user(),
+        &d,
+        &plan,
+        flocker_ctl::deploy::ProgressMode::Lines,
+        4,
+    )
+    .await
+    .expect("deploy");
     assert_eq!((summary.phases, summary.actions), (1, 1));
     let state = deploy::gather_state(&user(), &nodes, 4)
         .await
@@ -1225,9 +1238,15 @@ async fn flockerctl_deploys_through_the_agent_client_and_checks_revocation() {
             }],
         }],
     };
-    let err = deploy::execute(&user(), &d, &plan, false, 4)
-        .await
-        .expect_err("B has no copy to hand off");
+    let err = deploy::execute(
+        &user(),
+        &d,
+        &plan,
+        flocker_ctl::deploy::ProgressMode::Lines,
+        4,
+    )
+    .await
+    .expect_err("B has no copy to hand off");
     match &err {
         DeployError::Client(ClientError::Refused {
             node,
@@ -1291,9 +1310,15 @@ async fn agents_follow_the_route_map_and_refuse_one_that_does_not_fit() {
 
     let state = deploy::gather_state(&user, &nodes, 2).await.expect("state");
     let plan = flocker_ctl::planner::plan(&d, &state);
-    let summary = deploy::execute(&user, &d, &plan, false, 2)
-        .await
-        .expect("deploy");
+    let summary = deploy::execute(
+        &user,
+        &d,
+        &plan,
+        flocker_ctl::deploy::ProgressMode::Lines,
+        2,
+    )
+    .await
+    .expect("deploy");
     assert!(summary.route_map_bytes > 0);
     let state = deploy::gather_state(&user, &nodes, 2).await.expect("state");
     let map = d.route_map();

@@ -70,9 +70,24 @@ pub struct Flags {
     /// Log format: `text` or `json`.
     #[arg(long)]
     pub log_format: Option<String>,
-    /// Cap on replication pushes to standby nodes, bytes per second (moves are not capped).
+    /// Cap on replication pushes to standby nodes, bytes per second.
     #[arg(long)]
     pub replication_rate_limit: Option<u64>,
+    /// Cap on the pushes of a move from this node, bytes per second [default: no cap]. A
+    /// capped move takes longer before its application stops, not during the downtime
+    /// itself unless the final push is large.
+    #[arg(long)]
+    pub move_rate_limit: Option<u64>,
+    /// Serve Prometheus metrics (`GET /metrics`, plain HTTP) on this address, for example
+    /// `127.0.0.1:9523` [default: not served]. Metrics reveal volume and application
+    /// names: keep the address on localhost or a management network.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long a start waits for its application to be ready (its health check passes,
+    /// or its first port accepts connections) before the converge step fails, in seconds
+    /// [default: 120]. A health check that needs longer for its verdict gets that long.
+    #[arg(long)]
+    pub ready_timeout: Option<u64>,
 }
 
 /// The TOML file.
@@ -93,6 +108,9 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     log_format: Option<String>,
     replication_rate_limit: Option<u64>,
+    move_rate_limit: Option<u64>,
+    metrics_listen: Option<SocketAddr>,
+    ready_timeout: Option<u64>,
 }
 
 /// Which volume backend, and where.
@@ -145,6 +163,12 @@ pub struct AgentConfig {
     pub json_logs: bool,
     /// Bytes per second for replication pushes; `None` for no cap.
     pub replication_rate_limit: Option<u64>,
+    /// Bytes per second for the pushes of a move; `None` for no cap.
+    pub move_rate_limit: Option<u64>,
+    /// Where to serve metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long a start waits for readiness.
+    pub ready_timeout: std::time::Duration,
 }
 
 impl AgentConfig {
@@ -239,6 +263,19 @@ impl AgentConfig {
                 "replication_rate_limit: 0 would stop replication; leave it out for no cap".into(),
             );
         }
+        let move_rate_limit = flags.move_rate_limit.or(file.move_rate_limit);
+        if move_rate_limit == Some(0) {
+            errors.push("move_rate_limit: 0 would stop every move; leave it out for no cap".into());
+        }
+        let ready_timeout = flags
+            .ready_timeout
+            .or(file.ready_timeout)
+            .unwrap_or(crate::agent::DEFAULT_READY_TIMEOUT.as_secs());
+        if !(1..=3600).contains(&ready_timeout) {
+            errors.push(format!(
+                "ready_timeout: {ready_timeout} s is outside 1 to 3600 seconds"
+            ));
+        }
         if !errors.is_empty() {
             return Err(ConfigError::Invalid(errors));
         }
@@ -255,6 +292,9 @@ impl AgentConfig {
             state_dir,
             json_logs,
             replication_rate_limit,
+            move_rate_limit,
+            metrics_listen: flags.metrics_listen.or(file.metrics_listen),
+            ready_timeout: std::time::Duration::from_secs(ready_timeout),
         })
     }
 }

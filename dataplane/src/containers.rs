@@ -16,10 +16,10 @@ use bollard::container::{
 };
 use bollard::image::CreateImageOptions;
 use bollard::models::{
-    HostConfig, HostConfigLogConfig, ResourcesUlimits, RestartPolicy as DockerRestart,
-    RestartPolicyNameEnum,
+    HealthConfig, HealthStatusEnum, HostConfig, HostConfigLogConfig, ResourcesUlimits,
+    RestartPolicy as DockerRestart, RestartPolicyNameEnum,
 };
-use flocker_wire::{Application, ContainerSettings, DesiredState, RouteMap};
+use flocker_wire::{Application, ContainerSettings, DesiredState, HealthCheck, RouteMap};
 use futures_util::StreamExt;
 
 pub const LABEL_MANAGED: &str = "flocker.managed";
@@ -55,6 +55,8 @@ pub struct ContainerSpec {
     pub cpu_shares: Option<u64>,
     /// Command, user, capabilities and the rest; its labels are already in `labels`.
     pub settings: ContainerSettings,
+    /// Run by Docker inside the container; see `readiness`.
+    pub health_check: Option<HealthCheck>,
 }
 
 /// A container the agent manages, as Docker reports it.
@@ -69,6 +71,7 @@ pub struct ManagedContainer {
 /// What the agent's restart supervision needs to know of one container, beyond the listing.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ContainerDetails {
+    pub running: bool,
     /// The main process, while the container runs (its `/proc/PID/mountinfo` shows what
     /// the container's volume mount really is).
     pub pid: Option<u32>,
@@ -77,6 +80,17 @@ pub struct ContainerDetails {
     /// Docker's own restart policy is something other than `no`: Docker may then restart
     /// the container without the agent proving its volume first.
     pub docker_restarts: bool,
+    /// Docker's verdict of the container's health check, when it has one.
+    pub health: Option<DockerHealth>,
+}
+
+/// What Docker says of a container's health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DockerHealth {
+    /// `starting`, `healthy` or `unhealthy`.
+    pub status: String,
+    /// The output of the newest check run (Docker keeps the last five).
+    pub last_output: Option<String>,
 }
 
 /// The default Docker container name of an application.
@@ -182,6 +196,7 @@ pub fn container_spec(
         memory: app.mem_limit,
         cpu_shares: app.cpu_shares,
         settings: app.container.clone(),
+        health_check: app.health_check.clone(),
     })
 }
 
@@ -202,6 +217,19 @@ fn exposed_ports(app: &Application) -> Vec<u16> {
     ports
 }
 
+/// Docker's health configuration (nanoseconds) from the application's check.
+fn docker_health_config(check: &HealthCheck) -> HealthConfig {
+    let ns = |ms: u64| i64::try_from(ms.saturating_mul(1_000_000)).unwrap_or(i64::MAX);
+    HealthConfig {
+        test: Some(check.test.clone()),
+        interval: Some(ns(check.interval_ms)),
+        timeout: Some(ns(check.timeout_ms)),
+        retries: Some(i64::from(check.retries)),
+        start_period: Some(ns(check.start_period_ms)),
+        start_interval: None,
+    }
+}
+
 /// The container operations the agent needs. [`DockerRuntime`] is the real one.
 #[async_trait]
 pub trait ContainerRuntime: Send + Sync {
@@ -218,6 +246,8 @@ pub trait ContainerRuntime: Send + Sync {
     async fn details(&self, name: &str) -> Result<ContainerDetails, ContainerError>;
     /// Sets Docker's restart policy to `no`: restarts are the agent's (see `supervisor`).
     async fn disable_docker_restart(&self, name: &str) -> Result<(), ContainerError>;
+    /// Whether a TCP socket listens on `port` inside the running container.
+    async fn listens_on(&self, name: &str, port: u16) -> Result<bool, ContainerError>;
 }
 
 /// The Docker Engine through bollard.
@@ -427,6 +457,7 @@ impl ContainerRuntime for DockerRuntime {
                 restart_policy: Some(restart),
                 ..Default::default()
             }),
+            healthcheck: spec.health_check.as_ref().map(docker_health_config),
             ..Default::default()
         };
         self.docker
@@ -496,6 +527,7 @@ impl ContainerRuntime for DockerRuntime {
                 !matches!(n, RestartPolicyNameEnum::NO | RestartPolicyNameEnum::EMPTY)
             });
         Ok(ContainerDetails {
+            running,
             pid: state
                 .pid
                 .filter(|_| running)
@@ -503,7 +535,33 @@ impl ContainerRuntime for DockerRuntime {
                 .filter(|&p| p > 0),
             exit_code: state.exit_code.filter(|_| !running),
             docker_restarts,
+            health: state.health.and_then(|h| {
+                let status = match h.status? {
+                    HealthStatusEnum::STARTING => "starting",
+                    HealthStatusEnum::HEALTHY => "healthy",
+                    HealthStatusEnum::UNHEALTHY => "unhealthy",
+                    HealthStatusEnum::NONE | HealthStatusEnum::EMPTY => return None,
+                };
+                let last_output = h
+                    .log
+                    .and_then(|log| log.into_iter().last())
+                    .and_then(|r| r.output);
+                Some(DockerHealth {
+                    status: status.to_string(),
+                    last_output,
+                })
+            }),
         })
+    }
+
+    async fn listens_on(&self, name: &str, port: u16) -> Result<bool, ContainerError> {
+        let Some(pid) = self.details(name).await?.pid else {
+            return Ok(false);
+        };
+        let read = move || crate::readiness::process_listens_on(pid, port);
+        tokio::task::spawn_blocking(read)
+            .await
+            .map_err(|e| ContainerError::Other(e.to_string()))
     }
 
     async fn disable_docker_restart(&self, name: &str) -> Result<(), ContainerError> {
@@ -554,6 +612,7 @@ mod tests {
             container: Default::default(),
             depends_on: Vec::new(),
             files: Vec::new(),
+            health_check: None,
         }
     }
 

@@ -39,6 +39,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Server(#[from] crate::server::ServerError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// Opens the configured volume backend.
@@ -159,6 +161,8 @@ pub async fn build(
         .with_api_port(config.listen.port())
         .with_replication_rate(config.replication_rate_limit)
         .with_file_store_if(file_store(config))
+        .with_move_rate(config.move_rate_limit)
+        .with_ready_timeout(config.ready_timeout)
         .with_schedule_file(
             config
                 .state_dir
@@ -177,12 +181,26 @@ pub async fn run(config: AgentConfig) -> Result<(), StartError> {
     let listener = crate::server::bind(config.listen).await?;
     tracing::info!(listen = %config.listen, node = %config.node_address, "serving the agent API over mutual TLS");
     let limits = crate::limits::ServerLimits::default();
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let listener = crate::metrics::bind(addr).await?;
+            tracing::info!(listen = %addr, "serving Prometheus metrics at /metrics (plain HTTP)");
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                agent.metrics(),
+            )))
+        }
+        None => None,
+    };
     let background = tokio::spawn(background(agent.clone()));
     let server = tokio::spawn(crate::server::serve(listener, tls, agent, limits));
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.abort();
     background.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     Ok(())
 }
 

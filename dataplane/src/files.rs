@@ -239,6 +239,7 @@ mod tests {
             container: Default::default(),
             depends_on: Vec::new(),
             files,
+            health_check: None,
         }
     }
 

@@ -112,6 +112,11 @@ impl ContainerRuntime for SimRuntime {
         Ok(())
     }
 
+    async fn listens_on(&self, name: &str, _port: u16) -> Result<bool, ContainerError> {
+        let c = self.containers.lock().map_err(|_| poisoned())?;
+        Ok(c.get(name).is_some_and(|c| c.running))
+    }
+
     async fn stop_and_remove(&self, name: &str) -> Result<(), ContainerError> {
         self.containers.lock().map_err(|_| poisoned())?.remove(name);
         Ok(())

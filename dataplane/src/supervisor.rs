@@ -144,6 +144,7 @@ pub async fn pass(agent: &Agent) {
         };
         match outcome {
             Ok(()) => {
+                agent.metrics.restarted(&c.application.name);
                 // Its routes were left out while it was down (or its address changed).
                 if let Err(e) = agent.reapply_routes().await {
                     tracing::warn!(container = %c.name, error = %e, "cannot re-apply routes after the restart");

@@ -502,6 +502,7 @@ fn busybox_app() -> Application {
         },
         depends_on: Vec::new(),
         files: Vec::new(),
+        health_check: None,
     }
 }
 

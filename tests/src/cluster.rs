@@ -23,6 +23,8 @@ pub const BRIDGE: &str = "flk-br0";
 pub const HOST_ADDRESS: &str = "198.18.0.1";
 /// The agents' API port.
 pub const AGENT_PORT: u16 = 4523;
+/// The port of each agent's Prometheus metrics (plain HTTP on the node's address).
+pub const METRICS_PORT: u16 = 9523;
 
 /// One node of the local cluster.
 #[derive(Debug, Clone)]
@@ -217,6 +219,8 @@ impl Cluster {
             .args(["--node-address", &node.address])
             .arg("--listen")
             .arg(format!("{}:{AGENT_PORT}", node.address))
+            .arg("--metrics-listen")
+            .arg(format!("{}:{METRICS_PORT}", node.address))
             .arg("--docker-host")
             .arg(&node.docker_host)
             .arg("--volumes")

@@ -8,6 +8,7 @@ pub mod docker;
 pub mod images;
 pub mod netns;
 pub mod probe;
+pub mod prometheus;
 pub mod reap;
 pub mod redis;
 pub mod scenario;

@@ -13,8 +13,14 @@ use anyhow::Result;
 /// What one measured action took.
 #[derive(Debug, Clone, Copy)]
 pub struct Measured {
-    /// The longest stretch from a failed poll to the next successful one.
+    /// The longest stretch from a failed poll to the next successful one: until the
+    /// application really answered through its routed port.
     pub downtime: Duration,
+    /// From the start of that stretch to the end of the action (the deploy returned, i.e.
+    /// the routes were switched); zero when the stretch began after it. Reported beside
+    /// `downtime` since readiness gating: before it, routes could switch to an application
+    /// that did not answer yet, and this figure could be the smaller one.
+    pub until_action_done: Duration,
     /// How long the action itself ran.
     pub wall: Duration,
 }
@@ -27,22 +33,29 @@ pub fn measure(addr: SocketAddr, action: impl FnOnce() -> Result<()>) -> Result<
         let stop = stop.clone();
         thread::spawn(move || {
             let mut longest = Duration::ZERO;
+            let mut longest_since: Option<Instant> = None;
             let mut down_since: Option<Instant> = None;
             while !stop.load(Ordering::Relaxed) {
                 let started = Instant::now();
                 if redis_ping(addr) {
-                    if let Some(since) = down_since.take() {
-                        longest = longest.max(since.elapsed());
+                    if let Some(since) = down_since.take()
+                        && since.elapsed() > longest
+                    {
+                        longest = since.elapsed();
+                        longest_since = Some(since);
                     }
                 } else if down_since.is_none() {
                     down_since = Some(started);
                 }
                 thread::sleep(Duration::from_millis(10));
             }
-            if let Some(since) = down_since {
-                longest = longest.max(since.elapsed());
+            if let Some(since) = down_since
+                && since.elapsed() > longest
+            {
+                longest = since.elapsed();
+                longest_since = Some(since);
             }
-            longest
+            (longest, longest_since)
         })
     };
     let started = Instant::now();
@@ -53,11 +66,17 @@ pub fn measure(addr: SocketAddr, action: impl FnOnce() -> Result<()>) -> Result<
         thread::sleep(Duration::from_millis(10));
     }
     stop.store(true, Ordering::Relaxed);
-    let downtime = poller
+    let (downtime, since) = poller
         .join()
         .map_err(|_| anyhow::anyhow!("poller thread panicked"))?;
     result?;
-    Ok(Measured { downtime, wall })
+    let done = started + wall;
+    let until_action_done = since.map_or(Duration::ZERO, |s| done.saturating_duration_since(s));
+    Ok(Measured {
+        downtime,
+        until_action_done,
+        wall,
+    })
 }
 
 /// One `PING` with 200 ms timeouts; true on `+PONG`.

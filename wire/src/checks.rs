@@ -152,9 +152,53 @@ pub fn application_problems(app: &Application) -> Vec<String> {
             out.push("depends_on: an application cannot depend on itself".to_owned());
         }
     }
+    if let Some(check) = &app.health_check {
+        out.extend(health_check_problem(check));
+    }
     out.into_iter()
         .map(|p| format!("application {:?}: {p}", app.name))
         .collect()
+}
+
+/// The longest interval, timeout or start period of a health check (one hour).
+pub const MAX_HEALTH_DURATION_MS: u64 = 3_600_000;
+
+/// What is wrong with a health check, if anything: Docker's three forms only, bounded
+/// durations and retries, no NUL, a command of reasonable size.
+pub fn health_check_problem(check: &crate::HealthCheck) -> Option<String> {
+    let arity_ok = match check.test.first().map(String::as_str) {
+        Some("NONE") => check.test.len() == 1,
+        Some("CMD") => check.test.len() >= 2,
+        Some("CMD-SHELL") => check.test.len() == 2,
+        _ => false,
+    };
+    if !arity_ok {
+        return Some(
+            "health check: test must be [NONE], [CMD, program, args...] or [CMD-SHELL, command]"
+                .into(),
+        );
+    }
+    if check.test.iter().any(|w| w.contains('\0'))
+        || check.test.iter().map(String::len).sum::<usize>() > 4096
+    {
+        return Some(
+            "health check: the command has a NUL byte or is longer than 4096 bytes".into(),
+        );
+    }
+    let durations = [check.interval_ms, check.timeout_ms, check.start_period_ms];
+    if check.interval_ms == 0
+        || check.timeout_ms == 0
+        || durations.iter().any(|&d| d > MAX_HEALTH_DURATION_MS)
+    {
+        return Some(
+            "health check: interval and timeout must be above 0, and every duration at most 1 h"
+                .into(),
+        );
+    }
+    if !(1..=100).contains(&check.retries) {
+        return Some("health check: retries must be from 1 to 100".into());
+    }
+    None
 }
 
 /// Every problem of a desired state: each application, each node address, applications
@@ -327,6 +371,7 @@ mod tests {
             container: Default::default(),
             depends_on: Vec::new(),
             files: Vec::new(),
+            health_check: None,
         }
     }
 
@@ -337,6 +382,23 @@ mod tests {
         d.nodes
             .insert("198.18.0.11".into(), BTreeSet::from(["db".into()]));
         assert_eq!(desired_problems(&d), Vec::<String>::new());
+    }
+
+    #[test]
+    fn hostile_health_checks_are_refused() {
+        let mut check = crate::HealthCheck::with_test(vec!["CMD".into(), "true".into()]);
+        assert_eq!(health_check_problem(&check), None);
+        assert_eq!(health_check_problem(&crate::HealthCheck::disabled()), None);
+        check.retries = 0;
+        assert!(health_check_problem(&check).is_some());
+        check.retries = 3;
+        check.interval_ms = u64::MAX;
+        assert!(health_check_problem(&check).is_some());
+        check.interval_ms = 1000;
+        check.test = vec!["RUN".into(), "x".into()];
+        assert!(health_check_problem(&check).is_some());
+        check.test = vec!["CMD-SHELL".into(), "a".into(), "b".into()];
+        assert!(health_check_problem(&check).is_some());
     }
 
     #[test]

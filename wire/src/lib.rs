@@ -121,6 +121,69 @@ pub struct Application {
     /// [`DesiredState::files`], never here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<FileMount>,
+    /// How the agent tells that the application is ready for traffic; `None` means its
+    /// first port accepts connections (or, without ports, that it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A health check as Docker runs it inside the container (compose `healthcheck:`, native
+/// `health_check:`). The application is ready once the check passed; it is unhealthy once
+/// `retries` checks in a row failed after `start_period_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Docker's form: `["CMD", program, args...]`, `["CMD-SHELL", command]`, or `["NONE"]`
+    /// (no check: the application is ready as soon as it runs).
+    pub test: Vec<String>,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub retries: u32,
+    #[serde(default)]
+    pub start_period_ms: u64,
+}
+
+impl HealthCheck {
+    /// Docker's defaults: every 30 s, 30 s timeout, 3 retries, no start period.
+    pub fn with_test(test: Vec<String>) -> Self {
+        HealthCheck {
+            test,
+            interval_ms: 30_000,
+            timeout_ms: 30_000,
+            retries: 3,
+            start_period_ms: 0,
+        }
+    }
+
+    /// A check that says "ready as soon as it runs" (`disable: true`, `test: [NONE]`).
+    pub fn disabled() -> Self {
+        HealthCheck::with_test(vec!["NONE".into()])
+    }
+
+    pub fn is_disabled(&self) -> bool {
+        self.test.first().map(String::as_str) == Some("NONE")
+    }
+}
+
+/// Whether a running application is ready for traffic, as its node judges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Health {
+    /// Started, not ready yet.
+    Starting,
+    Healthy,
+    /// Its health check failed `retries` times in a row, or it exited.
+    Unhealthy,
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Health::Starting => "starting",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        })
+    }
 }
 
 /// What the cluster should look like: the applications and which node runs each.
@@ -218,6 +281,12 @@ pub struct ContainerState {
     /// unmounted volume leaves behind. Its writes then do not reach the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_problem: Option<String>,
+    /// Readiness of a running container (absent from agents before health checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+    /// What the health check (or the port probe) last said, when not healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_output: Option<String>,
 }
 
 /// One copy of a volume on a node. Owner and epoch are read from the volume itself.
@@ -468,6 +537,7 @@ mod tests {
             container: Default::default(),
             depends_on: Vec::new(),
             files: Vec::new(),
+            health_check: None,
         }
     }
 

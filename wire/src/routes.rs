@@ -199,6 +199,7 @@ mod tests {
             container: Default::default(),
             depends_on: Vec::new(),
             files: Vec::new(),
+            health_check: None,
         }
     }
 

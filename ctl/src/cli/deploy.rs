@@ -193,7 +193,11 @@ fn run_deploy(
         if plan.is_empty() || flags.dry_run {
             return finish(false, None);
         }
-        let progress = output == Output::Text && std::io::stderr().is_terminal();
+        let progress = match output {
+            Output::Json => deploy::ProgressMode::Json,
+            Output::Text if std::io::stderr().is_terminal() => deploy::ProgressMode::Bar,
+            Output::Text => deploy::ProgressMode::Lines,
+        };
         let mut summary =
             deploy::execute(
             &client,
@@ -365,7 +369,7 @@ fn warn_volume_problems(state: &ClusterState) {
 
 /// The status tables: applications, volumes, routes.
 pub fn status_text(desired: &DesiredState, state: &ClusterState) -> String {
-    let mut out = String::from("APPLICATION      NODE             STATE     IMAGE\n");
+    let mut out = String::from("APPLICATION      NODE             STATE     HEALTH     IMAGE\n");
     for (node, n) in &state.nodes {
         for c in &n.containers {
             let name = &c.application.name;
@@ -375,12 +379,20 @@ pub fn status_text(desired: &DesiredState, state: &ClusterState) -> String {
                 "  (not in deployment)"
             };
             let running = if c.running { "running" } else { "stopped" };
+            let health = c.health.map_or("-".to_string(), |h| h.to_string());
             out.push_str(&format!(
-                "{name:<16} {node:<16} {running:<9} {}{mark}\n",
+                "{name:<16} {node:<16} {running:<9} {health:<10} {}{mark}\n",
                 c.application.image
             ));
             if let Some(problem) = &c.volume_problem {
                 out.push_str(&format!("  ! volume problem: {problem}\n"));
+            }
+            if let Some(output) = c
+                .health_output
+                .as_ref()
+                .filter(|_| c.health != Some(flocker_wire::Health::Healthy))
+            {
+                out.push_str(&format!("  health check: {}\n", output.replace('\n', " ")));
             }
         }
     }

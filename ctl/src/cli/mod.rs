@@ -74,6 +74,13 @@ pub enum Command {
     /// Make the cluster match the configuration: ask every node for its state, plan, and
     /// carry the plan out phase by phase. Running it twice changes nothing the second time.
     ///
+    /// A started application gets its routes only once it is ready (its health check
+    /// passed, or its first port accepts connections); one that is not ready in time fails
+    /// the deploy with what its check printed. Volume pushes show bytes, estimated total,
+    /// rate and ETA; with `--output json` every agent event (phase, started, progress with
+    /// bytes_done/bytes_total/bytes_per_second/eta_seconds, done, failed) is one JSON line
+    /// on stderr, and stdout holds the final answer.
+    ///
     /// Example: flockerctl deploy --ca-dir ./ca deployment.yml application.yml
     Deploy {
         deployment: PathBuf,
@@ -97,7 +104,8 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Show every node's applications, volumes (owner, epoch, size, newest snapshot) and routes.
+    /// Show every node's applications (with their health), volumes (owner, epoch, size,
+    /// newest snapshot) and routes.
     ///
     /// Example: flockerctl status --ca-dir ./ca deployment.yml application.yml
     Status {

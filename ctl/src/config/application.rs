@@ -27,6 +27,7 @@ pub const APPLICATION_KEYS: &[&str] = &[
     "cpu_shares",
     "restart_policy",
     "depends_on",
+    "health_check",
 ];
 
 /// Validates a native config whose root is a mapping that has an `applications` key.
@@ -283,6 +284,9 @@ fn parse_one(
         None => RestartPolicy::Never,
     };
 
+    let health_check = find(entries, "health_check")
+        .and_then(|e| super::health::health_check(sink, &e.value, &join(name, "health_check")));
+
     if sink.diagnostics.len() != before {
         return None;
     }
@@ -299,6 +303,7 @@ fn parse_one(
         container,
         depends_on: Vec::new(),
         files: Vec::new(),
+        health_check,
     })
 }
 

@@ -42,6 +42,7 @@ pub const SERVICE_KEYS: &[&str] = &[
     "deploy",
     "secrets",
     "configs",
+    "healthcheck",
 ];
 
 /// Compose keys Flocker cannot honour, each with the reason given to the user.
@@ -78,7 +79,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "devices",
         "host devices differ between nodes, so they cannot follow an application",
     ),
-    ("healthcheck", "health checks are not supported"),
     (
         "log_driver",
         "the version 1 spelling; write `logging: {driver: ...}`",
@@ -615,6 +615,14 @@ fn parse_service(
     let restart_policy = find(entries, "restart")
         .map(|e| compose_restart(sink, &e.value, &join(name, "restart")))
         .unwrap_or(Some(RestartPolicy::Never))?;
+    let health_check = match find(entries, "healthcheck") {
+        Some(e) => Some(super::health::health_check(
+            sink,
+            &e.value,
+            &join(name, "healthcheck"),
+        )?),
+        None => None,
+    };
 
     Some(Application {
         name: name.to_owned(),
@@ -629,6 +637,7 @@ fn parse_service(
         container,
         depends_on: Vec::new(),
         files: mounts,
+        health_check,
     })
 }
 

@@ -225,7 +225,7 @@ fn compose_durations() {
 #[test]
 fn depends_on_short_and_long_forms() {
     let parsed = ok(
-        "services:\n  web:\n    image: x\n    depends_on: [api]\n  api:\n    image: x\n    depends_on:\n      db: {condition: service_started, restart: true}\n      cache:\n  db:\n    image: x\n  cache:\n    image: x\n",
+        "services:\n  web:\n    image: x\n    depends_on: [api]\n  api:\n    image: x\n    depends_on:\n      db: {condition: service_healthy, restart: true}\n      cache:\n  db:\n    image: x\n  cache:\n    image: x\n",
     );
     assert_eq!(parsed["web"].depends_on, ["api"]);
     assert_eq!(parsed["api"].depends_on, ["db", "cache"]);

@@ -25,6 +25,7 @@ mod cross_checks;
 pub mod deployment;
 mod fields;
 mod files;
+mod health;
 pub use flocker_wire::image;
 pub mod interpolate;
 mod settings;

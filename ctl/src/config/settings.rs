@@ -200,15 +200,10 @@ fn dependency_options(sink: &mut Sink<'_>, node: &Node, path: &str) -> bool {
         match field.key.as_str() {
             "condition" => match field.value.as_str() {
                 Some("service_started") => {}
-                Some("service_healthy") => {
-                    sink.error(
-                        field.value.mark,
-                        field_path,
-                        "`service_healthy` cannot be honoured yet: Flocker does not run health \
-                         checks; use `service_started`",
-                    );
-                    ok = false;
-                }
+                // A start is done only once its application is ready (its health check
+                // passed, or its first port accepts connections), so the next wave of starts
+                // waits for exactly that.
+                Some("service_healthy") => {}
                 Some("service_completed_successfully") => {
                     sink.error(
                         field.value.mark,

@@ -130,6 +130,7 @@ applications:
             container: Default::default(),
             depends_on: Vec::new(),
             files: Vec::new(),
+            health_check: None,
         }
     );
     let plain = &parsed["plain"];
@@ -1239,6 +1240,72 @@ standby:
         errors,
         vec![
             "deployment.yml:6:3: standby/web: `web` has no volume: there is nothing to replicate (give it a volume, or remove this entry)"
+        ]
+    );
+}
+
+#[test]
+fn compose_healthcheck_resolves_to_docker_form() {
+    let parsed = apps(concat!(
+        "services:\n  db:\n    image: redis\n    healthcheck:\n",
+        "      test: [\"CMD\", \"redis-cli\", \"ping\"]\n      interval: 2s\n",
+        "      timeout: 500ms\n      retries: 5\n      start_period: 1m30s\n",
+        "  web:\n    image: x\n    healthcheck:\n      test: wget -q -O- localhost\n",
+        "  off:\n    image: x\n    healthcheck:\n      disable: true\n",
+    ));
+    assert_eq!(
+        parsed["db"].health_check,
+        Some(flocker_wire::HealthCheck {
+            test: vec!["CMD".into(), "redis-cli".into(), "ping".into()],
+            interval_ms: 2_000,
+            timeout_ms: 500,
+            retries: 5,
+            start_period_ms: 90_000,
+        })
+    );
+    let web = parsed["web"].health_check.clone().expect("web check");
+    assert_eq!(web.test, vec!["CMD-SHELL", "wget -q -O- localhost"]);
+    assert_eq!((web.interval_ms, web.retries), (30_000, 3));
+    assert!(
+        parsed["off"]
+            .health_check
+            .as_ref()
+            .is_some_and(|c| c.is_disabled())
+    );
+}
+
+#[test]
+fn native_health_check_takes_the_compose_keys() {
+    let parsed = apps(concat!(
+        "version: 1\napplications:\n  db:\n    image: redis\n    health_check:\n",
+        "      test: [\"CMD-SHELL\", \"redis-cli ping\"]\n      interval: 1s\n      retries: 2\n",
+    ));
+    let check = parsed["db"].health_check.clone().expect("check");
+    assert_eq!(check.test, vec!["CMD-SHELL", "redis-cli ping"]);
+    assert_eq!((check.interval_ms, check.retries), (1_000, 2));
+}
+
+#[test]
+fn health_check_mistakes_are_located() {
+    assert_eq!(
+        app_errors(concat!(
+            "version: 1\napplications:\n  db:\n    image: redis\n    health_check:\n",
+            "      test: [\"RUN\", \"x\"]\n      interval: 10\n      retries: 0\n      every: 1s\n",
+        )),
+        vec![
+            "6:13: db/health_check/test: a list must start with CMD (program and arguments), CMD-SHELL (one \
+             shell command) or NONE",
+            "7:17: db/health_check/interval: \"10\" has no unit: write for example `10s` (ms, s, m and h are \
+             understood)",
+            "8:16: db/health_check/retries: expected an integer from 1 to 100, found the integer 0",
+            "9:7: db/health_check/every: unknown key; allowed keys are: test, interval, timeout, retries, \
+             start_period, disable",
+        ]
+    );
+    assert_eq!(
+        app_errors("services:\n  db:\n    image: redis\n    healthcheck:\n      interval: 1s\n"),
+        vec![
+            "5:7: db/healthcheck: missing key `test` (a command such as \"redis-cli ping\", or `disable: true`)"
         ]
     );
 }

@@ -13,6 +13,7 @@
 //! fake agents.
 
 pub mod credentials;
+pub mod progress;
 #[cfg(test)]
 mod tests;
 
@@ -27,6 +28,8 @@ pub use credentials::{Credentials, CredentialsError};
 pub use flocker_client::{
     AgentApi, AgentClient, ClientError, ConvergeBody, EVENT_IDLE_TIMEOUT, EncodedRoutes,
 };
+pub use progress::ProgressMode;
+use progress::PushRate;
 
 /// Errors of a deploy run.
 #[derive(Debug, thiserror::Error)]
@@ -297,13 +300,13 @@ impl<'a> RequestParts<'a> {
     }
 }
 
-/// Carries out a plan phase by phase, talking to at most `parallel` nodes at once.
-/// `show_progress` draws a bar for volume pushes.
+/// Carries out a plan phase by phase, talking to at most `parallel` nodes at once, showing
+/// progress as `mode` says.
 pub async fn execute<A: AgentApi>(
     agents: &A,
     desired: &DesiredState,
     plan: &Plan,
-    show_progress: bool,
+    mode: ProgressMode,
     parallel: usize,
 ) -> Result<Summary, DeployError> {
     let started = Instant::now();
@@ -314,12 +317,17 @@ pub async fn execute<A: AgentApi>(
     let mut parts = RequestParts::new(desired);
     for (index, phase) in plan.phases.iter().enumerate() {
         let phase_started = Instant::now();
-        eprintln!(
-            "running phase {}/{}: {}",
-            index + 1,
-            plan.phases.len(),
-            phase.name
-        );
+        if mode == ProgressMode::Json {
+            let line = progress::phase_json("phase", index, plan.phases.len(), &phase.name);
+            eprintln!("{line}");
+        } else {
+            eprintln!(
+                "running phase {}/{}: {}",
+                index + 1,
+                plan.phases.len(),
+                phase.name
+            );
+        }
         let mut per_node: BTreeMap<&str, Vec<&Action>> = BTreeMap::new();
         for action in &phase.actions {
             per_node
@@ -349,7 +357,7 @@ pub async fn execute<A: AgentApi>(
             let (agents, node) = (agents.clone(), node.to_string());
             async move {
                 let (body, _) = body?;
-                run_on_node(&agents, &node, body, show_progress).await
+                run_on_node(&agents, &node, body, mode).await
             }
         };
         for_each_node(nodes, parallel, send, |node, joined| match joined {
@@ -367,11 +375,13 @@ pub async fn execute<A: AgentApi>(
         if let Some(e) = failures.into_values().next() {
             return Err(e);
         }
-        eprintln!(
-            "  {} done in {} ms",
-            phase.name,
-            phase_started.elapsed().as_millis()
-        );
+        if mode != ProgressMode::Json {
+            eprintln!(
+                "  {} done in {} ms",
+                phase.name,
+                phase_started.elapsed().as_millis()
+            );
+        }
     }
     summary.elapsed_ms = started.elapsed().as_millis();
     Ok(summary)
@@ -382,42 +392,58 @@ async fn run_on_node<A: AgentApi>(
     agents: &A,
     node: &str,
     request: ConvergeBody,
-    show_progress: bool,
+    mode: ProgressMode,
 ) -> Result<u64, DeployError> {
-    let bar = show_progress.then(|| {
+    let bar = (mode == ProgressMode::Bar).then(|| {
         let bar = ProgressBar::new(0);
         bar.set_style(
-            ProgressStyle::with_template("  {prefix} {msg} {bytes}/{total_bytes} {bytes_per_sec}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "  {prefix} {msg} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_prefix(node.to_string());
         bar
     });
     let mut pushed = 0u64;
     let mut failed = None;
+    let mut push: Option<PushRate> = None;
     let events = agents
-        .converge(node, request, |event| match event {
-            ConvergeEvent::Started { step } => {
-                if let Some(bar) = &bar {
-                    bar.set_message(step.clone());
-                } else {
-                    eprintln!("  {node:<15} {step}");
+        .converge(node, request, |event| {
+            let mut figures = None;
+            match event {
+                ConvergeEvent::Started { step } => {
+                    if let Some(bar) = &bar {
+                        bar.set_message(step.clone());
+                    } else if mode == ProgressMode::Lines {
+                        eprintln!("  {node:<15} {step}");
+                    }
+                }
+                ConvergeEvent::Progress {
+                    step,
+                    bytes_done,
+                    bytes_total,
+                } => {
+                    pushed = pushed.max(*bytes_done);
+                    let now = Instant::now();
+                    let rate = match push.take() {
+                        Some(p) if p.step() == step => p,
+                        _ => PushRate::new(step, *bytes_done, now),
+                    };
+                    figures = Some(rate.figures(*bytes_done, *bytes_total, now));
+                    push = Some(rate);
+                    if let Some(bar) = &bar {
+                        bar.set_length(bytes_total.unwrap_or(*bytes_done).max(*bytes_done));
+                        bar.set_position(*bytes_done);
+                    }
+                }
+                ConvergeEvent::Done { .. } => {}
+                ConvergeEvent::Failed { step, error } => {
+                    failed.get_or_insert((step.clone(), error.clone()));
                 }
             }
-            ConvergeEvent::Progress {
-                bytes_done,
-                bytes_total,
-                ..
-            } => {
-                pushed = pushed.max(*bytes_done);
-                if let Some(bar) = &bar {
-                    bar.set_length(bytes_total.unwrap_or(*bytes_done));
-                    bar.set_position(*bytes_done);
-                }
-            }
-            ConvergeEvent::Done { .. } => {}
-            ConvergeEvent::Failed { step, error } => {
-                failed.get_or_insert((step.clone(), error.clone()));
+            if mode == ProgressMode::Json {
+                eprintln!("{}", progress::event_json(node, event, figures));
             }
         })
         .await?;

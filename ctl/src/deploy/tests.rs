@@ -12,7 +12,7 @@ use flocker_wire::{
     Phase, Plan,
 };
 
-use super::{DeployError, execute, gather_reachable, gather_state};
+use super::{DeployError, ProgressMode, execute, gather_reachable, gather_state};
 
 const A: &str = "10.0.0.1";
 const B: &str = "10.0.0.2";
@@ -332,7 +332,7 @@ fn execute_sends_each_node_its_share_phase_by_phase() {
     };
     let d = desired(&[A, B]);
     let summary = runtime()
-        .block_on(execute(&agents, &d, &plan, false, 2))
+        .block_on(execute(&agents, &d, &plan, ProgressMode::Lines, 2))
         .expect("deploy");
     assert_eq!(
         (summary.phases, summary.actions, summary.bytes_pushed),
@@ -371,7 +371,13 @@ fn a_failed_step_stops_the_run_before_the_next_phase() {
         ],
     };
     let err = runtime()
-        .block_on(execute(&agents, &desired(&[A, B]), &plan, false, 2))
+        .block_on(execute(
+            &agents,
+            &desired(&[A, B]),
+            &plan,
+            ProgressMode::Lines,
+            2,
+        ))
         .expect_err("B failed");
     assert_eq!(
         err.to_string(),
@@ -400,7 +406,13 @@ fn a_refused_converge_is_reported_with_the_agents_status_and_message() {
         phases: vec![phase("create-volumes", &[(A, create("db"))])],
     };
     let err = runtime()
-        .block_on(execute(&agents, &desired(&[A]), &plan, false, 2))
+        .block_on(execute(
+            &agents,
+            &desired(&[A]),
+            &plan,
+            ProgressMode::Lines,
+            2,
+        ))
         .expect_err("refused");
     assert!(
         matches!(&err, DeployError::Client(e) if e.status() == Some(StatusCode::CONFLICT)),
@@ -421,7 +433,13 @@ fn a_converge_that_panicked_names_its_node_and_phase() {
         phases: vec![phase("start", &[(A, create("db")), (B, create("cache"))])],
     };
     let err = runtime()
-        .block_on(execute(&agents, &desired(&[A, B]), &plan, false, 2))
+        .block_on(execute(
+            &agents,
+            &desired(&[A, B]),
+            &plan,
+            ProgressMode::Lines,
+            2,
+        ))
         .expect_err("B panicked");
     assert!(
         matches!(&err, DeployError::Lost { node, what, .. } if node == B && what == "phase start"),
@@ -433,7 +451,13 @@ fn a_converge_that_panicked_names_its_node_and_phase() {
 fn an_empty_plan_asks_nobody() {
     let agents = FakeAgents::new(&[]);
     let summary = runtime()
-        .block_on(execute(&agents, &desired(&[A]), &Plan::default(), false, 2))
+        .block_on(execute(
+            &agents,
+            &desired(&[A]),
+            &Plan::default(),
+            ProgressMode::Lines,
+            2,
+        ))
         .expect("nothing to do");
     assert_eq!((summary.phases, summary.actions), (0, 0));
     assert!(agents.log().is_empty());
@@ -556,6 +580,7 @@ fn service(name: &str, external: u16, links_to: Option<u16>) -> flocker_wire::Ap
         container: Default::default(),
         depends_on: Vec::new(),
         files: Vec::new(),
+        health_check: None,
     }
 }
 
@@ -588,7 +613,7 @@ fn no_more_nodes_than_parallel_are_asked_at_once() {
         .insert("web".into());
     let plan = crate::planner::plan(&d, &state);
     runtime()
-        .block_on(execute(&agents, &d, &plan, false, 4))
+        .block_on(execute(&agents, &d, &plan, ProgressMode::Lines, 4))
         .expect("deploy");
     assert!(agents.most_at_once() <= 4, "{}", agents.most_at_once());
     // Start on one node, routes on all 40.
@@ -609,7 +634,7 @@ fn each_node_gets_its_share_and_the_map_only_where_it_needs_it() {
     let plan = crate::planner::plan(&d, &ClusterState::default());
     let agents = Counting::default();
     let summary = runtime()
-        .block_on(execute(&agents, &d, &plan, false, 8))
+        .block_on(execute(&agents, &d, &plan, ProgressMode::Lines, 8))
         .expect("deploy");
     let map = d.route_map();
     let requests = agents.requests.lock().expect("requests").clone();

@@ -166,6 +166,8 @@ fn apply(
                 running: true,
                 ip: None,
                 volume_problem: None,
+                health: None,
+                health_output: None,
             });
         }
         Action::StopApplication { application } => {
@@ -344,6 +346,8 @@ pub fn realize(desired: &DesiredState) -> ClusterState {
                 running: true,
                 ip: None,
                 volume_problem: None,
+                health: None,
+                health_output: None,
             });
             if app.volume.is_some() {
                 n.volumes.push(VolumeState {

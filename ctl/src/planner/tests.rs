@@ -41,6 +41,7 @@ fn app(name: &str, external: u16, volume: bool) -> Application {
         container: Default::default(),
         depends_on: Vec::new(),
         files: Vec::new(),
+        health_check: None,
     }
 }
 
@@ -323,6 +324,8 @@ fn unknown_managed_container_is_stopped_and_stopped_app_restarted() {
         running: true,
         ip: None,
         volume_problem: None,
+        health: None,
+        health_output: None,
     });
     check(
         &d,

@@ -48,9 +48,13 @@ impl Agent {
         events: &Events,
     ) -> Result<(), AgentError> {
         let _lock = self.lock_volume(name).await;
+        let phase = if last { "final-push" } else { "pre-copy" };
         for pass in 1..=PRE_COPY_PASSES {
             let started = std::time::Instant::now();
-            let pushed = self.push_pass(name, to, last, step, events, None).await?;
+            let pushed = self
+                .push_pass(name, to, last, step, events, self.move_rate)
+                .await?;
+            self.metrics.move_phase(phase, started.elapsed());
             let quick = started.elapsed() < CATCH_UP_AFTER;
             if last || !pushed || quick {
                 break;
@@ -136,8 +140,14 @@ impl Agent {
         tracing::info!(volume = name, to, %snapshot, base = ?base, last, "pushing");
         let sent = Arc::new(AtomicU64::new(0));
         let (n, b, s) = (name.to_string(), base.clone(), snapshot.clone());
-        let mut source = self
-            .blocking(move |be| be.send(&n, b.as_deref(), &s))
+        // The estimate (`zfs send -nP`, or what the backend can tell) gives the deploy a
+        // total and an ETA; unknown for some backends and for incrementals on zfs-fuse.
+        let (mut source, estimate) = self
+            .blocking(move |be| {
+                let source = be.send(&n, b.as_deref(), &s)?;
+                let estimate = source.size_hint();
+                Ok((source, estimate))
+            })
             .await?;
         let (writer, reader) = tokio::io::duplex(1 << 20);
         let mut bridge = SyncIoBridge::new(writer);
@@ -153,15 +163,16 @@ impl Agent {
         let ticker = {
             let (events, step, sent) = (events.clone(), step.to_string(), sent.clone());
             tokio::spawn(async move {
+                // At once (so the total is known from the start), then every second.
                 loop {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                     let _ = events
                         .send(ConvergeEvent::Progress {
                             step: step.clone(),
                             bytes_done: sent.load(Ordering::Relaxed),
-                            bytes_total: None,
+                            bytes_total: estimate,
                         })
                         .await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             })
         };
@@ -204,6 +215,7 @@ impl Agent {
             Ok(())
         })
         .await?;
+        self.metrics.sent(bytes);
         tracing::info!(volume = name, to, %snapshot, bytes, "pushed");
         Ok(true)
     }
@@ -321,6 +333,7 @@ impl Agent {
         })
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))??;
+        self.metrics.received(bytes);
         tracing::info!(volume = name, from = %params.from, snapshot = %params.snapshot, bytes, "received");
         Ok(ReceiveReport {
             snapshot: params.snapshot,

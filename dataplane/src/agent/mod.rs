@@ -22,7 +22,9 @@ use flocker_wire::{
 };
 
 use crate::containers::{ContainerError, ContainerRuntime, ManagedContainer, container_spec};
+use crate::metrics::Metrics;
 use crate::ownership::{self, OwnershipError};
+use crate::readiness::{self, ReadinessError};
 use crate::routes::{Resolver, RouteStore, RoutesError};
 use crate::transfer;
 use crate::volume::mountinfo::{self, FsLocation};
@@ -62,6 +64,8 @@ pub enum AgentError {
     Peer(#[from] ClientError),
     #[error(transparent)]
     Routes(#[from] RoutesError),
+    #[error(transparent)]
+    NotReady(#[from] ReadinessError),
     #[error(transparent)]
     Stream(#[from] transfer::TransferError),
     #[error("transfer of volume {volume:?}: {detail}")]
@@ -119,11 +123,19 @@ pub struct Agent {
     /// Per volume, the newest snapshot each peer was last seen to hold after a push: pruning
     /// keeps it, so every standby keeps an incremental base.
     pushed_to: std::sync::Mutex<HashMap<String, HashMap<String, String>>>,
-    /// Bytes per second for replication pushes (moves are never capped).
+    /// Bytes per second for replication pushes.
     replication_rate: Option<u64>,
     /// Where secrets and configs are written; applications with files are refused without.
     pub(crate) files: Option<crate::files::FileStore>,
+    /// Bytes per second for the pushes of a move (`--move-rate-limit`).
+    move_rate: Option<u64>,
+    /// How long a start waits for its application to be ready (see `readiness`).
+    ready_timeout: std::time::Duration,
+    pub(crate) metrics: Arc<Metrics>,
 }
+
+/// How long a start waits for readiness unless `--ready-timeout` says otherwise.
+pub const DEFAULT_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Progress events of one action.
 type Events = mpsc::Sender<ConvergeEvent>;
@@ -151,6 +163,9 @@ impl Agent {
             pushed_to: std::sync::Mutex::new(HashMap::new()),
             replication_rate: None,
             files: None,
+            move_rate: None,
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+            metrics: Metrics::new(),
         }
     }
 
@@ -202,6 +217,23 @@ impl Agent {
             .iter()
             .map(|m| format!("{}:{}:ro", store.path(&app.name, m).display(), m.target))
             .collect())
+    }
+
+    /// Caps the pushes of a move at `bytes_per_second`.
+    pub fn with_move_rate(mut self, bytes_per_second: Option<u64>) -> Self {
+        self.move_rate = bytes_per_second;
+        self
+    }
+
+    /// How long a start waits for its application to be ready before it fails.
+    pub fn with_ready_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// This agent's metrics (served by `metrics::serve` when configured).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// Caps replication pushes at `bytes_per_second`.
@@ -336,11 +368,24 @@ impl Agent {
                 }
                 _ => None,
             };
+            let (health, health_output) = if c.running {
+                match readiness::check(self.runtime.as_ref(), &c.name, &c.application).await {
+                    Ok(v) => (Some(v.health), v.output),
+                    Err(e) => {
+                        tracing::debug!(container = %c.name, error = %e, "cannot judge readiness");
+                        (None, None)
+                    }
+                }
+            } else {
+                (None, None)
+            };
             containers.push(ContainerState {
                 application: c.application,
                 running: c.running,
                 ip: c.ip,
                 volume_problem,
+                health,
+                health_output,
             });
         }
         let volumes = self.blocking(|b| b.list()).await?;
@@ -457,7 +502,11 @@ impl Agent {
                 let step = step_name(action);
                 let _ = tx.send(ConvergeEvent::Started { step: step.clone() }).await;
                 tracing::info!(%step, "converge step");
-                match agent.execute(&request, action, &step, &tx).await {
+                let result = agent.execute(&request, action, &step, &tx).await;
+                agent
+                    .metrics
+                    .converge_action(action_kind(action), result.is_ok());
+                match result {
                     Ok(()) => {
                         let _ = tx.send(ConvergeEvent::Done { step }).await;
                     }
@@ -492,18 +541,23 @@ impl Agent {
                 maximum_size,
             } => self.create_volume(volume, *maximum_size).await,
             Action::StartApplication { application } => {
-                self.start_application(desired, routes, application, false)
+                self.start_application(desired, routes, application, false, step, events)
                     .await
             }
             Action::RestartApplication { application } => {
-                self.start_application(desired, routes, application, true)
+                self.start_application(desired, routes, application, true, step, events)
                     .await
             }
             Action::StopApplication { application } => self.stop_application(application).await,
             Action::PushVolume { volume, to, last } => {
                 self.push_volume(volume, to, *last, step, events).await
             }
-            Action::Handoff { volume, to } => self.handoff(volume, to).await,
+            Action::Handoff { volume, to } => {
+                let started = std::time::Instant::now();
+                let result = self.handoff(volume, to).await;
+                self.metrics.move_phase("handoff", started.elapsed());
+                result
+            }
             Action::Promote { volume, epoch } => self.promote(volume, *epoch).await,
             Action::SetRoutes { routes } => self.set_routes(routes.clone(), None).await,
             Action::FollowRoutes { version } => {
@@ -545,6 +599,35 @@ impl Agent {
     }
 
     async fn start_application(
+        &self,
+        desired: &DesiredState,
+        routes: Option<&RouteMap>,
+        app: &Application,
+        replace: bool,
+        step: &str,
+        events: &Events,
+    ) -> Result<(), AgentError> {
+        let started = std::time::Instant::now();
+        self.start_container(desired, routes, app, replace).await?;
+        // Routes to it come in a later phase of the plan: the start is done only once the
+        // application answers, so traffic never reaches a container still starting up.
+        let name = crate::containers::container_name_of(app);
+        let bound = readiness::wait_bound(app, self.ready_timeout);
+        let waiting = |output: &str| {
+            let _ = events.try_send(ConvergeEvent::Started {
+                step: format!("{step}: waiting until ready ({output})"),
+            });
+        };
+        let ready = readiness::wait_ready(self.runtime.as_ref(), &name, app, bound, waiting).await;
+        self.metrics.ready_wait(ready.is_ok(), started.elapsed());
+        if ready.is_ok() {
+            self.metrics.move_phase("start", started.elapsed());
+        }
+        Ok(ready?)
+    }
+
+    /// Creates (or replaces) and starts the application's container, its volume proven.
+    async fn start_container(
         &self,
         desired: &DesiredState,
         routes: Option<&RouteMap>,
@@ -614,7 +697,28 @@ impl Agent {
         version: Option<String>,
     ) -> Result<(), AgentError> {
         let resolver = self.resolver().await?;
-        Ok(self.routes.set_versioned(routes, version, &resolver)?)
+        let count = routes.len();
+        let started = std::time::Instant::now();
+        let result = self.routes.set_versioned(routes, version, &resolver);
+        self.metrics
+            .routes_applied(result.is_ok().then_some(count), started.elapsed());
+        Ok(result?)
+    }
+}
+
+/// The wire name of an action's kind, the `kind` label of the converge metrics.
+pub fn action_kind(action: &Action) -> &'static str {
+    match action {
+        Action::CreateVolume { .. } => "create-volume",
+        Action::PushVolume { .. } => "push-volume",
+        Action::Handoff { .. } => "handoff",
+        Action::Promote { .. } => "promote",
+        Action::StartApplication { .. } => "start-application",
+        Action::StopApplication { .. } => "stop-application",
+        Action::RestartApplication { .. } => "restart-application",
+        Action::SetRoutes { .. } => "set-routes",
+        Action::FollowRoutes { .. } => "follow-routes",
+        Action::SetStandby { .. } => "set-standby",
     }
 }
 

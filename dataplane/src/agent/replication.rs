@@ -91,6 +91,7 @@ async fn round(agent: &Agent, due: &mut Due) {
             let started = Instant::now();
             match agent.replicate_once(application, node).await {
                 Ok(true) => {
+                    agent.metrics.replicated(application, node);
                     tracing::debug!(volume = %application, standby = %node, took_ms = started.elapsed().as_millis() as u64, "replicated");
                     due.succeeded(key, interval, Instant::now());
                 }

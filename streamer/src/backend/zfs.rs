@@ -86,6 +86,38 @@ impl Source for ZfsSource {
         }
         self.runner.spawn_reader("zfs", &self.args())
     }
+
+    /// `zfs send -nP` (a dry run that prints the stream size) where the tool has it. zfs-fuse
+    /// (pool v23) has no `-n`: there a full stream is estimated by the snapshot's
+    /// `referenced` bytes, and an incremental one is left unknown.
+    fn size_hint(&self) -> Option<u64> {
+        let mut dry_run = self.args();
+        dry_run.insert(1, "-nP".into());
+        if let Ok(out) = self.runner.run("zfs", &dry_run)
+            && let Some(size) = parse_dry_run_size(&out)
+        {
+            return Some(size);
+        }
+        if self.base.is_some() {
+            return None;
+        }
+        let referenced = args(&["get", "-Hp", "-o", "value", "referenced", &self.snapshot]);
+        self.runner
+            .run("zfs", &referenced)
+            .ok()
+            .and_then(|out| out.trim().parse().ok())
+    }
+}
+
+/// The `size` line of `zfs send -nP` output (`size\t12345`).
+fn parse_dry_run_size(output: &str) -> Option<u64> {
+    output.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        match (fields.next(), fields.next()) {
+            (Some("size"), Some(n)) => n.parse().ok(),
+            _ => None,
+        }
+    })
 }
 
 /// `zfs recv [-F] POOL/FS`, destroying whatever a failed receive created.
@@ -229,6 +261,25 @@ mod tests {
     use crate::backend::runner::fake::FakeRunner;
 
     const LIST: &str = "zfs list -H -o name -t filesystem,volume,snapshot -r tank/v";
+
+    #[test]
+    fn the_size_comes_from_a_dry_run_or_the_snapshot() {
+        let fake = Arc::new(FakeRunner::default());
+        fake.answer(
+            "zfs send -nP -i @s1 tank/v@s2",
+            Ok("incremental\ts1\ttank/v@s2\t4096\nsize\t4096\n"),
+        );
+        let source = ZfsSource::incremental("tank/v@s2", "s1").runner(fake.clone());
+        assert_eq!(source.size_hint(), Some(4096));
+        // zfs-fuse: no dry run; a full stream falls back to `referenced`.
+        fake.answer("zfs send -nP tank/v@s1", Err("invalid option 'n'"));
+        fake.answer("zfs get -Hp -o value referenced tank/v@s1", Ok("1048576\n"));
+        let full = ZfsSource::full("tank/v@s1").runner(fake.clone());
+        assert_eq!(full.size_hint(), Some(1_048_576));
+        fake.answer("zfs send -nP -i @s2 tank/v@s3", Err("invalid option 'n'"));
+        let unknown = ZfsSource::incremental("tank/v@s3", "s2").runner(fake);
+        assert_eq!(unknown.size_hint(), None);
+    }
 
     #[test]
     fn an_abort_kills_the_receive_and_destroys_what_it_created() {

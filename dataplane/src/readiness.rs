@@ -1,0 +1,389 @@
+//! Whether a started application is ready for traffic, and waiting until it is.
+//!
+//! Three probes, chosen from the application (`probe_for`):
+//! - a health check (compose `healthcheck:`, native `health_check:`): Docker runs it inside
+//!   the container and the agent reads Docker's verdict and the check's last output;
+//! - otherwise, with ports: the first internal port has a listening TCP socket in the
+//!   container's network namespace (read from `/proc/PID/net/tcp` and `tcp6`). A listening
+//!   socket is exactly what makes the kernel accept a connection, and reading it works
+//!   wherever the agent runs, whatever network namespace Docker's bridge lives in;
+//! - otherwise (no ports, or `disable: true`): running is ready.
+//!
+//! A container that exited is unhealthy whatever its probe.
+
+use std::time::Duration;
+
+use flocker_wire::{Application, Health};
+
+use crate::containers::{ContainerError, ContainerRuntime};
+
+/// How often a waiting start looks again.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Errors of a readiness wait.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadinessError {
+    #[error(
+        "application {application} is not ready after {waited_s} s; its health check last said: {output}"
+    )]
+    TimedOut {
+        application: String,
+        waited_s: u64,
+        output: String,
+    },
+    #[error("application {application} is unhealthy; its health check last said: {output}")]
+    Unhealthy { application: String, output: String },
+    #[error(transparent)]
+    Container(#[from] ContainerError),
+}
+
+/// How readiness is judged for one application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// Ready as soon as it runs.
+    Running,
+    /// Docker's health check verdict.
+    DockerCheck,
+    /// A listening TCP socket on this port inside the container.
+    Port(u16),
+}
+
+pub fn probe_for(app: &Application) -> Probe {
+    match &app.health_check {
+        Some(check) if check.is_disabled() => Probe::Running,
+        Some(_) => Probe::DockerCheck,
+        None => app
+            .ports
+            .first()
+            .map_or(Probe::Running, |p| Probe::Port(p.internal)),
+    }
+}
+
+/// One look at a container's readiness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub health: Health,
+    /// What the check (or the probe) said, when not healthy.
+    pub output: Option<String>,
+}
+
+impl Verdict {
+    fn new(health: Health, output: impl Into<String>) -> Self {
+        Verdict {
+            health,
+            output: Some(output.into()),
+        }
+    }
+
+    fn healthy() -> Self {
+        Verdict {
+            health: Health::Healthy,
+            output: None,
+        }
+    }
+}
+
+/// Looks once at the readiness of `container`, which runs `app`.
+pub async fn check(
+    runtime: &dyn ContainerRuntime,
+    container: &str,
+    app: &Application,
+) -> Result<Verdict, ContainerError> {
+    let details = runtime.details(container).await?;
+    if !details.running {
+        let code = details
+            .exit_code
+            .map_or("unknown".to_string(), |c| c.to_string());
+        return Ok(Verdict::new(
+            Health::Unhealthy,
+            format!("the container is not running (exit code {code})"),
+        ));
+    }
+    match probe_for(app) {
+        Probe::Running => Ok(Verdict::healthy()),
+        Probe::DockerCheck => Ok(match details.health {
+            Some(h) if h.status == "healthy" => Verdict::healthy(),
+            Some(h) => Verdict {
+                health: if h.status == "unhealthy" {
+                    Health::Unhealthy
+                } else {
+                    Health::Starting
+                },
+                output: Some(
+                    h.last_output
+                        .map(|o| trim_output(&o))
+                        .unwrap_or_else(|| "(no check has finished yet)".into()),
+                ),
+            },
+            None => Verdict::new(Health::Starting, "(Docker reports no health yet)"),
+        }),
+        Probe::Port(port) => Ok(if runtime.listens_on(container, port).await? {
+            Verdict::healthy()
+        } else {
+            Verdict::new(
+                Health::Starting,
+                format!("nothing listens on port {port} in the container yet"),
+            )
+        }),
+    }
+}
+
+/// Waits until `container` is ready, it turns unhealthy, or `timeout` passed. `waiting` is
+/// called with the latest output every few seconds (to keep the caller informed).
+pub async fn wait_ready(
+    runtime: &dyn ContainerRuntime,
+    container: &str,
+    app: &Application,
+    timeout: Duration,
+    mut waiting: impl FnMut(&str),
+) -> Result<(), ReadinessError> {
+    let started = tokio::time::Instant::now();
+    let mut last_report = started;
+    loop {
+        let verdict = check(runtime, container, app).await?;
+        let output = verdict.output.unwrap_or_default();
+        match verdict.health {
+            Health::Healthy => return Ok(()),
+            Health::Unhealthy => {
+                return Err(ReadinessError::Unhealthy {
+                    application: app.name.clone(),
+                    output,
+                });
+            }
+            Health::Starting => {}
+        }
+        if started.elapsed() >= timeout {
+            return Err(ReadinessError::TimedOut {
+                application: app.name.clone(),
+                waited_s: started.elapsed().as_secs(),
+                output,
+            });
+        }
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            waiting(&output);
+            last_report = tokio::time::Instant::now();
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The longest a start waits: the agent's bound, or longer when the health check itself
+/// needs longer to reach a verdict (start period, then `retries` failed checks).
+pub fn wait_bound(app: &Application, agent_bound: Duration) -> Duration {
+    let Some(check) = app.health_check.as_ref().filter(|c| !c.is_disabled()) else {
+        return agent_bound;
+    };
+    let per_try = check.interval_ms.saturating_add(check.timeout_ms);
+    let verdict_ms = check
+        .start_period_ms
+        .saturating_add(per_try.saturating_mul(u64::from(check.retries) + 1));
+    agent_bound.max(Duration::from_millis(verdict_ms))
+}
+
+/// Whether the process `pid`'s network namespace has a TCP socket listening on `port`.
+pub fn process_listens_on(pid: u32, port: u16) -> bool {
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).ok())
+        .any(|table| listens_on(&table, port))
+}
+
+/// Whether a `/proc/net/tcp`-style table has a socket listening on `port`.
+pub fn listens_on(table: &str, port: u16) -> bool {
+    crate::listeners::parse_listening(table).contains(&port)
+}
+
+/// Health check output is the application's: keep it short and on few lines.
+fn trim_output(output: &str) -> String {
+    const MAX: usize = 400;
+    let trimmed = output.trim();
+    match trimmed.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}...", &trimmed[..cut]),
+        None => trimmed.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::containers::{ContainerDetails, ContainerSpec, DockerHealth, ManagedContainer};
+    use flocker_wire::{HealthCheck, Image, PortMap, RestartPolicy};
+    use std::sync::Mutex;
+
+    /// A container that starts listening (or turns healthy) at the `ready_at`-th look.
+    struct Scripted {
+        looks: Mutex<u32>,
+        ready_at: Option<u32>,
+        docker_verdict: Option<(&'static str, &'static str)>,
+    }
+
+    impl Scripted {
+        fn look(&self) -> u32 {
+            let mut n = self.looks.lock().expect("lock");
+            *n += 1;
+            *n
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ContainerRuntime for Scripted {
+        async fn list_managed(&self) -> Result<Vec<ManagedContainer>, ContainerError> {
+            Ok(vec![])
+        }
+        async fn ensure_image(&self, _: &str) -> Result<(), ContainerError> {
+            Ok(())
+        }
+        async fn create_and_start(&self, _: &ContainerSpec) -> Result<(), ContainerError> {
+            Ok(())
+        }
+        async fn start(&self, _: &str) -> Result<(), ContainerError> {
+            Ok(())
+        }
+        async fn stop_and_remove(&self, _: &str) -> Result<(), ContainerError> {
+            Ok(())
+        }
+        async fn details(&self, _: &str) -> Result<ContainerDetails, ContainerError> {
+            Ok(ContainerDetails {
+                running: true,
+                health: self.docker_verdict.map(|(status, output)| DockerHealth {
+                    status: status.into(),
+                    last_output: Some(output.into()),
+                }),
+                ..ContainerDetails::default()
+            })
+        }
+        async fn disable_docker_restart(&self, _: &str) -> Result<(), ContainerError> {
+            Ok(())
+        }
+        async fn listens_on(&self, _: &str, _: u16) -> Result<bool, ContainerError> {
+            let n = self.look();
+            Ok(self.ready_at.is_some_and(|at| n >= at))
+        }
+    }
+
+    fn scripted(
+        ready_at: Option<u32>,
+        docker_verdict: Option<(&'static str, &'static str)>,
+    ) -> Scripted {
+        Scripted {
+            looks: Mutex::new(0),
+            ready_at,
+            docker_verdict,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_start_waits_until_the_port_listens() {
+        let runtime = scripted(Some(3), None);
+        let a = app(&[80], None);
+        wait_ready(&runtime, "c", &a, Duration::from_secs(30), |_| {})
+            .await
+            .expect("ready at the third look");
+        assert_eq!(*runtime.looks.lock().expect("lock"), 3);
+    }
+
+    #[tokio::test]
+    async fn a_port_that_never_listens_times_out_saying_so() {
+        let runtime = scripted(None, None);
+        let err = wait_ready(
+            &runtime,
+            "c",
+            &app(&[80], None),
+            Duration::from_millis(300),
+            |_| {},
+        )
+        .await
+        .expect_err("never ready");
+        assert!(
+            err.to_string().contains("nothing listens on port 80"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unhealthy_check_fails_at_once_with_its_output() {
+        let runtime = scripted(None, Some(("unhealthy", "not ready yet\n")));
+        let check = HealthCheck::with_test(vec!["CMD-SHELL".into(), "exit 1".into()]);
+        let err = wait_ready(
+            &runtime,
+            "c",
+            &app(&[80], Some(check)),
+            Duration::from_secs(30),
+            |_| {},
+        )
+        .await
+        .expect_err("unhealthy");
+        assert!(
+            matches!(err, ReadinessError::Unhealthy { ref output, .. } if output == "not ready yet"),
+            "{err}"
+        );
+    }
+
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:18EB 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1
+";
+
+    #[test]
+    fn a_listening_socket_counts_and_a_connection_does_not() {
+        assert!(listens_on(TCP, 8080));
+        // 0x18EB = 6379 is an established connection's local port, not a listener.
+        assert!(!listens_on(TCP, 6379));
+        assert!(!listens_on("", 80));
+        assert!(!listens_on("header\ngarbage line\n", 80));
+    }
+
+    fn app(ports: &[u16], check: Option<HealthCheck>) -> Application {
+        Application {
+            name: "a".into(),
+            image: Image {
+                repository: "x".into(),
+                tag: "latest".into(),
+            },
+            ports: ports
+                .iter()
+                .map(|&p| PortMap {
+                    internal: p,
+                    external: p,
+                })
+                .collect(),
+            volume: None,
+            environment: Default::default(),
+            links: vec![],
+            mem_limit: None,
+            cpu_shares: None,
+            restart_policy: RestartPolicy::Never,
+            container: Default::default(),
+            depends_on: Vec::new(),
+            files: Vec::new(),
+            health_check: check,
+        }
+    }
+
+    #[test]
+    fn the_probe_follows_the_application() {
+        assert_eq!(probe_for(&app(&[80, 443], None)), Probe::Port(80));
+        assert_eq!(probe_for(&app(&[], None)), Probe::Running);
+        assert_eq!(
+            probe_for(&app(&[80], Some(HealthCheck::disabled()))),
+            Probe::Running
+        );
+        let check = HealthCheck::with_test(vec!["CMD".into(), "true".into()]);
+        assert_eq!(probe_for(&app(&[80], Some(check))), Probe::DockerCheck);
+    }
+
+    #[test]
+    fn the_wait_outlasts_what_the_check_needs_for_a_verdict() {
+        let mut check = HealthCheck::with_test(vec!["CMD".into(), "true".into()]);
+        check.start_period_ms = 100_000;
+        check.interval_ms = 10_000;
+        check.timeout_ms = 5_000;
+        check.retries = 3;
+        let bound = wait_bound(&app(&[], Some(check)), Duration::from_secs(60));
+        assert_eq!(bound, Duration::from_secs(100 + 15 * 4));
+        assert_eq!(
+            wait_bound(&app(&[80], None), Duration::from_secs(60)),
+            Duration::from_secs(60)
+        );
+    }
+}

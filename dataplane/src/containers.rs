@@ -16,7 +16,7 @@ use bollard::container::{
 };
 use bollard::image::CreateImageOptions;
 use bollard::models::{HostConfig, RestartPolicy as DockerRestart, RestartPolicyNameEnum};
-use flocker_wire::{Application, DesiredState};
+use flocker_wire::{Application, DesiredState, Protocol};
 use futures_util::StreamExt;
 
 pub const LABEL_MANAGED: &str = "flocker.managed";
@@ -45,7 +45,7 @@ pub struct ContainerSpec {
     pub image: String,
     pub env: Vec<String>,
     pub labels: BTreeMap<String, String>,
-    pub exposed_ports: Vec<u16>,
+    pub exposed_ports: Vec<(u16, Protocol)>,
     /// `host_path:container_path` bind mounts.
     pub binds: Vec<String>,
     pub memory: Option<u64>,
@@ -80,20 +80,30 @@ pub fn container_name(application: &str) -> String {
 }
 
 /// The node that serves a link's remote port: the node hosting the application with that
-/// external port, or this node (every node routes every external port).
-pub fn link_host(desired: &DesiredState, me: &str, remote_port: u16) -> String {
+/// external port and protocol, or this node (every node routes every external port).
+pub fn link_host(desired: &DesiredState, me: &str, protocol: Protocol, remote_port: u16) -> String {
     desired
         .applications
         .values()
-        .find(|a| a.ports.iter().any(|p| p.external == remote_port))
+        .find(|a| {
+            a.ports
+                .iter()
+                .any(|p| p.external == remote_port && p.protocol == protocol)
+        })
         .and_then(|a| desired.node_of(&a.name))
         .unwrap_or(me)
         .to_string()
 }
 
-/// Docker-style link variables: `<ALIAS>_PORT_<local>_TCP=tcp://host:remote` plus its
-/// `_ADDR`, `_PORT` and `_PROTO` siblings.
-pub fn link_environment(alias: &str, local: u16, host: &str, remote: u16) -> Vec<String> {
+/// Docker-style link variables: `<ALIAS>_PORT_<local>_TCP=tcp://host:remote` (`_UDP` and
+/// `udp://` for a UDP port) plus its `_ADDR`, `_PORT` and `_PROTO` siblings.
+pub fn link_environment(
+    alias: &str,
+    protocol: Protocol,
+    local: u16,
+    host: &str,
+    remote: u16,
+) -> Vec<String> {
     let alias: String = alias
         .chars()
         .map(|c| {
@@ -104,12 +114,13 @@ pub fn link_environment(alias: &str, local: u16, host: &str, remote: u16) -> Vec
             }
         })
         .collect();
-    let base = format!("{alias}_PORT_{local}_TCP");
+    let proto = protocol.as_str();
+    let base = format!("{alias}_PORT_{local}_{}", proto.to_ascii_uppercase());
     vec![
-        format!("{base}=tcp://{host}:{remote}"),
+        format!("{base}={proto}://{host}:{remote}"),
         format!("{base}_ADDR={host}"),
         format!("{base}_PORT={remote}"),
-        format!("{base}_PROTO=tcp"),
+        format!("{base}_PROTO={proto}"),
     ]
 }
 
@@ -127,9 +138,10 @@ pub fn container_spec(
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     for link in &app.links {
-        let host = link_host(desired, me, link.remote_port);
+        let host = link_host(desired, me, link.protocol, link.remote_port);
         env.extend(link_environment(
             &link.alias,
+            link.protocol,
             link.local_port,
             &host,
             link.remote_port,
@@ -150,7 +162,7 @@ pub fn container_spec(
         image: app.image.to_string(),
         env,
         labels,
-        exposed_ports: app.ports.iter().map(|p| p.internal).collect(),
+        exposed_ports: app.ports.iter().map(|p| (p.internal, p.protocol)).collect(),
         binds,
         memory: app.mem_limit,
         cpu_shares: app.cpu_shares,
@@ -328,7 +340,7 @@ impl ContainerRuntime for DockerRuntime {
             exposed_ports: Some(
                 spec.exposed_ports
                     .iter()
-                    .map(|p| (format!("{p}/tcp"), HashMap::new()))
+                    .map(|(port, protocol)| (format!("{port}/{protocol}"), HashMap::new()))
                     .collect(),
             ),
             host_config: Some(HostConfig {
@@ -450,6 +462,7 @@ mod tests {
             ports: vec![PortMap {
                 internal: 6379,
                 external: 16379,
+                protocol: Protocol::Tcp,
             }],
             volume: Some(VolumeSpec {
                 mountpoint: "/data".into(),
@@ -466,7 +479,7 @@ mod tests {
     #[test]
     fn link_variables_follow_docker_naming() {
         assert_eq!(
-            link_environment("my-db", 5432, "198.18.0.2", 15432),
+            link_environment("my-db", Protocol::Tcp, 5432, "198.18.0.2", 15432),
             vec![
                 "MY_DB_PORT_5432_TCP=tcp://198.18.0.2:15432",
                 "MY_DB_PORT_5432_TCP_ADDR=198.18.0.2",
@@ -486,6 +499,7 @@ mod tests {
             local_port: 6379,
             remote_port: 16379,
             alias: "redis".into(),
+            protocol: Protocol::Tcp,
         }];
         let mut desired = DesiredState::default();
         desired.applications.insert("db".into(), db.clone());
@@ -515,7 +529,7 @@ mod tests {
         assert_eq!(spec.name, "flocker-db");
         assert_eq!(spec.image, "redis-flocker:latest");
         assert_eq!(spec.binds, vec!["/pool/flocker/db:/data"]);
-        assert_eq!(spec.exposed_ports, vec![6379]);
+        assert_eq!(spec.exposed_ports, vec![(6379, Protocol::Tcp)]);
         assert_eq!((spec.memory, spec.cpu_shares), (Some(64 << 20), Some(512)));
         let label = &spec.labels[LABEL_APPLICATION];
         let back: Application = serde_json::from_str(label).expect("label json");

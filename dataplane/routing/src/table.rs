@@ -159,6 +159,7 @@ mod tests {
     fn local(app: &str, external: u16, internal: u16) -> Route {
         Route {
             external_port: external,
+            protocol: Protocol::Tcp,
             application: app.to_owned(),
             target: RouteTarget::Local {
                 internal_port: internal,
@@ -169,6 +170,7 @@ mod tests {
     fn remote(app: &str, external: u16, node: &str) -> Route {
         Route {
             external_port: external,
+            protocol: Protocol::Tcp,
             application: app.to_owned(),
             target: RouteTarget::Node {
                 address: node.to_owned(),

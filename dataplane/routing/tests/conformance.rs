@@ -414,6 +414,7 @@ fn tables(host: usize) -> anyhow::Result<Vec<RouteTable>> {
             };
             let route = Route {
                 external_port: PORT,
+                protocol: Protocol::Tcp,
                 application: "echo".to_owned(),
                 target,
             };

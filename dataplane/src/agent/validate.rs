@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use flocker_wire::checks;
-use flocker_wire::{Action, Application, ConvergeRequest, Route, RouteTarget, VolumeState};
+use flocker_wire::{Action, Application, ConvergeRequest, Protocol, Route, RouteTarget, VolumeState};
 
 use crate::ownership;
 use crate::volume::check_name;
@@ -107,19 +107,20 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let bad = |s: String| Err(AgentError::BadRequest(s));
         let listening = crate::listeners::listening_ports();
-        let already: BTreeSet<u16> = self
+        let already: BTreeSet<(Protocol, u16)> = self
             .routes
             .current()
             .iter()
-            .map(|r| r.external_port)
+            .map(|r| (r.protocol, r.external_port))
             .collect();
         let mut seen = BTreeMap::new();
         for r in routes {
             let port = r.external_port;
-            if let Some(first) = seen.insert(port, &r.application) {
+            let key = (r.protocol, port);
+            if let Some(first) = seen.insert(key, &r.application) {
                 return bad(format!(
-                    "set routes: external port {port} is routed twice (applications {first:?} and {:?})",
-                    r.application
+                    "set routes: external port {port}/{} is routed twice (applications {first:?} and {:?})",
+                    r.protocol, r.application
                 ));
             }
             if port == 0 {
@@ -131,10 +132,10 @@ impl Agent {
                     r.application
                 ));
             }
-            if listening.contains(&port) && !already.contains(&port) {
+            if listening.contains(&key) && !already.contains(&key) {
                 return bad(format!(
-                    "set routes: external port {port} of {:?} is held by a service of this node ({}), which a route would take over: stop that service or choose another port",
-                    r.application, self.me
+                    "set routes: external port {port}/{} of {:?} is held by a service of this node ({}), which a route would take over: stop that service or choose another port",
+                    r.protocol, r.application, self.me
                 ));
             }
             match &r.target {

@@ -30,7 +30,9 @@ use flocker_e2e::{
     docker::Dockerd,
     netns::{Cgroup, Netns, Switch, veth},
 };
-use flocker_routing::{RouteEntry, RouteTable, RoutingBackend, ebpf::EbpfBackend, nft::NftBackend};
+use flocker_routing::{
+    RouteEntry, RouteKey, RouteTable, RoutingBackend, ebpf::EbpfBackend, nft::NftBackend,
+};
 
 const NODE: &str = "198.18.1.1";
 const CTR: Ipv4Addr = Ipv4Addr::new(198, 19, 9, 2);
@@ -295,10 +297,10 @@ impl Lab {
     }
 
     fn table(n: usize) -> RouteTable {
-        let mut entries: std::collections::BTreeMap<u16, RouteEntry> = (0..n)
+        let mut entries: std::collections::BTreeMap<RouteKey, RouteEntry> = (0..n)
             .map(|i| {
                 (
-                    FIRST_ROUTE + i as u16,
+                    RouteKey::tcp(FIRST_ROUTE + i as u16),
                     RouteEntry::Local {
                         container: SocketAddrV4::new(CTR, ECHO_PORT),
                     },
@@ -306,7 +308,7 @@ impl Lab {
             })
             .collect();
         entries.insert(
-            IPERF_ROUTE,
+            RouteKey::tcp(IPERF_ROUTE),
             RouteEntry::Local {
                 container: SocketAddrV4::new(CTR, IPERF_PORT),
             },
@@ -376,8 +378,8 @@ impl Lab {
                         "-A {chain} -d {NODE}/32 -p tcp -m tcp --dport {port} -j DNAT --to-destination {CTR}:{to}"
                     );
                 };
-                for (port, entry) in Self::table(n).entries {
-                    let to = entry.backend().port();
+                for (key, entry) in Self::table(n).entries {
+                    let (port, to) = (key.port, entry.backend().port());
                     rule("PREROUTING", port, to);
                     rule("OUTPUT", port, to);
                 }
@@ -456,7 +458,7 @@ impl Lab {
                         if i % 2 == 0 {
                             let port = FIRST_ROUTE + i % 50;
                             next.entries.insert(
-                                port,
+                                RouteKey::tcp(port),
                                 RouteEntry::Remote {
                                     node: SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 2), port),
                                 },
@@ -471,7 +473,7 @@ impl Lab {
                     let mut adds = Vec::new();
                     for i in 0..100u16 {
                         grown.entries.insert(
-                            40000 + i,
+                            RouteKey::tcp(40000 + i),
                             RouteEntry::Local {
                                 container: SocketAddrV4::new(CTR, ECHO_PORT),
                             },

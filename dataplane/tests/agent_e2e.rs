@@ -460,7 +460,7 @@ fn busybox_app() -> Application {
         ports: vec![PortMap {
             internal: 80,
             external: 8080,
-            protocol: Protocol::Tcp,
+            protocol: flocker_wire::Protocol::Tcp,
         }],
         volume: Some(VolumeSpec {
             mountpoint: "/www".into(),

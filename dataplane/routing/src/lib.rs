@@ -57,7 +57,10 @@ use std::path::PathBuf;
 
 use tracing::{info, warn};
 
-pub use table::{AddressResolver, RouteEntry, RouteTable, StaticResolver, TableError, TableErrors};
+pub use table::{
+    AddressResolver, Protocol, RouteEntry, RouteKey, RouteTable, StaticResolver, TableError,
+    TableErrors,
+};
 
 /// Anything a backend can fail with.
 #[derive(Debug, thiserror::Error)]

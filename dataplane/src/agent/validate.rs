@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use flocker_wire::checks;
-use flocker_wire::{Action, Application, ConvergeRequest, Protocol, Route, RouteTarget, VolumeState};
+use flocker_wire::{
+    Action, Application, ConvergeRequest, Protocol, Route, RouteTarget, VolumeState,
+};
 
 use crate::ownership;
 use crate::volume::check_name;

@@ -911,7 +911,7 @@ async fn hostile_values_in_a_converge_are_refused_before_anything_changes() {
     let route = |port: u16, target: RouteTarget| Action::SetRoutes {
         routes: vec![Route {
             external_port: port,
-            protocol: Protocol::Tcp,
+            protocol: flocker_wire::Protocol::Tcp,
             application: "db".into(),
             target,
         }],

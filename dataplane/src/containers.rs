@@ -477,6 +477,19 @@ mod tests {
     }
 
     #[test]
+    fn udp_link_variables_follow_docker_naming() {
+        assert_eq!(
+            link_environment("dns", Protocol::Udp, 53, "198.18.0.3", 10053),
+            vec![
+                "DNS_PORT_53_UDP=udp://198.18.0.3:10053",
+                "DNS_PORT_53_UDP_ADDR=198.18.0.3",
+                "DNS_PORT_53_UDP_PORT=10053",
+                "DNS_PORT_53_UDP_PROTO=udp",
+            ]
+        );
+    }
+
+    #[test]
     fn link_variables_follow_docker_naming() {
         assert_eq!(
             link_environment("my-db", Protocol::Tcp, 5432, "198.18.0.2", 15432),

@@ -544,6 +544,39 @@ mod tests {
     }
 
     #[test]
+    fn tcp_is_left_out_of_the_json_and_udp_is_written() {
+        let tcp = PortMap::tcp(80, 8080);
+        assert_eq!(
+            serde_json::to_string(&tcp).expect("serialize"),
+            r#"{"internal":80,"external":8080}"#
+        );
+        let udp = PortMap {
+            protocol: Protocol::Udp,
+            ..tcp
+        };
+        let json = serde_json::to_string(&udp).expect("serialize");
+        assert_eq!(json, r#"{"internal":80,"external":8080,"protocol":"udp"}"#);
+        assert_eq!(serde_json::from_str::<PortMap>(&json).expect("parse"), udp);
+        assert!(
+            serde_json::from_str::<PortMap>(r#"{"internal":1,"external":2,"protocol":"sctp"}"#)
+                .is_err()
+        );
+        let mut desired = DesiredState::default();
+        let mut dns = app("dns", &[(5353, 53)]);
+        dns.ports.push(PortMap {
+            protocol: Protocol::Udp,
+            ..dns.ports[0]
+        });
+        desired.applications.insert("dns".into(), dns);
+        desired.nodes.insert("n1".into(), ["dns".into()].into());
+        let routes = desired.routes_for("n2");
+        assert_eq!(
+            routes.iter().map(|r| r.protocol).collect::<Vec<_>>(),
+            vec![Protocol::Tcp, Protocol::Udp]
+        );
+    }
+
+    #[test]
     fn restart_policy_round_trips() {
         let p = RestartPolicy::OnFailure {
             maximum_retry_count: Some(3),

@@ -24,6 +24,7 @@ use std::{
     fs::File,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
 };
 
 use aya::{
@@ -45,6 +46,7 @@ use crate::{
     },
     pins::{self, Pins},
     settings::{self, SharedSettings},
+    watch::InterfaceWatcher,
 };
 
 /// A failure loading, attaching or updating the BPF programs and maps.
@@ -675,12 +677,23 @@ fn load_tc(bpf: &mut Ebpf) -> Result<(), EbpfError> {
 }
 
 /// eBPF at the socket for the node's own and its containers' connections, eBPF at TC ingress
-/// for connections from outside to local containers, nftables for the rest.
+/// for TCP connections from outside, nftables for the rest. While routes are installed, an
+/// [`InterfaceWatcher`] re-covers interfaces and addresses as they appear, change or go (the
+/// TC program on a re-created bridge, `flk_local` and `flk_ifaddr` for a new address).
 pub struct EbpfBackend {
+    // Declared first so it stops before the state goes: its callback takes the state.
+    watcher: Option<InterfaceWatcher>,
+    state: Arc<Mutex<EbpfState>>,
+}
+
+/// Everything the backend holds, shared with the watcher's callback.
+struct EbpfState {
     cgroup: PathBuf,
     loaded: Option<Loaded>,
     outside: NftBackend,
     settings: SharedSettings,
+    /// The table last applied: what a change of interfaces is covered for.
+    table: RouteTable,
 }
 
 impl EbpfBackend {
@@ -692,24 +705,66 @@ impl EbpfBackend {
         let cgroup = resolve_cgroup(cgroup_path)?;
         let loaded = Loaded::attach(&cgroup)?;
         Ok(EbpfBackend {
-            cgroup,
-            loaded: Some(loaded),
-            outside: NftBackend::embedded(Scope::FromOutside, settings.clone()),
-            settings,
+            watcher: None,
+            state: Arc::new(Mutex::new(EbpfState {
+                cgroup,
+                loaded: Some(loaded),
+                outside: NftBackend::embedded(Scope::FromOutside, settings.clone()),
+                settings,
+                table: RouteTable::default(),
+            })),
         })
+    }
+
+    fn state(&self) -> Result<MutexGuard<'_, EbpfState>, RoutingError> {
+        self.state.lock().map_err(|_| RoutingError::Poisoned)
+    }
+
+    /// Starts watching interfaces and addresses, in the calling thread's network namespace.
+    /// Without a watcher, changes are covered at the next apply, as a warning says.
+    fn watch(&mut self) {
+        let state = Arc::downgrade(&self.state);
+        let on_change = move || {
+            let Some(state) = state.upgrade() else {
+                return;
+            };
+            let Ok(mut state) = state.lock() else {
+                warn!("eBPF routing state poisoned: interface change not covered");
+                return;
+            };
+            match state.cover_interfaces() {
+                Ok(()) => debug!("eBPF routing: interfaces and addresses re-covered"),
+                Err(error) => warn!(
+                    error = %crate::error_chain(&error),
+                    "eBPF routing: cannot cover the changed interfaces and addresses"
+                ),
+            }
+        };
+        match InterfaceWatcher::spawn(on_change) {
+            Ok(watcher) => self.watcher = Some(watcher),
+            Err(error) => warn!(
+                error = %crate::error_chain(&error),
+                "cannot watch interfaces: a new address or re-created bridge is covered at the next route change only"
+            ),
+        }
     }
 }
 
-impl RoutingBackend for EbpfBackend {
-    fn name(&self) -> &'static str {
-        "ebpf"
-    }
-
+impl EbpfState {
     fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
         if table.entries.is_empty() {
             // No routes: no programs, no pins, no table, as the node was before.
             return self.clear();
         }
+        self.program(table)?;
+        if self.table != *table {
+            self.table = table.clone();
+        }
+        Ok(())
+    }
+
+    /// Programs a non-empty `table` for the node's interfaces and addresses as they are now.
+    fn program(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
         let loaded = match &mut self.loaded {
             Some(loaded) => loaded,
             None => self.loaded.insert(Loaded::attach(&self.cgroup)?),
@@ -730,12 +785,26 @@ impl RoutingBackend for EbpfBackend {
                 settings::reserve_local_ports(&mut settings, SNAT_PORTS.0, SNAT_PORTS.1)?;
                 loaded.sysctls_set = true;
             }
-            return self.outside.apply(&outside_only_udp(table));
+            self.outside.apply(&outside_only_udp(table))
+        } else {
+            self.outside.apply(table)
         }
-        self.outside.apply(table)
+    }
+
+    /// Applies the last table again for the interfaces and addresses there are now: the
+    /// routes map is unchanged, `flk_local`, `flk_ifaddr` and the TC links follow the node.
+    fn cover_interfaces(&mut self) -> Result<(), RoutingError> {
+        if self.table.entries.is_empty() {
+            return Ok(());
+        }
+        let table = std::mem::take(&mut self.table);
+        let result = self.program(&table);
+        self.table = table;
+        result
     }
 
     fn clear(&mut self) -> Result<(), RoutingError> {
+        self.table = RouteTable::default();
         match self.loaded.take() {
             Some(loaded) => {
                 loaded.detach_all();
@@ -751,11 +820,36 @@ impl RoutingBackend for EbpfBackend {
             .restore()?;
         Ok(())
     }
+}
+
+impl RoutingBackend for EbpfBackend {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
+        if table.entries.is_empty() {
+            return self.clear();
+        }
+        self.state()?.apply(table)?;
+        if self.watcher.is_none() {
+            self.watch();
+        }
+        Ok(())
+    }
+
+    fn clear(&mut self) -> Result<(), RoutingError> {
+        // Stopped before the state is locked: a callback under way holds the lock.
+        self.watcher = None;
+        self.state()?.clear()
+    }
 
     /// The TC program skips netfilter; only the nftables table, where it carries outside
     /// traffic, can be dropped by a forward filter.
     fn warnings(&self) -> Vec<String> {
-        self.outside.warnings()
+        self.state()
+            .map(|state| state.outside.warnings())
+            .unwrap_or_default()
     }
 }
 

@@ -52,6 +52,7 @@ pub mod pins;
 pub mod rcu;
 pub mod settings;
 pub mod table;
+pub mod watch;
 
 use std::path::PathBuf;
 

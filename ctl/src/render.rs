@@ -53,10 +53,12 @@ pub fn describe(action: &Action) -> String {
                 .map(|r| match &r.target {
                     RouteTarget::Local { internal_port } => format!(
                         "{} -> {} (local :{})",
-                        r.external_port, r.application, internal_port
+                        r.port_label(),
+                        r.application,
+                        internal_port
                     ),
                     RouteTarget::Node { address } => {
-                        format!("{} -> {} (on {})", r.external_port, r.application, address)
+                        format!("{} -> {} (on {})", r.port_label(), r.application, address)
                     }
                 })
                 .collect();

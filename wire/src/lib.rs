@@ -306,6 +306,16 @@ pub struct Route {
     pub target: RouteTarget,
 }
 
+impl Route {
+    /// The route's port as people read it: `6379` for TCP, `5353/udp` for UDP.
+    pub fn port_label(&self) -> String {
+        match self.protocol {
+            Protocol::Tcp => self.external_port.to_string(),
+            Protocol::Udp => format!("{}/udp", self.external_port),
+        }
+    }
+}
+
 /// What one node reports at `GET /v1/state`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

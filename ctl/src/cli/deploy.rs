@@ -392,7 +392,8 @@ pub fn status_text(desired: &DesiredState, state: &ClusterState) -> String {
             };
             out.push_str(&format!(
                 "{node:<16} {:<6} {:<16} {target}\n",
-                r.external_port, r.application
+                r.port_label(),
+                r.application
             ));
         }
     }

@@ -15,7 +15,7 @@
 //! goes through an accept rule for the container's address in `DOCKER-USER`, as a user
 //! reaching a container directly on such a host must add; its table goes to
 //! `results/routing-docker.md`. `--protocols tcp,udp` (default both) chooses what is measured:
-//! UDP adds request/response rates (one datagram, one answer, over one client socket) of
+//! UDP adds request/response rates (one datagram, one answer, a fresh client socket each) of
 //! direct, iptables DNAT and the two backends; a UDP-only run goes to `results/routing-udp.md`.
 
 use std::{
@@ -290,8 +290,10 @@ impl Lab {
         for ns in [&client, &node] {
             ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         }
-        // Best effort: the key exists once nf_conntrack is loaded.
+        // Best effort: the keys exist once nf_conntrack is loaded. Each UDP request is a new
+        // flow (a fresh client socket), so their entries must not pile up either.
         let _ = node.sysctl("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "1");
+        let _ = node.sysctl("net.netfilter.nf_conntrack_udp_timeout", "1");
         let cgroup = Cgroup::create("bench-node")?;
         // Accept, send one byte, wait for the client to close: the cheapest possible
         // "application". The client closes first so TIME_WAIT stays on the client, as with
@@ -792,24 +794,25 @@ fn parse_sample(text: &str) -> anyhow::Result<Sample> {
     })
 }
 
-/// The UDP client process: from one unconnected socket, send one byte to `IP:PORT` and wait
-/// for the answer, for `seconds`; prints `exchanges_per_second p50_us p99_us lost`. An answer
-/// from any other address than the one sent to is an error: a client checking who answered
-/// would drop it.
+/// The UDP client process: for `seconds`, send one byte to `IP:PORT` from a fresh socket and
+/// wait for the answer, as a DNS client does (a new source port per query), so every request
+/// is a new flow that the rules must route, not a conntrack entry's next packet; prints
+/// `exchanges_per_second p50_us p99_us lost`. An answer from any other address than the one
+/// sent to is an error: a client checking who answered would drop it.
 fn udp_client(args: &[String]) -> anyhow::Result<()> {
     let [ip, port, seconds] = args else {
         bail!("usage: routing --udp-client IP PORT SECONDS");
     };
     let addr = SocketAddrV4::new(ip.parse()?, port.parse()?);
     let duration = Duration::from_secs_f64(seconds.parse()?);
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
-    socket.set_read_timeout(Some(Duration::from_millis(500)))?;
     let mut latencies = Vec::new();
     let (mut lost, mut stalled) = (0u32, Duration::ZERO);
     let mut buf = [0u8; 64];
     let start = Instant::now();
     while start.elapsed() < duration {
         let t = Instant::now();
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.set_read_timeout(Some(Duration::from_millis(500)))?;
         socket.send_to(b"q", addr)?;
         match socket.recv_from(&mut buf) {
             Ok((_, from)) => {
@@ -1068,8 +1071,8 @@ impl Report {
     fn render_udp(&self, s: &mut String, rounds: usize, seconds: f64) {
         let _ = writeln!(
             s,
-            "\n## UDP request/response\n\nOne datagram out, one answer back, from one client \
-             socket, for {seconds} s per sample; the best of {rounds} interleaved rounds, paired \
+            "\n## UDP request/response\n\nOne datagram out, one answer back, each from a fresh \
+             client socket (a new flow per request, as DNS clients do), for {seconds} s per sample; the best of {rounds} interleaved rounds, paired \
              with direct samples as for TCP. Every answer is checked to come from the address \
              the client sent to. \"outside\": client namespace -> node address -> container; \
              \"local\": a process on the node itself.\n"

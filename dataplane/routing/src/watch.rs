@@ -153,3 +153,32 @@ fn run(
         connection.abort();
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtnetlink::packet_route::{
+        address::AddressMessage, link::LinkMessage, route::RouteMessage,
+    };
+
+    #[test]
+    fn links_and_addresses_count_routes_and_errors_do_not() {
+        let inner = |m| NetlinkPayload::InnerMessage(m);
+        assert!(is_interface_change(&inner(RouteNetlinkMessage::NewLink(
+            LinkMessage::default()
+        ))));
+        assert!(is_interface_change(&inner(RouteNetlinkMessage::DelLink(
+            LinkMessage::default()
+        ))));
+        assert!(is_interface_change(&inner(
+            RouteNetlinkMessage::NewAddress(AddressMessage::default())
+        )));
+        assert!(is_interface_change(&inner(
+            RouteNetlinkMessage::DelAddress(AddressMessage::default())
+        )));
+        assert!(!is_interface_change(&inner(RouteNetlinkMessage::NewRoute(
+            RouteMessage::default()
+        ))));
+        assert!(!is_interface_change(&NetlinkPayload::Noop));
+    }
+}

@@ -14,12 +14,14 @@
 //! With `--docker`, only direct and the two backends are measured, and the direct baseline
 //! goes through an accept rule for the container's address in `DOCKER-USER`, as a user
 //! reaching a container directly on such a host must add; its table goes to
-//! `results/routing-docker.md`.
+//! `results/routing-docker.md`. `--protocols tcp,udp` (default both) chooses what is measured:
+//! UDP adds request/response rates (one datagram, one answer, a fresh client socket each) of
+//! direct, iptables DNAT and the two backends; a UDP-only run goes to `results/routing-udp.md`.
 
 use std::{
     fmt::Write as _,
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -30,7 +32,9 @@ use flocker_e2e::{
     docker::Dockerd,
     netns::{Cgroup, Netns, Switch, veth},
 };
-use flocker_routing::{RouteEntry, RouteTable, RoutingBackend, ebpf::EbpfBackend, nft::NftBackend};
+use flocker_routing::{
+    RouteEntry, RouteKey, RouteTable, RoutingBackend, ebpf::EbpfBackend, nft::NftBackend,
+};
 
 const NODE: &str = "198.18.1.1";
 const CTR: Ipv4Addr = Ipv4Addr::new(198, 19, 9, 2);
@@ -45,16 +49,26 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if args.first().map(String::as_str) == Some("--client") {
         return client(&args[1..]);
     }
+    if args.first().map(String::as_str) == Some("--udp-client") {
+        return udp_client(&args[1..]);
+    }
     let mut seconds = 1.0f64;
     let mut rounds = 3usize;
     let mut route_counts = vec![1usize, 1000, 10_000];
     let mut docker = false;
+    let (mut tcp, mut udp) = (true, true);
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--seconds" => seconds = it.next().context("--seconds S")?.parse()?,
             "--rounds" => rounds = it.next().context("--rounds N")?.parse()?,
             "--docker" => docker = true,
+            "--protocols" => {
+                let list = it.next().context("--protocols tcp,udp")?;
+                tcp = list.split(',').any(|p| p == "tcp");
+                udp = list.split(',').any(|p| p == "udp");
+                ensure!(tcp || udp, "--protocols names neither tcp nor udp");
+            }
             "--routes" => {
                 route_counts = it
                     .next()
@@ -69,6 +83,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let load_start = load_average();
     let lab = Lab::build(docker)?;
     let mut report = Report::default();
+    let mut udp_report = Report::default();
     // Every way is measured once per round and the rounds interleave, so a slow stretch of
     // the shared machine lowers one sample of every way rather than all samples of one way.
     // Each sample of a way is bracketed by two samples of the direct connection, taken just
@@ -77,6 +92,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     // drifts more between rounds than between neighbouring samples.
     for round in 0..rounds {
         eprintln!("routing: round {}/{rounds}", round + 1);
+        if udp {
+            lab.udp_round(&mut udp_report, &route_counts, seconds, docker)?;
+        }
+        if !tcp {
+            continue;
+        }
         let mut direct_before = lab.direct_sample(seconds)?;
         report.add_connections(Peer::Direct, route_counts[0], direct_before);
         let fwd = lab.iperf(false, &CTR.to_string(), IPERF_PORT)?;
@@ -118,12 +139,19 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             }
         }
     }
-    let text = report.render(rounds, seconds, &load_start, &load_average());
-    println!("{text}");
-    let name = if docker {
-        "results/routing-docker.md"
+    let mut text = if tcp {
+        report.render(rounds, seconds, &load_start, &load_average())
     } else {
-        "results/routing.md"
+        String::new()
+    };
+    if udp {
+        udp_report.render_udp(&mut text, rounds, seconds);
+    }
+    println!("{text}");
+    let name = match (docker, tcp) {
+        (true, _) => "results/routing-docker.md",
+        (false, true) => "results/routing.md",
+        (false, false) => "results/routing-udp.md",
     };
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
     std::fs::create_dir_all(out.parent().context("results dir")?)?;
@@ -262,8 +290,10 @@ impl Lab {
         for ns in [&client, &node] {
             ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         }
-        // Best effort: the key exists once nf_conntrack is loaded.
+        // Best effort: the keys exist once nf_conntrack is loaded. Each UDP request is a new
+        // flow (a fresh client socket), so their entries must not pile up either.
         let _ = node.sysctl("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "1");
+        let _ = node.sysctl("net.netfilter.nf_conntrack_udp_timeout", "1");
         let cgroup = Cgroup::create("bench-node")?;
         // Accept, send one byte, wait for the client to close: the cheapest possible
         // "application". The client closes first so TIME_WAIT stays on the client, as with
@@ -273,6 +303,14 @@ impl Lab {
             for mut s in listener.incoming().flatten() {
                 let _ = s.write_all(b"k");
                 let _ = s.read(&mut [0u8; 1]);
+            }
+        });
+        // The UDP "application": one byte back to every datagram, from the port it came to.
+        let udp = ctr.run(|| UdpSocket::bind((CTR, ECHO_PORT)))??;
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((_, from)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(b"k", from);
             }
         });
         let iperf_server = ctr
@@ -295,10 +333,10 @@ impl Lab {
     }
 
     fn table(n: usize) -> RouteTable {
-        let mut entries: std::collections::BTreeMap<u16, RouteEntry> = (0..n)
+        let mut entries: std::collections::BTreeMap<RouteKey, RouteEntry> = (0..n)
             .map(|i| {
                 (
-                    FIRST_ROUTE + i as u16,
+                    RouteKey::tcp(FIRST_ROUTE + i as u16),
                     RouteEntry::Local {
                         container: SocketAddrV4::new(CTR, ECHO_PORT),
                     },
@@ -306,7 +344,7 @@ impl Lab {
             })
             .collect();
         entries.insert(
-            IPERF_ROUTE,
+            RouteKey::tcp(IPERF_ROUTE),
             RouteEntry::Local {
                 container: SocketAddrV4::new(CTR, IPERF_PORT),
             },
@@ -376,8 +414,8 @@ impl Lab {
                         "-A {chain} -d {NODE}/32 -p tcp -m tcp --dport {port} -j DNAT --to-destination {CTR}:{to}"
                     );
                 };
-                for (port, entry) in Self::table(n).entries {
-                    let to = entry.backend().port();
+                for (key, entry) in Self::table(n).entries {
+                    let (port, to) = (key.port, entry.backend().port());
                     rule("PREROUTING", port, to);
                     rule("OUTPUT", port, to);
                 }
@@ -456,7 +494,7 @@ impl Lab {
                         if i % 2 == 0 {
                             let port = FIRST_ROUTE + i % 50;
                             next.entries.insert(
-                                port,
+                                RouteKey::tcp(port),
                                 RouteEntry::Remote {
                                     node: SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 2), port),
                                 },
@@ -471,7 +509,7 @@ impl Lab {
                     let mut adds = Vec::new();
                     for i in 0..100u16 {
                         grown.entries.insert(
-                            40000 + i,
+                            RouteKey::tcp(40000 + i),
                             RouteEntry::Local {
                                 container: SocketAddrV4::new(CTR, ECHO_PORT),
                             },
@@ -529,6 +567,150 @@ impl Lab {
         Ok(())
     }
 
+    /// `n` UDP routes to the container's echo port, as `table` for TCP.
+    fn udp_table(n: usize) -> RouteTable {
+        RouteTable {
+            entries: (0..n)
+                .map(|i| {
+                    (
+                        RouteKey::udp(FIRST_ROUTE + i as u16),
+                        RouteEntry::Local {
+                            container: SocketAddrV4::new(CTR, ECHO_PORT),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Publishes `n` UDP routes the way `peer` does; the measured port is the middle one.
+    fn program_udp(&self, peer: Peer, n: usize) -> anyhow::Result<Setup> {
+        let mut setup = Setup {
+            measured_ip: NODE.to_owned(),
+            measured_port: FIRST_ROUTE + (n / 2) as u16,
+            backend: None,
+            proxies: Vec::new(),
+            iptables: false,
+            tracking_table: false,
+            timings: None,
+        };
+        match peer {
+            Peer::Iptables => {
+                setup.iptables = true;
+                let mut rules = String::from("*nat\n");
+                for key in Self::udp_table(n).entries.keys() {
+                    for chain in ["PREROUTING", "OUTPUT"] {
+                        let _ = writeln!(
+                            rules,
+                            "-A {chain} -d {NODE}/32 -p udp -m udp --dport {} -j DNAT --to-destination {CTR}:{ECHO_PORT}",
+                            key.port
+                        );
+                    }
+                }
+                rules.push_str("COMMIT\n");
+                let mut child = self
+                    .node
+                    .command("iptables-restore")
+                    .arg("--noflush")
+                    .stdin(Stdio::piped())
+                    .spawn()?;
+                child
+                    .stdin
+                    .take()
+                    .context("stdin")?
+                    .write_all(rules.as_bytes())?;
+                ensure!(child.wait()?.success(), "iptables-restore failed");
+            }
+            Peer::Nftables | Peer::Ebpf => {
+                let table = Self::udp_table(n);
+                let cgroup = self.cgroup.path().to_owned();
+                let backend = self.node.run(move || -> anyhow::Result<_> {
+                    let mut backend: Box<dyn RoutingBackend> = if peer == Peer::Ebpf {
+                        Box::new(EbpfBackend::open(
+                            Some(&cgroup),
+                            flocker_routing::settings::KernelSettings::in_memory().shared(),
+                        )?)
+                    } else {
+                        Box::new(NftBackend::new())
+                    };
+                    backend.apply(&table)?;
+                    Ok(backend)
+                })??;
+                setup.backend = Some(backend);
+            }
+            other => bail!("UDP is not measured through {}", other.label()),
+        }
+        Ok(setup)
+    }
+
+    /// One outside and one local UDP sample straight to the container.
+    fn udp_direct_sample(&self, seconds: f64) -> anyhow::Result<Pair> {
+        let target = CTR.to_string();
+        Ok(Pair {
+            outside: self
+                .exchanges(false, &target, ECHO_PORT, seconds)
+                .context("UDP direct, outside")?,
+            local: self
+                .exchanges(true, &target, ECHO_PORT, seconds)
+                .context("UDP direct, local")?,
+        })
+    }
+
+    /// One round of UDP samples: every way and route count, each bracketed by direct samples.
+    fn udp_round(
+        &self,
+        report: &mut Report,
+        route_counts: &[usize],
+        seconds: f64,
+        docker: bool,
+    ) -> anyhow::Result<()> {
+        let mut before = self.udp_direct_sample(seconds)?;
+        report.add_connections(Peer::Direct, route_counts[0], before);
+        let ways: &[Peer] = if docker {
+            &[Peer::Nftables, Peer::Ebpf]
+        } else {
+            &[Peer::Iptables, Peer::Nftables, Peer::Ebpf]
+        };
+        for &peer in ways {
+            for &n in route_counts {
+                let mut setup = self.program_udp(peer, n)?;
+                let (ip, port) = (setup.measured_ip.clone(), setup.measured_port);
+                let outside = self
+                    .exchanges(false, &ip, port, seconds)
+                    .with_context(|| format!("UDP {} with {n} routes, outside", peer.label()))?;
+                let local = self
+                    .exchanges(true, &ip, port, seconds)
+                    .with_context(|| format!("UDP {} with {n} routes, local", peer.label()))?;
+                let sample = Pair { outside, local };
+                report.add_connections(peer, n, sample);
+                self.teardown(&mut setup)?;
+                let after = self.udp_direct_sample(seconds)?;
+                report.add_connections(Peer::Direct, route_counts[0], after);
+                report.add_ratio(peer, n, sample, before, after);
+                before = after;
+            }
+        }
+        Ok(())
+    }
+
+    /// A UDP request/response sample: this binary re-executed with `routing --udp-client`.
+    fn exchanges(&self, local: bool, ip: &str, port: u16, seconds: f64) -> anyhow::Result<Sample> {
+        let exe: PathBuf = std::env::current_exe()?;
+        let out = self
+            .client_command(local, &exe)
+            .args([
+                "routing",
+                "--udp-client",
+                ip,
+                &port.to_string(),
+                &seconds.to_string(),
+            ])
+            .stderr(Stdio::inherit())
+            .output()?;
+        ensure!(out.status.success(), "UDP client to {ip}:{port} failed");
+        parse_sample(&String::from_utf8_lossy(&out.stdout))
+    }
+
     /// One outside and one local sample of the direct connection to the container.
     fn direct_sample(&self, seconds: f64) -> anyhow::Result<Pair> {
         let target = CTR.to_string();
@@ -571,18 +753,7 @@ impl Lab {
             .stderr(Stdio::inherit())
             .output()?;
         ensure!(out.status.success(), "client to {ip}:{port} failed");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let v: Vec<f64> = text
-            .split_whitespace()
-            .map(str::parse)
-            .collect::<Result<_, _>>()?;
-        ensure!(v.len() == 4, "client printed {text:?}");
-        Ok(Sample {
-            per_second: v[0],
-            p50_us: v[1],
-            p99_us: v[2],
-            timeouts: v[3] as u32,
-        })
+        parse_sample(&String::from_utf8_lossy(&out.stdout))
     }
 
     /// Gbit/s of a 3-second iperf3 run, or `None` when it failed.
@@ -606,6 +777,79 @@ impl Drop for Lab {
         let _ = self.iperf_server.kill();
         let _ = self.iperf_server.wait();
     }
+}
+
+/// A client's line: `per_second p50_us p99_us timeouts`.
+fn parse_sample(text: &str) -> anyhow::Result<Sample> {
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    ensure!(v.len() == 4, "client printed {text:?}");
+    Ok(Sample {
+        per_second: v[0],
+        p50_us: v[1],
+        p99_us: v[2],
+        timeouts: v[3] as u32,
+    })
+}
+
+/// The UDP client process: for `seconds`, send one byte to `IP:PORT` from a fresh socket and
+/// wait for the answer, as a DNS client does (a new source port per query), so every request
+/// is a new flow that the rules must route, not a conntrack entry's next packet; prints
+/// `exchanges_per_second p50_us p99_us lost`. An answer from any other address than the one
+/// sent to is an error: a client checking who answered would drop it.
+fn udp_client(args: &[String]) -> anyhow::Result<()> {
+    let [ip, port, seconds] = args else {
+        bail!("usage: routing --udp-client IP PORT SECONDS");
+    };
+    let addr = SocketAddrV4::new(ip.parse()?, port.parse()?);
+    let duration = Duration::from_secs_f64(seconds.parse()?);
+    let mut latencies = Vec::new();
+    let (mut lost, mut stalled) = (0u32, Duration::ZERO);
+    let mut buf = [0u8; 64];
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        let t = Instant::now();
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+        socket.send_to(b"q", addr)?;
+        match socket.recv_from(&mut buf) {
+            Ok((_, from)) => {
+                ensure!(
+                    from == std::net::SocketAddr::V4(addr),
+                    "the answer to {addr} came from {from}"
+                );
+                latencies.push(t.elapsed());
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                lost += 1;
+                stalled += t.elapsed();
+                ensure!(
+                    lost <= 20,
+                    "{lost} datagrams to {addr} unanswered ({} answered)",
+                    latencies.len()
+                );
+            }
+            Err(e) => bail!("UDP {addr}: {e}"),
+        }
+    }
+    let elapsed = (start.elapsed() - stalled).as_secs_f64();
+    let n = latencies.len();
+    ensure!(n > 0, "no UDP answer from {addr}");
+    let (p50, p99) = p50_p99(&mut latencies);
+    println!(
+        "{:.0} {:.1} {:.1} {lost}",
+        n as f64 / elapsed,
+        p50.as_secs_f64() * 1e6,
+        p99.as_secs_f64() * 1e6
+    );
+    Ok(())
 }
 
 /// The 1-minute load average, to show how busy the shared machine was.
@@ -821,6 +1065,90 @@ impl Report {
             let r = fwd / direct_fwd?;
             Some((r >= 0.9, format!("{r:.2}x")))
         });
+    }
+
+    /// The UDP section: request/response rates per way and the targets on them.
+    fn render_udp(&self, s: &mut String, rounds: usize, seconds: f64) {
+        let _ = writeln!(
+            s,
+            "\n## UDP request/response\n\nOne datagram out, one answer back, each from a fresh \
+             client socket (a new flow per request, as DNS clients do), for {seconds} s per sample; the best of {rounds} interleaved rounds, paired \
+             with direct samples as for TCP. Every answer is checked to come from the address \
+             the client sent to. \"outside\": client namespace -> node address -> container; \
+             \"local\": a process on the node itself.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| way | routes | outside req/s | outside p50 / p99 µs | local req/s | local p50 / p99 µs | vs direct, paired: outside / local |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for (peer, n, o, l) in &self.conn_rows {
+            let paired = self
+                .paired(*peer, *n)
+                .map_or("1 (itself)".to_owned(), |(ro, rl)| {
+                    format!("{ro:.2}x / {rl:.2}x")
+                });
+            let _ = writeln!(
+                s,
+                "| {} | {n} | {:.0} | {:.0} / {:.0} | {:.0} | {:.0} / {:.0} | {paired} |",
+                peer.label(),
+                o.per_second,
+                o.p50_us,
+                o.p99_us,
+                l.per_second,
+                l.p50_us,
+                l.p99_us
+            );
+        }
+        let max_routes = self.conn_rows.iter().map(|r| r.1).max().unwrap_or(0);
+        let iptables = self.paired(Peer::Iptables, max_routes);
+        let mark = |ok: bool| if ok { "met" } else { "**missed**" };
+        let _ = writeln!(
+            s,
+            "\n| UDP target ({max_routes} routes) | nftables | eBPF |"
+        );
+        let _ = writeln!(s, "| --- | --- | --- |");
+        let mut row = |name: &str, f: &dyn Fn(Peer) -> Option<(bool, String)>| {
+            let cell = |p| f(p).map_or("-".to_owned(), |(ok, v)| format!("{} ({v})", mark(ok)));
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {} |",
+                cell(Peer::Nftables),
+                cell(Peer::Ebpf)
+            );
+        };
+        row("req/s within 10% of direct (outside, local)", &|p| {
+            let (ro, rl) = self.paired(p, max_routes)?;
+            Some((ro >= 0.9 && rl >= 0.9, format!("{ro:.2}x, {rl:.2}x")))
+        });
+        row("req/s >= 2.5x iptables (outside, local)", &|p| {
+            let (o, l) = self.paired(p, max_routes)?;
+            let (i_o, i_l) = iptables?;
+            let (ro, rl) = (o / i_o, l / i_l);
+            Some((ro >= 2.5 && rl >= 2.5, format!("{ro:.2}x, {rl:.2}x")))
+        });
+        if !self.timeouts.is_empty() {
+            let listed: Vec<String> = self
+                .timeouts
+                .iter()
+                .map(|(peer, n, place, count)| {
+                    format!("{} with {n} routes, {place}: {count}", peer.label())
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "\nDatagrams left unanswered for 0.5 s (left out of the rate): {}.",
+                listed.join("; ")
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nNotes: UDP from outside takes the nftables chains with both backends (the eBPF \
+             backend's TC program carries TCP only), so its outside column measures the same \
+             DNAT and conntrack path as the nftables backend's; the eBPF backend's local \
+             datagrams are sent to the container by `cgroup/sendmsg4` and their answers given \
+             the node's address back by `cgroup/recvmsg4`, with no NAT."
+        );
     }
 
     fn render(&self, rounds: usize, seconds: f64, load_start: &str, load_end: &str) -> String {

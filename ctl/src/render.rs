@@ -54,10 +54,12 @@ fn describe_table(routes: &[Route]) -> String {
         .map(|r| match &r.target {
             RouteTarget::Local { internal_port } => format!(
                 "{} -> {} (local :{})",
-                r.external_port, r.application, internal_port
+                r.port_label(),
+                r.application,
+                internal_port
             ),
             RouteTarget::Node { address } => {
-                format!("{} -> {} (on {})", r.external_port, r.application, address)
+                format!("{} -> {} (on {})", r.port_label(), r.application, address)
             }
         })
         .collect();

@@ -1009,6 +1009,7 @@ async fn hostile_values_in_a_converge_are_refused_before_anything_changes() {
     let route = |port: u16, target: RouteTarget| Action::SetRoutes {
         routes: vec![Route {
             external_port: port,
+            protocol: flocker_wire::Protocol::Tcp,
             application: "db".into(),
             target,
         }],
@@ -1292,10 +1293,7 @@ async fn agents_follow_the_route_map_and_refuse_one_that_does_not_fit() {
         .expect("client");
     let service = |name: &str, external: u16| Application {
         name: name.into(),
-        ports: vec![PortMap {
-            internal: 80,
-            external,
-        }],
+        ports: vec![PortMap::tcp(80, external)],
         volume: None,
         ..app()
     };
@@ -1341,7 +1339,10 @@ async fn agents_follow_the_route_map_and_refuse_one_that_does_not_fit() {
     };
     let mut elsewhere = map.clone();
     elsewhere.ports.insert(
-        7000,
+        flocker_wire::routes::PortKey {
+            port: 7000,
+            protocol: flocker_wire::Protocol::Tcp,
+        },
         PortRoute {
             application: "ghost".into(),
             node: "198.18.9.9".into(),
@@ -1349,7 +1350,10 @@ async fn agents_follow_the_route_map_and_refuse_one_that_does_not_fit() {
         },
     );
     let mut stolen = map.clone();
-    if let Some(p) = stolen.ports.get_mut(&9090) {
+    if let Some(p) = stolen.ports.get_mut(&flocker_wire::routes::PortKey {
+        port: 9090,
+        protocol: flocker_wire::Protocol::Tcp,
+    }) {
         p.node = A.into();
     }
     for (request, expect) in [

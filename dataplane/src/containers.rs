@@ -19,7 +19,7 @@ use bollard::models::{
     HealthConfig, HealthStatusEnum, HostConfig, HostConfigLogConfig, ResourcesUlimits,
     RestartPolicy as DockerRestart, RestartPolicyNameEnum,
 };
-use flocker_wire::{Application, ContainerSettings, DesiredState, HealthCheck, RouteMap};
+use flocker_wire::{Application, ContainerSettings, DesiredState, HealthCheck, Protocol, RouteMap};
 use futures_util::StreamExt;
 
 pub const LABEL_MANAGED: &str = "flocker.managed";
@@ -48,7 +48,7 @@ pub struct ContainerSpec {
     pub image: String,
     pub env: Vec<String>,
     pub labels: BTreeMap<String, String>,
-    pub exposed_ports: Vec<u16>,
+    pub exposed_ports: Vec<(u16, Protocol)>,
     /// `host_path:container_path` bind mounts.
     pub binds: Vec<String>,
     pub memory: Option<u64>,
@@ -109,29 +109,40 @@ pub fn container_name_of(app: &Application) -> String {
 
 /// The node that serves a link's remote port: the node the route map names for it (a
 /// converge request carries the linked ports), else the node hosting the application with
-/// that external port in the desired state, else this node (every node routes every
-/// external port).
+/// that external port and protocol in the desired state, else this node (every node routes
+/// every external port).
 pub fn link_host(
     desired: &DesiredState,
     routes: Option<&RouteMap>,
     me: &str,
+    protocol: Protocol,
     remote_port: u16,
 ) -> String {
-    if let Some(p) = routes.and_then(|m| m.ports.get(&remote_port)) {
+    if let Some(p) = routes.and_then(|m| m.get(protocol, remote_port)) {
         return p.node.clone();
     }
     desired
         .applications
         .values()
-        .find(|a| a.ports.iter().any(|p| p.external == remote_port))
+        .find(|a| {
+            a.ports
+                .iter()
+                .any(|p| p.external == remote_port && p.protocol == protocol)
+        })
         .and_then(|a| desired.node_of(&a.name))
         .unwrap_or(me)
         .to_string()
 }
 
-/// Docker-style link variables: `<ALIAS>_PORT_<local>_TCP=tcp://host:remote` plus its
-/// `_ADDR`, `_PORT` and `_PROTO` siblings.
-pub fn link_environment(alias: &str, local: u16, host: &str, remote: u16) -> Vec<String> {
+/// Docker-style link variables: `<ALIAS>_PORT_<local>_TCP=tcp://host:remote` (`_UDP` and
+/// `udp://` for a UDP port) plus its `_ADDR`, `_PORT` and `_PROTO` siblings.
+pub fn link_environment(
+    alias: &str,
+    protocol: Protocol,
+    local: u16,
+    host: &str,
+    remote: u16,
+) -> Vec<String> {
     let alias: String = alias
         .chars()
         .map(|c| {
@@ -142,12 +153,13 @@ pub fn link_environment(alias: &str, local: u16, host: &str, remote: u16) -> Vec
             }
         })
         .collect();
-    let base = format!("{alias}_PORT_{local}_TCP");
+    let proto = protocol.as_str();
+    let base = format!("{alias}_PORT_{local}_{}", proto.to_ascii_uppercase());
     vec![
-        format!("{base}=tcp://{host}:{remote}"),
+        format!("{base}={proto}://{host}:{remote}"),
         format!("{base}_ADDR={host}"),
         format!("{base}_PORT={remote}"),
-        format!("{base}_PROTO=tcp"),
+        format!("{base}_PROTO={proto}"),
     ]
 }
 
@@ -166,9 +178,10 @@ pub fn container_spec(
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     for link in &app.links {
-        let host = link_host(desired, routes, me, link.remote_port);
+        let host = link_host(desired, routes, me, link.protocol, link.remote_port);
         env.extend(link_environment(
             &link.alias,
+            link.protocol,
             link.local_port,
             &host,
             link.remote_port,
@@ -209,9 +222,10 @@ fn non_empty_map(map: &BTreeMap<String, String>) -> Option<HashMap<String, Strin
 }
 
 /// The routed internal ports and the ones only exposed, each once, in order.
-fn exposed_ports(app: &Application) -> Vec<u16> {
-    let mut ports: Vec<u16> = app.ports.iter().map(|p| p.internal).collect();
-    ports.extend(&app.container.expose);
+fn exposed_ports(app: &Application) -> Vec<(u16, Protocol)> {
+    let mut ports: Vec<(u16, Protocol)> =
+        app.ports.iter().map(|p| (p.internal, p.protocol)).collect();
+    ports.extend(app.container.expose.iter().map(|&p| (p, Protocol::Tcp)));
     ports.sort_unstable();
     ports.dedup();
     ports
@@ -404,7 +418,7 @@ impl ContainerRuntime for DockerRuntime {
             exposed_ports: Some(
                 spec.exposed_ports
                     .iter()
-                    .map(|p| (format!("{p}/tcp"), HashMap::new()))
+                    .map(|(port, protocol)| (format!("{port}/{protocol}"), HashMap::new()))
                     .collect(),
             ),
             cmd: settings.command.clone(),
@@ -599,6 +613,7 @@ mod tests {
             ports: vec![PortMap {
                 internal: 6379,
                 external: 16379,
+                protocol: Protocol::Tcp,
             }],
             volume: Some(VolumeSpec {
                 mountpoint: "/data".into(),
@@ -617,9 +632,22 @@ mod tests {
     }
 
     #[test]
+    fn udp_link_variables_follow_docker_naming() {
+        assert_eq!(
+            link_environment("dns", Protocol::Udp, 53, "198.18.0.3", 10053),
+            vec![
+                "DNS_PORT_53_UDP=udp://198.18.0.3:10053",
+                "DNS_PORT_53_UDP_ADDR=198.18.0.3",
+                "DNS_PORT_53_UDP_PORT=10053",
+                "DNS_PORT_53_UDP_PROTO=udp",
+            ]
+        );
+    }
+
+    #[test]
     fn link_variables_follow_docker_naming() {
         assert_eq!(
-            link_environment("my-db", 5432, "198.18.0.2", 15432),
+            link_environment("my-db", Protocol::Tcp, 5432, "198.18.0.2", 15432),
             vec![
                 "MY_DB_PORT_5432_TCP=tcp://198.18.0.2:15432",
                 "MY_DB_PORT_5432_TCP_ADDR=198.18.0.2",
@@ -639,6 +667,7 @@ mod tests {
             local_port: 6379,
             remote_port: 16379,
             alias: "redis".into(),
+            protocol: Protocol::Tcp,
         }];
         let mut desired = DesiredState::default();
         desired.applications.insert("db".into(), db.clone());
@@ -657,7 +686,10 @@ mod tests {
         );
         // What a converge request carries: web's share and the linked port of the map.
         let share = desired.for_node("198.18.0.1");
-        let linked = desired.route_map().only([16379]);
+        let linked = desired.route_map().only([flocker_wire::routes::PortKey {
+            port: 16379,
+            protocol: Protocol::Tcp,
+        }]);
         let sized = container_spec(&web, None, &share, Some(&linked), "198.18.0.1").expect("spec");
         assert_eq!(sized.env, spec.env);
         assert!(spec.env.contains(&"MODE=x".to_string()));
@@ -674,7 +706,7 @@ mod tests {
         assert_eq!(spec.name, "flocker-db");
         assert_eq!(spec.image, "redis-flocker:latest");
         assert_eq!(spec.binds, vec!["/pool/flocker/db:/data"]);
-        assert_eq!(spec.exposed_ports, vec![6379]);
+        assert_eq!(spec.exposed_ports, vec![(6379, Protocol::Tcp)]);
         assert_eq!((spec.memory, spec.cpu_shares), (Some(64 << 20), Some(512)));
         let label = &spec.labels[LABEL_APPLICATION];
         let back: Application = serde_json::from_str(label).expect("label json");
@@ -693,7 +725,10 @@ mod tests {
         let spec = container_spec(&db, None, &desired, None, "198.18.0.2").expect("spec");
         assert_eq!(spec.labels["com.example.team"], "storage");
         assert_eq!(spec.labels[LABEL_MANAGED], "true");
-        assert_eq!(spec.exposed_ports, vec![6379, 9121]);
+        assert_eq!(
+            spec.exposed_ports,
+            vec![(6379, Protocol::Tcp), (9121, Protocol::Tcp)]
+        );
         assert_eq!(spec.settings, db.container);
     }
 }

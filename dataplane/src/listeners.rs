@@ -1,15 +1,25 @@
-//! The TCP ports this node's own services listen on, from `/proc/net/tcp` and
-//! `/proc/net/tcp6` of the agent's network namespace. Routing such a port to an application
-//! would take it from the service (ssh on 22, a database on the host) for every connection
-//! from outside, so the agent refuses it.
+//! The TCP and UDP ports this node's own services listen on, from `/proc/net/{tcp,udp}{,6}`
+//! of the agent's network namespace. Routing such a port to an application would take it
+//! from the service (ssh on 22, a DNS server on 53) for every connection from outside, so
+//! the agent refuses it.
 
 use std::collections::BTreeSet;
 
+use flocker_wire::Protocol;
+
 /// `st` of a listening socket in `/proc/net/tcp`.
 const LISTEN: &str = "0A";
+/// `st` of a bound, unconnected UDP socket in `/proc/net/udp` (`TCP_CLOSE`): one that
+/// receives from anyone, which is what a UDP server is.
+const UDP_UNCONNECTED: &str = "07";
 
 /// The local ports of listening sockets in one `/proc/net/tcp*` table.
 pub fn parse_listening(table: &str) -> BTreeSet<u16> {
+    parse_state(table, LISTEN)
+}
+
+/// The local ports of sockets in `state` in one `/proc/net/{tcp,udp}*` table.
+fn parse_state(table: &str, wanted: &str) -> BTreeSet<u16> {
     table
         .lines()
         .skip(1)
@@ -17,7 +27,7 @@ pub fn parse_listening(table: &str) -> BTreeSet<u16> {
             let mut fields = line.split_whitespace();
             let local = fields.nth(1)?;
             let state = fields.nth(1)?;
-            if state != LISTEN {
+            if state != wanted {
                 return None;
             }
             let (_, port) = local.rsplit_once(':')?;
@@ -26,13 +36,27 @@ pub fn parse_listening(table: &str) -> BTreeSet<u16> {
         .collect()
 }
 
-/// The listening TCP ports of this network namespace (IPv4 and IPv6); a table that cannot
-/// be read (no IPv6) counts as empty.
-pub fn listening_ports() -> BTreeSet<u16> {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
+/// The listening TCP ports and bound UDP ports of this network namespace (IPv4 and IPv6); a
+/// table that cannot be read (no IPv6) counts as empty.
+pub fn listening_ports() -> BTreeSet<(Protocol, u16)> {
+    let tables = [
+        ("/proc/net/tcp", Protocol::Tcp, LISTEN),
+        ("/proc/net/tcp6", Protocol::Tcp, LISTEN),
+        ("/proc/net/udp", Protocol::Udp, UDP_UNCONNECTED),
+        ("/proc/net/udp6", Protocol::Udp, UDP_UNCONNECTED),
+    ];
+    tables
         .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .flat_map(|t| parse_listening(&t))
+        .filter_map(|(path, protocol, state)| {
+            let text = std::fs::read_to_string(path).ok()?;
+            Some(
+                parse_state(&text, state)
+                    .into_iter()
+                    .map(|port| (*protocol, port))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .flatten()
         .collect()
 }
 
@@ -49,5 +73,10 @@ mod tests {
 ";
         assert_eq!(parse_listening(table), BTreeSet::from([22, 4523]));
         assert!(parse_listening("garbage\nmore garbage").is_empty());
+        let udp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  1: 00000000:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2 0 0
+  2: 0B0012C6:A000 0C0012C6:0035 01 00000000:00000000 00:00000000 00000000     0        0 2 2 0 0
+";
+        assert_eq!(parse_state(udp, UDP_UNCONNECTED), BTreeSet::from([53]));
     }
 }

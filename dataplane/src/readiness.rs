@@ -340,13 +340,7 @@ mod tests {
                 repository: "x".into(),
                 tag: "latest".into(),
             },
-            ports: ports
-                .iter()
-                .map(|&p| PortMap {
-                    internal: p,
-                    external: p,
-                })
-                .collect(),
+            ports: ports.iter().map(|&p| PortMap::tcp(p, p)).collect(),
             volume: None,
             environment: Default::default(),
             links: vec![],

@@ -274,6 +274,7 @@ mod tests {
     fn route(port: u16, target: RouteTarget) -> Route {
         Route {
             external_port: port,
+            protocol: flocker_wire::Protocol::Tcp,
             application: format!("app{port}"),
             target,
         }

@@ -557,3 +557,72 @@ async fn a_silent_peer_fails_converge_and_peer_calls_within_its_timeout_naming_i
     tcp.abort();
     http.abort();
 }
+
+/// A node named by its IPv6 address: its certificate names that address, the agent listens
+/// on it, and users and the node itself reach the API through the client by that name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_named_by_an_ipv6_address_serves_its_api_over_ipv6() {
+    const V6: &str = "::1";
+    let ip: std::net::IpAddr = V6.parse().expect("ip");
+    let Ok(probe) = std::net::TcpListener::bind((ip, 0)) else {
+        eprintln!("no IPv6 loopback here; skipped");
+        return;
+    };
+    let port = probe.local_addr().expect("addr").port();
+    drop(probe);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca");
+    ca::init(&ca, "test").expect("ca");
+    ca::issue_node(&ca, V6).expect("node");
+    ca::issue_user(&ca, "admin").expect("user");
+    let node_files = TlsFiles {
+        ca_cert: ca.join("cluster.crt"),
+        cert: ca.join(format!("nodes/{V6}.crt")),
+        key: ca.join(format!("nodes/{V6}.key")),
+    };
+    let trust = tls::trust(&node_files, Some(&ca.join("cluster.crl"))).expect("trust");
+    let root = dir.path().join("v6");
+    let volumes =
+        Arc::new(DirBackend::open(&root.join("volumes"), Arc::new(SystemRunner)).expect("dir"));
+    let peers = AgentClient::new(
+        tls::client_config_with(&node_files, &trust).expect("client tls"),
+        port,
+    );
+    let agent = Arc::new(Agent::new(
+        V6.to_string(),
+        volumes,
+        Arc::new(NoContainers),
+        peers,
+        RouteStore::open(root.join("routes.json"), None).expect("routes"),
+    ));
+    let listener = crate::server::bind(std::net::SocketAddr::new(ip, port))
+        .await
+        .expect("bind [::1]");
+    let server_tls = tls::server_config_with(&node_files, &trust).expect("server tls");
+    tokio::spawn(crate::server::serve(
+        listener,
+        server_tls,
+        agent,
+        ServerLimits::default(),
+    ));
+    let user = TlsFiles {
+        ca_cert: ca.join("cluster.crt"),
+        cert: ca.join("users/admin.crt"),
+        key: ca.join("users/admin.key"),
+    };
+    let client = AgentClient::new(tls::client_config(&user).expect("client tls"), port);
+    let state = client.state(V6).await.expect("state over IPv6");
+    assert_eq!(state.address, V6);
+    // The node's own certificate is a node's: health yes, state no.
+    let node = AgentClient::new(tls::client_config(&node_files).expect("node tls"), port);
+    let (status, _) = node
+        .request(V6, Method::GET, paths::HEALTH, full(vec![]))
+        .await
+        .expect("health over IPv6");
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = node
+        .request(V6, Method::GET, paths::STATE, full(vec![]))
+        .await
+        .expect("answer");
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body:?}");
+}

@@ -478,6 +478,7 @@ fn busybox_app() -> Application {
         ports: vec![PortMap {
             internal: 80,
             external: 8080,
+            protocol: flocker_wire::Protocol::Tcp,
         }],
         volume: Some(VolumeSpec {
             mountpoint: "/www".into(),

@@ -15,8 +15,9 @@ static ROUTING_OBJECT: &Aligned<[u8]> =
     &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/routing.bpf.o")));
 
 /// `routing.bpf.c`: programs `flk_connect4` (`cgroup/connect4`), `flk_getpeername4`
-/// (`cgroup/getpeername4`) and `flk_tc_ingress` (TC classifier); maps `flk_routes`,
-/// `flk_local`, `flk_orig`, `flk_fwd`, `flk_rev` and `flk_ifaddr`.
+/// (`cgroup/getpeername4`), `flk_sendmsg4` (`cgroup/sendmsg4`), `flk_recvmsg4`
+/// (`cgroup/recvmsg4`) and `flk_tc_ingress` (TC classifier); maps `flk_routes`,
+/// `flk_local`, `flk_orig`, `flk_udp_orig`, `flk_fwd`, `flk_rev` and `flk_ifaddr`.
 pub static ROUTING: &[u8] = &ROUTING_OBJECT.0;
 
 #[cfg(test)]

@@ -2,13 +2,16 @@
 //
 // Routing for Flocker in two parts.
 //
-// Socket level: a connect() from a process in the attached cgroup to a routed TCP port on one
-// of this node's own addresses is rewritten to the backend (a local container or the hosting
-// node) before the socket is bound to a destination, so its packets need no per-packet NAT.
-// getpeername() is rewritten back so the application sees the address it dialled.
+// Socket level: a connect() from a process in the attached cgroup to a routed TCP or UDP port
+// on one of this node's own addresses is rewritten to the backend (a local container or the
+// hosting node) before the socket is bound to a destination, so its packets need no per-packet
+// NAT. getpeername() is rewritten back so the application sees the address it dialled. An
+// unconnected UDP socket's sendmsg() to a routed port is rewritten the same way, datagram by
+// datagram, and its recvmsg() rewrites the source of the backend's replies back to the address
+// the client sent to (flk_udp_orig), so a client that checks who answered accepts them.
 //
-// Packet level (flk_tc_ingress, attached to the ingress of the node's interfaces): the first
-// packet of a TCP connection to a routed port on a node address starts a flow. Its packets
+// Packet level (flk_tc_ingress, attached to the ingress of the node's interfaces; TCP only,
+// UDP from outside takes the nftables path): the first packet of a TCP connection to a routed port on a node address starts a flow. Its packets
 // are rewritten to the backend and redirected to the interface the backend is reached
 // through, and the backend's replies are rewritten back and redirected to the client, so
 // these connections bypass netfilter and conntrack. When the backend is another node, or
@@ -20,7 +23,8 @@
 //
 // All values in the maps use the byte order the kernel uses in struct bpf_sock_addr: the
 // address as the four network-order bytes, the port as the network-order 16-bit value in the
-// low half of a 32-bit word.
+// low half of a 32-bit word. A flk_routes key is such a port with the IP protocol number in
+// bits 16-23 (route_key).
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -43,7 +47,7 @@ struct backend {
 
 #define FLK_REMOTE (1u << 16)
 
-// external port -> backend; updated in place by the agent.
+// (protocol, external port) -> backend; updated in place by the agent.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
@@ -67,23 +71,85 @@ struct {
 	__type(value, struct backend);
 } flk_orig SEC(".maps");
 
+// A UDP socket and the backend it sent to: whose replies recvmsg() rewrites.
+struct udp_peer {
+	__u64 cookie;
+	__u32 addr;
+	__u32 port;
+};
+
+// (socket, backend) -> the address the application sent to, for recvmsg() on UDP sockets.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct udp_peer);
+	__type(value, struct backend);
+} flk_udp_orig SEC(".maps");
+
+static __always_inline __u32 route_key(__u32 port, __u32 protocol)
+{
+	return (port & 0xffff) | (protocol << 16);
+}
+
+// The backend of a routed TCP or UDP destination on a node address, or NULL.
+static __always_inline struct backend *routed(struct bpf_sock_addr *ctx)
+{
+	__u32 protocol = ctx->protocol;
+	if (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
+		return NULL;
+	__u32 daddr = ctx->user_ip4;
+	if (!bpf_map_lookup_elem(&flk_local, &daddr))
+		return NULL;
+	__u32 key = route_key(ctx->user_port, protocol);
+	return bpf_map_lookup_elem(&flk_routes, &key);
+}
+
+// Rewrites the destination to the backend `b`, remembering for UDP replies what it was.
+static __always_inline void redirect(struct bpf_sock_addr *ctx, const struct backend *b,
+				     __u64 cookie)
+{
+	struct backend orig = { .addr = ctx->user_ip4, .port = ctx->user_port };
+	if (ctx->protocol == IPPROTO_UDP) {
+		struct udp_peer peer = { .cookie = cookie, .addr = b->addr, .port = b->port & 0xffff };
+		bpf_map_update_elem(&flk_udp_orig, &peer, &orig, BPF_ANY);
+	}
+	ctx->user_ip4 = b->addr;
+	ctx->user_port = b->port & 0xffff;
+}
+
 SEC("cgroup/connect4")
 int flk_connect4(struct bpf_sock_addr *ctx)
 {
-	if (ctx->protocol != IPPROTO_TCP)
-		return 1;
-	__u32 daddr = ctx->user_ip4;
-	__u32 dport = ctx->user_port;
-	if (!bpf_map_lookup_elem(&flk_local, &daddr))
-		return 1;
-	struct backend *b = bpf_map_lookup_elem(&flk_routes, &dport);
+	struct backend *b = routed(ctx);
 	if (!b)
 		return 1;
-	struct backend orig = { .addr = daddr, .port = dport };
+	struct backend orig = { .addr = ctx->user_ip4, .port = ctx->user_port };
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	bpf_map_update_elem(&flk_orig, &cookie, &orig, BPF_ANY);
-	ctx->user_ip4 = b->addr;
-	ctx->user_port = b->port & 0xffff;
+	redirect(ctx, b, cookie);
+	return 1;
+}
+
+SEC("cgroup/sendmsg4")
+int flk_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	struct backend *b = routed(ctx);
+	if (!b)
+		return 1;
+	redirect(ctx, b, bpf_get_socket_cookie(ctx));
+	return 1;
+}
+
+SEC("cgroup/recvmsg4")
+int flk_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	struct udp_peer peer = { .cookie = bpf_get_socket_cookie(ctx), .addr = ctx->user_ip4,
+				 .port = ctx->user_port & 0xffff };
+	struct backend *orig = bpf_map_lookup_elem(&flk_udp_orig, &peer);
+	if (!orig)
+		return 1;
+	ctx->user_ip4 = orig->addr;
+	ctx->user_port = orig->port;
 	return 1;
 }
 
@@ -357,7 +423,7 @@ static __always_inline int from_client(struct __sk_buff *skb, const struct tuple
 			return TC_ACT_OK;
 		nat = *known;
 	} else {
-		__u32 key = t->dport;
+		__u32 key = route_key(t->dport, IPPROTO_TCP);
 		struct backend *b = bpf_map_lookup_elem(&flk_routes, &key);
 		if (!b)
 			return TC_ACT_OK;

@@ -13,7 +13,11 @@ pub const REDIS_IMAGE: &str = "redis-flocker:latest";
 /// A busybox image whose default command serves `/www` over HTTP on port 80.
 pub const BUSYBOX_IMAGE: &str = "busybox-flocker:latest";
 
-/// Builds both images into the Docker daemon at `docker_host` (`unix:///...`), unless it
+/// A UDP echo server on port 5353: each datagram comes back to its sender, from the port it
+/// was sent to (socat, one short-lived child per datagram).
+pub const UDP_ECHO_IMAGE: &str = "udp-echo-flocker:latest";
+
+/// Builds the images into the Docker daemon at `docker_host` (`unix:///...`), unless it
 /// already has them.
 pub fn ensure_images(docker_host: &str) -> Result<()> {
     if !has_image(docker_host, BUSYBOX_IMAGE)? {
@@ -22,6 +26,14 @@ pub fn ensure_images(docker_host: &str) -> Result<()> {
             &["/bin/busybox"],
             &["CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"80\", \"-h\", \"/www\"]"],
             BUSYBOX_IMAGE,
+        )?;
+    }
+    if !has_image(docker_host, UDP_ECHO_IMAGE)? {
+        import(
+            docker_host,
+            &["/bin/busybox", "/usr/bin/socat"],
+            &["CMD [\"/usr/bin/socat\", \"UDP-RECVFROM:5353,fork\", \"EXEC:/bin/cat\"]"],
+            UDP_ECHO_IMAGE,
         )?;
     }
     if !has_image(docker_host, REDIS_IMAGE)? {

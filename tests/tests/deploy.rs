@@ -4,10 +4,12 @@
 //!
 //! One test walks the whole life of a deployment, because bringing a cluster up costs far
 //! more than each step: deploy, read through every node, a no-op second deploy, a move with
-//! its data, a restart in place, a swap, a removal, and an agent killed during a move.
+//! its data, a restart in place, a swap, a removal, and an agent killed during a move. A UDP
+//! echo application rides along: reachable through every node, answering from the address
+//! the client sent to, before and after it moves, and gone once removed.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -38,7 +40,16 @@ applications:
       - local_port: 6379
         remote_port: 6379
         alias: db
+  echo:
+    image: udp-echo-flocker:latest
+    ports:
+      - internal: 5353
+        external: 5353
+        protocol: udp
 ";
+
+/// The UDP echo application's external port.
+const ECHO_PORT: u16 = 5353;
 
 fn deployment(placement: &[(&ClusterNode, &[&str])]) -> String {
     let mut out = String::from("version: 1\nnodes:\n");
@@ -97,6 +108,49 @@ fn http_get(node: &ClusterNode, port: u16) -> Result<String> {
     let mut body = String::new();
     stream.read_to_string(&mut body)?;
     Ok(body)
+}
+
+/// One datagram to `node`'s echo port and its answer, which must come back from where it
+/// was sent; a few tries, since the first datagram may meet a container still starting.
+fn udp_echo(node: &ClusterNode) -> Result<()> {
+    let to: SocketAddr = format!("{}:{ECHO_PORT}", node.address).parse()?;
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(Duration::from_millis(700)))?;
+    let payload = format!("hello {}", node.name);
+    let mut buf = [0u8; 512];
+    for _ in 0..10 {
+        socket.send_to(payload.as_bytes(), to)?;
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            ensure!(
+                &buf[..n] == payload.as_bytes(),
+                "UDP echo through {} answered {:?}",
+                node.name,
+                String::from_utf8_lossy(&buf[..n])
+            );
+            ensure!(
+                from == to,
+                "UDP echo through {} answered from {from}",
+                node.name
+            );
+            return Ok(());
+        }
+    }
+    bail!("no UDP echo through {} ({to})", node.name)
+}
+
+/// No answer from `node`'s echo port.
+fn udp_closed(node: &ClusterNode) -> Result<bool> {
+    let to: SocketAddr = format!("{}:{ECHO_PORT}", node.address).parse()?;
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(Duration::from_millis(700)))?;
+    let mut buf = [0u8; 512];
+    for _ in 0..2 {
+        socket.send_to(b"anyone?", to)?;
+        if socket.recv_from(&mut buf).is_ok() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn docker(node: &ClusterNode, args: &[&str]) -> Result<String> {
@@ -206,10 +260,10 @@ fn scenario(routing: &str) -> Result<()> {
     let files = Files::new()?;
     let apps = files.write("application.yml", APPLICATIONS);
 
-    // 1. Deploy: redis on n1, web on n3.
+    // 1. Deploy: redis on n1, echo on n2, web on n3.
     let first = files.write(
         "d1.yml",
-        &deployment(&[(&n1, &["redis"]), (&n2, &[]), (&n3, &["web"])]),
+        &deployment(&[(&n1, &["redis"]), (&n2, &["echo"]), (&n3, &["web"])]),
     );
     deploy_ok(&cluster, &first, &apps)?;
     let mut r = redis_at(&n1)?;
@@ -226,6 +280,9 @@ fn scenario(routing: &str) -> Result<()> {
         );
     }
     assert!(http_get(&n1, 8080)?.contains("flocker"), "web through n1");
+    for node in [&n1, &n2, &n3] {
+        udp_echo(node)?;
+    }
     assert_single_owner(&volume_copies(&cluster, &first, &apps)?, &n1);
     // Which path carried those connections: the eBPF backend's TC program leaves no DNAT'd
     // conntrack entry on any node (into the node hosting Redis, and on from the others), the
@@ -251,7 +308,7 @@ fn scenario(routing: &str) -> Result<()> {
     let again = deploy_ok(&cluster, &first, &apps)?;
     assert!(again.contains("nothing to do"), "second deploy: {again}");
 
-    // 3. Move redis to n2 with its data.
+    // 3. Move redis to n2 with its data, and echo to n1.
     let id = container_of(&n1, "redis-flocker:latest")?.context("redis on n1")?;
     docker(
         &n1,
@@ -269,7 +326,7 @@ fn scenario(routing: &str) -> Result<()> {
     let before = volume_checksum(&n1)?;
     let moved = files.write(
         "d2.yml",
-        &deployment(&[(&n1, &[]), (&n2, &["redis"]), (&n3, &["web"])]),
+        &deployment(&[(&n1, &["echo"]), (&n2, &["redis"]), (&n3, &["web"])]),
     );
     let plan = deploy_ok(&cluster, &moved, &apps)?;
     assert!(plan.contains("pre-copy"), "a move pre-copies: {plan}");
@@ -285,6 +342,14 @@ fn scenario(routing: &str) -> Result<()> {
     );
     let got = redis_at(&n3)?.command(&["GET", "key7"])?;
     assert_eq!(got.as_deref(), Some("value7"), "keys read back through n3");
+    assert_eq!(
+        container_of(&n2, "udp-echo-flocker:latest")?,
+        None,
+        "echo left n2"
+    );
+    for node in [&n1, &n2, &n3] {
+        udp_echo(node)?;
+    }
     let copies = volume_copies(&cluster, &moved, &apps)?;
     assert_single_owner(&copies, &n2);
     assert!(
@@ -322,7 +387,7 @@ fn scenario(routing: &str) -> Result<()> {
     // 5. Swap: redis to n3, web to n2.
     let swapped = files.write(
         "d3.yml",
-        &deployment(&[(&n1, &[]), (&n2, &["web"]), (&n3, &["redis"])]),
+        &deployment(&[(&n1, &["echo"]), (&n2, &["web"]), (&n3, &["redis"])]),
     );
     deploy_ok(&cluster, &swapped, &changed)?;
     assert_eq!(volume_checksum(&n3)?, before, "data intact after the swap");
@@ -332,7 +397,7 @@ fn scenario(routing: &str) -> Result<()> {
     );
     assert_single_owner(&volume_copies(&cluster, &swapped, &changed)?, &n3);
 
-    // 6. Remove web: it stops and its port closes everywhere.
+    // 6. Remove web and echo: they stop and their ports close everywhere.
     let only_redis = "version: 1\napplications:\n".to_string()
         + APPLICATIONS
             .split("  web:")
@@ -356,6 +421,7 @@ fn scenario(routing: &str) -> Result<()> {
             "8080 closed on {}",
             node.name
         );
+        assert!(udp_closed(node)?, "UDP 5353 closed on {}", node.name);
     }
 
     // 7. Kill the source agent while redis moves to n1, restart it, deploy again.

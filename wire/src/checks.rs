@@ -205,7 +205,7 @@ pub fn health_check_problem(check: &crate::HealthCheck) -> Option<String> {
 /// keyed by their own name and placed on at most one node, external ports claimed once.
 pub fn desired_problems(desired: &DesiredState) -> Vec<String> {
     let mut out = Vec::new();
-    let mut ports: BTreeMap<u16, &str> = BTreeMap::new();
+    let mut ports: BTreeMap<(crate::Protocol, u16), &str> = BTreeMap::new();
     for (key, app) in &desired.applications {
         if key != &app.name {
             out.push(format!(
@@ -215,10 +215,10 @@ pub fn desired_problems(desired: &DesiredState) -> Vec<String> {
         }
         out.extend(application_problems(app));
         for port in &app.ports {
-            if let Some(first) = ports.insert(port.external, &app.name) {
+            if let Some(first) = ports.insert((port.protocol, port.external), &app.name) {
                 out.push(format!(
-                    "external port {} is claimed by both {first:?} and {:?}",
-                    port.external, app.name
+                    "external port {}/{} is claimed by both {first:?} and {:?}",
+                    port.external, port.protocol, app.name
                 ));
             }
         }
@@ -346,7 +346,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::{Image, Link, PortMap, RestartPolicy, VolumeSpec};
+    use crate::{Image, Link, PortMap, Protocol, RestartPolicy, VolumeSpec};
 
     fn app(name: &str) -> Application {
         Application {
@@ -358,6 +358,7 @@ mod tests {
             ports: vec![PortMap {
                 internal: 6379,
                 external: 6379,
+                protocol: Protocol::Tcp,
             }],
             volume: Some(VolumeSpec {
                 mountpoint: "/data".into(),
@@ -414,6 +415,7 @@ mod tests {
             local_port: 0,
             remote_port: 1,
             alias: "$(reboot)".into(),
+            protocol: Protocol::Tcp,
         });
         bad.ports[0].external = 0;
         let problems = application_problems(&bad).join("\n");
@@ -438,7 +440,7 @@ mod tests {
         let problems = desired_problems(&d).join("\n");
         for needle in [
             "application \"db\" carries the name \"web\"",
-            "external port 6379 is claimed by both",
+            "external port 6379/tcp is claimed by both",
             "\"a b\" is neither an IP address nor a hostname",
             "unknown application \"ghost\"",
             "placed on both",

@@ -44,13 +44,80 @@ impl fmt::Display for Image {
     }
 }
 
-/// One TCP port the application listens on (`internal`) and the cluster-wide port routed to
-/// it from every node (`external`).
+/// The transport protocol of a routed port. TCP is the default and is left out of the JSON,
+/// so the wire form of every TCP port, link and route is what it was before UDP existed.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// Both protocols, TCP first.
+    pub const ALL: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
+
+    /// For `skip_serializing_if`: TCP is the default and is not written.
+    pub fn is_tcp(&self) -> bool {
+        *self == Protocol::Tcp
+    }
+
+    /// `"tcp"` or `"udp"`, as Docker and compose spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    /// The IP protocol number (`IPPROTO_TCP` or `IPPROTO_UDP`).
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
+    /// Parses `"tcp"` or `"udp"` (lower case, as compose writes them).
+    pub fn parse(text: &str) -> Option<Protocol> {
+        match text {
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One port the application listens on (`internal`) and the cluster-wide port routed to
+/// it from every node (`external`), for one protocol. The same external port may be published
+/// once per protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortMap {
     pub internal: u16,
     pub external: u16,
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    pub protocol: Protocol,
+}
+
+impl PortMap {
+    /// A TCP port.
+    pub fn tcp(internal: u16, external: u16) -> PortMap {
+        PortMap {
+            internal,
+            external,
+            protocol: Protocol::Tcp,
+        }
+    }
 }
 
 /// The application's volume: where it is mounted in the container and an optional quota.
@@ -65,13 +132,16 @@ pub struct VolumeSpec {
 }
 
 /// A link to another application's external port, exposed in the container as Docker-style
-/// `<ALIAS>_PORT_<local_port>_TCP=tcp://<host>:<remote_port>` variables.
+/// `<ALIAS>_PORT_<local_port>_TCP=tcp://<host>:<remote_port>` variables (`_UDP=udp://...`
+/// for a UDP port).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Link {
     pub local_port: u16,
     pub remote_port: u16,
     pub alias: String,
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    pub protocol: Protocol,
 }
 
 /// What Docker does when the container exits.
@@ -256,6 +326,7 @@ impl DesiredState {
                     };
                     routes.push(Route {
                         external_port: port.external,
+                        protocol: port.protocol,
                         application: name.clone(),
                         target,
                     });
@@ -322,8 +393,20 @@ pub enum RouteTarget {
 #[serde(deny_unknown_fields)]
 pub struct Route {
     pub external_port: u16,
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    pub protocol: Protocol,
     pub application: String,
     pub target: RouteTarget,
+}
+
+impl Route {
+    /// The route's port as people read it: `6379` for TCP, `5353/udp` for UDP.
+    pub fn port_label(&self) -> String {
+        match self.protocol {
+            Protocol::Tcp => self.external_port.to_string(),
+            Protocol::Udp => format!("{}/udp", self.external_port),
+        }
+    }
 }
 
 /// What one node reports at `GET /v1/state`.
@@ -526,7 +609,7 @@ mod tests {
             },
             ports: ports
                 .iter()
-                .map(|&(internal, external)| PortMap { internal, external })
+                .map(|&(internal, external)| PortMap::tcp(internal, external))
                 .collect(),
             volume: None,
             environment: BTreeMap::new(),
@@ -579,6 +662,39 @@ mod tests {
         );
         let back: NodeAction = serde_json::from_str(&json).expect("parse");
         assert_eq!(back, action);
+    }
+
+    #[test]
+    fn tcp_is_left_out_of_the_json_and_udp_is_written() {
+        let tcp = PortMap::tcp(80, 8080);
+        assert_eq!(
+            serde_json::to_string(&tcp).expect("serialize"),
+            r#"{"internal":80,"external":8080}"#
+        );
+        let udp = PortMap {
+            protocol: Protocol::Udp,
+            ..tcp
+        };
+        let json = serde_json::to_string(&udp).expect("serialize");
+        assert_eq!(json, r#"{"internal":80,"external":8080,"protocol":"udp"}"#);
+        assert_eq!(serde_json::from_str::<PortMap>(&json).expect("parse"), udp);
+        assert!(
+            serde_json::from_str::<PortMap>(r#"{"internal":1,"external":2,"protocol":"sctp"}"#)
+                .is_err()
+        );
+        let mut desired = DesiredState::default();
+        let mut dns = app("dns", &[(5353, 53)]);
+        dns.ports.push(PortMap {
+            protocol: Protocol::Udp,
+            ..dns.ports[0]
+        });
+        desired.applications.insert("dns".into(), dns);
+        desired.nodes.insert("n1".into(), ["dns".into()].into());
+        let routes = desired.routes_for("n2");
+        assert_eq!(
+            routes.iter().map(|r| r.protocol).collect::<Vec<_>>(),
+            vec![Protocol::Tcp, Protocol::Udp]
+        );
     }
 
     #[test]

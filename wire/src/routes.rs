@@ -11,7 +11,57 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{DesiredState, Route, RouteTarget};
+use crate::{DesiredState, Protocol, Route, RouteTarget};
+
+/// An external port and its protocol: the key of the route map. In JSON it is the port
+/// number for TCP (`"6379"`) and `PORT/udp` for UDP (`"53/udp"`), so a map of TCP ports
+/// reads as it did before UDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortKey {
+    /// First, so keys order by port and then protocol, as route tables do.
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl std::fmt::Display for PortKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.protocol {
+            Protocol::Tcp => write!(f, "{}", self.port),
+            other => write!(f, "{}/{other}", self.port),
+        }
+    }
+}
+
+impl std::str::FromStr for PortKey {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (port, protocol) = match text.split_once('/') {
+            Some((port, protocol)) => (
+                port,
+                Protocol::parse(protocol).ok_or_else(|| format!("unknown protocol in {text:?}"))?,
+            ),
+            None => (text, Protocol::Tcp),
+        };
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| format!("{text:?} is not a port"))?;
+        Ok(PortKey { protocol, port })
+    }
+}
+
+impl Serialize for PortKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// Where one external port leads: the application that claims it, the node it runs on and
 /// the port it listens on there.
@@ -23,11 +73,11 @@ pub struct PortRoute {
     pub internal_port: u16,
 }
 
-/// External port -> where it leads, for the whole cluster.
+/// External port (per protocol) -> where it leads, for the whole cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct RouteMap {
-    pub ports: BTreeMap<u16, PortRoute>,
+    pub ports: BTreeMap<PortKey, PortRoute>,
 }
 
 impl RouteMap {
@@ -36,8 +86,13 @@ impl RouteMap {
     pub fn routes_for(&self, node: &str) -> Vec<Route> {
         self.ports
             .iter()
-            .map(|(&external_port, p)| route(external_port, p, node))
+            .map(|(&key, p)| route(key, p, node))
             .collect()
+    }
+
+    /// Where an external port of a protocol leads, if anywhere.
+    pub fn get(&self, protocol: Protocol, port: u16) -> Option<&PortRoute> {
+        self.ports.get(&PortKey { protocol, port })
     }
 
     /// Only the routes of `node` that lead into its own containers.
@@ -45,17 +100,17 @@ impl RouteMap {
         self.ports
             .iter()
             .filter(|(_, p)| p.node == node)
-            .map(|(&external_port, p)| route(external_port, p, node))
+            .map(|(&key, p)| route(key, p, node))
             .collect()
     }
 
     /// The map restricted to `ports` (those a node's links name), for a request that needs
     /// to locate a few ports rather than route them all.
-    pub fn only(&self, ports: impl IntoIterator<Item = u16>) -> RouteMap {
+    pub fn only(&self, ports: impl IntoIterator<Item = PortKey>) -> RouteMap {
         RouteMap {
             ports: ports
                 .into_iter()
-                .filter_map(|port| self.ports.get(&port).map(|p| (port, p.clone())))
+                .filter_map(|key| self.ports.get(&key).map(|p| (key, p.clone())))
                 .collect(),
         }
     }
@@ -76,7 +131,7 @@ impl RouteMap {
     }
 }
 
-fn route(external_port: u16, p: &PortRoute, node: &str) -> Route {
+fn route(key: PortKey, p: &PortRoute, node: &str) -> Route {
     let target = if p.node == node {
         RouteTarget::Local {
             internal_port: p.internal_port,
@@ -87,7 +142,8 @@ fn route(external_port: u16, p: &PortRoute, node: &str) -> Route {
         }
     };
     Route {
-        external_port,
+        external_port: key.port,
+        protocol: key.protocol,
         application: p.application.clone(),
         target,
     }
@@ -104,7 +160,11 @@ impl DesiredState {
                     continue;
                 };
                 for port in &app.ports {
-                    ports.entry(port.external).or_insert_with(|| PortRoute {
+                    let key = PortKey {
+                        protocol: port.protocol,
+                        port: port.external,
+                    };
+                    ports.entry(key).or_insert_with(|| PortRoute {
                         application: name.clone(),
                         node: node.clone(),
                         internal_port: port.internal,
@@ -174,6 +234,35 @@ impl DesiredState {
 }
 
 #[cfg(test)]
+mod port_key_tests {
+    use super::*;
+
+    #[test]
+    fn keys_read_as_before_for_tcp_and_name_udp() {
+        let mut map = RouteMap::default();
+        for (protocol, port) in [(Protocol::Tcp, 53), (Protocol::Udp, 53)] {
+            map.ports.insert(
+                PortKey { protocol, port },
+                PortRoute {
+                    application: "dns".into(),
+                    node: "198.18.0.1".into(),
+                    internal_port: 53,
+                },
+            );
+        }
+        let json = serde_json::to_string(&map).expect("json");
+        assert!(
+            json.starts_with("{\"53\":{") && json.contains("\"53/udp\":{"),
+            "{json}"
+        );
+        let back: RouteMap = serde_json::from_str(&json).expect("back");
+        assert_eq!(back, map);
+        assert!(serde_json::from_str::<RouteMap>("{\"53/sctp\":{}}").is_err());
+        assert!(map.get(Protocol::Udp, 53).is_some() && map.get(Protocol::Tcp, 54).is_none());
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
@@ -227,6 +316,12 @@ mod tests {
                             PortMap {
                                 internal,
                                 external: next_port,
+                                // Some UDP ports, so the map keys by protocol too.
+                                protocol: if next_port.is_multiple_of(3) {
+                                    crate::Protocol::Udp
+                                } else {
+                                    crate::Protocol::Tcp
+                                },
                             }
                         })
                         .collect();
@@ -299,16 +394,9 @@ mod tests {
     #[test]
     fn the_version_changes_with_any_port_and_only_then() {
         let mut desired = DesiredState::default();
-        desired.applications.insert(
-            "web".into(),
-            app(
-                "web",
-                vec![PortMap {
-                    internal: 80,
-                    external: 8080,
-                }],
-            ),
-        );
+        desired
+            .applications
+            .insert("web".into(), app("web", vec![PortMap::tcp(80, 8080)]));
         desired
             .nodes
             .insert("198.18.0.1".into(), ["web".to_string()].into());
@@ -323,16 +411,9 @@ mod tests {
             .insert("198.18.0.2".into(), ["web".to_string()].into());
         assert_ne!(moved.route_map().version(), before);
         let mut renumbered = desired.clone();
-        renumbered.applications.insert(
-            "web".into(),
-            app(
-                "web",
-                vec![PortMap {
-                    internal: 81,
-                    external: 8080,
-                }],
-            ),
-        );
+        renumbered
+            .applications
+            .insert("web".into(), app("web", vec![PortMap::tcp(81, 8080)]));
         assert_ne!(renumbered.route_map().version(), before);
     }
 }

@@ -424,7 +424,8 @@ pub fn status_text(desired: &DesiredState, state: &ClusterState) -> String {
             };
             out.push_str(&format!(
                 "{node:<16} {:<6} {:<16} {target}\n",
-                r.external_port, r.application
+                r.port_label(),
+                r.application
             ));
         }
         if let Some(version) = &n.routes_version {

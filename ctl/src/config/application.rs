@@ -3,13 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use flocker_wire::{Application, Link, PortMap, RestartPolicy, VolumeSpec};
+use flocker_wire::{Application, Link, PortMap, Protocol, RestartPolicy, VolumeSpec};
 
 use super::ApplicationConfig;
 use super::fields::{
     PortClaim, Sink, alias_problem, application_name_problem, check_external_ports, check_keys,
     env_name_problem, env_value, expect_list, expect_map, find, join, mountpoint_problem, port,
-    positive_int, require, size, string,
+    positive_int, protocol, require, size, string,
 };
 use super::image::parse_image;
 use super::settings::{
@@ -145,21 +145,37 @@ fn parse_one(
             ) else {
                 continue;
             };
-            check_keys(sink, fields, &["internal", "external"], &item_path);
+            check_keys(
+                sink,
+                fields,
+                &["internal", "external", "protocol"],
+                &item_path,
+            );
+            // Absent means TCP, so every file written before UDP existed keeps its meaning.
+            let protocol = match find(fields, "protocol") {
+                Some(f) => protocol(sink, &f.value, &join(&item_path, "protocol")),
+                None => Some(Protocol::Tcp),
+            };
             let internal = require(sink, fields, "internal", item.mark, &item_path)
                 .and_then(|f| port(sink, &f.value, &join(&item_path, "internal")));
             let external = require(sink, fields, "external", item.mark, &item_path).and_then(|f| {
                 let p = port(sink, &f.value, &join(&item_path, "external"))?;
                 claims.push(PortClaim {
                     external: p,
+                    protocol: protocol.unwrap_or_default(),
                     application: name.to_owned(),
                     mark: f.value.mark,
                     path: join(&item_path, "external"),
                 });
                 Some(p)
             });
-            if let (Some(internal), Some(external)) = (internal, external) {
-                ports.push(PortMap { internal, external });
+            if let (Some(internal), Some(external), Some(protocol)) = (internal, external, protocol)
+            {
+                ports.push(PortMap {
+                    internal,
+                    external,
+                    protocol,
+                });
             }
         }
     }
@@ -243,9 +259,13 @@ fn parse_one(
             check_keys(
                 sink,
                 fields,
-                &["local_port", "remote_port", "alias"],
+                &["local_port", "remote_port", "alias", "protocol"],
                 &item_path,
             );
+            let link_protocol = match find(fields, "protocol") {
+                Some(f) => protocol(sink, &f.value, &join(&item_path, "protocol")),
+                None => Some(Protocol::Tcp),
+            };
             let local_port = require(sink, fields, "local_port", item.mark, &item_path)
                 .and_then(|f| port(sink, &f.value, &join(&item_path, "local_port")));
             let remote_port = require(sink, fields, "remote_port", item.mark, &item_path)
@@ -261,13 +281,14 @@ fn parse_one(
                     None => Some(text.to_owned()),
                 }
             });
-            if let (Some(local_port), Some(remote_port), Some(alias)) =
-                (local_port, remote_port, alias)
+            if let (Some(local_port), Some(remote_port), Some(alias), Some(protocol)) =
+                (local_port, remote_port, alias, link_protocol)
             {
                 links.push(Link {
                     local_port,
                     remote_port,
                     alias,
+                    protocol,
                 });
             }
         }

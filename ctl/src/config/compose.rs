@@ -9,7 +9,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use flocker_wire::{Application, FileContent, FileKind, Link, PortMap, RestartPolicy, VolumeSpec};
+use flocker_wire::{
+    Application, FileContent, FileKind, Link, PortMap, Protocol, RestartPolicy, VolumeSpec,
+};
 
 use super::fields::{
     PortClaim, Sink, alias_problem, application_name_problem, check_external_ports,
@@ -397,6 +399,7 @@ fn resolve_links(
                 local_port: port.internal,
                 remote_port: port.external,
                 alias: link.alias.clone(),
+                protocol: port.protocol,
             });
         }
     }
@@ -488,6 +491,7 @@ fn parse_service(
             if let Some(map) = compose_port(sink, item, &item_path) {
                 collected.claims.push(PortClaim {
                     external: map.external,
+                    protocol: map.protocol,
                     application: name.to_owned(),
                     mark: item.mark,
                     path: item_path,
@@ -878,7 +882,8 @@ fn deploy_limits(sink: &mut Sink<'_>, node: &Node, path: &str) -> DeployLimits {
     limits
 }
 
-/// `"EXTERNAL:INTERNAL"` (optionally `/tcp`), or the long form `{target, published}`.
+/// `"EXTERNAL:INTERNAL"` (optionally `/tcp` or `/udp`), or the long form
+/// `{target, published, protocol}`.
 fn compose_port(sink: &mut Sink<'_>, item: &Node, path: &str) -> Option<PortMap> {
     if let Kind::Map(fields) = &item.kind {
         super::fields::check_keys(sink, fields, &["target", "published", "protocol"], path);
@@ -894,19 +899,14 @@ fn compose_port(sink: &mut Sink<'_>, item: &Node, path: &str) -> Option<PortMap>
                     None => port(sink, &f.value, &ppath),
                 }
             });
-        if let Some(p) = find(fields, "protocol")
-            && p.value.as_str() != Some("tcp")
-        {
-            sink.error(
-                p.value.mark,
-                join(path, "protocol"),
-                "only tcp ports are routed",
-            );
-            return None;
-        }
+        let protocol = match find(fields, "protocol") {
+            Some(p) => super::fields::protocol(sink, &p.value, &join(path, "protocol")),
+            None => Some(Protocol::Tcp),
+        };
         return Some(PortMap {
             internal: internal?,
             external: external?,
+            protocol: protocol?,
         });
     }
     let text = match item.as_scalar().map(|s| (s, s.resolve())) {
@@ -924,17 +924,19 @@ fn compose_port(sink: &mut Sink<'_>, item: &Node, path: &str) -> Option<PortMap>
             return None;
         }
     };
-    let spec = match text.strip_suffix("/tcp") {
-        Some(s) => s,
-        None if text.contains('/') => {
-            sink.error(
-                item.mark,
-                path,
-                format!("{text:?}: only tcp ports are routed"),
-            );
-            return None;
-        }
-        None => text.as_str(),
+    let (spec, protocol) = match text.split_once('/') {
+        None => (text.as_str(), Protocol::Tcp),
+        Some((spec, suffix)) => match Protocol::parse(suffix) {
+            Some(protocol) => (spec, protocol),
+            None => {
+                sink.error(
+                    item.mark,
+                    path,
+                    format!("{text:?}: only tcp and udp ports are routed"),
+                );
+                return None;
+            }
+        },
     };
     let parts: Vec<&str> = spec.split(':').collect();
     match parts.as_slice() {
@@ -954,6 +956,7 @@ fn compose_port(sink: &mut Sink<'_>, item: &Node, path: &str) -> Option<PortMap>
             Some(PortMap {
                 internal: internal.ok()?,
                 external: external.ok()?,
+                protocol,
             })
         }
         [single] => {

@@ -11,6 +11,8 @@ pub use flocker_wire::checks::{
     alias_problem, application_name_problem, env_name_problem, mountpoint_problem,
 };
 
+use flocker_wire::Protocol;
+
 use super::Diagnostic;
 use super::size::{SizeError, parse_size};
 use super::yaml::{Entry, Kind, Mark, Node, Resolved};
@@ -307,19 +309,41 @@ pub fn env_value(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<String>
     }
 }
 
+/// A port's `protocol:` value: `tcp` or `udp`.
+pub fn protocol(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Protocol> {
+    let parsed = node.as_str().and_then(Protocol::parse);
+    if parsed.is_none() {
+        sink.error(
+            node.mark,
+            path,
+            format!("expected `tcp` or `udp`, found {}", node.describe()),
+        );
+    }
+    parsed
+}
+
+/// A port as messages name it: `8080` for TCP (as before UDP existed), `53/udp` otherwise.
+pub fn port_label(protocol: Protocol, port: u16) -> String {
+    match protocol {
+        Protocol::Tcp => port.to_string(),
+        Protocol::Udp => format!("{port}/udp"),
+    }
+}
+
 /// One external port claimed by an application, with where it was written.
 #[derive(Debug, Clone)]
 pub struct PortClaim {
     pub external: u16,
+    pub protocol: Protocol,
     pub application: String,
     pub mark: Mark,
     pub path: String,
 }
 
-/// External ports are routed on every node, so each one may be claimed only once in the
-/// cluster. Reports every claim after the first.
+/// External ports are routed on every node, so each one may be claimed only once per protocol
+/// in the cluster. Reports every claim after the first.
 pub fn check_external_ports(sink: &mut Sink<'_>, claims: &[PortClaim]) {
-    let mut first: BTreeMap<u16, &PortClaim> = BTreeMap::new();
+    let mut first: BTreeMap<(Protocol, u16), &PortClaim> = BTreeMap::new();
     for claim in claims {
         if claim.external == flocker_wire::checks::DEFAULT_AGENT_PORT {
             sink.error(
@@ -332,18 +356,20 @@ pub fn check_external_ports(sink: &mut Sink<'_>, claims: &[PortClaim]) {
                 ),
             );
         }
-        match first.get(&claim.external) {
+        match first.get(&(claim.protocol, claim.external)) {
             Some(earlier) => sink.error(
                 claim.mark,
                 claim.path.clone(),
                 format!(
                     "external port {} is already claimed by `{}` (line {}); each external port \
                      is routed cluster-wide to one application",
-                    claim.external, earlier.application, earlier.mark.line
+                    port_label(claim.protocol, claim.external),
+                    earlier.application,
+                    earlier.mark.line
                 ),
             ),
             None => {
-                first.insert(claim.external, claim);
+                first.insert((claim.protocol, claim.external), claim);
             }
         }
     }

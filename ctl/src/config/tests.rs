@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use flocker_wire::{Application, Image, Link, PortMap, RestartPolicy, VolumeSpec};
+use flocker_wire::{Application, Image, Link, PortMap, Protocol, RestartPolicy, VolumeSpec};
 
 use super::*;
 
@@ -105,7 +105,8 @@ applications:
             },
             ports: vec![PortMap {
                 internal: 5432,
-                external: 15432
+                external: 15432,
+                protocol: Protocol::Tcp,
             }],
             volume: Some(VolumeSpec {
                 mountpoint: "/var/lib/db".into(),
@@ -120,7 +121,8 @@ applications:
             links: vec![Link {
                 local_port: 6379,
                 remote_port: 16379,
-                alias: "cache".into()
+                alias: "cache".into(),
+                protocol: Protocol::Tcp,
             }],
             mem_limit: Some(512 << 20),
             cpu_shares: Some(512),
@@ -607,6 +609,123 @@ fn fig_services_may_be_named_like_sections() {
 }
 
 #[test]
+fn udp_ports_in_compose_short_and_long_form() {
+    let parsed = apps(
+        "services:
+  dns:
+    image: x
+    ports:
+      - \"53:5353/udp\"
+      - \"53:5353\"
+      - {target: 9125, published: 8125, protocol: udp}
+      - {target: 80, published: 8080, protocol: tcp}
+",
+    );
+    assert_eq!(
+        parsed["dns"].ports,
+        vec![
+            PortMap {
+                internal: 5353,
+                external: 53,
+                protocol: Protocol::Udp,
+            },
+            PortMap::tcp(5353, 53),
+            PortMap {
+                internal: 9125,
+                external: 8125,
+                protocol: Protocol::Udp,
+            },
+            PortMap::tcp(80, 8080),
+        ]
+    );
+    assert_eq!(
+        app_errors(
+            "services:\n  a:\n    image: x\n    ports:\n      - {target: 1, published: 2, protocol: sctp}\n"
+        ),
+        vec!["5:45: a/ports[0]/protocol: expected `tcp` or `udp`, found the string \"sctp\""]
+    );
+}
+
+#[test]
+fn udp_ports_in_the_native_format() {
+    let parsed = apps(
+        "version: 1
+applications:
+  dns:
+    image: x
+    ports:
+      - {internal: 5353, external: 53, protocol: udp}
+      - {internal: 5353, external: 53}
+  app:
+    image: y
+    links: [{local_port: 53, remote_port: 53, alias: dns, protocol: udp}]
+",
+    );
+    assert_eq!(
+        parsed["dns"].ports,
+        vec![
+            PortMap {
+                internal: 5353,
+                external: 53,
+                protocol: Protocol::Udp,
+            },
+            PortMap::tcp(5353, 53),
+        ]
+    );
+    assert_eq!(parsed["app"].links[0].protocol, Protocol::Udp);
+    assert_eq!(
+        app_errors(
+            "version: 1\napplications:\n  a:\n    image: x\n    ports: [{internal: 1, external: 2, protocol: UDP}]\n"
+        ),
+        vec!["5:50: a/ports[0]/protocol: expected `tcp` or `udp`, found the string \"UDP\""]
+    );
+}
+
+#[test]
+fn an_external_port_is_claimed_once_per_protocol() {
+    assert_eq!(
+        app_errors(
+            "services:
+  a:
+    image: x
+    ports: [\"53:53/udp\", \"53:53\"]
+  b:
+    image: y
+    ports: [\"53:53/udp\"]
+"
+        ),
+        vec![
+            "7:13: b/ports[0]: external port 53/udp is already claimed by `a` (line 4); each external port \
+             is routed cluster-wide to one application"
+        ]
+    );
+}
+
+#[test]
+fn compose_links_to_udp_ports_carry_the_protocol() {
+    let parsed = apps(
+        "services:\n  dns:\n    image: x\n    ports: ['53:5353/udp', '8053:80']\n  app:\n    image: y\n    links: ['dns:ns']\n",
+    );
+    assert_eq!(
+        parsed["app"].links,
+        vec![
+            Link {
+                local_port: 5353,
+                remote_port: 53,
+                alias: "ns".into(),
+                protocol: Protocol::Udp,
+            },
+            Link {
+                local_port: 80,
+                remote_port: 8053,
+                alias: "ns".into(),
+                protocol: Protocol::Tcp,
+            },
+        ]
+    );
+}
+
+#[test]
 fn compose_link_without_alias_uses_the_service_name() {
     let parsed = apps(
         "services:\n  db:\n    image: x\n    ports: ['5432:15432']\n  app:\n    image: y\n    links: [db]\n",
@@ -616,7 +735,8 @@ fn compose_link_without_alias_uses_the_service_name() {
         vec![Link {
             local_port: 15432,
             remote_port: 5432,
-            alias: "db".into()
+            alias: "db".into(),
+            protocol: Protocol::Tcp,
         }]
     );
 }
@@ -656,7 +776,7 @@ fn compose_keys_that_cannot_be_honoured_are_refused_by_name() {
 #[test]
 fn compose_port_forms() {
     let errors = app_errors(
-        "web:\n  image: x\n  ports:\n    - \"80\"\n    - \"127.0.0.1:80:80\"\n    - \"53:53/udp\"\n    - \"1-3:1-3\"\n    - \"0:80\"\n    - 8080\n",
+        "web:\n  image: x\n  ports:\n    - \"80\"\n    - \"127.0.0.1:80:80\"\n    - \"53:53/sctp\"\n    - \"1-3:1-3\"\n    - \"0:80\"\n    - 8080\n",
     );
     assert_eq!(
         errors,
@@ -665,7 +785,7 @@ fn compose_port_forms() {
              cluster; give the external port too, e.g. \"80:80\"",
             "5:7: web/ports[1]: \"127.0.0.1:80:80\": binding to a host address cannot be honoured; write \
              \"EXTERNAL:INTERNAL\"",
-            "6:7: web/ports[2]: \"53:53/udp\": only tcp ports are routed",
+            "6:7: web/ports[2]: \"53:53/sctp\": only tcp and udp ports are routed",
             "7:7: web/ports[3]: \"1-3:1-3\": port ranges are not supported, list each port",
             "8:7: web/ports[4]: \"0:80\": port 0 is outside 1..65535",
             "9:7: web/ports[5]: \"8080\" publishes the port on a random host port, which cannot be routed across \

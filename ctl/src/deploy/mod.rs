@@ -281,14 +281,19 @@ impl<'a> RequestParts<'a> {
             let body = ConvergeBody::encode(&share, routes, actions).map_err(encode)?;
             return Ok((body, routes.map_or(0, EncodedRoutes::len)));
         }
-        let linked: Vec<u16> = actions
+        let linked: Vec<flocker_wire::routes::PortKey> = actions
             .iter()
             .filter_map(|a| match a {
                 Action::StartApplication { application }
                 | Action::RestartApplication { application } => Some(application),
                 _ => None,
             })
-            .flat_map(|app| app.links.iter().map(|l| l.remote_port))
+            .flat_map(|app| {
+                app.links.iter().map(|l| flocker_wire::routes::PortKey {
+                    port: l.remote_port,
+                    protocol: l.protocol,
+                })
+            })
             .collect();
         let routes = if linked.is_empty() {
             None

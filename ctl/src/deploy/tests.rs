@@ -560,10 +560,7 @@ fn service(name: &str, external: u16, links_to: Option<u16>) -> flocker_wire::Ap
             repository: "busybox".into(),
             tag: "latest".into(),
         },
-        ports: vec![flocker_wire::PortMap {
-            internal: 80,
-            external,
-        }],
+        ports: vec![flocker_wire::PortMap::tcp(80, external)],
         volume: None,
         environment: BTreeMap::new(),
         links: links_to
@@ -571,6 +568,7 @@ fn service(name: &str, external: u16, links_to: Option<u16>) -> flocker_wire::Ap
                 local_port: 80,
                 remote_port,
                 alias: "peer".into(),
+                protocol: flocker_wire::Protocol::Tcp,
             })
             .into_iter()
             .collect(),
@@ -650,7 +648,10 @@ fn each_node_gets_its_share_and_the_map_only_where_it_needs_it() {
         let expected = if follows {
             Some(map.clone())
         } else if starts_web {
-            Some(map.only([9090]))
+            Some(map.only([flocker_wire::routes::PortKey {
+                port: 9090,
+                protocol: flocker_wire::Protocol::Tcp,
+            }]))
         } else {
             None
         };

@@ -28,6 +28,7 @@ fn app(name: &str, external: u16, volume: bool) -> Application {
         ports: vec![PortMap {
             internal: 80,
             external,
+            protocol: flocker_wire::Protocol::Tcp,
         }],
         volume: volume.then(|| VolumeSpec {
             mountpoint: "/data".into(),

@@ -98,7 +98,10 @@ mod tests {
             .insert("198.18.0.1".into(), Default::default());
         let mut map = RouteMap::default();
         map.ports.insert(
-            8080,
+            flocker_wire::routes::PortKey {
+                port: 8080,
+                protocol: flocker_wire::Protocol::Tcp,
+            },
             flocker_wire::PortRoute {
                 application: "web".into(),
                 node: "198.18.0.1".into(),

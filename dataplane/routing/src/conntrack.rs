@@ -3,9 +3,12 @@
 //! 5-tuple to the old backend. The dump is filtered here rather than by the kernel, whose
 //! flush filters differ between versions.
 //!
-//! Only entries that were DNAT'd (`IPS_DST_NAT`), are TCP, whose original destination port is
-//! one of the given ports and whose DNAT target (the source of the reply tuple) is not the
-//! port's current backend are deleted: connections made after the change stay untouched.
+//! Only entries that were DNAT'd (`IPS_DST_NAT`), are TCP or UDP, whose original protocol and
+//! destination port are one of the given routes and whose DNAT target (the source of the
+//! reply tuple) is not the route's current backend are deleted: connections made after the
+//! change stay untouched. For UDP this matters even more than for TCP: a client that keeps
+//! sending from one socket keeps its conntrack entry alive forever, and with it the old
+//! backend.
 
 use std::{
     collections::BTreeMap,
@@ -21,6 +24,8 @@ use nix::sys::socket::{
     socket,
 };
 use tracing::{debug, warn};
+
+use crate::table::{Protocol, RouteKey};
 
 /// A failure talking ctnetlink.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +63,7 @@ const NLA_TYPE_MASK: u16 = 0x3fff;
 const NLA_F_NESTED: u16 = 0x8000;
 const IPS_DST_NAT: u32 = 1 << 5;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
 const AF_INET: u8 = 2;
 const ENOENT: i32 = 2;
 
@@ -100,9 +106,9 @@ fn attrs(mut b: &[u8]) -> Result<Vec<Attr<'_>>, ConntrackError> {
     Ok(out)
 }
 
-/// Which backend each changed port routes to now: `None` when the port is no longer routed.
-/// Entries of these ports that DNAT to any other backend are stale.
-pub type CurrentBackends = BTreeMap<u16, Option<SocketAddrV4>>;
+/// Which backend each changed route routes to now: `None` when it is no longer routed.
+/// Entries of these routes that DNAT to any other backend are stale.
+pub type CurrentBackends = BTreeMap<RouteKey, Option<SocketAddrV4>>;
 
 /// Protocol, source and destination port of a `CTA_TUPLE_PROTO` payload.
 #[derive(Default)]
@@ -188,10 +194,15 @@ pub fn entry_to_forget<'a>(
             fields = proto_fields(outer.payload)?;
         }
     }
-    if fields.proto != Some(IPPROTO_TCP) {
-        return Ok(None);
-    }
-    let Some(backend) = fields.dport.and_then(|p| current.get(&p)) else {
+    let protocol = match fields.proto {
+        Some(IPPROTO_TCP) => Protocol::Tcp,
+        Some(IPPROTO_UDP) => Protocol::Udp,
+        _ => return Ok(None),
+    };
+    let Some(backend) = fields
+        .dport
+        .and_then(|port| current.get(&RouteKey { protocol, port }))
+    else {
         return Ok(None);
     };
     let target = match reply {
@@ -265,7 +276,7 @@ fn read_until(
     }
 }
 
-/// Deletes the DNAT'd TCP conntrack entries of the changed ports that point at a backend
+/// Deletes the DNAT'd TCP and UDP conntrack entries of the changed routes that point at a backend
 /// other than the port's current one, in the caller's network namespace. Returns how many
 /// were deleted.
 pub fn forget_stale(ports: &CurrentBackends) -> Result<usize, ConntrackError> {
@@ -464,18 +475,23 @@ mod tests {
     }
 
     #[test]
-    fn only_stale_dnated_tcp_entries_of_the_ports_are_forgotten() {
+    fn only_stale_dnated_entries_of_the_routes_are_forgotten() {
         let old = SocketAddrV4::new(Ipv4Addr::new(172, 17, 0, 2), 6379);
         let new = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 7000);
-        let moved = CurrentBackends::from([(7000, Some(new))]);
-        let removed = CurrentBackends::from([(7000, None)]);
+        let moved = CurrentBackends::from([(RouteKey::tcp(7000), Some(new))]);
+        let removed = CurrentBackends::from([(RouteKey::tcp(7000), None)]);
+        let udp_moved = CurrentBackends::from([(RouteKey::udp(7000), Some(new))]);
         let dnat = IPS_DST_NAT | 0x8;
         let cases = [
             (entry(IPPROTO_TCP, 7000, dnat, old), &moved, true),
             (entry(IPPROTO_TCP, 7000, dnat, new), &moved, false),
             (entry(IPPROTO_TCP, 7000, dnat, new), &removed, true),
             (entry(IPPROTO_TCP, 7001, dnat, old), &moved, false),
-            (entry(17, 7000, dnat, old), &moved, false),
+            (entry(IPPROTO_UDP, 7000, dnat, old), &moved, false),
+            (entry(IPPROTO_UDP, 7000, dnat, old), &udp_moved, true),
+            (entry(IPPROTO_UDP, 7000, dnat, new), &udp_moved, false),
+            (entry(IPPROTO_TCP, 7000, dnat, old), &udp_moved, false),
+            (entry(1, 7000, dnat, old), &moved, false),
             (entry(IPPROTO_TCP, 7000, 0x8, old), &moved, false),
         ];
         for (i, (bytes, current, forget)) in cases.into_iter().enumerate() {
@@ -494,7 +510,7 @@ mod tests {
     fn truncated_entry_is_malformed() {
         let backend = SocketAddrV4::new(Ipv4Addr::new(172, 17, 0, 2), 6379);
         let bytes = entry(IPPROTO_TCP, 7000, IPS_DST_NAT, backend);
-        let current = CurrentBackends::from([(7000, None)]);
+        let current = CurrentBackends::from([(RouteKey::tcp(7000), None)]);
         assert!(entry_to_forget(&bytes[..10], &current).is_err());
     }
 }

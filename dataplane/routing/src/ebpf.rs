@@ -1,17 +1,21 @@
 //! The eBPF backend: `cgroup/connect4` and `cgroup/getpeername4` programs (from
 //! `flocker-ebpf`) attached to a cgroup v2 redirect a local or container client's connect to
-//! a routed port on one of the node's addresses straight to the backend, so those packets need
-//! no NAT.
+//! a routed TCP or UDP port on one of the node's addresses straight to the backend, so those
+//! packets need no NAT. `cgroup/sendmsg4` does the same for each datagram of an unconnected
+//! UDP socket, and `cgroup/recvmsg4` gives the replies the address the client sent to as
+//! their source.
 //!
-//! Traffic arriving from outside the node meets the TC program `flk_tc_ingress`, attached to
-//! the ingress of every interface with an IPv4 address. A connection's first packet starts a
+//! TCP traffic arriving from outside the node meets the TC program `flk_tc_ingress`, attached
+//! to the ingress of every interface with an IPv4 address. A connection's first packet starts a
 //! flow (LRU maps `flk_fwd` and `flk_rev`): its packets are rewritten to the backend and
 //! redirected, and the replies rewritten back, without netfilter or conntrack. Connections to
 //! a backend on another node, and hairpin ones (the backend back out of the interface the
 //! client came in on), are source-translated too, to the address the client dialled and a
-//! port from 61000-65535. So while the TC program is on every interface, this backend keeps
-//! no nftables table at all. Where it cannot be loaded or attached, the nftables prerouting and
-//! postrouting chains (`Scope::FromOutside`) carry outside traffic, and a warning says so.
+//! port from 61000-65535. So while the TC program is on every interface and no UDP port is
+//! routed, this backend keeps no nftables table at all. UDP from outside always takes the
+//! nftables prerouting and postrouting chains (`Scope::FromOutside`, holding only the UDP
+//! routes then): the TC program does not handle UDP flows yet. Where the TC program cannot be
+//! loaded or attached, those chains carry all outside traffic, and a warning says so.
 //!
 //! The route table lives in the BPF hash map `flk_routes`, updated in place element by element.
 
@@ -20,6 +24,7 @@ use std::{
     fs::File,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
 };
 
 use aya::{
@@ -34,13 +39,14 @@ use aya::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    RouteEntry, RouteTable, RoutingBackend, RoutingError, mounts,
+    Protocol, RouteEntry, RouteKey, RouteTable, RoutingBackend, RoutingError, mounts,
     nft::{
         NftBackend,
         plan::{ElementDiff, Scope},
     },
     pins::{self, Pins},
     settings::{self, SharedSettings},
+    watch::InterfaceWatcher,
 };
 
 /// A failure loading, attaching or updating the BPF programs and maps.
@@ -98,12 +104,18 @@ pub enum EbpfError {
 const ROUTES_MAP: &str = "flk_routes";
 const LOCAL_MAP: &str = "flk_local";
 const IFADDR_MAP: &str = "flk_ifaddr";
-const PROGRAMS: [&str; 2] = ["flk_connect4", "flk_getpeername4"];
+const PROGRAMS: [&str; 4] = [
+    "flk_connect4",
+    "flk_getpeername4",
+    "flk_sendmsg4",
+    "flk_recvmsg4",
+];
 /// Every map of `routing.bpf.c`, pinned so that they outlive the agent.
-const MAPS: [&str; 6] = [
+const MAPS: [&str; 7] = [
     "flk_routes",
     "flk_local",
     "flk_orig",
+    "flk_udp_orig",
     "flk_fwd",
     "flk_rev",
     "flk_ifaddr",
@@ -118,6 +130,12 @@ const OWN_CGROUP2_MOUNT: &str = "/run/flocker/cgroup2";
 /// A `flk_routes` key: the port as `bpf_sock_addr.user_port` holds it (network order, low half).
 pub fn port_key(port: u16) -> u32 {
     u32::from(u16::from_ne_bytes(port.to_be_bytes()))
+}
+
+/// A `flk_routes` key: the port as [`port_key`] gives it, with the IP protocol number in bits
+/// 16-23 (`route_key` of `routing.bpf.c`).
+pub fn route_key(key: RouteKey) -> u32 {
+    port_key(key.port) | (u32::from(key.protocol.number()) << 16)
 }
 
 /// An IPv4 address as `bpf_sock_addr.user_ip4` holds it (network-order bytes).
@@ -139,14 +157,14 @@ pub fn route_entries(table: &RouteTable) -> BTreeMap<u32, [u32; 2]> {
 }
 
 /// One `flk_routes` element.
-pub fn route_entry(port: u16, entry: &RouteEntry) -> (u32, [u32; 2]) {
+pub fn route_entry(port: RouteKey, entry: &RouteEntry) -> (u32, [u32; 2]) {
     let backend = entry.backend();
     let flags = match entry {
         RouteEntry::Local { .. } => 0,
         RouteEntry::Remote { .. } => REMOTE_FLAG,
     };
     (
-        port_key(port),
+        route_key(port),
         [addr_key(*backend.ip()), port_key(backend.port()) | flags],
     )
 }
@@ -281,7 +299,7 @@ struct Loaded {
     bpf: Ebpf,
     /// Where the maps and links are pinned; `None` where bpffs is unavailable.
     pins: Option<Pins>,
-    /// `flk_connect4` and `flk_getpeername4` on the cgroup.
+    /// `flk_connect4`, `flk_getpeername4`, `flk_sendmsg4` and `flk_recvmsg4` on the cgroup.
     cgroup_links: Vec<Attachment>,
     routes: RouteTable,
     /// Set while an update is under way (and at first, when pinned maps may hold an earlier
@@ -353,7 +371,7 @@ impl Loaded {
             let path = pins.as_ref().map(|pins| pins.link(name));
             cgroup_links.push(Attachment::keep(link, path)?);
         }
-        info!(cgroup = %cgroup.display(), "eBPF connect4/getpeername4 attached");
+        info!(cgroup = %cgroup.display(), "eBPF connect4/getpeername4/sendmsg4/recvmsg4 attached");
         let tc_loaded = match load_tc(&mut bpf) {
             Ok(()) => true,
             Err(error) => {
@@ -550,7 +568,7 @@ impl Loaded {
         }
         for element in &diff.delete {
             if !wanted.entries.contains_key(&element.port) {
-                map.remove(&port_key(element.port)).map_err(map_error)?;
+                map.remove(&route_key(element.port)).map_err(map_error)?;
             }
         }
         diff.patch(&mut installed, wanted);
@@ -659,12 +677,23 @@ fn load_tc(bpf: &mut Ebpf) -> Result<(), EbpfError> {
 }
 
 /// eBPF at the socket for the node's own and its containers' connections, eBPF at TC ingress
-/// for connections from outside to local containers, nftables for the rest.
+/// for TCP connections from outside, nftables for the rest. While routes are installed, an
+/// [`InterfaceWatcher`] re-covers interfaces and addresses as they appear, change or go (the
+/// TC program on a re-created bridge, `flk_local` and `flk_ifaddr` for a new address).
 pub struct EbpfBackend {
+    // Declared first so it stops before the state goes: its callback takes the state.
+    watcher: Option<InterfaceWatcher>,
+    state: Arc<Mutex<EbpfState>>,
+}
+
+/// Everything the backend holds, shared with the watcher's callback.
+struct EbpfState {
     cgroup: PathBuf,
     loaded: Option<Loaded>,
     outside: NftBackend,
     settings: SharedSettings,
+    /// The table last applied: what a change of interfaces is covered for.
+    table: RouteTable,
 }
 
 impl EbpfBackend {
@@ -676,24 +705,66 @@ impl EbpfBackend {
         let cgroup = resolve_cgroup(cgroup_path)?;
         let loaded = Loaded::attach(&cgroup)?;
         Ok(EbpfBackend {
-            cgroup,
-            loaded: Some(loaded),
-            outside: NftBackend::embedded(Scope::FromOutside, settings.clone()),
-            settings,
+            watcher: None,
+            state: Arc::new(Mutex::new(EbpfState {
+                cgroup,
+                loaded: Some(loaded),
+                outside: NftBackend::embedded(Scope::FromOutside, settings.clone()),
+                settings,
+                table: RouteTable::default(),
+            })),
         })
+    }
+
+    fn state(&self) -> Result<MutexGuard<'_, EbpfState>, RoutingError> {
+        self.state.lock().map_err(|_| RoutingError::Poisoned)
+    }
+
+    /// Starts watching interfaces and addresses, in the calling thread's network namespace.
+    /// Without a watcher, changes are covered at the next apply, as a warning says.
+    fn watch(&mut self) {
+        let state = Arc::downgrade(&self.state);
+        let on_change = move || {
+            let Some(state) = state.upgrade() else {
+                return;
+            };
+            let Ok(mut state) = state.lock() else {
+                warn!("eBPF routing state poisoned: interface change not covered");
+                return;
+            };
+            match state.cover_interfaces() {
+                Ok(()) => debug!("eBPF routing: interfaces and addresses re-covered"),
+                Err(error) => warn!(
+                    error = %crate::error_chain(&error),
+                    "eBPF routing: cannot cover the changed interfaces and addresses"
+                ),
+            }
+        };
+        match InterfaceWatcher::spawn(on_change) {
+            Ok(watcher) => self.watcher = Some(watcher),
+            Err(error) => warn!(
+                error = %crate::error_chain(&error),
+                "cannot watch interfaces: a new address or re-created bridge is covered at the next route change only"
+            ),
+        }
     }
 }
 
-impl RoutingBackend for EbpfBackend {
-    fn name(&self) -> &'static str {
-        "ebpf"
-    }
-
+impl EbpfState {
     fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
         if table.entries.is_empty() {
             // No routes: no programs, no pins, no table, as the node was before.
             return self.clear();
         }
+        self.program(table)?;
+        if self.table != *table {
+            self.table = table.clone();
+        }
+        Ok(())
+    }
+
+    /// Programs a non-empty `table` for the node's interfaces and addresses as they are now.
+    fn program(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
         let loaded = match &mut self.loaded {
             Some(loaded) => loaded,
             None => self.loaded.insert(Loaded::attach(&self.cgroup)?),
@@ -705,21 +776,35 @@ impl RoutingBackend for EbpfBackend {
         loaded.remove_stale_pins();
         debug!(routes = table.entries.len(), "eBPF routes map updated");
         if loaded.tc_everywhere() {
-            // The TC program carries all outside traffic: no nftables table, so nothing of
-            // ours makes the node's netfilter run conntrack. Forwarding must be on for its
-            // route lookups to succeed.
+            // The TC program carries all outside TCP traffic: the nftables table holds only
+            // the UDP routes (none at all without them, so nothing of ours makes the node's
+            // netfilter run conntrack). Forwarding must be on for its route lookups to succeed.
             if !loaded.sysctls_set {
                 let mut settings = self.settings.lock().map_err(|_| RoutingError::Poisoned)?;
                 settings::enable_forwarding(&mut settings)?;
                 settings::reserve_local_ports(&mut settings, SNAT_PORTS.0, SNAT_PORTS.1)?;
                 loaded.sysctls_set = true;
             }
-            return self.outside.apply(&RouteTable::default());
+            self.outside.apply(&outside_only_udp(table))
+        } else {
+            self.outside.apply(table)
         }
-        self.outside.apply(table)
+    }
+
+    /// Applies the last table again for the interfaces and addresses there are now: the
+    /// routes map is unchanged, `flk_local`, `flk_ifaddr` and the TC links follow the node.
+    fn cover_interfaces(&mut self) -> Result<(), RoutingError> {
+        if self.table.entries.is_empty() {
+            return Ok(());
+        }
+        let table = std::mem::take(&mut self.table);
+        let result = self.program(&table);
+        self.table = table;
+        result
     }
 
     fn clear(&mut self) -> Result<(), RoutingError> {
+        self.table = RouteTable::default();
         match self.loaded.take() {
             Some(loaded) => {
                 loaded.detach_all();
@@ -735,11 +820,48 @@ impl RoutingBackend for EbpfBackend {
             .restore()?;
         Ok(())
     }
+}
+
+impl RoutingBackend for EbpfBackend {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
+        if table.entries.is_empty() {
+            return self.clear();
+        }
+        self.state()?.apply(table)?;
+        if self.watcher.is_none() {
+            self.watch();
+        }
+        Ok(())
+    }
+
+    fn clear(&mut self) -> Result<(), RoutingError> {
+        // Stopped before the state is locked: a callback under way holds the lock.
+        self.watcher = None;
+        self.state()?.clear()
+    }
 
     /// The TC program skips netfilter; only the nftables table, where it carries outside
     /// traffic, can be dropped by a forward filter.
     fn warnings(&self) -> Vec<String> {
-        self.outside.warnings()
+        self.state()
+            .map(|state| state.outside.warnings())
+            .unwrap_or_default()
+    }
+}
+
+/// The part of `table` the TC program does not carry from outside: its UDP routes.
+pub fn outside_only_udp(table: &RouteTable) -> RouteTable {
+    RouteTable {
+        entries: table
+            .entries
+            .iter()
+            .filter(|(key, _)| key.protocol == Protocol::Udp)
+            .map(|(key, entry)| (*key, *entry))
+            .collect(),
     }
 }
 
@@ -754,15 +876,21 @@ mod tests {
         let table = RouteTable {
             entries: [
                 (
-                    80,
+                    RouteKey::tcp(80),
                     RouteEntry::Remote {
                         node: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 80),
                     },
                 ),
                 (
-                    6379,
+                    RouteKey::tcp(6379),
                     RouteEntry::Local {
                         container: SocketAddrV4::new(Ipv4Addr::new(172, 17, 0, 2), 7000),
+                    },
+                ),
+                (
+                    RouteKey::udp(53),
+                    RouteEntry::Local {
+                        container: SocketAddrV4::new(Ipv4Addr::new(172, 17, 0, 3), 5353),
                     },
                 ),
             ]
@@ -781,8 +909,9 @@ mod tests {
             .collect();
         expect![[r#"
             [
-                "[00, 50, 00, 00] -> [c6, 12, 00, 02] [00, 50, 01, 00]",
-                "[18, eb, 00, 00] -> [ac, 11, 00, 02] [1b, 58, 00, 00]",
+                "[00, 50, 06, 00] -> [c6, 12, 00, 02] [00, 50, 01, 00]",
+                "[18, eb, 06, 00] -> [ac, 11, 00, 02] [1b, 58, 00, 00]",
+                "[00, 35, 11, 00] -> [ac, 11, 00, 03] [14, e9, 00, 00]",
             ]
         "#]]
         .assert_debug_eq(&rendered);

@@ -10,11 +10,18 @@
 //! the only code that touches the kernel. Netlink sockets are opened per call, in the network
 //! namespace of the calling thread.
 //!
+//! Routes are keyed by protocol and port ([`RouteKey`]): TCP and UDP, each port once per
+//! protocol. [`watch`] follows interfaces and addresses through rtnetlink, so the eBPF backend
+//! covers a re-created bridge or a new address at once rather than at the next route change.
+//!
 //! Known limits:
-//! - Only TCP, only IPv4, only connections to one of the node's own addresses
-//!   (`fib daddr type local`). `127.0.0.1:PORT` is not routed: the nftables backend would need
+//! - Only IPv4 (no IPv6 routes, addresses or table yet), only connections to one of the
+//!   node's own addresses (`fib daddr type local`). `127.0.0.1:PORT` is not routed: the nftables backend would need
 //!   `route_localnet`, and the eBPF backend leaves loopback alone on purpose (a container in the
 //!   same cgroup tree dialling its own 127.0.0.1 means itself).
+//! - UDP from outside the node always takes the nftables chains, also with the eBPF backend:
+//!   its TC program carries TCP only. Local UDP clients are redirected at the socket
+//!   (connect4, sendmsg4/recvmsg4), with replies given the address the client sent to.
 //! - The nftables backend masquerades the connections it DNATs (needed for forwarding and
 //!   hairpin), so a local container sees the node's address, not the outside client's. The
 //!   eBPF backend's TC program translates the source only for forwarded and hairpin
@@ -52,12 +59,16 @@ pub mod pins;
 pub mod rcu;
 pub mod settings;
 pub mod table;
+pub mod watch;
 
 use std::path::PathBuf;
 
 use tracing::{info, warn};
 
-pub use table::{AddressResolver, RouteEntry, RouteTable, StaticResolver, TableError, TableErrors};
+pub use table::{
+    AddressResolver, Protocol, RouteEntry, RouteKey, RouteTable, StaticResolver, TableError,
+    TableErrors,
+};
 
 /// Anything a backend can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -3,10 +3,46 @@
 
 use std::{
     collections::BTreeMap,
+    fmt,
     net::{Ipv4Addr, SocketAddrV4},
 };
 
+pub use flocker_wire::Protocol;
 use flocker_wire::{Route, RouteTarget};
+
+/// What a route is looked up by: the protocol and the external port. TCP port 53 and UDP port
+/// 53 are two routes, possibly to two applications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteKey {
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+impl RouteKey {
+    pub fn tcp(port: u16) -> RouteKey {
+        RouteKey {
+            protocol: Protocol::Tcp,
+            port,
+        }
+    }
+
+    pub fn udp(port: u16) -> RouteKey {
+        RouteKey {
+            protocol: Protocol::Udp,
+            port,
+        }
+    }
+}
+
+/// `80` for TCP (as messages named ports before UDP was routed), `53/udp` for UDP.
+impl fmt::Display for RouteKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.protocol {
+            Protocol::Tcp => write!(f, "{}", self.port),
+            Protocol::Udp => write!(f, "{}/udp", self.port),
+        }
+    }
+}
 
 /// Where a connection to an external port on this node goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -27,10 +63,10 @@ impl RouteEntry {
     }
 }
 
-/// A node's whole route table, keyed by external port.
+/// A node's whole route table, keyed by protocol and external port.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteTable {
-    pub entries: BTreeMap<u16, RouteEntry>,
+    pub entries: BTreeMap<RouteKey, RouteEntry>,
 }
 
 /// Resolves the names a wire route mentions into IPv4 addresses. The agent resolves node
@@ -47,17 +83,17 @@ pub trait AddressResolver {
 pub enum TableError {
     #[error("external port {port} is routed twice (applications {first:?} and {second:?})")]
     DuplicatePort {
-        port: u16,
+        port: RouteKey,
         first: String,
         second: String,
     },
     #[error("no container address for application {application:?} (port {port})")]
-    UnknownContainer { application: String, port: u16 },
+    UnknownContainer { application: String, port: RouteKey },
     #[error("cannot resolve node {node:?} for application {application:?} (port {port})")]
     UnknownNode {
         node: String,
         application: String,
-        port: u16,
+        port: RouteKey,
     },
     #[error("external port 0 is not routable (application {application:?})")]
     PortZero { application: String },
@@ -77,11 +113,14 @@ impl RouteTable {
         resolver: &impl AddressResolver,
     ) -> Result<RouteTable, TableErrors> {
         let mut entries = BTreeMap::new();
-        let mut owners: BTreeMap<u16, &str> = BTreeMap::new();
+        let mut owners: BTreeMap<RouteKey, &str> = BTreeMap::new();
         let mut errors = Vec::new();
         for route in routes {
-            let port = route.external_port;
-            if port == 0 {
+            let port = RouteKey {
+                protocol: route.protocol,
+                port: route.external_port,
+            };
+            if port.port == 0 {
                 errors.push(TableError::PortZero {
                     application: route.application.clone(),
                 });
@@ -112,7 +151,7 @@ impl RouteTable {
                 }
                 RouteTarget::Node { address } => match resolver.node_address(address) {
                     Some(ip) => RouteEntry::Remote {
-                        node: SocketAddrV4::new(ip, port),
+                        node: SocketAddrV4::new(ip, port.port),
                     },
                     None => {
                         errors.push(TableError::UnknownNode {
@@ -159,6 +198,7 @@ mod tests {
     fn local(app: &str, external: u16, internal: u16) -> Route {
         Route {
             external_port: external,
+            protocol: Protocol::Tcp,
             application: app.to_owned(),
             target: RouteTarget::Local {
                 internal_port: internal,
@@ -166,9 +206,15 @@ mod tests {
         }
     }
 
+    fn udp(mut route: Route) -> Route {
+        route.protocol = Protocol::Udp;
+        route
+    }
+
     fn remote(app: &str, external: u16, node: &str) -> Route {
         Route {
             external_port: external,
+            protocol: Protocol::Tcp,
             application: app.to_owned(),
             target: RouteTarget::Node {
                 address: node.to_owned(),
@@ -204,6 +250,27 @@ mod tests {
                 80 -> Remote { node: 198.18.0.2:80 }
                 5432 -> Remote { node: 198.18.0.3:5432 }
                 6379 -> Local { container: 172.17.0.2:6379 }
+            "#]],
+        );
+    }
+
+    #[test]
+    fn tcp_and_udp_share_a_port_number() {
+        check(
+            &[
+                local("redis", 53, 5353),
+                udp(local("redis", 53, 5353)),
+                udp(remote("web", 53, "node-b")),
+            ],
+            expect![[r#"
+                error: invalid routes: external port 53/udp is routed twice (applications "redis" and "web")
+            "#]],
+        );
+        check(
+            &[local("redis", 53, 5353), udp(remote("web", 53, "node-b"))],
+            expect![[r#"
+                53 -> Local { container: 172.17.0.2:5353 }
+                53/udp -> Remote { node: 198.18.0.2:53 }
             "#]],
         );
     }

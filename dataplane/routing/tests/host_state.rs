@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context, ensure};
 use flocker_e2e::netns::Netns;
 use flocker_routing::{
-    BackendChoice, BackendConfig, RouteEntry, RouteTable, open_backend,
+    BackendChoice, BackendConfig, RouteEntry, RouteKey, RouteTable, open_backend,
     settings::{IP_FORWARD, RCU_EXPEDITED, RP_FILTER_ALL, RP_FILTER_DEFAULT},
 };
 
@@ -29,7 +29,7 @@ const CHILD_JOURNAL: &str = "FLOCKER_TEST_KILLED_AGENT_JOURNAL";
 fn table(port: u16, last_octet: u8) -> RouteTable {
     let container = SocketAddrV4::new(Ipv4Addr::new(198, 19, 77, last_octet), 7000);
     RouteTable {
-        entries: [(port, RouteEntry::Local { container })].into(),
+        entries: [(RouteKey::tcp(port), RouteEntry::Local { container })].into(),
     }
 }
 

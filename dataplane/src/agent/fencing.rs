@@ -158,6 +158,7 @@ mod tests {
         let routes = vec![
             Route {
                 external_port: 6379,
+                protocol: flocker_wire::Protocol::Tcp,
                 application: "redis".into(),
                 target: RouteTarget::Local {
                     internal_port: 6379,
@@ -165,6 +166,7 @@ mod tests {
             },
             Route {
                 external_port: 80,
+                protocol: flocker_wire::Protocol::Tcp,
                 application: "web".into(),
                 target: RouteTarget::Local { internal_port: 80 },
             },

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use flocker_wire::checks;
 use flocker_wire::{
-    Action, Application, ConvergeRequest, Route, RouteMap, RouteTarget, VolumeState,
+    Action, Application, ConvergeRequest, Protocol, Route, RouteMap, RouteTarget, VolumeState,
 };
 
 use crate::ownership;
@@ -128,9 +128,10 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let bad = |s: String| Err(AgentError::BadRequest(s));
         let mine = request.desired.nodes.get(&self.me);
-        for (&port, p) in &map.ports {
+        for (&key, p) in &map.ports {
+            let port = key;
             check_name(&p.application)?;
-            if port == 0 || p.internal_port == 0 {
+            if key.port == 0 || p.internal_port == 0 {
                 return bad(format!(
                     "route map: {:?} routes port 0 ({port}:{})",
                     p.application, p.internal_port
@@ -151,9 +152,11 @@ impl Agent {
                 .applications
                 .get(&p.application)
                 .is_some_and(|a| {
-                    a.ports
-                        .iter()
-                        .any(|m| m.external == port && m.internal == p.internal_port)
+                    a.ports.iter().any(|m| {
+                        m.external == key.port
+                            && m.protocol == key.protocol
+                            && m.internal == p.internal_port
+                    })
                 });
             if !placed || !mapped {
                 return bad(format!(
@@ -175,8 +178,7 @@ impl Agent {
         for app in mine.filter_map(|name| request.desired.applications.get(name)) {
             for port in &app.ports {
                 let here = map
-                    .ports
-                    .get(&port.external)
+                    .get(port.protocol, port.external)
                     .is_some_and(|p| p.node == self.me && p.application == app.name);
                 if !here {
                     return Err(AgentError::BadRequest(format!(
@@ -197,19 +199,20 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let bad = |s: String| Err(AgentError::BadRequest(s));
         let listening = crate::listeners::listening_ports();
-        let already: BTreeSet<u16> = self
+        let already: BTreeSet<(Protocol, u16)> = self
             .routes
             .current()
             .iter()
-            .map(|r| r.external_port)
+            .map(|r| (r.protocol, r.external_port))
             .collect();
         let mut seen = BTreeMap::new();
         for r in routes {
             let port = r.external_port;
-            if let Some(first) = seen.insert(port, &r.application) {
+            let key = (r.protocol, port);
+            if let Some(first) = seen.insert(key, &r.application) {
                 return bad(format!(
-                    "set routes: external port {port} is routed twice (applications {first:?} and {:?})",
-                    r.application
+                    "set routes: external port {port}/{} is routed twice (applications {first:?} and {:?})",
+                    r.protocol, r.application
                 ));
             }
             if port == 0 {
@@ -221,10 +224,10 @@ impl Agent {
                     r.application
                 ));
             }
-            if listening.contains(&port) && !already.contains(&port) {
+            if listening.contains(&key) && !already.contains(&key) {
                 return bad(format!(
-                    "set routes: external port {port} of {:?} is held by a service of this node ({}), which a route would take over: stop that service or choose another port",
-                    r.application, self.me
+                    "set routes: external port {port}/{} of {:?} is held by a service of this node ({}), which a route would take over: stop that service or choose another port",
+                    r.protocol, r.application, self.me
                 ));
             }
             match &r.target {

@@ -1,6 +1,6 @@
 //! The nftables backend: one table `ip flocker` programmed over netlink. The ruleset is fixed
 //! and built once per backend instance; every later change is a diff of the `routes` map's
-//! elements sent as one transaction. While routes are installed, `docker_user` keeps one
+//! elements (keyed by protocol and port, TCP and UDP alike) sent as one transaction. While routes are installed, `docker_user` keeps one
 //! accept rule in Docker's `DOCKER-USER` chain, so Docker's `FORWARD` policy `DROP` does not
 //! drop the connections the table routes.
 //!

@@ -49,8 +49,9 @@ pub enum NetlinkError {
     Alloc,
 }
 
-/// Type id of `inet_service` and `ipv4_addr` in nftables' type registry; a concatenation's
-/// type is the ids shifted in 6 bits at a time.
+/// Type id of `inet_proto`, `inet_service` and `ipv4_addr` in nftables' type registry; a
+/// concatenation's type is the ids shifted in 6 bits at a time.
+const TYPE_INET_PROTO: u32 = 12;
 const TYPE_INET_SERVICE: u32 = 13;
 const TYPE_IPV4_ADDR: u32 = 7;
 const NFTA_FIB_F_DADDR: u32 = 1 << 1;
@@ -271,7 +272,7 @@ impl RawSet {
         }
     }
 
-    /// `map routes { type inet_service : ipv4_addr . inet_service }`.
+    /// `map routes { type inet_proto . inet_service : ipv4_addr . inet_service }`.
     fn routes_map() -> Result<RawSet, NetlinkError> {
         let set = RawSet::named(ROUTES_MAP)?;
         let p = set.0.as_ptr();
@@ -279,8 +280,12 @@ impl RawSet {
         unsafe {
             sys::nftnl_set_set_u32(p, sys::NFTNL_SET_ID as u16, 1);
             sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, libc::NFT_SET_MAP as u32);
-            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_TYPE as u16, TYPE_INET_SERVICE);
-            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_LEN as u16, 2);
+            sys::nftnl_set_set_u32(
+                p,
+                sys::NFTNL_SET_KEY_TYPE as u16,
+                (TYPE_INET_PROTO << 6) | TYPE_INET_SERVICE,
+            );
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_LEN as u16, 8);
             sys::nftnl_set_set_u32(
                 p,
                 sys::NFTNL_SET_DATA_TYPE as u16,
@@ -822,6 +827,9 @@ impl Expression for RawExpr<'_> {
 fn build_expr(expr: &Expr) -> NonNull<sys::nftnl_expr> {
     let reg1 = libc::NFT_REG_1 as u32;
     let reg2 = libc::NFT_REG_2 as u32;
+    // The 32-bit register right after the first word of register 1: the second field of a
+    // concatenated key that starts in register 1.
+    let reg9 = libc::NFT_REG32_01 as u32;
     // SAFETY: every expression is freshly allocated and only given attributes its type
     // defines; data setters copy their input.
     unsafe {
@@ -852,7 +860,7 @@ fn build_expr(expr: &Expr) -> NonNull<sys::nftnl_expr> {
             }
             Expr::TransportDport => {
                 let e = alloc_expr(c"payload");
-                set_u32(e, sys::NFTNL_EXPR_PAYLOAD_DREG, reg1);
+                set_u32(e, sys::NFTNL_EXPR_PAYLOAD_DREG, reg9);
                 set_u32(
                     e,
                     sys::NFTNL_EXPR_PAYLOAD_BASE,
@@ -868,10 +876,21 @@ fn build_expr(expr: &Expr) -> NonNull<sys::nftnl_expr> {
                 set_u32(e, sys::NFTNL_EXPR_CT_DREG, reg1);
                 e
             }
+            Expr::CtOriginalProtocol => {
+                let e = alloc_expr(c"ct");
+                set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_PROTOCOL as u32);
+                set_u32(e, sys::NFTNL_EXPR_CT_DREG, reg1);
+                sys::nftnl_expr_set_u8(
+                    e.as_ptr(),
+                    sys::NFTNL_EXPR_CT_DIR as u16,
+                    IP_CT_DIR_ORIGINAL,
+                );
+                e
+            }
             Expr::CtOriginalProtoDst => {
                 let e = alloc_expr(c"ct");
                 set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_PROTO_DST as u32);
-                set_u32(e, sys::NFTNL_EXPR_CT_DREG, reg1);
+                set_u32(e, sys::NFTNL_EXPR_CT_DREG, reg9);
                 sys::nftnl_expr_set_u8(
                     e.as_ptr(),
                     sys::NFTNL_EXPR_CT_DIR as u16,

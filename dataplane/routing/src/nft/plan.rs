@@ -3,8 +3,9 @@
 //! `netlink.rs` encodes these values.
 //!
 //! The rules never change with the routes: every routed port lives in one verdict-free map
-//! `routes: inet_service -> ipv4_addr . inet_service`, so any change is a handful of element
-//! messages in one transaction and the rule count stays constant.
+//! `routes: inet_proto . inet_service -> ipv4_addr . inet_service`, keyed by protocol and
+//! port (TCP and UDP alike), so any change is a handful of element messages in one
+//! transaction and the rule count stays constant.
 
 use std::{
     cmp::Ordering,
@@ -15,7 +16,7 @@ use std::{
 
 use crate::{
     conntrack::CurrentBackends,
-    table::{RouteEntry, RouteTable},
+    table::{RouteEntry, RouteKey, RouteTable},
 };
 
 /// The one table the agent owns (family `ip`).
@@ -52,13 +53,17 @@ pub enum CmpOp {
 pub enum Expr {
     /// `fib daddr type` into register 1 (a host-order u32 `RTN_*`).
     FibDaddrType,
-    /// `meta l4proto` into register 1 (one byte).
+    /// `meta l4proto` into register 1 (one byte, zero-padded to 4).
     MetaL4Proto,
-    /// The TCP/UDP destination port (2 bytes at offset 2 of the transport header).
+    /// The TCP/UDP destination port (2 bytes at offset 2 of the transport header) into
+    /// 32-bit register 9, right after the protocol: the `inet_proto . inet_service` key.
     TransportDport,
+    /// `ct original protocol` into register 1 (one byte, zero-padded to 4).
+    CtOriginalProtocol,
     /// `ct status` into register 1 (host-order u32).
     CtStatus,
-    /// `ct original proto-dst` into register 1 (2 bytes, network order).
+    /// `ct original proto-dst` into 32-bit register 9 (2 bytes, network order), right after
+    /// the protocol: the `inet_proto . inet_service` key.
     CtOriginalProtoDst,
     /// Register 1 = (register 1 & mask) ^ xor over `mask.len()` bytes.
     Bitwise {
@@ -121,7 +126,6 @@ pub const ROUTED_MARK: u32 = 0x0080_0000;
 const RTN_LOCAL: u32 = 2;
 /// `IPS_DST_NAT` of the conntrack status bits.
 const IPS_DST_NAT: u32 = 1 << 5;
-const IPPROTO_TCP: u8 = 6;
 /// nftables' `dstnat` and `srcnat` priorities.
 const PRIORITY_DSTNAT: i32 = -100;
 const PRIORITY_SRCNAT: i32 = 100;
@@ -146,10 +150,6 @@ fn dnat_rule(chain: &'static str) -> RuleSpec {
                 data: RTN_LOCAL.to_ne_bytes().to_vec(),
             },
             Expr::MetaL4Proto,
-            Expr::Cmp {
-                op: CmpOp::Eq,
-                data: vec![IPPROTO_TCP],
-            },
             Expr::TransportDport,
             Expr::Lookup {
                 set: ROUTES_MAP,
@@ -167,8 +167,8 @@ fn dnat_rule(chain: &'static str) -> RuleSpec {
 }
 
 impl Ruleset {
-    /// The fixed ruleset. DNAT applies only to TCP to one of the node's own addresses
-    /// (`fib daddr type local`) on a routed port; everything else passes untouched.
+    /// The fixed ruleset. DNAT applies only to TCP and UDP to one of the node's own addresses
+    /// (`fib daddr type local`) on a routed (protocol, port); everything else passes untouched.
     /// Connections we DNAT are masqueraded: forwarded ones must come back through this node,
     /// and a container reaching its own published port (hairpin) must not get replies
     /// straight from itself. The cost is that a local container sees the node's address
@@ -205,6 +205,7 @@ impl Ruleset {
                     op: CmpOp::Neq,
                     data: vec![0; 4],
                 },
+                Expr::CtOriginalProtocol,
                 Expr::CtOriginalProtoDst,
                 Expr::Lookup {
                     set: ROUTES_MAP,
@@ -221,14 +222,16 @@ impl Ruleset {
 /// One element of the `routes` map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct MapElement {
-    pub port: u16,
+    pub port: RouteKey,
     pub backend: SocketAddrV4,
 }
 
 impl MapElement {
-    /// The key bytes: the port in network order.
-    pub fn key(&self) -> [u8; 2] {
-        self.port.to_be_bytes()
+    /// The key bytes of `inet_proto . inet_service`: the protocol number, then the port in
+    /// network order, each field padded to 4 bytes.
+    pub fn key(&self) -> [u8; 8] {
+        let [p, q] = self.port.port.to_be_bytes();
+        [self.port.protocol.number(), 0, 0, 0, p, q, 0, 0]
     }
 
     /// The value bytes of `ipv4_addr . inet_service`: each field padded to 4 bytes.
@@ -240,7 +243,7 @@ impl MapElement {
 }
 
 /// The map contents a table implies.
-pub fn map_elements(table: &RouteTable) -> BTreeMap<u16, SocketAddrV4> {
+pub fn map_elements(table: &RouteTable) -> BTreeMap<RouteKey, SocketAddrV4> {
     table
         .entries
         .iter()
@@ -258,8 +261,8 @@ pub struct ElementDiff {
 
 impl ElementDiff {
     pub fn between(
-        from: &BTreeMap<u16, SocketAddrV4>,
-        to: &BTreeMap<u16, SocketAddrV4>,
+        from: &BTreeMap<RouteKey, SocketAddrV4>,
+        to: &BTreeMap<RouteKey, SocketAddrV4>,
     ) -> ElementDiff {
         let mut diff = ElementDiff::default();
         for (port, backend) in from {
@@ -286,7 +289,7 @@ impl ElementDiff {
     /// microseconds here (a lookup per entry costs about ten times that).
     pub fn between_tables(from: &RouteTable, to: &RouteTable) -> ElementDiff {
         let mut diff = ElementDiff::default();
-        let element = |(port, entry): (&u16, &RouteEntry)| MapElement {
+        let element = |(port, entry): (&RouteKey, &RouteEntry)| MapElement {
             port: *port,
             backend: entry.backend(),
         };
@@ -353,9 +356,10 @@ impl fmt::Display for Expr {
         match self {
             Expr::FibDaddrType => write!(f, "fib daddr type => reg 1"),
             Expr::MetaL4Proto => write!(f, "meta l4proto => reg 1"),
-            Expr::TransportDport => write!(f, "payload transport +2 len 2 => reg 1"),
+            Expr::TransportDport => write!(f, "payload transport +2 len 2 => reg 9"),
             Expr::CtStatus => write!(f, "ct status => reg 1"),
-            Expr::CtOriginalProtoDst => write!(f, "ct original proto-dst => reg 1"),
+            Expr::CtOriginalProtocol => write!(f, "ct original protocol => reg 1"),
+            Expr::CtOriginalProtoDst => write!(f, "ct original proto-dst => reg 9"),
             Expr::Bitwise { mask, xor } => {
                 write!(f, "bitwise reg 1 & {} ^ {}", hex(mask), hex(xor))
             }
@@ -399,7 +403,7 @@ impl fmt::Display for Ruleset {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "table ip {TABLE}\nmap {ROUTES_MAP} inet_service -> ipv4_addr . inet_service"
+            "table ip {TABLE}\nmap {ROUTES_MAP} inet_proto . inet_service -> ipv4_addr . inet_service"
         )?;
         for chain in &self.chains {
             writeln!(
@@ -432,13 +436,13 @@ mod tests {
             Scope::All,
             expect![[r#"
                 table ip flocker
-                map routes inet_service -> ipv4_addr . inet_service
+                map routes inet_proto . inet_service -> ipv4_addr . inet_service
                 chain prerouting nat hook Prerouting priority -100
-                  [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ cmp eq reg 1 0x06 ] [ payload transport +2 len 2 => reg 1 ] [ lookup reg 1 @routes => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
+                  [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ lookup reg 1 @routes => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
                 chain output nat hook Output priority -100
-                  [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ cmp eq reg 1 0x06 ] [ payload transport +2 len 2 => reg 1 ] [ lookup reg 1 @routes => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
+                  [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ lookup reg 1 @routes => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
                 chain postrouting nat hook Postrouting priority 100
-                  [ ct status => reg 1 ] [ bitwise reg 1 & 0x20000000 ^ 0x00000000 ] [ cmp neq reg 1 0x00000000 ] [ ct original proto-dst => reg 1 ] [ lookup reg 1 @routes ] [ counter ] [ masq ]
+                  [ ct status => reg 1 ] [ bitwise reg 1 & 0x20000000 ^ 0x00000000 ] [ cmp neq reg 1 0x00000000 ] [ ct original protocol => reg 1 ] [ ct original proto-dst => reg 9 ] [ lookup reg 1 @routes ] [ counter ] [ masq ]
             "#]],
         );
     }
@@ -451,9 +455,16 @@ mod tests {
         assert!(text.contains("chain postrouting"));
     }
 
-    fn table(entries: &[(u16, RouteEntry)]) -> BTreeMap<u16, SocketAddrV4> {
+    fn tcp_entries(entries: &[(u16, RouteEntry)]) -> BTreeMap<RouteKey, RouteEntry> {
+        entries
+            .iter()
+            .map(|(port, entry)| (RouteKey::tcp(*port), *entry))
+            .collect()
+    }
+
+    fn table(entries: &[(u16, RouteEntry)]) -> BTreeMap<RouteKey, SocketAddrV4> {
         map_elements(&RouteTable {
-            entries: entries.iter().copied().collect(),
+            entries: tcp_entries(entries),
         })
     }
 
@@ -472,7 +483,7 @@ mod tests {
     fn check_diff(from: &[(u16, RouteEntry)], to: &[(u16, RouteEntry)], expect: Expect) {
         let diff = ElementDiff::between(&table(from), &table(to));
         let tables = |e: &[(u16, RouteEntry)]| RouteTable {
-            entries: e.iter().copied().collect(),
+            entries: tcp_entries(e),
         };
         assert_eq!(
             diff,
@@ -505,8 +516,8 @@ mod tests {
                 (80, remote([198, 18, 0, 2], 80)),
             ],
             expect![[r#"
-                + 80 => 198.18.0.2:80 key 0x0050 value 0xc612000200500000
-                + 6379 => 172.17.0.2:6379 key 0x18eb value 0xac11000218eb0000
+                + 80 => 198.18.0.2:80 key 0x0600000000500000 value 0xc612000200500000
+                + 6379 => 172.17.0.2:6379 key 0x0600000018eb0000 value 0xac11000218eb0000
             "#]],
         );
     }
@@ -524,9 +535,37 @@ mod tests {
             ],
             expect![[r#"
                 - 80 => 172.17.0.2:8080
-                + 80 => 198.18.0.2:80 key 0x0050 value 0xc612000200500000
+                + 80 => 198.18.0.2:80 key 0x0600000000500000 value 0xc612000200500000
             "#]],
         );
+    }
+
+    #[test]
+    fn tcp_and_udp_of_one_port_are_two_keys() {
+        let tcp = MapElement {
+            port: RouteKey::tcp(53),
+            backend: SocketAddrV4::new([172, 17, 0, 2].into(), 5353),
+        };
+        let udp = MapElement {
+            port: RouteKey::udp(53),
+            ..tcp
+        };
+        assert_eq!(hex(&tcp.key()), "0x0600000000350000");
+        assert_eq!(hex(&udp.key()), "0x1100000000350000");
+        let both = RouteTable {
+            entries: [
+                (tcp.port, local([172, 17, 0, 2], 5353)),
+                (udp.port, remote([198, 18, 0, 2], 53)),
+            ]
+            .into(),
+        };
+        let only_tcp = RouteTable {
+            entries: [(tcp.port, local([172, 17, 0, 2], 5353))].into(),
+        };
+        let diff = ElementDiff::between_tables(&only_tcp, &both);
+        assert!(diff.delete.is_empty());
+        assert_eq!(diff.add.len(), 1);
+        assert_eq!(diff.add[0].port, RouteKey::udp(53));
     }
 
     #[test]
@@ -552,7 +591,7 @@ mod tests {
     #[test]
     fn patch_brings_the_old_table_to_the_new_one() {
         let tables = |e: &[(u16, RouteEntry)]| RouteTable {
-            entries: e.iter().copied().collect(),
+            entries: tcp_entries(e),
         };
         let from = tables(&[
             (80, local([172, 17, 0, 2], 8080)),

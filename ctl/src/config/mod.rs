@@ -332,10 +332,16 @@ pub fn load_texts(
     if !diagnostics.is_empty() {
         return Err(ConfigError::Invalid(diagnostics));
     }
+    // A set, not a scan of the placements per application: that costs applications squared.
+    let placed: std::collections::HashSet<&str> = deployment
+        .placements
+        .iter()
+        .map(|p| p.application.as_str())
+        .collect();
     let applications = applications
         .applications
         .into_iter()
-        .filter(|(name, _)| deployment.placements.iter().any(|p| &p.application == name))
+        .filter(|(name, _)| placed.contains(name.as_str()))
         .collect();
     let standby = deployment
         .standby

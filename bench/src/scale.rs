@@ -308,11 +308,10 @@ fn measure(flockerctl_bin: &Path, size: &Size, table: &mut String) -> Result<()>
         ("no-op deploy", &noop),
         ("move one application", &moved),
     ] {
-        let per_request = if sent.requests > 0 {
-            bytes(sent.request_bytes / sent.requests)
-        } else {
-            "-".into()
-        };
+        let per_request = sent
+            .request_bytes
+            .checked_div(sent.requests)
+            .map_or("-".into(), bytes);
         let _ = writeln!(
             table,
             "| {label} | {what} ({} phases) | {:.2} s | {} | {} | {} | {per_request} |",

@@ -24,11 +24,6 @@ impl RouteView {
         RouteView { map, local, detail }
     }
 
-    /// Whether each node's whole table is shown.
-    pub fn detail(&self) -> bool {
-        self.detail
-    }
-
     /// The table `node` derives from the map.
     pub fn table(&self, node: &str) -> Vec<Route> {
         self.map.routes_for(node)

@@ -101,8 +101,10 @@ pub(crate) fn fail(error: &dyn std::fmt::Display, output: Output) -> Outcome {
 }
 
 pub(crate) fn print_json(value: &serde_json::Value) {
-    let mut out = std::io::stdout().lock();
+    // Stdout is line-buffered: unbuffered, a plan of many megabytes is a write per line.
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     // A closed stdout (e.g. piped into `head`) is not worth a panic.
     let _ = serde_json::to_writer_pretty(&mut out, value);
     let _ = writeln!(out);
+    let _ = out.flush();
 }

@@ -362,10 +362,16 @@ pub fn load_texts(
         return Err(ConfigError::Invalid(diagnostics));
     }
     let applications_files = applications.files;
+    // A set, not a scan of the placements per application: that costs applications squared.
+    let placed: std::collections::HashSet<&str> = deployment
+        .placements
+        .iter()
+        .map(|p| p.application.as_str())
+        .collect();
     let applications = applications
         .applications
         .into_iter()
-        .filter(|(name, _)| deployment.placements.iter().any(|p| &p.application == name))
+        .filter(|(name, _)| placed.contains(name.as_str()))
         .collect();
     let standby = deployment
         .standby
@@ -382,7 +388,7 @@ pub fn load_texts(
         .collect();
     let files = applications_files
         .into_iter()
-        .filter(|(name, _)| deployment.placements.iter().any(|p| &p.application == name))
+        .filter(|(name, _)| placed.contains(name.as_str()))
         .collect();
     Ok(DesiredState {
         applications,

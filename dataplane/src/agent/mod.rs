@@ -359,25 +359,29 @@ impl Agent {
 
     /// `GET /v1/state`.
     pub async fn state(&self) -> Result<NodeState, AgentError> {
+        let listed = self.runtime.list_managed().await?;
+        // Readiness is judged for every running container at once (a Docker inspect each).
+        let healths = futures_util::future::join_all(listed.iter().map(|c| async move {
+            if !c.running {
+                return (None, None);
+            }
+            match readiness::check(self.runtime.as_ref(), &c.name, &c.application).await {
+                Ok(v) => (Some(v.health), v.output),
+                Err(e) => {
+                    tracing::debug!(container = %c.name, error = %e, "cannot judge readiness");
+                    (None, None)
+                }
+            }
+        }))
+        .await;
         let mut containers = Vec::new();
-        for c in self.runtime.list_managed().await? {
+        for (c, (health, health_output)) in listed.into_iter().zip(healths) {
             let volume_problem = match &c.application.volume {
                 Some(spec) if c.running => {
                     self.volume_problem(&c.name, &c.application.name, &spec.mountpoint)
                         .await
                 }
                 _ => None,
-            };
-            let (health, health_output) = if c.running {
-                match readiness::check(self.runtime.as_ref(), &c.name, &c.application).await {
-                    Ok(v) => (Some(v.health), v.output),
-                    Err(e) => {
-                        tracing::debug!(container = %c.name, error = %e, "cannot judge readiness");
-                        (None, None)
-                    }
-                }
-            } else {
-                (None, None)
             };
             containers.push(ContainerState {
                 application: c.application,

@@ -185,6 +185,9 @@ pub async fn run(config: AgentConfig) -> Result<(), StartError> {
         Some(addr) => {
             let listener = crate::metrics::bind(addr).await?;
             tracing::info!(listen = %addr, "serving Prometheus metrics at /metrics (plain HTTP)");
+            if agent.routing_name() == "ebpf" {
+                tokio::spawn(sample_dataplane(agent.metrics()));
+            }
             Some(tokio::spawn(crate::metrics::serve(
                 listener,
                 agent.metrics(),
@@ -244,5 +247,25 @@ fn file_store(config: &AgentConfig) -> Option<crate::files::FileStore> {
             tracing::warn!(error = %e, "no file store: applications with secrets or configs will be refused");
             None
         }
+    }
+}
+
+/// How often the eBPF data plane's figures are read for the metrics.
+const DATAPLANE_SAMPLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads the eBPF TC program's figures from its pinned maps every few seconds (walking the
+/// flow map costs too much to do on every scrape).
+async fn sample_dataplane(metrics: std::sync::Arc<crate::metrics::Metrics>) {
+    let mut warned = false;
+    loop {
+        match tokio::task::spawn_blocking(flocker_routing::ebpf::pinned_stats).await {
+            Ok(Ok(stats)) => metrics.dataplane(stats),
+            Ok(Err(e)) if !warned => {
+                warned = true;
+                tracing::warn!(error = %e, "cannot read the eBPF data plane's figures for the metrics");
+            }
+            _ => {}
+        }
+        tokio::time::sleep(DATAPLANE_SAMPLE).await;
     }
 }

@@ -89,6 +89,8 @@ struct Series {
     route_applies: Option<Histogram>,
     route_apply_failures: u64,
     restarts: BTreeMap<String, u64>,
+    /// The eBPF TC program's own figures, when it is the routing backend.
+    dataplane: Option<flocker_routing::ebpf::DataplaneStats>,
 }
 
 /// Every metric of one agent.
@@ -173,6 +175,11 @@ impl Metrics {
     /// The supervisor restarted `application`'s container.
     pub fn restarted(&self, application: &str) {
         self.with(|s| *s.restarts.entry(application.to_string()).or_default() += 1);
+    }
+
+    /// The eBPF data plane's figures, sampled by the agent (see `daemon`).
+    pub fn dataplane(&self, stats: flocker_routing::ebpf::DataplaneStats) {
+        self.with(|s| s.dataplane = Some(stats));
     }
 
     /// The exposition, text format 0.0.4.
@@ -307,6 +314,27 @@ impl Metrics {
                 "flocker_container_restarts_total",
                 &vec![("application", app.clone())],
                 *n as f64,
+            );
+        }
+        if let Some(d) = s.dataplane {
+            family(
+                &mut out,
+                "flocker_ebpf_flows",
+                "gauge",
+                "Connections the eBPF TC program tracks now (its flow map holds 262144).",
+            );
+            sample(&mut out, "flocker_ebpf_flows", &Vec::new(), d.flows as f64);
+            family(
+                &mut out,
+                "flocker_ebpf_snat_exhausted_total",
+                "counter",
+                "New connections left to the kernel because no translated source port was free.",
+            );
+            sample(
+                &mut out,
+                "flocker_ebpf_snat_exhausted_total",
+                &Vec::new(),
+                d.snat_exhausted as f64,
             );
         }
         out
@@ -445,6 +473,26 @@ fn answer(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<F
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ebpf_figures_appear_once_sampled() {
+        let metrics = Metrics::new();
+        assert!(!metrics.render().contains("flocker_ebpf"));
+        metrics.dataplane(flocker_routing::ebpf::DataplaneStats {
+            flows: 12,
+            snat_exhausted: 3,
+        });
+        let text = metrics.render();
+        assert!(text.contains("\nflocker_ebpf_flows 12\n"), "{text}");
+        assert!(
+            text.contains("\nflocker_ebpf_snat_exhausted_total 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE flocker_ebpf_snat_exhausted_total counter"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn exposition_has_types_cumulative_buckets_and_escaped_labels() {

@@ -378,9 +378,13 @@ impl Cluster {
         actions: Vec<Action>,
     ) -> Result<Vec<ConvergeEvent>> {
         let n = actions.len();
+        // A node told to follow the route map gets the map, as flockerctl sends it.
+        let follows = actions
+            .iter()
+            .any(|a| matches!(a, Action::FollowRoutes { .. }));
         let req = ConvergeRequest {
             desired: desired.clone(),
-            routes: None,
+            routes: follows.then(|| desired.route_map()),
             actions,
         };
         let (status, events, text) = self.converge_raw(node, serde_json::to_vec(&req)?)?;

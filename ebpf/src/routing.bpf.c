@@ -228,6 +228,15 @@ struct {
 	__type(value, __u32);
 } flk_ifaddr SEC(".maps");
 
+// Counters read by the agent's metrics: [0] new connections left to the stack because no
+// translated source port was free (SNAT_TRIES picks all taken).
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} flk_stats SEC(".maps");
+
 // Source ports given to translated connections: above Linux's default ephemeral range
 // (32768-60999), so the node's own connections rarely pick one; a port a local socket holds
 // towards the same backend is skipped.
@@ -371,6 +380,10 @@ static __always_inline int start_flow(struct __sk_buff *skb, const struct tuple 
 		if (!bpf_map_update_elem(&flk_rev, &r, &rev, old ? BPF_EXIST : BPF_NOEXIST))
 			return 0;
 	}
+	__u32 exhausted = 0;
+	__u64 *count = bpf_map_lookup_elem(&flk_stats, &exhausted);
+	if (count)
+		*count += 1;
 	return -1;
 }
 

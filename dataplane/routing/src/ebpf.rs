@@ -111,7 +111,7 @@ const PROGRAMS: [&str; 4] = [
     "flk_recvmsg4",
 ];
 /// Every map of `routing.bpf.c`, pinned so that they outlive the agent.
-const MAPS: [&str; 7] = [
+const MAPS: [&str; 8] = [
     "flk_routes",
     "flk_local",
     "flk_orig",
@@ -119,6 +119,7 @@ const MAPS: [&str; 7] = [
     "flk_fwd",
     "flk_rev",
     "flk_ifaddr",
+    "flk_stats",
 ];
 const TC_PROGRAM: &str = "flk_tc_ingress";
 /// `SNAT_FIRST..SNAT_FIRST + SNAT_COUNT` of `routing.bpf.c`: the source ports of translated
@@ -610,6 +611,37 @@ pub fn pinned_flow_counts() -> Result<(usize, usize), EbpfError> {
         count_pinned::<[u8; 16]>(&pins, "flk_fwd")?,
         count_pinned::<[u8; 24]>(&pins, "flk_rev")?,
     ))
+}
+
+/// What the TC program reports about itself, for the agent's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DataplaneStats {
+    /// Connections the TC program tracks now (entries of `flk_fwd`, of 262,144).
+    pub flows: u64,
+    /// New connections left to the kernel's own stack because no translated source port was
+    /// free, since the maps were created.
+    pub snat_exhausted: u64,
+}
+
+/// [`DataplaneStats`] of this network namespace, from the pinned maps.
+pub fn pinned_stats() -> Result<DataplaneStats, EbpfError> {
+    let pins = Pins::open(flocker_ebpf::ROUTING)?;
+    let flows = count_pinned::<[u8; 16]>(&pins, "flk_fwd")?;
+    let name = "flk_stats";
+    let map_error = map_error(name);
+    let data = aya::maps::MapData::from_pin(pins.map(name)).map_err(map_error)?;
+    let stats: aya::maps::PerCpuArray<_, u64> =
+        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(map_error)?;
+    let snat_exhausted = stats
+        .get(&0, 0)
+        .map_err(map_error)?
+        .iter()
+        .copied()
+        .fold(0u64, u64::saturating_add);
+    Ok(DataplaneStats {
+        flows: u64::try_from(flows).unwrap_or(u64::MAX),
+        snat_exhausted,
+    })
 }
 
 /// The number of entries of the pinned flow map `name` (keys: `struct tuple`, 12 bytes).

@@ -846,6 +846,15 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        // The agent's metrics read the same maps: flows gone with their connections, and
+        // 300 translated connections never ran out of source ports.
+        for node in [&lab.nodes[0], &lab.nodes[2]] {
+            let stats = node.run(flocker_routing::ebpf::pinned_stats)??;
+            ensure!(
+                stats.flows <= 2 && stats.snat_exhausted == 0,
+                "data plane figures after the bursts: {stats:?}"
+            );
+        }
     }
     // The hosting node's container bridge is deleted and made again, and the node gains an
     // address, with no route change: connections from outside work again within a second

@@ -44,7 +44,7 @@ pub enum Probe {
     Running,
     /// Docker's health check verdict.
     DockerCheck,
-    /// A listening TCP socket on this port inside the container.
+    /// A listening TCP socket on this port inside the container (the first TCP port).
     Port(u16),
 }
 
@@ -52,9 +52,12 @@ pub fn probe_for(app: &Application) -> Probe {
     match &app.health_check {
         Some(check) if check.is_disabled() => Probe::Running,
         Some(_) => Probe::DockerCheck,
+        // The first TCP port: a UDP socket does not listen, so an application with only UDP
+        // ports counts as ready once it runs.
         None => app
             .ports
-            .first()
+            .iter()
+            .find(|p| p.protocol == flocker_wire::Protocol::Tcp)
             .map_or(Probe::Running, |p| Probe::Port(p.internal)),
     }
 }

@@ -494,8 +494,15 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn stop_and_remove(&self, name: &str) -> Result<(), ContainerError> {
-        match self
+        // The client's usual 120 s would give up on a stop Docker is still carrying out: a
+        // stop may take the longest grace period a config can give, plus a margin to kill.
+        let stopper = self
             .docker
+            .clone()
+            .with_timeout(std::time::Duration::from_millis(
+                flocker_wire::container::MAX_STOP_GRACE_MS + 60_000,
+            ));
+        match stopper
             // No timeout given: Docker waits the container's own stop timeout (the
             // application's `stop_grace_period`, else 10 s) before it kills.
             .stop_container(name, None::<StopContainerOptions>)

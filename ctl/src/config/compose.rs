@@ -7,7 +7,6 @@
 //! extension keys are skipped, since compose defines them as inert anchors holders.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
 use flocker_wire::{
     Application, FileContent, FileKind, Link, PortMap, Protocol, RestartPolicy, VolumeSpec,
@@ -708,14 +707,10 @@ fn env_files(
             Err(e) => sink.error(
                 item.mark,
                 item_path,
-                format!("cannot read the env file {}: {e}", display(&full)),
+                format!("cannot read the env file {}: {e}", full.display()),
             ),
         }
     }
-}
-
-fn display(path: &Path) -> String {
-    path.display().to_string()
 }
 
 /// A service's `networks`: names declared at the top level (or `default`), as a list or a
@@ -821,18 +816,8 @@ fn deploy_limits(sink: &mut Sink<'_>, node: &Node, path: &str) -> DeployLimits {
                                 let item_path = join(&resource_path, &item.key);
                                 match item.key.as_str() {
                                     "memory" => limits.memory = size(sink, &item.value, &item_path),
-                                    "cpus" => {
-                                        let one = [Entry {
-                                            key: "cpus".to_owned(),
-                                            key_mark: item.key_mark,
-                                            value: item.value.clone(),
-                                        }];
-                                        limits.nano_cpus = parse_settings(sink, &one, &resource_path).nano_cpus;
-                                    }
-                                    "pids" => limits.pids = item.value.as_int().and_then(|p| i64::try_from(p).ok()).or_else(|| {
-                                        sink.error(item.value.mark, item_path, "expected an integer");
-                                        None
-                                    }),
+                                    "cpus" => limits.nano_cpus = super::settings::cpus(sink, &item.value, &item_path),
+                                    "pids" => limits.pids = super::settings::signed(sink, &item.value, &item_path),
                                     _ => sink.error(item.key_mark, item_path, "unknown limit; allowed: memory, cpus, pids"),
                                 }
                             }

@@ -72,7 +72,7 @@ pub fn interpolate_file(
 
 /// Replaces the variables of every scalar value in `node`, reporting each failure at its
 /// scalar. Mapping keys are left alone, as are `x-*` extension entries (inert by definition).
-pub fn interpolate_tree(
+fn interpolate_tree(
     sink: &mut Sink<'_>,
     node: &mut Node,
     vars: &BTreeMap<String, String>,

@@ -344,7 +344,7 @@ fn text(sink: &mut Sink<'_>, node: &Node, path: &str, what: &str) -> Option<Stri
     }
 }
 
-fn signed(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<i64> {
+pub(super) fn signed(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<i64> {
     let found = node.as_int().and_then(|i| i64::try_from(i).ok());
     if found.is_none() {
         sink.error(
@@ -589,7 +589,7 @@ fn expose(sink: &mut Sink<'_>, node: &Node, path: &str) -> Vec<u16> {
 }
 
 /// `cpus: 1.5` or `"0.5"`: a positive number of CPUs, in billionths.
-fn cpus(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<u64> {
+pub(super) fn cpus(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<u64> {
     let text = node.as_scalar().map(|s| s.text.trim().to_owned());
     let value = text.as_deref().and_then(|t| t.parse::<f64>().ok());
     match value {

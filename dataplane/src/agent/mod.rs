@@ -211,7 +211,12 @@ impl Agent {
         })?;
         store
             .write(app, desired.files.get(&app.name))
-            .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+            .map_err(|e| match e {
+                // What the request sent is wrong; failing to write it is this node's fault.
+                crate::files::FilesError::Missing { .. }
+                | crate::files::FilesError::Digest { .. } => AgentError::BadRequest(e.to_string()),
+                _ => AgentError::Internal(e.to_string()),
+            })?;
         Ok(app
             .files
             .iter()

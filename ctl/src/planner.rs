@@ -39,11 +39,16 @@ pub fn plan(desired: &DesiredState, current: &ClusterState) -> Plan {
         let Some(&target) = placement.get(name.as_str()) else {
             continue;
         };
-        if let Some(volume) = &app.volume {
+        // Every volume of the application goes through the same phases: pushed together
+        // while it runs, once more after its one stop, handed off before its one start.
+        for (volume, spec) in app.volumes() {
             plan_volume(
-                name,
-                volume.maximum_size,
-                target,
+                VolumeToPlace {
+                    application: name,
+                    volume,
+                    maximum_size: spec.maximum_size,
+                    target,
+                },
                 current,
                 &volumes,
                 &mut phases,
@@ -204,17 +209,29 @@ fn on(node: &str, action: Action) -> NodeAction {
     }
 }
 
+/// One volume of an application and the node the application is placed on.
+struct VolumeToPlace<'a> {
+    application: &'a str,
+    volume: &'a str,
+    maximum_size: Option<u64>,
+    target: &'a str,
+}
+
 /// Volume steps for an application placed on `target`: create, or move by the migration
 /// protocol (pre-copy while running, final push after stop, handoff), or finish a handoff
 /// that was interrupted.
 fn plan_volume(
-    name: &str,
-    maximum_size: Option<u64>,
-    target: &str,
+    place: VolumeToPlace<'_>,
     current: &ClusterState,
     volumes: &VolumeIndex<'_>,
     phases: &mut PhaseSet,
 ) {
+    let VolumeToPlace {
+        application,
+        volume: name,
+        maximum_size,
+        target,
+    } = place;
     let Some((holder, record)) = volumes.record(name) else {
         phases.create_volumes.push(on(
             target,
@@ -241,7 +258,7 @@ fn plan_volume(
     let running_on_owner = current
         .nodes
         .get(owner)
-        .and_then(|n| n.container(name))
+        .and_then(|n| n.container(application))
         .is_some_and(|c| c.running);
     if running_on_owner {
         phases.pre_copy.push(push(owner, name, target, false));

@@ -228,6 +228,7 @@ fn app() -> Application {
             tag: "latest".into(),
         },
         ports: vec![],
+        volumes: Default::default(),
         volume: Some(VolumeSpec {
             mountpoint: "/data".into(),
             maximum_size: None,
@@ -1294,6 +1295,7 @@ async fn agents_follow_the_route_map_and_refuse_one_that_does_not_fit() {
     let service = |name: &str, external: u16| Application {
         name: name.into(),
         ports: vec![PortMap::tcp(80, external)],
+        volumes: Default::default(),
         volume: None,
         ..app()
     };

@@ -6,7 +6,7 @@
 //! it started. Containers without these labels are never listed, stopped or removed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use bollard::Docker;
@@ -163,11 +163,11 @@ pub fn link_environment(
     ]
 }
 
-/// Translates an application into its container. `volume_path` is the host path of its
-/// volume; `desired`, `routes` and `me` locate link targets.
+/// Translates an application into its container. `volume_mounts` are the host path and
+/// mount point of each of its volumes; `desired`, `routes` and `me` locate link targets.
 pub fn container_spec(
     app: &Application,
-    volume_path: Option<&Path>,
+    volume_mounts: &[(PathBuf, String)],
     desired: &DesiredState,
     routes: Option<&RouteMap>,
     me: &str,
@@ -195,10 +195,16 @@ pub fn container_spec(
         (LABEL_NODE.to_string(), me.to_string()),
         (LABEL_APPLICATION.to_string(), json),
     ]);
-    let binds = match (volume_path, &app.volume) {
-        (Some(host), Some(spec)) => vec![format!("{}:{}", host.display(), spec.mountpoint)],
-        _ => vec![],
-    };
+    let binds = volume_mounts
+        .iter()
+        .map(|(host, mountpoint)| format!("{}:{mountpoint}", host.display()))
+        .chain(
+            app.container
+                .node_local_binds
+                .iter()
+                .map(|(host, target)| format!("{host}:{target}:ro")),
+        )
+        .collect();
     Ok(ContainerSpec {
         name: container_name_of(app),
         image: app.image.to_string(),
@@ -622,6 +628,7 @@ mod tests {
                 external: 16379,
                 protocol: Protocol::Tcp,
             }],
+            volumes: Default::default(),
             volume: Some(VolumeSpec {
                 mountpoint: "/data".into(),
                 maximum_size: None,
@@ -686,7 +693,7 @@ mod tests {
             .nodes
             .insert("198.18.0.1".into(), BTreeSet::from(["web".to_string()]));
 
-        let spec = container_spec(&web, None, &desired, None, "198.18.0.1").expect("spec");
+        let spec = container_spec(&web, &[], &desired, None, "198.18.0.1").expect("spec");
         assert!(
             spec.env
                 .contains(&"REDIS_PORT_6379_TCP=tcp://198.18.0.2:16379".to_string())
@@ -697,14 +704,14 @@ mod tests {
             port: 16379,
             protocol: Protocol::Tcp,
         }]);
-        let sized = container_spec(&web, None, &share, Some(&linked), "198.18.0.1").expect("spec");
+        let sized = container_spec(&web, &[], &share, Some(&linked), "198.18.0.1").expect("spec");
         assert_eq!(sized.env, spec.env);
         assert!(spec.env.contains(&"MODE=x".to_string()));
         assert!(spec.binds.is_empty());
 
         let spec = container_spec(
             &db,
-            Some(Path::new("/pool/flocker/db")),
+            &[(PathBuf::from("/pool/flocker/db"), "/data".to_string())],
             &desired,
             None,
             "198.18.0.2",
@@ -729,7 +736,7 @@ mod tests {
         db.container.command = Some(vec!["redis-server".into(), "--save".into(), "60 1".into()]);
         let mut desired = DesiredState::default();
         desired.applications.insert("db".into(), db.clone());
-        let spec = container_spec(&db, None, &desired, None, "198.18.0.2").expect("spec");
+        let spec = container_spec(&db, &[], &desired, None, "198.18.0.2").expect("spec");
         assert_eq!(spec.labels["com.example.team"], "storage");
         assert_eq!(spec.labels[LABEL_MANAGED], "true");
         assert_eq!(

@@ -230,6 +230,7 @@ mod tests {
                 tag: "latest".into(),
             },
             ports: vec![],
+            volumes: Default::default(),
             volume: None,
             environment: BTreeMap::new(),
             links: vec![],

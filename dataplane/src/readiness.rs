@@ -344,6 +344,7 @@ mod tests {
                 tag: "latest".into(),
             },
             ports: ports.iter().map(|&p| PortMap::tcp(p, p)).collect(),
+            volumes: Default::default(),
             volume: None,
             environment: Default::default(),
             links: vec![],

@@ -127,16 +127,13 @@ pub async fn pass(agent: &Agent) {
             continue;
         }
         let delay = backoff(memory.attempts);
-        let outcome = match &c.application.volume {
-            Some(_) => match agent.owns_volume(&c.application.name).await {
-                Ok(true) => agent.prove_volume(&c.application.name).await.map(drop),
-                Ok(false) => {
-                    tracing::warn!(container = %c.name, "not restarted: this node does not own its volume");
-                    continue;
-                }
-                Err(e) => Err(e),
-            },
-            None => Ok(()),
+        let outcome = match agent.owns_all_volumes(&c.application).await {
+            Ok(true) => agent.prove_volumes(&c.application).await.map(drop),
+            Ok(false) => {
+                tracing::warn!(container = %c.name, "not restarted: this node does not own all its volumes");
+                continue;
+            }
+            Err(e) => Err(e),
         };
         let outcome = match outcome.and_then(|()| agent.check_files(&c.application)) {
             Ok(()) => agent.runtime.start(&c.name).await.map_err(Into::into),

@@ -484,6 +484,7 @@ fn busybox_app() -> Application {
             external: 8080,
             protocol: flocker_wire::Protocol::Tcp,
         }],
+        volumes: Default::default(),
         volume: Some(VolumeSpec {
             mountpoint: "/www".into(),
             maximum_size: Some(64 << 20),

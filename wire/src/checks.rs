@@ -5,7 +5,7 @@
 //!
 //! Each `*_problem` function returns `None` for a good value or the reason it is refused.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use crate::{Application, DesiredState};
@@ -117,9 +117,7 @@ pub fn application_problems(app: &Application) -> Vec<String> {
             ));
         }
     }
-    if let Some(volume) = &app.volume {
-        out.extend(mountpoint_problem(&volume.mountpoint));
-    }
+    out.extend(volume_problems(app));
     for name in app.environment.keys() {
         out.extend(env_name_problem(name));
     }
@@ -201,6 +199,66 @@ pub fn health_check_problem(check: &crate::HealthCheck) -> Option<String> {
     None
 }
 
+/// The application's volumes: further volumes named `APP.KEY` with a valid name, every
+/// mount point valid and used once.
+fn volume_problems(app: &Application) -> Vec<String> {
+    let mut out = Vec::new();
+    let prefix = format!("{}.", app.name);
+    for name in app.volumes.keys() {
+        // `fenced-` names the copies fencing sets aside (`NAME.fenced-eEPOCH-MS`).
+        let key_ok = name
+            .strip_prefix(&prefix)
+            .is_some_and(|key| !key.is_empty() && !key.starts_with("fenced-"));
+        if !key_ok {
+            out.push(format!(
+                "volume {name:?}: a further volume of {:?} is named {prefix}KEY (KEY not starting with `fenced-`)",
+                app.name
+            ));
+        } else if let Some(problem) = application_name_problem(name) {
+            out.push(format!("volume {name:?}: {problem}"));
+        }
+    }
+    let mut mountpoints = BTreeSet::new();
+    for (name, spec) in app.volumes() {
+        out.extend(mountpoint_problem(&spec.mountpoint).map(|p| format!("volume {name:?}: {p}")));
+        if !mountpoints.insert(spec.mountpoint.as_str()) {
+            out.push(format!(
+                "volume {name:?}: mount point {:?} is used by two volumes",
+                spec.mountpoint
+            ));
+        }
+    }
+    out
+}
+
+/// Volume names are cluster-wide: no two applications may name the same volume (an
+/// application named `a.b` and a further volume `b` of `a`, say).
+fn volume_name_clashes(desired: &DesiredState) -> Vec<String> {
+    let mut owners: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut out = Vec::new();
+    for app in desired.applications.values() {
+        for (volume, _) in app.volumes() {
+            if let Some(first) = owners.insert(volume, &app.name) {
+                out.push(format!(
+                    "volume {volume:?} is claimed by both {first:?} and {:?}",
+                    app.name
+                ));
+            }
+        }
+    }
+    for app in desired.applications.values() {
+        if let Some(&holder) = owners.get(app.name.as_str())
+            && holder != app.name
+        {
+            out.push(format!(
+                "application {:?} has the name of a volume of {holder:?}",
+                app.name
+            ));
+        }
+    }
+    out
+}
+
 /// Every problem of a desired state: each application, each node address, applications
 /// keyed by their own name and placed on at most one node, external ports claimed once.
 pub fn desired_problems(desired: &DesiredState) -> Vec<String> {
@@ -241,6 +299,7 @@ pub fn desired_problems(desired: &DesiredState) -> Vec<String> {
         }
     }
     out.extend(container_name_clashes(desired));
+    out.extend(volume_name_clashes(desired));
     let mut placed: BTreeMap<&str, &str> = BTreeMap::new();
     for (node, apps) in &desired.nodes {
         out.extend(address_problem(node).map(|p| format!("node {p}")));
@@ -360,6 +419,7 @@ mod tests {
                 external: 6379,
                 protocol: Protocol::Tcp,
             }],
+            volumes: Default::default(),
             volume: Some(VolumeSpec {
                 mountpoint: "/data".into(),
                 maximum_size: None,
@@ -383,6 +443,34 @@ mod tests {
         d.nodes
             .insert("198.18.0.11".into(), BTreeSet::from(["db".into()]));
         assert_eq!(desired_problems(&d), Vec::<String>::new());
+    }
+
+    #[test]
+    fn further_volumes_are_named_by_their_application_and_never_shared() {
+        let mut db = app("db");
+        let spec = |m: &str| VolumeSpec {
+            mountpoint: m.into(),
+            maximum_size: None,
+        };
+        db.volumes.insert("db.logs".into(), spec("/logs"));
+        let mut d = DesiredState::default();
+        d.applications.insert("db".into(), db.clone());
+        assert_eq!(desired_problems(&d), Vec::<String>::new());
+
+        db.volumes.insert("other.x".into(), spec("/x"));
+        db.volumes.insert("db.fenced-e1-2".into(), spec("/y"));
+        db.volumes.insert("db.more".into(), spec("/logs"));
+        let problems = application_problems(&db).join("\n");
+        assert!(problems.contains("\"other.x\": a further volume of \"db\" is named db.KEY"), "{problems}");
+        assert!(problems.contains("\"db.fenced-e1-2\""), "{problems}");
+        assert!(problems.contains("mount point \"/logs\" is used by two volumes"), "{problems}");
+
+        // An application named like another's further volume would share its dataset.
+        let mut clash = app("db.logs");
+        clash.volume = Some(spec("/data"));
+        d.applications.insert("db.logs".into(), clash);
+        let problems = desired_problems(&d).join("\n");
+        assert!(problems.contains("volume \"db.logs\" is claimed by both"), "{problems}");
     }
 
     #[test]

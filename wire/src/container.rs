@@ -109,6 +109,11 @@ pub struct ContainerSettings {
     pub group_add: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oom_score_adj: Option<i64>,
+    /// Host paths the config declares present on every node (compose
+    /// `x-flocker-node-local`), mounted read-only: host path -> container path. They never
+    /// move; each node mounts its own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_local_binds: BTreeMap<String, String>,
 }
 
 /// A resource limit of the container's processes.
@@ -126,6 +131,29 @@ pub struct Logging {
     pub driver: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub options: BTreeMap<String, String>,
+}
+
+/// Why a host path cannot be mounted read-only into a container, if it cannot: both paths
+/// absolute and plain (no `..`, no `:` or `,` that Docker's bind syntax splits on), and never
+/// the Docker socket, which would give the container its node.
+pub fn node_local_bind_problem(host: &str, target: &str) -> Option<String> {
+    for (what, path) in [("host path", host), ("container path", target)] {
+        let plain = path.starts_with('/')
+            && !path.contains([':', ',', '\0'])
+            && !path.split('/').any(|part| part == "..");
+        if !plain {
+            return Some(format!(
+                "the {what} {path:?} must be an absolute path without `..`, `:` or `,`"
+            ));
+        }
+    }
+    if host.ends_with("docker.sock") {
+        return Some(format!(
+            "{host:?} cannot be honoured: the Docker socket gives the container control of its node, and with it \
+             of every volume there; Flocker could no longer promise one writer per volume"
+        ));
+    }
+    None
 }
 
 fn is_false(value: &bool) -> bool {
@@ -181,6 +209,13 @@ impl ContainerSettings {
             if !path.starts_with('/') || path.contains(',') {
                 out.push(format!("tmpfs: {path:?} is not an absolute path"));
             }
+        }
+        for (host, target) in &self.node_local_binds {
+            free_form.push(("node_local_binds", host));
+            free_form.push(("node_local_binds", target));
+            out.extend(
+                node_local_bind_problem(host, target).map(|p| format!("node_local_binds: {p}")),
+            );
         }
         for line in &self.extra_hosts {
             free_form.push(("extra_hosts", line));
@@ -445,6 +480,7 @@ mod tests {
             memswap_limit: Some(-1),
             group_add: vec!["audio".into()],
             oom_score_adj: Some(-500),
+            node_local_binds: BTreeMap::from([("/etc/ssl/certs".into(), "/certs".into())]),
         };
         assert_eq!(settings.problems(), Vec::<String>::new());
         assert_eq!(settings.stop_timeout_seconds(), Some(2));
@@ -467,10 +503,16 @@ mod tests {
             extra_hosts: vec!["db".into()],
             dns: vec!["resolver".into()],
             ulimits: BTreeMap::from([("nofile".into(), Ulimit { soft: 9, hard: 1 })]),
+            node_local_binds: BTreeMap::from([
+                ("/var/run/docker.sock".into(), "/var/run/docker.sock".into()),
+                ("/etc/../root".into(), "/x".into()),
+            ]),
             ..ContainerSettings::default()
         };
         let problems = settings.problems().join("\n");
         for expected in [
+            "gives the container control of its node",
+            "without `..`",
             "empty command",
             "not a valid container name",
             "not an absolute path",

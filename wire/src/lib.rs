@@ -168,8 +168,13 @@ pub struct Application {
     pub image: Image,
     #[serde(default)]
     pub ports: Vec<PortMap>,
+    /// The application's main volume, named as the application.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<VolumeSpec>,
+    /// Further volumes, by full volume name (`APP.KEY`): they move with the application in
+    /// the same move as its main volume. See [`Application::volumes`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub volumes: BTreeMap<String, VolumeSpec>,
     #[serde(default)]
     pub environment: BTreeMap<String, String>,
     #[serde(default)]
@@ -195,6 +200,36 @@ pub struct Application {
     /// first port accepts connections (or, without ports, that it runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+}
+
+impl Application {
+    /// Every volume of the application with its volume name: the main volume (named as the
+    /// application) first, then the further ones in name order.
+    pub fn volumes(&self) -> impl Iterator<Item = (&str, &VolumeSpec)> {
+        self.volume
+            .iter()
+            .map(|spec| (self.name.as_str(), spec))
+            .chain(
+                self.volumes
+                    .iter()
+                    .map(|(name, spec)| (name.as_str(), spec)),
+            )
+    }
+
+    /// Whether the application keeps data in at least one volume.
+    pub fn has_volumes(&self) -> bool {
+        self.volume.is_some() || !self.volumes.is_empty()
+    }
+
+    /// Whether `volume` is one of the application's volumes.
+    pub fn uses_volume(&self, volume: &str) -> bool {
+        self.volumes().any(|(name, _)| name == volume)
+    }
+}
+
+/// The volume name of an application's further volume `key`: `APP.KEY`.
+pub fn further_volume_name(application: &str, key: &str) -> String {
+    format!("{application}.{key}")
 }
 
 /// A health check as Docker runs it inside the container (compose `healthcheck:`, native
@@ -611,6 +646,7 @@ mod tests {
                 .iter()
                 .map(|&(internal, external)| PortMap::tcp(internal, external))
                 .collect(),
+            volumes: Default::default(),
             volume: None,
             environment: BTreeMap::new(),
             links: vec![],

@@ -279,6 +279,7 @@ mod tests {
                 tag: "latest".into(),
             },
             ports,
+            volumes: Default::default(),
             volume: None,
             environment: BTreeMap::new(),
             links: vec![],

@@ -21,6 +21,7 @@ pub const APPLICATION_KEYS: &[&str] = &[
     "image",
     "ports",
     "volume",
+    "volumes",
     "environment",
     "links",
     "mem_limit",
@@ -180,35 +181,11 @@ fn parse_one(
         }
     }
 
-    let volume = find(entries, "volume").and_then(|e| {
-        let path = join(name, "volume");
-        let fields = expect_map(
-            sink,
-            &e.value,
-            &path,
-            "a mapping with `mountpoint` (and optionally `maximum_size`)",
-        )?;
-        check_keys(sink, fields, &["mountpoint", "maximum_size"], &path);
-        let mountpoint = require(sink, fields, "mountpoint", e.value.mark, &path).and_then(|m| {
-            let mpath = join(&path, "mountpoint");
-            let text = string(sink, &m.value, &mpath, "an absolute path")?;
-            match mountpoint_problem(text) {
-                Some(problem) => {
-                    sink.error(m.value.mark, mpath, problem);
-                    None
-                }
-                None => Some(text.to_owned()),
-            }
-        });
-        let maximum_size = match find(fields, "maximum_size") {
-            Some(m) => Some(size(sink, &m.value, &join(&path, "maximum_size"))?),
-            None => None,
-        };
-        Some(VolumeSpec {
-            mountpoint: mountpoint?,
-            maximum_size,
-        })
-    });
+    let volume =
+        find(entries, "volume").and_then(|e| native_volume(sink, &e.value, &join(name, "volume")));
+    let volumes = find(entries, "volumes")
+        .map(|e| native_further_volumes(sink, name, &e.value, &join(name, "volumes")))
+        .unwrap_or_default();
 
     let mut environment = BTreeMap::new();
     if let Some(e) = find(entries, "environment") {
@@ -316,6 +293,7 @@ fn parse_one(
         image: image?,
         ports,
         volume,
+        volumes,
         environment,
         links,
         mem_limit,
@@ -326,6 +304,91 @@ fn parse_one(
         files: Vec::new(),
         health_check,
     })
+}
+
+/// `{mountpoint, maximum_size}`: one volume.
+fn native_volume(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<VolumeSpec> {
+    let fields = expect_map(
+        sink,
+        node,
+        path,
+        "a mapping with `mountpoint` (and optionally `maximum_size`)",
+    )?;
+    check_keys(sink, fields, &["mountpoint", "maximum_size"], path);
+    let mountpoint = require(sink, fields, "mountpoint", node.mark, path).and_then(|m| {
+        let mpath = join(path, "mountpoint");
+        let text = string(sink, &m.value, &mpath, "an absolute path")?;
+        match mountpoint_problem(text) {
+            Some(problem) => {
+                sink.error(m.value.mark, mpath, problem);
+                None
+            }
+            None => Some(text.to_owned()),
+        }
+    });
+    let maximum_size = match find(fields, "maximum_size") {
+        Some(m) => Some(size(sink, &m.value, &join(path, "maximum_size"))?),
+        None => None,
+    };
+    Some(VolumeSpec {
+        mountpoint: mountpoint?,
+        maximum_size,
+    })
+}
+
+/// `volumes: {KEY: {mountpoint, maximum_size}}`: further volumes, named `APP.KEY`, that
+/// move with the application beside its main `volume`.
+fn native_further_volumes(
+    sink: &mut Sink<'_>,
+    application: &str,
+    node: &Node,
+    path: &str,
+) -> BTreeMap<String, VolumeSpec> {
+    let mut out = BTreeMap::new();
+    let Some(entries) = expect_map(sink, node, path, "a mapping of volume names to volumes") else {
+        return out;
+    };
+    for entry in entries {
+        let entry_path = join(path, &entry.key);
+        let Some(volume) =
+            further_volume(sink, application, &entry.key, entry.key_mark, &entry_path)
+        else {
+            continue;
+        };
+        if let Some(spec) = native_volume(sink, &entry.value, &entry_path) {
+            out.insert(volume, spec);
+        }
+    }
+    out
+}
+
+/// The volume name `APP.KEY` of a further volume, or an error at `mark`.
+pub(super) fn further_volume(
+    sink: &mut Sink<'_>,
+    application: &str,
+    key: &str,
+    mark: Mark,
+    path: &str,
+) -> Option<String> {
+    let volume = flocker_wire::further_volume_name(application, key);
+    let problem = if key.starts_with("fenced-") {
+        Some(format!(
+            "{key:?} cannot name a volume: `fenced-` is how Flocker names copies it sets aside"
+        ))
+    } else {
+        flocker_wire::checks::application_name_problem(&volume).map(|_| {
+            format!(
+                "{key:?} cannot name a volume: its full name {volume:?} must be 1 to 63 characters from a-z, 0-9, `_`, `.`, `-`"
+            )
+        })
+    };
+    match problem {
+        Some(problem) => {
+            sink.error(mark, path, problem);
+            None
+        }
+        None => Some(volume),
+    }
 }
 
 fn restart_policy(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<RestartPolicy> {

@@ -8,14 +8,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use flocker_wire::{
-    Application, FileContent, FileKind, Link, PortMap, Protocol, RestartPolicy, VolumeSpec,
-};
+use flocker_wire::{Application, FileContent, FileKind, Link, PortMap, Protocol, RestartPolicy};
 
+use super::compose_volumes::service_volumes;
 use super::fields::{
     PortClaim, Sink, alias_problem, application_name_problem, check_external_ports,
-    env_name_problem, env_value, expect_list, expect_map, find, join, mountpoint_problem, port,
-    port_in_range, positive_int, size, string,
+    env_name_problem, env_value, expect_list, expect_map, find, join, port, port_in_range,
+    positive_int, size, string,
 };
 use super::files::{Declared, declarations, service_files};
 use super::image::parse_image;
@@ -50,7 +49,7 @@ pub const SERVICE_KEYS: &[&str] = &[
 const UNSUPPORTED: &[(&str, &str)] = &[
     (
         "build",
-        "images are not built by Flocker; build and tag the image beforehand and name it with `image`",
+        "images are not built by Flocker; build and push the image beforehand and name it with `image` (beside `build`, `image` is what every node pulls)",
     ),
     (
         "volumes_from",
@@ -429,6 +428,11 @@ fn parse_service(
         if SERVICE_KEYS.contains(&key) || SETTINGS_KEYS.contains(&key) || key.starts_with("x-") {
             continue;
         }
+        // With `image` beside it, compose pulls the image and builds only if the pull
+        // fails; every node pulls it, so `build` is not needed.
+        if key == "build" && find(entries, "image").is_some() {
+            continue;
+        }
         let path = join(name, key);
         match UNSUPPORTED.iter().find(|(k, _)| *k == key) {
             Some((_, why)) => sink.error(
@@ -591,8 +595,9 @@ fn parse_service(
     let limits = find(entries, "deploy")
         .map(|e| deploy_limits(sink, &e.value, &join(name, "deploy")))
         .unwrap_or_default();
-    let volume = find(entries, "volumes")
-        .and_then(|e| compose_volume(sink, &e.value, &join(name, "volumes")));
+    let volumes = service_volumes(sink, entries, name);
+    container.node_local_binds = volumes.node_local;
+    container.tmpfs.extend(volumes.tmpfs);
     let mut mem_limit =
         find(entries, "mem_limit").and_then(|e| size(sink, &e.value, &join(name, "mem_limit")));
     if let Some(pids) = limits.pids {
@@ -631,7 +636,8 @@ fn parse_service(
         name: name.to_owned(),
         image: image?,
         ports,
-        volume,
+        volume: volumes.main,
+        volumes: volumes.further,
         environment,
         links: Vec::new(),
         mem_limit,
@@ -1027,61 +1033,6 @@ fn compose_environment(
             ),
         ),
     }
-}
-
-/// At most one volume: `"/container"`, `"/host:/container"` or `"name:/container"`; the
-/// container path is the mount point. The host side is not used: Flocker owns the storage,
-/// which is what lets the data move with the application.
-fn compose_volume(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<VolumeSpec> {
-    let items = expect_list(sink, node, path, "a list with one volume")?;
-    if items.len() > 1 {
-        sink.error(
-            items[1].mark,
-            format!("{path}[1]"),
-            "at most one volume per application is supported",
-        );
-        return None;
-    }
-    let item = items.first()?;
-    let item_path = format!("{path}[0]");
-    let text = string(
-        sink,
-        item,
-        &item_path,
-        "a \"/container/path\" or \"/host:/container\" string",
-    )?;
-    let parts: Vec<&str> = text.split(':').collect();
-    let container = match parts.as_slice() {
-        [container] => *container,
-        [_, container] => container,
-        [_, container, "rw"] => container,
-        [_, _, mode] => {
-            sink.error(
-                item.mark,
-                item_path,
-                format!(
-                    "{text:?}: the volume mode {mode:?} cannot be honoured; volumes are read-write"
-                ),
-            );
-            return None;
-        }
-        _ => {
-            sink.error(
-                item.mark,
-                item_path,
-                format!("{text:?} is not a volume spec"),
-            );
-            return None;
-        }
-    };
-    if let Some(problem) = mountpoint_problem(container) {
-        sink.error(item.mark, item_path, problem);
-        return None;
-    }
-    Some(VolumeSpec {
-        mountpoint: container.to_owned(),
-        maximum_size: None,
-    })
 }
 
 /// `no`, `always`, `on-failure` or `on-failure:N`.

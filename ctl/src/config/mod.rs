@@ -21,6 +21,7 @@
 
 mod application;
 mod compose;
+mod compose_volumes;
 mod cross_checks;
 pub mod deployment;
 mod fields;

@@ -1,7 +1,7 @@
 //! Tests of the config parsers against every error class of the issue, the dialect
 //! equivalence, the bundled examples, and arbitrary input.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use flocker_wire::{Application, Image, Link, PortMap, Protocol, RestartPolicy, VolumeSpec};
@@ -108,6 +108,7 @@ applications:
                 external: 15432,
                 protocol: Protocol::Tcp,
             }],
+            volumes: Default::default(),
             volume: Some(VolumeSpec {
                 mountpoint: "/var/lib/db".into(),
                 maximum_size: Some(1536 << 20)
@@ -743,25 +744,31 @@ fn compose_link_without_alias_uses_the_service_name() {
 
 #[test]
 fn compose_keys_that_cannot_be_honoured_are_refused_by_name() {
+    // `build` with `image` beside it is accepted (every node pulls the image); alone it is
+    // refused.
+    assert_eq!(
+        app_errors("web:\n  build: .\n"),
+        vec![
+            "1:1: web: missing key `image` (images are not built by Flocker)",
+            "2:3: web/build: `build` cannot be honoured: images are not built by Flocker; build and push the \
+             image beforehand and name it with `image` (beside `build`, `image` is what every node pulls)",
+        ]
+    );
     let errors = app_errors(
         "web:\n  image: x\n  build: .\n  privileged: true\n  cpuset: '0-1'\n  frobnicate: 1\n  imgae: y\n",
     );
-    assert_eq!(errors.len(), 5, "{errors:#?}");
-    assert_eq!(
-        errors[0],
-        "3:3: web/build: `build` cannot be honoured: images are not built by Flocker; build and tag the image \
-         beforehand and name it with `image`"
-    );
-    assert!(errors[1].starts_with(
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+    assert!(!errors.iter().any(|e| e.contains("build")), "{errors:#?}");
+    assert!(errors[0].starts_with(
         "4:3: web/privileged: `privileged` cannot be honoured: a privileged container"
     ));
-    assert!(errors[2].contains("CPU numbers differ from node to node"));
+    assert!(errors[1].contains("CPU numbers differ from node to node"));
     assert!(
-        errors[3].starts_with("6:3: web/frobnicate: unknown key; allowed keys are: image, ports,")
+        errors[2].starts_with("6:3: web/frobnicate: unknown key; allowed keys are: image, ports,")
     );
-    assert!(errors[3].contains("stop_grace_period"));
+    assert!(errors[2].contains("stop_grace_period"));
     assert_eq!(
-        errors[4],
+        errors[3],
         "7:3: web/imgae: unknown key; did you mean `image`?"
     );
     assert_eq!(
@@ -797,13 +804,11 @@ fn compose_port_forms() {
 #[test]
 fn compose_volumes_environment_and_restart() {
     assert_eq!(
-        app_errors("web:\n  image: x\n  volumes: [/a, /b]\n"),
-        vec!["3:17: web/volumes[1]: at most one volume per application is supported"]
-    );
-    assert_eq!(
         app_errors("web:\n  image: x\n  volumes: ['/h:/c:ro']\n"),
         vec![
-            "3:13: web/volumes[0]: \"/h:/c:ro\": the volume mode \"ro\" cannot be honoured; volumes are read-write"
+            "3:13: web/volumes[0]: \"/h\" cannot be honoured: other nodes may not have this host path and its \
+             content does not move with the application; if every node has it, list it under `x-flocker-node-local` (it is \
+             then mounted read-only from each node)"
         ]
     );
     assert_eq!(
@@ -834,6 +839,60 @@ fn compose_volumes_environment_and_restart() {
     assert_eq!(
         apps("web:\n  image: x\n  restart: no\n")["web"].restart_policy,
         RestartPolicy::Never
+    );
+}
+
+#[test]
+fn compose_services_keep_several_volumes_each_named_by_key() {
+    let app = &apps(
+        "services:\n  cloud:\n    image: x\n    volumes:\n      - html:/var/www/html\n      - ./config:/var/www/html/config\n      - /var/log/app\n      - type: volume\n        source: db\n        target: /db\n      - type: tmpfs\n        target: /cache\n        tmpfs: {size: 1m}\nvolumes:\n  html:\n  db:\n",
+    )["cloud"];
+    assert_eq!(app.volume, None);
+    let volumes: Vec<(&str, &str)> = app
+        .volumes()
+        .map(|(name, spec)| (name, spec.mountpoint.as_str()))
+        .collect();
+    assert_eq!(
+        volumes,
+        [
+            ("cloud.db", "/db"),
+            ("cloud.html", "/var/www/html"),
+            ("cloud.var-log-app", "/var/log/app"),
+            ("cloud.var-www-html-config", "/var/www/html/config"),
+        ]
+    );
+    assert_eq!(app.container.tmpfs["/cache"], "size=1048576");
+    // One volume stays the main volume, named as the application.
+    let single = &apps("web:\n  image: x\n  volumes: ['data:/data']\n")["web"];
+    assert_eq!(single.volumes().map(|(n, _)| n).collect::<Vec<_>>(), ["web"]);
+}
+
+#[test]
+fn compose_read_only_host_paths_need_the_node_local_promise() {
+    let app = &apps(
+        "web:\n  image: x\n  x-flocker-node-local: [/etc/ssl/certs]\n  volumes:\n    - /etc/ssl/certs:/certs:ro\n    - type: bind\n      source: /etc/ssl/certs\n      target: /more-certs\n      read_only: true\n",
+    )["web"];
+    assert!(app.volume.is_none() && app.volumes.is_empty());
+    assert_eq!(
+        app.container.node_local_binds,
+        BTreeMap::from([("/etc/ssl/certs".to_string(), "/more-certs".to_string())])
+    );
+    assert_eq!(
+        app_errors(
+            "web:\n  image: x\n  volumes:\n    - ./nginx.conf:/etc/nginx/nginx.conf:ro\n    - /var/run/docker.sock:/var/run/docker.sock\n    - a:/a\n    - b:/a\n    - c:/c:ro\n    - fenced-x:/f\n"
+        ),
+        vec![
+            "4:7: web/volumes[0]: \"./nginx.conf\" cannot be honoured: it is a path on the machine running \
+             flockerctl, which the nodes do not have; ship a file with `configs:`, or name an absolute path that every node has and list it \
+             under `x-flocker-node-local`",
+            "5:7: web/volumes[1]: \"/var/run/docker.sock\" cannot be honoured: the Docker socket gives the container control of its \
+             node, and with it of every volume there; Flocker could no longer promise one writer per volume",
+            "7:7: web/volumes[3]: \"/a\" is mounted twice",
+            "8:7: web/volumes[4]: a read-only volume cannot be honoured: \"/c\" would stay empty; volumes are \
+             read-write",
+            "9:7: web/volumes[5]: \"fenced-x\" cannot name a volume: `fenced-` is how Flocker names copies it sets \
+             aside",
+        ]
     );
 }
 
@@ -1170,7 +1229,6 @@ fn compose_examples_meet_their_headers() {
             (Some(reason), Some(first))
                 if first.message.contains(reason)
                     && first.message.contains("cannot be honoured")
-                    || first.message.contains(reason) && reason.contains("at most one volume")
                     || first.message.contains(reason) && reason.contains("only tcp") => {}
             _ => mismatches.push(format!(
                 "{}: header {expect:?}, diagnostics {:#?}",

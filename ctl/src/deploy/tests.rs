@@ -561,6 +561,7 @@ fn service(name: &str, external: u16, links_to: Option<u16>) -> flocker_wire::Ap
             tag: "latest".into(),
         },
         ports: vec![flocker_wire::PortMap::tcp(80, external)],
+        volumes: Default::default(),
         volume: None,
         environment: BTreeMap::new(),
         links: links_to

@@ -91,10 +91,11 @@ pub fn plan_around(
         let Some(target) = desired.node_of(name).map(str::to_owned) else {
             continue;
         };
-        let owner = app
-            .volume
-            .as_ref()
-            .and_then(|_| current.volume_owner(name))
+        // All of an application's volumes move together, so its first volume's owner is
+        // theirs.
+        let lead_volume = app.volumes().next().map(|(volume, _)| volume);
+        let owner = lead_volume
+            .and_then(|volume| current.volume_owner(volume))
             .map(str::to_owned);
         let running_on = current
             .nodes
@@ -126,7 +127,7 @@ pub fn plan_around(
             Some(_) => continue,
             // No reachable node knows the volume: it is new, or it lives only on a node that
             // does not answer. Creating an empty one could hide the real data, so wait.
-            None if app.volume.is_some() && !unreachable.is_empty() => {
+            None if app.has_volumes() && !unreachable.is_empty() => {
                 let nodes = unreachable.iter().cloned().collect::<Vec<_>>().join(", ");
                 if failover {
                     return Err(FailoverError::NoReplica {
@@ -150,8 +151,11 @@ pub fn plan_around(
             }
             None => continue,
         };
+        let Some(lead_volume) = lead_volume else {
+            continue;
+        };
         if !failover {
-            let hint = match best_replica(current, name) {
+            let hint = match best_replica(current, lead_volume) {
                 Some((node, snapshot)) => format!(
                     "; `flockerctl deploy --failover` promotes the newest replica (on {node}, snapshot {snapshot})"
                 ),
@@ -165,32 +169,48 @@ pub fn plan_around(
             hands_off.insert(name.clone());
             continue;
         }
-        let Some((node, snapshot)) = best_replica(current, name) else {
+        let Some((node, snapshot)) = best_replica(current, lead_volume) else {
             return Err(FailoverError::NoReplica {
                 application: name.clone(),
                 owner,
             });
         };
-        let epoch = highest_epoch(current, name).checked_add(2).ok_or_else(|| {
-            FailoverError::EpochExhausted {
-                application: name.clone(),
+        // Every volume is promoted on the node that holds the newest copy of the first one;
+        // one missing there would leave the application half its data.
+        let mut epoch = 0;
+        for (volume, _) in app.volumes() {
+            let held = current
+                .nodes
+                .get(&node)
+                .is_some_and(|n| n.volume(volume).is_some());
+            if !held {
+                return Err(FailoverError::NoReplica {
+                    application: name.clone(),
+                    owner,
+                });
             }
-        })?;
-        if let Some(copy) = state
-            .nodes
-            .get_mut(&node)
-            .and_then(|n| n.volumes.iter_mut().find(|v| v.name == *name))
-        {
-            copy.owner = node.clone();
-            copy.epoch = epoch;
+            let volume_epoch = highest_epoch(current, volume)
+                .checked_add(2)
+                .ok_or_else(|| FailoverError::EpochExhausted {
+                    application: name.clone(),
+                })?;
+            if let Some(copy) = state
+                .nodes
+                .get_mut(&node)
+                .and_then(|n| n.volumes.iter_mut().find(|v| v.name == volume))
+            {
+                copy.owner = node.clone();
+                copy.epoch = volume_epoch;
+            }
+            promote_actions.push(NodeAction {
+                node: node.clone(),
+                action: Action::Promote {
+                    volume: volume.to_string(),
+                    epoch: volume_epoch,
+                },
+            });
+            epoch = epoch.max(volume_epoch);
         }
-        promote_actions.push(NodeAction {
-            node: node.clone(),
-            action: Action::Promote {
-                volume: name.clone(),
-                epoch,
-            },
-        });
         planned.promotions.push(Promotion {
             application: name.clone(),
             lost_owner: owner,
@@ -201,10 +221,11 @@ pub fn plan_around(
         });
     }
     let mut plan = super::plan(&effective, &state);
+    let application_of = volume_applications(desired);
     let mut stale_routes = BTreeSet::new();
     for phase in &mut plan.phases {
         phase.actions.retain(|a| {
-            if concerns(&a.action).is_some_and(|n| hands_off.contains(n)) {
+            if concerns(&a.action, &application_of).is_some_and(|n| hands_off.contains(n)) {
                 return false;
             }
             if !unreachable.contains(&a.node) {
@@ -235,19 +256,37 @@ pub fn plan_around(
     Ok(planned)
 }
 
-/// The application or volume (they share the name) an action is about; `None` for routes.
-fn concerns(action: &Action) -> Option<&str> {
+/// The application an action is about (a volume action is about the application whose
+/// volume it is); `None` for routes and schedules.
+fn concerns<'a>(
+    action: &'a Action,
+    application_of: &BTreeMap<&'a str, &'a str>,
+) -> Option<&'a str> {
     match action {
         Action::CreateVolume { volume, .. }
         | Action::PushVolume { volume, .. }
         | Action::Handoff { volume, .. }
-        | Action::Promote { volume, .. } => Some(volume),
+        | Action::Promote { volume, .. } => Some(
+            application_of
+                .get(volume.as_str())
+                .copied()
+                .unwrap_or(volume.as_str()),
+        ),
         Action::StartApplication { application } | Action::RestartApplication { application } => {
             Some(&application.name)
         }
         Action::StopApplication { application } => Some(application),
         Action::SetRoutes { .. } | Action::FollowRoutes { .. } | Action::SetStandby { .. } => None,
     }
+}
+
+/// Each volume name of the desired state and the application it belongs to.
+fn volume_applications(desired: &DesiredState) -> BTreeMap<&str, &str> {
+    desired
+        .applications
+        .values()
+        .flat_map(|app| app.volumes().map(|(volume, _)| (volume, app.name.as_str())))
+        .collect()
 }
 
 /// Moves `name` to `node` in the effective desired state.

@@ -81,7 +81,12 @@ fn apply(
             });
         }
         Action::PushVolume { volume, to, last } => {
-            if *last && state.nodes.values().any(|n| n.container(volume).is_some()) {
+            let in_use = state.nodes.values().any(|n| {
+                n.containers
+                    .iter()
+                    .any(|c| c.application.uses_volume(volume))
+            });
+            if *last && in_use {
                 return Err(format!("final push of {volume} while its application runs"));
             }
             let source = volume_mut(state, node, volume)
@@ -144,16 +149,16 @@ fn apply(
             copy.epoch = *epoch;
         }
         Action::StartApplication { application } | Action::RestartApplication { application } => {
-            if application.volume.is_some() {
+            for (volume, _) in application.volumes() {
                 let owned = state
                     .nodes
                     .get(node)
-                    .and_then(|n| n.volume(&application.name))
+                    .and_then(|n| n.volume(volume))
                     .is_some_and(|v| v.owner == node)
-                    && state.volume_owner(&application.name) == Some(node);
+                    && state.volume_owner(volume) == Some(node);
                 if !owned {
                     return Err(format!(
-                        "{} started without owning its volume",
+                        "{} started without owning its volume {volume}",
                         application.name
                     ));
                 }
@@ -279,9 +284,13 @@ pub fn check_volumes(state: &ClusterState) -> Result<(), String> {
             ));
         }
         for (address, node) in &state.nodes {
-            if node.container(volume).is_some() && record.owner != *address {
+            let in_use = node
+                .containers
+                .iter()
+                .any(|c| c.application.uses_volume(volume));
+            if in_use && record.owner != *address {
                 return Err(format!(
-                    "{volume} runs on {address}, which does not own its volume"
+                    "{volume} is used on {address}, which does not own it"
                 ));
             }
         }
@@ -303,8 +312,10 @@ pub fn matches(desired: &DesiredState, state: &ClusterState) -> Result<(), Strin
         if container.application != *app || !container.running {
             return Err(format!("{name} on {node} runs the wrong configuration"));
         }
-        if app.volume.is_some() && state.volume_owner(name) != Some(node) {
-            return Err(format!("{name}'s volume is not owned by {node}"));
+        for (volume, _) in app.volumes() {
+            if state.volume_owner(volume) != Some(node) {
+                return Err(format!("{name}'s volume {volume} is not owned by {node}"));
+            }
         }
     }
     for (node, n) in &state.nodes {
@@ -349,9 +360,9 @@ pub fn realize(desired: &DesiredState) -> ClusterState {
                 health: None,
                 health_output: None,
             });
-            if app.volume.is_some() {
+            for (volume, _) in app.volumes() {
                 n.volumes.push(VolumeState {
-                    name: name.clone(),
+                    name: volume.to_string(),
                     owner: node.clone(),
                     epoch: 1,
                     snapshots: vec![],

@@ -34,6 +34,7 @@ fn app(name: &str, external: u16, volume: bool) -> Application {
             mountpoint: "/data".into(),
             maximum_size: None,
         }),
+        volumes: BTreeMap::new(),
         environment: BTreeMap::new(),
         links: vec![],
         mem_limit: None,
@@ -165,6 +166,71 @@ phase 6/6: routes
   198.18.0.12     set routes 6379 -> redis (local :80)
 ",
     );
+}
+
+/// `app` with a further volume `NAME.logs` beside its main one.
+fn app_with_two_volumes(name: &str, external: u16) -> Application {
+    let mut a = app(name, external, true);
+    a.volumes.insert(
+        flocker_wire::further_volume_name(name, "logs"),
+        VolumeSpec {
+            mountpoint: "/logs".into(),
+            maximum_size: None,
+        },
+    );
+    a
+}
+
+#[test]
+fn every_volume_of_an_application_moves_in_the_same_phases() {
+    let before = desired(
+        &[app_with_two_volumes("db", 5432)],
+        &[(N1, &["db"]), (N2, &[])],
+    );
+    let after = desired(
+        &[app_with_two_volumes("db", 5432)],
+        &[(N1, &[]), (N2, &["db"])],
+    );
+    check(
+        &after,
+        &realize(&before),
+        "phase 1/6: pre-copy
+  198.18.0.11     push volume db to 198.18.0.12 (pre-copy, while running)
+  198.18.0.11     push volume db.logs to 198.18.0.12 (pre-copy, while running)
+phase 2/6: stop
+  198.18.0.11     stop db
+phase 3/6: final-push
+  198.18.0.11     push volume db to 198.18.0.12 (final, after stop)
+  198.18.0.11     push volume db.logs to 198.18.0.12 (final, after stop)
+phase 4/6: handoff
+  198.18.0.11     hand volume db over to 198.18.0.12
+  198.18.0.11     hand volume db.logs over to 198.18.0.12
+phase 5/6: start
+  198.18.0.12     start db (db:latest)
+phase 6/6: routes
+  198.18.0.11     set routes 5432 -> db (on 198.18.0.12)
+  198.18.0.12     set routes 5432 -> db (local :80)
+",
+    );
+}
+
+#[test]
+fn a_new_application_gets_every_volume_created() {
+    let after = desired(&[app_with_two_volumes("db", 5432)], &[(N1, &["db"])]);
+    let p = plan(&after, &ClusterState::default());
+    let created: Vec<&str> = p
+        .phases
+        .iter()
+        .flat_map(|phase| &phase.actions)
+        .filter_map(|a| match &a.action {
+            flocker_wire::Action::CreateVolume { volume, .. } => Some(volume.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(created, ["db", "db.logs"]);
+    let mut state = ClusterState::default();
+    apply_plan(&p, &after, &mut state).expect("plan keeps the invariants");
+    matches(&after, &state).expect("plan reaches the desired state");
 }
 
 #[test]
@@ -353,7 +419,11 @@ fn arb_desired() -> impl Strategy<Value = DesiredState> {
             d.nodes.insert(node.to_string(), BTreeSet::new());
         }
         for (i, (place, variant)) in choices.into_iter().enumerate() {
-            let mut a = app(names[i], 7000 + i as u16, i % 2 == 0);
+            // a and c keep data, c in two volumes.
+            let mut a = match i {
+                2 => app_with_two_volumes(names[i], 7000 + i as u16),
+                _ => app(names[i], 7000 + i as u16, i % 2 == 0),
+            };
             if variant {
                 a.image.tag = "v2".into();
             }

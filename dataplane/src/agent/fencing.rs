@@ -102,13 +102,19 @@ impl Agent {
         if !ownership::must_fence(&self.me, &current, newer) {
             return Ok(String::new());
         }
-        if let Some(c) = self.managed(&local.name).await? {
-            self.runtime.stop_and_remove(&c.name).await?;
-        }
+        // The application using the volume; a volume no container uses is named as its
+        // application, or is a further volume whose main volume is fenced beside it.
+        let application = match self.using_volume(&local.name).await? {
+            Some(c) => {
+                self.runtime.stop_and_remove(&c.name).await?;
+                c.application.name
+            }
+            None => local.name.clone(),
+        };
         let aside = aside_name(&local.name, current.epoch, now_ms());
         let (n, a) = (local.name.clone(), aside.clone());
         self.blocking(move |b| b.set_aside(&n, &a)).await?;
-        let routes = reroute(&self.routes.current(), &local.name, &newer.owner);
+        let routes = reroute(&self.routes.current(), &application, &newer.owner);
         if routes != self.routes.current() {
             let resolver = self.resolver().await?;
             self.routes.set_resolvable(routes, &resolver)?;

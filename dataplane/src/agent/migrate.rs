@@ -96,10 +96,14 @@ impl Agent {
             return Ok(false);
         }
         ownership::check_owner(&self.me, &local)?;
-        if last && self.managed(name).await?.is_some_and(|c| c.running) {
+        if last
+            && let Some(c) = self.using_volume(name).await?
+            && c.running
+        {
             // The final push is what the handoff relies on: nothing may be written after it.
             return Err(AgentError::Conflict(format!(
-                "final push of volume {name:?}: application {name:?} still runs here; stop it first"
+                "final push of volume {name:?}: application {:?} still runs here; stop it first",
+                c.application.name
             )));
         }
         let remote = self.remote_volume(to, name).await?;
@@ -348,11 +352,12 @@ impl Agent {
             .await?
             .ok_or_else(|| AgentError::NotFound(format!("volume {name:?} does not exist here")))?;
         if local.owner == self.me
-            && let Some(c) = self.managed(name).await?
+            && let Some(c) = self.using_volume(name).await?
             && c.running
         {
             return Err(AgentError::Conflict(format!(
-                "application {name:?} still runs here; stop it before handing its volume off"
+                "application {:?} still runs here; stop it before handing its volume {name:?} off",
+                c.application.name
             )));
         }
         let remote = if local.owner == to {

@@ -381,13 +381,15 @@ impl Agent {
         .await;
         let mut containers = Vec::new();
         for (c, (health, health_output)) in listed.into_iter().zip(healths) {
-            let volume_problem = match &c.application.volume {
-                Some(spec) if c.running => {
-                    self.volume_problem(&c.name, &c.application.name, &spec.mountpoint)
-                        .await
+            let mut volume_problem = None;
+            if c.running {
+                for (volume, spec) in c.application.volumes() {
+                    volume_problem = self.volume_problem(&c.name, volume, &spec.mountpoint).await;
+                    if volume_problem.is_some() {
+                        break;
+                    }
                 }
-                _ => None,
-            };
+            }
             containers.push(ContainerState {
                 application: c.application,
                 running: c.running,
@@ -463,6 +465,28 @@ impl Agent {
             .local_volume(volume)
             .await?
             .is_some_and(|v| v.owner == self.me))
+    }
+
+    /// Whether this node owns every volume of `app` (true for an application without one).
+    pub(crate) async fn owns_all_volumes(&self, app: &Application) -> Result<bool, AgentError> {
+        for (volume, _) in app.volumes() {
+            if !self.owns_volume(volume).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Proves every volume of `app` mounted: each one's host path and mount point.
+    pub(crate) async fn prove_volumes(
+        &self,
+        app: &Application,
+    ) -> Result<Vec<(std::path::PathBuf, String)>, AgentError> {
+        let mut mounts = Vec::new();
+        for (volume, spec) in app.volumes() {
+            mounts.push((self.prove_volume(volume).await?, spec.mountpoint.clone()));
+        }
+        Ok(mounts)
     }
 
     pub(crate) async fn prove_volume(
@@ -598,6 +622,16 @@ impl Agent {
         }
     }
 
+    /// The container using `volume`, if any runs or stands stopped here.
+    async fn using_volume(&self, volume: &str) -> Result<Option<ManagedContainer>, AgentError> {
+        Ok(self
+            .runtime
+            .list_managed()
+            .await?
+            .into_iter()
+            .find(|c| c.application.uses_volume(volume)))
+    }
+
     async fn managed(&self, application: &str) -> Result<Option<ManagedContainer>, AgentError> {
         Ok(self
             .runtime
@@ -644,19 +678,16 @@ impl Agent {
         replace: bool,
     ) -> Result<(), AgentError> {
         let existing = self.managed(&app.name).await?;
-        let volume_path = match &app.volume {
-            Some(_) => {
-                // Ownership may have moved since validation (another request in between).
-                let v = self.local_volume(&app.name).await?.ok_or_else(|| {
-                    AgentError::Conflict(format!("volume {:?} does not exist here", app.name))
-                })?;
-                ownership::check_owner(&self.me, &v)?;
-                // Never start on a bare directory, even an existing container whose bind
-                // mount names the right path: the path must be the volume right now.
-                Some(self.prove_volume(&app.name).await?)
-            }
-            None => None,
-        };
+        for (volume, _) in app.volumes() {
+            // Ownership may have moved since validation (another request in between).
+            let v = self.local_volume(volume).await?.ok_or_else(|| {
+                AgentError::Conflict(format!("volume {volume:?} does not exist here"))
+            })?;
+            ownership::check_owner(&self.me, &v)?;
+        }
+        // Never start on a bare directory, even an existing container whose bind mount
+        // names the right path: every path must be its volume right now.
+        let volume_mounts = self.prove_volumes(app).await?;
         self.forget_restarts(app);
         if let Some(c) = &existing
             && !replace
@@ -669,7 +700,7 @@ impl Agent {
             }
             return Ok(());
         }
-        let mut spec = container_spec(app, volume_path.as_deref(), desired, routes, &self.me)?;
+        let mut spec = container_spec(app, &volume_mounts, desired, routes, &self.me)?;
         spec.binds.extend(self.write_files(desired, app)?);
         if let Some(c) = existing {
             self.runtime.stop_and_remove(&c.name).await?;

@@ -73,42 +73,52 @@ async fn round(agent: &Agent, due: &mut Due) {
         if desired.node_of(application) != Some(agent.me.as_str()) {
             continue;
         }
+        let Some(app) = desired.applications.get(application) else {
+            continue;
+        };
         let interval = Duration::from_millis(standby.interval_ms);
-        for node in &standby.nodes {
-            let key = (application.clone(), node.clone());
-            if !due.ready(&key, Instant::now()) {
-                continue;
+        for (volume, _) in app.volumes() {
+            for node in &standby.nodes {
+                replicate_due(agent, due, volume, node, interval).await;
             }
-            // Only the owner pushes; a copy this node does not own (yet) waits for the move.
-            match agent.local_volume(application).await {
-                Ok(Some(v)) if v.owner == agent.me => {}
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::debug!(volume = %application, error = %e, "replication: cannot read the volume");
-                    continue;
-                }
+        }
+    }
+}
+
+/// Pushes `volume` to the standby `node` if it is due and this node owns it.
+async fn replicate_due(agent: &Agent, due: &mut Due, volume: &str, node: &str, interval: Duration) {
+    let key = (volume.to_string(), node.to_string());
+    if !due.ready(&key, Instant::now()) {
+        return;
+    }
+    // Only the owner pushes; a copy this node does not own (yet) waits for the move.
+    match agent.local_volume(volume).await {
+        Ok(Some(v)) if v.owner == agent.me => {}
+        Ok(_) => return,
+        Err(e) => {
+            tracing::debug!(volume, error = %e, "replication: cannot read the volume");
+            return;
+        }
+    }
+    let started = Instant::now();
+    match agent.replicate_once(volume, node).await {
+        Ok(true) => {
+            agent.metrics.replicated(volume, node);
+            tracing::debug!(volume, standby = %node, took_ms = started.elapsed().as_millis() as u64, "replicated");
+            due.succeeded(key, interval, Instant::now());
+        }
+        Ok(false) => {
+            tracing::debug!(volume, standby = %node, "replication skipped: the volume is busy");
+        }
+        Err(e) => {
+            if refused_as_stale(&e) {
+                // The standby owns it now (a failover): this copy is stale. Fence at once
+                // rather than at the next periodic check.
+                tracing::warn!(volume, standby = %node, "the standby owns this volume now: fencing");
+                super::fencing::check(agent).await;
             }
-            let started = Instant::now();
-            match agent.replicate_once(application, node).await {
-                Ok(true) => {
-                    agent.metrics.replicated(application, node);
-                    tracing::debug!(volume = %application, standby = %node, took_ms = started.elapsed().as_millis() as u64, "replicated");
-                    due.succeeded(key, interval, Instant::now());
-                }
-                Ok(false) => {
-                    tracing::debug!(volume = %application, standby = %node, "replication skipped: the volume is busy");
-                }
-                Err(e) => {
-                    if refused_as_stale(&e) {
-                        // The standby owns it now (a failover): this copy is stale. Fence
-                        // at once rather than at the next periodic check.
-                        tracing::warn!(volume = %application, standby = %node, "the standby owns this volume now: fencing");
-                        super::fencing::check(agent).await;
-                    }
-                    let wait = due.failed(key, interval, Instant::now());
-                    tracing::warn!(volume = %application, standby = %node, error = %e, retry_in_s = wait.as_secs(), "replication failed");
-                }
-            }
+            let wait = due.failed(key, interval, Instant::now());
+            tracing::warn!(volume, standby = %node, error = %e, retry_in_s = wait.as_secs(), "replication failed");
         }
     }
 }

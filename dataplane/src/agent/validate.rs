@@ -269,12 +269,15 @@ impl Agent {
                 app.name
             )));
         }
-        if app.volume.is_some() && !created.contains(&app.name.as_str()) {
-            match volumes.get(&app.name) {
+        for (volume, _) in app.volumes() {
+            if created.contains(&volume) {
+                continue;
+            }
+            match volumes.get(volume) {
                 None => {
                     return Err(AgentError::Conflict(format!(
-                        "application {:?} needs volume {:?}, which does not exist on this node ({})",
-                        app.name, app.name, self.me
+                        "application {:?} needs volume {volume:?}, which does not exist on this node ({})",
+                        app.name, self.me
                     )));
                 }
                 Some(v) => ownership::check_owner(&self.me, v)?,

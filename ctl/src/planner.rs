@@ -8,7 +8,8 @@
 //! 1. `finish-handoff`: a handoff that a crash interrupted is completed first.
 //! 2. `create-volumes`: volumes of applications that have none anywhere yet.
 //! 3. `pre-copy`: moved applications' volumes are pushed while they still run.
-//! 4. `stop`: containers that must not run where they are (removed or moved away).
+//! 4. `stop`: containers that must not run where they are (removed, or moved away with
+//!    their volumes).
 //! 5. `final-push`: the small incremental push of moved volumes after their application stopped.
 //! 6. `handoff`: ownership moves to the new node at the next epoch.
 //! 7. `start`: new containers start; changed ones restart in place.
@@ -16,8 +17,10 @@
 //!    to follow it (`FollowRoutes` with the map's version; each agent derives its own table),
 //!    only now that every container the routes point at is up. A node that left the
 //!    deployment gets an empty table.
-//! 9. `standby`: every node whose replication schedule (the `standby:` entries of the
-//!    applications it hosts) differs gets the new one, once the volumes are where they go.
+//! 9. `retire`: applications without volumes that moved stop on their old node, now that
+//!    the new container is ready and routed to (make before break: they never stop serving).
+//! 10. `standby`: every node whose replication schedule (the `standby:` entries of the
+//!     applications it hosts) differs gets the new one, once the volumes are where they go.
 //!
 //! **Architecture invariant:** planning a cluster that matches its desired state yields the
 //! empty plan, so `flockerctl deploy` run twice changes nothing the second time.
@@ -56,7 +59,7 @@ pub fn plan(desired: &DesiredState, current: &ClusterState) -> Plan {
         }
         plan_container(current, app, target, &mut phases);
     }
-    plan_stops(&placement, current, &mut phases);
+    plan_stops(desired, &placement, current, &mut phases);
     plan_routes(desired, current, &mut phases);
     plan_standby(desired, &placement, current, &mut phases);
     phases.into_plan(desired)
@@ -118,6 +121,7 @@ struct PhaseSet {
     handoff: Vec<NodeAction>,
     start: Vec<NodeAction>,
     routes: Vec<NodeAction>,
+    retire: Vec<NodeAction>,
     standby: Vec<NodeAction>,
 }
 
@@ -133,6 +137,7 @@ impl PhaseSet {
         ];
         named.extend(start_waves(self.start, desired));
         named.push(("routes".to_owned(), self.routes));
+        named.push(("retire".to_owned(), self.retire));
         named.push(("standby".to_owned(), self.standby));
         Plan {
             phases: named
@@ -302,29 +307,65 @@ fn plan_container(
         None => Action::StartApplication {
             application: app.clone(),
         },
-        Some(c) if c.application != *app || !c.running => Action::RestartApplication {
-            application: app.clone(),
-        },
+        // An unhealthy container does not match either: routes would lead to it (after a
+        // move whose start failed, say), so it is restarted and must become ready again.
+        Some(c)
+            if c.application != *app
+                || !c.running
+                || c.health == Some(flocker_wire::Health::Unhealthy) =>
+        {
+            Action::RestartApplication {
+                application: app.clone(),
+            }
+        }
         Some(_) => return,
     };
     phases.start.push(on(target, action));
 }
 
 /// Stops every managed container that runs where the desired state does not place it.
-fn plan_stops(placement: &HashMap<&str, &str>, current: &ClusterState, phases: &mut PhaseSet) {
+///
+/// An application without volumes that moves is stopped on its old node only after its new
+/// container is ready and the routes lead there (`retire`, after `routes`): it never stops
+/// serving, and a new container that never becomes ready fails the deploy while the old one
+/// still serves. One with volumes stops before its final push, as the protocol requires,
+/// and a removed one stops at once.
+fn plan_stops(
+    desired: &DesiredState,
+    placement: &HashMap<&str, &str>,
+    current: &ClusterState,
+    phases: &mut PhaseSet,
+) {
     for (node, state) in &current.nodes {
         for container in &state.containers {
             let name = &container.application.name;
-            if placement.get(name.as_str()) != Some(&node.as_str()) {
-                phases.stop.push(on(
-                    node,
-                    Action::StopApplication {
-                        application: name.clone(),
-                    },
-                ));
+            let Some(placed) = placement.get(name.as_str()) else {
+                phases.stop.push(stop(node, name));
+                continue;
+            };
+            if *placed == node.as_str() {
+                continue;
+            }
+            let stateless = desired
+                .applications
+                .get(name)
+                .is_some_and(|app| !app.has_volumes());
+            if stateless {
+                phases.retire.push(stop(node, name));
+            } else {
+                phases.stop.push(stop(node, name));
             }
         }
     }
+}
+
+fn stop(node: &str, application: &str) -> NodeAction {
+    on(
+        node,
+        Action::StopApplication {
+            application: application.to_string(),
+        },
+    )
 }
 
 /// Every node of the deployment that does not route by the desired route map yet is told

@@ -1,6 +1,8 @@
 //! Small helpers the end-to-end scenarios share: config files in a temporary directory,
-//! reading command output, and a Redis connection through a node's routed port.
+//! reading command output, an HTTP GET and a Redis connection through a node's routed port.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -56,4 +58,17 @@ pub fn redis_at_port(node: &ClusterNode, port: u16) -> Result<Redis> {
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt")))
         .with_context(|| format!("redis through {addr}"))
+}
+
+/// `GET /` through `node`'s routed `port`: the whole response, headers and body.
+pub fn http_get(node: &ClusterNode, port: u16) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(
+        &format!("{}:{port}", node.address).parse()?,
+        Duration::from_secs(2),
+    )?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body)?;
+    Ok(body)
 }

@@ -6,10 +6,10 @@
 //! more than each step: deploy, read through every node, a no-op second deploy, a move with
 //! its data, a restart in place, a swap, a removal, and an agent killed during a move. A UDP
 //! echo application rides along: reachable through every node, answering from the address
-//! the client sent to, before and after it moves, and gone once removed.
+//! the client sent to, before and after it moves, and gone once removed. Redis keeps data in
+//! two volumes (`redis` and `redis.logs`), which move together.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use flocker_e2e::binaries::{binary, build_binaries};
 use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec};
-use flocker_e2e::scenario::{Files, redis_at, text};
+use flocker_e2e::scenario::{Files, http_get, redis_at, text};
 
 const APPLICATIONS: &str = "\
 version: 1
@@ -29,6 +29,9 @@ applications:
         external: 6379
     volume:
       mountpoint: /data
+    volumes:
+      logs:
+        mountpoint: /logs
   web:
     image: busybox-flocker:latest
     ports:
@@ -98,18 +101,6 @@ fn dnat_entries(node: &ClusterNode, port: u16) -> Result<usize> {
     Ok(String::from_utf8_lossy(&out.stdout).lines().count())
 }
 
-fn http_get(node: &ClusterNode, port: u16) -> Result<String> {
-    let mut stream = TcpStream::connect_timeout(
-        &format!("{}:{port}", node.address).parse()?,
-        Duration::from_secs(2),
-    )?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body)?;
-    Ok(body)
-}
-
 /// One datagram to `node`'s echo port and its answer, which must come back from where it
 /// was sent; a few tries, since the first datagram may meet a container still starting.
 fn udp_echo(node: &ClusterNode) -> Result<()> {
@@ -176,22 +167,32 @@ fn container_of(node: &ClusterNode, image: &str) -> Result<Option<String>> {
     Ok(ids.lines().next().map(str::to_string))
 }
 
-/// SHA-256 of the random blob the test wrote into the volume, as the container sees it.
-/// (Redis's own files are left out: it rewrites them when it stops and starts.)
+/// SHA-256 of the random blobs the test wrote into redis's two volumes (`redis` at /data,
+/// `redis.logs` at /logs), as the container sees them. (Redis's own files are left out: it
+/// rewrites them when it stops and starts.)
 fn volume_checksum(node: &ClusterNode) -> Result<String> {
     let id = container_of(node, "redis-flocker:latest")?
         .with_context(|| format!("no redis container on {}", node.name))?;
     docker(
         node,
-        &["exec", &id, "/bin/busybox", "sha256sum", "/data/blob"],
+        &[
+            "exec",
+            &id,
+            "/bin/busybox",
+            "sha256sum",
+            "/data/blob",
+            "/logs/blob",
+        ],
     )
 }
 
-/// The volume's copies across the cluster as `(node, owner, epoch)`, from `flockerctl status`.
-fn volume_copies(
+/// The copies of `volume` across the cluster as `(node, owner, epoch)`, from
+/// `flockerctl status`.
+fn copies_of(
     cluster: &Cluster,
     deployment: &Path,
     application: &Path,
+    volume: &str,
 ) -> Result<Vec<(String, String, u64)>> {
     let out = cluster.flockerctl(&[
         "status",
@@ -208,7 +209,7 @@ fn volume_copies(
     };
     for (address, node) in nodes {
         for v in node["volumes"].as_array().into_iter().flatten() {
-            if v["name"] == "redis" {
+            if v["name"] == volume {
                 copies.push((
                     address.clone(),
                     v["owner"].as_str().unwrap_or_default().to_string(),
@@ -218,6 +219,19 @@ fn volume_copies(
         }
     }
     Ok(copies)
+}
+
+/// The copies of redis's main volume; [`assert_single_owner`] checks its further volume too.
+fn volume_copies(
+    cluster: &Cluster,
+    deployment: &Path,
+    application: &Path,
+) -> Result<Vec<(String, String, u64)>> {
+    let main = copies_of(cluster, deployment, application, "redis")?;
+    let logs = copies_of(cluster, deployment, application, "redis.logs")?;
+    // Both volumes move together: the same nodes, owners and epochs.
+    assert_eq!(main, logs, "redis and redis.logs moved together");
+    Ok(main)
 }
 
 /// Exactly one copy records itself as owner, at the newest epoch, and it is `node`.
@@ -310,19 +324,21 @@ fn scenario(routing: &str) -> Result<()> {
 
     // 3. Move redis to n2 with its data, and echo to n1.
     let id = container_of(&n1, "redis-flocker:latest")?.context("redis on n1")?;
-    docker(
-        &n1,
-        &[
-            "exec",
-            &id,
-            "/bin/busybox",
-            "dd",
-            "if=/dev/urandom",
-            "of=/data/blob",
-            "bs=1M",
-            "count=8",
-        ],
-    )?;
+    for (blob, size_mb) in [("/data/blob", "8"), ("/logs/blob", "2")] {
+        docker(
+            &n1,
+            &[
+                "exec",
+                &id,
+                "/bin/busybox",
+                "dd",
+                "if=/dev/urandom",
+                &format!("of={blob}"),
+                "bs=1M",
+                &format!("count={size_mb}"),
+            ],
+        )?;
+    }
     let before = volume_checksum(&n1)?;
     let moved = files.write(
         "d2.yml",

@@ -9,7 +9,8 @@
 //!    agents' metrics, scraped before and after and read with a strict exposition parser,
 //!    moved by what the move did.
 //! 3. A move to a placement whose health check never passes fails the deploy with what the
-//!    check printed, and the routes are not switched to it.
+//!    check printed, the routes are not switched to it, and the old copy (no volume, so it
+//!    retires only once the new one serves) still answers through every node.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -19,7 +20,7 @@ use anyhow::{Context, Result, bail, ensure};
 use flocker_e2e::binaries::{binary, build_binaries};
 use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec, METRICS_PORT};
 use flocker_e2e::prometheus::{Exposition, scrape};
-use flocker_e2e::scenario::{Files, redis_at, text};
+use flocker_e2e::scenario::{Files, http_get, redis_at, text};
 
 /// The health check of `slow`: fails its first three runs, then passes (about 4 s).
 const SLOW_CHECK: &str = r#"
@@ -394,6 +395,16 @@ fn health_gates_routes_metrics_count_and_progress_is_watchable() -> Result<()> {
             &[("kind", "start-application"), ("result", "failed")]
         ) == 1.0
     );
+    // The old placement still serves: slow has no volume, so its copy on n1 retires only
+    // after the new one is ready and routed to, which never happened.
+    for node in [&n1, &n2] {
+        let page = http_get(node, 8081).with_context(|| format!("slow through {}", node.name))?;
+        ensure!(
+            page.contains("flocker"),
+            "slow through {} after the failed move: {page}",
+            node.name
+        );
+    }
     // The other application is not disturbed.
     redis_at(&n2)?.command(&["PING"])?;
     Ok(())

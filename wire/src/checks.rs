@@ -461,16 +461,25 @@ mod tests {
         db.volumes.insert("db.fenced-e1-2".into(), spec("/y"));
         db.volumes.insert("db.more".into(), spec("/logs"));
         let problems = application_problems(&db).join("\n");
-        assert!(problems.contains("\"other.x\": a further volume of \"db\" is named db.KEY"), "{problems}");
+        assert!(
+            problems.contains("\"other.x\": a further volume of \"db\" is named db.KEY"),
+            "{problems}"
+        );
         assert!(problems.contains("\"db.fenced-e1-2\""), "{problems}");
-        assert!(problems.contains("mount point \"/logs\" is used by two volumes"), "{problems}");
+        assert!(
+            problems.contains("mount point \"/logs\" is used by two volumes"),
+            "{problems}"
+        );
 
         // An application named like another's further volume would share its dataset.
         let mut clash = app("db.logs");
         clash.volume = Some(spec("/data"));
         d.applications.insert("db.logs".into(), clash);
         let problems = desired_problems(&d).join("\n");
-        assert!(problems.contains("volume \"db.logs\" is claimed by both"), "{problems}");
+        assert!(
+            problems.contains("volume \"db.logs\" is claimed by both"),
+            "{problems}"
+        );
     }
 
     #[test]

@@ -864,7 +864,10 @@ fn compose_services_keep_several_volumes_each_named_by_key() {
     assert_eq!(app.container.tmpfs["/cache"], "size=1048576");
     // One volume stays the main volume, named as the application.
     let single = &apps("web:\n  image: x\n  volumes: ['data:/data']\n")["web"];
-    assert_eq!(single.volumes().map(|(n, _)| n).collect::<Vec<_>>(), ["web"]);
+    assert_eq!(
+        single.volumes().map(|(n, _)| n).collect::<Vec<_>>(),
+        ["web"]
+    );
 }
 
 #[test]

@@ -234,20 +234,62 @@ fn a_new_application_gets_every_volume_created() {
 }
 
 #[test]
-fn moved_without_volume_is_stop_then_start() {
+fn moved_without_volume_starts_before_the_old_one_retires() {
     let before = desired(&[app("web", 8080, false)], &[(N1, &["web"]), (N2, &[])]);
     let after = desired(&[app("web", 8080, false)], &[(N1, &[]), (N2, &["web"])]);
     check(
         &after,
         &realize(&before),
-        "phase 1/3: stop
-  198.18.0.11     stop web
-phase 2/3: start
+        "phase 1/3: start
   198.18.0.12     start web (web:latest)
-phase 3/3: routes
+phase 2/3: routes
   198.18.0.11     set routes 8080 -> web (on 198.18.0.12)
   198.18.0.12     set routes 8080 -> web (local :80)
+phase 3/3: retire
+  198.18.0.11     stop web
 ",
+    );
+}
+
+#[test]
+fn an_unhealthy_container_is_restarted_before_routes_lead_to_it() {
+    // A move whose start failed: web runs unhealthy on N2, its old copy still on N1.
+    let after = desired(&[app("web", 8080, false)], &[(N1, &[]), (N2, &["web"])]);
+    let mut state = realize(&desired(
+        &[app("web", 8080, false)],
+        &[(N1, &["web"]), (N2, &[])],
+    ));
+    let mut failed = realize(&after);
+    let mut unhealthy = failed.nodes.remove(N2).expect("n2");
+    unhealthy.containers[0].health = Some(flocker_wire::Health::Unhealthy);
+    state.nodes.insert(N2.to_string(), unhealthy);
+    let p = plan(&after, &state);
+    let text = plan_text(&p, &RouteView::new(&after, true));
+    assert!(
+        text.starts_with("phase 1/3: start\n  198.18.0.12     restart web"),
+        "{text}"
+    );
+    assert!(
+        text.contains("phase 3/3: retire\n  198.18.0.11     stop web"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_start_that_fails_leaves_the_old_stateless_copy_serving() {
+    let before = desired(&[app("web", 8080, false)], &[(N1, &["web"]), (N2, &[])]);
+    let after = desired(&[app("web", 8080, false)], &[(N1, &[]), (N2, &["web"])]);
+    let p = plan(&after, &realize(&before));
+    // The deploy stops at the first failed phase: everything before `start` is all that runs.
+    let before_start: Vec<&str> = p
+        .phases
+        .iter()
+        .take_while(|phase| !phase.name.starts_with("start"))
+        .map(|phase| phase.name.as_str())
+        .collect();
+    assert!(
+        before_start.is_empty(),
+        "nothing happens before the start: {before_start:?}"
     );
 }
 

@@ -1386,3 +1386,110 @@ async fn agents_follow_the_route_map_and_refuse_one_that_does_not_fit() {
             .any(|r| r.target == RouteTarget::Node { address: B.into() })
     );
 }
+
+/// `db` with a further volume `db.logs` at /logs beside its main one.
+fn two_volume_app() -> Application {
+    let mut app = app();
+    app.volumes.insert(
+        "db.logs".into(),
+        VolumeSpec {
+            mountpoint: "/logs".into(),
+            maximum_size: None,
+        },
+    );
+    app
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_volume_of_an_application_is_mounted_pushed_and_handed_off() {
+    let (_dir, a, b) = setup().await;
+    let on = |node: &str| {
+        let mut d = desired(node);
+        d.applications.insert("db".into(), two_volume_app());
+        d
+    };
+    let create = |volume: &str| Action::CreateVolume {
+        volume: volume.into(),
+        maximum_size: None,
+    };
+    let start = Action::StartApplication {
+        application: two_volume_app(),
+    };
+    let events = converge(
+        &a,
+        &on(A),
+        vec![create("db"), create("db.logs"), start.clone()],
+    )
+    .await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    let binds = a.runtime.binds.lock().expect("binds")["flocker-db"].clone();
+    let main = a.volumes.mountpoint("db").expect("db");
+    let logs = a.volumes.mountpoint("db.logs").expect("db.logs");
+    assert_eq!(
+        binds,
+        [
+            format!("{}:/data", main.display()),
+            format!("{}:/logs", logs.display())
+        ]
+    );
+    std::fs::write(main.join("f"), "data").expect("write");
+    std::fs::write(logs.join("f"), "logs").expect("write");
+
+    // The further volume is the running application's too: no final push while it runs.
+    let push = |volume: &str, last| Action::PushVolume {
+        volume: volume.into(),
+        to: B.into(),
+        last,
+    };
+    let events = converge(&a, &on(B), vec![push("db.logs", true)]).await;
+    assert!(
+        failed(&events).is_some_and(|e| e.contains("application \"db\" still runs here")),
+        "{events:?}"
+    );
+    let stop = Action::StopApplication {
+        application: "db".into(),
+    };
+    let handoff = |volume: &str| Action::Handoff {
+        volume: volume.into(),
+        to: B.into(),
+    };
+    let events = converge(
+        &a,
+        &on(B),
+        vec![stop, push("db", true), push("db.logs", true), handoff("db")],
+    )
+    .await;
+    assert_eq!(failed(&events), None, "{events:?}");
+
+    // Only one of its volumes handed over: B refuses to start it before anything happens.
+    let err = b
+        .agent
+        .converge(ConvergeRequest {
+            desired: on(B),
+            routes: None,
+            actions: vec![start.clone()],
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(err.status(), 409, "{err}");
+    assert!(err.to_string().contains("db.logs"), "{err}");
+
+    let events = converge(&a, &on(B), vec![handoff("db.logs")]).await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    let events = converge(&b, &on(B), vec![start]).await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    for (volume, content) in [("db", "data"), ("db.logs", "logs")] {
+        let path = b.volumes.mountpoint(volume).expect("moved");
+        assert_eq!(
+            std::fs::read_to_string(path.join("f")).expect("read"),
+            content,
+            "{volume} moved intact"
+        );
+        let record = b.volumes.get(volume).expect("get").expect("exists");
+        assert_eq!((record.owner.as_str(), record.epoch), (B, 2), "{volume}");
+    }
+    assert_eq!(
+        b.runtime.binds.lock().expect("binds")["flocker-db"].len(),
+        2
+    );
+}

@@ -16,6 +16,13 @@
 //!   incompressible chunk costs one 64 KiB trial compression, see `send::compress`). Raw and
 //!   compressor-bound, compression cannot help, so nothing is probed.
 //!
+//! A step up is a trial: if the first window at the new level delivers less than the window
+//! before it, the controller steps back and does not try that step again for a backoff that
+//! doubles with every failed trial (from [`MIN_BACKOFF`] to [`MAX_BACKOFF`] windows), unless the
+//! throughput changes by more than [`CHANGED`]x meanwhile (the link changed). This catches what
+//! the model cannot see, e.g. on loopback, where the sender's compression takes CPU from the
+//! receiver on the same cores.
+//!
 //! Levels next to each other give throughputs close to each other, so around the balance point
 //! the controller alternates between two neighbours, which approximates the best mix. The
 //! controller is pure: time arrives as measured durations, so tests drive it with a model.
@@ -76,6 +83,14 @@ const CPU_BOUND: f64 = 0.35;
 const HEADROOM: f64 = 1.1;
 /// A step up must shrink the wire bytes by at least this factor more.
 const RATIO_GAIN: f64 = 1.03;
+/// A trial step up that delivers less than this share of the throughput before it failed.
+const TRIAL_SLACK: f64 = 0.97;
+/// Windows a failed step up is not retried for, first and at most.
+pub const MIN_BACKOFF: u64 = 4;
+/// See [`MIN_BACKOFF`].
+pub const MAX_BACKOFF: u64 = 64;
+/// A throughput this many times higher or lower than when a step was blocked lifts the block.
+pub const CHANGED: f64 = 1.5;
 /// Weight of a new measurement in the per-level averages.
 const ALPHA: f64 = 0.3;
 
@@ -138,6 +153,26 @@ pub enum Decision {
     Down,
     /// The data does not compress at this level.
     Incompressible,
+    /// The last step up delivered less: back to where it came from.
+    Revert,
+}
+
+/// A step up under test.
+#[derive(Debug, Clone, Copy)]
+struct Trial {
+    from: usize,
+    goodput: f64,
+}
+
+/// A step up from a level that failed its trial.
+#[derive(Debug, Clone, Copy, Default)]
+struct Block {
+    /// Windows to wait after the next failure.
+    backoff: u64,
+    /// Blocked until this window.
+    until: u64,
+    /// The throughput when it was blocked.
+    goodput: f64,
 }
 
 /// The per-chunk level chooser. Not thread-safe by itself; the sender wraps it in a mutex.
@@ -151,6 +186,10 @@ pub struct Controller {
     since_probe: u64,
     /// The last window waited mostly on the network.
     net_bound: bool,
+    /// Windows decided so far.
+    windows: u64,
+    trial: Option<Trial>,
+    blocked: [Block; LADDER.len()],
 }
 
 impl Controller {
@@ -163,6 +202,9 @@ impl Controller {
             window: Window::default(),
             since_probe: 0,
             net_bound: false,
+            windows: 0,
+            trial: None,
+            blocked: [Block::default(); LADDER.len()],
         }
     }
 
@@ -212,18 +254,45 @@ impl Controller {
         let w = std::mem::take(&mut self.window);
         let busy = w.wait + w.write;
         self.net_bound = busy > 0.0 && w.write / busy >= NET_BOUND;
-        let decision = self.decide(&w);
+        self.windows += 1;
+        let goodput = if busy > 0.0 { w.raw as f64 / busy } else { 0.0 };
+        let decision = match self.judge_trial(goodput) {
+            Some(d) => d,
+            None => self.decide(&w),
+        };
         match decision {
-            Decision::Up => self.current += 1,
+            Decision::Up => {
+                self.trial = Some(Trial {
+                    from: self.current,
+                    goodput,
+                });
+                self.current += 1;
+            }
             Decision::Down => self.current -= 1,
             Decision::Incompressible => self.current = 0,
-            Decision::Stay => {}
+            Decision::Revert | Decision::Stay => {}
         }
         if decision != Decision::Stay {
             self.since_probe = 0;
             tracing::debug!(?decision, level = %self.current().name(), "compression level changed");
         }
         decision
+    }
+
+    /// After a step up: keep it if it delivered at least about as much as before, otherwise
+    /// go back and block that step for a while.
+    fn judge_trial(&mut self, goodput: f64) -> Option<Decision> {
+        let t = self.trial.take()?;
+        let b = &mut self.blocked[t.from];
+        if goodput >= t.goodput * TRIAL_SLACK {
+            b.backoff = 0;
+            return None;
+        }
+        b.backoff = (b.backoff * 2).clamp(MIN_BACKOFF, MAX_BACKOFF);
+        b.until = self.windows + b.backoff + 1;
+        b.goodput = t.goodput;
+        self.current = t.from;
+        Some(Decision::Revert)
     }
 
     fn decide(&self, w: &Window) -> Decision {
@@ -250,6 +319,11 @@ impl Controller {
     fn worth_up(&self, goodput: f64) -> bool {
         let up = self.current + 1;
         if up >= LADDER.len() {
+            return false;
+        }
+        let b = &self.blocked[self.current];
+        let changed = goodput > b.goodput * CHANGED || goodput * CHANGED < b.goodput;
+        if self.windows < b.until && !changed {
             return false;
         }
         let ratio = |i: usize| 1.0 / (1.0 - self.savings(i).min(0.99));
@@ -529,6 +603,57 @@ mod tests {
         }
         assert_eq!(last, Decision::Up);
         assert_eq!(c.current(), start);
+    }
+
+    #[test]
+    fn a_step_up_that_delivers_less_is_reverted_and_backed_off() {
+        let mut c = Controller::new(2);
+        let at = |c: &Controller, write_ms: u64, wait_ms: u64, payload: u64| Observation {
+            mode: c.current(),
+            chosen: c.current(),
+            raw_len: MIB,
+            payload_len: payload,
+            encode: Duration::from_micros(500),
+            wait: Duration::from_millis(wait_ms),
+            write: Duration::from_millis(write_ms),
+        };
+        // Get to raw: compressor-bound.
+        while c.current() != ChunkMode::Raw {
+            c.observe(&at(&c, 0, 5, MIB / 2));
+        }
+        // Raw and the receiver is slow (writes block, 1 ms per MiB): step up.
+        let mut d = Decision::Stay;
+        for _ in 0..WINDOW {
+            d = c.observe(&at(&c, 1, 0, MIB));
+        }
+        assert_eq!(d, Decision::Up);
+        // The compressed level delivers less (2 ms per MiB): revert.
+        for _ in 0..WINDOW {
+            d = c.observe(&at(&c, 2, 0, MIB / 2));
+        }
+        assert_eq!(d, Decision::Revert);
+        assert_eq!(c.current(), ChunkMode::Raw);
+        // Blocked for MIN_BACKOFF windows at the same throughput.
+        for _ in 0..MIN_BACKOFF * WINDOW as u64 {
+            assert_eq!(c.observe(&at(&c, 1, 0, MIB)), Decision::Stay);
+        }
+        // Then tried again, failing again, now blocked twice as long.
+        for _ in 0..WINDOW {
+            d = c.observe(&at(&c, 1, 0, MIB));
+        }
+        assert_eq!(d, Decision::Up);
+        for _ in 0..WINDOW {
+            d = c.observe(&at(&c, 2, 0, MIB / 2));
+        }
+        assert_eq!(d, Decision::Revert);
+        for _ in 0..2 * MIN_BACKOFF * WINDOW as u64 {
+            assert_eq!(c.observe(&at(&c, 1, 0, MIB)), Decision::Stay);
+        }
+        // A much slower link (10 ms per MiB) lifts the block at once.
+        for _ in 0..WINDOW - 1 {
+            c.observe(&at(&c, 10, 0, MIB));
+        }
+        assert_eq!(c.observe(&at(&c, 10, 0, MIB)), Decision::Up);
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! - mostly waiting on the compressor: step one level down (towards raw);
 //! - the current level saves less than [`MIN_SAVINGS`]: go straight to raw (incompressible
 //!   data); while raw and network-bound, one chunk in [`PROBE_EVERY`] is compressed at the
-//!   fastest level to notice when the data becomes compressible again (a probe of an
+//!   fastest level (unless the step up from raw is blocked, see below) to notice when the data
+//!   becomes compressible again (a probe of an
 //!   incompressible chunk costs one 64 KiB trial compression, see `send::compress`). Raw and
 //!   compressor-bound, compression cannot help, so nothing is probed.
 //!
@@ -67,8 +68,9 @@ pub const LADDER: [ChunkMode; 6] = [
     ChunkMode::Zstd(6),
 ];
 
-/// Where the controller starts: the old fixed default.
-const START: usize = 3;
+/// Where the controller starts: raw, the cheapest; a slow link makes it climb one level per
+/// window.
+const START: usize = 0;
 /// Chunks at the current level per decision.
 pub const WINDOW: u32 = 4;
 /// While raw, one chunk in this many is compressed at the fastest level.
@@ -86,9 +88,9 @@ const RATIO_GAIN: f64 = 1.03;
 /// A trial step up that delivers less than this share of the throughput before it failed.
 const TRIAL_SLACK: f64 = 0.97;
 /// Windows a failed step up is not retried for, first and at most.
-pub const MIN_BACKOFF: u64 = 4;
+pub const MIN_BACKOFF: u64 = 8;
 /// See [`MIN_BACKOFF`].
-pub const MAX_BACKOFF: u64 = 64;
+pub const MAX_BACKOFF: u64 = 256;
 /// A throughput this many times higher or lower than when a step was blocked lifts the block.
 pub const CHANGED: f64 = 1.5;
 /// Weight of a new measurement in the per-level averages.
@@ -215,7 +217,8 @@ impl Controller {
 
     /// The mode for the next chunk read from the source: the current level, or a probe.
     pub fn next_mode(&mut self) -> ChunkMode {
-        if self.current == 0 && self.net_bound {
+        // Probing only informs a step up, pointless while that step is blocked.
+        if self.current == 0 && self.net_bound && self.windows >= self.blocked[0].until {
             self.since_probe += 1;
             if self.since_probe >= PROBE_EVERY {
                 self.since_probe = 0;
@@ -576,33 +579,31 @@ mod tests {
     }
 
     #[test]
-    fn compressor_bound_steps_down_network_bound_steps_up() {
+    fn network_bound_steps_up_compressor_bound_steps_down() {
         let mut c = Controller::new(2);
-        let obs = |wait_ms: u64, write_ms: u64, chosen| Observation {
+        let obs = |wait_ms: u64, write_ms: u64, chosen, payload| Observation {
             mode: chosen,
             chosen,
             raw_len: MIB,
-            payload_len: MIB / 2,
+            payload_len: payload,
             encode: Duration::from_millis(2),
             wait: Duration::from_millis(wait_ms),
             write: Duration::from_millis(write_ms),
         };
-        let start = c.current();
+        assert_eq!(c.current(), ChunkMode::Raw);
         let mut last = Decision::Stay;
         for _ in 0..WINDOW {
-            last = c.observe(&Observation {
-                payload_len: MIB * 45 / 100,
-                ..obs(9, 1, start)
-            });
-        }
-        assert_eq!(last, Decision::Down);
-        let now = c.current();
-        assert!(now < start);
-        for _ in 0..WINDOW {
-            last = c.observe(&obs(0, 10, now));
+            last = c.observe(&obs(0, 10, ChunkMode::Raw, MIB));
         }
         assert_eq!(last, Decision::Up);
-        assert_eq!(c.current(), start);
+        let up = c.current();
+        assert_eq!(up, LADDER[1]);
+        // As fast as before (the trial holds) but now waiting on the compressor.
+        for _ in 0..WINDOW {
+            last = c.observe(&obs(9, 1, up, MIB / 2));
+        }
+        assert_eq!(last, Decision::Down);
+        assert_eq!(c.current(), ChunkMode::Raw);
     }
 
     #[test]
@@ -659,7 +660,7 @@ mod tests {
     #[test]
     fn chunks_from_an_old_level_do_not_count_towards_a_decision() {
         let mut c = Controller::new(2);
-        let other = LADDER[1];
+        let other = LADDER[2];
         for _ in 0..10 * WINDOW {
             let d = c.observe(&Observation {
                 mode: other,
@@ -673,5 +674,6 @@ mod tests {
             assert_eq!(d, Decision::Stay);
         }
         assert_eq!(c.current(), LADDER[START]);
+        assert_ne!(other, LADDER[START]);
     }
 }

@@ -145,8 +145,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 let mut file_runs = Vec::new();
                 for _ in 0..n {
                     runs.push(
-                        measure(*net, method, corpus, &bin, &key, &ssh, None)
-                            .with_context(what)?,
+                        measure(*net, method, corpus, &bin, &key, &ssh, None).with_context(what)?,
                     );
                     if method.has_file_column() {
                         let _ = std::fs::remove_file(&out_file);
@@ -520,7 +519,12 @@ fn measure(
     let mbps = corpus.size as f64 / elapsed.as_secs_f64() / 1e6;
     if let Some(p) = to_file {
         let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        ensure!(len == corpus.size, "{} holds {len} bytes, not {}", p.display(), corpus.size);
+        ensure!(
+            len == corpus.size,
+            "{} holds {len} bytes, not {}",
+            p.display(),
+            corpus.size
+        );
     }
     let (ratio, modes) = match method {
         Method::Zstd => (corpus.size as f64 / corpus.zstd_size as f64, String::new()),

@@ -559,10 +559,7 @@ mod tests {
         }
         let k = back_after.expect("never went back to raw");
         // One window per level step, plus the chunks in flight.
-        assert!(
-            k <= (LADDER.len() as usize) * (WINDOW as usize + 6),
-            "back after {k}"
-        );
+        assert!(k <= LADDER.len() * (WINDOW as usize + 6), "back after {k}");
     }
 
     #[test]

@@ -62,14 +62,14 @@ impl EncodedChunk {
 /// Who decides each chunk's mode.
 enum Policy {
     Fixed(ChunkMode),
-    Adaptive(Mutex<Controller>),
+    Adaptive(Box<Mutex<Controller>>),
 }
 
 impl Policy {
     fn new(opts: &SendOptions, threads: usize) -> Self {
         match opts.compression {
             Compression::Fixed(level) => Self::Fixed(ChunkMode::from_level(level)),
-            Compression::Adaptive => Self::Adaptive(Mutex::new(Controller::new(threads))),
+            Compression::Adaptive => Self::Adaptive(Box::new(Mutex::new(Controller::new(threads)))),
         }
     }
 

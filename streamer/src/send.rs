@@ -5,8 +5,8 @@
 //! circulates reader -> workers -> writer -> reader, so at most that many chunks exist at once
 //! whatever the stream's length; the writer's reorder map can hold no more than the pool.
 //!
-//! The reader stamps every chunk with the mode to encode it in (a fixed level, or the adaptive
-//! controller's current choice, see [`crate::adapt`]); the writer tells the controller how long
+//! A worker asks for the mode to encode a chunk in when it starts on it (a fixed level, or the
+//! adaptive controller's current choice, see [`crate::adapt`]); the writer tells the controller how long
 //! it waited for each chunk and how long writing it blocked.
 
 use std::collections::BTreeMap;
@@ -29,7 +29,6 @@ struct RawChunk {
     seq: u64,
     buf: Vec<u8>,
     len: usize,
-    mode: ChunkMode,
 }
 
 /// A chunk framed and sealed, ready to write.
@@ -150,21 +149,13 @@ pub fn send_stream<R: Read + Send, W: Write + Send>(
     std::thread::scope(|s| {
         let reader_done = done_tx.clone();
         let policy = &policy;
-        let reader = s.spawn(move || {
-            read_chunks(
-                &mut source,
-                chunk_size,
-                policy,
-                &pool_rx,
-                &work_tx,
-                &reader_done,
-            )
-        });
+        let reader =
+            s.spawn(move || read_chunks(&mut source, chunk_size, &pool_rx, &work_tx, &reader_done));
         for _ in 0..threads {
             let work_rx = work_rx.clone();
             let done_tx = done_tx.clone();
             let protection = &protection;
-            s.spawn(move || encode_chunks(protection, &work_rx, &done_tx));
+            s.spawn(move || encode_chunks(protection, policy, &work_rx, &done_tx));
         }
         drop(done_tx);
         drop(work_rx);
@@ -221,7 +212,6 @@ pub fn send_stream<R: Read + Send, W: Write + Send>(
 fn read_chunks<R: Read>(
     source: &mut R,
     chunk_size: usize,
-    policy: &Policy,
     pool: &Receiver<Vec<u8>>,
     work: &Sender<RawChunk>,
     done: &Sender<Result<EncodedChunk, StreamError>>,
@@ -246,16 +236,7 @@ fn read_chunks<R: Read>(
         if len == 0 {
             return Ok(());
         }
-        let mode = policy.next_mode();
-        if work
-            .send(RawChunk {
-                seq,
-                buf,
-                len,
-                mode,
-            })
-            .is_err()
-        {
+        if work.send(RawChunk { seq, buf, len }).is_err() {
             return Ok(());
         }
         seq += 1;
@@ -281,17 +262,14 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
 
 fn encode_chunks(
     protection: &Protection,
+    policy: &Policy,
     work: &Receiver<RawChunk>,
     done: &Sender<Result<EncodedChunk, StreamError>>,
 ) {
     let mut compressor: Option<(zstd::bulk::Compressor<'static>, i32)> = None;
-    while let Ok(RawChunk {
-        seq,
-        buf,
-        len,
-        mode,
-    }) = work.recv()
-    {
+    while let Ok(RawChunk { seq, buf, len }) = work.recv() {
+        // Asked as late as possible, so a new choice applies to the very next chunk encoded.
+        let mode = policy.next_mode();
         let began = Instant::now();
         let data = &buf[..len];
         let hash = blake3::hash(data);

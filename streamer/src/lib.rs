@@ -3,7 +3,7 @@
 //! key) encrypted.
 //!
 //! ```text
-//! source -> chunks -> parallel zstd + BLAKE3 + seal -> frames -> transport
+//! source -> chunks -> parallel zstd (adaptive level) + BLAKE3 + seal -> frames -> transport
 //!        -> parallel open + decompress + verify -> in-order sink
 //! ```
 //!
@@ -13,6 +13,8 @@
 //! them:
 //! - [`backend`]: [`backend::Source`] and [`backend::Sink`] for ZFS, btrfs, directory trees,
 //!   files and stdio, with commit/abort so a failed stream leaves the target untouched.
+//! - [`adapt`]: the per-chunk choice between raw and zstd levels from what the sender measures
+//!   (waiting on the network or on the compressor).
 //! - [`seal`]: how frames are protected: AES-256-GCM with a pre-shared key, keyed BLAKE3
 //!   checksums without one.
 //! - [`session`]: a duplex connection with a nonce handshake and the receiver's acknowledgement
@@ -43,6 +45,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod adapt;
 mod auth;
 pub mod backend;
 mod error;
@@ -55,11 +58,12 @@ mod send;
 pub mod session;
 pub mod transport;
 
+pub use adapt::ChunkMode;
 pub use auth::{Auth, KeyError, SessionKey, read_key_file};
 pub use error::StreamError;
 pub use options::{
-    DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESS_LEVEL, Progress, ProgressFn, ReceiveOptions, SendOptions,
-    Summary,
+    Compression, DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESS_LEVEL, ModeStats, Progress, ProgressFn,
+    ReceiveOptions, SendOptions, Summary,
 };
 pub use receive::receive_stream;
 pub use send::send_stream;

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::adapt::ChunkMode;
 use crate::auth::Auth;
 use crate::error::StreamError;
 use crate::format::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
@@ -20,14 +21,26 @@ pub struct Progress {
     pub bytes_on_wire: u64,
     /// Time since the stream started.
     pub elapsed: Duration,
+    /// The sender's current compression level (`None` on the receiver).
+    pub mode: Option<ChunkMode>,
 }
 
 /// Default chunk size: 1 MiB keeps the in-flight memory small and compresses nearly as well as
 /// 4 MiB.
 pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
 
-/// Default zstd level: fast.
+/// The zstd level `--compress-level` used by default before adaptive compression.
 pub const DEFAULT_COMPRESS_LEVEL: i32 = 1;
+
+/// How the sender compresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Per chunk, raw or the zstd level that delivers the most bytes per second given the
+    /// measured CPU and network (see [`crate::adapt`]). The default.
+    Adaptive,
+    /// Every chunk at this zstd level (negative = faster, up to 22); 0 sends everything raw.
+    Fixed(i32),
+}
 
 fn default_threads() -> usize {
     std::thread::available_parallelism()
@@ -40,9 +53,9 @@ fn default_threads() -> usize {
 pub struct SendOptions {
     /// Uncompressed bytes per chunk, `4 KiB..=16 MiB`.
     pub chunk_size: u32,
-    /// zstd level (negative = faster, up to 22); 0 disables compression. Chunks that do not
-    /// shrink are sent raw whatever the level.
-    pub compress_level: i32,
+    /// Adaptive or a fixed zstd level. Chunks that do not shrink are sent raw whatever the
+    /// level.
+    pub compression: Compression,
     /// Compression worker threads (at least 1).
     pub threads: usize,
     /// How frames are keyed.
@@ -57,7 +70,7 @@ impl Default for SendOptions {
     fn default() -> Self {
         Self {
             chunk_size: DEFAULT_CHUNK_SIZE,
-            compress_level: DEFAULT_COMPRESS_LEVEL,
+            compression: Compression::Adaptive,
             threads: default_threads(),
             auth: Auth::None,
             limit_rate: None,
@@ -70,7 +83,7 @@ impl std::fmt::Debug for SendOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SendOptions")
             .field("chunk_size", &self.chunk_size)
-            .field("compress_level", &self.compress_level)
+            .field("compression", &self.compression)
             .field("threads", &self.threads)
             .field("auth", &self.auth)
             .field("limit_rate", &self.limit_rate)
@@ -98,10 +111,11 @@ impl SendOptions {
                 self.chunk_size
             )));
         }
-        if !(-131072..=22).contains(&self.compress_level) {
+        if let Compression::Fixed(level) = self.compression
+            && !(-131072..=22).contains(&level)
+        {
             return Err(StreamError::Options(format!(
-                "compress level {} outside -131072..=22",
-                self.compress_level
+                "compress level {level} outside -131072..=22"
             )));
         }
         if self.limit_rate == Some(0) {
@@ -164,6 +178,22 @@ pub struct Summary {
     pub chunks: u64,
     /// Data frames sent compressed.
     pub compressed_chunks: u64,
+    /// Sender only: chunks and bytes per mode as sent (a chunk chosen for zstd that did not
+    /// shrink counts as raw), cheapest mode first. Empty on the receiver.
+    pub modes: Vec<ModeStats>,
+}
+
+/// What went out in one [`ChunkMode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModeStats {
+    /// The mode.
+    pub mode: ChunkMode,
+    /// Data frames.
+    pub chunks: u64,
+    /// Uncompressed bytes.
+    pub bytes_in: u64,
+    /// Payload bytes on the wire (framing excluded).
+    pub payload_bytes: u64,
 }
 
 impl Summary {

@@ -162,6 +162,7 @@ pub fn receive_stream<R: Read + Send, W: Write + Send>(
             elapsed: start.elapsed(),
             chunks: got.chunks,
             compressed_chunks,
+            modes: Vec::new(),
         };
         tracing::debug!(
             bytes = summary.bytes_in,
@@ -383,6 +384,7 @@ fn write_chunks<W: Write>(
                     bytes_in: hasher.total_bytes(),
                     bytes_on_wire: wire,
                     elapsed: start.elapsed(),
+                    mode: None,
                 });
             }
         }

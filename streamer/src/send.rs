@@ -4,18 +4,24 @@
 //! Three stages joined by bounded channels. A fixed pool of `2 * threads + 2` chunk buffers
 //! circulates reader -> workers -> writer -> reader, so at most that many chunks exist at once
 //! whatever the stream's length; the writer's reorder map can hold no more than the pool.
+//!
+//! A worker asks for the mode to encode a chunk in when it starts on it (a fixed level, or the
+//! adaptive controller's current choice, see [`crate::adapt`]); the writer tells the controller how long
+//! it waited for each chunk and how long writing it blocked.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
+use crate::adapt::{ChunkMode, Controller, Observation};
 use crate::error::StreamError;
 use crate::format::{
     FLAG_ZSTD, FRAME_HEADER_LEN, FrameHeader, FrameKind, StreamHasher, StreamHeader, VERSION,
 };
-use crate::options::{Progress, SendOptions, Summary, slots};
+use crate::options::{Compression, ModeStats, Progress, SendOptions, Summary, slots};
 use crate::seal::{Direction, Protection, WireTag};
 
 /// A chunk as read from the source.
@@ -35,6 +41,57 @@ struct EncodedChunk {
     hash: blake3::Hash,
     header: [u8; FRAME_HEADER_LEN],
     tag: WireTag,
+    /// The mode the chunk was meant to go in.
+    chosen: ChunkMode,
+    /// Worker wall time spent on it.
+    encode: Duration,
+}
+
+impl EncodedChunk {
+    /// The mode it actually goes in.
+    fn sent_mode(&self) -> ChunkMode {
+        if self.compressed.is_some() {
+            self.chosen
+        } else {
+            ChunkMode::Raw
+        }
+    }
+}
+
+/// Who decides each chunk's mode.
+enum Policy {
+    Fixed(ChunkMode),
+    Adaptive(Box<Mutex<Controller>>),
+}
+
+impl Policy {
+    fn new(opts: &SendOptions, threads: usize) -> Self {
+        match opts.compression {
+            Compression::Fixed(level) => Self::Fixed(ChunkMode::from_level(level)),
+            Compression::Adaptive => Self::Adaptive(Box::new(Mutex::new(Controller::new(threads)))),
+        }
+    }
+
+    fn next_mode(&self) -> ChunkMode {
+        match self {
+            Self::Fixed(m) => *m,
+            // A panic elsewhere cannot leave the controller's plain numbers inconsistent.
+            Self::Adaptive(c) => c.lock().unwrap_or_else(|p| p.into_inner()).next_mode(),
+        }
+    }
+
+    fn observe(&self, o: &Observation) {
+        if let Self::Adaptive(c) = self {
+            c.lock().unwrap_or_else(|p| p.into_inner()).observe(o);
+        }
+    }
+
+    fn current(&self) -> ChunkMode {
+        match self {
+            Self::Fixed(m) => *m,
+            Self::Adaptive(c) => c.lock().unwrap_or_else(|p| p.into_inner()).current(),
+        }
+    }
 }
 
 impl EncodedChunk {
@@ -87,23 +144,29 @@ pub fn send_stream<R: Read + Send, W: Write + Send>(
     }
     let (work_tx, work_rx) = bounded::<RawChunk>(n_slots);
     let (done_tx, done_rx) = bounded::<Result<EncodedChunk, StreamError>>(n_slots);
+    let policy = Policy::new(opts, threads);
 
     std::thread::scope(|s| {
         let reader_done = done_tx.clone();
+        let policy = &policy;
         let reader =
             s.spawn(move || read_chunks(&mut source, chunk_size, &pool_rx, &work_tx, &reader_done));
         for _ in 0..threads {
             let work_rx = work_rx.clone();
             let done_tx = done_tx.clone();
-            let level = opts.compress_level;
             let protection = &protection;
-            s.spawn(move || encode_chunks(level, protection, &work_rx, &done_tx));
+            s.spawn(move || encode_chunks(protection, policy, &work_rx, &done_tx));
         }
         drop(done_tx);
         drop(work_rx);
-        let written = write_frames(&mut transport, opts, start, done_rx, pool_tx);
+        let written = write_frames(&mut transport, opts, policy, start, done_rx, pool_tx);
         let read = reader.join().map_err(|_| StreamError::Panic)?;
-        let (hasher, wire, compressed_chunks) = written?;
+        let Written {
+            hasher,
+            wire,
+            compressed_chunks,
+            modes,
+        } = written?;
         // A source error must never turn into a valid end frame.
         read?;
         let end = hasher.finish();
@@ -134,6 +197,7 @@ pub fn send_stream<R: Read + Send, W: Write + Send>(
             elapsed: start.elapsed(),
             chunks: end.chunks,
             compressed_chunks,
+            modes,
         };
         tracing::debug!(
             bytes = summary.bytes_in,
@@ -197,33 +261,58 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 fn encode_chunks(
-    level: i32,
     protection: &Protection,
+    policy: &Policy,
     work: &Receiver<RawChunk>,
     done: &Sender<Result<EncodedChunk, StreamError>>,
 ) {
-    let mut compressor = if level == 0 {
-        None
-    } else {
-        match zstd::bulk::Compressor::new(level) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                let _ = done.send(Err(StreamError::Options(format!(
-                    "zstd level {level}: {e}"
-                ))));
-                return;
-            }
-        }
-    };
+    let mut compressor: Option<(zstd::bulk::Compressor<'static>, i32)> = None;
     while let Ok(RawChunk { seq, buf, len }) = work.recv() {
+        // Asked as late as possible, so a new choice applies to the very next chunk encoded.
+        let mode = policy.next_mode();
+        let began = Instant::now();
         let data = &buf[..len];
         let hash = blake3::hash(data);
-        let compressed = compressor.as_mut().and_then(|c| compress(c, data));
-        let chunk = seal_chunk(protection, seq, buf, len, compressed, hash);
+        let compressed = match mode {
+            ChunkMode::Raw => Ok(None),
+            ChunkMode::Zstd(level) => {
+                compressor_at(&mut compressor, level).map(|c| compress(c, data))
+            }
+        };
+        let chunk = compressed.and_then(|compressed| {
+            seal_chunk(protection, seq, buf, len, compressed, hash).map(|mut c| {
+                c.chosen = mode;
+                c.encode = began.elapsed();
+                c
+            })
+        });
         let stop = chunk.is_err();
         if done.send(chunk).is_err() || stop {
             return;
         }
+    }
+}
+
+/// The worker's compressor, created on first use and switched to `level` when it differs.
+fn compressor_at<'a>(
+    slot: &'a mut Option<(zstd::bulk::Compressor<'static>, i32)>,
+    level: i32,
+) -> Result<&'a mut zstd::bulk::Compressor<'static>, StreamError> {
+    let bad = |e: std::io::Error| StreamError::Options(format!("zstd level {level}: {e}"));
+    match slot {
+        Some((c, current)) => {
+            if *current != level {
+                c.set_compression_level(level).map_err(bad)?;
+                *current = level;
+            }
+        }
+        None => {
+            *slot = Some((zstd::bulk::Compressor::new(level).map_err(bad)?, level));
+        }
+    }
+    match slot {
+        Some((c, _)) => Ok(c),
+        None => Err(StreamError::Panic),
     }
 }
 
@@ -260,6 +349,8 @@ fn seal_chunk(
         hash,
         header,
         tag,
+        chosen: ChunkMode::Raw,
+        encode: Duration::ZERO,
     })
 }
 
@@ -283,44 +374,78 @@ fn compress(c: &mut zstd::bulk::Compressor<'_>, data: &[u8]) -> Option<Vec<u8>> 
     }
 }
 
-/// Writes frames in sequence order; returns the stream hasher, bytes written and how many
-/// chunks went compressed.
+/// What the writer reports back.
+struct Written {
+    hasher: StreamHasher,
+    /// Bytes written, stream header included.
+    wire: u64,
+    compressed_chunks: u64,
+    modes: Vec<ModeStats>,
+}
+
+/// Writes frames in sequence order, and tells the policy how long it waited for each chunk and
+/// how long writing it blocked.
 fn write_frames<W: Write>(
     transport: &mut W,
     opts: &SendOptions,
+    policy: &Policy,
     start: Instant,
     done: Receiver<Result<EncodedChunk, StreamError>>,
     pool: Sender<Vec<u8>>,
-) -> Result<(StreamHasher, u64, u64), StreamError> {
+) -> Result<Written, StreamError> {
     let mut hasher = StreamHasher::new();
     let mut wire = crate::format::STREAM_HEADER_LEN as u64;
     let mut compressed_chunks = 0u64;
+    let mut modes: BTreeMap<ChunkMode, ModeStats> = BTreeMap::new();
     let mut pending: BTreeMap<u64, EncodedChunk> = BTreeMap::new();
     let mut next = 0u64;
+    // When the writer last became ready for the next chunk.
+    let mut ready_since = Instant::now();
     for msg in done.iter() {
         let chunk = msg?;
         pending.insert(chunk.seq, chunk);
         while let Some(chunk) = pending.remove(&next) {
             let payload = chunk.payload();
-            let mut write = || -> std::io::Result<()> {
-                transport.write_all(&chunk.header)?;
-                transport.write_all(payload)?;
-                transport.write_all(chunk.tag.as_slice())
-            };
-            write().map_err(StreamError::transport("sending a data frame"))?;
-            wire += (chunk.header.len() + payload.len() + chunk.tag.as_slice().len()) as u64;
+            let writing = Instant::now();
+            let wait = writing.duration_since(ready_since);
+            write_frame(transport, &chunk.header, payload, chunk.tag.as_slice())
+                .map_err(StreamError::transport("sending a data frame"))?;
+            let frame_len = chunk.header.len() + payload.len() + chunk.tag.as_slice().len();
+            wire += frame_len as u64;
             compressed_chunks += u64::from(chunk.compressed.is_some());
+            let mode = chunk.sent_mode();
+            let stats = modes.entry(mode).or_insert(ModeStats {
+                mode,
+                chunks: 0,
+                bytes_in: 0,
+                payload_bytes: 0,
+            });
+            stats.chunks += 1;
+            stats.bytes_in += chunk.len as u64;
+            stats.payload_bytes += payload.len() as u64;
             hasher.push(chunk.len, &chunk.hash);
-            let _ = pool.send(chunk.raw);
             next += 1;
             if let Some(rate) = opts.limit_rate {
                 throttle(rate, wire, start);
             }
+            // A rate limit is the network as far as the choice of level goes.
+            ready_since = Instant::now();
+            policy.observe(&Observation {
+                mode,
+                chosen: chunk.chosen,
+                raw_len: chunk.len as u64,
+                payload_len: payload.len() as u64,
+                encode: chunk.encode,
+                wait,
+                write: ready_since.duration_since(writing),
+            });
+            let _ = pool.send(chunk.raw);
             if let Some(progress) = &opts.progress {
                 progress(&Progress {
                     bytes_in: hasher.total_bytes(),
                     bytes_on_wire: wire,
                     elapsed: start.elapsed(),
+                    mode: Some(policy.current()),
                 });
             }
         }
@@ -329,7 +454,42 @@ fn write_frames<W: Write>(
         // Workers only stop early on an error they already reported; reaching here is a bug.
         return Err(StreamError::Panic);
     }
-    Ok((hasher, wire, compressed_chunks))
+    Ok(Written {
+        hasher,
+        wire,
+        compressed_chunks,
+        modes: modes.into_values().collect(),
+    })
+}
+
+/// Writes one frame with as few system calls as the transport allows (one `writev` on a
+/// socket, instead of a 24-byte write that TCP_NODELAY would send as its own packet).
+fn write_frame<W: Write>(
+    transport: &mut W,
+    header: &[u8],
+    payload: &[u8],
+    tag: &[u8],
+) -> std::io::Result<()> {
+    let mut slices = [
+        IoSlice::new(header),
+        IoSlice::new(payload),
+        IoSlice::new(tag),
+    ];
+    let mut bufs = &mut slices[..];
+    while !bufs.is_empty() {
+        match transport.write_vectored(bufs) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    "transport accepted no bytes",
+                ));
+            }
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Sleeps until `wire` bytes are within `rate` bytes/second of `start`.

@@ -314,6 +314,7 @@ fn empty_summary() -> Summary {
         elapsed: std::time::Duration::ZERO,
         chunks: 0,
         compressed_chunks: 0,
+        modes: Vec::new(),
     }
 }
 

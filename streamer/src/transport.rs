@@ -246,6 +246,18 @@ impl Write for Conn {
         })
     }
 
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        let r = match self {
+            Self::Plain(s) => s.write_vectored(bufs),
+            Self::TlsClient(s) => s.write_vectored(bufs),
+            Self::TlsServer(s) => s.write_vectored(bufs),
+        };
+        r.map_err(|e| {
+            let t = self.tcp().write_timeout().ok().flatten();
+            self.explain_timeout(e, "accepted", t)
+        })
+    }
+
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             Self::Plain(s) => s.flush(),

@@ -32,7 +32,7 @@ fn opts(auth: Auth) -> (SendOptions, ReceiveOptions) {
         SendOptions {
             auth: auth.clone(),
             chunk_size: CHUNK as u32,
-            compress_level: 0,
+            compression: flocker_stream::Compression::Fixed(0),
             threads: 2,
             ..Default::default()
         },

@@ -14,7 +14,7 @@ fn opts(auth: Auth, chunk: u32, level: i32, threads: usize) -> (SendOptions, Rec
         SendOptions {
             auth: auth.clone(),
             chunk_size: chunk,
-            compress_level: level,
+            compression: flocker_stream::Compression::Fixed(level),
             threads,
             ..Default::default()
         },

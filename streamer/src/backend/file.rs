@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::{BackendError, Sink, Source};
 
@@ -59,14 +60,15 @@ impl<R: Read + Send> Source for ReaderSource<R> {
     }
 }
 
-/// Writes a file: into `PATH.flocker-partial`, renamed over `PATH` on commit, removed on abort.
-/// An existing device (`/dev/null`, a block device) is written in place and cannot be rolled
-/// back.
+/// Writes a file: into `PATH.flocker-partial`, renamed over `PATH` on commit (after `fsync`),
+/// removed on abort. The partial file is written with direct I/O from a writer thread (see
+/// [`super::direct`]). An existing device (`/dev/null`, a block device) is written in place,
+/// through ordinary buffered writes, and cannot be rolled back.
 #[derive(Debug)]
 pub struct FileSink {
     path: PathBuf,
     partial: PathBuf,
-    file: Option<File>,
+    file: Option<Arc<File>>,
 }
 
 impl FileSink {
@@ -97,18 +99,31 @@ impl FileSink {
 
 impl Sink for FileSink {
     fn open(&mut self) -> Result<Box<dyn Write + Send + '_>, BackendError> {
-        let f = if self.is_device() {
-            std::fs::OpenOptions::new().write(true).open(&self.path)
-        } else {
-            File::create(&self.partial)
+        let fs_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| BackendError::Fs {
+                op: "create",
+                path,
+                source,
+            }
         };
-        let f = f.map_err(|source| BackendError::Fs {
-            op: "create",
-            path: self.partial.clone(),
-            source,
-        })?;
-        let file = self.file.insert(f);
-        Ok(Box::new(std::io::BufWriter::with_capacity(1 << 20, file)))
+        if self.is_device() {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&self.path)
+                .map_err(fs_err(&self.path))?;
+            let file = Arc::new(f);
+            self.file = Some(Arc::clone(&file));
+            return Ok(Box::new(std::io::BufWriter::with_capacity(
+                1 << 20,
+                ArcFile(file),
+            )));
+        }
+        let f = super::direct::create(&self.partial).map_err(fs_err(&self.partial))?;
+        let file = Arc::new(f);
+        self.file = Some(Arc::clone(&file));
+        let writer = super::direct::DirectWriter::new(file).map_err(fs_err(&self.partial))?;
+        Ok(Box::new(writer))
     }
 
     fn commit(&mut self) -> Result<(), BackendError> {
@@ -148,6 +163,19 @@ impl Sink for FileSink {
                 source,
             }),
         }
+    }
+}
+
+/// A shared file handle as a writer.
+struct ArcFile(Arc<File>);
+
+impl Write for ArcFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        (&*self.0).flush()
     }
 }
 

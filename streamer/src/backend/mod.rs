@@ -20,6 +20,7 @@
 
 mod btrfs;
 mod dir;
+mod direct;
 mod file;
 pub mod runner;
 mod spec;

@@ -55,6 +55,7 @@ impl Reporter {
                 "rate_bytes_per_s": rate as u64,
                 "total_bytes": self.total,
                 "eta_s": eta,
+                "mode": p.mode.map(|m| m.name()),
             });
             let _ = writeln!(err, "{v}");
         } else {
@@ -109,6 +110,12 @@ impl Reporter {
                 "throughput_bytes_per_s": s.throughput() as u64,
                 "chunks": s.chunks,
                 "compressed_chunks": s.compressed_chunks,
+                "modes": s.modes.iter().map(|m| serde_json::json!({
+                    "mode": m.mode.name(),
+                    "chunks": m.chunks,
+                    "bytes_in": m.bytes_in,
+                    "payload_bytes": m.payload_bytes,
+                })).collect::<Vec<_>>(),
                 "blake3": s.stream_hash_hex(),
             });
             eprintln!("{v}");
@@ -123,6 +130,14 @@ impl Reporter {
                 s.throughput() / (1024.0 * 1024.0),
                 s.stream_hash_hex()
             );
+            if !s.modes.is_empty() {
+                let parts: Vec<String> = s
+                    .modes
+                    .iter()
+                    .map(|m| format!("{} {:.1} MiB", m.mode.name(), mib(m.bytes_in)))
+                    .collect();
+                eprintln!("  by mode: {}", parts.join(", "));
+            }
         }
     }
 }

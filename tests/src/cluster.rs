@@ -443,10 +443,20 @@ fn ensure_pool(node: &ClusterNode, size: &str) -> Result<()> {
     let exists = quiet(Command::new("zpool").args(["list", &node.pool]))
         .map(|o| o.status.success())
         .unwrap_or(false);
-    if exists {
+    let file = node.dir.join("pool.img");
+    if exists && file.exists() {
+        // This cluster's own pool (`cargo xtask cluster up` run again): keep its data.
         return Ok(());
     }
-    let file = node.dir.join("pool.img");
+    if exists {
+        // Left by an earlier run whose teardown did not finish: its datasets would pose as
+        // this cluster's (a volume "already" on a node), so it goes.
+        eprintln!(
+            "cluster: destroying pool {} left by an earlier run",
+            node.pool
+        );
+        destroy_pool(&node.pool);
+    }
     run(Command::new("truncate").args(["-s", size]).arg(&file))?;
     run(Command::new("zpool")
         .args(["create", "-f", "-m"])

@@ -784,7 +784,7 @@ impl EbpfBackend {
 
 impl EbpfState {
     fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
-        if table.entries.is_empty() {
+        if table.is_empty() {
             // No routes: no programs, no pins, no table, as the node was before.
             return self.clear();
         }
@@ -808,16 +808,17 @@ impl EbpfState {
         loaded.remove_stale_pins();
         debug!(routes = table.entries.len(), "eBPF routes map updated");
         if loaded.tc_everywhere() {
-            // The TC program carries all outside TCP traffic: the nftables table holds only
-            // the UDP routes (none at all without them, so nothing of ours makes the node's
-            // netfilter run conntrack). Forwarding must be on for its route lookups to succeed.
+            // The TC program carries all outside IPv4 TCP traffic: the nftables table holds
+            // only the UDP and IPv6 routes (none at all without them, so nothing of ours makes
+            // the node's netfilter run conntrack). Forwarding must be on for its route lookups
+            // to succeed.
             if !loaded.sysctls_set {
                 let mut settings = self.settings.lock().map_err(|_| RoutingError::Poisoned)?;
                 settings::enable_forwarding(&mut settings)?;
                 settings::reserve_local_ports(&mut settings, SNAT_PORTS.0, SNAT_PORTS.1)?;
                 loaded.sysctls_set = true;
             }
-            self.outside.apply(&outside_only_udp(table))
+            self.outside.apply(&nftables_share(table))
         } else {
             self.outside.apply(table)
         }
@@ -826,7 +827,7 @@ impl EbpfState {
     /// Applies the last table again for the interfaces and addresses there are now: the
     /// routes map is unchanged, `flk_local`, `flk_ifaddr` and the TC links follow the node.
     fn cover_interfaces(&mut self) -> Result<(), RoutingError> {
-        if self.table.entries.is_empty() {
+        if self.table.is_empty() {
             return Ok(());
         }
         let table = std::mem::take(&mut self.table);
@@ -860,7 +861,7 @@ impl RoutingBackend for EbpfBackend {
     }
 
     fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
-        if table.entries.is_empty() {
+        if table.is_empty() {
             return self.clear();
         }
         self.state()?.apply(table)?;
@@ -885,8 +886,11 @@ impl RoutingBackend for EbpfBackend {
     }
 }
 
-/// The part of `table` the TC program does not carry from outside: its UDP routes.
-pub fn outside_only_udp(table: &RouteTable) -> RouteTable {
+/// The part of `table` the nftables table carries while the TC program is on every
+/// interface: the IPv4 UDP routes (the TC program carries TCP only), and every IPv6 route
+/// (the BPF programs are IPv4 only; the table's output chain takes the node's own IPv6
+/// connections too).
+pub fn nftables_share(table: &RouteTable) -> RouteTable {
     RouteTable {
         entries: table
             .entries
@@ -894,6 +898,7 @@ pub fn outside_only_udp(table: &RouteTable) -> RouteTable {
             .filter(|(key, _)| key.protocol == Protocol::Udp)
             .map(|(key, entry)| (*key, *entry))
             .collect(),
+        entries6: table.entries6.clone(),
     }
 }
 
@@ -927,6 +932,7 @@ mod tests {
                 ),
             ]
             .into(),
+            ..RouteTable::default()
         };
         let rendered: Vec<String> = route_entries(&table)
             .iter()

@@ -66,8 +66,8 @@ use std::path::PathBuf;
 use tracing::{info, warn};
 
 pub use table::{
-    AddressResolver, Protocol, RouteEntry, RouteKey, RouteTable, StaticResolver, TableError,
-    TableErrors,
+    AddressResolver, IpFamily, Protocol, RouteEntry, RouteEntry6, RouteKey, RouteTable,
+    StaticResolver, TableError, TableErrors,
 };
 
 /// Anything a backend can fail with.

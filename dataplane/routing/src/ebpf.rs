@@ -22,7 +22,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
 };
@@ -104,14 +104,20 @@ pub enum EbpfError {
 const ROUTES_MAP: &str = "flk_routes";
 const LOCAL_MAP: &str = "flk_local";
 const IFADDR_MAP: &str = "flk_ifaddr";
-const PROGRAMS: [&str; 4] = [
+const ROUTES6_MAP: &str = "flk_routes6";
+const LOCAL6_MAP: &str = "flk_local6";
+const PROGRAMS: [&str; 8] = [
     "flk_connect4",
     "flk_getpeername4",
     "flk_sendmsg4",
     "flk_recvmsg4",
+    "flk_connect6",
+    "flk_getpeername6",
+    "flk_sendmsg6",
+    "flk_recvmsg6",
 ];
 /// Every map of `routing.bpf.c`, pinned so that they outlive the agent.
-const MAPS: [&str; 8] = [
+const MAPS: [&str; 12] = [
     "flk_routes",
     "flk_local",
     "flk_orig",
@@ -120,6 +126,10 @@ const MAPS: [&str; 8] = [
     "flk_rev",
     "flk_ifaddr",
     "flk_stats",
+    "flk_routes6",
+    "flk_local6",
+    "flk_orig6",
+    "flk_udp_orig6",
 ];
 const TC_PROGRAM: &str = "flk_tc_ingress";
 /// `SNAT_FIRST..SNAT_FIRST + SNAT_COUNT` of `routing.bpf.c`: the source ports of translated
@@ -168,6 +178,42 @@ pub fn route_entry(port: RouteKey, entry: &RouteEntry) -> (u32, [u32; 2]) {
         route_key(port),
         [addr_key(*backend.ip()), port_key(backend.port()) | flags],
     )
+}
+
+/// An IPv6 address as `bpf_sock_addr.user_ip6` holds it: four words of network-order bytes.
+pub fn addr6_key(ip: Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    [0, 4, 8, 12].map(|i| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]))
+}
+
+/// The `flk_routes6` contents a table implies: key -> `[addr0..addr3, port]`.
+pub fn route6_entries(table: &RouteTable) -> BTreeMap<u32, [u32; 5]> {
+    table
+        .entries6
+        .iter()
+        .map(|(port, entry)| {
+            let backend = entry.backend();
+            let [a, b, c, d] = addr6_key(*backend.ip());
+            (route_key(*port), [a, b, c, d, port_key(backend.port())])
+        })
+        .collect()
+}
+
+/// The `flk_local6` contents: the node's own IPv6 addresses, loopback excepted (as for IPv4).
+pub fn local6_entries(addrs: impl IntoIterator<Item = Ipv6Addr>) -> BTreeSet<[u32; 4]> {
+    addrs
+        .into_iter()
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .map(addr6_key)
+        .collect()
+}
+
+/// The node's IPv6 addresses.
+fn node_addresses6() -> Result<Vec<Ipv6Addr>, EbpfError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(EbpfError::Addresses)?;
+    Ok(addrs
+        .filter_map(|ifa| Some(ifa.address?.as_sockaddr_in6()?.ip()))
+        .collect())
 }
 
 /// An address that reaches this node from elsewhere: not loopback, because a container (same
@@ -308,6 +354,10 @@ struct Loaded {
     /// that apply compares with what the map holds.
     routes_unknown: bool,
     local: BTreeMap<u32, u32>,
+    /// `flk_routes6` and `flk_local6` as installed (compared whole at every sync: IPv6
+    /// routes are few next to IPv4 ones so far).
+    routes6: BTreeMap<u32, [u32; 5]>,
+    local6: BTreeMap<[u32; 4], u32>,
     /// `flk_ifaddr` as installed.
     ifaddr: BTreeMap<u32, u32>,
     /// Whether `flk_tc_ingress` loaded; without it outside traffic takes the nftables path.
@@ -372,7 +422,10 @@ impl Loaded {
             let path = pins.as_ref().map(|pins| pins.link(name));
             cgroup_links.push(Attachment::keep(link, path)?);
         }
-        info!(cgroup = %cgroup.display(), "eBPF connect4/getpeername4/sendmsg4/recvmsg4 attached");
+        info!(
+            cgroup = %cgroup.display(),
+            "eBPF connect/getpeername/sendmsg/recvmsg (4 and 6) attached"
+        );
         let tc_loaded = match load_tc(&mut bpf) {
             Ok(()) => true,
             Err(error) => {
@@ -386,6 +439,8 @@ impl Loaded {
         // Pinned maps may hold an earlier agent's entries: start from what they hold.
         let local = read_map(&mut bpf, LOCAL_MAP)?;
         let ifaddr = read_map(&mut bpf, IFADDR_MAP)?;
+        let routes6 = read_map(&mut bpf, ROUTES6_MAP)?;
+        let local6 = read_map(&mut bpf, LOCAL6_MAP)?;
         Ok(Loaded {
             bpf,
             pins,
@@ -394,6 +449,8 @@ impl Loaded {
             // Likewise the routes: the first sync compares with what the map holds.
             routes_unknown: true,
             local,
+            routes6,
+            local6,
             ifaddr,
             tc_loaded,
             tc_links: BTreeMap::new(),
@@ -549,7 +606,7 @@ impl Loaded {
             // What the map holds is unknown (an earlier agent's pinned entries, or an update
             // that failed half way): compare with it and change only what differs, so routes
             // that stay are never missing.
-            let mut held = read_map::<[u32; 2]>(&mut self.bpf, ROUTES_MAP)?;
+            let mut held = read_map::<u32, [u32; 2]>(&mut self.bpf, ROUTES_MAP)?;
             sync_map(&mut self.bpf, ROUTES_MAP, &mut held, route_entries(wanted))?;
             self.routes = wanted.clone();
             self.routes_unknown = false;
@@ -581,6 +638,22 @@ impl Loaded {
     fn sync_local(&mut self, wanted: BTreeSet<u32>) -> Result<(), EbpfError> {
         let wanted = wanted.into_iter().map(|key| (key, 1)).collect();
         sync_map(&mut self.bpf, LOCAL_MAP, &mut self.local, wanted)
+    }
+
+    /// `flk_routes6` and `flk_local6`: the IPv6 routes and the node's IPv6 addresses. Routes
+    /// are written before addresses are added, so a new address never meets a stale route.
+    fn sync_ipv6(&mut self, table: &RouteTable, addrs: &[Ipv6Addr]) -> Result<(), EbpfError> {
+        sync_map(
+            &mut self.bpf,
+            ROUTES6_MAP,
+            &mut self.routes6,
+            route6_entries(table),
+        )?;
+        let local = local6_entries(addrs.iter().copied())
+            .into_iter()
+            .map(|key| (key, 1))
+            .collect();
+        sync_map(&mut self.bpf, LOCAL6_MAP, &mut self.local6, local)
     }
 }
 
@@ -654,11 +727,11 @@ fn count_pinned<V: aya::Pod>(pins: &Pins, name: &'static str) -> Result<usize, E
 }
 
 /// What the hash map `name` (keys `u32`) holds.
-fn read_map<V: aya::Pod>(
+fn read_map<K: aya::Pod + Ord, V: aya::Pod>(
     bpf: &mut Ebpf,
     name: &'static str,
-) -> Result<BTreeMap<u32, V>, EbpfError> {
-    let map = hash_map::<u32, V>(bpf, name)?;
+) -> Result<BTreeMap<K, V>, EbpfError> {
+    let map = hash_map::<K, V>(bpf, name)?;
     map.iter()
         .collect::<Result<_, _>>()
         .map_err(map_error(name))
@@ -666,17 +739,17 @@ fn read_map<V: aya::Pod>(
 
 /// Brings the hash map `name` (keys `u32`), which holds `installed`, to `wanted`, writing
 /// only the elements that differ.
-fn sync_map<V: aya::Pod + PartialEq>(
+fn sync_map<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
     bpf: &mut Ebpf,
     name: &'static str,
-    installed: &mut BTreeMap<u32, V>,
-    wanted: BTreeMap<u32, V>,
+    installed: &mut BTreeMap<K, V>,
+    wanted: BTreeMap<K, V>,
 ) -> Result<(), EbpfError> {
     if *installed == wanted {
         return Ok(());
     }
     let map_error = map_error(name);
-    let mut map = hash_map::<u32, V>(bpf, name)?;
+    let mut map = hash_map::<K, V>(bpf, name)?;
     for (key, value) in &wanted {
         if installed.get(key) != Some(value) {
             map.insert(key, value, 0).map_err(map_error)?;
@@ -804,6 +877,7 @@ impl EbpfState {
         let addrs = node_addresses()?;
         loaded.sync_local(local_entries(addrs.iter().map(|(_, ip)| *ip)))?;
         loaded.sync_routes(table)?;
+        loaded.sync_ipv6(table, &node_addresses6()?)?;
         loaded.sync_interfaces(&addrs)?;
         loaded.remove_stale_pins();
         debug!(routes = table.entries.len(), "eBPF routes map updated");
@@ -888,8 +962,8 @@ impl RoutingBackend for EbpfBackend {
 
 /// The part of `table` the nftables table carries while the TC program is on every
 /// interface: the IPv4 UDP routes (the TC program carries TCP only), and every IPv6 route
-/// (the BPF programs are IPv4 only; the table's output chain takes the node's own IPv6
-/// connections too).
+/// (the TC program is IPv4 only; the node's own IPv6 connections are redirected at the
+/// socket by the 6 variants of the cgroup programs).
 pub fn nftables_share(table: &RouteTable) -> RouteTable {
     RouteTable {
         entries: table
@@ -907,6 +981,32 @@ mod tests {
     use super::*;
     use expect_test::expect;
     use std::net::SocketAddrV4;
+
+    #[test]
+    fn ipv6_map_contents_use_sock_addr_byte_order() {
+        let backend: std::net::SocketAddrV6 = "[2001:db8::2]:7000".parse().expect("literal");
+        let table = RouteTable {
+            entries6: [(RouteKey::udp(53), RouteEntry::Remote { node: backend })].into(),
+            ..RouteTable::default()
+        };
+        let entries = route6_entries(&table);
+        assert_eq!(entries.len(), 1);
+        let (key, value) = entries.iter().next().expect("one entry");
+        assert_eq!(*key, route_key(RouteKey::udp(53)));
+        // The words as the kernel stores user_ip6 on this host: network-order bytes.
+        let bytes: Vec<u8> = value[..4].iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(bytes, backend.ip().octets());
+        assert_eq!(value[4], port_key(7000));
+        let local = local6_entries([
+            "::1".parse().expect("literal"),
+            "2001:db8::1".parse().expect("literal"),
+            "::".parse().expect("literal"),
+        ]);
+        assert_eq!(
+            local,
+            BTreeSet::from([addr6_key("2001:db8::1".parse().expect("literal"))])
+        );
+    }
 
     #[test]
     fn map_contents_use_sock_addr_byte_order() {

@@ -11,12 +11,13 @@
 //! a move (with a UDP client that keeps its socket), a restart of the backends with
 //! connections open across it, removal, and a foreign table of each family left untouched.
 //!
-//! With the eBPF backend, IPv6 takes the documented fallback: its BPF programs are IPv4 only,
-//! so its nftables table carries every IPv6 route, the node's own IPv6 connections included.
+//! With the eBPF backend, the nodes' own IPv6 connections are redirected at the socket by
+//! `connect6`/`sendmsg6`/`recvmsg6` (checked: none of them is DNAT'd), while IPv6 from outside
+//! takes its nftables table (the TC program is IPv4 only).
 //!
 //! There is no dockerd here (the IPv4 suite in `conformance.rs` runs under Docker's rules):
 //! Docker 20.10 leaves ip6tables alone, and the containers are plain namespaces on a bridge
-//! made by hand. Needs root, `ip`, `nft` and `socat`.
+//! made by hand. Needs root, `ip`, `nft`, `conntrack` and `socat`.
 
 use std::{
     io::{Read, Write},
@@ -381,6 +382,74 @@ fn expect_udp(what: &str, ns: &Netns, to: SocketAddr, expected: &str) -> anyhow:
     Ok(())
 }
 
+/// As [`expect_udp`], from an unconnected socket of a socat inside `cgroup` (where the eBPF
+/// backend's sendmsg6 and recvmsg6 apply): the answer must still come from `to`.
+fn expect_udp_in_cgroup(
+    what: &str,
+    ns: &Netns,
+    cgroup: &Path,
+    to: SocketAddr,
+    expected: &str,
+) -> anyhow::Result<()> {
+    let payload = format!("{what} over UDP in the cgroup").into_bytes();
+    let want = [expected.as_bytes(), b":", &payload].concat();
+    let family = if to.is_ipv6() { "UDP6" } else { "UDP4" };
+    for _ in 0..UDP_TRIES {
+        let mut child = ns
+            .command_in_cgroup(cgroup, "socat")
+            .args([
+                "-d",
+                "-d",
+                "-t",
+                "0.7",
+                "-",
+                &format!("{family}-SENDTO:{to}"),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("socat stdin")?
+            .write_all(&payload)?;
+        let out = child.wait_with_output()?;
+        if out.stdout.is_empty() {
+            continue;
+        }
+        ensure!(
+            out.stdout == want,
+            "{what}: UDP {to} answered {:?}, expected {expected}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // socat -d -d logs "received packet with N bytes from AF=10 [ADDR]:PORT".
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let source = stderr
+            .lines()
+            .find_map(|l| l.split_once(" bytes from AF=").map(|(_, a)| a.to_owned()))
+            .and_then(|a| a.split_once(' ').map(|(_, a)| a.trim().to_owned()))
+            .and_then(|a| a.parse::<SocketAddr>().ok());
+        ensure!(
+            source == Some(to),
+            "{what}: the UDP answer came from {source:?}, not from {to}, where the client sent"
+        );
+        return Ok(());
+    }
+    bail!("{what}: no UDP answer from {to} in the cgroup, expected {expected}")
+}
+
+/// Connections from node `i`'s own address that were DNAT'd: the nftables path. With the
+/// eBPF backend the node's own connections are redirected at the socket instead.
+fn own_dnat_entries(node: &Netns, own: &str) -> anyhow::Result<usize> {
+    let out = node
+        .command("conntrack")
+        .args(["-L", "-f", "ipv6", "-s", own, "--dst-nat"])
+        .output()
+        .context("running conntrack")?;
+    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+}
+
 fn expect_closed(what: &str, ns: &Netns, to: SocketAddr) -> anyhow::Result<()> {
     ensure!(
         tcp_exchange(ns, to, b"x").is_err(),
@@ -414,7 +483,7 @@ fn check_reachable(lab: &Lab, host: usize, server: &str) -> anyhow::Result<()> {
         let what = format!("node{} itself", i + 1);
         let cgroup = Some(lab.cgroups[i].path());
         expect_tcp(&what, &lab.nodes[i], cgroup, v6(i)?, server)?;
-        expect_udp(&what, &lab.nodes[i], v6(i)?, server)?;
+        expect_udp_in_cgroup(&what, &lab.nodes[i], lab.cgroups[i].path(), v6(i)?, server)?;
         expect_tcp(
             &format!("{what}, IPv4"),
             &lab.nodes[i],
@@ -507,6 +576,24 @@ fn conformance(choice: BackendChoice, tag: &str) -> anyhow::Result<()> {
     let mut backends = open_all(&lab, choice)?;
     apply_all(&lab, &mut backends, &tables(0)?)?;
     check_reachable(&lab, 0, "c1")?;
+    // The nodes' own IPv6 connections: through the table's output chain with nftables, at
+    // the socket (connect6, sendmsg6) with eBPF, which leaves nothing to DNAT.
+    for (i, node) in lab.nodes.iter().enumerate() {
+        let entries = own_dnat_entries(node, &node_ip6(i))?;
+        if choice == BackendChoice::Ebpf {
+            ensure!(
+                entries == 0,
+                "{entries} DNAT'd connections from {} itself: connect6/sendmsg6 did not redirect them",
+                node.name()
+            );
+        } else {
+            ensure!(
+                entries > 0,
+                "no DNAT'd connection from {} itself: the output chain did not route them",
+                node.name()
+            );
+        }
+    }
     for node in &lab.nodes {
         let map = nft(node, &["list", "map", "inet", "flocker", "routes6"])?;
         for protocol in ["tcp", "udp"] {

@@ -3,7 +3,8 @@
 //! a routed TCP or UDP port on one of the node's addresses straight to the backend, so those
 //! packets need no NAT. `cgroup/sendmsg4` does the same for each datagram of an unconnected
 //! UDP socket, and `cgroup/recvmsg4` gives the replies the address the client sent to as
-//! their source.
+//! their source. The `6` variants of the four do the same for IPv6 sockets, over the IPv6
+//! routes (`flk_routes6`) and the node's IPv6 addresses (`flk_local6`).
 //!
 //! TCP traffic arriving from outside the node meets the TC program `flk_tc_ingress`, attached
 //! to the ingress of every interface with an IPv4 address. A connection's first packet starts a
@@ -11,11 +12,12 @@
 //! redirected, and the replies rewritten back, without netfilter or conntrack. Connections to
 //! a backend on another node, and hairpin ones (the backend back out of the interface the
 //! client came in on), are source-translated too, to the address the client dialled and a
-//! port from 61000-65535. So while the TC program is on every interface and no UDP port is
-//! routed, this backend keeps no nftables table at all. UDP from outside always takes the
-//! nftables prerouting and postrouting chains (`Scope::FromOutside`, holding only the UDP
-//! routes then): the TC program does not handle UDP flows yet. Where the TC program cannot be
-//! loaded or attached, those chains carry all outside traffic, and a warning says so.
+//! port from 61000-65535. So while the TC program is on every interface and no UDP or IPv6
+//! route exists, this backend keeps no nftables table at all. UDP and IPv6 from outside
+//! always take the nftables prerouting and postrouting chains (`Scope::FromOutside`, holding
+//! only the IPv4 UDP routes and the IPv6 routes then): the TC program handles IPv4 TCP only.
+//! Where the TC program cannot be loaded or attached, those chains carry all outside
+//! traffic, and a warning says so.
 //!
 //! The route table lives in the BPF hash map `flk_routes`, updated in place element by element.
 

@@ -106,6 +106,7 @@ impl ContainerRuntime for FakeRuntime {
                 application,
                 running: true,
                 ip: Some("172.17.0.2".into()),
+                ip6: None,
             },
         );
         Ok(())

@@ -30,7 +30,7 @@ pub struct Flags {
     /// This node's address as the deployment file names it.
     #[arg(long)]
     pub node_address: Option<String>,
-    /// Address to listen on [default: 0.0.0.0:4523].
+    /// Address to listen on [default: [::]:4523, IPv4 and IPv6 on one socket].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// Port of the other agents [default: 4523].
@@ -195,10 +195,15 @@ impl AgentConfig {
             errors.push("node_address: required (flag --node-address or the file)".into());
             String::new()
         });
+        if !node_address.is_empty()
+            && let Some(problem) = flocker_wire::checks::address_problem(&node_address)
+        {
+            errors.push(format!("node_address: {problem}"));
+        }
         let listen = flags
             .listen
             .or(file.listen)
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)));
+            .unwrap_or_else(|| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, DEFAULT_PORT)));
         let docker = flags
             .docker_host
             .or(file.docker_host)
@@ -331,7 +336,7 @@ mod tests {
         };
         let c = AgentConfig::resolve(flags).expect("resolve");
         assert_eq!(c.node_address, "198.18.0.12");
-        assert_eq!(c.listen.port(), 4523);
+        assert_eq!(c.listen.to_string(), "[::]:4523");
         assert_eq!(c.docker_socket, PathBuf::from("/run/d.sock"));
         assert_eq!(
             c.volumes,
@@ -355,6 +360,30 @@ mod tests {
         for needle in ["ca_cert", "cert", "key", "node_address", "nfs:/x", "magic"] {
             assert!(err.contains(needle), "{needle} missing from {err}");
         }
+    }
+
+    #[test]
+    fn an_ipv6_node_address_is_taken_in_its_canonical_spelling_only() {
+        let flags = |address: &str| Flags {
+            node_address: Some(address.into()),
+            volumes: Some("dir:/var/lib/flocker".into()),
+            ca_cert: Some("/ca".into()),
+            cert: Some("/c".into()),
+            key: Some("/k".into()),
+            routing: Some("none".into()),
+            listen: Some("[2001:db8::11]:4523".parse().expect("literal")),
+            ..Flags::default()
+        };
+        let c = AgentConfig::resolve(flags("2001:db8::11")).expect("canonical");
+        assert_eq!(c.node_address, "2001:db8::11");
+        assert_eq!(c.listen.to_string(), "[2001:db8::11]:4523");
+        let err = AgentConfig::resolve(flags("2001:DB8:0::11"))
+            .expect_err("not canonical")
+            .to_string();
+        assert!(
+            err.contains("node_address: \"2001:DB8:0::11\" is not written canonically; write it as 2001:db8::11"),
+            "{err}"
+        );
     }
 
     #[test]

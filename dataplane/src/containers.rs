@@ -66,6 +66,8 @@ pub struct ManagedContainer {
     pub application: Application,
     pub running: bool,
     pub ip: Option<String>,
+    /// The container's global IPv6 address, on a Docker network with IPv6 enabled.
+    pub ip6: Option<String>,
 }
 
 /// What the agent's restart supervision needs to know of one container, beyond the listing.
@@ -347,20 +349,22 @@ impl ContainerRuntime for DockerRuntime {
                     detail: e.to_string(),
                 })?;
             let running = c.state.as_deref() == Some("running");
-            let ip = c
-                .network_settings
-                .and_then(|n| n.networks)
-                .and_then(|n| {
-                    n.values()
-                        .filter_map(|e| e.ip_address.clone())
-                        .find(|ip| !ip.is_empty())
-                })
-                .filter(|_| running);
+            let networks = c.network_settings.and_then(|n| n.networks);
+            let first = |address: fn(&bollard::models::EndpointSettings) -> Option<&String>| {
+                networks
+                    .as_ref()
+                    .and_then(|n| n.values().filter_map(address).find(|ip| !ip.is_empty()))
+                    .filter(|_| running)
+                    .cloned()
+            };
+            let ip = first(|e| e.ip_address.as_ref());
+            let ip6 = first(|e| e.global_ipv6_address.as_ref());
             out.push(ManagedContainer {
                 name,
                 application,
                 running,
                 ip,
+                ip6,
             });
         }
         out.sort_by(|a, b| a.application.name.cmp(&b.application.name));

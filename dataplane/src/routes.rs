@@ -4,7 +4,7 @@
 //! through a `flocker-routing` backend. The agent writes no routing code of its own.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -29,9 +29,25 @@ pub enum RoutesError {
     Volume(#[from] VolumeError),
 }
 
-/// Resolves container names from the runtime's view and node names through DNS.
+/// Resolves container names from the runtime's view and node names through DNS. A node
+/// named by an IP literal has that one address; a node named by a host name has its first
+/// address of each family.
 pub struct Resolver {
     pub containers: BTreeMap<String, Ipv4Addr>,
+    pub containers6: BTreeMap<String, Ipv6Addr>,
+}
+
+impl Resolver {
+    /// The node's addresses: the literal itself, or what the system resolver answers.
+    fn node_addresses(node: &str) -> Vec<IpAddr> {
+        if let Ok(ip) = node.parse::<IpAddr>() {
+            return vec![ip];
+        }
+        match (node, 0).to_socket_addrs() {
+            Ok(addrs) => addrs.map(|a| a.ip()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
 }
 
 impl AddressResolver for Resolver {
@@ -40,15 +56,24 @@ impl AddressResolver for Resolver {
     }
 
     fn node_address(&self, node: &str) -> Option<Ipv4Addr> {
-        if let Ok(ip) = node.parse() {
-            return Some(ip);
-        }
-        (node, 0)
-            .to_socket_addrs()
-            .ok()?
-            .find_map(|a| match a.ip() {
-                std::net::IpAddr::V4(ip) => Some(ip),
-                std::net::IpAddr::V6(_) => None,
+        Resolver::node_addresses(node)
+            .into_iter()
+            .find_map(|ip| match ip {
+                IpAddr::V4(ip) => Some(ip),
+                IpAddr::V6(_) => None,
+            })
+    }
+
+    fn container_address6(&self, application: &str) -> Option<Ipv6Addr> {
+        self.containers6.get(application).copied()
+    }
+
+    fn node_address6(&self, node: &str) -> Option<Ipv6Addr> {
+        Resolver::node_addresses(node)
+            .into_iter()
+            .find_map(|ip| match ip {
+                IpAddr::V6(ip) => Some(ip),
+                IpAddr::V4(_) => None,
             })
     }
 }
@@ -281,6 +306,33 @@ mod tests {
     }
 
     #[test]
+    fn nodes_named_by_an_ip_literal_have_that_address_only() {
+        let resolver = Resolver {
+            containers: BTreeMap::new(),
+            containers6: BTreeMap::from([("db".to_string(), "fd00:17::2".parse().expect("ip"))]),
+        };
+        assert_eq!(
+            resolver.node_address6("2001:db8::2"),
+            Some("2001:db8::2".parse().expect("ip"))
+        );
+        assert_eq!(resolver.node_address("2001:db8::2"), None);
+        assert_eq!(
+            resolver.node_address("198.18.0.2"),
+            Some(Ipv4Addr::new(198, 18, 0, 2))
+        );
+        assert_eq!(resolver.node_address6("198.18.0.2"), None);
+        // `localhost` resolves through /etc/hosts, offline.
+        assert_eq!(
+            resolver.node_address("localhost"),
+            Some(Ipv4Addr::LOCALHOST)
+        );
+        assert_eq!(
+            resolver.container_address6("db"),
+            Some("fd00:17::2".parse().expect("ip"))
+        );
+    }
+
+    #[test]
     fn the_version_is_kept_across_a_restart_and_old_route_files_still_load() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("routes.json");
@@ -293,6 +345,7 @@ mod tests {
         );
         let resolver = Resolver {
             containers: BTreeMap::from([("app8080".to_string(), Ipv4Addr::new(172, 17, 0, 2))]),
+            containers6: BTreeMap::new(),
         };
         let store = RouteStore::open(path.clone(), None).expect("open");
         store

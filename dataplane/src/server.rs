@@ -255,16 +255,56 @@ pub enum ServerError {
     },
 }
 
-/// Binds the listen address.
+/// Binds the listen address. The unspecified IPv6 address (`[::]`, the default) takes IPv4
+/// connections too: the socket is made dual-stack explicitly rather than by the host's
+/// `net.ipv6.bindv6only`. On a kernel without IPv6 it falls back to `0.0.0.0` on the same
+/// port, with a warning.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServerError::Bind { addr, source })
+    let bind_error = |addr| move |source| ServerError::Bind { addr, source };
+    if addr.ip() != std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
+        return TcpListener::bind(addr).await.map_err(bind_error(addr));
+    }
+    match dual_stack(addr) {
+        Ok(listener) => Ok(listener),
+        Err(error) if error.raw_os_error() == Some(nix::libc::EAFNOSUPPORT) => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            tracing::warn!(%addr, fallback = %v4, "no IPv6 on this host: listening on IPv4 only");
+            TcpListener::bind(v4).await.map_err(bind_error(v4))
+        }
+        Err(source) => Err(ServerError::Bind { addr, source }),
+    }
+}
+
+/// A listening socket on `[::]:PORT` with `IPV6_V6ONLY` off.
+fn dual_stack(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v6()?;
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &false)
+        .map_err(std::io::Error::from)?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_default_listen_address_takes_ipv4_and_ipv6() {
+        let listener = bind("[::]:0".parse().expect("literal"))
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("local address").port();
+        for client in ["127.0.0.1", "::1"] {
+            let target = SocketAddr::new(client.parse().expect("literal"), port);
+            let (connected, accepted) =
+                tokio::join!(tokio::net::TcpStream::connect(target), listener.accept());
+            connected.expect("connect");
+            let (_, peer) = accepted.expect("accept");
+            // An IPv4 client shows as an IPv4-mapped address on the dual-stack socket.
+            assert_eq!(peer.ip().to_canonical().to_string(), client);
+        }
+    }
 
     #[tokio::test]
     async fn a_full_pending_queue_closes_its_oldest() {

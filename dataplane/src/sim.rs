@@ -99,6 +99,7 @@ impl ContainerRuntime for SimRuntime {
                 application,
                 running: true,
                 ip: Some(container_ip()),
+                ip6: None,
             },
         );
         Ok(())

@@ -9,6 +9,8 @@
 // unconnected UDP socket's sendmsg() to a routed port is rewritten the same way, datagram by
 // datagram, and its recvmsg() rewrites the source of the backend's replies back to the address
 // the client sent to (flk_udp_orig), so a client that checks who answered accepts them.
+// IPv6 sockets get the same from the 6 variants, over maps of their own (flk_routes6,
+// flk_local6, flk_orig6, flk_udp_orig6).
 //
 // Packet level (flk_tc_ingress, attached to the ingress of the node's interfaces; TCP only,
 // UDP from outside takes the nftables path): the first packet of a TCP connection to a routed port on a node address starts a flow. Its packets
@@ -161,6 +163,158 @@ int flk_getpeername4(struct bpf_sock_addr *ctx)
 	if (!orig)
 		return 1;
 	ctx->user_ip4 = orig->addr;
+	ctx->user_port = orig->port;
+	return 1;
+}
+
+// IPv6, socket level only: connect6, sendmsg6, recvmsg6 and getpeername6 do for IPv6 sockets
+// what their 4 variants do, with their own maps (an IPv6 route's backend is an IPv6 address).
+// IPv6 packets from outside are not handled here: they take the nftables path.
+
+struct backend6 {
+	__u32 addr[4];
+	// The port in the low half (flags as in struct backend, unused so far).
+	__u32 port;
+};
+
+struct addr6 {
+	__u32 addr[4];
+};
+
+// (protocol, external port) -> IPv6 backend; updated in place by the agent.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct backend6);
+} flk_routes6 SEC(".maps");
+
+// this node's own IPv6 addresses.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct addr6);
+	__type(value, __u32);
+} flk_local6 SEC(".maps");
+
+// socket cookie -> the IPv6 address the application dialled, for getpeername().
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct backend6);
+} flk_orig6 SEC(".maps");
+
+// A UDP socket and the IPv6 backend it sent to (no padding left uninitialised in the key).
+struct udp_peer6 {
+	__u64 cookie;
+	__u32 addr[4];
+	__u32 port;
+	__u32 pad;
+};
+
+// (socket, backend) -> the address the application sent to, for recvmsg() on UDP sockets.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct udp_peer6);
+	__type(value, struct backend6);
+} flk_udp_orig6 SEC(".maps");
+
+static __always_inline void load_user_ip6(const struct bpf_sock_addr *ctx, __u32 *addr)
+{
+	addr[0] = ctx->user_ip6[0];
+	addr[1] = ctx->user_ip6[1];
+	addr[2] = ctx->user_ip6[2];
+	addr[3] = ctx->user_ip6[3];
+}
+
+static __always_inline void store_user_ip6(struct bpf_sock_addr *ctx, const __u32 *addr)
+{
+	ctx->user_ip6[0] = addr[0];
+	ctx->user_ip6[1] = addr[1];
+	ctx->user_ip6[2] = addr[2];
+	ctx->user_ip6[3] = addr[3];
+}
+
+// The backend of a routed TCP or UDP destination on a node IPv6 address, or NULL.
+static __always_inline struct backend6 *routed6(struct bpf_sock_addr *ctx)
+{
+	__u32 protocol = ctx->protocol;
+	if (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
+		return NULL;
+	struct addr6 daddr = {};
+	load_user_ip6(ctx, daddr.addr);
+	if (!bpf_map_lookup_elem(&flk_local6, &daddr))
+		return NULL;
+	__u32 key = route_key(ctx->user_port, protocol);
+	return bpf_map_lookup_elem(&flk_routes6, &key);
+}
+
+// Rewrites the destination to the backend `b`, remembering for UDP replies what it was.
+static __always_inline void redirect6(struct bpf_sock_addr *ctx, const struct backend6 *b,
+				      __u64 cookie)
+{
+	struct backend6 orig = { .port = ctx->user_port };
+	load_user_ip6(ctx, orig.addr);
+	if (ctx->protocol == IPPROTO_UDP) {
+		struct udp_peer6 peer = { .cookie = cookie, .port = b->port & 0xffff };
+		peer.addr[0] = b->addr[0];
+		peer.addr[1] = b->addr[1];
+		peer.addr[2] = b->addr[2];
+		peer.addr[3] = b->addr[3];
+		bpf_map_update_elem(&flk_udp_orig6, &peer, &orig, BPF_ANY);
+	}
+	store_user_ip6(ctx, b->addr);
+	ctx->user_port = b->port & 0xffff;
+}
+
+SEC("cgroup/connect6")
+int flk_connect6(struct bpf_sock_addr *ctx)
+{
+	struct backend6 *b = routed6(ctx);
+	if (!b)
+		return 1;
+	struct backend6 orig = { .port = ctx->user_port };
+	load_user_ip6(ctx, orig.addr);
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	bpf_map_update_elem(&flk_orig6, &cookie, &orig, BPF_ANY);
+	redirect6(ctx, b, cookie);
+	return 1;
+}
+
+SEC("cgroup/sendmsg6")
+int flk_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	struct backend6 *b = routed6(ctx);
+	if (!b)
+		return 1;
+	redirect6(ctx, b, bpf_get_socket_cookie(ctx));
+	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int flk_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	struct udp_peer6 peer = { .cookie = bpf_get_socket_cookie(ctx),
+				  .port = ctx->user_port & 0xffff };
+	load_user_ip6(ctx, peer.addr);
+	struct backend6 *orig = bpf_map_lookup_elem(&flk_udp_orig6, &peer);
+	if (!orig)
+		return 1;
+	store_user_ip6(ctx, orig->addr);
+	ctx->user_port = orig->port;
+	return 1;
+}
+
+SEC("cgroup/getpeername6")
+int flk_getpeername6(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct backend6 *orig = bpf_map_lookup_elem(&flk_orig6, &cookie);
+	if (!orig)
+		return 1;
+	store_user_ip6(ctx, orig->addr);
 	ctx->user_port = orig->port;
 	return 1;
 }

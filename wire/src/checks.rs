@@ -81,9 +81,13 @@ pub fn env_name_problem(name: &str) -> Option<String> {
     }
 }
 
-/// Syntax only: an IP literal or a DNS hostname. Whether it resolves is a cross-file check
+/// Syntax only: an IP literal (an IPv6 one spelled canonically, `crate::address`) or a DNS
+/// hostname. Whether it resolves is a cross-file check
 /// behind [`super::NodeResolver`], so unit tests do not depend on DNS.
 pub fn address_problem(address: &str) -> Option<String> {
+    if let Some(problem) = crate::address::spelling_problem(address) {
+        return Some(problem);
+    }
     if address.parse::<IpAddr>().is_ok() {
         return None;
     }

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod address;
 pub mod checks;
 pub mod container;
 pub mod files;

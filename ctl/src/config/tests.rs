@@ -998,6 +998,31 @@ fn deployment_problems() {
     );
 }
 
+#[test]
+fn ipv6_node_addresses_are_spelled_one_way() {
+    let deployment = parse_deployment(
+        "version: 1\nnodes:\n  '2001:db8::11': [a]\n  'fd00::12': []\n",
+        Path::new(DEP),
+    )
+    .expect("valid");
+    assert_eq!(
+        deployment.nodes["2001:db8::11"],
+        BTreeSet::from(["a".to_owned()])
+    );
+    assert_eq!(
+        dep_errors(
+            "version: 1\nnodes:\n  '2001:DB8::11': [a]\n  '[fd00::12]': []\n  '::ffff:198.18.0.1': []\n"
+        ),
+        vec![
+            "3:3: nodes/2001:DB8::11: \"2001:DB8::11\" is not written canonically; write it as 2001:db8::11 \
+             (node names are compared as text, in certificates too)",
+            "4:3: nodes/[fd00::12]: \"[fd00::12]\" is an IPv6 address in brackets; write it without them, as fd00::12",
+            "5:3: nodes/::ffff:198.18.0.1: \"::ffff:198.18.0.1\" is an IPv4-mapped IPv6 address; name the node by \
+             its IPv4 address 198.18.0.1",
+        ]
+    );
+}
+
 const VALID_APPS: &str = "version: 1\napplications:\n  a:\n    image: x\n    ports: [{internal: 1, external: 1}]\n  b:\n    image: y\n";
 
 #[test]

@@ -543,10 +543,10 @@ impl AgentClient {
             }
         }));
         let activity = Activity::default();
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, node);
+        let mut request = Request::builder().method(method).uri(path).header(
+            hyper::header::HOST,
+            flocker_wire::address::authority(node, self.port),
+        );
         if json {
             request = request.header(hyper::header::CONTENT_TYPE, "application/json");
         }

@@ -8,11 +8,12 @@
 //! reply tuple) is not the route's current backend are deleted: connections made after the
 //! change stay untouched. For UDP this matters even more than for TCP: a client that keeps
 //! sending from one socket keeps its conntrack entry alive forever, and with it the old
-//! backend.
+//! backend. IPv4 and IPv6 entries come in one dump and are judged by their own family's
+//! routes.
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd, OwnedFd},
     sync::mpsc,
     thread::JoinHandle,
@@ -25,7 +26,7 @@ use nix::sys::socket::{
 };
 use tracing::{debug, warn};
 
-use crate::table::{Protocol, RouteKey};
+use crate::table::{IpFamily, Protocol, RouteKey};
 
 /// A failure talking ctnetlink.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,7 @@ const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V6_SRC: u16 = 3;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_STATUS: u16 = 3;
 const CTA_TUPLE_PROTO: u16 = 2;
@@ -64,7 +66,9 @@ const NLA_F_NESTED: u16 = 0x8000;
 const IPS_DST_NAT: u32 = 1 << 5;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const AF_UNSPEC: u8 = 0;
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const ENOENT: i32 = 2;
 
 fn u16_at(b: &[u8], i: usize) -> Option<u16> {
@@ -106,9 +110,9 @@ fn attrs(mut b: &[u8]) -> Result<Vec<Attr<'_>>, ConntrackError> {
     Ok(out)
 }
 
-/// Which backend each changed route routes to now: `None` when it is no longer routed.
-/// Entries of these routes that DNAT to any other backend are stale.
-pub type CurrentBackends = BTreeMap<RouteKey, Option<SocketAddrV4>>;
+/// Which backend each changed route of each family routes to now: `None` when it is no
+/// longer routed. Entries of these routes that DNAT to any other backend are stale.
+pub type CurrentBackends = BTreeMap<(IpFamily, RouteKey), Option<SocketAddr>>;
 
 /// Protocol, source and destination port of a `CTA_TUPLE_PROTO` payload.
 #[derive(Default)]
@@ -137,17 +141,28 @@ fn proto_fields(payload: &[u8]) -> Result<ProtoFields, ConntrackError> {
 }
 
 /// The source address and port of a reply tuple: where the connection was DNAT'd to.
-fn reply_source(tuple: &[u8]) -> Result<Option<SocketAddrV4>, ConntrackError> {
+fn reply_source(tuple: &[u8]) -> Result<Option<SocketAddr>, ConntrackError> {
     let (mut ip, mut port) = (None, None);
     for outer in attrs(tuple)? {
         match outer.kind {
             CTA_TUPLE_IP => {
                 for inner in attrs(outer.payload)? {
-                    if inner.kind == CTA_IP_V4_SRC {
-                        let [a, b, c, d] = inner.payload else {
-                            return Err(ConntrackError::Malformed);
-                        };
-                        ip = Some(Ipv4Addr::new(*a, *b, *c, *d));
+                    match inner.kind {
+                        CTA_IP_V4_SRC => {
+                            let octets: [u8; 4] = inner
+                                .payload
+                                .try_into()
+                                .map_err(|_| ConntrackError::Malformed)?;
+                            ip = Some(IpAddr::V4(Ipv4Addr::from(octets)));
+                        }
+                        CTA_IP_V6_SRC => {
+                            let octets: [u8; 16] = inner
+                                .payload
+                                .try_into()
+                                .map_err(|_| ConntrackError::Malformed)?;
+                            ip = Some(IpAddr::V6(Ipv6Addr::from(octets)));
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -155,12 +170,13 @@ fn reply_source(tuple: &[u8]) -> Result<Option<SocketAddrV4>, ConntrackError> {
             _ => {}
         }
     }
-    Ok(ip.zip(port).map(|(ip, port)| SocketAddrV4::new(ip, port)))
+    Ok(ip.zip(port).map(|(ip, port)| SocketAddr::new(ip, port)))
 }
 
-/// If one ctnetlink entry (the payload after `nfgenmsg`) should be forgotten, the bytes of its
-/// `CTA_TUPLE_ORIG` attribute, which identify it in a delete request.
+/// If one ctnetlink entry of `family` (the payload after `nfgenmsg`) should be forgotten, the
+/// bytes of its `CTA_TUPLE_ORIG` attribute, which identify it in a delete request.
 pub fn entry_to_forget<'a>(
+    family: IpFamily,
     entry: &'a [u8],
     current: &CurrentBackends,
 ) -> Result<Option<&'a [u8]>, ConntrackError> {
@@ -201,7 +217,7 @@ pub fn entry_to_forget<'a>(
     };
     let Some(backend) = fields
         .dport
-        .and_then(|port| current.get(&RouteKey { protocol, port }))
+        .and_then(|port| current.get(&(family, RouteKey { protocol, port })))
     else {
         return Ok(None);
     };
@@ -212,7 +228,9 @@ pub fn entry_to_forget<'a>(
     Ok((backend.is_none() || target != *backend).then_some(whole))
 }
 
-fn message(kind: u16, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+/// A ctnetlink request; `family` is `nfgenmsg`'s (`AF_UNSPEC` dumps every family, a delete
+/// names the family of its tuple).
+fn message(kind: u16, family: u8, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
     let len = 16 + 4 + payload.len();
     let mut m = Vec::with_capacity(len);
     m.extend_from_slice(&(len as u32).to_ne_bytes());
@@ -221,7 +239,7 @@ fn message(kind: u16, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
     m.extend_from_slice(&seq.to_ne_bytes());
     m.extend_from_slice(&0u32.to_ne_bytes());
     // nfgenmsg: family, version 0, res_id 0.
-    m.extend_from_slice(&[AF_INET, 0, 0, 0]);
+    m.extend_from_slice(&[family, 0, 0, 0]);
     m.extend_from_slice(payload);
     while m.len() % 4 != 0 {
         m.push(0);
@@ -292,11 +310,12 @@ pub fn forget_stale(ports: &CurrentBackends) -> Result<usize, ConntrackError> {
     };
     send_all(&message(
         IPCTNL_MSG_CT_GET,
+        AF_UNSPEC,
         NLM_F_REQUEST | NLM_F_DUMP,
         1,
         &[],
     ))?;
-    let mut doomed: Vec<Vec<u8>> = Vec::new();
+    let mut doomed: Vec<(u8, Vec<u8>)> = Vec::new();
     read_until(&fd, |kind, _, payload| match kind {
         NLMSG_DONE => Ok(true),
         NLMSG_ERROR => {
@@ -304,21 +323,29 @@ pub fn forget_stale(ports: &CurrentBackends) -> Result<usize, ConntrackError> {
             Err(ConntrackError::Rejected { seq: 1, errno })
         }
         _ => {
-            if let Some(tuple) = entry_to_forget(payload.get(4..).unwrap_or_default(), ports)? {
+            let (af, family) = match payload.first() {
+                Some(&AF_INET) => (AF_INET, IpFamily::Ipv4),
+                Some(&AF_INET6) => (AF_INET6, IpFamily::Ipv6),
+                _ => return Ok(false),
+            };
+            if let Some(tuple) =
+                entry_to_forget(family, payload.get(4..).unwrap_or_default(), ports)?
+            {
                 // Re-mark the copy as nested, as the kernel expects in requests.
                 let mut attr = tuple.to_vec();
                 let kind = u16::from_ne_bytes([attr[2], attr[3]]) | NLA_F_NESTED;
                 attr[2..4].copy_from_slice(&kind.to_ne_bytes());
-                doomed.push(attr);
+                doomed.push((af, attr));
             }
             Ok(false)
         }
     })?;
     let mut deleted = 0;
-    for (i, tuple) in doomed.iter().enumerate() {
+    for (i, (af, tuple)) in doomed.iter().enumerate() {
         let seq = 2 + i as u32;
         send_all(&message(
             IPCTNL_MSG_CT_DELETE,
+            *af,
             NLM_F_REQUEST | NLM_F_ACK,
             seq,
             tuple,
@@ -441,46 +468,63 @@ mod tests {
         a
     }
 
-    fn tuple(ip: [u8; 4], sport: u16, dport: u16, proto: u8) -> Vec<u8> {
+    fn ip_attr(kind_v4: u16, ip: IpAddr) -> Vec<u8> {
+        match ip {
+            IpAddr::V4(v4) => attr(kind_v4, &v4.octets()),
+            IpAddr::V6(v6) => attr(kind_v4 + 2, &v6.octets()),
+        }
+    }
+
+    /// A tuple from `source` to the node's address (198.18.0.1 or 2001:db8::1).
+    fn tuple(source: SocketAddr, dport: u16, proto: u8) -> Vec<u8> {
         let proto_attrs = [
             attr(CTA_PROTO_NUM, &[proto]),
-            attr(CTA_PROTO_SRC_PORT, &sport.to_be_bytes()),
+            attr(CTA_PROTO_SRC_PORT, &source.port().to_be_bytes()),
             attr(CTA_PROTO_DST_PORT, &dport.to_be_bytes()),
         ]
         .concat();
+        let node: IpAddr = if source.is_ipv4() {
+            Ipv4Addr::new(198, 18, 0, 1).into()
+        } else {
+            "2001:db8::1".parse::<Ipv6Addr>().expect("literal").into()
+        };
         [
             attr(
                 CTA_TUPLE_IP | NLA_F_NESTED,
-                &[attr(CTA_IP_V4_SRC, &ip), attr(2, &[198, 18, 0, 1])].concat(),
+                &[ip_attr(CTA_IP_V4_SRC, source.ip()), ip_attr(2, node)].concat(),
             ),
             attr(CTA_TUPLE_PROTO | NLA_F_NESTED, &proto_attrs),
         ]
         .concat()
     }
 
-    /// A client 198.18.0.100:1234 -> node port `dport`, DNAT'd to `backend`.
-    fn entry(proto: u8, dport: u16, status: u32, backend: SocketAddrV4) -> Vec<u8> {
+    /// A client (198.18.0.100:1234, or [2001:db8::100]:1234 for an IPv6 backend) -> node port
+    /// `dport`, DNAT'd to `backend`.
+    fn entry(proto: u8, dport: u16, status: u32, backend: SocketAddr) -> Vec<u8> {
+        let client: SocketAddr = if backend.is_ipv4() {
+            "198.18.0.100:1234".parse().expect("literal")
+        } else {
+            "[2001:db8::100]:1234".parse().expect("literal")
+        };
         [
-            attr(
-                CTA_TUPLE_ORIG | NLA_F_NESTED,
-                &tuple([198, 18, 0, 100], 1234, dport, proto),
-            ),
-            attr(
-                CTA_TUPLE_REPLY | NLA_F_NESTED,
-                &tuple(backend.ip().octets(), backend.port(), 1234, proto),
-            ),
+            attr(CTA_TUPLE_ORIG | NLA_F_NESTED, &tuple(client, dport, proto)),
+            attr(CTA_TUPLE_REPLY | NLA_F_NESTED, &tuple(backend, 1234, proto)),
             attr(CTA_STATUS, &status.to_be_bytes()),
         ]
         .concat()
     }
 
+    fn v4(key: RouteKey, now: Option<SocketAddr>) -> CurrentBackends {
+        CurrentBackends::from([((IpFamily::Ipv4, key), now)])
+    }
+
     #[test]
     fn only_stale_dnated_entries_of_the_routes_are_forgotten() {
-        let old = SocketAddrV4::new(Ipv4Addr::new(172, 17, 0, 2), 6379);
-        let new = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 7000);
-        let moved = CurrentBackends::from([(RouteKey::tcp(7000), Some(new))]);
-        let removed = CurrentBackends::from([(RouteKey::tcp(7000), None)]);
-        let udp_moved = CurrentBackends::from([(RouteKey::udp(7000), Some(new))]);
+        let old: SocketAddr = "172.17.0.2:6379".parse().expect("literal");
+        let new: SocketAddr = "198.18.0.2:7000".parse().expect("literal");
+        let moved = v4(RouteKey::tcp(7000), Some(new));
+        let removed = v4(RouteKey::tcp(7000), None);
+        let udp_moved = v4(RouteKey::udp(7000), Some(new));
         let dnat = IPS_DST_NAT | 0x8;
         let cases = [
             (entry(IPPROTO_TCP, 7000, dnat, old), &moved, true),
@@ -495,7 +539,7 @@ mod tests {
             (entry(IPPROTO_TCP, 7000, 0x8, old), &moved, false),
         ];
         for (i, (bytes, current, forget)) in cases.into_iter().enumerate() {
-            let got = entry_to_forget(&bytes, current).expect("well-formed");
+            let got = entry_to_forget(IpFamily::Ipv4, &bytes, current).expect("well-formed");
             assert_eq!(got.is_some(), forget, "case {i}");
             if let Some(tuple) = got {
                 assert_eq!(
@@ -507,10 +551,40 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_entries_are_judged_by_the_ipv6_routes() {
+        let old: SocketAddr = "[fd00:17::2]:6379".parse().expect("literal");
+        let new: SocketAddr = "[2001:db8::2]:7000".parse().expect("literal");
+        let key = RouteKey::tcp(7000);
+        let moved6 = CurrentBackends::from([((IpFamily::Ipv6, key), Some(new))]);
+        let dnat = IPS_DST_NAT | 0x8;
+        let stale = entry(IPPROTO_TCP, 7000, dnat, old);
+        let current = entry(IPPROTO_TCP, 7000, dnat, new);
+        let judge = |family, bytes: &[u8], ports: &CurrentBackends| {
+            entry_to_forget(family, bytes, ports)
+                .expect("well-formed")
+                .is_some()
+        };
+        assert!(judge(IpFamily::Ipv6, &stale, &moved6), "stale IPv6 entry");
+        assert!(
+            !judge(IpFamily::Ipv6, &current, &moved6),
+            "current IPv6 entry"
+        );
+        // An IPv4 move says nothing about IPv6 connections of the same port, nor the other
+        // way round.
+        assert!(!judge(IpFamily::Ipv6, &stale, &v4(key, None)));
+        let old4: SocketAddr = "172.17.0.2:6379".parse().expect("literal");
+        assert!(!judge(
+            IpFamily::Ipv4,
+            &entry(IPPROTO_TCP, 7000, dnat, old4),
+            &moved6
+        ));
+    }
+
+    #[test]
     fn truncated_entry_is_malformed() {
-        let backend = SocketAddrV4::new(Ipv4Addr::new(172, 17, 0, 2), 6379);
+        let backend: SocketAddr = "172.17.0.2:6379".parse().expect("literal");
         let bytes = entry(IPPROTO_TCP, 7000, IPS_DST_NAT, backend);
-        let current = CurrentBackends::from([(RouteKey::tcp(7000), None)]);
-        assert!(entry_to_forget(&bytes[..10], &current).is_err());
+        let current = v4(RouteKey::tcp(7000), None);
+        assert!(entry_to_forget(IpFamily::Ipv4, &bytes[..10], &current).is_err());
     }
 }

@@ -3,7 +3,8 @@
 //! a routed TCP or UDP port on one of the node's addresses straight to the backend, so those
 //! packets need no NAT. `cgroup/sendmsg4` does the same for each datagram of an unconnected
 //! UDP socket, and `cgroup/recvmsg4` gives the replies the address the client sent to as
-//! their source.
+//! their source. The `6` variants of the four do the same for IPv6 sockets, over the IPv6
+//! routes (`flk_routes6`) and the node's IPv6 addresses (`flk_local6`).
 //!
 //! TCP traffic arriving from outside the node meets the TC program `flk_tc_ingress`, attached
 //! to the ingress of every interface with an IPv4 address. A connection's first packet starts a
@@ -11,18 +12,19 @@
 //! redirected, and the replies rewritten back, without netfilter or conntrack. Connections to
 //! a backend on another node, and hairpin ones (the backend back out of the interface the
 //! client came in on), are source-translated too, to the address the client dialled and a
-//! port from 61000-65535. So while the TC program is on every interface and no UDP port is
-//! routed, this backend keeps no nftables table at all. UDP from outside always takes the
-//! nftables prerouting and postrouting chains (`Scope::FromOutside`, holding only the UDP
-//! routes then): the TC program does not handle UDP flows yet. Where the TC program cannot be
-//! loaded or attached, those chains carry all outside traffic, and a warning says so.
+//! port from 61000-65535. So while the TC program is on every interface and no UDP or IPv6
+//! route exists, this backend keeps no nftables table at all. UDP and IPv6 from outside
+//! always take the nftables prerouting and postrouting chains (`Scope::FromOutside`, holding
+//! only the IPv4 UDP routes and the IPv6 routes then): the TC program handles IPv4 TCP only.
+//! Where the TC program cannot be loaded or attached, those chains carry all outside
+//! traffic, and a warning says so.
 //!
 //! The route table lives in the BPF hash map `flk_routes`, updated in place element by element.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
 };
@@ -104,14 +106,20 @@ pub enum EbpfError {
 const ROUTES_MAP: &str = "flk_routes";
 const LOCAL_MAP: &str = "flk_local";
 const IFADDR_MAP: &str = "flk_ifaddr";
-const PROGRAMS: [&str; 4] = [
+const ROUTES6_MAP: &str = "flk_routes6";
+const LOCAL6_MAP: &str = "flk_local6";
+const PROGRAMS: [&str; 8] = [
     "flk_connect4",
     "flk_getpeername4",
     "flk_sendmsg4",
     "flk_recvmsg4",
+    "flk_connect6",
+    "flk_getpeername6",
+    "flk_sendmsg6",
+    "flk_recvmsg6",
 ];
 /// Every map of `routing.bpf.c`, pinned so that they outlive the agent.
-const MAPS: [&str; 8] = [
+const MAPS: [&str; 12] = [
     "flk_routes",
     "flk_local",
     "flk_orig",
@@ -120,6 +128,10 @@ const MAPS: [&str; 8] = [
     "flk_rev",
     "flk_ifaddr",
     "flk_stats",
+    "flk_routes6",
+    "flk_local6",
+    "flk_orig6",
+    "flk_udp_orig6",
 ];
 const TC_PROGRAM: &str = "flk_tc_ingress";
 /// `SNAT_FIRST..SNAT_FIRST + SNAT_COUNT` of `routing.bpf.c`: the source ports of translated
@@ -168,6 +180,42 @@ pub fn route_entry(port: RouteKey, entry: &RouteEntry) -> (u32, [u32; 2]) {
         route_key(port),
         [addr_key(*backend.ip()), port_key(backend.port()) | flags],
     )
+}
+
+/// An IPv6 address as `bpf_sock_addr.user_ip6` holds it: four words of network-order bytes.
+pub fn addr6_key(ip: Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    [0, 4, 8, 12].map(|i| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]))
+}
+
+/// The `flk_routes6` contents a table implies: key -> `[addr0..addr3, port]`.
+pub fn route6_entries(table: &RouteTable) -> BTreeMap<u32, [u32; 5]> {
+    table
+        .entries6
+        .iter()
+        .map(|(port, entry)| {
+            let backend = entry.backend();
+            let [a, b, c, d] = addr6_key(*backend.ip());
+            (route_key(*port), [a, b, c, d, port_key(backend.port())])
+        })
+        .collect()
+}
+
+/// The `flk_local6` contents: the node's own IPv6 addresses, loopback excepted (as for IPv4).
+pub fn local6_entries(addrs: impl IntoIterator<Item = Ipv6Addr>) -> BTreeSet<[u32; 4]> {
+    addrs
+        .into_iter()
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .map(addr6_key)
+        .collect()
+}
+
+/// The node's IPv6 addresses.
+fn node_addresses6() -> Result<Vec<Ipv6Addr>, EbpfError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(EbpfError::Addresses)?;
+    Ok(addrs
+        .filter_map(|ifa| Some(ifa.address?.as_sockaddr_in6()?.ip()))
+        .collect())
 }
 
 /// An address that reaches this node from elsewhere: not loopback, because a container (same
@@ -308,6 +356,10 @@ struct Loaded {
     /// that apply compares with what the map holds.
     routes_unknown: bool,
     local: BTreeMap<u32, u32>,
+    /// `flk_routes6` and `flk_local6` as installed (compared whole at every sync: IPv6
+    /// routes are few next to IPv4 ones so far).
+    routes6: BTreeMap<u32, [u32; 5]>,
+    local6: BTreeMap<[u32; 4], u32>,
     /// `flk_ifaddr` as installed.
     ifaddr: BTreeMap<u32, u32>,
     /// Whether `flk_tc_ingress` loaded; without it outside traffic takes the nftables path.
@@ -372,7 +424,10 @@ impl Loaded {
             let path = pins.as_ref().map(|pins| pins.link(name));
             cgroup_links.push(Attachment::keep(link, path)?);
         }
-        info!(cgroup = %cgroup.display(), "eBPF connect4/getpeername4/sendmsg4/recvmsg4 attached");
+        info!(
+            cgroup = %cgroup.display(),
+            "eBPF connect/getpeername/sendmsg/recvmsg (4 and 6) attached"
+        );
         let tc_loaded = match load_tc(&mut bpf) {
             Ok(()) => true,
             Err(error) => {
@@ -386,6 +441,8 @@ impl Loaded {
         // Pinned maps may hold an earlier agent's entries: start from what they hold.
         let local = read_map(&mut bpf, LOCAL_MAP)?;
         let ifaddr = read_map(&mut bpf, IFADDR_MAP)?;
+        let routes6 = read_map(&mut bpf, ROUTES6_MAP)?;
+        let local6 = read_map(&mut bpf, LOCAL6_MAP)?;
         Ok(Loaded {
             bpf,
             pins,
@@ -394,6 +451,8 @@ impl Loaded {
             // Likewise the routes: the first sync compares with what the map holds.
             routes_unknown: true,
             local,
+            routes6,
+            local6,
             ifaddr,
             tc_loaded,
             tc_links: BTreeMap::new(),
@@ -549,7 +608,7 @@ impl Loaded {
             // What the map holds is unknown (an earlier agent's pinned entries, or an update
             // that failed half way): compare with it and change only what differs, so routes
             // that stay are never missing.
-            let mut held = read_map::<[u32; 2]>(&mut self.bpf, ROUTES_MAP)?;
+            let mut held = read_map::<u32, [u32; 2]>(&mut self.bpf, ROUTES_MAP)?;
             sync_map(&mut self.bpf, ROUTES_MAP, &mut held, route_entries(wanted))?;
             self.routes = wanted.clone();
             self.routes_unknown = false;
@@ -581,6 +640,22 @@ impl Loaded {
     fn sync_local(&mut self, wanted: BTreeSet<u32>) -> Result<(), EbpfError> {
         let wanted = wanted.into_iter().map(|key| (key, 1)).collect();
         sync_map(&mut self.bpf, LOCAL_MAP, &mut self.local, wanted)
+    }
+
+    /// `flk_routes6` and `flk_local6`: the IPv6 routes and the node's IPv6 addresses. Routes
+    /// are written before addresses are added, so a new address never meets a stale route.
+    fn sync_ipv6(&mut self, table: &RouteTable, addrs: &[Ipv6Addr]) -> Result<(), EbpfError> {
+        sync_map(
+            &mut self.bpf,
+            ROUTES6_MAP,
+            &mut self.routes6,
+            route6_entries(table),
+        )?;
+        let local = local6_entries(addrs.iter().copied())
+            .into_iter()
+            .map(|key| (key, 1))
+            .collect();
+        sync_map(&mut self.bpf, LOCAL6_MAP, &mut self.local6, local)
     }
 }
 
@@ -654,11 +729,11 @@ fn count_pinned<V: aya::Pod>(pins: &Pins, name: &'static str) -> Result<usize, E
 }
 
 /// What the hash map `name` (keys `u32`) holds.
-fn read_map<V: aya::Pod>(
+fn read_map<K: aya::Pod + Ord, V: aya::Pod>(
     bpf: &mut Ebpf,
     name: &'static str,
-) -> Result<BTreeMap<u32, V>, EbpfError> {
-    let map = hash_map::<u32, V>(bpf, name)?;
+) -> Result<BTreeMap<K, V>, EbpfError> {
+    let map = hash_map::<K, V>(bpf, name)?;
     map.iter()
         .collect::<Result<_, _>>()
         .map_err(map_error(name))
@@ -666,17 +741,17 @@ fn read_map<V: aya::Pod>(
 
 /// Brings the hash map `name` (keys `u32`), which holds `installed`, to `wanted`, writing
 /// only the elements that differ.
-fn sync_map<V: aya::Pod + PartialEq>(
+fn sync_map<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
     bpf: &mut Ebpf,
     name: &'static str,
-    installed: &mut BTreeMap<u32, V>,
-    wanted: BTreeMap<u32, V>,
+    installed: &mut BTreeMap<K, V>,
+    wanted: BTreeMap<K, V>,
 ) -> Result<(), EbpfError> {
     if *installed == wanted {
         return Ok(());
     }
     let map_error = map_error(name);
-    let mut map = hash_map::<u32, V>(bpf, name)?;
+    let mut map = hash_map::<K, V>(bpf, name)?;
     for (key, value) in &wanted {
         if installed.get(key) != Some(value) {
             map.insert(key, value, 0).map_err(map_error)?;
@@ -784,7 +859,7 @@ impl EbpfBackend {
 
 impl EbpfState {
     fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
-        if table.entries.is_empty() {
+        if table.is_empty() {
             // No routes: no programs, no pins, no table, as the node was before.
             return self.clear();
         }
@@ -804,20 +879,22 @@ impl EbpfState {
         let addrs = node_addresses()?;
         loaded.sync_local(local_entries(addrs.iter().map(|(_, ip)| *ip)))?;
         loaded.sync_routes(table)?;
+        loaded.sync_ipv6(table, &node_addresses6()?)?;
         loaded.sync_interfaces(&addrs)?;
         loaded.remove_stale_pins();
         debug!(routes = table.entries.len(), "eBPF routes map updated");
         if loaded.tc_everywhere() {
-            // The TC program carries all outside TCP traffic: the nftables table holds only
-            // the UDP routes (none at all without them, so nothing of ours makes the node's
-            // netfilter run conntrack). Forwarding must be on for its route lookups to succeed.
+            // The TC program carries all outside IPv4 TCP traffic: the nftables table holds
+            // only the UDP and IPv6 routes (none at all without them, so nothing of ours makes
+            // the node's netfilter run conntrack). Forwarding must be on for its route lookups
+            // to succeed.
             if !loaded.sysctls_set {
                 let mut settings = self.settings.lock().map_err(|_| RoutingError::Poisoned)?;
                 settings::enable_forwarding(&mut settings)?;
                 settings::reserve_local_ports(&mut settings, SNAT_PORTS.0, SNAT_PORTS.1)?;
                 loaded.sysctls_set = true;
             }
-            self.outside.apply(&outside_only_udp(table))
+            self.outside.apply(&nftables_share(table))
         } else {
             self.outside.apply(table)
         }
@@ -826,7 +903,7 @@ impl EbpfState {
     /// Applies the last table again for the interfaces and addresses there are now: the
     /// routes map is unchanged, `flk_local`, `flk_ifaddr` and the TC links follow the node.
     fn cover_interfaces(&mut self) -> Result<(), RoutingError> {
-        if self.table.entries.is_empty() {
+        if self.table.is_empty() {
             return Ok(());
         }
         let table = std::mem::take(&mut self.table);
@@ -860,7 +937,7 @@ impl RoutingBackend for EbpfBackend {
     }
 
     fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
-        if table.entries.is_empty() {
+        if table.is_empty() {
             return self.clear();
         }
         self.state()?.apply(table)?;
@@ -885,8 +962,11 @@ impl RoutingBackend for EbpfBackend {
     }
 }
 
-/// The part of `table` the TC program does not carry from outside: its UDP routes.
-pub fn outside_only_udp(table: &RouteTable) -> RouteTable {
+/// The part of `table` the nftables table carries while the TC program is on every
+/// interface: the IPv4 UDP routes (the TC program carries TCP only), and every IPv6 route
+/// (the TC program is IPv4 only; the node's own IPv6 connections are redirected at the
+/// socket by the 6 variants of the cgroup programs).
+pub fn nftables_share(table: &RouteTable) -> RouteTable {
     RouteTable {
         entries: table
             .entries
@@ -894,6 +974,7 @@ pub fn outside_only_udp(table: &RouteTable) -> RouteTable {
             .filter(|(key, _)| key.protocol == Protocol::Udp)
             .map(|(key, entry)| (*key, *entry))
             .collect(),
+        entries6: table.entries6.clone(),
     }
 }
 
@@ -902,6 +983,32 @@ mod tests {
     use super::*;
     use expect_test::expect;
     use std::net::SocketAddrV4;
+
+    #[test]
+    fn ipv6_map_contents_use_sock_addr_byte_order() {
+        let backend: std::net::SocketAddrV6 = "[2001:db8::2]:7000".parse().expect("literal");
+        let table = RouteTable {
+            entries6: [(RouteKey::udp(53), RouteEntry::Remote { node: backend })].into(),
+            ..RouteTable::default()
+        };
+        let entries = route6_entries(&table);
+        assert_eq!(entries.len(), 1);
+        let (key, value) = entries.iter().next().expect("one entry");
+        assert_eq!(*key, route_key(RouteKey::udp(53)));
+        // The words as the kernel stores user_ip6 on this host: network-order bytes.
+        let bytes: Vec<u8> = value[..4].iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(bytes, backend.ip().octets());
+        assert_eq!(value[4], port_key(7000));
+        let local = local6_entries([
+            "::1".parse().expect("literal"),
+            "2001:db8::1".parse().expect("literal"),
+            "::".parse().expect("literal"),
+        ]);
+        assert_eq!(
+            local,
+            BTreeSet::from([addr6_key("2001:db8::1".parse().expect("literal"))])
+        );
+    }
 
     #[test]
     fn map_contents_use_sock_addr_byte_order() {
@@ -927,6 +1034,7 @@ mod tests {
                 ),
             ]
             .into(),
+            ..RouteTable::default()
         };
         let rendered: Vec<String> = route_entries(&table)
             .iter()

@@ -15,12 +15,26 @@
 //! covers a re-created bridge or a new address at once rather than at the next route change.
 //!
 //! Known limits:
-//! - Only IPv4 (no IPv6 routes, addresses or table yet), only connections to one of the
-//!   node's own addresses (`fib daddr type local`). `127.0.0.1:PORT` is not routed: the nftables backend would need
+//! - Only connections to one of the node's own addresses (`fib daddr type local`).
+//!   `127.0.0.1:PORT` and `[::1]:PORT` are not routed: the nftables backend would need
 //!   `route_localnet`, and the eBPF backend leaves loopback alone on purpose (a container in the
 //!   same cgroup tree dialling its own 127.0.0.1 means itself).
+//! - IPv4 and IPv6 are routed separately ([`RouteTable::entries`], [`RouteTable::entries6`]):
+//!   an IPv6 client reaches an application only where its backend has an IPv6 address (a
+//!   container on a Docker network with IPv6, a node with an IPv6 address). Nothing translates
+//!   between the families (no NAT46/64).
+//! - IPv6 from outside the node takes the nftables chains with the eBPF backend too: its TC
+//!   program handles IPv4 TCP only. Local IPv6 clients are redirected at the socket
+//!   (connect6, sendmsg6/recvmsg6). An IPv6 socket dialling an IPv4-mapped node address
+//!   (`::ffff:198.18.0.1`) is not redirected by the eBPF backend (connect4 does not see it).
+//! - Docker's forward filter is only handled for IPv4 (`ip filter DOCKER-USER`); a Docker
+//!   with `ip6tables` enabled (and its IPv6 `FORWARD` policy `DROP`) would drop forwarded
+//!   IPv6 connections, and `warnings` does not report `ip6` forward chains yet.
+//! - With IPv6 routes installed, IPv6 forwarding is on, and Linux then ignores router
+//!   advertisements on interfaces whose `accept_ra` is 1: a node configured by SLAAC needs
+//!   `accept_ra = 2` on its uplink.
 //! - UDP from outside the node always takes the nftables chains, also with the eBPF backend:
-//!   its TC program carries TCP only. Local UDP clients are redirected at the socket
+//!   its TC program carries IPv4 TCP only. Local UDP clients are redirected at the socket
 //!   (connect4, sendmsg4/recvmsg4), with replies given the address the client sent to.
 //! - The nftables backend masquerades the connections it DNATs (needed for forwarding and
 //!   hairpin), so a local container sees the node's address, not the outside client's. The
@@ -66,8 +80,8 @@ use std::path::PathBuf;
 use tracing::{info, warn};
 
 pub use table::{
-    AddressResolver, Protocol, RouteEntry, RouteKey, RouteTable, StaticResolver, TableError,
-    TableErrors,
+    AddressResolver, IpFamily, Protocol, RouteEntry, RouteEntry6, RouteKey, RouteTable,
+    StaticResolver, TableError, TableErrors,
 };
 
 /// Anything a backend can fail with.

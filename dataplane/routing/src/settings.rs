@@ -39,6 +39,7 @@ pub const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 pub const RP_FILTER_ALL: &str = "/proc/sys/net/ipv4/conf/all/rp_filter";
 pub const RP_FILTER_DEFAULT: &str = "/proc/sys/net/ipv4/conf/default/rp_filter";
 pub const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+pub const IPV6_FORWARD: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
 
 /// A setting or the journal could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -375,6 +376,17 @@ pub fn enable_forwarding(settings: &mut KernelSettings) -> Result<(), SettingsEr
         settings.change(path, |v| (v == "1").then(|| "2".to_owned()))?;
     }
     Ok(())
+}
+
+/// Turns on IPv6 forwarding, for IPv6 routes to other nodes; a no-op where the kernel has no
+/// IPv6. Only done while IPv6 routes are installed: with forwarding on, Linux stops taking
+/// router advertisements on interfaces whose `accept_ra` is 1 (the default), so a node that
+/// gets its IPv6 default route by SLAAC needs `accept_ra = 2` on its uplink.
+pub fn enable_ipv6_forwarding(settings: &mut KernelSettings) -> Result<(), SettingsError> {
+    if !Path::new(IPV6_FORWARD).exists() {
+        return Ok(());
+    }
+    settings.change(IPV6_FORWARD, |v| (v != "1").then(|| "1".to_owned()))
 }
 
 /// Adds `first..=last` to `ip_local_reserved_ports` unless a listed range covers it already;

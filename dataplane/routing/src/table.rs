@@ -1,10 +1,15 @@
 //! The route table each agent derives from the desired cluster state, and its derivation
 //! from the wire routes. Pure: no I/O, addresses come from a caller-supplied resolver.
+//!
+//! A table has one half per address family: `entries` for IPv4 clients, `entries6` for IPv6
+//! ones. Nothing translates between the families (no NAT46/64), so a route has an IPv6 entry
+//! only where its backend (the container, or the other node) has an IPv6 address, and an
+//! IPv4 entry only where it has an IPv4 one.
 
 use std::{
     collections::BTreeMap,
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
 };
 
 pub use flocker_wire::Protocol;
@@ -44,18 +49,22 @@ impl fmt::Display for RouteKey {
     }
 }
 
-/// Where a connection to an external port on this node goes.
+/// Where a connection to an external port on this node goes; `A` is the backend's socket
+/// address, IPv4 unless said otherwise ([`RouteEntry6`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum RouteEntry {
+pub enum RouteEntry<A = SocketAddrV4> {
     /// The application runs here: NAT into its container.
-    Local { container: SocketAddrV4 },
+    Local { container: A },
     /// The application runs on another node: forward to that node's address and external port.
-    Remote { node: SocketAddrV4 },
+    Remote { node: A },
 }
 
-impl RouteEntry {
+/// A route for IPv6 clients.
+pub type RouteEntry6 = RouteEntry<SocketAddrV6>;
+
+impl<A: Copy> RouteEntry<A> {
     /// The address connections end up at, whichever kind of entry this is.
-    pub fn backend(&self) -> SocketAddrV4 {
+    pub fn backend(&self) -> A {
         match self {
             RouteEntry::Local { container } => *container,
             RouteEntry::Remote { node } => *node,
@@ -63,19 +72,52 @@ impl RouteEntry {
     }
 }
 
-/// A node's whole route table, keyed by protocol and external port.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RouteTable {
-    pub entries: BTreeMap<RouteKey, RouteEntry>,
+/// IPv4 or IPv6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    Ipv4,
+    Ipv6,
 }
 
-/// Resolves the names a wire route mentions into IPv4 addresses. The agent resolves node
+/// A node's whole route table, keyed by protocol and external port, one map per family.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteTable {
+    /// Routes for IPv4 clients.
+    pub entries: BTreeMap<RouteKey, RouteEntry>,
+    /// Routes for IPv6 clients: the same keys where the backend has an IPv6 address.
+    pub entries6: BTreeMap<RouteKey, RouteEntry6>,
+}
+
+impl RouteTable {
+    /// No route in either family.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.entries6.is_empty()
+    }
+
+    /// The IPv4 half alone (what the eBPF programs carry).
+    pub fn ipv4_only(&self) -> RouteTable {
+        RouteTable {
+            entries: self.entries.clone(),
+            entries6: BTreeMap::new(),
+        }
+    }
+}
+
+/// Resolves the names a wire route mentions into addresses. The agent resolves node
 /// names from the deployment once and asks its container runtime for container addresses.
 pub trait AddressResolver {
     /// The IPv4 address of the local container running `application`, if it runs.
     fn container_address(&self, application: &str) -> Option<Ipv4Addr>;
     /// The IPv4 address of a node named in a route (an address literal or a known name).
     fn node_address(&self, node: &str) -> Option<Ipv4Addr>;
+    /// The IPv6 address of the local container running `application`, if it has one.
+    fn container_address6(&self, _application: &str) -> Option<Ipv6Addr> {
+        None
+    }
+    /// The IPv6 address of a node named in a route, if it has one.
+    fn node_address6(&self, _node: &str) -> Option<Ipv6Addr> {
+        None
+    }
 }
 
 /// Why wire routes could not be turned into a table.
@@ -113,6 +155,7 @@ impl RouteTable {
         resolver: &impl AddressResolver,
     ) -> Result<RouteTable, TableErrors> {
         let mut entries = BTreeMap::new();
+        let mut entries6 = BTreeMap::new();
         let mut owners: BTreeMap<RouteKey, &str> = BTreeMap::new();
         let mut errors = Vec::new();
         for route in routes {
@@ -134,50 +177,73 @@ impl RouteTable {
                 });
                 continue;
             }
-            let entry = match &route.target {
-                RouteTarget::Local { internal_port } => {
-                    match resolver.container_address(&route.application) {
-                        Some(ip) => RouteEntry::Local {
-                            container: SocketAddrV4::new(ip, *internal_port),
-                        },
-                        None => {
-                            errors.push(TableError::UnknownContainer {
-                                application: route.application.clone(),
-                                port,
-                            });
-                            continue;
-                        }
-                    }
-                }
-                RouteTarget::Node { address } => match resolver.node_address(address) {
-                    Some(ip) => RouteEntry::Remote {
-                        node: SocketAddrV4::new(ip, port.port),
+            let (v4, v6) = backends(route, port, resolver);
+            if v4.is_none() && v6.is_none() {
+                errors.push(match &route.target {
+                    RouteTarget::Local { .. } => TableError::UnknownContainer {
+                        application: route.application.clone(),
+                        port,
                     },
-                    None => {
-                        errors.push(TableError::UnknownNode {
-                            node: address.clone(),
-                            application: route.application.clone(),
-                            port,
-                        });
-                        continue;
-                    }
-                },
-            };
-            entries.insert(port, entry);
+                    RouteTarget::Node { address } => TableError::UnknownNode {
+                        node: address.clone(),
+                        application: route.application.clone(),
+                        port,
+                    },
+                });
+                continue;
+            }
+            entries.extend(v4.map(|entry| (port, entry)));
+            entries6.extend(v6.map(|entry| (port, entry)));
         }
         if errors.is_empty() {
-            Ok(RouteTable { entries })
+            Ok(RouteTable { entries, entries6 })
         } else {
             Err(TableErrors(errors))
         }
     }
 }
 
-/// A resolver over fixed maps; node names that parse as IPv4 literals resolve to themselves.
+/// A route's backend in each family it has an address in: a local container's addresses,
+/// or the other node's (at the same external port).
+fn backends(
+    route: &Route,
+    port: RouteKey,
+    resolver: &impl AddressResolver,
+) -> (Option<RouteEntry>, Option<RouteEntry6>) {
+    match &route.target {
+        RouteTarget::Local { internal_port } => (
+            resolver
+                .container_address(&route.application)
+                .map(|ip| RouteEntry::Local {
+                    container: SocketAddrV4::new(ip, *internal_port),
+                }),
+            resolver
+                .container_address6(&route.application)
+                .map(|ip| RouteEntry::Local {
+                    container: SocketAddrV6::new(ip, *internal_port, 0, 0),
+                }),
+        ),
+        RouteTarget::Node { address } => (
+            resolver.node_address(address).map(|ip| RouteEntry::Remote {
+                node: SocketAddrV4::new(ip, port.port),
+            }),
+            resolver
+                .node_address6(address)
+                .map(|ip| RouteEntry::Remote {
+                    node: SocketAddrV6::new(ip, port.port, 0, 0),
+                }),
+        ),
+    }
+}
+
+/// A resolver over fixed maps; node names that parse as IP literals resolve to themselves (an
+/// IPv4 literal has no IPv6 address and the other way round).
 #[derive(Debug, Clone, Default)]
 pub struct StaticResolver {
     pub containers: BTreeMap<String, Ipv4Addr>,
     pub nodes: BTreeMap<String, Ipv4Addr>,
+    pub containers6: BTreeMap<String, Ipv6Addr>,
+    pub nodes6: BTreeMap<String, Ipv6Addr>,
 }
 
 impl AddressResolver for StaticResolver {
@@ -187,6 +253,14 @@ impl AddressResolver for StaticResolver {
 
     fn node_address(&self, node: &str) -> Option<Ipv4Addr> {
         self.nodes.get(node).copied().or_else(|| node.parse().ok())
+    }
+
+    fn container_address6(&self, application: &str) -> Option<Ipv6Addr> {
+        self.containers6.get(application).copied()
+    }
+
+    fn node_address6(&self, node: &str) -> Option<Ipv6Addr> {
+        self.nodes6.get(node).copied().or_else(|| node.parse().ok())
     }
 }
 
@@ -226,12 +300,20 @@ mod tests {
         let resolver = StaticResolver {
             containers: [("redis".to_owned(), Ipv4Addr::new(172, 17, 0, 2))].into(),
             nodes: [("node-b".to_owned(), Ipv4Addr::new(198, 18, 0, 2))].into(),
+            containers6: [("redis6".to_owned(), "fd00:17::2".parse().expect("literal"))].into(),
+            nodes6: [("node-b".to_owned(), "2001:db8::2".parse().expect("literal"))].into(),
         };
         let rendered = match RouteTable::from_wire(routes, &resolver) {
             Ok(table) => table
                 .entries
                 .iter()
                 .map(|(port, entry)| format!("{port} -> {entry:?}\n"))
+                .chain(
+                    table
+                        .entries6
+                        .iter()
+                        .map(|(port, entry)| format!("ipv6 {port} -> {entry:?}\n")),
+                )
                 .collect::<String>(),
             Err(e) => format!("error: {e}\n"),
         };
@@ -250,6 +332,27 @@ mod tests {
                 80 -> Remote { node: 198.18.0.2:80 }
                 5432 -> Remote { node: 198.18.0.3:5432 }
                 6379 -> Local { container: 172.17.0.2:6379 }
+                ipv6 80 -> Remote { node: [2001:db8::2]:80 }
+            "#]],
+        );
+    }
+
+    #[test]
+    fn each_family_gets_the_routes_whose_backend_has_an_address_in_it() {
+        check(
+            &[
+                // Only an IPv6 address: IPv4 clients are not routed.
+                local("redis6", 6379, 6380),
+                remote("web", 80, "2001:db8::3"),
+                // Only an IPv4 address: IPv6 clients are not routed.
+                remote("db", 5432, "198.18.0.3"),
+                udp(remote("dns", 53, "fd00::3")),
+            ],
+            expect![[r#"
+                5432 -> Remote { node: 198.18.0.3:5432 }
+                ipv6 80 -> Remote { node: [2001:db8::3]:80 }
+                ipv6 6379 -> Local { container: [fd00:17::2]:6380 }
+                ipv6 53/udp -> Remote { node: [fd00::3]:53 }
             "#]],
         );
     }
@@ -271,6 +374,7 @@ mod tests {
             expect![[r#"
                 53 -> Local { container: 172.17.0.2:5353 }
                 53/udp -> Remote { node: 198.18.0.2:53 }
+                ipv6 53/udp -> Remote { node: [2001:db8::2]:53 }
             "#]],
         );
     }

@@ -619,7 +619,7 @@ fn tables(host: usize) -> anyhow::Result<Vec<RouteTable>> {
             format!("198.19.{}.2", host + 1).parse::<Ipv4Addr>()?,
         )]
         .into(),
-        nodes: Default::default(),
+        ..StaticResolver::default()
     };
     (0..3)
         .map(|i| {
@@ -926,11 +926,11 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
             pinned.exists()
         );
         ensure!(
-            ruleset.contains("table ip flocker"),
+            ruleset.contains("table inet flocker"),
             "no flocker table in {}",
             node.name()
         );
-        let map = nft(node, &["list", "map", "ip", "flocker", "routes"])?;
+        let map = nft(node, &["list", "map", "inet", "flocker", "routes"])?;
         ensure!(
             map.contains(&format!("udp . {PORT}")),
             "no UDP route in {}:\n{map}",

@@ -8,7 +8,7 @@
 //! a refused request (4xx) has no effect.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -498,17 +498,25 @@ impl Agent {
     }
 
     async fn resolver(&self) -> Result<Resolver, AgentError> {
-        let containers = self
-            .runtime
-            .list_managed()
-            .await?
-            .into_iter()
+        let managed = self.runtime.list_managed().await?;
+        let containers = managed
+            .iter()
             .filter_map(|c| {
                 let ip: Ipv4Addr = c.ip.as_deref()?.parse().ok()?;
-                Some((c.application.name, ip))
+                Some((c.application.name.clone(), ip))
             })
             .collect();
-        Ok(Resolver { containers })
+        let containers6 = managed
+            .iter()
+            .filter_map(|c| {
+                let ip: Ipv6Addr = c.ip6.as_deref()?.parse().ok()?;
+                Some((c.application.name.clone(), ip))
+            })
+            .collect();
+        Ok(Resolver {
+            containers,
+            containers6,
+        })
     }
 
     /// Re-programs the recorded routes (agent start).

@@ -1,12 +1,14 @@
-//! The nftables backend: one table `ip flocker` programmed over netlink. The ruleset is fixed
-//! and built once per backend instance; every later change is a diff of the `routes` map's
-//! elements (keyed by protocol and port, TCP and UDP alike) sent as one transaction. While routes are installed, `docker_user` keeps one
+//! The nftables backend: one table `inet flocker` programmed over netlink, for IPv4 and IPv6
+//! alike. The ruleset is fixed and built once per backend instance; every later change is a
+//! diff of the `routes` and `routes6` maps' elements (keyed by protocol and port, TCP and UDP
+//! alike) sent as one transaction. While routes are installed, `docker_user` keeps one
 //! accept rule in Docker's `DOCKER-USER` chain, so Docker's `FORWARD` policy `DROP` does not
 //! drop the connections the table routes.
 //!
-//! **Architecture invariant:** the table `ip flocker` is the only table ever created, changed
-//! or deleted; in other tables, only our one rule in `ip filter DOCKER-USER` (recognised by
-//! its comment) is ever added or removed. Other tables' chains are read only to detect forward
+//! **Architecture invariant:** the table `inet flocker` is the only table ever created or
+//! changed, and it and `ip flocker` (what agents before IPv6 made) the only ones deleted; in
+//! other tables, only our one rule in `ip filter DOCKER-USER` (recognised by its comment) is
+//! ever added or removed. Other tables' chains are read only to detect forward
 //! filters that would drop routed connections.
 
 pub mod docker_user;
@@ -23,7 +25,7 @@ use crate::{
     settings::{self, KernelSettings, SharedSettings},
 };
 use docker_user::ForwardGuard;
-use plan::{ElementDiff, MapElement, Ruleset, Scope};
+use plan::{Ruleset, Scope, TableDiff};
 
 pub use netlink::NetlinkError;
 
@@ -46,6 +48,8 @@ pub struct NftBackend {
     forward: Option<ForwardGuard>,
     /// Warnings from the last look at the forward filters when no guard runs.
     forward_warnings: Vec<String>,
+    /// IPv6 forwarding was turned on (or found on) for the IPv6 routes.
+    forwarding6: bool,
 }
 
 impl NftBackend {
@@ -89,7 +93,20 @@ impl NftBackend {
             restores_settings: false,
             forward: None,
             forward_warnings: Vec::new(),
+            forwarding6: false,
         }
+    }
+
+    /// IPv6 forwarding, once the table holds an IPv6 route (see
+    /// [`settings::enable_ipv6_forwarding`] for why not before).
+    fn forward_ipv6_if_routed(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
+        if self.forwarding6 || table.entries6.is_empty() {
+            return Ok(());
+        }
+        let mut settings = self.settings.lock().map_err(|_| RoutingError::Poisoned)?;
+        settings::enable_ipv6_forwarding(&mut settings)?;
+        self.forwarding6 = true;
+        Ok(())
     }
 
     fn rebuild(&mut self, wanted: &RouteTable) -> Result<(), RoutingError> {
@@ -98,18 +115,14 @@ impl NftBackend {
             settings::enable_forwarding(&mut settings)?;
             settings.note_rcu_expedited()?;
         }
-        let elements: Vec<MapElement> = plan::map_elements(wanted)
-            .iter()
-            .map(|(port, backend)| MapElement {
-                port: *port,
-                backend: *backend,
-            })
-            .collect();
-        let encoded = netlink::encode_rebuild(&Ruleset::new(self.scope), &elements)?;
+        let elements = plan::elements_of(&wanted.entries);
+        let elements6 = plan::elements_of(&wanted.entries6);
+        let encoded = netlink::encode_rebuild(&Ruleset::new(self.scope), &elements, &elements6)?;
         netlink::send(&encoded)?;
         info!(
             routes = elements.len(),
-            "nftables: table ip flocker rebuilt"
+            routes6 = elements6.len(),
+            "nftables: table inet flocker rebuilt"
         );
         self.installed = Some(wanted.clone());
         self.known_absent = false;
@@ -149,9 +162,10 @@ impl NftBackend {
         }
         netlink::send(&netlink::encode_delete_table())?;
         if self.installed.take().is_some() {
-            info!("nftables: table ip flocker removed");
+            info!("nftables: table inet flocker removed");
         }
         self.known_absent = true;
+        self.forwarding6 = false;
         Ok(())
     }
 }
@@ -168,7 +182,7 @@ impl RoutingBackend for NftBackend {
     }
 
     fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
-        if table.entries.is_empty() {
+        if table.is_empty() {
             // No routes means no table at all: the ruleset is left as the agent found it.
             // A table left by a previous run is removed once; after that there is nothing to do.
             if self.known_absent {
@@ -176,10 +190,11 @@ impl RoutingBackend for NftBackend {
             }
             return self.clear();
         }
+        self.forward_ipv6_if_routed(table)?;
         let Some(mut installed) = self.installed.take() else {
             return self.rebuild(table);
         };
-        let diff = ElementDiff::between_tables(&installed, table);
+        let diff = TableDiff::between(&installed, table);
         if diff.is_empty() {
             self.installed = Some(installed);
             return Ok(());
@@ -188,9 +203,9 @@ impl RoutingBackend for NftBackend {
         // On failure `installed` stays None, so the next apply rebuilds from scratch.
         netlink::send(&encoded)?;
         debug!(
-            deleted = diff.delete.len(),
-            added = diff.add.len(),
-            "nftables: routes map updated"
+            deleted = diff.v4.delete.len() + diff.v6.delete.len(),
+            added = diff.v4.add.len() + diff.v6.add.len(),
+            "nftables: routes maps updated"
         );
         self.janitor.forget(diff.changed_ports());
         diff.patch(&mut installed, table);

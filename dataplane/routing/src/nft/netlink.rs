@@ -9,6 +9,7 @@
 use std::{
     ffi::{CString, c_char, c_void},
     io::IoSlice,
+    net::SocketAddrV6,
     ops::Range,
     os::fd::{AsRawFd, OwnedFd},
     ptr::NonNull,
@@ -25,7 +26,8 @@ use nix::sys::socket::{
 };
 
 use super::plan::{
-    CmpOp, ELEMENTS_PER_MESSAGE, ElementDiff, Expr, Hook, MapElement, ROUTES_MAP, Ruleset, TABLE,
+    CmpOp, ELEMENTS_PER_MESSAGE, Expr, Hook, MapBackend, MapElement, ROUTES_MAP, ROUTES6_MAP,
+    Ruleset, TABLE, TableDiff,
 };
 
 /// A failure talking nf_tables.
@@ -49,11 +51,19 @@ pub enum NetlinkError {
     Alloc,
 }
 
-/// Type id of `inet_proto`, `inet_service` and `ipv4_addr` in nftables' type registry; a
-/// concatenation's type is the ids shifted in 6 bits at a time.
+/// Type id of `inet_proto`, `inet_service`, `ipv4_addr` and `ipv6_addr` in nftables' type
+/// registry; a concatenation's type is the ids shifted in 6 bits at a time.
 const TYPE_INET_PROTO: u32 = 12;
 const TYPE_INET_SERVICE: u32 = 13;
 const TYPE_IPV4_ADDR: u32 = 7;
+const TYPE_IPV6_ADDR: u32 = 8;
+/// The family of our table: `inet`, IPv4 and IPv6 in one ruleset.
+const FAMILY: ProtoFamily = ProtoFamily::Inet;
+
+/// The transaction-local id a lookup names its map by while both are created in one batch.
+fn set_id(name: &str) -> u32 {
+    if name == ROUTES6_MAP { 2 } else { 1 }
+}
 const NFTA_FIB_F_DADDR: u32 = 1 << 1;
 const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
 const IP_CT_DIR_ORIGINAL: u8 = 0;
@@ -72,15 +82,23 @@ pub struct Encoded {
 
 /// Deletes the table if present and recreates it with every chain, rule and element, all in one
 /// transaction: the nft idiom "add table; delete table; add table" makes the delete safe when
-/// the table does not exist yet.
-pub fn encode_rebuild(ruleset: &Ruleset, elements: &[MapElement]) -> Result<Encoded, NetlinkError> {
-    let table = Table::new(table_name(), ProtoFamily::Ipv4);
+/// the table does not exist yet. The `ip flocker` table of an agent from before IPv6 goes in
+/// the same transaction.
+pub fn encode_rebuild(
+    ruleset: &Ruleset,
+    elements: &[MapElement],
+    elements6: &[MapElement<SocketAddrV6>],
+) -> Result<Encoded, NetlinkError> {
     let mut batch = Batch::new();
+    delete_legacy_table(&mut batch);
+    let table = Table::new(table_name(), FAMILY);
     batch.add(&table, MsgType::Add);
     batch.add(&table, MsgType::Del);
     batch.add(&table, MsgType::Add);
     let map = RawSet::routes_map()?;
     batch.add(&map, MsgType::Add);
+    let map6 = RawSet::routes6_map()?;
+    batch.add(&map6, MsgType::Add);
     for spec in &ruleset.chains {
         let name = CString::new(spec.name).map_err(|_| NetlinkError::Alloc)?;
         let mut chain = Chain::new(&name, &table);
@@ -101,25 +119,36 @@ pub fn encode_rebuild(ruleset: &Ruleset, elements: &[MapElement]) -> Result<Enco
         }
     }
     add_elements(&mut batch, elements, MsgType::Add)?;
+    add_elements(&mut batch, elements6, MsgType::Add)?;
     // The old table goes first.
     Ok(finalize(batch, true))
 }
 
 /// Only the element messages of a diff: deletes first, then adds, in one transaction.
-pub fn encode_diff(diff: &ElementDiff) -> Result<Encoded, NetlinkError> {
+pub fn encode_diff(diff: &TableDiff) -> Result<Encoded, NetlinkError> {
     let mut batch = Batch::new();
-    add_elements(&mut batch, &diff.delete, MsgType::Del)?;
-    add_elements(&mut batch, &diff.add, MsgType::Add)?;
-    Ok(finalize(batch, !diff.delete.is_empty()))
+    add_elements(&mut batch, &diff.v4.delete, MsgType::Del)?;
+    add_elements(&mut batch, &diff.v6.delete, MsgType::Del)?;
+    add_elements(&mut batch, &diff.v4.add, MsgType::Add)?;
+    add_elements(&mut batch, &diff.v6.add, MsgType::Add)?;
+    Ok(finalize(batch, diff.deletes()))
 }
 
 /// Removes the table, and with it everything the agent installed; a no-op if it is absent.
 pub fn encode_delete_table() -> Encoded {
-    let table = Table::new(table_name(), ProtoFamily::Ipv4);
     let mut batch = Batch::new();
+    delete_legacy_table(&mut batch);
+    let table = Table::new(table_name(), FAMILY);
     batch.add(&table, MsgType::Add);
     batch.add(&table, MsgType::Del);
     finalize(batch, true)
+}
+
+/// Deletes `ip flocker`, the IPv4-only table agents made before IPv6, if present.
+fn delete_legacy_table(batch: &mut Batch) {
+    let legacy = Table::new(table_name(), ProtoFamily::Ipv4);
+    batch.add(&legacy, MsgType::Add);
+    batch.add(&legacy, MsgType::Del);
 }
 
 fn finalize(batch: Batch, deletes: bool) -> Encoded {
@@ -132,13 +161,13 @@ fn finalize(batch: Batch, deletes: bool) -> Encoded {
     }
 }
 
-fn add_elements(
+fn add_elements<A: MapBackend>(
     batch: &mut Batch,
-    elements: &[MapElement],
+    elements: &[MapElement<A>],
     msg_type: MsgType,
 ) -> Result<(), NetlinkError> {
     for chunk in elements.chunks(ELEMENTS_PER_MESSAGE) {
-        let mut set = RawSet::named(ROUTES_MAP)?;
+        let mut set = RawSet::named(A::MAP)?;
         for element in chunk {
             set.add_element(element)?;
         }
@@ -261,11 +290,7 @@ impl RawSet {
         // SAFETY: nftnl_set_alloc returns an owned object or null; the string setters copy.
         unsafe {
             let set = NonNull::new(sys::nftnl_set_alloc()).ok_or(NetlinkError::Alloc)?;
-            sys::nftnl_set_set_u32(
-                set.as_ptr(),
-                sys::NFTNL_SET_FAMILY as u16,
-                ProtoFamily::Ipv4 as u32,
-            );
+            sys::nftnl_set_set_u32(set.as_ptr(), sys::NFTNL_SET_FAMILY as u16, FAMILY as u32);
             sys::nftnl_set_set_str(set.as_ptr(), sys::NFTNL_SET_TABLE as u16, table.as_ptr());
             sys::nftnl_set_set_str(set.as_ptr(), sys::NFTNL_SET_NAME as u16, name.as_ptr());
             Ok(RawSet(set))
@@ -274,11 +299,22 @@ impl RawSet {
 
     /// `map routes { type inet_proto . inet_service : ipv4_addr . inet_service }`.
     fn routes_map() -> Result<RawSet, NetlinkError> {
-        let set = RawSet::named(ROUTES_MAP)?;
+        RawSet::port_map(ROUTES_MAP, TYPE_IPV4_ADDR, 4)
+    }
+
+    /// `map routes6 { type inet_proto . inet_service : ipv6_addr . inet_service }`.
+    fn routes6_map() -> Result<RawSet, NetlinkError> {
+        RawSet::port_map(ROUTES6_MAP, TYPE_IPV6_ADDR, 16)
+    }
+
+    /// A map from `inet_proto . inet_service` to an address of type `address_type`
+    /// (`address_len` bytes) and an `inet_service`.
+    fn port_map(name: &str, address_type: u32, address_len: u32) -> Result<RawSet, NetlinkError> {
+        let set = RawSet::named(name)?;
         let p = set.0.as_ptr();
         // SAFETY: p is a live set owned by `set`.
         unsafe {
-            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_ID as u16, 1);
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_ID as u16, set_id(name));
             sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, libc::NFT_SET_MAP as u32);
             sys::nftnl_set_set_u32(
                 p,
@@ -289,14 +325,14 @@ impl RawSet {
             sys::nftnl_set_set_u32(
                 p,
                 sys::NFTNL_SET_DATA_TYPE as u16,
-                (TYPE_IPV4_ADDR << 6) | TYPE_INET_SERVICE,
+                (address_type << 6) | TYPE_INET_SERVICE,
             );
-            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_DATA_LEN as u16, 8);
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_DATA_LEN as u16, address_len + 4);
         }
         Ok(set)
     }
 
-    fn add_element(&mut self, element: &MapElement) -> Result<(), NetlinkError> {
+    fn add_element<A: MapBackend>(&mut self, element: &MapElement<A>) -> Result<(), NetlinkError> {
         let key = element.key();
         let value = element.value();
         // SAFETY: the element is allocated here and handed to the set, which frees it; the
@@ -340,7 +376,7 @@ unsafe impl NlMsg for RawSet {
             let header = sys::nftnl_nlmsg_build_hdr(
                 buf.cast::<c_char>(),
                 kind as u16,
-                ProtoFamily::Ipv4 as u16,
+                FAMILY as u16,
                 (libc::NLM_F_CREATE | libc::NLM_F_ACK) as u16,
                 seq,
             );
@@ -368,7 +404,7 @@ unsafe impl NlMsg for ElementsMsg<'_> {
             let header = sys::nftnl_nlmsg_build_hdr(
                 buf.cast::<c_char>(),
                 kind as u16,
-                ProtoFamily::Ipv4 as u16,
+                FAMILY as u16,
                 flags as u16,
                 seq,
             );
@@ -827,6 +863,7 @@ impl Expression for RawExpr<'_> {
 fn build_expr(expr: &Expr) -> NonNull<sys::nftnl_expr> {
     let reg1 = libc::NFT_REG_1 as u32;
     let reg2 = libc::NFT_REG_2 as u32;
+    let reg3 = libc::NFT_REG_3 as u32;
     // The 32-bit register right after the first word of register 1: the second field of a
     // concatenated key that starts in register 1.
     let reg9 = libc::NFT_REG32_01 as u32;
@@ -927,7 +964,7 @@ fn build_expr(expr: &Expr) -> NonNull<sys::nftnl_expr> {
                     sys::NFTNL_EXPR_LOOKUP_SET as u16,
                     name.as_ptr(),
                 );
-                set_u32(e, sys::NFTNL_EXPR_LOOKUP_SET_ID, 1);
+                set_u32(e, sys::NFTNL_EXPR_LOOKUP_SET_ID, set_id(set));
                 if *to_register {
                     set_u32(e, sys::NFTNL_EXPR_LOOKUP_DREG, reg1);
                 }
@@ -992,6 +1029,45 @@ fn build_expr(expr: &Expr) -> NonNull<sys::nftnl_expr> {
                 let e = alloc_expr(c"immediate");
                 set_u32(e, sys::NFTNL_EXPR_IMM_DREG, libc::NFT_REG_VERDICT as u32);
                 set_u32(e, sys::NFTNL_EXPR_IMM_VERDICT, libc::NF_ACCEPT as u32);
+                e
+            }
+            Expr::MetaNfproto => {
+                let e = alloc_expr(c"meta");
+                set_u32(e, sys::NFTNL_EXPR_META_KEY, libc::NFT_META_NFPROTO as u32);
+                set_u32(e, sys::NFTNL_EXPR_META_DREG, reg1);
+                e
+            }
+            Expr::Dnat6FromRegisters => {
+                let e = alloc_expr(c"nat");
+                set_u32(e, sys::NFTNL_EXPR_NAT_TYPE, libc::NFT_NAT_DNAT as u32);
+                set_u32(e, sys::NFTNL_EXPR_NAT_FAMILY, libc::NFPROTO_IPV6 as u32);
+                set_u32(e, sys::NFTNL_EXPR_NAT_REG_ADDR_MIN, reg1);
+                set_u32(
+                    e,
+                    sys::NFTNL_EXPR_NAT_REG_PROTO_MIN,
+                    libc::NFT_REG32_04 as u32,
+                );
+                e
+            }
+            Expr::CtMarkToReg3 => {
+                let e = alloc_expr(c"ct");
+                set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_MARK as u32);
+                set_u32(e, sys::NFTNL_EXPR_CT_DREG, reg3);
+                e
+            }
+            Expr::SetBitReg3(bit) => {
+                let e = alloc_expr(c"bitwise");
+                set_u32(e, sys::NFTNL_EXPR_BITWISE_SREG, reg3);
+                set_u32(e, sys::NFTNL_EXPR_BITWISE_DREG, reg3);
+                set_u32(e, sys::NFTNL_EXPR_BITWISE_LEN, 4);
+                set_data(e, sys::NFTNL_EXPR_BITWISE_MASK, &(!bit).to_ne_bytes());
+                set_data(e, sys::NFTNL_EXPR_BITWISE_XOR, &bit.to_ne_bytes());
+                e
+            }
+            Expr::CtMarkFromReg3 => {
+                let e = alloc_expr(c"ct");
+                set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_MARK as u32);
+                set_u32(e, sys::NFTNL_EXPR_CT_SREG, reg3);
                 e
             }
         }

@@ -3,26 +3,31 @@
 //! `netlink.rs` encodes these values.
 //!
 //! The rules never change with the routes: every routed port lives in one verdict-free map
-//! `routes: inet_proto . inet_service -> ipv4_addr . inet_service`, keyed by protocol and
-//! port (TCP and UDP alike), so any change is a handful of element messages in one
-//! transaction and the rule count stays constant.
+//! per family, `routes: inet_proto . inet_service -> ipv4_addr . inet_service` and `routes6:
+//! inet_proto . inet_service -> ipv6_addr . inet_service`, keyed by protocol and port (TCP
+//! and UDP alike), so any change is a handful of element messages in one transaction and the
+//! rule count stays constant. The table is of family `inet`, so one ruleset sees IPv4 and
+//! IPv6; each rule starts with `meta nfproto` and looks up its family's map.
 
 use std::{
     cmp::Ordering,
     collections::BTreeMap,
     fmt::{self, Write as _},
-    net::SocketAddrV4,
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
 };
 
 use crate::{
     conntrack::CurrentBackends,
-    table::{RouteEntry, RouteKey, RouteTable},
+    table::{IpFamily, RouteEntry, RouteKey, RouteTable},
 };
 
-/// The one table the agent owns (family `ip`).
+/// The one table the agent owns (family `inet`; agents before IPv6 made it family `ip`, and
+/// a rebuild removes that one too).
 pub const TABLE: &str = "flocker";
-/// The port map every rule looks up.
+/// The port map the IPv4 rules look up.
 pub const ROUTES_MAP: &str = "routes";
+/// The port map the IPv6 rules look up.
+pub const ROUTES6_MAP: &str = "routes6";
 
 /// Hooks the agent's chains attach to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +106,19 @@ pub enum Expr {
     },
     /// Verdict `accept`.
     Accept,
+    /// `meta nfproto` into register 1 (one byte, zero-padded to 4): the family of the packet
+    /// in the `inet` table.
+    MetaNfproto,
+    /// `dnat ip6 to` address from register 1 (16 bytes) and port from 32-bit register 12:
+    /// the value layout of the `routes6` map after a lookup into register 1.
+    Dnat6FromRegisters,
+    /// `ct mark` into register 3 (host-order u32), for rules whose map value fills register
+    /// 1 and the first word of register 2 (`routes6`).
+    CtMarkToReg3,
+    /// Register 3 = register 3 with `bit` set.
+    SetBitReg3(u32),
+    /// `ct mark set` from register 3.
+    CtMarkFromReg3,
 }
 
 /// One rule of one chain.
@@ -124,6 +142,9 @@ pub const ROUTED_MARK: u32 = 0x0080_0000;
 
 /// The kernel's `RTN_LOCAL`, as `fib ... type` stores it.
 const RTN_LOCAL: u32 = 2;
+/// `NFPROTO_IPV4` and `NFPROTO_IPV6`, as `meta nfproto` loads them.
+const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
 /// `IPS_DST_NAT` of the conntrack status bits.
 const IPS_DST_NAT: u32 = 1 << 5;
 /// nftables' `dstnat` and `srcnat` priorities.
@@ -179,21 +200,25 @@ impl Ruleset {
             hook: Hook::Prerouting,
             priority: PRIORITY_DSTNAT,
         }];
-        let mut rules = vec![dnat_rule("prerouting")];
+        let mut rules = vec![
+            only(IpFamily::Ipv4, dnat_rule("prerouting")),
+            dnat_rule6("prerouting"),
+        ];
         if scope == Scope::All {
             chains.push(ChainSpec {
                 name: "output",
                 hook: Hook::Output,
                 priority: PRIORITY_DSTNAT,
             });
-            rules.push(dnat_rule("output"));
+            rules.push(only(IpFamily::Ipv4, dnat_rule("output")));
+            rules.push(dnat_rule6("output"));
         }
         chains.push(ChainSpec {
             name: "postrouting",
             hook: Hook::Postrouting,
             priority: PRIORITY_SRCNAT,
         });
-        rules.push(RuleSpec {
+        let masquerade4 = RuleSpec {
             chain: "postrouting",
             exprs: vec![
                 Expr::CtStatus,
@@ -214,19 +239,136 @@ impl Ruleset {
                 Expr::Counter,
                 Expr::Masquerade,
             ],
-        });
+        };
+        rules.push(only(IpFamily::Ipv4, masquerade4));
+        rules.push(masquerade_rule6());
         Ruleset { chains, rules }
     }
 }
 
-/// One element of the `routes` map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct MapElement {
-    pub port: RouteKey,
-    pub backend: SocketAddrV4,
+/// `rule` for packets of `family` only: `meta nfproto` first.
+fn only(family: IpFamily, mut rule: RuleSpec) -> RuleSpec {
+    let nfproto = match family {
+        IpFamily::Ipv4 => NFPROTO_IPV4,
+        IpFamily::Ipv6 => NFPROTO_IPV6,
+    };
+    rule.exprs.splice(
+        0..0,
+        [
+            Expr::MetaNfproto,
+            Expr::Cmp {
+                op: CmpOp::Eq,
+                data: vec![nfproto],
+            },
+        ],
+    );
+    rule
 }
 
-impl MapElement {
+/// The IPv6 twin of `dnat_rule`: the `routes6` map's value is 20 bytes (address, port), so
+/// the port lands in 32-bit register 12 and the conntrack mark is built in register 3.
+fn dnat_rule6(chain: &'static str) -> RuleSpec {
+    only(
+        IpFamily::Ipv6,
+        RuleSpec {
+            chain,
+            exprs: vec![
+                Expr::FibDaddrType,
+                Expr::Cmp {
+                    op: CmpOp::Eq,
+                    data: RTN_LOCAL.to_ne_bytes().to_vec(),
+                },
+                Expr::MetaL4Proto,
+                Expr::TransportDport,
+                Expr::Lookup {
+                    set: ROUTES6_MAP,
+                    to_register: true,
+                },
+                Expr::CtMarkToReg3,
+                Expr::SetBitReg3(ROUTED_MARK),
+                Expr::CtMarkFromReg3,
+                Expr::Counter,
+                Expr::Dnat6FromRegisters,
+            ],
+        },
+    )
+}
+
+/// The IPv6 twin of the masquerade rule: DNAT'd connections to a port of `routes6`.
+fn masquerade_rule6() -> RuleSpec {
+    only(
+        IpFamily::Ipv6,
+        RuleSpec {
+            chain: "postrouting",
+            exprs: vec![
+                Expr::CtStatus,
+                Expr::Bitwise {
+                    mask: IPS_DST_NAT.to_ne_bytes().to_vec(),
+                    xor: vec![0; 4],
+                },
+                Expr::Cmp {
+                    op: CmpOp::Neq,
+                    data: vec![0; 4],
+                },
+                Expr::CtOriginalProtocol,
+                Expr::CtOriginalProtoDst,
+                Expr::Lookup {
+                    set: ROUTES6_MAP,
+                    to_register: false,
+                },
+                Expr::Counter,
+                Expr::Masquerade,
+            ],
+        },
+    )
+}
+
+/// A backend address as a routes map holds it: IPv4 in `routes`, IPv6 in `routes6`.
+pub trait MapBackend: Copy + Ord + fmt::Debug + fmt::Display {
+    /// The map holding backends of this family.
+    const MAP: &'static str;
+    /// The value bytes: the address, then the port in network order padded to 4 bytes.
+    fn value(&self) -> Vec<u8>;
+    /// As the conntrack janitor compares it.
+    fn socket_addr(&self) -> SocketAddr;
+}
+
+impl MapBackend for SocketAddrV4 {
+    const MAP: &'static str = ROUTES_MAP;
+
+    /// `ipv4_addr . inet_service`: each field padded to 4 bytes.
+    fn value(&self) -> Vec<u8> {
+        let [p, q] = self.port().to_be_bytes();
+        [&self.ip().octets()[..], &[p, q, 0, 0]].concat()
+    }
+
+    fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::V4(*self)
+    }
+}
+
+impl MapBackend for SocketAddrV6 {
+    const MAP: &'static str = ROUTES6_MAP;
+
+    /// `ipv6_addr . inet_service`: 16 bytes of address, the port padded to 4.
+    fn value(&self) -> Vec<u8> {
+        let [p, q] = self.port().to_be_bytes();
+        [&self.ip().octets()[..], &[p, q, 0, 0]].concat()
+    }
+
+    fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::V6(*self)
+    }
+}
+
+/// One element of a routes map (`routes` unless `A` is IPv6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MapElement<A = SocketAddrV4> {
+    pub port: RouteKey,
+    pub backend: A,
+}
+
+impl<A: MapBackend> MapElement<A> {
     /// The key bytes of `inet_proto . inet_service`: the protocol number, then the port in
     /// network order, each field padded to 4 bytes.
     pub fn key(&self) -> [u8; 8] {
@@ -234,11 +376,9 @@ impl MapElement {
         [self.port.protocol.number(), 0, 0, 0, p, q, 0, 0]
     }
 
-    /// The value bytes of `ipv4_addr . inet_service`: each field padded to 4 bytes.
-    pub fn value(&self) -> [u8; 8] {
-        let [a, b, c, d] = self.backend.ip().octets();
-        let [p, q] = self.backend.port().to_be_bytes();
-        [a, b, c, d, p, q, 0, 0]
+    /// The value bytes (see [`MapBackend::value`]).
+    pub fn value(&self) -> Vec<u8> {
+        self.backend.value()
     }
 }
 
@@ -251,19 +391,38 @@ pub fn map_elements(table: &RouteTable) -> BTreeMap<RouteKey, SocketAddrV4> {
         .collect()
 }
 
-/// The element messages that turn map contents `from` into `to`. A changed port is deleted and
-/// re-added in the same transaction, since the kernel refuses to overwrite a map value.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ElementDiff {
-    pub delete: Vec<MapElement>,
-    pub add: Vec<MapElement>,
+/// Every element of one family's map, in key order.
+pub fn elements_of<A: MapBackend>(
+    entries: &BTreeMap<RouteKey, RouteEntry<A>>,
+) -> Vec<MapElement<A>> {
+    entries
+        .iter()
+        .map(|(port, entry)| MapElement {
+            port: *port,
+            backend: entry.backend(),
+        })
+        .collect()
 }
 
-impl ElementDiff {
-    pub fn between(
-        from: &BTreeMap<RouteKey, SocketAddrV4>,
-        to: &BTreeMap<RouteKey, SocketAddrV4>,
-    ) -> ElementDiff {
+/// The element messages that turn map contents `from` into `to`. A changed port is deleted and
+/// re-added in the same transaction, since the kernel refuses to overwrite a map value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElementDiff<A = SocketAddrV4> {
+    pub delete: Vec<MapElement<A>>,
+    pub add: Vec<MapElement<A>>,
+}
+
+impl<A> Default for ElementDiff<A> {
+    fn default() -> Self {
+        ElementDiff {
+            delete: Vec::new(),
+            add: Vec::new(),
+        }
+    }
+}
+
+impl<A: MapBackend> ElementDiff<A> {
+    pub fn between(from: &BTreeMap<RouteKey, A>, to: &BTreeMap<RouteKey, A>) -> ElementDiff<A> {
         let mut diff = ElementDiff::default();
         for (port, backend) in from {
             if to.get(port) != Some(backend) {
@@ -284,17 +443,20 @@ impl ElementDiff {
         diff
     }
 
-    /// The same diff straight from two route tables, without building the maps first: one
-    /// merge walk over the two sorted tables, so a route change at 10,000 routes costs tens of
+    /// The diff between two families' entries, without building the maps first: one merge
+    /// walk over the two sorted maps, so a route change at 10,000 routes costs tens of
     /// microseconds here (a lookup per entry costs about ten times that).
-    pub fn between_tables(from: &RouteTable, to: &RouteTable) -> ElementDiff {
+    pub fn between_entries(
+        from: &BTreeMap<RouteKey, RouteEntry<A>>,
+        to: &BTreeMap<RouteKey, RouteEntry<A>>,
+    ) -> ElementDiff<A> {
         let mut diff = ElementDiff::default();
-        let element = |(port, entry): (&RouteKey, &RouteEntry)| MapElement {
+        let element = |(port, entry): (&RouteKey, &RouteEntry<A>)| MapElement {
             port: *port,
             backend: entry.backend(),
         };
-        let mut old = from.entries.iter().map(element).peekable();
-        let mut new = to.entries.iter().map(element).peekable();
+        let mut old = from.iter().map(element).peekable();
+        let mut new = to.iter().map(element).peekable();
         loop {
             match (old.peek(), new.peek()) {
                 (None, None) => break,
@@ -317,15 +479,19 @@ impl ElementDiff {
         diff
     }
 
-    /// Brings `installed` (the table this diff was computed from) up to `wanted` by touching
+    /// Brings `installed` (the entries this diff was computed from) up to `wanted` by touching
     /// only the changed ports: cheaper than cloning `wanted` when one route of 10,000 moved.
-    pub fn patch(&self, installed: &mut RouteTable, wanted: &RouteTable) {
+    pub fn patch_entries(
+        &self,
+        installed: &mut BTreeMap<RouteKey, RouteEntry<A>>,
+        wanted: &BTreeMap<RouteKey, RouteEntry<A>>,
+    ) {
         for element in &self.delete {
-            installed.entries.remove(&element.port);
+            installed.remove(&element.port);
         }
         for element in &self.add {
-            if let Some(entry) = wanted.entries.get(&element.port) {
-                installed.entries.insert(element.port, *entry);
+            if let Some(entry) = wanted.get(&element.port) {
+                installed.insert(element.port, *entry);
             }
         }
     }
@@ -335,14 +501,69 @@ impl ElementDiff {
     }
 
     /// The ports whose existing connections may point at a backend that is no longer theirs,
-    /// each with the backend it routes to now (`None`: no longer routed).
-    pub fn changed_ports(&self) -> CurrentBackends {
-        let mut changed: CurrentBackends = self.delete.iter().map(|e| (e.port, None)).collect();
+    /// each with the backend it routes to now (`None`: no longer routed), for `family`.
+    fn changed_ports_into(&self, family: IpFamily, changed: &mut CurrentBackends) {
+        for element in &self.delete {
+            changed.insert((family, element.port), None);
+        }
         for element in &self.add {
-            if let Some(now) = changed.get_mut(&element.port) {
-                *now = Some(element.backend);
+            if let Some(now) = changed.get_mut(&(family, element.port)) {
+                *now = Some(element.backend.socket_addr());
             }
         }
+    }
+}
+
+impl ElementDiff<SocketAddrV4> {
+    /// The IPv4 diff straight from two route tables (see [`ElementDiff::between_entries`]).
+    pub fn between_tables(from: &RouteTable, to: &RouteTable) -> ElementDiff {
+        ElementDiff::between_entries(&from.entries, &to.entries)
+    }
+
+    /// Brings the IPv4 half of `installed` up to `wanted`.
+    pub fn patch(&self, installed: &mut RouteTable, wanted: &RouteTable) {
+        self.patch_entries(&mut installed.entries, &wanted.entries);
+    }
+}
+
+/// The element messages of both maps that turn one route table into another.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableDiff {
+    pub v4: ElementDiff<SocketAddrV4>,
+    pub v6: ElementDiff<SocketAddrV6>,
+}
+
+impl TableDiff {
+    pub fn between(from: &RouteTable, to: &RouteTable) -> TableDiff {
+        TableDiff {
+            v4: ElementDiff::between_entries(&from.entries, &to.entries),
+            v6: ElementDiff::between_entries(&from.entries6, &to.entries6),
+        }
+    }
+
+    /// Brings `installed` (the table this diff was computed from) up to `wanted`.
+    pub fn patch(&self, installed: &mut RouteTable, wanted: &RouteTable) {
+        self.v4
+            .patch_entries(&mut installed.entries, &wanted.entries);
+        self.v6
+            .patch_entries(&mut installed.entries6, &wanted.entries6);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    /// Whether committing this diff deletes anything (and so waits for an RCU grace period).
+    pub fn deletes(&self) -> bool {
+        !self.v4.delete.is_empty() || !self.v6.delete.is_empty()
+    }
+
+    /// The ports, per family, whose existing connections may point at a backend that is no
+    /// longer theirs, each with the backend it routes to now (`None`: no longer routed).
+    pub fn changed_ports(&self) -> CurrentBackends {
+        let mut changed = CurrentBackends::new();
+        self.v4.changed_ports_into(IpFamily::Ipv4, &mut changed);
+        self.v6.changed_ports_into(IpFamily::Ipv6, &mut changed);
         changed
     }
 }
@@ -387,6 +608,11 @@ impl fmt::Display for Expr {
                 write!(f, "match name {name} rev {rev} info {}", hex(info))
             }
             Expr::Accept => write!(f, "immediate accept"),
+            Expr::MetaNfproto => write!(f, "meta nfproto => reg 1"),
+            Expr::Dnat6FromRegisters => write!(f, "nat dnat ip6 addr reg 1 proto reg 12"),
+            Expr::CtMarkToReg3 => write!(f, "ct mark => reg 3"),
+            Expr::SetBitReg3(bit) => write!(f, "bitwise reg 3 | {bit:#x}"),
+            Expr::CtMarkFromReg3 => write!(f, "ct mark set reg 3"),
         }
     }
 }
@@ -403,7 +629,7 @@ impl fmt::Display for Ruleset {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "table ip {TABLE}\nmap {ROUTES_MAP} inet_proto . inet_service -> ipv4_addr . inet_service"
+            "table inet {TABLE}\nmap {ROUTES_MAP} inet_proto . inet_service -> ipv4_addr . inet_service\nmap {ROUTES6_MAP} inet_proto . inet_service -> ipv6_addr . inet_service"
         )?;
         for chain in &self.chains {
             writeln!(
@@ -435,14 +661,18 @@ mod tests {
         check_ruleset(
             Scope::All,
             expect![[r#"
-                table ip flocker
+                table inet flocker
                 map routes inet_proto . inet_service -> ipv4_addr . inet_service
+                map routes6 inet_proto . inet_service -> ipv6_addr . inet_service
                 chain prerouting nat hook Prerouting priority -100
-                  [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ lookup reg 1 @routes => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
+                  [ meta nfproto => reg 1 ] [ cmp eq reg 1 0x02 ] [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ lookup reg 1 @routes => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
+                  [ meta nfproto => reg 1 ] [ cmp eq reg 1 0x0a ] [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ lookup reg 1 @routes6 => reg 1 ] [ ct mark => reg 3 ] [ bitwise reg 3 | 0x800000 ] [ ct mark set reg 3 ] [ counter ] [ nat dnat ip6 addr reg 1 proto reg 12 ]
                 chain output nat hook Output priority -100
-                  [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ lookup reg 1 @routes => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
+                  [ meta nfproto => reg 1 ] [ cmp eq reg 1 0x02 ] [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ lookup reg 1 @routes => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
+                  [ meta nfproto => reg 1 ] [ cmp eq reg 1 0x0a ] [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ lookup reg 1 @routes6 => reg 1 ] [ ct mark => reg 3 ] [ bitwise reg 3 | 0x800000 ] [ ct mark set reg 3 ] [ counter ] [ nat dnat ip6 addr reg 1 proto reg 12 ]
                 chain postrouting nat hook Postrouting priority 100
-                  [ ct status => reg 1 ] [ bitwise reg 1 & 0x20000000 ^ 0x00000000 ] [ cmp neq reg 1 0x00000000 ] [ ct original protocol => reg 1 ] [ ct original proto-dst => reg 9 ] [ lookup reg 1 @routes ] [ counter ] [ masq ]
+                  [ meta nfproto => reg 1 ] [ cmp eq reg 1 0x02 ] [ ct status => reg 1 ] [ bitwise reg 1 & 0x20000000 ^ 0x00000000 ] [ cmp neq reg 1 0x00000000 ] [ ct original protocol => reg 1 ] [ ct original proto-dst => reg 9 ] [ lookup reg 1 @routes ] [ counter ] [ masq ]
+                  [ meta nfproto => reg 1 ] [ cmp eq reg 1 0x0a ] [ ct status => reg 1 ] [ bitwise reg 1 & 0x20000000 ^ 0x00000000 ] [ cmp neq reg 1 0x00000000 ] [ ct original protocol => reg 1 ] [ ct original proto-dst => reg 9 ] [ lookup reg 1 @routes6 ] [ counter ] [ masq ]
             "#]],
         );
     }
@@ -453,6 +683,9 @@ mod tests {
         assert!(!text.contains("output"));
         assert!(text.contains("chain prerouting"));
         assert!(text.contains("chain postrouting"));
+        // Both families come in from outside.
+        assert!(text.contains("nat dnat ip addr"));
+        assert!(text.contains("nat dnat ip6 addr"));
     }
 
     fn tcp_entries(entries: &[(u16, RouteEntry)]) -> BTreeMap<RouteKey, RouteEntry> {
@@ -465,6 +698,7 @@ mod tests {
     fn table(entries: &[(u16, RouteEntry)]) -> BTreeMap<RouteKey, SocketAddrV4> {
         map_elements(&RouteTable {
             entries: tcp_entries(entries),
+            ..RouteTable::default()
         })
     }
 
@@ -484,6 +718,7 @@ mod tests {
         let diff = ElementDiff::between(&table(from), &table(to));
         let tables = |e: &[(u16, RouteEntry)]| RouteTable {
             entries: tcp_entries(e),
+            ..RouteTable::default()
         };
         assert_eq!(
             diff,
@@ -558,14 +793,54 @@ mod tests {
                 (udp.port, remote([198, 18, 0, 2], 53)),
             ]
             .into(),
+            ..RouteTable::default()
         };
         let only_tcp = RouteTable {
             entries: [(tcp.port, local([172, 17, 0, 2], 5353))].into(),
+            ..RouteTable::default()
         };
         let diff = ElementDiff::between_tables(&only_tcp, &both);
         assert!(diff.delete.is_empty());
         assert_eq!(diff.add.len(), 1);
         assert_eq!(diff.add[0].port, RouteKey::udp(53));
+    }
+
+    #[test]
+    fn ipv6_routes_go_to_their_own_map_and_diff() {
+        let key = RouteKey::tcp(80);
+        let v6 = |ip: &str, port| RouteEntry::Local {
+            container: SocketAddrV6::new(ip.parse().expect("literal"), port, 0, 0),
+        };
+        let v4 = local([172, 17, 0, 2], 8080);
+        let from = RouteTable {
+            entries: [(key, v4)].into(),
+            entries6: [(key, v6("fd00:17::2", 8080))].into(),
+        };
+        let to = RouteTable {
+            entries: [(key, v4)].into(),
+            entries6: [(key, v6("2001:db8::2", 80))].into(),
+        };
+        let diff = TableDiff::between(&from, &to);
+        assert!(diff.v4.is_empty(), "the IPv4 route stays");
+        assert_eq!(diff.v6.delete.len(), 1);
+        assert!(diff.deletes());
+        let added = &diff.v6.add[..];
+        assert_eq!(added.len(), 1);
+        assert_eq!(hex(&added[0].key()), "0x0600000000500000");
+        // 16 bytes of address, then the port padded to 4: `ipv6_addr . inet_service`.
+        assert_eq!(
+            hex(&added[0].value()),
+            "0x20010db800000000000000000000000200500000"
+        );
+        let changed: Vec<String> = diff
+            .changed_ports()
+            .iter()
+            .map(|((family, port), now)| format!("{family:?} {port} -> {now:?}"))
+            .collect();
+        assert_eq!(changed, ["Ipv6 80 -> Some([2001:db8::2]:80)"]);
+        let mut patched = from.clone();
+        diff.patch(&mut patched, &to);
+        assert_eq!(patched, to);
     }
 
     #[test]
@@ -592,6 +867,7 @@ mod tests {
     fn patch_brings_the_old_table_to_the_new_one() {
         let tables = |e: &[(u16, RouteEntry)]| RouteTable {
             entries: tcp_entries(e),
+            ..RouteTable::default()
         };
         let from = tables(&[
             (80, local([172, 17, 0, 2], 8080)),

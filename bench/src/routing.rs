@@ -349,7 +349,10 @@ impl Lab {
                 container: SocketAddrV4::new(CTR, IPERF_PORT),
             },
         );
-        RouteTable { entries }
+        RouteTable {
+            entries,
+            ..Default::default()
+        }
     }
 
     fn program(&self, peer: Peer, n: usize) -> anyhow::Result<Setup> {
@@ -580,6 +583,7 @@ impl Lab {
                     )
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 

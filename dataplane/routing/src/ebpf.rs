@@ -39,7 +39,7 @@ use aya::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    Protocol, RouteEntry, RouteKey, RouteTable, RoutingBackend, RoutingError, mounts,
+    Protocol, RouteEntry, RouteKey, RouteTable, RoutingBackend, RoutingError, ServiceTable, mounts,
     nft::{
         NftBackend,
         plan::{ElementDiff, Scope},
@@ -104,6 +104,8 @@ pub enum EbpfError {
 const ROUTES_MAP: &str = "flk_routes";
 const LOCAL_MAP: &str = "flk_local";
 const IFADDR_MAP: &str = "flk_ifaddr";
+/// Service address and port -> backend (`crate::services`).
+const SERVICES_MAP: &str = "flk_svc";
 const PROGRAMS: [&str; 4] = [
     "flk_connect4",
     "flk_getpeername4",
@@ -111,7 +113,8 @@ const PROGRAMS: [&str; 4] = [
     "flk_recvmsg4",
 ];
 /// Every map of `routing.bpf.c`, pinned so that they outlive the agent.
-const MAPS: [&str; 8] = [
+const MAPS: [&str; 9] = [
+    "flk_svc",
     "flk_routes",
     "flk_local",
     "flk_orig",
@@ -168,6 +171,27 @@ pub fn route_entry(port: RouteKey, entry: &RouteEntry) -> (u32, [u32; 2]) {
         route_key(port),
         [addr_key(*backend.ip()), port_key(backend.port()) | flags],
     )
+}
+
+/// The `flk_svc` contents a service table implies: `[address, port | protocol << 16]` ->
+/// `[addr, port]`, in `bpf_sock_addr` byte order like `flk_routes`. Relay ports are not
+/// here: connections to them come from other nodes and take the nftables chains.
+pub fn service_entries(table: &ServiceTable) -> BTreeMap<[u32; 2], [u32; 2]> {
+    table
+        .services
+        .iter()
+        .map(|(key, entry)| {
+            let port = RouteKey {
+                protocol: key.protocol,
+                port: key.port,
+            };
+            let backend = entry.backend();
+            (
+                [addr_key(key.address), route_key(port)],
+                [addr_key(*backend.ip()), port_key(backend.port())],
+            )
+        })
+        .collect()
 }
 
 /// An address that reaches this node from elsewhere: not loopback, because a container (same
@@ -308,6 +332,8 @@ struct Loaded {
     /// that apply compares with what the map holds.
     routes_unknown: bool,
     local: BTreeMap<u32, u32>,
+    /// `flk_svc` as installed.
+    services: BTreeMap<[u32; 2], [u32; 2]>,
     /// `flk_ifaddr` as installed.
     ifaddr: BTreeMap<u32, u32>,
     /// Whether `flk_tc_ingress` loaded; without it outside traffic takes the nftables path.
@@ -386,6 +412,7 @@ impl Loaded {
         // Pinned maps may hold an earlier agent's entries: start from what they hold.
         let local = read_map(&mut bpf, LOCAL_MAP)?;
         let ifaddr = read_map(&mut bpf, IFADDR_MAP)?;
+        let services = read_pair_keyed_map(&mut bpf, SERVICES_MAP)?;
         Ok(Loaded {
             bpf,
             pins,
@@ -394,6 +421,7 @@ impl Loaded {
             // Likewise the routes: the first sync compares with what the map holds.
             routes_unknown: true,
             local,
+            services,
             ifaddr,
             tc_loaded,
             tc_links: BTreeMap::new(),
@@ -578,6 +606,26 @@ impl Loaded {
         Ok(())
     }
 
+    fn sync_services(&mut self, wanted: &ServiceTable) -> Result<(), EbpfError> {
+        let wanted = service_entries(wanted);
+        if self.services == wanted {
+            return Ok(());
+        }
+        let map_error = map_error(SERVICES_MAP);
+        let mut map = hash_map::<[u32; 2], [u32; 2]>(&mut self.bpf, SERVICES_MAP)?;
+        // Insert (which overwrites) before removing, as for routes.
+        for (key, value) in &wanted {
+            if self.services.get(key) != Some(value) {
+                map.insert(key, value, 0).map_err(map_error)?;
+            }
+        }
+        for key in self.services.keys().filter(|key| !wanted.contains_key(*key)) {
+            map.remove(key).map_err(map_error)?;
+        }
+        self.services = wanted;
+        Ok(())
+    }
+
     fn sync_local(&mut self, wanted: BTreeSet<u32>) -> Result<(), EbpfError> {
         let wanted = wanted.into_iter().map(|key| (key, 1)).collect();
         sync_map(&mut self.bpf, LOCAL_MAP, &mut self.local, wanted)
@@ -651,6 +699,17 @@ fn count_pinned<V: aya::Pod>(pins: &Pins, name: &'static str) -> Result<usize, E
     let map: BpfHashMap<_, [u8; 12], V> =
         BpfHashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_error)?;
     Ok(map.keys().filter(Result::is_ok).count())
+}
+
+/// What the hash map `name` (keys `[u32; 2]`) holds.
+fn read_pair_keyed_map(
+    bpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<BTreeMap<[u32; 2], [u32; 2]>, EbpfError> {
+    let map = hash_map::<[u32; 2], [u32; 2]>(bpf, name)?;
+    map.iter()
+        .collect::<Result<_, _>>()
+        .map_err(map_error(name))
 }
 
 /// What the hash map `name` (keys `u32`) holds.
@@ -784,7 +843,7 @@ impl EbpfBackend {
 
 impl EbpfState {
     fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
-        if table.entries.is_empty() {
+        if table.is_empty() {
             // No routes: no programs, no pins, no table, as the node was before.
             return self.clear();
         }
@@ -804,6 +863,7 @@ impl EbpfState {
         let addrs = node_addresses()?;
         loaded.sync_local(local_entries(addrs.iter().map(|(_, ip)| *ip)))?;
         loaded.sync_routes(table)?;
+        loaded.sync_services(&table.services)?;
         loaded.sync_interfaces(&addrs)?;
         loaded.remove_stale_pins();
         debug!(routes = table.entries.len(), "eBPF routes map updated");
@@ -826,7 +886,7 @@ impl EbpfState {
     /// Applies the last table again for the interfaces and addresses there are now: the
     /// routes map is unchanged, `flk_local`, `flk_ifaddr` and the TC links follow the node.
     fn cover_interfaces(&mut self) -> Result<(), RoutingError> {
-        if self.table.entries.is_empty() {
+        if self.table.is_empty() {
             return Ok(());
         }
         let table = std::mem::take(&mut self.table);
@@ -860,7 +920,7 @@ impl RoutingBackend for EbpfBackend {
     }
 
     fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
-        if table.entries.is_empty() {
+        if table.is_empty() {
             return self.clear();
         }
         self.state()?.apply(table)?;
@@ -894,6 +954,8 @@ pub fn outside_only_udp(table: &RouteTable) -> RouteTable {
             .filter(|(key, _)| key.protocol == Protocol::Udp)
             .map(|(key, entry)| (*key, *entry))
             .collect(),
+        // Services from containers outside the attached cgroup, and every relay.
+        services: table.services.clone(),
     }
 }
 
@@ -927,6 +989,7 @@ mod tests {
                 ),
             ]
             .into(),
+            ..Default::default()
         };
         let rendered: Vec<String> = route_entries(&table)
             .iter()
@@ -947,6 +1010,44 @@ mod tests {
             ]
         "#]]
         .assert_debug_eq(&rendered);
+    }
+
+    #[test]
+    fn service_entries_key_by_address_and_port_like_connect_sees_them() {
+        let mut table = ServiceTable::default();
+        table.services.insert(
+            crate::ServiceKey {
+                address: Ipv4Addr::new(198, 19, 128, 7),
+                protocol: Protocol::Tcp,
+                port: 6379,
+            },
+            RouteEntry::Remote {
+                node: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 30001),
+            },
+        );
+        table
+            .relays
+            .insert(RouteKey::tcp(30002), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1));
+        let rendered: Vec<String> = service_entries(&table)
+            .iter()
+            .map(|([a, k], [b, p])| {
+                format!(
+                    "{:02x?} {:02x?} -> {:02x?} {:02x?}",
+                    a.to_ne_bytes(),
+                    k.to_ne_bytes(),
+                    b.to_ne_bytes(),
+                    p.to_ne_bytes()
+                )
+            })
+            .collect();
+        assert_eq!(
+            rendered,
+            vec![
+                "[c6, 13, 80, 07] [18, eb, 06, 00] -> [c6, 12, 00, 02] [75, 31, 00, 00]"
+                    .to_string()
+            ],
+            "relays stay out of the socket-level map"
+        );
     }
 
     #[test]

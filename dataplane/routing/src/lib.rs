@@ -57,6 +57,7 @@ pub mod mounts;
 pub mod nft;
 pub mod pins;
 pub mod rcu;
+pub mod services;
 pub mod settings;
 pub mod table;
 pub mod watch;
@@ -65,6 +66,7 @@ use std::path::PathBuf;
 
 use tracing::{info, warn};
 
+pub use services::{ServiceKey, ServiceTable};
 pub use table::{
     AddressResolver, Protocol, RouteEntry, RouteKey, RouteTable, StaticResolver, TableError,
     TableErrors,

@@ -10,6 +10,8 @@ use std::{
 pub use flocker_wire::Protocol;
 use flocker_wire::{Route, RouteTarget};
 
+use crate::services::ServiceTable;
+
 /// What a route is looked up by: the protocol and the external port. TCP port 53 and UDP port
 /// 53 are two routes, possibly to two applications.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -63,10 +65,12 @@ impl RouteEntry {
     }
 }
 
-/// A node's whole route table, keyed by protocol and external port.
+/// A node's whole route table, keyed by protocol and external port, and its service routes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteTable {
     pub entries: BTreeMap<RouteKey, RouteEntry>,
+    /// Service addresses and relay ports (`crate::services`).
+    pub services: ServiceTable,
 }
 
 /// Resolves the names a wire route mentions into IPv4 addresses. The agent resolves node
@@ -97,6 +101,18 @@ pub enum TableError {
     },
     #[error("external port 0 is not routable (application {application:?})")]
     PortZero { application: String },
+    #[error("cannot resolve cluster node {node:?} (a peer that may use relay ports)")]
+    UnknownPeer { node: String },
+    #[error("relay port {relay} is taken twice (application {application:?})")]
+    DuplicateRelay {
+        relay: RouteKey,
+        application: String,
+    },
+    #[error("service {service} is routed twice (application {application:?})")]
+    DuplicateService {
+        service: String,
+        application: String,
+    },
 }
 
 /// Every problem found, not just the first.
@@ -105,6 +121,11 @@ pub enum TableError {
 pub struct TableErrors(pub Vec<TableError>);
 
 impl RouteTable {
+    /// Nothing to route: no port and no service.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.services.is_empty()
+    }
+
     /// Derives the table from this node's wire routes. A local route to a container without an
     /// address and a remote route to an unknown node are errors: silently dropping them would
     /// leave a published port dark.
@@ -166,7 +187,10 @@ impl RouteTable {
             entries.insert(port, entry);
         }
         if errors.is_empty() {
-            Ok(RouteTable { entries })
+            Ok(RouteTable {
+                entries,
+                services: ServiceTable::default(),
+            })
         } else {
             Err(TableErrors(errors))
         }

@@ -30,6 +30,7 @@ fn table(port: u16, last_octet: u8) -> RouteTable {
     let container = SocketAddrV4::new(Ipv4Addr::new(198, 19, 77, last_octet), 7000);
     RouteTable {
         entries: [(RouteKey::tcp(port), RouteEntry::Local { container })].into(),
+        ..Default::default()
     }
 }
 

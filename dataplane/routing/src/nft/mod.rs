@@ -14,6 +14,7 @@ pub mod docker_user;
 #[allow(unsafe_code)]
 pub mod netlink;
 pub mod plan;
+pub mod services;
 
 use tracing::{debug, info, warn};
 
@@ -24,6 +25,7 @@ use crate::{
 };
 use docker_user::ForwardGuard;
 use plan::{ElementDiff, MapElement, Ruleset, Scope};
+use services::SetDiff;
 
 pub use netlink::NetlinkError;
 
@@ -105,10 +107,19 @@ impl NftBackend {
                 backend: *backend,
             })
             .collect();
-        let encoded = netlink::encode_rebuild(&Ruleset::new(self.scope), &elements)?;
+        let service_elements: Vec<_> = services::elements(&wanted.services)
+            .into_iter()
+            .collect();
+        let encoded = netlink::encode_rebuild(
+            &Ruleset::new(self.scope),
+            &elements,
+            &service_elements,
+        )?;
         netlink::send(&encoded)?;
         info!(
             routes = elements.len(),
+            services = wanted.services.services.len(),
+            relays = wanted.services.relays.len(),
             "nftables: table ip flocker rebuilt"
         );
         self.installed = Some(wanted.clone());
@@ -168,7 +179,7 @@ impl RoutingBackend for NftBackend {
     }
 
     fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
-        if table.entries.is_empty() {
+        if table.is_empty() {
             // No routes means no table at all: the ruleset is left as the agent found it.
             // A table left by a previous run is removed once; after that there is nothing to do.
             if self.known_absent {
@@ -180,20 +191,26 @@ impl RoutingBackend for NftBackend {
             return self.rebuild(table);
         };
         let diff = ElementDiff::between_tables(&installed, table);
-        if diff.is_empty() {
+        let service_diff = SetDiff::between(&installed.services, &table.services);
+        if diff.is_empty() && service_diff.is_empty() {
             self.installed = Some(installed);
             return Ok(());
         }
-        let encoded = netlink::encode_diff(&diff)?;
+        let encoded = netlink::encode_diff(&diff, &service_diff)?;
         // On failure `installed` stays None, so the next apply rebuilds from scratch.
         netlink::send(&encoded)?;
         debug!(
             deleted = diff.delete.len(),
             added = diff.add.len(),
+            service_elements_deleted = service_diff.delete.len(),
+            service_elements_added = service_diff.add.len(),
             "nftables: routes map updated"
         );
         self.janitor.forget(diff.changed_ports());
         diff.patch(&mut installed, table);
+        if !service_diff.is_empty() {
+            installed.services = table.services.clone();
+        }
         self.installed = Some(installed);
         Ok(())
     }

@@ -27,6 +27,7 @@ use nix::sys::socket::{
 use super::plan::{
     CmpOp, ELEMENTS_PER_MESSAGE, ElementDiff, Expr, Hook, MapElement, ROUTES_MAP, Ruleset, TABLE,
 };
+use super::services::{self, SetDiff, SetElement};
 
 /// A failure talking nf_tables.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +74,11 @@ pub struct Encoded {
 /// Deletes the table if present and recreates it with every chain, rule and element, all in one
 /// transaction: the nft idiom "add table; delete table; add table" makes the delete safe when
 /// the table does not exist yet.
-pub fn encode_rebuild(ruleset: &Ruleset, elements: &[MapElement]) -> Result<Encoded, NetlinkError> {
+pub fn encode_rebuild(
+    ruleset: &Ruleset,
+    elements: &[MapElement],
+    service_elements: &[SetElement],
+) -> Result<Encoded, NetlinkError> {
     let table = Table::new(table_name(), ProtoFamily::Ipv4);
     let mut batch = Batch::new();
     batch.add(&table, MsgType::Add);
@@ -81,6 +86,13 @@ pub fn encode_rebuild(ruleset: &Ruleset, elements: &[MapElement]) -> Result<Enco
     batch.add(&table, MsgType::Add);
     let map = RawSet::routes_map()?;
     batch.add(&map, MsgType::Add);
+    let service_sets = services::SETS
+        .iter()
+        .map(RawSet::service_set)
+        .collect::<Result<Vec<_>, _>>()?;
+    for set in &service_sets {
+        batch.add(set, MsgType::Add);
+    }
     for spec in &ruleset.chains {
         let name = CString::new(spec.name).map_err(|_| NetlinkError::Alloc)?;
         let mut chain = Chain::new(&name, &table);
@@ -101,16 +113,41 @@ pub fn encode_rebuild(ruleset: &Ruleset, elements: &[MapElement]) -> Result<Enco
         }
     }
     add_elements(&mut batch, elements, MsgType::Add)?;
+    add_set_elements(&mut batch, service_elements, MsgType::Add)?;
     // The old table goes first.
     Ok(finalize(batch, true))
 }
 
 /// Only the element messages of a diff: deletes first, then adds, in one transaction.
-pub fn encode_diff(diff: &ElementDiff) -> Result<Encoded, NetlinkError> {
+pub fn encode_diff(diff: &ElementDiff, services: &SetDiff) -> Result<Encoded, NetlinkError> {
     let mut batch = Batch::new();
     add_elements(&mut batch, &diff.delete, MsgType::Del)?;
+    add_set_elements(&mut batch, &services.delete, MsgType::Del)?;
     add_elements(&mut batch, &diff.add, MsgType::Add)?;
-    Ok(finalize(batch, !diff.delete.is_empty()))
+    add_set_elements(&mut batch, &services.add, MsgType::Add)?;
+    Ok(finalize(
+        batch,
+        !diff.delete.is_empty() || !services.delete.is_empty(),
+    ))
+}
+
+/// Elements of the service sets, one message per set and chunk.
+fn add_set_elements(
+    batch: &mut Batch,
+    elements: &[SetElement],
+    msg_type: MsgType,
+) -> Result<(), NetlinkError> {
+    for spec in services::SETS {
+        let of_set: Vec<&SetElement> = elements.iter().filter(|e| e.set == spec.name).collect();
+        for chunk in of_set.chunks(ELEMENTS_PER_MESSAGE) {
+            let mut set = RawSet::named(spec.name)?;
+            for element in chunk {
+                set.add_raw_element(&element.key, &element.value)?;
+            }
+            batch.add(&ElementsMsg(&set), msg_type);
+        }
+    }
+    Ok(())
 }
 
 /// Removes the table, and with it everything the agent installed; a no-op if it is absent.
@@ -294,6 +331,58 @@ impl RawSet {
             sys::nftnl_set_set_u32(p, sys::NFTNL_SET_DATA_LEN as u16, 8);
         }
         Ok(set)
+    }
+
+    /// A service set or map (`services::SETS`).
+    fn service_set(spec: &services::SetSpec) -> Result<RawSet, NetlinkError> {
+        let set = RawSet::named(spec.name)?;
+        let p = set.0.as_ptr();
+        let type_id = |t: &services::SetType| match t {
+            services::SetType::Ipv4Addr => TYPE_IPV4_ADDR,
+            services::SetType::InetProto => TYPE_INET_PROTO,
+            services::SetType::InetService => TYPE_INET_SERVICE,
+        };
+        let concat = |fields: &[services::SetType]| {
+            fields.iter().fold(0u32, |acc, t| (acc << 6) | type_id(t))
+        };
+        // Every field takes one 4-byte register.
+        let len = |fields: &[services::SetType]| 4 * fields.len() as u32;
+        // SAFETY: p is a live set owned by `set`.
+        unsafe {
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_ID as u16, spec.id);
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_TYPE as u16, concat(spec.key));
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_LEN as u16, len(spec.key));
+            if !spec.value.is_empty() {
+                sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, libc::NFT_SET_MAP as u32);
+                sys::nftnl_set_set_u32(p, sys::NFTNL_SET_DATA_TYPE as u16, concat(spec.value));
+                sys::nftnl_set_set_u32(p, sys::NFTNL_SET_DATA_LEN as u16, len(spec.value));
+            }
+        }
+        Ok(set)
+    }
+
+    /// An element of any key and value (no value for a plain set).
+    fn add_raw_element(&mut self, key: &[u8], value: &[u8]) -> Result<(), NetlinkError> {
+        // SAFETY: as in `add_element`: the element goes to the set, the setters copy.
+        unsafe {
+            let elem = NonNull::new(sys::nftnl_set_elem_alloc()).ok_or(NetlinkError::Alloc)?;
+            sys::nftnl_set_elem_set(
+                elem.as_ptr(),
+                sys::NFTNL_SET_ELEM_KEY as u16,
+                key.as_ptr().cast::<c_void>(),
+                key.len() as u32,
+            );
+            if !value.is_empty() {
+                sys::nftnl_set_elem_set(
+                    elem.as_ptr(),
+                    sys::NFTNL_SET_ELEM_DATA as u16,
+                    value.as_ptr().cast::<c_void>(),
+                    value.len() as u32,
+                );
+            }
+            sys::nftnl_set_elem_add(self.0.as_ptr(), elem.as_ptr());
+        }
+        Ok(())
     }
 
     fn add_element(&mut self, element: &MapElement) -> Result<(), NetlinkError> {
@@ -927,7 +1016,7 @@ fn build_expr(expr: &Expr) -> NonNull<sys::nftnl_expr> {
                     sys::NFTNL_EXPR_LOOKUP_SET as u16,
                     name.as_ptr(),
                 );
-                set_u32(e, sys::NFTNL_EXPR_LOOKUP_SET_ID, 1);
+                set_u32(e, sys::NFTNL_EXPR_LOOKUP_SET_ID, services::set_id(set));
                 if *to_register {
                     set_u32(e, sys::NFTNL_EXPR_LOOKUP_DREG, reg1);
                 }
@@ -992,6 +1081,33 @@ fn build_expr(expr: &Expr) -> NonNull<sys::nftnl_expr> {
                 let e = alloc_expr(c"immediate");
                 set_u32(e, sys::NFTNL_EXPR_IMM_DREG, libc::NFT_REG_VERDICT as u32);
                 set_u32(e, sys::NFTNL_EXPR_IMM_VERDICT, libc::NF_ACCEPT as u32);
+                e
+            }
+            Expr::NetworkSaddr | Expr::NetworkDaddrReg10 => {
+                let (offset, dreg) = match expr {
+                    Expr::NetworkSaddr => (12, reg1),
+                    _ => (16, libc::NFT_REG32_02 as u32),
+                };
+                let e = alloc_expr(c"payload");
+                set_u32(e, sys::NFTNL_EXPR_PAYLOAD_DREG, dreg);
+                set_u32(
+                    e,
+                    sys::NFTNL_EXPR_PAYLOAD_BASE,
+                    libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
+                );
+                set_u32(e, sys::NFTNL_EXPR_PAYLOAD_OFFSET, offset);
+                set_u32(e, sys::NFTNL_EXPR_PAYLOAD_LEN, 4);
+                e
+            }
+            Expr::CtOriginalDaddr => {
+                let e = alloc_expr(c"ct");
+                set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_DST as u32);
+                set_u32(e, sys::NFTNL_EXPR_CT_DREG, reg1);
+                sys::nftnl_expr_set_u8(
+                    e.as_ptr(),
+                    sys::NFTNL_EXPR_CT_DIR as u16,
+                    IP_CT_DIR_ORIGINAL,
+                );
                 e
             }
         }

@@ -101,6 +101,13 @@ pub enum Expr {
     },
     /// Verdict `accept`.
     Accept,
+    /// `ip saddr` into register 1 (4 bytes, network order).
+    NetworkSaddr,
+    /// `ip daddr` into 32-bit register 10: the third field of a key that starts in register
+    /// 1 (`inet_proto . inet_service . ipv4_addr`, the `services` map's key).
+    NetworkDaddrReg10,
+    /// `ct original ip daddr` into register 1.
+    CtOriginalDaddr,
 }
 
 /// One rule of one chain.
@@ -123,9 +130,9 @@ pub struct Ruleset {
 pub const ROUTED_MARK: u32 = 0x0080_0000;
 
 /// The kernel's `RTN_LOCAL`, as `fib ... type` stores it.
-const RTN_LOCAL: u32 = 2;
+pub(crate) const RTN_LOCAL: u32 = 2;
 /// `IPS_DST_NAT` of the conntrack status bits.
-const IPS_DST_NAT: u32 = 1 << 5;
+pub(crate) const IPS_DST_NAT: u32 = 1 << 5;
 /// nftables' `dstnat` and `srcnat` priorities.
 const PRIORITY_DSTNAT: i32 = -100;
 const PRIORITY_SRCNAT: i32 = 100;
@@ -193,6 +200,7 @@ impl Ruleset {
             hook: Hook::Postrouting,
             priority: PRIORITY_SRCNAT,
         });
+        let (service_chains, service_rules) = super::services::chains_and_rules(scope);
         rules.push(RuleSpec {
             chain: "postrouting",
             exprs: vec![
@@ -215,6 +223,8 @@ impl Ruleset {
                 Expr::Masquerade,
             ],
         });
+        chains.extend(service_chains);
+        rules.extend(service_rules);
         Ruleset { chains, rules }
     }
 }
@@ -387,6 +397,9 @@ impl fmt::Display for Expr {
                 write!(f, "match name {name} rev {rev} info {}", hex(info))
             }
             Expr::Accept => write!(f, "immediate accept"),
+            Expr::NetworkSaddr => write!(f, "payload network +12 len 4 => reg 1"),
+            Expr::NetworkDaddrReg10 => write!(f, "payload network +16 len 4 => reg 10"),
+            Expr::CtOriginalDaddr => write!(f, "ct original ip daddr => reg 1"),
         }
     }
 }
@@ -405,6 +418,20 @@ impl fmt::Display for Ruleset {
             f,
             "table ip {TABLE}\nmap {ROUTES_MAP} inet_proto . inet_service -> ipv4_addr . inet_service"
         )?;
+        for set in super::services::SETS {
+            let types = |fields: &[super::services::SetType]| {
+                fields
+                    .iter()
+                    .map(|t| format!("{t:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" . ")
+            };
+            if set.value.is_empty() {
+                writeln!(f, "set {} {}", set.name, types(set.key))?;
+            } else {
+                writeln!(f, "map {} {} -> {}", set.name, types(set.key), types(set.value))?;
+            }
+        }
         for chain in &self.chains {
             writeln!(
                 f,
@@ -437,12 +464,22 @@ mod tests {
             expect![[r#"
                 table ip flocker
                 map routes inet_proto . inet_service -> ipv4_addr . inet_service
+                map services InetProto . InetService . Ipv4Addr -> Ipv4Addr . InetService
+                map relays InetProto . InetService -> Ipv4Addr . InetService
+                set peers Ipv4Addr
                 chain prerouting nat hook Prerouting priority -100
                   [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ lookup reg 1 @routes => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
                 chain output nat hook Output priority -100
                   [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ lookup reg 1 @routes => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
                 chain postrouting nat hook Postrouting priority 100
                   [ ct status => reg 1 ] [ bitwise reg 1 & 0x20000000 ^ 0x00000000 ] [ cmp neq reg 1 0x00000000 ] [ ct original protocol => reg 1 ] [ ct original proto-dst => reg 9 ] [ lookup reg 1 @routes ] [ counter ] [ masq ]
+                chain svc_prerouting nat hook Prerouting priority -99
+                  [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ payload network +16 len 4 => reg 10 ] [ lookup reg 1 @services => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
+                  [ payload network +12 len 4 => reg 1 ] [ lookup reg 1 @peers ] [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ lookup reg 1 @relays => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
+                chain svc_output nat hook Output priority -99
+                  [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ payload network +16 len 4 => reg 10 ] [ lookup reg 1 @services => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
+                chain svc_postrouting nat hook Postrouting priority 101
+                  [ ct status => reg 1 ] [ bitwise reg 1 & 0x20000000 ^ 0x00000000 ] [ cmp neq reg 1 0x00000000 ] [ ct original ip daddr => reg 1 ] [ bitwise reg 1 & 0xffff8000 ^ 0x00000000 ] [ cmp eq reg 1 0xc6138000 ] [ counter ] [ masq ]
             "#]],
         );
     }
@@ -465,6 +502,7 @@ mod tests {
     fn table(entries: &[(u16, RouteEntry)]) -> BTreeMap<RouteKey, SocketAddrV4> {
         map_elements(&RouteTable {
             entries: tcp_entries(entries),
+            ..Default::default()
         })
     }
 
@@ -484,6 +522,7 @@ mod tests {
         let diff = ElementDiff::between(&table(from), &table(to));
         let tables = |e: &[(u16, RouteEntry)]| RouteTable {
             entries: tcp_entries(e),
+            ..Default::default()
         };
         assert_eq!(
             diff,
@@ -558,9 +597,11 @@ mod tests {
                 (udp.port, remote([198, 18, 0, 2], 53)),
             ]
             .into(),
+            ..Default::default()
         };
         let only_tcp = RouteTable {
             entries: [(tcp.port, local([172, 17, 0, 2], 5353))].into(),
+            ..Default::default()
         };
         let diff = ElementDiff::between_tables(&only_tcp, &both);
         assert!(diff.delete.is_empty());
@@ -592,6 +633,7 @@ mod tests {
     fn patch_brings_the_old_table_to_the_new_one() {
         let tables = |e: &[(u16, RouteEntry)]| RouteTable {
             entries: tcp_entries(e),
+            ..Default::default()
         };
         let from = tables(&[
             (80, local([172, 17, 0, 2], 8080)),

@@ -218,21 +218,18 @@ pub struct HostsEntry {
 /// external port to the application that publishes it).
 pub fn hosts_entries(
     app: &Application,
-    services: &BTreeMap<String, Service>,
+    addresses: &BTreeMap<String, Ipv4Addr>,
     publisher: impl Fn(Protocol, u16) -> Option<String>,
 ) -> Vec<HostsEntry> {
     let mut names: BTreeMap<Ipv4Addr, BTreeSet<String>> = BTreeMap::new();
-    for (name, service) in services {
-        names
-            .entry(service.address)
-            .or_default()
-            .insert(name.clone());
+    for (name, address) in addresses {
+        names.entry(*address).or_default().insert(name.clone());
     }
     for link in &app.links {
         let target = publisher(link.protocol, link.remote_port);
-        if let Some(service) = target.and_then(|t| services.get(&t)) {
+        if let Some(address) = target.and_then(|t| addresses.get(&t)) {
             names
-                .entry(service.address)
+                .entry(*address)
                 .or_default()
                 .insert(link.alias.clone());
         }
@@ -246,14 +243,26 @@ pub fn hosts_entries(
         .collect()
 }
 
-/// A whole hosts file: localhost, the container's own name when known, then `entries`.
-pub fn hosts_file(own: Option<(Ipv4Addr, &str)>, entries: &[HostsEntry]) -> String {
+/// A whole hosts file: localhost, the container's own name when known, its `extra_hosts`
+/// (`NAME:ADDRESS` or `NAME=ADDRESS`, as Docker would have written them), then `entries`.
+pub fn hosts_file(
+    own: Option<(Ipv4Addr, &str)>,
+    extra_hosts: &[String],
+    entries: &[HostsEntry],
+) -> String {
     let mut text = String::from(
         "# Written by flocker-agent: service names resolve to their service addresses.\n\
          127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
     );
     if let Some((ip, hostname)) = own {
         text.push_str(&format!("{ip}\t{hostname}\n"));
+    }
+    for extra in extra_hosts {
+        let split = extra.split_once('=').or_else(|| extra.split_once(':'));
+        if let Some((name, address)) = split {
+            let address = address.trim_start_matches('[').trim_end_matches(']');
+            text.push_str(&format!("{address}\t{name}\n"));
+        }
     }
     for entry in entries {
         text.push_str(&format!("{}\t{}\n", entry.address, entry.names.join(" ")));
@@ -398,7 +407,11 @@ mod tests {
             alias: "redis".into(),
             protocol: Protocol::Tcp,
         });
-        let entries = hosts_entries(&web, &services, |_, port| {
+        let addresses = services
+            .iter()
+            .map(|(name, s)| (name.clone(), s.address))
+            .collect();
+        let entries = hosts_entries(&web, &addresses, |_, port| {
             (port == 16379).then(|| "cache".to_string())
         });
         let cache = entries
@@ -406,8 +419,14 @@ mod tests {
             .find(|e| e.address == services["cache"].address)
             .expect("cache listed");
         assert_eq!(cache.names, vec!["cache".to_string(), "redis".to_string()]);
-        let text = hosts_file(Some((Ipv4Addr::new(172, 17, 0, 2), "abc")), &entries);
+        let text = hosts_file(
+            Some((Ipv4Addr::new(172, 17, 0, 2), "abc")),
+            &["db.example:198.18.5.5".to_string(), "v6=[::1]".to_string()],
+            &entries,
+        );
         assert!(text.contains("127.0.0.1\tlocalhost\n"));
+        assert!(text.contains("198.18.5.5\tdb.example\n"));
+        assert!(text.contains("::1\tv6\n"));
         assert!(text.contains("172.17.0.2\tabc\n"));
         assert!(text.contains(&format!("{}\tcache redis\n", services["cache"].address)));
     }

@@ -165,6 +165,69 @@ impl Agent {
                 ));
             }
         }
+        self.validate_services(request, map)
+    }
+
+    /// The map's services: names, addresses in the service range and each once, nodes of
+    /// the desired state, relay ports in their range clear of every published port, and a
+    /// service said to run here exactly as the desired state places and maps it here.
+    fn validate_services(
+        &self,
+        request: &ConvergeRequest,
+        map: &RouteMap,
+    ) -> Result<(), AgentError> {
+        use flocker_wire::services::{RELAY_PORTS, in_service_range, service_ports};
+        let bad = |s: String| Err(AgentError::BadRequest(s));
+        let mine = request.desired.nodes.get(&self.me);
+        let mut addresses = std::collections::BTreeSet::new();
+        let mut relays_here = std::collections::BTreeSet::new();
+        for (name, service) in &map.services {
+            check_name(name)?;
+            if !in_service_range(service.address) || !addresses.insert(service.address) {
+                return bad(format!(
+                    "route map: service {name:?} has address {}, outside the service range or taken twice",
+                    service.address
+                ));
+            }
+            if !request.desired.nodes.contains_key(&service.node) {
+                return bad(format!(
+                    "route map: service {name:?} runs on {:?}, which is not a node of the desired state",
+                    service.node
+                ));
+            }
+            for port in &service.ports {
+                let Some(relay) = port.relay else { continue };
+                let published = map.get(port.protocol, relay).is_some();
+                if !(RELAY_PORTS.0..=RELAY_PORTS.1).contains(&relay) || published {
+                    return bad(format!(
+                        "route map: service {name:?} relays port {} at {relay}, outside the relay range or a published port",
+                        port.port
+                    ));
+                }
+                if service.node == self.me && !relays_here.insert((port.protocol, relay)) {
+                    return bad(format!(
+                        "route map: relay port {relay} is taken twice on this node"
+                    ));
+                }
+            }
+            if service.node != self.me {
+                continue;
+            }
+            let placed = mine.is_some_and(|m| m.contains(name));
+            let ports: Vec<(u16, flocker_wire::Protocol)> =
+                service.ports.iter().map(|p| (p.port, p.protocol)).collect();
+            let mapped = request
+                .desired
+                .applications
+                .get(name)
+                .is_some_and(|a| service_ports(a) == ports);
+            if !placed || !mapped {
+                return bad(format!(
+                    "route map: service {name:?} is said to run on this node ({}) with ports the desired state does not place or map here",
+                    self.me
+                ));
+            }
+        }
         Ok(())
     }
 

@@ -142,7 +142,10 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let files = HostsFiles::new(dir.path().join("hosts"));
-        assert!(!files.rewrite("c", "x").expect("rewrite"), "no file, nothing written");
+        assert!(
+            !files.rewrite("c", "x").expect("rewrite"),
+            "no file, nothing written"
+        );
         files.write("c", "first version, longer\n").expect("write");
         let inode = std::fs::metadata(files.path("c")).expect("meta").ino();
         assert!(files.rewrite("c", "second\n").expect("rewrite"));

@@ -341,7 +341,10 @@ mod tests {
             .iter()
             .map(|n| slot(n, 0, 1 << 15))
             .collect::<BTreeSet<_>>();
-        assert!(first_hash.len() < names.len(), "the test does exercise collisions");
+        assert!(
+            first_hash.len() < names.len(),
+            "the test does exercise collisions"
+        );
         let b = service_addresses(names.iter().rev().map(String::as_str));
         assert_eq!(a, b, "order of the input does not matter");
     }
@@ -389,7 +392,11 @@ mod tests {
             .map(|i| services[&format!("s{i}")].ports[0].relay)
             .collect();
         let given: BTreeSet<u16> = relays.iter().flatten().copied().collect();
-        assert_eq!(given.len(), 3, "three free relay ports for four services: {relays:?}");
+        assert_eq!(
+            given.len(),
+            3,
+            "three free relay ports for four services: {relays:?}"
+        );
         assert!(given.iter().all(|p| *p > RELAY_PORTS.1 - 3));
     }
 

@@ -619,7 +619,11 @@ impl Loaded {
                 map.insert(key, value, 0).map_err(map_error)?;
             }
         }
-        for key in self.services.keys().filter(|key| !wanted.contains_key(*key)) {
+        for key in self
+            .services
+            .keys()
+            .filter(|key| !wanted.contains_key(*key))
+        {
             map.remove(key).map_err(map_error)?;
         }
         self.services = wanted;
@@ -1025,9 +1029,10 @@ mod tests {
                 node: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 30001),
             },
         );
-        table
-            .relays
-            .insert(RouteKey::tcp(30002), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1));
+        table.relays.insert(
+            RouteKey::tcp(30002),
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1),
+        );
         let rendered: Vec<String> = service_entries(&table)
             .iter()
             .map(|([a, k], [b, p])| {

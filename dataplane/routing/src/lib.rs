@@ -14,7 +14,18 @@
 //! protocol. [`watch`] follows interfaces and addresses through rtnetlink, so the eBPF backend
 //! covers a re-created bridge or a new address at once rather than at the next route change.
 //!
+//! Service addresses ([`ServiceTable`], issue 18): a connection to an application's service
+//! address and port reaches its container on this node, or the hosting node's relay port,
+//! which accepts only the cluster's node addresses.
+//!
 //! Known limits:
+//! - Services: with the nftables backend, a process of the node itself (not a container)
+//!   reaches a service address only when the node has some route covering it (a default
+//!   route does): the kernel looks the route up at `connect` before the output chain's DNAT.
+//!   The eBPF backend's connect4 rewrites before that. A container dialling its own service
+//!   address (hairpin on one bridge port) needs hairpin mode on that port, as for published
+//!   ports. The eBPF TC program does not carry relayed connections: they take the nftables
+//!   chains.
 //! - Only IPv4 (no IPv6 routes, addresses or table yet), only connections to one of the
 //!   node's own addresses (`fib daddr type local`). `127.0.0.1:PORT` is not routed: the nftables backend would need
 //!   `route_localnet`, and the eBPF backend leaves loopback alone on purpose (a container in the

@@ -138,7 +138,13 @@ mod tests {
     use super::*;
     use crate::table::StaticResolver;
 
-    fn route(app: &str, last: u8, port: u16, relay: Option<u16>, target: RouteTarget) -> ServiceRoute {
+    fn route(
+        app: &str,
+        last: u8,
+        port: u16,
+        relay: Option<u16>,
+        target: RouteTarget,
+    ) -> ServiceRoute {
         ServiceRoute {
             application: app.into(),
             address: Ipv4Addr::new(198, 19, 128, last),

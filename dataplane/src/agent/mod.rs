@@ -632,10 +632,8 @@ impl Agent {
                     desired.nodes.keys().cloned().collect(),
                     &resolver,
                 );
-                self.metrics.routes_applied(
-                    result.is_ok().then_some(map.ports.len()),
-                    started.elapsed(),
-                );
+                self.metrics
+                    .routes_applied(result.is_ok().then_some(map.ports.len()), started.elapsed());
                 result?;
                 self.refresh_hosts().await;
                 Ok(())
@@ -742,12 +740,8 @@ impl Agent {
         spec.binds.extend(self.write_files(desired, app)?);
         if let Some(hosts) = &self.hosts {
             // Its own name is added once it runs (`refresh_hosts`).
-            let text = crate::hosts::content(
-                app,
-                &self.routes.services(),
-                &self.routes.current(),
-                None,
-            );
+            let text =
+                crate::hosts::content(app, &self.routes.services(), &self.routes.current(), None);
             hosts
                 .write(&spec.name, &text)
                 .map_err(|e| AgentError::Internal(e.to_string()))?;

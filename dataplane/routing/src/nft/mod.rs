@@ -107,14 +107,9 @@ impl NftBackend {
                 backend: *backend,
             })
             .collect();
-        let service_elements: Vec<_> = services::elements(&wanted.services)
-            .into_iter()
-            .collect();
-        let encoded = netlink::encode_rebuild(
-            &Ruleset::new(self.scope),
-            &elements,
-            &service_elements,
-        )?;
+        let service_elements: Vec<_> = services::elements(&wanted.services).into_iter().collect();
+        let encoded =
+            netlink::encode_rebuild(&Ruleset::new(self.scope), &elements, &service_elements)?;
         netlink::send(&encoded)?;
         info!(
             routes = elements.len(),

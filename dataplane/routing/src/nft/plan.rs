@@ -429,7 +429,13 @@ impl fmt::Display for Ruleset {
             if set.value.is_empty() {
                 writeln!(f, "set {} {}", set.name, types(set.key))?;
             } else {
-                writeln!(f, "map {} {} -> {}", set.name, types(set.key), types(set.value))?;
+                writeln!(
+                    f,
+                    "map {} {} -> {}",
+                    set.name,
+                    types(set.key),
+                    types(set.value)
+                )?;
             }
         }
         for chain in &self.chains {

@@ -290,10 +290,8 @@ mod tests {
                 node: backend.parse().expect("addr"),
             },
         );
-        t.relays.insert(
-            RouteKey::tcp(30001),
-            "172.17.0.2:80".parse().expect("addr"),
-        );
+        t.relays
+            .insert(RouteKey::tcp(30001), "172.17.0.2:80".parse().expect("addr"));
         t.peers.insert(Ipv4Addr::new(198, 18, 0, 1));
         t
     }

@@ -276,8 +276,10 @@ mod tests {
     use crate::{Image, Link, PortMap, RestartPolicy};
 
     fn app(name: &str, ports: &[(u16, u16)], expose: &[u16]) -> Application {
-        let mut container = crate::ContainerSettings::default();
-        container.expose = expose.to_vec();
+        let container = crate::ContainerSettings {
+            expose: expose.to_vec(),
+            ..Default::default()
+        };
         Application {
             name: name.into(),
             image: Image {

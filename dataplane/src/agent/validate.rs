@@ -181,6 +181,15 @@ impl Agent {
         let mine = request.desired.nodes.get(&self.me);
         let mut addresses = std::collections::BTreeSet::new();
         let mut relays_here = std::collections::BTreeSet::new();
+        let listening = crate::listeners::listening_ports();
+        // As for routes: a port this node relays already was checked when it was taken.
+        let relayed_now: BTreeSet<(flocker_wire::Protocol, u16)> = self
+            .routes
+            .services()
+            .iter()
+            .filter(|s| matches!(s.target, RouteTarget::Local { .. }))
+            .filter_map(|s| s.relay.map(|r| (s.protocol, r)))
+            .collect();
         for (name, service) in &map.services {
             check_name(name)?;
             if !in_service_range(service.address) || !addresses.insert(service.address) {
@@ -207,6 +216,15 @@ impl Agent {
                 if service.node == self.me && !relays_here.insert((port.protocol, relay)) {
                     return bad(format!(
                         "route map: relay port {relay} is taken twice on this node"
+                    ));
+                }
+                if service.node == self.me
+                    && listening.contains(&(port.protocol, relay))
+                    && !relayed_now.contains(&(port.protocol, relay))
+                {
+                    return bad(format!(
+                        "route map: relay port {relay}/{} of {name:?} is held by a service of this node ({}), which the relay would take over from the cluster's nodes",
+                        port.protocol, self.me
                     ));
                 }
             }

@@ -323,12 +323,13 @@ fn plan_routes(desired: &DesiredState, current: &ClusterState, phases: &mut Phas
         let state = current.nodes.get(node);
         let follows = match state.map(|s| (&s.routes_version, &s.routes)) {
             Some((Some(v), _)) => *v == version,
+            // Services travel only in the map: a node without its version has none of them.
             Some((None, routes)) => {
                 let mut have = routes.clone();
                 have.sort();
-                have == map.routes_for(node)
+                have == map.routes_for(node) && map.services.is_empty()
             }
-            None => map.ports.is_empty(),
+            None => map.ports.is_empty() && map.services.is_empty(),
         };
         if !follows {
             phases.routes.push(on(

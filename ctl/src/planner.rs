@@ -314,7 +314,7 @@ fn plan_stops(placement: &HashMap<&str, &str>, current: &ClusterState, phases: &
 /// to follow it; a node that left the deployment and still routes gets an empty table.
 ///
 /// A node reporting the map's version routes by it. One reporting no version (its table was
-/// set as a list, or fencing changed it) is compared table by table, which costs its
+/// set as a list, or fencing changed it) is compared table by table (when the map carries no services), which costs its
 /// applications' worth of work but keeps a matching table from being sent again.
 fn plan_routes(desired: &DesiredState, current: &ClusterState, phases: &mut PhaseSet) {
     let map = desired.route_map();

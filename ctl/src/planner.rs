@@ -372,7 +372,7 @@ fn stop(node: &str, application: &str) -> NodeAction {
 /// to follow it; a node that left the deployment and still routes gets an empty table.
 ///
 /// A node reporting the map's version routes by it. One reporting no version (its table was
-/// set as a list, or fencing changed it) is compared table by table, which costs its
+/// set as a list, or fencing changed it) is compared table by table (when the map carries no services), which costs its
 /// applications' worth of work but keeps a matching table from being sent again.
 fn plan_routes(desired: &DesiredState, current: &ClusterState, phases: &mut PhaseSet) {
     let map = desired.route_map();
@@ -381,12 +381,13 @@ fn plan_routes(desired: &DesiredState, current: &ClusterState, phases: &mut Phas
         let state = current.nodes.get(node);
         let follows = match state.map(|s| (&s.routes_version, &s.routes)) {
             Some((Some(v), _)) => *v == version,
+            // Services travel only in the map: a node without its version has none of them.
             Some((None, routes)) => {
                 let mut have = routes.clone();
                 have.sort();
-                have == map.routes_for(node)
+                have == map.routes_for(node) && map.services.is_empty()
             }
-            None => map.ports.is_empty(),
+            None => map.ports.is_empty() && map.services.is_empty(),
         };
         if !follows {
             phases.routes.push(on(

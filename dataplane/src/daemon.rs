@@ -161,6 +161,11 @@ pub async fn build(
         .with_api_port(config.listen.port())
         .with_replication_rate(config.replication_rate_limit)
         .with_file_store_if(file_store(config))
+        .with_hosts_files(crate::hosts::HostsFiles::new(
+            config
+                .state_dir
+                .join(format!("hosts-{}", config.node_address)),
+        ))
         .with_move_rate(config.move_rate_limit)
         .with_ready_timeout(config.ready_timeout)
         .with_schedule_file(

@@ -8,8 +8,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use flocker_routing::{AddressResolver, RouteTable, RoutingBackend};
-use flocker_wire::Route;
+use flocker_routing::{AddressResolver, RouteTable, RoutingBackend, ServiceTable};
+use flocker_wire::{Route, ServiceRoute};
 
 use crate::volume::{VolumeError, sidecar};
 
@@ -93,6 +93,12 @@ struct Recorded {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     version: Option<String>,
     routes: Vec<Route>,
+    /// The node's service routes (from the route map's services) and the cluster's nodes,
+    /// the peers its relay ports accept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    services: Vec<ServiceRoute>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    peers: Vec<String>,
 }
 
 /// The route file as written now, or as agents before route map versions wrote it (the
@@ -116,6 +122,7 @@ impl RouteStore {
                 Ok(RouteFile::List(routes)) => Recorded {
                     version: None,
                     routes,
+                    ..Recorded::default()
                 },
                 Err(e) => {
                     return Err(RoutesError::File {
@@ -165,6 +172,14 @@ impl RouteStore {
             .unwrap_or_default()
     }
 
+    /// The node's recorded service routes: what its containers' hosts files name.
+    pub fn services(&self) -> Vec<ServiceRoute> {
+        self.routes
+            .lock()
+            .map(|r| r.services.clone())
+            .unwrap_or_default()
+    }
+
     /// The route map version the table follows, if it does.
     pub fn version(&self) -> Option<String> {
         self.routes.lock().ok().and_then(|r| r.version.clone())
@@ -199,14 +214,43 @@ impl RouteStore {
     /// table set as a list).
     pub fn set_versioned(
         &self,
-        mut routes: Vec<Route>,
+        routes: Vec<Route>,
         version: Option<String>,
         resolver: &Resolver,
     ) -> Result<(), RoutesError> {
+        let (services, peers) = self.recorded_services();
+        self.set_with_services(routes, version, services, peers, resolver)
+    }
+
+    /// [`RouteStore::set_versioned`] with the node's service routes and the cluster's nodes
+    /// (the sources its relay ports accept). A local service whose container has no address
+    /// yet is left out of the kernel until the next apply, as fencing's routes are.
+    pub fn set_with_services(
+        &self,
+        mut routes: Vec<Route>,
+        version: Option<String>,
+        mut services: Vec<ServiceRoute>,
+        peers: Vec<String>,
+        resolver: &Resolver,
+    ) -> Result<(), RoutesError> {
         routes.sort();
-        let table = RouteTable::from_wire(&routes, resolver)?;
+        services.sort();
+        let mut table = RouteTable::from_wire(&routes, resolver)?;
+        table.services = service_table(&services, &peers, resolver)?;
         self.program(&table)?;
-        self.record(Recorded { version, routes })
+        self.record(Recorded {
+            version,
+            routes,
+            services,
+            peers,
+        })
+    }
+
+    fn recorded_services(&self) -> (Vec<ServiceRoute>, Vec<String>) {
+        self.routes
+            .lock()
+            .map(|r| (r.services.clone(), r.peers.clone()))
+            .unwrap_or_default()
     }
 
     /// Persists the node's route list with its version.
@@ -226,10 +270,12 @@ impl RouteStore {
     /// changed if Docker restarted them).
     pub fn reapply(&self, resolver: &Resolver) -> Result<(), RoutesError> {
         let routes = self.current();
-        if routes.is_empty() {
+        let (services, peers) = self.recorded_services();
+        if routes.is_empty() && services.is_empty() {
             return Ok(());
         }
-        let table = RouteTable::from_wire(&resolvable(&routes, resolver), resolver)?;
+        let mut table = RouteTable::from_wire(&resolvable(&routes, resolver), resolver)?;
+        table.services = service_table(&services, &peers, resolver)?;
         self.program(&table)
     }
 
@@ -244,11 +290,15 @@ impl RouteStore {
         resolver: &Resolver,
     ) -> Result<(), RoutesError> {
         routes.sort();
-        let table = RouteTable::from_wire(&resolvable(&routes, resolver), resolver)?;
+        let (services, peers) = self.recorded_services();
+        let mut table = RouteTable::from_wire(&resolvable(&routes, resolver), resolver)?;
+        table.services = service_table(&services, &peers, resolver)?;
         self.program(&table)?;
         self.record(Recorded {
             version: None,
             routes,
+            services,
+            peers,
         })
     }
 
@@ -284,6 +334,30 @@ fn resolvable(routes: &[Route], resolver: &Resolver) -> Vec<Route> {
         })
         .cloned()
         .collect()
+}
+
+/// The service table of the routes that can be programmed now: local services only where
+/// the container has an address.
+fn service_table(
+    services: &[ServiceRoute],
+    peers: &[String],
+    resolver: &Resolver,
+) -> Result<ServiceTable, RoutesError> {
+    let up: Vec<ServiceRoute> = services
+        .iter()
+        .filter(|s| match &s.target {
+            flocker_wire::RouteTarget::Local { .. } => {
+                let up = resolver.containers.contains_key(&s.application);
+                if !up {
+                    tracing::info!(application = %s.application, port = s.port, "service route left out until its container runs");
+                }
+                up
+            }
+            flocker_wire::RouteTarget::Node { .. } => true,
+        })
+        .cloned()
+        .collect();
+    Ok(ServiceTable::from_wire(&up, peers, resolver)?)
 }
 
 fn sidecar_write(path: &std::path::Path, bytes: &[u8]) -> Result<(), RoutesError> {

@@ -106,6 +106,32 @@ static __always_inline struct backend *routed(struct bpf_sock_addr *ctx)
 	return bpf_map_lookup_elem(&flk_routes, &key);
 }
 
+// Services by name: a service address and port (key in the byte order of bpf_sock_addr,
+// the port word carrying the protocol as route_key does) -> the local container, or the
+// hosting node's address and relay port. Updated in place by the agent.
+struct svc_key {
+	__u32 addr;
+	__u32 port;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct svc_key);
+	__type(value, struct backend);
+} flk_svc SEC(".maps");
+
+// The backend of a TCP or UDP destination that is a service address and port, or NULL.
+static __always_inline struct backend *service(struct bpf_sock_addr *ctx)
+{
+	__u32 protocol = ctx->protocol;
+	if (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
+		return NULL;
+	struct svc_key key = { .addr = ctx->user_ip4,
+			       .port = route_key(ctx->user_port, protocol) };
+	return bpf_map_lookup_elem(&flk_svc, &key);
+}
+
 // Rewrites the destination to the backend `b`, remembering for UDP replies what it was.
 static __always_inline void redirect(struct bpf_sock_addr *ctx, const struct backend *b,
 				     __u64 cookie)
@@ -124,6 +150,8 @@ int flk_connect4(struct bpf_sock_addr *ctx)
 {
 	struct backend *b = routed(ctx);
 	if (!b)
+		b = service(ctx);
+	if (!b)
 		return 1;
 	struct backend orig = { .addr = ctx->user_ip4, .port = ctx->user_port };
 	__u64 cookie = bpf_get_socket_cookie(ctx);
@@ -136,6 +164,8 @@ SEC("cgroup/sendmsg4")
 int flk_sendmsg4(struct bpf_sock_addr *ctx)
 {
 	struct backend *b = routed(ctx);
+	if (!b)
+		b = service(ctx);
 	if (!b)
 		return 1;
 	redirect(ctx, b, bpf_get_socket_cookie(ctx));

@@ -99,6 +99,9 @@ fn import(docker_host: &str, binaries: &[&str], changes: &[&str], tag: &str) -> 
         std::fs::create_dir_all(root.path().join(dir))?;
     }
     std::fs::write(root.path().join("www/index.html"), "flocker\n")?;
+    // As distribution images have it: names are looked up in /etc/hosts first (glibc's
+    // default without this file asks DNS first and stops at its "not found").
+    std::fs::write(root.path().join("etc/nsswitch.conf"), "hosts: files dns\n")?;
     let tar = Command::new("tar")
         .args(["-C"])
         .arg(root.path())

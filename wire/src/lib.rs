@@ -16,6 +16,7 @@ pub mod image;
 #[cfg(feature = "logging")]
 pub mod logging;
 pub mod routes;
+pub mod services;
 pub mod snapshots;
 pub mod transfer;
 
@@ -26,7 +27,8 @@ use serde::{Deserialize, Serialize};
 
 pub use container::ContainerSettings;
 pub use files::{FileContent, FileKind, FileMount};
-pub use routes::{PortRoute, RouteMap};
+pub use routes::{PortRoute, RouteMap, ServiceRoute};
+pub use services::{Service, ServicePort};
 
 /// The version of the agent API these types describe.
 pub const API_VERSION: u32 = 1;

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{DesiredState, Protocol, Route, RouteTarget};
+use crate::{DesiredState, Protocol, Route, RouteTarget, services::Service};
 
 /// An external port and its protocol: the key of the route map. In JSON it is the port
 /// number for TCP (`"6379"`) and `PORT/udp` for UDP (`"53/udp"`), so a map of TCP ports
@@ -73,11 +73,32 @@ pub struct PortRoute {
     pub internal_port: u16,
 }
 
-/// External port (per protocol) -> where it leads, for the whole cluster.
+/// External port (per protocol) -> where it leads, for the whole cluster, and every
+/// application as a service reached by name (`crate::services`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(deny_unknown_fields)]
 pub struct RouteMap {
     pub ports: BTreeMap<PortKey, PortRoute>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<String, Service>,
+}
+
+/// Where connections to one service port go from one node.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceRoute {
+    pub application: String,
+    pub address: std::net::Ipv4Addr,
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    pub protocol: Protocol,
+    /// The port the hosting node accepts this service port on from other nodes (none when
+    /// that node had no relay port left: then only its own node routes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<u16>,
+    /// `Local { internal_port }`: into this node's container (and the relay port leads
+    /// there too); `Node { address }`: to that node's relay port.
+    pub target: RouteTarget,
 }
 
 impl RouteMap {
@@ -112,7 +133,45 @@ impl RouteMap {
                 .into_iter()
                 .filter_map(|key| self.ports.get(&key).map(|p| (key, p.clone())))
                 .collect(),
+            services: BTreeMap::new(),
         }
+    }
+
+    /// The service routes of `node`: every service port with a relay, into the local
+    /// container where the service runs here, to the hosting node's relay port elsewhere. A
+    /// port without relay is routed only on its own node.
+    pub fn service_routes_for(&self, node: &str) -> Vec<ServiceRoute> {
+        let mut routes = Vec::new();
+        for (name, service) in &self.services {
+            let here = service.node == node;
+            for port in &service.ports {
+                let (relay, target) = match (port.relay, here) {
+                    (relay, true) => (
+                        relay,
+                        RouteTarget::Local {
+                            internal_port: port.port,
+                        },
+                    ),
+                    (Some(relay), false) => (
+                        Some(relay),
+                        RouteTarget::Node {
+                            address: service.node.clone(),
+                        },
+                    ),
+                    (None, false) => continue,
+                };
+                routes.push(ServiceRoute {
+                    application: name.clone(),
+                    address: service.address,
+                    port: port.port,
+                    protocol: port.protocol,
+                    relay,
+                    target,
+                });
+            }
+        }
+        routes.sort();
+        routes
     }
 
     /// A short name of the map's content: equal maps have equal versions. It is the hex of
@@ -172,7 +231,10 @@ impl DesiredState {
                 }
             }
         }
-        RouteMap { ports }
+        RouteMap {
+            ports,
+            services: self.services(),
+        }
     }
 
     /// Application -> node, built once: [`DesiredState::node_of`] scans every node, which
@@ -252,12 +314,12 @@ mod port_key_tests {
         }
         let json = serde_json::to_string(&map).expect("json");
         assert!(
-            json.starts_with("{\"53\":{") && json.contains("\"53/udp\":{"),
+            json.starts_with("{\"ports\":{\"53\":{") && json.contains("\"53/udp\":{"),
             "{json}"
         );
         let back: RouteMap = serde_json::from_str(&json).expect("back");
         assert_eq!(back, map);
-        assert!(serde_json::from_str::<RouteMap>("{\"53/sctp\":{}}").is_err());
+        assert!(serde_json::from_str::<RouteMap>("{\"ports\":{\"53/sctp\":{}}}").is_err());
         assert!(map.get(Protocol::Udp, 53).is_some() && map.get(Protocol::Tcp, 54).is_none());
     }
 }

@@ -760,7 +760,7 @@ fn service_networks(sink: &mut Sink<'_>, node: &Node, path: &str, declared: &BTr
                             "a fixed address exists on one node's bridge only; Flocker routes by port, so the address would change when the application moves"
                         }
                         "aliases" => {
-                            "other services reach this one through its published ports or `links`; extra names are not resolved"
+                            "other services reach this one by its service name (or a `links` alias); extra network aliases are not resolved"
                         }
                         "priority" | "gw_priority" => continue,
                         _ => "unknown network setting",

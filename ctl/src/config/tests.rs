@@ -1515,3 +1515,93 @@ fn health_check_mistakes_are_located() {
         ]
     );
 }
+
+/// Services by name from a compose file: every placed service gets a service address and
+/// its service ports (published ones by their internal number, `expose` ones too) with a
+/// relay port on its node; a link alias names the linked service's address too.
+#[test]
+fn compose_services_get_addresses_relays_and_alias_names() {
+    let compose = "\
+services:
+  cache:
+    image: redis:7
+    expose: [\"6379\"]
+  web:
+    image: nginx:1
+    ports: [\"8080:80\"]
+    links: [\"cache:redis\"]
+";
+    let deployment = "version: 1\nnodes:\n  198.18.0.1: [web]\n  198.18.0.2: [cache]\n";
+    let desired = load_texts(
+        deployment,
+        Path::new(DEP),
+        compose,
+        Path::new(APP),
+        &FakeResolver,
+    );
+    // `links` needs a published port on the target; an exposed-only target is refused with
+    // its location, as before: link aliases come from published ports.
+    let Err(ConfigError::Invalid(problems)) = desired else {
+        panic!("a link to a service that publishes nothing is refused");
+    };
+    assert!(
+        problems
+            .iter()
+            .any(|d| d.to_string().contains("publishes no ports")),
+        "{problems:?}"
+    );
+    let compose = compose.replace(
+        "expose: [\"6379\"]",
+        "ports: [\"16379:6379\"]\n    expose: [\"9121\"]",
+    );
+    let desired = load_texts(
+        deployment,
+        Path::new(DEP),
+        &compose,
+        Path::new(APP),
+        &FakeResolver,
+    )
+    .expect("valid");
+    let map = desired.route_map();
+    let cache = &map.services["cache"];
+    assert_eq!(cache.node, "198.18.0.2");
+    assert_eq!(
+        cache.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
+        vec![6379, 9121]
+    );
+    assert!(cache.ports.iter().all(|p| p.relay.is_some()));
+    assert!(flocker_wire::services::in_service_range(cache.address));
+    // From web's node, cache's service ports lead to cache's node at their relay ports.
+    let from_web = map.service_routes_for("198.18.0.1");
+    let to_cache: Vec<_> = from_web
+        .iter()
+        .filter(|r| r.application == "cache")
+        .collect();
+    assert_eq!(to_cache.len(), 2);
+    assert!(to_cache.iter().all(|r| matches!(
+        &r.target,
+        flocker_wire::RouteTarget::Node { address } if address == "198.18.0.2"
+    )));
+    // web's containers resolve `cache` and its link alias `redis` to cache's address.
+    let routes = map.routes_for("198.18.0.1");
+    let addresses = map
+        .services
+        .iter()
+        .map(|(name, s)| (name.clone(), s.address))
+        .collect();
+    let entries = flocker_wire::services::hosts_entries(
+        &desired.applications["web"],
+        &addresses,
+        |protocol, port| {
+            routes
+                .iter()
+                .find(|r| r.external_port == port && r.protocol == protocol)
+                .map(|r| r.application.clone())
+        },
+    );
+    let line = entries
+        .iter()
+        .find(|e| e.address == cache.address)
+        .expect("cache named");
+    assert_eq!(line.names, vec!["cache".to_string(), "redis".to_string()]);
+}

@@ -750,3 +750,24 @@ fn a_new_standby_alone_reaches_the_owner_and_then_nothing_is_left() {
     apply_plan(&p, &moved, &mut state).expect("safe");
     matches(&moved, &state).expect("converged");
 }
+
+/// An application whose only port is exposed publishes nothing, yet every node must learn
+/// its service address: the route map carries services, so nodes that report no version
+/// are told to follow it even when their (empty) port tables already match.
+#[test]
+fn services_alone_send_the_route_map_to_every_node() {
+    let mut cache = app("cache", 6379, false);
+    cache.ports.clear();
+    cache.container.expose = vec![6379];
+    let want = desired(&[cache], &[(N1, &["cache"]), (N2, &[])]);
+    let plan = plan(&want, &ClusterState::default());
+    let following: BTreeSet<&str> = plan
+        .phases
+        .iter()
+        .flat_map(|p| &p.actions)
+        .filter(|a| matches!(a.action, flocker_wire::Action::FollowRoutes { .. }))
+        .map(|a| a.node.as_str())
+        .collect();
+    assert_eq!(following, [N1, N2].into_iter().collect());
+    assert!(!want.route_map().services.is_empty());
+}

@@ -41,7 +41,7 @@ use aya::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    Protocol, RouteEntry, RouteKey, RouteTable, RoutingBackend, RoutingError, mounts,
+    Protocol, RouteEntry, RouteKey, RouteTable, RoutingBackend, RoutingError, ServiceTable, mounts,
     nft::{
         NftBackend,
         plan::{ElementDiff, Scope},
@@ -108,6 +108,8 @@ const LOCAL_MAP: &str = "flk_local";
 const IFADDR_MAP: &str = "flk_ifaddr";
 const ROUTES6_MAP: &str = "flk_routes6";
 const LOCAL6_MAP: &str = "flk_local6";
+/// Service address and port -> backend (`crate::services`).
+const SERVICES_MAP: &str = "flk_svc";
 const PROGRAMS: [&str; 8] = [
     "flk_connect4",
     "flk_getpeername4",
@@ -119,7 +121,8 @@ const PROGRAMS: [&str; 8] = [
     "flk_recvmsg6",
 ];
 /// Every map of `routing.bpf.c`, pinned so that they outlive the agent.
-const MAPS: [&str; 12] = [
+const MAPS: [&str; 13] = [
+    "flk_svc",
     "flk_routes",
     "flk_local",
     "flk_orig",
@@ -197,6 +200,27 @@ pub fn route6_entries(table: &RouteTable) -> BTreeMap<u32, [u32; 5]> {
             let backend = entry.backend();
             let [a, b, c, d] = addr6_key(*backend.ip());
             (route_key(*port), [a, b, c, d, port_key(backend.port())])
+        })
+        .collect()
+}
+
+/// The `flk_svc` contents a service table implies: `[address, port | protocol << 16]` ->
+/// `[addr, port]`, in `bpf_sock_addr` byte order like `flk_routes`. Relay ports are not
+/// here: connections to them come from other nodes and take the nftables chains.
+pub fn service_entries(table: &ServiceTable) -> BTreeMap<[u32; 2], [u32; 2]> {
+    table
+        .services
+        .iter()
+        .map(|(key, entry)| {
+            let port = RouteKey {
+                protocol: key.protocol,
+                port: key.port,
+            };
+            let backend = entry.backend();
+            (
+                [addr_key(key.address), route_key(port)],
+                [addr_key(*backend.ip()), port_key(backend.port())],
+            )
         })
         .collect()
 }
@@ -360,6 +384,8 @@ struct Loaded {
     /// routes are few next to IPv4 ones so far).
     routes6: BTreeMap<u32, [u32; 5]>,
     local6: BTreeMap<[u32; 4], u32>,
+    /// `flk_svc` as installed.
+    services: BTreeMap<[u32; 2], [u32; 2]>,
     /// `flk_ifaddr` as installed.
     ifaddr: BTreeMap<u32, u32>,
     /// Whether `flk_tc_ingress` loaded; without it outside traffic takes the nftables path.
@@ -443,6 +469,7 @@ impl Loaded {
         let ifaddr = read_map(&mut bpf, IFADDR_MAP)?;
         let routes6 = read_map(&mut bpf, ROUTES6_MAP)?;
         let local6 = read_map(&mut bpf, LOCAL6_MAP)?;
+        let services = read_pair_keyed_map(&mut bpf, SERVICES_MAP)?;
         Ok(Loaded {
             bpf,
             pins,
@@ -453,6 +480,7 @@ impl Loaded {
             local,
             routes6,
             local6,
+            services,
             ifaddr,
             tc_loaded,
             tc_links: BTreeMap::new(),
@@ -637,6 +665,30 @@ impl Loaded {
         Ok(())
     }
 
+    fn sync_services(&mut self, wanted: &ServiceTable) -> Result<(), EbpfError> {
+        let wanted = service_entries(wanted);
+        if self.services == wanted {
+            return Ok(());
+        }
+        let map_error = map_error(SERVICES_MAP);
+        let mut map = hash_map::<[u32; 2], [u32; 2]>(&mut self.bpf, SERVICES_MAP)?;
+        // Insert (which overwrites) before removing, as for routes.
+        for (key, value) in &wanted {
+            if self.services.get(key) != Some(value) {
+                map.insert(key, value, 0).map_err(map_error)?;
+            }
+        }
+        for key in self
+            .services
+            .keys()
+            .filter(|key| !wanted.contains_key(*key))
+        {
+            map.remove(key).map_err(map_error)?;
+        }
+        self.services = wanted;
+        Ok(())
+    }
+
     fn sync_local(&mut self, wanted: BTreeSet<u32>) -> Result<(), EbpfError> {
         let wanted = wanted.into_iter().map(|key| (key, 1)).collect();
         sync_map(&mut self.bpf, LOCAL_MAP, &mut self.local, wanted)
@@ -726,6 +778,17 @@ fn count_pinned<V: aya::Pod>(pins: &Pins, name: &'static str) -> Result<usize, E
     let map: BpfHashMap<_, [u8; 12], V> =
         BpfHashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_error)?;
     Ok(map.keys().filter(Result::is_ok).count())
+}
+
+/// What the hash map `name` (keys `[u32; 2]`) holds.
+fn read_pair_keyed_map(
+    bpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<BTreeMap<[u32; 2], [u32; 2]>, EbpfError> {
+    let map = hash_map::<[u32; 2], [u32; 2]>(bpf, name)?;
+    map.iter()
+        .collect::<Result<_, _>>()
+        .map_err(map_error(name))
 }
 
 /// What the hash map `name` (keys `u32`) holds.
@@ -880,6 +943,7 @@ impl EbpfState {
         loaded.sync_local(local_entries(addrs.iter().map(|(_, ip)| *ip)))?;
         loaded.sync_routes(table)?;
         loaded.sync_ipv6(table, &node_addresses6()?)?;
+        loaded.sync_services(&table.services)?;
         loaded.sync_interfaces(&addrs)?;
         loaded.remove_stale_pins();
         debug!(routes = table.entries.len(), "eBPF routes map updated");
@@ -975,6 +1039,8 @@ pub fn nftables_share(table: &RouteTable) -> RouteTable {
             .map(|(key, entry)| (*key, *entry))
             .collect(),
         entries6: table.entries6.clone(),
+        // Services from containers outside the attached cgroup, and every relay.
+        services: table.services.clone(),
     }
 }
 
@@ -1055,6 +1121,45 @@ mod tests {
             ]
         "#]]
         .assert_debug_eq(&rendered);
+    }
+
+    #[test]
+    fn service_entries_key_by_address_and_port_like_connect_sees_them() {
+        let mut table = ServiceTable::default();
+        table.services.insert(
+            crate::ServiceKey {
+                address: Ipv4Addr::new(198, 19, 128, 7),
+                protocol: Protocol::Tcp,
+                port: 6379,
+            },
+            RouteEntry::Remote {
+                node: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 30001),
+            },
+        );
+        table.relays.insert(
+            RouteKey::tcp(30002),
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1),
+        );
+        let rendered: Vec<String> = service_entries(&table)
+            .iter()
+            .map(|([a, k], [b, p])| {
+                format!(
+                    "{:02x?} {:02x?} -> {:02x?} {:02x?}",
+                    a.to_ne_bytes(),
+                    k.to_ne_bytes(),
+                    b.to_ne_bytes(),
+                    p.to_ne_bytes()
+                )
+            })
+            .collect();
+        assert_eq!(
+            rendered,
+            vec![
+                "[c6, 13, 80, 07] [18, eb, 06, 00] -> [c6, 12, 00, 02] [75, 31, 00, 00]"
+                    .to_string()
+            ],
+            "relays stay out of the socket-level map"
+        );
     }
 
     #[test]

@@ -14,7 +14,18 @@
 //! protocol. [`watch`] follows interfaces and addresses through rtnetlink, so the eBPF backend
 //! covers a re-created bridge or a new address at once rather than at the next route change.
 //!
+//! Service addresses ([`ServiceTable`], issue 18): a connection to an application's service
+//! address and port reaches its container on this node, or the hosting node's relay port,
+//! which accepts only the cluster's node addresses.
+//!
 //! Known limits:
+//! - Services: with the nftables backend, a process of the node itself (not a container)
+//!   reaches a service address only when the node has some route covering it (a default
+//!   route does): the kernel looks the route up at `connect` before the output chain's DNAT.
+//!   The eBPF backend's connect4 rewrites before that. A container dialling its own service
+//!   address (hairpin on one bridge port) needs hairpin mode on that port, as for published
+//!   ports. The eBPF TC program does not carry relayed connections: they take the nftables
+//!   chains. Service addresses are IPv4 only.
 //! - Only connections to one of the node's own addresses (`fib daddr type local`).
 //!   `127.0.0.1:PORT` and `[::1]:PORT` are not routed: the nftables backend would need
 //!   `route_localnet`, and the eBPF backend leaves loopback alone on purpose (a container in the
@@ -71,6 +82,7 @@ pub mod mounts;
 pub mod nft;
 pub mod pins;
 pub mod rcu;
+pub mod services;
 pub mod settings;
 pub mod table;
 pub mod watch;
@@ -79,6 +91,7 @@ use std::path::PathBuf;
 
 use tracing::{info, warn};
 
+pub use services::{ServiceKey, ServiceTable};
 pub use table::{
     AddressResolver, IpFamily, Protocol, RouteEntry, RouteEntry6, RouteKey, RouteTable,
     StaticResolver, TableError, TableErrors,

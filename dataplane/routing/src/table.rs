@@ -15,6 +15,8 @@ use std::{
 pub use flocker_wire::Protocol;
 use flocker_wire::{Route, RouteTarget};
 
+use crate::services::ServiceTable;
+
 /// What a route is looked up by: the protocol and the external port. TCP port 53 and UDP port
 /// 53 are two routes, possibly to two applications.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -79,26 +81,30 @@ pub enum IpFamily {
     Ipv6,
 }
 
-/// A node's whole route table, keyed by protocol and external port, one map per family.
+/// A node's whole route table, keyed by protocol and external port, one map per family, and
+/// its service routes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteTable {
     /// Routes for IPv4 clients.
     pub entries: BTreeMap<RouteKey, RouteEntry>,
     /// Routes for IPv6 clients: the same keys where the backend has an IPv6 address.
     pub entries6: BTreeMap<RouteKey, RouteEntry6>,
+    /// Service addresses and relay ports (`crate::services`; IPv4).
+    pub services: ServiceTable,
 }
 
 impl RouteTable {
-    /// No route in either family.
+    /// No route in either family and no service route.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty() && self.entries6.is_empty()
+        self.entries.is_empty() && self.entries6.is_empty() && self.services.is_empty()
     }
 
-    /// The IPv4 half alone (what the eBPF programs carry).
+    /// The IPv4 half alone with the services (what the eBPF programs carry).
     pub fn ipv4_only(&self) -> RouteTable {
         RouteTable {
             entries: self.entries.clone(),
             entries6: BTreeMap::new(),
+            services: self.services.clone(),
         }
     }
 }
@@ -139,6 +145,18 @@ pub enum TableError {
     },
     #[error("external port 0 is not routable (application {application:?})")]
     PortZero { application: String },
+    #[error("cannot resolve cluster node {node:?} (a peer that may use relay ports)")]
+    UnknownPeer { node: String },
+    #[error("relay port {relay} is taken twice (application {application:?})")]
+    DuplicateRelay {
+        relay: RouteKey,
+        application: String,
+    },
+    #[error("service {service} is routed twice (application {application:?})")]
+    DuplicateService {
+        service: String,
+        application: String,
+    },
 }
 
 /// Every problem found, not just the first.
@@ -196,7 +214,11 @@ impl RouteTable {
             entries6.extend(v6.map(|entry| (port, entry)));
         }
         if errors.is_empty() {
-            Ok(RouteTable { entries, entries6 })
+            Ok(RouteTable {
+                entries,
+                entries6,
+                services: ServiceTable::default(),
+            })
         } else {
             Err(TableErrors(errors))
         }

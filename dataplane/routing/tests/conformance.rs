@@ -1222,3 +1222,157 @@ fn nftables_backend_conforms() -> anyhow::Result<()> {
 fn ebpf_backend_conforms() -> anyhow::Result<()> {
     conformance(BackendChoice::Ebpf, "bp", "ebpf")
 }
+
+/// Service addresses of the services suite: "one" hosted by container c1 or c2, "two" always
+/// by c1 (node 1).
+const VIP_ONE: Ipv4Addr = Ipv4Addr::new(198, 19, 130, 1);
+const VIP_TWO: Ipv4Addr = Ipv4Addr::new(198, 19, 130, 2);
+/// Relay ports of the two services on their hosting nodes.
+const RELAY_ONE: u16 = 30001;
+const RELAY_TWO: u16 = 30002;
+
+/// Every node's table for services "one" on node `host_one` and "two" on node 1, the way
+/// the agent derives it from the route map (`ServiceTable::from_wire`).
+fn service_tables(host_one: usize) -> anyhow::Result<Vec<RouteTable>> {
+    use flocker_routing::ServiceTable;
+    use flocker_wire::ServiceRoute;
+    let peers: Vec<String> = (0..3).map(node_ip).collect();
+    (0..3)
+        .map(|i| {
+            let mut containers = std::collections::BTreeMap::new();
+            let mut routes = Vec::new();
+            for (app, vip, relay, host) in [
+                ("one", VIP_ONE, RELAY_ONE, host_one),
+                ("two", VIP_TWO, RELAY_TWO, 0),
+            ] {
+                let target = if i == host {
+                    containers.insert(app.to_owned(), format!("198.19.{}.2", host + 1).parse()?);
+                    RouteTarget::Local {
+                        internal_port: PORT,
+                    }
+                } else {
+                    RouteTarget::Node {
+                        address: node_ip(host),
+                    }
+                };
+                routes.push(ServiceRoute {
+                    application: app.to_owned(),
+                    address: vip,
+                    port: PORT,
+                    protocol: Protocol::Tcp,
+                    relay: Some(relay),
+                    target,
+                });
+            }
+            let resolver = StaticResolver {
+                containers,
+                ..StaticResolver::default()
+            };
+            Ok(RouteTable {
+                services: ServiceTable::from_wire(&routes, &peers, &resolver)?,
+                ..Default::default()
+            })
+        })
+        .collect()
+}
+
+/// Clients on every node reach service "one" by its address on node `host_one`, and "two"
+/// on node 1, whatever the path: a container outside the connect4 cgroup (nftables), the node
+/// itself and a container inside the cgroup (eBPF's connect4 where it is attached).
+fn check_services(lab: &Lab, host_one: usize) -> anyhow::Result<()> {
+    let one = format!("c{}", host_one + 1);
+    for (vip, server) in [(VIP_ONE, one.as_str()), (VIP_TWO, "c1")] {
+        let vip = vip.to_string();
+        for c in 0..2 {
+            expect_reaches(
+                &format!("container on node{} -> {vip}, outside the cgroup", c + 1),
+                &lab.containers[c],
+                None,
+                &vip,
+                PORT,
+                server,
+            )?;
+            expect_reaches(
+                &format!("container on node{} -> {vip}, inside the cgroup", c + 1),
+                &lab.containers[c],
+                Some(lab.cgroups[c].path()),
+                &vip,
+                PORT,
+                server,
+            )?;
+        }
+        for i in 0..3 {
+            expect_reaches(
+                &format!("node{} itself -> {vip}", i + 1),
+                &lab.nodes[i],
+                Some(lab.cgroups[i].path()),
+                &vip,
+                PORT,
+                server,
+            )?;
+        }
+    }
+    // A relay port answers cluster nodes only, never the outside.
+    let relay_host = node_ip(host_one);
+    expect_closed(
+        "outside -> relay port",
+        &lab.outside,
+        &relay_host,
+        RELAY_ONE,
+    )?;
+    let peer = (host_one + 2) % 3;
+    expect_reaches(
+        &format!("node{} -> relay port of node{}", peer + 1, host_one + 1),
+        &lab.nodes[peer],
+        None,
+        &relay_host,
+        RELAY_ONE,
+        &one,
+    )?;
+    Ok(())
+}
+
+fn services_by_name(choice: BackendChoice, tag: &str) -> anyhow::Result<()> {
+    let lab = Lab::build(tag)?;
+    // As on a real host, the nodes have a default route (here to the outside namespace,
+    // which drops what it is sent): a local process's connect to a service address needs a
+    // route before the output chain's DNAT can run (eBPF's connect4 rewrites before that).
+    for node in &lab.nodes {
+        node.ip(&["route", "add", "default", "via", "198.18.0.100"])?;
+    }
+    let mut backends = open_all(&lab, choice)?;
+    apply_all(&lab, &mut backends, &service_tables(1)?)?;
+    check_services(&lab, 1).context("service one on node 2")?;
+    // The move: service one now runs on node 1, next to two (and to the client c1).
+    apply_all(&lab, &mut backends, &service_tables(0)?)?;
+    check_services(&lab, 0).context("service one moved to node 1")?;
+    // Services alone keep the table; without them it goes.
+    for (node, backend) in lab.nodes.iter().zip(backends.iter_mut()) {
+        node.run(|| backend.apply(&RouteTable::default()))??;
+        let ruleset = nft(node, &["list", "ruleset"])?;
+        ensure!(
+            !ruleset.contains("table ip flocker"),
+            "{}: table left after the services went:\n{ruleset}",
+            node.name()
+        );
+    }
+    expect_closed(
+        "a service address after removal",
+        &lab.containers[1],
+        &VIP_TWO.to_string(),
+        PORT,
+    )?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "privileged: needs root, nftables, eBPF and network namespaces; `cargo xtask ci` runs it"]
+fn nftables_backend_routes_services_by_address() -> anyhow::Result<()> {
+    services_by_name(BackendChoice::Nftables, "sn")
+}
+
+#[test]
+#[ignore = "privileged: needs root, nftables, eBPF and network namespaces; `cargo xtask ci` runs it"]
+fn ebpf_backend_routes_services_by_address() -> anyhow::Result<()> {
+    services_by_name(BackendChoice::Ebpf, "sb")
+}

@@ -127,6 +127,8 @@ pub struct Agent {
     replication_rate: Option<u64>,
     /// Where secrets and configs are written; applications with files are refused without.
     pub(crate) files: Option<crate::files::FileStore>,
+    /// The containers' hosts files (service names); without, containers keep Docker's.
+    hosts: Option<crate::hosts::HostsFiles>,
     /// Bytes per second for the pushes of a move (`--move-rate-limit`).
     move_rate: Option<u64>,
     /// How long a start waits for its application to be ready (see `readiness`).
@@ -163,6 +165,7 @@ impl Agent {
             pushed_to: std::sync::Mutex::new(HashMap::new()),
             replication_rate: None,
             files: None,
+            hosts: None,
             move_rate: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
             metrics: Metrics::new(),
@@ -186,6 +189,48 @@ impl Agent {
     /// Writes applications' secrets and configs into `store`.
     pub fn with_file_store(self, store: crate::files::FileStore) -> Self {
         self.with_file_store_if(Some(store))
+    }
+
+    /// Gives every container it creates a hosts file naming the cluster's services.
+    pub fn with_hosts_files(mut self, hosts: crate::hosts::HostsFiles) -> Self {
+        self.hosts = Some(hosts);
+        self
+    }
+
+    /// Rewrites, in place, the hosts file of every managed container that has one, from the
+    /// node's service routes as recorded now. A failure is logged: routing goes on, and the
+    /// next route change or start writes again.
+    pub(crate) async fn refresh_hosts(&self) {
+        let Some(hosts) = &self.hosts else {
+            return;
+        };
+        let containers = match self.runtime.list_managed().await {
+            Ok(containers) => containers,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list containers to rewrite their hosts files");
+                return;
+            }
+        };
+        let services = self.routes.services();
+        let routes = self.routes.current();
+        for c in containers {
+            let ip: Option<Ipv4Addr> = c.ip.as_deref().and_then(|ip| ip.parse().ok());
+            let hostname = match (ip, c.running) {
+                (Some(_), true) => self
+                    .runtime
+                    .details(&c.name)
+                    .await
+                    .ok()
+                    .and_then(|d| d.pid)
+                    .and_then(crate::hosts::container_hostname),
+                _ => None,
+            };
+            let own = ip.zip(hostname.as_deref());
+            let text = crate::hosts::content(&c.application, &services, &routes, own);
+            if let Err(e) = hosts.rewrite(&c.name, &text) {
+                tracing::warn!(container = %c.name, error = %e, "cannot rewrite the hosts file");
+            }
+        }
     }
 
     /// [`Agent::with_file_store`] when there is one.
@@ -600,14 +645,30 @@ impl Agent {
                 result
             }
             Action::Promote { volume, epoch } => self.promote(volume, *epoch).await,
-            Action::SetRoutes { routes } => self.set_routes(routes.clone(), None).await,
+            Action::SetRoutes { routes } => {
+                let result = self.set_routes(routes.clone(), None).await;
+                self.refresh_hosts().await;
+                result
+            }
             Action::FollowRoutes { version } => {
                 // Validation made sure the request carries the map of this version.
                 let map = routes.ok_or_else(|| {
                     AgentError::BadRequest("follow routes: the request carries no route map".into())
                 })?;
-                self.set_routes(map.routes_for(&self.me), Some(version.clone()))
-                    .await
+                let resolver = self.resolver().await?;
+                let started = std::time::Instant::now();
+                let result = self.routes.set_with_services(
+                    map.routes_for(&self.me),
+                    Some(version.clone()),
+                    map.service_routes_for(&self.me),
+                    desired.nodes.keys().cloned().collect(),
+                    &resolver,
+                );
+                self.metrics
+                    .routes_applied(result.is_ok().then_some(map.ports.len()), started.elapsed());
+                result?;
+                self.refresh_hosts().await;
+                Ok(())
             }
             // The schedule is the request's desired state, remembered when it was accepted.
             Action::SetStandby { .. } => Ok(()),
@@ -673,6 +734,12 @@ impl Agent {
         self.metrics.ready_wait(ready.is_ok(), started.elapsed());
         if ready.is_ok() {
             self.metrics.move_phase("start", started.elapsed());
+            // A container started anew has a new address: the recorded routes and service
+            // routes into it follow at once, and its hosts file gets its own name.
+            if let Err(e) = self.reapply_routes().await {
+                tracing::warn!(application = %app.name, error = %e, "cannot re-apply routes after the start");
+            }
+            self.refresh_hosts().await;
         }
         Ok(ready?)
     }
@@ -710,6 +777,19 @@ impl Agent {
         }
         let mut spec = container_spec(app, &volume_mounts, desired, routes, &self.me)?;
         spec.binds.extend(self.write_files(desired, app)?);
+        if let Some(hosts) = &self.hosts {
+            // Its own name is added once it runs (`refresh_hosts`).
+            let text =
+                crate::hosts::content(app, &self.routes.services(), &self.routes.current(), None);
+            hosts
+                .write(&spec.name, &text)
+                .map_err(|e| AgentError::Internal(e.to_string()))?;
+            spec.binds.push(format!(
+                "{}:{}",
+                hosts.path(&spec.name).display(),
+                crate::hosts::CONTAINER_PATH
+            ));
+        }
         if let Some(c) = existing {
             self.runtime.stop_and_remove(&c.name).await?;
         }
@@ -728,6 +808,11 @@ impl Agent {
         // Only a container carrying our labels is ever stopped, whatever its name.
         if let Some(c) = self.managed(application).await? {
             self.runtime.stop_and_remove(&c.name).await?;
+            if let Some(hosts) = &self.hosts
+                && let Err(e) = hosts.remove(&c.name)
+            {
+                tracing::warn!(application, error = %e, "cannot remove the hosts file");
+            }
         } else {
             tracing::debug!(application, "not running here, nothing to stop");
         }

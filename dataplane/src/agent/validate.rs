@@ -165,6 +165,87 @@ impl Agent {
                 ));
             }
         }
+        self.validate_services(request, map)
+    }
+
+    /// The map's services: names, addresses in the service range and each once, nodes of
+    /// the desired state, relay ports in their range clear of every published port, and a
+    /// service said to run here exactly as the desired state places and maps it here.
+    fn validate_services(
+        &self,
+        request: &ConvergeRequest,
+        map: &RouteMap,
+    ) -> Result<(), AgentError> {
+        use flocker_wire::services::{RELAY_PORTS, in_service_range, service_ports};
+        let bad = |s: String| Err(AgentError::BadRequest(s));
+        let mine = request.desired.nodes.get(&self.me);
+        let mut addresses = std::collections::BTreeSet::new();
+        let mut relays_here = std::collections::BTreeSet::new();
+        let listening = crate::listeners::listening_ports();
+        // As for routes: a port this node relays already was checked when it was taken.
+        let relayed_now: BTreeSet<(flocker_wire::Protocol, u16)> = self
+            .routes
+            .services()
+            .iter()
+            .filter(|s| matches!(s.target, RouteTarget::Local { .. }))
+            .filter_map(|s| s.relay.map(|r| (s.protocol, r)))
+            .collect();
+        for (name, service) in &map.services {
+            check_name(name)?;
+            if !in_service_range(service.address) || !addresses.insert(service.address) {
+                return bad(format!(
+                    "route map: service {name:?} has address {}, outside the service range or taken twice",
+                    service.address
+                ));
+            }
+            if !request.desired.nodes.contains_key(&service.node) {
+                return bad(format!(
+                    "route map: service {name:?} runs on {:?}, which is not a node of the desired state",
+                    service.node
+                ));
+            }
+            for port in &service.ports {
+                let Some(relay) = port.relay else { continue };
+                let published = map.get(port.protocol, relay).is_some();
+                if !(RELAY_PORTS.0..=RELAY_PORTS.1).contains(&relay) || published {
+                    return bad(format!(
+                        "route map: service {name:?} relays port {} at {relay}, outside the relay range or a published port",
+                        port.port
+                    ));
+                }
+                if service.node == self.me && !relays_here.insert((port.protocol, relay)) {
+                    return bad(format!(
+                        "route map: relay port {relay} is taken twice on this node"
+                    ));
+                }
+                if service.node == self.me
+                    && listening.contains(&(port.protocol, relay))
+                    && !relayed_now.contains(&(port.protocol, relay))
+                {
+                    return bad(format!(
+                        "route map: relay port {relay}/{} of {name:?} is held by a service of this node ({}), which the relay would take over from the cluster's nodes",
+                        port.protocol, self.me
+                    ));
+                }
+            }
+            if service.node != self.me {
+                continue;
+            }
+            let placed = mine.is_some_and(|m| m.contains(name));
+            let ports: Vec<(u16, flocker_wire::Protocol)> =
+                service.ports.iter().map(|p| (p.port, p.protocol)).collect();
+            let mapped = request
+                .desired
+                .applications
+                .get(name)
+                .is_some_and(|a| service_ports(a) == ports);
+            if !placed || !mapped {
+                return bad(format!(
+                    "route map: service {name:?} is said to run on this node ({}) with ports the desired state does not place or map here",
+                    self.me
+                ));
+            }
+        }
         Ok(())
     }
 

@@ -16,6 +16,7 @@ pub mod docker_user;
 #[allow(unsafe_code)]
 pub mod netlink;
 pub mod plan;
+pub mod services;
 
 use tracing::{debug, info, warn};
 
@@ -26,6 +27,7 @@ use crate::{
 };
 use docker_user::ForwardGuard;
 use plan::{Ruleset, Scope, TableDiff};
+use services::SetDiff;
 
 pub use netlink::NetlinkError;
 
@@ -117,11 +119,19 @@ impl NftBackend {
         }
         let elements = plan::elements_of(&wanted.entries);
         let elements6 = plan::elements_of(&wanted.entries6);
-        let encoded = netlink::encode_rebuild(&Ruleset::new(self.scope), &elements, &elements6)?;
+        let service_elements: Vec<_> = services::elements(&wanted.services).into_iter().collect();
+        let encoded = netlink::encode_rebuild(
+            &Ruleset::new(self.scope),
+            &elements,
+            &elements6,
+            &service_elements,
+        )?;
         netlink::send(&encoded)?;
         info!(
             routes = elements.len(),
             routes6 = elements6.len(),
+            services = wanted.services.services.len(),
+            relays = wanted.services.relays.len(),
             "nftables: table inet flocker rebuilt"
         );
         self.installed = Some(wanted.clone());
@@ -195,20 +205,26 @@ impl RoutingBackend for NftBackend {
             return self.rebuild(table);
         };
         let diff = TableDiff::between(&installed, table);
-        if diff.is_empty() {
+        let service_diff = SetDiff::between(&installed.services, &table.services);
+        if diff.is_empty() && service_diff.is_empty() {
             self.installed = Some(installed);
             return Ok(());
         }
-        let encoded = netlink::encode_diff(&diff)?;
+        let encoded = netlink::encode_diff(&diff, &service_diff)?;
         // On failure `installed` stays None, so the next apply rebuilds from scratch.
         netlink::send(&encoded)?;
         debug!(
             deleted = diff.v4.delete.len() + diff.v6.delete.len(),
             added = diff.v4.add.len() + diff.v6.add.len(),
+            service_elements_deleted = service_diff.delete.len(),
+            service_elements_added = service_diff.add.len(),
             "nftables: routes maps updated"
         );
         self.janitor.forget(diff.changed_ports());
         diff.patch(&mut installed, table);
+        if !service_diff.is_empty() {
+            installed.services = table.services.clone();
+        }
         self.installed = Some(installed);
         Ok(())
     }

@@ -29,6 +29,7 @@ use super::plan::{
     CmpOp, ELEMENTS_PER_MESSAGE, Expr, Hook, MapBackend, MapElement, ROUTES_MAP, ROUTES6_MAP,
     Ruleset, TABLE, TableDiff,
 };
+use super::services::{self, SetDiff, SetElement};
 
 /// A failure talking nf_tables.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +63,12 @@ const FAMILY: ProtoFamily = ProtoFamily::Inet;
 
 /// The transaction-local id a lookup names its map by while both are created in one batch.
 fn set_id(name: &str) -> u32 {
-    if name == ROUTES6_MAP { 2 } else { 1 }
+    if name == ROUTES6_MAP {
+        2
+    } else {
+        // The service sets' own ids; 1 for `routes`.
+        services::set_id(name)
+    }
 }
 const NFTA_FIB_F_DADDR: u32 = 1 << 1;
 const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
@@ -88,6 +94,7 @@ pub fn encode_rebuild(
     ruleset: &Ruleset,
     elements: &[MapElement],
     elements6: &[MapElement<SocketAddrV6>],
+    service_elements: &[SetElement],
 ) -> Result<Encoded, NetlinkError> {
     let mut batch = Batch::new();
     delete_legacy_table(&mut batch);
@@ -99,6 +106,13 @@ pub fn encode_rebuild(
     batch.add(&map, MsgType::Add);
     let map6 = RawSet::routes6_map()?;
     batch.add(&map6, MsgType::Add);
+    let service_sets = services::SETS
+        .iter()
+        .map(RawSet::service_set)
+        .collect::<Result<Vec<_>, _>>()?;
+    for set in &service_sets {
+        batch.add(set, MsgType::Add);
+    }
     for spec in &ruleset.chains {
         let name = CString::new(spec.name).map_err(|_| NetlinkError::Alloc)?;
         let mut chain = Chain::new(&name, &table);
@@ -120,18 +134,43 @@ pub fn encode_rebuild(
     }
     add_elements(&mut batch, elements, MsgType::Add)?;
     add_elements(&mut batch, elements6, MsgType::Add)?;
+    add_set_elements(&mut batch, service_elements, MsgType::Add)?;
     // The old table goes first.
     Ok(finalize(batch, true))
 }
 
 /// Only the element messages of a diff: deletes first, then adds, in one transaction.
-pub fn encode_diff(diff: &TableDiff) -> Result<Encoded, NetlinkError> {
+pub fn encode_diff(diff: &TableDiff, services: &SetDiff) -> Result<Encoded, NetlinkError> {
     let mut batch = Batch::new();
     add_elements(&mut batch, &diff.v4.delete, MsgType::Del)?;
     add_elements(&mut batch, &diff.v6.delete, MsgType::Del)?;
+    add_set_elements(&mut batch, &services.delete, MsgType::Del)?;
     add_elements(&mut batch, &diff.v4.add, MsgType::Add)?;
     add_elements(&mut batch, &diff.v6.add, MsgType::Add)?;
-    Ok(finalize(batch, diff.deletes()))
+    add_set_elements(&mut batch, &services.add, MsgType::Add)?;
+    Ok(finalize(
+        batch,
+        diff.deletes() || !services.delete.is_empty(),
+    ))
+}
+
+/// Elements of the service sets, one message per set and chunk.
+fn add_set_elements(
+    batch: &mut Batch,
+    elements: &[SetElement],
+    msg_type: MsgType,
+) -> Result<(), NetlinkError> {
+    for spec in services::SETS {
+        let of_set: Vec<&SetElement> = elements.iter().filter(|e| e.set == spec.name).collect();
+        for chunk in of_set.chunks(ELEMENTS_PER_MESSAGE) {
+            let mut set = RawSet::named(spec.name)?;
+            for element in chunk {
+                set.add_raw_element(&element.key, &element.value)?;
+            }
+            batch.add(&ElementsMsg(&set), msg_type);
+        }
+    }
+    Ok(())
 }
 
 /// Removes the table, and with it everything the agent installed; a no-op if it is absent.
@@ -330,6 +369,58 @@ impl RawSet {
             sys::nftnl_set_set_u32(p, sys::NFTNL_SET_DATA_LEN as u16, address_len + 4);
         }
         Ok(set)
+    }
+
+    /// A service set or map (`services::SETS`).
+    fn service_set(spec: &services::SetSpec) -> Result<RawSet, NetlinkError> {
+        let set = RawSet::named(spec.name)?;
+        let p = set.0.as_ptr();
+        let type_id = |t: &services::SetType| match t {
+            services::SetType::Ipv4Addr => TYPE_IPV4_ADDR,
+            services::SetType::InetProto => TYPE_INET_PROTO,
+            services::SetType::InetService => TYPE_INET_SERVICE,
+        };
+        let concat = |fields: &[services::SetType]| {
+            fields.iter().fold(0u32, |acc, t| (acc << 6) | type_id(t))
+        };
+        // Every field takes one 4-byte register.
+        let len = |fields: &[services::SetType]| 4 * fields.len() as u32;
+        // SAFETY: p is a live set owned by `set`.
+        unsafe {
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_ID as u16, spec.id);
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_TYPE as u16, concat(spec.key));
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_LEN as u16, len(spec.key));
+            if !spec.value.is_empty() {
+                sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, libc::NFT_SET_MAP as u32);
+                sys::nftnl_set_set_u32(p, sys::NFTNL_SET_DATA_TYPE as u16, concat(spec.value));
+                sys::nftnl_set_set_u32(p, sys::NFTNL_SET_DATA_LEN as u16, len(spec.value));
+            }
+        }
+        Ok(set)
+    }
+
+    /// An element of any key and value (no value for a plain set).
+    fn add_raw_element(&mut self, key: &[u8], value: &[u8]) -> Result<(), NetlinkError> {
+        // SAFETY: as in `add_element`: the element goes to the set, the setters copy.
+        unsafe {
+            let elem = NonNull::new(sys::nftnl_set_elem_alloc()).ok_or(NetlinkError::Alloc)?;
+            sys::nftnl_set_elem_set(
+                elem.as_ptr(),
+                sys::NFTNL_SET_ELEM_KEY as u16,
+                key.as_ptr().cast::<c_void>(),
+                key.len() as u32,
+            );
+            if !value.is_empty() {
+                sys::nftnl_set_elem_set(
+                    elem.as_ptr(),
+                    sys::NFTNL_SET_ELEM_DATA as u16,
+                    value.as_ptr().cast::<c_void>(),
+                    value.len() as u32,
+                );
+            }
+            sys::nftnl_set_elem_add(self.0.as_ptr(), elem.as_ptr());
+        }
+        Ok(())
     }
 
     fn add_element<A: MapBackend>(&mut self, element: &MapElement<A>) -> Result<(), NetlinkError> {
@@ -1068,6 +1159,33 @@ fn build_expr(expr: &Expr) -> NonNull<sys::nftnl_expr> {
                 let e = alloc_expr(c"ct");
                 set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_MARK as u32);
                 set_u32(e, sys::NFTNL_EXPR_CT_SREG, reg3);
+                e
+            }
+            Expr::NetworkSaddr | Expr::NetworkDaddrReg10 => {
+                let (offset, dreg) = match expr {
+                    Expr::NetworkSaddr => (12, reg1),
+                    _ => (16, libc::NFT_REG32_02 as u32),
+                };
+                let e = alloc_expr(c"payload");
+                set_u32(e, sys::NFTNL_EXPR_PAYLOAD_DREG, dreg);
+                set_u32(
+                    e,
+                    sys::NFTNL_EXPR_PAYLOAD_BASE,
+                    libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
+                );
+                set_u32(e, sys::NFTNL_EXPR_PAYLOAD_OFFSET, offset);
+                set_u32(e, sys::NFTNL_EXPR_PAYLOAD_LEN, 4);
+                e
+            }
+            Expr::CtOriginalDaddr => {
+                let e = alloc_expr(c"ct");
+                set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_DST as u32);
+                set_u32(e, sys::NFTNL_EXPR_CT_DREG, reg1);
+                sys::nftnl_expr_set_u8(
+                    e.as_ptr(),
+                    sys::NFTNL_EXPR_CT_DIR as u16,
+                    IP_CT_DIR_ORIGINAL,
+                );
                 e
             }
         }

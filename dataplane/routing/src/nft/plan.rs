@@ -119,6 +119,13 @@ pub enum Expr {
     SetBitReg3(u32),
     /// `ct mark set` from register 3.
     CtMarkFromReg3,
+    /// `ip saddr` into register 1 (4 bytes, network order).
+    NetworkSaddr,
+    /// `ip daddr` into 32-bit register 10: the third field of a key that starts in register
+    /// 1 (`inet_proto . inet_service . ipv4_addr`, the `services` map's key).
+    NetworkDaddrReg10,
+    /// `ct original ip daddr` into register 1.
+    CtOriginalDaddr,
 }
 
 /// One rule of one chain.
@@ -141,12 +148,12 @@ pub struct Ruleset {
 pub const ROUTED_MARK: u32 = 0x0080_0000;
 
 /// The kernel's `RTN_LOCAL`, as `fib ... type` stores it.
-const RTN_LOCAL: u32 = 2;
+pub(crate) const RTN_LOCAL: u32 = 2;
 /// `NFPROTO_IPV4` and `NFPROTO_IPV6`, as `meta nfproto` loads them.
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 /// `IPS_DST_NAT` of the conntrack status bits.
-const IPS_DST_NAT: u32 = 1 << 5;
+pub(crate) const IPS_DST_NAT: u32 = 1 << 5;
 /// nftables' `dstnat` and `srcnat` priorities.
 const PRIORITY_DSTNAT: i32 = -100;
 const PRIORITY_SRCNAT: i32 = 100;
@@ -242,6 +249,14 @@ impl Ruleset {
         };
         rules.push(only(IpFamily::Ipv4, masquerade4));
         rules.push(masquerade_rule6());
+        // Service addresses are IPv4: in the inet table their rules see IPv4 packets only.
+        let (service_chains, service_rules) = super::services::chains_and_rules(scope);
+        chains.extend(service_chains);
+        rules.extend(
+            service_rules
+                .into_iter()
+                .map(|rule| only(IpFamily::Ipv4, rule)),
+        );
         Ruleset { chains, rules }
     }
 }
@@ -613,6 +628,9 @@ impl fmt::Display for Expr {
             Expr::CtMarkToReg3 => write!(f, "ct mark => reg 3"),
             Expr::SetBitReg3(bit) => write!(f, "bitwise reg 3 | {bit:#x}"),
             Expr::CtMarkFromReg3 => write!(f, "ct mark set reg 3"),
+            Expr::NetworkSaddr => write!(f, "payload network +12 len 4 => reg 1"),
+            Expr::NetworkDaddrReg10 => write!(f, "payload network +16 len 4 => reg 10"),
+            Expr::CtOriginalDaddr => write!(f, "ct original ip daddr => reg 1"),
         }
     }
 }
@@ -631,6 +649,26 @@ impl fmt::Display for Ruleset {
             f,
             "table inet {TABLE}\nmap {ROUTES_MAP} inet_proto . inet_service -> ipv4_addr . inet_service\nmap {ROUTES6_MAP} inet_proto . inet_service -> ipv6_addr . inet_service"
         )?;
+        for set in super::services::SETS {
+            let types = |fields: &[super::services::SetType]| {
+                fields
+                    .iter()
+                    .map(|t| format!("{t:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" . ")
+            };
+            if set.value.is_empty() {
+                writeln!(f, "set {} {}", set.name, types(set.key))?;
+            } else {
+                writeln!(
+                    f,
+                    "map {} {} -> {}",
+                    set.name,
+                    types(set.key),
+                    types(set.value)
+                )?;
+            }
+        }
         for chain in &self.chains {
             writeln!(
                 f,
@@ -664,6 +702,9 @@ mod tests {
                 table inet flocker
                 map routes inet_proto . inet_service -> ipv4_addr . inet_service
                 map routes6 inet_proto . inet_service -> ipv6_addr . inet_service
+                map services InetProto . InetService . Ipv4Addr -> Ipv4Addr . InetService
+                map relays InetProto . InetService -> Ipv4Addr . InetService
+                set peers Ipv4Addr
                 chain prerouting nat hook Prerouting priority -100
                   [ meta nfproto => reg 1 ] [ cmp eq reg 1 0x02 ] [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ lookup reg 1 @routes => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
                   [ meta nfproto => reg 1 ] [ cmp eq reg 1 0x0a ] [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ lookup reg 1 @routes6 => reg 1 ] [ ct mark => reg 3 ] [ bitwise reg 3 | 0x800000 ] [ ct mark set reg 3 ] [ counter ] [ nat dnat ip6 addr reg 1 proto reg 12 ]
@@ -673,6 +714,13 @@ mod tests {
                 chain postrouting nat hook Postrouting priority 100
                   [ meta nfproto => reg 1 ] [ cmp eq reg 1 0x02 ] [ ct status => reg 1 ] [ bitwise reg 1 & 0x20000000 ^ 0x00000000 ] [ cmp neq reg 1 0x00000000 ] [ ct original protocol => reg 1 ] [ ct original proto-dst => reg 9 ] [ lookup reg 1 @routes ] [ counter ] [ masq ]
                   [ meta nfproto => reg 1 ] [ cmp eq reg 1 0x0a ] [ ct status => reg 1 ] [ bitwise reg 1 & 0x20000000 ^ 0x00000000 ] [ cmp neq reg 1 0x00000000 ] [ ct original protocol => reg 1 ] [ ct original proto-dst => reg 9 ] [ lookup reg 1 @routes6 ] [ counter ] [ masq ]
+                chain svc_prerouting nat hook Prerouting priority -99
+                  [ meta nfproto => reg 1 ] [ cmp eq reg 1 0x02 ] [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ payload network +16 len 4 => reg 10 ] [ lookup reg 1 @services => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
+                  [ meta nfproto => reg 1 ] [ cmp eq reg 1 0x02 ] [ payload network +12 len 4 => reg 1 ] [ lookup reg 1 @peers ] [ fib daddr type => reg 1 ] [ cmp eq reg 1 0x02000000 ] [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ lookup reg 1 @relays => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
+                chain svc_output nat hook Output priority -99
+                  [ meta nfproto => reg 1 ] [ cmp eq reg 1 0x02 ] [ meta l4proto => reg 1 ] [ payload transport +2 len 2 => reg 9 ] [ payload network +16 len 4 => reg 10 ] [ lookup reg 1 @services => reg 1 ] [ ct mark => reg 2 ] [ bitwise reg 2 | 0x800000 ] [ ct mark set reg 2 ] [ counter ] [ nat dnat ip addr reg 1 proto reg 9 ]
+                chain svc_postrouting nat hook Postrouting priority 101
+                  [ meta nfproto => reg 1 ] [ cmp eq reg 1 0x02 ] [ ct status => reg 1 ] [ bitwise reg 1 & 0x20000000 ^ 0x00000000 ] [ cmp neq reg 1 0x00000000 ] [ ct original ip daddr => reg 1 ] [ bitwise reg 1 & 0xffff8000 ^ 0x00000000 ] [ cmp eq reg 1 0xc6138000 ] [ counter ] [ masq ]
             "#]],
         );
     }
@@ -815,10 +863,12 @@ mod tests {
         let from = RouteTable {
             entries: [(key, v4)].into(),
             entries6: [(key, v6("fd00:17::2", 8080))].into(),
+            ..RouteTable::default()
         };
         let to = RouteTable {
             entries: [(key, v4)].into(),
             entries6: [(key, v6("2001:db8::2", 80))].into(),
+            ..RouteTable::default()
         };
         let diff = TableDiff::between(&from, &to);
         assert!(diff.v4.is_empty(), "the IPv4 route stays");

@@ -11,7 +11,7 @@ use flocker_e2e::chaos::matrix::{self, Cell, Verdict};
 use flocker_e2e::chaos::{self, Options};
 
 const USAGE: &str = "usage: flocker-chaos [--ci] [--cells PHASE:FAULT,...] [--out FILE] \
-[--partition-seconds N] [--deploy-timeout N] [--recovery-deploys N] [--budget-minutes N]";
+[--partition-seconds N] [--deploy-timeout N] [--recovery-deploys N] [--budget-minutes N] [--keep]";
 
 fn main() -> Result<()> {
     let target = PathBuf::from(std::env::var("FLOCKER_TARGET").unwrap_or("target/debug".into()));
@@ -25,6 +25,7 @@ fn main() -> Result<()> {
         deploy_deadline: Duration::from_secs(300),
         recovery_deploys: 3,
         budget: Duration::from_secs(90 * 60),
+        keep: false,
     };
     let mut out: Option<PathBuf> = None;
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -37,6 +38,7 @@ fn main() -> Result<()> {
         };
         match flag.as_str() {
             "--ci" => options.cells = matrix::ci_cells(),
+            "--keep" => options.keep = true,
             "--cells" => {
                 options.cells = value()?
                     .split(',')

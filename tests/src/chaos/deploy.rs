@@ -42,6 +42,11 @@ impl DeployRun {
         error_message(&self.stdout, &self.stderr)
     }
 
+    /// The phases the deploy announced, in order.
+    pub fn phases(&self) -> Vec<String> {
+        self.stderr.iter().filter_map(|l| phase_of(l)).collect()
+    }
+
     /// A one-line account for the report.
     pub fn summary(&self) -> String {
         let end = match (self.hung, self.code) {

@@ -52,6 +52,8 @@ pub struct Options {
     pub recovery_deploys: usize,
     /// No cell starts after this much time; those left are reported as not run.
     pub budget: Duration,
+    /// Leave the cluster up at the end, to look at what a cell left.
+    pub keep: bool,
 }
 
 /// The cluster, its config files and the ledger, shared by the cells.
@@ -81,7 +83,7 @@ pub fn run(options: Options) -> Result<Vec<CellReport>> {
     // A run that was killed leaves its cluster: start from nothing.
     Cluster::down(&spec).context("remove an earlier chaos cluster")?;
     let mut cluster = Cluster::up(spec)?;
-    cluster.teardown_on_drop = true;
+    cluster.teardown_on_drop = !options.keep;
     let files = options.dir.join("config");
     std::fs::create_dir_all(&files)?;
     let application = files.join("application.yml");
@@ -263,7 +265,11 @@ impl Suite {
         self.ledger.extend(acked);
         let faulted = faulted?;
         removed.context("removing the fault")?;
-        notes.push(format!("faulted deploy: {}", faulted.summary()));
+        notes.push(format!(
+            "faulted deploy: {} (phases: {})",
+            faulted.summary(),
+            faulted.phases().join(", ")
+        ));
         notes.extend(injector.into_inner().log);
         if !faulted.phase_seen {
             return Ok(Verdict::PhaseNotReached);
@@ -281,7 +287,11 @@ impl Suite {
         for _ in 0..self.options.recovery_deploys {
             let run = self.deploy(&self.on_target)?;
             deploys += 1;
-            notes.push(format!("recovery deploy {deploys}: {}", run.summary()));
+            notes.push(format!(
+                "recovery deploy {deploys}: {} (phases: {})",
+                run.summary(),
+                run.phases().join(", ")
+            ));
             if run.hung {
                 broken.insert(5);
             }

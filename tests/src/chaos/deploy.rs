@@ -97,10 +97,13 @@ pub fn phase_of(line: &str) -> Option<String> {
     (v.get("event")?.as_str()? == "phase").then(|| v.get("phase")?.as_str().map(str::to_string))?
 }
 
+/// What runs when the phase starts, given the running `flockerctl`.
+pub type Inject<'a> = Box<dyn FnMut(&mut Child) -> Result<()> + 'a>;
+
 /// Called once when the deploy announces `phase`, with the running `flockerctl`.
 pub struct PhaseHook<'a> {
     pub phase: &'a str,
-    pub run: Box<dyn FnMut(&mut Child) -> Result<()> + 'a>,
+    pub run: Inject<'a>,
     /// Called every 100 ms after the hook ran, while the deploy runs (a fault that heals
     /// after a while does it here).
     pub tick: Box<dyn FnMut() -> Result<()> + 'a>,

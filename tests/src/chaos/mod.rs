@@ -235,7 +235,7 @@ impl Suite {
         let (source, target, bystander) = (&nodes[0], &nodes[1], &nodes[2]);
         let writer = Writer::start(
             format!("{}:6379", bystander.address),
-            format!("{}", cell.label()),
+            cell.label(),
         );
         let injector = RefCell::new(Injector::new(
             &self.cluster,

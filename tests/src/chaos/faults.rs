@@ -17,9 +17,15 @@ use crate::cluster::{Cluster, ClusterNode};
 const PARTITION_TABLE: &str = "flocker-chaos";
 /// The dataset whose reservation fills the target's pool.
 const FILL_DATASET: &str = "chaos-fill";
-/// The slow, lossy link: netem on both nodes' `eth0`.
-const NETEM: [&str; 6] = ["delay", "100ms", "20ms", "loss", "5%", "limit"];
-const NETEM_LIMIT: &str = "10000";
+/// The nftables table of the lossy link's random drops.
+const LOSS_TABLE: &str = "flocker-chaos-loss";
+/// The slow link: a token bucket on both nodes' `eth0` (this kernel has no netem, so there is
+/// no added delay, only the queueing a 4 Mbit/s bucket causes).
+const SLOW: [&str; 8] = [
+    "root", "tbf", "rate", "4mbit", "burst", "32kb", "latency", "400ms",
+];
+/// Percent of the packets between source and target dropped at random, each way.
+const LOSS_PERCENT: u32 = 5;
 
 /// What is in place once injected, to be removed.
 #[derive(Debug)]
@@ -94,12 +100,11 @@ impl<'a> Injector<'a> {
                 }
             }
             Fault::SlowLink => {
-                for node in [source, target] {
+                for (node, peer) in [(source, target), (target, source)] {
                     let mut tc = node.command("tc");
-                    tc.args(["qdisc", "replace", "dev", "eth0", "root", "netem"])
-                        .args(NETEM)
-                        .arg(NETEM_LIMIT);
+                    tc.args(["qdisc", "replace", "dev", "eth0"]).args(SLOW);
                     run(&mut tc)?;
+                    lose(node, peer)?;
                 }
                 Active::SlowLink
             }
@@ -135,7 +140,7 @@ impl<'a> Injector<'a> {
     }
 
     /// Removes what is still in place: waits out the partition and heals it, removes the
-    /// netem qdiscs and the pool's filler, starts killed daemons again.
+    /// slow lossy link and the pool's filler, starts killed daemons again.
     pub fn remove(&mut self) -> Result<()> {
         match self.active {
             Active::Nothing => {}
@@ -148,8 +153,11 @@ impl<'a> Injector<'a> {
                     run(node
                         .command("tc")
                         .args(["qdisc", "del", "dev", "eth0", "root"]))?;
+                    run(node
+                        .command("nft")
+                        .args(["delete", "table", "inet", LOSS_TABLE]))?;
                 }
-                self.log.push("netem removed".into());
+                self.log.push("slow lossy link removed".into());
             }
             Active::PoolFull => {
                 crate::zfs::run(
@@ -181,6 +189,22 @@ fn partition(node: &ClusterNode, peer: &ClusterNode) -> Result<()> {
     );
     let file = node.dir.join("chaos-partition.nft");
     std::fs::write(&file, rules).context("write the partition's rules")?;
+    run(node.command("nft").arg("-f").arg(&file))
+}
+
+/// Drops [`LOSS_PERCENT`] of the packets between `node` and `peer`, at random, in `node`'s
+/// namespace.
+fn lose(node: &ClusterNode, peer: &ClusterNode) -> Result<()> {
+    let peer = &peer.address;
+    let drop = format!("numgen random mod 100 < {LOSS_PERCENT} drop");
+    let rules = format!(
+        "table inet {LOSS_TABLE} {{\n\
+         chain input {{ type filter hook input priority -300; ip saddr {peer} {drop}; }}\n\
+         chain output {{ type filter hook output priority -300; ip daddr {peer} {drop}; }}\n\
+         }}\n"
+    );
+    let file = node.dir.join("chaos-loss.nft");
+    std::fs::write(&file, rules).context("write the lossy link's rules")?;
     run(node.command("nft").arg("-f").arg(&file))
 }
 

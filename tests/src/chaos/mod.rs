@@ -233,10 +233,7 @@ impl Suite {
         let mut broken = std::collections::BTreeSet::new();
         let nodes = &self.cluster.nodes;
         let (source, target, bystander) = (&nodes[0], &nodes[1], &nodes[2]);
-        let writer = Writer::start(
-            format!("{}:6379", bystander.address),
-            cell.label(),
-        );
+        let writer = Writer::start(format!("{}:6379", bystander.address), cell.label());
         let injector = RefCell::new(Injector::new(
             &self.cluster,
             source,

@@ -481,8 +481,9 @@ const STAGING: &str = "flocker:staging";
 /// `/etc/zfs/zfsrc`) and pages. An application started on the received copy then read its
 /// files at their old size and content (the fault matrix of issue 17 found Redis missing every
 /// write acknowledged since the last move, and appending over them). A new mount has none of
-/// those caches. Only a replica receives (never the copy an application runs on), so one
-/// still busy after [`retry_while_busy`] is unmounted by force.
+/// those caches. A replica still busy after [`retry_while_busy`] fails the receive rather than
+/// keep a stale view (never by force: a forced unmount on zfs-fuse can leave the dataset
+/// wedged, every later mount "busy"); the next push receives and remounts again.
 fn remount_if_mounted(runner: &dyn Runner, dataset: &str) -> Result<(), VolumeError> {
     let mounted = runner.run(
         "zfs",
@@ -491,16 +492,8 @@ fn remount_if_mounted(runner: &dyn Runner, dataset: &str) -> Result<(), VolumeEr
     if mounted.trim() != "yes" {
         return Ok(());
     }
-    match retry_while_busy(dataset, || runner.run("zfs", &args(&["unmount", dataset]))) {
-        Err(BackendError::Command { stderr, .. }) if stderr.contains("busy") => {
-            tracing::warn!(%dataset, "still busy: unmounting the received replica by force to remount it");
-            runner.run("zfs", &args(&["unmount", "-f", dataset]))?;
-        }
-        other => {
-            other?;
-        }
-    }
-    runner.run("zfs", &args(&["mount", dataset]))?;
+    retry_while_busy(dataset, || runner.run("zfs", &args(&["unmount", dataset])))?;
+    retry_while_busy(dataset, || runner.run("zfs", &args(&["mount", dataset])))?;
     Ok(())
 }
 
@@ -640,24 +633,29 @@ pool/flocker/stray\tused\t5
             "zfs unmount pool/flocker/db",
             Err("cannot unmount: dataset is busy"),
         );
+        fake.answer_once(
+            "zfs mount pool/flocker/db",
+            Err("mountpoint or dataset is busy"),
+        );
         let mut recv = b
             .receive("db", Some("push-1"), "push-2", false)
             .expect("recv");
         drop(recv.open().expect("recv open"));
         recv.commit().expect("commit");
         let calls = fake.calls();
-        let at = |line: &str| calls.iter().position(|c| c == line);
-        let received = at("zfs recv -F pool/flocker/db").expect("received");
+        let received = calls
+            .iter()
+            .position(|c| c == "zfs recv -F pool/flocker/db")
+            .expect("received");
         let unmounted = calls
             .iter()
             .rposition(|c| c == "zfs unmount pool/flocker/db")
             .expect("unmounted");
-        let mounted = at("zfs mount pool/flocker/db").expect("mounted again");
+        let mounted = calls
+            .iter()
+            .rposition(|c| c == "zfs mount pool/flocker/db")
+            .expect("mounted again");
         assert!(received < unmounted && unmounted < mounted, "{calls:?}");
-        assert!(
-            !calls.iter().any(|c| c.contains("unmount -f")),
-            "busy once, then free: {calls:?}"
-        );
 
         let (fake, b) = backend();
         fake.answer("zfs get -H -o value mounted pool/flocker/db", Ok("no\n"));
@@ -673,6 +671,30 @@ pool/flocker/stray\tused\t5
                 .any(|c| c.contains("mount pool/flocker/db")),
             "an unmounted replica stays unmounted: {:?}",
             fake.calls()
+        );
+    }
+
+    /// A replica that stays busy fails the receive with the reason; it is never unmounted by
+    /// force (that wedges zfs-fuse) and never left with a stale view reported as received.
+    #[test]
+    fn a_replica_that_stays_busy_fails_the_receive_without_force() {
+        let (fake, b) = backend();
+        fake.answer("zfs get -H -o value mounted pool/flocker/db", Ok("yes\n"));
+        fake.answer(
+            "zfs unmount pool/flocker/db",
+            Err("cannot unmount: dataset is busy"),
+        );
+        let mut recv = b
+            .receive("db", Some("push-1"), "push-2", false)
+            .expect("recv");
+        drop(recv.open().expect("recv open"));
+        let e = recv.commit().expect_err("busy").to_string();
+        assert!(e.contains("busy"), "{e}");
+        let calls = fake.calls();
+        assert!(!calls.iter().any(|c| c.contains("unmount -f")), "{calls:?}");
+        assert!(
+            !calls.iter().any(|c| c == "zfs mount pool/flocker/db"),
+            "{calls:?}"
         );
     }
 

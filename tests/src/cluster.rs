@@ -258,6 +258,12 @@ impl Cluster {
         Ok(())
     }
 
+    /// Kills a node's `dockerd` abruptly (SIGKILL), as a crash would: its containerd, shims
+    /// and containers live on until the next [`Cluster::up`] reaps them and starts it again.
+    pub fn kill_dockerd(&self, node: &ClusterNode) {
+        kill_pidfile(&node.dir.join("docker.pid"), "KILL");
+    }
+
     /// Restarts a node's agent and waits for its port.
     pub fn restart_agent(&self, node: &ClusterNode) -> Result<()> {
         kill_pidfile(&node.agent_pidfile(), "TERM");

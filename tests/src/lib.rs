@@ -3,6 +3,7 @@
 //! tests themselves live in `tests/tests/`.
 
 pub mod binaries;
+pub mod chaos;
 pub mod cluster;
 pub mod docker;
 pub mod images;

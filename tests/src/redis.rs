@@ -51,6 +51,34 @@ impl Redis {
         }
     }
 
+    /// `MGET keys...`: each key's value, `None` where it is missing.
+    pub fn mget(&mut self, keys: &[&str]) -> Result<Vec<Option<String>>> {
+        let mut request = format!("*{}\r\n$4\r\nMGET\r\n", keys.len() + 1);
+        for key in keys {
+            request.push_str(&format!("${}\r\n{key}\r\n", key.len()));
+        }
+        self.writer.write_all(request.as_bytes())?;
+        let header = self.line()?;
+        let Some(count) = header.strip_prefix('*') else {
+            bail!("unexpected MGET reply {header:?}");
+        };
+        let count: usize = count.parse().context("MGET reply length")?;
+        if count != keys.len() {
+            bail!("MGET of {} keys answered {count} values", keys.len());
+        }
+        let mut values = Vec::with_capacity(count);
+        for _ in 0..count {
+            let len = self.line()?;
+            let len: i64 = len
+                .strip_prefix('$')
+                .with_context(|| format!("MGET value {len:?}"))?
+                .parse()
+                .context("MGET value length")?;
+            values.push(if len < 0 { None } else { Some(self.line()?) });
+        }
+        Ok(values)
+    }
+
     fn line(&mut self) -> Result<String> {
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(about = "Project tasks: deps, ci, demo, bench, fuzz")]
+#[command(about = "Project tasks: deps, ci, demo, cluster, bench, chaos, fuzz")]
 struct Cli {
     #[command(subcommand)]
     command: Task,
@@ -24,7 +24,7 @@ enum Task {
     /// Install the Debian packages the tests and benchmarks need (apt-get).
     Deps,
     /// Everything CI runs: deps, cargo fmt --check, clippy -D warnings, the whole test suite,
-    /// then a minute of coverage-guided fuzzing.
+    /// the fault matrix's fixed subset (`chaos --ci`), then a minute of coverage-guided fuzzing.
     Ci,
     /// The README's main job: a local cluster, deploy Redis, move it with its data, tear down.
     Demo,
@@ -42,6 +42,14 @@ enum Task {
     /// Run a benchmark and print its table: streamer, routing, migrate, failover or scale.
     Bench {
         name: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The fault matrix: faults injected at each phase of a move on a local cluster, then
+    /// deploys until converged and the invariants checked. With no arguments every cell runs
+    /// and the table is written to bench/CHAOS.md; `--ci` runs the fixed subset CI runs,
+    /// `--cells PHASE:FAULT,...` chosen cells (`--help` of flocker-chaos for the rest).
+    Chaos {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -66,6 +74,7 @@ fn main() -> Result<()> {
             routing,
         } => cluster(&action, nodes, &routing),
         Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
+        Task::Chaos { args } => chaos(&args),
         Task::Bench { name, args } => {
             deps::install()?;
             let mut cmd = cargo();
@@ -97,14 +106,34 @@ fn ci() -> Result<()> {
         "--test-threads=1",
         "--include-ignored",
     ]))?;
+    chaos(&["--ci".to_string()])?;
     fuzz::run(CI_FUZZ_SECONDS, None)
 }
 
-/// Fuzzing time in CI, shared by all targets (the first run also builds them).
-const CI_FUZZ_SECONDS: u64 = 60;
-
-fn demo() -> Result<()> {
+/// The fault matrix (`flocker-chaos` of the e2e crate) on the debug binaries; the whole
+/// matrix, run with no arguments, is recorded in bench/CHAOS.md.
+fn chaos(args: &[String]) -> Result<()> {
     deps::install()?;
+    build_binaries()?;
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--quiet",
+        "-p",
+        "flocker-e2e",
+        "--bin",
+        "flocker-chaos",
+        "--",
+    ])
+    .args(args);
+    if args.is_empty() {
+        cmd.args(["--out", "bench/CHAOS.md"]);
+    }
+    run(&mut cmd)
+}
+
+/// The agent and flockerctl, which the cluster commands run from target/debug.
+fn build_binaries() -> Result<()> {
     run(cargo().args([
         "build",
         "--quiet",
@@ -112,7 +141,15 @@ fn demo() -> Result<()> {
         "flocker-dataplane",
         "-p",
         "flocker-ctl",
-    ]))?;
+    ]))
+}
+
+/// Fuzzing time in CI, shared by all targets (the first run also builds them).
+const CI_FUZZ_SECONDS: u64 = 60;
+
+fn demo() -> Result<()> {
+    deps::install()?;
+    build_binaries()?;
     run(cargo().args([
         "run",
         "--quiet",
@@ -126,14 +163,7 @@ fn demo() -> Result<()> {
 fn cluster(action: &str, nodes: usize, routing: &str) -> Result<()> {
     if action == "up" {
         deps::install()?;
-        run(cargo().args([
-            "build",
-            "--quiet",
-            "-p",
-            "flocker-dataplane",
-            "-p",
-            "flocker-ctl",
-        ]))?;
+        build_binaries()?;
     }
     run(cargo()
         .args([

@@ -1,0 +1,87 @@
+//! `flocker-chaos [--ci] [--cells PHASE:FAULT,...] [--out FILE] ...`: the fault matrix, run
+//! by `cargo xtask chaos` (every cell, written to `bench/CHAOS.md`) and by `cargo xtask ci`
+//! (the fixed subset `--ci`). Exits 1 when a cell broke an invariant, did not reach its
+//! phase, or was not run.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use flocker_e2e::chaos::matrix::{self, Cell, Verdict};
+use flocker_e2e::chaos::{self, Options};
+
+const USAGE: &str = "usage: flocker-chaos [--ci] [--cells PHASE:FAULT,...] [--out FILE] \
+[--partition-seconds N] [--deploy-timeout N] [--recovery-deploys N] [--budget-minutes N] [--keep]";
+
+fn main() -> Result<()> {
+    let target = PathBuf::from(std::env::var("FLOCKER_TARGET").unwrap_or("target/debug".into()));
+    let mut options = Options {
+        cells: matrix::all_cells(),
+        binaries: target,
+        dir: PathBuf::from("/tmp/flocker-chaos"),
+        // Above the 120 s the client waits between two events of a converge, the longest
+        // timeout of a move.
+        partition_for: Duration::from_secs(130),
+        deploy_deadline: Duration::from_secs(300),
+        recovery_deploys: 3,
+        budget: Duration::from_secs(90 * 60),
+        keep: false,
+    };
+    let mut out: Option<PathBuf> = None;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let mut value = || {
+            rest.next()
+                .cloned()
+                .with_context(|| format!("{flag} needs a value\n{USAGE}"))
+        };
+        match flag.as_str() {
+            "--ci" => options.cells = matrix::ci_cells(),
+            "--keep" => options.keep = true,
+            "--cells" => {
+                options.cells = value()?
+                    .split(',')
+                    .map(|c| {
+                        Cell::parse(c).with_context(|| {
+                            format!(
+                                "no cell {c:?}: PHASE:FAULT, phases {:?}, faults {:?}",
+                                matrix::PHASES,
+                                matrix::Fault::ALL.map(matrix::Fault::name)
+                            )
+                        })
+                    })
+                    .collect::<Result<_>>()?
+            }
+            "--out" => out = Some(PathBuf::from(value()?)),
+            "--partition-seconds" => options.partition_for = Duration::from_secs(value()?.parse()?),
+            "--deploy-timeout" => options.deploy_deadline = Duration::from_secs(value()?.parse()?),
+            "--recovery-deploys" => options.recovery_deploys = value()?.parse()?,
+            "--budget-minutes" => {
+                options.budget = Duration::from_secs(60 * value()?.parse::<u64>()?)
+            }
+            other => bail!("unknown flag {other}\n{USAGE}"),
+        }
+    }
+    let started = Instant::now();
+    let reports = chaos::run(options.clone())?;
+    let text = chaos::report(&reports, &options, started.elapsed());
+    println!("{text}");
+    if let Some(path) = out {
+        std::fs::write(&path, &text).with_context(|| format!("write {}", path.display()))?;
+        println!("written to {}", path.display());
+    }
+    let failed: Vec<String> = reports
+        .iter()
+        .filter(|r| !matches!(r.verdict, Verdict::Converged { .. }))
+        .map(|r| r.cell.label())
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "{} cells did not converge with every invariant holding: {}",
+            failed.len(),
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! The fault injectors: each fault is injected when the deploy announces the cell's phase,
+//! and removed (daemons started again the way `cluster up` starts them) before the recovery
+//! deploys.
+//!
+//! zfs-fuse is one daemon for every pool on the host (`zfs::ensure_daemon`), so "the target's
+//! zfs-fuse" cannot be killed alone: it is not among these faults.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::matrix::Fault;
+use crate::cluster::{Cluster, ClusterNode};
+
+/// The nftables table the partition adds in both nodes' namespaces.
+const PARTITION_TABLE: &str = "flocker-chaos";
+/// The dataset whose reservation fills the target's pool.
+const FILL_DATASET: &str = "chaos-fill";
+/// The nftables table of the lossy link's random drops.
+const LOSS_TABLE: &str = "flocker-chaos-loss";
+/// The slow link: a token bucket on both nodes' `eth0` (this kernel has no netem, so there is
+/// no added delay, only the queueing a 4 Mbit/s bucket causes).
+const SLOW: [&str; 8] = [
+    "root", "tbf", "rate", "4mbit", "burst", "32kb", "latency", "400ms",
+];
+/// Percent of the packets between source and target dropped at random, each way.
+const LOSS_PERCENT: u32 = 5;
+
+/// What is in place once injected, to be removed.
+#[derive(Debug)]
+enum Active {
+    Nothing,
+    /// Healed at `until` (by `tick` or `remove`).
+    Partition {
+        until: Instant,
+    },
+    SlowLink,
+    PoolFull,
+    /// A daemon was killed: the cluster's `up` starts it again.
+    Killed,
+}
+
+/// One fault between a move's source and target.
+pub struct Injector<'a> {
+    cluster: &'a Cluster,
+    source: &'a ClusterNode,
+    target: &'a ClusterNode,
+    fault: Fault,
+    partition_for: Duration,
+    active: Active,
+    /// What was done, for the report.
+    pub log: Vec<String>,
+}
+
+impl<'a> Injector<'a> {
+    pub fn new(
+        cluster: &'a Cluster,
+        source: &'a ClusterNode,
+        target: &'a ClusterNode,
+        fault: Fault,
+        partition_for: Duration,
+    ) -> Injector<'a> {
+        Injector {
+            cluster,
+            source,
+            target,
+            fault,
+            partition_for,
+            active: Active::Nothing,
+            log: vec![],
+        }
+    }
+
+    /// Injects the fault; `ctl` is the running `flockerctl deploy`.
+    pub fn inject(&mut self, ctl: &mut Child) -> Result<()> {
+        let (source, target) = (self.source, self.target);
+        self.active = match self.fault {
+            Fault::KillCtl => {
+                ctl.kill().context("kill flockerctl")?;
+                Active::Nothing
+            }
+            Fault::KillSourceAgent => {
+                self.cluster.kill_agent(source)?;
+                Active::Killed
+            }
+            Fault::KillTargetAgent => {
+                self.cluster.kill_agent(target)?;
+                Active::Killed
+            }
+            Fault::KillTargetDockerd => {
+                self.cluster.kill_dockerd(target);
+                Active::Killed
+            }
+            Fault::Partition => {
+                partition(source, target)?;
+                partition(target, source)?;
+                Active::Partition {
+                    until: Instant::now() + self.partition_for,
+                }
+            }
+            Fault::SlowLink => {
+                for (node, peer) in [(source, target), (target, source)] {
+                    let mut tc = node.command("tc");
+                    tc.args(["qdisc", "replace", "dev", "eth0"]).args(SLOW);
+                    run(&mut tc)?;
+                    lose(node, peer)?;
+                }
+                Active::SlowLink
+            }
+            Fault::TargetPoolFull => {
+                fill_pool(&target.pool)?;
+                Active::PoolFull
+            }
+        };
+        self.log.push(format!("{} injected", self.fault.name()));
+        Ok(())
+    }
+
+    /// Heals a partition whose time is up (called while the deploy runs).
+    pub fn tick(&mut self) -> Result<()> {
+        if let Active::Partition { until } = self.active
+            && Instant::now() >= until
+        {
+            self.heal_partition()?;
+        }
+        Ok(())
+    }
+
+    fn heal_partition(&mut self) -> Result<()> {
+        for node in [self.source, self.target] {
+            run(node
+                .command("nft")
+                .args(["delete", "table", "inet", PARTITION_TABLE]))?;
+        }
+        self.active = Active::Nothing;
+        self.log
+            .push(format!("partition healed after {:?}", self.partition_for));
+        Ok(())
+    }
+
+    /// Removes what is still in place: waits out the partition and heals it, removes the
+    /// slow lossy link and the pool's filler, starts killed daemons again.
+    pub fn remove(&mut self) -> Result<()> {
+        match self.active {
+            Active::Nothing => {}
+            Active::Partition { until } => {
+                std::thread::sleep(until.saturating_duration_since(Instant::now()));
+                self.heal_partition()?;
+            }
+            Active::SlowLink => {
+                for node in [self.source, self.target] {
+                    run(node
+                        .command("tc")
+                        .args(["qdisc", "del", "dev", "eth0", "root"]))?;
+                    run(node
+                        .command("nft")
+                        .args(["delete", "table", "inet", LOSS_TABLE]))?;
+                }
+                self.log.push("slow lossy link removed".into());
+            }
+            Active::PoolFull => {
+                crate::zfs::run(
+                    "zfs",
+                    &["destroy", &format!("{}/{FILL_DATASET}", self.target.pool)],
+                )?;
+                self.log.push("pool filler destroyed".into());
+            }
+            Active::Killed => {
+                Cluster::up(self.cluster.spec.clone()).context("restart the killed daemon")?;
+                self.log
+                    .push("daemons restarted (cluster up, after reaping)".into());
+            }
+        }
+        self.active = Active::Nothing;
+        Ok(())
+    }
+}
+
+/// Drops every packet between `node` and `peer` in `node`'s namespace (in, out, forwarded).
+fn partition(node: &ClusterNode, peer: &ClusterNode) -> Result<()> {
+    let peer = &peer.address;
+    let rules = format!(
+        "table inet {PARTITION_TABLE} {{\n\
+         chain input {{ type filter hook input priority -300; ip saddr {peer} drop; }}\n\
+         chain output {{ type filter hook output priority -300; ip daddr {peer} drop; }}\n\
+         chain forward {{ type filter hook forward priority -300; ip saddr {peer} drop; ip daddr {peer} drop; }}\n\
+         }}\n"
+    );
+    let file = node.dir.join("chaos-partition.nft");
+    std::fs::write(&file, rules).context("write the partition's rules")?;
+    run(node.command("nft").arg("-f").arg(&file))
+}
+
+/// Drops [`LOSS_PERCENT`] of the packets between `node` and `peer`, at random, in `node`'s
+/// namespace.
+fn lose(node: &ClusterNode, peer: &ClusterNode) -> Result<()> {
+    let peer = &peer.address;
+    let drop = format!("numgen random mod 100 < {LOSS_PERCENT} drop");
+    let rules = format!(
+        "table inet {LOSS_TABLE} {{\n\
+         chain input {{ type filter hook input priority -300; ip saddr {peer} {drop}; }}\n\
+         chain output {{ type filter hook output priority -300; ip daddr {peer} {drop}; }}\n\
+         }}\n"
+    );
+    let file = node.dir.join("chaos-loss.nft");
+    std::fs::write(&file, rules).context("write the lossy link's rules")?;
+    run(node.command("nft").arg("-f").arg(&file))
+}
+
+/// Reserves all the free space of `pool` for an unmounted dataset of its own.
+fn fill_pool(pool: &str) -> Result<()> {
+    let filler = format!("{pool}/{FILL_DATASET}");
+    crate::zfs::run("zfs", &["create", "-o", "mountpoint=none", &filler])?;
+    let available: u64 = crate::zfs::run("zfs", &["get", "-Hp", "-o", "value", "available", pool])?
+        .trim()
+        .parse()
+        .context("the pool's available bytes")?;
+    // ZFS may refuse the last few blocks; a reservation just below is as full.
+    for spare in [0u64, 1 << 20, 8 << 20] {
+        let size = available.saturating_sub(spare).to_string();
+        if crate::zfs::run("zfs", &["set", &format!("reservation={size}"), &filler]).is_ok() {
+            return Ok(());
+        }
+    }
+    let _ = crate::zfs::run("zfs", &["destroy", &filler]);
+    bail!("could not reserve the free space of {pool}")
+}
+
+/// The dataset that fills `pool` while the fault is in place.
+pub fn filler_of(pool: &str) -> String {
+    format!("{pool}/{FILL_DATASET}")
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

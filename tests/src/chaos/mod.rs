@@ -1,0 +1,359 @@
+//! The fault matrix, `cargo xtask chaos` (issue 17): on a three-node local cluster with real
+//! daemons, Redis (with its volume) is moved from n1 to n2 once per cell while a writer sets
+//! keys through n3. The cell's fault is injected the moment `flockerctl deploy --output json`
+//! announces the cell's phase, removed once that deploy ends, and then `flockerctl deploy` is
+//! run until it reports nothing to do (at most [`Options::recovery_deploys`] times, each
+//! bounded). The invariants ([`invariants`]) are checked, then Redis moves back to n1 with no
+//! fault (a stuck lock or a half-done state would fail it) and the ledger is checked again.
+
+pub mod deploy;
+pub mod faults;
+pub mod invariants;
+pub mod matrix;
+pub mod workload;
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::cluster::{Cluster, ClusterNode, ClusterSpec};
+use deploy::{DeployRun, PhaseHook};
+use faults::Injector;
+use matrix::{Cell, CellReport, Verdict};
+use workload::{Ledger, Writer};
+
+const APPLICATION: &str = "\
+version: 1
+applications:
+  redis:
+    image: redis-flocker:latest
+    ports:
+      - internal: 6379
+        external: 6379
+    volume:
+      mountpoint: /data
+";
+
+/// How the suite runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub cells: Vec<Cell>,
+    /// Where `flocker-agent` and `flockerctl` are.
+    pub binaries: PathBuf,
+    /// The cluster's directory (removed at the end).
+    pub dir: PathBuf,
+    /// How long a partition is held: longer than every timeout of the move.
+    pub partition_for: Duration,
+    /// The bound of each deploy; one still running then counts as hung.
+    pub deploy_deadline: Duration,
+    /// Deploys after the faulted one, at most, to reach "nothing to do".
+    pub recovery_deploys: usize,
+    /// No cell starts after this much time; those left are reported as not run.
+    pub budget: Duration,
+    /// Leave the cluster up at the end, to look at what a cell left.
+    pub keep: bool,
+}
+
+/// The cluster, its config files and the ledger, shared by the cells.
+struct Suite {
+    cluster: Cluster,
+    application: PathBuf,
+    /// Redis placed on n1 (where each cell starts) and on n2 (where it moves).
+    on_source: PathBuf,
+    on_target: PathBuf,
+    ledger: Ledger,
+    /// The highest epoch the owner had: epochs never go down.
+    epoch: u64,
+    options: Options,
+}
+
+/// Runs the cells and returns their reports.
+pub fn run(options: Options) -> Result<Vec<CellReport>> {
+    let started = Instant::now();
+    let spec = ClusterSpec {
+        nodes: 3,
+        dir: options.dir.clone(),
+        pool_size: "1G",
+        agent_binary: options.binaries.join("flocker-agent"),
+        ctl_binary: options.binaries.join("flockerctl"),
+        routing: "nftables".into(),
+    };
+    // A run that was killed leaves its cluster: start from nothing.
+    Cluster::down(&spec).context("remove an earlier chaos cluster")?;
+    let mut cluster = Cluster::up(spec)?;
+    cluster.teardown_on_drop = !options.keep;
+    let files = options.dir.join("config");
+    std::fs::create_dir_all(&files)?;
+    let application = files.join("application.yml");
+    std::fs::write(&application, APPLICATION)?;
+    let placed = |name: &str, on: usize| -> Result<PathBuf> {
+        let mut text = String::from("version: 1\nnodes:\n");
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let apps = if i == on { "[redis]" } else { "[]" };
+            text.push_str(&format!("  {}: {apps}\n", node.address));
+        }
+        let path = files.join(name);
+        std::fs::write(&path, text)?;
+        Ok(path)
+    };
+    let (on_source, on_target) = (placed("on-n1.yml", 0)?, placed("on-n2.yml", 1)?);
+    let mut suite = Suite {
+        cluster,
+        application,
+        on_source,
+        on_target,
+        ledger: Ledger::default(),
+        epoch: 0,
+        options,
+    };
+    suite.start()?;
+    let mut reports = Vec::new();
+    let mut unusable: Option<String> = None;
+    for cell in suite.options.cells.clone() {
+        let why = match &unusable {
+            Some(why) => Some(why.clone()),
+            None if started.elapsed() > suite.options.budget => Some(format!(
+                "the time budget of {:?} ran out",
+                suite.options.budget
+            )),
+            None => None,
+        };
+        if let Some(why) = why {
+            reports.push(CellReport {
+                cell,
+                verdict: Verdict::NotRun { why },
+                notes: vec![],
+                seconds: 0.0,
+            });
+            continue;
+        }
+        eprintln!("chaos: cell {}", cell.label());
+        let report = suite.cell(cell);
+        eprintln!("chaos: {} -> {:?}", cell.label(), report.verdict);
+        if let Err(e) = suite.back_to_source() {
+            unusable = Some(format!(
+                "the cluster could not be brought back after {}: {e:#}",
+                cell.label()
+            ));
+        }
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+impl Suite {
+    fn node(&self, i: usize) -> &ClusterNode {
+        &self.cluster.nodes[i]
+    }
+
+    fn deploy(&self, deployment: &Path) -> Result<DeployRun> {
+        deploy::deploy(
+            &self.cluster,
+            deployment,
+            &self.application,
+            self.options.deploy_deadline,
+            None,
+        )
+    }
+
+    /// First deployment on n1 and a few keys in it.
+    fn start(&mut self) -> Result<()> {
+        let run = self.deploy(&self.on_source.clone())?;
+        if !run.succeeded() {
+            bail!("first deploy: {}", run.summary());
+        }
+        let mut redis = workload::connect(&format!("{}:6379", self.node(2).address))?;
+        let keys: Vec<String> = (0..100).map(|i| format!("seed:{i}")).collect();
+        for key in &keys {
+            redis.command(&["SET", key, &workload::value_for(key)])?;
+        }
+        self.ledger.extend(keys);
+        Ok(())
+    }
+
+    /// Moves Redis back to n1 with no fault and checks it there: each cell starts the same.
+    fn back_to_source(&mut self) -> Result<()> {
+        let on_source = self.on_source.clone();
+        self.converge(&on_source)
+            .context("the fault-free move back to n1")?;
+        let found = invariants::check(
+            &self.cluster,
+            &on_source,
+            &self.application,
+            &self.ledger,
+            self.node(0),
+            self.epoch,
+        );
+        if !found.broken.is_empty() {
+            bail!("after the move back: {}", found.notes.join("; "));
+        }
+        self.epoch = found.owner_epoch.unwrap_or(self.epoch);
+        Ok(())
+    }
+
+    /// Deploys until nothing is to do; returns how many deploys that took.
+    fn converge(&self, deployment: &Path) -> Result<usize> {
+        let mut last = String::new();
+        for n in 1..=self.options.recovery_deploys {
+            let run = self.deploy(deployment)?;
+            if run.nothing_to_do() {
+                return Ok(n);
+            }
+            last = run.summary();
+        }
+        bail!(
+            "no convergence in {} deploys (last: {last})",
+            self.options.recovery_deploys
+        )
+    }
+
+    fn cell(&mut self, cell: Cell) -> CellReport {
+        let started = Instant::now();
+        let mut notes = Vec::new();
+        let verdict = match self.try_cell(cell, &mut notes) {
+            Ok(verdict) => verdict,
+            Err(e) => {
+                notes.push(format!("the suite failed: {e:#}"));
+                Verdict::NotRun {
+                    why: "the harness failed (see the notes)".into(),
+                }
+            }
+        };
+        CellReport {
+            cell,
+            verdict,
+            notes,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+
+    fn try_cell(&mut self, cell: Cell, notes: &mut Vec<String>) -> Result<Verdict> {
+        let mut broken = std::collections::BTreeSet::new();
+        let nodes = &self.cluster.nodes;
+        let (source, target, bystander) = (&nodes[0], &nodes[1], &nodes[2]);
+        let writer = Writer::start(format!("{}:6379", bystander.address), cell.label());
+        let injector = RefCell::new(Injector::new(
+            &self.cluster,
+            source,
+            target,
+            cell.fault,
+            self.options.partition_for,
+        ));
+        let hook = PhaseHook {
+            phase: cell.phase,
+            run: Box::new(|ctl| injector.borrow_mut().inject(ctl)),
+            tick: Box::new(|| injector.borrow_mut().tick()),
+        };
+        let faulted = deploy::deploy(
+            &self.cluster,
+            &self.on_target,
+            &self.application,
+            self.options.deploy_deadline,
+            Some(hook),
+        );
+        let removed = injector.borrow_mut().remove();
+        let acked = writer.stop();
+        notes.push(format!(
+            "{} writes acknowledged during the move",
+            acked.len()
+        ));
+        self.ledger.extend(acked);
+        let faulted = faulted?;
+        removed.context("removing the fault")?;
+        notes.push(format!(
+            "faulted deploy: {} (phases: {})",
+            faulted.summary(),
+            faulted.phases().join(", ")
+        ));
+        notes.extend(injector.into_inner().log);
+        if !faulted.phase_seen {
+            return Ok(Verdict::PhaseNotReached);
+        }
+        if faulted.hung {
+            broken.insert(5);
+        }
+        let killed_by_us = cell.fault == matrix::Fault::KillCtl;
+        if !faulted.succeeded() && !killed_by_us && faulted.message().trim().is_empty() {
+            broken.insert(5);
+            notes.push("invariant 5: the faulted deploy failed without a message".into());
+        }
+        let mut deploys = 0;
+        let mut converged = false;
+        for _ in 0..self.options.recovery_deploys {
+            let run = self.deploy(&self.on_target)?;
+            deploys += 1;
+            notes.push(format!(
+                "recovery deploy {deploys}: {} (phases: {})",
+                run.summary(),
+                run.phases().join(", ")
+            ));
+            if run.hung {
+                broken.insert(5);
+            }
+            if !run.succeeded() && run.message().trim().is_empty() {
+                broken.insert(5);
+            }
+            if run.nothing_to_do() {
+                converged = true;
+                break;
+            }
+        }
+        let found = invariants::check(
+            &self.cluster,
+            &self.on_target,
+            &self.application,
+            &self.ledger,
+            target,
+            self.epoch,
+        );
+        notes.extend(found.notes);
+        broken.extend(found.broken);
+        if let Some(epoch) = found.owner_epoch {
+            self.epoch = self.epoch.max(epoch);
+        }
+        if !converged {
+            notes.push(format!(
+                "no \"nothing to do\" within {} recovery deploys",
+                self.options.recovery_deploys
+            ));
+            return Ok(Verdict::Broken {
+                invariants: broken.into_iter().collect(),
+            });
+        }
+        Ok(if broken.is_empty() {
+            Verdict::Converged { deploys }
+        } else {
+            Verdict::Broken {
+                invariants: broken.into_iter().collect(),
+            }
+        })
+    }
+}
+
+/// The report file's text: the table, how it was made, and each cell's notes.
+pub fn report(reports: &[CellReport], options: &Options, elapsed: Duration) -> String {
+    format!(
+        "# The fault matrix (`cargo xtask chaos`)\n\n\
+         Redis with its ZFS volume moves from n1 to n2 of a three-node local cluster (real \
+         dockerd, zfs-fuse pools, agents, nftables) while a writer sets keys through n3. Each \
+         fault is injected when `flockerctl deploy --output json` announces the phase, removed \
+         when that deploy ends (a partition is held {partition} s), then `flockerctl deploy` \
+         runs until it reports nothing to do (at most {recovery} times, each bounded at \
+         {deadline} s). A cell reads `ok, N deploys` when the N-th reported nothing to do and \
+         every invariant held; `BROKEN i,j` names the invariants that failed (1 acknowledged \
+         writes readable with their content, 2 one owner at a never-decreasing epoch and one \
+         running container, 3 Redis answers through every node, 4 no staged/partial dataset, \
+         stray snapshot, filler or running zfs send/recv, 5 no hung deploy and every failure \
+         names what failed). After each cell Redis moves back to n1 with no fault and the \
+         invariants are checked again (a stuck lock would fail that move).\n\n\
+         {cells} cells in {minutes:.1} min.\n\n{table}",
+        partition = options.partition_for.as_secs(),
+        recovery = options.recovery_deploys,
+        deadline = options.deploy_deadline.as_secs(),
+        cells = reports.len(),
+        minutes = elapsed.as_secs_f64() / 60.0,
+        table = matrix::render(reports),
+    )
+}

@@ -37,6 +37,9 @@ struct FakeRuntime {
     starts: Mutex<u32>,
     /// The bind mounts each container was created with.
     binds: Mutex<BTreeMap<String, Vec<String>>>,
+    /// The address the next container gets (172.17.0.2 when unset), as Docker may hand a
+    /// container created anew another one.
+    next_ip: Mutex<Option<String>>,
 }
 
 impl FakeRuntime {
@@ -105,7 +108,13 @@ impl ContainerRuntime for FakeRuntime {
                 name: spec.name.clone(),
                 application,
                 running: true,
-                ip: Some("172.17.0.2".into()),
+                ip: Some(
+                    self.next_ip
+                        .lock()
+                        .ok()
+                        .and_then(|ip| ip.clone())
+                        .unwrap_or_else(|| "172.17.0.2".into()),
+                ),
                 ip6: None,
             },
         );
@@ -185,6 +194,17 @@ fn free_port() -> u16 {
 }
 
 async fn start_node(dir: &Path, ca: &Path, address: &str, port: u16) -> TestNode {
+    start_node_routing(dir, ca, address, port, None).await
+}
+
+/// [`start_node`] whose route store programs `backend`.
+async fn start_node_routing(
+    dir: &Path,
+    ca: &Path,
+    address: &str,
+    port: u16,
+    backend: Option<Box<dyn flocker_routing::RoutingBackend>>,
+) -> TestNode {
     let root = dir.join(address);
     let volumes =
         Arc::new(DirBackend::open(&root.join("volumes"), Arc::new(SystemRunner)).expect("dir"));
@@ -193,7 +213,7 @@ async fn start_node(dir: &Path, ca: &Path, address: &str, port: u16) -> TestNode
         ..FakeRuntime::default()
     });
     let files = node_files(ca, address);
-    let routes = RouteStore::open(root.join("routes.json"), None).expect("routes");
+    let routes = RouteStore::open(root.join("routes.json"), backend).expect("routes");
     let agent = Arc::new(
         Agent::new(
             address.to_string(),
@@ -1493,4 +1513,107 @@ async fn every_volume_of_an_application_is_mounted_pushed_and_handed_off() {
         b.runtime.binds.lock().expect("binds")["flocker-db"].len(),
         2
     );
+}
+
+/// Keeps every table the agent programs, in place of the kernel.
+struct RecordingBackend(Arc<Mutex<Vec<flocker_routing::RouteTable>>>);
+
+impl flocker_routing::RoutingBackend for RecordingBackend {
+    fn name(&self) -> &'static str {
+        "recording"
+    }
+
+    fn apply(
+        &mut self,
+        table: &flocker_routing::RouteTable,
+    ) -> Result<(), flocker_routing::RoutingError> {
+        if let Ok(mut tables) = self.0.lock() {
+            tables.push(table.clone());
+        }
+        Ok(())
+    }
+
+    fn clear(&mut self) -> Result<(), flocker_routing::RoutingError> {
+        self.apply(&flocker_routing::RouteTable::default())
+    }
+}
+
+/// Regression (issue 17, the fault matrix's `routes:kill-target-dockerd` cell): a container
+/// started anew on a node that already follows the route map gets another address, and no
+/// routes phase follows (the map did not change). The start itself must re-program the
+/// routes, or the node keeps sending the port to the old address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_re_programs_the_routes_into_the_new_container_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca");
+    flocker_ctl::ca::init(&ca, "test").expect("ca");
+    flocker_ctl::ca::issue_node(&ca, A).expect("a");
+    let programmed = Arc::new(Mutex::new(Vec::new()));
+    let node = start_node_routing(
+        dir.path(),
+        &ca,
+        A,
+        free_port(),
+        Some(Box::new(RecordingBackend(programmed.clone()))),
+    )
+    .await;
+    let web = Application {
+        name: "web".into(),
+        ports: vec![flocker_wire::PortMap::tcp(80, 8080)],
+        volume: None,
+        ..app()
+    };
+    let mut d = DesiredState::default();
+    d.applications.insert("web".into(), web.clone());
+    d.nodes
+        .insert(A.into(), BTreeSet::from(["web".to_string()]));
+    let map = d.route_map();
+    let start = Action::StartApplication { application: web };
+    let request = |actions, routes| ConvergeRequest {
+        desired: d.for_node(A),
+        routes,
+        actions,
+    };
+    let run = |request: ConvergeRequest| {
+        let agent = node.agent.clone();
+        async move {
+            let mut rx = agent.converge(request).await.expect("accepted");
+            let mut events = vec![];
+            while let Some(e) = rx.recv().await {
+                events.push(e);
+            }
+            events
+        }
+    };
+    let backend_of_8080 = || {
+        let tables = programmed.lock().expect("tables");
+        tables.last().and_then(|t| {
+            t.entries
+                .get(&flocker_routing::RouteKey {
+                    protocol: flocker_routing::Protocol::Tcp,
+                    port: 8080,
+                })
+                .map(|e| e.backend().to_string())
+        })
+    };
+    let events = run(request(
+        vec![
+            start.clone(),
+            Action::FollowRoutes {
+                version: map.version(),
+            },
+        ],
+        Some(map.clone()),
+    ))
+    .await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    assert_eq!(backend_of_8080().as_deref(), Some("172.17.0.2:80"));
+
+    // dockerd restarted: the container is gone, and the one created anew gets another
+    // address. The deploy plans only the start.
+    node.runtime.containers.lock().expect("containers").clear();
+    *node.runtime.next_ip.lock().expect("ip") = Some("172.17.0.9".into());
+    let events = run(request(vec![start], None)).await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    assert_eq!(backend_of_8080().as_deref(), Some("172.17.0.9:80"));
 }

@@ -4,9 +4,10 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 
 use crate::cluster::ClusterNode;
 use crate::redis::Redis;
@@ -71,4 +72,19 @@ pub fn http_get(node: &ClusterNode, port: u16) -> Result<String> {
     let mut body = String::new();
     stream.read_to_string(&mut body)?;
     Ok(body)
+}
+
+/// Runs `docker ARGS` against `node`'s dockerd: its trimmed stdout, or an error with stderr.
+pub fn docker(node: &ClusterNode, args: &[&str]) -> Result<String> {
+    let out = Command::new("docker")
+        .args(["-H", &node.docker_host])
+        .args(args)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "docker {args:?} on {}: {}",
+        node.name,
+        text(&out.stderr)
+    );
+    Ok(text(&out.stdout).trim().to_string())
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use flocker_e2e::binaries::{binary, build_binaries};
 use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec};
-use flocker_e2e::scenario::{Files, http_get, redis_at, text};
+use flocker_e2e::scenario::{Files, docker, http_get, redis_at, text};
 
 const APPLICATIONS: &str = "\
 version: 1
@@ -142,20 +142,6 @@ fn udp_closed(node: &ClusterNode) -> Result<bool> {
         }
     }
     Ok(true)
-}
-
-fn docker(node: &ClusterNode, args: &[&str]) -> Result<String> {
-    let out = Command::new("docker")
-        .args(["-H", &node.docker_host])
-        .args(args)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "docker {args:?} on {}: {}",
-        node.name,
-        text(&out.stderr)
-    );
-    Ok(text(&out.stdout).trim().to_string())
 }
 
 /// The id of the running container made from `image` on a node, if any.

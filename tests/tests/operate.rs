@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail, ensure};
 use flocker_e2e::binaries::{binary, build_binaries};
 use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec, METRICS_PORT};
 use flocker_e2e::prometheus::{Exposition, scrape};
-use flocker_e2e::scenario::{Files, http_get, redis_at, text};
+use flocker_e2e::scenario::{Files, docker, http_get, redis_at, text};
 
 /// The health check of `slow`: fails its first three runs, then passes (about 4 s).
 const SLOW_CHECK: &str = r#"
@@ -105,20 +105,6 @@ fn routed_and_health(state: &serde_json::Value, node: &ClusterNode, app: &str) -
 fn metrics(node: &ClusterNode) -> Result<Exposition> {
     scrape(&format!("{}:{METRICS_PORT}", node.address))
         .with_context(|| format!("metrics of {}", node.name))
-}
-
-fn docker(node: &ClusterNode, args: &[&str]) -> Result<String> {
-    let out = Command::new("docker")
-        .args(["-H", &node.docker_host])
-        .args(args)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "docker {args:?} on {}: {}",
-        node.name,
-        text(&out.stderr)
-    );
-    Ok(text(&out.stdout).trim().to_string())
 }
 
 #[test]

@@ -7,13 +7,12 @@
 //! (`cache` has no volume: moving data is the deploy test's subject; this one is names.)
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use flocker_e2e::binaries::{binary, build_binaries};
 use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec};
-use flocker_e2e::scenario::{Files, text};
+use flocker_e2e::scenario::{Files, docker, text};
 
 const COMPOSE: &str = "\
 services:
@@ -47,20 +46,6 @@ fn deploy_ok(cluster: &Cluster, deployment: &Path, application: &Path) -> Result
         text(&out.stderr)
     );
     Ok(())
-}
-
-fn docker(node: &ClusterNode, args: &[&str]) -> Result<String> {
-    let out = Command::new("docker")
-        .args(["-H", &node.docker_host])
-        .args(args)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "docker {args:?} on {}: {}",
-        node.name,
-        text(&out.stderr)
-    );
-    Ok(text(&out.stdout).trim().to_string())
 }
 
 /// Sends one inline Redis command from inside the client container to `cache:6379` (the

@@ -469,7 +469,7 @@ impl Loaded {
         let ifaddr = read_map(&mut bpf, IFADDR_MAP)?;
         let routes6 = read_map(&mut bpf, ROUTES6_MAP)?;
         let local6 = read_map(&mut bpf, LOCAL6_MAP)?;
-        let services = read_pair_keyed_map(&mut bpf, SERVICES_MAP)?;
+        let services = read_map(&mut bpf, SERVICES_MAP)?;
         Ok(Loaded {
             bpf,
             pins,
@@ -780,18 +780,7 @@ fn count_pinned<V: aya::Pod>(pins: &Pins, name: &'static str) -> Result<usize, E
     Ok(map.keys().filter(Result::is_ok).count())
 }
 
-/// What the hash map `name` (keys `[u32; 2]`) holds.
-fn read_pair_keyed_map(
-    bpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<BTreeMap<[u32; 2], [u32; 2]>, EbpfError> {
-    let map = hash_map::<[u32; 2], [u32; 2]>(bpf, name)?;
-    map.iter()
-        .collect::<Result<_, _>>()
-        .map_err(map_error(name))
-}
-
-/// What the hash map `name` (keys `u32`) holds.
+/// What the hash map `name` holds.
 fn read_map<K: aya::Pod + Ord, V: aya::Pod>(
     bpf: &mut Ebpf,
     name: &'static str,

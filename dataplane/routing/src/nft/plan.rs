@@ -153,7 +153,7 @@ pub(crate) const RTN_LOCAL: u32 = 2;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 /// `IPS_DST_NAT` of the conntrack status bits.
-pub(crate) const IPS_DST_NAT: u32 = 1 << 5;
+const IPS_DST_NAT: u32 = 1 << 5;
 /// nftables' `dstnat` and `srcnat` priorities.
 const PRIORITY_DSTNAT: i32 = -100;
 const PRIORITY_SRCNAT: i32 = 100;
@@ -225,30 +225,8 @@ impl Ruleset {
             hook: Hook::Postrouting,
             priority: PRIORITY_SRCNAT,
         });
-        let masquerade4 = RuleSpec {
-            chain: "postrouting",
-            exprs: vec![
-                Expr::CtStatus,
-                Expr::Bitwise {
-                    mask: IPS_DST_NAT.to_ne_bytes().to_vec(),
-                    xor: vec![0; 4],
-                },
-                Expr::Cmp {
-                    op: CmpOp::Neq,
-                    data: vec![0; 4],
-                },
-                Expr::CtOriginalProtocol,
-                Expr::CtOriginalProtoDst,
-                Expr::Lookup {
-                    set: ROUTES_MAP,
-                    to_register: false,
-                },
-                Expr::Counter,
-                Expr::Masquerade,
-            ],
-        };
-        rules.push(only(IpFamily::Ipv4, masquerade4));
-        rules.push(masquerade_rule6());
+        rules.push(masquerade_rule(IpFamily::Ipv4));
+        rules.push(masquerade_rule(IpFamily::Ipv6));
         // Service addresses are IPv4: in the inet table their rules see IPv4 packets only.
         let (service_chains, service_rules) = super::services::chains_and_rules(scope);
         chains.extend(service_chains);
@@ -309,33 +287,45 @@ fn dnat_rule6(chain: &'static str) -> RuleSpec {
     )
 }
 
-/// The IPv6 twin of the masquerade rule: DNAT'd connections to a port of `routes6`.
-fn masquerade_rule6() -> RuleSpec {
+/// Masquerades the connections the `family` half DNAT'd: to a port of `routes` or `routes6`.
+fn masquerade_rule(family: IpFamily) -> RuleSpec {
+    let set = match family {
+        IpFamily::Ipv4 => ROUTES_MAP,
+        IpFamily::Ipv6 => ROUTES6_MAP,
+    };
+    let mut exprs = dnat_done().to_vec();
+    exprs.extend([
+        Expr::CtOriginalProtocol,
+        Expr::CtOriginalProtoDst,
+        Expr::Lookup {
+            set,
+            to_register: false,
+        },
+        Expr::Counter,
+        Expr::Masquerade,
+    ]);
     only(
-        IpFamily::Ipv6,
+        family,
         RuleSpec {
             chain: "postrouting",
-            exprs: vec![
-                Expr::CtStatus,
-                Expr::Bitwise {
-                    mask: IPS_DST_NAT.to_ne_bytes().to_vec(),
-                    xor: vec![0; 4],
-                },
-                Expr::Cmp {
-                    op: CmpOp::Neq,
-                    data: vec![0; 4],
-                },
-                Expr::CtOriginalProtocol,
-                Expr::CtOriginalProtoDst,
-                Expr::Lookup {
-                    set: ROUTES6_MAP,
-                    to_register: false,
-                },
-                Expr::Counter,
-                Expr::Masquerade,
-            ],
+            exprs,
         },
     )
+}
+
+/// The connection was DNAT'd: `ct status & dnat != 0`.
+pub(crate) fn dnat_done() -> [Expr; 3] {
+    [
+        Expr::CtStatus,
+        Expr::Bitwise {
+            mask: IPS_DST_NAT.to_ne_bytes().to_vec(),
+            xor: vec![0; 4],
+        },
+        Expr::Cmp {
+            op: CmpOp::Neq,
+            data: vec![0; 4],
+        },
+    ]
 }
 
 /// A backend address as a routes map holds it: IPv4 in `routes`, IPv6 in `routes6`.

@@ -27,9 +27,7 @@ use std::{collections::BTreeSet, net::SocketAddrV4};
 
 use flocker_wire::services::SERVICE_RANGE;
 
-use super::plan::{
-    ChainSpec, CmpOp, Expr, Hook, IPS_DST_NAT, ROUTED_MARK, RTN_LOCAL, RuleSpec, Scope,
-};
+use super::plan::{ChainSpec, CmpOp, Expr, Hook, ROUTED_MARK, RTN_LOCAL, RuleSpec, Scope};
 use crate::{ServiceTable, table::RouteKey};
 
 pub const SERVICES_MAP: &str = "services";
@@ -142,28 +140,22 @@ fn masquerade_rule() -> RuleSpec {
     let mask = u32::MAX << (32 - u32::from(bits));
     RuleSpec {
         chain: "svc_postrouting",
-        exprs: vec![
-            Expr::CtStatus,
-            Expr::Bitwise {
-                mask: IPS_DST_NAT.to_ne_bytes().to_vec(),
-                xor: vec![0; 4],
-            },
-            Expr::Cmp {
-                op: CmpOp::Neq,
-                data: vec![0; 4],
-            },
-            Expr::CtOriginalDaddr,
-            Expr::Bitwise {
-                mask: mask.to_be_bytes().to_vec(),
-                xor: vec![0; 4],
-            },
-            Expr::Cmp {
-                op: CmpOp::Eq,
-                data: base.octets().to_vec(),
-            },
-            Expr::Counter,
-            Expr::Masquerade,
-        ],
+        exprs: super::plan::dnat_done()
+            .into_iter()
+            .chain([
+                Expr::CtOriginalDaddr,
+                Expr::Bitwise {
+                    mask: mask.to_be_bytes().to_vec(),
+                    xor: vec![0; 4],
+                },
+                Expr::Cmp {
+                    op: CmpOp::Eq,
+                    data: base.octets().to_vec(),
+                },
+                Expr::Counter,
+                Expr::Masquerade,
+            ])
+            .collect(),
     }
 }
 

@@ -286,6 +286,7 @@ async fn converge(
             desired: desired.clone(),
             routes: None,
             actions,
+            nodes_version: None,
         })
         .await
         .expect("accepted");
@@ -479,6 +480,7 @@ async fn moves_a_directory_volume_between_two_agents_over_mutual_tls() {
             desired: d2.clone(),
             routes: None,
             actions: vec![Action::StartApplication { application: app() }],
+            nodes_version: None,
         })
         .await
         .expect_err("refused");
@@ -525,6 +527,7 @@ async fn moves_a_directory_volume_between_two_agents_over_mutual_tls() {
             desired: d1.clone(),
             routes: None,
             actions: vec![Action::StartApplication { application: app() }],
+            nodes_version: None,
         })
         .await
         .expect_err("refused");
@@ -607,6 +610,7 @@ async fn refused_requests_change_nothing() {
                 desired: d.clone(),
                 routes: None,
                 actions,
+                nodes_version: None,
             })
             .await
             .expect_err("refused");
@@ -1019,6 +1023,7 @@ async fn hostile_values_in_a_converge_are_refused_before_anything_changes() {
                     desired: d,
                     routes: None,
                     actions,
+                    nodes_version: None,
                 })
                 .await
                 .expect_err("refused")
@@ -1141,6 +1146,7 @@ async fn a_replica_is_promoted_and_the_returning_owner_fences_itself() {
                 volume: "db".into(),
                 epoch: 1,
             }],
+            nodes_version: None,
         })
         .await;
     assert!(refused.is_err(), "promotion not above the recorded epoch");
@@ -1235,6 +1241,7 @@ async fn flockerctl_deploys_through_the_agent_client_and_checks_revocation() {
     let summary = deploy::execute(
         &user(),
         &d,
+        &flocker_wire::ClusterState::default(),
         &plan,
         flocker_ctl::deploy::ProgressMode::Lines,
         4,
@@ -1264,6 +1271,7 @@ async fn flockerctl_deploys_through_the_agent_client_and_checks_revocation() {
     let err = deploy::execute(
         &user(),
         &d,
+        &flocker_wire::ClusterState::default(),
         &plan,
         flocker_ctl::deploy::ProgressMode::Lines,
         4,
@@ -1334,6 +1342,7 @@ async fn agents_follow_the_route_map_and_refuse_one_that_does_not_fit() {
     let summary = deploy::execute(
         &user,
         &d,
+        &state,
         &plan,
         flocker_ctl::deploy::ProgressMode::Lines,
         2,
@@ -1359,6 +1368,7 @@ async fn agents_follow_the_route_map_and_refuse_one_that_does_not_fit() {
         desired: d.for_node(A),
         routes: Some(map.clone()),
         actions: vec![Action::FollowRoutes { version }],
+        nodes_version: None,
     };
     let mut elsewhere = map.clone();
     elsewhere.ports.insert(
@@ -1406,6 +1416,158 @@ async fn agents_follow_the_route_map_and_refuse_one_that_does_not_fit() {
             .iter()
             .any(|r| r.target == RouteTarget::Node { address: B.into() })
     );
+}
+
+/// Issue 19: a node that holds the node list is sent its share without it, naming the
+/// list's version, and completes it from its own; a request naming another version, or
+/// naming the right one while carrying a node of its own, is refused before anything
+/// changes, so no address reaches the agent except in a full list it validated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_holding_the_node_list_is_sent_its_version_and_refuses_any_other() {
+    use flocker_ctl::deploy::{self, Credentials};
+    use flocker_wire::PortMap;
+    use std::time::Duration;
+
+    let (dir, a, b) = setup().await;
+    let ca = dir.path().join("ca");
+    flocker_ctl::ca::issue_user(&ca, "admin").expect("user");
+    let user = Credentials::from_ca_dir(&ca, "admin")
+        .client(
+            a.agent_port,
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+        )
+        .expect("client");
+    let service = |name: &str, external: u16| Application {
+        name: name.into(),
+        ports: vec![PortMap::tcp(80, external)],
+        volumes: Default::default(),
+        volume: None,
+        ..app()
+    };
+    let mut d = DesiredState::default();
+    d.applications.insert("web".into(), service("web", 8080));
+    d.nodes
+        .insert(A.into(), BTreeSet::from(["web".to_string()]));
+    d.nodes.insert(B.into(), BTreeSet::new());
+    let nodes = [A.to_string(), B.to_string()];
+    let deploy = |d: DesiredState| {
+        let user = user.clone();
+        let nodes = nodes.clone();
+        async move {
+            let state = deploy::gather_state(&user, &nodes, 2).await.expect("state");
+            let plan = flocker_ctl::planner::plan(&d, &state);
+            deploy::execute(
+                &user,
+                &d,
+                &state,
+                &plan,
+                flocker_ctl::deploy::ProgressMode::Lines,
+                2,
+            )
+            .await
+            .expect("deploy")
+        }
+    };
+
+    deploy(d.clone()).await;
+    let state = deploy::gather_state(&user, &nodes, 2).await.expect("state");
+    for node in [A, B] {
+        assert_eq!(state.nodes[node].nodes_version, Some(d.nodes_version()));
+    }
+    // Moving web to B: both nodes hold the list, so no request carries the other node.
+    let mut moved = d.clone();
+    moved.nodes.insert(A.into(), BTreeSet::new());
+    moved
+        .nodes
+        .insert(B.into(), BTreeSet::from(["web".to_string()]));
+    let second = deploy(moved.clone()).await;
+    assert!(second.requests > 0);
+    // Each agent completed its share: it still knows its peer (fencing and pushes ask it).
+    for agent in [&a.agent, &b.agent] {
+        let held = agent.last_desired().expect("held");
+        assert_eq!(held.nodes.keys().collect::<Vec<_>>(), vec![A, B]);
+    }
+    assert_eq!(b.agent.routes.current(), moved.routes_for(B));
+    assert_eq!(a.agent.routes.current(), moved.routes_for(A));
+
+    let request = |desired: DesiredState, version: &str, actions: Vec<Action>| ConvergeRequest {
+        desired,
+        routes: None,
+        actions,
+        nodes_version: Some(version.to_string()),
+    };
+    // The share alone under the held version is accepted, and the list stays whole.
+    let events = a
+        .agent
+        .converge(request(
+            moved.for_node_alone(A),
+            &moved.nodes_version(),
+            Vec::new(),
+        ))
+        .await
+        .expect("the held version is accepted");
+    drop(events);
+    let held = a.agent.last_desired().expect("held");
+    assert_eq!(held.nodes.keys().collect::<Vec<_>>(), vec![A, B]);
+    let stranger = "198.18.9.9";
+    let mut with_stranger = moved.clone();
+    with_stranger.nodes.insert(stranger.into(), BTreeSet::new());
+    let mut smuggled = moved.for_node_alone(A);
+    smuggled.nodes.insert(stranger.into(), BTreeSet::new());
+    let create = vec![Action::CreateVolume {
+        volume: "db".into(),
+        maximum_size: None,
+    }];
+    for (request, status, expect) in [
+        // The list with a stranger in it, under its own (new) version.
+        (
+            request(
+                with_stranger.for_node_alone(A),
+                &with_stranger.nodes_version(),
+                create.clone(),
+            ),
+            412,
+            "send the node list in full",
+        ),
+        // A version nobody ever sent.
+        (
+            request(moved.for_node_alone(A), &"0".repeat(32), create.clone()),
+            412,
+            "send the node list in full",
+        ),
+        // The right version, with a stranger beside it.
+        (
+            request(smuggled, &moved.nodes_version(), create.clone()),
+            400,
+            "may carry only this node",
+        ),
+        // The right version, pushing to a stranger: still not a node of the desired state.
+        (
+            request(
+                moved.for_node_alone(A),
+                &moved.nodes_version(),
+                vec![Action::PushVolume {
+                    volume: "db".into(),
+                    to: stranger.into(),
+                    last: false,
+                }],
+            ),
+            400,
+            "not a node of the desired state",
+        ),
+    ] {
+        match a.agent.converge(request).await {
+            Err(e) => {
+                assert_eq!(e.status(), status, "{e}");
+                assert!(e.to_string().contains(expect), "{e}");
+            }
+            Ok(_) => panic!("accepted: {expect}"),
+        }
+    }
+    let held = a.agent.last_desired().expect("held");
+    assert_eq!(held.nodes.keys().collect::<Vec<_>>(), vec![A, B]);
+    assert!(a.agent.volumes.list().expect("volumes").is_empty());
 }
 
 /// `db` with a further volume `db.logs` at /logs beside its main one.
@@ -1489,6 +1651,7 @@ async fn every_volume_of_an_application_is_mounted_pushed_and_handed_off() {
             desired: on(B),
             routes: None,
             actions: vec![start.clone()],
+            nodes_version: None,
         })
         .await
         .expect_err("refused");
@@ -1573,6 +1736,7 @@ async fn a_start_re_programs_the_routes_into_the_new_container_address() {
         desired: d.for_node(A),
         routes,
         actions,
+        nodes_version: None,
     };
     let run = |request: ConvergeRequest| {
         let agent = node.agent.clone();

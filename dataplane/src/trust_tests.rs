@@ -188,6 +188,7 @@ fn converge_body(actions: Vec<Action>) -> Vec<u8> {
         desired,
         routes: None,
         actions,
+        nodes_version: None,
     })
     .expect("json")
 }

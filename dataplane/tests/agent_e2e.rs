@@ -386,6 +386,7 @@ impl Cluster {
             desired: desired.clone(),
             routes: follows.then(|| desired.route_map()),
             actions,
+            nodes_version: None,
         };
         let (status, events, text) = self.converge_raw(node, serde_json::to_vec(&req)?)?;
         ensure!(
@@ -799,6 +800,7 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
         actions: vec![Action::StartApplication {
             application: app.clone(),
         }],
+        nodes_version: None,
     };
     let (status, _, text) = cluster.converge_raw(&cluster.a, serde_json::to_vec(&req)?)?;
     assert_eq!(status, StatusCode::CONFLICT, "{text}");
@@ -916,6 +918,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
                     Action::CreateVolume { volume: "other".into(), maximum_size: None },
                     Action::StartApplication { application: unknown },
                 ],
+                nodes_version: None,
             })?,
             StatusCode::BAD_REQUEST,
             "unknown application \"ghost\"",
@@ -929,6 +932,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
                     Action::CreateVolume { volume: "other".into(), maximum_size: None },
                     Action::StartApplication { application: busybox_app() },
                 ],
+                nodes_version: None,
             })?,
             StatusCode::CONFLICT,
             "needs volume \"web\", which does not exist on this node",
@@ -938,6 +942,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
                 desired: d_no_image,
                 routes: None,
                 actions: vec![Action::StartApplication { application: no_image }],
+                nodes_version: None,
             })?,
             StatusCode::UNPROCESSABLE_ENTITY,
             "no-such-image:latest",
@@ -947,6 +952,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
                 desired: desired.clone(),
                 routes: None,
                 actions: vec![Action::CreateVolume { volume: "../etc".into(), maximum_size: None }],
+                nodes_version: None,
             })?,
             StatusCode::BAD_REQUEST,
             "invalid volume or snapshot name",
@@ -956,6 +962,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
                 desired: desired.clone(),
                 routes: None,
                 actions: vec![Action::Handoff { volume: "web".into(), to: A.into() }],
+                nodes_version: None,
             })?,
             StatusCode::NOT_FOUND,
             "volume \"web\" does not exist on this node",
@@ -980,6 +987,7 @@ fn check_bad_requests(cluster: &Cluster, desired: &DesiredState) -> Result<()> {
                 to: B.into(),
             },
         ],
+        nodes_version: None,
     };
     let (status, events, text) = cluster.converge_raw(&cluster.a, serde_json::to_vec(&req)?)?;
     assert_eq!(status, StatusCode::OK, "{text}");

@@ -15,6 +15,7 @@ pub mod files;
 pub mod image;
 #[cfg(feature = "logging")]
 pub mod logging;
+pub mod node_list;
 pub mod routes;
 pub mod services;
 pub mod snapshots;
@@ -470,6 +471,10 @@ pub struct NodeState {
     /// last deploy); the planner compares it with the deployment's `standby:`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub standby: BTreeMap<String, Standby>,
+    /// The version of the node list the agent holds from the last deploy (see
+    /// [`node_list`]); absent before its first converge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes_version: Option<String>,
 }
 
 impl NodeState {
@@ -610,6 +615,11 @@ pub struct ConvergeRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes: Option<RouteMap>,
     pub actions: Vec<Action>,
+    /// Set when `desired` leaves the other nodes out ([`DesiredState::for_node_alone`]):
+    /// the version of the node list the agent is to complete it with from the list it holds
+    /// (see [`node_list`]). An agent holding another version refuses the request (412).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes_version: Option<String>,
 }
 
 /// One line of the newline-delimited JSON stream that answers `POST /v1/converge`.

@@ -178,15 +178,7 @@ impl RouteMap {
     /// the first 16 bytes of the BLAKE3 hash of the map's JSON (keys in order, so the JSON
     /// is canonical), computed without holding that JSON.
     pub fn version(&self) -> String {
-        let mut hasher = blake3::Hasher::new();
-        if let Err(e) = serde_json::to_writer(&mut hasher, self) {
-            // Writing into a hasher cannot fail, and the map's types always serialise.
-            return format!("unencodable-{e}");
-        }
-        hasher.finalize().as_bytes()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        crate::node_list::content_version(self)
     }
 }
 
@@ -251,6 +243,11 @@ impl DesiredState {
     /// fencing) with only its own placement filled in. The rest of the cluster reaches it
     /// as the [`RouteMap`].
     pub fn for_node(&self, node: &str) -> DesiredState {
+        self.share_of(node, true)
+    }
+
+    /// [`DesiredState::for_node`], with every other node's address only when `with_peers`.
+    pub(crate) fn share_of(&self, node: &str, with_peers: bool) -> DesiredState {
         let mine = self.nodes.get(node);
         let applications = mine
             .into_iter()
@@ -264,6 +261,7 @@ impl DesiredState {
         let nodes = self
             .nodes
             .keys()
+            .filter(|n| with_peers || *n == node)
             .map(|n| {
                 let apps = if n == node {
                     mine.cloned().unwrap_or_default()

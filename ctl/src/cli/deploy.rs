@@ -202,6 +202,7 @@ fn run_deploy(
             deploy::execute(
             &client,
             &planned.effective,
+            &gathered.state,
             plan,
             progress,
             agents.parallel,

@@ -3,7 +3,9 @@
 //! `parallel` nodes are talked to at once (state queries and converge requests alike), so
 //! memory and descriptors stay bounded however many nodes there are; each request carries
 //! what its node needs (`DesiredState::for_node`, the route map when it follows one, encoded
-//! once and shared). A phase starts
+//! once and shared), and leaves the node list out for a node that reported holding it
+//! (`flocker_wire::node_list`; a node that no longer does refuses with 412 and is sent the
+//! list in full within the same phase). A phase starts
 //! only when every node finished the previous one; the first failure stops the run and is
 //! reported with the node and its cause. Running deploy again finishes the job, because the
 //! planner starts from whatever state the nodes then report.
@@ -19,6 +21,8 @@ mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
+
+use std::collections::HashSet;
 
 use flocker_wire::{Action, ClusterState, ConvergeEvent, DesiredState, Plan, RouteMap};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -246,30 +250,50 @@ struct RequestParts<'a> {
     desired: &'a DesiredState,
     map: RouteMap,
     encoded: Option<EncodedRoutes>,
+    /// The version of the desired state's node list, and the nodes that reported holding
+    /// it: their requests leave the other nodes out.
+    nodes_version: String,
+    holding: HashSet<String>,
 }
 
 impl<'a> RequestParts<'a> {
-    fn new(desired: &'a DesiredState) -> Self {
+    fn new(desired: &'a DesiredState, reported: &ClusterState) -> Self {
+        let nodes_version = desired.nodes_version();
+        let holding = reported
+            .nodes
+            .iter()
+            .filter(|(_, state)| state.nodes_version.as_deref() == Some(nodes_version.as_str()))
+            .map(|(node, _)| node.clone())
+            .collect();
         RequestParts {
             desired,
             map: desired.route_map(),
             encoded: None,
+            nodes_version,
+            holding,
         }
     }
 
-    /// The body for `node`: its share of the desired state, the whole route map when it
-    /// is told to follow it, else only the ports its started applications link to.
-    /// Returns the body and how many of its bytes are the whole route map.
+    /// The body for `node`: its share of the desired state (without the node list when it
+    /// holds this one, unless `full_list`), the whole route map when it is told to follow
+    /// it, else only the ports its started applications link to. Returns the body and how
+    /// many of its bytes are the whole route map.
     fn body(
         &mut self,
         node: &str,
         actions: &[Action],
+        full_list: bool,
     ) -> Result<(ConvergeBody, usize), DeployError> {
         let encode = |e: serde_json::Error| DeployError::Encode {
             node: node.to_string(),
             detail: e.to_string(),
         };
-        let share = self.desired.for_node(node);
+        let (share, nodes_version) = if !full_list && self.holding.contains(node) {
+            let version = Some(self.nodes_version.as_str());
+            (self.desired.for_node_alone(node), version)
+        } else {
+            (self.desired.for_node(node), None)
+        };
         let follows = actions
             .iter()
             .any(|a| matches!(a, Action::FollowRoutes { .. }));
@@ -278,7 +302,8 @@ impl<'a> RequestParts<'a> {
                 self.encoded = Some(EncodedRoutes::encode(&self.map).map_err(encode)?);
             }
             let routes = self.encoded.as_ref();
-            let body = ConvergeBody::encode(&share, routes, actions).map_err(encode)?;
+            let body =
+                ConvergeBody::encode(&share, routes, actions, nodes_version).map_err(encode)?;
             return Ok((body, routes.map_or(0, EncodedRoutes::len)));
         }
         let linked: Vec<flocker_wire::routes::PortKey> = actions
@@ -300,16 +325,19 @@ impl<'a> RequestParts<'a> {
         } else {
             Some(EncodedRoutes::encode(&self.map.only(linked)).map_err(encode)?)
         };
-        let body = ConvergeBody::encode(&share, routes.as_ref(), actions).map_err(encode)?;
+        let body = ConvergeBody::encode(&share, routes.as_ref(), actions, nodes_version)
+            .map_err(encode)?;
         Ok((body, 0))
     }
 }
 
 /// Carries out a plan phase by phase, talking to at most `parallel` nodes at once, showing
-/// progress as `mode` says.
+/// progress as `mode` says. `reported` is the state the nodes reported (which node list
+/// each holds).
 pub async fn execute<A: AgentApi>(
     agents: &A,
     desired: &DesiredState,
+    reported: &ClusterState,
     plan: &Plan,
     mode: ProgressMode,
     parallel: usize,
@@ -319,7 +347,7 @@ pub async fn execute<A: AgentApi>(
         phases: plan.phases.len(),
         ..Summary::default()
     };
-    let mut parts = RequestParts::new(desired);
+    let mut parts = RequestParts::new(desired, reported);
     for (index, phase) in plan.phases.iter().enumerate() {
         let phase_started = Instant::now();
         if mode == ProgressMode::Json {
@@ -344,38 +372,63 @@ pub async fn execute<A: AgentApi>(
 
         let mut failures: BTreeMap<String, DeployError> = BTreeMap::new();
         let mut bytes_pushed = 0u64;
-        let nodes: Vec<String> = per_node.keys().map(|n| n.to_string()).collect();
-        let send = |node: &str| {
-            let actions: Vec<Action> = per_node
-                .get(node)
-                .map(|a| a.iter().map(|a| (*a).clone()).collect())
-                .unwrap_or_default();
-            let body = parts.body(node, &actions);
-            if let Ok((body, routes_len)) = &body {
-                summary.requests += 1;
-                summary.request_bytes += body.len() as u64;
-                summary.route_map_bytes = summary.route_map_bytes.max(*routes_len as u64);
-                let own = (body.len() - routes_len) as u64;
-                summary.largest_request_beyond_route_map =
-                    summary.largest_request_beyond_route_map.max(own);
+        let mut nodes: Vec<String> = per_node.keys().map(|n| n.to_string()).collect();
+        // A node that lost the node list it reported (restarted without its state, or another
+        // deploy came between) refuses before doing anything; it gets the list in full.
+        for full_list in [false, true] {
+            let mut resend = Vec::new();
+            let mut now_holding = Vec::new();
+            let left_out: HashSet<String> = nodes
+                .iter()
+                .filter(|n| !full_list && parts.holding.contains(*n))
+                .cloned()
+                .collect();
+            let send = |node: &str| {
+                let actions: Vec<Action> = per_node
+                    .get(node)
+                    .map(|a| a.iter().map(|a| (*a).clone()).collect())
+                    .unwrap_or_default();
+                let body = parts.body(node, &actions, full_list);
+                if let Ok((body, routes_len)) = &body {
+                    summary.requests += 1;
+                    summary.request_bytes += body.len() as u64;
+                    summary.route_map_bytes = summary.route_map_bytes.max(*routes_len as u64);
+                    let own = (body.len() - routes_len) as u64;
+                    summary.largest_request_beyond_route_map =
+                        summary.largest_request_beyond_route_map.max(own);
+                }
+                let (agents, node) = (agents.clone(), node.to_string());
+                async move {
+                    let (body, _) = body?;
+                    run_on_node(&agents, &node, body, mode).await
+                }
+            };
+            for_each_node(nodes, parallel, send, |node, joined| match joined {
+                Ok(Ok(bytes)) => {
+                    bytes_pushed += bytes;
+                    now_holding.push(node);
+                }
+                Ok(Err(e)) if left_out.contains(&node) && wants_full_list(&e) => resend.push(node),
+                Ok(Err(e)) => {
+                    failures.insert(node, e);
+                }
+                Err(e) => {
+                    let error = lost(node.clone(), &format!("phase {}", phase.name), &e);
+                    failures.insert(node, error);
+                }
+            })
+            .await;
+            // A node that accepted a request holds its node list from then on.
+            parts.holding.extend(now_holding);
+            if resend.is_empty() {
+                break;
             }
-            let (agents, node) = (agents.clone(), node.to_string());
-            async move {
-                let (body, _) = body?;
-                run_on_node(&agents, &node, body, mode).await
-            }
-        };
-        for_each_node(nodes, parallel, send, |node, joined| match joined {
-            Ok(Ok(bytes)) => bytes_pushed += bytes,
-            Ok(Err(e)) => {
-                failures.insert(node, e);
-            }
-            Err(e) => {
-                let error = lost(node.clone(), &format!("phase {}", phase.name), &e);
-                failures.insert(node, error);
-            }
-        })
-        .await;
+            tracing::info!(
+                nodes = resend.len(),
+                "nodes no longer hold the node list they reported: sending it in full"
+            );
+            nodes = resend;
+        }
         summary.bytes_pushed += bytes_pushed;
         if let Some(e) = failures.into_values().next() {
             return Err(e);
@@ -390,6 +443,12 @@ pub async fn execute<A: AgentApi>(
     }
     summary.elapsed_ms = started.elapsed().as_millis();
     Ok(summary)
+}
+
+/// Whether a node refused a request because it does not hold the node list the request
+/// named (HTTP 412, before doing anything): the list in full cures it.
+fn wants_full_list(e: &DeployError) -> bool {
+    matches!(e, DeployError::Client(c) if c.status().map(|s| s.as_u16()) == Some(412))
 }
 
 /// Sends one node its actions and follows the events; returns the bytes it pushed.

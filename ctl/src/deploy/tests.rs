@@ -332,7 +332,14 @@ fn execute_sends_each_node_its_share_phase_by_phase() {
     };
     let d = desired(&[A, B]);
     let summary = runtime()
-        .block_on(execute(&agents, &d, &plan, ProgressMode::Lines, 2))
+        .block_on(execute(
+            &agents,
+            &d,
+            &ClusterState::default(),
+            &plan,
+            ProgressMode::Lines,
+            2,
+        ))
         .expect("deploy");
     assert_eq!(
         (summary.phases, summary.actions, summary.bytes_pushed),
@@ -374,6 +381,7 @@ fn a_failed_step_stops_the_run_before_the_next_phase() {
         .block_on(execute(
             &agents,
             &desired(&[A, B]),
+            &ClusterState::default(),
             &plan,
             ProgressMode::Lines,
             2,
@@ -409,6 +417,7 @@ fn a_refused_converge_is_reported_with_the_agents_status_and_message() {
         .block_on(execute(
             &agents,
             &desired(&[A]),
+            &ClusterState::default(),
             &plan,
             ProgressMode::Lines,
             2,
@@ -436,6 +445,7 @@ fn a_converge_that_panicked_names_its_node_and_phase() {
         .block_on(execute(
             &agents,
             &desired(&[A, B]),
+            &ClusterState::default(),
             &plan,
             ProgressMode::Lines,
             2,
@@ -454,6 +464,7 @@ fn an_empty_plan_asks_nobody() {
         .block_on(execute(
             &agents,
             &desired(&[A]),
+            &ClusterState::default(),
             &Plan::default(),
             ProgressMode::Lines,
             2,
@@ -612,15 +623,23 @@ fn no_more_nodes_than_parallel_are_asked_at_once() {
         .insert("web".into());
     let plan = crate::planner::plan(&d, &state);
     runtime()
-        .block_on(execute(&agents, &d, &plan, ProgressMode::Lines, 4))
+        .block_on(execute(
+            &agents,
+            &d,
+            &ClusterState::default(),
+            &plan,
+            ProgressMode::Lines,
+            4,
+        ))
         .expect("deploy");
     assert!(agents.most_at_once() <= 4, "{}", agents.most_at_once());
     // Start on one node, routes on all 40.
     assert_eq!(agents.requests.lock().expect("requests").len(), 41);
 }
 
-/// Each request carries the node's own applications, every node's address, and the route
-/// map only where the node follows it (whole) or links to another port (that port only).
+/// Each request carries the node's own applications, every node's address in its first request
+/// (the list's version in later ones), and the route map only where the node follows it
+/// (whole) or links to another port (that port only).
 #[test]
 fn each_node_gets_its_share_and_the_map_only_where_it_needs_it() {
     let mut d = desired(&[A, B, C]);
@@ -633,12 +652,28 @@ fn each_node_gets_its_share_and_the_map_only_where_it_needs_it() {
     let plan = crate::planner::plan(&d, &ClusterState::default());
     let agents = Counting::default();
     let summary = runtime()
-        .block_on(execute(&agents, &d, &plan, ProgressMode::Lines, 8))
+        .block_on(execute(
+            &agents,
+            &d,
+            &ClusterState::default(),
+            &plan,
+            ProgressMode::Lines,
+            8,
+        ))
         .expect("deploy");
     let map = d.route_map();
     let requests = agents.requests.lock().expect("requests").clone();
+    // A node's first request carries every node's address; it holds them from then on, so
+    // its later ones name the list's version instead.
+    let mut holding = BTreeSet::new();
     for (node, request) in &requests {
-        assert_eq!(request.desired, d.for_node(node), "{node}");
+        if holding.insert(node) {
+            assert_eq!(request.desired, d.for_node(node), "{node}");
+            assert_eq!(request.nodes_version, None, "{node}");
+        } else {
+            assert_eq!(request.desired, d.for_node_alone(node), "{node}");
+            assert_eq!(request.nodes_version, Some(d.nodes_version()), "{node}");
+        }
         let follows = request
             .actions
             .iter()
@@ -663,4 +698,149 @@ fn each_node_gets_its_share_and_the_map_only_where_it_needs_it() {
     let map_bytes = serde_json::to_vec(&map).expect("json").len() as u64;
     assert_eq!(summary.route_map_bytes, map_bytes);
     assert_eq!(summary.requests, 5);
+}
+
+/// Every converge request each node got, in order.
+type RequestLog = Arc<Mutex<Vec<(String, ConvergeRequest)>>>;
+
+fn precondition_failed(node: &str) -> ClientError {
+    ClientError::Refused {
+        node: node.to_string(),
+        status: StatusCode::PRECONDITION_FAILED,
+        message: "this node holds another node list: send the node list in full".into(),
+    }
+}
+
+fn reporting_list(address: &str, version: Option<&str>) -> StateReply {
+    StateReply::State(NodeState {
+        nodes_version: version.map(str::to_string),
+        ..node_state(address, None)
+    })
+}
+
+/// A node that reported the current node list gets its share without the list, naming the
+/// version; one that reported another list or none gets it in full; one that reported the
+/// list but refuses (412: it lost it since) is sent it in full within the same phase, and
+/// the plan goes on.
+#[test]
+fn the_node_list_goes_only_to_nodes_that_do_not_hold_it() {
+    let mut d = desired(&[A, B, C]);
+    d.applications
+        .insert("web".into(), service("web", 8080, None));
+    d.nodes.get_mut(A).expect("a").insert("web".into());
+    let version = d.nodes_version();
+    let states = FakeAgents::new(&[
+        (A, reporting_list(A, Some(&version))),
+        (
+            B,
+            reporting_list(B, Some("0123456789abcdef0123456789abcdef")),
+        ),
+        (C, reporting_list(C, Some(&version))),
+    ]);
+    let reported = runtime()
+        .block_on(gather_state(&states, &nodes(&[A, B, C]), 3))
+        .expect("state");
+    let log: RequestLog = Arc::default();
+    let seen = log.clone();
+    let agents = FakeAgents::new(&[]).converging(move |node, request| {
+        seen.lock()
+            .expect("log")
+            .push((node.to_string(), request.clone()));
+        if node == C && request.nodes_version.is_some() {
+            return Err(precondition_failed(node));
+        }
+        Ok(done_events(request))
+    });
+    let plan = Plan {
+        phases: vec![
+            phase(
+                "create-volumes",
+                &[(A, create("a")), (B, create("b")), (C, create("c"))],
+            ),
+            phase("pre-copy", &[(C, push("c", A))]),
+        ],
+    };
+    let summary = runtime()
+        .block_on(execute(
+            &agents,
+            &d,
+            &reported,
+            &plan,
+            ProgressMode::Lines,
+            3,
+        ))
+        .expect("deploy");
+    let log = log.lock().expect("log").clone();
+    let of = |node: &str| -> Vec<&ConvergeRequest> {
+        log.iter()
+            .filter(|(n, _)| n == node)
+            .map(|(_, r)| r)
+            .collect()
+    };
+    let a = of(A);
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].desired, d.for_node_alone(A));
+    assert_eq!(a[0].nodes_version.as_deref(), Some(version.as_str()));
+    assert_eq!(a[0].desired.nodes.len(), 1, "no other node's address");
+    let b = of(B);
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].desired, d.for_node(B));
+    assert_eq!(b[0].nodes_version, None);
+    // C: refused with the version, then the full list; it holds the list from then on, so
+    // the next phase names the version again (and this fake refuses it again, and so on).
+    let c = of(C);
+    assert_eq!(c.len(), 4, "{c:?}");
+    assert_eq!(c[0].nodes_version.as_deref(), Some(version.as_str()));
+    assert_eq!(
+        (c[1].nodes_version.as_ref(), &c[1].desired),
+        (None, &d.for_node(C))
+    );
+    assert_eq!(c[1].actions, vec![create("c")]);
+    assert_eq!(c[2].nodes_version.as_deref(), Some(version.as_str()));
+    assert_eq!(c[3].nodes_version, None);
+    assert_eq!(c[3].actions, vec![push("c", A)]);
+    assert_eq!(summary.requests, 6);
+}
+
+/// A node that refuses the full list with 412 too fails the phase: the list is re-sent once.
+#[test]
+fn a_node_refusing_the_full_list_fails_the_phase() {
+    let d = desired(&[A, B]);
+    let version = d.nodes_version();
+    let states = FakeAgents::new(&[
+        (A, reporting_list(A, Some(&version))),
+        (B, reporting_list(B, None)),
+    ]);
+    let reported = runtime()
+        .block_on(gather_state(&states, &nodes(&[A, B]), 2))
+        .expect("state");
+    let agents = FakeAgents::new(&[]).converging(|node, _| Err(precondition_failed(node)));
+    // B was sent the list in full at once: its 412 is not cured by sending it again.
+    let plan = Plan {
+        phases: vec![phase(
+            "create-volumes",
+            &[(A, create("a")), (B, create("b"))],
+        )],
+    };
+    let err = runtime()
+        .block_on(execute(
+            &agents,
+            &d,
+            &reported,
+            &plan,
+            ProgressMode::Lines,
+            2,
+        ))
+        .expect_err("refused twice");
+    assert!(
+        matches!(&err, DeployError::Client(e) if e.status() == Some(StatusCode::PRECONDITION_FAILED)),
+        "{err}"
+    );
+    let log = agents.log();
+    assert_eq!(
+        log.iter().filter(|(n, _)| n == A).count(),
+        2,
+        "A: with the version, then in full: {log:?}"
+    );
+    assert_eq!(log.iter().filter(|(n, _)| n == B).count(), 1, "{log:?}");
 }

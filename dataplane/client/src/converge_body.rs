@@ -32,12 +32,14 @@ pub struct ConvergeBody {
 }
 
 impl ConvergeBody {
-    /// The JSON of `ConvergeRequest { desired, routes, actions }`, with `routes` spliced in
-    /// as already encoded.
+    /// The JSON of `ConvergeRequest { desired, routes, actions, nodes_version }`, with
+    /// `routes` spliced in as already encoded. `nodes_version` is set when `desired` leaves
+    /// the other nodes out for the agent to fill in from the list of that version it holds.
     pub fn encode(
         desired: &DesiredState,
         routes: Option<&EncodedRoutes>,
         actions: &[Action],
+        nodes_version: Option<&str>,
     ) -> Result<Self, serde_json::Error> {
         let mut head = b"{\"desired\":".to_vec();
         serde_json::to_writer(&mut head, desired)?;
@@ -50,6 +52,10 @@ impl ConvergeBody {
         }
         head.extend_from_slice(b",\"actions\":");
         serde_json::to_writer(&mut head, actions)?;
+        if let Some(version) = nodes_version {
+            head.extend_from_slice(b",\"nodes_version\":");
+            serde_json::to_writer(&mut head, version)?;
+        }
         head.push(b'}');
         parts.push(Bytes::from(head));
         Ok(ConvergeBody { parts })
@@ -112,20 +118,25 @@ mod tests {
             version: map.version(),
         }];
         let routes = EncodedRoutes::encode(&map).expect("encode");
-        let body = ConvergeBody::encode(&desired, Some(&routes), &actions).expect("encode");
+        let body = ConvergeBody::encode(&desired, Some(&routes), &actions, None).expect("encode");
         let whole = ConvergeRequest {
             desired: desired.clone(),
             routes: Some(map),
             actions: actions.clone(),
+            nodes_version: None,
         };
         assert_eq!(body.decode().expect("decode"), whole);
         assert_eq!(
             body.len(),
             serde_json::to_vec(&whole).expect("encode").len()
         );
-        let bare = ConvergeBody::encode(&desired, None, &actions).expect("encode");
+        let bare = ConvergeBody::encode(&desired, None, &actions, None).expect("encode");
         let mut without = whole;
         without.routes = None;
         assert_eq!(bare.decode().expect("decode"), without);
+        let version = desired.nodes_version();
+        let named = ConvergeBody::encode(&desired, None, &actions, Some(&version)).expect("encode");
+        without.nodes_version = Some(version);
+        assert_eq!(named.decode().expect("decode"), without);
     }
 }

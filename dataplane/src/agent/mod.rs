@@ -33,6 +33,7 @@ use crate::volume::{VolumeBackend, VolumeError};
 pub mod fencing;
 mod lock;
 mod migrate;
+pub mod node_list;
 pub mod replication;
 mod validate;
 
@@ -70,6 +71,8 @@ pub enum AgentError {
     Stream(#[from] transfer::TransferError),
     #[error("transfer of volume {volume:?}: {detail}")]
     Transfer { volume: String, detail: String },
+    #[error(transparent)]
+    NodeList(#[from] node_list::NodeListError),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -95,6 +98,9 @@ impl AgentError {
             )) => 500,
             AgentError::Stream(_) => 400,
             AgentError::Peer(_) => 502,
+            // The sender may send the node list in full: a precondition of the request failed.
+            AgentError::NodeList(e) if e.wants_full_list() => 412,
+            AgentError::NodeList(_) => 400,
             _ => 500,
         }
     }
@@ -446,16 +452,21 @@ impl Agent {
         }
         let volumes = self.blocking(|b| b.list()).await?;
         let (routes, routes_version) = self.routes.reported();
+        let (standby, nodes_version) = match self.desired.lock() {
+            Ok(held) => match held.as_ref() {
+                Some(d) => (d.standby_for(&self.me), Some(d.nodes_version())),
+                None => Default::default(),
+            },
+            Err(_) => Default::default(),
+        };
         Ok(NodeState {
             address: self.me.clone(),
             containers,
             volumes,
             routes,
             routes_version,
-            standby: self
-                .last_desired()
-                .map(|d| d.standby_for(&self.me))
-                .unwrap_or_default(),
+            standby,
+            nodes_version,
         })
     }
 
@@ -577,7 +588,16 @@ impl Agent {
         self: &Arc<Self>,
         request: ConvergeRequest,
     ) -> Result<mpsc::Receiver<ConvergeEvent>, AgentError> {
+        let mut request = request;
         let guard = lock::converge_lock(&self.converge_lock).await?;
+        // Under the lock: the list held changes only when a converge is accepted.
+        if let Some(named) = request.nodes_version.take() {
+            let held = self
+                .desired
+                .lock()
+                .map_err(|_| AgentError::Internal("the held desired state is poisoned".into()))?;
+            node_list::complete(&mut request.desired, &named, held.as_ref(), &self.me)?;
+        }
         self.validate(&request).await?;
         self.remember_desired(&request.desired);
         let (tx, rx) = mpsc::channel(64);

@@ -164,14 +164,25 @@ struct Sent {
     route_map_bytes: u64,
     largest_beyond_map: u64,
     phases: u64,
+    /// `timings` of the answer: config load, state of every node, plan (ms).
+    load_ms: u64,
+    gather_ms: u64,
+    plan_ms: u64,
 }
 
 fn sent(stdout: &[u8]) -> Result<Sent> {
     let v: serde_json::Value = serde_json::from_slice(stdout).context("deploy JSON")?;
     ensure!(v["ok"] == true, "deploy did not succeed: {v}");
+    let t = |k: &str| v["timings"][k].as_u64().unwrap_or(0);
+    let timed = Sent {
+        load_ms: t("load_ms"),
+        gather_ms: t("gather_ms"),
+        plan_ms: t("plan_ms"),
+        ..Sent::default()
+    };
     let s = &v["summary"];
     if s.is_null() {
-        return Ok(Sent::default());
+        return Ok(timed);
     }
     let n = |k: &str| s[k].as_u64().unwrap_or(0);
     Ok(Sent {
@@ -180,6 +191,7 @@ fn sent(stdout: &[u8]) -> Result<Sent> {
         route_map_bytes: n("route_map_bytes"),
         largest_beyond_map: n("largest_request_beyond_route_map"),
         phases: n("phases"),
+        ..timed
     })
 }
 
@@ -322,6 +334,13 @@ fn measure(flockerctl_bin: &Path, size: &Size, table: &mut String) -> Result<()>
             bytes(sent.request_bytes),
         );
     }
+    let _ = writeln!(
+        table,
+        "| {label} | no-op: config load / state of every node / plan | {:.2} / {:.2} / {:.2} s | | | | |",
+        noop.1.load_ms as f64 / 1000.0,
+        noop.1.gather_ms as f64 / 1000.0,
+        noop.1.plan_ms as f64 / 1000.0,
+    );
     let _ = writeln!(
         table,
         "| {label} | move: route map in each routes request / largest request beyond it | | | | {} / {} | |",

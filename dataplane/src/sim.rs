@@ -123,8 +123,14 @@ impl ContainerRuntime for SimRuntime {
         Ok(())
     }
 
-    async fn details(&self, _name: &str) -> Result<ContainerDetails, ContainerError> {
-        Ok(ContainerDetails::default())
+    /// A running container is running (readiness judges it by its port, which
+    /// [`SimRuntime::listens_on`] says is open); it has no process, so no mount table.
+    async fn details(&self, name: &str) -> Result<ContainerDetails, ContainerError> {
+        let c = self.containers.lock().map_err(|_| poisoned())?;
+        Ok(ContainerDetails {
+            running: c.get(name).is_some_and(|c| c.running),
+            ..ContainerDetails::default()
+        })
     }
 
     async fn disable_docker_restart(&self, _name: &str) -> Result<(), ContainerError> {

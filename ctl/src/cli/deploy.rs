@@ -70,11 +70,16 @@ pub fn deploy(
     flags: DeployFlags,
     output: Output,
 ) -> Outcome {
+    let loading = Instant::now();
     let desired = match load(deployment, application, output) {
         Ok(d) => d,
         Err(outcome) => return outcome,
     };
-    match run_deploy(&desired, agents, flags, output) {
+    let timings = Timings {
+        load_ms: loading.elapsed().as_millis(),
+        ..Timings::default()
+    };
+    match run_deploy(&desired, agents, flags, output, timings) {
         Ok(()) => Outcome::Success,
         // The JSON answer already says what was blocked.
         Err(DeployError::Blocked(_)) if output == Output::Json => Outcome::Failure,
@@ -142,20 +147,36 @@ fn promotions_json(planned: &planner::Planned, now: u64) -> serde_json::Value {
         .collect()
 }
 
+/// Where a deploy's time went before its first phase, in the JSON answer (`timings`): the
+/// scale benchmark reads it.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+struct Timings {
+    /// Reading and validating both config files.
+    load_ms: u128,
+    /// Asking every node for its state (connections, handshakes, answers).
+    gather_ms: u128,
+    /// Planning from the gathered state.
+    plan_ms: u128,
+}
+
 fn run_deploy(
     desired: &DesiredState,
     agents: &AgentArgs,
     flags: DeployFlags,
     output: Output,
+    mut timings: Timings,
 ) -> Result<(), DeployError> {
     let client = client(agents)?;
     let started = Instant::now();
     runtime()?.block_on(async {
         let gathered = deploy::gather_reachable(&client, desired.nodes.keys(), agents.parallel).await?;
+        timings.gather_ms = started.elapsed().as_millis();
         warn_volume_problems(&gathered.state);
         let unreachable: BTreeSet<String> = gathered.unreachable.keys().cloned().collect();
+        let planning = Instant::now();
         let planned =
             planner::plan_around(desired, &gathered.state, &unreachable, flags.failover)?;
+        timings.plan_ms = planning.elapsed().as_millis();
         let now = now_ms();
         let plan = &planned.plan;
         let blocked: Vec<String> = planned
@@ -181,6 +202,7 @@ fn run_deploy(
                     "changed": changed,
                     "phases": plan.phases,
                     "summary": summary,
+                    "timings": timings,
                     "around": around,
                 }));
             }

@@ -561,6 +561,37 @@ fn a_dead_unrelated_node_leaves_the_rest_to_plan() {
     assert!(after.nodes[N1].container("web").is_some());
 }
 
+/// A move onto a node that does not answer is blocked and the application stays where it
+/// runs; one that runs nowhere (its container stopped) is left alone as unknown.
+#[test]
+fn a_move_onto_a_dead_node_keeps_the_application_where_it_runs() {
+    let (mut d, state) = replicated();
+    d.nodes.get_mut(N3).expect("n3").remove("web");
+    d.nodes.get_mut(N2).expect("n2").insert("web".into());
+    let dead: BTreeSet<String> = [N2.to_string()].into();
+    let live = without(&state, N2);
+    let planned = plan_around(&d, &live, &dead, false).expect("plan");
+    assert_eq!(planned.blocked.len(), 1, "{:?}", planned.blocked);
+    assert_eq!(planned.blocked[0].application, "web");
+    assert!(planned.effective.nodes[N3].contains("web"));
+    assert!(planned.unknown.is_empty());
+    assert!(
+        planned
+            .plan
+            .phases
+            .iter()
+            .all(|p| p.actions.is_empty() || p.actions.iter().all(|a| a.node != N3))
+    );
+
+    let mut stopped = live.clone();
+    for c in &mut stopped.nodes.get_mut(N3).expect("n3").containers {
+        c.running = false;
+    }
+    let planned = plan_around(&d, &stopped, &dead, false).expect("plan");
+    assert!(planned.blocked.is_empty(), "{:?}", planned.blocked);
+    assert_eq!(planned.unknown, vec!["web".to_string()]);
+}
+
 #[test]
 fn moving_off_a_dead_owner_needs_failover_and_then_promotes_two_epochs_up() {
     let (mut d, state) = replicated();

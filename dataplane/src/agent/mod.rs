@@ -124,7 +124,7 @@ pub struct Agent {
     /// The desired state of the last converge: which peers exist (fencing asks them) and
     /// which volumes replicate where (see `replication`). Kept in `schedule_file` so that a
     /// restarted agent resumes both before the next deploy.
-    desired: std::sync::Mutex<Option<DesiredState>>,
+    desired: std::sync::Mutex<Option<node_list::Held>>,
     schedule_file: Option<std::path::PathBuf>,
     /// Per volume, the newest snapshot each peer was last seen to hold after a push: pruning
     /// keeps it, so every standby keeps an incremental base.
@@ -304,7 +304,7 @@ impl Agent {
             Ok(bytes) => match serde_json::from_slice::<DesiredState>(&bytes) {
                 Ok(d) => {
                     if let Ok(mut slot) = self.desired.lock() {
-                        *slot = Some(d);
+                        *slot = Some(node_list::Held::new(d));
                     }
                 }
                 Err(e) => {
@@ -322,7 +322,10 @@ impl Agent {
 
     /// The desired state of the last converge, if any.
     pub fn last_desired(&self) -> Option<DesiredState> {
-        self.desired.lock().ok().and_then(|d| d.clone())
+        self.desired
+            .lock()
+            .ok()
+            .and_then(|d| d.as_ref().map(|held| held.desired.clone()))
     }
 
     /// Remembers (and persists) the desired state a converge was validated against.
@@ -333,7 +336,7 @@ impl Agent {
             ..desired.clone()
         };
         if let Ok(mut slot) = self.desired.lock() {
-            *slot = Some(desired.clone());
+            *slot = Some(node_list::Held::new(desired.clone()));
         }
         let Some(path) = &self.schedule_file else {
             return;
@@ -454,7 +457,10 @@ impl Agent {
         let (routes, routes_version) = self.routes.reported();
         let (standby, nodes_version) = match self.desired.lock() {
             Ok(held) => match held.as_ref() {
-                Some(d) => (d.standby_for(&self.me), Some(d.nodes_version())),
+                Some(h) => (
+                    h.desired.standby_for(&self.me),
+                    Some(h.nodes_version.clone()),
+                ),
                 None => Default::default(),
             },
             Err(_) => Default::default(),

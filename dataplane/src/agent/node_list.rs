@@ -8,6 +8,23 @@
 use flocker_wire::DesiredState;
 use flocker_wire::node_list::node_list_version;
 
+/// The desired state this agent last accepted, with its node list's version computed once
+/// (every state query reports it).
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub desired: DesiredState,
+    pub nodes_version: String,
+}
+
+impl Held {
+    pub fn new(desired: DesiredState) -> Self {
+        Held {
+            nodes_version: desired.nodes_version(),
+            desired,
+        }
+    }
+}
+
 /// Why a request naming a node list version cannot be completed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NodeListError {
@@ -51,7 +68,7 @@ impl NodeListError {
 pub fn complete(
     desired: &mut DesiredState,
     named: &str,
-    held: Option<&DesiredState>,
+    held: Option<&Held>,
     me: &str,
 ) -> Result<(), NodeListError> {
     if let Some(other) = desired.nodes.keys().find(|n| *n != me) {
@@ -67,7 +84,7 @@ pub fn complete(
             me: me.to_string(),
         });
     };
-    let version = held.nodes_version();
+    let version = held.nodes_version.clone();
     if version != named {
         return Err(NodeListError::Stale {
             named: named.to_string(),
@@ -75,7 +92,7 @@ pub fn complete(
             me: me.to_string(),
         });
     }
-    for node in held.nodes.keys() {
+    for node in held.desired.nodes.keys() {
         desired.nodes.entry(node.clone()).or_default();
     }
     // This node, carried by the request but not in the list held, would make it another
@@ -112,12 +129,22 @@ mod tests {
         desired(&[(ME, &["old"]), ("198.18.0.2", &["db"]), ("198.18.0.3", &[])])
     }
 
+    fn holding(d: &DesiredState) -> Option<Held> {
+        Some(Held::new(d.clone()))
+    }
+
     #[test]
     fn a_request_for_the_held_version_gets_the_held_nodes_and_keeps_its_placement() {
         let held = held();
         let full = desired(&[(ME, &["web"]), ("198.18.0.2", &["db"]), ("198.18.0.3", &[])]);
         let mut alone = full.for_node_alone(ME);
-        complete(&mut alone, &held.nodes_version(), Some(&held), ME).expect("completes");
+        complete(
+            &mut alone,
+            &held.nodes_version(),
+            holding(&held).as_ref(),
+            ME,
+        )
+        .expect("completes");
         assert_eq!(alone, full.for_node(ME));
         assert_eq!(
             alone.nodes[ME].len(),
@@ -136,7 +163,7 @@ mod tests {
         let changed = desired(&[(ME, &[]), ("198.18.0.2", &[]), ("198.18.0.9", &[])]);
         let mut alone = changed.for_node_alone(ME);
         let named = changed.nodes_version();
-        let e = complete(&mut alone, &named, Some(&held), ME).expect_err("stale");
+        let e = complete(&mut alone, &named, holding(&held).as_ref(), ME).expect_err("stale");
         assert_eq!(
             e,
             NodeListError::Stale {
@@ -156,7 +183,7 @@ mod tests {
         let e = complete(
             &mut alone,
             "00000000000000000000000000000000",
-            Some(&held),
+            holding(&held).as_ref(),
             ME,
         )
         .expect_err("unknown version");
@@ -181,8 +208,13 @@ mod tests {
         sneaky
             .nodes
             .insert("203.0.113.66".into(), Default::default());
-        let e =
-            complete(&mut sneaky, &held.nodes_version(), Some(&held), ME).expect_err("other node");
+        let e = complete(
+            &mut sneaky,
+            &held.nodes_version(),
+            holding(&held).as_ref(),
+            ME,
+        )
+        .expect_err("other node");
         assert!(matches!(e, NodeListError::OtherNode { ref other, .. } if other == "203.0.113.66"));
         assert!(!e.wants_full_list());
     }
@@ -191,8 +223,13 @@ mod tests {
     fn this_node_missing_from_the_held_list_is_not_added_under_its_version() {
         let held = desired(&[("198.18.0.2", &[]), ("198.18.0.3", &[])]);
         let mut alone = desired(&[(ME, &["web"])]);
-        let e =
-            complete(&mut alone, &held.nodes_version(), Some(&held), ME).expect_err("another list");
+        let e = complete(
+            &mut alone,
+            &held.nodes_version(),
+            holding(&held).as_ref(),
+            ME,
+        )
+        .expect_err("another list");
         assert!(matches!(e, NodeListError::Stale { .. }));
     }
 
@@ -200,7 +237,13 @@ mod tests {
     fn a_request_that_leaves_this_node_out_still_gets_only_the_held_list() {
         let held = held();
         let mut empty = DesiredState::default();
-        complete(&mut empty, &held.nodes_version(), Some(&held), ME).expect("completes");
+        complete(
+            &mut empty,
+            &held.nodes_version(),
+            holding(&held).as_ref(),
+            ME,
+        )
+        .expect("completes");
         assert_eq!(
             empty.nodes.keys().collect::<Vec<_>>(),
             held.nodes.keys().collect::<Vec<_>>()

@@ -28,8 +28,8 @@ const SLOW: [&str; 8] = [
 const LOSS_PERCENT: u32 = 5;
 
 /// What is in place once injected, to be removed.
-#[derive(Debug)]
-enum Active {
+#[derive(Debug, Clone, Copy)]
+enum Active<'a> {
     Nothing,
     /// Healed at `until` (by `tick` or `remove`).
     Partition {
@@ -37,8 +37,8 @@ enum Active {
     },
     SlowLink,
     PoolFull,
-    /// A daemon was killed: the cluster's `up` starts it again.
-    Killed,
+    /// A daemon of this node was killed: the cluster starts what is missing of it again.
+    Killed(&'a ClusterNode),
 }
 
 /// One fault between a move's source and target.
@@ -48,7 +48,7 @@ pub struct Injector<'a> {
     target: &'a ClusterNode,
     fault: Fault,
     partition_for: Duration,
-    active: Active,
+    active: Active<'a>,
     /// What was done, for the report.
     pub log: Vec<String>,
 }
@@ -82,15 +82,15 @@ impl<'a> Injector<'a> {
             }
             Fault::KillSourceAgent => {
                 self.cluster.kill_agent(source)?;
-                Active::Killed
+                Active::Killed(source)
             }
             Fault::KillTargetAgent => {
                 self.cluster.kill_agent(target)?;
-                Active::Killed
+                Active::Killed(target)
             }
             Fault::KillTargetDockerd => {
                 self.cluster.kill_dockerd(target);
-                Active::Killed
+                Active::Killed(target)
             }
             Fault::Partition => {
                 partition(source, target)?;
@@ -166,10 +166,14 @@ impl<'a> Injector<'a> {
                 )?;
                 self.log.push("pool filler destroyed".into());
             }
-            Active::Killed => {
-                Cluster::up(self.cluster.spec.clone()).context("restart the killed daemon")?;
-                self.log
-                    .push("daemons restarted (cluster up, after reaping)".into());
+            Active::Killed(node) => {
+                self.cluster
+                    .up_node(node)
+                    .context("restart the killed daemon")?;
+                self.log.push(format!(
+                    "daemons of {} restarted (as cluster up does, after reaping)",
+                    node.name
+                ));
             }
         }
         self.active = Active::Nothing;

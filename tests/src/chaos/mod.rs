@@ -10,9 +10,11 @@ pub mod deploy;
 pub mod faults;
 pub mod invariants;
 pub mod matrix;
+mod standby;
 pub mod workload;
 
 use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -63,6 +65,8 @@ struct Suite {
     /// Redis placed on n1 (where each cell starts) and on n2 (where it moves).
     on_source: PathBuf,
     on_target: PathBuf,
+    /// Redis on n1 replicated to a standby on n2 (replication and failover cells).
+    replicated: PathBuf,
     ledger: Ledger,
     /// The highest epoch the owner had: epochs never go down.
     epoch: u64,
@@ -88,22 +92,32 @@ pub fn run(options: Options) -> Result<Vec<CellReport>> {
     std::fs::create_dir_all(&files)?;
     let application = files.join("application.yml");
     std::fs::write(&application, APPLICATION)?;
-    let placed = |name: &str, on: usize| -> Result<PathBuf> {
+    let placed = |name: &str, on: usize, standby: Option<usize>| -> Result<PathBuf> {
         let mut text = String::from("version: 1\nnodes:\n");
         for (i, node) in cluster.nodes.iter().enumerate() {
             let apps = if i == on { "[redis]" } else { "[]" };
             text.push_str(&format!("  {}: {apps}\n", node.address));
         }
+        if let Some(standby) = standby {
+            text.push_str(&format!(
+                "standby:\n  redis: {{nodes: [{}], every: {}s}}\n",
+                cluster.nodes[standby].address,
+                standby::EVERY.as_secs()
+            ));
+        }
         let path = files.join(name);
         std::fs::write(&path, text)?;
         Ok(path)
     };
-    let (on_source, on_target) = (placed("on-n1.yml", 0)?, placed("on-n2.yml", 1)?);
+    let on_source = placed("on-n1.yml", 0, None)?;
+    let on_target = placed("on-n2.yml", 1, None)?;
+    let replicated = placed("on-n1-standby-n2.yml", 0, Some(1))?;
     let mut suite = Suite {
         cluster,
         application,
         on_source,
         on_target,
+        replicated,
         ledger: Ledger::default(),
         epoch: 0,
         options,
@@ -151,6 +165,7 @@ impl Suite {
     fn deploy(&self, deployment: &Path) -> Result<DeployRun> {
         deploy::deploy(
             &self.cluster,
+            &[],
             deployment,
             &self.application,
             self.options.deploy_deadline,
@@ -230,7 +245,16 @@ impl Suite {
     }
 
     fn try_cell(&mut self, cell: Cell, notes: &mut Vec<String>) -> Result<Verdict> {
-        let mut broken = std::collections::BTreeSet::new();
+        match cell.phase {
+            matrix::REPLICATION => self.replication_cell(cell, notes),
+            matrix::FAILOVER => self.failover_cell(cell, notes),
+            _ => self.move_cell(cell, notes),
+        }
+    }
+
+    /// Redis moves from n1 to n2, the fault injected at the cell's phase of that move.
+    fn move_cell(&mut self, cell: Cell, notes: &mut Vec<String>) -> Result<Verdict> {
+        let mut broken = BTreeSet::new();
         let nodes = &self.cluster.nodes;
         let (source, target, bystander) = (&nodes[0], &nodes[1], &nodes[2]);
         let writer = Writer::start(format!("{}:6379", bystander.address), cell.label());
@@ -248,6 +272,7 @@ impl Suite {
         };
         let faulted = deploy::deploy(
             &self.cluster,
+            &[],
             &self.on_target,
             &self.application,
             self.options.deploy_deadline,
@@ -262,30 +287,40 @@ impl Suite {
         self.ledger.extend(acked);
         let faulted = faulted?;
         removed.context("removing the fault")?;
-        notes.push(format!(
-            "faulted deploy: {} (phases: {})",
-            faulted.summary(),
-            faulted.phases().join(", ")
-        ));
         notes.extend(injector.into_inner().log);
-        if !faulted.phase_seen {
+        if !judge_faulted(cell, &faulted, notes, &mut broken) {
             return Ok(Verdict::PhaseNotReached);
         }
-        if faulted.hung {
-            broken.insert(5);
-        }
-        let killed_by_us = cell.fault == matrix::Fault::KillCtl;
-        if !faulted.succeeded() && !killed_by_us && faulted.message().trim().is_empty() {
-            broken.insert(5);
-            notes.push("invariant 5: the faulted deploy failed without a message".into());
-        }
-        let mut deploys = 0;
-        let mut converged = false;
-        for _ in 0..self.options.recovery_deploys {
-            let run = self.deploy(&self.on_target)?;
-            deploys += 1;
+        let on_target = self.on_target.clone();
+        let recovered = self.recover(&[], &on_target, notes, &mut broken)?;
+        Ok(self.judge(&on_target, 1, recovered, broken, notes))
+    }
+
+    /// Deploys (with `flags`) until one reports nothing to do, at most
+    /// [`Options::recovery_deploys`] times, noting each; `None` when none did.
+    fn recover(
+        &self,
+        flags: &[&str],
+        deployment: &Path,
+        notes: &mut Vec<String>,
+        broken: &mut BTreeSet<u8>,
+    ) -> Result<Recovery> {
+        for n in 1..=self.options.recovery_deploys {
+            let run = deploy::deploy(
+                &self.cluster,
+                flags,
+                deployment,
+                &self.application,
+                self.options.deploy_deadline,
+                None,
+            )?;
             notes.push(format!(
-                "recovery deploy {deploys}: {} (phases: {})",
+                "recovery deploy {n}{}: {} (phases: {})",
+                if flags.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", flags.join(" "))
+                },
                 run.summary(),
                 run.phases().join(", ")
             ));
@@ -294,18 +329,35 @@ impl Suite {
             }
             if !run.succeeded() && run.message().trim().is_empty() {
                 broken.insert(5);
+                notes.push("invariant 5: a recovery deploy failed without a message".into());
             }
             if run.nothing_to_do() {
-                converged = true;
-                break;
+                return Ok(Recovery::Converged { deploys: n });
             }
         }
+        notes.push(format!(
+            "no \"nothing to do\" within {} recovery deploys",
+            self.options.recovery_deploys
+        ));
+        Ok(Recovery::NotConverged)
+    }
+
+    /// Checks invariants 1-4 with the volume expected on node `owner` of `deployment`, and
+    /// turns the cell's findings into its verdict.
+    fn judge(
+        &mut self,
+        deployment: &Path,
+        owner: usize,
+        recovered: Recovery,
+        mut broken: BTreeSet<u8>,
+        notes: &mut Vec<String>,
+    ) -> Verdict {
         let found = invariants::check(
             &self.cluster,
-            &self.on_target,
+            deployment,
             &self.application,
             &self.ledger,
-            target,
+            &self.cluster.nodes[owner],
             self.epoch,
         );
         notes.extend(found.notes);
@@ -313,23 +365,63 @@ impl Suite {
         if let Some(epoch) = found.owner_epoch {
             self.epoch = self.epoch.max(epoch);
         }
-        if !converged {
-            notes.push(format!(
-                "no \"nothing to do\" within {} recovery deploys",
-                self.options.recovery_deploys
-            ));
-            return Ok(Verdict::Broken {
+        match recovered {
+            Recovery::Converged { deploys } if broken.is_empty() => Verdict::Converged { deploys },
+            _ => Verdict::Broken {
                 invariants: broken.into_iter().collect(),
-            });
+            },
         }
-        Ok(if broken.is_empty() {
-            Verdict::Converged { deploys }
-        } else {
-            Verdict::Broken {
-                invariants: broken.into_iter().collect(),
-            }
-        })
     }
+}
+
+/// How the recovery deploys ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    /// The `deploys`-th (counted from the first recovery deploy of the cell) had nothing to
+    /// do.
+    Converged {
+        deploys: usize,
+    },
+    NotConverged,
+}
+
+impl Recovery {
+    /// Recovery in two rounds (before and after a node returns) as one count.
+    fn then(self, next: Recovery) -> Recovery {
+        match (self, next) {
+            (Recovery::Converged { deploys: a }, Recovery::Converged { deploys: b }) => {
+                Recovery::Converged { deploys: a + b }
+            }
+            _ => Recovery::NotConverged,
+        }
+    }
+}
+
+/// Notes how the faulted deploy ended and judges invariant 5 on it; false when it never
+/// announced the cell's phase (the fault was not injected).
+fn judge_faulted(
+    cell: Cell,
+    faulted: &DeployRun,
+    notes: &mut Vec<String>,
+    broken: &mut BTreeSet<u8>,
+) -> bool {
+    notes.push(format!(
+        "faulted deploy: {} (phases: {})",
+        faulted.summary(),
+        faulted.phases().join(", ")
+    ));
+    if !faulted.phase_seen {
+        return false;
+    }
+    if faulted.hung {
+        broken.insert(5);
+    }
+    let killed_by_us = cell.fault == matrix::Fault::KillCtl;
+    if !faulted.succeeded() && !killed_by_us && faulted.message().trim().is_empty() {
+        broken.insert(5);
+        notes.push("invariant 5: the faulted deploy failed without a message".into());
+    }
+    true
 }
 
 /// The report file's text: the table, how it was made, and each cell's notes.

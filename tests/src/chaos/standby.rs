@@ -179,22 +179,30 @@ impl Suite {
             Some(hook),
         );
         let removed = injector.borrow_mut().remove();
-        let acked = writer.stop();
-        notes.push(format!(
-            "{} writes acknowledged during the failover",
-            acked.len()
-        ));
-        self.ledger.extend(acked);
-        let faulted = faulted?;
-        removed.context("removing the fault")?;
+        let faulted = match (faulted, removed) {
+            (Ok(faulted), Ok(())) => faulted,
+            (Err(e), _) | (_, Err(e)) => {
+                self.ledger.extend(writer.stop());
+                return Err(e.context("the faulted failover"));
+            }
+        };
         notes.extend(injector.into_inner().log);
         let phase_seen = judge_faulted(cell, &faulted, notes, &mut broken);
         let on_target = self.on_target.clone();
+        // The writer goes on until the failover is done: writes the promoted owner
+        // acknowledged must outlive n1's return.
         let while_dead = if phase_seen {
-            self.recover(&["--failover"], &on_target, notes, &mut broken)?
+            self.recover(&["--failover"], &on_target, notes, &mut broken)
         } else {
-            Recovery::NotConverged
+            Ok(Recovery::NotConverged)
         };
+        let acked = writer.stop();
+        notes.push(format!(
+            "{} writes acknowledged during the failover and its recovery",
+            acked.len()
+        ));
+        self.ledger.extend(acked);
+        let while_dead = while_dead?;
 
         revive_node(&self.cluster, dead)?;
         match wait_fenced(dead) {

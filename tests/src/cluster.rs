@@ -57,15 +57,17 @@ impl ClusterNode {
         }
     }
 
-    fn netns_path(&self) -> String {
-        format!("/var/run/netns/{}", self.netns)
+    /// The namespace's file, for `setns` and `nsenter --net`.
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/var/run/netns/{}", self.netns))
     }
 
     /// A command that runs inside this node's network namespace (nsenter, not
     /// `ip netns exec`, which remounts /sys and hides the cgroup mounts from dockerd).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.netns_path())).arg(program);
+        cmd.arg(format!("--net={}", self.netns_path().display()))
+            .arg(program);
         cmd
     }
 
@@ -420,7 +422,7 @@ fn ensure_bridge() -> Result<()> {
 }
 
 fn ensure_netns(node: &ClusterNode) -> Result<()> {
-    if Path::new(&node.netns_path()).exists() {
+    if node.netns_path().exists() {
         return Ok(());
     }
     let host_side = format!("{}-h", node.netns);

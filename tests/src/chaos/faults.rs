@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use super::delay::Delayer;
 use super::matrix::Fault;
 use crate::cluster::{Cluster, ClusterNode};
 
@@ -19,13 +20,18 @@ const PARTITION_TABLE: &str = "flocker-chaos";
 const FILL_DATASET: &str = "chaos-fill";
 /// The nftables table of the lossy link's random drops.
 const LOSS_TABLE: &str = "flocker-chaos-loss";
-/// The slow link: a token bucket on both nodes' `eth0` (this kernel has no netem, so there is
-/// no added delay, only the queueing a 4 Mbit/s bucket causes).
+/// The slow link: a token bucket on both nodes' `eth0` (this kernel has no netem: the delay
+/// comes from [`DELAY`], the loss from [`LOSS_PERCENT`]).
 const SLOW: [&str; 8] = [
     "root", "tbf", "rate", "4mbit", "burst", "32kb", "latency", "400ms",
 ];
 /// Percent of the packets between source and target dropped at random, each way.
 const LOSS_PERCENT: u32 = 5;
+/// The delay added to every packet between source and target, each way (NFQUEUE,
+/// [`super::delay`]).
+const DELAY: Duration = Duration::from_millis(50);
+/// The NFQUEUE number of the delay (one queue in each node's namespace).
+const DELAY_QUEUE: u16 = 17;
 
 /// What is in place once injected, to be removed.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +55,8 @@ pub struct Injector<'a> {
     fault: Fault,
     partition_for: Duration,
     active: Active<'a>,
+    /// The slow link's delayers, one per node.
+    delayers: Vec<Delayer>,
     /// What was done, for the report.
     pub log: Vec<String>,
 }
@@ -68,6 +76,7 @@ impl<'a> Injector<'a> {
             fault,
             partition_for,
             active: Active::Nothing,
+            delayers: vec![],
             log: vec![],
         }
     }
@@ -105,6 +114,10 @@ impl<'a> Injector<'a> {
                     tc.args(["qdisc", "replace", "dev", "eth0"]).args(SLOW);
                     run(&mut tc)?;
                     lose(node, peer)?;
+                    self.delayers.push(
+                        Delayer::start(&node.netns_path(), &peer.address, DELAY_QUEUE, DELAY)
+                            .with_context(|| format!("delay the link on {}", node.name))?,
+                    );
                 }
                 Active::SlowLink
             }
@@ -156,6 +169,10 @@ impl<'a> Injector<'a> {
                     run(node
                         .command("nft")
                         .args(["delete", "table", "inet", LOSS_TABLE]))?;
+                }
+                for delayer in self.delayers.drain(..) {
+                    let delayed = delayer.stop().context("stop the link's delay")?;
+                    self.log.push(format!("{delayed} packets delayed"));
                 }
                 self.log.push("slow lossy link removed".into());
             }

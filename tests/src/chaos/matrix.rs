@@ -40,9 +40,9 @@ pub enum Fault {
     /// Every packet between source and target dropped in both namespaces (nftables), held
     /// for longer than every timeout, then healed.
     Partition,
-    /// A slow, lossy link while the deploy runs: a 4 Mbit/s token bucket on both nodes' links
-    /// and 5 % of the packets between them dropped at random (no netem in this kernel, so no
-    /// added delay).
+    /// A slow, lossy link while the deploy runs: a 4 Mbit/s token bucket on both nodes' links,
+    /// 5 % of the packets between them dropped at random and 50 ms added each way (no netem
+    /// in this kernel: nftables drops and an NFQUEUE delay, `delay.rs`).
     SlowLink,
     /// The target's pool full (a reservation of all its free space) while the deploy runs.
     TargetPoolFull,

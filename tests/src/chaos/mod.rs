@@ -6,6 +6,7 @@
 //! bounded). The invariants ([`invariants`]) are checked, then Redis moves back to n1 with no
 //! fault (a stuck lock or a half-done state would fail it) and the ledger is checked again.
 
+pub mod delay;
 pub mod deploy;
 pub mod faults;
 pub mod invariants;

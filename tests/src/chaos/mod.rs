@@ -425,26 +425,66 @@ fn judge_faulted(
     true
 }
 
-/// The report file's text: the table, how it was made, and each cell's notes.
-pub fn report(reports: &[CellReport], options: &Options, elapsed: Duration) -> String {
+/// The report file's text: the table, how it was made (`provenance`: when, on which
+/// commit), and each cell's notes.
+pub fn report(
+    reports: &[CellReport],
+    options: &Options,
+    elapsed: Duration,
+    provenance: &str,
+) -> String {
     format!(
         "# The fault matrix (`cargo xtask chaos`)\n\n\
-         Redis with its ZFS volume moves from n1 to n2 of a three-node local cluster (real \
-         dockerd, zfs-fuse pools, agents, nftables) while a writer sets keys through n3. Each \
-         fault is injected when `flockerctl deploy --output json` announces the phase, removed \
-         when that deploy ends (a partition is held {partition} s), then `flockerctl deploy` \
-         runs until it reports nothing to do (at most {recovery} times, each bounded at \
-         {deadline} s). A cell reads `ok, N deploys` when the N-th reported nothing to do and \
-         every invariant held; `BROKEN i,j` names the invariants that failed (1 acknowledged \
-         writes readable with their content, 2 one owner at a never-decreasing epoch and one \
-         running container, 3 Redis answers through every node, 4 no staged/partial dataset, \
-         stray snapshot, filler or running zfs send/recv, 5 no hung deploy and every failure \
-         names what failed). After each cell Redis moves back to n1 with no fault and the \
-         invariants are checked again (a stuck lock would fail that move).\n\n\
-         {cells} cells in {minutes:.1} min.\n\n{table}",
+         **Moves** (rows pre-copy to routes): Redis with its ZFS volume moves from n1 to n2 of a \
+         three-node local cluster (real dockerd, zfs-fuse pools, agents, nftables) while a \
+         writer sets keys through n3. Each fault is injected when `flockerctl deploy --output \
+         json` announces the phase, removed when that deploy ends (a partition is held \
+         {partition} s), then `flockerctl deploy` runs until it reports nothing to do (at most \
+         {recovery} times, each bounded at {deadline} s).\n\n\
+         **Replication**: Redis on n1; the cell's deploy gives it a standby on n2 (every \
+         {every} s). The fault is injected when that deploy announces its `standby` phase and \
+         held {hold} s while the owner replicates (a partition {partition} s), the writer \
+         going on; then deploys until nothing to do, and the replica on n2 must hold a \
+         snapshot taken after the last acknowledged write within 60 s (counted as invariant \
+         1).\n\n\
+         **Failover**: Redis on n1 replicated to n2 until the replica holds every acknowledged \
+         write; n1 dies hard (agent, dockerd, containers killed, link down); `flockerctl \
+         deploy --failover` places Redis on n2, the fault injected when it announces its \
+         `failover` phase (the target is n2, its peer for partition and slow link is n3, whose \
+         routes must change; there is no source agent to kill). Deploys with `--failover` run \
+         until nothing is to do while n1 is dead, then n1 returns and must fence itself \
+         within 30 s (counted as invariant 2), then deploys run until nothing is to do again; \
+         the count is of both rounds. The writer goes on through the failover's recovery.\n\n\
+         A cell reads `ok, N deploys` when the N-th recovery deploy reported nothing to do \
+         and every invariant held; `BROKEN i,j` names the invariants that failed (1 \
+         acknowledged writes readable with their content, 2 one owner at a never-decreasing \
+         epoch and one running container, 3 Redis answers through every node, 4 no \
+         staged/partial dataset, stray snapshot, filler or running zfs send/recv, 5 no hung \
+         deploy and every failure names what failed). After each cell Redis moves back to n1 \
+         (no standby) with no fault and the invariants are checked again (a stuck lock would \
+         fail that move).\n\n\
+         The slow link is a 4 Mbit/s token bucket on both nodes' links, 5 % of the packets \
+         between them dropped at random (nftables) and 50 ms added each way by an NFQUEUE \
+         delayer (`tests/src/chaos/delay.rs`): this kernel has no `sch_netem`, and no `sch_fq` \
+         either, which a BPF program setting departure times would need.\n\n\
+         Not in the matrix: the target's zfs-fuse killed alone. One zfs-fuse serves every pool \
+         of the host. A second daemon does run in a mount namespace of its own (tried: \
+         `unshare -m` with private tmpfs over `/var/run/zfs` (its socket, a fixed path), \
+         `/var/lock/zfs` (it takes `zfs_lock` there and exits while the host's daemon holds \
+         it) and `/etc/zfs`, a pool with `cachefile=none`; killing it left the host's daemon \
+         answering and its own mounts at \"Transport endpoint is not connected\"). But the \
+         datasets it mounts exist only in that namespace (the host's `/` is private), so the \
+         node's dockerd, containerd and agent, and every `zfs` call the harness makes for the \
+         node, would have to run in it too, and recovering a killed daemon needs its dead FUSE \
+         mounts unmounted, the pool imported again and containers restarted on the new mounts. \
+         That is a new cluster layout for every e2e test (which all share the one daemon \
+         today) and likely agent work (a mount that answers ENOTCONN), not done here.\n\n\
+         {cells} cells in {minutes:.1} min, {provenance}.\n\n{table}",
         partition = options.partition_for.as_secs(),
         recovery = options.recovery_deploys,
         deadline = options.deploy_deadline.as_secs(),
+        every = standby::EVERY.as_secs(),
+        hold = standby::HOLD.as_secs(),
         cells = reports.len(),
         minutes = elapsed.as_secs_f64() / 60.0,
         table = matrix::render(reports),

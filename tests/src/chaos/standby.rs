@@ -35,7 +35,7 @@ use crate::cluster::{Cluster, ClusterNode};
 /// The standby's replication interval.
 pub const EVERY: Duration = Duration::from_secs(2);
 /// How long a replication cell's fault is held after its deploy (a few rounds).
-const HOLD: Duration = Duration::from_secs(10);
+pub const HOLD: Duration = Duration::from_secs(10);
 /// How long the replica may take to hold a snapshot newer than a moment (several rounds,
 /// and a full push of the small volume).
 const CATCH_UP: Duration = Duration::from_secs(60);

@@ -47,21 +47,34 @@ enum Active<'a> {
     Killed(&'a ClusterNode),
 }
 
+/// Where a partition or a slow link acts: in `node`'s namespace, on its packets to and from
+/// `peers` (addresses).
+#[derive(Debug, Clone)]
+pub struct Link<'a> {
+    pub node: &'a ClusterNode,
+    pub peers: Vec<String>,
+}
+
 /// One fault between a move's source and target.
 pub struct Injector<'a> {
     cluster: &'a Cluster,
-    source: &'a ClusterNode,
+    /// `None` where there is none (a failover's source is dead).
+    source: Option<&'a ClusterNode>,
     target: &'a ClusterNode,
+    /// Where a partition or a slow link acts.
+    links: Vec<Link<'a>>,
     fault: Fault,
     partition_for: Duration,
     active: Active<'a>,
-    /// The slow link's delayers, one per node.
-    delayers: Vec<Delayer>,
+    /// The slow link's delayers (node name, peer), one per link and peer.
+    delayers: Vec<(String, String, Delayer)>,
     /// What was done, for the report.
     pub log: Vec<String>,
 }
 
 impl<'a> Injector<'a> {
+    /// A fault between `source` and `target`: a partition or a slow link acts on both sides
+    /// of the link between them.
     pub fn new(
         cluster: &'a Cluster,
         source: &'a ClusterNode,
@@ -69,10 +82,48 @@ impl<'a> Injector<'a> {
         fault: Fault,
         partition_for: Duration,
     ) -> Injector<'a> {
+        let links = vec![
+            Link {
+                node: source,
+                peers: vec![target.address.clone()],
+            },
+            Link {
+                node: target,
+                peers: vec![source.address.clone()],
+            },
+        ];
+        Injector::with_links(cluster, Some(source), target, links, fault, partition_for)
+    }
+
+    /// A fault at `target` with no source: a partition or a slow link acts in `target`'s
+    /// namespace on its packets to and from each of `peers`.
+    pub fn at_target(
+        cluster: &'a Cluster,
+        target: &'a ClusterNode,
+        peers: Vec<String>,
+        fault: Fault,
+        partition_for: Duration,
+    ) -> Injector<'a> {
+        let links = vec![Link {
+            node: target,
+            peers,
+        }];
+        Injector::with_links(cluster, None, target, links, fault, partition_for)
+    }
+
+    fn with_links(
+        cluster: &'a Cluster,
+        source: Option<&'a ClusterNode>,
+        target: &'a ClusterNode,
+        links: Vec<Link<'a>>,
+        fault: Fault,
+        partition_for: Duration,
+    ) -> Injector<'a> {
         Injector {
             cluster,
             source,
             target,
+            links,
             fault,
             partition_for,
             active: Active::Nothing,
@@ -83,13 +134,14 @@ impl<'a> Injector<'a> {
 
     /// Injects the fault; `ctl` is the running `flockerctl deploy`.
     pub fn inject(&mut self, ctl: &mut Child) -> Result<()> {
-        let (source, target) = (self.source, self.target);
+        let target = self.target;
         self.active = match self.fault {
             Fault::KillCtl => {
                 ctl.kill().context("kill flockerctl")?;
                 Active::Nothing
             }
             Fault::KillSourceAgent => {
+                let source = self.source.context("no source agent to kill")?;
                 self.cluster.kill_agent(source)?;
                 Active::Killed(source)
             }
@@ -102,22 +154,26 @@ impl<'a> Injector<'a> {
                 Active::Killed(target)
             }
             Fault::Partition => {
-                partition(source, target)?;
-                partition(target, source)?;
+                for link in &self.links {
+                    partition(link)?;
+                }
                 Active::Partition {
                     until: Instant::now() + self.partition_for,
                 }
             }
             Fault::SlowLink => {
-                for (node, peer) in [(source, target), (target, source)] {
-                    let mut tc = node.command("tc");
+                for link in &self.links {
+                    let mut tc = link.node.command("tc");
                     tc.args(["qdisc", "replace", "dev", "eth0"]).args(SLOW);
                     run(&mut tc)?;
-                    lose(node, peer)?;
-                    self.delayers.push(
-                        Delayer::start(&node.netns_path(), &peer.address, DELAY_QUEUE, DELAY)
-                            .with_context(|| format!("delay the link on {}", node.name))?,
-                    );
+                    lose(link)?;
+                    for (queue, peer) in (DELAY_QUEUE..).zip(&link.peers) {
+                        let delayer =
+                            Delayer::start(&link.node.netns_path(), peer, queue, DELAY)
+                                .with_context(|| format!("delay the link on {}", link.node.name))?;
+                        self.delayers
+                            .push((link.node.name.clone(), peer.clone(), delayer));
+                    }
                 }
                 Active::SlowLink
             }
@@ -141,8 +197,9 @@ impl<'a> Injector<'a> {
     }
 
     fn heal_partition(&mut self) -> Result<()> {
-        for node in [self.source, self.target] {
-            run(node
+        for link in &self.links {
+            run(link
+                .node
                 .command("nft")
                 .args(["delete", "table", "inet", PARTITION_TABLE]))?;
         }
@@ -162,17 +219,20 @@ impl<'a> Injector<'a> {
                 self.heal_partition()?;
             }
             Active::SlowLink => {
-                for node in [self.source, self.target] {
-                    run(node
+                for link in &self.links {
+                    run(link
+                        .node
                         .command("tc")
                         .args(["qdisc", "del", "dev", "eth0", "root"]))?;
-                    run(node
+                    run(link
+                        .node
                         .command("nft")
                         .args(["delete", "table", "inet", LOSS_TABLE]))?;
                 }
-                for delayer in self.delayers.drain(..) {
+                for (node, peer, delayer) in self.delayers.drain(..) {
                     let delayed = delayer.stop().context("stop the link's delay")?;
-                    self.log.push(format!("{delayed} packets delayed"));
+                    self.log
+                        .push(format!("{delayed} packets from {peer} delayed on {node}"));
                 }
                 self.log.push("slow lossy link removed".into());
             }
@@ -198,9 +258,15 @@ impl<'a> Injector<'a> {
     }
 }
 
-/// Drops every packet between `node` and `peer` in `node`'s namespace (in, out, forwarded).
-fn partition(node: &ClusterNode, peer: &ClusterNode) -> Result<()> {
-    let peer = &peer.address;
+/// The set of a link's peers in nftables syntax.
+fn peer_set(link: &Link) -> String {
+    format!("{{ {} }}", link.peers.join(", "))
+}
+
+/// Drops every packet between the link's node and its peers in the node's namespace (in,
+/// out, forwarded).
+fn partition(link: &Link) -> Result<()> {
+    let (node, peer) = (link.node, peer_set(link));
     let rules = format!(
         "table inet {PARTITION_TABLE} {{\n\
          chain input {{ type filter hook input priority -300; ip saddr {peer} drop; }}\n\
@@ -213,10 +279,10 @@ fn partition(node: &ClusterNode, peer: &ClusterNode) -> Result<()> {
     run(node.command("nft").arg("-f").arg(&file))
 }
 
-/// Drops [`LOSS_PERCENT`] of the packets between `node` and `peer`, at random, in `node`'s
-/// namespace.
-fn lose(node: &ClusterNode, peer: &ClusterNode) -> Result<()> {
-    let peer = &peer.address;
+/// Drops [`LOSS_PERCENT`] of the packets between the link's node and its peers, at random,
+/// in the node's namespace.
+fn lose(link: &Link) -> Result<()> {
+    let (node, peer) = (link.node, peer_set(link));
     let drop = format!("numgen random mod 100 < {LOSS_PERCENT} drop");
     let rules = format!(
         "table inet {LOSS_TABLE} {{\n\

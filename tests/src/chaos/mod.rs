@@ -450,8 +450,9 @@ pub fn report(
          **Failover**: Redis on n1 replicated to n2 until the replica holds every acknowledged \
          write; n1 dies hard (agent, dockerd, containers killed, link down); `flockerctl \
          deploy --failover` places Redis on n2, the fault injected when it announces its \
-         `failover` phase (the target is n2, its peer for partition and slow link is n3, whose \
-         routes must change; there is no source agent to kill). Deploys with `--failover` run \
+         `failover` phase (the target is n2; no data crosses between nodes in a failover, so \
+         a partition or slow link cuts n2 from the host, where `flockerctl` runs, and from \
+         n3, whose routes must change; there is no source agent to kill). Deploys with `--failover` run \
          until nothing is to do while n1 is dead, then n1 returns and must fence itself \
          within 30 s (counted as invariant 2), then deploys run until nothing is to do again; \
          the count is of both rounds. The writer goes on through the failover's recovery.\n\n\

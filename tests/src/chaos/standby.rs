@@ -11,8 +11,8 @@
 //! - `failover`: Redis on n1 is replicated to n2 until the replica holds every acknowledged
 //!   write; n1 dies hard (its daemons and containers killed, its link down); then
 //!   `flockerctl deploy --failover` places Redis on n2, the fault injected when it
-//!   announces its `failover` phase (n2 is the target, n3, whose routes must change, its
-//!   peer). Recovery deploys (with `--failover`) run while n1 is dead; then n1 returns, must
+//!   announces its `failover` phase (n2 is the target; a partition or slow link cuts it
+//!   from the host, where `flockerctl` runs, and from n3, whose routes must change). Recovery deploys (with `--failover`) run while n1 is dead; then n1 returns, must
 //!   fence itself (its Redis gone, its copy set aside), and deploys run until nothing is to
 //!   do. A killed daemon is restarted by `cluster up`, which also starts n1's daemons: n1
 //!   then restarts cut off (its link down) before it returns.
@@ -30,7 +30,7 @@ use super::invariants::VOLUME;
 use super::matrix::{Cell, Verdict};
 use super::workload::Writer;
 use super::{Recovery, Suite, judge_faulted};
-use crate::cluster::{Cluster, ClusterNode};
+use crate::cluster::{Cluster, ClusterNode, HOST_ADDRESS};
 
 /// The standby's replication interval.
 pub const EVERY: Duration = Duration::from_secs(2);
@@ -158,10 +158,13 @@ impl Suite {
         let nodes = self.cluster.nodes.clone();
         let (dead, target, bystander) = (&nodes[0], &nodes[1], &nodes[2]);
         let writer = Writer::start(format!("{}:6379", bystander.address), cell.label());
-        let injector = std::cell::RefCell::new(Injector::new(
+        // No data crosses between nodes in a failover (the promotion is the standby's own):
+        // a partition or a slow link cuts the target from flockerctl (on the host) and from
+        // the bystander, whose routes must change and through which the writer writes.
+        let injector = std::cell::RefCell::new(Injector::at_target(
             &self.cluster,
-            bystander,
             target,
+            vec![HOST_ADDRESS.to_string(), bystander.address.clone()],
             cell.fault,
             self.options.partition_for,
         ));

@@ -2,8 +2,13 @@
 //! and removed (daemons started again the way `cluster up` starts them) before the recovery
 //! deploys.
 //!
+//! A partition or a slow link acts on [`Link`]s: for a move or replication both sides of the
+//! link between source and target, for a failover the target's links to the host and the
+//! bystander.
+//!
 //! zfs-fuse is one daemon for every pool on the host (`zfs::ensure_daemon`), so "the target's
-//! zfs-fuse" cannot be killed alone: it is not among these faults.
+//! zfs-fuse" cannot be killed alone: it is not among these faults (`bench/CHAOS.md` says what
+//! a daemon per node would take).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,7 +19,7 @@ use super::delay::Delayer;
 use super::matrix::Fault;
 use crate::cluster::{Cluster, ClusterNode};
 
-/// The nftables table the partition adds in both nodes' namespaces.
+/// The nftables table the partition adds in each link's namespace.
 const PARTITION_TABLE: &str = "flocker-chaos";
 /// The dataset whose reservation fills the target's pool.
 const FILL_DATASET: &str = "chaos-fill";
@@ -25,12 +30,13 @@ const LOSS_TABLE: &str = "flocker-chaos-loss";
 const SLOW: [&str; 8] = [
     "root", "tbf", "rate", "4mbit", "burst", "32kb", "latency", "400ms",
 ];
-/// Percent of the packets between source and target dropped at random, each way.
+/// Percent of the packets on a link dropped at random, each way.
 const LOSS_PERCENT: u32 = 5;
-/// The delay added to every packet between source and target, each way (NFQUEUE,
-/// [`super::delay`]).
+/// The delay added to every packet arriving over a link (NFQUEUE, [`super::delay`]): each
+/// way where both sides are links.
 const DELAY: Duration = Duration::from_millis(50);
-/// The NFQUEUE number of the delay (one queue in each node's namespace).
+/// The NFQUEUE number of the delay of a link's first peer (the next peers take the next
+/// numbers; queues are per namespace).
 const DELAY_QUEUE: u16 = 17;
 
 /// What is in place once injected, to be removed.

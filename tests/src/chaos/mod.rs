@@ -466,7 +466,8 @@ pub fn report(
          fail that move).\n\n\
          The slow link is a 4 Mbit/s token bucket on both nodes' links, 5 % of the packets \
          between them dropped at random (nftables) and 50 ms added each way by an NFQUEUE \
-         delayer (`tests/src/chaos/delay.rs`): this kernel has no `sch_netem`, and no `sch_fq` \
+         delayer (`tests/src/chaos/delay.rs`; in a failover only on n2's side, so 50 ms on \
+         packets into n2): this kernel has no `sch_netem`, and no `sch_fq` \
          either, which a BPF program setting departure times would need.\n\n\
          Not in the matrix: the target's zfs-fuse killed alone. One zfs-fuse serves every pool \
          of the host. A second daemon does run in a mount namespace of its own (tried: \

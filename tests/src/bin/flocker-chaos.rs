@@ -86,8 +86,10 @@ fn main() -> Result<()> {
         }
     }
     let started = Instant::now();
+    // Taken before the run: the tree may change while it goes on.
+    let provenance = provenance();
     let reports = chaos::run(options.clone())?;
-    let text = chaos::report(&reports, &options, started.elapsed(), &provenance());
+    let text = chaos::report(&reports, &options, started.elapsed(), &provenance);
     println!("{text}");
     if let Some(path) = out {
         std::fs::write(&path, &text).with_context(|| format!("write {}", path.display()))?;

@@ -12,11 +12,13 @@
 //!   write; n1 dies hard (its daemons and containers killed, its link down); then
 //!   `flockerctl deploy --failover` places Redis on n2, the fault injected when it
 //!   announces its `failover` phase (n2 is the target; a partition or slow link cuts it
-//!   from the host, where `flockerctl` runs, and from n3, whose routes must change). Recovery deploys (with `--failover`) run while n1 is dead; then n1 returns, must
-//!   fence itself (its Redis gone, its copy set aside), and deploys run until nothing is to
-//!   do. A killed daemon is restarted by `cluster up`, which also starts n1's daemons: n1
-//!   then restarts cut off (its link down) before it returns.
+//!   from the host, where `flockerctl` runs, and from n3, whose routes must change).
+//!   Recovery deploys (with `--failover`) run while n1 is dead; then n1 returns, must fence
+//!   itself (its Redis gone, its copy set aside), and deploys run until nothing is to do. A
+//!   killed daemon's node alone is started again (`Cluster::up_node`): n1 stays dead until
+//!   it returns.
 
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
@@ -54,7 +56,7 @@ impl Suite {
         let nodes = &self.cluster.nodes;
         let (owner, standby, bystander) = (&nodes[0], &nodes[1], &nodes[2]);
         let writer = Writer::start(format!("{}:6379", bystander.address), cell.label());
-        let injector = std::cell::RefCell::new(Injector::new(
+        let injector = RefCell::new(Injector::new(
             &self.cluster,
             owner,
             standby,
@@ -161,7 +163,7 @@ impl Suite {
         // No data crosses between nodes in a failover (the promotion is the standby's own):
         // a partition or a slow link cuts the target from flockerctl (on the host) and from
         // the bystander, whose routes must change and through which the writer writes.
-        let injector = std::cell::RefCell::new(Injector::at_target(
+        let injector = RefCell::new(Injector::at_target(
             &self.cluster,
             target,
             vec![HOST_ADDRESS.to_string(), bystander.address.clone()],

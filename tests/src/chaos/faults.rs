@@ -338,3 +338,26 @@ fn run(cmd: &mut Command) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_s_peers_are_one_nftables_set() {
+        let dir = std::path::PathBuf::from("/tmp/unused");
+        let node = ClusterNode {
+            name: "n2".into(),
+            address: "198.18.0.12".into(),
+            netns: "flk-n2".into(),
+            dir,
+            docker_host: String::new(),
+            pool: "flk-n2".into(),
+        };
+        let link = Link {
+            node: &node,
+            peers: vec!["198.18.0.1".into(), "198.18.0.13".into()],
+        };
+        assert_eq!(peer_set(&link), "{ 198.18.0.1, 198.18.0.13 }");
+    }
+}

@@ -492,3 +492,19 @@ pub fn report(
         table = matrix::render(reports),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Recovery;
+
+    #[test]
+    fn two_recovery_rounds_count_as_one_only_when_both_converged() {
+        let (two, one) = (
+            Recovery::Converged { deploys: 2 },
+            Recovery::Converged { deploys: 1 },
+        );
+        assert_eq!(two.then(one), Recovery::Converged { deploys: 3 });
+        assert_eq!(two.then(Recovery::NotConverged), Recovery::NotConverged);
+        assert_eq!(Recovery::NotConverged.then(one), Recovery::NotConverged);
+    }
+}

@@ -141,9 +141,10 @@ impl Suite {
         wait_for_replica(self, &replicated, target, last_ack)
             .context("the replica before the failover")?;
 
+        let fenced_before = fenced_copies(dead)?;
         kill_node(dead)?;
         notes.push(format!("{} killed (daemons, containers, link)", dead.name));
-        let result = self.fail_over(cell, notes);
+        let result = self.fail_over(cell, fenced_before, notes);
         if result.is_err() {
             // Whatever failed, the next cell needs n1 back.
             if let Err(e) = revive_node(&self.cluster, dead) {
@@ -155,7 +156,12 @@ impl Suite {
 
     /// The failover itself once n1 is dead: the faulted deploy, recovery while n1 is dead,
     /// n1's return and fencing, recovery with every node.
-    fn fail_over(&mut self, cell: Cell, notes: &mut Vec<String>) -> Result<Verdict> {
+    fn fail_over(
+        &mut self,
+        cell: Cell,
+        fenced_before: usize,
+        notes: &mut Vec<String>,
+    ) -> Result<Verdict> {
         let mut broken = BTreeSet::new();
         let nodes = self.cluster.nodes.clone();
         let (dead, target, bystander) = (&nodes[0], &nodes[1], &nodes[2]);
@@ -210,9 +216,9 @@ impl Suite {
         let while_dead = while_dead?;
 
         revive_node(&self.cluster, dead)?;
-        match wait_fenced(dead) {
+        match wait_fenced(dead, fenced_before) {
             Ok(waited) => notes.push(format!(
-                "{} returned and fenced itself within {:.1} s",
+                "{} returned and fenced itself (its copy set aside) within {:.1} s",
                 dead.name,
                 waited.as_secs_f64()
             )),
@@ -344,9 +350,22 @@ fn link(node: &ClusterNode, state: &str) -> Result<()> {
     Ok(())
 }
 
+/// The copies of the volume fencing set aside on `node` (`NAME.fenced-eEPOCH-UNIXMS`).
+fn fenced_copies(node: &ClusterNode) -> Result<usize> {
+    let root = format!("{}/flocker", node.pool);
+    let names = crate::zfs::run("zfs", &["list", "-H", "-o", "name", "-r", &root])?;
+    Ok(count_fenced(&root, &names))
+}
+
+fn count_fenced(root: &str, names: &str) -> usize {
+    let prefix = format!("{root}/{VOLUME}.fenced-");
+    names.lines().filter(|n| n.starts_with(&prefix)).count()
+}
+
 /// Waits (at most [`FENCE_WITHIN`]) until `node` runs no Redis and its copy of the volume is
-/// set aside (no dataset by the volume's name).
-fn wait_fenced(node: &ClusterNode) -> Result<Duration> {
+/// set aside: no dataset by the volume's name, one more fenced copy than `fenced_before`
+/// (the copy is kept, not destroyed).
+fn wait_fenced(node: &ClusterNode, fenced_before: usize) -> Result<Duration> {
     let started = Instant::now();
     let dataset = format!("{}/flocker/{VOLUME}", node.pool);
     loop {
@@ -357,12 +376,14 @@ fn wait_fenced(node: &ClusterNode) -> Result<Duration> {
             .context("docker ps")?;
         let serving = !running.status.success() || !running.stdout.is_empty();
         let kept = crate::zfs::run("zfs", &["list", "-H", "-o", "name", &dataset]).is_ok();
-        if !serving && !kept {
+        let set_aside = fenced_copies(node)? > fenced_before;
+        if !serving && !kept && set_aside {
             return Ok(started.elapsed());
         }
         if started.elapsed() > FENCE_WITHIN {
             bail!(
-                "{} did not fence itself within {FENCE_WITHIN:?} (Redis running: {serving}, {dataset} still there: {kept})",
+                "{} did not fence itself within {FENCE_WITHIN:?} (Redis running: {serving}, \
+                 {dataset} still there: {kept}, a new fenced copy: {set_aside})",
                 node.name
             );
         }
@@ -390,5 +411,13 @@ mod tests {
         assert_eq!(replica_time_in(&status, "c"), None, "no replica there");
         assert_eq!(snapshot_time_ms("push-12-34"), Some(34));
         assert_eq!(snapshot_time_ms("push-12"), None);
+    }
+
+    #[test]
+    fn only_the_volume_s_fenced_copies_count() {
+        let names = "p/flocker\np/flocker/redis\np/flocker/redis.fenced-e3-1\n\
+                     p/flocker/redis.fenced-e5-2\np/flocker/redisx.fenced-e1-1\n\
+                     p/flocker/other.fenced-e1-1";
+        assert_eq!(count_fenced("p/flocker", names), 2);
     }
 }

@@ -57,15 +57,17 @@ impl ClusterNode {
         }
     }
 
-    fn netns_path(&self) -> String {
-        format!("/var/run/netns/{}", self.netns)
+    /// The namespace's file, for `setns` and `nsenter --net`.
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/var/run/netns/{}", self.netns))
     }
 
     /// A command that runs inside this node's network namespace (nsenter, not
     /// `ip netns exec`, which remounts /sys and hides the cgroup mounts from dockerd).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.netns_path())).arg(program);
+        cmd.arg(format!("--net={}", self.netns_path().display()))
+            .arg(program);
         cmd
     }
 
@@ -127,29 +129,36 @@ impl Cluster {
         crate::zfs::ensure_daemon()?;
         cluster.ensure_ca()?;
         for node in &cluster.nodes {
-            cluster.say(&format!("node {} at {}", node.name, node.address));
-            fs::create_dir_all(&node.dir)?;
-            ensure_netns(node)?;
-            if !pid_alive(&node.dir.join("docker.pid")) {
-                // A dockerd that died hard left orphans and pid files that would stop the
-                // next one: clear them first.
-                for problem in crate::reap::reap(&node.dir) {
-                    eprintln!("cluster: {}: {problem}", node.name);
-                }
-            }
-            ensure_pool(node, cluster.spec.pool_size)?;
-            ensure_dockerd(node)?;
-            images::ensure_images(&node.docker_host)?;
-            cluster.ensure_agent(node)?;
+            cluster.ensure_node(node)?;
         }
         for node in &cluster.nodes {
-            wait_for_port(
-                &format!("{}:{AGENT_PORT}", node.address),
-                Duration::from_secs(30),
-            )
-            .with_context(|| format!("agent on {} did not come up", node.name))?;
+            wait_for_agent(node)?;
         }
         Ok(cluster)
+    }
+
+    /// Starts what is missing of one node (namespace, pool, dockerd, images, agent) and waits
+    /// for its agent: `up` for a node whose daemons died, leaving the others alone.
+    pub fn up_node(&self, node: &ClusterNode) -> Result<()> {
+        self.ensure_node(node)?;
+        wait_for_agent(node)
+    }
+
+    fn ensure_node(&self, node: &ClusterNode) -> Result<()> {
+        self.say(&format!("node {} at {}", node.name, node.address));
+        fs::create_dir_all(&node.dir)?;
+        ensure_netns(node)?;
+        if !pid_alive(&node.dir.join("docker.pid")) {
+            // A dockerd that died hard left orphans and pid files that would stop the
+            // next one: clear them first.
+            for problem in crate::reap::reap(&node.dir) {
+                eprintln!("cluster: {}: {problem}", node.name);
+            }
+        }
+        ensure_pool(node, self.spec.pool_size)?;
+        ensure_dockerd(node)?;
+        images::ensure_images(&node.docker_host)?;
+        self.ensure_agent(node)
     }
 
     fn say(&self, what: &str) {
@@ -413,7 +422,7 @@ fn ensure_bridge() -> Result<()> {
 }
 
 fn ensure_netns(node: &ClusterNode) -> Result<()> {
-    if Path::new(&node.netns_path()).exists() {
+    if node.netns_path().exists() {
         return Ok(());
     }
     let host_side = format!("{}-h", node.netns);
@@ -596,6 +605,14 @@ fn kill_pidfile(pidfile: &Path, signal: &str) {
 }
 
 /// Waits until something accepts TCP connections at `addr`.
+fn wait_for_agent(node: &ClusterNode) -> Result<()> {
+    wait_for_port(
+        &format!("{}:{AGENT_PORT}", node.address),
+        Duration::from_secs(30),
+    )
+    .with_context(|| format!("agent on {} did not come up", node.name))
+}
+
 pub fn wait_for_port(addr: &str, timeout: Duration) -> Result<()> {
     let target: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
     let deadline = Instant::now() + timeout;

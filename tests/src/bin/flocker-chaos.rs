@@ -13,6 +13,28 @@ use flocker_e2e::chaos::{self, Options};
 const USAGE: &str = "usage: flocker-chaos [--ci] [--cells PHASE:FAULT,...] [--out FILE] \
 [--partition-seconds N] [--deploy-timeout N] [--recovery-deploys N] [--budget-minutes N] [--keep]";
 
+/// When and on which commit the matrix ran, e.g. `2026-12-03 11:50 UTC on 1a2b3c4`
+/// (`+ changes` when the tree differed from it).
+fn provenance() -> String {
+    let output = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let date = output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or("an unknown date".into());
+    let commit =
+        output("git", &["rev-parse", "--short", "HEAD"]).unwrap_or("an unknown commit".into());
+    let changed = output("git", &["status", "--porcelain", "--untracked-files=no"])
+        .is_some_and(|s| !s.is_empty());
+    format!(
+        "run {date} on {commit}{}",
+        if changed { " + changes" } else { "" }
+    )
+}
+
 fn main() -> Result<()> {
     let target = PathBuf::from(std::env::var("FLOCKER_TARGET").unwrap_or("target/debug".into()));
     let mut options = Options {
@@ -64,8 +86,10 @@ fn main() -> Result<()> {
         }
     }
     let started = Instant::now();
+    // Taken before the run: the tree may change while it goes on.
+    let provenance = provenance();
     let reports = chaos::run(options.clone())?;
-    let text = chaos::report(&reports, &options, started.elapsed());
+    let text = chaos::report(&reports, &options, started.elapsed(), &provenance);
     println!("{text}");
     if let Some(path) = out {
         std::fs::write(&path, &text).with_context(|| format!("write {}", path.display()))?;

@@ -109,9 +109,10 @@ pub struct PhaseHook<'a> {
     pub tick: Box<dyn FnMut() -> Result<()> + 'a>,
 }
 
-/// `flockerctl deploy DEPLOYMENT APPLICATION --output json`, killed after `deadline`.
+/// `flockerctl deploy [FLAGS] DEPLOYMENT APPLICATION --output json`, killed after `deadline`.
 pub fn deploy(
     cluster: &Cluster,
+    flags: &[&str],
     deployment: &Path,
     application: &Path,
     deadline: Duration,
@@ -120,6 +121,7 @@ pub fn deploy(
     let started = Instant::now();
     let mut child = Command::new(&cluster.spec.ctl_binary)
         .arg("deploy")
+        .args(flags)
         .arg(deployment)
         .arg(application)
         .args(["--output", "json"])

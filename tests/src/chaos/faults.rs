@@ -2,34 +2,46 @@
 //! and removed (daemons started again the way `cluster up` starts them) before the recovery
 //! deploys.
 //!
+//! A partition or a slow link acts on [`Link`]s: for a move or replication both sides of the
+//! link between source and target, for a failover the target's links to the host and the
+//! bystander.
+//!
 //! zfs-fuse is one daemon for every pool on the host (`zfs::ensure_daemon`), so "the target's
-//! zfs-fuse" cannot be killed alone: it is not among these faults.
+//! zfs-fuse" cannot be killed alone: it is not among these faults (`bench/CHAOS.md` says what
+//! a daemon per node would take).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use super::delay::Delayer;
 use super::matrix::Fault;
 use crate::cluster::{Cluster, ClusterNode};
 
-/// The nftables table the partition adds in both nodes' namespaces.
+/// The nftables table the partition adds in each link's namespace.
 const PARTITION_TABLE: &str = "flocker-chaos";
 /// The dataset whose reservation fills the target's pool.
 const FILL_DATASET: &str = "chaos-fill";
 /// The nftables table of the lossy link's random drops.
 const LOSS_TABLE: &str = "flocker-chaos-loss";
-/// The slow link: a token bucket on both nodes' `eth0` (this kernel has no netem, so there is
-/// no added delay, only the queueing a 4 Mbit/s bucket causes).
+/// The slow link: a token bucket on both nodes' `eth0` (this kernel has no netem: the delay
+/// comes from [`DELAY`], the loss from [`LOSS_PERCENT`]).
 const SLOW: [&str; 8] = [
     "root", "tbf", "rate", "4mbit", "burst", "32kb", "latency", "400ms",
 ];
-/// Percent of the packets between source and target dropped at random, each way.
+/// Percent of the packets on a link dropped at random, each way.
 const LOSS_PERCENT: u32 = 5;
+/// The delay added to every packet arriving over a link (NFQUEUE, [`super::delay`]): each
+/// way where both sides are links.
+const DELAY: Duration = Duration::from_millis(50);
+/// The NFQUEUE number of the delay of a link's first peer (the next peers take the next
+/// numbers; queues are per namespace).
+const DELAY_QUEUE: u16 = 17;
 
 /// What is in place once injected, to be removed.
-#[derive(Debug)]
-enum Active {
+#[derive(Debug, Clone, Copy)]
+enum Active<'a> {
     Nothing,
     /// Healed at `until` (by `tick` or `remove`).
     Partition {
@@ -37,23 +49,38 @@ enum Active {
     },
     SlowLink,
     PoolFull,
-    /// A daemon was killed: the cluster's `up` starts it again.
-    Killed,
+    /// A daemon of this node was killed: the cluster starts what is missing of it again.
+    Killed(&'a ClusterNode),
+}
+
+/// Where a partition or a slow link acts: in `node`'s namespace, on its packets to and from
+/// `peers` (addresses).
+#[derive(Debug, Clone)]
+pub struct Link<'a> {
+    pub node: &'a ClusterNode,
+    pub peers: Vec<String>,
 }
 
 /// One fault between a move's source and target.
 pub struct Injector<'a> {
     cluster: &'a Cluster,
-    source: &'a ClusterNode,
+    /// `None` where there is none (a failover's source is dead).
+    source: Option<&'a ClusterNode>,
     target: &'a ClusterNode,
+    /// Where a partition or a slow link acts.
+    links: Vec<Link<'a>>,
     fault: Fault,
     partition_for: Duration,
-    active: Active,
+    active: Active<'a>,
+    /// The slow link's delayers (node name, peer), one per link and peer.
+    delayers: Vec<(String, String, Delayer)>,
     /// What was done, for the report.
     pub log: Vec<String>,
 }
 
 impl<'a> Injector<'a> {
+    /// A fault between `source` and `target`: a partition or a slow link acts on both sides
+    /// of the link between them.
     pub fn new(
         cluster: &'a Cluster,
         source: &'a ClusterNode,
@@ -61,50 +88,98 @@ impl<'a> Injector<'a> {
         fault: Fault,
         partition_for: Duration,
     ) -> Injector<'a> {
+        let links = vec![
+            Link {
+                node: source,
+                peers: vec![target.address.clone()],
+            },
+            Link {
+                node: target,
+                peers: vec![source.address.clone()],
+            },
+        ];
+        Injector::with_links(cluster, Some(source), target, links, fault, partition_for)
+    }
+
+    /// A fault at `target` with no source: a partition or a slow link acts in `target`'s
+    /// namespace on its packets to and from each of `peers`.
+    pub fn at_target(
+        cluster: &'a Cluster,
+        target: &'a ClusterNode,
+        peers: Vec<String>,
+        fault: Fault,
+        partition_for: Duration,
+    ) -> Injector<'a> {
+        let links = vec![Link {
+            node: target,
+            peers,
+        }];
+        Injector::with_links(cluster, None, target, links, fault, partition_for)
+    }
+
+    fn with_links(
+        cluster: &'a Cluster,
+        source: Option<&'a ClusterNode>,
+        target: &'a ClusterNode,
+        links: Vec<Link<'a>>,
+        fault: Fault,
+        partition_for: Duration,
+    ) -> Injector<'a> {
         Injector {
             cluster,
             source,
             target,
+            links,
             fault,
             partition_for,
             active: Active::Nothing,
+            delayers: vec![],
             log: vec![],
         }
     }
 
     /// Injects the fault; `ctl` is the running `flockerctl deploy`.
     pub fn inject(&mut self, ctl: &mut Child) -> Result<()> {
-        let (source, target) = (self.source, self.target);
+        let target = self.target;
         self.active = match self.fault {
             Fault::KillCtl => {
                 ctl.kill().context("kill flockerctl")?;
                 Active::Nothing
             }
             Fault::KillSourceAgent => {
+                let source = self.source.context("no source agent to kill")?;
                 self.cluster.kill_agent(source)?;
-                Active::Killed
+                Active::Killed(source)
             }
             Fault::KillTargetAgent => {
                 self.cluster.kill_agent(target)?;
-                Active::Killed
+                Active::Killed(target)
             }
             Fault::KillTargetDockerd => {
                 self.cluster.kill_dockerd(target);
-                Active::Killed
+                Active::Killed(target)
             }
             Fault::Partition => {
-                partition(source, target)?;
-                partition(target, source)?;
+                for link in &self.links {
+                    partition(link)?;
+                }
                 Active::Partition {
                     until: Instant::now() + self.partition_for,
                 }
             }
             Fault::SlowLink => {
-                for (node, peer) in [(source, target), (target, source)] {
-                    let mut tc = node.command("tc");
+                for link in &self.links {
+                    let mut tc = link.node.command("tc");
                     tc.args(["qdisc", "replace", "dev", "eth0"]).args(SLOW);
                     run(&mut tc)?;
-                    lose(node, peer)?;
+                    lose(link)?;
+                    for (queue, peer) in (DELAY_QUEUE..).zip(&link.peers) {
+                        let delayer =
+                            Delayer::start(&link.node.netns_path(), peer, queue, DELAY)
+                                .with_context(|| format!("delay the link on {}", link.node.name))?;
+                        self.delayers
+                            .push((link.node.name.clone(), peer.clone(), delayer));
+                    }
                 }
                 Active::SlowLink
             }
@@ -128,8 +203,9 @@ impl<'a> Injector<'a> {
     }
 
     fn heal_partition(&mut self) -> Result<()> {
-        for node in [self.source, self.target] {
-            run(node
+        for link in &self.links {
+            run(link
+                .node
                 .command("nft")
                 .args(["delete", "table", "inet", PARTITION_TABLE]))?;
         }
@@ -149,13 +225,20 @@ impl<'a> Injector<'a> {
                 self.heal_partition()?;
             }
             Active::SlowLink => {
-                for node in [self.source, self.target] {
-                    run(node
+                for link in &self.links {
+                    run(link
+                        .node
                         .command("tc")
                         .args(["qdisc", "del", "dev", "eth0", "root"]))?;
-                    run(node
+                    run(link
+                        .node
                         .command("nft")
                         .args(["delete", "table", "inet", LOSS_TABLE]))?;
+                }
+                for (node, peer, delayer) in self.delayers.drain(..) {
+                    let delayed = delayer.stop().context("stop the link's delay")?;
+                    self.log
+                        .push(format!("{delayed} packets from {peer} delayed on {node}"));
                 }
                 self.log.push("slow lossy link removed".into());
             }
@@ -166,10 +249,14 @@ impl<'a> Injector<'a> {
                 )?;
                 self.log.push("pool filler destroyed".into());
             }
-            Active::Killed => {
-                Cluster::up(self.cluster.spec.clone()).context("restart the killed daemon")?;
-                self.log
-                    .push("daemons restarted (cluster up, after reaping)".into());
+            Active::Killed(node) => {
+                self.cluster
+                    .up_node(node)
+                    .context("restart the killed daemon")?;
+                self.log.push(format!(
+                    "daemons of {} restarted (as cluster up does, after reaping)",
+                    node.name
+                ));
             }
         }
         self.active = Active::Nothing;
@@ -177,9 +264,15 @@ impl<'a> Injector<'a> {
     }
 }
 
-/// Drops every packet between `node` and `peer` in `node`'s namespace (in, out, forwarded).
-fn partition(node: &ClusterNode, peer: &ClusterNode) -> Result<()> {
-    let peer = &peer.address;
+/// The set of a link's peers in nftables syntax.
+fn peer_set(link: &Link) -> String {
+    format!("{{ {} }}", link.peers.join(", "))
+}
+
+/// Drops every packet between the link's node and its peers in the node's namespace (in,
+/// out, forwarded).
+fn partition(link: &Link) -> Result<()> {
+    let (node, peer) = (link.node, peer_set(link));
     let rules = format!(
         "table inet {PARTITION_TABLE} {{\n\
          chain input {{ type filter hook input priority -300; ip saddr {peer} drop; }}\n\
@@ -192,10 +285,10 @@ fn partition(node: &ClusterNode, peer: &ClusterNode) -> Result<()> {
     run(node.command("nft").arg("-f").arg(&file))
 }
 
-/// Drops [`LOSS_PERCENT`] of the packets between `node` and `peer`, at random, in `node`'s
-/// namespace.
-fn lose(node: &ClusterNode, peer: &ClusterNode) -> Result<()> {
-    let peer = &peer.address;
+/// Drops [`LOSS_PERCENT`] of the packets between the link's node and its peers, at random,
+/// in the node's namespace.
+fn lose(link: &Link) -> Result<()> {
+    let (node, peer) = (link.node, peer_set(link));
     let drop = format!("numgen random mod 100 < {LOSS_PERCENT} drop");
     let rules = format!(
         "table inet {LOSS_TABLE} {{\n\
@@ -244,4 +337,27 @@ fn run(cmd: &mut Command) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_s_peers_are_one_nftables_set() {
+        let dir = std::path::PathBuf::from("/tmp/unused");
+        let node = ClusterNode {
+            name: "n2".into(),
+            address: "198.18.0.12".into(),
+            netns: "flk-n2".into(),
+            dir,
+            docker_host: String::new(),
+            pool: "flk-n2".into(),
+        };
+        let link = Link {
+            node: &node,
+            peers: vec!["198.18.0.1".into(), "198.18.0.13".into()],
+        };
+        assert_eq!(peer_set(&link), "{ 198.18.0.1, 198.18.0.13 }");
+    }
 }

@@ -1,17 +1,28 @@
-//! The matrix itself: the phases of a move, the faults, what a cell ended as, and the
-//! Markdown table `cargo xtask chaos` prints and writes to `bench/CHAOS.md`.
+//! The matrix itself: the phases of a move, replication and failover, the faults, what a
+//! cell ended as, and the Markdown table `cargo xtask chaos` prints and writes to
+//! `bench/CHAOS.md`.
 
 use std::fmt::Write as _;
 
-/// The phases of a move, in the order `flockerctl deploy` runs them (the planner's names, as
-/// its `--output json` phase events carry them).
-pub const PHASES: [&str; 6] = [
+/// The standby's replication: the fault is injected when the deploy that gives Redis a
+/// standby announces its `standby` phase and held while the owner replicates.
+pub const REPLICATION: &str = "replication";
+/// A failover: the owner's node is dead, and the fault is injected when
+/// `flockerctl deploy --failover` announces its `failover` phase (the standby's promotion).
+pub const FAILOVER: &str = "failover";
+
+/// The rows of the matrix: the phases of a move, in the order `flockerctl deploy` runs them
+/// (the planner's names, as its `--output json` phase events carry them), then replication
+/// and failover.
+pub const PHASES: [&str; 8] = [
     "pre-copy",
     "stop",
     "final-push",
     "handoff",
     "start",
     "routes",
+    REPLICATION,
+    FAILOVER,
 ];
 
 /// One fault, injected the moment the deploy announces the cell's phase.
@@ -29,9 +40,9 @@ pub enum Fault {
     /// Every packet between source and target dropped in both namespaces (nftables), held
     /// for longer than every timeout, then healed.
     Partition,
-    /// A slow, lossy link while the deploy runs: a 4 Mbit/s token bucket on both nodes' links
-    /// and 5 % of the packets between them dropped at random (no netem in this kernel, so no
-    /// added delay).
+    /// A slow, lossy link while the deploy runs: a 4 Mbit/s token bucket on both nodes' links,
+    /// 5 % of the packets between them dropped at random and 50 ms added each way (no netem
+    /// in this kernel: nftables drops and an NFQUEUE delay, `delay.rs`).
     SlowLink,
     /// The target's pool full (a reservation of all its free space) while the deploy runs.
     TargetPoolFull,
@@ -63,6 +74,13 @@ impl Fault {
     pub fn parse(name: &str) -> Option<Fault> {
         Fault::ALL.into_iter().find(|f| f.name() == name)
     }
+
+    /// Whether the fault means something in the row. In a failover the source (the old
+    /// owner's node) is already dead, so there is no source agent to kill; the target's
+    /// peer there is the bystander whose routes must change.
+    pub fn applies_to(self, phase: &str) -> bool {
+        !(phase == FAILOVER && self == Fault::KillSourceAgent)
+    }
 }
 
 /// One cell: a fault at a phase.
@@ -77,10 +95,8 @@ impl Cell {
     pub fn parse(text: &str) -> Option<Cell> {
         let (phase, fault) = text.split_once(':')?;
         let phase = PHASES.into_iter().find(|p| *p == phase)?;
-        Some(Cell {
-            phase,
-            fault: Fault::parse(fault)?,
-        })
+        let fault = Fault::parse(fault)?;
+        fault.applies_to(phase).then_some(Cell { phase, fault })
     }
 
     pub fn label(&self) -> String {
@@ -95,12 +111,13 @@ pub fn all_cells() -> Vec<Cell> {
         .flat_map(|phase| {
             Fault::ALL
                 .into_iter()
+                .filter(move |fault| fault.applies_to(phase))
                 .map(move |fault| Cell { phase, fault })
         })
         .collect()
 }
 
-/// The fixed subset `cargo xtask ci` runs: one fault per phase, the quick ones (no partition,
+/// The fixed subset `cargo xtask ci` runs: one fault per row, the quick ones (no partition,
 /// which must outlast every timeout), each daemon killed at least once.
 pub fn ci_cells() -> Vec<Cell> {
     [
@@ -110,6 +127,8 @@ pub fn ci_cells() -> Vec<Cell> {
         ("handoff", Fault::KillTargetAgent),
         ("start", Fault::KillTargetDockerd),
         ("routes", Fault::TargetPoolFull),
+        (REPLICATION, Fault::KillSourceAgent),
+        (FAILOVER, Fault::KillTargetAgent),
     ]
     .into_iter()
     .map(|(phase, fault)| Cell { phase, fault })
@@ -180,11 +199,14 @@ pub fn render(reports: &[CellReport]) -> String {
         }
         let _ = write!(out, "| {phase} |");
         for f in &faults {
-            let cell = reports
+            let cell = match reports
                 .iter()
                 .find(|r| r.cell.phase == phase && r.cell.fault == *f)
-                .map(|r| r.verdict.short())
-                .unwrap_or_default();
+            {
+                Some(r) => r.verdict.short(),
+                None if !f.applies_to(phase) => "n/a".into(),
+                None => String::new(),
+            };
             let _ = write!(out, " {cell} |");
         }
         out.push('\n');
@@ -224,7 +246,16 @@ mod tests {
         assert_eq!(Cell::parse("final-push"), None);
         assert_eq!(Cell::parse("nowhere:kill-ctl"), None);
         assert_eq!(Cell::parse("stop:nothing"), None);
-        assert_eq!(all_cells().len(), PHASES.len() * Fault::ALL.len());
+        assert_eq!(
+            Cell::parse("failover:kill-source-agent"),
+            None,
+            "the source is dead in a failover"
+        );
+        assert_eq!(
+            all_cells().len(),
+            PHASES.len() * Fault::ALL.len() - 1,
+            "every phase and fault but the failover's source agent"
+        );
     }
 
     #[test]
@@ -272,6 +303,31 @@ mod tests {
         );
         assert!(
             table.contains("- `stop:kill-ctl` 12 s: ok, 2 deploys\n  - faulted deploy: killed")
+        );
+    }
+
+    #[test]
+    fn a_fault_that_means_nothing_in_its_row_reads_n_a() {
+        let failover = CellReport {
+            cell: Cell {
+                phase: FAILOVER,
+                fault: Fault::KillCtl,
+            },
+            verdict: Verdict::Converged { deploys: 3 },
+            notes: vec![],
+            seconds: 40.0,
+        };
+        let source = CellReport {
+            cell: Cell {
+                phase: "stop",
+                fault: Fault::KillSourceAgent,
+            },
+            ..failover.clone()
+        };
+        let table = render(&[failover, source]);
+        assert!(
+            table.contains("| failover | ok, 3 deploys | n/a |\n"),
+            "{table}"
         );
     }
 }

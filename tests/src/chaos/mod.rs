@@ -6,13 +6,16 @@
 //! bounded). The invariants ([`invariants`]) are checked, then Redis moves back to n1 with no
 //! fault (a stuck lock or a half-done state would fail it) and the ledger is checked again.
 
+pub mod delay;
 pub mod deploy;
 pub mod faults;
 pub mod invariants;
 pub mod matrix;
+mod standby;
 pub mod workload;
 
 use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -63,6 +66,8 @@ struct Suite {
     /// Redis placed on n1 (where each cell starts) and on n2 (where it moves).
     on_source: PathBuf,
     on_target: PathBuf,
+    /// Redis on n1 replicated to a standby on n2 (replication and failover cells).
+    replicated: PathBuf,
     ledger: Ledger,
     /// The highest epoch the owner had: epochs never go down.
     epoch: u64,
@@ -88,22 +93,32 @@ pub fn run(options: Options) -> Result<Vec<CellReport>> {
     std::fs::create_dir_all(&files)?;
     let application = files.join("application.yml");
     std::fs::write(&application, APPLICATION)?;
-    let placed = |name: &str, on: usize| -> Result<PathBuf> {
+    let placed = |name: &str, on: usize, standby: Option<usize>| -> Result<PathBuf> {
         let mut text = String::from("version: 1\nnodes:\n");
         for (i, node) in cluster.nodes.iter().enumerate() {
             let apps = if i == on { "[redis]" } else { "[]" };
             text.push_str(&format!("  {}: {apps}\n", node.address));
         }
+        if let Some(standby) = standby {
+            text.push_str(&format!(
+                "standby:\n  redis: {{nodes: [{}], every: {}s}}\n",
+                cluster.nodes[standby].address,
+                standby::EVERY.as_secs()
+            ));
+        }
         let path = files.join(name);
         std::fs::write(&path, text)?;
         Ok(path)
     };
-    let (on_source, on_target) = (placed("on-n1.yml", 0)?, placed("on-n2.yml", 1)?);
+    let on_source = placed("on-n1.yml", 0, None)?;
+    let on_target = placed("on-n2.yml", 1, None)?;
+    let replicated = placed("on-n1-standby-n2.yml", 0, Some(1))?;
     let mut suite = Suite {
         cluster,
         application,
         on_source,
         on_target,
+        replicated,
         ledger: Ledger::default(),
         epoch: 0,
         options,
@@ -151,6 +166,7 @@ impl Suite {
     fn deploy(&self, deployment: &Path) -> Result<DeployRun> {
         deploy::deploy(
             &self.cluster,
+            &[],
             deployment,
             &self.application,
             self.options.deploy_deadline,
@@ -230,7 +246,16 @@ impl Suite {
     }
 
     fn try_cell(&mut self, cell: Cell, notes: &mut Vec<String>) -> Result<Verdict> {
-        let mut broken = std::collections::BTreeSet::new();
+        match cell.phase {
+            matrix::REPLICATION => self.replication_cell(cell, notes),
+            matrix::FAILOVER => self.failover_cell(cell, notes),
+            _ => self.move_cell(cell, notes),
+        }
+    }
+
+    /// Redis moves from n1 to n2, the fault injected at the cell's phase of that move.
+    fn move_cell(&mut self, cell: Cell, notes: &mut Vec<String>) -> Result<Verdict> {
+        let mut broken = BTreeSet::new();
         let nodes = &self.cluster.nodes;
         let (source, target, bystander) = (&nodes[0], &nodes[1], &nodes[2]);
         let writer = Writer::start(format!("{}:6379", bystander.address), cell.label());
@@ -248,6 +273,7 @@ impl Suite {
         };
         let faulted = deploy::deploy(
             &self.cluster,
+            &[],
             &self.on_target,
             &self.application,
             self.options.deploy_deadline,
@@ -262,30 +288,40 @@ impl Suite {
         self.ledger.extend(acked);
         let faulted = faulted?;
         removed.context("removing the fault")?;
-        notes.push(format!(
-            "faulted deploy: {} (phases: {})",
-            faulted.summary(),
-            faulted.phases().join(", ")
-        ));
         notes.extend(injector.into_inner().log);
-        if !faulted.phase_seen {
+        if !judge_faulted(cell, &faulted, notes, &mut broken) {
             return Ok(Verdict::PhaseNotReached);
         }
-        if faulted.hung {
-            broken.insert(5);
-        }
-        let killed_by_us = cell.fault == matrix::Fault::KillCtl;
-        if !faulted.succeeded() && !killed_by_us && faulted.message().trim().is_empty() {
-            broken.insert(5);
-            notes.push("invariant 5: the faulted deploy failed without a message".into());
-        }
-        let mut deploys = 0;
-        let mut converged = false;
-        for _ in 0..self.options.recovery_deploys {
-            let run = self.deploy(&self.on_target)?;
-            deploys += 1;
+        let on_target = self.on_target.clone();
+        let recovered = self.recover(&[], &on_target, notes, &mut broken)?;
+        Ok(self.judge(&on_target, 1, recovered, broken, notes))
+    }
+
+    /// Deploys (with `flags`) until one reports nothing to do, at most
+    /// [`Options::recovery_deploys`] times, noting each; `None` when none did.
+    fn recover(
+        &self,
+        flags: &[&str],
+        deployment: &Path,
+        notes: &mut Vec<String>,
+        broken: &mut BTreeSet<u8>,
+    ) -> Result<Recovery> {
+        for n in 1..=self.options.recovery_deploys {
+            let run = deploy::deploy(
+                &self.cluster,
+                flags,
+                deployment,
+                &self.application,
+                self.options.deploy_deadline,
+                None,
+            )?;
             notes.push(format!(
-                "recovery deploy {deploys}: {} (phases: {})",
+                "recovery deploy {n}{}: {} (phases: {})",
+                if flags.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", flags.join(" "))
+                },
                 run.summary(),
                 run.phases().join(", ")
             ));
@@ -294,18 +330,35 @@ impl Suite {
             }
             if !run.succeeded() && run.message().trim().is_empty() {
                 broken.insert(5);
+                notes.push("invariant 5: a recovery deploy failed without a message".into());
             }
             if run.nothing_to_do() {
-                converged = true;
-                break;
+                return Ok(Recovery::Converged { deploys: n });
             }
         }
+        notes.push(format!(
+            "no \"nothing to do\" within {} recovery deploys",
+            self.options.recovery_deploys
+        ));
+        Ok(Recovery::NotConverged)
+    }
+
+    /// Checks invariants 1-4 with the volume expected on node `owner` of `deployment`, and
+    /// turns the cell's findings into its verdict.
+    fn judge(
+        &mut self,
+        deployment: &Path,
+        owner: usize,
+        recovered: Recovery,
+        mut broken: BTreeSet<u8>,
+        notes: &mut Vec<String>,
+    ) -> Verdict {
         let found = invariants::check(
             &self.cluster,
-            &self.on_target,
+            deployment,
             &self.application,
             &self.ledger,
-            target,
+            &self.cluster.nodes[owner],
             self.epoch,
         );
         notes.extend(found.notes);
@@ -313,47 +366,145 @@ impl Suite {
         if let Some(epoch) = found.owner_epoch {
             self.epoch = self.epoch.max(epoch);
         }
-        if !converged {
-            notes.push(format!(
-                "no \"nothing to do\" within {} recovery deploys",
-                self.options.recovery_deploys
-            ));
-            return Ok(Verdict::Broken {
+        match recovered {
+            Recovery::Converged { deploys } if broken.is_empty() => Verdict::Converged { deploys },
+            _ => Verdict::Broken {
                 invariants: broken.into_iter().collect(),
-            });
+            },
         }
-        Ok(if broken.is_empty() {
-            Verdict::Converged { deploys }
-        } else {
-            Verdict::Broken {
-                invariants: broken.into_iter().collect(),
-            }
-        })
     }
 }
 
-/// The report file's text: the table, how it was made, and each cell's notes.
-pub fn report(reports: &[CellReport], options: &Options, elapsed: Duration) -> String {
+/// How the recovery deploys ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    /// The `deploys`-th (counted from the first recovery deploy of the cell) had nothing to
+    /// do.
+    Converged {
+        deploys: usize,
+    },
+    NotConverged,
+}
+
+impl Recovery {
+    /// Recovery in two rounds (before and after a node returns) as one count.
+    fn then(self, next: Recovery) -> Recovery {
+        match (self, next) {
+            (Recovery::Converged { deploys: a }, Recovery::Converged { deploys: b }) => {
+                Recovery::Converged { deploys: a + b }
+            }
+            _ => Recovery::NotConverged,
+        }
+    }
+}
+
+/// Notes how the faulted deploy ended and judges invariant 5 on it; false when it never
+/// announced the cell's phase (the fault was not injected).
+fn judge_faulted(
+    cell: Cell,
+    faulted: &DeployRun,
+    notes: &mut Vec<String>,
+    broken: &mut BTreeSet<u8>,
+) -> bool {
+    notes.push(format!(
+        "faulted deploy: {} (phases: {})",
+        faulted.summary(),
+        faulted.phases().join(", ")
+    ));
+    if !faulted.phase_seen {
+        return false;
+    }
+    if faulted.hung {
+        broken.insert(5);
+    }
+    let killed_by_us = cell.fault == matrix::Fault::KillCtl;
+    if !faulted.succeeded() && !killed_by_us && faulted.message().trim().is_empty() {
+        broken.insert(5);
+        notes.push("invariant 5: the faulted deploy failed without a message".into());
+    }
+    true
+}
+
+/// The report file's text: the table, how it was made (`provenance`: when, on which
+/// commit), and each cell's notes.
+pub fn report(
+    reports: &[CellReport],
+    options: &Options,
+    elapsed: Duration,
+    provenance: &str,
+) -> String {
     format!(
         "# The fault matrix (`cargo xtask chaos`)\n\n\
-         Redis with its ZFS volume moves from n1 to n2 of a three-node local cluster (real \
-         dockerd, zfs-fuse pools, agents, nftables) while a writer sets keys through n3. Each \
-         fault is injected when `flockerctl deploy --output json` announces the phase, removed \
-         when that deploy ends (a partition is held {partition} s), then `flockerctl deploy` \
-         runs until it reports nothing to do (at most {recovery} times, each bounded at \
-         {deadline} s). A cell reads `ok, N deploys` when the N-th reported nothing to do and \
-         every invariant held; `BROKEN i,j` names the invariants that failed (1 acknowledged \
-         writes readable with their content, 2 one owner at a never-decreasing epoch and one \
-         running container, 3 Redis answers through every node, 4 no staged/partial dataset, \
-         stray snapshot, filler or running zfs send/recv, 5 no hung deploy and every failure \
-         names what failed). After each cell Redis moves back to n1 with no fault and the \
-         invariants are checked again (a stuck lock would fail that move).\n\n\
-         {cells} cells in {minutes:.1} min.\n\n{table}",
+         **Moves** (rows pre-copy to routes): Redis with its ZFS volume moves from n1 to n2 of a \
+         three-node local cluster (real dockerd, zfs-fuse pools, agents, nftables) while a \
+         writer sets keys through n3. Each fault is injected when `flockerctl deploy --output \
+         json` announces the phase, removed when that deploy ends (a partition is held \
+         {partition} s), then `flockerctl deploy` runs until it reports nothing to do (at most \
+         {recovery} times, each bounded at {deadline} s).\n\n\
+         **Replication**: Redis on n1; the cell's deploy gives it a standby on n2 (every \
+         {every} s). The fault is injected when that deploy announces its `standby` phase and \
+         held {hold} s while the owner replicates (a partition {partition} s), the writer \
+         going on; then deploys until nothing to do, and the replica on n2 must hold a \
+         snapshot taken after the last acknowledged write within 60 s (counted as invariant \
+         1).\n\n\
+         **Failover**: Redis on n1 replicated to n2 until the replica holds every acknowledged \
+         write; n1 dies hard (agent, dockerd, containers killed, link down); `flockerctl \
+         deploy --failover` places Redis on n2, the fault injected when it announces its \
+         `failover` phase (the target is n2; no data crosses between nodes in a failover, so \
+         a partition or slow link cuts n2 from the host, where `flockerctl` runs, and from \
+         n3, whose routes must change; there is no source agent to kill). Deploys with `--failover` run \
+         until nothing is to do while n1 is dead, then n1 returns and must fence itself \
+         within 30 s (counted as invariant 2), then deploys run until nothing is to do again; \
+         the count is of both rounds. The writer goes on through the failover's recovery.\n\n\
+         A cell reads `ok, N deploys` when the N-th recovery deploy reported nothing to do \
+         and every invariant held; `BROKEN i,j` names the invariants that failed (1 \
+         acknowledged writes readable with their content, 2 one owner at a never-decreasing \
+         epoch and one running container, 3 Redis answers through every node, 4 no \
+         staged/partial dataset, stray snapshot, filler or running zfs send/recv, 5 no hung \
+         deploy and every failure names what failed). After each cell Redis moves back to n1 \
+         (no standby) with no fault and the invariants are checked again (a stuck lock would \
+         fail that move).\n\n\
+         The slow link is a 4 Mbit/s token bucket on both nodes' links, 5 % of the packets \
+         between them dropped at random (nftables) and 50 ms added each way by an NFQUEUE \
+         delayer (`tests/src/chaos/delay.rs`; in a failover only on n2's side, so 50 ms on \
+         packets into n2): this kernel has no `sch_netem`, and no `sch_fq` \
+         either, which a BPF program setting departure times would need.\n\n\
+         Not in the matrix: the target's zfs-fuse killed alone. One zfs-fuse serves every pool \
+         of the host. A second daemon does run in a mount namespace of its own (tried: \
+         `unshare -m` with private tmpfs over `/var/run/zfs` (its socket, a fixed path), \
+         `/var/lock/zfs` (it takes `zfs_lock` there and exits while the host's daemon holds \
+         it) and `/etc/zfs`, a pool with `cachefile=none`; killing it left the host's daemon \
+         answering and its own mounts at \"Transport endpoint is not connected\"). But the \
+         datasets it mounts exist only in that namespace (the host's `/` is private), so the \
+         node's dockerd, containerd and agent, and every `zfs` call the harness makes for the \
+         node, would have to run in it too, and recovering a killed daemon needs its dead FUSE \
+         mounts unmounted, the pool imported again and containers restarted on the new mounts. \
+         That is a new cluster layout for every e2e test (which all share the one daemon \
+         today) and likely agent work (a mount that answers ENOTCONN), not done here.\n\n\
+         {cells} cells in {minutes:.1} min, {provenance}.\n\n{table}",
         partition = options.partition_for.as_secs(),
         recovery = options.recovery_deploys,
         deadline = options.deploy_deadline.as_secs(),
+        every = standby::EVERY.as_secs(),
+        hold = standby::HOLD.as_secs(),
         cells = reports.len(),
         minutes = elapsed.as_secs_f64() / 60.0,
         table = matrix::render(reports),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Recovery;
+
+    #[test]
+    fn two_recovery_rounds_count_as_one_only_when_both_converged() {
+        let (two, one) = (
+            Recovery::Converged { deploys: 2 },
+            Recovery::Converged { deploys: 1 },
+        );
+        assert_eq!(two.then(one), Recovery::Converged { deploys: 3 });
+        assert_eq!(two.then(Recovery::NotConverged), Recovery::NotConverged);
+        assert_eq!(Recovery::NotConverged.then(one), Recovery::NotConverged);
+    }
 }

@@ -19,10 +19,8 @@ pub mod progress;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
-
-use std::collections::HashSet;
 
 use flocker_wire::{Action, ClusterState, ConvergeEvent, DesiredState, Plan, RouteMap};
 use indicatif::{ProgressBar, ProgressStyle};

@@ -499,6 +499,22 @@ fn expect_closed(what: &str, ns: &Netns, ip: &str, port: u16) -> anyhow::Result<
     Ok(())
 }
 
+/// Flows the eBPF backend's TC program started on every node so far (none for nftables).
+fn tc_flows_started(
+    lab: &Lab,
+    choice: BackendChoice,
+) -> anyhow::Result<Vec<flocker_routing::ebpf::FlowsStarted>> {
+    lab.nodes
+        .iter()
+        .map(|node| {
+            if choice != BackendChoice::Ebpf {
+                return Ok(Default::default());
+            }
+            Ok(node.run(flocker_routing::ebpf::pinned_stats)??.started)
+        })
+        .collect()
+}
+
 /// Where the eBPF backend pins its maps and links for the namespace `ns`.
 fn pin_dir(ns: &Netns) -> anyhow::Result<std::path::PathBuf> {
     let inode = std::fs::metadata(ns.path())?.ino();
@@ -806,11 +822,25 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     // Applying the same table again changes nothing (idempotent).
     apply_all(&lab, &mut backends, &tables(0)?)?;
     for node in &lab.nodes {
-        // Both backends keep the table while UDP is routed (the eBPF backend for UDP from
-        // outside), and with it our rule.
-        expect_docker_user_rule(node, true)?;
+        // The nftables backend's table comes with our rule; the eBPF backend's TC program
+        // carries TCP and UDP from outside past netfilter, so it needs neither.
+        expect_docker_user_rule(node, choice != BackendChoice::Ebpf)?;
     }
+    let started_before = tc_flows_started(&lab, choice)?;
     check_reachable(&lab, 0, "c1")?;
+    if choice == BackendChoice::Ebpf {
+        // The TC program, not a fallback, carried the outside clients: on the hosting node
+        // (local backend, and the hairpin of its own container) and on the forwarding ones,
+        // for TCP and for UDP.
+        let started = tc_flows_started(&lab, choice)?;
+        for (i, (before, now)) in started_before.iter().zip(&started).enumerate() {
+            ensure!(
+                now.ipv4_tcp > before.ipv4_tcp && now.ipv4_udp > before.ipv4_udp,
+                "node{}: the TC program started no IPv4 TCP or UDP flow ({before:?} -> {now:?})",
+                i + 1
+            );
+        }
+    }
     // Many connections, into the hosting node and on from another one.
     expect_burst(
         "burst into node1",
@@ -834,8 +864,9 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
         // they may be reused.
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            let (fwd1, rev1) = lab.nodes[0].run(flocker_routing::ebpf::pinned_flow_counts)??;
-            let (fwd3, rev3) = lab.nodes[2].run(flocker_routing::ebpf::pinned_flow_counts)??;
+            let tcp_flows = || flocker_routing::ebpf::pinned_flow_counts(Protocol::Tcp);
+            let (fwd1, rev1) = lab.nodes[0].run(tcp_flows)??;
+            let (fwd3, rev3) = lab.nodes[2].run(tcp_flows)??;
             if fwd1 <= 2 && rev1 <= 2 && fwd3 <= 2 && (300..=320).contains(&rev3) {
                 break;
             }
@@ -846,13 +877,16 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        // The agent's metrics read the same maps: flows gone with their connections, and
-        // 300 translated connections never ran out of source ports.
+        // The agent's metrics read the same maps: TCP flows gone with their connections
+        // (UDP flows stay until idle), and 300 translated connections never ran out of
+        // source ports.
         for node in [&lab.nodes[0], &lab.nodes[2]] {
             let stats = node.run(flocker_routing::ebpf::pinned_stats)??;
+            let (udp_flows, _) =
+                node.run(|| flocker_routing::ebpf::pinned_flow_counts(Protocol::Udp))??;
             ensure!(
-                stats.flows <= 2 && stats.snat_exhausted == 0,
-                "data plane figures after the bursts: {stats:?}"
+                stats.flows <= 2 + udp_flows as u64 && stats.snat_exhausted == 0,
+                "data plane figures after the bursts: {stats:?}, {udp_flows} UDP flows"
             );
         }
     }
@@ -903,7 +937,7 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     );
 
     // Restart: new backend instances rebuild exactly the same ruleset. The eBPF backend's
-    // TC program carries all outside TCP traffic, so its table holds only the UDP route.
+    // TC program carries all outside traffic, so it has no table.
     let listed: Vec<String> = lab
         .nodes
         .iter()
@@ -926,21 +960,20 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
             pinned.exists()
         );
         ensure!(
-            ruleset.contains("table inet flocker"),
-            "no flocker table in {}",
+            ruleset.contains("table inet flocker") == (choice != BackendChoice::Ebpf),
+            "flocker table in {} (the eBPF backend's TC program carries TCP and UDP itself):\n{ruleset}",
             node.name()
         );
-        let map = nft(node, &["list", "map", "inet", "flocker", "routes"])?;
-        ensure!(
-            map.contains(&format!("udp . {PORT}")),
-            "no UDP route in {}:\n{map}",
-            node.name()
-        );
-        ensure!(
-            map.contains(&format!("tcp . {PORT}")) == (choice != BackendChoice::Ebpf),
-            "TCP routes in the table of {} (the eBPF backend carries TCP itself):\n{map}",
-            node.name()
-        );
+        if choice != BackendChoice::Ebpf {
+            let map = nft(node, &["list", "map", "inet", "flocker", "routes"])?;
+            for protocol in ["tcp", "udp"] {
+                ensure!(
+                    map.contains(&format!("{protocol} . {PORT}")),
+                    "no {protocol} route in {}:\n{map}",
+                    node.name()
+                );
+            }
+        }
     }
     // Connections open across the restart, into the hosting node and on from another one,
     // carry on: the routes outlive the backend instances (for eBPF, pinned programs and maps,
@@ -1042,9 +1075,7 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
             forward.contains("policy drop"),
             "FORWARD policy after the restart:\n{forward}"
         );
-        // Both backends keep the table while UDP is routed (the eBPF backend for UDP from
-        // outside), and with it our rule.
-        expect_docker_user_rule(node, true)?;
+        expect_docker_user_rule(node, choice != BackendChoice::Ebpf)?;
     }
     check_reachable(&lab, 0, "c1")?;
     expect_burst(
@@ -1105,9 +1136,10 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     apply_all(&lab, &mut backends, &after)?;
     // New connections right after the move, while the janitor has yet to run.
     check_reachable(&lab, 1, "c2")?;
-    // The UDP client that kept its socket follows too, once the janitor forgot the
-    // conntrack entry that pinned its flow to the old backend (UDP has no end: without the
-    // janitor a client that keeps sending would stay with c1 for good).
+    // The UDP client that kept its socket follows too: with nftables once the janitor forgot
+    // the conntrack entry that pinned its flow to the old backend (UDP has no end: without
+    // the janitor a client that keeps sending would stay with c1 for good), with eBPF at its
+    // next datagram (the TC program follows the route at every one).
     let deadline = Instant::now() + conntrack::SETTLE * 20;
     loop {
         let answer = udp_exchange(&kept_udp, udp_via_node3, b"moved")?;

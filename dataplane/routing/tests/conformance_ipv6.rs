@@ -12,8 +12,9 @@
 //! connections open across it, removal, and a foreign table of each family left untouched.
 //!
 //! With the eBPF backend, the nodes' own IPv6 connections are redirected at the socket by
-//! `connect6`/`sendmsg6`/`recvmsg6` (checked: none of them is DNAT'd), while IPv6 from outside
-//! takes its nftables table (the TC program is IPv4 only).
+//! `connect6`/`sendmsg6`/`recvmsg6` (checked: none of them is DNAT'd), and IPv6 TCP and UDP
+//! from outside (local and remote backends, hairpin) by the TC program (checked: it started
+//! flows of both protocols on every node, and no nftables table exists).
 //!
 //! There is no dockerd here (the IPv4 suite in `conformance.rs` runs under Docker's rules):
 //! Docker 20.10 leaves ip6tables alone, and the containers are plain namespaces on a bridge
@@ -575,7 +576,21 @@ fn conformance(choice: BackendChoice, tag: &str) -> anyhow::Result<()> {
 
     let mut backends = open_all(&lab, choice)?;
     apply_all(&lab, &mut backends, &tables(0)?)?;
+    let started_before = tc_flows_started(&lab, choice)?;
     check_reachable(&lab, 0, "c1")?;
+    if choice == BackendChoice::Ebpf {
+        // The TC program, not a fallback, carried the IPv6 clients from outside: into the
+        // hosting node (local backend, and its own container's hairpin), and on from the
+        // others (remote backend, source-translated).
+        let started = tc_flows_started(&lab, choice)?;
+        for (i, (before, now)) in started_before.iter().zip(&started).enumerate() {
+            ensure!(
+                now.ipv6_tcp > before.ipv6_tcp && now.ipv6_udp > before.ipv6_udp,
+                "node{}: the TC program started no IPv6 TCP or UDP flow ({before:?} -> {now:?})",
+                i + 1
+            );
+        }
+    }
     // The nodes' own IPv6 connections: through the table's output chain with nftables, at
     // the socket (connect6, sendmsg6) with eBPF, which leaves nothing to DNAT.
     for (i, node) in lab.nodes.iter().enumerate() {
@@ -595,13 +610,21 @@ fn conformance(choice: BackendChoice, tag: &str) -> anyhow::Result<()> {
         }
     }
     for node in &lab.nodes {
-        let map = nft(node, &["list", "map", "inet", "flocker", "routes6"])?;
-        for protocol in ["tcp", "udp"] {
-            ensure!(
-                map.contains(&format!("{protocol} . {PORT} : ")),
-                "no IPv6 {protocol} route in {}:\n{map}",
-                node.name()
-            );
+        let ruleset = nft(node, &["list", "ruleset"])?;
+        ensure!(
+            ruleset.contains("table inet flocker") == (choice != BackendChoice::Ebpf),
+            "flocker table in {} (the eBPF backend's TC program carries both families):\n{ruleset}",
+            node.name()
+        );
+        if choice != BackendChoice::Ebpf {
+            let map = nft(node, &["list", "map", "inet", "flocker", "routes6"])?;
+            for protocol in ["tcp", "udp"] {
+                ensure!(
+                    map.contains(&format!("{protocol} . {PORT} : ")),
+                    "no IPv6 {protocol} route in {}:\n{map}",
+                    node.name()
+                );
+            }
         }
         let forwarding =
             node.run(|| std::fs::read_to_string(flocker_routing::settings::IPV6_FORWARD))??;
@@ -669,7 +692,8 @@ fn conformance(choice: BackendChoice, tag: &str) -> anyhow::Result<()> {
     );
 
     // Move the application to node 2: new connections follow at once; the UDP client that
-    // kept its socket follows once the janitor forgot its IPv6 conntrack entries.
+    // kept its socket follows once the janitor forgot its IPv6 conntrack entries (nftables)
+    // or at its next datagram (the TC program follows the route at every one).
     let after = tables(1)?;
     ensure!(
         after[2].entries6.contains_key(&RouteKey::udp(PORT)),
@@ -738,4 +762,20 @@ fn nftables_backend_conforms_over_ipv6() -> anyhow::Result<()> {
 #[ignore = "privileged: needs root, nftables, eBPF and network namespaces; `cargo xtask ci` runs it"]
 fn ebpf_backend_conforms_over_ipv6() -> anyhow::Result<()> {
     conformance(BackendChoice::Ebpf, "b6")
+}
+
+/// Flows the eBPF backend's TC program started on every node so far (none for nftables).
+fn tc_flows_started(
+    lab: &Lab,
+    choice: BackendChoice,
+) -> anyhow::Result<Vec<flocker_routing::ebpf::FlowsStarted>> {
+    lab.nodes
+        .iter()
+        .map(|node| {
+            if choice != BackendChoice::Ebpf {
+                return Ok(Default::default());
+            }
+            Ok(node.run(flocker_routing::ebpf::pinned_stats)??.started)
+        })
+        .collect()
 }

@@ -17,11 +17,16 @@
 //! `results/routing-docker.md`. `--protocols tcp,udp` (default both) chooses what is measured:
 //! UDP adds request/response rates (one datagram, one answer, a fresh client socket each) of
 //! direct, iptables DNAT and the two backends; a UDP-only run goes to `results/routing-udp.md`.
+//! `--protocols tcp6` measures IPv6 TCP connection rates instead (client 2001:db8:1::100, node
+//! 2001:db8:1::1, container fd00:19:9::2): direct and the two backends, paired as for IPv4,
+//! into `results/routing-ipv6.md` (not with `--docker`).
 
 use std::{
     fmt::Write as _,
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{
+        IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream, UdpSocket,
+    },
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -38,6 +43,9 @@ use flocker_routing::{
 
 const NODE: &str = "198.18.1.1";
 const CTR: Ipv4Addr = Ipv4Addr::new(198, 19, 9, 2);
+/// The node's and the container's IPv6 addresses (`--protocols tcp6`).
+const NODE6: &str = "2001:db8:1::1";
+const CTR6: &str = "fd00:19:9::2";
 const ECHO_PORT: u16 = 8000;
 const IPERF_PORT: u16 = 5201;
 const FIRST_ROUTE: u16 = 20000;
@@ -56,7 +64,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut rounds = 3usize;
     let mut route_counts = vec![1usize, 1000, 10_000];
     let mut docker = false;
-    let (mut tcp, mut udp) = (true, true);
+    let (mut tcp, mut udp, mut tcp6) = (true, true, false);
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -67,7 +75,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 let list = it.next().context("--protocols tcp,udp")?;
                 tcp = list.split(',').any(|p| p == "tcp");
                 udp = list.split(',').any(|p| p == "udp");
-                ensure!(tcp || udp, "--protocols names neither tcp nor udp");
+                tcp6 = list.split(',').any(|p| p == "tcp6");
+                ensure!(
+                    tcp || udp || tcp6,
+                    "--protocols names none of tcp, udp, tcp6"
+                );
             }
             "--routes" => {
                 route_counts = it
@@ -80,10 +92,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             other => bail!("unknown argument {other:?}"),
         }
     }
+    ensure!(
+        !(tcp6 && docker),
+        "--protocols tcp6 is measured without --docker only"
+    );
     let load_start = load_average();
     let lab = Lab::build(docker)?;
     let mut report = Report::default();
     let mut udp_report = Report::default();
+    let mut ipv6_report = Report::default();
     // Every way is measured once per round and the rounds interleave, so a slow stretch of
     // the shared machine lowers one sample of every way rather than all samples of one way.
     // Each sample of a way is bracketed by two samples of the direct connection, taken just
@@ -92,6 +109,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     // drifts more between rounds than between neighbouring samples.
     for round in 0..rounds {
         eprintln!("routing: round {}/{rounds}", round + 1);
+        if tcp6 {
+            lab.ipv6_round(&mut ipv6_report, &route_counts, seconds)?;
+        }
         if udp {
             lab.udp_round(&mut udp_report, &route_counts, seconds, docker)?;
         }
@@ -147,11 +167,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if udp {
         udp_report.render_udp(&mut text, rounds, seconds);
     }
+    if tcp6 {
+        ipv6_report.render_ipv6(&mut text, rounds, seconds);
+    }
     println!("{text}");
-    let name = match (docker, tcp) {
-        (true, _) => "results/routing-docker.md",
-        (false, true) => "results/routing.md",
-        (false, false) => "results/routing-udp.md",
+    let name = match (docker, tcp, udp) {
+        (true, _, _) => "results/routing-docker.md",
+        (false, true, _) => "results/routing.md",
+        (false, false, true) => "results/routing-udp.md",
+        (false, false, false) => "results/routing-ipv6.md",
     };
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
     std::fs::create_dir_all(out.parent().context("results dir")?)?;
@@ -279,6 +303,18 @@ impl Lab {
         client.ip(&["route", "add", "198.19.9.0/24", "via", NODE])?;
         if !docker {
             node.sysctl("net.ipv4.ip_forward", "1")?;
+            // IPv6 beside it, for `--protocols tcp6` (no duplicate address detection, so the
+            // addresses work at once).
+            let v6 = |ns: &Netns, cidr: &str, dev: &str| {
+                ns.ip(&["addr", "add", cidr, "dev", dev, "nodad"])
+            };
+            v6(&client, "2001:db8:1::100/64", "eth0")?;
+            v6(&node, &format!("{NODE6}/64"), "eth0")?;
+            v6(&node, "fd00:19:9::1/64", "ctr0")?;
+            v6(&ctr, &format!("{CTR6}/64"), "eth0")?;
+            ctr.ip(&["-6", "route", "add", "default", "via", "fd00:19:9::1"])?;
+            client.ip(&["-6", "route", "add", "fd00:19:9::/64", "via", NODE6])?;
+            node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         }
         // Tens of thousands of short connections per run: keep ports and conntrack slots
         // from running out. The node keeps Linux's default ephemeral range, which ends below
@@ -299,12 +335,18 @@ impl Lab {
         // "application". The client closes first so TIME_WAIT stays on the client, as with
         // real request/response clients.
         let listener = ctr.run(|| TcpListener::bind((CTR, ECHO_PORT)))??;
-        std::thread::spawn(move || {
-            for mut s in listener.incoming().flatten() {
-                let _ = s.write_all(b"k");
-                let _ = s.read(&mut [0u8; 1]);
-            }
-        });
+        let listener6 = (!docker)
+            .then(|| ctr.run(|| TcpListener::bind((CTR6, ECHO_PORT))))
+            .transpose()?
+            .transpose()?;
+        for listener in std::iter::once(listener).chain(listener6) {
+            std::thread::spawn(move || {
+                for mut s in listener.incoming().flatten() {
+                    let _ = s.write_all(b"k");
+                    let _ = s.read(&mut [0u8; 1]);
+                }
+            });
+        }
         // The UDP "application": one byte back to every datagram, from the port it came to.
         let udp = ctr.run(|| UdpSocket::bind((CTR, ECHO_PORT)))??;
         std::thread::spawn(move || {
@@ -566,6 +608,91 @@ impl Lab {
                 .args(["delete", "table", "ip", "nat"])
                 .stderr(Stdio::null())
                 .status();
+        }
+        Ok(())
+    }
+
+    /// `n` IPv6 TCP routes to the container's echo port, as `table` for IPv4.
+    fn table6(n: usize) -> anyhow::Result<RouteTable> {
+        let container = SocketAddrV6::new(CTR6.parse()?, ECHO_PORT, 0, 0);
+        Ok(RouteTable {
+            entries6: (0..n)
+                .map(|i| {
+                    (
+                        RouteKey::tcp(FIRST_ROUTE + i as u16),
+                        RouteEntry::Local { container },
+                    )
+                })
+                .collect(),
+            ..RouteTable::default()
+        })
+    }
+
+    /// The IPv6 direct samples, outside and local.
+    fn direct6_sample(&self, seconds: f64) -> anyhow::Result<Pair> {
+        Ok(Pair {
+            outside: self
+                .connections(false, CTR6, ECHO_PORT, seconds)
+                .context("direct IPv6, outside")?,
+            local: self
+                .connections(true, CTR6, ECHO_PORT, seconds)
+                .context("direct IPv6, local")?,
+        })
+    }
+
+    /// One round of IPv6 TCP connection rates: each backend at each route count, bracketed by
+    /// direct samples as for IPv4.
+    fn ipv6_round(
+        &self,
+        report: &mut Report,
+        route_counts: &[usize],
+        seconds: f64,
+    ) -> anyhow::Result<()> {
+        let mut before = self.direct6_sample(seconds)?;
+        report.add_connections(Peer::Direct, route_counts[0], before);
+        for peer in [Peer::Nftables, Peer::Ebpf] {
+            for &n in route_counts {
+                let table = Self::table6(n)?;
+                let cgroup = self.cgroup.path().to_owned();
+                let backend = self.node.run(move || -> anyhow::Result<_> {
+                    let mut backend: Box<dyn RoutingBackend> = if peer == Peer::Ebpf {
+                        Box::new(EbpfBackend::open(
+                            Some(&cgroup),
+                            flocker_routing::settings::KernelSettings::in_memory().shared(),
+                        )?)
+                    } else {
+                        Box::new(NftBackend::new())
+                    };
+                    backend.apply(&table)?;
+                    Ok(backend)
+                })??;
+                let mut setup = Setup {
+                    measured_ip: NODE6.to_owned(),
+                    measured_port: FIRST_ROUTE + (n / 2) as u16,
+                    backend: Some(backend),
+                    proxies: Vec::new(),
+                    iptables: false,
+                    tracking_table: false,
+                    timings: None,
+                };
+                let port = setup.measured_port;
+                let outside = self
+                    .connections(false, NODE6, port, seconds)
+                    .with_context(|| format!("IPv6 {} with {n} routes, outside", peer.label()));
+                let local = self
+                    .connections(true, NODE6, port, seconds)
+                    .with_context(|| format!("IPv6 {} with {n} routes, local", peer.label()));
+                self.teardown(&mut setup)?;
+                let sample = Pair {
+                    outside: outside?,
+                    local: local?,
+                };
+                report.add_connections(peer, n, sample);
+                let after = self.direct6_sample(seconds)?;
+                report.add_connections(Peer::Direct, route_counts[0], after);
+                report.add_ratio(peer, n, sample, before, after);
+                before = after;
+            }
         }
         Ok(())
     }
@@ -881,7 +1008,7 @@ fn client(args: &[String]) -> anyhow::Result<()> {
     let [ip, port, seconds] = args else {
         bail!("usage: routing --client IP PORT SECONDS");
     };
-    let addr = SocketAddrV4::new(ip.parse()?, port.parse()?);
+    let addr = SocketAddr::new(ip.parse::<IpAddr>()?, port.parse()?);
     let duration = Duration::from_secs_f64(seconds.parse()?);
     let mut latencies = Vec::new();
     let start = Instant::now();
@@ -889,7 +1016,7 @@ fn client(args: &[String]) -> anyhow::Result<()> {
     let mut stalled = Duration::ZERO;
     while start.elapsed() < duration {
         let t = Instant::now();
-        match TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2)) {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
             Ok(mut s) => {
                 latencies.push(t.elapsed());
                 let mut b = [0u8; 1];
@@ -1069,6 +1196,57 @@ impl Report {
             let r = fwd / direct_fwd?;
             Some((r >= 0.9, format!("{r:.2}x")))
         });
+    }
+
+    /// The IPv6 section: TCP connection rates per way and the target on them.
+    fn render_ipv6(&self, s: &mut String, rounds: usize, seconds: f64) {
+        let _ = writeln!(
+            s,
+            "\n## IPv6 TCP connections\n\nThe best of {rounds} interleaved rounds of one {seconds} s \
+             sample per way, paired with direct samples as above. \"outside\": client \
+             [2001:db8:1::100] -> node [2001:db8:1::1] -> container [fd00:19:9::2]; \"local\": a \
+             process on the node itself. The eBPF backend redirects local IPv6 connections at \
+             connect() (connect6), and its TC program carries the outside ones.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| way | routes | outside conn/s | outside p50 / p99 µs | local conn/s | local p50 / p99 µs | vs direct, paired: outside / local |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for (peer, n, o, l) in &self.conn_rows {
+            let paired = self
+                .paired(*peer, *n)
+                .map_or("1 (itself)".to_owned(), |(ro, rl)| {
+                    format!("{ro:.2}x / {rl:.2}x")
+                });
+            let _ = writeln!(
+                s,
+                "| {} | {n} | {:.0} | {:.0} / {:.0} | {:.0} | {:.0} / {:.0} | {paired} |",
+                peer.label(),
+                o.per_second,
+                o.p50_us,
+                o.p99_us,
+                l.per_second,
+                l.p50_us,
+                l.p99_us
+            );
+        }
+        let max_routes = self.conn_rows.iter().map(|r| r.1).max().unwrap_or(0);
+        let mark = |ok: bool| if ok { "met" } else { "**missed**" };
+        let cell = |p| {
+            self.paired(p, max_routes)
+                .map_or("-".to_owned(), |(ro, rl)| {
+                    format!("{} ({ro:.2}x, {rl:.2}x)", mark(ro >= 0.9 && rl >= 0.9))
+                })
+        };
+        let _ = writeln!(s, "\n| target ({max_routes} routes) | nftables | eBPF |");
+        let _ = writeln!(s, "| --- | --- | --- |");
+        let _ = writeln!(
+            s,
+            "| IPv6 conn/s within 10% of direct (outside, local) | {} | {} |",
+            cell(Peer::Nftables),
+            cell(Peer::Ebpf)
+        );
     }
 
     /// The UDP section: request/response rates per way and the targets on them.

@@ -17,9 +17,10 @@
 //! `results/routing-docker.md`. `--protocols tcp,udp` (default both) chooses what is measured:
 //! UDP adds request/response rates (one datagram, one answer, a fresh client socket each) of
 //! direct, iptables DNAT and the two backends; a UDP-only run goes to `results/routing-udp.md`.
-//! `--protocols tcp6` measures IPv6 TCP connection rates instead (client 2001:db8:1::100, node
+//! `--protocols tcp6` measures IPv6 TCP connection rates (client 2001:db8:1::100, node
 //! 2001:db8:1::1, container fd00:19:9::2): direct and the two backends, paired as for IPv4,
-//! into `results/routing-ipv6.md` (not with `--docker`).
+//! into `results/routing-ipv6.md` (`results/routing-udp-ipv6.md` with `udp` beside it; not
+//! with `--docker`).
 
 use std::{
     fmt::Write as _,
@@ -171,11 +172,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         ipv6_report.render_ipv6(&mut text, rounds, seconds);
     }
     println!("{text}");
-    let name = match (docker, tcp, udp) {
-        (true, _, _) => "results/routing-docker.md",
-        (false, true, _) => "results/routing.md",
-        (false, false, true) => "results/routing-udp.md",
-        (false, false, false) => "results/routing-ipv6.md",
+    let name = match (docker, tcp, udp, tcp6) {
+        (true, _, _, _) => "results/routing-docker.md",
+        (false, true, _, _) => "results/routing.md",
+        (false, false, true, false) => "results/routing-udp.md",
+        (false, false, true, true) => "results/routing-udp-ipv6.md",
+        (false, false, false, _) => "results/routing-ipv6.md",
     };
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
     std::fs::create_dir_all(out.parent().context("results dir")?)?;
@@ -1325,11 +1327,11 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "\nNotes: UDP from outside takes the nftables chains with both backends (the eBPF \
-             backend's TC program carries TCP only), so its outside column measures the same \
-             DNAT and conntrack path as the nftables backend's; the eBPF backend's local \
-             datagrams are sent to the container by `cgroup/sendmsg4` and their answers given \
-             the node's address back by `cgroup/recvmsg4`, with no NAT."
+            "\nNotes: the nftables backend DNATs each new UDP flow from outside and conntrack \
+             tracks it; the eBPF backend's TC program carries them past netfilter (a flow per \
+             client socket in its LRU maps). The eBPF backend's local datagrams are sent to the \
+             container by `cgroup/sendmsg4` and their answers given the node's address back by \
+             `cgroup/recvmsg4`, with no NAT."
         );
     }
 

@@ -365,6 +365,12 @@ impl Lab {
             .spawn()
             .context("starting iperf3 -s")?;
         std::thread::sleep(Duration::from_millis(300));
+        if !docker {
+            // Forwarded IPv6 works only once duplicate address detection of the interfaces'
+            // link-local addresses is over (1-2 s after they come up): before, the first
+            // direct IPv6 sample's only connect attempt timed out and stopped the run.
+            wait_for_ipv6(&client, SocketAddr::new(CTR6.parse()?, ECHO_PORT))?;
+        }
         Ok(Lab {
             client,
             node,
@@ -913,6 +919,24 @@ impl Drop for Lab {
 }
 
 /// A client's line: `per_second p50_us p99_us timeouts`.
+/// Waits (at most 10 s) until a TCP connection from `ns` to `to` succeeds.
+fn wait_for_ipv6(ns: &Netns, to: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let connected =
+            ns.run(move || TcpStream::connect_timeout(&to, Duration::from_millis(300)).is_ok())?;
+        if connected {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "IPv6 from {} to {to} through the node does not work after 10 s",
+            ns.name()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn parse_sample(text: &str) -> anyhow::Result<Sample> {
     let v: Vec<f64> = text
         .split_whitespace()

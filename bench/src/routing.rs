@@ -17,11 +17,17 @@
 //! `results/routing-docker.md`. `--protocols tcp,udp` (default both) chooses what is measured:
 //! UDP adds request/response rates (one datagram, one answer, a fresh client socket each) of
 //! direct, iptables DNAT and the two backends; a UDP-only run goes to `results/routing-udp.md`.
+//! `--protocols tcp6` measures IPv6 TCP connection rates (client 2001:db8:1::100, node
+//! 2001:db8:1::1, container fd00:19:9::2): direct and the two backends, paired as for IPv4,
+//! into `results/routing-ipv6.md` (`results/routing-udp-ipv6.md` with `udp` beside it; not
+//! with `--docker`).
 
 use std::{
     fmt::Write as _,
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{
+        IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream, UdpSocket,
+    },
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -38,6 +44,9 @@ use flocker_routing::{
 
 const NODE: &str = "198.18.1.1";
 const CTR: Ipv4Addr = Ipv4Addr::new(198, 19, 9, 2);
+/// The node's and the container's IPv6 addresses (`--protocols tcp6`).
+const NODE6: &str = "2001:db8:1::1";
+const CTR6: &str = "fd00:19:9::2";
 const ECHO_PORT: u16 = 8000;
 const IPERF_PORT: u16 = 5201;
 const FIRST_ROUTE: u16 = 20000;
@@ -56,7 +65,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut rounds = 3usize;
     let mut route_counts = vec![1usize, 1000, 10_000];
     let mut docker = false;
-    let (mut tcp, mut udp) = (true, true);
+    let (mut tcp, mut udp, mut tcp6) = (true, true, false);
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -67,7 +76,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 let list = it.next().context("--protocols tcp,udp")?;
                 tcp = list.split(',').any(|p| p == "tcp");
                 udp = list.split(',').any(|p| p == "udp");
-                ensure!(tcp || udp, "--protocols names neither tcp nor udp");
+                tcp6 = list.split(',').any(|p| p == "tcp6");
+                ensure!(
+                    tcp || udp || tcp6,
+                    "--protocols names none of tcp, udp, tcp6"
+                );
             }
             "--routes" => {
                 route_counts = it
@@ -80,10 +93,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             other => bail!("unknown argument {other:?}"),
         }
     }
+    ensure!(
+        !(tcp6 && docker),
+        "--protocols tcp6 is measured without --docker only"
+    );
     let load_start = load_average();
     let lab = Lab::build(docker)?;
     let mut report = Report::default();
     let mut udp_report = Report::default();
+    let mut ipv6_report = Report::default();
     // Every way is measured once per round and the rounds interleave, so a slow stretch of
     // the shared machine lowers one sample of every way rather than all samples of one way.
     // Each sample of a way is bracketed by two samples of the direct connection, taken just
@@ -92,6 +110,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     // drifts more between rounds than between neighbouring samples.
     for round in 0..rounds {
         eprintln!("routing: round {}/{rounds}", round + 1);
+        if tcp6 {
+            lab.ipv6_round(&mut ipv6_report, &route_counts, seconds)?;
+        }
         if udp {
             lab.udp_round(&mut udp_report, &route_counts, seconds, docker)?;
         }
@@ -147,11 +168,16 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if udp {
         udp_report.render_udp(&mut text, rounds, seconds);
     }
+    if tcp6 {
+        ipv6_report.render_ipv6(&mut text, rounds, seconds);
+    }
     println!("{text}");
-    let name = match (docker, tcp) {
-        (true, _) => "results/routing-docker.md",
-        (false, true) => "results/routing.md",
-        (false, false) => "results/routing-udp.md",
+    let name = match (docker, tcp, udp, tcp6) {
+        (true, _, _, _) => "results/routing-docker.md",
+        (false, true, _, _) => "results/routing.md",
+        (false, false, true, false) => "results/routing-udp.md",
+        (false, false, true, true) => "results/routing-udp-ipv6.md",
+        (false, false, false, _) => "results/routing-ipv6.md",
     };
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
     std::fs::create_dir_all(out.parent().context("results dir")?)?;
@@ -279,6 +305,18 @@ impl Lab {
         client.ip(&["route", "add", "198.19.9.0/24", "via", NODE])?;
         if !docker {
             node.sysctl("net.ipv4.ip_forward", "1")?;
+            // IPv6 beside it, for `--protocols tcp6` (no duplicate address detection, so the
+            // addresses work at once).
+            let v6 = |ns: &Netns, cidr: &str, dev: &str| {
+                ns.ip(&["addr", "add", cidr, "dev", dev, "nodad"])
+            };
+            v6(&client, "2001:db8:1::100/64", "eth0")?;
+            v6(&node, &format!("{NODE6}/64"), "eth0")?;
+            v6(&node, "fd00:19:9::1/64", "ctr0")?;
+            v6(&ctr, &format!("{CTR6}/64"), "eth0")?;
+            ctr.ip(&["-6", "route", "add", "default", "via", "fd00:19:9::1"])?;
+            client.ip(&["-6", "route", "add", "fd00:19:9::/64", "via", NODE6])?;
+            node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         }
         // Tens of thousands of short connections per run: keep ports and conntrack slots
         // from running out. The node keeps Linux's default ephemeral range, which ends below
@@ -299,12 +337,18 @@ impl Lab {
         // "application". The client closes first so TIME_WAIT stays on the client, as with
         // real request/response clients.
         let listener = ctr.run(|| TcpListener::bind((CTR, ECHO_PORT)))??;
-        std::thread::spawn(move || {
-            for mut s in listener.incoming().flatten() {
-                let _ = s.write_all(b"k");
-                let _ = s.read(&mut [0u8; 1]);
-            }
-        });
+        let listener6 = (!docker)
+            .then(|| ctr.run(|| TcpListener::bind((CTR6, ECHO_PORT))))
+            .transpose()?
+            .transpose()?;
+        for listener in std::iter::once(listener).chain(listener6) {
+            std::thread::spawn(move || {
+                for mut s in listener.incoming().flatten() {
+                    let _ = s.write_all(b"k");
+                    let _ = s.read(&mut [0u8; 1]);
+                }
+            });
+        }
         // The UDP "application": one byte back to every datagram, from the port it came to.
         let udp = ctr.run(|| UdpSocket::bind((CTR, ECHO_PORT)))??;
         std::thread::spawn(move || {
@@ -321,6 +365,12 @@ impl Lab {
             .spawn()
             .context("starting iperf3 -s")?;
         std::thread::sleep(Duration::from_millis(300));
+        if !docker {
+            // Forwarded IPv6 works only once duplicate address detection of the interfaces'
+            // link-local addresses is over (1-2 s after they come up): before, the first
+            // direct IPv6 sample's only connect attempt timed out and stopped the run.
+            wait_for_ipv6(&client, SocketAddr::new(CTR6.parse()?, ECHO_PORT))?;
+        }
         Ok(Lab {
             client,
             node,
@@ -570,6 +620,91 @@ impl Lab {
         Ok(())
     }
 
+    /// `n` IPv6 TCP routes to the container's echo port, as `table` for IPv4.
+    fn table6(n: usize) -> anyhow::Result<RouteTable> {
+        let container = SocketAddrV6::new(CTR6.parse()?, ECHO_PORT, 0, 0);
+        Ok(RouteTable {
+            entries6: (0..n)
+                .map(|i| {
+                    (
+                        RouteKey::tcp(FIRST_ROUTE + i as u16),
+                        RouteEntry::Local { container },
+                    )
+                })
+                .collect(),
+            ..RouteTable::default()
+        })
+    }
+
+    /// The IPv6 direct samples, outside and local.
+    fn direct6_sample(&self, seconds: f64) -> anyhow::Result<Pair> {
+        Ok(Pair {
+            outside: self
+                .connections(false, CTR6, ECHO_PORT, seconds)
+                .context("direct IPv6, outside")?,
+            local: self
+                .connections(true, CTR6, ECHO_PORT, seconds)
+                .context("direct IPv6, local")?,
+        })
+    }
+
+    /// One round of IPv6 TCP connection rates: each backend at each route count, bracketed by
+    /// direct samples as for IPv4.
+    fn ipv6_round(
+        &self,
+        report: &mut Report,
+        route_counts: &[usize],
+        seconds: f64,
+    ) -> anyhow::Result<()> {
+        let mut before = self.direct6_sample(seconds)?;
+        report.add_connections(Peer::Direct, route_counts[0], before);
+        for peer in [Peer::Nftables, Peer::Ebpf] {
+            for &n in route_counts {
+                let table = Self::table6(n)?;
+                let cgroup = self.cgroup.path().to_owned();
+                let backend = self.node.run(move || -> anyhow::Result<_> {
+                    let mut backend: Box<dyn RoutingBackend> = if peer == Peer::Ebpf {
+                        Box::new(EbpfBackend::open(
+                            Some(&cgroup),
+                            flocker_routing::settings::KernelSettings::in_memory().shared(),
+                        )?)
+                    } else {
+                        Box::new(NftBackend::new())
+                    };
+                    backend.apply(&table)?;
+                    Ok(backend)
+                })??;
+                let mut setup = Setup {
+                    measured_ip: NODE6.to_owned(),
+                    measured_port: FIRST_ROUTE + (n / 2) as u16,
+                    backend: Some(backend),
+                    proxies: Vec::new(),
+                    iptables: false,
+                    tracking_table: false,
+                    timings: None,
+                };
+                let port = setup.measured_port;
+                let outside = self
+                    .connections(false, NODE6, port, seconds)
+                    .with_context(|| format!("IPv6 {} with {n} routes, outside", peer.label()));
+                let local = self
+                    .connections(true, NODE6, port, seconds)
+                    .with_context(|| format!("IPv6 {} with {n} routes, local", peer.label()));
+                self.teardown(&mut setup)?;
+                let sample = Pair {
+                    outside: outside?,
+                    local: local?,
+                };
+                report.add_connections(peer, n, sample);
+                let after = self.direct6_sample(seconds)?;
+                report.add_connections(Peer::Direct, route_counts[0], after);
+                report.add_ratio(peer, n, sample, before, after);
+                before = after;
+            }
+        }
+        Ok(())
+    }
+
     /// `n` UDP routes to the container's echo port, as `table` for TCP.
     fn udp_table(n: usize) -> RouteTable {
         RouteTable {
@@ -784,6 +919,24 @@ impl Drop for Lab {
 }
 
 /// A client's line: `per_second p50_us p99_us timeouts`.
+/// Waits (at most 10 s) until a TCP connection from `ns` to `to` succeeds.
+fn wait_for_ipv6(ns: &Netns, to: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let connected =
+            ns.run(move || TcpStream::connect_timeout(&to, Duration::from_millis(300)).is_ok())?;
+        if connected {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "IPv6 from {} to {to} through the node does not work after 10 s",
+            ns.name()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn parse_sample(text: &str) -> anyhow::Result<Sample> {
     let v: Vec<f64> = text
         .split_whitespace()
@@ -881,7 +1034,7 @@ fn client(args: &[String]) -> anyhow::Result<()> {
     let [ip, port, seconds] = args else {
         bail!("usage: routing --client IP PORT SECONDS");
     };
-    let addr = SocketAddrV4::new(ip.parse()?, port.parse()?);
+    let addr = SocketAddr::new(ip.parse::<IpAddr>()?, port.parse()?);
     let duration = Duration::from_secs_f64(seconds.parse()?);
     let mut latencies = Vec::new();
     let start = Instant::now();
@@ -889,7 +1042,7 @@ fn client(args: &[String]) -> anyhow::Result<()> {
     let mut stalled = Duration::ZERO;
     while start.elapsed() < duration {
         let t = Instant::now();
-        match TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2)) {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
             Ok(mut s) => {
                 latencies.push(t.elapsed());
                 let mut b = [0u8; 1];
@@ -1071,6 +1224,57 @@ impl Report {
         });
     }
 
+    /// The IPv6 section: TCP connection rates per way and the target on them.
+    fn render_ipv6(&self, s: &mut String, rounds: usize, seconds: f64) {
+        let _ = writeln!(
+            s,
+            "\n## IPv6 TCP connections\n\nThe best of {rounds} interleaved rounds of one {seconds} s \
+             sample per way, paired with direct samples as above. \"outside\": client \
+             [2001:db8:1::100] -> node [2001:db8:1::1] -> container [fd00:19:9::2]; \"local\": a \
+             process on the node itself. The eBPF backend redirects local IPv6 connections at \
+             connect() (connect6), and its TC program carries the outside ones.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| way | routes | outside conn/s | outside p50 / p99 µs | local conn/s | local p50 / p99 µs | vs direct, paired: outside / local |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for (peer, n, o, l) in &self.conn_rows {
+            let paired = self
+                .paired(*peer, *n)
+                .map_or("1 (itself)".to_owned(), |(ro, rl)| {
+                    format!("{ro:.2}x / {rl:.2}x")
+                });
+            let _ = writeln!(
+                s,
+                "| {} | {n} | {:.0} | {:.0} / {:.0} | {:.0} | {:.0} / {:.0} | {paired} |",
+                peer.label(),
+                o.per_second,
+                o.p50_us,
+                o.p99_us,
+                l.per_second,
+                l.p50_us,
+                l.p99_us
+            );
+        }
+        let max_routes = self.conn_rows.iter().map(|r| r.1).max().unwrap_or(0);
+        let mark = |ok: bool| if ok { "met" } else { "**missed**" };
+        let cell = |p| {
+            self.paired(p, max_routes)
+                .map_or("-".to_owned(), |(ro, rl)| {
+                    format!("{} ({ro:.2}x, {rl:.2}x)", mark(ro >= 0.9 && rl >= 0.9))
+                })
+        };
+        let _ = writeln!(s, "\n| target ({max_routes} routes) | nftables | eBPF |");
+        let _ = writeln!(s, "| --- | --- | --- |");
+        let _ = writeln!(
+            s,
+            "| IPv6 conn/s within 10% of direct (outside, local) | {} | {} |",
+            cell(Peer::Nftables),
+            cell(Peer::Ebpf)
+        );
+    }
+
     /// The UDP section: request/response rates per way and the targets on them.
     fn render_udp(&self, s: &mut String, rounds: usize, seconds: f64) {
         let _ = writeln!(
@@ -1147,11 +1351,11 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "\nNotes: UDP from outside takes the nftables chains with both backends (the eBPF \
-             backend's TC program carries TCP only), so its outside column measures the same \
-             DNAT and conntrack path as the nftables backend's; the eBPF backend's local \
-             datagrams are sent to the container by `cgroup/sendmsg4` and their answers given \
-             the node's address back by `cgroup/recvmsg4`, with no NAT."
+            "\nNotes: the nftables backend DNATs each new UDP flow from outside and conntrack \
+             tracks it; the eBPF backend's TC program carries them past netfilter (a flow per \
+             client socket in its LRU maps). The eBPF backend's local datagrams are sent to the \
+             container by `cgroup/sendmsg4` and their answers given the node's address back by \
+             `cgroup/recvmsg4`, with no NAT."
         );
     }
 

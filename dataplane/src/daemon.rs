@@ -164,7 +164,7 @@ pub async fn build(
         .with_hosts_files(crate::hosts::HostsFiles::new(
             config
                 .state_dir
-                .join(format!("hosts-{}", config.node_address)),
+                .join(format!("hosts-{}", bind_safe(&config.node_address))),
         ))
         .with_move_rate(config.move_rate_limit)
         .with_ready_timeout(config.ready_timeout)
@@ -240,12 +240,19 @@ async fn shutdown_signal() {
     }
 }
 
+/// The node's address as part of the name of a directory containers bind-mount from: the
+/// colons of an IPv6 literal would split Docker's `SOURCE:TARGET` bind syntax, so they
+/// become `_` (IPv4 addresses and host names are left as they are).
+fn bind_safe(node_address: &str) -> String {
+    node_address.replace(':', "_")
+}
+
 /// The tmpfs for secrets and configs; without one, applications that mount files are
 /// refused (with the reason) and everything else works.
 fn file_store(config: &AgentConfig) -> Option<crate::files::FileStore> {
     let root = config
         .state_dir
-        .join(format!("files-{}", config.node_address));
+        .join(format!("files-{}", bind_safe(&config.node_address)));
     match crate::files::FileStore::on_tmpfs(root) {
         Ok(store) => Some(store),
         Err(e) => {
@@ -272,5 +279,15 @@ async fn sample_dataplane(metrics: std::sync::Arc<crate::metrics::Metrics>) {
             _ => {}
         }
         tokio::time::sleep(DATAPLANE_SAMPLE).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn directories_named_after_an_ipv6_node_hold_no_colon() {
+        assert_eq!(super::bind_safe("fd00:18::11"), "fd00_18__11");
+        assert_eq!(super::bind_safe("198.18.0.11"), "198.18.0.11");
+        assert_eq!(super::bind_safe("node-a.example"), "node-a.example");
     }
 }

@@ -336,6 +336,29 @@ impl Metrics {
                 &Vec::new(),
                 d.snat_exhausted as f64,
             );
+            family(
+                &mut out,
+                "flocker_ebpf_flows_started_total",
+                "counter",
+                "Flows from outside the eBPF TC program started (not left to nftables), per family and protocol.",
+            );
+            let started = d.started;
+            for (family_label, protocol, n) in [
+                ("ipv4", "tcp", started.ipv4_tcp),
+                ("ipv4", "udp", started.ipv4_udp),
+                ("ipv6", "tcp", started.ipv6_tcp),
+                ("ipv6", "udp", started.ipv6_udp),
+            ] {
+                sample(
+                    &mut out,
+                    "flocker_ebpf_flows_started_total",
+                    &vec![
+                        ("family", family_label.to_owned()),
+                        ("protocol", protocol.to_owned()),
+                    ],
+                    n as f64,
+                );
+            }
         }
         out
     }
@@ -481,6 +504,10 @@ mod tests {
         metrics.dataplane(flocker_routing::ebpf::DataplaneStats {
             flows: 12,
             snat_exhausted: 3,
+            started: flocker_routing::ebpf::FlowsStarted {
+                ipv6_udp: 7,
+                ..Default::default()
+            },
         });
         let text = metrics.render();
         assert!(text.contains("\nflocker_ebpf_flows 12\n"), "{text}");
@@ -490,6 +517,12 @@ mod tests {
         );
         assert!(
             text.contains("# TYPE flocker_ebpf_snat_exhausted_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\nflocker_ebpf_flows_started_total{family=\"ipv6\",protocol=\"udp\"} 7\n"
+            ),
             "{text}"
         );
     }

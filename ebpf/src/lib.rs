@@ -18,8 +18,8 @@ static ROUTING_OBJECT: &Aligned<[u8]> =
 /// (`cgroup/getpeername4`), `flk_sendmsg4` (`cgroup/sendmsg4`), `flk_recvmsg4`
 /// (`cgroup/recvmsg4`), their IPv6 twins `flk_connect6`, `flk_getpeername6`, `flk_sendmsg6`
 /// and `flk_recvmsg6`, and `flk_tc_ingress` (TC classifier); maps `flk_routes`,
-/// `flk_local`, `flk_orig`, `flk_udp_orig`, `flk_fwd`, `flk_rev`, `flk_ifaddr`, `flk_stats`,
-/// `flk_routes6`, `flk_local6`, `flk_orig6` and `flk_udp_orig6`.
+/// `flk_local`, `flk_orig`, `flk_udp_orig`, `flk_fwd`, `flk_rev`, `flk_ifaddr`,
+/// `flk_ifaddr6`, `flk_stats`, `flk_routes6`, `flk_local6`, `flk_orig6` and `flk_udp_orig6`.
 pub static ROUTING: &[u8] = &ROUTING_OBJECT.0;
 
 #[cfg(test)]

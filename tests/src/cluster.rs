@@ -3,6 +3,14 @@
 //! `flocker-agent` holding a certificate from the cluster CA. The host itself sits on the
 //! bridge at 198.18.0.1 and plays the outside client.
 //!
+//! A dual-stack cluster ([`Cluster::up_dual_stack`]) gives every node an IPv6 address from
+//! `fd00:18::/64` beside its IPv4 one (and the host `fd00:18::1` on the same host-local
+//! bridge), and every dockerd an IPv6 container network `fd00:19:N::/64`. Its nodes are named
+//! by their IPv6 address (in deployments, certificates and the agents' `--node-address`), so
+//! an application is reachable over IPv6 through every node; over IPv4 only through the node
+//! that runs it, since a node named by an IPv6 literal has no IPv4 address for the others to
+//! forward to (naming nodes by a DNS name with both records gives both).
+//!
 //! Everything the cluster creates is recorded under its directory, so `down` removes every
 //! trace even from another process (`cargo xtask cluster down`), and `up` on a running
 //! cluster only starts what is missing.
@@ -21,6 +29,8 @@ use crate::images;
 /// The bridge all nodes hang off, and the host's address on it.
 pub const BRIDGE: &str = "flk-br0";
 pub const HOST_ADDRESS: &str = "198.18.0.1";
+/// The host's IPv6 address on the bridge in a dual-stack cluster (a /64 of `fd00::/8`).
+pub const HOST_ADDRESS6: &str = "fd00:18::1";
 /// The agents' API port.
 pub const AGENT_PORT: u16 = 4523;
 /// The port of each agent's Prometheus metrics (plain HTTP on the node's address).
@@ -33,6 +43,8 @@ pub struct ClusterNode {
     pub name: String,
     /// The node's address on the bridge, e.g. `198.18.0.11`.
     pub address: String,
+    /// Its IPv6 address in a dual-stack cluster, e.g. `fd00:18::11`.
+    pub address6: Option<String>,
     /// The network namespace, e.g. `flk-n1`.
     pub netns: String,
     /// Where this node's daemons keep their files.
@@ -44,16 +56,31 @@ pub struct ClusterNode {
 }
 
 impl ClusterNode {
-    fn new(root: &Path, index: usize) -> ClusterNode {
+    fn new(root: &Path, index: usize, dual_stack: bool) -> ClusterNode {
         let name = format!("n{index}");
         let dir = root.join(&name);
         ClusterNode {
             address: format!("198.18.0.{}", 10 + index),
+            address6: dual_stack.then(|| format!("fd00:18::{}", 10 + index)),
             netns: format!("flk-{name}"),
             docker_host: format!("unix://{}", dir.join("docker.sock").display()),
             pool: format!("flk-{name}"),
             dir,
             name,
+        }
+    }
+
+    /// What the cluster names the node by (deployments, certificates, the agent's
+    /// `--node-address`): its IPv6 address in a dual-stack cluster, else its IPv4 one.
+    pub fn identity(&self) -> &str {
+        self.address6.as_deref().unwrap_or(&self.address)
+    }
+
+    /// `ADDR:port` (IPv4) or `[ADDR]:port` (IPv6) of the node's identity address.
+    pub fn socket(&self, port: u16) -> String {
+        match &self.address6 {
+            Some(v6) => format!("[{v6}]:{port}"),
+            None => format!("{}:{port}", self.address),
         }
     }
 
@@ -106,26 +133,38 @@ pub struct Cluster {
     pub nodes: Vec<ClusterNode>,
     /// Tear down on drop (tests); `cargo xtask cluster up` keeps it.
     pub teardown_on_drop: bool,
+    /// Whether the nodes have IPv6 addresses too (and are named by them).
+    pub dual_stack: bool,
 }
 
 impl Cluster {
     /// Brings the cluster up, creating only what is not there yet.
-    pub fn up(mut spec: ClusterSpec) -> Result<Cluster> {
+    pub fn up(spec: ClusterSpec) -> Result<Cluster> {
+        Cluster::start(spec, false)
+    }
+
+    /// [`Cluster::up`] with IPv6 addresses as well (see the module docs).
+    pub fn up_dual_stack(spec: ClusterSpec) -> Result<Cluster> {
+        Cluster::start(spec, true)
+    }
+
+    fn start(mut spec: ClusterSpec, dual_stack: bool) -> Result<Cluster> {
         fs::create_dir_all(&spec.dir).context("cluster dir")?;
         // The agents run under nsenter, which resolves relative paths from wherever it is.
         spec.dir = absolute(&spec.dir)?;
         spec.agent_binary = absolute(&spec.agent_binary)?;
         spec.ctl_binary = absolute(&spec.ctl_binary)?;
         let nodes: Vec<ClusterNode> = (1..=spec.nodes)
-            .map(|i| ClusterNode::new(&spec.dir, i))
+            .map(|i| ClusterNode::new(&spec.dir, i, dual_stack))
             .collect();
         let cluster = Cluster {
             spec,
             nodes,
             teardown_on_drop: false,
+            dual_stack,
         };
         cluster.say("bridge");
-        ensure_bridge()?;
+        ensure_bridge(dual_stack)?;
         crate::zfs::ensure_daemon()?;
         cluster.ensure_ca()?;
         for node in &cluster.nodes {
@@ -145,9 +184,12 @@ impl Cluster {
     }
 
     fn ensure_node(&self, node: &ClusterNode) -> Result<()> {
-        self.say(&format!("node {} at {}", node.name, node.address));
+        self.say(&format!("node {} at {}", node.name, node.identity()));
         fs::create_dir_all(&node.dir)?;
         ensure_netns(node)?;
+        if let Some(v6) = &node.address6 {
+            ensure_address6(&["-n", &node.netns], &format!("{v6}/64"), "eth0")?;
+        }
         if !pid_alive(&node.dir.join("docker.pid")) {
             // A dockerd that died hard left orphans and pid files that would stop the
             // next one: clear them first.
@@ -205,7 +247,7 @@ impl Cluster {
         };
         issue("user", "admin")?;
         for node in &self.nodes {
-            issue("node", &node.address)?;
+            issue("node", node.identity())?;
         }
         Ok(())
     }
@@ -225,11 +267,11 @@ impl Cluster {
         }
         crate::keep_descriptors_from_daemons();
         let child = agent
-            .args(["--node-address", &node.address])
+            .args(["--node-address", node.identity()])
             .arg("--listen")
-            .arg(format!("{}:{AGENT_PORT}", node.address))
+            .arg(node.socket(AGENT_PORT))
             .arg("--metrics-listen")
-            .arg(format!("{}:{METRICS_PORT}", node.address))
+            .arg(node.socket(METRICS_PORT))
             .arg("--docker-host")
             .arg(&node.docker_host)
             .arg("--volumes")
@@ -241,9 +283,9 @@ impl Cluster {
             .arg("--ca-cert")
             .arg(ca.join("cluster.crt"))
             .arg("--cert")
-            .arg(ca.join(format!("nodes/{}.crt", node.address)))
+            .arg(ca.join(format!("nodes/{}.crt", node.identity())))
             .arg("--key")
-            .arg(ca.join(format!("nodes/{}.key", node.address)))
+            .arg(ca.join(format!("nodes/{}.key", node.identity())))
             .args(
                 Some(ca.join("cluster.crl"))
                     .filter(|crl| crl.exists())
@@ -278,10 +320,7 @@ impl Cluster {
         kill_pidfile(&node.agent_pidfile(), "TERM");
         sleep(Duration::from_millis(300));
         self.ensure_agent(node)?;
-        wait_for_port(
-            &format!("{}:{AGENT_PORT}", node.address),
-            Duration::from_secs(30),
-        )
+        wait_for_port(&node.socket(AGENT_PORT), Duration::from_secs(30))
     }
 
     /// Restarts a node's dockerd as a service manager would (SIGTERM, wait, start): Docker
@@ -314,7 +353,7 @@ impl Cluster {
     /// containers), pools, namespaces, the bridge, the directory.
     pub fn down(spec: &ClusterSpec) -> Result<()> {
         for i in 1..=spec.nodes.max(discover_nodes(&spec.dir)) {
-            let node = ClusterNode::new(&spec.dir, i);
+            let node = ClusterNode::new(&spec.dir, i, false);
             kill_pidfile(&node.agent_pidfile(), "TERM");
             stop_dockerd(&node);
             // What a dockerd killed hard leaves (containerd, shims, containers holding the
@@ -404,7 +443,31 @@ fn link_exists(name: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn ensure_bridge() -> Result<()> {
+/// Adds the IPv6 address `cidr` to `dev` (in the namespace `ip_args` name, if any) unless it
+/// is there, without duplicate address detection, so it works at once.
+fn ensure_address6(ip_args: &[&str], cidr: &str, dev: &str) -> Result<()> {
+    let shown = quiet(
+        Command::new("ip")
+            .args(ip_args)
+            .args(["-6", "addr", "show", "dev", dev]),
+    )?;
+    let address = cidr.split('/').next().unwrap_or(cidr);
+    if text_has_address(&String::from_utf8_lossy(&shown.stdout), address) {
+        return Ok(());
+    }
+    run(Command::new("ip")
+        .args(ip_args)
+        .args(["addr", "add", cidr, "dev", dev, "nodad"]))
+}
+
+/// Whether `ip addr show` output lists `address` (followed by its prefix length).
+fn text_has_address(shown: &str, address: &str) -> bool {
+    shown
+        .split_whitespace()
+        .any(|word| word.split('/').next() == Some(address))
+}
+
+fn ensure_bridge(dual_stack: bool) -> Result<()> {
     if !link_exists(BRIDGE) {
         run(Command::new("ip").args(["link", "add", BRIDGE, "type", "bridge"]))?;
         run(Command::new("ip").args([
@@ -416,6 +479,9 @@ fn ensure_bridge() -> Result<()> {
         ]))?;
     }
     run(Command::new("ip").args(["link", "set", BRIDGE, "up"]))?;
+    if dual_stack {
+        ensure_address6(&[], &format!("{HOST_ADDRESS6}/64"), BRIDGE)?;
+    }
     // Bridged frames must not be filtered by the host's own iptables (Docker's FORWARD DROP).
     let _ = fs::write("/proc/sys/net/bridge/bridge-nf-call-iptables", "0");
     Ok(())
@@ -530,6 +596,20 @@ fn ensure_dockerd(node: &ClusterNode) -> Result<()> {
             .arg(&pidfile)
             .arg("--bip")
             .arg(format!("198.19.{index}.1/24"))
+            .args(
+                node.address6
+                    .as_ref()
+                    .map(|_| {
+                        // Containers get an IPv6 address too, the agent's IPv6 route backend.
+                        [
+                            "--ipv6".to_owned(),
+                            "--fixed-cidr-v6".to_owned(),
+                            format!("fd00:19:{index}::/64"),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -606,10 +686,7 @@ fn kill_pidfile(pidfile: &Path, signal: &str) {
 
 /// Waits until something accepts TCP connections at `addr`.
 fn wait_for_agent(node: &ClusterNode) -> Result<()> {
-    wait_for_port(
-        &format!("{}:{AGENT_PORT}", node.address),
-        Duration::from_secs(30),
-    )
+    wait_for_port(&node.socket(AGENT_PORT), Duration::from_secs(30))
     .with_context(|| format!("agent on {} did not come up", node.name))
 }
 

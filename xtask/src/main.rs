@@ -38,6 +38,10 @@ enum Task {
         /// attach to an empty cgroup of its own, so its TC and nftables paths carry the traffic)
         #[arg(long, default_value = "nftables")]
         routing: String,
+        /// Dual stack: every node gets an IPv6 address from fd00:18::/64 too (inside the
+        /// namespaces and on the cluster's own bridge only) and is named by it
+        #[arg(long)]
+        ipv6: bool,
     },
     /// Run a benchmark and print its table: streamer, routing, migrate, failover or scale.
     Bench {
@@ -72,7 +76,8 @@ fn main() -> Result<()> {
             action,
             nodes,
             routing,
-        } => cluster(&action, nodes, &routing),
+            ipv6,
+        } => cluster(&action, nodes, &routing, ipv6),
         Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
         Task::Chaos { args } => chaos(&args),
         Task::Bench { name, args } => {
@@ -160,7 +165,7 @@ fn demo() -> Result<()> {
     ]))
 }
 
-fn cluster(action: &str, nodes: usize, routing: &str) -> Result<()> {
+fn cluster(action: &str, nodes: usize, routing: &str, ipv6: bool) -> Result<()> {
     if action == "up" {
         deps::install()?;
         build_binaries()?;
@@ -176,7 +181,8 @@ fn cluster(action: &str, nodes: usize, routing: &str) -> Result<()> {
             "--",
         ])
         .arg(action)
-        .args(["--nodes", &nodes.to_string(), "--routing", routing]))
+        .args(["--nodes", &nodes.to_string(), "--routing", routing])
+        .args(ipv6.then_some("--ipv6")))
 }
 
 fn cargo() -> Command {

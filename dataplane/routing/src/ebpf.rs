@@ -6,18 +6,21 @@
 //! their source. The `6` variants of the four do the same for IPv6 sockets, over the IPv6
 //! routes (`flk_routes6`) and the node's IPv6 addresses (`flk_local6`).
 //!
-//! TCP traffic arriving from outside the node meets the TC program `flk_tc_ingress`, attached
-//! to the ingress of every interface with an IPv4 address. A connection's first packet starts a
-//! flow (LRU maps `flk_fwd` and `flk_rev`): its packets are rewritten to the backend and
-//! redirected, and the replies rewritten back, without netfilter or conntrack. Connections to
-//! a backend on another node, and hairpin ones (the backend back out of the interface the
-//! client came in on), are source-translated too, to the address the client dialled and a
-//! port from 61000-65535. So while the TC program is on every interface and no UDP or IPv6
-//! route exists, this backend keeps no nftables table at all. UDP and IPv6 from outside
-//! always take the nftables prerouting and postrouting chains (`Scope::FromOutside`, holding
-//! only the IPv4 UDP routes and the IPv6 routes then): the TC program handles IPv4 TCP only.
-//! Where the TC program cannot be loaded or attached, those chains carry all outside
-//! traffic, and a warning says so.
+//! TCP and UDP traffic of both families arriving from outside the node meets the TC program
+//! `flk_tc_ingress`, attached to the ingress of every interface with a node address (IPv4, or
+//! IPv6 other than link-local). A TCP connection's first packet, or a UDP datagram, starts a
+//! flow (LRU maps `flk_fwd` and `flk_rev`, keyed by family, protocol and addresses): its
+//! packets are rewritten to the backend and redirected, and the replies rewritten back,
+//! without netfilter or conntrack. Flows to a backend on another node, and hairpin ones (the
+//! backend back out of the interface the client came in on), are source-translated too, to
+//! the address of the interface they leave by (`flk_ifaddr`, `flk_ifaddr6`) and a port from
+//! 61000-65535. A UDP flow ends after two minutes without a packet, and follows its route at
+//! every datagram (a moved route takes a client that keeps its socket along). So while the TC
+//! program is on every interface, this backend keeps no nftables routes at all (the table then
+//! holds only the services, if any). Where the TC program cannot be loaded or attached, the
+//! nftables prerouting and postrouting chains (`Scope::FromOutside`) carry all outside
+//! traffic, and a warning says so. `flk_stats` counts the flows the TC program started per
+//! family and protocol ([`pinned_stats`]), which shows which path carried them.
 //!
 //! The route table lives in the BPF hash map `flk_routes`, updated in place element by element.
 
@@ -106,6 +109,7 @@ pub enum EbpfError {
 const ROUTES_MAP: &str = "flk_routes";
 const LOCAL_MAP: &str = "flk_local";
 const IFADDR_MAP: &str = "flk_ifaddr";
+const IFADDR6_MAP: &str = "flk_ifaddr6";
 const ROUTES6_MAP: &str = "flk_routes6";
 const LOCAL6_MAP: &str = "flk_local6";
 /// Service address and port -> backend (`crate::services`).
@@ -121,7 +125,7 @@ const PROGRAMS: [&str; 8] = [
     "flk_recvmsg6",
 ];
 /// Every map of `routing.bpf.c`, pinned so that they outlive the agent.
-const MAPS: [&str; 13] = [
+const MAPS: [&str; 14] = [
     "flk_svc",
     "flk_routes",
     "flk_local",
@@ -130,6 +134,7 @@ const MAPS: [&str; 13] = [
     "flk_fwd",
     "flk_rev",
     "flk_ifaddr",
+    "flk_ifaddr6",
     "flk_stats",
     "flk_routes6",
     "flk_local6",
@@ -191,15 +196,22 @@ pub fn addr6_key(ip: Ipv6Addr) -> [u32; 4] {
     [0, 4, 8, 12].map(|i| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]))
 }
 
-/// The `flk_routes6` contents a table implies: key -> `[addr0..addr3, port]`.
+/// The `flk_routes6` contents a table implies: key -> `[addr0..addr3, port | flags]`.
 pub fn route6_entries(table: &RouteTable) -> BTreeMap<u32, [u32; 5]> {
     table
         .entries6
         .iter()
         .map(|(port, entry)| {
             let backend = entry.backend();
+            let flags = match entry {
+                RouteEntry::Local { .. } => 0,
+                RouteEntry::Remote { .. } => REMOTE_FLAG,
+            };
             let [a, b, c, d] = addr6_key(*backend.ip());
-            (route_key(*port), [a, b, c, d, port_key(backend.port())])
+            (
+                route_key(*port),
+                [a, b, c, d, port_key(backend.port()) | flags],
+            )
         })
         .collect()
 }
@@ -234,12 +246,34 @@ pub fn local6_entries(addrs: impl IntoIterator<Item = Ipv6Addr>) -> BTreeSet<[u3
         .collect()
 }
 
-/// The node's IPv6 addresses.
-fn node_addresses6() -> Result<Vec<Ipv6Addr>, EbpfError> {
-    let addrs = nix::ifaddrs::getifaddrs().map_err(EbpfError::Addresses)?;
-    Ok(addrs
-        .filter_map(|ifa| Some(ifa.address?.as_sockaddr_in6()?.ip()))
-        .collect())
+/// The node's addresses of both families, each with the interface it is on.
+#[derive(Debug, Default)]
+pub struct NodeAddresses {
+    pub v4: Vec<(String, Ipv4Addr)>,
+    pub v6: Vec<(String, Ipv6Addr)>,
+}
+
+impl NodeAddresses {
+    fn read() -> Result<NodeAddresses, EbpfError> {
+        let mut addrs = NodeAddresses::default();
+        for ifa in nix::ifaddrs::getifaddrs().map_err(EbpfError::Addresses)? {
+            let Some(address) = ifa.address else {
+                continue;
+            };
+            if let Some(v4) = address.as_sockaddr_in() {
+                addrs.v4.push((ifa.interface_name, v4.ip()));
+            } else if let Some(v6) = address.as_sockaddr_in6() {
+                addrs.v6.push((ifa.interface_name, v6.ip()));
+            }
+        }
+        Ok(addrs)
+    }
+}
+
+/// An IPv6 address a flow may be translated to or arrive on from elsewhere: not loopback,
+/// and not link-local (which names no node beyond its link).
+fn is_node_address6(ip: &Ipv6Addr) -> bool {
+    !ip.is_loopback() && !ip.is_unspecified() && !ip.is_unicast_link_local()
 }
 
 /// An address that reaches this node from elsewhere: not loopback, because a container (same
@@ -257,27 +291,21 @@ pub fn local_entries(addrs: impl IntoIterator<Item = Ipv4Addr>) -> BTreeSet<u32>
         .collect()
 }
 
-/// The node's IPv4 addresses with the interface each is on.
-fn node_addresses() -> Result<Vec<(String, Ipv4Addr)>, EbpfError> {
-    let addrs = nix::ifaddrs::getifaddrs().map_err(EbpfError::Addresses)?;
-    Ok(addrs
-        .filter_map(|ifa| {
-            let ip = ifa.address?.as_sockaddr_in()?.ip();
-            Some((ifa.interface_name, ip))
-        })
-        .collect())
-}
-
-/// The interfaces the TC program goes on: every one with a non-loopback IPv4 address (the
-/// uplinks outside traffic arrives on, and the bridges or veths behind which containers live).
-pub fn tc_interfaces<'a>(
-    addrs: impl IntoIterator<Item = &'a (String, Ipv4Addr)>,
-) -> BTreeSet<String> {
-    addrs
-        .into_iter()
+/// The interfaces the TC program goes on: every one with a non-loopback IPv4 address or a
+/// global IPv6 one (the uplinks outside traffic arrives on, and the bridges or veths behind
+/// which containers live).
+pub fn tc_interfaces(addrs: &NodeAddresses) -> BTreeSet<String> {
+    let v4 = addrs
+        .v4
+        .iter()
         .filter(|(_, ip)| is_node_address(ip))
-        .map(|(name, _)| name.clone())
-        .collect()
+        .map(|(name, _)| name.clone());
+    let v6 = addrs
+        .v6
+        .iter()
+        .filter(|(_, ip)| is_node_address6(ip))
+        .map(|(name, _)| name.clone());
+    v4.chain(v6).collect()
 }
 
 /// The `flk_ifaddr` contents: each interface's index -> its first node address, the source
@@ -290,6 +318,21 @@ pub fn interface_addresses<'a>(
     for (name, ip) in addrs.into_iter().filter(|(_, ip)| is_node_address(ip)) {
         for (_, index) in interfaces.iter().filter(|(n, _)| n == name) {
             entries.entry(*index).or_insert_with(|| addr_key(*ip));
+        }
+    }
+    entries
+}
+
+/// The `flk_ifaddr6` contents: each interface's index -> its first global IPv6 address, the
+/// source the TC program gives the IPv6 flows it translates out of that interface.
+pub fn interface_addresses6<'a>(
+    addrs: impl IntoIterator<Item = &'a (String, Ipv6Addr)>,
+    interfaces: &BTreeSet<(String, u32)>,
+) -> BTreeMap<u32, [u32; 4]> {
+    let mut entries = BTreeMap::new();
+    for (name, ip) in addrs.into_iter().filter(|(_, ip)| is_node_address6(ip)) {
+        for (_, index) in interfaces.iter().filter(|(n, _)| n == name) {
+            entries.entry(*index).or_insert_with(|| addr6_key(*ip));
         }
     }
     entries
@@ -386,8 +429,9 @@ struct Loaded {
     local6: BTreeMap<[u32; 4], u32>,
     /// `flk_svc` as installed.
     services: BTreeMap<[u32; 2], [u32; 2]>,
-    /// `flk_ifaddr` as installed.
+    /// `flk_ifaddr` and `flk_ifaddr6` as installed.
     ifaddr: BTreeMap<u32, u32>,
+    ifaddr6: BTreeMap<u32, [u32; 4]>,
     /// Whether `flk_tc_ingress` loaded; without it outside traffic takes the nftables path.
     tc_loaded: bool,
     /// Interfaces (name, index) `flk_tc_ingress` is attached to.
@@ -396,6 +440,8 @@ struct Loaded {
     tc_failed: BTreeSet<(String, u32)>,
     /// Whether this instance has turned forwarding on and reserved `SNAT_PORTS`.
     sysctls_set: bool,
+    /// Whether this instance has turned IPv6 forwarding on (for the first IPv6 route).
+    forwarding6: bool,
     /// Whether older builds' pins and stale links have been removed (once ours were on).
     others_removed: bool,
 }
@@ -467,6 +513,7 @@ impl Loaded {
         // Pinned maps may hold an earlier agent's entries: start from what they hold.
         let local = read_map(&mut bpf, LOCAL_MAP)?;
         let ifaddr = read_map(&mut bpf, IFADDR_MAP)?;
+        let ifaddr6 = read_map(&mut bpf, IFADDR6_MAP)?;
         let routes6 = read_map(&mut bpf, ROUTES6_MAP)?;
         let local6 = read_map(&mut bpf, LOCAL6_MAP)?;
         let services = read_map(&mut bpf, SERVICES_MAP)?;
@@ -482,10 +529,12 @@ impl Loaded {
             local6,
             services,
             ifaddr,
+            ifaddr6,
             tc_loaded,
             tc_links: BTreeMap::new(),
             tc_failed: BTreeSet::new(),
             sysctls_set: false,
+            forwarding6: false,
             others_removed: false,
         })
     }
@@ -551,7 +600,7 @@ impl Loaded {
     /// the ones that went away (their links went with them). An interface is known by name
     /// and index, so one deleted and made again under the same name (docker0 when dockerd
     /// restarts) gets the program again.
-    fn sync_interfaces(&mut self, addrs: &[(String, Ipv4Addr)]) -> Result<(), EbpfError> {
+    fn sync_interfaces(&mut self, addrs: &NodeAddresses) -> Result<(), EbpfError> {
         if !self.tc_loaded {
             return Ok(());
         }
@@ -567,8 +616,10 @@ impl Loaded {
             .collect();
         self.tc_failed
             .retain(|interface| wanted.contains(interface));
-        let ifaddr = interface_addresses(addrs, &wanted);
+        let ifaddr = interface_addresses(&addrs.v4, &wanted);
         sync_map(&mut self.bpf, IFADDR_MAP, &mut self.ifaddr, ifaddr)?;
+        let ifaddr6 = interface_addresses6(&addrs.v6, &wanted);
+        sync_map(&mut self.bpf, IFADDR6_MAP, &mut self.ifaddr6, ifaddr6)?;
         let gone: Vec<(String, u32)> = self
             .tc_links
             .keys()
@@ -696,14 +747,18 @@ impl Loaded {
 
     /// `flk_routes6` and `flk_local6`: the IPv6 routes and the node's IPv6 addresses. Routes
     /// are written before addresses are added, so a new address never meets a stale route.
-    fn sync_ipv6(&mut self, table: &RouteTable, addrs: &[Ipv6Addr]) -> Result<(), EbpfError> {
+    fn sync_ipv6(
+        &mut self,
+        table: &RouteTable,
+        addrs: &[(String, Ipv6Addr)],
+    ) -> Result<(), EbpfError> {
         sync_map(
             &mut self.bpf,
             ROUTES6_MAP,
             &mut self.routes6,
             route6_entries(table),
         )?;
-        let local = local6_entries(addrs.iter().copied())
+        let local = local6_entries(addrs.iter().map(|(_, ip)| *ip))
             .into_iter()
             .map(|key| (key, 1))
             .collect();
@@ -729,55 +784,89 @@ fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
     BpfHashMap::try_from(map).map_err(map_error(name))
 }
 
-/// How many connections the TC program tracks in this network namespace's pinned maps:
-/// entries of `flk_fwd` (one per open connection) and of `flk_rev` (the same, plus translated
-/// source ports of closed connections not yet free again). For tests and diagnostics.
-pub fn pinned_flow_counts() -> Result<(usize, usize), EbpfError> {
+/// `struct tuple` of `routing.bpf.c`, the key of `flk_fwd` and `flk_rev`: two 16-byte
+/// addresses, two ports, the family and the protocol (byte 37), and padding.
+type FlowKey = [u8; 40];
+/// Where a flow key holds its IP protocol number.
+const FLOW_KEY_PROTOCOL: usize = 37;
+/// `struct fwd_nat` and `struct rev_nat` of `routing.bpf.c`.
+type FwdNat = [u8; 40];
+type RevNat = [u8; 48];
+
+/// How many `protocol` flows the TC program tracks in this network namespace's pinned maps:
+/// entries of `flk_fwd` (one per open connection or live UDP flow) and of `flk_rev` (the
+/// same, plus translated source ports of closed TCP connections not yet free again). For
+/// tests and diagnostics.
+pub fn pinned_flow_counts(protocol: Protocol) -> Result<(usize, usize), EbpfError> {
     let pins = Pins::open(flocker_ebpf::ROUTING)?;
+    let of_protocol = |key: &FlowKey| key[FLOW_KEY_PROTOCOL] == protocol.number();
     Ok((
-        count_pinned::<[u8; 16]>(&pins, "flk_fwd")?,
-        count_pinned::<[u8; 24]>(&pins, "flk_rev")?,
+        count_pinned::<FwdNat>(&pins, "flk_fwd", of_protocol)?,
+        count_pinned::<RevNat>(&pins, "flk_rev", of_protocol)?,
     ))
 }
 
 /// What the TC program reports about itself, for the agent's metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DataplaneStats {
-    /// Connections the TC program tracks now (entries of `flk_fwd`, of 262,144).
+    /// Connections and UDP flows the TC program tracks now (entries of `flk_fwd`, of 262,144).
     pub flows: u64,
-    /// New connections left to the kernel's own stack because no translated source port was
-    /// free, since the maps were created.
+    /// New flows left to the kernel's own stack because no translated source port was free,
+    /// since the maps were created.
     pub snat_exhausted: u64,
+    /// Flows the TC program started since the maps were created, by family and protocol.
+    pub started: FlowsStarted,
+}
+
+/// Flows started by the TC program (`flk_stats[1..5]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlowsStarted {
+    pub ipv4_tcp: u64,
+    pub ipv4_udp: u64,
+    pub ipv6_tcp: u64,
+    pub ipv6_udp: u64,
 }
 
 /// [`DataplaneStats`] of this network namespace, from the pinned maps.
 pub fn pinned_stats() -> Result<DataplaneStats, EbpfError> {
     let pins = Pins::open(flocker_ebpf::ROUTING)?;
-    let flows = count_pinned::<[u8; 16]>(&pins, "flk_fwd")?;
+    let flows = count_pinned::<FwdNat>(&pins, "flk_fwd", |_| true)?;
     let name = "flk_stats";
     let map_error = map_error(name);
     let data = aya::maps::MapData::from_pin(pins.map(name)).map_err(map_error)?;
     let stats: aya::maps::PerCpuArray<_, u64> =
         aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(map_error)?;
-    let snat_exhausted = stats
-        .get(&0, 0)
-        .map_err(map_error)?
-        .iter()
-        .copied()
-        .fold(0u64, u64::saturating_add);
+    let counter = |index: u32| -> Result<u64, EbpfError> {
+        Ok(stats
+            .get(&index, 0)
+            .map_err(map_error)?
+            .iter()
+            .copied()
+            .fold(0u64, u64::saturating_add))
+    };
     Ok(DataplaneStats {
         flows: u64::try_from(flows).unwrap_or(u64::MAX),
-        snat_exhausted,
+        snat_exhausted: counter(0)?,
+        started: FlowsStarted {
+            ipv4_tcp: counter(1)?,
+            ipv4_udp: counter(2)?,
+            ipv6_tcp: counter(3)?,
+            ipv6_udp: counter(4)?,
+        },
     })
 }
 
-/// The number of entries of the pinned flow map `name` (keys: `struct tuple`, 12 bytes).
-fn count_pinned<V: aya::Pod>(pins: &Pins, name: &'static str) -> Result<usize, EbpfError> {
+/// The number of entries of the pinned flow map `name` whose key passes `wanted`.
+fn count_pinned<V: aya::Pod>(
+    pins: &Pins,
+    name: &'static str,
+    wanted: impl Fn(&FlowKey) -> bool,
+) -> Result<usize, EbpfError> {
     let map_error = map_error(name);
     let data = aya::maps::MapData::from_pin(pins.map(name)).map_err(map_error)?;
-    let map: BpfHashMap<_, [u8; 12], V> =
+    let map: BpfHashMap<_, FlowKey, V> =
         BpfHashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_error)?;
-    Ok(map.keys().filter(Result::is_ok).count())
+    Ok(map.keys().filter_map(Result::ok).filter(wanted).count())
 }
 
 /// What the hash map `name` holds.
@@ -928,24 +1017,29 @@ impl EbpfState {
             Some(loaded) => loaded,
             None => self.loaded.insert(Loaded::attach(&self.cgroup)?),
         };
-        let addrs = node_addresses()?;
-        loaded.sync_local(local_entries(addrs.iter().map(|(_, ip)| *ip)))?;
+        let addrs = NodeAddresses::read()?;
+        loaded.sync_local(local_entries(addrs.v4.iter().map(|(_, ip)| *ip)))?;
         loaded.sync_routes(table)?;
-        loaded.sync_ipv6(table, &node_addresses6()?)?;
+        loaded.sync_ipv6(table, &addrs.v6)?;
         loaded.sync_services(&table.services)?;
         loaded.sync_interfaces(&addrs)?;
         loaded.remove_stale_pins();
         debug!(routes = table.entries.len(), "eBPF routes map updated");
         if loaded.tc_everywhere() {
-            // The TC program carries all outside IPv4 TCP traffic: the nftables table holds
-            // only the UDP and IPv6 routes (none at all without them, so nothing of ours makes
-            // the node's netfilter run conntrack). Forwarding must be on for its route lookups
-            // to succeed.
+            // The TC program carries all outside traffic: the nftables table holds no routes
+            // (and no table at all without services, so nothing of ours makes the node's
+            // netfilter run conntrack). Forwarding must be on for its route lookups to
+            // succeed, IPv6 forwarding once there is an IPv6 route.
             if !loaded.sysctls_set {
                 let mut settings = self.settings.lock().map_err(|_| RoutingError::Poisoned)?;
                 settings::enable_forwarding(&mut settings)?;
                 settings::reserve_local_ports(&mut settings, SNAT_PORTS.0, SNAT_PORTS.1)?;
                 loaded.sysctls_set = true;
+            }
+            if !loaded.forwarding6 && !table.entries6.is_empty() {
+                let mut settings = self.settings.lock().map_err(|_| RoutingError::Poisoned)?;
+                settings::enable_ipv6_forwarding(&mut settings)?;
+                loaded.forwarding6 = true;
             }
             self.outside.apply(&nftables_share(table))
         } else {
@@ -1016,20 +1110,13 @@ impl RoutingBackend for EbpfBackend {
 }
 
 /// The part of `table` the nftables table carries while the TC program is on every
-/// interface: the IPv4 UDP routes (the TC program carries TCP only), and every IPv6 route
-/// (the TC program is IPv4 only; the node's own IPv6 connections are redirected at the
-/// socket by the 6 variants of the cgroup programs).
+/// interface: no routes (the TC program carries TCP and UDP of both families from outside,
+/// the cgroup programs the node's own connections), only the services: those from
+/// containers outside the attached cgroup, and every relay.
 pub fn nftables_share(table: &RouteTable) -> RouteTable {
     RouteTable {
-        entries: table
-            .entries
-            .iter()
-            .filter(|(key, _)| key.protocol == Protocol::Udp)
-            .map(|(key, entry)| (*key, *entry))
-            .collect(),
-        entries6: table.entries6.clone(),
-        // Services from containers outside the attached cgroup, and every relay.
         services: table.services.clone(),
+        ..RouteTable::default()
     }
 }
 
@@ -1053,7 +1140,11 @@ mod tests {
         // The words as the kernel stores user_ip6 on this host: network-order bytes.
         let bytes: Vec<u8> = value[..4].iter().flat_map(|w| w.to_ne_bytes()).collect();
         assert_eq!(bytes, backend.ip().octets());
-        assert_eq!(value[4], port_key(7000));
+        assert_eq!(
+            value[4],
+            port_key(7000) | REMOTE_FLAG,
+            "a backend on another node: the TC program translates the source too"
+        );
         let local = local6_entries([
             "::1".parse().expect("literal"),
             "2001:db8::1".parse().expect("literal"),
@@ -1152,17 +1243,71 @@ mod tests {
     }
 
     #[test]
-    fn tc_goes_on_every_interface_with_an_ipv4_address_but_loopback() {
-        let addrs = [
-            ("lo".to_owned(), Ipv4Addr::LOCALHOST),
-            ("eth0".to_owned(), Ipv4Addr::new(198, 18, 0, 1)),
-            ("docker0".to_owned(), Ipv4Addr::new(172, 17, 0, 1)),
-            ("eth0".to_owned(), Ipv4Addr::new(198, 18, 0, 9)),
-        ];
+    fn tc_goes_on_every_interface_with_a_node_address_of_either_family() {
+        let addrs = NodeAddresses {
+            v4: vec![
+                ("lo".to_owned(), Ipv4Addr::LOCALHOST),
+                ("eth0".to_owned(), Ipv4Addr::new(198, 18, 0, 1)),
+                ("docker0".to_owned(), Ipv4Addr::new(172, 17, 0, 1)),
+                ("eth0".to_owned(), Ipv4Addr::new(198, 18, 0, 9)),
+            ],
+            v6: vec![
+                ("lo".to_owned(), Ipv6Addr::LOCALHOST),
+                ("eth1".to_owned(), "2001:db8::1".parse().expect("literal")),
+                ("veth7".to_owned(), "fe80::1".parse().expect("literal")),
+            ],
+        };
         assert_eq!(
             tc_interfaces(&addrs),
-            BTreeSet::from(["docker0".to_owned(), "eth0".to_owned()])
+            BTreeSet::from(["docker0".to_owned(), "eth0".to_owned(), "eth1".to_owned()]),
+            "a link-local address alone makes no interface the node's"
         );
+    }
+
+    #[test]
+    fn translated_ipv6_flows_leave_with_their_interfaces_first_global_address() {
+        let addrs = [
+            ("eth0".to_owned(), "fe80::1".parse().expect("literal")),
+            ("eth0".to_owned(), "2001:db8::1".parse().expect("literal")),
+            ("eth0".to_owned(), "2001:db8::9".parse().expect("literal")),
+            (
+                "docker0".to_owned(),
+                "fd00:19:1::1".parse().expect("literal"),
+            ),
+        ];
+        let interfaces = BTreeSet::from([("eth0".to_owned(), 2), ("docker0".to_owned(), 5)]);
+        assert_eq!(
+            interface_addresses6(&addrs, &interfaces),
+            BTreeMap::from([
+                (2, addr6_key("2001:db8::1".parse().expect("literal"))),
+                (5, addr6_key("fd00:19:1::1".parse().expect("literal"))),
+            ])
+        );
+    }
+
+    #[test]
+    fn nftables_carries_only_services_beside_the_tc_program() {
+        let mut table = RouteTable {
+            entries: [
+                (RouteKey::tcp(80), local(80)),
+                (RouteKey::udp(53), local(53)),
+            ]
+            .into(),
+            ..RouteTable::default()
+        };
+        table.services.relays.insert(
+            RouteKey::tcp(30002),
+            SocketAddrV4::new(Ipv4Addr::new(172, 17, 0, 2), 80),
+        );
+        let share = nftables_share(&table);
+        assert!(share.entries.is_empty() && share.entries6.is_empty());
+        assert_eq!(share.services, table.services);
+    }
+
+    fn local(port: u16) -> RouteEntry {
+        RouteEntry::Local {
+            container: SocketAddrV4::new(Ipv4Addr::new(172, 17, 0, 2), port),
+        }
     }
 
     #[test]

@@ -47,7 +47,9 @@ impl ServiceTable {
 
     /// Derives the table from the node's wire service routes and the cluster's node names.
     /// As with port routes, a local service without a container address or a remote one
-    /// whose node does not resolve is an error, not a silent gap.
+    /// whose node does not resolve is an error, not a silent gap. Services are IPv4 only (their
+    /// addresses and relay ports): a node that resolves to IPv6 addresses alone is no peer and
+    /// hosts no service for the others, which is not an error (its port routes carry IPv6).
     pub fn from_wire(
         routes: &[ServiceRoute],
         peers: &[String],
@@ -60,6 +62,7 @@ impl ServiceTable {
                 Some(ip) => {
                     table.peers.insert(ip);
                 }
+                None if resolver.node_address6(peer).is_some() => {}
                 None => errors.push(TableError::UnknownPeer { node: peer.clone() }),
             }
         }
@@ -102,6 +105,12 @@ impl ServiceTable {
                         }
                     }
                     RouteEntry::Local { container }
+                }
+                RouteTarget::Node { address }
+                    if resolver.node_address(address).is_none()
+                        && resolver.node_address6(address).is_some() =>
+                {
+                    continue;
                 }
                 RouteTarget::Node { address } => {
                     let (Some(ip), Some(relay)) = (resolver.node_address(address), route.relay)
@@ -238,5 +247,26 @@ mod tests {
         let error = ServiceTable::from_wire(&routes, &["nowhere".into()], &resolver())
             .expect_err("refused");
         assert_eq!(error.0.len(), 3, "{error}");
+    }
+
+    #[test]
+    fn a_node_named_by_ipv6_alone_is_no_peer_and_hosts_no_service_here() {
+        let routes = [route(
+            "web",
+            2,
+            80,
+            Some(30002),
+            RouteTarget::Node {
+                address: "fd00:18::12".into(),
+            },
+        )];
+        let peers = ["198.18.0.1".to_string(), "fd00:18::12".to_string()];
+        let table = ServiceTable::from_wire(&routes, &peers, &resolver()).expect("table");
+        assert!(table.services.is_empty(), "{table:?}");
+        assert_eq!(table.peers.len(), 1);
+        // A name that resolves to nothing at all is still an error.
+        let error = ServiceTable::from_wire(&routes, &["nowhere".into()], &resolver())
+            .expect_err("refused");
+        assert_eq!(error.0.len(), 1, "{error}");
     }
 }

@@ -14,8 +14,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket},
-    os::unix::fs::MetadataExt,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     path::Path,
     process::Stdio,
     time::{Duration, Instant},
@@ -26,11 +25,14 @@ use flocker_e2e::{
     docker::Dockerd,
     netns::{Cgroup, Netns, Switch},
 };
-use flocker_routing::{
-    BackendChoice, BackendConfig, RouteKey, RouteTable, RoutingBackend, StaticResolver, conntrack,
-    open_backend,
-};
+use flocker_routing::{BackendChoice, RouteKey, RouteTable, StaticResolver, conntrack};
 use flocker_wire::{Protocol, Route, RouteTarget};
+
+mod common;
+use common::{
+    UDP_TRIES, apply_all, expect_docker_user_rule, load_nft, nft, open_all, pin_dir, run_in, serve,
+    serve_udp, tc_flows_started, udp_exchange,
+};
 
 const PORT: u16 = 7000;
 const UNROUTED_PORT: u16 = 7100;
@@ -52,40 +54,6 @@ struct Lab {
     containers: Vec<Netns>,
     // Dropped last: the bridge the others are plugged into.
     _switch: Switch,
-}
-
-/// Echo server: reads until EOF, answers `NAME:` followed by what it read.
-fn serve(ns: &Netns, addr: &str, name: &'static str) -> anyhow::Result<()> {
-    let addr = addr.to_owned();
-    let listener = ns.run(move || TcpListener::bind(&addr))??;
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut data = Vec::new();
-                if stream.read_to_end(&mut data).is_ok() {
-                    let _ = stream.write_all(name.as_bytes());
-                    let _ = stream.write_all(b":");
-                    let _ = stream.write_all(&data);
-                }
-            });
-        }
-    });
-    Ok(())
-}
-
-/// UDP echo server: answers each datagram with `NAME:` followed by the datagram, to its sender.
-fn serve_udp(ns: &Netns, addr: &str, name: &'static str) -> anyhow::Result<()> {
-    let addr = addr.to_owned();
-    let socket = ns.run(move || UdpSocket::bind(&addr))??;
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, from)) = socket.recv_from(&mut buf) {
-            let reply = [name.as_bytes(), b":", &buf[..n]].concat();
-            let _ = socket.send_to(&reply, from);
-        }
-    });
-    Ok(())
 }
 
 impl Lab {
@@ -168,11 +136,16 @@ impl Lab {
                 }
             }
         }
-        serve(&containers[0], &format!("198.19.1.2:{PORT}"), "c1")?;
-        serve(&containers[1], &format!("198.19.2.2:{PORT}"), "c2")?;
-        serve_udp(&containers[0], &format!("198.19.1.2:{PORT}"), "c1")?;
-        serve_udp(&containers[1], &format!("198.19.2.2:{PORT}"), "c2")?;
-        serve(&nodes[0], &format!("{}:{UNROUTED_PORT}", node_ip(0)), "n1")?;
+        for (i, name) in ["c1", "c2"].into_iter().enumerate() {
+            let addr: SocketAddr = format!("198.19.{}.2:{PORT}", i + 1).parse()?;
+            serve(&containers[i], addr, name)?;
+            serve_udp(&containers[i], addr, name)?;
+        }
+        serve(
+            &nodes[0],
+            format!("{}:{UNROUTED_PORT}", node_ip(0)).parse()?,
+            "n1",
+        )?;
         Ok(Lab {
             dockerds,
             state: tempfile::tempdir()?,
@@ -290,34 +263,6 @@ fn expect_burst(
         }
         Ok(())
     })?
-}
-
-/// How long a UDP client waits for an answer to one datagram, and how often it sends it: a
-/// bound, not a speed requirement (answers take well under a millisecond here).
-const UDP_WAIT: Duration = Duration::from_millis(700);
-const UDP_TRIES: u32 = 3;
-
-/// One datagram from `socket` to `to` and the answer, with where it came from; `None` when no
-/// answer came after `UDP_TRIES` sends.
-fn udp_exchange(
-    socket: &UdpSocket,
-    to: SocketAddrV4,
-    payload: &[u8],
-) -> anyhow::Result<Option<(Vec<u8>, SocketAddr)>> {
-    socket.set_read_timeout(Some(UDP_WAIT))?;
-    let mut buf = [0u8; 2048];
-    for _ in 0..UDP_TRIES {
-        socket.send_to(payload, to)?;
-        match socket.recv_from(&mut buf) {
-            Ok((n, from)) => return Ok(Some((buf[..n].to_vec(), from))),
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut
-                    || e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(None)
 }
 
 /// How a UDP client addresses the routed port: `sendto` on an unconnected socket (the eBPF
@@ -499,26 +444,6 @@ fn expect_closed(what: &str, ns: &Netns, ip: &str, port: u16) -> anyhow::Result<
     Ok(())
 }
 
-/// Where the eBPF backend pins its maps and links for the namespace `ns`.
-fn pin_dir(ns: &Netns) -> anyhow::Result<std::path::PathBuf> {
-    let inode = std::fs::metadata(ns.path())?.ino();
-    Ok(flocker_routing::pins::namespace_dir(inode))
-}
-
-fn nft(ns: &Netns, args: &[&str]) -> anyhow::Result<String> {
-    let out = ns
-        .command("nft")
-        .args(args)
-        .output()
-        .context("running nft")?;
-    ensure!(
-        out.status.success(),
-        "nft {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// A listed ruleset as its tables' chains, sets and maps, each with its table's name, in
 /// sorted order: dockerd recreates its chains when it restarts, which changes the order
 /// they are listed in but not what they hold.
@@ -541,47 +466,6 @@ fn chains_of(ruleset: &str) -> Vec<String> {
     }
     blocks.sort();
     blocks
-}
-
-fn run_in(ns: &Netns, program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = ns.command(program).args(args).output()?;
-    ensure!(
-        out.status.success(),
-        "{program} {args:?} in {}: {}",
-        ns.name(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Within 3 s, `DOCKER-USER` holds our accept rule exactly once (`present`) or not at all;
-/// read through iptables, which proves Docker's own iptables calls still parse the chain.
-fn expect_docker_user_rule(node: &Netns, present: bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let chain = run_in(node, "iptables", &["-S", "DOCKER-USER"])?;
-        let ours = chain
-            .lines()
-            .filter(|l| l.contains(flocker_routing::nft::docker_user::RULE_COMMENT))
-            .collect::<Vec<_>>();
-        let ok = if present {
-            ours.len() == 1
-                && ours[0].contains("-m connmark --mark 0x800000/0x800000")
-                && ours[0].ends_with("-j ACCEPT")
-                && chain.lines().nth(1).is_some_and(|first| first == ours[0])
-        } else {
-            ours.is_empty()
-        };
-        if ok {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "DOCKER-USER in {} (our rule expected: {present}):\n{chain}",
-            node.name()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The per-namespace settings the backends change, and the host's RCU switch.
@@ -641,38 +525,6 @@ fn tables(host: usize) -> anyhow::Result<Vec<RouteTable>> {
             RouteTable::from_wire(&routes, &resolver).context("deriving the route table")
         })
         .collect()
-}
-
-fn open_all(lab: &Lab, choice: BackendChoice) -> anyhow::Result<Vec<Box<dyn RoutingBackend>>> {
-    lab.nodes
-        .iter()
-        .zip(&lab.cgroups)
-        .map(|(node, cg)| {
-            // As the agent does: a restarted backend learns from the journal which settings
-            // the one before it changed, and what they were.
-            let config = BackendConfig {
-                choice,
-                cgroup_path: Some(cg.path().to_owned()),
-                settings_journal: Some(flocker_routing::settings::journal_path(
-                    lab.state.path(),
-                    node.name(),
-                )),
-            };
-            Ok(node.run(|| open_backend(&config))??)
-        })
-        .collect()
-}
-
-fn apply_all(
-    lab: &Lab,
-    backends: &mut [Box<dyn RoutingBackend>],
-    tables: &[RouteTable],
-) -> anyhow::Result<()> {
-    for ((node, backend), table) in lab.nodes.iter().zip(backends.iter_mut()).zip(tables) {
-        node.run(|| backend.apply(table))?
-            .with_context(|| format!("applying routes in {}", node.name()))?;
-    }
-    Ok(())
 }
 
 /// Every way in to the port reaches the server named `server` on node `host`.
@@ -773,16 +625,7 @@ fn check_udp_reachable(lab: &Lab, host: usize, server: &str) -> anyhow::Result<(
 
 fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<()> {
     let lab = Lab::build(tag)?;
-    let mut load = lab.nodes[0]
-        .command("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()?;
-    load.stdin
-        .take()
-        .context("nft stdin")?
-        .write_all(FOREIGN.as_bytes())?;
-    ensure!(load.wait()?.success(), "loading the foreign table");
+    load_nft(&lab.nodes[0], FOREIGN).context("loading the foreign table")?;
     // Stateless (no counters): Docker's rules count the packets that pass.
     let ruleset_before: Vec<String> = lab
         .nodes
@@ -796,21 +639,35 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
         .collect::<anyhow::Result<_>>()?;
     let foreign_before = nft(&lab.nodes[0], &["list", "table", "ip", "foreign"])?;
 
-    let mut backends = open_all(&lab, choice)?;
+    let mut backends = open_all(&lab.nodes, &lab.cgroups, lab.state.path(), choice)?;
     for b in &backends {
         ensure!(b.name() == name, "opened {} instead of {name}", b.name());
     }
 
     // The application on node 1.
-    apply_all(&lab, &mut backends, &tables(0)?)?;
+    apply_all(&lab.nodes, &mut backends, &tables(0)?)?;
     // Applying the same table again changes nothing (idempotent).
-    apply_all(&lab, &mut backends, &tables(0)?)?;
+    apply_all(&lab.nodes, &mut backends, &tables(0)?)?;
     for node in &lab.nodes {
-        // Both backends keep the table while UDP is routed (the eBPF backend for UDP from
-        // outside), and with it our rule.
-        expect_docker_user_rule(node, true)?;
+        // The nftables backend's table comes with our rule; the eBPF backend's TC program
+        // carries TCP and UDP from outside past netfilter, so it needs neither.
+        expect_docker_user_rule(node, "iptables", choice != BackendChoice::Ebpf)?;
     }
+    let started_before = tc_flows_started(&lab.nodes, choice)?;
     check_reachable(&lab, 0, "c1")?;
+    if choice == BackendChoice::Ebpf {
+        // The TC program, not a fallback, carried the outside clients: on the hosting node
+        // (local backend, and the hairpin of its own container) and on the forwarding ones,
+        // for TCP and for UDP.
+        let started = tc_flows_started(&lab.nodes, choice)?;
+        for (i, (before, now)) in started_before.iter().zip(&started).enumerate() {
+            ensure!(
+                now.ipv4_tcp > before.ipv4_tcp && now.ipv4_udp > before.ipv4_udp,
+                "node{}: the TC program started no IPv4 TCP or UDP flow ({before:?} -> {now:?})",
+                i + 1
+            );
+        }
+    }
     // Many connections, into the hosting node and on from another one.
     expect_burst(
         "burst into node1",
@@ -834,8 +691,9 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
         // they may be reused.
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            let (fwd1, rev1) = lab.nodes[0].run(flocker_routing::ebpf::pinned_flow_counts)??;
-            let (fwd3, rev3) = lab.nodes[2].run(flocker_routing::ebpf::pinned_flow_counts)??;
+            let tcp_flows = || flocker_routing::ebpf::pinned_flow_counts(Protocol::Tcp);
+            let (fwd1, rev1) = lab.nodes[0].run(tcp_flows)??;
+            let (fwd3, rev3) = lab.nodes[2].run(tcp_flows)??;
             if fwd1 <= 2 && rev1 <= 2 && fwd3 <= 2 && (300..=320).contains(&rev3) {
                 break;
             }
@@ -846,13 +704,16 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        // The agent's metrics read the same maps: flows gone with their connections, and
-        // 300 translated connections never ran out of source ports.
+        // The agent's metrics read the same maps: TCP flows gone with their connections
+        // (UDP flows stay until idle), and 300 translated connections never ran out of
+        // source ports.
         for node in [&lab.nodes[0], &lab.nodes[2]] {
             let stats = node.run(flocker_routing::ebpf::pinned_stats)??;
+            let (udp_flows, _) =
+                node.run(|| flocker_routing::ebpf::pinned_flow_counts(Protocol::Udp))??;
             ensure!(
-                stats.flows <= 2 && stats.snat_exhausted == 0,
-                "data plane figures after the bursts: {stats:?}"
+                stats.flows <= 2 + udp_flows as u64 && stats.snat_exhausted == 0,
+                "data plane figures after the bursts: {stats:?}, {udp_flows} UDP flows"
             );
         }
     }
@@ -903,7 +764,7 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     );
 
     // Restart: new backend instances rebuild exactly the same ruleset. The eBPF backend's
-    // TC program carries all outside TCP traffic, so its table holds only the UDP route.
+    // TC program carries all outside traffic, so it has no table.
     let listed: Vec<String> = lab
         .nodes
         .iter()
@@ -926,21 +787,20 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
             pinned.exists()
         );
         ensure!(
-            ruleset.contains("table inet flocker"),
-            "no flocker table in {}",
+            ruleset.contains("table inet flocker") == (choice != BackendChoice::Ebpf),
+            "flocker table in {} (the eBPF backend's TC program carries TCP and UDP itself):\n{ruleset}",
             node.name()
         );
-        let map = nft(node, &["list", "map", "inet", "flocker", "routes"])?;
-        ensure!(
-            map.contains(&format!("udp . {PORT}")),
-            "no UDP route in {}:\n{map}",
-            node.name()
-        );
-        ensure!(
-            map.contains(&format!("tcp . {PORT}")) == (choice != BackendChoice::Ebpf),
-            "TCP routes in the table of {} (the eBPF backend carries TCP itself):\n{map}",
-            node.name()
-        );
+        if choice != BackendChoice::Ebpf {
+            let map = nft(node, &["list", "map", "inet", "flocker", "routes"])?;
+            for protocol in ["tcp", "udp"] {
+                ensure!(
+                    map.contains(&format!("{protocol} . {PORT}")),
+                    "no {protocol} route in {}:\n{map}",
+                    node.name()
+                );
+            }
+        }
     }
     // Connections open across the restart, into the hosting node and on from another one,
     // carry on: the routes outlive the backend instances (for eBPF, pinned programs and maps,
@@ -953,7 +813,7 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     ])?;
     node3.ip(&["addr", "add", "198.18.9.3/32", "dev", "gone0"])?;
     node3.ip(&["link", "set", "gone0", "up"])?;
-    apply_all(&lab, &mut backends, &tables(0)?)?;
+    apply_all(&lab.nodes, &mut backends, &tables(0)?)?;
     let gone_pinned = || -> anyhow::Result<bool> {
         let Ok(builds) = std::fs::read_dir(pin_dir(node3)?) else {
             return Ok(false);
@@ -987,8 +847,8 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     }
     drop(backends);
     node3.ip(&["link", "del", "gone0"])?;
-    let mut backends = open_all(&lab, choice)?;
-    apply_all(&lab, &mut backends, &tables(0)?)?;
+    let mut backends = open_all(&lab.nodes, &lab.cgroups, lab.state.path(), choice)?;
+    apply_all(&lab.nodes, &mut backends, &tables(0)?)?;
     ensure!(
         !gone_pinned()?,
         "the TC link of an interface that went away is still pinned"
@@ -1042,9 +902,7 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
             forward.contains("policy drop"),
             "FORWARD policy after the restart:\n{forward}"
         );
-        // Both backends keep the table while UDP is routed (the eBPF backend for UDP from
-        // outside), and with it our rule.
-        expect_docker_user_rule(node, true)?;
+        expect_docker_user_rule(node, "iptables", choice != BackendChoice::Ebpf)?;
     }
     check_reachable(&lab, 0, "c1")?;
     expect_burst(
@@ -1102,12 +960,13 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
     // DNAT'd entries of PORT on a node whose connection went to `target`.
     let tracked_to =
         |node: &Netns, target: &str| count(node, PORT, &["--dst-nat", "--reply-src", target]);
-    apply_all(&lab, &mut backends, &after)?;
+    apply_all(&lab.nodes, &mut backends, &after)?;
     // New connections right after the move, while the janitor has yet to run.
     check_reachable(&lab, 1, "c2")?;
-    // The UDP client that kept its socket follows too, once the janitor forgot the
-    // conntrack entry that pinned its flow to the old backend (UDP has no end: without the
-    // janitor a client that keeps sending would stay with c1 for good).
+    // The UDP client that kept its socket follows too: with nftables once the janitor forgot
+    // the conntrack entry that pinned its flow to the old backend (UDP has no end: without
+    // the janitor a client that keeps sending would stay with c1 for good), with eBPF at its
+    // next datagram (the TC program follows the route at every one).
     let deadline = Instant::now() + conntrack::SETTLE * 20;
     loop {
         let answer = udp_exchange(&kept_udp, udp_via_node3, b"moved")?;
@@ -1144,7 +1003,7 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
 
     // Remove the route: the port closes everywhere, rulesets are as found.
     apply_all(
-        &lab,
+        &lab.nodes,
         &mut backends,
         &[
             RouteTable::default(),
@@ -1153,7 +1012,7 @@ fn conformance(choice: BackendChoice, tag: &str, name: &str) -> anyhow::Result<(
         ],
     )?;
     for i in 0..3 {
-        expect_docker_user_rule(&lab.nodes[i], false)?;
+        expect_docker_user_rule(&lab.nodes[i], "iptables", false)?;
         expect_closed("removed route", &lab.outside, &node_ip(i), PORT)?;
         expect_udp_closed(
             "removed UDP route",
@@ -1340,11 +1199,11 @@ fn services_by_name(choice: BackendChoice, tag: &str) -> anyhow::Result<()> {
     for node in &lab.nodes {
         node.ip(&["route", "add", "default", "via", "198.18.0.100"])?;
     }
-    let mut backends = open_all(&lab, choice)?;
-    apply_all(&lab, &mut backends, &service_tables(1)?)?;
+    let mut backends = open_all(&lab.nodes, &lab.cgroups, lab.state.path(), choice)?;
+    apply_all(&lab.nodes, &mut backends, &service_tables(1)?)?;
     check_services(&lab, 1).context("service one on node 2")?;
     // The move: service one now runs on node 1, next to two (and to the client c1).
-    apply_all(&lab, &mut backends, &service_tables(0)?)?;
+    apply_all(&lab.nodes, &mut backends, &service_tables(0)?)?;
     check_services(&lab, 0).context("service one moved to node 1")?;
     // Services alone keep the table; without them it goes.
     for (node, backend) in lab.nodes.iter().zip(backends.iter_mut()) {

@@ -12,16 +12,21 @@
 //! connections open across it, removal, and a foreign table of each family left untouched.
 //!
 //! With the eBPF backend, the nodes' own IPv6 connections are redirected at the socket by
-//! `connect6`/`sendmsg6`/`recvmsg6` (checked: none of them is DNAT'd), while IPv6 from outside
-//! takes its nftables table (the TC program is IPv4 only).
+//! `connect6`/`sendmsg6`/`recvmsg6` (checked: none of them is DNAT'd), and IPv6 TCP and UDP
+//! from outside (local and remote backends, hairpin) by the TC program (checked: it started
+//! flows of both protocols on every node, and no nftables table exists).
 //!
 //! There is no dockerd here (the IPv4 suite in `conformance.rs` runs under Docker's rules):
 //! Docker 20.10 leaves ip6tables alone, and the containers are plain namespaces on a bridge
-//! made by hand. Needs root, `ip`, `nft`, `conntrack` and `socat`.
+//! made by hand. Each node gets the ip6tables rules Docker 27 and later make (`ip6tables`
+//! on by default): `ip6 filter FORWARD` dropping by policy after a jump to `DOCKER-USER`, so
+//! the nftables backend's IPv6 routes must put their accept rule there (checked), and the
+//! eBPF backend's TC program goes past it. Needs root, `ip`, `nft`, `ip6tables`, `conntrack`
+//! and `socat`.
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpStream, UdpSocket},
     path::Path,
     process::Stdio,
     time::{Duration, Instant},
@@ -29,11 +34,14 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use flocker_e2e::netns::{Cgroup, Netns, Switch};
-use flocker_routing::{
-    BackendChoice, BackendConfig, RouteKey, RouteTable, RoutingBackend, StaticResolver, conntrack,
-    open_backend,
-};
+use flocker_routing::{BackendChoice, RouteKey, RouteTable, StaticResolver, conntrack};
 use flocker_wire::{Protocol, Route, RouteTarget};
+
+mod common;
+use common::{
+    UDP_TRIES, apply_all, expect_docker_user_rule, load_nft, nft, open_all, pin_dir, run_in, serve,
+    serve_udp, tc_flows_started, udp_exchange,
+};
 
 const PORT: u16 = 7000;
 
@@ -66,38 +74,6 @@ fn add_address(ns: &Netns, cidr: &str, dev: &str) -> anyhow::Result<()> {
     }
 }
 
-/// TCP echo server: reads until EOF, answers `NAME:` followed by what it read.
-fn serve(ns: &Netns, addr: SocketAddr, name: &'static str) -> anyhow::Result<()> {
-    let listener = ns.run(move || TcpListener::bind(addr))??;
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut data = Vec::new();
-                if stream.read_to_end(&mut data).is_ok() {
-                    let _ = stream.write_all(name.as_bytes());
-                    let _ = stream.write_all(b":");
-                    let _ = stream.write_all(&data);
-                }
-            });
-        }
-    });
-    Ok(())
-}
-
-/// UDP echo server: answers each datagram with `NAME:` and the datagram, to its sender.
-fn serve_udp(ns: &Netns, addr: SocketAddr, name: &'static str) -> anyhow::Result<()> {
-    let socket = ns.run(move || UdpSocket::bind(addr))??;
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, from)) = socket.recv_from(&mut buf) {
-            let reply = [name.as_bytes(), b":", &buf[..n]].concat();
-            let _ = socket.send_to(&reply, from);
-        }
-    });
-    Ok(())
-}
-
 impl Lab {
     fn build(tag: &str) -> anyhow::Result<Lab> {
         let mut switch = Switch::create(&format!("{tag}sw"))?;
@@ -111,6 +87,15 @@ impl Lab {
             add_address(&node, &format!("198.19.{}.1/24", i + 1), "docker0")?;
             add_address(&node, &format!("fd00:19:{}::1/64", i + 1), "docker0")?;
             node.ip(&["link", "set", "docker0", "up"])?;
+            // Docker's ip6tables rules, as Docker 27 and later make them.
+            for rule in [
+                &["-N", "DOCKER-USER"][..],
+                &["-A", "DOCKER-USER", "-j", "RETURN"],
+                &["-A", "FORWARD", "-j", "DOCKER-USER"],
+                &["-P", "FORWARD", "DROP"],
+            ] {
+                run_in(&node, "ip6tables", rule)?;
+            }
             nodes.push(node);
             cgroups.push(Cgroup::create(&format!("{tag}n{}", i + 1))?);
         }
@@ -229,36 +214,6 @@ fn tables(host: usize) -> anyhow::Result<Vec<RouteTable>> {
         .collect()
 }
 
-fn open_all(lab: &Lab, choice: BackendChoice) -> anyhow::Result<Vec<Box<dyn RoutingBackend>>> {
-    lab.nodes
-        .iter()
-        .zip(&lab.cgroups)
-        .map(|(node, cg)| {
-            let config = BackendConfig {
-                choice,
-                cgroup_path: Some(cg.path().to_owned()),
-                settings_journal: Some(flocker_routing::settings::journal_path(
-                    lab.state.path(),
-                    node.name(),
-                )),
-            };
-            Ok(node.run(|| open_backend(&config))??)
-        })
-        .collect()
-}
-
-fn apply_all(
-    lab: &Lab,
-    backends: &mut [Box<dyn RoutingBackend>],
-    tables: &[RouteTable],
-) -> anyhow::Result<()> {
-    for ((node, backend), table) in lab.nodes.iter().zip(backends.iter_mut()).zip(tables) {
-        node.run(|| backend.apply(table))?
-            .with_context(|| format!("applying routes in {}", node.name()))?;
-    }
-    Ok(())
-}
-
 /// One TCP exchange from `ns`, in this process: the reply, or why there was none.
 fn tcp_exchange(ns: &Netns, to: SocketAddr, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
     ns.run(|| -> anyhow::Result<Vec<u8>> {
@@ -326,32 +281,6 @@ fn expect_tcp(
         String::from_utf8_lossy(&reply)
     );
     Ok(())
-}
-
-const UDP_WAIT: Duration = Duration::from_millis(700);
-const UDP_TRIES: u32 = 3;
-
-/// One datagram from `socket` to `to` and the answer with its source; `None` when no answer
-/// came after `UDP_TRIES` sends.
-fn udp_exchange(
-    socket: &UdpSocket,
-    to: SocketAddr,
-    payload: &[u8],
-) -> anyhow::Result<Option<(Vec<u8>, SocketAddr)>> {
-    socket.set_read_timeout(Some(UDP_WAIT))?;
-    let mut buf = [0u8; 2048];
-    for _ in 0..UDP_TRIES {
-        socket.send_to(payload, to)?;
-        match socket.recv_from(&mut buf) {
-            Ok((n, from)) => return Ok(Some((buf[..n].to_vec(), from))),
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut
-                    || e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(None)
 }
 
 fn unbound(to: SocketAddr) -> &'static str {
@@ -509,20 +438,6 @@ fn check_reachable(lab: &Lab, host: usize, server: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn nft(ns: &Netns, args: &[&str]) -> anyhow::Result<String> {
-    let out = ns
-        .command("nft")
-        .args(args)
-        .output()
-        .context("running nft")?;
-    ensure!(
-        out.status.success(),
-        "nft {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Tables of both families another program owns, with IPv6 sets and NAT chains of their own.
 const FOREIGN: &str = "table ip6 foreign6 {
     set blocked { type ipv6_addr; elements = { 2001:db8::5:5 } }
@@ -548,15 +463,7 @@ fn kernel_settings(node: &Netns) -> anyhow::Result<Vec<String>> {
 fn conformance(choice: BackendChoice, tag: &str) -> anyhow::Result<()> {
     let lab = Lab::build(tag)?;
     let foreign_node = &lab.nodes[0];
-    let mut script = foreign_node.command("nft");
-    script.args(["-f", "-"]).stdin(Stdio::piped());
-    let mut child = script.spawn()?;
-    child
-        .stdin
-        .take()
-        .context("nft stdin")?
-        .write_all(FOREIGN.as_bytes())?;
-    ensure!(child.wait()?.success(), "loading the foreign tables");
+    load_nft(foreign_node, FOREIGN).context("loading the foreign tables")?;
     let foreign = || -> anyhow::Result<String> {
         Ok(nft(foreign_node, &["list", "table", "ip6", "foreign6"])?
             + &nft(foreign_node, &["list", "table", "inet", "foreign"])?)
@@ -573,9 +480,23 @@ fn conformance(choice: BackendChoice, tag: &str) -> anyhow::Result<()> {
         .map(kernel_settings)
         .collect::<anyhow::Result<_>>()?;
 
-    let mut backends = open_all(&lab, choice)?;
-    apply_all(&lab, &mut backends, &tables(0)?)?;
+    let mut backends = open_all(&lab.nodes, &lab.cgroups, lab.state.path(), choice)?;
+    apply_all(&lab.nodes, &mut backends, &tables(0)?)?;
+    let started_before = tc_flows_started(&lab.nodes, choice)?;
     check_reachable(&lab, 0, "c1")?;
+    if choice == BackendChoice::Ebpf {
+        // The TC program, not a fallback, carried the IPv6 clients from outside: into the
+        // hosting node (local backend, and its own container's hairpin), and on from the
+        // others (remote backend, source-translated).
+        let started = tc_flows_started(&lab.nodes, choice)?;
+        for (i, (before, now)) in started_before.iter().zip(&started).enumerate() {
+            ensure!(
+                now.ipv6_tcp > before.ipv6_tcp && now.ipv6_udp > before.ipv6_udp,
+                "node{}: the TC program started no IPv6 TCP or UDP flow ({before:?} -> {now:?})",
+                i + 1
+            );
+        }
+    }
     // The nodes' own IPv6 connections: through the table's output chain with nftables, at
     // the socket (connect6, sendmsg6) with eBPF, which leaves nothing to DNAT.
     for (i, node) in lab.nodes.iter().enumerate() {
@@ -595,13 +516,24 @@ fn conformance(choice: BackendChoice, tag: &str) -> anyhow::Result<()> {
         }
     }
     for node in &lab.nodes {
-        let map = nft(node, &["list", "map", "inet", "flocker", "routes6"])?;
-        for protocol in ["tcp", "udp"] {
-            ensure!(
-                map.contains(&format!("{protocol} . {PORT} : ")),
-                "no IPv6 {protocol} route in {}:\n{map}",
-                node.name()
-            );
+        // The nftables backend's accept rule for what it routes, in ip6tables' DOCKER-USER;
+        // the eBPF backend has no table and no rule (its TC program skips netfilter).
+        expect_docker_user_rule(node, "ip6tables", choice != BackendChoice::Ebpf)?;
+        let ruleset = nft(node, &["list", "ruleset"])?;
+        ensure!(
+            ruleset.contains("table inet flocker") == (choice != BackendChoice::Ebpf),
+            "flocker table in {} (the eBPF backend's TC program carries both families):\n{ruleset}",
+            node.name()
+        );
+        if choice != BackendChoice::Ebpf {
+            let map = nft(node, &["list", "map", "inet", "flocker", "routes6"])?;
+            for protocol in ["tcp", "udp"] {
+                ensure!(
+                    map.contains(&format!("{protocol} . {PORT} : ")),
+                    "no IPv6 {protocol} route in {}:\n{map}",
+                    node.name()
+                );
+            }
         }
         let forwarding =
             node.run(|| std::fs::read_to_string(flocker_routing::settings::IPV6_FORWARD))??;
@@ -639,8 +571,8 @@ fn conformance(choice: BackendChoice, tag: &str) -> anyhow::Result<()> {
         "IPv6 UDP via node3 before the restart answered {first:?}"
     );
     drop(backends);
-    let mut backends = open_all(&lab, choice)?;
-    apply_all(&lab, &mut backends, &tables(0)?)?;
+    let mut backends = open_all(&lab.nodes, &lab.cgroups, lab.state.path(), choice)?;
+    apply_all(&lab.nodes, &mut backends, &tables(0)?)?;
     for (i, mut stream) in open_streams {
         let what = format!("IPv6 connection through node{} across the restart", i + 1);
         let mut reply = Vec::new();
@@ -669,13 +601,14 @@ fn conformance(choice: BackendChoice, tag: &str) -> anyhow::Result<()> {
     );
 
     // Move the application to node 2: new connections follow at once; the UDP client that
-    // kept its socket follows once the janitor forgot its IPv6 conntrack entries.
+    // kept its socket follows once the janitor forgot its IPv6 conntrack entries (nftables)
+    // or at its next datagram (the TC program follows the route at every one).
     let after = tables(1)?;
     ensure!(
         after[2].entries6.contains_key(&RouteKey::udp(PORT)),
         "no IPv6 UDP route on node3 after the move"
     );
-    apply_all(&lab, &mut backends, &after)?;
+    apply_all(&lab.nodes, &mut backends, &after)?;
     check_reachable(&lab, 1, "c2")?;
     let deadline = Instant::now() + conntrack::SETTLE * 20;
     loop {
@@ -693,7 +626,7 @@ fn conformance(choice: BackendChoice, tag: &str) -> anyhow::Result<()> {
     // Remove the routes: the port closes everywhere, for both families; rulesets and
     // settings are as found, the foreign tables untouched.
     apply_all(
-        &lab,
+        &lab.nodes,
         &mut backends,
         &[
             RouteTable::default(),
@@ -701,9 +634,15 @@ fn conformance(choice: BackendChoice, tag: &str) -> anyhow::Result<()> {
             RouteTable::default(),
         ],
     )?;
-    for i in 0..3 {
+    for (i, node) in lab.nodes.iter().enumerate() {
         expect_closed("removed route", &lab.outside, v6(i)?)?;
         expect_closed("removed route, IPv4", &lab.outside, v4(i)?)?;
+        expect_docker_user_rule(node, "ip6tables", false)?;
+        ensure!(
+            !pin_dir(node)?.exists(),
+            "eBPF pins of {} left after the routes were removed",
+            node.name()
+        );
     }
     ensure!(foreign()? == foreign_before, "the foreign tables changed");
     for (node, before) in lab.nodes.iter().zip(&ruleset_before) {

@@ -17,8 +17,11 @@ fn main() -> Result<()> {
         routing: "nftables".to_string(),
     };
     let Some((command, mut rest)) = args.split_first().map(|(c, r)| (c.clone(), r.iter())) else {
-        bail!("usage: flocker-cluster up|down [--nodes N] [--dir DIR] [--routing nftables|ebpf]");
+        bail!(
+            "usage: flocker-cluster up|down [--nodes N] [--dir DIR] [--routing nftables|ebpf] [--ipv6]"
+        );
     };
+    let mut dual_stack = false;
     while let Some(flag) = rest.next() {
         let mut value = || {
             rest.next()
@@ -31,15 +34,25 @@ fn main() -> Result<()> {
             "--routing" => spec.routing = value()?,
             "--agent" => spec.agent_binary = PathBuf::from(value()?),
             "--ctl" => spec.ctl_binary = PathBuf::from(value()?),
+            "--ipv6" => dual_stack = true,
             other => bail!("unknown flag {other}"),
         }
     }
     match command.as_str() {
         "up" => {
-            let cluster = Cluster::up(spec)?;
+            let cluster = if dual_stack {
+                Cluster::up_dual_stack(spec)?
+            } else {
+                Cluster::up(spec)?
+            };
             for node in &cluster.nodes {
+                let address6 = node
+                    .address6
+                    .as_ref()
+                    .map(|a| format!("  {a}"))
+                    .unwrap_or_default();
                 println!(
-                    "{}  {}  docker {}  pool {}",
+                    "{}  {}{address6}  docker {}  pool {}",
                     node.name, node.address, node.docker_host, node.pool
                 );
             }

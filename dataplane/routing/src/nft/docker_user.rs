@@ -8,7 +8,10 @@
 //! too), and while routes are installed one rule at the head of `ip filter DOCKER-USER`
 //! accepts connections with that bit, recognisable by its comment ([`RULE_COMMENT`]). It is
 //! encoded as iptables-nft encodes `-m connmark --mark BIT/BIT -m comment -j ACCEPT`, so
-//! Docker's own iptables calls on that chain still parse it.
+//! Docker's own iptables calls on that chain still parse it. Where Docker manages ip6tables
+//! too (`ip6tables: true`, the default since Docker 27), `ip6 filter FORWARD` drops as well and
+//! `ip6 filter DOCKER-USER` exists: the same rule goes there, for the IPv6 routes. Each family
+//! is handled where its chain exists, independently of the other.
 //!
 //! [`ForwardGuard`] inserts the rule, watches nf_tables notifications (and re-checks every
 //! [`RECHECK`] in case one was lost) to put it back whenever something (dockerd restarting,
@@ -27,6 +30,8 @@ use std::{
 
 use tracing::{debug, error, info, warn};
 
+use nftnl::ProtoFamily;
+
 use super::{
     netlink::{self, ChainInfo, Events, ForeignRule, NetlinkError},
     plan::{Expr, ROUTED_MARK},
@@ -43,6 +48,28 @@ const WAIT: Duration = Duration::from_millis(200);
 
 const NFPROTO_INET: u8 = 1;
 const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
+
+/// A family whose `filter` table Docker manages: ip (iptables) and ip6 (ip6tables).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Family {
+    nfproto: u8,
+    proto: ProtoFamily,
+    /// As nft names it: `ip`, `ip6`.
+    pub name: &'static str,
+}
+
+pub const IP: Family = Family {
+    nfproto: NFPROTO_IPV4,
+    proto: ProtoFamily::Ipv4,
+    name: "ip",
+};
+pub const IP6: Family = Family {
+    nfproto: NFPROTO_IPV6,
+    proto: ProtoFamily::Ipv6,
+    name: "ip6",
+};
+const FAMILIES: [Family; 2] = [IP, IP6];
 const NF_INET_FORWARD: u32 = 2;
 const NF_DROP: u32 = 0;
 
@@ -55,14 +82,16 @@ pub enum DockerUserError {
     Spawn(#[source] std::io::Error),
 }
 
-/// `-m connmark --mark ROUTED_MARK/ROUTED_MARK -m comment --comment RULE_COMMENT -j ACCEPT`.
-pub fn accept_rule() -> ForeignRule {
+/// `-m connmark --mark ROUTED_MARK/ROUTED_MARK -m comment --comment RULE_COMMENT -j ACCEPT`,
+/// for `family`'s `DOCKER-USER`.
+pub fn accept_rule(family: Family) -> ForeignRule {
     // struct xt_connmark_mtinfo1 { u32 mark, mask; u8 invert; }, padded to XT_ALIGN (8).
     let mut info = Vec::with_capacity(16);
     info.extend_from_slice(&ROUTED_MARK.to_ne_bytes());
     info.extend_from_slice(&ROUTED_MARK.to_ne_bytes());
     info.resize(16, 0);
     ForeignRule {
+        family: family.proto,
         table: FILTER_TABLE,
         chain: DOCKER_USER,
         exprs: vec![
@@ -83,36 +112,56 @@ pub fn accept_rule() -> ForeignRule {
 pub struct Assessment {
     /// `ip filter DOCKER-USER` exists, so our rule can go there.
     pub docker_user: bool,
+    /// `ip6 filter DOCKER-USER` exists, so our rule can go there too.
+    pub docker_user6: bool,
     /// Dropping chains that our rule does not get past, as sentences for logs and health.
     pub warnings: Vec<String>,
+}
+
+impl Assessment {
+    /// The families whose `DOCKER-USER` exists.
+    fn families(&self) -> impl Iterator<Item = Family> + '_ {
+        FAMILIES.into_iter().filter(|family| match family.nfproto {
+            NFPROTO_IPV4 => self.docker_user,
+            _ => self.docker_user6,
+        })
+    }
 }
 
 fn family_name(family: u8) -> &'static str {
     match family {
         NFPROTO_INET => "inet",
         NFPROTO_IPV4 => "ip",
+        NFPROTO_IPV6 => "ip6",
         _ => "?",
     }
+}
+
+/// Whether `chains` hold `family`'s `filter DOCKER-USER`.
+fn has_docker_user(chains: &[ChainInfo], family: u8) -> bool {
+    chains
+        .iter()
+        .any(|c| c.family == family && c.table == FILTER_TABLE && c.name == DOCKER_USER)
 }
 
 /// Which forward chains drop by policy, and whether our rule in `DOCKER-USER` gets our
 /// connections past them. `legacy_filter`: a legacy (x_tables) `filter` table exists, whose
 /// policies nf_tables cannot see. Pure.
 pub fn assess(chains: &[ChainInfo], legacy_filter: bool) -> Assessment {
-    let docker_user = chains
-        .iter()
-        .any(|c| c.family == NFPROTO_IPV4 && c.table == FILTER_TABLE && c.name == DOCKER_USER);
+    let docker_user = has_docker_user(chains, NFPROTO_IPV4);
+    let docker_user6 = has_docker_user(chains, NFPROTO_IPV6);
     let mut warnings = Vec::new();
     for chain in chains {
-        let dropping = matches!(chain.family, NFPROTO_IPV4 | NFPROTO_INET)
+        let dropping = matches!(chain.family, NFPROTO_IPV4 | NFPROTO_IPV6 | NFPROTO_INET)
             && chain.hook == Some(NF_INET_FORWARD)
             && chain.policy == Some(NF_DROP);
         if !dropping {
             continue;
         }
-        let docker_forward =
-            chain.family == NFPROTO_IPV4 && chain.table == FILTER_TABLE && chain.name == "FORWARD";
-        if docker_forward && docker_user {
+        let docker_forward = matches!(chain.family, NFPROTO_IPV4 | NFPROTO_IPV6)
+            && chain.table == FILTER_TABLE
+            && chain.name == "FORWARD";
+        if docker_forward && has_docker_user(chains, chain.family) {
             continue;
         }
         let mut warning = format!(
@@ -122,7 +171,12 @@ pub fn assess(chains: &[ChainInfo], legacy_filter: bool) -> Assessment {
             chain.table,
             chain.name
         );
-        if docker_forward {
+        if docker_forward && chain.family == NFPROTO_IPV6 {
+            warning.push_str(
+                " (there is no ip6 DOCKER-USER chain to accept IPv6 routes in: enable Docker's \
+                 `ip6tables`, or accept connections with conntrack mark 0x800000 in that chain)",
+            );
+        } else if docker_forward {
             warning.push_str(
                 " (there is no DOCKER-USER chain to accept them in; start dockerd, or accept \
                  connections with conntrack mark 0x800000 in that chain)",
@@ -144,6 +198,7 @@ pub fn assess(chains: &[ChainInfo], legacy_filter: bool) -> Assessment {
     }
     Assessment {
         docker_user,
+        docker_user6,
         warnings,
     }
 }
@@ -158,62 +213,66 @@ pub fn check() -> Result<Assessment, DockerUserError> {
     Ok(assess(&netlink::list_chains()?, legacy_filter_table()))
 }
 
-/// Handles of our rules in `DOCKER-USER`.
-fn our_rules() -> Result<Vec<u64>, DockerUserError> {
-    Ok(netlink::list_rules(FILTER_TABLE, DOCKER_USER)?
-        .into_iter()
-        .filter(|r| r.comment.as_deref() == Some(RULE_COMMENT))
-        .map(|r| r.handle)
-        .collect())
+/// Handles of our rules in `family`'s `DOCKER-USER`.
+fn our_rules(family: Family) -> Result<Vec<u64>, DockerUserError> {
+    Ok(
+        netlink::list_rules(family.proto, FILTER_TABLE, DOCKER_USER)?
+            .into_iter()
+            .filter(|r| r.comment.as_deref() == Some(RULE_COMMENT))
+            .map(|r| r.handle)
+            .collect(),
+    )
 }
 
-/// Puts our rule at the head of `DOCKER-USER` if the chain exists and the rule is not in it
-/// (one copy: extra copies, say from two agents racing, are deleted).
+/// Puts our rule at the head of each family's `DOCKER-USER` that exists and lacks it (one
+/// copy: extra copies, say from two agents racing, are deleted).
 pub fn ensure() -> Result<Assessment, DockerUserError> {
     let assessment = check()?;
-    if !assessment.docker_user {
-        return Ok(assessment);
-    }
-    let ours = our_rules()?;
-    match ours.as_slice() {
-        [] => {
-            netlink::send(&netlink::encode_insert_at_head(&accept_rule())?)?;
-            info!(
-                chain = "ip filter DOCKER-USER",
-                "forward filter: our accept rule for routed connections inserted"
-            );
-        }
-        [_] => {}
-        [_, extra @ ..] => {
-            netlink::send(&netlink::encode_delete_rules(
-                FILTER_TABLE,
-                DOCKER_USER,
-                extra,
-            )?)?;
+    for family in assessment.families() {
+        let ours = our_rules(family)?;
+        match ours.as_slice() {
+            [] => {
+                netlink::send(&netlink::encode_insert_at_head(&accept_rule(family))?)?;
+                info!(
+                    chain = %format!("{} filter DOCKER-USER", family.name),
+                    "forward filter: our accept rule for routed connections inserted"
+                );
+            }
+            [_] => {}
+            [_, extra @ ..] => {
+                netlink::send(&netlink::encode_delete_rules(
+                    family.proto,
+                    FILTER_TABLE,
+                    DOCKER_USER,
+                    extra,
+                )?)?;
+            }
         }
     }
     Ok(assessment)
 }
 
-/// Deletes our rules from `DOCKER-USER`; returns how many there were.
+/// Deletes our rules from every family's `DOCKER-USER`; returns how many there were.
 pub fn remove() -> Result<usize, DockerUserError> {
     let chains = netlink::list_chains()?;
-    if !assess(&chains, false).docker_user {
-        return Ok(0);
+    let mut removed = 0;
+    for family in assess(&chains, false).families() {
+        let ours = our_rules(family)?;
+        if !ours.is_empty() {
+            netlink::send(&netlink::encode_delete_rules(
+                family.proto,
+                FILTER_TABLE,
+                DOCKER_USER,
+                &ours,
+            )?)?;
+            info!(
+                chain = %format!("{} filter DOCKER-USER", family.name),
+                "forward filter: our accept rule removed"
+            );
+        }
+        removed += ours.len();
     }
-    let ours = our_rules()?;
-    if !ours.is_empty() {
-        netlink::send(&netlink::encode_delete_rules(
-            FILTER_TABLE,
-            DOCKER_USER,
-            &ours,
-        )?)?;
-        info!(
-            chain = "ip filter DOCKER-USER",
-            "forward filter: our accept rule removed"
-        );
-    }
-    Ok(ours.len())
+    Ok(removed)
 }
 
 /// Logs an assessment's warnings loudly; returns them.
@@ -379,7 +438,8 @@ mod tests {
             Some(NF_INET_FORWARD),
             Some(NF_DROP),
         ));
-        // Accepting, or not on the forward hook, or another family: not ours to report.
+        // Accepting, or not on the forward hook, or a family we do not route: not ours to
+        // report.
         chains.push(chain(
             NFPROTO_INET,
             "mine",
@@ -387,9 +447,10 @@ mod tests {
             Some(NF_INET_FORWARD),
             Some(1),
         ));
+        chains.push(chain(NFPROTO_IPV6, "six", "input", Some(1), Some(NF_DROP)));
         chains.push(chain(
-            10,
-            "six",
+            7,
+            "bridge",
             "fwd",
             Some(NF_INET_FORWARD),
             Some(NF_DROP),
@@ -401,8 +462,36 @@ mod tests {
     }
 
     #[test]
+    fn ip6tables_forward_drop_is_handled_through_its_own_docker_user() {
+        let mut chains = docker(true);
+        chains.push(chain(
+            NFPROTO_IPV6,
+            "filter",
+            "FORWARD",
+            Some(NF_INET_FORWARD),
+            Some(NF_DROP),
+        ));
+        // Docker < 27, or `ip6tables: false`: ip6 FORWARD drops with no chain of Docker's to
+        // accept in, which is reported.
+        let a = assess(&chains, false);
+        assert!(a.docker_user && !a.docker_user6);
+        assert_eq!(a.warnings.len(), 1, "{a:?}");
+        assert!(
+            a.warnings[0].starts_with("table ip6 filter chain FORWARD drops"),
+            "{a:?}"
+        );
+        assert_eq!(a.families().collect::<Vec<_>>(), vec![IP]);
+        // Docker managing ip6tables: our rule goes in both chains, nothing to report.
+        chains.push(chain(NFPROTO_IPV6, "filter", DOCKER_USER, None, None));
+        let a = assess(&chains, false);
+        assert!(a.docker_user6 && a.warnings.is_empty(), "{a:?}");
+        assert_eq!(a.families().collect::<Vec<_>>(), vec![IP, IP6]);
+    }
+
+    #[test]
     fn accept_rule_matches_the_mark_the_table_sets() {
-        let rule = accept_rule();
+        let rule = accept_rule(IP6);
+        assert_eq!(rule.family, ProtoFamily::Ipv6);
         let Expr::XtMatch { name, rev, info } = &rule.exprs[0] else {
             panic!("first expression is the connmark match: {rule:?}");
         };

@@ -620,15 +620,17 @@ unsafe impl NlMsg for RuleMsg<'_> {
 /// A rule for a chain of another table, as plain data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForeignRule {
+    /// `ProtoFamily::Ipv4` (ip) or `ProtoFamily::Ipv6` (ip6).
+    pub family: ProtoFamily,
     pub table: &'static str,
     pub chain: &'static str,
     pub exprs: Vec<Expr>,
     pub comment: &'static str,
 }
 
-/// Inserts `rule` (family ip) before every other rule of its chain.
+/// Inserts `rule` before every other rule of its chain.
 pub fn encode_insert_at_head(rule: &ForeignRule) -> Result<Encoded, NetlinkError> {
-    let mut raw = RawRule::new(ProtoFamily::Ipv4 as u32, rule.table, rule.chain)?;
+    let mut raw = RawRule::new(rule.family as u32, rule.table, rule.chain)?;
     for expr in &rule.exprs {
         raw.add_expr(expr);
     }
@@ -638,15 +640,16 @@ pub fn encode_insert_at_head(rule: &ForeignRule) -> Result<Encoded, NetlinkError
     Ok(finalize(batch, false))
 }
 
-/// Deletes the rules with these handles from `table`'s (family ip) `chain`.
+/// Deletes the rules with these handles from `table`'s (of `family`) `chain`.
 pub fn encode_delete_rules(
+    family: ProtoFamily,
     table: &str,
     chain: &str,
     handles: &[u64],
 ) -> Result<Encoded, NetlinkError> {
     let mut batch = Batch::new();
     for handle in handles {
-        let mut raw = RawRule::new(ProtoFamily::Ipv4 as u32, table, chain)?;
+        let mut raw = RawRule::new(family as u32, table, chain)?;
         raw.set_handle(*handle);
         batch.add(&RuleMsg(&raw, RulePlacement::Delete), MsgType::Del);
     }
@@ -827,9 +830,13 @@ pub fn list_chains() -> Result<Vec<ChainInfo>, NetlinkError> {
     Ok(chains)
 }
 
-/// The rules of `table`'s (family ip) `chain`, in order.
-pub fn list_rules(table: &str, chain: &str) -> Result<Vec<RuleInfo>, NetlinkError> {
-    let filter = RawRule::new(ProtoFamily::Ipv4 as u32, table, chain)?;
+/// The rules of `table`'s (of `family`) `chain`, in order.
+pub fn list_rules(
+    family: ProtoFamily,
+    table: &str,
+    chain: &str,
+) -> Result<Vec<RuleInfo>, NetlinkError> {
+    let filter = RawRule::new(family as u32, table, chain)?;
     let mut rules = Vec::new();
     dump(
         // SAFETY: the buffer is 4 KiB; a header with a table and a chain name fits easily.
@@ -837,7 +844,7 @@ pub fn list_rules(table: &str, chain: &str) -> Result<Vec<RuleInfo>, NetlinkErro
             let header = sys::nftnl_nlmsg_build_hdr(
                 buf,
                 libc::NFT_MSG_GETRULE as u16,
-                ProtoFamily::Ipv4 as u16,
+                family as u16,
                 (libc::NLM_F_DUMP | libc::NLM_F_ACK) as u16,
                 1,
             );

@@ -105,6 +105,25 @@ pub fn describe(node: &str, action: &Action, routes: &RouteView) -> String {
         }
         Action::SetRoutes { routes } => describe_table(routes),
         Action::FollowRoutes { version } => routes.follow(node, version),
+        Action::SwitchRoutes { moves } => {
+            let parts: Vec<String> = moves
+                .iter()
+                .map(|m| {
+                    let ports: Vec<String> =
+                        m.ports.iter().map(|p| p.external.to_string()).collect();
+                    if m.node == node {
+                        format!(
+                            "{} ({}) here, holding new connections until it is ready",
+                            m.application,
+                            ports.join(", ")
+                        )
+                    } else {
+                        format!("{} ({}) to {}", m.application, ports.join(", "), m.node)
+                    }
+                })
+                .collect();
+            format!("route {} before the stop", parts.join("; "))
+        }
     }
 }
 

@@ -111,18 +111,18 @@ pub fn describe(node: &str, action: &Action, routes: &RouteView) -> String {
                 .map(|m| {
                     let ports: Vec<String> =
                         m.ports.iter().map(|p| p.external.to_string()).collect();
+                    let ports = ports.join(", ");
                     if m.node == node {
                         format!(
-                            "{} ({}) here, holding new connections until it is ready",
-                            m.application,
-                            ports.join(", ")
+                            "route {} ({ports}) here, holding new connections until it is ready",
+                            m.application
                         )
                     } else {
-                        format!("{} ({}) to {}", m.application, ports.join(", "), m.node)
+                        format!("route {} ({ports}) to {}", m.application, m.node)
                     }
                 })
                 .collect();
-            format!("route {} before the stop", parts.join("; "))
+            format!("before the stop: {}", parts.join("; "))
         }
     }
 }

@@ -8,9 +8,11 @@
 //! 1. `finish-handoff`: a handoff that a crash interrupted is completed first.
 //! 2. `create-volumes`: volumes of applications that have none anywhere yet.
 //! 3. `pre-copy`: moved applications' volumes are pushed while they still run.
-//! 4. `switch-routes`: every node routes the ports of each application that moves with its
-//!    volumes to the node it moves to, which holds new connections until the application is
-//!    ready there (hold, don't refuse: clients see a pause, not a refused connection).
+//! 4. `hold`, then `switch-routes`: first each node an application with volumes moves to
+//!    routes its ports to itself and holds new connections until the application is ready
+//!    there; then every node routes those ports to it (hold, don't refuse: clients see a
+//!    pause, not a refused connection). The target goes first so that no node ever forwards
+//!    a port to a node that still forwards it back.
 //! 5. `stop`: containers that must not run where they are (removed, or moved away with
 //!    their volumes).
 //! 6. `final-push`: the small incremental push of moved volumes after their application stopped.
@@ -131,6 +133,7 @@ struct PhaseSet {
     finish_handoff: Vec<NodeAction>,
     create_volumes: Vec<NodeAction>,
     pre_copy: Vec<NodeAction>,
+    hold: Vec<NodeAction>,
     switch_routes: Vec<NodeAction>,
     stop: Vec<NodeAction>,
     final_push: Vec<NodeAction>,
@@ -147,6 +150,7 @@ impl PhaseSet {
             ("finish-handoff".to_owned(), self.finish_handoff),
             ("create-volumes".to_owned(), self.create_volumes),
             ("pre-copy".to_owned(), self.pre_copy),
+            ("hold".to_owned(), self.hold),
             ("switch-routes".to_owned(), self.switch_routes),
             ("stop".to_owned(), self.stop),
             ("final-push".to_owned(), self.final_push),
@@ -388,8 +392,11 @@ fn stop(node: &str, application: &str) -> NodeAction {
 
 /// Before the stop of a move, every node of the deployment routes the moving applications'
 /// ports to their new node (`SwitchRoutes`), which holds new connections until the
-/// application is ready there. Returns the nodes switched: their tables then follow no
-/// route map version, so the `routes` phase sends them the map again.
+/// application is ready there. The new nodes switch their own moves first (`hold`): while
+/// the others switch in parallel, a node that already forwards a port to the new node can
+/// never meet a new node that still forwards it back (a loop that resets connections).
+/// Returns the nodes switched: their tables then follow no route map version, so the
+/// `routes` phase sends them the map again.
 ///
 /// Only applications with volumes switch early: one without moves make before break (its
 /// old copy serves until the routes phase), which is better than holding.
@@ -400,6 +407,13 @@ fn plan_switch(
 ) -> BTreeSet<String> {
     if moving.is_empty() {
         return BTreeSet::new();
+    }
+    let mut to_each: BTreeMap<&str, Vec<MovedPorts>> = BTreeMap::new();
+    for m in &moving {
+        to_each.entry(m.node.as_str()).or_default().push(m.clone());
+    }
+    for (node, moves) in to_each {
+        phases.hold.push(on(node, Action::SwitchRoutes { moves }));
     }
     for node in desired.nodes.keys() {
         phases.switch_routes.push(on(

@@ -60,6 +60,9 @@ fn deploy_ok(cluster: &Cluster, deployment: &Path, application: &Path) -> Result
         text(&out.stdout),
         text(&out.stderr)
     );
+    for line in text(&out.stderr).lines().filter(|l| l.contains(" done in ")) {
+        eprintln!("  {}", line.trim());
+    }
     Ok(text(&out.stdout))
 }
 
@@ -101,7 +104,7 @@ fn running_redis(node: &ClusterNode) -> Result<bool> {
 #[ignore = "privileged: needs root, dockerd, zfs-fuse and network namespaces; `cargo xtask ci` runs it"]
 fn a_move_holds_new_connections_instead_of_refusing_them() -> Result<()> {
     build_binaries();
-    for routing in ["nftables", "ebpf"] {
+    for routing in ["ebpf", "nftables"] {
         eprintln!("=== routing backend: {routing}");
         scenario(routing).with_context(|| format!("with {routing} routing"))?;
     }
@@ -122,12 +125,29 @@ fn scenario(routing: &str) -> Result<()> {
         routing: routing.into(),
     })?;
     cluster.teardown_on_drop = true;
+    let result = moves(&cluster, routing);
+    if result.is_err() {
+        // The agents' logs go with the cluster: keep them for whoever reads the failure.
+        for node in &cluster.nodes {
+            let kept = std::env::temp_dir().join(format!(
+                "flocker-e2e-seamless-{routing}-{}-agent.log",
+                node.name
+            ));
+            if std::fs::copy(node.dir.join("agent.log"), &kept).is_ok() {
+                eprintln!("agent log of {} kept at {}", node.name, kept.display());
+            }
+        }
+    }
+    result
+}
+
+fn moves(cluster: &Cluster, routing: &str) -> Result<()> {
     let [n1, n2, n3] = [0, 1, 2].map(|i| cluster.nodes[i].clone());
     let files = Files::new()?;
     let apps = files.write("application.yml", APPLICATIONS);
-    let on_n1 = only_on(&cluster, &n1, &files, "on-n1.yml");
-    let on_n2 = only_on(&cluster, &n2, &files, "on-n2.yml");
-    deploy_ok(&cluster, &on_n1, &apps)?;
+    let on_n1 = only_on(cluster, &n1, &files, "on-n1.yml");
+    let on_n2 = only_on(cluster, &n2, &files, "on-n2.yml");
+    deploy_ok(cluster, &on_n1, &apps)?;
     let mut redis = redis_at(&n3)?;
     let before: Vec<String> = (0..50).map(|i| format!("before:{i}")).collect();
     for key in &before {
@@ -144,7 +164,7 @@ fn scenario(routing: &str) -> Result<()> {
         ATTEMPT_TIMEOUT,
     );
     std::thread::sleep(Duration::from_millis(300));
-    let plan = deploy_ok(&cluster, &on_n2, &apps)?;
+    let plan = deploy_ok(cluster, &on_n2, &apps)?;
     std::thread::sleep(Duration::from_millis(300));
     let moved = client.finish();
     ensure!(plan.contains("switch-routes"), "the move switches routes first: {plan}");
@@ -180,7 +200,7 @@ fn scenario(routing: &str) -> Result<()> {
     );
     std::thread::sleep(Duration::from_millis(200));
     let killed = deploy_watched(
-        &cluster,
+        cluster,
         &on_n1,
         &apps,
         Duration::from_secs(120),
@@ -223,8 +243,8 @@ fn scenario(routing: &str) -> Result<()> {
 
     // 3. The agent comes back and a redeploy converges with every acknowledged key.
     cluster.restart_agent(&n1)?;
-    deploy_ok(&cluster, &on_n1, &apps)?;
-    let again = deploy_ok(&cluster, &on_n1, &apps)?;
+    deploy_ok(cluster, &on_n1, &apps)?;
+    let again = deploy_ok(cluster, &on_n1, &apps)?;
     ensure!(again.contains("nothing to do"), "converged: {again}");
     ensure!(running_redis(&n1)? && !running_redis(&n2)?, "redis back on n1");
     written.extend(during_kill.acknowledged());

@@ -151,20 +151,22 @@ fn moved_with_volume_follows_the_migration_protocol() {
     check(
         &after,
         &realize(&before),
-        "phase 1/7: pre-copy
+        "phase 1/8: pre-copy
   198.18.0.11     push volume redis to 198.18.0.12 (pre-copy, while running)
-phase 2/7: switch-routes
+phase 2/8: hold
+  198.18.0.12     before the stop: route redis (6379) here, holding new connections until it is ready
+phase 3/8: switch-routes
   198.18.0.11     before the stop: route redis (6379) to 198.18.0.12
   198.18.0.12     before the stop: route redis (6379) here, holding new connections until it is ready
-phase 3/7: stop
+phase 4/8: stop
   198.18.0.11     stop redis
-phase 4/7: final-push
+phase 5/8: final-push
   198.18.0.11     push volume redis to 198.18.0.12 (final, after stop)
-phase 5/7: handoff
+phase 6/8: handoff
   198.18.0.11     hand volume redis over to 198.18.0.12
-phase 6/7: start
+phase 7/8: start
   198.18.0.12     start redis (redis:latest)
-phase 7/7: routes
+phase 8/8: routes
   198.18.0.11     set routes 6379 -> redis (on 198.18.0.12)
   198.18.0.12     set routes 6379 -> redis (local :80)
 ",
@@ -197,23 +199,25 @@ fn every_volume_of_an_application_moves_in_the_same_phases() {
     check(
         &after,
         &realize(&before),
-        "phase 1/7: pre-copy
+        "phase 1/8: pre-copy
   198.18.0.11     push volume db to 198.18.0.12 (pre-copy, while running)
   198.18.0.11     push volume db.logs to 198.18.0.12 (pre-copy, while running)
-phase 2/7: switch-routes
+phase 2/8: hold
+  198.18.0.12     before the stop: route db (5432) here, holding new connections until it is ready
+phase 3/8: switch-routes
   198.18.0.11     before the stop: route db (5432) to 198.18.0.12
   198.18.0.12     before the stop: route db (5432) here, holding new connections until it is ready
-phase 3/7: stop
+phase 4/8: stop
   198.18.0.11     stop db
-phase 4/7: final-push
+phase 5/8: final-push
   198.18.0.11     push volume db to 198.18.0.12 (final, after stop)
   198.18.0.11     push volume db.logs to 198.18.0.12 (final, after stop)
-phase 5/7: handoff
+phase 6/8: handoff
   198.18.0.11     hand volume db over to 198.18.0.12
   198.18.0.11     hand volume db.logs over to 198.18.0.12
-phase 6/7: start
+phase 7/8: start
   198.18.0.12     start db (db:latest)
-phase 7/7: routes
+phase 8/8: routes
   198.18.0.11     set routes 5432 -> db (on 198.18.0.12)
   198.18.0.12     set routes 5432 -> db (local :80)
 ",
@@ -356,25 +360,28 @@ fn two_applications_swap_nodes() {
     check(
         &after,
         &realize(&before),
-        "phase 1/7: pre-copy
+        "phase 1/8: pre-copy
   198.18.0.11     push volume a to 198.18.0.12 (pre-copy, while running)
   198.18.0.12     push volume b to 198.18.0.11 (pre-copy, while running)
-phase 2/7: switch-routes
+phase 2/8: hold
+  198.18.0.11     before the stop: route b (7002) here, holding new connections until it is ready
+  198.18.0.12     before the stop: route a (7001) here, holding new connections until it is ready
+phase 3/8: switch-routes
   198.18.0.11     before the stop: route a (7001) to 198.18.0.12; route b (7002) here, holding new connections until it is ready
   198.18.0.12     before the stop: route a (7001) here, holding new connections until it is ready; route b (7002) to 198.18.0.11
-phase 3/7: stop
+phase 4/8: stop
   198.18.0.11     stop a
   198.18.0.12     stop b
-phase 4/7: final-push
+phase 5/8: final-push
   198.18.0.11     push volume a to 198.18.0.12 (final, after stop)
   198.18.0.12     push volume b to 198.18.0.11 (final, after stop)
-phase 5/7: handoff
+phase 6/8: handoff
   198.18.0.11     hand volume a over to 198.18.0.12
   198.18.0.12     hand volume b over to 198.18.0.11
-phase 6/7: start
+phase 7/8: start
   198.18.0.11     start b (b:latest)
   198.18.0.12     start a (a:latest)
-phase 7/7: routes
+phase 8/8: routes
   198.18.0.11     set routes 7001 -> a (on 198.18.0.12), 7002 -> b (local :80)
   198.18.0.12     set routes 7001 -> a (local :80), 7002 -> b (on 198.18.0.11)
 ",
@@ -643,6 +650,7 @@ fn failover_to_a_node_without_the_replica_promotes_then_moves() {
         names,
         [
             "failover",
+            "hold",
             "switch-routes",
             "final-push",
             "handoff",
@@ -811,12 +819,20 @@ fn only_a_move_with_volumes_switches_routes_before_the_stop() {
     );
     let plan_db = plan(&db_moves, &realize(&before));
     let names: Vec<&str> = plan_db.phases.iter().map(|p| p.name.as_str()).collect();
+    let hold = names.iter().position(|n| *n == "hold");
     let switch = names.iter().position(|n| *n == "switch-routes");
     let stop = names.iter().position(|n| *n == "stop");
     assert!(
-        switch.is_some() && switch < stop,
-        "switch before stop: {names:?}"
+        hold.is_some() && hold < switch && switch < stop,
+        "the target holds, then every node switches, before the stop: {names:?}"
     );
+    let holding: Vec<&str> = plan_db
+        .phases
+        .iter()
+        .filter(|p| p.name == "hold")
+        .flat_map(|p| p.actions.iter().map(|a| a.node.as_str()))
+        .collect();
+    assert_eq!(holding, [N2], "only the node db moves to holds first");
     // Every node switches, and every node then follows the map again.
     for phase in ["switch-routes", "routes"] {
         let nodes: Vec<&str> = plan_db

@@ -1690,10 +1690,7 @@ async fn a_switch_holds_new_connections_until_the_start_is_ready() {
         moved("198.18.9.9", web.ports.clone()),
     ] {
         let refused = node.agent.converge(request(vec![action])).await;
-        assert!(
-            matches!(refused, Err(AgentError::BadRequest(_))),
-            "refused"
-        );
+        assert!(matches!(refused, Err(AgentError::BadRequest(_))), "refused");
     }
     assert!(node.agent.routes.current().is_empty(), "nothing changed");
 

@@ -366,8 +366,8 @@ mod tests {
 
     /// An echo server standing for the started container; returns its port.
     async fn echo_server() -> u16 {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("hold test");
+        let port = listener.local_addr().expect("hold test").port();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
                 tokio::spawn(async move {
@@ -397,7 +397,7 @@ mod tests {
         let holds = HoldSet::new(Duration::from_secs(5));
         holds
             .hold("db", &[HeldPort { external, internal }])
-            .unwrap();
+            .expect("hold test");
         holds.starting("db");
         let client = tokio::spawn(async move { request(external, b"PING").await });
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -406,7 +406,7 @@ mod tests {
             "the connection waits while not ready"
         );
         holds.ready("db", Ipv4Addr::LOCALHOST);
-        let reply = client.await.unwrap().unwrap();
+        let reply = client.await.expect("hold test").expect("hold test");
         assert_eq!(reply, b"PING");
         assert!(holds.held().is_empty());
         // After the drain grace the port is no longer held (the route takes it over).
@@ -426,7 +426,7 @@ mod tests {
                     internal: 1,
                 }],
             )
-            .unwrap();
+            .expect("hold test");
         holds.starting("db");
         let started = std::time::Instant::now();
         let result = request(external, b"PING").await;
@@ -452,12 +452,12 @@ mod tests {
                     internal: 1,
                 }],
             )
-            .unwrap();
+            .expect("hold test");
         let client = tokio::spawn(async move { request(external, b"PING").await });
         tokio::time::sleep(Duration::from_millis(200)).await;
         let started = std::time::Instant::now();
         holds.release_unless(|app| app != "db");
-        let result = client.await.unwrap();
+        let result = client.await.expect("hold test");
         assert!(result.is_err());
         assert!(started.elapsed() < Duration::from_secs(2));
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -479,7 +479,7 @@ mod tests {
                     internal: 1,
                 }],
             )
-            .unwrap();
+            .expect("hold test");
         assert_eq!(holds.held(), vec![("db".to_string(), HoldState::Holding)]);
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(holds.held().is_empty());
@@ -495,17 +495,17 @@ mod tests {
             external,
             internal: 1,
         }];
-        holds.hold("db", &ports).unwrap();
+        holds.hold("db", &ports).expect("hold test");
         holds.starting("db");
-        holds.hold("db", &ports).unwrap();
+        holds.hold("db", &ports).expect("hold test");
         assert_eq!(holds.held(), vec![("db".to_string(), HoldState::Starting)]);
         holds.release("db");
     }
 
     #[tokio::test]
     async fn a_taken_port_fails_the_hold() {
-        let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
-        let port = taken.local_addr().unwrap().port();
+        let taken = std::net::TcpListener::bind("0.0.0.0:0").expect("hold test");
+        let port = taken.local_addr().expect("hold test").port();
         let holds = HoldSet::new(Duration::from_secs(5));
         let err = holds
             .hold(
@@ -515,7 +515,7 @@ mod tests {
                     internal: 1,
                 }],
             )
-            .unwrap_err();
+            .expect_err("a taken port");
         assert!(err.to_string().contains(&port.to_string()), "{err}");
         assert!(holds.held().is_empty());
     }

@@ -182,8 +182,8 @@ mod tests {
 
     /// A fake Redis that answers `+OK` to each connection's first line, after `delay`.
     fn fake_redis(delay: Duration) -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("client test");
+        let addr = listener.local_addr().expect("client test");
         thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 thread::spawn(move || {
@@ -200,7 +200,8 @@ mod tests {
     #[test]
     fn attempts_overlap_and_are_acknowledged() {
         let addr = fake_redis(Duration::from_millis(100));
-        let client = ClientView::start(addr, Duration::from_millis(10), "k", Duration::from_secs(2));
+        let client =
+            ClientView::start(addr, Duration::from_millis(10), "k", Duration::from_secs(2));
         thread::sleep(Duration::from_millis(300));
         let report = client.finish();
         assert!(report.attempts.len() >= 20, "{}", report.attempts.len());
@@ -212,10 +213,11 @@ mod tests {
     #[test]
     fn a_refused_port_fails_every_attempt() {
         let addr = {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
+            let l = TcpListener::bind("127.0.0.1:0").expect("client test");
+            l.local_addr().expect("client test")
         };
-        let client = ClientView::start(addr, Duration::from_millis(10), "k", Duration::from_secs(1));
+        let client =
+            ClientView::start(addr, Duration::from_millis(10), "k", Duration::from_secs(1));
         thread::sleep(Duration::from_millis(100));
         let report = client.finish();
         assert!(!report.attempts.is_empty());

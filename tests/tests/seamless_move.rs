@@ -60,7 +60,10 @@ fn deploy_ok(cluster: &Cluster, deployment: &Path, application: &Path) -> Result
         text(&out.stdout),
         text(&out.stderr)
     );
-    for line in text(&out.stderr).lines().filter(|l| l.contains(" done in ")) {
+    for line in text(&out.stderr)
+        .lines()
+        .filter(|l| l.contains(" done in "))
+    {
         eprintln!("  {}", line.trim());
     }
     Ok(text(&out.stdout))
@@ -167,8 +170,14 @@ fn moves(cluster: &Cluster, routing: &str) -> Result<()> {
     let plan = deploy_ok(cluster, &on_n2, &apps)?;
     std::thread::sleep(Duration::from_millis(300));
     let moved = client.finish();
-    ensure!(plan.contains("switch-routes"), "the move switches routes first: {plan}");
-    ensure!(running_redis(&n2)? && !running_redis(&n1)?, "redis moved to n2");
+    ensure!(
+        plan.contains("switch-routes"),
+        "the move switches routes first: {plan}"
+    );
+    ensure!(
+        running_redis(&n2)? && !running_redis(&n1)?,
+        "redis moved to n2"
+    );
     eprintln!(
         "{routing}: {} attempts during the move, worst connect-to-reply {:?}",
         moved.attempts.len(),
@@ -246,7 +255,10 @@ fn moves(cluster: &Cluster, routing: &str) -> Result<()> {
     deploy_ok(cluster, &on_n1, &apps)?;
     let again = deploy_ok(cluster, &on_n1, &apps)?;
     ensure!(again.contains("nothing to do"), "converged: {again}");
-    ensure!(running_redis(&n1)? && !running_redis(&n2)?, "redis back on n1");
+    ensure!(
+        running_redis(&n1)? && !running_redis(&n2)?,
+        "redis back on n1"
+    );
     written.extend(during_kill.acknowledged());
     all_keys_read_back(&n3, &written)?;
     Ok(())

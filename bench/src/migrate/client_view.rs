@@ -130,7 +130,9 @@ pub(super) fn table(runs: &[ClientViewRun], delta_mib: u64, size_mib: u64) -> St
             runs.iter().map(cell).collect::<Vec<_>>().join(" | ")
         )
     };
-    t.push_str(&row("attempts (request + reply)", &|r| r.attempts.to_string()));
+    t.push_str(&row("attempts (request + reply)", &|r| {
+        r.attempts.to_string()
+    }));
     t.push_str(&row("failed attempts", &|r| r.failed.to_string()));
     t.push_str(&row("worst connect-to-reply", &|r| ms(r.worst)));
     t.push_str(&row("downtime (PING every 10 ms), median", &|r| {

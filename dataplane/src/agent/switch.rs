@@ -86,7 +86,7 @@ impl Agent {
         let routes = switched_table(self.routes.current(), moves, &self.me);
         let count = routes.len();
         let started = std::time::Instant::now();
-        let result = self.routes.set_resolvable(routes, &resolver);
+        let result = self.routes.switch_resolvable(routes, &resolver);
         self.metrics
             .routes_applied(result.is_ok().then_some(count), started.elapsed());
         if result.is_err() {

@@ -10,7 +10,12 @@
 //! - the same move and Flocker 0.1's way again with every node's link shaped to `--link`
 //!   (default `1gbit`, `none` to skip), as on a real cluster network: the local bridge moves
 //!   data at memory speed, which makes the baseline's full copy unrealistically short,
-//! - the wall time of a no-op `flockerctl deploy` with `--apps` (default 20) applications,
+//! - the client's view (`client_view.rs`): `--client-moves` (default 5) moves with `--delta`
+//!   MiB changed before each, while a client opens a new connection every 10 ms through the
+//!   third node: failed attempts, worst connect-to-reply time, median downtime and median
+//!   time of each phase, unshaped and on the shaped links,
+//! - the wall time of a no-op `flockerctl deploy` with `--apps` (default 20) applications
+//!   (`--apps 0` leaves out this row and the next),
 //! - the overhead of the agents' metrics endpoint: the no-op deploy and a deploy that moves
 //!   one of those applications (route changes on every node), median of 5 each, with and
 //!   without a client scraping every agent's `/metrics` every 50 ms.
@@ -20,6 +25,9 @@
 //! routes switched). Since starts wait for readiness, the routes switch only to an
 //! application that answers.
 
+mod client_view;
+
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,6 +44,8 @@ struct Args {
     delta_mib: u64,
     apps: usize,
     link: String,
+    routing: String,
+    client_moves: usize,
 }
 
 fn parse(args: &[String]) -> Result<Args> {
@@ -44,6 +54,8 @@ fn parse(args: &[String]) -> Result<Args> {
         delta_mib: 1,
         apps: 20,
         link: "1gbit".into(),
+        routing: "nftables".into(),
+        client_moves: 5,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -53,8 +65,10 @@ fn parse(args: &[String]) -> Result<Args> {
             "--delta" => parsed.delta_mib = value.parse()?,
             "--apps" => parsed.apps = value.parse()?,
             "--link" => parsed.link = value.clone(),
+            "--routing" => parsed.routing = value.clone(),
+            "--client-moves" => parsed.client_moves = value.parse()?,
             other => bail!(
-                "unknown flag {other}: expected --size MiB, --delta MiB, --apps N, --link RATE|none"
+                "unknown flag {other}: expected --size MiB, --delta MiB, --apps N, --link RATE|none, --routing nftables|ebpf, --client-moves N"
             ),
         }
     }
@@ -72,7 +86,7 @@ pub fn run(args: &[String]) -> Result<()> {
         pool_size: Box::leak(pool_size.into_boxed_str()),
         agent_binary: target.join("flocker-agent"),
         ctl_binary: target.join("flockerctl"),
-        routing: "nftables".into(),
+        routing: args.routing.clone(),
     })?;
     cluster.teardown_on_drop = true;
     let [n1, n2, n3] = [0, 1, 2].map(|i| cluster.nodes[i].clone());
@@ -105,13 +119,34 @@ pub fn run(args: &[String]) -> Result<()> {
 
     let probe: SocketAddr = format!("{}:6379", n3.address).parse()?;
     eprintln!("migrate: first move n1 -> n2 (whole volume pre-copied)");
-    let first = measure(probe, || deploy(&cluster, &on(&n2, "d2.yml")?, &apps))?;
+    let first = measure(probe, || {
+        deploy(&cluster, &on(&n2, "d2.yml")?, &apps)?;
+        Ok(())
+    })?;
     write_data(&n2, "delta", args.delta_mib)?;
     eprintln!(
         "migrate: move n2 -> n1 after {} MiB changed",
         args.delta_mib
     );
-    let second = measure(probe, || deploy(&cluster, &on(&n1, "d3.yml")?, &apps))?;
+    let second = measure(probe, || {
+        deploy(&cluster, &on(&n1, "d3.yml")?, &apps)?;
+        Ok(())
+    })?;
+    let mut client_views = Vec::new();
+    if args.client_moves > 0 {
+        client_views.push(client_view::run(
+            &client_view::Moves {
+                cluster: &cluster,
+                between: (&n1, &n2),
+                deployment_on: &on,
+                applications: &apps,
+                through: probe,
+                delta_mib: args.delta_mib,
+                count: args.client_moves,
+            },
+            "unshaped",
+        )?);
+    }
     eprintln!("migrate: Flocker 0.1's stop, full copy over ssh, start (n1 -> n3)");
     let baseline = stop_copy_start(&cluster, &n1, &n3)?;
 
@@ -127,20 +162,43 @@ pub fn run(args: &[String]) -> Result<()> {
             "migrate: move n1 -> n2 after {} MiB changed, {} links",
             args.delta_mib, args.link
         );
-        let moved = measure(probe, || deploy(&cluster, &on(&n2, "d4.yml")?, &apps))?;
+        let moved = measure(probe, || {
+            deploy(&cluster, &on(&n2, "d4.yml")?, &apps)?;
+            Ok(())
+        })?;
         eprintln!("migrate: Flocker 0.1's way n2 -> n3, {} links", args.link);
         let baseline = stop_copy_start(&cluster, &n2, &n3)?;
+        if args.client_moves > 0 {
+            client_views.push(client_view::run(
+                &client_view::Moves {
+                    cluster: &cluster,
+                    between: (&n2, &n1),
+                    deployment_on: &on,
+                    applications: &apps,
+                    through: probe,
+                    delta_mib: args.delta_mib,
+                    count: args.client_moves,
+                },
+                &format!("{} links", args.link),
+            )?);
+        }
         Some((moved, baseline))
     };
 
-    eprintln!("migrate: no-op deploy with {} applications", args.apps);
-    let nodes = [&n1, &n2, &n3];
-    let many = many_applications(&nodes, args.apps, files.path())?;
-    let noop = noop_deploy(&cluster, &many, false)?;
-    eprintln!("migrate: metrics overhead (no-op and route-changing deploys, scraped or not)");
-    let noop_scraped = noop_deploy(&cluster, &many, true)?;
-    let moves = route_change_deploys(&cluster, &nodes, &many, false)?;
-    let moves_scraped = route_change_deploys(&cluster, &nodes, &many, true)?;
+    // `--apps 0` leaves out the no-op and metrics rows (minutes of busybox stop timeouts).
+    let overhead = if args.apps > 0 {
+        eprintln!("migrate: no-op deploy with {} applications", args.apps);
+        let nodes = [&n1, &n2, &n3];
+        let many = many_applications(&nodes, args.apps, files.path())?;
+        let noop = noop_deploy(&cluster, &many, false)?;
+        eprintln!("migrate: metrics overhead (no-op and route-changing deploys, scraped or not)");
+        let noop_scraped = noop_deploy(&cluster, &many, true)?;
+        let moves = route_change_deploys(&cluster, &nodes, &many, false)?;
+        let moves_scraped = route_change_deploys(&cluster, &nodes, &many, true)?;
+        Some((noop, noop_scraped, moves, moves_scraped))
+    } else {
+        None
+    };
 
     let mut table = String::new();
     table.push_str(&format!(
@@ -181,23 +239,30 @@ pub fn run(args: &[String]) -> Result<()> {
             ms(*baseline)
         ));
     }
-    table.push_str(&format!(
-        "\n| no-op `flockerctl deploy`, {} applications on 3 nodes | median of 5 |\n| --- | ---: |\n| wall time | {} |\n",
-        args.apps,
-        ms(noop)
-    ));
-    table.push_str(&format!(
+    if let Some((noop, noop_scraped, moves, moves_scraped)) = &overhead {
+        table.push_str(&format!(
+            "\n| no-op `flockerctl deploy`, {} applications on 3 nodes | median of 5 |\n| --- | ---: |\n| wall time | {} |\n",
+            args.apps,
+            ms(*noop)
+        ));
+        table.push_str(&format!(
         "\n| metrics endpoint overhead (median of 5) | not scraped | scraped every 50 ms |\n| --- | ---: | ---: |\n\
          | no-op deploy, {} applications | {} | {} |\n\
          | deploy moving one application: wall time | {} | {} |\n\
          | deploy moving one application: routes phase | {} | {} |\n",
-        args.apps,
-        ms(noop),
-        ms(noop_scraped),
-        ms(moves.wall),
-        ms(moves_scraped.wall),
-        ms(moves.routes_phase),
-        ms(moves_scraped.routes_phase),
+            args.apps,
+            ms(*noop),
+            ms(*noop_scraped),
+            ms(moves.wall),
+            ms(moves_scraped.wall),
+            ms(moves.routes_phase),
+            ms(moves_scraped.routes_phase),
+        ));
+    }
+    table.push_str(&client_view::table(
+        &client_views,
+        args.delta_mib,
+        args.size_mib,
     ));
     let ratio = second.downtime.as_secs_f64() / baseline.as_secs_f64().max(1e-9);
     table.push_str(&format!(
@@ -247,7 +312,12 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn deploy(cluster: &Cluster, deployment: &Path, application: &Path) -> Result<()> {
+/// Runs the deploy; returns how long each of its phases took.
+fn deploy(
+    cluster: &Cluster,
+    deployment: &Path,
+    application: &Path,
+) -> Result<BTreeMap<String, Duration>> {
     let out = cluster.flockerctl(&[
         "deploy",
         &deployment.display().to_string(),
@@ -260,12 +330,16 @@ fn deploy(cluster: &Cluster, deployment: &Path, application: &Path) -> Result<()
         String::from_utf8_lossy(&out.stderr)
     );
     // Where a move spends its time, phase by phase.
+    let mut phases = BTreeMap::new();
     for line in String::from_utf8_lossy(&out.stderr).lines() {
-        if line.contains(" done in ") {
+        if let Some((phase, rest)) = line.trim().split_once(" done in ") {
             eprintln!("migrate: {}", line.trim());
+            if let Ok(took) = rest.trim_end_matches(" ms").parse::<u64>() {
+                phases.insert(phase.to_string(), Duration::from_millis(took));
+            }
         }
     }
-    Ok(())
+    Ok(phases)
 }
 
 fn docker(node: &ClusterNode, args: &[&str]) -> Result<String> {

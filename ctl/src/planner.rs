@@ -8,18 +8,24 @@
 //! 1. `finish-handoff`: a handoff that a crash interrupted is completed first.
 //! 2. `create-volumes`: volumes of applications that have none anywhere yet.
 //! 3. `pre-copy`: moved applications' volumes are pushed while they still run.
-//! 4. `stop`: containers that must not run where they are (removed, or moved away with
+//! 4. `hold`, then `switch-routes`: first each node an application with volumes moves to
+//!    routes its ports to itself and holds new connections until the application is ready
+//!    there; then every node routes those ports to it (hold, don't refuse: clients see a
+//!    pause, not a refused connection). The target goes first so that no node ever forwards
+//!    a port to a node that still forwards it back.
+//! 5. `stop`: containers that must not run where they are (removed, or moved away with
 //!    their volumes).
-//! 5. `final-push`: the small incremental push of moved volumes after their application stopped.
-//! 6. `handoff`: ownership moves to the new node at the next epoch.
-//! 7. `start`: new containers start; changed ones restart in place.
-//! 8. `routes`: every node that does not yet route by the desired state's route map is told
+//! 6. `final-push`: the small incremental push of moved volumes after their application stopped.
+//! 7. `handoff`: ownership moves to the new node at the next epoch.
+//! 8. `start`: new containers start; changed ones restart in place.
+//! 9. `routes`: every node that does not yet route by the desired state's route map is told
 //!    to follow it (`FollowRoutes` with the map's version; each agent derives its own table),
-//!    only now that every container the routes point at is up. A node that left the
-//!    deployment gets an empty table.
-//! 9. `retire`: applications without volumes that moved stop on their old node, now that
-//!    the new container is ready and routed to (make before break: they never stop serving).
-//! 10. `standby`: every node whose replication schedule (the `standby:` entries of the
+//!    only now that every container the routes point at is up (and every node switched
+//!    before the stop, whose table then follows no version). A node that left the deployment
+//!    gets an empty table.
+//! 10. `retire`: applications without volumes that moved stop on their old node, now that
+//!     the new container is ready and routed to (make before break: they never stop serving).
+//! 11. `standby`: every node whose replication schedule (the `standby:` entries of the
 //!     applications it hosts) differs gets the new one, once the volumes are where they go.
 //!
 //! **Architecture invariant:** planning a cluster that matches its desired state yields the
@@ -27,6 +33,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use flocker_wire::routes::MovedPorts;
 use flocker_wire::{Action, ClusterState, DesiredState, NodeAction, Phase, Plan, VolumeState};
 
 /// Computes the plan that turns `current` into `desired`.
@@ -38,14 +45,16 @@ pub fn plan(desired: &DesiredState, current: &ClusterState) -> Plan {
     let mut phases = PhaseSet::default();
     let placement = desired.placement();
     let volumes = VolumeIndex::new(current);
+    let mut moving = Vec::new();
     for (name, app) in &desired.applications {
         let Some(&target) = placement.get(name.as_str()) else {
             continue;
         };
         // Every volume of the application goes through the same phases: pushed together
         // while it runs, once more after its one stop, handed off before its one start.
+        let mut moves = false;
         for (volume, spec) in app.volumes() {
-            plan_volume(
+            moves |= plan_volume(
                 VolumeToPlace {
                     application: name,
                     volume,
@@ -57,10 +66,18 @@ pub fn plan(desired: &DesiredState, current: &ClusterState) -> Plan {
                 &mut phases,
             );
         }
+        if moves && !app.ports.is_empty() {
+            moving.push(MovedPorts {
+                application: name.clone(),
+                node: target.to_string(),
+                ports: app.ports.clone(),
+            });
+        }
         plan_container(current, app, target, &mut phases);
     }
     plan_stops(desired, &placement, current, &mut phases);
-    plan_routes(desired, current, &mut phases);
+    let switched = plan_switch(desired, moving, &mut phases);
+    plan_routes(desired, current, &switched, &mut phases);
     plan_standby(desired, &placement, current, &mut phases);
     phases.into_plan(desired)
 }
@@ -116,6 +133,8 @@ struct PhaseSet {
     finish_handoff: Vec<NodeAction>,
     create_volumes: Vec<NodeAction>,
     pre_copy: Vec<NodeAction>,
+    hold: Vec<NodeAction>,
+    switch_routes: Vec<NodeAction>,
     stop: Vec<NodeAction>,
     final_push: Vec<NodeAction>,
     handoff: Vec<NodeAction>,
@@ -131,6 +150,8 @@ impl PhaseSet {
             ("finish-handoff".to_owned(), self.finish_handoff),
             ("create-volumes".to_owned(), self.create_volumes),
             ("pre-copy".to_owned(), self.pre_copy),
+            ("hold".to_owned(), self.hold),
+            ("switch-routes".to_owned(), self.switch_routes),
             ("stop".to_owned(), self.stop),
             ("final-push".to_owned(), self.final_push),
             ("handoff".to_owned(), self.handoff),
@@ -224,13 +245,13 @@ struct VolumeToPlace<'a> {
 
 /// Volume steps for an application placed on `target`: create, or move by the migration
 /// protocol (pre-copy while running, final push after stop, handoff), or finish a handoff
-/// that was interrupted.
+/// that was interrupted. Returns whether the volume moves to `target`.
 fn plan_volume(
     place: VolumeToPlace<'_>,
     current: &ClusterState,
     volumes: &VolumeIndex<'_>,
     phases: &mut PhaseSet,
-) {
+) -> bool {
     let VolumeToPlace {
         application,
         volume: name,
@@ -245,7 +266,7 @@ fn plan_volume(
                 maximum_size,
             },
         ));
-        return;
+        return false;
     };
     let owner = record.owner.as_str();
     let settled = volumes.settled(name);
@@ -254,7 +275,7 @@ fn plan_volume(
             // The holder recorded "handed to target" but the target never heard: tell it again.
             phases.handoff.push(handoff(holder, name, target));
         }
-        return;
+        return false;
     }
     if !settled {
         // Finish the earlier handoff to `owner` before moving on from there.
@@ -270,6 +291,7 @@ fn plan_volume(
     }
     phases.final_push.push(push(owner, name, target, true));
     phases.handoff.push(handoff(owner, name, target));
+    true
 }
 
 fn push(from: &str, volume: &str, to: &str, last: bool) -> NodeAction {
@@ -368,13 +390,54 @@ fn stop(node: &str, application: &str) -> NodeAction {
     )
 }
 
+/// Before the stop of a move, every node of the deployment routes the moving applications'
+/// ports to their new node (`SwitchRoutes`), which holds new connections until the
+/// application is ready there. The new nodes switch their own moves first (`hold`): while
+/// the others switch in parallel, a node that already forwards a port to the new node can
+/// never meet a new node that still forwards it back (a loop that resets connections).
+/// Returns the nodes switched: their tables then follow no route map version, so the
+/// `routes` phase sends them the map again.
+///
+/// Only applications with volumes switch early: one without moves make before break (its
+/// old copy serves until the routes phase), which is better than holding.
+fn plan_switch(
+    desired: &DesiredState,
+    moving: Vec<MovedPorts>,
+    phases: &mut PhaseSet,
+) -> BTreeSet<String> {
+    if moving.is_empty() {
+        return BTreeSet::new();
+    }
+    let mut to_each: BTreeMap<&str, Vec<MovedPorts>> = BTreeMap::new();
+    for m in &moving {
+        to_each.entry(m.node.as_str()).or_default().push(m.clone());
+    }
+    for (node, moves) in to_each {
+        phases.hold.push(on(node, Action::SwitchRoutes { moves }));
+    }
+    for node in desired.nodes.keys() {
+        phases.switch_routes.push(on(
+            node,
+            Action::SwitchRoutes {
+                moves: moving.clone(),
+            },
+        ));
+    }
+    desired.nodes.keys().cloned().collect()
+}
+
 /// Every node of the deployment that does not route by the desired route map yet is told
 /// to follow it; a node that left the deployment and still routes gets an empty table.
 ///
 /// A node reporting the map's version routes by it. One reporting no version (its table was
 /// set as a list, or fencing changed it) is compared table by table (when the map carries no services), which costs its
 /// applications' worth of work but keeps a matching table from being sent again.
-fn plan_routes(desired: &DesiredState, current: &ClusterState, phases: &mut PhaseSet) {
+fn plan_routes(
+    desired: &DesiredState,
+    current: &ClusterState,
+    switched: &BTreeSet<String>,
+    phases: &mut PhaseSet,
+) {
     let map = desired.route_map();
     let version = map.version();
     for node in desired.nodes.keys() {
@@ -389,7 +452,7 @@ fn plan_routes(desired: &DesiredState, current: &ClusterState, phases: &mut Phas
             }
             None => map.ports.is_empty() && map.services.is_empty(),
         };
-        if !follows {
+        if !follows || switched.contains(node) {
             phases.routes.push(on(
                 node,
                 Action::FollowRoutes {

@@ -105,6 +105,25 @@ pub fn describe(node: &str, action: &Action, routes: &RouteView) -> String {
         }
         Action::SetRoutes { routes } => describe_table(routes),
         Action::FollowRoutes { version } => routes.follow(node, version),
+        Action::SwitchRoutes { moves } => {
+            let parts: Vec<String> = moves
+                .iter()
+                .map(|m| {
+                    let ports: Vec<String> =
+                        m.ports.iter().map(|p| p.external.to_string()).collect();
+                    let ports = ports.join(", ");
+                    if m.node == node {
+                        format!(
+                            "route {} ({ports}) here, holding new connections until it is ready",
+                            m.application
+                        )
+                    } else {
+                        format!("route {} ({ports}) to {}", m.application, m.node)
+                    }
+                })
+                .collect();
+            format!("before the stop: {}", parts.join("; "))
+        }
     }
 }
 

@@ -1781,3 +1781,136 @@ async fn a_start_re_programs_the_routes_into_the_new_container_address() {
     assert_eq!(failed(&events), None, "{events:?}");
     assert_eq!(backend_of_8080().as_deref(), Some("172.17.0.9:80"));
 }
+
+/// Issue 16 on the agent: `SwitchRoutes` makes the node the application moves to hold new
+/// connections on the port; once the start is ready they reach the container. Hostile
+/// switches (a move here that the desired state does not place or map, a move to a node
+/// outside it) are refused before anything changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_holds_new_connections_until_the_start_is_ready() {
+    use flocker_wire::{Route, RouteTarget};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::agent::AgentError;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca");
+    flocker_ctl::ca::init(&ca, "test").expect("ca");
+    flocker_ctl::ca::issue_node(&ca, B).expect("b");
+    let programmed = Arc::new(Mutex::new(Vec::new()));
+    let node = start_node_routing(
+        dir.path(),
+        &ca,
+        B,
+        free_port(),
+        Some(Box::new(RecordingBackend(programmed.clone()))),
+    )
+    .await;
+    // The "container": an echo server on loopback, which the fake runtime hands out as the
+    // container's address.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("echo");
+    let internal = echo.local_addr().expect("echo addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 16];
+                if let Ok(n) = s.read(&mut buf).await {
+                    let _ = s.write_all(&buf[..n]).await;
+                }
+            });
+        }
+    });
+    *node.runtime.next_ip.lock().expect("ip") = Some("127.0.0.1".into());
+    let external = free_port();
+    let web = Application {
+        name: "web".into(),
+        ports: vec![flocker_wire::PortMap::tcp(internal, external)],
+        volume: None,
+        ..app()
+    };
+    let mut d = DesiredState::default();
+    d.applications.insert("web".into(), web.clone());
+    d.nodes.insert(A.into(), BTreeSet::new());
+    d.nodes
+        .insert(B.into(), BTreeSet::from(["web".to_string()]));
+    let moved = |node: &str, ports: Vec<flocker_wire::PortMap>| Action::SwitchRoutes {
+        moves: vec![flocker_wire::routes::MovedPorts {
+            application: "web".into(),
+            node: node.into(),
+            ports,
+        }],
+    };
+    let request = |actions| ConvergeRequest {
+        desired: d.for_node(B),
+        routes: None,
+        actions,
+    };
+
+    // Refused: other ports than the desired state maps, a node outside the desired state.
+    for action in [
+        moved(B, vec![flocker_wire::PortMap::tcp(internal, 4523)]),
+        moved("198.18.9.9", web.ports.clone()),
+    ] {
+        let refused = node.agent.converge(request(vec![action])).await;
+        assert!(matches!(refused, Err(AgentError::BadRequest(_))), "refused");
+    }
+    assert!(node.agent.routes.current().is_empty(), "nothing changed");
+
+    let mut rx = node
+        .agent
+        .converge(request(vec![moved(B, web.ports.clone())]))
+        .await
+        .expect("switch accepted");
+    while let Some(e) = rx.recv().await {
+        assert!(!matches!(e, ConvergeEvent::Failed { .. }), "{e:?}");
+    }
+    assert_eq!(
+        node.agent.routes.current(),
+        vec![Route {
+            external_port: external,
+            protocol: flocker_wire::Protocol::Tcp,
+            application: "web".into(),
+            target: RouteTarget::Local {
+                internal_port: internal
+            },
+        }]
+    );
+    let before_start = programmed.lock().expect("tables").last().cloned();
+    assert!(
+        before_start.is_some_and(|t| t.entries.is_empty()),
+        "no container yet: the route is left out of the kernel"
+    );
+    let client = tokio::spawn(async move {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", external)).await?;
+        s.write_all(b"PING").await?;
+        let mut reply = [0u8; 4];
+        s.read_exact(&mut reply).await?;
+        Ok::<_, std::io::Error>(reply)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!client.is_finished(), "held, not refused");
+    assert_eq!(node.agent.holds.held().len(), 1);
+
+    let mut rx = node
+        .agent
+        .converge(request(vec![Action::StartApplication { application: web }]))
+        .await
+        .expect("start accepted");
+    while let Some(e) = rx.recv().await {
+        assert!(!matches!(e, ConvergeEvent::Failed { .. }), "{e:?}");
+    }
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(5), client)
+        .await
+        .expect("delivered in time")
+        .expect("client task")
+        .expect("the held connection reached the container");
+    assert_eq!(&reply, b"PING");
+    assert!(node.agent.holds.held().is_empty());
+    let after = programmed.lock().expect("tables").last().cloned();
+    assert!(
+        after.is_some_and(|t| t.entries.len() == 1),
+        "the start programmed the route into the container"
+    );
+}

@@ -88,6 +88,11 @@ pub struct Flags {
     /// [default: 120]. A health check that needs longer for its verdict gets that long.
     #[arg(long)]
     pub ready_timeout: Option<u64>,
+    /// During a move here, how long a new connection to the application's port is held
+    /// until the application is ready, before it is reset, in seconds [default: 5]. Also
+    /// how long the port is held after the routes switched here if no start follows.
+    #[arg(long)]
+    pub hold_timeout: Option<u64>,
 }
 
 /// The TOML file.
@@ -111,6 +116,7 @@ struct FileConfig {
     move_rate_limit: Option<u64>,
     metrics_listen: Option<SocketAddr>,
     ready_timeout: Option<u64>,
+    hold_timeout: Option<u64>,
 }
 
 /// Which volume backend, and where.
@@ -169,6 +175,7 @@ pub struct AgentConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// How long a start waits for readiness.
     pub ready_timeout: std::time::Duration,
+    pub hold_timeout: std::time::Duration,
 }
 
 impl AgentConfig {
@@ -281,6 +288,15 @@ impl AgentConfig {
                 "ready_timeout: {ready_timeout} s is outside 1 to 3600 seconds"
             ));
         }
+        let hold_timeout = flags
+            .hold_timeout
+            .or(file.hold_timeout)
+            .unwrap_or(crate::hold::DEFAULT_HOLD_TIMEOUT.as_secs());
+        if !(1..=600).contains(&hold_timeout) {
+            errors.push(format!(
+                "hold_timeout: {hold_timeout} s is outside 1 to 600 seconds"
+            ));
+        }
         if !errors.is_empty() {
             return Err(ConfigError::Invalid(errors));
         }
@@ -300,6 +316,7 @@ impl AgentConfig {
             move_rate_limit,
             metrics_listen: flags.metrics_listen.or(file.metrics_listen),
             ready_timeout: std::time::Duration::from_secs(ready_timeout),
+            hold_timeout: std::time::Duration::from_secs(hold_timeout),
         })
     }
 }

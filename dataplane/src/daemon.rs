@@ -168,6 +168,7 @@ pub async fn build(
         ))
         .with_move_rate(config.move_rate_limit)
         .with_ready_timeout(config.ready_timeout)
+        .with_hold_timeout(config.hold_timeout)
         .with_schedule_file(
             config
                 .state_dir

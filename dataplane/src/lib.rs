@@ -18,6 +18,7 @@ pub mod config;
 pub mod containers;
 pub mod daemon;
 pub mod files;
+pub mod hold;
 pub mod hosts;
 pub mod identity;
 pub mod idle;

@@ -286,14 +286,34 @@ impl RouteStore {
     /// follows no route map version, so the next deploy compares it in full.
     pub fn set_resolvable(
         &self,
+        routes: Vec<Route>,
+        resolver: &Resolver,
+    ) -> Result<(), RoutesError> {
+        self.set_resolvable_keeping(routes, resolver, false)
+    }
+
+    /// [`RouteStore::set_resolvable`] for the switch of a move (issue 16): the old container
+    /// still serves until it stops, so connections the kernel tracks to it are left to
+    /// finish there (`RoutingBackend::apply_keeping_connections`).
+    pub fn switch_resolvable(
+        &self,
+        routes: Vec<Route>,
+        resolver: &Resolver,
+    ) -> Result<(), RoutesError> {
+        self.set_resolvable_keeping(routes, resolver, true)
+    }
+
+    fn set_resolvable_keeping(
+        &self,
         mut routes: Vec<Route>,
         resolver: &Resolver,
+        keep_connections: bool,
     ) -> Result<(), RoutesError> {
         routes.sort();
         let (services, peers) = self.recorded_services();
         let mut table = RouteTable::from_wire(&resolvable(&routes, resolver), resolver)?;
         table.services = service_table(&services, &peers, resolver)?;
-        self.program(&table)?;
+        self.program_keeping(&table, keep_connections)?;
         self.record(Recorded {
             version: None,
             routes,
@@ -303,12 +323,25 @@ impl RouteStore {
     }
 
     fn program(&self, table: &RouteTable) -> Result<(), RoutesError> {
+        self.program_keeping(table, false)
+    }
+
+    fn program_keeping(
+        &self,
+        table: &RouteTable,
+        keep_connections: bool,
+    ) -> Result<(), RoutesError> {
         let mut guard = self.backend.lock().map_err(|_| RoutesError::Backend {
             backend: "unknown",
             detail: "lock poisoned".into(),
         })?;
         if let Some(backend) = guard.as_mut() {
-            backend.apply(table).map_err(|e| RoutesError::Backend {
+            let applied = if keep_connections {
+                backend.apply_keeping_connections(table)
+            } else {
+                backend.apply(table)
+            };
+            applied.map_err(|e| RoutesError::Backend {
                 backend: backend.name(),
                 detail: flocker_routing::error_chain(&e),
             })?;

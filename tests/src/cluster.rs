@@ -687,7 +687,7 @@ fn kill_pidfile(pidfile: &Path, signal: &str) {
 /// Waits until something accepts TCP connections at `addr`.
 fn wait_for_agent(node: &ClusterNode) -> Result<()> {
     wait_for_port(&node.socket(AGENT_PORT), Duration::from_secs(30))
-    .with_context(|| format!("agent on {} did not come up", node.name))
+        .with_context(|| format!("agent on {} did not come up", node.name))
 }
 
 pub fn wait_for_port(addr: &str, timeout: Duration) -> Result<()> {

@@ -4,6 +4,7 @@
 
 pub mod binaries;
 pub mod chaos;
+pub mod client_view;
 pub mod cluster;
 pub mod docker;
 pub mod images;

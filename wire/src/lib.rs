@@ -560,6 +560,11 @@ pub enum Action {
     /// Route by the cluster's route map of this version, which the converge request
     /// carries (`ConvergeRequest::routes`): the node derives its own table from it.
     FollowRoutes { version: String },
+    /// Before the stop of a move: the ports of each moving application lead to the node it
+    /// moves to from now on. That node holds new TCP connections to them until the
+    /// application is ready there (see `dataplane/src/hold.rs`); the table follows no route
+    /// map version until the `routes` phase sends the map again.
+    SwitchRoutes { moves: Vec<routes::MovedPorts> },
     /// The replication schedule for the applications this node hosts. The converge request's
     /// desired state carries it; the action makes a node that has nothing else to do take it.
     SetStandby { standby: BTreeMap<String, Standby> },

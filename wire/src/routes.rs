@@ -101,6 +101,38 @@ pub struct ServiceRoute {
     pub target: RouteTarget,
 }
 
+/// The external ports of one application that moves, and the node it moves to: what
+/// [`crate::Action::SwitchRoutes`] sets on every node before the application stops.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MovedPorts {
+    pub application: String,
+    pub node: String,
+    pub ports: Vec<crate::PortMap>,
+}
+
+impl MovedPorts {
+    /// The routes of these ports on `node`: into its own container when the application
+    /// moves there, to the new node otherwise.
+    pub fn routes_for(&self, node: &str) -> Vec<Route> {
+        self.ports
+            .iter()
+            .map(|p| {
+                let key = PortKey {
+                    port: p.external,
+                    protocol: p.protocol,
+                };
+                let to = PortRoute {
+                    application: self.application.clone(),
+                    node: self.node.clone(),
+                    internal_port: p.internal,
+                };
+                route(key, &to, node)
+            })
+            .collect()
+    }
+}
+
 impl RouteMap {
     /// The route table of `node`: its own applications' ports locally, every other port
     /// forwarded to the node that serves it.
@@ -351,6 +383,45 @@ mod tests {
             files: Vec::new(),
             health_check: None,
         }
+    }
+
+    #[test]
+    fn moved_ports_lead_into_the_new_node_and_to_it_from_elsewhere() {
+        let moved = MovedPorts {
+            application: "db".into(),
+            node: "198.18.0.2".into(),
+            ports: vec![
+                PortMap::tcp(6379, 16379),
+                PortMap {
+                    internal: 53,
+                    external: 5353,
+                    protocol: Protocol::Udp,
+                },
+            ],
+        };
+        let here = moved.routes_for("198.18.0.2");
+        assert_eq!(
+            here.iter().map(|r| &r.target).collect::<Vec<_>>(),
+            [
+                &RouteTarget::Local {
+                    internal_port: 6379
+                },
+                &RouteTarget::Local { internal_port: 53 }
+            ]
+        );
+        let elsewhere = moved.routes_for("198.18.0.3");
+        assert!(elsewhere.iter().all(|r| r.application == "db"
+            && r.target
+                == RouteTarget::Node {
+                    address: "198.18.0.2".into()
+                }));
+        assert_eq!(
+            elsewhere
+                .iter()
+                .map(|r| (r.external_port, r.protocol))
+                .collect::<Vec<_>>(),
+            [(16379, Protocol::Tcp), (5353, Protocol::Udp)]
+        );
     }
 
     /// A valid random deployment: up to 8 nodes, up to 30 applications with 0 to 3 ports

@@ -127,6 +127,7 @@ fn step(action: &Action) -> String {
         Action::StopApplication { application } => format!("stop {application}"),
         Action::RestartApplication { application } => format!("restart {}", application.name),
         Action::SetRoutes { .. } | Action::FollowRoutes { .. } => "routes".to_string(),
+        Action::SwitchRoutes { .. } => "switch-routes".to_string(),
         Action::SetStandby { .. } => "standby".to_string(),
     }
 }

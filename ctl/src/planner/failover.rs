@@ -235,7 +235,9 @@ pub fn plan_around(
             }
             if matches!(
                 a.action,
-                Action::SetRoutes { .. } | Action::FollowRoutes { .. }
+                Action::SetRoutes { .. }
+                    | Action::FollowRoutes { .. }
+                    | Action::SwitchRoutes { .. }
             ) {
                 stale_routes.insert(a.node.clone());
             }
@@ -278,7 +280,10 @@ fn concerns<'a>(
             Some(&application.name)
         }
         Action::StopApplication { application } => Some(application),
-        Action::SetRoutes { .. } | Action::FollowRoutes { .. } | Action::SetStandby { .. } => None,
+        Action::SetRoutes { .. }
+        | Action::FollowRoutes { .. }
+        | Action::SwitchRoutes { .. }
+        | Action::SetStandby { .. } => None,
     }
 }
 

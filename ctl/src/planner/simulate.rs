@@ -189,6 +189,30 @@ fn apply(
             n.routes = routes.clone();
             n.routes_version = None;
         }
+        Action::SwitchRoutes { moves } => {
+            // The moved ports lead to nodes where the application does not run yet: the
+            // target holds connections until its start, so no route check here. The agent
+            // then reports its whole table and no version.
+            let n = node_mut(state, node);
+            let full = match n.routes_version.take() {
+                Some(_) => map.routes_for(node),
+                None => std::mem::take(&mut n.routes),
+            };
+            let mut routes: Vec<Route> = full
+                .into_iter()
+                .filter(|r| {
+                    !moves.iter().any(|m| {
+                        m.application == r.application
+                            || m.ports
+                                .iter()
+                                .any(|p| p.external == r.external_port && p.protocol == r.protocol)
+                    })
+                })
+                .collect();
+            routes.extend(moves.iter().flat_map(|m| m.routes_for(node)));
+            routes.sort();
+            n.routes = routes;
+        }
         Action::FollowRoutes { version } => {
             if *version != map.version() {
                 return Err(format!(

@@ -151,17 +151,22 @@ fn moved_with_volume_follows_the_migration_protocol() {
     check(
         &after,
         &realize(&before),
-        "phase 1/6: pre-copy
+        "phase 1/8: pre-copy
   198.18.0.11     push volume redis to 198.18.0.12 (pre-copy, while running)
-phase 2/6: stop
+phase 2/8: hold
+  198.18.0.12     before the stop: route redis (6379) here, holding new connections until it is ready
+phase 3/8: switch-routes
+  198.18.0.11     before the stop: route redis (6379) to 198.18.0.12
+  198.18.0.12     before the stop: route redis (6379) here, holding new connections until it is ready
+phase 4/8: stop
   198.18.0.11     stop redis
-phase 3/6: final-push
+phase 5/8: final-push
   198.18.0.11     push volume redis to 198.18.0.12 (final, after stop)
-phase 4/6: handoff
+phase 6/8: handoff
   198.18.0.11     hand volume redis over to 198.18.0.12
-phase 5/6: start
+phase 7/8: start
   198.18.0.12     start redis (redis:latest)
-phase 6/6: routes
+phase 8/8: routes
   198.18.0.11     set routes 6379 -> redis (on 198.18.0.12)
   198.18.0.12     set routes 6379 -> redis (local :80)
 ",
@@ -194,20 +199,25 @@ fn every_volume_of_an_application_moves_in_the_same_phases() {
     check(
         &after,
         &realize(&before),
-        "phase 1/6: pre-copy
+        "phase 1/8: pre-copy
   198.18.0.11     push volume db to 198.18.0.12 (pre-copy, while running)
   198.18.0.11     push volume db.logs to 198.18.0.12 (pre-copy, while running)
-phase 2/6: stop
+phase 2/8: hold
+  198.18.0.12     before the stop: route db (5432) here, holding new connections until it is ready
+phase 3/8: switch-routes
+  198.18.0.11     before the stop: route db (5432) to 198.18.0.12
+  198.18.0.12     before the stop: route db (5432) here, holding new connections until it is ready
+phase 4/8: stop
   198.18.0.11     stop db
-phase 3/6: final-push
+phase 5/8: final-push
   198.18.0.11     push volume db to 198.18.0.12 (final, after stop)
   198.18.0.11     push volume db.logs to 198.18.0.12 (final, after stop)
-phase 4/6: handoff
+phase 6/8: handoff
   198.18.0.11     hand volume db over to 198.18.0.12
   198.18.0.11     hand volume db.logs over to 198.18.0.12
-phase 5/6: start
+phase 7/8: start
   198.18.0.12     start db (db:latest)
-phase 6/6: routes
+phase 8/8: routes
   198.18.0.11     set routes 5432 -> db (on 198.18.0.12)
   198.18.0.12     set routes 5432 -> db (local :80)
 ",
@@ -350,22 +360,28 @@ fn two_applications_swap_nodes() {
     check(
         &after,
         &realize(&before),
-        "phase 1/6: pre-copy
+        "phase 1/8: pre-copy
   198.18.0.11     push volume a to 198.18.0.12 (pre-copy, while running)
   198.18.0.12     push volume b to 198.18.0.11 (pre-copy, while running)
-phase 2/6: stop
+phase 2/8: hold
+  198.18.0.11     before the stop: route b (7002) here, holding new connections until it is ready
+  198.18.0.12     before the stop: route a (7001) here, holding new connections until it is ready
+phase 3/8: switch-routes
+  198.18.0.11     before the stop: route a (7001) to 198.18.0.12; route b (7002) here, holding new connections until it is ready
+  198.18.0.12     before the stop: route a (7001) here, holding new connections until it is ready; route b (7002) to 198.18.0.11
+phase 4/8: stop
   198.18.0.11     stop a
   198.18.0.12     stop b
-phase 3/6: final-push
+phase 5/8: final-push
   198.18.0.11     push volume a to 198.18.0.12 (final, after stop)
   198.18.0.12     push volume b to 198.18.0.11 (final, after stop)
-phase 4/6: handoff
+phase 6/8: handoff
   198.18.0.11     hand volume a over to 198.18.0.12
   198.18.0.12     hand volume b over to 198.18.0.11
-phase 5/6: start
+phase 7/8: start
   198.18.0.11     start b (b:latest)
   198.18.0.12     start a (a:latest)
-phase 6/6: routes
+phase 8/8: routes
   198.18.0.11     set routes 7001 -> a (on 198.18.0.12), 7002 -> b (local :80)
   198.18.0.12     set routes 7001 -> a (local :80), 7002 -> b (on 198.18.0.11)
 ",
@@ -663,7 +679,15 @@ fn failover_to_a_node_without_the_replica_promotes_then_moves() {
         .collect();
     assert_eq!(
         names,
-        ["failover", "final-push", "handoff", "start", "routes"]
+        [
+            "failover",
+            "hold",
+            "switch-routes",
+            "final-push",
+            "handoff",
+            "start",
+            "routes"
+        ]
     );
     let mut after = without(&state, N1);
     apply_plan(&planned.plan, &planned.effective, &mut after).expect("safe");
@@ -801,4 +825,71 @@ fn services_alone_send_the_route_map_to_every_node() {
         .collect();
     assert_eq!(following, [N1, N2].into_iter().collect());
     assert!(!want.route_map().services.is_empty());
+}
+
+#[test]
+fn only_a_move_with_volumes_switches_routes_before_the_stop() {
+    let stateless = app("web", 8080, false);
+    let stateful = app("db", 6379, true);
+    let before = desired(
+        &[stateless.clone(), stateful.clone()],
+        &[(N1, &["web", "db"]), (N2, &[]), (N3, &[])],
+    );
+    let web_moves = desired(
+        &[stateless.clone(), stateful.clone()],
+        &[(N1, &["db"]), (N2, &["web"]), (N3, &[])],
+    );
+    let plan_web = plan(&web_moves, &realize(&before));
+    assert!(
+        plan_web.phases.iter().all(|p| p.name != "switch-routes"),
+        "make before break: the old copy serves until the routes phase"
+    );
+    let db_moves = desired(
+        &[stateless, stateful],
+        &[(N1, &["web"]), (N2, &["db"]), (N3, &[])],
+    );
+    let plan_db = plan(&db_moves, &realize(&before));
+    let names: Vec<&str> = plan_db.phases.iter().map(|p| p.name.as_str()).collect();
+    let hold = names.iter().position(|n| *n == "hold");
+    let switch = names.iter().position(|n| *n == "switch-routes");
+    let stop = names.iter().position(|n| *n == "stop");
+    assert!(
+        hold.is_some() && hold < switch && switch < stop,
+        "the target holds, then every node switches, before the stop: {names:?}"
+    );
+    let holding: Vec<&str> = plan_db
+        .phases
+        .iter()
+        .filter(|p| p.name == "hold")
+        .flat_map(|p| p.actions.iter().map(|a| a.node.as_str()))
+        .collect();
+    assert_eq!(holding, [N2], "only the node db moves to holds first");
+    // Every node switches, and every node then follows the map again.
+    for phase in ["switch-routes", "routes"] {
+        let nodes: Vec<&str> = plan_db
+            .phases
+            .iter()
+            .filter(|p| p.name == phase)
+            .flat_map(|p| p.actions.iter().map(|a| a.node.as_str()))
+            .collect();
+        assert_eq!(nodes, [N1, N2, N3], "{phase}");
+    }
+    let moved = plan_db
+        .phases
+        .iter()
+        .flat_map(|p| &p.actions)
+        .find_map(|a| match &a.action {
+            flocker_wire::Action::SwitchRoutes { moves } => Some(moves.clone()),
+            _ => None,
+        })
+        .expect("a switch");
+    assert_eq!(moved.len(), 1);
+    assert_eq!(
+        (moved[0].application.as_str(), moved[0].node.as_str()),
+        ("db", N2)
+    );
+    let mut state = realize(&before);
+    apply_plan(&plan_db, &db_moves, &mut state).expect("safe");
+    matches(&db_moves, &state).expect("reaches the desired state");
+    assert!(plan(&db_moves, &state).is_empty());
 }

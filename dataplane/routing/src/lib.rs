@@ -122,6 +122,14 @@ pub trait RoutingBackend: Send {
     /// before, in one atomic step per kernel object. Idempotent. An empty table removes
     /// everything, like [`RoutingBackend::clear`].
     fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError>;
+    /// [`RoutingBackend::apply`] for routes switched away from a backend that still serves
+    /// (a move, before the old container stops): connections already tracked to it are
+    /// left to finish there instead of being forgotten, which would cut their replies off.
+    /// Backends whose established connections survive a route change anyway keep the
+    /// default.
+    fn apply_keeping_connections(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
+        self.apply(table)
+    }
     /// Removes everything this backend installed, and puts back the kernel settings it
     /// changed.
     fn clear(&mut self) -> Result<(), RoutingError>;

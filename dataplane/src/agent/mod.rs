@@ -35,6 +35,7 @@ mod lock;
 mod migrate;
 pub mod node_list;
 pub mod replication;
+mod switch;
 mod validate;
 
 /// The longest a single volume backend call (a `zfs` command, a directory copy for a `dir`
@@ -139,6 +140,8 @@ pub struct Agent {
     move_rate: Option<u64>,
     /// How long a start waits for its application to be ready (see `readiness`).
     ready_timeout: std::time::Duration,
+    /// Connections held for applications moving here until they are ready (`crate::hold`).
+    pub(crate) holds: crate::hold::HoldSet,
     pub(crate) metrics: Arc<Metrics>,
 }
 
@@ -174,6 +177,7 @@ impl Agent {
             hosts: None,
             move_rate: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
+            holds: crate::hold::HoldSet::default(),
             metrics: Metrics::new(),
         }
     }
@@ -284,6 +288,12 @@ impl Agent {
     /// How long a start waits for its application to be ready before it fails.
     pub fn with_ready_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.ready_timeout = timeout;
+        self
+    }
+
+    /// How long a connection to an application moving here is held at most (`crate::hold`).
+    pub fn with_hold_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.holds = crate::hold::HoldSet::new(timeout);
         self
     }
 
@@ -673,9 +683,11 @@ impl Agent {
             Action::Promote { volume, epoch } => self.promote(volume, *epoch).await,
             Action::SetRoutes { routes } => {
                 let result = self.set_routes(routes.clone(), None).await;
+                self.release_rerouted_holds();
                 self.refresh_hosts().await;
                 result
             }
+            Action::SwitchRoutes { moves } => self.switch_routes(moves).await,
             Action::FollowRoutes { version } => {
                 // Validation made sure the request carries the map of this version.
                 let map = routes.ok_or_else(|| {
@@ -693,6 +705,7 @@ impl Agent {
                 self.metrics
                     .routes_applied(result.is_ok().then_some(map.ports.len()), started.elapsed());
                 result?;
+                self.release_rerouted_holds();
                 self.refresh_hosts().await;
                 Ok(())
             }
@@ -736,7 +749,38 @@ impl Agent {
             .find(|c| c.application.name == application))
     }
 
+    /// Starts the application and waits until it is ready; connections held for it (a move
+    /// here) then go to it, or are reset when the start fails.
     async fn start_application(
+        &self,
+        desired: &DesiredState,
+        routes: Option<&RouteMap>,
+        app: &Application,
+        replace: bool,
+        step: &str,
+        events: &Events,
+    ) -> Result<(), AgentError> {
+        self.holds.starting(&app.name);
+        let result = self
+            .start_until_ready(desired, routes, app, replace, step, events)
+            .await;
+        let address = match &result {
+            Ok(()) => self
+                .managed(&app.name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|c| c.ip?.parse::<Ipv4Addr>().ok()),
+            Err(_) => None,
+        };
+        match address {
+            Some(ip) => self.holds.ready(&app.name, ip),
+            None => self.holds.release(&app.name),
+        }
+        result
+    }
+
+    async fn start_until_ready(
         &self,
         desired: &DesiredState,
         routes: Option<&RouteMap>,
@@ -877,6 +921,7 @@ pub fn action_kind(action: &Action) -> &'static str {
         Action::RestartApplication { .. } => "restart-application",
         Action::SetRoutes { .. } => "set-routes",
         Action::FollowRoutes { .. } => "follow-routes",
+        Action::SwitchRoutes { .. } => "switch-routes",
         Action::SetStandby { .. } => "set-standby",
     }
 }
@@ -899,6 +944,10 @@ pub fn step_name(action: &Action) -> String {
         Action::SetRoutes { routes } => format!("set-routes ({} routes)", routes.len()),
         Action::FollowRoutes { version } => {
             format!("follow-routes {}", version.get(..12).unwrap_or(version))
+        }
+        Action::SwitchRoutes { moves } => {
+            let names: Vec<&str> = moves.iter().map(|m| m.application.as_str()).collect();
+            format!("switch-routes {}", names.join(", "))
         }
         Action::SetStandby { standby } => format!("set-standby ({} volumes)", standby.len()),
     }

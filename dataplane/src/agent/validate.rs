@@ -107,6 +107,7 @@ impl Agent {
                     self.validate_own_ports(request, map)?;
                     self.validate_routes(request, &map.routes_for(&self.me))?;
                 }
+                Action::SwitchRoutes { moves } => self.validate_switch(request, moves)?,
                 Action::SetStandby { standby } => {
                     if *standby != request.desired.standby_for(&self.me) {
                         return bad(
@@ -273,7 +274,7 @@ impl Agent {
     }
 
     /// Routes are programmed into the node's kernel: every port and target is checked.
-    fn validate_routes(
+    pub(super) fn validate_routes(
         &self,
         request: &ConvergeRequest,
         routes: &[Route],

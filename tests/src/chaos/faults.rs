@@ -349,6 +349,7 @@ mod tests {
         let node = ClusterNode {
             name: "n2".into(),
             address: "198.18.0.12".into(),
+            address6: None,
             netns: "flk-n2".into(),
             dir,
             docker_host: String::new(),

@@ -180,18 +180,9 @@ impl NftBackend {
     }
 }
 
-impl Default for NftBackend {
-    fn default() -> Self {
-        NftBackend::new()
-    }
-}
-
-impl RoutingBackend for NftBackend {
-    fn name(&self) -> &'static str {
-        "nftables"
-    }
-
-    fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
+impl NftBackend {
+    /// [`RoutingBackend::apply`]; with `forget`, the conntrack entries of moved ports go.
+    fn apply_forgetting(&mut self, table: &RouteTable, forget: bool) -> Result<(), RoutingError> {
         if table.is_empty() {
             // No routes means no table at all: the ruleset is left as the agent found it.
             // A table left by a previous run is removed once; after that there is nothing to do.
@@ -220,13 +211,35 @@ impl RoutingBackend for NftBackend {
             service_elements_added = service_diff.add.len(),
             "nftables: routes maps updated"
         );
-        self.janitor.forget(diff.changed_ports());
+        if forget {
+            self.janitor.forget(diff.changed_ports());
+        }
         diff.patch(&mut installed, table);
         if !service_diff.is_empty() {
             installed.services = table.services.clone();
         }
         self.installed = Some(installed);
         Ok(())
+    }
+}
+
+impl Default for NftBackend {
+    fn default() -> Self {
+        NftBackend::new()
+    }
+}
+
+impl RoutingBackend for NftBackend {
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
+        self.apply_forgetting(table, true)
+    }
+
+    fn apply_keeping_connections(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
+        self.apply_forgetting(table, false)
     }
 
     fn clear(&mut self) -> Result<(), RoutingError> {

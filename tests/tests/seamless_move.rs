@@ -1,0 +1,265 @@
+//! End to end, issue 16 ("hold, don't refuse"): while Redis moves with its volume between
+//! two nodes, a client opening a new connection every 10 ms through the third node sees no
+//! refused or reset connection, only a pause, and every key it wrote reads back afterwards.
+//! Then the target agent is killed while connections are held: they are reset (not left
+//! hanging), nothing acknowledged is lost, and a redeploy converges. Once per routing
+//! backend.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use flocker_e2e::binaries::{binary, build_binaries};
+use flocker_e2e::chaos::deploy::{PhaseHook, deploy as deploy_watched};
+use flocker_e2e::client_view::{ClientReport, ClientView};
+use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec};
+use flocker_e2e::scenario::{Files, docker, redis_at, text};
+
+const APPLICATIONS: &str = "\
+version: 1
+applications:
+  redis:
+    image: redis-flocker:latest
+    ports:
+      - internal: 6379
+        external: 6379
+    volume:
+      mountpoint: /data
+";
+
+/// The agents' default hold timeout (`--hold-timeout`).
+const HOLD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Each attempt's bound: above the hold timeout, so a held connection shows as held (slow)
+/// or reset, never as a client timeout.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn only_on(cluster: &Cluster, node: &ClusterNode, files: &Files, name: &str) -> std::path::PathBuf {
+    let mut text = String::from("version: 1\nnodes:\n");
+    for n in &cluster.nodes {
+        let apps = if n.address == node.address {
+            "[redis]"
+        } else {
+            "[]"
+        };
+        text.push_str(&format!("  {}: {apps}\n", n.address));
+    }
+    files.write(name, &text)
+}
+
+fn deploy_ok(cluster: &Cluster, deployment: &Path, application: &Path) -> Result<String> {
+    let out = cluster.flockerctl(&[
+        "deploy",
+        &deployment.display().to_string(),
+        &application.display().to_string(),
+    ])?;
+    ensure!(
+        out.status.success(),
+        "deploy failed:\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    for line in text(&out.stderr)
+        .lines()
+        .filter(|l| l.contains(" done in "))
+    {
+        eprintln!("  {}", line.trim());
+    }
+    Ok(text(&out.stdout))
+}
+
+/// Every key in `keys` reads back (each key's value is its name) through `node`.
+fn all_keys_read_back(node: &ClusterNode, keys: &[&str]) -> Result<()> {
+    let mut redis = redis_at(node)?;
+    for chunk in keys.chunks(200) {
+        let values = redis.mget(chunk)?;
+        for (key, value) in chunk.iter().zip(values) {
+            ensure!(
+                value.as_deref() == Some(*key),
+                "key {key} reads {value:?} through {}",
+                node.name
+            );
+        }
+    }
+    Ok(())
+}
+
+fn describe_failures(report: &ClientReport) -> String {
+    report
+        .failed()
+        .iter()
+        .take(10)
+        .map(|a| format!("{} at {:?}: {:?}", a.key, a.at, a.error))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn running_redis(node: &ClusterNode) -> Result<bool> {
+    let ids = docker(
+        node,
+        &["ps", "-q", "--filter", "ancestor=redis-flocker:latest"],
+    )?;
+    Ok(!ids.is_empty())
+}
+
+#[test]
+#[ignore = "privileged: needs root, dockerd, zfs-fuse and network namespaces; `cargo xtask ci` runs it"]
+fn a_move_holds_new_connections_instead_of_refusing_them() -> Result<()> {
+    build_binaries();
+    for routing in ["ebpf", "nftables"] {
+        eprintln!("=== routing backend: {routing}");
+        scenario(routing).with_context(|| format!("with {routing} routing"))?;
+    }
+    Ok(())
+}
+
+fn scenario(routing: &str) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!(
+        "flocker-e2e-seamless-{}-{routing}",
+        std::process::id()
+    ));
+    let mut cluster = Cluster::up(ClusterSpec {
+        nodes: 3,
+        dir,
+        pool_size: "1G",
+        agent_binary: binary("flocker-agent"),
+        ctl_binary: binary("flockerctl"),
+        routing: routing.into(),
+    })?;
+    cluster.teardown_on_drop = true;
+    let result = moves(&cluster, routing);
+    if result.is_err() {
+        // The agents' logs go with the cluster: keep them for whoever reads the failure.
+        for node in &cluster.nodes {
+            let kept = std::env::temp_dir().join(format!(
+                "flocker-e2e-seamless-{routing}-{}-agent.log",
+                node.name
+            ));
+            if std::fs::copy(node.dir.join("agent.log"), &kept).is_ok() {
+                eprintln!("agent log of {} kept at {}", node.name, kept.display());
+            }
+        }
+    }
+    result
+}
+
+fn moves(cluster: &Cluster, routing: &str) -> Result<()> {
+    let [n1, n2, n3] = [0, 1, 2].map(|i| cluster.nodes[i].clone());
+    let files = Files::new()?;
+    let apps = files.write("application.yml", APPLICATIONS);
+    let on_n1 = only_on(cluster, &n1, &files, "on-n1.yml");
+    let on_n2 = only_on(cluster, &n2, &files, "on-n2.yml");
+    deploy_ok(cluster, &on_n1, &apps)?;
+    let mut redis = redis_at(&n3)?;
+    let before: Vec<String> = (0..50).map(|i| format!("before:{i}")).collect();
+    for key in &before {
+        redis.command(&["SET", key, key])?;
+    }
+    drop(redis);
+    let through_n3: SocketAddr = format!("{}:6379", n3.address).parse()?;
+
+    // 1. Move n1 -> n2 with a client connecting through n3 every 10 ms: no attempt fails.
+    let client = ClientView::start(
+        through_n3,
+        Duration::from_millis(10),
+        "move",
+        ATTEMPT_TIMEOUT,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let plan = deploy_ok(cluster, &on_n2, &apps)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let moved = client.finish();
+    ensure!(
+        plan.contains("switch-routes"),
+        "the move switches routes first: {plan}"
+    );
+    ensure!(
+        running_redis(&n2)? && !running_redis(&n1)?,
+        "redis moved to n2"
+    );
+    eprintln!(
+        "{routing}: {} attempts during the move, worst connect-to-reply {:?}",
+        moved.attempts.len(),
+        moved.worst_latency()
+    );
+    ensure!(
+        moved.attempts.len() >= 30,
+        "the client ran through the move ({} attempts)",
+        moved.attempts.len()
+    );
+    ensure!(
+        moved.failed().is_empty(),
+        "{} of {} attempts failed during the move: {}",
+        moved.failed().len(),
+        moved.attempts.len(),
+        describe_failures(&moved)
+    );
+    let mut written: Vec<&str> = before.iter().map(String::as_str).collect();
+    written.extend(moved.acknowledged());
+    all_keys_read_back(&n1, &written)?;
+
+    // 2. Move back to n1, killing n1's agent (the target) once the routes switched there
+    //    (the stop phase begins): held connections are reset, none hangs.
+    let client = ClientView::start(
+        through_n3,
+        Duration::from_millis(10),
+        "kill",
+        ATTEMPT_TIMEOUT,
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let killed = deploy_watched(
+        cluster,
+        &on_n1,
+        &apps,
+        Duration::from_secs(120),
+        Some(PhaseHook {
+            phase: "stop",
+            run: Box::new(|_| cluster.kill_agent(&n1)),
+            tick: Box::new(|| Ok(())),
+        }),
+    )?;
+    std::thread::sleep(HOLD_TIMEOUT + Duration::from_secs(1));
+    let during_kill = client.finish();
+    ensure!(killed.phase_seen, "the deploy reached its stop phase");
+    ensure!(
+        !killed.succeeded(),
+        "a move whose target agent died cannot succeed: {}",
+        killed.summary()
+    );
+    ensure!(
+        !during_kill.failed().is_empty(),
+        "connections to a dead target fail: {} attempts",
+        during_kill.attempts.len()
+    );
+    for attempt in during_kill.failed() {
+        let error = attempt.error.as_deref().unwrap_or_default();
+        ensure!(
+            attempt.latency < HOLD_TIMEOUT + Duration::from_secs(2)
+                && !error.contains("timed out")
+                && !error.contains("Resource temporarily unavailable"),
+            "attempt {} neither served nor reset in time: {error} after {:?}",
+            attempt.key,
+            attempt.latency
+        );
+    }
+    eprintln!(
+        "{routing}: target agent killed: {} of {} attempts failed (reset or refused), longest {:?}",
+        during_kill.failed().len(),
+        during_kill.attempts.len(),
+        during_kill.longest_attempt()
+    );
+
+    // 3. The agent comes back and a redeploy converges with every acknowledged key.
+    cluster.restart_agent(&n1)?;
+    deploy_ok(cluster, &on_n1, &apps)?;
+    let again = deploy_ok(cluster, &on_n1, &apps)?;
+    ensure!(again.contains("nothing to do"), "converged: {again}");
+    ensure!(
+        running_redis(&n1)? && !running_redis(&n2)?,
+        "redis back on n1"
+    );
+    written.extend(during_kill.acknowledged());
+    all_keys_read_back(&n3, &written)?;
+    Ok(())
+}

@@ -1846,6 +1846,7 @@ async fn a_switch_holds_new_connections_until_the_start_is_ready() {
         desired: d.for_node(B),
         routes: None,
         actions,
+        nodes_version: None,
     };
 
     // Refused: other ports than the desired state maps, a node outside the desired state.

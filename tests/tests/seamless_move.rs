@@ -210,6 +210,7 @@ fn moves(cluster: &Cluster, routing: &str) -> Result<()> {
     std::thread::sleep(Duration::from_millis(200));
     let killed = deploy_watched(
         cluster,
+        &[],
         &on_n1,
         &apps,
         Duration::from_secs(120),

@@ -213,6 +213,8 @@ fn plan_json_from_a_state_file_moves_the_volume() {
         names,
         [
             "pre-copy",
+            "hold",
+            "switch-routes",
             "stop",
             "final-push",
             "handoff",

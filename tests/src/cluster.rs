@@ -126,6 +126,23 @@ pub struct ClusterSpec {
     pub routing: String,
 }
 
+impl ClusterSpec {
+    /// An end-to-end test's cluster: `nodes` nodes with 1 GiB pools, the binaries the test
+    /// built (`build_binaries`) and `routing`, under `TMP/flocker-NAME-PID-ROUTING` (one
+    /// directory per test, process and backend).
+    pub fn for_test(name: &str, nodes: usize, routing: &str) -> ClusterSpec {
+        ClusterSpec {
+            nodes,
+            dir: std::env::temp_dir()
+                .join(format!("flocker-{name}-{}-{routing}", std::process::id())),
+            pool_size: "1G",
+            agent_binary: crate::binaries::binary("flocker-agent"),
+            ctl_binary: crate::binaries::binary("flockerctl"),
+            routing: routing.into(),
+        }
+    }
+}
+
 /// A running local cluster.
 #[derive(Debug)]
 pub struct Cluster {

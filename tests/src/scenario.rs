@@ -12,6 +12,16 @@ use anyhow::{Context, Result, ensure};
 use crate::cluster::ClusterNode;
 use crate::redis::Redis;
 
+/// Runs `scenario` once per routing backend, one after the other (a cluster's namespace
+/// and pool names are fixed, so two clusters cannot run at once); an error names the backend.
+pub fn for_each_backend(mut scenario: impl FnMut(&str) -> Result<()>) -> Result<()> {
+    for routing in ["nftables", "ebpf"] {
+        eprintln!("=== routing backend: {routing}");
+        scenario(routing).with_context(|| format!("with {routing} routing"))?;
+    }
+    Ok(())
+}
+
 /// Config files written for one scenario, removed with it.
 pub struct Files {
     pub dir: tempfile::TempDir,

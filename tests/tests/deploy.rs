@@ -15,9 +15,9 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use flocker_e2e::binaries::{binary, build_binaries};
+use flocker_e2e::binaries::build_binaries;
 use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec};
-use flocker_e2e::scenario::{Files, docker, http_get, redis_at, text};
+use flocker_e2e::scenario::{Files, docker, for_each_backend, http_get, redis_at, text};
 
 const APPLICATIONS: &str = "\
 version: 1
@@ -238,23 +238,11 @@ fn assert_single_owner(copies: &[(String, String, u64)], node: &ClusterNode) {
 #[ignore = "privileged: needs root, dockerd, zfs-fuse and network namespaces; `cargo xtask ci` runs it"]
 fn a_deployment_lives_moves_and_survives_a_crash() -> Result<()> {
     build_binaries();
-    for routing in ["nftables", "ebpf"] {
-        eprintln!("=== routing backend: {routing}");
-        scenario(routing).with_context(|| format!("with {routing} routing"))?;
-    }
-    Ok(())
+    for_each_backend(scenario)
 }
 
 fn scenario(routing: &str) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("flocker-e2e-{}-{routing}", std::process::id()));
-    let mut cluster = Cluster::up(ClusterSpec {
-        nodes: 3,
-        dir,
-        pool_size: "1G",
-        agent_binary: binary("flocker-agent"),
-        ctl_binary: binary("flockerctl"),
-        routing: routing.into(),
-    })?;
+    let mut cluster = Cluster::up(ClusterSpec::for_test("e2e", 3, routing))?;
     cluster.teardown_on_drop = true;
     let [n1, n2, n3] = [0, 1, 2].map(|i| cluster.nodes[i].clone());
     let files = Files::new()?;

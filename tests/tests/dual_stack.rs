@@ -13,10 +13,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use flocker_e2e::binaries::{binary, build_binaries};
+use flocker_e2e::binaries::build_binaries;
 use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec, METRICS_PORT};
 use flocker_e2e::prometheus::scrape;
-use flocker_e2e::scenario::{Files, text};
+use flocker_e2e::scenario::{Files, for_each_backend, text};
 
 const APPLICATIONS: &str = "\
 version: 1
@@ -180,23 +180,11 @@ fn expect_tc_flows(node: &ClusterNode, before: (f64, f64)) -> Result<()> {
 #[ignore = "privileged: needs root, dockerd, zfs-fuse and network namespaces; `cargo xtask ci` runs it"]
 fn a_dual_stack_deployment_is_reachable_over_ipv6_before_and_after_a_move() -> Result<()> {
     build_binaries();
-    for routing in ["nftables", "ebpf"] {
-        eprintln!("=== routing backend: {routing}");
-        scenario(routing).with_context(|| format!("with {routing} routing"))?;
-    }
-    Ok(())
+    for_each_backend(scenario)
 }
 
 fn scenario(routing: &str) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("flocker-e2e6-{}-{routing}", std::process::id()));
-    let mut cluster = Cluster::up_dual_stack(ClusterSpec {
-        nodes: 3,
-        dir,
-        pool_size: "1G",
-        agent_binary: binary("flocker-agent"),
-        ctl_binary: binary("flockerctl"),
-        routing: routing.into(),
-    })?;
+    let mut cluster = Cluster::up_dual_stack(ClusterSpec::for_test("e2e6", 3, routing))?;
     cluster.teardown_on_drop = true;
     let [n1, n3] = [0, 2].map(|i| cluster.nodes[i].clone());
     let files = Files::new()?;

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
-use flocker_e2e::binaries::{binary, build_binaries};
+use flocker_e2e::binaries::build_binaries;
 use flocker_e2e::cluster::{AGENT_PORT, Cluster, ClusterNode, ClusterSpec, wait_for_port};
 use flocker_e2e::scenario::{Files, redis_at, redis_at_port, text};
 
@@ -102,15 +102,7 @@ fn zfs_names(pool: &str) -> Result<Vec<String>> {
 #[ignore = "privileged: needs root, dockerd, zfs-fuse and network namespaces; `cargo xtask ci` runs it"]
 fn a_dead_owner_fails_over_to_its_standby_and_is_fenced_on_return() -> Result<()> {
     build_binaries();
-    let dir = std::env::temp_dir().join(format!("flocker-failover-{}", std::process::id()));
-    let mut cluster = Cluster::up(ClusterSpec {
-        nodes: 3,
-        dir,
-        pool_size: "1G",
-        agent_binary: binary("flocker-agent"),
-        ctl_binary: binary("flockerctl"),
-        routing: "nftables".into(),
-    })?;
+    let mut cluster = Cluster::up(ClusterSpec::for_test("failover", 3, "nftables"))?;
     cluster.teardown_on_drop = true;
     let result = scenario(&cluster);
     if result.is_err() {

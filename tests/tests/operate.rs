@@ -17,7 +17,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use flocker_e2e::binaries::{binary, build_binaries};
+use flocker_e2e::binaries::build_binaries;
 use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec, METRICS_PORT};
 use flocker_e2e::prometheus::{Exposition, scrape};
 use flocker_e2e::scenario::{Files, docker, http_get, redis_at, text};
@@ -111,15 +111,7 @@ fn metrics(node: &ClusterNode) -> Result<Exposition> {
 #[ignore = "privileged: needs root, dockerd, zfs-fuse and network namespaces; `cargo xtask ci` runs it"]
 fn health_gates_routes_metrics_count_and_progress_is_watchable() -> Result<()> {
     build_binaries();
-    let dir = std::env::temp_dir().join(format!("flocker-e2e-operate-{}", std::process::id()));
-    let mut cluster = Cluster::up(ClusterSpec {
-        nodes: 2,
-        dir,
-        pool_size: "1G",
-        agent_binary: binary("flocker-agent"),
-        ctl_binary: binary("flockerctl"),
-        routing: "nftables".into(),
-    })?;
+    let mut cluster = Cluster::up(ClusterSpec::for_test("e2e-operate", 2, "nftables"))?;
     cluster.teardown_on_drop = true;
     let [n1, n2] = [0, 1].map(|i| cluster.nodes[i].clone());
     let files = Files::new()?;

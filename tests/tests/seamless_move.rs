@@ -9,12 +9,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
-use flocker_e2e::binaries::{binary, build_binaries};
+use anyhow::{Result, ensure};
+use flocker_e2e::binaries::build_binaries;
 use flocker_e2e::chaos::deploy::{PhaseHook, deploy as deploy_watched};
 use flocker_e2e::client_view::{ClientReport, ClientView};
 use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec};
-use flocker_e2e::scenario::{Files, docker, redis_at, text};
+use flocker_e2e::scenario::{Files, docker, for_each_backend, redis_at, text};
 
 const APPLICATIONS: &str = "\
 version: 1
@@ -107,26 +107,11 @@ fn running_redis(node: &ClusterNode) -> Result<bool> {
 #[ignore = "privileged: needs root, dockerd, zfs-fuse and network namespaces; `cargo xtask ci` runs it"]
 fn a_move_holds_new_connections_instead_of_refusing_them() -> Result<()> {
     build_binaries();
-    for routing in ["ebpf", "nftables"] {
-        eprintln!("=== routing backend: {routing}");
-        scenario(routing).with_context(|| format!("with {routing} routing"))?;
-    }
-    Ok(())
+    for_each_backend(scenario)
 }
 
 fn scenario(routing: &str) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!(
-        "flocker-e2e-seamless-{}-{routing}",
-        std::process::id()
-    ));
-    let mut cluster = Cluster::up(ClusterSpec {
-        nodes: 3,
-        dir,
-        pool_size: "1G",
-        agent_binary: binary("flocker-agent"),
-        ctl_binary: binary("flockerctl"),
-        routing: routing.into(),
-    })?;
+    let mut cluster = Cluster::up(ClusterSpec::for_test("e2e-seamless", 3, routing))?;
     cluster.teardown_on_drop = true;
     let result = moves(&cluster, routing);
     if result.is_err() {

@@ -9,10 +9,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use flocker_e2e::binaries::{binary, build_binaries};
+use anyhow::{Result, bail, ensure};
+use flocker_e2e::binaries::build_binaries;
 use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec};
-use flocker_e2e::scenario::{Files, docker, text};
+use flocker_e2e::scenario::{Files, docker, for_each_backend, text};
 
 const COMPOSE: &str = "\
 services:
@@ -91,24 +91,11 @@ fn container_id(node: &ClusterNode, name: &str) -> Result<String> {
 #[ignore = "privileged: needs root, dockerd, zfs-fuse and network namespaces; `cargo xtask ci` runs it"]
 fn services_reach_each_other_by_name_across_nodes_and_moves() -> Result<()> {
     build_binaries();
-    for routing in ["nftables", "ebpf"] {
-        eprintln!("=== routing backend: {routing}");
-        scenario(routing).with_context(|| format!("with {routing} routing"))?;
-    }
-    Ok(())
+    for_each_backend(scenario)
 }
 
 fn scenario(routing: &str) -> Result<()> {
-    let dir =
-        std::env::temp_dir().join(format!("flocker-e2e-svc-{}-{routing}", std::process::id()));
-    let mut cluster = Cluster::up(ClusterSpec {
-        nodes: 2,
-        dir,
-        pool_size: "1G",
-        agent_binary: binary("flocker-agent"),
-        ctl_binary: binary("flockerctl"),
-        routing: routing.into(),
-    })?;
+    let mut cluster = Cluster::up(ClusterSpec::for_test("e2e-svc", 2, routing))?;
     cluster.teardown_on_drop = true;
     let [n1, n2] = [0, 1].map(|i| cluster.nodes[i].clone());
     let files = Files::new()?;

@@ -18,7 +18,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use flocker_e2e::binaries::{binary, build_binaries};
+use flocker_e2e::binaries::build_binaries;
 use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec};
 use flocker_e2e::redis::Redis;
 use flocker_e2e::zfs::run;
@@ -132,14 +132,9 @@ fn mounted(dataset: &str) -> Result<String> {
 #[ignore = "privileged: needs root, dockerd, zfs-fuse and network namespaces; `cargo xtask ci` runs it"]
 fn nothing_runs_on_a_volume_that_is_not_mounted() -> Result<()> {
     build_binaries();
-    let dir = std::env::temp_dir().join(format!("flocker-e2e-proof-{}", std::process::id()));
     let mut cluster = Cluster::up(ClusterSpec {
-        nodes: 2,
-        dir,
         pool_size: "512M",
-        agent_binary: binary("flocker-agent"),
-        ctl_binary: binary("flockerctl"),
-        routing: "nftables".into(),
+        ..ClusterSpec::for_test("e2e-proof", 2, "nftables")
     })?;
     cluster.teardown_on_drop = true;
     let n1 = cluster.nodes[0].clone();

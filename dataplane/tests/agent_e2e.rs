@@ -767,6 +767,8 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
         phases,
         vec![
             "pre-copy",
+            "hold",
+            "switch-routes",
             "stop",
             "final-push",
             "handoff",
@@ -852,6 +854,8 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
         phases,
         vec![
             "pre-copy",
+            "hold",
+            "switch-routes",
             "stop",
             "final-push",
             "handoff",

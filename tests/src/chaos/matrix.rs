@@ -14,8 +14,10 @@ pub const FAILOVER: &str = "failover";
 /// The rows of the matrix: the phases of a move, in the order `flockerctl deploy` runs them
 /// (the planner's names, as its `--output json` phase events carry them), then replication
 /// and failover.
-pub const PHASES: [&str; 8] = [
+pub const PHASES: [&str; 10] = [
     "pre-copy",
+    "hold",
+    "switch-routes",
     "stop",
     "final-push",
     "handoff",
@@ -122,6 +124,8 @@ pub fn all_cells() -> Vec<Cell> {
 pub fn ci_cells() -> Vec<Cell> {
     [
         ("pre-copy", Fault::KillTargetAgent),
+        ("hold", Fault::KillTargetAgent),
+        ("switch-routes", Fault::KillSourceAgent),
         ("stop", Fault::KillCtl),
         ("final-push", Fault::KillSourceAgent),
         ("handoff", Fault::KillTargetAgent),

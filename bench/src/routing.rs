@@ -1234,29 +1234,7 @@ impl Report {
              process on the node itself. The eBPF backend redirects local IPv6 connections at \
              connect() (connect6), and its TC program carries the outside ones.\n"
         );
-        let _ = writeln!(
-            s,
-            "| way | routes | outside conn/s | outside p50 / p99 µs | local conn/s | local p50 / p99 µs | vs direct, paired: outside / local |"
-        );
-        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-        for (peer, n, o, l) in &self.conn_rows {
-            let paired = self
-                .paired(*peer, *n)
-                .map_or("1 (itself)".to_owned(), |(ro, rl)| {
-                    format!("{ro:.2}x / {rl:.2}x")
-                });
-            let _ = writeln!(
-                s,
-                "| {} | {n} | {:.0} | {:.0} / {:.0} | {:.0} | {:.0} / {:.0} | {paired} |",
-                peer.label(),
-                o.per_second,
-                o.p50_us,
-                o.p99_us,
-                l.per_second,
-                l.p50_us,
-                l.p99_us
-            );
-        }
+        self.render_rate_rows(s, "conn/s");
         let max_routes = self.conn_rows.iter().map(|r| r.1).max().unwrap_or(0);
         let mark = |ok: bool| if ok { "met" } else { "**missed**" };
         let cell = |p| {
@@ -1275,19 +1253,12 @@ impl Report {
         );
     }
 
-    /// The UDP section: request/response rates per way and the targets on them.
-    fn render_udp(&self, s: &mut String, rounds: usize, seconds: f64) {
+    /// The rows every rate section shares: each way's rate and latencies, outside and local,
+    /// and its ratio to direct, paired; `unit` names the rate (`conn/s`, `req/s`).
+    fn render_rate_rows(&self, s: &mut String, unit: &str) {
         let _ = writeln!(
             s,
-            "\n## UDP request/response\n\nOne datagram out, one answer back, each from a fresh \
-             client socket (a new flow per request, as DNS clients do), for {seconds} s per sample; the best of {rounds} interleaved rounds, paired \
-             with direct samples as for TCP. Every answer is checked to come from the address \
-             the client sent to. \"outside\": client namespace -> node address -> container; \
-             \"local\": a process on the node itself.\n"
-        );
-        let _ = writeln!(
-            s,
-            "| way | routes | outside req/s | outside p50 / p99 µs | local req/s | local p50 / p99 µs | vs direct, paired: outside / local |"
+            "| way | routes | outside {unit} | outside p50 / p99 µs | local {unit} | local p50 / p99 µs | vs direct, paired: outside / local |"
         );
         let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
         for (peer, n, o, l) in &self.conn_rows {
@@ -1308,6 +1279,19 @@ impl Report {
                 l.p99_us
             );
         }
+    }
+
+    /// The UDP section: request/response rates per way and the targets on them.
+    fn render_udp(&self, s: &mut String, rounds: usize, seconds: f64) {
+        let _ = writeln!(
+            s,
+            "\n## UDP request/response\n\nOne datagram out, one answer back, each from a fresh \
+             client socket (a new flow per request, as DNS clients do), for {seconds} s per sample; the best of {rounds} interleaved rounds, paired \
+             with direct samples as for TCP. Every answer is checked to come from the address \
+             the client sent to. \"outside\": client namespace -> node address -> container; \
+             \"local\": a process on the node itself.\n"
+        );
+        self.render_rate_rows(s, "req/s");
         let max_routes = self.conn_rows.iter().map(|r| r.1).max().unwrap_or(0);
         let iptables = self.paired(Peer::Iptables, max_routes);
         let mark = |ok: bool| if ok { "met" } else { "**missed**" };
@@ -1372,29 +1356,7 @@ impl Report {
              published; the measured port is the middle one (iptables scans rules linearly). \
              Direct and socat do not depend on N.\n"
         );
-        let _ = writeln!(
-            s,
-            "| way | routes | outside conn/s | outside p50 / p99 µs | local conn/s | local p50 / p99 µs | vs direct, paired: outside / local |"
-        );
-        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-        for (peer, n, o, l) in &self.conn_rows {
-            let paired = self
-                .paired(*peer, *n)
-                .map_or("1 (itself)".to_owned(), |(ro, rl)| {
-                    format!("{ro:.2}x / {rl:.2}x")
-                });
-            let _ = writeln!(
-                s,
-                "| {} | {n} | {:.0} | {:.0} / {:.0} | {:.0} | {:.0} / {:.0} | {paired} |",
-                peer.label(),
-                o.per_second,
-                o.p50_us,
-                o.p99_us,
-                l.per_second,
-                l.p50_us,
-                l.p99_us
-            );
-        }
+        self.render_rate_rows(&mut s, "conn/s");
         let _ = writeln!(
             s,
             "\n| way | iperf3 forwarded Gbit/s | iperf3 local Gbit/s |"

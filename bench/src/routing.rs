@@ -533,6 +533,7 @@ impl Lab {
                         Box::new(EbpfBackend::open(
                             Some(&cgroup),
                             flocker_routing::settings::KernelSettings::in_memory().shared(),
+                            flocker_routing::ebpf::EbpfOptions::default(),
                         )?)
                     } else {
                         Box::new(NftBackend::new())
@@ -667,6 +668,7 @@ impl Lab {
                         Box::new(EbpfBackend::open(
                             Some(&cgroup),
                             flocker_routing::settings::KernelSettings::in_memory().shared(),
+                            flocker_routing::ebpf::EbpfOptions::default(),
                         )?)
                     } else {
                         Box::new(NftBackend::new())
@@ -768,6 +770,7 @@ impl Lab {
                         Box::new(EbpfBackend::open(
                             Some(&cgroup),
                             flocker_routing::settings::KernelSettings::in_memory().shared(),
+                            flocker_routing::ebpf::EbpfOptions::default(),
                         )?)
                     } else {
                         Box::new(NftBackend::new())

@@ -93,6 +93,12 @@ pub struct Flags {
     /// how long the port is held after the routes switched here if no start follows.
     #[arg(long)]
     pub hold_timeout: Option<u64>,
+    /// With the eBPF backend, a UDP flow from outside is over after this many seconds
+    /// without a datagram either way: its next datagram starts a new flow that follows the
+    /// route as it is then [default: 120, conntrack's for UDP streams]. The nftables backend
+    /// follows the kernel's conntrack timeouts instead.
+    #[arg(long)]
+    pub udp_idle_timeout: Option<u64>,
 }
 
 /// The TOML file.
@@ -117,6 +123,7 @@ struct FileConfig {
     metrics_listen: Option<SocketAddr>,
     ready_timeout: Option<u64>,
     hold_timeout: Option<u64>,
+    udp_idle_timeout: Option<u64>,
 }
 
 /// Which volume backend, and where.
@@ -176,6 +183,8 @@ pub struct AgentConfig {
     /// How long a start waits for readiness.
     pub ready_timeout: std::time::Duration,
     pub hold_timeout: std::time::Duration,
+    /// How long a UDP flow the eBPF backend carries may be idle.
+    pub udp_idle_timeout: std::time::Duration,
 }
 
 impl AgentConfig {
@@ -297,6 +306,15 @@ impl AgentConfig {
                 "hold_timeout: {hold_timeout} s is outside 1 to 600 seconds"
             ));
         }
+        let udp_idle_timeout = flags
+            .udp_idle_timeout
+            .or(file.udp_idle_timeout)
+            .unwrap_or(flocker_routing::ebpf::DEFAULT_UDP_IDLE.as_secs());
+        if !(1..=86_400).contains(&udp_idle_timeout) {
+            errors.push(format!(
+                "udp_idle_timeout: {udp_idle_timeout} s is outside 1 to 86400 seconds"
+            ));
+        }
         if !errors.is_empty() {
             return Err(ConfigError::Invalid(errors));
         }
@@ -317,6 +335,7 @@ impl AgentConfig {
             metrics_listen: flags.metrics_listen.or(file.metrics_listen),
             ready_timeout: std::time::Duration::from_secs(ready_timeout),
             hold_timeout: std::time::Duration::from_secs(hold_timeout),
+            udp_idle_timeout: std::time::Duration::from_secs(udp_idle_timeout),
         })
     }
 }
@@ -401,6 +420,29 @@ mod tests {
             err.contains("node_address: \"2001:DB8:0::11\" is not written canonically; write it as 2001:db8::11"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_udp_idle_timeout_defaults_to_conntracks_and_is_bounded() {
+        let flags = |idle: Option<u64>| Flags {
+            node_address: Some("198.18.0.11".into()),
+            volumes: Some("dir:/var/lib/flocker".into()),
+            ca_cert: Some("/ca".into()),
+            cert: Some("/c".into()),
+            key: Some("/k".into()),
+            udp_idle_timeout: idle,
+            ..Flags::default()
+        };
+        let c = AgentConfig::resolve(flags(None)).expect("default");
+        assert_eq!(c.udp_idle_timeout, std::time::Duration::from_secs(120));
+        let c = AgentConfig::resolve(flags(Some(30))).expect("30 s");
+        assert_eq!(c.udp_idle_timeout, std::time::Duration::from_secs(30));
+        for bad in [0, 86_401] {
+            let err = AgentConfig::resolve(flags(Some(bad)))
+                .expect_err("out of range")
+                .to_string();
+            assert!(err.contains("udp_idle_timeout"), "{err}");
+        }
     }
 
     #[test]

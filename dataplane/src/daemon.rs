@@ -75,6 +75,7 @@ fn open_routing(
     choice: RoutingChoice,
     bpf_cgroup: Option<&std::path::Path>,
     settings_journal: std::path::PathBuf,
+    udp_idle: std::time::Duration,
 ) -> Result<Option<Box<dyn flocker_routing::RoutingBackend>>, StartError> {
     use flocker_routing::{BackendChoice, BackendConfig, open_backend};
     let choice = match choice {
@@ -92,6 +93,7 @@ fn open_routing(
         choice,
         cgroup_path: bpf_cgroup.map(std::path::Path::to_path_buf),
         settings_journal: Some(settings_journal),
+        ebpf: flocker_routing::ebpf::EbpfOptions { udp_idle },
     };
     open_backend(&config)
         .map(Some)
@@ -143,7 +145,12 @@ pub async fn build(
     }
     // Per node, like the route file: test clusters run several agents on one state dir.
     let journal = flocker_routing::settings::journal_path(&config.state_dir, &config.node_address);
-    let routing = open_routing(config.routing, config.bpf_cgroup.as_deref(), journal)?;
+    let routing = open_routing(
+        config.routing,
+        config.bpf_cgroup.as_deref(),
+        journal,
+        config.udp_idle_timeout,
+    )?;
     // Named after the node so that several agents on one host (test clusters) can share a
     // state directory without sharing a route table.
     let route_file = config

@@ -22,7 +22,7 @@
 // it leaves by (flk_ifaddr, flk_ifaddr6) and a port of SNAT_FIRST.. (flk_fwd and flk_rev hold
 // both directions' translations). A TCP flow is forgotten with the last ACK after both FINs,
 // or a RST (a translated port stays taken a while longer). UDP has no end: a UDP flow is over
-// after UDP_IDLE_NS without a packet either way, and a datagram whose route now leads
+// after flk_udp_idle_ns without a packet either way, and a datagram whose route now leads
 // elsewhere starts a new flow there. Left to the stack: IPv4 packets with options, fragments,
 // IPv6 packets with extension headers, and TCP packets of connections no flow knows.
 //
@@ -460,9 +460,10 @@ struct {
 // backend has been silent for the idle time too.
 #define CLOSED_REUSE_NS (10ULL * 1000000000ULL)
 #define IDLE_REUSE_NS (6ULL * 3600ULL * 1000000000ULL)
-// A UDP flow with no packet either way for this long is over (conntrack's timeout for UDP
-// streams): its next datagram starts a new flow, and its translated port is free again.
-#define UDP_IDLE_NS (120ULL * 1000000000ULL)
+// A UDP flow with no packet either way for this long (ns) is over: its next datagram starts a
+// new flow, and its translated port is free again. 120 s by default (conntrack's timeout for
+// UDP streams); the agent sets it when it loads the program (`--udp-idle-timeout`).
+volatile const __u64 flk_udp_idle_ns = 120ULL * 1000000000ULL;
 
 #ifndef AF_INET6
 #define AF_INET6 10
@@ -718,7 +719,7 @@ static __always_inline int reusable(const struct rev_nat *rev, __u8 protocol, __
 		return 0;
 	__u64 age = now - rev->seen;
 	if (protocol == IPPROTO_UDP)
-		return age > UDP_IDLE_NS;
+		return age > flk_udp_idle_ns;
 	return (rev->state && age > CLOSED_REUSE_NS) || age > IDLE_REUSE_NS;
 }
 

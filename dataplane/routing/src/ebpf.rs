@@ -30,6 +30,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
 };
 
 use aya::{
@@ -142,6 +143,27 @@ const MAPS: [&str; 14] = [
     "flk_udp_orig6",
 ];
 const TC_PROGRAM: &str = "flk_tc_ingress";
+/// The load-time constant of `routing.bpf.c` that holds [`EbpfOptions::udp_idle`].
+const UDP_IDLE_GLOBAL: &str = "flk_udp_idle_ns";
+/// A UDP flow's idle timeout unless configured: conntrack's for UDP streams.
+pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(120);
+
+/// What the programs are loaded with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EbpfOptions {
+    /// A UDP flow the TC program carries is over after this long without a datagram either
+    /// way: its next datagram starts a new flow (following its route as it is then) and its
+    /// translated source port is free again.
+    pub udp_idle: Duration,
+}
+
+impl Default for EbpfOptions {
+    fn default() -> Self {
+        Self {
+            udp_idle: DEFAULT_UDP_IDLE,
+        }
+    }
+}
 /// `SNAT_FIRST..SNAT_FIRST + SNAT_COUNT` of `routing.bpf.c`: the source ports of translated
 /// connections, reserved so that the node's own sockets never pick one.
 const SNAT_PORTS: (u16, u16) = (61000, 65535);
@@ -447,7 +469,7 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn attach(cgroup: &Path) -> Result<Loaded, EbpfError> {
+    fn attach(cgroup: &Path, options: &EbpfOptions) -> Result<Loaded, EbpfError> {
         let pins = match Pins::open(flocker_ebpf::ROUTING) {
             Ok(pins) => Some(pins),
             Err(error) => {
@@ -458,7 +480,9 @@ impl Loaded {
                 None
             }
         };
+        let udp_idle_ns = u64::try_from(options.udp_idle.as_nanos()).unwrap_or(u64::MAX);
         let mut loader = EbpfLoader::new();
+        loader.override_global(UDP_IDLE_GLOBAL, &udp_idle_ns, true);
         if let Some(pins) = &pins {
             for name in MAPS {
                 loader.map_pin_path(name, pins.map(name));
@@ -937,6 +961,7 @@ pub struct EbpfBackend {
 /// Everything the backend holds, shared with the watcher's callback.
 struct EbpfState {
     cgroup: PathBuf,
+    options: EbpfOptions,
     loaded: Option<Loaded>,
     outside: NftBackend,
     settings: SharedSettings,
@@ -949,13 +974,15 @@ impl EbpfBackend {
     pub fn open(
         cgroup_path: Option<&Path>,
         settings: SharedSettings,
+        options: EbpfOptions,
     ) -> Result<EbpfBackend, EbpfError> {
         let cgroup = resolve_cgroup(cgroup_path)?;
-        let loaded = Loaded::attach(&cgroup)?;
+        let loaded = Loaded::attach(&cgroup, &options)?;
         Ok(EbpfBackend {
             watcher: None,
             state: Arc::new(Mutex::new(EbpfState {
                 cgroup,
+                options,
                 loaded: Some(loaded),
                 outside: NftBackend::embedded(Scope::FromOutside, settings.clone()),
                 settings,
@@ -1015,7 +1042,9 @@ impl EbpfState {
     fn program(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
         let loaded = match &mut self.loaded {
             Some(loaded) => loaded,
-            None => self.loaded.insert(Loaded::attach(&self.cgroup)?),
+            None => self
+                .loaded
+                .insert(Loaded::attach(&self.cgroup, &self.options)?),
         };
         let addrs = NodeAddresses::read()?;
         loaded.sync_local(local_entries(addrs.v4.iter().map(|(_, ip)| *ip)))?;

@@ -161,6 +161,8 @@ pub struct BackendConfig {
     /// agent's state directory), so a restarted agent can put them back; in memory only when
     /// `None`.
     pub settings_journal: Option<PathBuf>,
+    /// What the eBPF programs are loaded with (the UDP idle timeout).
+    pub ebpf: ebpf::EbpfOptions,
 }
 
 /// Opens the chosen backend. `Auto` tries eBPF first and falls back to nftables, logging which
@@ -177,11 +179,12 @@ pub fn open_backend(config: &BackendConfig) -> Result<Box<dyn RoutingBackend>, R
             Ok(Box::new(nft::NftBackend::with_settings(settings)))
         }
         BackendChoice::Ebpf => {
-            let backend = ebpf::EbpfBackend::open(cgroup, settings)?;
+            let backend = ebpf::EbpfBackend::open(cgroup, settings, config.ebpf)?;
             info!(backend = "ebpf", "routing backend chosen by configuration");
             Ok(Box::new(backend))
         }
-        BackendChoice::Auto => match ebpf::EbpfBackend::open(cgroup, settings.clone()) {
+        BackendChoice::Auto => match ebpf::EbpfBackend::open(cgroup, settings.clone(), config.ebpf)
+        {
             Ok(backend) => {
                 info!(backend = "ebpf", "routing backend: eBPF available");
                 Ok(Box::new(backend))

@@ -39,6 +39,7 @@ fn config(journal: &Path) -> BackendConfig {
         choice: BackendChoice::Nftables,
         cgroup_path: None,
         settings_journal: Some(journal.to_owned()),
+        ..BackendConfig::default()
     }
 }
 

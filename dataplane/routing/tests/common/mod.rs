@@ -93,6 +93,7 @@ pub fn open_all(
                 choice,
                 cgroup_path: Some(cg.path().to_owned()),
                 settings_journal: Some(flocker_routing::settings::journal_path(state, node.name())),
+                ..BackendConfig::default()
             };
             Ok(node.run(|| open_backend(&config))??)
         })

@@ -48,10 +48,14 @@ pub enum Fault {
     SlowLink,
     /// The target's pool full (a reservation of all its free space) while the deploy runs.
     TargetPoolFull,
+    /// SIGKILL to the target node's own zfs-fuse (a cluster with a daemon per node,
+    /// `crate::node_zfs`); started again, its pool imported and its datasets mounted, once the
+    /// deploy ends.
+    KillTargetZfs,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 8] = [
         Fault::KillCtl,
         Fault::KillSourceAgent,
         Fault::KillTargetAgent,
@@ -59,6 +63,7 @@ impl Fault {
         Fault::Partition,
         Fault::SlowLink,
         Fault::TargetPoolFull,
+        Fault::KillTargetZfs,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +75,7 @@ impl Fault {
             Fault::Partition => "partition",
             Fault::SlowLink => "slow-link",
             Fault::TargetPoolFull => "target-pool-full",
+            Fault::KillTargetZfs => "kill-target-zfs-fuse",
         }
     }
 

@@ -353,7 +353,7 @@ fn link(node: &ClusterNode, state: &str) -> Result<()> {
 /// The copies of the volume fencing set aside on `node` (`NAME.fenced-eEPOCH-UNIXMS`).
 fn fenced_copies(node: &ClusterNode) -> Result<usize> {
     let root = format!("{}/flocker", node.pool);
-    let names = crate::zfs::run("zfs", &["list", "-H", "-o", "name", "-r", &root])?;
+    let names = node.zfs(&["list", "-H", "-o", "name", "-r", &root])?;
     Ok(count_fenced(&root, &names))
 }
 
@@ -375,7 +375,7 @@ fn wait_fenced(node: &ClusterNode, fenced_before: usize) -> Result<Duration> {
             .output()
             .context("docker ps")?;
         let serving = !running.status.success() || !running.stdout.is_empty();
-        let kept = crate::zfs::run("zfs", &["list", "-H", "-o", "name", &dataset]).is_ok();
+        let kept = node.zfs(&["list", "-H", "-o", "name", &dataset]).is_ok();
         let set_aside = fenced_copies(node)? > fenced_before;
         if !serving && !kept && set_aside {
             return Ok(started.elapsed());

@@ -3,8 +3,10 @@
 //! alone (the chaos matrix's `kill-target-zfs-fuse`).
 //!
 //! zfs-fuse keys on fixed paths: its socket in `/var/run/zfs`, its lock in `/var/lock/zfs`,
-//! the pool cache in `/etc/zfs`. The node's daemon therefore runs in a mount namespace of its
-//! own with private tmpfs over those three (`/etc/zfs` seeded with the host's files), kept
+//! the pool cache `/var/lib/zfs/zpool.cache` (which every daemon imports from when it starts:
+//! shared, a node's daemon would import the other nodes' pools from the same files). The
+//! node's daemon therefore runs in a mount namespace of its own with private tmpfs over those
+//! three (it only reads `/etc/zfs`, the host's configuration), kept
 //! alive by its namespace file bind-mounted at `/run/flocker-zfs/NETNS/mnt`. The host's `/` has
 //! private propagation, so the datasets the daemon mounts would stay in its namespace; the
 //! pool's mountpoint `/POOL` is made a shared mount (bound onto itself) before the namespace
@@ -30,8 +32,8 @@ use std::time::{Duration, Instant};
 /// namespace file cannot be bind-mounted below a shared mount).
 pub const ROOT: &str = "/run/flocker-zfs";
 
-/// The paths zfs-fuse keys on, each a private tmpfs in the node's namespace.
-const PRIVATE_DIRS: [&str; 3] = ["/run/zfs", "/run/lock/zfs", "/etc/zfs"];
+/// The paths zfs-fuse writes to, each a private tmpfs in the node's namespace.
+const PRIVATE_DIRS: [&str; 3] = ["/run/zfs", "/run/lock/zfs", "/var/lib/zfs"];
 
 /// How long a started daemon may take to answer.
 const START_WITHIN: Duration = Duration::from_secs(30);
@@ -146,14 +148,8 @@ impl NodeZfs {
         )?;
         for dir in PRIVATE_DIRS {
             create_dir(Path::new(dir))?;
+            self.run("mount", &["-t", "tmpfs", "tmpfs", dir])?;
         }
-        // /etc/zfs keeps the host's configuration (zfsrc), copied in through a tmpfs.
-        output(self.command("sh").args([
-            "-c",
-            "set -e; tmp=$(mktemp -d); cp -a /etc/zfs/. \"$tmp\"; \
-             for d in /run/zfs /run/lock/zfs /etc/zfs; do mount -t tmpfs tmpfs \"$d\"; done; \
-             cp -a \"$tmp\"/. /etc/zfs/; rm -rf \"$tmp\"",
-        ]))?;
         Ok(())
     }
 
@@ -229,19 +225,25 @@ impl NodeZfs {
     pub fn remove(&self, pool: &str) -> Vec<String> {
         let mut left = Vec::new();
         if is_mount_point(&self.namespace()) && self.answers() {
-            let mut destroyed = false;
+            let mut last = None;
             for _ in 0..20 {
                 match self.run("zpool", &["destroy", "-f", pool]) {
-                    Ok(_) => destroyed = true,
-                    Err(e) if e.to_string().contains("no such pool") => destroyed = true,
-                    Err(_) => sleep(Duration::from_millis(500)),
-                }
-                if destroyed {
-                    break;
+                    Ok(_) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) if e.to_string().contains("no such pool") => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => {
+                        last = Some(e);
+                        sleep(Duration::from_millis(500));
+                    }
                 }
             }
-            if !destroyed {
-                left.push(format!("pool {pool} could not be destroyed"));
+            if let Some(e) = last {
+                left.push(format!("pool {pool} could not be destroyed: {e}"));
             }
         }
         if let Err(e) = self.kill() {
@@ -267,6 +269,7 @@ impl NodeZfs {
         {
             left.push(format!("remove {}: {e}", self.home.display()));
         }
+        remove_root_if_empty();
         left
     }
 }
@@ -281,6 +284,19 @@ fn ensure_private_root() -> Result<()> {
     }
     output(Command::new("mount").args(["--make-private", ROOT]))?;
     Ok(())
+}
+
+/// Unmounts and removes [`ROOT`] once no node's directory is left in it.
+fn remove_root_if_empty() {
+    let root = Path::new(ROOT);
+    let empty = fs::read_dir(root).is_ok_and(|mut entries| entries.next().is_none());
+    if !empty {
+        return;
+    }
+    if is_mount_point(root) {
+        let _ = output(Command::new("umount").arg(root));
+    }
+    let _ = fs::remove_dir(root);
 }
 
 /// Whether something is mounted exactly at `path` (in this process's namespace).

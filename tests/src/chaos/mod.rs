@@ -482,7 +482,8 @@ pub fn report(
          The target's zfs-fuse killed (`kill-target-zfs-fuse`): one zfs-fuse serves every \
          pool of a host, so a run with cells of this fault brings the cluster up with a daemon \
          per node (`tests/src/node_zfs.rs`): each node's zfs-fuse runs in a mount namespace of \
-         its own (private tmpfs over `/var/run/zfs`, `/var/lock/zfs` and `/etc/zfs`) where the \
+         its own (private tmpfs over `/var/run/zfs`, `/var/lock/zfs` and `/var/lib/zfs`, where \
+         the pool cache every starting daemon imports from lives) where the \
          node's agent runs too, and the pool's mountpoint is a shared mount, so the datasets \
          it mounts appear on the host for the node's dockerd. The fault is SIGKILL to the \
          target's daemon; removing it unmounts the dead FUSE mounts, starts the daemon again \

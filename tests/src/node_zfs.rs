@@ -187,7 +187,7 @@ impl NodeZfs {
 
     /// SIGKILL to the daemon, as a crash would; returns once it is gone (at most 10 s).
     pub fn kill(&self) -> Result<()> {
-        let Some(pid) = read_pid(&self.pidfile()) else {
+        let Some(pid) = read_pid(&self.pidfile()).filter(|_| pid_alive(&self.pidfile())) else {
             return Ok(());
         };
         output(Command::new("kill").args(["-KILL", &pid.to_string()]))?;
@@ -209,14 +209,24 @@ impl NodeZfs {
         Ok(())
     }
 
-    /// Lazily unmounts every `fuse.zfs` mount of the namespace, deepest first (the unmounts
-    /// propagate to the host's copies under the shared mountpoint).
+    /// Lazily unmounts the `fuse.zfs` mounts at and below the pool's mountpoint, deepest
+    /// first (the unmounts propagate to the host's copies). Only those: the namespace holds
+    /// peer copies of the other nodes' shared mountpoints too, and unmounting their datasets
+    /// here would unmount them under their own live daemons.
     fn unmount_dead(&self) -> Result<()> {
         let table = self.run("cat", &["/proc/self/mountinfo"])?;
-        for mount in fuse_zfs_mounts(&table) {
+        for mount in self.own_mounts(&table) {
             self.run("umount", &["-l", &mount])?;
         }
         Ok(())
+    }
+
+    /// The `fuse.zfs` mount points of `table` at or below the pool's mountpoint.
+    fn own_mounts(&self, table: &str) -> Vec<String> {
+        fuse_zfs_mounts(table)
+            .into_iter()
+            .filter(|m| Path::new(m).starts_with(&self.mountpoint))
+            .collect()
     }
 
     /// Removes everything: `pool` destroyed (retried while the daemon reports it busy), the
@@ -251,7 +261,7 @@ impl NodeZfs {
         }
         if is_mount_point(&self.namespace()) {
             if let Ok(table) = self.run("cat", &["/proc/self/mountinfo"]) {
-                for mount in fuse_zfs_mounts(&table) {
+                for mount in self.own_mounts(&table) {
                     let _ = self.run("umount", &["-l", &mount]);
                 }
             }
@@ -394,6 +404,18 @@ mod tests {
             fuse_zfs_mounts(table),
             vec!["/flk-n2/flocker/my db", "/flk-n2/flocker", "/flk-n2"]
         );
+    }
+
+    #[test]
+    fn a_node_unmounts_only_its_own_pool_s_mounts() {
+        let table = "\
+61 60 0:50 / /flk-n2 rw shared:7 - fuse.zfs flk-n2 rw\n\
+62 61 0:51 / /flk-n2/flocker/db rw shared:7 - fuse.zfs flk-n2/flocker/db rw\n\
+70 69 0:60 / /flk-n1 rw shared:8 - fuse.zfs flk-n1 rw\n\
+71 70 0:61 / /flk-n1/flocker/db rw shared:8 - fuse.zfs flk-n1/flocker/db rw\n\
+80 79 0:70 / /flk-n20 rw shared:9 - fuse.zfs flk-n20 rw\n";
+        let zfs = NodeZfs::new("flk-n2", "flk-n2");
+        assert_eq!(zfs.own_mounts(table), vec!["/flk-n2/flocker/db", "/flk-n2"]);
     }
 
     #[test]

@@ -83,6 +83,16 @@ impl Fault {
         Fault::ALL.into_iter().find(|f| f.name() == name)
     }
 
+    /// Whether a replication round to the standby must fail while the fault is in place:
+    /// the standby's agent or its zfs-fuse dead, or no packet crossing. A replication cell of
+    /// such a fault that saw no failed round hit nothing, and says so.
+    pub fn fails_replication(self) -> bool {
+        matches!(
+            self,
+            Fault::KillTargetAgent | Fault::Partition | Fault::KillTargetZfs
+        )
+    }
+
     /// Whether the fault means something in the row. In a failover the source (the old
     /// owner's node) is already dead, so there is no source agent to kill; the target's
     /// peer there is the bystander whose routes must change.
@@ -126,7 +136,8 @@ pub fn all_cells() -> Vec<Cell> {
 }
 
 /// The fixed subset `cargo xtask ci` runs: one fault per row, the quick ones (no partition,
-/// which must outlast every timeout), each daemon killed at least once.
+/// which must outlast every timeout), each daemon killed at least once: the target's zfs-fuse
+/// too, so the subset runs on a cluster with a zfs-fuse per node.
 pub fn ci_cells() -> Vec<Cell> {
     [
         ("pre-copy", Fault::KillTargetAgent),
@@ -139,6 +150,8 @@ pub fn ci_cells() -> Vec<Cell> {
         ("routes", Fault::TargetPoolFull),
         (REPLICATION, Fault::KillSourceAgent),
         (FAILOVER, Fault::KillTargetAgent),
+        // Runs the whole subset on a cluster with a zfs-fuse per node.
+        ("final-push", Fault::KillTargetZfs),
     ]
     .into_iter()
     .map(|(phase, fault)| Cell { phase, fault })

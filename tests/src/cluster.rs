@@ -11,6 +11,12 @@
 //! that runs it, since a node named by an IPv6 literal has no IPv4 address for the others to
 //! forward to (naming nodes by a DNS name with both records gives both).
 //!
+//! [`Cluster::up_with_zfs_per_node`] gives every node a zfs-fuse daemon of its own in a mount
+//! namespace of its own, where the node's agent runs too ([`crate::node_zfs`]), so that one
+//! node's daemon can be killed alone; its harness-side `zfs`/`zpool` calls go through
+//! [`ClusterNode::zfs`] and [`ClusterNode::zpool`], which reach the right daemon in either
+//! layout. Every other cluster shares the host's one daemon.
+//!
 //! Everything the cluster creates is recorded under its directory, so `down` removes every
 //! trace even from another process (`cargo xtask cluster down`), and `up` on a running
 //! cluster only starts what is missing.

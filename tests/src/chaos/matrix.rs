@@ -84,12 +84,16 @@ impl Fault {
     }
 
     /// Whether a replication round to the standby must fail while the fault is in place:
-    /// the standby's agent or its zfs-fuse dead, or no packet crossing. A replication cell of
-    /// such a fault that saw no failed round hit nothing, and says so.
+    /// the standby's agent or its zfs-fuse dead, no packet crossing, or no space for the
+    /// receive. A replication cell of such a fault that saw no failed round hit nothing, and
+    /// says so (not run).
     pub fn fails_replication(self) -> bool {
         matches!(
             self,
-            Fault::KillTargetAgent | Fault::Partition | Fault::KillTargetZfs
+            Fault::KillTargetAgent
+                | Fault::Partition
+                | Fault::KillTargetZfs
+                | Fault::TargetPoolFull
         )
     }
 

@@ -456,7 +456,10 @@ pub fn report(
          held {hold} s while the owner replicates (a partition {partition} s), the writer \
          going on; then deploys until nothing to do, and the replica on n2 must hold a \
          snapshot taken after the last acknowledged write within 60 s (counted as invariant \
-         1).\n\n\
+         1). A fault that must make replication rounds fail (the standby's agent or zfs-fuse \
+         killed, a partition, the standby's pool full) must have made at least one fail in \
+         the first {hold} s, counted from the owner's agent log, or the cell hit nothing and \
+         reads `not run`.\n\n\
          **Failover**: Redis on n1 replicated to n2 until the replica holds every acknowledged \
          write; n1 dies hard (agent, dockerd, containers killed, link down); `flockerctl \
          deploy --failover` places Redis on n2, the fault injected when it announces its \

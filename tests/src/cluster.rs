@@ -463,8 +463,9 @@ impl Cluster {
     /// containers), pools, namespaces, the bridge, the directory.
     pub fn down(spec: &ClusterSpec) -> Result<()> {
         for i in 1..=spec.nodes.max(discover_nodes(&spec.dir)) {
-            let own_zfs = NodeZfs::new(&format!("flk-n{i}"), &format!("flk-n{i}")).exists();
-            let node = ClusterNode::new(&spec.dir, i, false, own_zfs);
+            let mut node = ClusterNode::new(&spec.dir, i, false, true);
+            // The layout `up` chose shows in what it left: a node's own zfs-fuse directory.
+            node.own_zfs = node.own_zfs.filter(NodeZfs::exists);
             kill_pidfile(&node.agent_pidfile(), "TERM");
             stop_dockerd(&node);
             // What a dockerd killed hard leaves (containerd, shims, containers holding the

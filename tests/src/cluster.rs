@@ -11,6 +11,12 @@
 //! that runs it, since a node named by an IPv6 literal has no IPv4 address for the others to
 //! forward to (naming nodes by a DNS name with both records gives both).
 //!
+//! [`Cluster::up_with_zfs_per_node`] gives every node a zfs-fuse daemon of its own in a mount
+//! namespace of its own, where the node's agent runs too ([`crate::node_zfs`]), so that one
+//! node's daemon can be killed alone; its harness-side `zfs`/`zpool` calls go through
+//! [`ClusterNode::zfs`] and [`ClusterNode::zpool`], which reach the right daemon in either
+//! layout. Every other cluster shares the host's one daemon.
+//!
 //! Everything the cluster creates is recorded under its directory, so `down` removes every
 //! trace even from another process (`cargo xtask cluster down`), and `up` on a running
 //! cluster only starts what is missing.
@@ -25,6 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::images;
+use crate::node_zfs::NodeZfs;
 
 /// The bridge all nodes hang off, and the host's address on it.
 pub const BRIDGE: &str = "flk-br0";
@@ -53,21 +60,71 @@ pub struct ClusterNode {
     pub docker_host: String,
     /// The node's ZFS pool.
     pub pool: String,
+    /// The node's own zfs-fuse and mount namespace, in a cluster whose nodes each have one
+    /// ([`Cluster::up_with_zfs_per_node`]); `None`: the host's one daemon serves the pool.
+    pub own_zfs: Option<NodeZfs>,
 }
 
 impl ClusterNode {
-    fn new(root: &Path, index: usize, dual_stack: bool) -> ClusterNode {
+    fn new(root: &Path, index: usize, dual_stack: bool, zfs_per_node: bool) -> ClusterNode {
         let name = format!("n{index}");
         let dir = root.join(&name);
+        let (netns, pool) = (format!("flk-{name}"), format!("flk-{name}"));
         ClusterNode {
             address: format!("198.18.0.{}", 10 + index),
             address6: dual_stack.then(|| format!("fd00:18::{}", 10 + index)),
-            netns: format!("flk-{name}"),
             docker_host: format!("unix://{}", dir.join("docker.sock").display()),
-            pool: format!("flk-{name}"),
+            own_zfs: zfs_per_node.then(|| NodeZfs::new(&netns, &pool)),
+            netns,
+            pool,
             dir,
             name,
         }
+    }
+
+    /// A command run where the node's `zfs` and `zpool` reach its pool: in the node's mount
+    /// namespace when it has its own zfs-fuse, else on the host.
+    pub fn zfs_command(&self, program: &str) -> Command {
+        match &self.own_zfs {
+            Some(own) => own.command(program),
+            None => Command::new(program),
+        }
+    }
+
+    /// `zfs ARGS` against the node's pool; stdout, or an error with stderr.
+    pub fn zfs(&self, args: &[&str]) -> Result<String> {
+        self.run_zfs("zfs", args)
+    }
+
+    /// `zpool ARGS` against the node's pool; stdout, or an error with stderr.
+    pub fn zpool(&self, args: &[&str]) -> Result<String> {
+        self.run_zfs("zpool", args)
+    }
+
+    fn run_zfs(&self, program: &str, args: &[&str]) -> Result<String> {
+        let out = quiet(self.zfs_command(program).args(args))?;
+        if !out.status.success() {
+            bail!(
+                "{program} {} on {} failed ({}): {}",
+                args.join(" "),
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The node's agent's command: in the node's network namespace, and in its mount
+    /// namespace when it has its own zfs-fuse.
+    fn agent_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns_path().display()));
+        if let Some(own) = &self.own_zfs {
+            cmd.arg(format!("--mount={}", own.namespace().display()));
+        }
+        cmd.arg(program);
+        cmd
     }
 
     /// What the cluster names the node by (deployments, certificates, the agent's
@@ -154,25 +211,55 @@ pub struct Cluster {
     pub dual_stack: bool,
 }
 
+/// How the nodes are laid out beside their network namespaces.
+#[derive(Debug, Clone, Copy, Default)]
+struct Layout {
+    dual_stack: bool,
+    zfs_per_node: bool,
+}
+
 impl Cluster {
     /// Brings the cluster up, creating only what is not there yet.
     pub fn up(spec: ClusterSpec) -> Result<Cluster> {
-        Cluster::start(spec, false)
+        Cluster::start(spec, Layout::default())
     }
 
     /// [`Cluster::up`] with IPv6 addresses as well (see the module docs).
     pub fn up_dual_stack(spec: ClusterSpec) -> Result<Cluster> {
-        Cluster::start(spec, true)
+        Cluster::start(
+            spec,
+            Layout {
+                dual_stack: true,
+                ..Layout::default()
+            },
+        )
     }
 
-    fn start(mut spec: ClusterSpec, dual_stack: bool) -> Result<Cluster> {
+    /// [`Cluster::up`] with a zfs-fuse daemon per node, each in a mount namespace of the
+    /// node's own where its agent runs too ([`crate::node_zfs`]), so that one node's daemon
+    /// can be killed alone. The other tests keep the host's one daemon.
+    pub fn up_with_zfs_per_node(spec: ClusterSpec) -> Result<Cluster> {
+        Cluster::start(
+            spec,
+            Layout {
+                zfs_per_node: true,
+                ..Layout::default()
+            },
+        )
+    }
+
+    fn start(mut spec: ClusterSpec, layout: Layout) -> Result<Cluster> {
+        let Layout {
+            dual_stack,
+            zfs_per_node,
+        } = layout;
         fs::create_dir_all(&spec.dir).context("cluster dir")?;
         // The agents run under nsenter, which resolves relative paths from wherever it is.
         spec.dir = absolute(&spec.dir)?;
         spec.agent_binary = absolute(&spec.agent_binary)?;
         spec.ctl_binary = absolute(&spec.ctl_binary)?;
         let nodes: Vec<ClusterNode> = (1..=spec.nodes)
-            .map(|i| ClusterNode::new(&spec.dir, i, dual_stack))
+            .map(|i| ClusterNode::new(&spec.dir, i, dual_stack, zfs_per_node))
             .collect();
         let cluster = Cluster {
             spec,
@@ -182,7 +269,9 @@ impl Cluster {
         };
         cluster.say("bridge");
         ensure_bridge(dual_stack)?;
-        crate::zfs::ensure_daemon()?;
+        if !zfs_per_node {
+            crate::zfs::ensure_daemon()?;
+        }
         cluster.ensure_ca()?;
         for node in &cluster.nodes {
             cluster.ensure_node(node)?;
@@ -213,6 +302,10 @@ impl Cluster {
             for problem in crate::reap::reap(&node.dir) {
                 eprintln!("cluster: {}: {problem}", node.name);
             }
+        }
+        if let Some(own) = &node.own_zfs {
+            own.ensure()
+                .with_context(|| format!("the zfs-fuse of {}", node.name))?;
         }
         ensure_pool(node, self.spec.pool_size)?;
         ensure_dockerd(node)?;
@@ -276,7 +369,7 @@ impl Cluster {
         }
         let ca = self.ca_dir();
         let log = fs::File::create(node.dir.join("agent.log")).context("agent log")?;
-        let mut agent = node.command(&self.spec.agent_binary);
+        let mut agent = node.agent_command(&self.spec.agent_binary);
         if self.spec.routing == "ebpf" {
             let cgroup = node.bpf_cgroup()?;
             fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
@@ -370,7 +463,9 @@ impl Cluster {
     /// containers), pools, namespaces, the bridge, the directory.
     pub fn down(spec: &ClusterSpec) -> Result<()> {
         for i in 1..=spec.nodes.max(discover_nodes(&spec.dir)) {
-            let node = ClusterNode::new(&spec.dir, i, false);
+            let mut node = ClusterNode::new(&spec.dir, i, false, true);
+            // The layout `up` chose shows in what it left: a node's own zfs-fuse directory.
+            node.own_zfs = node.own_zfs.filter(NodeZfs::exists);
             kill_pidfile(&node.agent_pidfile(), "TERM");
             stop_dockerd(&node);
             // What a dockerd killed hard leaves (containerd, shims, containers holding the
@@ -378,8 +473,14 @@ impl Cluster {
             for problem in crate::reap::reap(&node.dir) {
                 eprintln!("cluster: {}: {problem}", node.name);
             }
-            destroy_pool(&node.pool);
-            remove_pool_mountpoint(&node.pool);
+            if let Some(own) = &node.own_zfs {
+                for problem in own.remove(&node.pool) {
+                    eprintln!("cluster: {}: {problem}", node.name);
+                }
+            } else {
+                destroy_pool(&node);
+            }
+            remove_pool_mountpoint(&node);
             remove_bpf_pins(&node.netns);
             let _ = quiet(Command::new("ip").args(["netns", "del", &node.netns]));
             let _ = quiet(Command::new("ip").args(["link", "del", &format!("{}-h", node.netns)]));
@@ -537,10 +638,12 @@ fn ensure_netns(node: &ClusterNode) -> Result<()> {
     Ok(())
 }
 
+fn pool_exists(node: &ClusterNode) -> bool {
+    node.zpool(&["list", &node.pool]).is_ok()
+}
+
 fn ensure_pool(node: &ClusterNode, size: &str) -> Result<()> {
-    let exists = quiet(Command::new("zpool").args(["list", &node.pool]))
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let exists = pool_exists(node);
     let file = node.dir.join("pool.img");
     if exists && file.exists() {
         // This cluster's own pool (`cargo xtask cluster up` run again): keep its data.
@@ -553,24 +656,25 @@ fn ensure_pool(node: &ClusterNode, size: &str) -> Result<()> {
             "cluster: destroying pool {} left by an earlier run",
             node.pool
         );
-        destroy_pool(&node.pool);
+        destroy_pool(node);
     }
     run(Command::new("truncate").args(["-s", size]).arg(&file))?;
-    run(Command::new("zpool")
-        .args(["create", "-f", "-m"])
-        .arg(format!("/{}", node.pool))
-        .arg(&node.pool)
-        .arg(&file))
+    node.zpool(&[
+        "create",
+        "-f",
+        "-m",
+        &format!("/{}", node.pool),
+        &node.pool,
+        &file.to_string_lossy(),
+    ])?;
+    Ok(())
 }
 
 /// Removes the directory `zpool create -m /POOL` made, once the pool is gone and nothing is
 /// mounted there any more (never while a dataset could still be below it).
-fn remove_pool_mountpoint(pool: &str) {
-    let exists = quiet(Command::new("zpool").args(["list", pool]))
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    let dir = Path::new("/").join(pool);
-    if exists || !crate::reap::mounts_below(&dir).is_empty() || !dir.exists() {
+fn remove_pool_mountpoint(node: &ClusterNode) {
+    let dir = Path::new("/").join(&node.pool);
+    if pool_exists(node) || !crate::reap::mounts_below(&dir).is_empty() || !dir.exists() {
         return;
     }
     if let Err(e) = fs::remove_dir_all(&dir) {
@@ -578,19 +682,16 @@ fn remove_pool_mountpoint(pool: &str) {
     }
 }
 
-/// Destroys a pool, retrying while a just-stopped daemon still holds its mounts.
-fn destroy_pool(pool: &str) {
+/// Destroys the node's pool, retrying while a just-stopped daemon still holds its mounts.
+fn destroy_pool(node: &ClusterNode) {
     for _ in 0..20 {
-        let exists = quiet(Command::new("zpool").args(["list", pool]))
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !exists {
+        if !pool_exists(node) {
             return;
         }
-        let _ = quiet(Command::new("zpool").args(["destroy", "-f", pool]));
+        let _ = node.zpool(&["destroy", "-f", &node.pool]);
         sleep(Duration::from_millis(500));
     }
-    eprintln!("cluster: could not destroy pool {pool}");
+    eprintln!("cluster: could not destroy pool {}", node.pool);
 }
 
 fn ensure_dockerd(node: &ClusterNode) -> Result<()> {

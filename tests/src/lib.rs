@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod docker;
 pub mod images;
 pub mod netns;
+pub mod node_zfs;
 pub mod probe;
 pub mod prometheus;
 pub mod reap;

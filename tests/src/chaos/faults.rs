@@ -6,9 +6,12 @@
 //! link between source and target, for a failover the target's links to the host and the
 //! bystander.
 //!
-//! zfs-fuse is one daemon for every pool on the host (`zfs::ensure_daemon`), so "the target's
-//! zfs-fuse" cannot be killed alone: it is not among these faults (`bench/CHAOS.md` says what
-//! a daemon per node would take).
+//! The target's zfs-fuse can be killed alone only in a cluster whose nodes each have their
+//! own ([`crate::node_zfs`], `Cluster::up_with_zfs_per_node`); the suite brings its cluster up
+//! that way when a cell of that fault runs. Removing the fault starts the daemon again as a
+//! service manager would (dead FUSE mounts unmounted, the pool imported from its cache file,
+//! `zfs mount -a`); what runs on the dead mounts (the target's containers) is left to the
+//! agents.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -51,6 +54,8 @@ enum Active<'a> {
     PoolFull,
     /// A daemon of this node was killed: the cluster starts what is missing of it again.
     Killed(&'a ClusterNode),
+    /// This node's zfs-fuse was killed: started again, its pool imported and mounted.
+    ZfsKilled(&'a ClusterNode),
 }
 
 /// Where a partition or a slow link acts: in `node`'s namespace, on its packets to and from
@@ -184,8 +189,18 @@ impl<'a> Injector<'a> {
                 Active::SlowLink
             }
             Fault::TargetPoolFull => {
-                fill_pool(&target.pool)?;
+                fill_pool(target)?;
                 Active::PoolFull
+            }
+            Fault::KillTargetZfs => {
+                let own = target.own_zfs.as_ref().with_context(|| {
+                    format!(
+                        "{} has no zfs-fuse of its own (Cluster::up_with_zfs_per_node)",
+                        target.name
+                    )
+                })?;
+                own.kill().context("kill the target's zfs-fuse")?;
+                Active::ZfsKilled(target)
             }
         };
         self.log.push(format!("{} injected", self.fault.name()));
@@ -243,11 +258,18 @@ impl<'a> Injector<'a> {
                 self.log.push("slow lossy link removed".into());
             }
             Active::PoolFull => {
-                crate::zfs::run(
-                    "zfs",
-                    &["destroy", &format!("{}/{FILL_DATASET}", self.target.pool)],
-                )?;
+                self.target
+                    .zfs(&["destroy", &filler_of(&self.target.pool)])?;
                 self.log.push("pool filler destroyed".into());
+            }
+            Active::ZfsKilled(node) => {
+                if let Some(own) = &node.own_zfs {
+                    own.restart().context("restart the killed zfs-fuse")?;
+                }
+                self.log.push(format!(
+                    "zfs-fuse of {} restarted (dead mounts unmounted, pool imported, zfs mount -a)",
+                    node.name
+                ));
             }
             Active::Killed(node) => {
                 self.cluster
@@ -301,22 +323,27 @@ fn lose(link: &Link) -> Result<()> {
     run(node.command("nft").arg("-f").arg(&file))
 }
 
-/// Reserves all the free space of `pool` for an unmounted dataset of its own.
-fn fill_pool(pool: &str) -> Result<()> {
-    let filler = format!("{pool}/{FILL_DATASET}");
-    crate::zfs::run("zfs", &["create", "-o", "mountpoint=none", &filler])?;
-    let available: u64 = crate::zfs::run("zfs", &["get", "-Hp", "-o", "value", "available", pool])?
+/// Reserves all the free space of the node's pool for an unmounted dataset of its own.
+fn fill_pool(node: &ClusterNode) -> Result<()> {
+    let pool = &node.pool;
+    let filler = filler_of(pool);
+    node.zfs(&["create", "-o", "mountpoint=none", &filler])?;
+    let available: u64 = node
+        .zfs(&["get", "-Hp", "-o", "value", "available", pool])?
         .trim()
         .parse()
         .context("the pool's available bytes")?;
     // ZFS may refuse the last few blocks; a reservation just below is as full.
     for spare in [0u64, 1 << 20, 8 << 20] {
         let size = available.saturating_sub(spare).to_string();
-        if crate::zfs::run("zfs", &["set", &format!("reservation={size}"), &filler]).is_ok() {
+        if node
+            .zfs(&["set", &format!("reservation={size}"), &filler])
+            .is_ok()
+        {
             return Ok(());
         }
     }
-    let _ = crate::zfs::run("zfs", &["destroy", &filler]);
+    let _ = node.zfs(&["destroy", &filler]);
     bail!("could not reserve the free space of {pool}")
 }
 
@@ -354,6 +381,7 @@ mod tests {
             dir,
             docker_host: String::new(),
             pool: "flk-n2".into(),
+            own_zfs: None,
         };
         let link = Link {
             node: &node,

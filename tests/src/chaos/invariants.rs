@@ -3,7 +3,8 @@
 //! 1. every acknowledged write is readable, with its content (the ledger, through each node);
 //! 2. exactly one owner of the volume, at the newest epoch, never below an epoch seen before,
 //!    on the node the deployment places it, and one running container, there;
-//! 3. the application answers through every node;
+//! 3. the application answers through every node, and takes a write (an application that
+//!    still serves reads from memory but can no longer persist, e.g. on a dead mount, fails);
 //! 4. nothing left over: no staged or partially received dataset, no snapshot but the push
 //!    snapshots the protocol keeps, no `zfs send`/`recv` still running, no filler;
 //! 5. (judged by the runner from the deploys: none hung, every failure said what failed).
@@ -71,6 +72,9 @@ pub fn check(
             }
             Err(e) => found.fail(3, format!("no answer through {}: {e:#}", node.name)),
         }
+        if let Err(e) = probe_write(&addr) {
+            found.fail(3, format!("no write through {}: {e:#}", node.name));
+        }
     }
     match copies(cluster, deployment, application) {
         Ok(copies) => {
@@ -97,7 +101,7 @@ pub fn check(
             }
             Err(e) => found.fail(2, format!("no container list of {}: {e:#}", node.name)),
         }
-        match datasets(&node.pool) {
+        match datasets(node) {
             Ok(names) => {
                 for problem in leftovers(&node.pool, &names) {
                     found.fail(4, format!("{}: {problem}", node.name));
@@ -110,6 +114,20 @@ pub fn check(
         found.fail(4, format!("still running: {p}"));
     }
     found
+}
+
+/// One `SET` of a probe key through `addr` (Redis appends it to its AOF with `fsync always`
+/// before it answers, so an OK means the volume takes writes). Not in the ledger: nothing
+/// later reads it.
+fn probe_write(addr: &str) -> Result<()> {
+    let mut redis = super::workload::connect(addr)?;
+    let key = format!("probe:{addr}");
+    let reply = redis.command(&["SET", &key, "1"])?;
+    anyhow::ensure!(
+        reply.as_deref() == Some("OK"),
+        "SET answered {reply:?}, not OK"
+    );
+    Ok(())
 }
 
 /// The volume's copies from `flockerctl status --output json`.
@@ -192,15 +210,13 @@ fn running_containers(node: &ClusterNode) -> Result<usize> {
     Ok(String::from_utf8_lossy(&out.stdout).lines().count())
 }
 
-/// Every dataset and snapshot of `pool`.
-fn datasets(pool: &str) -> Result<Vec<String>> {
-    Ok(crate::zfs::run(
-        "zfs",
-        &["list", "-H", "-t", "all", "-o", "name", "-r", pool],
-    )?
-    .lines()
-    .map(str::to_string)
-    .collect())
+/// Every dataset and snapshot of the node's pool.
+fn datasets(node: &ClusterNode) -> Result<Vec<String>> {
+    Ok(node
+        .zfs(&["list", "-H", "-t", "all", "-o", "name", "-r", &node.pool])?
+        .lines()
+        .map(str::to_string)
+        .collect())
 }
 
 /// Invariant 4 on a pool's dataset and snapshot names: beside the pool, `POOL/flocker`, the

@@ -48,10 +48,14 @@ pub enum Fault {
     SlowLink,
     /// The target's pool full (a reservation of all its free space) while the deploy runs.
     TargetPoolFull,
+    /// SIGKILL to the target node's own zfs-fuse (a cluster with a daemon per node,
+    /// `crate::node_zfs`); started again, its pool imported and its datasets mounted, once the
+    /// deploy ends.
+    KillTargetZfs,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 8] = [
         Fault::KillCtl,
         Fault::KillSourceAgent,
         Fault::KillTargetAgent,
@@ -59,6 +63,7 @@ impl Fault {
         Fault::Partition,
         Fault::SlowLink,
         Fault::TargetPoolFull,
+        Fault::KillTargetZfs,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,11 +75,26 @@ impl Fault {
             Fault::Partition => "partition",
             Fault::SlowLink => "slow-link",
             Fault::TargetPoolFull => "target-pool-full",
+            Fault::KillTargetZfs => "kill-target-zfs-fuse",
         }
     }
 
     pub fn parse(name: &str) -> Option<Fault> {
         Fault::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// Whether a replication round to the standby must fail while the fault is in place:
+    /// the standby's agent or its zfs-fuse dead, no packet crossing, or no space for the
+    /// receive. A replication cell of such a fault that saw no failed round hit nothing, and
+    /// says so (not run).
+    pub fn fails_replication(self) -> bool {
+        matches!(
+            self,
+            Fault::KillTargetAgent
+                | Fault::Partition
+                | Fault::KillTargetZfs
+                | Fault::TargetPoolFull
+        )
     }
 
     /// Whether the fault means something in the row. In a failover the source (the old
@@ -120,7 +140,8 @@ pub fn all_cells() -> Vec<Cell> {
 }
 
 /// The fixed subset `cargo xtask ci` runs: one fault per row, the quick ones (no partition,
-/// which must outlast every timeout), each daemon killed at least once.
+/// which must outlast every timeout), each daemon killed at least once: the target's zfs-fuse
+/// too, so the subset runs on a cluster with a zfs-fuse per node.
 pub fn ci_cells() -> Vec<Cell> {
     [
         ("pre-copy", Fault::KillTargetAgent),
@@ -133,6 +154,8 @@ pub fn ci_cells() -> Vec<Cell> {
         ("routes", Fault::TargetPoolFull),
         (REPLICATION, Fault::KillSourceAgent),
         (FAILOVER, Fault::KillTargetAgent),
+        // Runs the whole subset on a cluster with a zfs-fuse per node.
+        ("final-push", Fault::KillTargetZfs),
     ]
     .into_iter()
     .map(|(phase, fault)| Cell { phase, fault })

@@ -87,7 +87,17 @@ pub fn run(options: Options) -> Result<Vec<CellReport>> {
     };
     // A run that was killed leaves its cluster: start from nothing.
     Cluster::down(&spec).context("remove an earlier chaos cluster")?;
-    let mut cluster = Cluster::up(spec)?;
+    // A zfs-fuse per node only where a cell kills one: the other cells keep the layout every
+    // other e2e test has (the host's one daemon).
+    let mut cluster = if options
+        .cells
+        .iter()
+        .any(|c| c.fault == matrix::Fault::KillTargetZfs)
+    {
+        Cluster::up_with_zfs_per_node(spec)?
+    } else {
+        Cluster::up(spec)?
+    };
     cluster.teardown_on_drop = !options.keep;
     let files = options.dir.join("config");
     std::fs::create_dir_all(&files)?;
@@ -446,7 +456,10 @@ pub fn report(
          held {hold} s while the owner replicates (a partition {partition} s), the writer \
          going on; then deploys until nothing to do, and the replica on n2 must hold a \
          snapshot taken after the last acknowledged write within 60 s (counted as invariant \
-         1).\n\n\
+         1). A fault that must make replication rounds fail (the standby's agent or zfs-fuse \
+         killed, a partition, the standby's pool full) must have made at least one fail in \
+         the first {hold} s, counted from the owner's agent log, or the cell hit nothing and \
+         reads `not run`.\n\n\
          **Failover**: Redis on n1 replicated to n2 until the replica holds every acknowledged \
          write; n1 dies hard (agent, dockerd, containers killed, link down); `flockerctl \
          deploy --failover` places Redis on n2, the fault injected when it announces its \
@@ -469,18 +482,17 @@ pub fn report(
          delayer (`tests/src/chaos/delay.rs`; in a failover only on n2's side, so 50 ms on \
          packets into n2): this kernel has no `sch_netem`, and no `sch_fq` \
          either, which a BPF program setting departure times would need.\n\n\
-         Not in the matrix: the target's zfs-fuse killed alone. One zfs-fuse serves every pool \
-         of the host. A second daemon does run in a mount namespace of its own (tried: \
-         `unshare -m` with private tmpfs over `/var/run/zfs` (its socket, a fixed path), \
-         `/var/lock/zfs` (it takes `zfs_lock` there and exits while the host's daemon holds \
-         it) and `/etc/zfs`, a pool with `cachefile=none`; killing it left the host's daemon \
-         answering and its own mounts at \"Transport endpoint is not connected\"). But the \
-         datasets it mounts exist only in that namespace (the host's `/` is private), so the \
-         node's dockerd, containerd and agent, and every `zfs` call the harness makes for the \
-         node, would have to run in it too, and recovering a killed daemon needs its dead FUSE \
-         mounts unmounted, the pool imported again and containers restarted on the new mounts. \
-         That is a new cluster layout for every e2e test (which all share the one daemon \
-         today) and likely agent work (a mount that answers ENOTCONN), not done here.\n\n\
+         The target's zfs-fuse killed (`kill-target-zfs-fuse`): one zfs-fuse serves every \
+         pool of a host, so a run with cells of this fault brings the cluster up with a daemon \
+         per node (`tests/src/node_zfs.rs`): each node's zfs-fuse runs in a mount namespace of \
+         its own (private tmpfs over `/var/run/zfs`, `/var/lock/zfs` and `/var/lib/zfs`, where \
+         the pool cache every starting daemon imports from lives) where the \
+         node's agent runs too, and the pool's mountpoint is a shared mount, so the datasets \
+         it mounts appear on the host for the node's dockerd. The fault is SIGKILL to the \
+         target's daemon; removing it unmounts the dead FUSE mounts, starts the daemon again \
+         (the pool comes back from its cache file) and runs `zfs mount -a`, as a service \
+         manager would. Containers still running on a dead mount are the agent's to notice. \
+         Runs without such cells keep the host's one daemon, as every other e2e test does.\n\n\
          {cells} cells in {minutes:.1} min, {provenance}.\n\n{table}",
         partition = options.partition_for.as_secs(),
         recovery = options.recovery_deploys,

@@ -63,6 +63,7 @@ impl Suite {
             cell.fault,
             self.options.partition_for,
         ));
+        let failures_before = replication_failures(owner);
         let hook = PhaseHook {
             phase: "standby",
             run: Box::new(|ctl| injector.borrow_mut().inject(ctl)),
@@ -86,6 +87,7 @@ impl Suite {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        let failed_rounds = replication_failures(owner).saturating_sub(failures_before);
         let removed = removed.and_then(|()| injector.borrow_mut().remove());
         let acked = writer.stop();
         let last_ack = now_ms();
@@ -100,6 +102,10 @@ impl Suite {
         if !judge_faulted(cell, &faulted, notes, &mut broken) {
             return Ok(Verdict::PhaseNotReached);
         }
+        notes.push(format!(
+            "{failed_rounds} replication rounds failed while the fault was in place ({}'s agent log)",
+            owner.name
+        ));
         let replicated = self.replicated.clone();
         let recovered = self.recover(&[], &replicated, notes, &mut broken)?;
         match wait_for_replica(self, &replicated, standby, last_ack) {
@@ -114,7 +120,14 @@ impl Suite {
                 notes.push(format!("invariant 1: {e:#}"));
             }
         }
-        Ok(self.judge(&replicated, 0, recovered, broken, notes))
+        let verdict = self.judge(&replicated, 0, recovered, broken, notes);
+        if cell.fault.fails_replication() && failed_rounds == 0 {
+            return Ok(Verdict::NotRun {
+                why: "the fault hit nothing: no replication round failed while it was in place"
+                    .into(),
+            });
+        }
+        Ok(verdict)
     }
 
     pub(super) fn failover_cell(&mut self, cell: Cell, notes: &mut Vec<String>) -> Result<Verdict> {
@@ -235,6 +248,20 @@ impl Suite {
     }
 }
 
+/// How many replication rounds the agent of `node` logged as failed so far (its log is
+/// rewritten only when the agent is started again).
+fn replication_failures(node: &ClusterNode) -> usize {
+    std::fs::read_to_string(node.dir.join("agent.log"))
+        .map(|log| count_replication_failures(&log))
+        .unwrap_or(0)
+}
+
+fn count_replication_failures(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("replication failed"))
+        .count()
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -353,7 +380,7 @@ fn link(node: &ClusterNode, state: &str) -> Result<()> {
 /// The copies of the volume fencing set aside on `node` (`NAME.fenced-eEPOCH-UNIXMS`).
 fn fenced_copies(node: &ClusterNode) -> Result<usize> {
     let root = format!("{}/flocker", node.pool);
-    let names = crate::zfs::run("zfs", &["list", "-H", "-o", "name", "-r", &root])?;
+    let names = node.zfs(&["list", "-H", "-o", "name", "-r", &root])?;
     Ok(count_fenced(&root, &names))
 }
 
@@ -375,7 +402,7 @@ fn wait_fenced(node: &ClusterNode, fenced_before: usize) -> Result<Duration> {
             .output()
             .context("docker ps")?;
         let serving = !running.status.success() || !running.stdout.is_empty();
-        let kept = crate::zfs::run("zfs", &["list", "-H", "-o", "name", &dataset]).is_ok();
+        let kept = node.zfs(&["list", "-H", "-o", "name", &dataset]).is_ok();
         let set_aside = fenced_copies(node)? > fenced_before;
         if !serving && !kept && set_aside {
             return Ok(started.elapsed());
@@ -411,6 +438,15 @@ mod tests {
         assert_eq!(replica_time_in(&status, "c"), None, "no replica there");
         assert_eq!(snapshot_time_ms("push-12-34"), Some(34));
         assert_eq!(snapshot_time_ms("push-12"), None);
+    }
+
+    #[test]
+    fn failed_replication_rounds_are_counted_from_the_log() {
+        let log = "2026 INFO replicated volume=redis\n\
+                   2026 WARN replication failed volume=redis standby=198.18.0.12 error=refused\n\
+                   2026 WARN replication failed volume=redis standby=198.18.0.12 error=refused\n";
+        assert_eq!(count_replication_failures(log), 2);
+        assert_eq!(count_replication_failures(""), 0);
     }
 
     #[test]

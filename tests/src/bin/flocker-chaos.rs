@@ -13,6 +13,30 @@ use flocker_e2e::chaos::{self, Options};
 const USAGE: &str = "usage: flocker-chaos [--ci] [--cells PHASE:FAULT,...] [--out FILE] \
 [--partition-seconds N] [--deploy-timeout N] [--recovery-deploys N] [--budget-minutes N] [--keep]";
 
+/// What `--help` prints: the usage, what each flag does, and the cells there are.
+fn help() -> String {
+    const FLAGS: &str = "
+Runs the fault matrix on a local three-node cluster (root: network namespaces, dockerd,
+zfs-fuse, nftables) and prints it as a Markdown table; exits 1 if a cell broke an
+invariant, did not reach its phase or was not run. Binaries come from $FLOCKER_TARGET
+(default target/debug).
+
+  --ci                    the fixed subset `cargo xtask ci` runs
+  --cells PHASE:FAULT,... these cells only (default: every cell)
+  --out FILE              also write the table to FILE
+  --partition-seconds N   how long a partition lasts (default 130)
+  --deploy-timeout N      the bound on each recovery deploy (default 300)
+  --recovery-deploys N    deploys allowed to converge (default 3)
+  --budget-minutes N      start no cell after this long (default 90)
+  --keep                  leave the cluster up afterwards, to inspect it
+";
+    format!(
+        "{USAGE}\n{FLAGS}\nphases: {}\nfaults: {}",
+        matrix::PHASES.join(", "),
+        matrix::Fault::ALL.map(matrix::Fault::name).join(", ")
+    )
+}
+
 /// When and on which commit the matrix ran, e.g. `2026-12-03 11:50 UTC on 1a2b3c4`
 /// (`+ changes` when the tree differed from it).
 fn provenance() -> String {
@@ -59,6 +83,10 @@ fn main() -> Result<()> {
                 .with_context(|| format!("{flag} needs a value\n{USAGE}"))
         };
         match flag.as_str() {
+            "--help" | "-h" => {
+                println!("{}", help());
+                return Ok(());
+            }
             "--ci" => options.cells = matrix::ci_cells(),
             "--keep" => options.keep = true,
             "--cells" => {

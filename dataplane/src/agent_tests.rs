@@ -503,7 +503,12 @@ async fn a_container_prepared_during_the_pre_copy_starts_only_once_owned() {
         last: false,
     };
     assert_eq!(failed(&converge(&b, &d1, vec![pre_copy]).await), None);
-    let events = converge(&a, &d1, vec![Action::PrepareApplication { application: app() }]).await;
+    let events = converge(
+        &a,
+        &d1,
+        vec![Action::PrepareApplication { application: app() }],
+    )
+    .await;
     assert_eq!(failed(&events), None, "{events:?}");
     let mut changed = app();
     changed.environment.insert("MODE".into(), "new".into());
@@ -538,7 +543,10 @@ async fn a_container_prepared_during_the_pre_copy_starts_only_once_owned() {
     let state = a.agent.state().await.expect("state");
     let c = state.container("db").expect("started");
     assert!(c.running);
-    assert_eq!(c.application, changed, "the container of the new configuration");
+    assert_eq!(
+        c.application, changed,
+        "the container of the new configuration"
+    );
     // Created and started in one call, not the prepared one started.
     assert_eq!(a.runtime.starts(), a_starts);
 }

@@ -439,7 +439,10 @@ mod tests {
             Err(OwnershipError::EpochExhausted { .. })
         ));
         // Exactly one above the record the stream gives the copy, from its owner.
-        assert_eq!(accept_pushed_handoff("T", "db", "S", &rec("S", 3), 4), Ok(()));
+        assert_eq!(
+            accept_pushed_handoff("T", "db", "S", &rec("S", 3), 4),
+            Ok(())
+        );
         assert!(matches!(
             accept_pushed_handoff("T", "db", "S", &rec("S", 3), 5),
             Err(OwnershipError::WrongEpoch { .. })
@@ -466,12 +469,32 @@ mod tests {
     #[test]
     fn a_lost_answer_is_recognised_only_from_the_takeover_itself() {
         let local = vol("S", 3, &["p1", "p2"]);
-        assert!(took_over_by_push(&local, "T", &vol("T", 4, &["p1", "p2"]), "p2"));
+        assert!(took_over_by_push(
+            &local,
+            "T",
+            &vol("T", 4, &["p1", "p2"]),
+            "p2"
+        ));
         // Not yet received, not at the next epoch, or someone else's.
         assert!(!took_over_by_push(&local, "T", &vol("T", 4, &["p1"]), "p2"));
-        assert!(!took_over_by_push(&local, "T", &vol("T", 5, &["p1", "p2"]), "p2"));
-        assert!(!took_over_by_push(&local, "T", &vol("S", 3, &["p1", "p2"]), "p2"));
-        assert!(!took_over_by_push(&local, "T", &vol("R", 4, &["p1", "p2"]), "p2"));
+        assert!(!took_over_by_push(
+            &local,
+            "T",
+            &vol("T", 5, &["p1", "p2"]),
+            "p2"
+        ));
+        assert!(!took_over_by_push(
+            &local,
+            "T",
+            &vol("S", 3, &["p1", "p2"]),
+            "p2"
+        ));
+        assert!(!took_over_by_push(
+            &local,
+            "T",
+            &vol("R", 4, &["p1", "p2"]),
+            "p2"
+        ));
     }
 
     fn s(v: &[&str]) -> Vec<String> {

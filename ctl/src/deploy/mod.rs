@@ -475,8 +475,12 @@ async fn discard_prepared<A: AgentApi>(
             Err(e) => Err(e),
         };
         match result {
-            Ok(()) => tracing::info!(node = %node, application = %application, "removed the container prepared for the move"),
-            Err(e) => tracing::warn!(node = %node, application = %application, error = %e, "cannot remove the container prepared for the move; the next deploy will"),
+            Ok(()) => {
+                tracing::info!(node = %node, application = %application, "removed the container prepared for the move")
+            }
+            Err(e) => {
+                tracing::warn!(node = %node, application = %application, error = %e, "cannot remove the container prepared for the move; the next deploy will")
+            }
         }
     }
 }

@@ -802,6 +802,7 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let started = std::time::Instant::now();
         self.start_container(desired, routes, app, replace).await?;
+        let container_started = started.elapsed();
         // Routes to it come in a later phase of the plan: the start is done only once the
         // application answers, so traffic never reaches a container still starting up.
         let name = crate::containers::container_name_of(app);
@@ -814,6 +815,12 @@ impl Agent {
         let ready = readiness::wait_ready(self.runtime.as_ref(), &name, app, bound, waiting).await;
         self.metrics.ready_wait(ready.is_ok(), started.elapsed());
         if ready.is_ok() {
+            tracing::info!(
+                application = %app.name,
+                container_started_ms = container_started.as_millis() as u64,
+                ready_ms = started.elapsed().as_millis() as u64,
+                "started and ready"
+            );
             self.metrics.move_phase("start", started.elapsed());
             // A container started anew has a new address: the recorded routes and service
             // routes into it follow at once (its hosts file follows in `start_application`).
@@ -860,7 +867,9 @@ impl Agent {
         if let Some(c) = existing {
             // Prepared during the move's pre-copy (`prepare_application`): only started,
             // while it is exactly what would be created now.
-            if c.never_started && c.spec_digest.as_deref() == spec.labels.get(LABEL_SPEC).map(String::as_str) {
+            if c.never_started
+                && c.spec_digest.as_deref() == spec.labels.get(LABEL_SPEC).map(String::as_str)
+            {
                 tracing::info!(application = %app.name, "starting the container prepared during the pre-copy");
                 self.runtime.start(&c.name).await?;
                 return Ok(());
@@ -916,7 +925,9 @@ impl Agent {
         app: &Application,
     ) {
         match self.try_prepare(desired, routes, app).await {
-            Ok(true) => tracing::info!(application = %app.name, "prepared the container for the move's start"),
+            Ok(true) => {
+                tracing::info!(application = %app.name, "prepared the container for the move's start")
+            }
             Ok(false) => {}
             Err(e) => {
                 tracing::warn!(application = %app.name, error = %e, "cannot prepare the container; the start creates it")

@@ -693,8 +693,7 @@ pool/flocker/bad\tflocker:record\tseven:x
         fake.answer("zfs list -H -o name pool/flocker/db", Err("does not exist"));
         b.create("db", Some(1 << 20), "S").expect("create");
         assert!(fake.calls().contains(
-            &"zfs create -o flocker:record=1:S -o quota=1048576 pool/flocker/db"
-                .to_string()
+            &"zfs create -o flocker:record=1:S -o quota=1048576 pool/flocker/db".to_string()
         ));
         let (_, b2) = backend();
         assert!(matches!(

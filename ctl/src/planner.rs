@@ -8,8 +8,8 @@
 //! 1. `finish-handoff`: a handoff that a crash interrupted is completed first.
 //! 2. `create-volumes`: volumes of applications that have none anywhere yet.
 //! 3. `pre-copy`: moved applications' volumes are pushed while they still run.
-//! 3b. `prepare`: the node each of them moves to creates its container, not started, on the
-//!    replicas the pre-copy left, so that the move's start is only `docker start`.
+//!    Then `prepare`: the node each of them moves to creates its container, not started, on
+//!    the replicas the pre-copy left, so that the move's start is only `docker start`.
 //! 4. `hold`, then `switch-routes`: first each node an application with volumes moves to
 //!    routes its ports to itself and holds new connections until the application is ready
 //!    there; then every node routes those ports to it (hold, don't refuse: clients see a

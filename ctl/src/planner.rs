@@ -8,6 +8,8 @@
 //! 1. `finish-handoff`: a handoff that a crash interrupted is completed first.
 //! 2. `create-volumes`: volumes of applications that have none anywhere yet.
 //! 3. `pre-copy`: moved applications' volumes are pushed while they still run.
+//!    Then `prepare`: the node each of them moves to creates its container, not started, on
+//!    the replicas the pre-copy left, so that the move's start is only `docker start`.
 //! 4. `hold`, then `switch-routes`: first each node an application with volumes moves to
 //!    routes its ports to itself and holds new connections until the application is ready
 //!    there; then every node routes those ports to it (hold, don't refuse: clients see a
@@ -15,8 +17,10 @@
 //!    a port to a node that still forwards it back.
 //! 5. `stop`: containers that must not run where they are (removed, or moved away with
 //!    their volumes).
-//! 6. `final-push`: the small incremental push of moved volumes after their application stopped.
-//! 7. `handoff`: ownership moves to the new node at the next epoch.
+//! 6. `final-push`: the small incremental push of moved volumes after their application
+//!    stopped, which carries the handoff: its receive makes the new node the owner at the
+//!    next epoch (one round trip), then the old node records the volume handed over.
+//! 7. `handoff`: only to finish a handoff whose target never heard of it (a crash).
 //! 8. `start`: new containers start; changed ones restart in place.
 //! 9. `routes`: every node that does not yet route by the desired state's route map is told
 //!    to follow it (`FollowRoutes` with the map's version; each agent derives its own table),
@@ -53,8 +57,9 @@ pub fn plan(desired: &DesiredState, current: &ClusterState) -> Plan {
         // Every volume of the application goes through the same phases: pushed together
         // while it runs, once more after its one stop, handed off before its one start.
         let mut moves = false;
+        let mut all_pre_copied = true;
         for (volume, spec) in app.volumes() {
-            moves |= plan_volume(
+            let planned = plan_volume(
                 VolumeToPlace {
                     application: name,
                     volume,
@@ -65,6 +70,20 @@ pub fn plan(desired: &DesiredState, current: &ClusterState) -> Plan {
                 &volumes,
                 &mut phases,
             );
+            moves |= planned != VolumePlan::Stays;
+            all_pre_copied &= planned == VolumePlan::MovesPreCopied;
+        }
+        let target_has_container = current
+            .nodes
+            .get(target)
+            .is_some_and(|n| n.container(name).is_some());
+        if moves && all_pre_copied && !target_has_container {
+            phases.prepare.push(on(
+                target,
+                Action::PrepareApplication {
+                    application: app.clone(),
+                },
+            ));
         }
         if moves && !app.ports.is_empty() {
             moving.push(MovedPorts {
@@ -133,6 +152,7 @@ struct PhaseSet {
     finish_handoff: Vec<NodeAction>,
     create_volumes: Vec<NodeAction>,
     pre_copy: Vec<NodeAction>,
+    prepare: Vec<NodeAction>,
     hold: Vec<NodeAction>,
     switch_routes: Vec<NodeAction>,
     stop: Vec<NodeAction>,
@@ -150,6 +170,7 @@ impl PhaseSet {
             ("finish-handoff".to_owned(), self.finish_handoff),
             ("create-volumes".to_owned(), self.create_volumes),
             ("pre-copy".to_owned(), self.pre_copy),
+            ("prepare".to_owned(), self.prepare),
             ("hold".to_owned(), self.hold),
             ("switch-routes".to_owned(), self.switch_routes),
             ("stop".to_owned(), self.stop),
@@ -243,15 +264,27 @@ struct VolumeToPlace<'a> {
     target: &'a str,
 }
 
+/// What [`plan_volume`] planned for one volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VolumePlan {
+    /// Created on, or already owned by, the application's node.
+    Stays,
+    /// Moves there, pushed only after the application stopped (it was not running).
+    Moves,
+    /// Moves there, pre-copied while the application runs: the replica exists there before
+    /// the stop.
+    MovesPreCopied,
+}
+
 /// Volume steps for an application placed on `target`: create, or move by the migration
-/// protocol (pre-copy while running, final push after stop, handoff), or finish a handoff
-/// that was interrupted. Returns whether the volume moves to `target`.
+/// protocol (pre-copy while running, final push after stop carrying the handoff), or finish
+/// a handoff that was interrupted.
 fn plan_volume(
     place: VolumeToPlace<'_>,
     current: &ClusterState,
     volumes: &VolumeIndex<'_>,
     phases: &mut PhaseSet,
-) -> bool {
+) -> VolumePlan {
     let VolumeToPlace {
         application,
         volume: name,
@@ -266,7 +299,7 @@ fn plan_volume(
                 maximum_size,
             },
         ));
-        return false;
+        return VolumePlan::Stays;
     };
     let owner = record.owner.as_str();
     let settled = volumes.settled(name);
@@ -275,7 +308,7 @@ fn plan_volume(
             // The holder recorded "handed to target" but the target never heard: tell it again.
             phases.handoff.push(handoff(holder, name, target));
         }
-        return false;
+        return VolumePlan::Stays;
     }
     if !settled {
         // Finish the earlier handoff to `owner` before moving on from there.
@@ -289,9 +322,13 @@ fn plan_volume(
     if running_on_owner {
         phases.pre_copy.push(push(owner, name, target, false));
     }
+    // The final push hands the volume over with its stream: no `handoff` step of its own.
     phases.final_push.push(push(owner, name, target, true));
-    phases.handoff.push(handoff(owner, name, target));
-    true
+    if running_on_owner {
+        VolumePlan::MovesPreCopied
+    } else {
+        VolumePlan::Moves
+    }
 }
 
 fn push(from: &str, volume: &str, to: &str, last: bool) -> NodeAction {

@@ -73,7 +73,7 @@ pub fn describe(node: &str, action: &Action, routes: &RouteView) -> String {
         },
         Action::PushVolume { volume, to, last } => {
             let when = if *last {
-                "final, after stop"
+                "final, after stop, handing it over"
             } else {
                 "pre-copy, while running"
             };
@@ -83,6 +83,10 @@ pub fn describe(node: &str, action: &Action, routes: &RouteView) -> String {
         Action::Promote { volume, epoch } => {
             format!("promote this node's replica of volume {volume} to owner at epoch {epoch}")
         }
+        Action::PrepareApplication { application } => format!(
+            "create {} ({}) without starting it, for the move's start",
+            application.name, application.image
+        ),
         Action::StartApplication { application } => {
             format!("start {} ({})", application.name, application.image)
         }

@@ -213,11 +213,11 @@ fn plan_json_from_a_state_file_moves_the_volume() {
         names,
         [
             "pre-copy",
+            "prepare",
             "hold",
             "switch-routes",
             "stop",
             "final-push",
-            "handoff",
             "start",
             "routes"
         ]

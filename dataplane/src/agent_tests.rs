@@ -116,8 +116,23 @@ impl ContainerRuntime for FakeRuntime {
                         .unwrap_or_else(|| "172.17.0.2".into()),
                 ),
                 ip6: None,
+                never_started: false,
+                spec_digest: spec.labels.get(crate::containers::LABEL_SPEC).cloned(),
             },
         );
+        Ok(())
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<(), ContainerError> {
+        self.create_and_start(spec).await?;
+        let mut c = self
+            .containers
+            .lock()
+            .map_err(|_| ContainerError::Other("poisoned".into()))?;
+        if let Some(c) = c.get_mut(&spec.name) {
+            c.running = false;
+            c.never_started = true;
+        }
         Ok(())
     }
 
@@ -126,6 +141,7 @@ impl ContainerRuntime for FakeRuntime {
             && let Some(c) = c.get_mut(name)
         {
             c.running = true;
+            c.never_started = false;
         }
         if let Ok(mut s) = self.starts.lock() {
             *s += 1;
@@ -398,6 +414,143 @@ async fn secrets_reach_the_container_read_only_and_are_kept_nowhere_else() {
     assert!(!host.exists(), "the secret is removed with its application");
 }
 
+/// The container of a move is created during the pre-copy (`PrepareApplication`), never
+/// started before the final push made the target the owner, and then only started; one that
+/// no longer matches the application is created anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_prepared_during_the_pre_copy_starts_only_once_owned() {
+    let (_dir, a, b) = setup().await;
+    // Restarted always: the supervisor would start it if it looked at it.
+    let app = || Application {
+        restart_policy: RestartPolicy::Always,
+        ..app()
+    };
+    let desired = |on: &str| {
+        let mut d = desired(on);
+        d.applications.insert("db".into(), app());
+        d
+    };
+    let d1 = desired(A);
+    let events = converge(
+        &a,
+        &d1,
+        vec![
+            Action::CreateVolume {
+                volume: "db".into(),
+                maximum_size: None,
+            },
+            Action::StartApplication { application: app() },
+        ],
+    )
+    .await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    let d2 = desired(B);
+    let push = |last| Action::PushVolume {
+        volume: "db".into(),
+        to: B.into(),
+        last,
+    };
+    let prepare = Action::PrepareApplication { application: app() };
+    assert_eq!(failed(&converge(&a, &d2, vec![push(false)]).await), None);
+    let events = converge(&b, &d2, vec![prepare.clone()]).await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    let prepared = b.agent.state().await.expect("state");
+    let c = prepared.container("db").expect("prepared");
+    assert!(!c.running, "prepared, not started");
+    let starts = b.runtime.starts();
+
+    // The supervisor never starts it (B does not own the volume; Docker says `created`).
+    crate::supervisor::pass(&b.agent).await;
+    assert_eq!(b.runtime.starts(), starts);
+    assert!(!b.runtime.running("flocker-db"));
+    // Preparing again changes nothing.
+    assert_eq!(failed(&converge(&b, &d2, vec![prepare]).await), None);
+
+    assert_eq!(
+        failed(
+            &converge(
+                &a,
+                &d2,
+                vec![
+                    Action::StopApplication {
+                        application: "db".into()
+                    },
+                    push(true)
+                ]
+            )
+            .await
+        ),
+        None
+    );
+    // Owned now, and still only the move's start starts it.
+    crate::supervisor::pass(&b.agent).await;
+    assert!(!b.runtime.running("flocker-db"));
+    let events = converge(
+        &b,
+        &d2,
+        vec![Action::StartApplication { application: app() }],
+    )
+    .await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    // Started, not created again: the one start is the prepared container's.
+    assert_eq!(b.runtime.starts(), starts + 1);
+    assert!(b.runtime.running("flocker-db"));
+
+    // Back to A, prepared there for an application that then changes: created anew.
+    let pre_copy = Action::PushVolume {
+        volume: "db".into(),
+        to: A.into(),
+        last: false,
+    };
+    assert_eq!(failed(&converge(&b, &d1, vec![pre_copy]).await), None);
+    let events = converge(
+        &a,
+        &d1,
+        vec![Action::PrepareApplication { application: app() }],
+    )
+    .await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    let mut changed = app();
+    changed.environment.insert("MODE".into(), "new".into());
+    let mut d3 = desired(A);
+    d3.applications.insert("db".into(), changed.clone());
+    let events = converge(
+        &b,
+        &d3,
+        vec![
+            Action::StopApplication {
+                application: "db".into(),
+            },
+            Action::PushVolume {
+                volume: "db".into(),
+                to: A.into(),
+                last: true,
+            },
+        ],
+    )
+    .await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    let a_starts = a.runtime.starts();
+    let events = converge(
+        &a,
+        &d3,
+        vec![Action::StartApplication {
+            application: changed.clone(),
+        }],
+    )
+    .await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    let state = a.agent.state().await.expect("state");
+    let c = state.container("db").expect("started");
+    assert!(c.running);
+    assert_eq!(
+        c.application, changed,
+        "the container of the new configuration"
+    );
+    // Created and started in one call, not the prepared one started.
+    assert_eq!(a.runtime.starts(), a_starts);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moves_a_directory_volume_between_two_agents_over_mutual_tls() {
     let (_dir, a, b) = setup().await;
@@ -456,21 +609,21 @@ async fn moves_a_directory_volume_between_two_agents_over_mutual_tls() {
     );
     assert_eq!(record(&a).map(|r| (r.0, r.1)), Some((A.into(), 1)));
 
-    for last in [false, true] {
-        let events = converge(&a, &d2, vec![push(last)]).await;
-        assert_eq!(failed(&events), None, "{events:?}");
-        assert!(events.iter().any(|e| matches!(
-            e,
-            ConvergeEvent::Progress {
-                bytes_total: Some(_),
-                ..
-            }
-        )));
-    }
-    // Pruned down to the newest common snapshot on both sides; B's copy records A at 1.
+    let progress = |events: &[ConvergeEvent]| {
+        events.iter().any(|e| {
+            matches!(
+                e,
+                ConvergeEvent::Progress {
+                    bytes_total: Some(_),
+                    ..
+                }
+            )
+        })
+    };
+    let events = converge(&a, &d2, vec![push(false)]).await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    assert!(progress(&events));
     let (_, _, snaps_a) = record(&a).expect("a");
-    assert_eq!(snaps_a.len(), 1, "{snaps_a:?}");
-    assert_eq!(flocker_wire::snapshots::push_sequence(&snaps_a[0]), Some(2));
     assert_eq!(record(&b), Some((A.into(), 1, snaps_a.clone())));
 
     // B does not own it yet: starting there is refused before anything happens.
@@ -486,17 +639,26 @@ async fn moves_a_directory_volume_between_two_agents_over_mutual_tls() {
         .expect_err("refused");
     assert_eq!(err.status(), 409, "{err}");
 
+    // The final push carries the handoff: B owns the volume at epoch 2 once it returns.
+    let events = converge(&a, &d2, vec![push(true)]).await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    assert!(progress(&events));
+    // Pruned down to the newest common snapshot on both sides.
+    let (_, _, snaps_a) = record(&a).expect("a");
+    assert_eq!(snaps_a.len(), 1, "{snaps_a:?}");
+    assert_eq!(flocker_wire::snapshots::push_sequence(&snaps_a[0]), Some(2));
+    assert_eq!(record(&a), Some((B.into(), 2, snaps_a.clone())));
+    assert_eq!(record(&b), Some((B.into(), 2, snaps_a.clone())));
+
     let handoff = Action::Handoff {
         volume: "db".into(),
         to: B.into(),
     };
-    for _ in 0..2 {
-        // The second time is a retry: A only re-tells B.
-        let events = converge(&a, &d2, vec![handoff.clone()]).await;
-        assert_eq!(failed(&events), None, "{events:?}");
-        assert_eq!(record(&a).map(|r| (r.0, r.1)), Some((B.into(), 2)));
-        assert_eq!(record(&b).map(|r| (r.0, r.1)), Some((B.into(), 2)));
-    }
+    // A separate handoff after it (recovery, `finish-handoff`) only re-tells B.
+    let events = converge(&a, &d2, vec![handoff.clone()]).await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    assert_eq!(record(&a).map(|r| (r.0, r.1)), Some((B.into(), 2)));
+    assert_eq!(record(&b).map(|r| (r.0, r.1)), Some((B.into(), 2)));
     // A pushing again after the handoff is a no-op, never a second writer.
     assert_eq!(failed(&converge(&a, &d2, vec![push(true)]).await), None);
     assert_eq!(record(&b).map(|r| (r.0, r.1)), Some((B.into(), 2)));
@@ -1632,16 +1794,7 @@ async fn every_volume_of_an_application_is_mounted_pushed_and_handed_off() {
     let stop = Action::StopApplication {
         application: "db".into(),
     };
-    let handoff = |volume: &str| Action::Handoff {
-        volume: volume.into(),
-        to: B.into(),
-    };
-    let events = converge(
-        &a,
-        &on(B),
-        vec![stop, push("db", true), push("db.logs", true), handoff("db")],
-    )
-    .await;
+    let events = converge(&a, &on(B), vec![stop, push("db", true)]).await;
     assert_eq!(failed(&events), None, "{events:?}");
 
     // Only one of its volumes handed over: B refuses to start it before anything happens.
@@ -1658,7 +1811,7 @@ async fn every_volume_of_an_application_is_mounted_pushed_and_handed_off() {
     assert_eq!(err.status(), 409, "{err}");
     assert!(err.to_string().contains("db.logs"), "{err}");
 
-    let events = converge(&a, &on(B), vec![handoff("db.logs")]).await;
+    let events = converge(&a, &on(B), vec![push("db.logs", true)]).await;
     assert_eq!(failed(&events), None, "{events:?}");
     let events = converge(&b, &on(B), vec![start]).await;
     assert_eq!(failed(&events), None, "{events:?}");

@@ -25,6 +25,9 @@ use futures_util::StreamExt;
 pub const LABEL_MANAGED: &str = "flocker.managed";
 pub const LABEL_NODE: &str = "flocker.node";
 pub const LABEL_APPLICATION: &str = "flocker.application";
+/// The digest of everything else the container was created with ([`spec_digest`]): a
+/// container prepared ahead of its start is started only while it still matches.
+pub const LABEL_SPEC: &str = "flocker.spec";
 
 /// Errors of the container runtime.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +71,11 @@ pub struct ManagedContainer {
     pub ip: Option<String>,
     /// The container's global IPv6 address, on a Docker network with IPv6 enabled.
     pub ip6: Option<String>,
+    /// Created but never started (Docker's state `created`): prepared for a move's start.
+    /// Only a converge starts it (the supervisor leaves it alone).
+    pub never_started: bool,
+    /// Its [`LABEL_SPEC`] label, if it has one.
+    pub spec_digest: Option<String>,
 }
 
 /// What the agent's restart supervision needs to know of one container, beyond the listing.
@@ -221,6 +229,31 @@ pub fn container_spec(
     })
 }
 
+/// A digest of what Docker is given for `spec` (its name, image, environment, binds and
+/// labels other than [`LABEL_SPEC`]; everything else derives from the application, whose
+/// JSON is a label): two specs with the same digest create the same container.
+pub fn spec_digest(spec: &ContainerSpec) -> String {
+    let mut hasher = blake3::Hasher::new();
+    let mut part = |section: &str, value: &str| {
+        hasher.update(section.as_bytes());
+        hasher.update(&(value.len() as u64).to_le_bytes());
+        hasher.update(value.as_bytes());
+    };
+    part("name", &spec.name);
+    part("image", &spec.image);
+    for e in &spec.env {
+        part("env", e);
+    }
+    for b in &spec.binds {
+        part("bind", b);
+    }
+    for (k, v) in spec.labels.iter().filter(|(k, _)| k.as_str() != LABEL_SPEC) {
+        part("label", k);
+        part("value", v);
+    }
+    hasher.finalize().to_hex().to_string()
+}
+
 fn non_empty(list: &[String]) -> Option<Vec<String>> {
     (!list.is_empty()).then(|| list.to_vec())
 }
@@ -259,7 +292,12 @@ pub trait ContainerRuntime: Send + Sync {
     async fn list_managed(&self) -> Result<Vec<ManagedContainer>, ContainerError>;
     /// Makes sure the image is present, pulling it where a registry answers.
     async fn ensure_image(&self, image: &str) -> Result<(), ContainerError>;
-    async fn create_and_start(&self, spec: &ContainerSpec) -> Result<(), ContainerError>;
+    async fn create_and_start(&self, spec: &ContainerSpec) -> Result<(), ContainerError> {
+        self.create(spec).await?;
+        self.start(&spec.name).await
+    }
+    /// Creates the container without starting it.
+    async fn create(&self, spec: &ContainerSpec) -> Result<(), ContainerError>;
     /// Starts an existing stopped container.
     async fn start(&self, name: &str) -> Result<(), ContainerError>;
     /// Stops and removes; a container that does not exist is not an error.
@@ -349,6 +387,8 @@ impl ContainerRuntime for DockerRuntime {
                     detail: e.to_string(),
                 })?;
             let running = c.state.as_deref() == Some("running");
+            let never_started = c.state.as_deref() == Some("created");
+            let spec_digest = labels.get(LABEL_SPEC).cloned();
             let networks = c.network_settings.and_then(|n| n.networks);
             let first = |address: fn(&bollard::models::EndpointSettings) -> Option<&String>| {
                 networks
@@ -365,6 +405,8 @@ impl ContainerRuntime for DockerRuntime {
                 running,
                 ip,
                 ip6,
+                never_started,
+                spec_digest,
             });
         }
         out.sort_by(|a, b| a.application.name.cmp(&b.application.name));
@@ -412,7 +454,7 @@ impl ContainerRuntime for DockerRuntime {
             })
     }
 
-    async fn create_and_start(&self, spec: &ContainerSpec) -> Result<(), ContainerError> {
+    async fn create(&self, spec: &ContainerSpec) -> Result<(), ContainerError> {
         // Docker never restarts a managed container by itself: it would do so without the
         // volume proof (after a reboot, before the dataset is mounted). The application's
         // policy is carried out by the agent's supervisor from the label.
@@ -493,7 +535,7 @@ impl ContainerRuntime for DockerRuntime {
                 config,
             )
             .await?;
-        self.start(&spec.name).await
+        Ok(())
     }
 
     async fn start(&self, name: &str) -> Result<(), ContainerError> {

@@ -255,6 +255,56 @@ pub fn accept_ownership(
     Ok(TakeOver::Record)
 }
 
+/// The epoch a move's final push hands the volume off at (the push carries the handoff, see
+/// [`accept_pushed_handoff`]): only the owner hands off, at exactly its epoch + 1.
+pub fn pushed_handoff_epoch(me: &str, local: &VolumeState) -> Result<u64, OwnershipError> {
+    check_owner(me, local)?;
+    next_epoch(local)
+}
+
+/// Decides the target side of a final push that carries a handoff to `epoch`, before the
+/// stream is read: `received` is the record the pushed copy gets ([`received_record`]).
+/// The same rules as [`accept_ownership`] on that record: only its owner, who must be the
+/// sender `from`, hands it over, and only at exactly its epoch + 1.
+pub fn accept_pushed_handoff(
+    me: &str,
+    volume: &str,
+    from: &str,
+    received: &Record,
+    epoch: u64,
+) -> Result<(), OwnershipError> {
+    let copy = VolumeState {
+        name: volume.to_string(),
+        owner: received.owner.clone(),
+        epoch: received.epoch,
+        snapshots: Vec::new(),
+        used_bytes: 0,
+    };
+    match accept_ownership(me, &copy, from, epoch)? {
+        TakeOver::Record => Ok(()),
+        // A copy this node owns is never the target of a push.
+        TakeOver::AlreadyOwner => Err(OwnershipError::WouldOverwriteOwner {
+            volume: volume.to_string(),
+            from: from.to_string(),
+        }),
+    }
+}
+
+/// Whether `to`'s copy shows that a final push of this node's copy (`local`, still
+/// recording this node as owner) reached it with its handoff, though the answer never came
+/// back: `to` owns the volume at exactly `local`'s epoch + 1 and holds `snapshot`, the one
+/// pushed. The sender then records the handoff as if the answer had arrived.
+pub fn took_over_by_push(
+    local: &VolumeState,
+    to: &str,
+    remote: &VolumeState,
+    snapshot: &str,
+) -> bool {
+    remote.owner == to
+        && local.epoch.checked_add(1) == Some(remote.epoch)
+        && remote.snapshots.iter().any(|s| s == snapshot)
+}
+
 /// Checks that this node may write (start the application on, push from) its copy.
 pub fn check_owner(me: &str, local: &VolumeState) -> Result<(), OwnershipError> {
     if local.owner == me {
@@ -368,6 +418,83 @@ mod tests {
             snapshots: snaps.iter().map(|s| s.to_string()).collect(),
             used_bytes: 0,
         }
+    }
+
+    fn rec(owner: &str, epoch: u64) -> Record {
+        Record {
+            owner: owner.into(),
+            epoch,
+        }
+    }
+
+    #[test]
+    fn a_pushed_handoff_follows_the_handoff_rules() {
+        assert_eq!(pushed_handoff_epoch("S", &vol("S", 3, &["a"])), Ok(4));
+        assert!(matches!(
+            pushed_handoff_epoch("S", &vol("T", 3, &["a"])),
+            Err(OwnershipError::NotOwner { .. })
+        ));
+        assert!(matches!(
+            pushed_handoff_epoch("S", &vol("S", u64::MAX, &["a"])),
+            Err(OwnershipError::EpochExhausted { .. })
+        ));
+        // Exactly one above the record the stream gives the copy, from its owner.
+        assert_eq!(
+            accept_pushed_handoff("T", "db", "S", &rec("S", 3), 4),
+            Ok(())
+        );
+        assert!(matches!(
+            accept_pushed_handoff("T", "db", "S", &rec("S", 3), 5),
+            Err(OwnershipError::WrongEpoch { .. })
+        ));
+        assert!(matches!(
+            accept_pushed_handoff("T", "db", "S", &rec("S", 3), 3),
+            Err(OwnershipError::WrongEpoch { .. })
+        ));
+        // A copy that keeps a newer record of another owner is not the sender's to give.
+        assert!(matches!(
+            accept_pushed_handoff("T", "db", "S", &rec("R", 7), 8),
+            Err(OwnershipError::NotFromOwner { .. })
+        ));
+        assert!(matches!(
+            accept_pushed_handoff("T", "db", "S", &rec("T", 4), 4),
+            Err(OwnershipError::WouldOverwriteOwner { .. })
+        ));
+        assert!(matches!(
+            accept_pushed_handoff("T", "db", "S", &rec("S", u64::MAX), 0),
+            Err(OwnershipError::EpochExhausted { .. })
+        ));
+    }
+
+    #[test]
+    fn a_lost_answer_is_recognised_only_from_the_takeover_itself() {
+        let local = vol("S", 3, &["p1", "p2"]);
+        assert!(took_over_by_push(
+            &local,
+            "T",
+            &vol("T", 4, &["p1", "p2"]),
+            "p2"
+        ));
+        // Not yet received, not at the next epoch, or someone else's.
+        assert!(!took_over_by_push(&local, "T", &vol("T", 4, &["p1"]), "p2"));
+        assert!(!took_over_by_push(
+            &local,
+            "T",
+            &vol("T", 5, &["p1", "p2"]),
+            "p2"
+        ));
+        assert!(!took_over_by_push(
+            &local,
+            "T",
+            &vol("S", 3, &["p1", "p2"]),
+            "p2"
+        ));
+        assert!(!took_over_by_push(
+            &local,
+            "T",
+            &vol("R", 4, &["p1", "p2"]),
+            "p2"
+        ));
     }
 
     fn s(v: &[&str]) -> Vec<String> {

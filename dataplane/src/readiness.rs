@@ -17,8 +17,19 @@ use flocker_wire::{Application, Health};
 
 use crate::containers::{ContainerError, ContainerRuntime};
 
-/// How often a waiting start looks again.
-const POLL: Duration = Duration::from_millis(200);
+/// The first pause between two looks of a waiting start: a move's clients wait while its
+/// application starts, so the first looks come quickly (a port usually listens within tens
+/// of milliseconds of the start).
+const FIRST_POLL: Duration = Duration::from_millis(5);
+/// The longest pause between two looks: the pauses double from [`FIRST_POLL`] up to this.
+const MAX_POLL: Duration = Duration::from_millis(200);
+
+/// The pause after the `looks`-th look (counted from 0): 5 ms, 10, 20, ... up to 200 ms.
+pub fn poll_delay(looks: u32) -> Duration {
+    FIRST_POLL
+        .checked_mul(1u32.checked_shl(looks).unwrap_or(u32::MAX))
+        .map_or(MAX_POLL, |d| d.min(MAX_POLL))
+}
 
 /// Errors of a readiness wait.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +153,7 @@ pub async fn wait_ready(
 ) -> Result<(), ReadinessError> {
     let started = tokio::time::Instant::now();
     let mut last_report = started;
+    let mut looks = 0u32;
     loop {
         let verdict = check(runtime, container, app).await?;
         let output = verdict.output.unwrap_or_default();
@@ -166,7 +178,10 @@ pub async fn wait_ready(
             waiting(&output);
             last_report = tokio::time::Instant::now();
         }
-        tokio::time::sleep(POLL).await;
+        // Never past the bound: the last look comes at the timeout, not a poll later.
+        let left = timeout.saturating_sub(started.elapsed());
+        tokio::time::sleep(poll_delay(looks).min(left)).await;
+        looks = looks.saturating_add(1);
     }
 }
 
@@ -237,6 +252,9 @@ mod tests {
             Ok(())
         }
         async fn create_and_start(&self, _: &ContainerSpec) -> Result<(), ContainerError> {
+            Ok(())
+        }
+        async fn create(&self, _: &ContainerSpec) -> Result<(), ContainerError> {
             Ok(())
         }
         async fn start(&self, _: &str) -> Result<(), ContainerError> {
@@ -320,6 +338,16 @@ mod tests {
             matches!(err, ReadinessError::Unhealthy { ref output, .. } if output == "not ready yet"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn polls_start_fast_and_back_off_to_a_bound() {
+        assert_eq!(poll_delay(0), Duration::from_millis(5));
+        assert_eq!(poll_delay(1), Duration::from_millis(10));
+        assert_eq!(poll_delay(3), Duration::from_millis(40));
+        assert_eq!(poll_delay(6), Duration::from_millis(200));
+        assert_eq!(poll_delay(40), Duration::from_millis(200));
+        assert_eq!(poll_delay(u32::MAX), Duration::from_millis(200));
     }
 
     const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode

@@ -82,6 +82,11 @@ impl ContainerRuntime for SimRuntime {
     }
 
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<(), ContainerError> {
+        self.create(spec).await?;
+        self.start(&spec.name).await
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<(), ContainerError> {
         let json = spec
             .labels
             .get(LABEL_APPLICATION)
@@ -97,9 +102,11 @@ impl ContainerRuntime for SimRuntime {
             ManagedContainer {
                 name: spec.name.clone(),
                 application,
-                running: true,
-                ip: Some(container_ip()),
+                running: false,
+                ip: None,
                 ip6: None,
+                never_started: true,
+                spec_digest: spec.labels.get(crate::containers::LABEL_SPEC).cloned(),
             },
         );
         Ok(())
@@ -109,6 +116,8 @@ impl ContainerRuntime for SimRuntime {
         let mut c = self.containers.lock().map_err(|_| poisoned())?;
         if let Some(c) = c.get_mut(name) {
             c.running = true;
+            c.never_started = false;
+            c.ip = Some(container_ip());
         }
         Ok(())
     }

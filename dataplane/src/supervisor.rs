@@ -109,6 +109,11 @@ pub async fn pass(agent: &Agent) {
             }
             continue;
         }
+        // Prepared for a move's start (`PrepareApplication`): only that converge starts it,
+        // once this node owns its volumes.
+        if c.never_started {
+            continue;
+        }
         if memory.not_before.is_some_and(|t| now < t) {
             continue;
         }

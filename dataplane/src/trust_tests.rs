@@ -52,6 +52,9 @@ impl ContainerRuntime for NoContainers {
     async fn create_and_start(&self, _: &ContainerSpec) -> Result<(), ContainerError> {
         Ok(())
     }
+    async fn create(&self, _: &ContainerSpec) -> Result<(), ContainerError> {
+        Ok(())
+    }
     async fn start(&self, _: &str) -> Result<(), ContainerError> {
         Ok(())
     }

@@ -729,18 +729,11 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
                 // Older push snapshots are pruned down to the newest common one.
                 assert_eq!(snaps_a.len(), 1, "{snaps_a:?}");
                 assert_eq!(snaps_b, snaps_a);
-                assert_eq!((owner_b.as_str(), epoch_b), (A, 1));
                 // A newer snapshot than the pre-copy's (a loaded machine may have made the
                 // pre-copy take catch-up passes, so its number is not fixed).
                 assert!(snaps_a[0] > pre_copied, "{snaps_a:?} after {pre_copied}");
-                // Crash A between the final push and the handoff: it must come back
-                // reporting exactly the same state, and the plan goes on from there.
-                let before = cl.stable_state()?;
-                cl.restart_agent(A)?;
-                assert_eq!(cl.stable_state()?, before);
-                crash_after_final_push = true;
-            }
-            "handoff" => {
+                // The final push carried the handoff: B owns the volume at the next epoch.
+                assert_eq!((owner_b.as_str(), epoch_b), (B, 2));
                 assert_eq!(record(&sa, "web").map(|r| (r.0, r.1)), Some((B.into(), 2)));
                 assert_eq!(record(&sb, "web").map(|r| (r.0, r.1)), Some((B.into(), 2)));
                 assert!(
@@ -757,6 +750,17 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
                 };
                 assert_eq!(cs.volume_owner("web"), Some(B));
                 assert!(cs.ownership_settled("web"));
+                // Crash A after the final push: it must come back reporting exactly the
+                // same state, and the plan goes on from there.
+                let before = cl.stable_state()?;
+                cl.restart_agent(A)?;
+                assert_eq!(cl.stable_state()?, before);
+                crash_after_final_push = true;
+            }
+            "prepare" => {
+                // Created on B's replica, never started: B does not own the volume yet.
+                assert!(sb.container("web").is_some_and(|c| !c.running));
+                assert_eq!(record(&sb, "web").map(|r| (r.0, r.1)), Some((A.into(), 1)));
             }
             "start" => assert!(sb.container("web").is_some_and(|c| c.running)),
             _ => {}
@@ -767,11 +771,11 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
         phases,
         vec![
             "pre-copy",
+            "prepare",
             "hold",
             "switch-routes",
             "stop",
             "final-push",
-            "handoff",
             "start",
             "routes"
         ]
@@ -854,11 +858,11 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
         phases,
         vec![
             "pre-copy",
+            "prepare",
             "hold",
             "switch-routes",
             "stop",
             "final-push",
-            "handoff",
             "start",
             "routes"
         ]

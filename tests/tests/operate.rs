@@ -257,6 +257,15 @@ fn health_gates_routes_metrics_count_and_progress_is_watchable() -> Result<()> {
             &src_after,
             actions,
             &[("kind", "handoff"), ("result", "ok")]
+        ) == 0.0,
+        "the final push carries the handoff: no separate handoff step"
+    );
+    ensure!(
+        delta(
+            &dst_before,
+            &dst_after,
+            actions,
+            &[("kind", "prepare-application"), ("result", "ok")]
         ) == 1.0
     );
     ensure!(
@@ -276,7 +285,6 @@ fn health_gates_routes_metrics_count_and_progress_is_watchable() -> Result<()> {
         ) == 1.0
     );
     ensure!(delta(&src_before, &src_after, phases, &[("phase", "final-push")]) == 1.0);
-    ensure!(delta(&src_before, &src_after, phases, &[("phase", "handoff")]) == 1.0);
     ensure!(delta(&src_before, &src_after, phases, &[("phase", "pre-copy")]) >= 1.0);
     ensure!(delta(&dst_before, &dst_after, phases, &[("phase", "start")]) == 1.0);
     ensure!(

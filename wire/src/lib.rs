@@ -537,7 +537,9 @@ pub enum Action {
         maximum_size: Option<u64>,
     },
     /// Snapshot the volume and stream it to `to` (incremental from the newest snapshot both
-    /// hold). `last` marks the final push after the application stopped.
+    /// hold). `last` marks the final push after the application stopped, which also hands
+    /// the volume off: its receive makes `to` the owner at the next epoch in the same round
+    /// trip, and the sender then records the volume as handed to `to`.
     PushVolume {
         volume: String,
         to: String,
@@ -549,7 +551,12 @@ pub enum Action {
     /// the owner cannot be reached. Chosen by a person (`deploy --failover`), never by an
     /// agent on its own.
     Promote { volume: String, epoch: u64 },
-    /// Create and start the application's container.
+    /// Create the application's container without starting it, on the node a move takes it
+    /// to, while the pre-copy runs: the move's start is then only `docker start`. The
+    /// container starts only through `StartApplication`, once this node owns its volumes.
+    PrepareApplication { application: Application },
+    /// Create and start the application's container (a prepared one that still matches
+    /// is only started).
     StartApplication { application: Application },
     /// Stop and remove the application's container.
     StopApplication { application: String },

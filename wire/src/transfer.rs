@@ -29,6 +29,10 @@ pub struct ReceiveParams {
     /// The target's copy is a stale replica sharing no snapshot with the sender: replace it
     /// with this full stream. Never honoured for a copy the target owns.
     pub replace: bool,
+    /// A move's final push hands the volume off with its stream: once the stream verified,
+    /// the receiver records itself as owner at this epoch (exactly one above the record the
+    /// stream carries, as a separate handoff would).
+    pub handoff: Option<u64>,
 }
 
 impl ReceiveParams {
@@ -57,6 +61,7 @@ impl ReceiveParams {
             from: get("from")?,
             quota: map.get("quota").map(|q| num("quota", q)).transpose()?,
             replace: map.get("replace") == Some(&"1"),
+            handoff: map.get("handoff").map(|e| num("handoff", e)).transpose()?,
         })
     }
 
@@ -75,6 +80,9 @@ impl ReceiveParams {
         if self.replace {
             q.push_str("&replace=1");
         }
+        if let Some(epoch) = self.handoff {
+            q.push_str(&format!("&handoff={epoch}"));
+        }
         q
     }
 }
@@ -84,6 +92,12 @@ impl ReceiveParams {
 pub struct ReceiveReport {
     pub snapshot: String,
     pub bytes: u64,
+    /// The receiver's record once the stream was committed: with a handoff, the receiver
+    /// itself at the handoff's epoch. Absent from agents before the folded handoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// Body of `POST /v1/volumes/NAME/handoff`: "you own it at `epoch`", sent by `from`.
@@ -108,8 +122,18 @@ mod tests {
             from: "198.18.0.11".into(),
             quota: Some(1 << 20),
             replace: true,
+            handoff: Some(4),
         };
-        assert_eq!(ReceiveParams::parse(&p.query()), Ok(p));
+        assert_eq!(ReceiveParams::parse(&p.query()), Ok(p.clone()));
+        let plain = ReceiveParams {
+            handoff: None,
+            ..p.clone()
+        };
+        assert_eq!(ReceiveParams::parse(&plain.query()), Ok(plain));
+        assert!(matches!(
+            ReceiveParams::parse(&format!("{}&handoff=x", p.query())),
+            Err(ParamsError::NotANumber { .. })
+        ));
         assert_eq!(
             ReceiveParams::parse("snapshot=s&owner=o&from=f"),
             Err(ParamsError::Missing("epoch".into()))

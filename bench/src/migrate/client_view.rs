@@ -18,8 +18,9 @@ use flocker_e2e::probe::measure;
 use super::{deploy, median, ms, write_data};
 
 /// The phases of a move, in plan order (those a move does not have are left out).
-const PHASES: [&str; 8] = [
+const PHASES: [&str; 9] = [
     "pre-copy",
+    "prepare",
     "hold",
     "switch-routes",
     "stop",

@@ -308,7 +308,8 @@ impl<'a> RequestParts<'a> {
             .iter()
             .filter_map(|a| match a {
                 Action::StartApplication { application }
-                | Action::RestartApplication { application } => Some(application),
+                | Action::RestartApplication { application }
+                | Action::PrepareApplication { application } => Some(application),
                 _ => None,
             })
             .flat_map(|app| {
@@ -346,8 +347,19 @@ pub async fn execute<A: AgentApi>(
         ..Summary::default()
     };
     let mut parts = RequestParts::new(desired, reported);
+    // Containers prepared for a move's start, until a start phase begins.
+    let mut prepared: Vec<(String, String)> = Vec::new();
     for (index, phase) in plan.phases.iter().enumerate() {
         let phase_started = Instant::now();
+        if phase.name.starts_with("start") {
+            prepared.clear();
+        }
+        prepared.extend(phase.actions.iter().filter_map(|a| match &a.action {
+            Action::PrepareApplication { application } => {
+                Some((a.node.clone(), application.name.clone()))
+            }
+            _ => None,
+        }));
         if mode == ProgressMode::Json {
             let line = progress::phase_json("phase", index, plan.phases.len(), &phase.name);
             eprintln!("{line}");
@@ -429,6 +441,7 @@ pub async fn execute<A: AgentApi>(
         }
         summary.bytes_pushed += bytes_pushed;
         if let Some(e) = failures.into_values().next() {
+            discard_prepared(agents, &mut parts, &prepared, mode).await;
             return Err(e);
         }
         if mode != ProgressMode::Json {
@@ -441,6 +454,35 @@ pub async fn execute<A: AgentApi>(
     }
     summary.elapsed_ms = started.elapsed().as_millis();
     Ok(summary)
+}
+
+/// After a phase failed before any start: removes the containers the `prepare` phase
+/// created (never started: nothing starts them before the start phase), so a move that did
+/// not finish leaves none behind. Best effort: a node that cannot be told keeps its
+/// never-started container until the next deploy starts or removes it.
+async fn discard_prepared<A: AgentApi>(
+    agents: &A,
+    parts: &mut RequestParts<'_>,
+    prepared: &[(String, String)],
+    mode: ProgressMode,
+) {
+    for (node, application) in prepared {
+        let actions = [Action::StopApplication {
+            application: application.clone(),
+        }];
+        let result = match parts.body(node, &actions, true) {
+            Ok((body, _)) => run_on_node(agents, node, body, mode).await.map(drop),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(node = %node, application = %application, "removed the container prepared for the move")
+            }
+            Err(e) => {
+                tracing::warn!(node = %node, application = %application, error = %e, "cannot remove the container prepared for the move; the next deploy will")
+            }
+        }
+    }
 }
 
 /// Whether a node refused a request because it does not hold the node list the request

@@ -123,6 +123,7 @@ fn step(action: &Action) -> String {
         Action::PushVolume { volume, to, .. } => format!("push {volume} to {to}"),
         Action::Handoff { volume, to } => format!("handoff {volume} to {to}"),
         Action::Promote { volume, epoch } => format!("promote {volume} at {epoch}"),
+        Action::PrepareApplication { application } => format!("prepare {}", application.name),
         Action::StartApplication { application } => format!("start {}", application.name),
         Action::StopApplication { application } => format!("stop {application}"),
         Action::RestartApplication { application } => format!("restart {}", application.name),
@@ -398,6 +399,119 @@ fn a_failed_step_stops_the_run_before_the_next_phase() {
             .iter()
             .all(|(_, actions)| !actions.contains(&push("db", B))),
         "the next phase ran: {:?}",
+        agents.log()
+    );
+}
+
+fn application(name: &str) -> flocker_wire::Application {
+    flocker_wire::Application {
+        name: name.into(),
+        image: flocker_wire::Image {
+            repository: name.into(),
+            tag: "latest".into(),
+        },
+        ports: vec![],
+        volume: Some(flocker_wire::VolumeSpec {
+            mountpoint: "/data".into(),
+            maximum_size: None,
+        }),
+        volumes: BTreeMap::new(),
+        environment: BTreeMap::new(),
+        links: vec![],
+        mem_limit: None,
+        cpu_shares: None,
+        restart_policy: flocker_wire::RestartPolicy::Never,
+        container: Default::default(),
+        depends_on: Vec::new(),
+        files: Vec::new(),
+        health_check: None,
+    }
+}
+
+/// A move that fails after its `prepare` phase and before its start leaves no prepared
+/// container behind; one that fails from the start on leaves the start's container alone.
+#[test]
+fn a_move_failing_before_its_start_removes_the_prepared_container() {
+    let stop_db = Action::StopApplication {
+        application: "db".into(),
+    };
+    let final_push = Action::PushVolume {
+        volume: "db".into(),
+        to: B.into(),
+        last: true,
+    };
+    let fails_at = |failing: &'static str| {
+        FakeAgents::new(&[]).converging(move |_, request| {
+            let mut events = done_events(request);
+            if let Some(a) = request.actions.first()
+                && step(a) == failing
+            {
+                events.push(ConvergeEvent::Failed {
+                    step: failing.into(),
+                    error: "broken".into(),
+                });
+            }
+            Ok(events)
+        })
+    };
+    let plan = Plan {
+        phases: vec![
+            phase("pre-copy", &[(A, push("db", B))]),
+            phase(
+                "prepare",
+                &[(
+                    B,
+                    Action::PrepareApplication {
+                        application: application("db"),
+                    },
+                )],
+            ),
+            phase("stop", &[(A, stop_db.clone())]),
+            phase("final-push", &[(A, final_push)]),
+            phase(
+                "start",
+                &[(
+                    B,
+                    Action::StartApplication {
+                        application: application("db"),
+                    },
+                )],
+            ),
+        ],
+    };
+    let run = |agents: &FakeAgents| {
+        runtime().block_on(execute(
+            agents,
+            &desired(&[A, B]),
+            &ClusterState::default(),
+            &plan,
+            ProgressMode::Lines,
+            2,
+        ))
+    };
+    let agents = fails_at("push db to 10.0.0.2");
+    // The pre-copy's push fails first: nothing was prepared yet, nothing to remove.
+    run(&agents).expect_err("the pre-copy failed");
+    assert_eq!(agents.log().len(), 1, "{:?}", agents.log());
+
+    let agents = fails_at("stop db");
+    let err = run(&agents).expect_err("the stop failed");
+    assert!(err.to_string().contains("stop db failed"), "{err}");
+    let log = agents.log();
+    assert_eq!(
+        log.last(),
+        Some(&(B.to_string(), vec![stop_db.clone()])),
+        "the prepared container is removed: {log:?}"
+    );
+
+    let agents = fails_at("start db");
+    run(&agents).expect_err("the start failed");
+    assert!(
+        !agents
+            .log()
+            .iter()
+            .any(|(node, actions)| node == B && actions.contains(&stop_db)),
+        "a started container is not removed: {:?}",
         agents.log()
     );
 }

@@ -276,9 +276,9 @@ fn concerns<'a>(
                 .copied()
                 .unwrap_or(volume.as_str()),
         ),
-        Action::StartApplication { application } | Action::RestartApplication { application } => {
-            Some(&application.name)
-        }
+        Action::StartApplication { application }
+        | Action::RestartApplication { application }
+        | Action::PrepareApplication { application } => Some(&application.name),
         Action::StopApplication { application } => Some(application),
         Action::SetRoutes { .. }
         | Action::FollowRoutes { .. }

@@ -84,7 +84,7 @@ fn apply(
             let in_use = state.nodes.values().any(|n| {
                 n.containers
                     .iter()
-                    .any(|c| c.application.uses_volume(volume))
+                    .any(|c| c.running && c.application.uses_volume(volume))
             });
             if *last && in_use {
                 return Err(format!("final push of {volume} while its application runs"));
@@ -100,6 +100,17 @@ fn apply(
             match volume_mut(state, to, volume) {
                 Some(target) => target.snapshots = copy.snapshots,
                 None => node_mut(state, to).volumes.push(copy),
+            }
+            if *last {
+                // The final push carries the handoff: the target records itself owner at
+                // the next epoch, then the source records it handed over.
+                let epoch = source_epoch(state, node, volume)? + 1;
+                for holder in [to.as_str(), node] {
+                    if let Some(v) = volume_mut(state, holder, volume) {
+                        v.owner = to.clone();
+                        v.epoch = epoch;
+                    }
+                }
             }
         }
         Action::Handoff { volume, to } => {
@@ -175,6 +186,20 @@ fn apply(
                 health_output: None,
             });
         }
+        Action::PrepareApplication { application } => {
+            // Created, never started: it uses nothing until the start.
+            let n = node_mut(state, node);
+            if n.container(&application.name).is_none() {
+                n.containers.push(ContainerState {
+                    application: application.clone(),
+                    running: false,
+                    ip: None,
+                    volume_problem: None,
+                    health: None,
+                    health_output: None,
+                });
+            }
+        }
         Action::StopApplication { application } => {
             node_mut(state, node)
                 .containers
@@ -229,6 +254,16 @@ fn apply(
     Ok(())
 }
 
+/// The epoch `node`'s copy of `volume` records.
+fn source_epoch(state: &ClusterState, node: &str, volume: &str) -> Result<u64, String> {
+    state
+        .nodes
+        .get(node)
+        .and_then(|n| n.volume(volume))
+        .map(|v| v.epoch)
+        .ok_or_else(|| format!("{node} holds no copy of {volume}"))
+}
+
 /// Every route leads to a node where its application runs (or one that did not answer).
 fn check_routes_lead_somewhere(
     node: &str,
@@ -264,7 +299,7 @@ pub fn check_invariants(state: &ClusterState) -> Result<(), String> {
         .nodes
         .values()
         .flat_map(|n| n.containers.iter())
-        .filter(|c| c.application.has_volumes())
+        .filter(|c| c.running && c.application.has_volumes())
         .map(|c| c.application.name.as_str())
         .collect();
     running.sort();
@@ -314,7 +349,7 @@ pub fn check_volumes(state: &ClusterState) -> Result<(), String> {
             let in_use = node
                 .containers
                 .iter()
-                .any(|c| c.application.uses_volume(volume));
+                .any(|c| c.running && c.application.uses_volume(volume));
             if in_use && record.owner != *address {
                 return Err(format!(
                     "{volume} is used on {address}, which does not own it"

@@ -153,17 +153,17 @@ fn moved_with_volume_follows_the_migration_protocol() {
         &realize(&before),
         "phase 1/8: pre-copy
   198.18.0.11     push volume redis to 198.18.0.12 (pre-copy, while running)
-phase 2/8: hold
+phase 2/8: prepare
+  198.18.0.12     create redis (redis:latest) without starting it, for the move's start
+phase 3/8: hold
   198.18.0.12     before the stop: route redis (6379) here, holding new connections until it is ready
-phase 3/8: switch-routes
+phase 4/8: switch-routes
   198.18.0.11     before the stop: route redis (6379) to 198.18.0.12
   198.18.0.12     before the stop: route redis (6379) here, holding new connections until it is ready
-phase 4/8: stop
+phase 5/8: stop
   198.18.0.11     stop redis
-phase 5/8: final-push
-  198.18.0.11     push volume redis to 198.18.0.12 (final, after stop)
-phase 6/8: handoff
-  198.18.0.11     hand volume redis over to 198.18.0.12
+phase 6/8: final-push
+  198.18.0.11     push volume redis to 198.18.0.12 (final, after stop, handing it over)
 phase 7/8: start
   198.18.0.12     start redis (redis:latest)
 phase 8/8: routes
@@ -202,19 +202,18 @@ fn every_volume_of_an_application_moves_in_the_same_phases() {
         "phase 1/8: pre-copy
   198.18.0.11     push volume db to 198.18.0.12 (pre-copy, while running)
   198.18.0.11     push volume db.logs to 198.18.0.12 (pre-copy, while running)
-phase 2/8: hold
+phase 2/8: prepare
+  198.18.0.12     create db (db:latest) without starting it, for the move's start
+phase 3/8: hold
   198.18.0.12     before the stop: route db (5432) here, holding new connections until it is ready
-phase 3/8: switch-routes
+phase 4/8: switch-routes
   198.18.0.11     before the stop: route db (5432) to 198.18.0.12
   198.18.0.12     before the stop: route db (5432) here, holding new connections until it is ready
-phase 4/8: stop
+phase 5/8: stop
   198.18.0.11     stop db
-phase 5/8: final-push
-  198.18.0.11     push volume db to 198.18.0.12 (final, after stop)
-  198.18.0.11     push volume db.logs to 198.18.0.12 (final, after stop)
-phase 6/8: handoff
-  198.18.0.11     hand volume db over to 198.18.0.12
-  198.18.0.11     hand volume db.logs over to 198.18.0.12
+phase 6/8: final-push
+  198.18.0.11     push volume db to 198.18.0.12 (final, after stop, handing it over)
+  198.18.0.11     push volume db.logs to 198.18.0.12 (final, after stop, handing it over)
 phase 7/8: start
   198.18.0.12     start db (db:latest)
 phase 8/8: routes
@@ -363,21 +362,21 @@ fn two_applications_swap_nodes() {
         "phase 1/8: pre-copy
   198.18.0.11     push volume a to 198.18.0.12 (pre-copy, while running)
   198.18.0.12     push volume b to 198.18.0.11 (pre-copy, while running)
-phase 2/8: hold
+phase 2/8: prepare
+  198.18.0.11     create b (b:latest) without starting it, for the move's start
+  198.18.0.12     create a (a:latest) without starting it, for the move's start
+phase 3/8: hold
   198.18.0.11     before the stop: route b (7002) here, holding new connections until it is ready
   198.18.0.12     before the stop: route a (7001) here, holding new connections until it is ready
-phase 3/8: switch-routes
+phase 4/8: switch-routes
   198.18.0.11     before the stop: route a (7001) to 198.18.0.12; route b (7002) here, holding new connections until it is ready
   198.18.0.12     before the stop: route a (7001) here, holding new connections until it is ready; route b (7002) to 198.18.0.11
-phase 4/8: stop
+phase 5/8: stop
   198.18.0.11     stop a
   198.18.0.12     stop b
-phase 5/8: final-push
-  198.18.0.11     push volume a to 198.18.0.12 (final, after stop)
-  198.18.0.12     push volume b to 198.18.0.11 (final, after stop)
-phase 6/8: handoff
-  198.18.0.11     hand volume a over to 198.18.0.12
-  198.18.0.12     hand volume b over to 198.18.0.11
+phase 6/8: final-push
+  198.18.0.11     push volume a to 198.18.0.12 (final, after stop, handing it over)
+  198.18.0.12     push volume b to 198.18.0.11 (final, after stop, handing it over)
 phase 7/8: start
   198.18.0.11     start b (b:latest)
   198.18.0.12     start a (a:latest)
@@ -684,7 +683,6 @@ fn failover_to_a_node_without_the_replica_promotes_then_moves() {
             "hold",
             "switch-routes",
             "final-push",
-            "handoff",
             "start",
             "routes"
         ]

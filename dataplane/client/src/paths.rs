@@ -41,6 +41,7 @@ mod tests {
             from: "10.0.0.1".into(),
             quota: None,
             replace: false,
+            handoff: None,
         };
         assert_eq!(volume("db"), "/v1/volumes/db");
         assert_eq!(handoff("db"), "/v1/volumes/db/handoff");

@@ -96,6 +96,12 @@ impl Agent {
             return Ok(false);
         }
         ownership::check_owner(&self.me, &local)?;
+        // The final push hands the volume off with its stream (one round trip, not two).
+        let handoff = if last {
+            Some(ownership::pushed_handoff_epoch(&self.me, &local)?)
+        } else {
+            None
+        };
         if last
             && let Some(c) = self.using_volume(name).await?
             && c.running
@@ -107,6 +113,15 @@ impl Agent {
             )));
         }
         let remote = self.remote_volume(to, name).await?;
+        if let (Some(epoch), Some(r)) = (handoff, &remote)
+            && let Some(newest) = local.snapshots.last()
+            && ownership::took_over_by_push(&local, to, r, newest)
+        {
+            // An earlier final push got through, its answer did not (or this agent died
+            // before recording it): record the handoff now.
+            self.record_given_away(name, to, epoch).await?;
+            return Ok(false);
+        }
         let (base, replace) = match &remote {
             None => (None, false),
             Some(r) => match ownership::newest_common(&local.snapshots, &r.snapshots) {
@@ -140,6 +155,7 @@ impl Agent {
             from: self.me.clone(),
             quota,
             replace,
+            handoff,
         };
         tracing::info!(volume = name, to, %snapshot, base = ?base, last, "pushing");
         let sent = Arc::new(AtomicU64::new(0));
@@ -190,13 +206,35 @@ impl Agent {
             volume: name.to_string(),
             detail,
         };
-        let report = answer?;
+        let report = match answer {
+            Ok(report) => report,
+            Err(e) => {
+                if let Some(epoch) = handoff
+                    && self.took_over(&local, name, to, &snapshot).await
+                {
+                    tracing::warn!(volume = name, to, error = %e, "the final push's answer was lost, but the target took the volume over");
+                    self.record_given_away(name, to, epoch).await?;
+                    return Ok(true);
+                }
+                return Err(e.into());
+            }
+        };
         let bytes = send_result.map_err(|e| transfer_err(e.to_string()))?;
         if report.snapshot != snapshot {
             return Err(transfer_err(format!(
                 "{to} confirmed snapshot {:?}, expected {snapshot:?}",
                 report.snapshot
             )));
+        }
+        if let Some(epoch) = handoff {
+            if report.owner.as_deref() != Some(to) || report.epoch != Some(epoch) {
+                return Err(AgentError::Conflict(format!(
+                    "{to} received the final push of volume {name:?} but did not take it over at epoch {epoch} \
+                     (it reports owner {:?} at epoch {:?}; an agent from before the handoff rode on the final push?)",
+                    report.owner, report.epoch
+                )));
+            }
+            self.record_given_away(name, to, epoch).await?;
         }
         let _ = events
             .send(ConvergeEvent::Progress {
@@ -245,6 +283,12 @@ impl Agent {
             params.epoch,
             local.as_ref(),
         )?;
+        if let Some(epoch) = params.handoff {
+            let (owner, at) =
+                ownership::received_record(local.as_ref(), &params.owner, params.epoch);
+            let received = Record { owner, epoch: at };
+            ownership::accept_pushed_handoff(&self.me, name, &params.from, &received, epoch)?;
+        }
         match (&local, &params.base) {
             (None, Some(base)) => Err(AgentError::Conflict(format!(
                 "volume {name:?}: incremental stream from {base:?}, but this node has no copy"
@@ -303,10 +347,21 @@ impl Agent {
                 return Err(e);
             }
         };
-        let (owner, epoch) =
-            ownership::received_record(local.as_ref(), &params.owner, params.epoch);
-        let record = Record { owner, epoch };
+        let record = match params.handoff {
+            // Checked before the stream was read (`check_receive`): the sender, the owner
+            // this copy gets, hands it over at exactly the next epoch.
+            Some(epoch) => Record {
+                owner: self.me.clone(),
+                epoch,
+            },
+            None => {
+                let (owner, epoch) =
+                    ownership::received_record(local.as_ref(), &params.owner, params.epoch);
+                Record { owner, epoch }
+            }
+        };
         let writable = record.owner == self.me;
+        let reported = record.clone();
         let (n, snap) = (name.to_string(), params.snapshot.clone());
         let local = local.filter(|_| !replace_stale);
         let quota = params.quota.filter(|_| local.is_none());
@@ -339,9 +394,14 @@ impl Agent {
         .map_err(|e| AgentError::Internal(e.to_string()))??;
         self.metrics.received(bytes);
         tracing::info!(volume = name, from = %params.from, snapshot = %params.snapshot, bytes, "received");
+        if params.handoff.is_some() {
+            tracing::info!(volume = name, from = %params.from, epoch = reported.epoch, "took ownership with the final push");
+        }
         Ok(ReceiveReport {
             snapshot: params.snapshot,
             bytes,
+            owner: Some(reported.owner),
+            epoch: Some(reported.epoch),
         })
     }
 
@@ -374,14 +434,7 @@ impl Agent {
         let epoch = match step {
             HandoffStep::GiveAway { epoch } => {
                 self.prove_volume(name).await?;
-                let record = Record {
-                    owner: to.to_string(),
-                    epoch,
-                };
-                let n = name.to_string();
-                self.blocking(move |b| b.set_record(&n, &record, false, RecordOrder::GiveAway))
-                    .await?;
-                tracing::info!(volume = name, to, epoch, "recorded handoff");
+                self.record_given_away(name, to, epoch).await?;
                 epoch
             }
             HandoffStep::RetellTarget { epoch } => epoch,
@@ -399,6 +452,33 @@ impl Agent {
         }
         tracing::info!(volume = name, to, epoch, "handoff complete");
         Ok(())
+    }
+
+    /// Records on this node's copy that `to` owns the volume at `epoch` (read-only here from
+    /// now on): the source's side of a handoff, once `to` holds the newest snapshot.
+    async fn record_given_away(&self, name: &str, to: &str, epoch: u64) -> Result<(), AgentError> {
+        let record = Record {
+            owner: to.to_string(),
+            epoch,
+        };
+        let n = name.to_string();
+        self.blocking(move |b| b.set_record(&n, &record, false, RecordOrder::GiveAway))
+            .await?;
+        tracing::info!(volume = name, to, epoch, "recorded handoff");
+        Ok(())
+    }
+
+    /// Whether `to` reports owning the volume at `local`'s next epoch with `snapshot` (the
+    /// final push it answered reached it); `false` when it cannot be asked.
+    async fn took_over(&self, local: &VolumeState, name: &str, to: &str, snapshot: &str) -> bool {
+        match self.remote_volume(to, name).await {
+            Ok(Some(remote)) => ownership::took_over_by_push(local, to, &remote, snapshot),
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(volume = name, to, error = %e, "cannot ask the target whether it took the volume over");
+                false
+            }
+        }
     }
 
     /// `POST /v1/volumes/NAME/handoff`: this node becomes the owner at `epoch`.

@@ -21,7 +21,9 @@ use flocker_wire::{
     Route, RouteMap, VolumeState,
 };
 
-use crate::containers::{ContainerError, ContainerRuntime, ManagedContainer, container_spec};
+use crate::containers::{
+    ContainerError, ContainerRuntime, LABEL_SPEC, ManagedContainer, container_spec,
+};
 use crate::metrics::Metrics;
 use crate::ownership::{self, OwnershipError};
 use crate::readiness::{self, ReadinessError};
@@ -662,6 +664,10 @@ impl Agent {
                 volume,
                 maximum_size,
             } => self.create_volume(volume, *maximum_size).await,
+            Action::PrepareApplication { application } => {
+                self.prepare_application(desired, routes, application).await;
+                Ok(())
+            }
             Action::StartApplication { application } => {
                 self.start_application(desired, routes, application, false, step, events)
                     .await
@@ -777,6 +783,11 @@ impl Agent {
             Some(ip) => self.holds.ready(&app.name, ip),
             None => self.holds.release(&app.name),
         }
+        if result.is_ok() {
+            // Its hosts file gets its own name; after the held connections went on, which
+            // need the route (re-applied once ready) but not this.
+            self.refresh_hosts().await;
+        }
         result
     }
 
@@ -791,6 +802,7 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let started = std::time::Instant::now();
         self.start_container(desired, routes, app, replace).await?;
+        let container_started = started.elapsed();
         // Routes to it come in a later phase of the plan: the start is done only once the
         // application answers, so traffic never reaches a container still starting up.
         let name = crate::containers::container_name_of(app);
@@ -803,13 +815,18 @@ impl Agent {
         let ready = readiness::wait_ready(self.runtime.as_ref(), &name, app, bound, waiting).await;
         self.metrics.ready_wait(ready.is_ok(), started.elapsed());
         if ready.is_ok() {
+            tracing::info!(
+                application = %app.name,
+                container_started_ms = container_started.as_millis() as u64,
+                ready_ms = started.elapsed().as_millis() as u64,
+                "started and ready"
+            );
             self.metrics.move_phase("start", started.elapsed());
             // A container started anew has a new address: the recorded routes and service
-            // routes into it follow at once, and its hosts file gets its own name.
+            // routes into it follow at once (its hosts file follows in `start_application`).
             if let Err(e) = self.reapply_routes().await {
                 tracing::warn!(application = %app.name, error = %e, "cannot re-apply routes after the start");
             }
-            self.refresh_hosts().await;
         }
         Ok(ready?)
     }
@@ -836,6 +853,7 @@ impl Agent {
         self.forget_restarts(app);
         if let Some(c) = &existing
             && !replace
+            && !c.never_started
             && &c.application == app
         {
             if !c.running {
@@ -845,7 +863,36 @@ impl Agent {
             }
             return Ok(());
         }
-        let mut spec = container_spec(app, &volume_mounts, desired, routes, &self.me)?;
+        let spec = self.spec_for(desired, routes, app, &volume_mounts)?;
+        if let Some(c) = existing {
+            // Prepared during the move's pre-copy (`prepare_application`): only started,
+            // while it is exactly what would be created now.
+            if c.never_started
+                && c.spec_digest.as_deref() == spec.labels.get(LABEL_SPEC).map(String::as_str)
+            {
+                tracing::info!(application = %app.name, "starting the container prepared during the pre-copy");
+                self.runtime.start(&c.name).await?;
+                return Ok(());
+            }
+            if c.never_started {
+                tracing::info!(application = %app.name, "the prepared container no longer matches: creating it anew");
+            }
+            self.runtime.stop_and_remove(&c.name).await?;
+        }
+        self.runtime.create_and_start(&spec).await?;
+        Ok(())
+    }
+
+    /// The container of `app` on `volume_mounts`, with its files written and its hosts file,
+    /// labelled with its digest ([`crate::containers::spec_digest`]).
+    fn spec_for(
+        &self,
+        desired: &DesiredState,
+        routes: Option<&RouteMap>,
+        app: &Application,
+        volume_mounts: &[(std::path::PathBuf, String)],
+    ) -> Result<crate::containers::ContainerSpec, AgentError> {
+        let mut spec = container_spec(app, volume_mounts, desired, routes, &self.me)?;
         spec.binds.extend(self.write_files(desired, app)?);
         if let Some(hosts) = &self.hosts {
             // Its own name is added once it runs (`refresh_hosts`).
@@ -860,11 +907,54 @@ impl Agent {
                 crate::hosts::CONTAINER_PATH
             ));
         }
-        if let Some(c) = existing {
-            self.runtime.stop_and_remove(&c.name).await?;
+        let digest = crate::containers::spec_digest(&spec);
+        spec.labels.insert(LABEL_SPEC.to_string(), digest);
+        Ok(spec)
+    }
+
+    /// `PrepareApplication`: creates, without starting, the container of an application
+    /// moving here, on the replicas its pre-copy left, so that the move's start is only
+    /// `docker start` (`start_container` starts it while it still matches). It never starts
+    /// here: this node does not own the volumes yet, and the supervisor leaves a container
+    /// that never started alone. Best effort: whatever fails is logged, and the start then
+    /// creates the container as it always did.
+    async fn prepare_application(
+        &self,
+        desired: &DesiredState,
+        routes: Option<&RouteMap>,
+        app: &Application,
+    ) {
+        match self.try_prepare(desired, routes, app).await {
+            Ok(true) => {
+                tracing::info!(application = %app.name, "prepared the container for the move's start")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(application = %app.name, error = %e, "cannot prepare the container; the start creates it")
+            }
         }
-        self.runtime.create_and_start(&spec).await?;
-        Ok(())
+    }
+
+    async fn try_prepare(
+        &self,
+        desired: &DesiredState,
+        routes: Option<&RouteMap>,
+        app: &Application,
+    ) -> Result<bool, AgentError> {
+        if let Some(c) = self.managed(&app.name).await? {
+            tracing::debug!(application = %app.name, container = %c.name, "a container stands here already; the start decides what to do with it");
+            return Ok(false);
+        }
+        let mut mounts = Vec::new();
+        for (volume, spec) in app.volumes() {
+            // The replica the pre-copy left, mounted where the start will prove it.
+            let v = volume.to_string();
+            let path = self.blocking(move |b| b.verify(&v)).await?;
+            mounts.push((path, spec.mountpoint.clone()));
+        }
+        let spec = self.spec_for(desired, routes, app, &mounts)?;
+        self.runtime.create(&spec).await?;
+        Ok(true)
     }
 
     /// A converge (re)starts the application: the supervisor's restart count begins anew.
@@ -916,6 +1006,7 @@ pub fn action_kind(action: &Action) -> &'static str {
         Action::PushVolume { .. } => "push-volume",
         Action::Handoff { .. } => "handoff",
         Action::Promote { .. } => "promote",
+        Action::PrepareApplication { .. } => "prepare-application",
         Action::StartApplication { .. } => "start-application",
         Action::StopApplication { .. } => "stop-application",
         Action::RestartApplication { .. } => "restart-application",
@@ -938,6 +1029,7 @@ pub fn step_name(action: &Action) -> String {
         }
         Action::Handoff { volume, to } => format!("handoff {volume} to {to}"),
         Action::Promote { volume, epoch } => format!("promote {volume} at epoch {epoch}"),
+        Action::PrepareApplication { application } => format!("prepare {}", application.name),
         Action::StartApplication { application } => format!("start {}", application.name),
         Action::StopApplication { application } => format!("stop {application}"),
         Action::RestartApplication { application } => format!("restart {}", application.name),

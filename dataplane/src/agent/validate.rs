@@ -56,6 +56,19 @@ impl Agent {
                         .ensure_image(&application.image.to_string())
                         .await?;
                 }
+                Action::PrepareApplication { application } => {
+                    // Its volumes are replicas still: they are checked at the start.
+                    check_name(&application.name)?;
+                    if request.desired.applications.get(&application.name) != Some(application) {
+                        return bad(format!(
+                            "prepare {:?}: not the application of the desired state",
+                            application.name
+                        ));
+                    }
+                    self.runtime
+                        .ensure_image(&application.image.to_string())
+                        .await?;
+                }
                 Action::StopApplication { application } => check_name(application)?,
                 Action::PushVolume { volume, to, .. } | Action::Handoff { volume, to } => {
                     check_name(volume)?;

@@ -1,6 +1,7 @@
 //! ZFS datasets under one parent dataset (`POOL/PARENT/NAME`), with the ownership record in
-//! the user properties `flocker:owner` and `flocker:epoch`, read-only copies via
-//! `readonly=on`, quotas from `maximum_size`, and pushes through the streamer's
+//! the user property `flocker:record` (`EPOCH:OWNER`, one `zfs set` per record; datasets
+//! written before it carry `flocker:owner` and `flocker:epoch`, still read while they have
+//! no `flocker:record`), read-only copies via `readonly=on`, quotas from `maximum_size`, and pushes through the streamer's
 //! [`ZfsSource`] and [`ZfsSink`] (`zfs send`/`zfs recv`; an aborted receive destroys what it
 //! created).
 //!
@@ -19,8 +20,28 @@ use flocker_stream::backend::{BackendError, Runner, Sink, Source, ZfsSink, ZfsSo
 use super::{FinishingSink, Record, RecordOrder, VolumeBackend, VolumeError, check_name};
 use crate::ownership::sort_push_snapshots;
 
+/// The ownership record, `EPOCH:OWNER`, in one property so that it is written at once.
+const RECORD: &str = "flocker:record";
+/// The record's owner and epoch as two properties, as volumes made before
+/// [`RECORD`] carry them; read while a dataset has no [`RECORD`], never written.
 const OWNER: &str = "flocker:owner";
 const EPOCH: &str = "flocker:epoch";
+
+/// The value of [`RECORD`] for `record`.
+fn record_value(record: &Record) -> String {
+    format!("{}:{}", record.epoch, record.owner)
+}
+
+/// Reads a [`RECORD`] value; `None` for an unset (`-`) or malformed one. The owner may hold
+/// colons (an IPv6 address), the epoch never does.
+fn parse_record(value: &str) -> Option<Record> {
+    let (epoch, owner) = value.split_once(':')?;
+    let epoch = epoch.parse().ok()?;
+    (!owner.is_empty()).then(|| Record {
+        owner: owner.to_string(),
+        epoch,
+    })
+}
 
 /// Volumes as ZFS datasets below `root`.
 pub struct ZfsBackend {
@@ -183,6 +204,7 @@ pub fn parse_volumes(root: &str, output: &str) -> Vec<VolumeState> {
     struct Acc {
         owner: Option<String>,
         epoch: u64,
+        record: Option<Record>,
         used: u64,
         snapshots: Vec<String>,
     }
@@ -216,6 +238,7 @@ pub fn parse_volumes(root: &str, output: &str) -> Vec<VolumeState> {
                         entry.owner = Some(value.to_string())
                     }
                     EPOCH => entry.epoch = value.parse().unwrap_or(0),
+                    RECORD => entry.record = parse_record(value),
                     "used" => entry.used = value.parse().unwrap_or(0),
                     _ => {}
                 }
@@ -225,10 +248,18 @@ pub fn parse_volumes(root: &str, output: &str) -> Vec<VolumeState> {
     }
     acc.into_iter()
         .filter_map(|(name, a)| {
+            // The one-property record wins: once written, the old two are stale.
+            let record = match a.record {
+                Some(r) => r,
+                None => Record {
+                    owner: a.owner?,
+                    epoch: a.epoch,
+                },
+            };
             Some(VolumeState {
                 name,
-                owner: a.owner?,
-                epoch: a.epoch,
+                owner: record.owner,
+                epoch: record.epoch,
                 snapshots: sort_push_snapshots(a.snapshots),
                 used_bytes: a.used,
             })
@@ -269,7 +300,7 @@ impl VolumeBackend for ZfsBackend {
             "-o",
             "name,property,value",
             "-r",
-            &format!("{OWNER},{EPOCH},used"),
+            &format!("{OWNER},{EPOCH},{RECORD},used"),
             &self.root,
         ])?;
         Ok(parse_volumes(&self.root, &out))
@@ -285,9 +316,14 @@ impl VolumeBackend for ZfsBackend {
         if self.exists(&dataset) {
             return Err(VolumeError::Exists(name.to_string()));
         }
-        let owner_opt = format!("{OWNER}={owner}");
-        let epoch_opt = format!("{EPOCH}=1");
-        let mut a = vec!["create", "-o", &owner_opt, "-o", &epoch_opt];
+        let record_opt = format!(
+            "{RECORD}={}",
+            record_value(&Record {
+                owner: owner.to_string(),
+                epoch: 1,
+            })
+        );
+        let mut a = vec!["create", "-o", &record_opt];
         let quota;
         if let Some(bytes) = maximum_size {
             quota = format!("quota={bytes}");
@@ -355,16 +391,15 @@ impl VolumeBackend for ZfsBackend {
     ) -> Result<(), VolumeError> {
         let dataset = self.dataset(name)?;
         let readonly = if writable { "off" } else { "on" };
-        let epoch = record.epoch.to_string();
+        // Owner and epoch change together, in one property: no crash leaves half a record.
+        let value = record_value(record);
         match order {
             RecordOrder::GiveAway => {
                 self.set(&dataset, "readonly", readonly)?;
-                self.set(&dataset, EPOCH, &epoch)?;
-                self.set(&dataset, OWNER, &record.owner)
+                self.set(&dataset, RECORD, &value)
             }
             RecordOrder::TakeOver => {
-                self.set(&dataset, OWNER, &record.owner)?;
-                self.set(&dataset, EPOCH, &epoch)?;
+                self.set(&dataset, RECORD, &value)?;
                 self.set(&dataset, "readonly", readonly)
             }
         }
@@ -580,12 +615,75 @@ pool/flocker/stray\tused\t5
             .expect("set");
         let calls = fake.calls();
         assert_eq!(
-            &calls[calls.len() - 3..],
+            &calls[calls.len() - 2..],
             &[
                 "zfs set readonly=on pool/flocker/db",
-                "zfs set flocker:epoch=4 pool/flocker/db",
-                "zfs set flocker:owner=T pool/flocker/db",
+                "zfs set flocker:record=4:T pool/flocker/db",
             ]
+        );
+    }
+
+    #[test]
+    fn taking_over_records_first_and_thaws_last() {
+        let (fake, b) = backend();
+        let record = Record {
+            owner: "fd00:18::12".into(),
+            epoch: 5,
+        };
+        b.set_record("db", &record, true, RecordOrder::TakeOver)
+            .expect("set");
+        let calls = fake.calls();
+        assert_eq!(
+            &calls[calls.len() - 2..],
+            &[
+                "zfs set flocker:record=5:fd00:18::12 pool/flocker/db",
+                "zfs set readonly=off pool/flocker/db",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_one_property_record_wins_and_the_old_layout_still_reads() {
+        // `db` was written before `flocker:record`; `web` by both layouts, the old two stale;
+        // `v6` only by the new one, its owner an IPv6 address; `bad` has a broken record.
+        let listing = "pool/flocker/db\tflocker:owner\t198.18.0.1
+pool/flocker/db\tflocker:epoch\t3
+pool/flocker/db\tflocker:record\t-
+pool/flocker/web\tflocker:owner\t198.18.0.1
+pool/flocker/web\tflocker:epoch\t3
+pool/flocker/web\tflocker:record\t4:198.18.0.2
+pool/flocker/web@push-0000000001\tflocker:owner\t198.18.0.1
+pool/flocker/v6\tflocker:owner\t-
+pool/flocker/v6\tflocker:epoch\t-
+pool/flocker/v6\tflocker:record\t7:fd00:18::12
+pool/flocker/bad\tflocker:owner\t-
+pool/flocker/bad\tflocker:record\tseven:x
+";
+        let vols = parse_volumes("pool/flocker", listing);
+        let found: Vec<(&str, &str, u64)> = vols
+            .iter()
+            .map(|v| (v.name.as_str(), v.owner.as_str(), v.epoch))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("db", "198.18.0.1", 3),
+                ("v6", "fd00:18::12", 7),
+                ("web", "198.18.0.2", 4)
+            ]
+        );
+        assert_eq!(vols[2].snapshots, vec!["push-0000000001"]);
+        assert_eq!(parse_record("-"), None);
+        assert_eq!(parse_record("3:"), None);
+        assert_eq!(
+            parse_record(&record_value(&Record {
+                owner: "S".into(),
+                epoch: 9
+            })),
+            Some(Record {
+                owner: "S".into(),
+                epoch: 9
+            })
         );
     }
 
@@ -595,8 +693,7 @@ pool/flocker/stray\tused\t5
         fake.answer("zfs list -H -o name pool/flocker/db", Err("does not exist"));
         b.create("db", Some(1 << 20), "S").expect("create");
         assert!(fake.calls().contains(
-            &"zfs create -o flocker:owner=S -o flocker:epoch=1 -o quota=1048576 pool/flocker/db"
-                .to_string()
+            &"zfs create -o flocker:record=1:S -o quota=1048576 pool/flocker/db".to_string()
         ));
         let (_, b2) = backend();
         assert!(matches!(

@@ -16,11 +16,11 @@ pub const FAILOVER: &str = "failover";
 /// and failover.
 pub const PHASES: [&str; 10] = [
     "pre-copy",
+    "prepare",
     "hold",
     "switch-routes",
     "stop",
     "final-push",
-    "handoff",
     "start",
     "routes",
     REPLICATION,
@@ -145,11 +145,11 @@ pub fn all_cells() -> Vec<Cell> {
 pub fn ci_cells() -> Vec<Cell> {
     [
         ("pre-copy", Fault::KillTargetAgent),
+        ("prepare", Fault::KillTargetDockerd),
         ("hold", Fault::KillTargetAgent),
         ("switch-routes", Fault::KillSourceAgent),
         ("stop", Fault::KillCtl),
         ("final-push", Fault::KillSourceAgent),
-        ("handoff", Fault::KillTargetAgent),
         ("start", Fault::KillTargetDockerd),
         ("routes", Fault::TargetPoolFull),
         (REPLICATION, Fault::KillSourceAgent),

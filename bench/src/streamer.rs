@@ -7,7 +7,8 @@
 //!
 //! Arguments: `--size BYTES[K|M|G]` per corpus (default 1G), `--rss-size BYTES` for the memory
 //! run (default 4G), `--repeat N` runs per cell where the CPU is the limit (loopback, 10 Gbit/s),
-//! median reported with the range (default 3), `--skip-netns`, `--out PATH` (default
+//! median reported with the range (default 3), `--skip-netns` (loopback only), `--nets
+//! loopback,1g,10g` (which networks; default all), `--out PATH` (default
 //! `bench/results/streamer.md`).
 //! Each transfer ends on the receiver in /dev/null; the raw pipe and the flocker-stream rows
 //! also run into a file (the `file:` sink; socat's `> FILE`), the "to file" column. MB/s counts
@@ -30,7 +31,7 @@ const PORT: u16 = 17500;
 struct Config {
     size: u64,
     rss_size: u64,
-    netns: bool,
+    nets: Vec<Net>,
     repeat: usize,
     out: PathBuf,
     bin: Option<PathBuf>,
@@ -48,6 +49,18 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
         * m)
 }
 
+/// `loopback,1g,10g` (any subset, in the order given).
+fn parse_nets(s: &str) -> anyhow::Result<Vec<Net>> {
+    s.split(',')
+        .map(|n| match n.trim() {
+            "loopback" => Ok(Net::Loopback),
+            "1g" => Ok(Net::Shaped1G),
+            "10g" => Ok(Net::Shaped10G),
+            other => bail!("unknown network {other:?} (expected loopback, 1g, 10g)"),
+        })
+        .collect()
+}
+
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -60,7 +73,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut cfg = Config {
         size: 1 << 30,
         rss_size: 4 << 30,
-        netns: true,
+        nets: vec![Net::Loopback, Net::Shaped1G, Net::Shaped10G],
         repeat: 3,
         out: workspace().join("bench/results/streamer.md"),
         bin: None,
@@ -70,12 +83,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         match a.as_str() {
             "--size" => cfg.size = parse_size(it.next().context("--size BYTES")?)?,
             "--rss-size" => cfg.rss_size = parse_size(it.next().context("--rss-size BYTES")?)?,
-            "--skip-netns" => cfg.netns = false,
+            "--skip-netns" => cfg.nets = vec![Net::Loopback],
+            "--nets" => cfg.nets = parse_nets(it.next().context("--nets LIST")?)?,
             "--repeat" => cfg.repeat = it.next().context("--repeat N")?.parse()?,
             "--out" => cfg.out = it.next().context("--out PATH")?.into(),
             "--bin" => cfg.bin = Some(it.next().context("--bin PATH")?.into()),
             other => bail!(
-                "unknown argument {other:?} (expected --size, --rss-size, --repeat, --skip-netns, --out, --bin)"
+                "unknown argument {other:?} (expected --size, --rss-size, --repeat, --skip-netns, --nets, --out, --bin)"
             ),
         }
     }
@@ -114,12 +128,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let ssh = SshSetup::new(work.path())?;
 
     let mut rows = Vec::new();
-    let mut nets = vec![Net::Loopback];
-    let lab = if cfg.netns {
-        let lab = Lab::build()?;
-        nets.push(Net::Shaped1G);
-        nets.push(Net::Shaped10G);
-        Some(lab)
+    let nets = cfg.nets.clone();
+    let lab = if nets.iter().any(|n| *n != Net::Loopback) {
+        Some(Lab::build()?)
     } else {
         None
     };

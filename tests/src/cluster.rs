@@ -771,7 +771,8 @@ fn stop_dockerd(node: &ClusterNode) {
     }
 }
 
-fn read_pid(pidfile: &Path) -> Option<String> {
+/// The pid a pid file holds, if it holds one.
+pub(crate) fn read_pid(pidfile: &Path) -> Option<String> {
     fs::read_to_string(pidfile)
         .ok()
         .map(|s| s.trim().to_string())
@@ -779,7 +780,7 @@ fn read_pid(pidfile: &Path) -> Option<String> {
 }
 
 /// Whether the process runs; a killed child nobody reaped yet (a zombie) does not count.
-fn pid_alive(pidfile: &Path) -> bool {
+pub(crate) fn pid_alive(pidfile: &Path) -> bool {
     read_pid(pidfile).is_some_and(|pid| {
         fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()

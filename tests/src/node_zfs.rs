@@ -28,6 +28,8 @@ use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use crate::cluster::{pid_alive, read_pid};
+
 /// Where every node's namespace file and pid file live (a private mount of its own, since a
 /// namespace file cannot be bind-mounted below a shared mount).
 pub const ROOT: &str = "/run/flocker-zfs";
@@ -190,7 +192,7 @@ impl NodeZfs {
         let Some(pid) = read_pid(&self.pidfile()).filter(|_| pid_alive(&self.pidfile())) else {
             return Ok(());
         };
-        output(Command::new("kill").args(["-KILL", &pid.to_string()]))?;
+        output(Command::new("kill").args(["-KILL", &pid]))?;
         let deadline = Instant::now() + EXIT_WITHIN;
         while pid_alive(&self.pidfile()) && Instant::now() < deadline {
             sleep(Duration::from_millis(100));
@@ -343,28 +345,6 @@ fn create_dir(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).map_err(|source| NodeZfsError::Io {
         what: format!("mkdir {}", dir.display()),
         source,
-    })
-}
-
-fn read_pid(pidfile: &Path) -> Option<u32> {
-    fs::read_to_string(pidfile).ok()?.trim().parse().ok()
-}
-
-/// Whether the process the pid file names runs (a zombie does not count).
-fn pid_alive(pidfile: &Path) -> bool {
-    read_pid(pidfile).is_some_and(|pid| {
-        fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                let state = stat
-                    .rsplit_once(')')?
-                    .1
-                    .split_whitespace()
-                    .next()?
-                    .to_owned();
-                Some(state != "Z" && state != "X")
-            })
-            .unwrap_or(false)
     })
 }
 

@@ -133,6 +133,27 @@ impl<'a> VolumeIndex<'a> {
             .max_by_key(|(_, v)| v.epoch)
     }
 
+    /// Nodes whose copy still names the node itself owner exactly one epoch below the
+    /// record: a final push carried the handoff to the owner, whose answer never came back
+    /// (a partition, a crash), so the source did not record it. A failover promotes two
+    /// epochs up, so a copy left behind by one is never among these: fencing sets it aside.
+    fn unrecorded_pushed_handoffs(&self, volume: &str) -> Vec<&'a str> {
+        let Some((_, record)) = self.record(volume) else {
+            return Vec::new();
+        };
+        self.copies.get(volume).map_or_else(Vec::new, |copies| {
+            copies
+                .iter()
+                .filter(|(node, v)| {
+                    *node != record.owner
+                        && v.owner == *node
+                        && v.epoch.checked_add(1) == Some(record.epoch)
+                })
+                .map(|(node, _)| *node)
+                .collect()
+        })
+    }
+
     /// As [`ClusterState::ownership_settled`].
     fn settled(&self, volume: &str) -> bool {
         let Some((_, record)) = self.record(volume) else {
@@ -302,6 +323,19 @@ fn plan_volume(
         return VolumePlan::Stays;
     };
     let owner = record.owner.as_str();
+    for source in volumes.unrecorded_pushed_handoffs(name) {
+        // The source records the handoff it made (its agent checks that the application is
+        // stopped there and that the owner holds its newest snapshot), so the volume has one
+        // owner again.
+        let running = current
+            .nodes
+            .get(source)
+            .and_then(|n| n.container(application))
+            .is_some_and(|c| c.running);
+        if !running {
+            phases.finish_handoff.push(handoff(source, name, owner));
+        }
+    }
     let settled = volumes.settled(name);
     if owner == target {
         if !settled {

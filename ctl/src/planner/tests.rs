@@ -437,6 +437,67 @@ phase 3/3: routes
     );
 }
 
+/// The final push reached N2 and made it the owner at epoch 2, but its answer never came
+/// back (a partition): N1 still records itself owner at epoch 1. Found by the fault matrix
+/// (`final-push:partition`): nothing made N1 record the handoff, so two copies claimed the
+/// volume and a later move back to N1 was refused.
+fn pushed_handoff_without_answer(epoch_gap: u64) -> (DesiredState, ClusterState) {
+    let before = desired(&[app("redis", 6379, true)], &[(N1, &["redis"]), (N2, &[])]);
+    let after = desired(&[app("redis", 6379, true)], &[(N1, &[]), (N2, &["redis"])]);
+    // Routes still lead to N1, as before the move.
+    let mut current = realize(&before);
+    let n1 = current.nodes.get_mut(N1).expect("n1");
+    n1.containers.clear();
+    n1.volumes[0].epoch = 1;
+    n1.volumes[0].snapshots = vec!["push-1".into()];
+    let mut copy = n1.volumes[0].clone();
+    copy.owner = N2.into();
+    copy.epoch = 1 + epoch_gap;
+    let n2 = current.nodes.get_mut(N2).expect("n2");
+    n2.volumes.push(copy);
+    n2.containers.push(ContainerState {
+        application: app("redis", 6379, true),
+        running: true,
+        ip: None,
+        volume_problem: None,
+        health: None,
+        health_output: None,
+    });
+    (after, current)
+}
+
+#[test]
+fn a_pushed_handoff_whose_answer_was_lost_is_recorded_by_the_source() {
+    let (after, current) = pushed_handoff_without_answer(1);
+    check(
+        &after,
+        &current,
+        "phase 1/2: finish-handoff
+  198.18.0.11     hand volume redis over to 198.18.0.12
+phase 2/2: routes
+  198.18.0.11     set routes 6379 -> redis (on 198.18.0.12)
+  198.18.0.12     set routes 6379 -> redis (local :80)
+",
+    );
+}
+
+#[test]
+fn a_copy_left_by_a_failover_is_not_handed_off_but_fenced() {
+    // A failover promotes two epochs up: the old owner's copy may hold writes the new owner
+    // lacks, so only fencing (which sets it aside) may touch it.
+    let (after, current) = pushed_handoff_without_answer(2);
+    // Two copies claim the volume until N1's agent fences its own, so only the plan is
+    // checked here, not a simulation of it.
+    let plan = plan(&after, &current);
+    assert_eq!(
+        plan_text(&plan, &RouteView::new(&after, true)),
+        "phase 1/1: routes
+  198.18.0.11     set routes 6379 -> redis (on 198.18.0.12)
+  198.18.0.12     set routes 6379 -> redis (local :80)
+"
+    );
+}
+
 #[test]
 fn unknown_managed_container_is_stopped_and_stopped_app_restarted() {
     let d = desired(&[app("web", 8080, false)], &[(N1, &["web"])]);

@@ -133,25 +133,25 @@ impl<'a> VolumeIndex<'a> {
             .max_by_key(|(_, v)| v.epoch)
     }
 
-    /// Nodes whose copy still names the node itself owner exactly one epoch below the
-    /// record: a final push carried the handoff to the owner, whose answer never came back
-    /// (a partition, a crash), so the source did not record it. A failover promotes two
-    /// epochs up, so a copy left behind by one is never among these: fencing sets it aside.
-    fn unrecorded_pushed_handoffs(&self, volume: &str) -> Vec<&'a str> {
-        let Some((_, record)) = self.record(volume) else {
-            return Vec::new();
-        };
-        self.copies.get(volume).map_or_else(Vec::new, |copies| {
-            copies
-                .iter()
-                .filter(|(node, v)| {
-                    *node != record.owner
-                        && v.owner == *node
-                        && v.epoch.checked_add(1) == Some(record.epoch)
-                })
-                .map(|(node, _)| *node)
-                .collect()
-        })
+    /// Nodes whose copy still names the node itself owner exactly one epoch below `record`
+    /// (the volume's record, [`Self::record`]): a final push carried the handoff to the
+    /// owner, whose answer never came back (a partition, a crash), so the source did not
+    /// record it. A failover promotes two epochs up, so a copy left behind by one is never
+    /// among these: fencing sets it aside.
+    fn unrecorded_pushed_handoffs(&self, record: &VolumeState) -> Vec<&'a str> {
+        self.copies
+            .get(record.name.as_str())
+            .map_or_else(Vec::new, |copies| {
+                copies
+                    .iter()
+                    .filter(|(node, v)| {
+                        *node != record.owner
+                            && v.owner == *node
+                            && v.epoch.checked_add(1) == Some(record.epoch)
+                    })
+                    .map(|(node, _)| *node)
+                    .collect()
+            })
     }
 
     /// As [`ClusterState::ownership_settled`].
@@ -323,7 +323,7 @@ fn plan_volume(
         return VolumePlan::Stays;
     };
     let owner = record.owner.as_str();
-    for source in volumes.unrecorded_pushed_handoffs(name) {
+    for source in volumes.unrecorded_pushed_handoffs(record) {
         // The source records the handoff it made (its agent checks that the application is
         // stopped there and that the owner holds its newest snapshot), so the volume has one
         // owner again.

@@ -1,9 +1,9 @@
 //! ZFS datasets under one parent dataset (`POOL/PARENT/NAME`), with the ownership record in
 //! the user property `flocker:record` (`EPOCH:OWNER`, one `zfs set` per record; datasets
 //! written before it carry `flocker:owner` and `flocker:epoch`, still read while they have
-//! no `flocker:record`), read-only copies via `readonly=on`, quotas from `maximum_size`, and pushes through the streamer's
-//! [`ZfsSource`] and [`ZfsSink`] (`zfs send`/`zfs recv`; an aborted receive destroys what it
-//! created).
+//! no `flocker:record`), read-only copies via `readonly=on`, quotas from `maximum_size`, and
+//! pushes through the streamer's [`ZfsSource`] and [`ZfsSink`] (`zfs send`/`zfs recv`; an
+//! aborted receive destroys what it created).
 //!
 //! Written for the oldest ZFS in use here (zfs-fuse, pool version 23): one property per
 //! `zfs set`, no `zfs list -p`, no resume tokens.

@@ -34,6 +34,7 @@ pub mod server;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod supervisor;
+pub mod test_hooks;
 pub mod tls;
 pub mod transfer;
 #[cfg(test)]

@@ -159,6 +159,17 @@ impl ClusterNode {
         self.dir.join("agent.pid")
     }
 
+    /// The agent's log (started anew with each agent).
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    /// The directory of the agent's test hooks (`FLOCKER_TEST_HOOKS`,
+    /// `flocker_dataplane::test_hooks`): a file there named after a hook arms it once.
+    pub fn test_hooks_dir(&self) -> PathBuf {
+        self.dir.join("test-hooks")
+    }
+
     /// The node's own cgroup for the eBPF connect4 programs: the nodes share one host, so
     /// attaching at the root would redirect every process's connects to this node's
     /// container addresses. Empty: processes are redirected by the node they enter.
@@ -368,7 +379,8 @@ impl Cluster {
             return Ok(());
         }
         let ca = self.ca_dir();
-        let log = fs::File::create(node.dir.join("agent.log")).context("agent log")?;
+        let log = fs::File::create(node.agent_log()).context("agent log")?;
+        fs::create_dir_all(node.test_hooks_dir()).context("the agent's test hooks directory")?;
         let mut agent = node.agent_command(&self.spec.agent_binary);
         if self.spec.routing == "ebpf" {
             let cgroup = node.bpf_cgroup()?;
@@ -404,6 +416,7 @@ impl Cluster {
                     .flatten(),
             )
             .env("RUST_LOG", "info")
+            .env("FLOCKER_TEST_HOOKS", node.test_hooks_dir())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -396,6 +396,7 @@ impl Agent {
         tracing::info!(volume = name, from = %params.from, snapshot = %params.snapshot, bytes, "received");
         if params.handoff.is_some() {
             tracing::info!(volume = name, from = %params.from, epoch = reported.epoch, "took ownership with the final push");
+            crate::test_hooks::pause_at(crate::test_hooks::Hook::HoldPushAnswer).await;
         }
         Ok(ReceiveReport {
             snapshot: params.snapshot,

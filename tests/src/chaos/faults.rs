@@ -33,6 +33,13 @@ const LOSS_TABLE: &str = "flocker-chaos-loss";
 const SLOW: [&str; 8] = [
     "root", "tbf", "rate", "4mbit", "burst", "32kb", "latency", "400ms",
 ];
+/// How long the target pauses before answering the final push (`lose-push-answer`): time
+/// for the suite to see the pause in its log and partition the link.
+pub const ANSWER_PAUSE: Duration = Duration::from_secs(4);
+/// How long the suite waits for that pause once the final push is announced.
+const PAUSE_WAIT: Duration = Duration::from_secs(60);
+/// What the agent logs as a test hook fires (`flocker_dataplane::test_hooks`).
+const PAUSE_LOGGED: &str = "test hook: pausing";
 /// Percent of the packets on a link dropped at random, each way.
 const LOSS_PERCENT: u32 = 5;
 /// The delay added to every packet arriving over a link (NFQUEUE, [`super::delay`]): each
@@ -56,6 +63,12 @@ enum Active<'a> {
     Killed(&'a ClusterNode),
     /// This node's zfs-fuse was killed: started again, its pool imported and mounted.
     ZfsKilled(&'a ClusterNode),
+    /// The target's pause before answering the final push is armed; the partition starts
+    /// when its agent logs the pause (read from `offset` of its log), if before `until`.
+    AwaitingPause {
+        offset: u64,
+        until: Instant,
+    },
 }
 
 /// Where a partition or a slow link acts: in `node`'s namespace, on its packets to and from
@@ -81,6 +94,8 @@ pub struct Injector<'a> {
     delayers: Vec<(String, String, Delayer)>,
     /// What was done, for the report.
     pub log: Vec<String>,
+    /// The fault hit nothing (the target never paused before its answer).
+    pub missed: bool,
 }
 
 impl<'a> Injector<'a> {
@@ -140,6 +155,7 @@ impl<'a> Injector<'a> {
             active: Active::Nothing,
             delayers: vec![],
             log: vec![],
+            missed: false,
         }
     }
 
@@ -190,7 +206,18 @@ impl<'a> Injector<'a> {
             }
             Fault::TargetPoolFull => {
                 fill_pool(target)?;
+                self.log.push(prove_full(target)?);
                 Active::PoolFull
+            }
+            Fault::LosePushAnswer => {
+                let offset = std::fs::metadata(target.agent_log()).map_or(0, |m| m.len());
+                let hook = target.test_hooks_dir().join(HOLD_PUSH_ANSWER);
+                std::fs::write(&hook, ANSWER_PAUSE.as_millis().to_string())
+                    .with_context(|| format!("arm {}", hook.display()))?;
+                Active::AwaitingPause {
+                    offset,
+                    until: Instant::now() + PAUSE_WAIT,
+                }
             }
             Fault::KillTargetZfs => {
                 let own = target.own_zfs.as_ref().with_context(|| {
@@ -207,12 +234,27 @@ impl<'a> Injector<'a> {
         Ok(())
     }
 
-    /// Heals a partition whose time is up (called while the deploy runs).
+    /// Heals a partition whose time is up, or starts the one that waited for the target's
+    /// pause (called while the deploy runs).
     pub fn tick(&mut self) -> Result<()> {
-        if let Active::Partition { until } = self.active
-            && Instant::now() >= until
-        {
-            self.heal_partition()?;
+        match self.active {
+            Active::Partition { until } if Instant::now() >= until => self.heal_partition()?,
+            Active::AwaitingPause { offset, until }
+                if Instant::now() < until
+                    && logged_since(&self.target.agent_log(), offset, PAUSE_LOGGED) =>
+            {
+                for link in &self.links {
+                    partition(link)?;
+                }
+                self.active = Active::Partition {
+                    until: Instant::now() + self.partition_for,
+                };
+                self.log.push(
+                    "the target recorded itself owner and paused before answering: partition injected"
+                        .into(),
+                );
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -231,10 +273,18 @@ impl<'a> Injector<'a> {
     }
 
     /// Removes what is still in place: waits out the partition and heals it, removes the
-    /// slow lossy link and the pool's filler, starts killed daemons again.
+    /// slow lossy link, the pool's filler and an unfired test hook, starts killed daemons
+    /// again.
     pub fn remove(&mut self) -> Result<()> {
         match self.active {
             Active::Nothing => {}
+            Active::AwaitingPause { .. } => {
+                let hook = self.target.test_hooks_dir().join(HOLD_PUSH_ANSWER);
+                let _ = std::fs::remove_file(hook);
+                self.missed = true;
+                self.log
+                    .push("the target never paused before answering a final push".into());
+            }
             Active::Partition { until } => {
                 std::thread::sleep(until.saturating_duration_since(Instant::now()));
                 self.heal_partition()?;
@@ -284,6 +334,20 @@ impl<'a> Injector<'a> {
         self.active = Active::Nothing;
         Ok(())
     }
+}
+
+/// The test hook's file that makes the target pause before answering a final push
+/// (`flocker_dataplane::test_hooks::Hook::HoldPushAnswer`).
+const HOLD_PUSH_ANSWER: &str = "hold-push-answer";
+
+/// Whether `log` has `needle` after its first `offset` bytes.
+fn logged_since(log: &std::path::Path, offset: u64, needle: &str) -> bool {
+    std::fs::read(log).is_ok_and(|bytes| {
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
+        String::from_utf8_lossy(&bytes[start..]).contains(needle)
+    })
 }
 
 /// The set of a link's peers in nftables syntax.
@@ -345,6 +409,40 @@ fn fill_pool(node: &ClusterNode) -> Result<()> {
     }
     let _ = node.zfs(&["destroy", &filler]);
     bail!("could not reserve the free space of {pool}")
+}
+
+/// Shows that the filled pool refuses a write: 4 MiB written and synced into a file at the
+/// pool's root must fail. Returns what happened, for the report.
+fn prove_full(node: &ClusterNode) -> Result<String> {
+    use std::io::Write as _;
+    let mountpoint = node.zfs(&["get", "-H", "-o", "value", "mountpoint", &node.pool])?;
+    let probe = std::path::Path::new(mountpoint.trim()).join(".chaos-full-probe");
+    let written = std::fs::File::create(&probe).and_then(|mut f| {
+        let block = vec![0x5a_u8; 1 << 20];
+        for _ in 0..4 {
+            f.write_all(&block)?;
+        }
+        f.sync_all()
+    });
+    let _ = std::fs::remove_file(&probe);
+    match written {
+        Ok(()) => bail!(
+            "{} is not full: 4 MiB were written and synced into {}",
+            node.pool,
+            probe.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::StorageFull => Ok(format!(
+            "pool {} full: a 4 MiB write at its root failed ({e})",
+            node.pool
+        )),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "probe whether {} is full: writing {} failed otherwise than for space",
+                node.pool,
+                probe.display()
+            )
+        }),
+    }
 }
 
 /// The dataset that fills `pool` while the fault is in place.

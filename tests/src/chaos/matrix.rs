@@ -52,10 +52,16 @@ pub enum Fault {
     /// `crate::node_zfs`); started again, its pool imported and its datasets mounted, once the
     /// deploy ends.
     KillTargetZfs,
+    /// The final push's answer lost: the target, having verified the stream and recorded
+    /// itself owner, pauses before answering (a test hook of the agent,
+    /// `flocker_dataplane::test_hooks`), and source and target are partitioned meanwhile, as in
+    /// [`Fault::Partition`]. The window is too short to hit from outside; only the
+    /// `final-push` row has it.
+    LosePushAnswer,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 8] = [
+    pub const ALL: [Fault; 9] = [
         Fault::KillCtl,
         Fault::KillSourceAgent,
         Fault::KillTargetAgent,
@@ -64,6 +70,7 @@ impl Fault {
         Fault::SlowLink,
         Fault::TargetPoolFull,
         Fault::KillTargetZfs,
+        Fault::LosePushAnswer,
     ];
 
     pub fn name(self) -> &'static str {
@@ -76,6 +83,7 @@ impl Fault {
             Fault::SlowLink => "slow-link",
             Fault::TargetPoolFull => "target-pool-full",
             Fault::KillTargetZfs => "kill-target-zfs-fuse",
+            Fault::LosePushAnswer => "lose-push-answer",
         }
     }
 
@@ -99,9 +107,14 @@ impl Fault {
 
     /// Whether the fault means something in the row. In a failover the source (the old
     /// owner's node) is already dead, so there is no source agent to kill; the target's
-    /// peer there is the bystander whose routes must change.
+    /// peer there is the bystander whose routes must change. Only a final push has an
+    /// answer to lose.
     pub fn applies_to(self, phase: &str) -> bool {
-        !(phase == FAILOVER && self == Fault::KillSourceAgent)
+        match self {
+            Fault::KillSourceAgent => phase != FAILOVER,
+            Fault::LosePushAnswer => phase == "final-push",
+            _ => true,
+        }
     }
 }
 
@@ -279,9 +292,14 @@ mod tests {
             "the source is dead in a failover"
         );
         assert_eq!(
+            Cell::parse("stop:lose-push-answer"),
+            None,
+            "only a final push has an answer to lose"
+        );
+        assert_eq!(
             all_cells().len(),
-            PHASES.len() * Fault::ALL.len() - 1,
-            "every phase and fault but the failover's source agent"
+            PHASES.len() * (Fault::ALL.len() - 1) - 1 + 1,
+            "every phase and fault but the failover's source agent, and the lost answer of the final push"
         );
     }
 

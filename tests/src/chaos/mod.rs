@@ -298,11 +298,19 @@ impl Suite {
         self.ledger.extend(acked);
         let faulted = faulted?;
         removed.context("removing the fault")?;
-        notes.extend(injector.into_inner().log);
+        let injector = injector.into_inner();
+        notes.extend(injector.log);
         if !judge_faulted(cell, &faulted, notes, &mut broken) {
             return Ok(Verdict::PhaseNotReached);
         }
         let on_target = self.on_target.clone();
+        if injector.missed {
+            // Converge anyway, so the next cell starts from a settled cluster.
+            self.recover(&[], &on_target, notes, &mut broken)?;
+            return Ok(Verdict::NotRun {
+                why: "the fault hit nothing (see the notes)".into(),
+            });
+        }
         let recovered = self.recover(&[], &on_target, notes, &mut broken)?;
         Ok(self.judge(&on_target, 1, recovered, broken, notes))
     }
@@ -493,11 +501,19 @@ pub fn report(
          (the pool comes back from its cache file) and runs `zfs mount -a`, as a service \
          manager would. Containers still running on a dead mount are the agent's to notice. \
          Runs without such cells keep the host's one daemon, as every other e2e test does.\n\n\
+         The final push's answer lost (`lose-push-answer`, the `final-push` row only): the \
+         target, having verified the stream and recorded itself owner, pauses {pause} s \
+         before answering (a test hook of the agent, `FLOCKER_TEST_HOOKS`, armed for that one \
+         push), and the suite partitions source and target as soon as the target's log shows \
+         the pause, for {partition} s; the window is too short to hit from outside. The \
+         target's pool full (`target-pool-full`) is shown full first: a 4 MiB write at the \
+         pool's root must fail with ENOSPC.\n\n\
          {cells} cells in {minutes:.1} min, {provenance}.\n\n{table}",
         partition = options.partition_for.as_secs(),
         recovery = options.recovery_deploys,
         deadline = options.deploy_deadline.as_secs(),
         every = standby::EVERY.as_secs(),
+        pause = faults::ANSWER_PAUSE.as_secs(),
         hold = standby::HOLD.as_secs(),
         cells = reports.len(),
         minutes = elapsed.as_secs_f64() / 60.0,

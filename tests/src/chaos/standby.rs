@@ -251,7 +251,7 @@ impl Suite {
 /// How many replication rounds the agent of `node` logged as failed so far (its log is
 /// rewritten only when the agent is started again).
 fn replication_failures(node: &ClusterNode) -> usize {
-    std::fs::read_to_string(node.dir.join("agent.log"))
+    std::fs::read_to_string(node.agent_log())
         .map(|log| count_replication_failures(&log))
         .unwrap_or(0)
 }

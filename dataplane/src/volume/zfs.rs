@@ -32,8 +32,8 @@ fn record_value(record: &Record) -> String {
     format!("{}:{}", record.epoch, record.owner)
 }
 
-/// Reads a [`RECORD`] value; `None` for an unset (`-`) or malformed one. The owner may hold
-/// colons (an IPv6 address), the epoch never does.
+/// Reads a [`RECORD`] value; `None` for a malformed one. The owner may hold colons (an IPv6
+/// address), the epoch never does.
 fn parse_record(value: &str) -> Option<Record> {
     let (epoch, owner) = value.split_once(':')?;
     let epoch = epoch.parse().ok()?;
@@ -41,6 +41,26 @@ fn parse_record(value: &str) -> Option<Record> {
         owner: owner.to_string(),
         epoch,
     })
+}
+
+/// What a dataset's [`RECORD`] property says.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+enum RecordValue {
+    /// Not set (`-`): the dataset has no record in this layout.
+    #[default]
+    Unset,
+    Set(Record),
+    /// Set, but not `EPOCH:OWNER`: nothing can be decided on it.
+    Malformed(String),
+}
+
+fn read_record(value: &str) -> RecordValue {
+    match value {
+        "-" | "" => RecordValue::Unset,
+        v => {
+            parse_record(v).map_or_else(|| RecordValue::Malformed(v.to_string()), RecordValue::Set)
+        }
+    }
 }
 
 /// Volumes as ZFS datasets below `root`.
@@ -198,13 +218,15 @@ impl ZfsBackend {
 }
 
 /// Parses `zfs get -H -p -o name,property,value -r ...` below `root` into volume states.
-/// Datasets without an owner are not Flocker's and are left out.
-pub fn parse_volumes(root: &str, output: &str) -> Vec<VolumeState> {
+/// Datasets without an owner are not Flocker's and are left out. A record that is set but
+/// cannot be read is an error, never a guess: falling back to the old layout's properties
+/// (stale once the record was written) or to epoch 0 could hand the volume to a wrong owner.
+pub fn parse_volumes(root: &str, output: &str) -> Result<Vec<VolumeState>, VolumeError> {
     #[derive(Default)]
     struct Acc {
         owner: Option<String>,
-        epoch: u64,
-        record: Option<Record>,
+        epoch: Option<String>,
+        record: RecordValue,
         used: u64,
         snapshots: Vec<String>,
     }
@@ -237,8 +259,8 @@ pub fn parse_volumes(root: &str, output: &str) -> Vec<VolumeState> {
                     OWNER if value != "-" && !value.is_empty() => {
                         entry.owner = Some(value.to_string())
                     }
-                    EPOCH => entry.epoch = value.parse().unwrap_or(0),
-                    RECORD => entry.record = parse_record(value),
+                    EPOCH if value != "-" => entry.epoch = Some(value.to_string()),
+                    RECORD => entry.record = read_record(value),
                     "used" => entry.used = value.parse().unwrap_or(0),
                     _ => {}
                 }
@@ -246,25 +268,40 @@ pub fn parse_volumes(root: &str, output: &str) -> Vec<VolumeState> {
             None => {}
         }
     }
-    acc.into_iter()
-        .filter_map(|(name, a)| {
-            // The one-property record wins: once written, the old two are stale.
-            let record = match a.record {
-                Some(r) => r,
-                None => Record {
-                    owner: a.owner?,
-                    epoch: a.epoch,
-                },
-            };
-            Some(VolumeState {
-                name,
-                owner: record.owner,
-                epoch: record.epoch,
-                snapshots: sort_push_snapshots(a.snapshots),
-                used_bytes: a.used,
-            })
-        })
-        .collect()
+    let mut volumes = Vec::new();
+    for (name, a) in acc {
+        let corrupt = |detail: String| VolumeError::Corrupt {
+            volume: name.clone(),
+            detail,
+        };
+        // The one-property record wins: once written, the old two are stale.
+        let record = match a.record {
+            RecordValue::Set(r) => r,
+            RecordValue::Malformed(v) => {
+                return Err(corrupt(format!(
+                    "{RECORD}={v:?} is not EPOCH:OWNER; set it right (zfs set {RECORD}=EPOCH:OWNER {root}/{name}) before Flocker uses this volume"
+                )));
+            }
+            RecordValue::Unset => {
+                let Some(owner) = a.owner else { continue };
+                let epoch = a.epoch.as_deref().unwrap_or("-");
+                let epoch = epoch.parse().map_err(|_| {
+                    corrupt(format!(
+                        "{OWNER}={owner:?} with {EPOCH}={epoch:?}, not a number"
+                    ))
+                })?;
+                Record { owner, epoch }
+            }
+        };
+        volumes.push(VolumeState {
+            name,
+            owner: record.owner,
+            epoch: record.epoch,
+            snapshots: sort_push_snapshots(a.snapshots),
+            used_bytes: a.used,
+        });
+    }
+    Ok(volumes)
 }
 
 impl VolumeBackend for ZfsBackend {
@@ -303,7 +340,7 @@ impl VolumeBackend for ZfsBackend {
             &format!("{OWNER},{EPOCH},{RECORD},used"),
             &self.root,
         ])?;
-        Ok(parse_volumes(&self.root, &out))
+        parse_volumes(&self.root, &out)
     }
 
     fn create(
@@ -586,7 +623,7 @@ pool/flocker/stray\tused\t5
 
     #[test]
     fn parses_records_and_push_snapshots_oldest_first() {
-        let vols = parse_volumes("pool/flocker", LISTING);
+        let vols = parse_volumes("pool/flocker", LISTING).expect("a well-formed listing");
         assert_eq!(vols.len(), 1, "{vols:?}");
         assert_eq!(vols[0].name, "db");
         assert_eq!(vols[0].owner, "198.18.0.1");
@@ -645,7 +682,7 @@ pool/flocker/stray\tused\t5
     #[test]
     fn the_one_property_record_wins_and_the_old_layout_still_reads() {
         // `db` was written before `flocker:record`; `web` by both layouts, the old two stale;
-        // `v6` only by the new one, its owner an IPv6 address; `bad` has a broken record.
+        // `v6` only by the new one, its owner an IPv6 address; `other` is not Flocker's.
         let listing = "pool/flocker/db\tflocker:owner\t198.18.0.1
 pool/flocker/db\tflocker:epoch\t3
 pool/flocker/db\tflocker:record\t-
@@ -656,10 +693,10 @@ pool/flocker/web@push-0000000001\tflocker:owner\t198.18.0.1
 pool/flocker/v6\tflocker:owner\t-
 pool/flocker/v6\tflocker:epoch\t-
 pool/flocker/v6\tflocker:record\t7:fd00:18::12
-pool/flocker/bad\tflocker:owner\t-
-pool/flocker/bad\tflocker:record\tseven:x
+pool/flocker/other\tflocker:owner\t-
+pool/flocker/other\tflocker:record\t-
 ";
-        let vols = parse_volumes("pool/flocker", listing);
+        let vols = parse_volumes("pool/flocker", listing).expect("a well-formed listing");
         let found: Vec<(&str, &str, u64)> = vols
             .iter()
             .map(|v| (v.name.as_str(), v.owner.as_str(), v.epoch))
@@ -685,6 +722,35 @@ pool/flocker/bad\tflocker:record\tseven:x
                 epoch: 9
             })
         );
+    }
+
+    #[test]
+    fn a_record_that_cannot_be_read_is_an_error_not_a_guess() {
+        // Stale old-layout properties under a broken record must not be read instead.
+        let broken = "pool/flocker/db\tflocker:owner\t198.18.0.1
+pool/flocker/db\tflocker:epoch\t3
+pool/flocker/db\tflocker:record\tseven:198.18.0.2
+";
+        let err = parse_volumes("pool/flocker", broken).expect_err("a broken record");
+        assert!(
+            matches!(&err, VolumeError::Corrupt { volume, detail } if volume == "db" && detail.contains("seven:198.18.0.2")),
+            "{err}"
+        );
+        for value in ["7:", ":S", "S"] {
+            let listing = format!("pool/flocker/db\tflocker:record\t{value}\n");
+            assert!(
+                parse_volumes("pool/flocker", &listing).is_err(),
+                "{value:?} is not a record"
+            );
+        }
+        // The old layout with an unreadable epoch would otherwise read as epoch 0.
+        let old = "pool/flocker/db\tflocker:owner\t198.18.0.1
+pool/flocker/db\tflocker:epoch\tlots
+";
+        assert!(matches!(
+            parse_volumes("pool/flocker", old),
+            Err(VolumeError::Corrupt { .. })
+        ));
     }
 
     #[test]

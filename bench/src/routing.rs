@@ -529,15 +529,7 @@ impl Lab {
                 let table = Self::table(n);
                 let cgroup = self.cgroup.path().to_owned();
                 let (backend, timings) = self.node.run(move || -> anyhow::Result<_> {
-                    let mut backend: Box<dyn RoutingBackend> = if peer == Peer::Ebpf {
-                        Box::new(EbpfBackend::open(
-                            Some(&cgroup),
-                            flocker_routing::settings::KernelSettings::in_memory().shared(),
-                            flocker_routing::ebpf::EbpfOptions::default(),
-                        )?)
-                    } else {
-                        Box::new(NftBackend::new())
-                    };
+                    let mut backend = open_backend(peer, &cgroup)?;
                     let start = Instant::now();
                     backend.apply(&table)?;
                     let cold = start.elapsed();
@@ -664,15 +656,7 @@ impl Lab {
                 let table = Self::table6(n)?;
                 let cgroup = self.cgroup.path().to_owned();
                 let backend = self.node.run(move || -> anyhow::Result<_> {
-                    let mut backend: Box<dyn RoutingBackend> = if peer == Peer::Ebpf {
-                        Box::new(EbpfBackend::open(
-                            Some(&cgroup),
-                            flocker_routing::settings::KernelSettings::in_memory().shared(),
-                            flocker_routing::ebpf::EbpfOptions::default(),
-                        )?)
-                    } else {
-                        Box::new(NftBackend::new())
-                    };
+                    let mut backend = open_backend(peer, &cgroup)?;
                     backend.apply(&table)?;
                     Ok(backend)
                 })??;
@@ -766,15 +750,7 @@ impl Lab {
                 let table = Self::udp_table(n);
                 let cgroup = self.cgroup.path().to_owned();
                 let backend = self.node.run(move || -> anyhow::Result<_> {
-                    let mut backend: Box<dyn RoutingBackend> = if peer == Peer::Ebpf {
-                        Box::new(EbpfBackend::open(
-                            Some(&cgroup),
-                            flocker_routing::settings::KernelSettings::in_memory().shared(),
-                            flocker_routing::ebpf::EbpfOptions::default(),
-                        )?)
-                    } else {
-                        Box::new(NftBackend::new())
-                    };
+                    let mut backend = open_backend(peer, &cgroup)?;
                     backend.apply(&table)?;
                     Ok(backend)
                 })??;
@@ -1429,4 +1405,18 @@ impl Report {
         );
         s
     }
+}
+
+/// The routing backend a peer row measures, opened in the node's namespace (eBPF programs
+/// attach to the node's own `cgroup`).
+fn open_backend(peer: Peer, cgroup: &std::path::Path) -> anyhow::Result<Box<dyn RoutingBackend>> {
+    Ok(if peer == Peer::Ebpf {
+        Box::new(EbpfBackend::open(
+            Some(cgroup),
+            flocker_routing::settings::KernelSettings::in_memory().shared(),
+            flocker_routing::ebpf::EbpfOptions::default(),
+        )?)
+    } else {
+        Box::new(NftBackend::new())
+    })
 }

@@ -23,16 +23,17 @@
 //! A level's predicted throughput is `min(capacity, link rate / wire fraction)`. Mostly
 //! waiting on the network, the controller climbs to the highest level whose every step up is
 //! predicted to deliver [`UP_GAIN`] more; mostly waiting on the compressor, it steps one level
-//! down if the level below is predicted to deliver more (always, when the link has not been
-//! measured lately: then only the CPU is known to limit). A level that saves less than
-//! [`MIN_SAVINGS`] on a whole window goes straight to raw (incompressible data; raw and
+//! down unless the link is predicted to carry no more than it just delivered at the level
+//! below (the cheaper level's workers deliver at least as much, so no noisy cost estimate
+//! decides a step down; without a recent link measurement it always steps down). When the recent data (an average over chunks) saves less than
+//! [`MIN_SAVINGS`] even at the fastest level, it goes straight to raw (incompressible data; raw and
 //! compressor-bound, nothing is probed, so random data costs no compression).
 //!
 //! A step up is a trial, judged on evidence that does not depend on the data: it fails when
-//! the link's measured rate fell below [`LINK_DROP`] of before (on loopback the sender's
-//! compression takes CPU from the receiver, which the model cannot see; a step that left the
-//! sender compressor-bound is corrected by the step-down rule, with the capacity it just
-//! measured). A failed step goes back and is not retried for a backoff that doubles with every failure (from
+//! the link's rate measured at the new level, times the paired ratio between the levels, falls
+//! below [`TRIAL_SLACK`] of the rate before (on loopback the sender's compression takes CPU
+//! from the receiver, which the model cannot see; a step that left the sender
+//! compressor-bound is corrected by the step-down rule, with the capacity it just measured). A failed step goes back and is not retried for a backoff that doubles with every failure (from
 //! [`MIN_BACKOFF`] to [`MAX_BACKOFF`] windows), unless the throughput changes by more than
 //! [`CHANGED`]x meanwhile (the link changed). The controller is pure: time arrives as measured
 //! durations, so tests drive it with a model.
@@ -99,8 +100,9 @@ const CPU_BOUND: f64 = 0.75;
 pub const UP_GAIN: f64 = 1.05;
 /// A step down must be predicted to deliver this much more.
 const DOWN_GAIN: f64 = 1.03;
-/// A trial step up fails if the link's measured rate falls below this share of before.
-pub const LINK_DROP: f64 = 0.85;
+/// A trial step up fails if it delivers less than this share of the level it left, both
+/// predicted from the link rates measured before and during the trial.
+pub const TRIAL_SLACK: f64 = 0.97;
 /// Windows a trial may stay undecided (neither clearly network- nor compressor-bound).
 const TRIAL_WINDOWS: u32 = 3;
 /// The link's rate is forgotten after this many compressor-bound windows without a
@@ -114,8 +116,14 @@ pub const MAX_BACKOFF: u64 = 256;
 pub const CHANGED: f64 = 1.5;
 /// Weight of a new measurement in the averages of costs, ratios and rates.
 const ALPHA: f64 = 0.3;
+/// Per chunk, how much less the writer's earlier times at the current level weigh.
+const RECENT_DECAY: f64 = 0.1;
+/// Weight of a chunk at the current level in the average of its encode cost.
+const COST_ALPHA: f64 = 0.1;
 /// Weight of a new chunk in the average compressibility of the recent data.
 const DATA_ALPHA: f64 = 0.15;
+/// Weight of a link rate sample below the average (see [`Controller::measure`]).
+const LINK_DROP_ALPHA: f64 = 0.6;
 /// ... of a probe while raw (one in [`PROBE_EVERY`] chunks).
 const PROBE_ALPHA: f64 = 0.5;
 
@@ -182,6 +190,27 @@ struct Window {
     write: f64,
 }
 
+/// Writer times and bytes at the current level, older chunks weighing less (see
+/// [`RECENT_DECAY`]): decisions look further back than one window, so a short stretch of
+/// unusual data does not move the level (a move takes effect only after the chunks in flight).
+#[derive(Debug, Clone, Copy, Default)]
+struct Recent {
+    raw: f64,
+    wire: f64,
+    wait: f64,
+    write: f64,
+}
+
+impl Recent {
+    fn add(&mut self, o: &Observation) {
+        let keep = 1.0 - RECENT_DECAY;
+        self.raw = self.raw * keep + o.raw_len as f64;
+        self.wire = self.wire * keep + o.payload_len as f64;
+        self.wait = self.wait * keep + o.wait.as_secs_f64();
+        self.write = self.write * keep + o.write.as_secs_f64();
+    }
+}
+
 /// Why the controller changed level (for logs and tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -238,6 +267,7 @@ pub struct Controller {
     /// Compressor-bound windows in a row since the link was measured.
     link_age: u32,
     window: Window,
+    recent: Recent,
     /// Chunks handed out since the last probe or pair.
     since_probe: u64,
     /// The next pair goes one level up (else down).
@@ -246,6 +276,8 @@ pub struct Controller {
     net_bound: bool,
     /// Windows decided so far.
     windows: u64,
+    /// No window decided yet at the current level.
+    fresh: bool,
     trial: Option<Trial>,
     blocked: [Block; LEVELS],
 }
@@ -262,10 +294,12 @@ impl Controller {
             link: None,
             link_age: 0,
             window: Window::default(),
+            recent: Recent::default(),
             since_probe: 0,
             pair_up: true,
             net_bound: false,
             windows: 0,
+            fresh: true,
             trial: None,
             blocked: [Block::default(); LEVELS],
         }
@@ -333,6 +367,7 @@ impl Controller {
         if idx != self.current {
             return Decision::Stay;
         }
+        self.recent.add(o);
         let w = &mut self.window;
         w.chunks += 1;
         w.raw += o.raw_len;
@@ -348,15 +383,36 @@ impl Controller {
             return Decision::Stay;
         }
         self.windows += 1;
-        let share = w.write / busy;
-        let goodput = w.raw as f64 / busy;
+        let r = self.recent;
+        let recent_busy = (r.wait + r.write).max(1e-12);
+        let share = r.write / recent_busy;
+        let goodput = r.raw / recent_busy;
         self.net_bound = share >= NET_BOUND;
         self.measure(&w, share, goodput);
         let decision = match self.judge_trial(&w, share) {
             Some(d) => d,
             None => self.decide(&w, share, goodput),
         };
-        if decision != Decision::Stay {
+        tracing::trace!(
+            ?decision,
+            level = %self.current().name(),
+            share,
+            goodput,
+            wire_frac = w.wire as f64 / w.raw as f64,
+            link = ?self.link,
+            efficiency = ?self.efficiency,
+            predicted = ?(0..LEVELS).map(|i| self.predict(i) as u64 / 1_000_000).collect::<Vec<_>>(),
+            step_ratio = ?self.step_ratio,
+            cost_ns = ?self.cost.map(|c| c.map(|c| c * 1e9)),
+            "window decided"
+        );
+        if decision == Decision::Stay {
+            self.fresh = false;
+        } else if decision == Decision::Incompressible {
+            // Stretches of incompressible data end: look again soon (a probe of
+            // incompressible data costs one 64 KiB trial compression).
+            self.since_probe = PROBE_EVERY.saturating_sub(WINDOW.into());
+        } else {
             self.since_probe = 0;
             tracing::debug!(?decision, level = %self.current().name(), "compression level changed");
         }
@@ -369,7 +425,13 @@ impl Controller {
             return;
         }
         let raw = o.raw_len as f64;
-        self.cost[idx] = Some(ewma(self.cost[idx], o.encode.as_secs_f64() / raw, ALPHA));
+        // Own chunks come often and are noisy on shared cores; probes are rare.
+        let alpha = if idx == self.current {
+            COST_ALPHA
+        } else {
+            ALPHA
+        };
+        self.cost[idx] = Some(ewma(self.cost[idx], o.encode.as_secs_f64() / raw, alpha));
         if idx > 0 {
             // The data's compressibility, as the fastest level would have seen it: a chunk at
             // level 1 is a pair with its raw self; higher levels imply it through the paired
@@ -403,18 +465,32 @@ impl Controller {
     /// Per-window estimates: the link's rate while network-bound, the workers' efficiency while
     /// compressor-bound.
     fn measure(&mut self, w: &Window, share: f64, goodput: f64) {
-        if share >= NET_BOUND && w.write > 0.0 {
-            self.link = Some(ewma(self.link, w.wire as f64 / w.write, ALPHA));
+        let window_share = w.write / (w.wait + w.write).max(1e-12);
+        if window_share >= NET_BOUND && w.write > 0.0 {
             self.link_age = 0;
-        } else if share <= CPU_BOUND {
+            // Buffers that were not full yet (the socket's, the shaper's) make a rate look
+            // higher than the link's, never lower: follow drops faster than rises.
+            let sample = w.wire as f64 / w.write;
+            let alpha = if self.link.is_some_and(|l| sample < l) {
+                LINK_DROP_ALPHA
+            } else {
+                ALPHA
+            };
+            self.link = Some(ewma(self.link, sample, alpha));
+        }
+        if share <= CPU_BOUND {
             self.link_age += 1;
             if self.link_age >= LINK_STALE {
                 // Long not network-bound: the link may have become faster; assume it no limit
                 // until measured again.
                 self.link = None;
             }
-            let nominal = self.threads / self.cost(self.current);
-            self.efficiency = Some(ewma(self.efficiency, goodput / nominal, ALPHA).clamp(0.2, 2.0));
+            // Not right after a change: the writer then still finds chunks encoded meanwhile.
+            if !self.fresh {
+                let nominal = self.threads / self.cost(self.current);
+                let e = ewma(self.efficiency, goodput / nominal, ALPHA);
+                self.efficiency = Some(e.clamp(0.2, 1.0));
+            }
         }
     }
 
@@ -435,9 +511,14 @@ impl Controller {
             }
             return None;
         }
-        // This window's own rate, not the average it just went into.
+        // Network-bound at both levels, each delivers its link rate over its wire fraction:
+        // with this window's own link rate (not the average it just went into), the new level
+        // must beat the old one at the rate before, compared on the same (paired) ratio.
         let now = w.wire as f64 / w.write.max(1e-9);
-        let failed = t.link.is_some_and(|before| now < before * LINK_DROP);
+        let gain = self.frac(t.from) / self.frac(self.current);
+        let failed = t
+            .link
+            .is_some_and(|before| now * gain < before * TRIAL_SLACK);
         let b = &mut self.blocked[t.from];
         if !failed {
             b.backoff = 0;
@@ -452,7 +533,9 @@ impl Controller {
 
     fn decide(&mut self, w: &Window, share: f64, goodput: f64) -> Decision {
         let c = self.current;
-        if c > 0 && (w.wire as f64) > (1.0 - MIN_SAVINGS) * w.raw as f64 {
+        // The recent data (an average over chunks, not one window) does not compress even at
+        // the fastest level.
+        if c > 0 && self.step_ratio(0) > 1.0 - MIN_SAVINGS {
             self.set_level(0);
             return Decision::Incompressible;
         }
@@ -461,17 +544,25 @@ impl Controller {
                 self.trial = Some(Trial {
                     from: c,
                     goodput,
-                    link: self.link,
+                    // The lower of the average and this window's own rate (see `measure`).
+                    link: self.link.map(|l| l.min(w.wire as f64 / w.write.max(1e-9))),
                     undecided: 0,
                 });
                 self.set_level(to);
                 return Decision::Up;
             }
-        } else if share <= CPU_BOUND && c > 0 && self.predict(c - 1) > self.predict(c) * DOWN_GAIN {
+        } else if share <= CPU_BOUND && c > 0 && self.link_carries_more(c - 1, goodput) {
             self.set_level(c - 1);
             return Decision::Down;
         }
         Decision::Stay
+    }
+
+    /// Compressor-bound at `goodput`: would the link carry more at level `i` (which costs less
+    /// CPU, so its workers deliver at least as much)? Yes if the link was not measured lately.
+    fn link_carries_more(&self, i: usize, goodput: f64) -> bool {
+        self.link
+            .is_none_or(|link| link / self.frac(i) > goodput * DOWN_GAIN)
     }
 
     /// Network-bound at `goodput`: the highest level reached by steps up that each deliver
@@ -483,8 +574,13 @@ impl Controller {
         if self.windows < b.until && !changed {
             return None;
         }
+        // Past the first step, only through levels whose cost was measured (by pairs): an
+        // extrapolated cost is a guess, and a wrong one would overshoot by several levels.
         let mut to = c;
-        while to + 1 < LEVELS && self.predict(to + 1) > self.predict(to) * UP_GAIN {
+        while to + 1 < LEVELS
+            && (to == c || self.cost[to + 1].is_some())
+            && self.predict(to + 1) > self.predict(to) * UP_GAIN
+        {
             to += 1;
         }
         (to > c).then_some(to)
@@ -493,8 +589,10 @@ impl Controller {
     /// Moves to level `to`.
     fn set_level(&mut self, to: usize) {
         if to != self.current {
+            self.fresh = true;
             self.current = to;
             self.window = Window::default();
+            self.recent = Recent::default();
         }
     }
 
@@ -947,10 +1045,16 @@ mod tests {
         assert_eq!(last, Decision::Up);
         let up = c.current();
         assert_ne!(up, ChunkMode::Raw);
-        // The new level halves the data but costs 18 ms per chunk on a worker: the writer now
-        // mostly waits for the compressor, and a cheaper level is predicted to deliver more.
-        for _ in 0..WINDOW {
-            last = c.observe(&obs(&c, 9, 1, 18, MIB / 2));
+        // The new level halves the data but costs 36 ms per chunk on a worker: the writer now
+        // waits 19 ms for every chunk, half the rate raw had, so raw is predicted to deliver
+        // more.
+        // The first window after a change only measures (the writer still finds chunks
+        // encoded meanwhile); the second decides.
+        for _ in 0..2 * WINDOW {
+            if c.current() != up {
+                break;
+            }
+            last = c.observe(&obs(&c, 19, 1, 36, MIB / 2));
         }
         assert_eq!(last, Decision::Down);
         assert!(c.current() < up, "{:?} after {up:?}", c.current());

@@ -486,7 +486,9 @@ impl Controller {
                 self.link = None;
             }
             // Not right after a change: the writer then still finds chunks encoded meanwhile.
-            if !self.fresh {
+            // Not while raw: what limits raw (reading, hashing, sealing, the receiver) says
+            // nothing about how fast the workers compress.
+            if !self.fresh && self.current > 0 {
                 let nominal = self.threads / self.cost(self.current);
                 let e = ewma(self.efficiency, goodput / nominal, ALPHA);
                 self.efficiency = Some(e.clamp(0.2, 1.0));

@@ -105,6 +105,9 @@ const DOWN_GAIN: f64 = 1.03;
 pub const TRIAL_SLACK: f64 = 0.97;
 /// Windows a trial may stay undecided (neither clearly network- nor compressor-bound).
 const TRIAL_WINDOWS: u32 = 3;
+/// Compressor-bound and putting this many times the link's measured rate on the wire: the
+/// link got faster.
+const LINK_FASTER: f64 = 1.1;
 /// The link's rate is forgotten after this many compressor-bound windows without a
 /// network-bound one.
 const LINK_STALE: u32 = 4;
@@ -264,7 +267,7 @@ pub struct Controller {
     efficiency: Option<f64>,
     /// The link's wire bytes per second, when last network-bound.
     link: Option<f64>,
-    /// Compressor-bound windows in a row since the link was measured.
+    /// Compressor-bound windows since the last network-bound one.
     link_age: u32,
     window: Window,
     recent: Recent,
@@ -479,10 +482,13 @@ impl Controller {
             self.link = Some(ewma(self.link, sample, alpha));
         }
         if share <= CPU_BOUND {
+            // Compressor-bound and still putting more on the wire than the link's measured
+            // rate, or long not network-bound: the link may have become faster; it is no known
+            // limit until measured again.
             self.link_age += 1;
-            if self.link_age >= LINK_STALE {
-                // Long not network-bound: the link may have become faster; assume it no limit
-                // until measured again.
+            let wire_rate = w.wire as f64 / (w.wait + w.write).max(1e-12);
+            if self.link_age >= LINK_STALE || self.link.is_some_and(|l| wire_rate > l * LINK_FASTER)
+            {
                 self.link = None;
             }
             // Not right after a change: the writer then still finds chunks encoded meanwhile.
@@ -1006,7 +1012,7 @@ mod tests {
                 break;
             }
         }
-        let k = back_after.expect("never went back to raw");
+        let k = back_after.unwrap_or_else(|| panic!("never went back to raw: {c:?}"));
         // One window per level step, plus the chunks in flight.
         assert!(k <= LADDER.len() * (WINDOW as usize + 6), "back after {k}");
     }

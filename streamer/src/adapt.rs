@@ -4,39 +4,45 @@
 //! The sender's writer thread measures, for every chunk it writes, how long it waited for the
 //! compressor (the next chunk was not ready: the network waits on the CPU) and how long the
 //! write blocked (the send queue was full: the CPU waits on the network). After every
-//! [`WINDOW`] chunks encoded at the current level it decides, from a model whose inputs do not
-//! depend on which data happened to pass by (a stream's compressibility changes from chunk to
-//! chunk, so comparing the throughput of one window with the next mixes the level's effect with
-//! the data's):
+//! [`WINDOW`] chunks encoded at the current level (or at once, when one write blocks far longer
+//! than the recent chunks took: the link just got slower) it decides from a model whose inputs
+//! do not depend on which data happened to pass by. (A stream's compressibility changes from
+//! chunk to chunk, so comparing the throughput of one window with the next, as this controller
+//! once did, mixes the level's effect with the data's.) The inputs:
 //!
 //! - the link's rate in wire bytes per second, measured while network-bound (wire bytes over
-//!   the time writes blocked), which does not depend on the data;
+//!   the time writes blocked);
 //! - each level's encode cost per byte on one worker, from its own chunks, scaled by how much
 //!   of the workers' nominal capacity the pipeline really got the last time it was
 //!   compressor-bound (the receiver and the writer share the cores);
 //! - how much smaller each level's output is than its neighbour's, measured on *identical*
 //!   data: while network-bound, one chunk in [`PAIR_EVERY`] is also compressed at a
-//!   neighbouring level (CPU the sender has to spare then), and while raw, one chunk in
-//!   [`PROBE_EVERY`] is sent at the fastest level;
-//! - the recent data's compressibility at the current level, averaged over chunks.
+//!   neighbouring level (CPU the sender has to spare then) and the result dropped; the fastest
+//!   level against raw follows the recent data (every compressed chunk, and while raw one
+//!   probe in [`PROBE_EVERY`] chunks sent at the fastest level);
+//! - whether the writer mostly waited on the network or on the compressor, over the recent
+//!   chunks at this level (older ones weighing less), not one window.
 //!
 //! A level's predicted throughput is `min(capacity, link rate / wire fraction)`. Mostly
 //! waiting on the network, the controller climbs to the highest level whose every step up is
-//! predicted to deliver [`UP_GAIN`] more; mostly waiting on the compressor, it steps one level
-//! down unless the link is predicted to carry no more than it just delivered at the level
-//! below (the cheaper level's workers deliver at least as much, so no noisy cost estimate
-//! decides a step down; without a recent link measurement it always steps down). When the recent data (an average over chunks) saves less than
-//! [`MIN_SAVINGS`] even at the fastest level, it goes straight to raw (incompressible data; raw and
-//! compressor-bound, nothing is probed, so random data costs no compression).
+//! predicted to deliver [`UP_GAIN`] more (past the first step, only through levels whose cost
+//! was measured). Mostly waiting on the compressor, it steps one level down unless the link
+//! would carry no more at the level below than this level just delivered (the cheaper level's
+//! workers deliver at least as much, so no noisy cost estimate decides a step down; without a
+//! link measurement in the last `LINK_STALE` windows it steps down). When the recent data saves
+//! less than [`MIN_SAVINGS`] even at the fastest level, it goes straight to raw (incompressible
+//! data; raw and compressor-bound, nothing is probed, so random data costs no compression).
 //!
-//! A step up is a trial, judged on evidence that does not depend on the data: it fails when
-//! the link's rate measured at the new level, times the paired ratio between the levels, falls
-//! below [`TRIAL_SLACK`] of the rate before (on loopback the sender's compression takes CPU
-//! from the receiver, which the model cannot see; a step that left the sender
-//! compressor-bound is corrected by the step-down rule, with the capacity it just measured). A failed step goes back and is not retried for a backoff that doubles with every failure (from
-//! [`MIN_BACKOFF`] to [`MAX_BACKOFF`] windows), unless the throughput changes by more than
-//! [`CHANGED`]x meanwhile (the link changed). The controller is pure: time arrives as measured
-//! durations, so tests drive it with a model.
+//! A step up is a trial, judged on evidence that does not depend on the data: it fails when,
+//! in two network-bound windows, the link's rate measured at the new level times the paired
+//! ratio between the levels falls below [`TRIAL_SLACK`] of the (steady) rate before. That is
+//! what happens on loopback, where the sender's compression takes CPU from the receiver, which
+//! the model cannot see; a step that left the sender compressor-bound is corrected by the
+//! step-down rule, with the capacity it just measured. A failed step goes back and is not
+//! retried for a backoff that doubles with every failure (from [`MIN_BACKOFF`] to
+//! [`MAX_BACKOFF`] windows), unless the throughput changes by more than [`CHANGED`]x meanwhile
+//! (the link changed). The controller is pure: time arrives as measured durations, so tests
+//! drive it with a model.
 
 use std::time::Duration;
 

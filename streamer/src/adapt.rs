@@ -586,7 +586,12 @@ impl Controller {
                 self.set_level(to);
                 return Decision::Up;
             }
-        } else if share <= CPU_BOUND && c > 0 && self.link_carries_more(c - 1, goodput) {
+        } else if share <= CPU_BOUND
+            // Not on the first window at a level: it may only show the buffers refilling.
+            && !self.fresh
+            && c > 0
+            && self.link_carries_more(c - 1, goodput)
+        {
             self.set_level(c - 1);
             return Decision::Down;
         }

@@ -34,8 +34,9 @@
 //! data; raw and compressor-bound, nothing is probed, so random data costs no compression).
 //!
 //! A step up is a trial, judged on evidence that does not depend on the data: it fails when,
-//! in two network-bound windows, the link's rate measured at the new level times the paired
-//! ratio between the levels falls below [`TRIAL_SLACK`] of the (steady) rate before. That is
+//! in the first network-bound window at the new level, the link's rate measured there times
+//! the paired ratio between the levels falls below [`TRIAL_SLACK`] of the rate before (not
+//! judged after a step a sudden slowdown decided: the link itself is changing then). That is
 //! what happens on loopback, where the sender's compression takes CPU from the receiver, which
 //! the model cannot see; a step that left the sender compressor-bound is corrected by the
 //! step-down rule, with the capacity it just measured. A failed step goes back and is not
@@ -109,13 +110,9 @@ const DOWN_GAIN: f64 = 1.03;
 /// A trial step up fails if it delivers less than this share of the level it left, both
 /// predicted from the link rates measured before and during the trial.
 pub const TRIAL_SLACK: f64 = 0.97;
-/// A window's link rate within this factor of the average: the link is steady.
-const STEADY: f64 = 1.25;
 /// A chunk whose write blocked this many times the recent average chunk's writer time ends
 /// its window early.
 const SUDDEN: f64 = 4.0;
-/// Network-bound windows at a new level delivering less than the old one that revert it.
-const TRIAL_STRIKES: u32 = 2;
 /// Windows a trial may stay undecided (neither clearly network- nor compressor-bound).
 const TRIAL_WINDOWS: u32 = 3;
 /// The link's rate is forgotten after this many compressor-bound windows without a
@@ -251,8 +248,6 @@ struct Trial {
     link: Option<f64>,
     /// Windows judged undecided so far.
     undecided: u32,
-    /// Network-bound windows that delivered less than the level before would have.
-    strikes: u32,
 }
 
 /// A step up from a level that failed its trial.
@@ -413,7 +408,7 @@ impl Controller {
         self.measure(&w, share, goodput);
         let decision = match self.judge_trial(&w, share) {
             Some(d) => d,
-            None => self.decide(&w, share, goodput),
+            None => self.decide(&w, share, goodput, sudden),
         };
         tracing::trace!(
             ?decision,
@@ -527,6 +522,9 @@ impl Controller {
     /// steps down if the level below is predicted to deliver more.
     fn judge_trial(&mut self, w: &Window, share: f64) -> Option<Decision> {
         let mut t = self.trial.take()?;
+        let Some(before) = t.link else {
+            return None;
+        };
         if share <= CPU_BOUND {
             return None;
         }
@@ -542,18 +540,10 @@ impl Controller {
         // must beat the old one at the rate before, compared on the same (paired) ratio.
         let now = w.wire as f64 / w.write.max(1e-9);
         let gain = self.frac(t.from) / self.frac(self.current);
-        let failed = t
-            .link
-            .is_some_and(|before| now * gain < before * TRIAL_SLACK);
+        let failed = now * gain < before * TRIAL_SLACK;
         if !failed {
             self.blocked[t.from].backoff = 0;
             return None;
-        }
-        // One window's rate can be off (buffers, a busy receiver): a second one confirms.
-        t.strikes += 1;
-        if t.strikes < TRIAL_STRIKES {
-            self.trial = Some(t);
-            return Some(Decision::Stay);
         }
         let b = &mut self.blocked[t.from];
         b.backoff = (b.backoff * 2).clamp(MIN_BACKOFF, MAX_BACKOFF);
@@ -563,7 +553,7 @@ impl Controller {
         Some(Decision::Revert)
     }
 
-    fn decide(&mut self, w: &Window, share: f64, goodput: f64) -> Decision {
+    fn decide(&mut self, w: &Window, share: f64, goodput: f64, sudden: bool) -> Decision {
         let c = self.current;
         // The recent data (an average over chunks, not one window) does not compress even at
         // the fastest level.
@@ -576,12 +566,14 @@ impl Controller {
                 self.trial = Some(Trial {
                     from: c,
                     goodput,
-                    // The lower of the average and this window's own rate (see `measure`), and
-                    // only if the rate was steady: while the link itself changes, a rate after
-                    // the step says nothing about the step.
-                    link: self.steady_link(w),
+                    // The lower of the average and this window's own rate (see `measure`); none
+                    // when a sudden slow write decided: the link itself is changing, and a rate
+                    // after the step would say nothing about the step.
+                    link: self
+                        .link
+                        .filter(|_| !sudden)
+                        .map(|l| l.min(w.wire as f64 / w.write.max(1e-9))),
                     undecided: 0,
-                    strikes: 0,
                 });
                 self.set_level(to);
                 return Decision::Up;
@@ -596,14 +588,6 @@ impl Controller {
             return Decision::Down;
         }
         Decision::Stay
-    }
-
-    /// The link's rate if this window's own rate agrees with the average, else `None`.
-    fn steady_link(&self, w: &Window) -> Option<f64> {
-        let now = w.wire as f64 / w.write.max(1e-9);
-        self.link
-            .filter(|l| now < l * STEADY && now * STEADY > *l)
-            .map(|l| l.min(now))
     }
 
     /// Compressor-bound at `goodput`: would the link carry more at level `i` (which costs less
@@ -1153,8 +1137,7 @@ mod tests {
         }
         assert_eq!(d, Decision::Up);
         // The compressed level delivers less (2 ms per MiB): revert.
-        // (Two windows: one alone could be a measurement off.)
-        for _ in 0..TRIAL_STRIKES * WINDOW {
+        for _ in 0..WINDOW {
             d = c.observe(&at(&c, 2, 0, MIB / 2));
         }
         assert_eq!(d, Decision::Revert);
@@ -1168,8 +1151,7 @@ mod tests {
             d = c.observe(&at(&c, 1, 0, MIB));
         }
         assert_eq!(d, Decision::Up);
-        // (Two windows: one alone could be a measurement off.)
-        for _ in 0..TRIAL_STRIKES * WINDOW {
+        for _ in 0..WINDOW {
             d = c.observe(&at(&c, 2, 0, MIB / 2));
         }
         assert_eq!(d, Decision::Revert);

@@ -24,9 +24,9 @@
 //!   chunks at this level (older ones weighing less), not one window.
 //!
 //! A level's predicted throughput is `min(capacity, link rate / wire fraction)`. Mostly
-//! waiting on the network, the controller climbs to the highest level whose every step up is
-//! predicted to deliver [`UP_GAIN`] more (past the first step, only through levels whose cost
-//! was measured). Mostly waiting on the compressor, it steps one level down unless the link
+//! waiting on the network, the controller climbs to the level above predicted to deliver the
+//! most, if that is [`UP_GAIN`] more (past the next level, only levels whose cost was
+//! measured). Mostly waiting on the compressor, it steps one level down unless the link
 //! would carry no more at the level below than this level just delivered (the cheaper level's
 //! workers deliver at least as much, so no noisy cost estimate decides a step down; without a
 //! link measurement in the last `LINK_STALE` windows it steps down). When the recent data saves
@@ -105,11 +105,13 @@ const NET_BOUND: f64 = 0.85;
 const CPU_BOUND: f64 = 0.75;
 /// Each step of a climb must be predicted to deliver this much more than the level below it.
 pub const UP_GAIN: f64 = 1.05;
+/// A level above must be predicted to keep up with its capacity divided by this.
+const HEADROOM: f64 = 1.25;
 /// A step down must be predicted to deliver this much more.
 const DOWN_GAIN: f64 = 1.03;
 /// A trial step up fails if it delivers less than this share of the level it left, both
 /// predicted from the link rates measured before and during the trial.
-pub const TRIAL_SLACK: f64 = 0.97;
+pub const TRIAL_SLACK: f64 = 0.9;
 /// A chunk whose write blocked this many times the recent average chunk's writer time ends
 /// its window early.
 const SUDDEN: f64 = 4.0;
@@ -597,8 +599,8 @@ impl Controller {
             .is_none_or(|link| link / self.frac(i) > goodput * DOWN_GAIN)
     }
 
-    /// Network-bound at `goodput`: the highest level reached by steps up that each deliver
-    /// [`UP_GAIN`] more than the one below, if the step up from here is not blocked.
+    /// Network-bound at `goodput`: the level above predicted to deliver the most, if that is
+    /// [`UP_GAIN`] more than here and the step up from here is not blocked.
     fn climb(&self, goodput: f64) -> Option<usize> {
         let c = self.current;
         let b = &self.blocked[c];
@@ -606,14 +608,21 @@ impl Controller {
         if self.windows < b.until && !changed {
             return None;
         }
-        // Past the first step, only through levels whose cost was measured (by pairs): an
-        // extrapolated cost is a guess, and a wrong one would overshoot by several levels.
-        let mut to = c;
-        while to + 1 < LEVELS
-            && (to == c || self.cost[to + 1].is_some())
-            && self.predict(to + 1) > self.predict(to) * UP_GAIN
-        {
-            to += 1;
+        // The best predicted level above, among the next one and the measured ones beyond it
+        // (an extrapolated cost is a guess, and a wrong one would overshoot by several
+        // levels); one level in between with a noisy cost does not hide a better one above.
+        let here = self.predict(c);
+        let (mut to, mut best) = (c, here * UP_GAIN);
+        for up in c + 1..LEVELS {
+            if up > c + 1 && self.cost[up].is_none() {
+                break;
+            }
+            // A capacity measured while the workers were partly idle (network-bound) is
+            // optimistic: a level above must keep up with room to spare.
+            let p = self.predict_with(up, HEADROOM);
+            if p > best {
+                (to, best) = (up, p);
+            }
         }
         (to > c).then_some(to)
     }
@@ -630,7 +639,12 @@ impl Controller {
 
     /// Predicted delivered bytes per second at level `i` for the recent data.
     fn predict(&self, i: usize) -> f64 {
-        let capacity = self.threads / self.cost(i) * self.efficiency.unwrap_or(1.0);
+        self.predict_with(i, 1.0)
+    }
+
+    /// [`Controller::predict`] with the workers' capacity divided by `headroom`.
+    fn predict_with(&self, i: usize, headroom: f64) -> f64 {
+        let capacity = self.threads / self.cost(i) * self.efficiency.unwrap_or(1.0) / headroom;
         match self.link {
             Some(link) => capacity.min(link / self.frac(i).max(1e-3)),
             None => capacity,
@@ -1121,7 +1135,8 @@ mod tests {
             chosen: c.current(),
             raw_len: MIB,
             payload_len: payload,
-            encode: Duration::from_micros(500),
+            // Cheap enough that any level is predicted to keep up with HEADROOM to spare.
+            encode: Duration::from_micros(100),
             wait: Duration::from_millis(wait_ms),
             write: Duration::from_millis(write_ms),
             pair: None,

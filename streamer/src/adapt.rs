@@ -111,7 +111,7 @@ const HEADROOM: f64 = 1.25;
 const DOWN_GAIN: f64 = 1.03;
 /// A trial step up fails if it delivers less than this share of the level it left, both
 /// predicted from the link rates measured before and during the trial.
-pub const TRIAL_SLACK: f64 = 0.9;
+pub const TRIAL_SLACK: f64 = 0.97;
 /// A chunk whose write blocked this many times the recent average chunk's writer time ends
 /// its window early.
 const SUDDEN: f64 = 4.0;
@@ -524,9 +524,7 @@ impl Controller {
     /// steps down if the level below is predicted to deliver more.
     fn judge_trial(&mut self, w: &Window, share: f64) -> Option<Decision> {
         let mut t = self.trial.take()?;
-        let Some(before) = t.link else {
-            return None;
-        };
+        let before = t.link?;
         if share <= CPU_BOUND {
             return None;
         }

@@ -408,9 +408,10 @@ impl Controller {
         let goodput = r.raw / recent_busy;
         self.net_bound = share >= NET_BOUND;
         self.measure(&w, share, goodput);
+        let on_trial = self.trial.is_some();
         let decision = match self.judge_trial(&w, share) {
             Some(d) => d,
-            None => self.decide(&w, share, goodput, sudden),
+            None => self.decide(&w, share, goodput, sudden, on_trial),
         };
         tracing::trace!(
             ?decision,
@@ -553,7 +554,14 @@ impl Controller {
         Some(Decision::Revert)
     }
 
-    fn decide(&mut self, w: &Window, share: f64, goodput: f64, sudden: bool) -> Decision {
+    fn decide(
+        &mut self,
+        w: &Window,
+        share: f64,
+        goodput: f64,
+        sudden: bool,
+        on_trial: bool,
+    ) -> Decision {
         let c = self.current;
         // The recent data (an average over chunks, not one window) does not compress even at
         // the fastest level.
@@ -579,8 +587,9 @@ impl Controller {
                 return Decision::Up;
             }
         } else if share <= CPU_BOUND
-            // Not on the first window at a level: it may only show the buffers refilling.
-            && !self.fresh
+            // Not on the first window at a level (it may only show the buffers refilling),
+            // unless a step up just made the sender compressor-bound: undo that at once.
+            && (!self.fresh || on_trial)
             && c > 0
             && self.link_carries_more(c - 1, goodput)
         {

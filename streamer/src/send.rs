@@ -7,7 +7,9 @@
 //!
 //! A worker asks for the mode to encode a chunk in when it starts on it (a fixed level, or the
 //! adaptive controller's current choice, see [`crate::adapt`]); the writer tells the controller how long
-//! it waited for each chunk and how long writing it blocked.
+//! it waited for each chunk and how long writing it blocked. Now and then the controller asks a
+//! worker to also compress a chunk at a neighbouring level, only to compare the two levels on
+//! identical data; the second result is measured and dropped.
 
 use std::collections::BTreeMap;
 use std::io::{IoSlice, Read, Write};
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use crate::adapt::{ChunkMode, Controller, Observation};
+use crate::adapt::{ChunkMode, Controller, Observation, Pair, Plan};
 use crate::error::StreamError;
 use crate::format::{
     FLAG_ZSTD, FRAME_HEADER_LEN, FrameHeader, FrameKind, StreamHasher, StreamHeader, VERSION,
@@ -43,8 +45,10 @@ struct EncodedChunk {
     tag: WireTag,
     /// The mode the chunk was meant to go in.
     chosen: ChunkMode,
-    /// Worker wall time spent on it.
+    /// Worker wall time spent on it (the paired compression not included).
     encode: Duration,
+    /// The chunk measured at a second level, when the controller asked for it.
+    pair: Option<Pair>,
 }
 
 impl EncodedChunk {
@@ -72,11 +76,14 @@ impl Policy {
         }
     }
 
-    fn next_mode(&self) -> ChunkMode {
+    fn next_plan(&self) -> Plan {
         match self {
-            Self::Fixed(m) => *m,
+            Self::Fixed(m) => Plan {
+                mode: *m,
+                pair: None,
+            },
             // A panic elsewhere cannot leave the controller's plain numbers inconsistent.
-            Self::Adaptive(c) => c.lock().unwrap_or_else(|p| p.into_inner()).next_mode(),
+            Self::Adaptive(c) => c.lock().unwrap_or_else(|p| p.into_inner()).next_plan(),
         }
     }
 
@@ -267,22 +274,39 @@ fn encode_chunks(
     done: &Sender<Result<EncodedChunk, StreamError>>,
 ) {
     let mut compressor: Option<(zstd::bulk::Compressor<'static>, i32)> = None;
+    // A second one for paired measurements, so the main one keeps its level.
+    let mut pair_compressor: Option<(zstd::bulk::Compressor<'static>, i32)> = None;
     while let Ok(RawChunk { seq, buf, len }) = work.recv() {
         // Asked as late as possible, so a new choice applies to the very next chunk encoded.
-        let mode = policy.next_mode();
+        let plan = policy.next_plan();
+        let mode = plan.mode;
         let began = Instant::now();
         let data = &buf[..len];
         let hash = blake3::hash(data);
+        let compressing = Instant::now();
         let compressed = match mode {
             ChunkMode::Raw => Ok(None),
             ChunkMode::Zstd(level) => {
                 compressor_at(&mut compressor, level).map(|c| compress(c, data))
             }
         };
+        let compress_time = compressing.elapsed();
+        let pair = match plan.pair {
+            Some(other) => measure_pair(&mut pair_compressor, other, data).map(Some),
+            None => Ok(None),
+        };
         let chunk = compressed.and_then(|compressed| {
+            let (pair, pair_time) = pair?.unzip();
             seal_chunk(protection, seq, buf, len, compressed, hash).map(|mut c| {
                 c.chosen = mode;
-                c.encode = began.elapsed();
+                c.encode = began
+                    .elapsed()
+                    .saturating_sub(pair_time.unwrap_or_default());
+                // The chunk encoded at the other level instead: same hashing and sealing.
+                c.pair = pair.map(|p: Pair| Pair {
+                    encode: c.encode.saturating_sub(compress_time) + p.encode,
+                    ..p
+                });
                 c
             })
         });
@@ -291,6 +315,30 @@ fn encode_chunks(
             return;
         }
     }
+}
+
+/// Compresses `data` at `mode` only to measure it: the payload size it would have had and the
+/// compression's wall time (returned twice: in the pair, and apart to subtract it).
+fn measure_pair(
+    slot: &mut Option<(zstd::bulk::Compressor<'static>, i32)>,
+    mode: ChunkMode,
+    data: &[u8],
+) -> Result<(Pair, Duration), StreamError> {
+    let began = Instant::now();
+    let payload_len = match mode {
+        ChunkMode::Raw => data.len(),
+        ChunkMode::Zstd(level) => {
+            let c = compressor_at(slot, level)?;
+            compress(c, data).map_or(data.len(), |out| out.len())
+        }
+    };
+    let took = began.elapsed();
+    let pair = Pair {
+        mode,
+        payload_len: payload_len as u64,
+        encode: took,
+    };
+    Ok((pair, took))
 }
 
 /// The worker's compressor, created on first use and switched to `level` when it differs.
@@ -351,6 +399,7 @@ fn seal_chunk(
         tag,
         chosen: ChunkMode::Raw,
         encode: Duration::ZERO,
+        pair: None,
     })
 }
 
@@ -438,6 +487,7 @@ fn write_frames<W: Write>(
                 encode: chunk.encode,
                 wait,
                 write: ready_since.duration_since(writing),
+                pair: chunk.pair,
             });
             let _ = pool.send(chunk.raw);
             if let Some(progress) = &opts.progress {

@@ -11,7 +11,7 @@ Privileged (root, network namespaces, daemons): run one benchmark at a time.";
 fn usage_of(name: &str) -> Option<&'static str> {
     Some(match name {
         "streamer" => {
-            "flocker-bench streamer [--size BYTES] [--rss-size BYTES] [--repeat N] [--nets loopback,1g,10g] [--skip-netns] [--out PATH] [--bin DIR]
+            "flocker-bench streamer [--size BYTES] [--rss-size BYTES] [--repeat N] [--nets loopback,1g,10g] [--skip-netns] [--out PATH] [--bin PATH]
 
 flocker-stream beside raw socat, a zstd pipe, mbuffer and an ssh pipe, per network (loopback, a
 1 Gbit/s and a 10 Gbit/s tc-shaped veth pair) and corpus (random, a tar of /usr), to /dev/null
@@ -21,7 +21,7 @@ and to a file.
   --repeat N         runs per CPU-bound cell, median reported (default 3)
   --nets LIST        which networks (default loopback,1g,10g); --skip-netns: loopback only
   --out PATH         where the table is written (default bench/results/streamer.md)
-  --bin DIR          where flocker-stream is (default: built in release)"
+  --bin PATH         the flocker-stream binary (default: built in release)"
         }
         "routing" => {
             "flocker-bench routing [--seconds S] [--rounds N] [--routes N,N,...] [--protocols tcp,udp,tcp6] [--docker]

@@ -118,6 +118,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         Some(b) => b,
         None => build_streamer()?,
     };
+    if !bin.is_file() {
+        bail!(
+            "--bin {}: not a file; give the flocker-stream binary itself",
+            bin.display()
+        );
+    }
     let work = tempfile::Builder::new()
         .prefix("flocker-bench-streamer")
         .tempdir()?;

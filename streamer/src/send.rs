@@ -296,12 +296,11 @@ fn encode_chunks(
             None => Ok(None),
         };
         let chunk = compressed.and_then(|compressed| {
-            let (pair, pair_time) = pair?.unzip();
+            let pair = pair?;
+            let pair_time = pair.map(|p| p.encode).unwrap_or_default();
             seal_chunk(protection, seq, buf, len, compressed, hash).map(|mut c| {
                 c.chosen = mode;
-                c.encode = began
-                    .elapsed()
-                    .saturating_sub(pair_time.unwrap_or_default());
+                c.encode = began.elapsed().saturating_sub(pair_time);
                 // The chunk encoded at the other level instead: same hashing and sealing.
                 c.pair = pair.map(|p: Pair| Pair {
                     encode: c.encode.saturating_sub(compress_time) + p.encode,
@@ -318,12 +317,12 @@ fn encode_chunks(
 }
 
 /// Compresses `data` at `mode` only to measure it: the payload size it would have had and the
-/// compression's wall time (returned twice: in the pair, and apart to subtract it).
+/// compression's wall time.
 fn measure_pair(
     slot: &mut Option<(zstd::bulk::Compressor<'static>, i32)>,
     mode: ChunkMode,
     data: &[u8],
-) -> Result<(Pair, Duration), StreamError> {
+) -> Result<Pair, StreamError> {
     let began = Instant::now();
     let payload_len = match mode {
         ChunkMode::Raw => data.len(),
@@ -332,13 +331,11 @@ fn measure_pair(
             compress(c, data).map_or(data.len(), |out| out.len())
         }
     };
-    let took = began.elapsed();
-    let pair = Pair {
+    Ok(Pair {
         mode,
         payload_len: payload_len as u64,
-        encode: took,
-    };
-    Ok((pair, took))
+        encode: began.elapsed(),
+    })
 }
 
 /// The worker's compressor, created on first use and switched to `level` when it differs.

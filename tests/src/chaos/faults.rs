@@ -340,14 +340,17 @@ impl<'a> Injector<'a> {
 /// (`flocker_dataplane::test_hooks::Hook::HoldPushAnswer`).
 const HOLD_PUSH_ANSWER: &str = "hold-push-answer";
 
-/// Whether `log` has `needle` after its first `offset` bytes.
+/// Whether `log` has `needle` after its first `offset` bytes (only those are read: this runs
+/// every tick).
 fn logged_since(log: &std::path::Path, offset: u64, needle: &str) -> bool {
-    std::fs::read(log).is_ok_and(|bytes| {
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(bytes.len());
-        String::from_utf8_lossy(&bytes[start..]).contains(needle)
-    })
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut tail = Vec::new();
+    std::fs::File::open(log)
+        .and_then(|mut f| {
+            f.seek(SeekFrom::Start(offset))?;
+            f.read_to_end(&mut tail)
+        })
+        .is_ok_and(|_| String::from_utf8_lossy(&tail).contains(needle))
 }
 
 /// The set of a link's peers in nftables syntax.
@@ -467,6 +470,21 @@ fn run(cmd: &mut Command) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_what_was_logged_after_the_offset_counts() {
+        let log = std::env::temp_dir().join(format!("chaos-log-{}", std::process::id()));
+        std::fs::write(&log, "old: test hook: pausing\nnew: something else\n").expect("write");
+        let old_part = "old: test hook: pausing\n".len() as u64;
+        assert!(logged_since(&log, 0, PAUSE_LOGGED));
+        assert!(!logged_since(&log, old_part, PAUSE_LOGGED));
+        assert!(!logged_since(
+            &log.with_extension("missing"),
+            0,
+            PAUSE_LOGGED
+        ));
+        let _ = std::fs::remove_file(&log);
+    }
 
     #[test]
     fn a_link_s_peers_are_one_nftables_set() {

@@ -6,10 +6,12 @@
 
 use std::io::{self, Read, Write};
 
+use crate::seal::AEAD_TAG_LEN;
+
 /// Bytes every stream starts with.
 pub const MAGIC: [u8; 8] = *b"FLKSTRM\0";
 /// The only version this build speaks; a receiver refuses any other.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Length of the stream header on the wire, tag included.
 pub const STREAM_HEADER_LEN: usize = 8 + 2 + 1 + 1 + 4 + 32 + 32;
 /// Length of a frame header on the wire.
@@ -315,9 +317,62 @@ impl EndPayload {
     }
 }
 
-/// The whole-stream hash: BLAKE3 over the in-order list of (chunk length, chunk BLAKE3), closed
-/// with the totals. Both ends compute it independently of the key, so it can be compared in logs.
-/// It depends on the chunk size; it is not `b3sum` of the stream.
+/// What the stream hash takes of one chunk (see [`chunk_digest`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkDigest {
+    /// BLAKE3 of the uncompressed chunk: every chunk without a key, compressed chunks with one.
+    Blake3(blake3::Hash),
+    /// The GCM tag of the frame that carried the chunk raw in an encrypting mode; the seal
+    /// authenticates exactly the chunk's bytes, so the chunk is not hashed.
+    SealTag([u8; AEAD_TAG_LEN]),
+}
+
+impl ChunkDigest {
+    /// The BLAKE3 of the chunk, when that is the digest (what a mode-0 checksum covers).
+    pub fn blake3(&self) -> Option<&blake3::Hash> {
+        match self {
+            Self::Blake3(h) => Some(h),
+            Self::SealTag(_) => None,
+        }
+    }
+
+    /// The kind byte and the digest bytes, as the stream hash takes them.
+    fn kind_and_bytes(&self) -> (u8, &[u8]) {
+        match self {
+            Self::Blake3(h) => (1, h.as_bytes()),
+            Self::SealTag(t) => (2, t),
+        }
+    }
+}
+
+/// A chunk's digest, the one rule both ends apply (FORMAT.md, "Stream hash"): the GCM `tag` of
+/// its frame when `mode` encrypts and the chunk went raw, otherwise BLAKE3 of `data`, the
+/// uncompressed chunk. Only what the rule picks is read: `data` is not hashed for a raw sealed
+/// chunk, and `tag` is not read otherwise (a mode-0 sender computes the digest before the
+/// checksum that covers it, with an empty `tag`).
+///
+/// `None` when a raw sealed chunk's tag is not an AES-GCM tag's length.
+pub fn chunk_digest(
+    mode: AuthMode,
+    compressed: bool,
+    data: &[u8],
+    tag: &[u8],
+) -> Option<ChunkDigest> {
+    if mode.encrypts() && !compressed {
+        tag.try_into().ok().map(ChunkDigest::SealTag)
+    } else {
+        Some(ChunkDigest::Blake3(blake3::hash(data)))
+    }
+}
+
+/// Domain separation of the version-3 stream hash.
+const STREAM_HASH_CONTEXT: &[u8] = b"flocker-stream v3 stream hash";
+
+/// The whole-stream hash: BLAKE3 over the in-order list of (chunk length, digest kind, chunk
+/// digest), closed with the totals. Both ends compute it from what they sent and what they
+/// verified. Without a key it depends only on the chunks (and the chunk size; it is not `b3sum`
+/// of the stream); with a key a raw chunk's digest is its GCM tag, so it also depends on the
+/// stream's key and differs between two streams of the same data.
 #[derive(Debug, Clone, Default)]
 pub struct StreamHasher {
     hasher: blake3::Hasher,
@@ -329,7 +384,7 @@ impl StreamHasher {
     /// Starts an empty hash.
     pub fn new() -> Self {
         let mut hasher = blake3::Hasher::new();
-        hasher.update(b"flocker-stream v1 stream hash");
+        hasher.update(STREAM_HASH_CONTEXT);
         Self {
             hasher,
             total_bytes: 0,
@@ -337,10 +392,12 @@ impl StreamHasher {
         }
     }
 
-    /// Folds in the next chunk.
-    pub fn push(&mut self, len: usize, chunk_hash: &blake3::Hash) {
+    /// Folds in the next chunk: its uncompressed length and its digest.
+    pub fn push(&mut self, len: usize, digest: &ChunkDigest) {
+        let (kind, bytes) = digest.kind_and_bytes();
         self.hasher.update(&(len as u64).to_le_bytes());
-        self.hasher.update(chunk_hash.as_bytes());
+        self.hasher.update(&[kind]);
+        self.hasher.update(bytes);
         self.total_bytes += len as u64;
         self.chunks += 1;
     }
@@ -399,17 +456,67 @@ mod tests {
     }
 
     #[test]
-    fn header_rejects_other_version() {
-        let h = StreamHeader {
-            version: 1,
-            auth: AuthMode::None,
-            chunk_size: 1 << 20,
-            nonce: [0; 32],
-        };
-        assert_eq!(
-            parse_stream_header(&h.body()),
-            Err(HeaderError::Version { got: 1 })
-        );
+    fn header_rejects_other_versions_naming_both() {
+        for got in [1, 2, 4] {
+            let h = StreamHeader {
+                version: got,
+                auth: AuthMode::None,
+                chunk_size: 1 << 20,
+                nonce: [0; 32],
+            };
+            let e = parse_stream_header(&h.body()).expect_err("other version");
+            assert_eq!(e, HeaderError::Version { got });
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "wire format version mismatch: sender speaks v{got}, this receiver speaks v3"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn a_raw_sealed_chunk_is_digested_by_its_tag_only() {
+        let tag = [9u8; AEAD_TAG_LEN];
+        for mode in [AuthMode::PresharedOneWay, AuthMode::Session] {
+            let a = chunk_digest(mode, false, b"one chunk", &tag);
+            // The data is not read: another chunk under the same tag gives the same digest.
+            assert_eq!(a, chunk_digest(mode, false, b"another", &tag));
+            assert_eq!(a, Some(ChunkDigest::SealTag(tag)));
+            assert_eq!(chunk_digest(mode, false, b"x", &[9u8; 32]), None);
+            // A compressed chunk keeps its BLAKE3, which checks the decompressor's output.
+            assert_eq!(
+                chunk_digest(mode, true, b"one chunk", &tag),
+                Some(ChunkDigest::Blake3(blake3::hash(b"one chunk")))
+            );
+        }
+        // Without a key every chunk is hashed and the tag is never read.
+        for compressed in [false, true] {
+            assert_eq!(
+                chunk_digest(AuthMode::None, compressed, b"one chunk", &[]),
+                Some(ChunkDigest::Blake3(blake3::hash(b"one chunk")))
+            );
+        }
+    }
+
+    #[test]
+    fn the_stream_hash_tells_digest_kinds_apart() {
+        // A BLAKE3 digest whose first 16 bytes equal a seal tag must not collide with it.
+        let hash = blake3::hash(b"chunk");
+        let mut tag = [0u8; AEAD_TAG_LEN];
+        tag.copy_from_slice(&hash.as_bytes()[..AEAD_TAG_LEN]);
+        let mut a = StreamHasher::new();
+        a.push(5, &ChunkDigest::Blake3(hash));
+        let mut b = StreamHasher::new();
+        b.push(5, &ChunkDigest::SealTag(tag));
+        assert_ne!(a.finish().stream_hash, b.finish().stream_hash);
+        // Same chunks, same digests: the same hash; the length counts.
+        let mut c = StreamHasher::new();
+        c.push(5, &ChunkDigest::Blake3(hash));
+        assert_eq!(a.finish(), c.finish());
+        let mut d = StreamHasher::new();
+        d.push(6, &ChunkDigest::Blake3(hash));
+        assert_ne!(a.finish().stream_hash, d.finish().stream_hash);
     }
 
     #[test]

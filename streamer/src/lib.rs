@@ -7,6 +7,10 @@
 //!        -> parallel open + decompress + verify -> in-order sink
 //! ```
 //!
+//! Every chunk is verified before the sink: by its AES-256-GCM seal with a pre-shared key, by a
+//! keyed BLAKE3 checksum without one; compressed chunks (and every chunk without a key) are also
+//! BLAKE3-hashed into the stream hash the end frame carries (wire format v3, `FORMAT.md`).
+//!
 //! The core is two functions over plain `Read`/`Write`: [`send_stream`] and
 //! [`receive_stream`]. The receiver never passes an unverified byte to its sink and returns an
 //! error naming the cause on corruption, truncation, a wrong key or a version mismatch. Around

@@ -3,7 +3,9 @@
 //!
 //! The calling thread reads frames into pooled buffers; workers open sealed payloads (before
 //! anything is decompressed), decompress (bounded by the frame's declared length, itself
-//! bounded by the chunk size) and check each chunk's checksum; one
+//! bounded by the chunk size), take each chunk's digest ([`chunk_digest`]: BLAKE3 of the chunk,
+//! or for a raw sealed chunk the GCM tag that just authenticated it) and check the checksum of
+//! the no-key mode; one
 //! writer thread puts verified chunks into the sink in order. A chunk reaches the sink only after
 //! its tag matched, so the sink never sees an unverified byte. The pool of `2 * threads + 2`
 //! buffers bounds memory as on the sending side.
@@ -16,9 +18,9 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::error::StreamError;
 use crate::format::{
-    END_PAYLOAD_LEN, EndPayload, FLAG_ZSTD, FRAME_HEADER_LEN, FrameHeader, FrameKind,
-    STREAM_HEADER_LEN, StreamHasher, TAG_LEN, parse_frame_header, parse_stream_header,
-    read_exact_or_eof,
+    AuthMode, ChunkDigest, END_PAYLOAD_LEN, EndPayload, FLAG_ZSTD, FRAME_HEADER_LEN, FrameHeader,
+    FrameKind, STREAM_HEADER_LEN, StreamHasher, TAG_LEN, chunk_digest, parse_frame_header,
+    parse_stream_header, read_exact_or_eof,
 };
 use crate::options::{Progress, ReceiveOptions, Summary, slots};
 use crate::seal::{Direction, MAX_TAG_LEN, Protection};
@@ -40,7 +42,7 @@ struct Frame {
 struct Verified {
     seq: u64,
     len: usize,
-    hash: blake3::Hash,
+    digest: ChunkDigest,
     compressed: bool,
     bufs: Buffers,
 }
@@ -119,7 +121,8 @@ pub fn receive_stream<R: Read + Send, W: Write + Send>(
             let work_rx = work_rx.clone();
             let done_tx = done_tx.clone();
             let protection = &protection;
-            s.spawn(move || verify_chunks(protection, &work_rx, &done_tx));
+            let mode = header.auth;
+            s.spawn(move || verify_chunks(protection, mode, &work_rx, &done_tx));
         }
         drop(work_rx);
         drop(done_tx);
@@ -272,6 +275,7 @@ fn read_all<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<()> {
 
 fn verify_chunks(
     protection: &Protection,
+    auth: AuthMode,
     work: &Receiver<Frame>,
     done: &Sender<Result<Verified, StreamError>>,
 ) {
@@ -286,7 +290,7 @@ fn verify_chunks(
         }
     };
     while let Ok(frame) = work.recv() {
-        let result = verify_one(protection, &mut decompressor, frame);
+        let result = verify_one(protection, auth, &mut decompressor, frame);
         let stop = result.is_err();
         if done.send(result).is_err() || stop {
             return;
@@ -296,6 +300,7 @@ fn verify_chunks(
 
 fn verify_one(
     protection: &Protection,
+    auth: AuthMode,
     decompressor: &mut zstd::bulk::Decompressor<'_>,
     frame: Frame,
 ) -> Result<Verified, StreamError> {
@@ -335,14 +340,18 @@ fn verify_one(
     } else {
         &bufs.payload[..len]
     };
-    let hash = blake3::hash(data);
+    // A raw sealed chunk was authenticated byte for byte by opening its seal; its digest is
+    // that tag. Any other chunk is hashed: a compressed one's hash checks the decompressor's
+    // output against the sender's chunk (through the stream hash when encrypting, through the
+    // checksum below without a key).
+    let digest = chunk_digest(auth, compressed, data, tag).ok_or(StreamError::DataTag { seq })?;
     protection
-        .check_data(&header_bytes, &hash, tag)
+        .check_data(&header_bytes, digest.blake3(), tag)
         .map_err(|_| StreamError::DataTag { seq })?;
     Ok(Verified {
         seq,
         len,
-        hash,
+        digest,
         compressed,
         bufs,
     })
@@ -374,7 +383,7 @@ fn write_chunks<W: Write>(
                 &v.bufs.payload[..v.len]
             };
             sink.write_all(data).map_err(StreamError::SinkWrite)?;
-            hasher.push(v.len, &v.hash);
+            hasher.push(v.len, &v.digest);
             compressed_chunks += u64::from(v.compressed);
             wire += (FRAME_HEADER_LEN + v.bufs.payload.len() + tag_len) as u64;
             let _ = pool.send(v.bufs);

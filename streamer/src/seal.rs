@@ -120,16 +120,20 @@ impl Protection {
     }
 
     /// Seals a data frame: encrypts `payload` in place (encrypting mode) and returns the tag.
-    /// `chunk_hash` is the BLAKE3 of the uncompressed chunk (what a checksum covers).
+    /// `chunk_hash` is the BLAKE3 of the uncompressed chunk, which a checksum covers: required
+    /// without a key, not read when encrypting (the seal covers the payload itself).
     pub fn seal_data(
         &self,
         header: &[u8; FRAME_HEADER_LEN],
         seq: u64,
         payload: &mut [u8],
-        chunk_hash: &blake3::Hash,
+        chunk_hash: Option<&blake3::Hash>,
     ) -> Result<WireTag, SealError> {
         match self {
-            Self::Checksum(key) => Ok(WireTag::checksum(data_tag(key, header, chunk_hash))),
+            Self::Checksum(key) => {
+                let hash = chunk_hash.ok_or(SealError)?;
+                Ok(WireTag::checksum(data_tag(key, header, hash)))
+            }
             Self::Encrypt(k) => k
                 .seal_in_place_separate_tag(
                     nonce(Direction::Frames, seq),
@@ -165,17 +169,19 @@ impl Protection {
         }
     }
 
-    /// Checks a data frame's checksum against its uncompressed chunk's hash (checksum mode;
-    /// an encrypted frame was authenticated by [`Protection::open_data`]).
+    /// Checks a data frame's checksum against its uncompressed chunk's hash (checksum mode,
+    /// where the hash is required; an encrypted frame was authenticated by
+    /// [`Protection::open_data`]).
     pub fn check_data(
         &self,
         header: &[u8; FRAME_HEADER_LEN],
-        chunk_hash: &blake3::Hash,
+        chunk_hash: Option<&blake3::Hash>,
         tag: &[u8],
     ) -> Result<(), SealError> {
         match self {
             Self::Encrypt(_) => Ok(()),
             Self::Checksum(key) => {
+                let chunk_hash = chunk_hash.ok_or(SealError)?;
                 let tag: [u8; CHECKSUM_TAG_LEN] = tag.try_into().map_err(|_| SealError)?;
                 // blake3::Hash equality is constant-time.
                 if data_tag(key, header, chunk_hash) == blake3::Hash::from_bytes(tag) {
@@ -252,10 +258,9 @@ mod tests {
     #[test]
     fn encrypted_frames_round_trip_and_bind_header_seq_and_key() {
         let p = Protection::new(AuthMode::Session, &[1; 32]).expect("key");
-        let hash = blake3::hash(b"plain");
         let mut payload = b"plain text payload".to_vec();
         let tag = p
-            .seal_data(&header(3), 3, &mut payload, &hash)
+            .seal_data(&header(3), 3, &mut payload, None)
             .expect("seal");
         assert_ne!(&payload[..], b"plain text payload");
         assert_eq!(tag.as_slice().len(), AEAD_TAG_LEN);
@@ -299,11 +304,17 @@ mod tests {
         let hash = blake3::hash(b"plain");
         let mut payload = b"plain".to_vec();
         let tag = p
-            .seal_data(&header(0), 0, &mut payload, &hash)
+            .seal_data(&header(0), 0, &mut payload, Some(&hash))
             .expect("seal");
         assert_eq!(&payload[..], b"plain");
-        p.check_data(&header(0), &hash, tag.as_slice())
+        p.check_data(&header(0), Some(&hash), tag.as_slice())
             .expect("check");
-        assert!(p.check_data(&header(1), &hash, tag.as_slice()).is_err());
+        assert!(
+            p.check_data(&header(1), Some(&hash), tag.as_slice())
+                .is_err()
+        );
+        // A checksum without the chunk's hash is refused, never skipped.
+        assert!(p.check_data(&header(0), None, tag.as_slice()).is_err());
+        assert!(p.seal_data(&header(0), 0, &mut payload, None).is_err());
     }
 }

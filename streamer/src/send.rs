@@ -1,5 +1,8 @@
-//! The sending pipeline: source -> chunks -> parallel zstd + BLAKE3 + seal -> in-order framed
+//! The sending pipeline: source -> chunks -> parallel zstd + digest + seal -> in-order framed
 //! writes.
+//!
+//! A chunk's digest for the stream hash ([`chunk_digest`]) is BLAKE3 of the chunk, except for a
+//! raw chunk in an encrypting mode, whose digest is its frame's GCM tag: it is not hashed.
 //!
 //! Three stages joined by bounded channels. A fixed pool of `2 * threads + 2` chunk buffers
 //! circulates reader -> workers -> writer -> reader, so at most that many chunks exist at once
@@ -21,7 +24,8 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use crate::adapt::{ChunkMode, Controller, Observation, Pair, Plan};
 use crate::error::StreamError;
 use crate::format::{
-    FLAG_ZSTD, FRAME_HEADER_LEN, FrameHeader, FrameKind, StreamHasher, StreamHeader, VERSION,
+    AuthMode, ChunkDigest, FLAG_ZSTD, FRAME_HEADER_LEN, FrameHeader, FrameKind, StreamHasher,
+    StreamHeader, VERSION, chunk_digest,
 };
 use crate::options::{Compression, ModeStats, Progress, SendOptions, Summary, slots};
 use crate::seal::{Direction, Protection, WireTag};
@@ -40,7 +44,8 @@ struct EncodedChunk {
     len: usize,
     /// The compressed payload, when it is smaller than the raw chunk.
     compressed: Option<Vec<u8>>,
-    hash: blake3::Hash,
+    /// What the stream hash takes of the chunk.
+    digest: ChunkDigest,
     header: [u8; FRAME_HEADER_LEN],
     tag: WireTag,
     /// The mode the chunk was meant to go in.
@@ -162,7 +167,8 @@ pub fn send_stream<R: Read + Send, W: Write + Send>(
             let work_rx = work_rx.clone();
             let done_tx = done_tx.clone();
             let protection = &protection;
-            s.spawn(move || encode_chunks(protection, policy, &work_rx, &done_tx));
+            let mode = header.auth;
+            s.spawn(move || encode_chunks(protection, mode, policy, &work_rx, &done_tx));
         }
         drop(done_tx);
         drop(work_rx);
@@ -269,6 +275,7 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
 
 fn encode_chunks(
     protection: &Protection,
+    auth: AuthMode,
     policy: &Policy,
     work: &Receiver<RawChunk>,
     done: &Sender<Result<EncodedChunk, StreamError>>,
@@ -282,7 +289,6 @@ fn encode_chunks(
         let mode = plan.mode;
         let began = Instant::now();
         let data = &buf[..len];
-        let hash = blake3::hash(data);
         let compressing = Instant::now();
         let compressed = match mode {
             ChunkMode::Raw => Ok(None),
@@ -298,10 +304,12 @@ fn encode_chunks(
         let chunk = compressed.and_then(|compressed| {
             let pair = pair?;
             let pair_time = pair.map(|p| p.encode).unwrap_or_default();
-            seal_chunk(protection, seq, buf, len, compressed, hash).map(|mut c| {
+            seal_chunk(protection, auth, seq, buf, len, compressed).map(|mut c| {
                 c.chosen = mode;
                 c.encode = began.elapsed().saturating_sub(pair_time);
-                // The chunk encoded at the other level instead: same hashing and sealing.
+                // The chunk encoded at the other level instead: same digest and sealing. (A raw
+                // chunk in an encrypting mode is not hashed, so the estimate for a compressed
+                // alternative lacks its BLAKE3 time.)
                 c.pair = pair.map(|p: Pair| Pair {
                     encode: c.encode.saturating_sub(compress_time) + p.encode,
                     ..p
@@ -361,16 +369,27 @@ fn compressor_at<'a>(
     }
 }
 
-/// Frames a chunk and seals it: the header, then the payload encrypted in place (or left as
-/// is) and its tag. Runs on the workers, so sealing is as parallel as compression.
+/// Frames a chunk, seals it and takes its digest: the header, then the payload encrypted in
+/// place (or left as is) and its tag. Runs on the workers, so sealing and hashing are as
+/// parallel as compression.
 fn seal_chunk(
     protection: &Protection,
+    auth: AuthMode,
     seq: u64,
     mut raw: Vec<u8>,
     len: usize,
     mut compressed: Option<Vec<u8>>,
-    hash: blake3::Hash,
 ) -> Result<EncodedChunk, StreamError> {
+    let is_compressed = compressed.is_some();
+    // Without a key the checksum covers the digest (BLAKE3 of the chunk), so it comes first.
+    // Encrypting, the seal needs no digest and a raw chunk's digest is the seal's tag, so it
+    // comes after; the raw buffer then holds ciphertext, which the digest of a raw chunk does
+    // not read (a compressed chunk's raw buffer is untouched).
+    let digest_first = if auth.encrypts() {
+        None
+    } else {
+        Some(chunk_digest(auth, is_compressed, &raw[..len], &[]).ok_or(StreamError::Seal)?)
+    };
     let (flags, payload): (u8, &mut [u8]) = match &mut compressed {
         Some(c) => (FLAG_ZSTD, c),
         None => (0, &mut raw[..len]),
@@ -383,15 +402,21 @@ fn seal_chunk(
         seq,
     }
     .encode();
+    let chunk_hash = digest_first.as_ref().and_then(ChunkDigest::blake3);
     let tag = protection
-        .seal_data(&header, seq, payload, &hash)
+        .seal_data(&header, seq, payload, chunk_hash)
         .map_err(|_| StreamError::Seal)?;
+    let digest = match digest_first {
+        Some(d) => d,
+        None => chunk_digest(auth, is_compressed, &raw[..len], tag.as_slice())
+            .ok_or(StreamError::Seal)?,
+    };
     Ok(EncodedChunk {
         seq,
         raw,
         len,
         compressed,
-        hash,
+        digest,
         header,
         tag,
         chosen: ChunkMode::Raw,
@@ -469,7 +494,7 @@ fn write_frames<W: Write>(
             stats.chunks += 1;
             stats.bytes_in += chunk.len as u64;
             stats.payload_bytes += payload.len() as u64;
-            hasher.push(chunk.len, &chunk.hash);
+            hasher.push(chunk.len, &chunk.digest);
             next += 1;
             if let Some(rate) = opts.limit_rate {
                 throttle(rate, wire, start);

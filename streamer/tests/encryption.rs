@@ -1,5 +1,7 @@
-//! The pre-shared-key mode encrypts (wire format v2): no plaintext on the wire, sealed frames
-//! cannot be altered, reordered or replayed, and a version-1 peer gets a clear error.
+//! The pre-shared-key mode encrypts (since wire format v2): no plaintext on the wire, sealed
+//! frames cannot be altered, reordered or replayed, and a version-1 or -2 peer gets a clear
+//! error. Since v3 a raw chunk is verified by its seal alone (it is not BLAKE3-hashed), a
+//! compressed chunk's decompressed output still by BLAKE3 through the stream hash.
 
 mod common;
 
@@ -325,8 +327,14 @@ fn sealed_frames_cannot_be_altered_reordered_or_replayed() {
 }
 
 #[test]
-fn a_version_1_peer_gets_a_clear_error_either_way() {
-    // A version-1 sender's hello to this receiver.
+fn a_version_1_or_2_peer_gets_a_clear_error_either_way() {
+    for old in [1u16, 2] {
+        an_old_peer_gets_a_clear_error_either_way(old);
+    }
+}
+
+fn an_old_peer_gets_a_clear_error_either_way(old: u16) {
+    // An old sender's hello to this receiver.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (_, ro) = opts(Auth::PresharedKey(KEY));
@@ -337,7 +345,7 @@ fn a_version_1_peer_gets_a_clear_error_either_way() {
         });
         let mut c = TcpStream::connect(addr).expect("connect");
         let mut hello = b"FLKHELLO".to_vec();
-        hello.extend_from_slice(&1u16.to_le_bytes());
+        hello.extend_from_slice(&old.to_le_bytes());
         hello.extend_from_slice(&[1, 0]);
         hello.extend_from_slice(&[9; 32]);
         c.write_all(&hello).expect("hello");
@@ -348,18 +356,19 @@ fn a_version_1_peer_gets_a_clear_error_either_way() {
     assert_eq!(&reply[..8], b"FLKHELLO");
     assert_eq!(
         u16::from_le_bytes([reply[8], reply[9]]),
-        2,
-        "the reply names v2"
+        3,
+        "the reply names v3"
     );
     assert_eq!(reply[11], 1, "status 1: version mismatch");
-    let e = got.expect_err("v1 sender");
+    let e = got.expect_err("old sender");
     assert!(
-        e.to_string()
-            .contains("version mismatch: sender speaks v1, this receiver v2"),
+        e.to_string().contains(&format!(
+            "version mismatch: sender speaks v{old}, this receiver v3"
+        )),
         "{e}"
     );
 
-    // This sender against a version-1 receiver, which answers with status 1 and v1.
+    // This sender against an old receiver, which answers with status 1 and its version.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (so, _) = opts(Auth::PresharedKey(KEY));
@@ -368,8 +377,13 @@ fn a_version_1_peer_gets_a_clear_error_either_way() {
             let (mut conn, _) = listener.accept().expect("accept");
             let mut hello = [0u8; 44];
             conn.read_exact(&mut hello).expect("hello");
+            assert_eq!(
+                u16::from_le_bytes([hello[8], hello[9]]),
+                3,
+                "hello names v3"
+            );
             let mut reply = b"FLKHELLO".to_vec();
-            reply.extend_from_slice(&1u16.to_le_bytes());
+            reply.extend_from_slice(&old.to_le_bytes());
             reply.extend_from_slice(&[1, 1]);
             reply.extend_from_slice(&[0; 64]);
             conn.write_all(&reply).expect("reply");
@@ -377,21 +391,23 @@ fn a_version_1_peer_gets_a_clear_error_either_way() {
         let mut c = TcpStream::connect(addr).expect("connect");
         flocker_stream::send_over(&mut ReaderSource(Some(&b"x"[..])), &mut c, &so)
     });
-    let e = sent.expect_err("v1 receiver");
+    let e = sent.expect_err("old receiver");
     assert!(
-        e.to_string()
-            .contains("version mismatch: receiver speaks v1, this sender v2"),
+        e.to_string().contains(&format!(
+            "version mismatch: receiver speaks v{old}, this sender v3"
+        )),
         "{e}"
     );
 
-    // A version-1 stream on a one-way transport.
+    // An old stream header on a one-way transport.
     let mut wire = Vec::new();
     send_stream(&b"hello"[..], &mut wire, &so).expect("send");
-    wire[8..10].copy_from_slice(&1u16.to_le_bytes());
-    let e = receive_stream(&wire[..], Vec::new(), &ro).expect_err("v1 stream");
+    assert_eq!(u16::from_le_bytes([wire[8], wire[9]]), 3, "header names v3");
+    wire[8..10].copy_from_slice(&old.to_le_bytes());
+    let e = receive_stream(&wire[..], Vec::new(), &ro).expect_err("old stream");
     assert!(
         e.to_string()
-            .contains("sender speaks v1, this receiver speaks v2"),
+            .contains(&format!("sender speaks v{old}, this receiver speaks v3")),
         "{e}"
     );
 }

@@ -102,8 +102,9 @@ fn with_valid_tags(input: &[u8], fix_end: bool) -> Vec<u8> {
         } else {
             payload.to_vec()
         };
+        // Mode 0: every chunk's digest is its BLAKE3 (FORMAT.md, "Stream hash").
         let hash = blake3::hash(&chunk);
-        hasher.push(chunk.len(), &hash);
+        hasher.push(chunk.len(), &format::ChunkDigest::Blake3(hash));
         out.extend_from_slice(format::data_tag(&key, &header, &hash).as_bytes());
     }
     out.extend_from_slice(rest);

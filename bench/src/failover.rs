@@ -138,6 +138,7 @@ pub fn run(_args: &[String]) -> Result<()> {
         agent_binary: target.join("flocker-agent"),
         ctl_binary: target.join("flockerctl"),
         routing: "nftables".into(),
+        agent_args: Vec::new(),
     })?;
     cluster.teardown_on_drop = true;
     let [n1, n2, n3] = [0, 1, 2].map(|i| cluster.nodes[i].clone());

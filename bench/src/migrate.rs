@@ -46,6 +46,8 @@ struct Args {
     link: String,
     routing: String,
     client_moves: usize,
+    /// `--netns-holders` for every agent; the agent's default when `None`.
+    netns_holders: Option<bool>,
 }
 
 fn parse(args: &[String]) -> Result<Args> {
@@ -56,6 +58,7 @@ fn parse(args: &[String]) -> Result<Args> {
         link: "1gbit".into(),
         routing: "nftables".into(),
         client_moves: 5,
+        netns_holders: None,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -67,8 +70,9 @@ fn parse(args: &[String]) -> Result<Args> {
             "--link" => parsed.link = value.clone(),
             "--routing" => parsed.routing = value.clone(),
             "--client-moves" => parsed.client_moves = value.parse()?,
+            "--netns-holders" => parsed.netns_holders = Some(value.parse()?),
             other => bail!(
-                "unknown flag {other}: expected --size MiB, --delta MiB, --apps N, --link RATE|none, --routing nftables|ebpf, --client-moves N"
+                "unknown flag {other}: expected --size MiB, --delta MiB, --apps N, --link RATE|none, --routing nftables|ebpf, --client-moves N, --netns-holders true|false"
             ),
         }
     }
@@ -87,6 +91,10 @@ pub fn run(args: &[String]) -> Result<()> {
         agent_binary: target.join("flocker-agent"),
         ctl_binary: target.join("flockerctl"),
         routing: args.routing.clone(),
+        agent_args: args
+            .netns_holders
+            .map(|on| vec!["--netns-holders".to_string(), on.to_string()])
+            .unwrap_or_default(),
     })?;
     cluster.teardown_on_drop = true;
     let [n1, n2, n3] = [0, 1, 2].map(|i| cluster.nodes[i].clone());

@@ -22,6 +22,8 @@ use bollard::models::{
 use flocker_wire::{Application, ContainerSettings, DesiredState, HealthCheck, Protocol, RouteMap};
 use futures_util::StreamExt;
 
+use crate::netns_holder;
+
 pub const LABEL_MANAGED: &str = "flocker.managed";
 pub const LABEL_NODE: &str = "flocker.node";
 pub const LABEL_APPLICATION: &str = "flocker.application";
@@ -40,6 +42,10 @@ pub enum ContainerError {
     ImageMissing { image: String, detail: String },
     #[error("container {container}: bad {LABEL_APPLICATION} label: {detail}")]
     BadLabel { container: String, detail: String },
+    /// Docker ties a joining container to its holder's ID when it creates it: a container
+    /// whose holder was removed must be created anew (the agent's start does).
+    #[error("container {container}: its network holder {holder} is gone; it must be created anew")]
+    HolderGone { container: String, holder: String },
     #[error("{0}")]
     Other(String),
 }
@@ -262,6 +268,14 @@ fn non_empty_map(map: &BTreeMap<String, String>) -> Option<HashMap<String, Strin
     (!map.is_empty()).then(|| map.clone().into_iter().collect())
 }
 
+/// Exposed ports as Docker's API names them (`6379/tcp`).
+fn docker_exposed_ports(ports: &[(u16, Protocol)]) -> HashMap<String, HashMap<(), ()>> {
+    ports
+        .iter()
+        .map(|(port, protocol)| (format!("{port}/{protocol}"), HashMap::new()))
+        .collect()
+}
+
 /// The routed internal ports and the ones only exposed, each once, in order.
 fn exposed_ports(app: &Application) -> Vec<(u16, Protocol)> {
     let mut ports: Vec<(u16, Protocol)> =
@@ -308,12 +322,47 @@ pub trait ContainerRuntime: Send + Sync {
     async fn disable_docker_restart(&self, name: &str) -> Result<(), ContainerError>;
     /// Whether a TCP socket listens on `port` inside the running container.
     async fn listens_on(&self, name: &str, port: u16) -> Result<bool, ContainerError>;
+    /// Removes network holders ([`crate::netns_holder`]) whose application container is
+    /// gone (a removal that failed, an agent that died in between); how many it removed.
+    async fn remove_orphan_holders(&self) -> Result<usize, ContainerError> {
+        Ok(0)
+    }
 }
 
 /// The Docker Engine through bollard.
 pub struct DockerRuntime {
     docker: Docker,
     node: String,
+    /// Application containers join a network holder ([`crate::netns_holder`]).
+    holders: bool,
+    /// A holder this old without its container is an orphan ([`netns_holder::ORPHAN_AFTER`]).
+    orphan_after: std::time::Duration,
+}
+
+/// How long a create waits for a stop's background removal of the old holder.
+const HOLDER_REMOVAL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A listed container's name, without Docker's leading `/`.
+fn summary_name(c: &bollard::models::ContainerSummary) -> String {
+    c.names
+        .as_ref()
+        .and_then(|n| n.first())
+        .map(|n| n.trim_start_matches('/').to_string())
+        .unwrap_or_default()
+}
+
+/// Removes a container (name or ID), killing it if it runs; one that does not exist is not an
+/// error.
+async fn remove_by_force(docker: &Docker, name: &str) -> Result<(), ContainerError> {
+    let options = RemoveContainerOptions {
+        force: true,
+        ..Default::default()
+    };
+    match docker.remove_container(name, Some(options)).await {
+        Ok(()) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn is_not_found(e: &bollard::errors::Error) -> bool {
@@ -328,8 +377,9 @@ fn is_not_found(e: &bollard::errors::Error) -> bool {
 
 impl DockerRuntime {
     /// Connects to the Docker socket at `socket` and negotiates the API version (Debian's
-    /// engine speaks 1.41, older than bollard's default).
-    pub async fn connect(socket: &Path, node: &str) -> Result<Self, ContainerError> {
+    /// engine speaks 1.41, older than bollard's default). With `holders`, the application
+    /// containers it creates join a network holder ([`crate::netns_holder`]).
+    pub async fn connect(socket: &Path, node: &str, holders: bool) -> Result<Self, ContainerError> {
         let path = socket.display().to_string();
         let docker = Docker::connect_with_unix(&path, 120, bollard::API_DEFAULT_VERSION)?
             .negotiate_version()
@@ -337,7 +387,34 @@ impl DockerRuntime {
         Ok(DockerRuntime {
             docker,
             node: node.to_string(),
+            holders,
+            orphan_after: netns_holder::ORPHAN_AFTER,
         })
+    }
+
+    /// Every container with this agent's managed and node labels, running or not.
+    async fn list_ours(&self) -> Result<Vec<bollard::models::ContainerSummary>, ContainerError> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![
+                format!("{LABEL_MANAGED}=true"),
+                format!("{LABEL_NODE}={}", self.node),
+            ],
+        )]);
+        Ok(self
+            .docker
+            .list_containers(Some(ListContainersOptions::<String> {
+                all: true,
+                filters,
+                ..Default::default()
+            }))
+            .await?)
+    }
+
+    /// Another age after which a holder without its container is an orphan (tests).
+    pub fn with_orphan_age(mut self, age: std::time::Duration) -> Self {
+        self.orphan_after = age;
+        self
     }
 
     /// The engine version, for the startup log.
@@ -349,34 +426,250 @@ impl DockerRuntime {
             v.api_version.unwrap_or_default()
         ))
     }
+
+    /// Stops `name`; one that does not exist or has stopped already is not an error.
+    async fn stop_container(&self, name: &str) -> Result<(), ContainerError> {
+        // The client's usual 120 s would give up on a stop Docker is still carrying out: a
+        // stop may take the longest grace period a config can give, plus a margin to kill.
+        let stopper = self
+            .docker
+            .clone()
+            .with_timeout(std::time::Duration::from_millis(
+                flocker_wire::container::MAX_STOP_GRACE_MS + 60_000,
+            ));
+        match stopper
+            // No timeout given: Docker waits the container's own stop timeout (the
+            // application's `stop_grace_period`, else 10 s) before it kills.
+            .stop_container(name, None::<StopContainerOptions>)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            // 304: already stopped.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn remove_by_force(&self, name: &str) -> Result<(), ContainerError> {
+        remove_by_force(&self.docker, name).await
+    }
+
+    /// The labels of a container; `None` when it does not exist.
+    async fn labels_of(
+        &self,
+        name: &str,
+    ) -> Result<Option<HashMap<String, String>>, ContainerError> {
+        match self
+            .docker
+            .inspect_container(name, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(info) => Ok(Some(info.config.and_then(|c| c.labels).unwrap_or_default())),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The ID of `holder` if it is this agent's holder of `container`; `None` when there
+    /// is no such container; an error when a container that is not ours has that name.
+    async fn holder_id(
+        &self,
+        holder: &str,
+        container: &str,
+    ) -> Result<Option<String>, ContainerError> {
+        let info = match self
+            .docker
+            .inspect_container(holder, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(info) => info,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let labels = info.config.and_then(|c| c.labels).unwrap_or_default();
+        let label = |key: &str| labels.get(key).map(String::as_str);
+        if label(netns_holder::LABEL_HOLDS) != Some(container)
+            || label(LABEL_MANAGED) != Some("true")
+            || label(LABEL_NODE) != Some(self.node.as_str())
+        {
+            return Err(ContainerError::Other(format!(
+                "a container named {holder} exists that is not the network holder of {container}; rename or remove it"
+            )));
+        }
+        Ok(info.id)
+    }
+
+    /// Removes `holder` if it is this agent's holder of `container`; a container that only
+    /// happens to have that name is an error, never removed.
+    async fn remove_holder(&self, holder: &str, container: &str) -> Result<(), ContainerError> {
+        let Some(id) = self.holder_id(holder, container).await? else {
+            return Ok(());
+        };
+        // Nothing to flush: its process only waits.
+        match self.remove_by_force(&id).await {
+            // 409: a stop's background removal of it is under way; wait for that.
+            Err(ContainerError::Docker(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409,
+                ..
+            })) => self.wait_gone(&id).await,
+            other => other,
+        }
+    }
+
+    /// Waits (at most [`HOLDER_REMOVAL_WAIT`]) until the container `id` no longer exists.
+    async fn wait_gone(&self, id: &str) -> Result<(), ContainerError> {
+        let deadline = tokio::time::Instant::now() + HOLDER_REMOVAL_WAIT;
+        loop {
+            match self
+                .docker
+                .inspect_container(id, None::<InspectContainerOptions>)
+                .await
+            {
+                Err(e) if is_not_found(&e) => return Ok(()),
+                Err(e) => return Err(e.into()),
+                Ok(_) if tokio::time::Instant::now() >= deadline => {
+                    return Err(ContainerError::Other(format!(
+                        "network holder {id} is still being removed after {} s",
+                        HOLDER_REMOVAL_WAIT.as_secs()
+                    )));
+                }
+                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    async fn create_holder(
+        &self,
+        holder: &str,
+        container: &str,
+        settings: &ContainerSettings,
+        ports: &[(u16, Protocol)],
+    ) -> Result<(), ContainerError> {
+        self.ensure_holder_image().await?;
+        let labels = HashMap::from([
+            (LABEL_MANAGED.to_string(), "true".to_string()),
+            (LABEL_NODE.to_string(), self.node.clone()),
+        ]);
+        let config =
+            netns_holder::holder_config(container, settings, labels, docker_exposed_ports(ports));
+        self.docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: holder.to_string(),
+                    platform: None,
+                }),
+                config,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn start_holder(&self, holder: &str) -> Result<(), ContainerError> {
+        match self
+            .docker
+            .start_container(holder, None::<StartContainerOptions<String>>)
+            .await
+        {
+            // 304: already running.
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Before the application container `name` starts: the holder it joins, if any, runs
+    /// (it is stopped after a node restart).
+    async fn ensure_holder_of(&self, name: &str) -> Result<(), ContainerError> {
+        let Some(labels) = self.labels_of(name).await? else {
+            return Ok(());
+        };
+        let Some(holder) = labels.get(netns_holder::LABEL_HOLDER) else {
+            return Ok(());
+        };
+        // Only this node's holder of `name` is started, never a container that took its name.
+        let Some(id) = self.holder_id(holder, name).await? else {
+            return Err(ContainerError::HolderGone {
+                container: name.to_string(),
+                holder: holder.clone(),
+            });
+        };
+        self.start_holder(&id).await
+    }
+
+    /// Imports the holder's image ([`netns_holder::image_tar`]) unless it is present.
+    async fn ensure_holder_image(&self) -> Result<(), ContainerError> {
+        match self.docker.inspect_image(netns_holder::IMAGE).await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let (repo, tag) = netns_holder::IMAGE
+            .split_once(':')
+            .unwrap_or((netns_holder::IMAGE, "latest"));
+        tracing::info!(
+            image = netns_holder::IMAGE,
+            "importing the network holder's image"
+        );
+        let mut stream = self.docker.create_image(
+            Some(CreateImageOptions::<String> {
+                from_src: "-".to_string(),
+                repo: repo.to_string(),
+                tag: tag.to_string(),
+                ..Default::default()
+            }),
+            Some(bytes::Bytes::from(netns_holder::image_tar())),
+            None,
+        );
+        while let Some(item) = stream.next().await {
+            item.map_err(|e| ContainerError::ImageMissing {
+                image: netns_holder::IMAGE.to_string(),
+                detail: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl ContainerRuntime for DockerRuntime {
     async fn list_managed(&self) -> Result<Vec<ManagedContainer>, ContainerError> {
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![
-                format!("{LABEL_MANAGED}=true"),
-                format!("{LABEL_NODE}={}", self.node),
-            ],
-        )]);
-        let list = self
-            .docker
-            .list_containers(Some(ListContainersOptions::<String> {
-                all: true,
-                filters,
-                ..Default::default()
-            }))
-            .await?;
+        let list = self.list_ours().await?;
+        // A container's addresses while it runs: (IPv4, IPv6).
+        let addresses = |c: &bollard::models::ContainerSummary| {
+            let networks = c
+                .network_settings
+                .as_ref()
+                .and_then(|n| n.networks.as_ref());
+            let first = |address: fn(&bollard::models::EndpointSettings) -> Option<&String>| {
+                networks
+                    .and_then(|n| n.values().filter_map(address).find(|ip| !ip.is_empty()))
+                    .filter(|_| c.state.as_deref() == Some("running"))
+                    .cloned()
+            };
+            (
+                first(|e| e.ip_address.as_ref()),
+                first(|e| e.global_ipv6_address.as_ref()),
+            )
+        };
+        // Network holders by name: an application container that joins one has its address.
+        let holders: HashMap<String, (Option<String>, Option<String>)> = list
+            .iter()
+            .filter(|c| {
+                c.labels
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key(netns_holder::LABEL_HOLDS))
+            })
+            .map(|c| (summary_name(c), addresses(c)))
+            .collect();
         let mut out = Vec::new();
         for c in list {
-            let name = c
-                .names
-                .as_ref()
-                .and_then(|n| n.first())
-                .map(|n| n.trim_start_matches('/').to_string())
-                .unwrap_or_default();
+            let name = summary_name(&c);
+            let (own_ip, own_ip6) = addresses(&c);
             let labels = c.labels.unwrap_or_default();
             let Some(json) = labels.get(LABEL_APPLICATION) else {
                 continue;
@@ -389,16 +682,11 @@ impl ContainerRuntime for DockerRuntime {
             let running = c.state.as_deref() == Some("running");
             let never_started = c.state.as_deref() == Some("created");
             let spec_digest = labels.get(LABEL_SPEC).cloned();
-            let networks = c.network_settings.and_then(|n| n.networks);
-            let first = |address: fn(&bollard::models::EndpointSettings) -> Option<&String>| {
-                networks
-                    .as_ref()
-                    .and_then(|n| n.values().filter_map(address).find(|ip| !ip.is_empty()))
-                    .filter(|_| running)
-                    .cloned()
+            let (ip, ip6) = match labels.get(netns_holder::LABEL_HOLDER) {
+                Some(holder) if running => holders.get(holder).cloned().unwrap_or_default(),
+                Some(_) => (None, None),
+                None => (own_ip, own_ip6),
             };
-            let ip = first(|e| e.ip_address.as_ref());
-            let ip6 = first(|e| e.global_ipv6_address.as_ref());
             out.push(ManagedContainer {
                 name,
                 application,
@@ -463,16 +751,11 @@ impl ContainerRuntime for DockerRuntime {
             maximum_retry_count: None,
         };
         let settings = &spec.settings;
-        let config = Config {
+        let mut config = Config {
             image: Some(spec.image.clone()),
             env: Some(spec.env.clone()),
             labels: Some(spec.labels.clone().into_iter().collect()),
-            exposed_ports: Some(
-                spec.exposed_ports
-                    .iter()
-                    .map(|(port, protocol)| (format!("{port}/{protocol}"), HashMap::new()))
-                    .collect(),
-            ),
+            exposed_ports: Some(docker_exposed_ports(&spec.exposed_ports)),
             cmd: settings.command.clone(),
             entrypoint: settings.entrypoint.clone(),
             user: settings.user.clone(),
@@ -526,6 +809,15 @@ impl ContainerRuntime for DockerRuntime {
             healthcheck: spec.health_check.as_ref().map(docker_health_config),
             ..Default::default()
         };
+        if self.holders {
+            // A fresh holder, so that it carries exactly this spec's network settings.
+            let holder = netns_holder::holder_name(&spec.name);
+            self.remove_holder(&holder, &spec.name).await?;
+            self.create_holder(&holder, &spec.name, &spec.settings, &spec.exposed_ports)
+                .await?;
+            self.start_holder(&holder).await?;
+            netns_holder::join_holder(&mut config, &holder);
+        }
         self.docker
             .create_container(
                 Some(CreateContainerOptions {
@@ -539,6 +831,7 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn start(&self, name: &str) -> Result<(), ContainerError> {
+        self.ensure_holder_of(name).await?;
         self.docker
             .start_container(name, None::<StartContainerOptions<String>>)
             .await?;
@@ -546,43 +839,24 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn stop_and_remove(&self, name: &str) -> Result<(), ContainerError> {
-        // The client's usual 120 s would give up on a stop Docker is still carrying out: a
-        // stop may take the longest grace period a config can give, plus a margin to kill.
-        let stopper = self
-            .docker
-            .clone()
-            .with_timeout(std::time::Duration::from_millis(
-                flocker_wire::container::MAX_STOP_GRACE_MS + 60_000,
-            ));
-        match stopper
-            // No timeout given: Docker waits the container's own stop timeout (the
-            // application's `stop_grace_period`, else 10 s) before it kills.
-            .stop_container(name, None::<StopContainerOptions>)
-            .await
-        {
-            Ok(()) => {}
-            Err(e) if is_not_found(&e) => return Ok(()),
-            // 304: already stopped.
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 304, ..
-            }) => {}
-            Err(e) => return Err(e.into()),
+        self.stop_container(name).await?;
+        let holder = self
+            .holder_id(&netns_holder::holder_name(name), name)
+            .await?;
+        self.remove_by_force(name).await?;
+        if let Some(id) = holder {
+            // Its namespace's teardown takes tens of milliseconds that a move's pause need
+            // not wait for: the holder goes in the background, by its ID (a holder created
+            // meanwhile under the same name is another container). A removal that fails
+            // leaves an orphan, which `remove_orphan_holders` finds.
+            let docker = self.docker.clone();
+            tokio::spawn(async move {
+                if let Err(e) = remove_by_force(&docker, &id).await {
+                    tracing::warn!(holder = %id, error = %e, "cannot remove a network holder; it is retried as an orphan")
+                }
+            });
         }
-        match self
-            .docker
-            .remove_container(
-                name,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    ..Default::default()
-                }),
-            )
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        Ok(())
     }
 
     async fn details(&self, name: &str) -> Result<ContainerDetails, ContainerError> {
@@ -635,6 +909,34 @@ impl ContainerRuntime for DockerRuntime {
         tokio::task::spawn_blocking(read)
             .await
             .map_err(|e| ContainerError::Other(e.to_string()))
+    }
+
+    async fn remove_orphan_holders(&self) -> Result<usize, ContainerError> {
+        let list = self.list_ours().await?;
+        let names: std::collections::HashSet<String> = list.iter().map(summary_name).collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut removed = 0;
+        for c in &list {
+            let Some(of) = c
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(netns_holder::LABEL_HOLDS))
+            else {
+                continue;
+            };
+            // A holder is created just before its container: a young one may be mid-create.
+            let age = now.saturating_sub(u64::try_from(c.created.unwrap_or(0)).unwrap_or(0));
+            if names.contains(of) || age < self.orphan_after.as_secs() {
+                continue;
+            }
+            let Some(id) = &c.id else { continue };
+            tracing::info!(holder = %id, container = %of, "removing a network holder whose container is gone");
+            self.remove_by_force(id).await?;
+            removed += 1;
+        }
+        Ok(removed)
     }
 
     async fn disable_docker_restart(&self, name: &str) -> Result<(), ContainerError> {

@@ -126,15 +126,19 @@ pub async fn build(
             .await
             .map_err(|e| StartError::Routing(e.to_string()))??
     };
-    let runtime = DockerRuntime::connect(&config.docker_socket, &config.node_address)
-        .await
-        .map_err(|source| StartError::Docker {
-            socket: config.docker_socket.display().to_string(),
-            source,
-        })?;
+    let runtime = DockerRuntime::connect(
+        &config.docker_socket,
+        &config.node_address,
+        config.netns_holders,
+    )
+    .await
+    .map_err(|source| StartError::Docker {
+        socket: config.docker_socket.display().to_string(),
+        source,
+    })?;
     match runtime.version().await {
         Ok(v) => {
-            tracing::info!(docker = %v, socket = %config.docker_socket.display(), "container runtime: Docker")
+            tracing::info!(docker = %v, socket = %config.docker_socket.display(), netns_holders = config.netns_holders, "container runtime: Docker")
         }
         Err(source) => {
             return Err(StartError::Docker {

@@ -25,6 +25,7 @@ pub mod idle;
 pub mod limits;
 pub mod listeners;
 pub mod metrics;
+pub mod netns_holder;
 pub mod ownership;
 pub mod readiness;
 pub mod restart_memory;

@@ -54,9 +54,28 @@ pub fn backoff(attempts: u32) -> Duration {
 pub async fn run(agent: Arc<Agent>) {
     let mut ticker = tokio::time::interval(INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut passes: u64 = 0;
     loop {
         ticker.tick().await;
         pass(&agent).await;
+        if passes.is_multiple_of(ORPHAN_SWEEP_EVERY) {
+            sweep_orphan_holders(&agent).await;
+        }
+        passes += 1;
+    }
+}
+
+/// Holders become orphans only after a minute ([`crate::netns_holder::ORPHAN_AFTER`]): a
+/// Docker listing for them once a minute, not on every pass.
+const ORPHAN_SWEEP_EVERY: u64 = 60;
+
+/// Removes network holders left without their container, unless a converge runs.
+async fn sweep_orphan_holders(agent: &Agent) {
+    let Ok(_guard) = agent.converge_lock.clone().try_lock_owned() else {
+        return;
+    };
+    if let Err(e) = agent.runtime.remove_orphan_holders().await {
+        tracing::warn!(error = %e, "supervisor: cannot remove orphaned network holders");
     }
 }
 

@@ -171,6 +171,9 @@ fn start_node(
         format!("zfs:{}", pool.name()),
         "--routing".into(),
         "nftables".into(),
+        // Off by default for now; this test covers them (settings, moves, restarts, removal).
+        "--netns-holders".into(),
+        "true".into(),
         "--ca-cert".into(),
         ca.join("cluster.crt").display().to_string(),
         "--cert".into(),
@@ -524,6 +527,22 @@ fn desired_on(node: &str, app: Option<Application>) -> DesiredState {
     d
 }
 
+/// Waits (at most 10 s) until no container on `node` has a name containing `part`.
+fn wait_until_none_named(node: &Node, part: &str) -> Result<()> {
+    let filter = format!("name={part}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out =
+            node.docker
+                .docker(&["ps", "-a", "--format", "{{.Names}}", "--filter", &filter])?;
+        if out.trim().is_empty() {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "still there: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `sha256sum` of files inside the application's container on `node`.
 fn checksums(node: &Node, files: &[&str]) -> Result<String> {
     let mut args = vec!["exec", "flocker-web", "/bin/busybox", "sha256sum"];
@@ -661,14 +680,40 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
         "inspect",
         "-f",
         "{{index .Config.Labels \"com.example.team\"}}|{{.Config.WorkingDir}}|{{.Config.Hostname}}|\
-         {{.Config.StopSignal}}|{{.Config.StopTimeout}}|{{.HostConfig.CapDrop}}|{{.HostConfig.ExtraHosts}}|\
+         {{.Config.StopSignal}}|{{.Config.StopTimeout}}|{{.HostConfig.CapDrop}}|{{.HostConfig.NetworkMode}}|\
          {{.HostConfig.Tmpfs}}",
         "flocker-web",
     ])?;
+    // The network settings are on its network holder, whose namespace it joins (Docker
+    // records the holder's ID, and gives the joining container the holder's hostname).
+    let holder_id = cluster
+        .a
+        .docker
+        .docker(&["inspect", "-f", "{{.Id}}", "flocker-web.netns"])?;
     assert_eq!(
         settings.trim(),
-        "web|/www|web-1|SIGTERM|3|[NET_RAW]|[db.local:198.18.0.5]|map[/scratch:size=1m]"
+        format!(
+            "web|/www|web-1|SIGTERM|3|[NET_RAW]|container:{}|map[/scratch:size=1m]",
+            holder_id.trim()
+        )
     );
+    let holder = cluster.a.docker.docker(&[
+        "inspect",
+        "-f",
+        "{{.State.Running}}|{{.Config.Hostname}}|{{.HostConfig.ExtraHosts}}|{{.NetworkSettings.IPAddress}}",
+        "flocker-web.netns",
+    ])?;
+    let ip = c.ip.as_deref().unwrap_or_default();
+    assert_eq!(
+        holder.trim(),
+        format!("true|web-1|[db.local:198.18.0.5]|{ip}"),
+        "the holder carries the network settings and the address the agent reports"
+    );
+    let seen = cluster
+        .a
+        .docker
+        .docker(&["exec", "flocker-web", "/bin/busybox", "hostname"])?;
+    assert_eq!(seen.trim(), "web-1");
     // Running it twice changes nothing: the planner has nothing left to do, and re-sending
     // the same actions is harmless.
     assert!(flocker_ctl::planner::plan(&d1, &cluster.cluster_state()?).is_empty());
@@ -722,7 +767,11 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
                 assert!(!cl.b.writable("web")?, "B's copy must be read-only");
                 assert!(sa.container("web").is_some_and(|c| c.running));
             }
-            "stop" => assert!(sa.container("web").is_none()),
+            "stop" => {
+                assert!(sa.container("web").is_none());
+                // Its network holder goes with it (in the background).
+                wait_until_none_named(&cl.a, "flocker-web")?;
+            }
             "final-push" => {
                 let (_, _, snaps_a) = record(&sa, "web").context("A copy")?;
                 let (owner_b, epoch_b, snaps_b) = record(&sb, "web").context("B copy")?;
@@ -888,6 +937,7 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
     cluster.deploy(&d4, |_, _| Ok(()))?;
     let sa = cluster.state(&cluster.a)?;
     assert!(sa.containers.is_empty());
+    wait_until_none_named(&cluster.a, "flocker-web")?;
     assert_eq!(record(&sa, "web").map(|r| (r.0, r.1)), Some((A.into(), 3)));
     assert!(flocker_ctl::planner::plan(&d4, &cluster.cluster_state()?).is_empty());
     let bystander =

@@ -192,6 +192,8 @@ pub struct ClusterSpec {
     pub ctl_binary: PathBuf,
     /// Routing backend passed to every agent.
     pub routing: String,
+    /// More flags for every agent (a benchmark comparing an agent setting).
+    pub agent_args: Vec<String>,
 }
 
 impl ClusterSpec {
@@ -207,6 +209,7 @@ impl ClusterSpec {
             agent_binary: crate::binaries::binary("flocker-agent"),
             ctl_binary: crate::binaries::binary("flockerctl"),
             routing: routing.into(),
+            agent_args: Vec::new(),
         }
     }
 }
@@ -415,6 +418,7 @@ impl Cluster {
                     .into_iter()
                     .flatten(),
             )
+            .args(&self.spec.agent_args)
             .env("RUST_LOG", "info")
             .env("FLOCKER_TEST_HOOKS", node.test_hooks_dir())
             .stdin(Stdio::null())

@@ -32,6 +32,7 @@ fn spec(dir: &Path) -> ClusterSpec {
         agent_binary: binary("flocker-agent"),
         ctl_binary: binary("flockerctl"),
         routing: "nftables".into(),
+        agent_args: Vec::new(),
     }
 }
 

@@ -81,9 +81,20 @@ impl Agent {
         events: &Events,
         limit_rate: Option<u64>,
     ) -> Result<bool, AgentError> {
-        let local = self
-            .local_volume(name)
-            .await?
+        // Three reads at once (each a storage, Docker or peer round trip; a final push is in
+        // the clients' pause), judged below in the order the checks need them.
+        let (local, remote, user) = tokio::join!(
+            self.local_volume(name),
+            self.remote_volume(to, name),
+            async {
+                if last {
+                    self.using_volume(name).await
+                } else {
+                    Ok(None)
+                }
+            }
+        );
+        let local = local?
             .ok_or_else(|| AgentError::NotFound(format!("volume {name:?} does not exist here")))?;
         if local.owner == to {
             // A retry after the handoff: the target already holds everything.
@@ -102,8 +113,7 @@ impl Agent {
         } else {
             None
         };
-        if last
-            && let Some(c) = self.using_volume(name).await?
+        if let Some(c) = user?
             && c.running
         {
             // The final push is what the handoff relies on: nothing may be written after it.
@@ -112,7 +122,7 @@ impl Agent {
                 c.application.name
             )));
         }
-        let remote = self.remote_volume(to, name).await?;
+        let remote = remote?;
         if let (Some(epoch), Some(r)) = (handoff, &remote)
             && let Some(newest) = local.snapshots.last()
             && ownership::took_over_by_push(&local, to, r, newest)
@@ -139,11 +149,15 @@ impl Agent {
         // The snapshot is what the target will run on: it must be of the volume itself.
         self.prove_volume(name).await?;
         let snapshot = next_push_snapshot(&local.snapshots);
+        // A target sets the quota only on a copy a full stream creates (a first push, or
+        // one replacing a stale replica): for an incremental the lookup (a storage round
+        // trip, in a final push's pause) is skipped.
+        let first_copy = base.is_none();
         let quota = {
             let (n, s) = (name.to_string(), snapshot.clone());
             self.blocking(move |b| {
                 b.snapshot(&n, &s)?;
-                b.quota(&n)
+                if first_copy { b.quota(&n) } else { Ok(None) }
             })
             .await?
         };

@@ -856,12 +856,14 @@ impl Agent {
             && !c.never_started
             && &c.application == app
         {
-            if !c.running {
-                // Its files may be gone (a node restart empties the tmpfs).
-                self.write_files(desired, app)?;
-                self.runtime.start(&c.name).await?;
+            if c.running {
+                return Ok(());
             }
-            return Ok(());
+            // Its files may be gone (a node restart empties the tmpfs).
+            self.write_files(desired, app)?;
+            if !self.start_unless_holder_gone(&c.name).await? {
+                return Ok(());
+            }
         }
         let spec = self.spec_for(desired, routes, app, &volume_mounts)?;
         if let Some(c) = existing {
@@ -871,8 +873,9 @@ impl Agent {
                 && c.spec_digest.as_deref() == spec.labels.get(LABEL_SPEC).map(String::as_str)
             {
                 tracing::info!(application = %app.name, "starting the container prepared during the pre-copy");
-                self.runtime.start(&c.name).await?;
-                return Ok(());
+                if !self.start_unless_holder_gone(&c.name).await? {
+                    return Ok(());
+                }
             }
             if c.never_started {
                 tracing::info!(application = %app.name, "the prepared container no longer matches: creating it anew");
@@ -881,6 +884,19 @@ impl Agent {
         }
         self.runtime.create_and_start(&spec).await?;
         Ok(())
+    }
+
+    /// Starts an existing container; `true` when it must be created anew instead, because
+    /// the network holder it was created to join is gone.
+    async fn start_unless_holder_gone(&self, container: &str) -> Result<bool, AgentError> {
+        match self.runtime.start(container).await {
+            Ok(()) => Ok(false),
+            Err(e @ ContainerError::HolderGone { .. }) => {
+                tracing::warn!(container, error = %e, "creating the container anew");
+                Ok(true)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The container of `app` on `volume_mounts`, with its files written and its hosts file,

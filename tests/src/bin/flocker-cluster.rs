@@ -15,6 +15,7 @@ fn main() -> Result<()> {
         agent_binary: PathBuf::from("target/debug/flocker-agent"),
         ctl_binary: PathBuf::from("target/debug/flockerctl"),
         routing: "nftables".to_string(),
+        agent_args: Vec::new(),
     };
     let Some((command, mut rest)) = args.split_first().map(|(c, r)| (c.clone(), r.iter())) else {
         bail!(

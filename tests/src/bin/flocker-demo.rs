@@ -22,6 +22,7 @@ fn main() -> Result<()> {
         agent_binary: target.join("flocker-agent"),
         ctl_binary: target.join("flockerctl"),
         routing: "nftables".into(),
+        agent_args: Vec::new(),
     })?;
     cluster.teardown_on_drop = true;
     let app = "examples/redis/application.yml";

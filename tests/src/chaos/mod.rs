@@ -84,6 +84,7 @@ pub fn run(options: Options) -> Result<Vec<CellReport>> {
         agent_binary: options.binaries.join("flocker-agent"),
         ctl_binary: options.binaries.join("flockerctl"),
         routing: "nftables".into(),
+        agent_args: Vec::new(),
     };
     // A run that was killed leaves its cluster: start from nothing.
     Cluster::down(&spec).context("remove an earlier chaos cluster")?;

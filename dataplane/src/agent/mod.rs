@@ -395,11 +395,15 @@ impl Agent {
     /// while operations on different volumes (possibly waiting on each other across nodes)
     /// never block each other.
     async fn lock_volume(&self, name: &str) -> OwnedMutexGuard<()> {
-        let lock = match self.volume_locks.lock() {
+        self.volume_lock(name).lock_owned().await
+    }
+
+    /// The lock that orders everything done to one volume on this node.
+    fn volume_lock(&self, name: &str) -> Arc<Mutex<()>> {
+        match self.volume_locks.lock() {
             Ok(mut map) => map.entry(name.to_string()).or_default().clone(),
             Err(_) => Arc::new(Mutex::new(())),
-        };
-        lock.lock_owned().await
+        }
     }
 
     /// Runs a volume backend call on a blocking thread, waiting at most

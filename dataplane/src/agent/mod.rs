@@ -865,7 +865,7 @@ impl Agent {
             }
             // Its files may be gone (a node restart empties the tmpfs).
             self.write_files(desired, app)?;
-            if !self.start_unless_holder_gone(&c.name).await? {
+            if !self.start_or_recreate(&c.name).await? {
                 return Ok(());
             }
         }
@@ -877,7 +877,7 @@ impl Agent {
                 && c.spec_digest.as_deref() == spec.labels.get(LABEL_SPEC).map(String::as_str)
             {
                 tracing::info!(application = %app.name, "starting the container prepared during the pre-copy");
-                if !self.start_unless_holder_gone(&c.name).await? {
+                if !self.start_or_recreate(&c.name).await? {
                     return Ok(());
                 }
             }
@@ -891,11 +891,13 @@ impl Agent {
     }
 
     /// Starts an existing container; `true` when it must be created anew instead, because
-    /// the network holder it was created to join is gone.
-    async fn start_unless_holder_gone(&self, container: &str) -> Result<bool, AgentError> {
+    /// the network holder it was created to join is gone, or Docker failed the start itself
+    /// (it is not running, and the application's data lives in its volumes, so removing it
+    /// loses only its writable layer; a spec that cannot start fails the create instead).
+    async fn start_or_recreate(&self, container: &str) -> Result<bool, AgentError> {
         match self.runtime.start(container).await {
             Ok(()) => Ok(false),
-            Err(e @ ContainerError::HolderGone { .. }) => {
+            Err(e @ (ContainerError::HolderGone { .. } | ContainerError::StartFailed { .. })) => {
                 tracing::warn!(container, error = %e, "creating the container anew");
                 Ok(true)
             }

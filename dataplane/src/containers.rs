@@ -863,11 +863,14 @@ impl ContainerRuntime for DockerRuntime {
         self.remove_by_force(name).await?;
         if let Some(id) = holder {
             // Its namespace's teardown takes tens of milliseconds that a move's pause need
-            // not wait for: the holder goes in the background, by its ID (a holder created
-            // meanwhile under the same name is another container). A removal that fails
-            // leaves an orphan, which `remove_orphan_holders` finds.
+            // not wait for, and loads the kernel and dockerd while the final push and the
+            // start run: the holder goes in the background, after the pause, by its ID (a
+            // holder created meanwhile under the same name is another container, and a
+            // create of this one removes the old holder itself). A removal that fails leaves
+            // an orphan, which `remove_orphan_holders` finds.
             let docker = self.docker.clone();
             tokio::spawn(async move {
+                tokio::time::sleep(netns_holder::REMOVAL_DELAY).await;
                 if let Err(e) = remove_by_force(&docker, &id).await {
                     tracing::warn!(holder = %id, error = %e, "cannot remove a network holder; it is retried as an orphan")
                 }

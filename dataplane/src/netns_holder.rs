@@ -38,6 +38,10 @@ pub const LABEL_HOLDER: &str = "flocker.netns";
 /// just before its container, so a younger one may be in the middle of a create).
 pub const ORPHAN_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How long after its application's container stopped a holder is removed: past a move's
+/// pause (its final push and start), which the namespace's teardown would slow down.
+pub const REMOVAL_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Whether this build can run holders (the pause program exists for this architecture).
 pub fn supported() -> bool {
     cfg!(target_arch = "x86_64")

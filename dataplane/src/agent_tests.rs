@@ -350,6 +350,24 @@ fn record(node: &TestNode) -> Option<(String, u64, Vec<String>)> {
         .map(|v| (v.owner, v.epoch, v.snapshots))
 }
 
+/// Creates the volume `db` on `node` and starts `application` on it; the converge must
+/// succeed.
+async fn create_and_start(node: &TestNode, desired: &DesiredState, application: Application) {
+    let events = converge(
+        node,
+        desired,
+        vec![
+            Action::CreateVolume {
+                volume: "db".into(),
+                maximum_size: None,
+            },
+            Action::StartApplication { application },
+        ],
+    )
+    .await;
+    assert_eq!(failed(&events), None, "{events:?}");
+}
+
 /// Waits (at most 5 s) until the node's copy of `db` holds one snapshot: a push or receive
 /// destroys the older push snapshots in the background once it has answered.
 async fn wait_pruned(node: &TestNode) {
@@ -453,19 +471,7 @@ async fn a_container_prepared_during_the_pre_copy_starts_only_once_owned() {
         d
     };
     let d1 = desired(A);
-    let events = converge(
-        &a,
-        &d1,
-        vec![
-            Action::CreateVolume {
-                volume: "db".into(),
-                maximum_size: None,
-            },
-            Action::StartApplication { application: app() },
-        ],
-    )
-    .await;
-    assert_eq!(failed(&events), None, "{events:?}");
+    create_and_start(&a, &d1, app()).await;
     let d2 = desired(B);
     let push = |last| Action::PushVolume {
         volume: "db".into(),
@@ -577,19 +583,7 @@ async fn a_container_prepared_during_the_pre_copy_starts_only_once_owned() {
 async fn moves_a_directory_volume_between_two_agents_over_mutual_tls() {
     let (_dir, a, b) = setup().await;
     let d1 = desired(A);
-    let events = converge(
-        &a,
-        &d1,
-        vec![
-            Action::CreateVolume {
-                volume: "db".into(),
-                maximum_size: None,
-            },
-            Action::StartApplication { application: app() },
-        ],
-    )
-    .await;
-    assert_eq!(failed(&events), None, "{events:?}");
+    create_and_start(&a, &d1, app()).await;
     let data = a.volumes.mountpoint("db").expect("mp");
     std::fs::write(data.join("f"), "v1").expect("write");
 
@@ -1046,19 +1040,7 @@ async fn nothing_starts_on_a_volume_that_is_not_proven() {
 async fn a_container_docker_cannot_start_is_created_anew() {
     let (_dir, a, _b) = setup().await;
     let d = desired(A);
-    let events = converge(
-        &a,
-        &d,
-        vec![
-            Action::CreateVolume {
-                volume: "db".into(),
-                maximum_size: None,
-            },
-            Action::StartApplication { application: app() },
-        ],
-    )
-    .await;
-    assert_eq!(failed(&events), None, "{events:?}");
+    create_and_start(&a, &d, app()).await;
     a.runtime.exit("flocker-db", 137);
     if let Ok(mut ip) = a.runtime.next_ip.lock() {
         *ip = Some("172.17.0.9".into());
@@ -1337,19 +1319,7 @@ async fn a_replica_is_promoted_and_the_returning_owner_fences_itself() {
             interval_ms: 1_000,
         },
     );
-    let events = converge(
-        &a,
-        &on_a,
-        vec![
-            Action::CreateVolume {
-                volume: "db".into(),
-                maximum_size: None,
-            },
-            Action::StartApplication { application: app() },
-        ],
-    )
-    .await;
-    assert_eq!(failed(&events), None, "{events:?}");
+    create_and_start(&a, &on_a, app()).await;
     let data_a = a.volumes.mountpoint("db").expect("mp");
     std::fs::write(data_a.join("kept"), "before the snapshot").expect("write");
 

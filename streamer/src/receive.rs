@@ -17,6 +17,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::error::StreamError;
+use crate::aligned::AlignedBuf;
 use crate::format::{
     AuthMode, ChunkDigest, END_PAYLOAD_LEN, EndPayload, FLAG_ZSTD, FRAME_HEADER_LEN, FrameHeader,
     FrameKind, STREAM_HEADER_LEN, StreamHasher, TAG_LEN, chunk_digest, parse_frame_header,
@@ -25,10 +26,11 @@ use crate::format::{
 use crate::options::{Progress, ReceiveOptions, Summary, slots};
 use crate::seal::{Direction, MAX_TAG_LEN, Protection};
 
-/// Buffers that circulate reader -> worker -> writer -> reader.
+/// Buffers that circulate reader -> worker -> writer -> reader. Page-aligned, so a sink
+/// writing with `O_DIRECT` takes a chunk as it is (see [`crate::aligned`]).
 struct Buffers {
-    payload: Vec<u8>,
-    raw: Vec<u8>,
+    payload: AlignedBuf,
+    raw: AlignedBuf,
 }
 
 struct Frame {
@@ -107,8 +109,8 @@ pub fn receive_stream<R: Read + Send, W: Write + Send>(
     let (pool_tx, pool_rx) = bounded::<Buffers>(n_slots);
     for _ in 0..n_slots {
         let _ = pool_tx.send(Buffers {
-            payload: Vec::new(),
-            raw: Vec::new(),
+            payload: AlignedBuf::new(),
+            raw: AlignedBuf::new(),
         });
     }
     let (work_tx, work_rx) = bounded::<Frame>(n_slots);
@@ -238,7 +240,7 @@ fn read_frames<R: Read>(
                 let Ok(mut bufs) = pool.recv() else {
                     return Err(ReadError::PipelineStopped);
                 };
-                bufs.payload.resize(header.payload_len as usize, 0);
+                bufs.payload.resize(header.payload_len as usize);
                 read_all(transport, &mut bufs.payload).map_err(io)?;
                 let mut tag = [0u8; MAX_TAG_LEN];
                 read_all(transport, &mut tag[..tag_len]).map_err(io)?;
@@ -319,11 +321,10 @@ fn verify_one(
         .open_data(&header_bytes, seq, &mut bufs.payload, tag)
         .map_err(|_| StreamError::DataTag { seq })?;
     if compressed {
-        bufs.raw.clear();
-        bufs.raw.reserve(len);
-        // The capacity bound stops a crafted frame from inflating past the declared length.
+        bufs.raw.resize(len);
+        // The length bound stops a crafted frame from inflating past the declared length.
         let n = decompressor
-            .decompress_to_buffer(&bufs.payload, &mut bufs.raw)
+            .decompress_to_buffer(&bufs.payload, &mut *bufs.raw)
             .map_err(|e| StreamError::Decompress {
                 seq,
                 reason: e.to_string(),

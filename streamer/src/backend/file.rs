@@ -61,8 +61,8 @@ impl<R: Read + Send> Source for ReaderSource<R> {
 }
 
 /// Writes a file: into `PATH.flocker-partial`, renamed over `PATH` on commit (after `fsync`),
-/// removed on abort. The partial file is written with direct I/O from a writer thread (see
-/// [`super::direct`]). An existing device (`/dev/null`, a block device) is written in place,
+/// removed on abort. The partial file is written with direct I/O, straight from the
+/// receiver's aligned chunk buffers (see [`super::direct`]). An existing device (`/dev/null`, a block device) is written in place,
 /// through ordinary buffered writes, and cannot be rolled back.
 #[derive(Debug)]
 pub struct FileSink {
@@ -122,8 +122,7 @@ impl Sink for FileSink {
         let f = super::direct::create(&self.partial).map_err(fs_err(&self.partial))?;
         let file = Arc::new(f);
         self.file = Some(Arc::clone(&file));
-        let writer = super::direct::DirectWriter::new(file).map_err(fs_err(&self.partial))?;
-        Ok(Box::new(writer))
+        Ok(Box::new(super::direct::DirectWriter::new(file)))
     }
 
     fn commit(&mut self) -> Result<(), BackendError> {

@@ -25,11 +25,19 @@ impl AlignedBuf {
         Self::default()
     }
 
+    /// Bytes the buffer can hold without a new allocation.
+    fn capacity(&self) -> usize {
+        self.buf.len().saturating_sub(self.start)
+    }
+
     /// Makes the buffer `len` bytes long. Bytes kept from an earlier use are left as they
-    /// were (the callers overwrite them); a larger buffer is zero-filled when it grows.
+    /// were (the callers overwrite them). Growing allocates a new zeroed buffer of at least
+    /// twice the old capacity, as `Vec` does, so a slowly growing length does not reallocate
+    /// (and fault in fresh pages) every time.
     pub fn resize(&mut self, len: usize) {
-        if self.start + len > self.buf.len() {
-            self.buf = vec![0u8; len + ALIGN];
+        if len > self.capacity() {
+            let capacity = len.max(2 * self.capacity());
+            self.buf = vec![0u8; capacity + ALIGN];
             self.start = self.buf.as_ptr().align_offset(ALIGN).min(ALIGN);
         }
         self.len = len;
@@ -67,5 +75,12 @@ mod tests {
             b.fill(7);
             assert!(b.iter().all(|&x| x == 7));
         }
+        // Growing a little reuses the doubled capacity.
+        let mut g = AlignedBuf::new();
+        g.resize(1000);
+        g.resize(1500);
+        let at = g.as_ptr();
+        g.resize(2000);
+        assert_eq!(g.as_ptr(), at);
     }
 }

@@ -16,8 +16,8 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use crate::error::StreamError;
 use crate::aligned::AlignedBuf;
+use crate::error::StreamError;
 use crate::format::{
     AuthMode, ChunkDigest, END_PAYLOAD_LEN, EndPayload, FLAG_ZSTD, FRAME_HEADER_LEN, FrameHeader,
     FrameKind, STREAM_HEADER_LEN, StreamHasher, TAG_LEN, chunk_digest, parse_frame_header,

@@ -61,9 +61,9 @@ fn buffered(file: &File) -> io::Result<()> {
 /// Whether `data` may be written with `O_DIRECT` at a file offset of `offset` (with the
 /// slices before it in the same write, each aligned).
 fn aligned(data: &[u8], offset: u64) -> bool {
-    data.as_ptr() as usize % ALIGN == 0
-        && data.len() % ALIGN == 0
-        && offset % ALIGN as u64 == 0
+    (data.as_ptr() as usize).is_multiple_of(ALIGN)
+        && data.len().is_multiple_of(ALIGN)
+        && offset.is_multiple_of(ALIGN as u64)
 }
 
 /// The file and where it stands.
@@ -160,7 +160,7 @@ impl DirectWriter {
 
 /// Whether `data` starts on an alignment boundary and is at least one unit long.
 fn aligned_start(data: &[u8]) -> bool {
-    data.as_ptr() as usize % ALIGN == 0 && data.len() >= ALIGN
+    (data.as_ptr() as usize).is_multiple_of(ALIGN) && data.len() >= ALIGN
 }
 
 impl Write for DirectWriter {
@@ -188,7 +188,7 @@ impl Write for DirectWriter {
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         let whole = bufs
             .iter()
-            .take_while(|b| aligned_start(b) && b.len() % ALIGN == 0)
+            .take_while(|b| aligned_start(b) && b.len().is_multiple_of(ALIGN))
             .count();
         if self.held == 0 && whole > 1 {
             return self.target.write_some(&bufs[..whole]);
@@ -331,5 +331,4 @@ mod tests {
             assert_eq!(std::fs::read(&path).expect("read"), data, "len {len}");
         }
     }
-
 }

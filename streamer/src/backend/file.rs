@@ -62,8 +62,9 @@ impl<R: Read + Send> Source for ReaderSource<R> {
 
 /// Writes a file: into `PATH.flocker-partial`, renamed over `PATH` on commit (after `fsync`),
 /// removed on abort. The partial file is written with direct I/O, straight from the
-/// receiver's aligned chunk buffers (see [`super::direct`]). An existing device (`/dev/null`, a block device) is written in place,
-/// through ordinary buffered writes, and cannot be rolled back.
+/// receiver's aligned chunk buffers (see [`super::direct`]). An existing device (`/dev/null`,
+/// a block device) is written in place, through ordinary buffered writes, and cannot be rolled
+/// back.
 #[derive(Debug)]
 pub struct FileSink {
     path: PathBuf,

@@ -6,7 +6,8 @@
 //! bounded by the chunk size), take each chunk's digest ([`chunk_digest`]: BLAKE3 of the chunk,
 //! or for a raw sealed chunk the GCM tag that just authenticated it) and check the checksum of
 //! the no-key mode; one
-//! writer thread puts verified chunks into the sink in order. A chunk reaches the sink only after
+//! writer thread puts verified chunks into the sink in order, the chunks that are ready together
+//! in one vectored write (up to [`MAX_BATCH`]). A chunk reaches the sink only after
 //! its tag matched, so the sink never sees an unverified byte. The pool of `2 * threads + 2`
 //! buffers bounds memory as on the sending side.
 

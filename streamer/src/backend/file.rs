@@ -146,7 +146,20 @@ impl Sink for FileSink {
             op: "rename into place",
             path: self.path.clone(),
             source,
-        })
+        })?;
+        // The rename is durable only once its directory is: a crash right after the commit
+        // must not bring back the partial name (or no file at all).
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| BackendError::Fs {
+                op: "sync the directory of",
+                path: self.path.clone(),
+                source,
+            })
     }
 
     fn abort(&mut self) -> Result<Option<String>, BackendError> {

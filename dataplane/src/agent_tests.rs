@@ -40,6 +40,8 @@ struct FakeRuntime {
     /// The address the next container gets (172.17.0.2 when unset), as Docker may hand a
     /// container created anew another one.
     next_ip: Mutex<Option<String>>,
+    /// How many of the next starts of an existing container Docker fails (a 500).
+    failing_starts: Mutex<u32>,
 }
 
 impl FakeRuntime {
@@ -137,6 +139,15 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn start(&self, name: &str) -> Result<(), ContainerError> {
+        if let Ok(mut failing) = self.failing_starts.lock()
+            && *failing > 0
+        {
+            *failing -= 1;
+            return Err(ContainerError::StartFailed {
+                container: name.into(),
+                detail: "failed to start shim: mkdir /run/.../moby/ID: file exists: unknown".into(),
+            });
+        }
         if let Ok(mut c) = self.containers.lock()
             && let Some(c) = c.get_mut(name)
         {
@@ -337,6 +348,17 @@ fn record(node: &TestNode) -> Option<(String, u64, Vec<String>)> {
         .get("db")
         .expect("get")
         .map(|v| (v.owner, v.epoch, v.snapshots))
+}
+
+/// Waits (at most 5 s) until the node's copy of `db` holds one snapshot: a push or receive
+/// destroys the older push snapshots in the background once it has answered.
+async fn wait_pruned(node: &TestNode) {
+    for _ in 0..100 {
+        if record(node).is_some_and(|(_, _, snaps)| snaps.len() <= 1) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -643,7 +665,9 @@ async fn moves_a_directory_volume_between_two_agents_over_mutual_tls() {
     let events = converge(&a, &d2, vec![push(true)]).await;
     assert_eq!(failed(&events), None, "{events:?}");
     assert!(progress(&events));
-    // Pruned down to the newest common snapshot on both sides.
+    // Pruned down to the newest common snapshot on both sides, just after the answer.
+    wait_pruned(&a).await;
+    wait_pruned(&b).await;
     let (_, _, snaps_a) = record(&a).expect("a");
     assert_eq!(snaps_a.len(), 1, "{snaps_a:?}");
     assert_eq!(flocker_wire::snapshots::push_sequence(&snaps_a[0]), Some(2));
@@ -1014,6 +1038,51 @@ async fn nothing_starts_on_a_volume_that_is_not_proven() {
     crate::supervisor::pass(&a.agent).await;
     assert!(a.runtime.running("flocker-db"));
     assert_eq!(a.runtime.starts(), starts + 1);
+}
+
+/// A stopped container that Docker cannot start any more (a daemon killed during a start
+/// leaves its runtime state behind) is created anew by the next start, on the same volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_docker_cannot_start_is_created_anew() {
+    let (_dir, a, _b) = setup().await;
+    let d = desired(A);
+    let events = converge(
+        &a,
+        &d,
+        vec![
+            Action::CreateVolume {
+                volume: "db".into(),
+                maximum_size: None,
+            },
+            Action::StartApplication { application: app() },
+        ],
+    )
+    .await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    a.runtime.exit("flocker-db", 137);
+    if let Ok(mut ip) = a.runtime.next_ip.lock() {
+        *ip = Some("172.17.0.9".into());
+    }
+    if let Ok(mut failing) = a.runtime.failing_starts.lock() {
+        *failing = 1;
+    }
+    // A start (not a restart, which always creates anew) of the stopped container.
+    let events = converge(
+        &a,
+        &d,
+        vec![Action::StartApplication { application: app() }],
+    )
+    .await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    assert!(a.runtime.running("flocker-db"));
+    let listed = a.runtime.list_managed().await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        listed[0].ip.as_deref(),
+        Some("172.17.0.9"),
+        "created anew, not started as it was"
+    );
+    assert_eq!(a.runtime.failing_starts.lock().map(|f| *f).ok(), Some(0));
 }
 
 /// Restart policies are the agent's: `never` stays down, `on-failure` stops after its count

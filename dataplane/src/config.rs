@@ -101,7 +101,7 @@ pub struct Flags {
     pub udp_idle_timeout: Option<u64>,
     /// Whether application containers join a network holder container, which owns their
     /// network namespace and is started ahead of a move's start (a shorter pause) [default:
-    /// false while an IPv6 UDP test with eBPF routing fails with them; x86-64 only].
+    /// true on x86-64, the only architecture with a holder program; false elsewhere].
     #[arg(long)]
     pub netns_holders: Option<bool>,
 }
@@ -323,7 +323,10 @@ impl AgentConfig {
                 "udp_idle_timeout: {udp_idle_timeout} s is outside 1 to 86400 seconds"
             ));
         }
-        let netns_holders = flags.netns_holders.or(file.netns_holders).unwrap_or(false);
+        let netns_holders = flags
+            .netns_holders
+            .or(file.netns_holders)
+            .unwrap_or_else(crate::netns_holder::supported);
         if netns_holders && !crate::netns_holder::supported() {
             errors.push(format!(
                 "netns_holders: there is no network holder program for {}; set it to false",
@@ -458,6 +461,35 @@ mod tests {
                 .expect_err("out of range")
                 .to_string();
             assert!(err.contains("udp_idle_timeout"), "{err}");
+        }
+    }
+
+    #[test]
+    fn network_holders_are_on_where_there_is_a_holder_program_unless_turned_off() {
+        let flags = |holders: Option<bool>| Flags {
+            node_address: Some("198.18.0.11".into()),
+            volumes: Some("dir:/var/lib/flocker".into()),
+            ca_cert: Some("/ca".into()),
+            cert: Some("/c".into()),
+            key: Some("/k".into()),
+            netns_holders: holders,
+            ..Flags::default()
+        };
+        let c = AgentConfig::resolve(flags(None)).expect("default");
+        assert_eq!(c.netns_holders, crate::netns_holder::supported());
+        let c = AgentConfig::resolve(flags(Some(false))).expect("off");
+        assert!(!c.netns_holders);
+        if crate::netns_holder::supported() {
+            assert!(
+                AgentConfig::resolve(flags(Some(true)))
+                    .expect("on")
+                    .netns_holders
+            );
+        } else {
+            let err = AgentConfig::resolve(flags(Some(true)))
+                .expect_err("no holder program")
+                .to_string();
+            assert!(err.contains("netns_holders"), "{err}");
         }
     }
 

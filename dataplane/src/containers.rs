@@ -46,6 +46,12 @@ pub enum ContainerError {
     /// whose holder was removed must be created anew (the agent's start does).
     #[error("container {container}: its network holder {holder} is gone; it must be created anew")]
     HolderGone { container: String, holder: String },
+    /// Docker failed the start itself (a server error): for example a daemon killed during
+    /// an earlier start leaves the container's runtime state behind ("failed to start shim:
+    /// ... file exists"), and every later start of that container fails the same way. The
+    /// agent's start creates such a container anew.
+    #[error("container {container}: Docker could not start it: {detail}")]
+    StartFailed { container: String, detail: String },
     #[error("{0}")]
     Other(String),
 }
@@ -832,10 +838,21 @@ impl ContainerRuntime for DockerRuntime {
 
     async fn start(&self, name: &str) -> Result<(), ContainerError> {
         self.ensure_holder_of(name).await?;
-        self.docker
+        match self
+            .docker
             .start_container(name, None::<StartContainerOptions<String>>)
-            .await?;
-        Ok(())
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 500,
+                message,
+            }) => Err(ContainerError::StartFailed {
+                container: name.to_string(),
+                detail: message,
+            }),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn stop_and_remove(&self, name: &str) -> Result<(), ContainerError> {

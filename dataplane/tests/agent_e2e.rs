@@ -324,6 +324,20 @@ impl Cluster {
         Ok(self.rt.block_on(api.state(node.address))?)
     }
 
+    /// A's and B's states once each copy of `volume` holds at most one snapshot (older push
+    /// snapshots are destroyed in the background right after a push answers), or after 10 s.
+    fn pruned_states(&self, volume: &str) -> Result<(NodeState, NodeState)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (a, b) = (self.state(&self.a)?, self.state(&self.b)?);
+            let pruned = |s: &NodeState| s.volume(volume).is_none_or(|v| v.snapshots.len() <= 1);
+            if (pruned(&a) && pruned(&b)) || Instant::now() >= deadline {
+                return Ok((a, b));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The cluster state with `used_bytes` cleared: ZFS accounting moves on its own (atime
     /// updates), everything else must be exactly reproducible.
     fn stable_state(&self) -> Result<ClusterState> {
@@ -756,7 +770,8 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
     let mut crash_after_final_push = false;
     let mut pre_copied = String::new();
     let phases = cluster.deploy(&d2, |phase, cl| {
-        let (sa, sb) = (cl.state(&cl.a)?, cl.state(&cl.b)?);
+        // Older push snapshots are pruned just after a push answers: wait for that.
+        let (sa, sb) = cl.pruned_states("web")?;
         match phase {
             "pre-copy" => {
                 let (owner, epoch, snaps_a) = record(&sa, "web").context("A copy")?;

@@ -15,11 +15,11 @@ use flocker_wire::{ConvergeEvent, VolumeState};
 use crate::ownership::{self, HandoffStep, RecordOrder, TakeOver};
 use crate::ownership::{Record, next_push_snapshot};
 use crate::transfer;
-use crate::volume::check_name;
+use crate::volume::{VolumeError, check_name};
 
 use flocker_wire::transfer::{ReceiveParams, ReceiveReport, TakeOverRequest};
 
-use super::{Agent, AgentError, Events};
+use super::{Agent, AgentError, Events, STORAGE_TIMEOUT};
 
 /// At most this many pushes per pre-copy: the first and its catch-up passes.
 const PRE_COPY_PASSES: u32 = 3;
@@ -81,9 +81,12 @@ impl Agent {
         events: &Events,
         limit_rate: Option<u64>,
     ) -> Result<bool, AgentError> {
-        // Three reads at once (each a storage, Docker or peer round trip; a final push is in
-        // the clients' pause), judged below in the order the checks need them.
-        let (local, remote, user) = tokio::join!(
+        let began = std::time::Instant::now();
+        // Four reads at once (each a storage, Docker or peer round trip; a final push is in
+        // the clients' pause), judged below in the order the checks need them. The proof
+        // that the dataset is mounted where the application wrote is only a read (or the
+        // mount of a dataset over an empty directory), so it need not wait for the checks.
+        let (local, remote, user, proof) = tokio::join!(
             self.local_volume(name),
             self.remote_volume(to, name),
             async {
@@ -92,7 +95,8 @@ impl Agent {
                 } else {
                     Ok(None)
                 }
-            }
+            },
+            self.prove_volume(name)
         );
         let local = local?
             .ok_or_else(|| AgentError::NotFound(format!("volume {name:?} does not exist here")))?;
@@ -147,7 +151,8 @@ impl Agent {
             },
         };
         // The snapshot is what the target will run on: it must be of the volume itself.
-        self.prove_volume(name).await?;
+        proof?;
+        let checks = began.elapsed();
         let snapshot = next_push_snapshot(&local.snapshots);
         // A target sets the quota only on a copy a full stream creates (a first push, or
         // one replacing a stale replica): for an incremental the lookup (a storage round
@@ -171,6 +176,7 @@ impl Agent {
             replace,
             handoff,
         };
+        let snapshotted = began.elapsed();
         tracing::info!(volume = name, to, %snapshot, base = ?base, last, "pushing");
         let sent = Arc::new(AtomicU64::new(0));
         let (n, b, s) = (name.to_string(), base.clone(), snapshot.clone());
@@ -212,6 +218,7 @@ impl Agent {
         };
         let answer: Result<ReceiveReport, ClientError> =
             self.peers.receive(to, name, &params, body).await;
+        let answered = began.elapsed();
         ticker.abort();
         let send_result = sender
             .await
@@ -260,19 +267,19 @@ impl Agent {
         // Both sides now hold `snapshot`: older push snapshots are no longer a base, except
         // the newest one another standby holds (its next push starts there).
         let keep = self.note_pushed(name, to, &snapshot);
-        let mut all = local.snapshots.clone();
-        all.push(snapshot.clone());
-        let prune = ownership::prunable(&all, &keep);
-        let n = name.to_string();
-        self.blocking(move |b| {
-            for s in &prune {
-                b.destroy_snapshot(&n, s)?;
-            }
-            Ok(())
-        })
-        .await?;
+        self.prune_after(name, keep);
         self.metrics.sent(bytes);
-        tracing::info!(volume = name, to, %snapshot, bytes, "pushed");
+        tracing::info!(
+            volume = name,
+            to,
+            %snapshot,
+            bytes,
+            checks_ms = ms(checks),
+            snapshot_ms = ms(snapshotted - checks),
+            stream_ms = ms(answered - snapshotted),
+            record_ms = ms(began.elapsed() - answered),
+            "pushed"
+        );
         Ok(true)
     }
 
@@ -334,6 +341,7 @@ impl Agent {
         body: impl AsyncRead + Send + Unpin + 'static,
     ) -> Result<ReceiveReport, AgentError> {
         let _lock = self.lock_volume(name).await;
+        let began = std::time::Instant::now();
         let local = match self.check_receive(name, &params).await {
             Ok(local) => local,
             Err(e) => {
@@ -381,33 +389,41 @@ impl Agent {
         let quota = params.quota.filter(|_| local.is_none());
         let backend = self.volumes.clone();
         let mut bridge = SyncIoBridge::new(body);
+        let checked = began.elapsed();
         // The stream verified end to end is committed (swapped in), and recorded, on one
         // blocking thread: a sender that hangs up right after its last frame drops this
         // request's future, but never leaves a received copy without its record. Any
         // failure before the commit aborts the sink, which leaves no partial copy and the
         // replica as it was.
-        let bytes = tokio::task::spawn_blocking(move || -> Result<u64, AgentError> {
+        let (bytes, streamed) = tokio::task::spawn_blocking(move || -> Result<_, AgentError> {
             let bytes = transfer::receive(&mut bridge, sink.as_mut()).map_err(|e| {
                 // Read the rest of the stream away so the sender gets this answer.
                 drop(sink);
                 let _ = std::io::copy(&mut bridge, &mut std::io::sink());
                 AgentError::from(e)
             })?;
+            let streamed = began.elapsed();
             backend.set_record(&n, &record, writable, RecordOrder::TakeOver)?;
             if let Some(q) = quota {
                 backend.set_quota(&n, q)?;
             }
-            if let Some(v) = backend.get(&n)? {
-                for s in ownership::prunable(&v.snapshots, &snap) {
-                    backend.destroy_snapshot(&n, &s)?;
-                }
-            }
-            Ok(bytes)
+            Ok((bytes, streamed))
         })
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))??;
+        // Older push snapshots go after the answer: a final push's pause does not wait.
+        self.prune_after(name, snap);
         self.metrics.received(bytes);
-        tracing::info!(volume = name, from = %params.from, snapshot = %params.snapshot, bytes, "received");
+        tracing::info!(
+            volume = name,
+            from = %params.from,
+            snapshot = %params.snapshot,
+            bytes,
+            checks_ms = ms(checked),
+            stream_ms = ms(streamed - checked),
+            record_ms = ms(began.elapsed() - streamed),
+            "received"
+        );
         if params.handoff.is_some() {
             tracing::info!(volume = name, from = %params.from, epoch = reported.epoch, "took ownership with the final push");
             crate::test_hooks::pause_at(crate::test_hooks::Hook::HoldPushAnswer).await;
@@ -467,6 +483,45 @@ impl Agent {
         }
         tracing::info!(volume = name, to, epoch, "handoff complete");
         Ok(())
+    }
+
+    /// Destroys the push snapshots that are no longer a base (all older than `keep`, see
+    /// [`ownership::prunable`]) once the caller's push or receive has answered: a final
+    /// push's pause never waits for it. It takes the volume's lock, so it runs after the
+    /// push or receive that asked for it and before the next one, which would prune the
+    /// same snapshots again if this failed.
+    fn prune_after(&self, name: &str, keep: String) {
+        let lock = self.volume_lock(name);
+        let backend = self.volumes.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let _lock = lock.lock_owned().await;
+            let n = name.clone();
+            let pruned = tokio::task::spawn_blocking(move || -> Result<usize, VolumeError> {
+                let Some(v) = backend.get(&n)? else {
+                    return Ok(0);
+                };
+                let prune = ownership::prunable(&v.snapshots, &keep);
+                for s in &prune {
+                    backend.destroy_snapshot(&n, s)?;
+                }
+                Ok(prune.len())
+            });
+            match tokio::time::timeout(STORAGE_TIMEOUT, pruned).await {
+                Ok(Ok(Ok(count))) => {
+                    tracing::debug!(volume = %name, count, "pruned push snapshots")
+                }
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(volume = %name, error = %e, "pruning push snapshots failed; the next push prunes again")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(volume = %name, error = %e, "pruning push snapshots failed")
+                }
+                Err(_) => {
+                    tracing::warn!(volume = %name, "pruning push snapshots did not finish within the storage timeout")
+                }
+            }
+        });
     }
 
     /// Records on this node's copy that `to` owns the volume at `epoch` (read-only here from
@@ -624,4 +679,9 @@ pub async fn drain(mut body: impl AsyncRead + Unpin) {
         tokio::io::copy(&mut body, &mut tokio::io::sink()),
     )
     .await;
+}
+
+/// Milliseconds, for the timing fields of the push and receive log lines.
+fn ms(d: Duration) -> u64 {
+    d.as_millis().try_into().unwrap_or(u64::MAX)
 }

@@ -395,11 +395,15 @@ impl Agent {
     /// while operations on different volumes (possibly waiting on each other across nodes)
     /// never block each other.
     async fn lock_volume(&self, name: &str) -> OwnedMutexGuard<()> {
-        let lock = match self.volume_locks.lock() {
+        self.volume_lock(name).lock_owned().await
+    }
+
+    /// The lock that orders everything done to one volume on this node.
+    fn volume_lock(&self, name: &str) -> Arc<Mutex<()>> {
+        match self.volume_locks.lock() {
             Ok(mut map) => map.entry(name.to_string()).or_default().clone(),
             Err(_) => Arc::new(Mutex::new(())),
-        };
-        lock.lock_owned().await
+        }
     }
 
     /// Runs a volume backend call on a blocking thread, waiting at most
@@ -861,7 +865,7 @@ impl Agent {
             }
             // Its files may be gone (a node restart empties the tmpfs).
             self.write_files(desired, app)?;
-            if !self.start_unless_holder_gone(&c.name).await? {
+            if !self.start_or_recreate(&c.name).await? {
                 return Ok(());
             }
         }
@@ -873,7 +877,7 @@ impl Agent {
                 && c.spec_digest.as_deref() == spec.labels.get(LABEL_SPEC).map(String::as_str)
             {
                 tracing::info!(application = %app.name, "starting the container prepared during the pre-copy");
-                if !self.start_unless_holder_gone(&c.name).await? {
+                if !self.start_or_recreate(&c.name).await? {
                     return Ok(());
                 }
             }
@@ -887,11 +891,13 @@ impl Agent {
     }
 
     /// Starts an existing container; `true` when it must be created anew instead, because
-    /// the network holder it was created to join is gone.
-    async fn start_unless_holder_gone(&self, container: &str) -> Result<bool, AgentError> {
+    /// the network holder it was created to join is gone, or Docker failed the start itself
+    /// (it is not running, and the application's data lives in its volumes, so removing it
+    /// loses only its writable layer; a spec that cannot start fails the create instead).
+    async fn start_or_recreate(&self, container: &str) -> Result<bool, AgentError> {
         match self.runtime.start(container).await {
             Ok(()) => Ok(false),
-            Err(e @ ContainerError::HolderGone { .. }) => {
+            Err(e @ (ContainerError::HolderGone { .. } | ContainerError::StartFailed { .. })) => {
                 tracing::warn!(container, error = %e, "creating the container anew");
                 Ok(true)
             }

@@ -50,6 +50,7 @@
 #![forbid(unsafe_code)]
 
 pub mod adapt;
+mod aligned;
 mod auth;
 pub mod backend;
 mod error;

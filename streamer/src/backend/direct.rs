@@ -1,53 +1,36 @@
-//! A file writer for the file sink: `O_DIRECT` writes of large aligned blocks from a writer
-//! thread, so the receiver neither copies every byte into the page cache nor waits for the disk.
+//! A file writer for the file sink: `O_DIRECT` writes straight from the caller's buffers when
+//! they are aligned (the receiver's chunk buffers are, see [`crate::aligned`]), so the receiver
+//! copies nothing on its way to the disk.
 //!
 //! Why: profiling the file sink on a VM showed over half of the receiver's CPU in
 //! `copy_folio_from_iter_atomic`, the copy into freshly allocated page-cache pages (which a VM
 //! pays for with a host fault on the first touch of each page). Direct writes skip that copy and
 //! the dirty-page write-back; the sink's commit still calls `fsync` before its rename, which is
 //! what makes the file durable (direct writes alone do not flush the device cache or metadata).
+//! The writer before this one copied every chunk into 4 MiB aligned blocks for a writer thread;
+//! that copy was a fifth of the receiver's CPU on loopback (`bench/RESULTS.md`, "file sink").
 //!
-//! The caller's bytes are copied into one of two aligned [`BLOCK`]-byte buffers; a full buffer
-//! goes to the writer thread while the caller fills the other. The last block's unaligned tail
-//! is written with `O_DIRECT` cleared. A file system that refuses direct I/O (tmpfs refuses the
-//! open, others may refuse a write with `EINVAL`) gets ordinary buffered writes.
+//! The writes are synchronous: the receiver's writer thread waits for each, while its reader
+//! and workers fill the other pooled chunk buffers, so the disk works while the network does.
+//! The receiver hands over the chunks that are ready together in one vectored write (up to
+//! four), one system call and one wait instead of four. Input that is not aligned (the last
+//! chunk, another chunk size, a caller with small buffers) is copied into one aligned
+//! [`BLOCK`]-byte block, allocated on first use and written when full; the unaligned tail at
+//! the end is written with `O_DIRECT` cleared. A file system that refuses direct I/O (tmpfs
+//! before Linux 6.6 refuses the open, others may refuse a write with `EINVAL`) gets ordinary
+//! buffered writes.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::path::Path;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
-use crossbeam_channel::{Receiver, Sender, bounded};
 use rustix::fs::OFlags;
 
-/// Bytes per write; a multiple of every logical block size.
+use crate::aligned::{ALIGN, AlignedBuf};
+
+/// Bytes per write of unaligned input; a multiple of every logical block size.
 pub const BLOCK: usize = 4 << 20;
-/// Alignment of buffer addresses, lengths and file offsets for `O_DIRECT`.
-const ALIGN: usize = 4096;
-
-/// An aligned buffer carved out of a plain `Vec` (no unsafe code).
-struct Block {
-    buf: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl Block {
-    fn new() -> Self {
-        let buf = vec![0u8; BLOCK + ALIGN];
-        let start = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
-        Self { buf, start, len: 0 }
-    }
-
-    fn data(&self) -> &[u8] {
-        &self.buf[self.start..self.start + self.len]
-    }
-
-    fn space(&mut self) -> &mut [u8] {
-        &mut self.buf[self.start + self.len..self.start + BLOCK]
-    }
-}
 
 /// Opens `path` for writing (created or truncated), with `O_DIRECT` when the file system
 /// allows it.
@@ -75,153 +58,153 @@ fn buffered(file: &File) -> io::Result<()> {
     Ok(())
 }
 
-/// Writes `data`; returns whether the file is still in direct mode. `direct` says whether it
-/// is now and the length allows it; an unaligned tail is written buffered. A file system that
-/// refuses a direct write (`EINVAL`, nothing written) gets the rest buffered.
-fn write_block(file: &File, data: &[u8], direct: bool) -> io::Result<bool> {
-    let mut f = file;
-    let mut direct = direct;
-    if !direct {
-        buffered(file)?;
-    }
-    let mut done = 0;
-    while done < data.len() {
-        match f.write(&data[done..]) {
-            Ok(0) => {
+/// Whether `data` may be written with `O_DIRECT` at a file offset of `offset` (with the
+/// slices before it in the same write, each aligned).
+fn aligned(data: &[u8], offset: u64) -> bool {
+    (data.as_ptr() as usize).is_multiple_of(ALIGN)
+        && data.len().is_multiple_of(ALIGN)
+        && offset.is_multiple_of(ALIGN as u64)
+}
+
+/// The file and where it stands.
+struct Target {
+    file: Arc<File>,
+    /// Bytes written.
+    written: u64,
+    /// The file is in direct mode (`O_DIRECT` set).
+    direct: bool,
+}
+
+impl Target {
+    /// Writes all of `data` at the end of the file.
+    fn put(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let n = self.write_some(&[IoSlice::new(data)])?;
+            if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
                     "file took no bytes",
                 ));
             }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if direct && e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) =>
-            {
-                tracing::debug!("direct I/O refused; writing through the page cache");
-                buffered(file)?;
-                direct = false;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// One vectored write at the end of the file; returns the bytes written. Slices that cannot
+    /// go direct (unaligned, or the file system refuses a direct write with `EINVAL`, nothing
+    /// written) turn direct mode off for the rest of the file.
+    fn write_some(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        if self.direct && !bufs.iter().all(|b| aligned(b, self.written)) {
+            buffered(&self.file)?;
+            self.direct = false;
+        }
+        loop {
+            match (&*self.file).write_vectored(bufs) {
+                Ok(n) => {
+                    self.written += n as u64;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if self.direct
+                        && e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) =>
+                {
+                    tracing::debug!("direct I/O refused; writing through the page cache");
+                    buffered(&self.file)?;
+                    self.direct = false;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
     }
-    Ok(direct)
 }
 
-/// The writer thread: writes full blocks in order and hands the buffers back.
-fn run(file: Arc<File>, full: Receiver<Block>, empty: Sender<Block>) -> io::Result<()> {
-    let mut direct = true;
-    for mut block in full.iter() {
-        direct = write_block(&file, block.data(), direct && block.len % ALIGN == 0)?;
-        block.len = 0;
-        if empty.send(block).is_err() {
-            break;
-        }
-    }
-    Ok(())
-}
-
-/// The double-buffered writer (see the module docs). [`Write::flush`] waits until every byte
-/// reached the file and reports the writer thread's error, if any.
+/// Writes a file opened by [`create`] (see the module docs). [`Write::flush`] writes what the
+/// block holds; the caller syncs.
 pub struct DirectWriter {
-    current: Option<Block>,
-    full: Option<Sender<Block>>,
-    empty: Receiver<Block>,
-    thread: Option<JoinHandle<io::Result<()>>>,
+    target: Target,
+    /// Unaligned input, written when full or at `flush`; allocated on first use.
+    block: AlignedBuf,
+    /// Bytes the block holds.
+    held: usize,
 }
 
 impl DirectWriter {
-    /// A writer appending to `file` (opened by [`create`]).
-    pub fn new(file: Arc<File>) -> io::Result<Self> {
-        let (full_tx, full_rx) = bounded::<Block>(2);
-        let (empty_tx, empty_rx) = bounded::<Block>(2);
-        let _ = empty_tx.send(Block::new());
-        let thread = std::thread::Builder::new()
-            .name("file-sink".into())
-            .spawn(move || run(file, full_rx, empty_tx))?;
-        Ok(Self {
-            current: Some(Block::new()),
-            full: Some(full_tx),
-            empty: empty_rx,
-            thread: Some(thread),
-        })
-    }
-
-    /// The thread stopped: its error, or a generic one.
-    fn stopped(&mut self) -> io::Error {
-        self.full = None;
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(Err(e))) => e,
-            Some(Err(_)) => io::Error::other("the file sink's writer thread panicked"),
-            _ => io::Error::other("the file sink's writer thread stopped"),
+    /// A writer appending to `file`, empty and opened by [`create`].
+    pub fn new(file: Arc<File>) -> Self {
+        Self {
+            target: Target {
+                file,
+                written: 0,
+                direct: true,
+            },
+            block: AlignedBuf::new(),
+            held: 0,
         }
     }
 
-    /// Hands the current block to the thread and takes the free one.
-    fn send_current(&mut self) -> io::Result<()> {
-        let Some(block) = self.current.take() else {
-            return Err(self.stopped());
-        };
-        let sent = self.full.as_ref().map(|tx| tx.send(block));
-        if !matches!(sent, Some(Ok(()))) {
-            return Err(self.stopped());
-        }
-        match self.empty.recv() {
-            Ok(b) => {
-                self.current = Some(b);
-                Ok(())
-            }
-            Err(_) => Err(self.stopped()),
-        }
+    /// Whether the file is still written with direct I/O.
+    #[cfg(test)]
+    fn is_direct(&self) -> bool {
+        self.target.direct
     }
+
+    /// Writes out what the block holds.
+    fn put_block(&mut self) -> io::Result<()> {
+        let result = self.target.put(&self.block[..self.held]);
+        self.held = 0;
+        result
+    }
+}
+
+/// Whether `data` starts on an alignment boundary and is at least one unit long.
+fn aligned_start(data: &[u8]) -> bool {
+    (data.as_ptr() as usize).is_multiple_of(ALIGN) && data.len() >= ALIGN
 }
 
 impl Write for DirectWriter {
-    fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
-        let total = data.len();
-        while !data.is_empty() {
-            let Some(block) = self.current.as_mut() else {
-                return Err(self.stopped());
-            };
-            let space = block.space();
-            let n = space.len().min(data.len());
-            space[..n].copy_from_slice(&data[..n]);
-            block.len += n;
-            data = &data[n..];
-            if block.len == BLOCK {
-                self.send_current()?;
-            }
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.held == 0 && aligned_start(data) {
+            // The caller's buffer is aligned: no copy.
+            let n = data.len() - data.len() % ALIGN;
+            self.target.put(&data[..n])?;
+            return Ok(n);
         }
-        Ok(total)
+        if self.block.len() < BLOCK {
+            self.block.resize(BLOCK);
+        }
+        let n = (BLOCK - self.held).min(data.len());
+        self.block[self.held..self.held + n].copy_from_slice(&data[..n]);
+        self.held += n;
+        if self.held == BLOCK {
+            self.put_block()?;
+        }
+        Ok(n)
     }
 
-    /// Writes everything buffered and waits for the thread; the writer accepts no more bytes
-    /// afterwards (the sink calls this once, at the end of the stream).
+    /// Aligned slices (all but an unaligned last one) go to the file in one write, straight
+    /// from the caller's buffers; anything else is written like [`Write::write`].
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let whole = bufs
+            .iter()
+            .take_while(|b| aligned_start(b) && b.len().is_multiple_of(ALIGN))
+            .count();
+        if self.held == 0 && whole > 1 {
+            return self.target.write_some(&bufs[..whole]);
+        }
+        match bufs.iter().find(|b| !b.is_empty()) {
+            Some(b) => self.write(b),
+            None => Ok(0),
+        }
+    }
+
+    /// Writes what the block holds (an unaligned tail through the page cache).
     fn flush(&mut self) -> io::Result<()> {
-        if let Some(block) = self.current.take()
-            && block.len > 0
-        {
-            let sent = self.full.as_ref().map(|tx| tx.send(block));
-            if !matches!(sent, Some(Ok(()))) {
-                return Err(self.stopped());
-            }
+        if self.held > 0 {
+            self.put_block()?;
         }
-        self.full = None;
-        match self.thread.take().map(JoinHandle::join) {
-            None | Some(Ok(Ok(()))) => Ok(()),
-            Some(Ok(Err(e))) => Err(e),
-            Some(Err(_)) => Err(io::Error::other("the file sink's writer thread panicked")),
-        }
-    }
-}
-
-impl Drop for DirectWriter {
-    fn drop(&mut self) {
-        // Without a flush (an aborted stream): stop the thread; it ends after its current write.
-        self.full = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        Ok(())
     }
 }
 
@@ -233,13 +216,21 @@ mod tests {
         (0..len).map(|i| (i * 31 % 251) as u8).collect()
     }
 
+    /// `data` in an aligned buffer, as the receiver hands chunks over.
+    fn aligned_copy(data: &[u8]) -> AlignedBuf {
+        let mut b = AlignedBuf::new();
+        b.resize(data.len());
+        b.copy_from_slice(data);
+        b
+    }
+
     #[test]
     fn writes_every_byte_in_order_with_an_unaligned_tail() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("out");
         let data = pattern(3 * BLOCK + 12345);
         let file = Arc::new(create(&path).expect("create"));
-        let mut w = DirectWriter::new(Arc::clone(&file)).expect("writer");
+        let mut w = DirectWriter::new(Arc::clone(&file));
         for piece in data.chunks(1_000_003) {
             w.write_all(piece).expect("write");
         }
@@ -249,25 +240,95 @@ mod tests {
     }
 
     #[test]
+    fn aligned_chunks_go_straight_to_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("out");
+        let data = pattern(5 * (1 << 20) + 777);
+        let file = Arc::new(create(&path).expect("create"));
+        let dio = rustix::fs::fcntl_getfl(&*file)
+            .expect("getfl")
+            .contains(OFlags::DIRECT);
+        let mut w = DirectWriter::new(Arc::clone(&file));
+        for piece in data.chunks(1 << 20) {
+            w.write_all(&aligned_copy(piece)).expect("write");
+        }
+        // Only the unaligned tail went through the block, none of the full chunks.
+        assert_eq!(w.held, 777);
+        assert_eq!(w.target.written, 5 << 20);
+        // Where the temporary directory takes direct I/O, the chunks went direct.
+        assert_eq!(w.is_direct(), dio);
+        w.flush().expect("flush");
+        assert!(!w.is_direct(), "the tail is written buffered");
+        file.sync_all().expect("sync");
+        assert_eq!(std::fs::read(&path).expect("read"), data);
+    }
+
+    #[test]
+    fn an_unaligned_start_then_aligned_chunks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("out");
+        let data = pattern(3 * BLOCK + 4096);
+        let file = Arc::new(create(&path).expect("create"));
+        let mut w = DirectWriter::new(Arc::clone(&file));
+        w.write_all(&data[..10]).expect("write");
+        for piece in data[10..].chunks(1 << 20) {
+            w.write_all(&aligned_copy(piece)).expect("write");
+        }
+        w.flush().expect("flush");
+        file.sync_all().expect("sync");
+        assert_eq!(std::fs::read(&path).expect("read"), data);
+    }
+
+    #[test]
+    fn a_file_without_direct_io_gets_buffered_writes() {
+        // A file opened without O_DIRECT: the writer's direct writes simply run buffered; a
+        // file system that refuses O_DIRECT (EINVAL at the open) is opened like this by create.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("out");
+        let data = pattern(2 * BLOCK + 99);
+        let file = Arc::new(File::create(&path).expect("create"));
+        let mut w = DirectWriter::new(Arc::clone(&file));
+        w.write_all(&aligned_copy(&data[..BLOCK])).expect("write");
+        w.write_all(&data[BLOCK..]).expect("write");
+        w.flush().expect("flush");
+        assert_eq!(std::fs::read(&path).expect("read"), data);
+    }
+
+    #[test]
+    fn vectored_aligned_chunks_go_in_one_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("out");
+        let data = pattern(4 * (1 << 20) + 10);
+        let file = Arc::new(create(&path).expect("create"));
+        let mut w = DirectWriter::new(Arc::clone(&file));
+        let chunks: Vec<AlignedBuf> = data.chunks(1 << 20).map(aligned_copy).collect();
+        let slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
+        // The four whole chunks in one call (a file may take less; this one takes them all),
+        // then the unaligned last one through the block.
+        assert_eq!(w.write_vectored(&slices).expect("write"), 4 << 20);
+        assert_eq!(w.write_vectored(&slices[4..]).expect("write"), 10);
+        assert_eq!(w.held, 10);
+        // Unaligned slices are written one at a time, like write().
+        let odd = [IoSlice::new(b"abc"), IoSlice::new(b"def")];
+        assert_eq!(w.write_vectored(&odd).expect("write"), 3);
+        w.flush().expect("flush");
+        file.sync_all().expect("sync");
+        let mut expected = data.clone();
+        expected.extend_from_slice(b"abc");
+        assert_eq!(std::fs::read(&path).expect("read"), expected);
+    }
+
+    #[test]
     fn small_and_empty_streams() {
         let dir = tempfile::tempdir().expect("tempdir");
         for len in [0, 1, ALIGN, BLOCK] {
             let path = dir.path().join(format!("out{len}"));
             let data = pattern(len);
             let file = Arc::new(create(&path).expect("create"));
-            let mut w = DirectWriter::new(file).expect("writer");
+            let mut w = DirectWriter::new(file);
             w.write_all(&data).expect("write");
             w.flush().expect("flush");
             assert_eq!(std::fs::read(&path).expect("read"), data, "len {len}");
         }
-    }
-
-    #[test]
-    fn dropping_without_flush_stops_the_thread() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = Arc::new(create(&dir.path().join("out")).expect("create"));
-        let mut w = DirectWriter::new(file).expect("writer");
-        w.write_all(&pattern(BLOCK + 5)).expect("write");
-        drop(w);
     }
 }

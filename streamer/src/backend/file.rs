@@ -61,9 +61,10 @@ impl<R: Read + Send> Source for ReaderSource<R> {
 }
 
 /// Writes a file: into `PATH.flocker-partial`, renamed over `PATH` on commit (after `fsync`),
-/// removed on abort. The partial file is written with direct I/O from a writer thread (see
-/// [`super::direct`]). An existing device (`/dev/null`, a block device) is written in place,
-/// through ordinary buffered writes, and cannot be rolled back.
+/// removed on abort. The partial file is written with direct I/O, straight from the
+/// receiver's aligned chunk buffers (see [`super::direct`]). An existing device (`/dev/null`,
+/// a block device) is written in place, through ordinary buffered writes, and cannot be rolled
+/// back.
 #[derive(Debug)]
 pub struct FileSink {
     path: PathBuf,
@@ -122,8 +123,7 @@ impl Sink for FileSink {
         let f = super::direct::create(&self.partial).map_err(fs_err(&self.partial))?;
         let file = Arc::new(f);
         self.file = Some(Arc::clone(&file));
-        let writer = super::direct::DirectWriter::new(file).map_err(fs_err(&self.partial))?;
-        Ok(Box::new(writer))
+        Ok(Box::new(super::direct::DirectWriter::new(file)))
     }
 
     fn commit(&mut self) -> Result<(), BackendError> {
@@ -146,7 +146,20 @@ impl Sink for FileSink {
             op: "rename into place",
             path: self.path.clone(),
             source,
-        })
+        })?;
+        // The rename is durable only once its directory is: a crash right after the commit
+        // must not bring back the partial name (or no file at all).
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| BackendError::Fs {
+                op: "sync the directory of",
+                path: self.path.clone(),
+                source,
+            })
     }
 
     fn abort(&mut self) -> Result<Option<String>, BackendError> {

@@ -383,8 +383,12 @@ fn write_batch<W: Write>(sink: &mut W, batch: &[Verified]) -> std::io::Result<()
     write_all_vectored(sink, &mut slices)
 }
 
-/// `Write::write_all_vectored` (not stable yet): every byte of `slices`, in order.
-fn write_all_vectored<W: Write>(sink: &mut W, slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+/// `Write::write_all_vectored` (not stable yet): every byte of `slices`, in order (the
+/// receiver's batches into the sink, the sender's frames onto the transport).
+pub(crate) fn write_all_vectored<W: Write>(
+    sink: &mut W,
+    slices: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
     let mut rest = slices;
     // Drops leading empty slices: a write of nothing but empty slices would return 0.
     IoSlice::advance_slices(&mut rest, 0);
@@ -393,7 +397,7 @@ fn write_all_vectored<W: Write>(sink: &mut W, slices: &mut [IoSlice<'_>]) -> std
             Ok(0) => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::WriteZero,
-                    "the sink took no bytes",
+                    "the writer took no bytes",
                 ));
             }
             Ok(n) => IoSlice::advance_slices(&mut rest, n),

@@ -547,21 +547,7 @@ fn write_frame<W: Write>(
         IoSlice::new(payload),
         IoSlice::new(tag),
     ];
-    let mut bufs = &mut slices[..];
-    while !bufs.is_empty() {
-        match transport.write_vectored(bufs) {
-            Ok(0) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::WriteZero,
-                    "transport accepted no bytes",
-                ));
-            }
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    crate::receive::write_all_vectored(transport, &mut slices)
 }
 
 /// Sleeps until `wire` bytes are within `rate` bytes/second of `start`.

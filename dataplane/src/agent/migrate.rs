@@ -267,7 +267,8 @@ impl Agent {
         // Both sides now hold `snapshot`: older push snapshots are no longer a base, except
         // the newest one another standby holds (its next push starts there).
         let keep = self.note_pushed(name, to, &snapshot);
-        self.prune_after(name, keep);
+        let recorded = began.elapsed();
+        self.prune(name, keep, last).await?;
         self.metrics.sent(bytes);
         tracing::info!(
             volume = name,
@@ -277,7 +278,7 @@ impl Agent {
             checks_ms = ms(checks),
             snapshot_ms = ms(snapshotted - checks),
             stream_ms = ms(answered - snapshotted),
-            record_ms = ms(began.elapsed() - answered),
+            record_ms = ms(recorded - answered),
             "pushed"
         );
         Ok(true)
@@ -412,7 +413,8 @@ impl Agent {
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))??;
         // Older push snapshots go after the answer: a final push's pause does not wait.
-        self.prune_after(name, snap);
+        let recorded = began.elapsed();
+        self.prune(name, snap, params.handoff.is_some()).await?;
         self.metrics.received(bytes);
         tracing::info!(
             volume = name,
@@ -421,7 +423,7 @@ impl Agent {
             bytes,
             checks_ms = ms(checked),
             stream_ms = ms(streamed - checked),
-            record_ms = ms(began.elapsed() - streamed),
+            record_ms = ms(recorded - streamed),
             "received"
         );
         if params.handoff.is_some() {
@@ -486,10 +488,24 @@ impl Agent {
     }
 
     /// Destroys the push snapshots that are no longer a base (all older than `keep`, see
-    /// [`ownership::prunable`]) once the caller's push or receive has answered: a final
-    /// push's pause never waits for it. It takes the volume's lock, so it runs after the
-    /// push or receive that asked for it and before the next one, which would prune the
-    /// same snapshots again if this failed.
+    /// [`ownership::prunable`]): at once, or for a final push (`after` true) once the push or
+    /// receive has answered, so the move's pause does not wait for it. Pre-copy and
+    /// replication pushes prune at once: a replication round finding the volume's lock held
+    /// by a pruning task would skip.
+    async fn prune(&self, name: &str, keep: String, after: bool) -> Result<(), AgentError> {
+        if after {
+            self.prune_after(name, keep);
+            return Ok(());
+        }
+        let n = name.to_string();
+        self.blocking(move |b| prune_push_snapshots(b, &n, &keep))
+            .await
+            .map(drop)
+    }
+
+    /// [`Self::prune`] in a task that takes the volume's lock, so it runs after the push or
+    /// receive that asked for it and before the next one (which would prune the same
+    /// snapshots again if this failed).
     fn prune_after(&self, name: &str, keep: String) {
         let lock = self.volume_lock(name);
         let backend = self.volumes.clone();
@@ -497,15 +513,8 @@ impl Agent {
         tokio::spawn(async move {
             let _lock = lock.lock_owned().await;
             let n = name.clone();
-            let pruned = tokio::task::spawn_blocking(move || -> Result<usize, VolumeError> {
-                let Some(v) = backend.get(&n)? else {
-                    return Ok(0);
-                };
-                let prune = ownership::prunable(&v.snapshots, &keep);
-                for s in &prune {
-                    backend.destroy_snapshot(&n, s)?;
-                }
-                Ok(prune.len())
+            let pruned = tokio::task::spawn_blocking(move || {
+                prune_push_snapshots(backend.as_ref(), &n, &keep)
             });
             match tokio::time::timeout(STORAGE_TIMEOUT, pruned).await {
                 Ok(Ok(Ok(count))) => {
@@ -679,6 +688,23 @@ pub async fn drain(mut body: impl AsyncRead + Unpin) {
         tokio::io::copy(&mut body, &mut tokio::io::sink()),
     )
     .await;
+}
+
+/// Destroys the push snapshots of `name` older than `keep` that are no longer a base; how
+/// many.
+fn prune_push_snapshots(
+    backend: &dyn crate::volume::VolumeBackend,
+    name: &str,
+    keep: &str,
+) -> Result<usize, VolumeError> {
+    let Some(v) = backend.get(name)? else {
+        return Ok(0);
+    };
+    let prune = ownership::prunable(&v.snapshots, keep);
+    for s in &prune {
+        backend.destroy_snapshot(name, s)?;
+    }
+    Ok(prune.len())
 }
 
 /// Milliseconds, for the timing fields of the push and receive log lines.

@@ -161,5 +161,21 @@ fn switches_to_compression_within_a_few_chunks_when_the_link_slows() {
         compressed_slow * 10 >= rest * 9,
         "compressed only {compressed_slow} of the last {rest} chunks on the slow link"
     );
-    assert!(sent.ratio() > 1.3, "ratio {}", sent.ratio());
+    // What was compressed was worth it (the corpus compresses about 2x)...
+    let (compressed_in, compressed_out) = sent
+        .modes
+        .iter()
+        .filter(|m| m.mode != ChunkMode::Raw)
+        .fold((0u64, 0u64), |(i, o), m| {
+            (i + m.bytes_in, o + m.payload_bytes)
+        });
+    assert!(
+        compressed_in as f64 > 1.5 * compressed_out as f64,
+        "compressed chunks: {compressed_in} bytes in, {compressed_out} on the wire"
+    );
+    // ...and the wire carried less than the data by what the counts above allow: at their
+    // limits (every fast chunk raw, the switch after SWITCH_WITHIN slow ones, 90% of the rest
+    // compressed about 2x) 112 MiB in, 94 on the wire, 1.19. (A bound of 1.3 failed once, at
+    // 1.299, in a CI run that met every count.)
+    assert!(sent.ratio() > 1.15, "ratio {}", sent.ratio());
 }

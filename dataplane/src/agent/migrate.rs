@@ -268,7 +268,9 @@ impl Agent {
         // the newest one another standby holds (its next push starts there).
         let keep = self.note_pushed(name, to, &snapshot);
         let recorded = began.elapsed();
-        self.prune(name, keep, last).await?;
+        let mut known = local.snapshots;
+        known.push(snapshot.clone());
+        self.prune(name, keep, last, Some(known)).await?;
         self.metrics.sent(bytes);
         tracing::info!(
             volume = name,
@@ -414,7 +416,8 @@ impl Agent {
         .map_err(|e| AgentError::Internal(e.to_string()))??;
         // Older push snapshots go after the answer: a final push's pause does not wait.
         let recorded = began.elapsed();
-        self.prune(name, snap, params.handoff.is_some()).await?;
+        self.prune(name, snap, params.handoff.is_some(), None)
+            .await?;
         self.metrics.received(bytes);
         tracing::info!(
             volume = name,
@@ -491,14 +494,21 @@ impl Agent {
     /// [`ownership::prunable`]): at once, or for a final push (`after` true) once the push or
     /// receive has answered, so the move's pause does not wait for it. Pre-copy and
     /// replication pushes prune at once: a replication round finding the volume's lock held
-    /// by a pruning task would skip.
-    async fn prune(&self, name: &str, keep: String, after: bool) -> Result<(), AgentError> {
+    /// by a pruning task would skip. `known` is the copy's snapshots when the caller has
+    /// them (saving a listing); the task after the answer lists them afresh.
+    async fn prune(
+        &self,
+        name: &str,
+        keep: String,
+        after: bool,
+        known: Option<Vec<String>>,
+    ) -> Result<(), AgentError> {
         if after {
             self.prune_after(name, keep);
             return Ok(());
         }
         let n = name.to_string();
-        self.blocking(move |b| prune_push_snapshots(b, &n, &keep))
+        self.blocking(move |b| prune_push_snapshots(b, &n, &keep, known))
             .await
             .map(drop)
     }
@@ -514,7 +524,7 @@ impl Agent {
             let _lock = lock.lock_owned().await;
             let n = name.clone();
             let pruned = tokio::task::spawn_blocking(move || {
-                prune_push_snapshots(backend.as_ref(), &n, &keep)
+                prune_push_snapshots(backend.as_ref(), &n, &keep, None)
             });
             match tokio::time::timeout(STORAGE_TIMEOUT, pruned).await {
                 Ok(Ok(Ok(count))) => {
@@ -650,11 +660,7 @@ impl Agent {
     /// (replication never waits for or slows a move: it skips this round). `Ok(false)` when
     /// skipped.
     pub(crate) async fn replicate_once(&self, name: &str, to: &str) -> Result<bool, AgentError> {
-        let lock = match self.volume_locks.lock() {
-            Ok(mut map) => map.entry(name.to_string()).or_default().clone(),
-            Err(_) => return Ok(false),
-        };
-        let Ok(_guard) = lock.try_lock_owned() else {
+        let Ok(_guard) = self.volume_lock(name).try_lock_owned() else {
             return Ok(false);
         };
         // Nobody reads replication progress: with the receiver gone, sends fail at once.
@@ -691,16 +697,21 @@ pub async fn drain(mut body: impl AsyncRead + Unpin) {
 }
 
 /// Destroys the push snapshots of `name` older than `keep` that are no longer a base; how
-/// many.
+/// many. `known` is the copy's snapshots if the caller has them, else they are listed.
 fn prune_push_snapshots(
     backend: &dyn crate::volume::VolumeBackend,
     name: &str,
     keep: &str,
+    known: Option<Vec<String>>,
 ) -> Result<usize, VolumeError> {
-    let Some(v) = backend.get(name)? else {
-        return Ok(0);
+    let snapshots = match known {
+        Some(s) => s,
+        None => match backend.get(name)? {
+            Some(v) => v.snapshots,
+            None => return Ok(0),
+        },
     };
-    let prune = ownership::prunable(&v.snapshots, keep);
+    let prune = ownership::prunable(&snapshots, keep);
     for s in &prune {
         backend.destroy_snapshot(name, s)?;
     }

@@ -29,7 +29,11 @@
 //! measured). Mostly waiting on the compressor, it steps one level down unless the link
 //! would carry no more at the level below than this level just delivered (the cheaper level's
 //! workers deliver at least as much, so no noisy cost estimate decides a step down; without a
-//! link measurement in the last `LINK_STALE` windows it steps down). When the recent data saves
+//! link measurement in the last `LINK_STALE` windows it steps down, since the link may have
+//! become faster: such a descent is a trial too, undone as soon as the link measured at the
+//! lower level carries less than the level above delivered, and every descent undone doubles
+//! the windows before the link's rate is forgotten again, so a long spell of very compressible
+//! data on a slow link does not keep falling back to raw). When the recent data saves
 //! less than [`MIN_SAVINGS`] even at the fastest level, it goes straight to raw (incompressible
 //! data; raw and compressor-bound, nothing is probed, so random data costs no compression).
 //!
@@ -120,6 +124,9 @@ const TRIAL_WINDOWS: u32 = 3;
 /// The link's rate is forgotten after this many compressor-bound windows without a
 /// network-bound one.
 const LINK_STALE: u32 = 8;
+/// A descent taken because the link's rate was forgotten that the link then shows was wrong
+/// doubles the compressor-bound windows before the rate is forgotten again, up to this.
+const MAX_LINK_STALE: u32 = 256;
 /// Windows a failed step up is not retried for, first and at most.
 pub const MIN_BACKOFF: u64 = 8;
 /// See [`MIN_BACKOFF`].
@@ -252,6 +259,18 @@ struct Trial {
     undecided: u32,
 }
 
+/// A step down taken without a recent measurement of the link (it may have become faster),
+/// under test: the link measured at the lower level must carry at least what the level above
+/// delivered.
+#[derive(Debug, Clone, Copy)]
+struct Descent {
+    from: usize,
+    /// What the level above delivered, compressor-bound.
+    goodput: f64,
+    /// Windows judged undecided so far.
+    undecided: u32,
+}
+
 /// A step up from a level that failed its trial.
 #[derive(Debug, Clone, Copy, Default)]
 struct Block {
@@ -280,6 +299,9 @@ pub struct Controller {
     link: Option<f64>,
     /// Compressor-bound windows since the last network-bound one.
     link_age: u32,
+    /// Compressor-bound windows after which the link's rate is forgotten (see
+    /// [`Descent`]): [`LINK_STALE`], doubled by every descent the link proved wrong.
+    link_stale: u32,
     window: Window,
     recent: Recent,
     /// Chunks handed out since the last probe or pair.
@@ -293,6 +315,7 @@ pub struct Controller {
     /// No window decided yet at the current level.
     fresh: bool,
     trial: Option<Trial>,
+    descent: Option<Descent>,
     blocked: [Block; LEVELS],
 }
 
@@ -307,6 +330,7 @@ impl Controller {
             efficiency: None,
             link: None,
             link_age: 0,
+            link_stale: LINK_STALE,
             window: Window::default(),
             recent: Recent::default(),
             since_probe: 0,
@@ -315,6 +339,7 @@ impl Controller {
             windows: 0,
             fresh: true,
             trial: None,
+            descent: None,
             blocked: [Block::default(); LEVELS],
         }
     }
@@ -409,7 +434,10 @@ impl Controller {
         self.net_bound = share >= NET_BOUND;
         self.measure(&w, share, goodput);
         let on_trial = self.trial.is_some();
-        let decision = match self.judge_trial(&w, share) {
+        let decision = match self
+            .judge_descent(&w, share)
+            .or_else(|| self.judge_trial(&w, share))
+        {
             Some(d) => d,
             None => self.decide(&w, share, goodput, sudden, on_trial),
         };
@@ -504,7 +532,7 @@ impl Controller {
             // after a slow spell the socket's and the shaper's buffers take a few MiB at once,
             // which looks like a faster link.)
             self.link_age += 1;
-            if self.link_age >= LINK_STALE {
+            if self.link_age >= self.link_stale {
                 self.link = None;
             }
             // Not right after a change: the writer then still finds chunks encoded meanwhile.
@@ -546,10 +574,7 @@ impl Controller {
             self.blocked[t.from].backoff = 0;
             return None;
         }
-        let b = &mut self.blocked[t.from];
-        b.backoff = (b.backoff * 2).clamp(MIN_BACKOFF, MAX_BACKOFF);
-        b.until = self.windows + b.backoff + 1;
-        b.goodput = t.goodput;
+        self.block(t.from, t.goodput);
         self.set_level(t.from);
         Some(Decision::Revert)
     }
@@ -593,10 +618,57 @@ impl Controller {
             && c > 0
             && self.link_carries_more(c - 1, goodput)
         {
+            if self.link.is_none() {
+                self.descent = Some(Descent {
+                    from: c,
+                    goodput,
+                    undecided: 0,
+                });
+            }
             self.set_level(c - 1);
             return Decision::Down;
         }
         Decision::Stay
+    }
+
+    /// After a step down taken with the link's rate forgotten: keep it unless the link, measured
+    /// now, carries less at this level than the level above delivered; then go back, and wait
+    /// twice as long before forgetting the link's rate again.
+    fn judge_descent(&mut self, w: &Window, share: f64) -> Option<Decision> {
+        let mut d = self.descent.take()?;
+        if share <= CPU_BOUND {
+            // Compressor-bound here too: the link carries more than this level delivers.
+            return None;
+        }
+        if share < NET_BOUND {
+            d.undecided += 1;
+            if d.undecided < TRIAL_WINDOWS {
+                self.descent = Some(d);
+            }
+            return None;
+        }
+        if self.fresh {
+            // The first window after a compressed spell finds the socket's and the shaper's
+            // buffers empty: its rate looks higher than the link's.
+            self.descent = Some(d);
+            return Some(Decision::Stay);
+        }
+        let now = w.wire as f64 / w.write.max(1e-9);
+        if now / self.frac(self.current) >= d.goodput * TRIAL_SLACK {
+            self.link_stale = LINK_STALE;
+            return None;
+        }
+        self.link_stale = (self.link_stale * 2).min(MAX_LINK_STALE);
+        self.set_level(d.from);
+        Some(Decision::Revert)
+    }
+
+    /// Blocks the step up from level `from` for a backoff that doubles with every failure.
+    fn block(&mut self, from: usize, goodput: f64) {
+        let b = &mut self.blocked[from];
+        b.backoff = (b.backoff * 2).clamp(MIN_BACKOFF, MAX_BACKOFF);
+        b.until = self.windows + b.backoff + 1;
+        b.goodput = goodput;
     }
 
     /// Compressor-bound at `goodput`: would the link carry more at level `i` (which costs less
@@ -1006,6 +1078,38 @@ mod tests {
         assert!(
             got >= 0.9 * raw.max(fixed),
             "{got} vs raw {raw}, fixed {fixed}"
+        );
+    }
+
+    /// Every level compresses the data 5x but the CPU delivers 300 MB/s whatever the level (the
+    /// receiver shares the cores): on a 125 MB/s link any compressed level beats raw 2.4x. Long
+    /// compressor-bound spells forget the link's rate; a step down to raw that the link then
+    /// shows was wrong goes back at once and waits longer before forgetting it again.
+    #[test]
+    fn a_long_compressor_bound_spell_does_not_fall_back_to_raw() {
+        let cost = 2.0 / 300e6;
+        let mut m = Model {
+            cost: [0.5e-9, cost, cost, cost, cost, cost],
+            savings: [0.0, 0.8, 0.8, 0.8, 0.8, 0.8],
+            ..Model::filesystem(125e6)
+        };
+        let mut c = Controller::new(2);
+        let (mut raw_chunks, mut bytes, mut secs) = (0, 0.0, 0.0);
+        for k in 0..1000 {
+            let o = m.step(&mut c);
+            c.observe(&o);
+            if k >= 100 {
+                raw_chunks += usize::from(o.chosen == ChunkMode::Raw);
+                bytes += o.raw_len as f64;
+                secs += (o.wait + o.write).as_secs_f64();
+            }
+        }
+        assert!(raw_chunks <= 60, "{raw_chunks} of 900 chunks raw");
+        assert!(
+            bytes / secs >= 0.9 * m.best(),
+            "{} vs best {}",
+            bytes / secs,
+            m.best()
         );
     }
 

@@ -120,6 +120,7 @@ impl ContainerRuntime for FakeRuntime {
                 ip6: None,
                 never_started: false,
                 spec_digest: spec.labels.get(crate::containers::LABEL_SPEC).cloned(),
+                holder_down: false,
             },
         );
         Ok(())
@@ -153,6 +154,8 @@ impl ContainerRuntime for FakeRuntime {
         {
             c.running = true;
             c.never_started = false;
+            // Its network holder, if it joins one, is started first.
+            c.holder_down = false;
         }
         if let Ok(mut s) = self.starts.lock() {
             *s += 1;
@@ -187,6 +190,11 @@ impl ContainerRuntime for FakeRuntime {
         if let Ok(mut c) = self.containers.lock() {
             c.remove(name);
         }
+        Ok(())
+    }
+
+    async fn stop(&self, name: &str) -> Result<(), ContainerError> {
+        self.exit(name, 0);
         Ok(())
     }
 }
@@ -1065,6 +1073,46 @@ async fn a_container_docker_cannot_start_is_created_anew() {
         "created anew, not started as it was"
     );
     assert_eq!(a.runtime.failing_starts.lock().map(|f| *f).ok(), Some(0));
+}
+
+/// A running container whose network holder stopped has no network: the supervisor restarts
+/// it (and so its holder), even under the policy `never`, and not again within its backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_whose_network_holder_stopped_is_restarted_with_it() {
+    let (_dir, a, _b) = setup().await;
+    let d = desired(A);
+    let app = d.applications["db"].clone();
+    assert_eq!(app.restart_policy, RestartPolicy::Never);
+    create_and_start(&a, &d, app).await;
+    let lose_holder = || {
+        if let Ok(mut c) = a.runtime.containers.lock()
+            && let Some(c) = c.get_mut("flocker-db")
+        {
+            c.holder_down = true;
+        }
+    };
+    lose_holder();
+    let starts = a.runtime.starts();
+    crate::supervisor::pass(&a.agent).await;
+    assert!(a.runtime.running("flocker-db"));
+    assert_eq!(a.runtime.starts(), starts + 1, "stopped and started again");
+    let listed = a.runtime.list_managed().await.expect("list");
+    assert!(!listed[0].holder_down, "{listed:?}");
+    // Losing it again at once: left as it is until its backoff has passed.
+    lose_holder();
+    crate::supervisor::pass(&a.agent).await;
+    assert_eq!(
+        a.runtime.starts(),
+        starts + 1,
+        "restarted within its backoff"
+    );
+    assert!(a.runtime.running("flocker-db"));
+    if let Ok(mut r) = a.agent.restarts.lock() {
+        r.values_mut()
+            .for_each(crate::supervisor::RestartMemory::clear_backoff);
+    }
+    crate::supervisor::pass(&a.agent).await;
+    assert_eq!(a.runtime.starts(), starts + 2);
 }
 
 /// Restart policies are the agent's: `never` stays down, `on-failure` stops after its count

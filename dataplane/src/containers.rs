@@ -88,6 +88,10 @@ pub struct ManagedContainer {
     pub never_started: bool,
     /// Its [`LABEL_SPEC`] label, if it has one.
     pub spec_digest: Option<String>,
+    /// It runs, but the network holder it joined ([`crate::netns_holder`]) does not: Docker
+    /// tore the holder's network down, so the application is unreachable until it is
+    /// restarted with its holder (the supervisor does).
+    pub holder_down: bool,
 }
 
 /// What the agent's restart supervision needs to know of one container, beyond the listing.
@@ -322,6 +326,9 @@ pub trait ContainerRuntime: Send + Sync {
     async fn start(&self, name: &str) -> Result<(), ContainerError>;
     /// Stops and removes; a container that does not exist is not an error.
     async fn stop_and_remove(&self, name: &str) -> Result<(), ContainerError>;
+    /// Stops without removing (within the application's stop grace period); one that does not
+    /// exist or has stopped already is not an error.
+    async fn stop(&self, name: &str) -> Result<(), ContainerError>;
     /// Process, exit code and Docker restart policy of one container.
     async fn details(&self, name: &str) -> Result<ContainerDetails, ContainerError>;
     /// Sets Docker's restart policy to `no`: restarts are the agent's (see `supervisor`).
@@ -662,15 +669,19 @@ impl ContainerRuntime for DockerRuntime {
                 first(|e| e.global_ipv6_address.as_ref()),
             )
         };
-        // Network holders by name: an application container that joins one has its address.
-        let holders: HashMap<String, (Option<String>, Option<String>)> = list
+        // Network holders by name: an application container that joins one has its address
+        // (none while the holder does not run).
+        let holders: HashMap<String, (bool, (Option<String>, Option<String>))> = list
             .iter()
             .filter(|c| {
                 c.labels
                     .as_ref()
                     .is_some_and(|l| l.contains_key(netns_holder::LABEL_HOLDS))
             })
-            .map(|c| (summary_name(c), addresses(c)))
+            .map(|c| {
+                let running = c.state.as_deref() == Some("running");
+                (summary_name(c), (running, addresses(c)))
+            })
             .collect();
         let mut out = Vec::new();
         for c in list {
@@ -688,8 +699,12 @@ impl ContainerRuntime for DockerRuntime {
             let running = c.state.as_deref() == Some("running");
             let never_started = c.state.as_deref() == Some("created");
             let spec_digest = labels.get(LABEL_SPEC).cloned();
-            let (ip, ip6) = match labels.get(netns_holder::LABEL_HOLDER) {
-                Some(holder) if running => holders.get(holder).cloned().unwrap_or_default(),
+            let holder = labels
+                .get(netns_holder::LABEL_HOLDER)
+                .map(|h| holders.get(h).cloned().unwrap_or_default());
+            let holder_down = running && holder.as_ref().is_some_and(|(up, _)| !up);
+            let (ip, ip6) = match holder {
+                Some((_, addresses)) if running => addresses,
                 Some(_) => (None, None),
                 None => (own_ip, own_ip6),
             };
@@ -701,6 +716,7 @@ impl ContainerRuntime for DockerRuntime {
                 ip6,
                 never_started,
                 spec_digest,
+                holder_down,
             });
         }
         out.sort_by(|a, b| a.application.name.cmp(&b.application.name));
@@ -853,6 +869,10 @@ impl ContainerRuntime for DockerRuntime {
             }),
             Err(e) => Err(e.into()),
         }
+    }
+
+    async fn stop(&self, name: &str) -> Result<(), ContainerError> {
+        self.stop_container(name).await
     }
 
     async fn stop_and_remove(&self, name: &str) -> Result<(), ContainerError> {

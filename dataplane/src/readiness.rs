@@ -263,6 +263,9 @@ mod tests {
         async fn stop_and_remove(&self, _: &str) -> Result<(), ContainerError> {
             Ok(())
         }
+        async fn stop(&self, _: &str) -> Result<(), ContainerError> {
+            Ok(())
+        }
         async fn details(&self, _: &str) -> Result<ContainerDetails, ContainerError> {
             Ok(ContainerDetails {
                 running: true,

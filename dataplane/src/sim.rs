@@ -107,6 +107,7 @@ impl ContainerRuntime for SimRuntime {
                 ip6: None,
                 never_started: true,
                 spec_digest: spec.labels.get(crate::containers::LABEL_SPEC).cloned(),
+                holder_down: false,
             },
         );
         Ok(())
@@ -129,6 +130,18 @@ impl ContainerRuntime for SimRuntime {
 
     async fn stop_and_remove(&self, name: &str) -> Result<(), ContainerError> {
         self.containers.lock().map_err(|_| poisoned())?.remove(name);
+        Ok(())
+    }
+
+    async fn stop(&self, name: &str) -> Result<(), ContainerError> {
+        if let Some(c) = self
+            .containers
+            .lock()
+            .map_err(|_| poisoned())?
+            .get_mut(name)
+        {
+            c.running = false;
+        }
         Ok(())
     }
 

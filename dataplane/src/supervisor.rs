@@ -103,7 +103,7 @@ pub async fn adopt(agent: &Agent) {
 }
 
 /// One pass: every exited container whose policy asks for it, and whose backoff has passed,
-/// is restarted once its volume is proven.
+/// is restarted once its volume is proven; so is a running one whose network holder stopped.
 pub async fn pass(agent: &Agent) {
     let Ok(_guard) = agent.converge_lock.clone().try_lock_owned() else {
         return;
@@ -118,7 +118,20 @@ pub async fn pass(agent: &Agent) {
     let now = Instant::now();
     for c in containers {
         let memory = remembered(agent, &c.name);
-        if c.running {
+        // Running without the network holder it joined: Docker tore its network down. It
+        // is restarted with its holder, whatever its policy (it did not fail), after its
+        // backoff (a holder that keeps stopping does not cause a restart loop).
+        let holder_lost = c.running && c.holder_down;
+        if holder_lost {
+            if memory.not_before.is_some_and(|t| now < t) {
+                continue;
+            }
+            tracing::warn!(container = %c.name, "its network holder does not run, so it has no network: restarting it with its holder");
+            if let Err(e) = agent.runtime.stop(&c.name).await {
+                tracing::error!(container = %c.name, error = %e, "cannot stop a container whose network holder stopped");
+                continue;
+            }
+        } else if c.running {
             // Ran well past its backoff: a later exit starts the backoff over.
             if memory.attempts > 0 && memory.not_before.is_some_and(|t| now >= t + STABLE) {
                 update(agent, &c.name, |m| {
@@ -143,11 +156,13 @@ pub async fn pass(agent: &Agent) {
                 continue;
             }
         };
-        if !wants_restart(
-            &c.application.restart_policy,
-            details.exit_code,
-            memory.restarts,
-        ) {
+        if !holder_lost
+            && !wants_restart(
+                &c.application.restart_policy,
+                details.exit_code,
+                memory.restarts,
+            )
+        {
             continue;
         }
         let delay = backoff(memory.attempts);

@@ -61,6 +61,9 @@ impl ContainerRuntime for NoContainers {
     async fn stop_and_remove(&self, _: &str) -> Result<(), ContainerError> {
         Ok(())
     }
+    async fn stop(&self, _: &str) -> Result<(), ContainerError> {
+        Ok(())
+    }
     async fn details(&self, _: &str) -> Result<ContainerDetails, ContainerError> {
         // Whatever was started runs (and so is ready).
         Ok(ContainerDetails {

@@ -1,5 +1,6 @@
 //! Network holders against a real `dockerd` (in its own network namespace): the application
-//! container joins its holder and reports the holder's address; a start that finds the
+//! container joins its holder and reports the holder's address; one whose holder stopped is
+//! reported as such and comes back with a stop and a start; a start that finds the
 //! holder gone creates it anew; a stop removes both; a container that only has a holder's
 //! name is never removed.
 //!
@@ -166,6 +167,29 @@ fn an_application_joins_its_holder_which_lives_and_dies_with_it() -> Result<()> 
     );
     let listed = rt.block_on(runtime.list_managed())?;
     ensure!(listed[0].ip.is_some(), "{listed:?}");
+
+    // Only the holder stopped (by hand, or its process died): the application still runs
+    // but has no network; the listing says so, and a stop and start bring both back.
+    assert!(!listed[0].holder_down, "{listed:?}");
+    docker.docker(&["stop", "flocker-web.netns"])?;
+    let listed = rt.block_on(runtime.list_managed())?;
+    ensure!(
+        listed[0].running && listed[0].holder_down && listed[0].ip.is_none(),
+        "{listed:?}"
+    );
+    rt.block_on(runtime.stop("flocker-web"))?;
+    rt.block_on(runtime.start("flocker-web"))?;
+    let listed = rt.block_on(runtime.list_managed())?;
+    ensure!(
+        listed[0].running && !listed[0].holder_down && listed[0].ip.is_some(),
+        "{listed:?}"
+    );
+    let served = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        rt.block_on(runtime.listens_on("flocker-web", 80))
+            .unwrap_or(false)
+    });
+    ensure!(served, "httpd never listened again after the restart");
 
     // The holder was removed: the container cannot start (it is tied to the holder's ID)
     // and the error says so, for the agent to create it anew.

@@ -27,11 +27,12 @@
 //!
 //! Held connections live in the agent: an agent that dies resets them (the kernel closes
 //! its sockets), and a restarted agent holds nothing (the port refuses until the next
-//! deploy). IPv4 TCP only: UDP has no connection to hold, and IPv6 clients are refused
-//! during the move as before.
+//! deploy). TCP over IPv4 and IPv6 (a second listener on `[::]`, IPv6 only, where the node
+//! has IPv6; an IPv6 client is spliced to the container's IPv4 address). UDP has no
+//! connection to hold.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -132,12 +133,15 @@ impl HoldSet {
         }
         let mut listeners = Vec::new();
         for port in &ports {
-            let listener = listen(port.external).map_err(|source| HoldError::Listen {
+            let failed = |source| HoldError::Listen {
                 application: application.to_string(),
                 port: port.external,
                 source,
-            })?;
-            listeners.push((listener, *port));
+            };
+            listeners.push((listen(port.external).map_err(failed)?, *port));
+            if let Some(v6) = listen_v6(port.external).map_err(failed)? {
+                listeners.push((v6, *port));
+            }
         }
         let (state, _) = watch::channel(HoldState::Holding);
         let held = Arc::new(AtomicUsize::new(0));
@@ -236,6 +240,32 @@ fn listen(port: u16) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
     socket.listen(BACKLOG)
+}
+
+/// The same on every IPv6 address (IPv6 only: the IPv4 listener has the rest); `None` where
+/// the node has no IPv6.
+fn listen_v6(port: u16) -> std::io::Result<Option<TcpListener>> {
+    let socket = match TcpSocket::new_v6() {
+        Ok(s) => s,
+        Err(e) if no_ipv6(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    socket.set_reuseaddr(true)?;
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &true)
+        .map_err(std::io::Error::from)?;
+    match socket.bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+        Ok(()) => socket.listen(BACKLOG).map(Some),
+        Err(e) if no_ipv6(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// IPv6 is compiled out or disabled on this node.
+fn no_ipv6(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if code == nix::libc::EAFNOSUPPORT || code == nix::libc::EADDRNOTAVAIL
+    )
 }
 
 /// Releases a hold that no start claimed within `timeout`.
@@ -412,6 +442,36 @@ mod tests {
         // After the drain grace the port is no longer held (the route takes it over).
         tokio::time::sleep(DRAIN_GRACE + Duration::from_millis(200)).await;
         assert!(request(external, b"x").await.is_err());
+    }
+
+    /// An IPv6 client is held too, and spliced to the container's IPv4 address.
+    #[tokio::test]
+    async fn held_ipv6_connections_reach_the_application_once_ready() {
+        let (external, internal) = (free_port(), echo_server().await);
+        let holds = HoldSet::new(Duration::from_secs(5));
+        holds
+            .hold("db", &[HeldPort { external, internal }])
+            .expect("hold test");
+        holds.starting("db");
+        let client = tokio::spawn(async move {
+            let mut s = TcpStream::connect((Ipv6Addr::LOCALHOST, external)).await?;
+            s.write_all(b"PING6").await?;
+            let mut reply = vec![0u8; 5];
+            s.read_exact(&mut reply).await?;
+            Ok::<_, std::io::Error>(reply)
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!client.is_finished(), "the IPv6 connection waits");
+        holds.ready("db", Ipv4Addr::LOCALHOST);
+        let reply = client.await.expect("hold test").expect("hold test");
+        assert_eq!(reply, b"PING6");
+        tokio::time::sleep(DRAIN_GRACE + Duration::from_millis(200)).await;
+        assert!(
+            TcpStream::connect((Ipv6Addr::LOCALHOST, external))
+                .await
+                .is_err(),
+            "the IPv6 port is no longer held"
+        );
     }
 
     #[tokio::test]

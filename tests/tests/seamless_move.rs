@@ -3,7 +3,8 @@
 //! refused or reset connection, only a pause, and every key it wrote reads back afterwards.
 //! Then the target agent is killed while connections are held: they are reset (not left
 //! hanging), nothing acknowledged is lost, and a redeploy converges. Once per routing
-//! backend.
+//! backend. Then the same move on a dual-stack cluster, whose nodes are known by their IPv6
+//! addresses, with the client over IPv6.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,6 +15,7 @@ use flocker_e2e::binaries::build_binaries;
 use flocker_e2e::chaos::deploy::{PhaseHook, deploy as deploy_watched};
 use flocker_e2e::client_view::{ClientReport, ClientView};
 use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec};
+use flocker_e2e::redis::Redis;
 use flocker_e2e::scenario::{Files, docker, for_each_backend, redis_at, text};
 
 const APPLICATIONS: &str = "\
@@ -21,6 +23,20 @@ version: 1
 applications:
   redis:
     image: redis-flocker:latest
+    ports:
+      - internal: 6379
+        external: 6379
+    volume:
+      mountpoint: /data
+";
+
+/// [`APPLICATIONS`] with Redis listening on IPv6 as well (the image binds only 0.0.0.0).
+const APPLICATIONS_V6: &str = "\
+version: 1
+applications:
+  redis:
+    image: redis-flocker:latest
+    command: [\"/usr/bin/redis-server\", \"--dir\", \"/data\", \"--appendonly\", \"yes\", \"--appendfsync\", \"always\", \"--protected-mode\", \"no\", \"--bind\", \"0.0.0.0\", \"::\"]
     ports:
       - internal: 6379
         external: 6379
@@ -38,12 +54,8 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 fn only_on(cluster: &Cluster, node: &ClusterNode, files: &Files, name: &str) -> std::path::PathBuf {
     let mut text = String::from("version: 1\nnodes:\n");
     for n in &cluster.nodes {
-        let apps = if n.address == node.address {
-            "[redis]"
-        } else {
-            "[]"
-        };
-        text.push_str(&format!("  {}: {apps}\n", n.address));
+        let apps = if n.name == node.name { "[redis]" } else { "[]" };
+        text.push_str(&format!("  \"{}\": {apps}\n", n.identity()));
     }
     files.write(name, &text)
 }
@@ -71,14 +83,17 @@ fn deploy_ok(cluster: &Cluster, deployment: &Path, application: &Path) -> Result
 
 /// Every key in `keys` reads back (each key's value is its name) through `node`.
 fn all_keys_read_back(node: &ClusterNode, keys: &[&str]) -> Result<()> {
-    let mut redis = redis_at(node)?;
+    keys_read_back(redis_at(node)?, &node.name, keys)
+}
+
+/// Every key in `keys` reads back through `redis`, connected through `via`.
+fn keys_read_back(mut redis: Redis, via: &str, keys: &[&str]) -> Result<()> {
     for chunk in keys.chunks(200) {
         let values = redis.mget(chunk)?;
         for (key, value) in chunk.iter().zip(values) {
             ensure!(
                 value.as_deref() == Some(*key),
-                "key {key} reads {value:?} through {}",
-                node.name
+                "key {key} reads {value:?} through {via}"
             );
         }
     }
@@ -248,4 +263,69 @@ fn moves(cluster: &Cluster, routing: &str) -> Result<()> {
     written.extend(during_kill.acknowledged());
     all_keys_read_back(&n3, &written)?;
     Ok(())
+}
+
+#[test]
+#[ignore = "privileged: needs root, dockerd, zfs-fuse and network namespaces; `cargo xtask ci` runs it"]
+fn a_move_holds_new_ipv6_connections_too() -> Result<()> {
+    build_binaries();
+    for_each_backend(|routing| {
+        let mut cluster =
+            Cluster::up_dual_stack(ClusterSpec::for_test("e2e-seamless6", 3, routing))?;
+        cluster.teardown_on_drop = true;
+        move_over_ipv6(&cluster, routing)
+    })
+}
+
+/// Redis moves n1 -> n2 while a client opens a new IPv6 connection through n3 every 10 ms: no
+/// attempt fails, and every key it wrote reads back over IPv6.
+fn move_over_ipv6(cluster: &Cluster, routing: &str) -> Result<()> {
+    let [n1, n2, n3] = [0, 1, 2].map(|i| cluster.nodes[i].clone());
+    let files = Files::new()?;
+    let apps = files.write("application.yml", APPLICATIONS_V6);
+    deploy_ok(cluster, &only_on(cluster, &n1, &files, "on-n1.yml"), &apps)?;
+    let through_n3: SocketAddr = n3.socket(6379).parse()?;
+    ensure!(through_n3.is_ipv6(), "a dual-stack node: {through_n3}");
+    // Routes settle: the first answer over IPv6 through n3 (about 10 s at most).
+    let settled = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        Redis::connect(&through_n3.to_string(), Duration::from_secs(1))
+            .and_then(|mut r| r.command(&["PING"]).map(drop))
+            .is_ok()
+    });
+    ensure!(settled, "redis never answered over IPv6 through n3");
+
+    let client = ClientView::start(
+        through_n3,
+        Duration::from_millis(10),
+        "move6",
+        ATTEMPT_TIMEOUT,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    deploy_ok(cluster, &only_on(cluster, &n2, &files, "on-n2.yml"), &apps)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let moved = client.finish();
+    ensure!(
+        running_redis(&n2)? && !running_redis(&n1)?,
+        "redis moved to n2"
+    );
+    eprintln!(
+        "{routing}: {} IPv6 attempts during the move, worst connect-to-reply {:?}",
+        moved.attempts.len(),
+        moved.worst_latency()
+    );
+    ensure!(
+        moved.attempts.len() >= 30,
+        "the client ran through the move ({} attempts)",
+        moved.attempts.len()
+    );
+    ensure!(
+        moved.failed().is_empty(),
+        "{} of {} IPv6 attempts failed during the move: {}",
+        moved.failed().len(),
+        moved.attempts.len(),
+        describe_failures(&moved)
+    );
+    let redis = Redis::connect(&through_n3.to_string(), Duration::from_secs(2))?;
+    keys_read_back(redis, &through_n3.to_string(), &moved.acknowledged())
 }

@@ -237,7 +237,7 @@ impl RouteStore {
         services.sort();
         let mut table = RouteTable::from_wire(&routes, resolver)?;
         table.services = service_table(&services, &peers, resolver)?;
-        self.program(&table)?;
+        self.program(&table, has_local(&routes, &services))?;
         self.record(Recorded {
             version,
             routes,
@@ -276,7 +276,7 @@ impl RouteStore {
         }
         let mut table = RouteTable::from_wire(&resolvable(&routes, resolver), resolver)?;
         table.services = service_table(&services, &peers, resolver)?;
-        self.program(&table)
+        self.program(&table, has_local(&routes, &services))
     }
 
     /// Records `routes` and programs those that resolve now: local routes to containers that
@@ -313,7 +313,7 @@ impl RouteStore {
         let (services, peers) = self.recorded_services();
         let mut table = RouteTable::from_wire(&resolvable(&routes, resolver), resolver)?;
         table.services = service_table(&services, &peers, resolver)?;
-        self.program_keeping(&table, keep_connections)?;
+        self.program_keeping(&table, keep_connections, has_local(&routes, &services))?;
         self.record(Recorded {
             version: None,
             routes,
@@ -322,20 +322,24 @@ impl RouteStore {
         })
     }
 
-    fn program(&self, table: &RouteTable) -> Result<(), RoutesError> {
-        self.program_keeping(table, false)
+    /// Programs `table`; `local`: routes into this node's containers are recorded (see
+    /// `RoutingBackend::keep_ready`).
+    fn program(&self, table: &RouteTable, local: bool) -> Result<(), RoutesError> {
+        self.program_keeping(table, false, local)
     }
 
     fn program_keeping(
         &self,
         table: &RouteTable,
         keep_connections: bool,
+        local: bool,
     ) -> Result<(), RoutesError> {
         let mut guard = self.backend.lock().map_err(|_| RoutesError::Backend {
             backend: "unknown",
             detail: "lock poisoned".into(),
         })?;
         if let Some(backend) = guard.as_mut() {
+            backend.keep_ready(local);
             let applied = if keep_connections {
                 backend.apply_keeping_connections(table)
             } else {
@@ -348,6 +352,17 @@ impl RouteStore {
         }
         Ok(())
     }
+}
+
+/// Whether any route or service route leads into this node's own containers, programmed now
+/// or left out until the container runs.
+fn has_local(routes: &[Route], services: &[ServiceRoute]) -> bool {
+    routes
+        .iter()
+        .any(|r| matches!(r.target, flocker_wire::RouteTarget::Local { .. }))
+        || services
+            .iter()
+            .any(|s| matches!(s.target, flocker_wire::RouteTarget::Local { .. }))
 }
 
 /// The routes that can be programmed now: local ones only where the container has an
@@ -436,6 +451,71 @@ mod tests {
         assert_eq!(
             resolver.container_address6("db"),
             Some("fd00:17::2".parse().expect("ip"))
+        );
+    }
+
+    /// Records, per apply, whether the table was empty and whether it was to keep ready.
+    struct KeepReadyBackend {
+        ready: bool,
+        applied: std::sync::Arc<std::sync::Mutex<Vec<(bool, bool)>>>,
+    }
+
+    impl RoutingBackend for KeepReadyBackend {
+        fn name(&self) -> &'static str {
+            "keep-ready"
+        }
+        fn keep_ready(&mut self, ready: bool) {
+            self.ready = ready;
+        }
+        fn apply(&mut self, table: &RouteTable) -> Result<(), flocker_routing::RoutingError> {
+            if let Ok(mut a) = self.applied.lock() {
+                a.push((table.is_empty(), self.ready));
+            }
+            Ok(())
+        }
+        fn clear(&mut self) -> Result<(), flocker_routing::RoutingError> {
+            Ok(())
+        }
+    }
+
+    /// A move's target between the switch of the routes and the start: its only route leads
+    /// into a container that does not run yet, so the table is empty, and the backend is
+    /// told to keep ready (the eBPF backend then keeps its programs loaded instead of taking
+    /// most of a second to load them again inside the start). Without a local route, not.
+    #[test]
+    fn a_route_left_out_until_its_container_runs_keeps_the_backend_ready() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let applied = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let backend = KeepReadyBackend {
+            ready: false,
+            applied: applied.clone(),
+        };
+        let store = RouteStore::open(dir.path().join("routes.json"), Some(Box::new(backend)))
+            .expect("open");
+        let local = route(
+            6379,
+            RouteTarget::Local {
+                internal_port: 6379,
+            },
+        );
+        let not_running = Resolver {
+            containers: BTreeMap::new(),
+            containers6: BTreeMap::new(),
+        };
+        store
+            .switch_resolvable(vec![local.clone()], &not_running)
+            .expect("switch");
+        let running = Resolver {
+            containers: BTreeMap::from([("app6379".to_string(), Ipv4Addr::new(172, 17, 0, 2))]),
+            containers6: BTreeMap::new(),
+        };
+        store.reapply(&running).expect("reapply");
+        store.set(Vec::new(), &running).expect("set");
+        let applied = applied.lock().map(|a| a.clone()).unwrap_or_default();
+        assert_eq!(
+            applied,
+            vec![(true, true), (false, true), (true, false)],
+            "(empty table, keep ready) per apply"
         );
     }
 

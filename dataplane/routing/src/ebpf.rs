@@ -956,6 +956,8 @@ pub struct EbpfBackend {
     // Declared first so it stops before the state goes: its callback takes the state.
     watcher: Option<InterfaceWatcher>,
     state: Arc<Mutex<EbpfState>>,
+    /// See [`RoutingBackend::keep_ready`]: an empty table keeps the programs loaded.
+    keep_ready: bool,
 }
 
 /// Everything the backend holds, shared with the watcher's callback.
@@ -988,6 +990,7 @@ impl EbpfBackend {
                 settings,
                 table: RouteTable::default(),
             })),
+            keep_ready: false,
         })
     }
 
@@ -1026,8 +1029,8 @@ impl EbpfBackend {
 }
 
 impl EbpfState {
-    fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
-        if table.is_empty() {
+    fn apply(&mut self, table: &RouteTable, keep_ready: bool) -> Result<(), RoutingError> {
+        if table.is_empty() && !keep_ready {
             // No routes: no programs, no pins, no table, as the node was before.
             return self.clear();
         }
@@ -1113,14 +1116,20 @@ impl RoutingBackend for EbpfBackend {
     }
 
     fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
-        if table.is_empty() {
+        if table.is_empty() && !self.keep_ready {
             return self.clear();
         }
-        self.state()?.apply(table)?;
+        // Loading and verifying the programs takes most of a second: with a route into a
+        // container that is about to start, they stay loaded (empty maps route nothing).
+        self.state()?.apply(table, self.keep_ready)?;
         if self.watcher.is_none() {
             self.watch();
         }
         Ok(())
+    }
+
+    fn keep_ready(&mut self, ready: bool) {
+        self.keep_ready = ready;
     }
 
     fn clear(&mut self) -> Result<(), RoutingError> {

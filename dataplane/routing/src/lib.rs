@@ -130,6 +130,12 @@ pub trait RoutingBackend: Send {
     fn apply_keeping_connections(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
         self.apply(table)
     }
+    /// Whether routes into this node's own containers are recorded, some perhaps left out
+    /// of the table until their container runs (a move's target between the switch of the
+    /// routes and the start). A backend whose set-up is slow then keeps it while the table is
+    /// empty, so the route takes effect at once when the container starts; with `false`
+    /// again, an empty table removes everything. Default: nothing to keep.
+    fn keep_ready(&mut self, _ready: bool) {}
     /// Removes everything this backend installed, and puts back the kernel settings it
     /// changed.
     fn clear(&mut self) -> Result<(), RoutingError>;

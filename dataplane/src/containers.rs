@@ -580,6 +580,51 @@ impl DockerRuntime {
         Ok(())
     }
 
+    /// Waits (at most [`netns_holder::ADDRESS_SETTLE_WAIT`]) until the global IPv6 addresses
+    /// of this node (the bridge's gateway) and of the holder's namespace have passed duplicate
+    /// address detection. A move creates the holder during its pre-copy, so this costs its
+    /// clients nothing; without it, IPv6 clients routed to the container right after the
+    /// start waited about a second (measured on the dual-stack e2e move). Nothing to wait for
+    /// without IPv6; a wait that runs out is logged, and the create goes on.
+    async fn wait_addresses_settled(&self, holder: &str) {
+        let mut files = vec!["/proc/self/net/if_inet6".to_string()];
+        match self.details(holder).await {
+            Ok(ContainerDetails { pid: Some(pid), .. }) => {
+                files.push(format!("/proc/{pid}/net/if_inet6"));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(holder, error = %e, "cannot inspect the network holder"),
+        }
+        let started = std::time::Instant::now();
+        loop {
+            let mut tentative = false;
+            for file in &files {
+                if let Ok(text) = tokio::fs::read_to_string(file).await {
+                    tentative |= netns_holder::has_tentative_global_ipv6(&text);
+                }
+            }
+            if !tentative {
+                if started.elapsed() > std::time::Duration::from_millis(50) {
+                    tracing::info!(
+                        holder,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "IPv6 addresses passed duplicate address detection"
+                    );
+                }
+                return;
+            }
+            if started.elapsed() >= netns_holder::ADDRESS_SETTLE_WAIT {
+                tracing::warn!(
+                    holder,
+                    waited_s = netns_holder::ADDRESS_SETTLE_WAIT.as_secs(),
+                    "an IPv6 address is still tentative; IPv6 clients may wait for it after the start"
+                );
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     async fn start_holder(&self, holder: &str) -> Result<(), ContainerError> {
         match self
             .docker
@@ -838,6 +883,7 @@ impl ContainerRuntime for DockerRuntime {
             self.create_holder(&holder, &spec.name, &spec.settings, &spec.exposed_ports)
                 .await?;
             self.start_holder(&holder).await?;
+            self.wait_addresses_settled(&holder).await;
             netns_holder::join_holder(&mut config, &holder);
         }
         self.docker

@@ -198,6 +198,28 @@ pub fn join_holder(config: &mut Config<String>, holder: &str) {
         .insert(LABEL_HOLDER.to_string(), holder.to_string());
 }
 
+/// How long a create waits for IPv6 addresses to leave duplicate address detection (see
+/// [`has_tentative_global_ipv6`]).
+pub const ADDRESS_SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether `/proc/.../net/if_inet6` (`address ifindex prefixlen scope flags name`, in hex)
+/// lists a global address (scope 0) that is still tentative (`IFA_F_TENTATIVE`, 0x40): the
+/// kernel answers no neighbour solicitation for it yet. The bridge's gateway address is one
+/// when the node's first container joins the bridge (a bridge without ports has no carrier,
+/// so its addresses wait for it), and a container's replies to IPv6 clients then wait one
+/// to two seconds in its neighbour queue. Link-local addresses do not matter, nor one whose
+/// detection failed (`IFA_F_DADFAILED`, 0x08: it stays tentative for good).
+pub fn has_tentative_global_ipv6(if_inet6: &str) -> bool {
+    const TENTATIVE: u32 = 0x40;
+    const DAD_FAILED: u32 = 0x08;
+    if_inet6.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let hex = |i: usize| fields.get(i).and_then(|f| u32::from_str_radix(f, 16).ok());
+        hex(3) == Some(0)
+            && hex(4).is_some_and(|flags| flags & TENTATIVE != 0 && flags & DAD_FAILED == 0)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -340,5 +362,20 @@ mod tests {
             config.labels.and_then(|l| l.get(LABEL_HOLDER).cloned()),
             Some("flocker-db.netns".to_string())
         );
+    }
+
+    #[test]
+    fn only_a_tentative_global_address_is_waited_for() {
+        let settled = "00000000000000000000000000000001 01 80 10 80       lo\n\
+                       fd001900000200000000000000000001 03 40 00 80  docker0\n";
+        assert!(!has_tentative_global_ipv6(settled));
+        let tentative_link_local = "fe800000000000000000000000000001 03 40 20 40  docker0\n";
+        assert!(!has_tentative_global_ipv6(tentative_link_local));
+        let tentative_global = "fd001900000200000000000000000001 03 40 00 40  docker0\n";
+        assert!(has_tentative_global_ipv6(tentative_global));
+        let failed = "fd001900000200000000000000000001 03 40 00 48  docker0\n";
+        assert!(!has_tentative_global_ipv6(failed));
+        assert!(!has_tentative_global_ipv6(""));
+        assert!(!has_tentative_global_ipv6("garbage\n"));
     }
 }

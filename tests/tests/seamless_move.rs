@@ -110,6 +110,39 @@ fn describe_failures(report: &ClientReport) -> String {
         .join("; ")
 }
 
+/// Redis moved from `from` to `to`, and the client (`what`) ran through the move without a
+/// failed attempt.
+fn moved_without_a_failed_attempt(
+    from: &ClusterNode,
+    to: &ClusterNode,
+    what: &str,
+    moved: &ClientReport,
+) -> Result<()> {
+    ensure!(
+        running_redis(to)? && !running_redis(from)?,
+        "redis moved to {}",
+        to.name
+    );
+    eprintln!(
+        "{what}: {} attempts during the move, worst connect-to-reply {:?}",
+        moved.attempts.len(),
+        moved.worst_latency()
+    );
+    ensure!(
+        moved.attempts.len() >= 30,
+        "{what}: the client ran through the move ({} attempts)",
+        moved.attempts.len()
+    );
+    ensure!(
+        moved.failed().is_empty(),
+        "{what}: {} of {} attempts failed during the move: {}",
+        moved.failed().len(),
+        moved.attempts.len(),
+        describe_failures(moved)
+    );
+    Ok(())
+}
+
 fn running_redis(node: &ClusterNode) -> Result<bool> {
     let ids = docker(
         node,
@@ -174,27 +207,7 @@ fn moves(cluster: &Cluster, routing: &str) -> Result<()> {
         plan.contains("switch-routes"),
         "the move switches routes first: {plan}"
     );
-    ensure!(
-        running_redis(&n2)? && !running_redis(&n1)?,
-        "redis moved to n2"
-    );
-    eprintln!(
-        "{routing}: {} attempts during the move, worst connect-to-reply {:?}",
-        moved.attempts.len(),
-        moved.worst_latency()
-    );
-    ensure!(
-        moved.attempts.len() >= 30,
-        "the client ran through the move ({} attempts)",
-        moved.attempts.len()
-    );
-    ensure!(
-        moved.failed().is_empty(),
-        "{} of {} attempts failed during the move: {}",
-        moved.failed().len(),
-        moved.attempts.len(),
-        describe_failures(&moved)
-    );
+    moved_without_a_failed_attempt(&n1, &n2, &format!("{routing}: IPv4"), &moved)?;
     let mut written: Vec<&str> = before.iter().map(String::as_str).collect();
     written.extend(moved.acknowledged());
     all_keys_read_back(&n1, &written)?;
@@ -305,27 +318,7 @@ fn move_over_ipv6(cluster: &Cluster, routing: &str) -> Result<()> {
     deploy_ok(cluster, &only_on(cluster, &n2, &files, "on-n2.yml"), &apps)?;
     std::thread::sleep(Duration::from_millis(300));
     let moved = client.finish();
-    ensure!(
-        running_redis(&n2)? && !running_redis(&n1)?,
-        "redis moved to n2"
-    );
-    eprintln!(
-        "{routing}: {} IPv6 attempts during the move, worst connect-to-reply {:?}",
-        moved.attempts.len(),
-        moved.worst_latency()
-    );
-    ensure!(
-        moved.attempts.len() >= 30,
-        "the client ran through the move ({} attempts)",
-        moved.attempts.len()
-    );
-    ensure!(
-        moved.failed().is_empty(),
-        "{} of {} IPv6 attempts failed during the move: {}",
-        moved.failed().len(),
-        moved.attempts.len(),
-        describe_failures(&moved)
-    );
+    moved_without_a_failed_attempt(&n1, &n2, &format!("{routing}: IPv6"), &moved)?;
     let redis = Redis::connect(&through_n3.to_string(), Duration::from_secs(2))?;
     keys_read_back(redis, &through_n3.to_string(), &moved.acknowledged())
 }

@@ -922,11 +922,21 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn stop_and_remove(&self, name: &str) -> Result<(), ContainerError> {
+        let began = std::time::Instant::now();
         self.stop_container(name).await?;
+        let stopped = began.elapsed();
         let holder = self
             .holder_id(&netns_holder::holder_name(name), name)
             .await?;
+        let looked_up = began.elapsed();
         self.remove_by_force(name).await?;
+        tracing::info!(
+            container = name,
+            stop_ms = stopped.as_millis() as u64,
+            holder_lookup_ms = (looked_up - stopped).as_millis() as u64,
+            remove_ms = (began.elapsed() - looked_up).as_millis() as u64,
+            "stopped and removed"
+        );
         if let Some(id) = holder {
             // Its namespace's teardown takes tens of milliseconds that a move's pause need
             // not wait for, and loads the kernel and dockerd while the final push and the

@@ -86,17 +86,17 @@ impl Agent {
         // the clients' pause), judged below in the order the checks need them. The proof
         // that the dataset is mounted where the application wrote is only a read (or the
         // mount of a dataset over an empty directory), so it need not wait for the checks.
-        let (local, remote, user, proof) = tokio::join!(
-            self.local_volume(name),
-            self.remote_volume(to, name),
-            async {
+        let ((local, local_took), (remote, remote_took), (user, user_took), (proof, proof_took)) = tokio::join!(
+            timed(self.local_volume(name)),
+            timed(self.remote_volume(to, name)),
+            timed(async {
                 if last {
                     self.using_volume(name).await
                 } else {
                     Ok(None)
                 }
-            },
-            self.prove_volume(name)
+            }),
+            timed(self.prove_volume(name))
         );
         let local = local?
             .ok_or_else(|| AgentError::NotFound(format!("volume {name:?} does not exist here")))?;
@@ -278,6 +278,10 @@ impl Agent {
             %snapshot,
             bytes,
             checks_ms = ms(checks),
+            local_ms = ms(local_took),
+            remote_ms = ms(remote_took),
+            user_ms = ms(user_took),
+            proof_ms = ms(proof_took),
             snapshot_ms = ms(snapshotted - checks),
             stream_ms = ms(answered - snapshotted),
             record_ms = ms(recorded - answered),
@@ -719,6 +723,13 @@ fn prune_push_snapshots(
 }
 
 /// Milliseconds, for the timing fields of the push and receive log lines.
+/// Runs `f`, returning its output and how long it took.
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let began = std::time::Instant::now();
+    let out = f.await;
+    (out, began.elapsed())
+}
+
 fn ms(d: Duration) -> u64 {
     d.as_millis().try_into().unwrap_or(u64::MAX)
 }

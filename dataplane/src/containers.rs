@@ -899,13 +899,23 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn start(&self, name: &str) -> Result<(), ContainerError> {
+        let began = std::time::Instant::now();
         self.ensure_holder_of(name).await?;
+        let holder = began.elapsed();
         match self
             .docker
             .start_container(name, None::<StartContainerOptions<String>>)
             .await
         {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                tracing::info!(
+                    container = name,
+                    holder_ms = holder.as_millis() as u64,
+                    start_ms = (began.elapsed() - holder).as_millis() as u64,
+                    "started"
+                );
+                Ok(())
+            }
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 500,
                 message,

@@ -843,17 +843,29 @@ impl Agent {
         app: &Application,
         replace: bool,
     ) -> Result<(), AgentError> {
-        let existing = self.managed(&app.name).await?;
-        for (volume, _) in app.volumes() {
+        // Three reads at once (a move's start is in the clients' pause), judged in the order
+        // the checks need them.
+        let began = std::time::Instant::now();
+        let (existing, records, volume_mounts) = tokio::join!(
+            self.managed(&app.name),
+            futures_util::future::join_all(
+                app.volumes()
+                    .map(|(volume, _)| async move { (volume, self.local_volume(volume).await) })
+            ),
+            // Never start on a bare directory, even an existing container whose bind mount
+            // names the right path: every path must be its volume right now.
+            self.prove_volumes(app)
+        );
+        let existing = existing?;
+        for (volume, record) in records {
             // Ownership may have moved since validation (another request in between).
-            let v = self.local_volume(volume).await?.ok_or_else(|| {
+            let v = record?.ok_or_else(|| {
                 AgentError::Conflict(format!("volume {volume:?} does not exist here"))
             })?;
             ownership::check_owner(&self.me, &v)?;
         }
-        // Never start on a bare directory, even an existing container whose bind mount
-        // names the right path: every path must be its volume right now.
-        let volume_mounts = self.prove_volumes(app).await?;
+        let volume_mounts = volume_mounts?;
+        tracing::info!(application = %app.name, checks_ms = began.elapsed().as_millis() as u64, "checked before the start");
         self.forget_restarts(app);
         if let Some(c) = &existing
             && !replace

@@ -19,7 +19,9 @@ use bollard::models::{
     HealthConfig, HealthStatusEnum, HostConfig, HostConfigLogConfig, ResourcesUlimits,
     RestartPolicy as DockerRestart, RestartPolicyNameEnum,
 };
-use flocker_wire::{Application, ContainerSettings, DesiredState, HealthCheck, Protocol, RouteMap};
+use flocker_wire::{
+    AnswerCheck, Application, ContainerSettings, DesiredState, HealthCheck, Protocol, RouteMap,
+};
 use futures_util::StreamExt;
 
 use crate::netns_holder;
@@ -335,6 +337,18 @@ pub trait ContainerRuntime: Send + Sync {
     async fn disable_docker_restart(&self, name: &str) -> Result<(), ContainerError>;
     /// Whether a TCP socket listens on `port` inside the running container.
     async fn listens_on(&self, name: &str, port: u16) -> Result<bool, ContainerError>;
+    /// One try of an answer check on `port` inside the running container: `Ok(())` when the
+    /// reply starts as expected, else what happened instead (refused, what it answered, no
+    /// answer within `timeout`).
+    async fn answers(
+        &self,
+        _name: &str,
+        _port: u16,
+        _check: &AnswerCheck,
+        _timeout: std::time::Duration,
+    ) -> Result<Result<(), String>, ContainerError> {
+        Ok(Err("this runtime cannot make answer checks".into()))
+    }
     /// Removes network holders ([`crate::netns_holder`]) whose application container is
     /// gone (a removal that failed, an agent that died in between); how many it removed.
     async fn remove_orphan_holders(&self) -> Result<usize, ContainerError> {
@@ -873,7 +887,12 @@ impl ContainerRuntime for DockerRuntime {
                 restart_policy: Some(restart),
                 ..Default::default()
             }),
-            healthcheck: spec.health_check.as_ref().map(docker_health_config),
+            // An answer check is the agent's own: Docker runs none.
+            healthcheck: spec
+                .health_check
+                .as_ref()
+                .filter(|c| c.answer.is_none())
+                .map(docker_health_config),
             ..Default::default()
         };
         if self.holders {
@@ -1015,6 +1034,19 @@ impl ContainerRuntime for DockerRuntime {
         tokio::task::spawn_blocking(read)
             .await
             .map_err(|e| ContainerError::Other(e.to_string()))
+    }
+
+    async fn answers(
+        &self,
+        name: &str,
+        port: u16,
+        check: &AnswerCheck,
+        timeout: std::time::Duration,
+    ) -> Result<Result<(), String>, ContainerError> {
+        let Some(pid) = self.details(name).await?.pid else {
+            return Ok(Err("the container has no process".into()));
+        };
+        Ok(crate::answer::ask(pid, port, check, timeout).await)
     }
 
     async fn remove_orphan_holders(&self) -> Result<usize, ContainerError> {

@@ -13,6 +13,7 @@
 pub mod agent;
 #[cfg(test)]
 mod agent_tests;
+pub mod answer;
 pub mod api;
 pub mod config;
 pub mod containers;

@@ -1,8 +1,11 @@
 //! Whether a started application is ready for traffic, and waiting until it is.
 //!
-//! Three probes, chosen from the application (`probe_for`):
+//! Four probes, chosen from the application (`probe_for`):
 //! - a health check (compose `healthcheck:`, native `health_check:`): Docker runs it inside
 //!   the container and the agent reads Docker's verdict and the check's last output;
+//! - an answer check (a health check with `expect`): the agent connects to the port inside
+//!   the container's network namespace, sends, and reads the reply ([`crate::answer`]); tried
+//!   as often as the port probe, so a move's clients wait no longer than the application does;
 //! - otherwise, with ports: the first internal port has a listening TCP socket in the
 //!   container's network namespace (read from `/proc/PID/net/tcp` and `tcp6`). A listening
 //!   socket is exactly what makes the kernel accept a connection, and reading it works
@@ -57,19 +60,37 @@ pub enum Probe {
     DockerCheck,
     /// A listening TCP socket on this port inside the container (the first TCP port).
     Port(u16),
+    /// A reply starting as expected on this port inside the container.
+    Answer(u16),
+}
+
+/// The application's first TCP port inside the container.
+fn first_tcp_port(app: &Application) -> Option<u16> {
+    app.ports
+        .iter()
+        .find(|p| p.protocol == flocker_wire::Protocol::Tcp)
+        .map(|p| p.internal)
 }
 
 pub fn probe_for(app: &Application) -> Probe {
     match &app.health_check {
         Some(check) if check.is_disabled() => Probe::Running,
+        Some(check) if check.answer.is_some() => {
+            match check
+                .answer
+                .as_ref()
+                .and_then(|a| a.port)
+                .or(first_tcp_port(app))
+            {
+                Some(port) => Probe::Answer(port),
+                // Refused by the checks of every request (`checks::application_problems`).
+                None => Probe::Running,
+            }
+        }
         Some(_) => Probe::DockerCheck,
         // The first TCP port: a UDP socket does not listen, so an application with only UDP
         // ports counts as ready once it runs.
-        None => app
-            .ports
-            .iter()
-            .find(|p| p.protocol == flocker_wire::Protocol::Tcp)
-            .map_or(Probe::Running, |p| Probe::Port(p.internal)),
+        None => first_tcp_port(app).map_or(Probe::Running, Probe::Port),
     }
 }
 
@@ -131,6 +152,21 @@ pub async fn check(
             },
             None => Verdict::new(Health::Starting, "(Docker reports no health yet)"),
         }),
+        Probe::Answer(port) => {
+            let (Some(check), Some(answer)) = (
+                app.health_check.as_ref(),
+                app.health_check.as_ref().and_then(|c| c.answer.as_ref()),
+            ) else {
+                return Ok(Verdict::healthy());
+            };
+            let timeout = Duration::from_millis(check.timeout_ms);
+            Ok(
+                match runtime.answers(container, port, answer, timeout).await? {
+                    Ok(()) => Verdict::healthy(),
+                    Err(why) => Verdict::new(Health::Starting, trim_output(&why)),
+                },
+            )
+        }
         Probe::Port(port) => Ok(if runtime.listens_on(container, port).await? {
             Verdict::healthy()
         } else {
@@ -188,7 +224,12 @@ pub async fn wait_ready(
 /// The longest a start waits: the agent's bound, or longer when the health check itself
 /// needs longer to reach a verdict (start period, then `retries` failed checks).
 pub fn wait_bound(app: &Application, agent_bound: Duration) -> Duration {
-    let Some(check) = app.health_check.as_ref().filter(|c| !c.is_disabled()) else {
+    // An answer check is the agent's own, tried as often as the port probe: the agent's bound.
+    let Some(check) = app
+        .health_check
+        .as_ref()
+        .filter(|c| !c.is_disabled() && c.answer.is_none())
+    else {
         return agent_bound;
     };
     let per_try = check.interval_ms.saturating_add(check.timeout_ms);
@@ -283,6 +324,24 @@ mod tests {
             let n = self.look();
             Ok(self.ready_at.is_some_and(|at| n >= at))
         }
+        /// Answers `-LOADING` until the `ready_at`-th look, then what the check expects.
+        async fn answers(
+            &self,
+            _: &str,
+            port: u16,
+            check: &flocker_wire::AnswerCheck,
+            _: Duration,
+        ) -> Result<Result<(), String>, ContainerError> {
+            let n = self.look();
+            Ok(if self.ready_at.is_some_and(|at| n >= at) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "port {port} answered \"-LOADING\" (expected {:?})",
+                    check.expect
+                ))
+            })
+        }
     }
 
     fn scripted(
@@ -343,6 +402,32 @@ mod tests {
         );
     }
 
+    fn redis_check(port: Option<u16>) -> HealthCheck {
+        HealthCheck::with_answer(flocker_wire::AnswerCheck {
+            send: "PING\r\n".into(),
+            expect: "+PONG".into(),
+            port,
+        })
+    }
+
+    #[tokio::test]
+    async fn an_answer_check_waits_for_the_expected_reply_and_reports_the_last_one() {
+        let runtime = scripted(Some(4), None);
+        let a = app(&[6379], Some(redis_check(None)));
+        wait_ready(&runtime, "c", &a, Duration::from_secs(30), |_| {})
+            .await
+            .expect("ready at the fourth look");
+        assert_eq!(*runtime.looks.lock().expect("lock"), 4);
+        let never = scripted(None, None);
+        let err = wait_ready(&never, "c", &a, Duration::from_millis(300), |_| {})
+            .await
+            .expect_err("never answers");
+        assert!(
+            matches!(err, ReadinessError::TimedOut { ref output, .. } if output.contains("-LOADING")),
+            "{err}"
+        );
+    }
+
     #[test]
     fn polls_start_fast_and_back_off_to_a_bound() {
         assert_eq!(poll_delay(0), Duration::from_millis(5));
@@ -396,6 +481,22 @@ mod tests {
         assert_eq!(
             probe_for(&app(&[80], Some(HealthCheck::disabled()))),
             Probe::Running
+        );
+        assert_eq!(
+            probe_for(&app(&[6379], Some(redis_check(None)))),
+            Probe::Answer(6379)
+        );
+        assert_eq!(
+            probe_for(&app(&[80], Some(redis_check(Some(9000))))),
+            Probe::Answer(9000)
+        );
+        // An answer check's tries are the agent's: its bound, not one from Docker's timings.
+        assert_eq!(
+            wait_bound(
+                &app(&[6379], Some(redis_check(None))),
+                Duration::from_secs(7)
+            ),
+            Duration::from_secs(7)
         );
         let check = HealthCheck::with_test(vec!["CMD".into(), "true".into()]);
         assert_eq!(probe_for(&app(&[80], Some(check))), Probe::DockerCheck);

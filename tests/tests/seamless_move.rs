@@ -18,6 +18,8 @@ use flocker_e2e::cluster::{Cluster, ClusterNode, ClusterSpec};
 use flocker_e2e::redis::Redis;
 use flocker_e2e::scenario::{Files, docker, for_each_backend, redis_at, text};
 
+/// Redis is ready when it answers PING with PONG (an answer check): it listens before it has
+/// loaded its data, and answers `-LOADING` meanwhile, which the held clients would get.
 const APPLICATIONS: &str = "\
 version: 1
 applications:
@@ -28,6 +30,9 @@ applications:
         external: 6379
     volume:
       mountpoint: /data
+    health_check:
+      send: \"PING\\r\\n\"
+      expect: \"+PONG\"
 ";
 
 /// [`APPLICATIONS`] with Redis listening on IPv6 as well (the image binds only 0.0.0.0).
@@ -42,6 +47,9 @@ applications:
         external: 6379
     volume:
       mountpoint: /data
+    health_check:
+      send: \"PING\\r\\n\"
+      expect: \"+PONG\"
 ";
 
 /// The agents' default hold timeout (`--hold-timeout`).

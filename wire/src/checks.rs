@@ -156,6 +156,14 @@ pub fn application_problems(app: &Application) -> Vec<String> {
     }
     if let Some(check) = &app.health_check {
         out.extend(health_check_problem(check));
+        if check.answer.as_ref().is_some_and(|a| a.port.is_none())
+            && !app.ports.iter().any(|p| p.protocol == crate::Protocol::Tcp)
+        {
+            out.push(
+                "health check: an answer check needs a `port`, as the application has no TCP port"
+                    .into(),
+            );
+        }
     }
     out.into_iter()
         .map(|p| format!("application {:?}: {p}", app.name))
@@ -168,6 +176,9 @@ pub const MAX_HEALTH_DURATION_MS: u64 = 3_600_000;
 /// What is wrong with a health check, if anything: Docker's three forms only, bounded
 /// durations and retries, no NUL, a command of reasonable size.
 pub fn health_check_problem(check: &crate::HealthCheck) -> Option<String> {
+    if let Some(answer) = &check.answer {
+        return answer_check_problem(answer, check);
+    }
     let arity_ok = match check.test.first().map(String::as_str) {
         Some("NONE") => check.test.len() == 1,
         Some("CMD") => check.test.len() >= 2,
@@ -199,6 +210,36 @@ pub fn health_check_problem(check: &crate::HealthCheck) -> Option<String> {
     }
     if !(1..=100).contains(&check.retries) {
         return Some("health check: retries must be from 1 to 100".into());
+    }
+    None
+}
+
+/// The longest `send` or `expect` of an answer check.
+pub const MAX_ANSWER_BYTES: usize = 1024;
+/// The longest one try of an answer check may take.
+pub const MAX_ANSWER_TIMEOUT_MS: u64 = 60_000;
+
+/// What is wrong with an answer check: a command beside it, an empty `expect`, oversized
+/// texts, port 0, or a try bound outside 1 ms to 60 s.
+fn answer_check_problem(answer: &crate::AnswerCheck, check: &crate::HealthCheck) -> Option<String> {
+    if !check.test.is_empty() {
+        return Some(
+            "health check: a `test` command and an answer check exclude each other".into(),
+        );
+    }
+    if answer.expect.is_empty() {
+        return Some("health check: an answer check's `expect` must not be empty".into());
+    }
+    if answer.send.len() > MAX_ANSWER_BYTES || answer.expect.len() > MAX_ANSWER_BYTES {
+        return Some(format!(
+            "health check: `send` and `expect` are at most {MAX_ANSWER_BYTES} bytes each"
+        ));
+    }
+    if answer.port == Some(0) {
+        return Some("health check: port 0 cannot be connected to".into());
+    }
+    if !(1..=MAX_ANSWER_TIMEOUT_MS).contains(&check.timeout_ms) {
+        return Some("health check: an answer check's timeout must be from 1 ms to 60 s".into());
     }
     None
 }
@@ -483,6 +524,51 @@ mod tests {
         assert!(
             problems.contains("volume \"db.logs\" is claimed by both"),
             "{problems}"
+        );
+    }
+
+    #[test]
+    fn answer_checks_are_bounded_and_need_a_port() {
+        let redis = crate::AnswerCheck {
+            send: "PING\r\n".into(),
+            expect: "+PONG".into(),
+            port: None,
+        };
+        let check = crate::HealthCheck::with_answer(redis.clone());
+        assert_eq!(health_check_problem(&check), None);
+        let mut bad = check.clone();
+        bad.test = vec!["CMD".into(), "true".into()];
+        assert!(health_check_problem(&bad).is_some());
+        for answer in [
+            crate::AnswerCheck {
+                expect: String::new(),
+                ..redis.clone()
+            },
+            crate::AnswerCheck {
+                send: "x".repeat(MAX_ANSWER_BYTES + 1),
+                ..redis.clone()
+            },
+            crate::AnswerCheck {
+                port: Some(0),
+                ..redis.clone()
+            },
+        ] {
+            let bad = crate::HealthCheck::with_answer(answer.clone());
+            assert!(health_check_problem(&bad).is_some(), "{answer:?}");
+        }
+        let mut slow = check.clone();
+        slow.timeout_ms = MAX_ANSWER_TIMEOUT_MS + 1;
+        assert!(health_check_problem(&slow).is_some());
+        // Without a port of its own, the application's first TCP port is the one checked.
+        let mut portless = app("db");
+        portless.ports.clear();
+        portless.health_check = Some(check);
+        assert!(
+            application_problems(&portless)
+                .iter()
+                .any(|p| p.contains("needs a `port`")),
+            "{:?}",
+            application_problems(&portless)
         );
     }
 

@@ -236,20 +236,41 @@ pub fn further_volume_name(application: &str, key: &str) -> String {
     format!("{application}.{key}")
 }
 
-/// A health check as Docker runs it inside the container (compose `healthcheck:`, native
-/// `health_check:`). The application is ready once the check passed; it is unhealthy once
-/// `retries` checks in a row failed after `start_period_ms`.
+/// A health check (compose `healthcheck:`, native `health_check:`): either a command Docker
+/// runs inside the container (`test`), or an answer the agent itself reads (`answer`). With a
+/// command the application is ready once the check passed, and unhealthy once `retries`
+/// checks in a row failed after `start_period_ms`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     /// Docker's form: `["CMD", program, args...]`, `["CMD-SHELL", command]`, or `["NONE"]`
-    /// (no check: the application is ready as soon as it runs).
+    /// (no check: the application is ready as soon as it runs). Empty with `answer`.
     pub test: Vec<String>,
     pub interval_ms: u64,
+    /// With `answer`: how long one try may take (connect, send, read).
     pub timeout_ms: u64,
     pub retries: u32,
     #[serde(default)]
     pub start_period_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<AnswerCheck>,
+}
+
+/// A readiness check the agent makes itself, tried every few milliseconds while the
+/// application starts: a TCP connection to `127.0.0.1:PORT` inside the container, `send`
+/// written, and the application is ready once its reply starts with `expect`. A database that
+/// listens before it has loaded its data (Redis answers `-LOADING` then) is not ready yet.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnswerCheck {
+    /// Written once connected; empty sends nothing (for a server that greets first).
+    #[serde(default)]
+    pub send: String,
+    /// What the reply must start with; never empty.
+    pub expect: String,
+    /// The port inside the container; `None` is the application's first TCP port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 impl HealthCheck {
@@ -261,6 +282,17 @@ impl HealthCheck {
             timeout_ms: 30_000,
             retries: 3,
             start_period_ms: 0,
+            answer: None,
+        }
+    }
+
+    /// An answer check, each try bounded by 1 s.
+    pub fn with_answer(answer: AnswerCheck) -> Self {
+        HealthCheck {
+            test: Vec::new(),
+            timeout_ms: 1_000,
+            answer: Some(answer),
+            ..HealthCheck::with_test(Vec::new())
         }
     }
 

@@ -6,11 +6,16 @@
 //! starting with `CMD` (program and arguments, no shell), `CMD-SHELL` (one shell command) or
 //! `NONE` (no check). `disable: true` is the same as `test: [NONE]`: the application counts
 //! as ready as soon as it runs, instead of when its first port accepts connections.
+//!
+//! Instead of `test`, a Flocker extension: `expect` (with `send`, `port`, `timeout`) is an
+//! answer check the agent makes itself (`flocker_wire::AnswerCheck`): ready once a connection
+//! to the port inside the container, after `send`, reads a reply starting with `expect`.
 
-use flocker_wire::HealthCheck;
+use flocker_wire::checks::{MAX_ANSWER_BYTES, MAX_ANSWER_TIMEOUT_MS};
+use flocker_wire::{AnswerCheck, HealthCheck};
 
 use super::fields::{Sink, check_keys, expect_map, find, join};
-use super::yaml::{Kind, Node, Resolved};
+use super::yaml::{Entry, Kind, Node, Resolved};
 
 pub const HEALTH_KEYS: &[&str] = &[
     "test",
@@ -19,7 +24,15 @@ pub const HEALTH_KEYS: &[&str] = &[
     "retries",
     "start_period",
     "disable",
+    "send",
+    "expect",
+    "port",
 ];
+
+/// The keys of an answer check (the agent connects and reads the reply).
+const ANSWER_KEYS: &[&str] = &["send", "expect", "port"];
+/// The keys that only a `test` command takes.
+const COMMAND_ONLY_KEYS: &[&str] = &["test", "interval", "retries", "start_period", "disable"];
 
 /// The longest interval, timeout or start period accepted (one hour): a check slower than
 /// that would hold a deploy for hours.
@@ -34,9 +47,12 @@ pub fn health_check(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Heal
         sink,
         node,
         path,
-        "a mapping with `test` (and optionally interval, timeout, retries, start_period, disable)",
+        "a mapping with `test` (and optionally interval, timeout, retries, start_period, disable), or with `expect` (and optionally send, port, timeout)",
     )?;
     check_keys(sink, fields, HEALTH_KEYS, path);
+    if ANSWER_KEYS.iter().any(|k| find(fields, k).is_some()) {
+        return answer_check(sink, node, fields, path);
+    }
     let disable = match find(fields, "disable") {
         Some(e) => match e.value.as_scalar().map(|s| s.resolve()) {
             Some(Resolved::Bool(b)) => b,
@@ -58,7 +74,7 @@ pub fn health_check(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Heal
             sink.error(
                 node.mark,
                 path,
-                "missing key `test` (a command such as \"redis-cli ping\", or `disable: true`)",
+                "missing key `test` (a command such as \"redis-cli ping\"), `expect` (an answer the agent reads), or `disable: true`",
             );
             None
         }
@@ -68,33 +84,15 @@ pub fn health_check(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Heal
     if disable {
         check.test = vec!["NONE".to_owned()];
     }
-    let mut duration = |key: &str, slot: &mut u64| {
-        if let Some(e) = find(fields, key) {
-            let kpath = join(path, key);
-            // A bare number gets the "no unit" hint rather than a type error.
-            let text = e
-                .value
-                .as_str()
-                .map(str::to_owned)
-                .or_else(|| e.value.as_int().map(|i| i.to_string()));
-            match text.as_deref().map(compose_duration_ms) {
-                Some(Ok(ms)) if ms <= MAX_DURATION_MS => *slot = ms,
-                Some(Ok(_)) => sink.error(e.value.mark, kpath, "longer than the 1h accepted"),
-                Some(Err(problem)) => sink.error(e.value.mark, kpath, problem),
-                None => sink.error(
-                    e.value.mark,
-                    kpath,
-                    format!(
-                        "expected a duration such as `5s` or `1m30s`, found {}",
-                        e.value.describe()
-                    ),
-                ),
-            }
-        }
-    };
-    duration("interval", &mut check.interval_ms);
-    duration("timeout", &mut check.timeout_ms);
-    duration("start_period", &mut check.start_period_ms);
+    duration(sink, fields, path, "interval", &mut check.interval_ms);
+    duration(sink, fields, path, "timeout", &mut check.timeout_ms);
+    duration(
+        sink,
+        fields,
+        path,
+        "start_period",
+        &mut check.start_period_ms,
+    );
     if let Some(e) = find(fields, "retries") {
         match e.value.as_int().and_then(|i| u32::try_from(i).ok()) {
             Some(n) if (1..=MAX_RETRIES).contains(&n) => check.retries = n,
@@ -118,6 +116,126 @@ pub fn health_check(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Heal
         }
     }
     (sink.diagnostics.len() == before && test.is_some()).then_some(check)
+}
+
+/// An answer check: `expect` (required), `send`, `port` and `timeout` (one try's bound,
+/// 1 s by default); the keys of a `test` command are refused beside them.
+fn answer_check(
+    sink: &mut Sink<'_>,
+    node: &Node,
+    fields: &[Entry],
+    path: &str,
+) -> Option<HealthCheck> {
+    let before = sink.diagnostics.len();
+    for key in COMMAND_ONLY_KEYS {
+        if let Some(e) = find(fields, key) {
+            sink.error(
+                e.key_mark,
+                join(path, key),
+                format!(
+                    "`{key}` belongs to a `test` command; an answer check (`expect`) is made by the agent, every few milliseconds while the application starts"
+                ),
+            );
+        }
+    }
+    let mut text = |key: &str| -> Option<String> {
+        let e = find(fields, key)?;
+        match e.value.as_str() {
+            Some(t) => Some(t.to_owned()),
+            None => {
+                sink.error(
+                    e.value.mark,
+                    join(path, key),
+                    format!("expected a string, found {}", e.value.describe()),
+                );
+                None
+            }
+        }
+    };
+    let send = text("send").unwrap_or_default();
+    let expect = text("expect");
+    match &expect {
+        None if find(fields, "expect").is_none() => sink.error(
+            node.mark,
+            path,
+            "missing key `expect`: what the application's reply starts with once it is ready, such as \"+PONG\"",
+        ),
+        Some(e) if e.is_empty() => {
+            let mark = find(fields, "expect").map_or(node.mark, |e| e.value.mark);
+            sink.error(mark, join(path, "expect"), "must not be empty");
+        }
+        _ => {}
+    }
+    for (key, value) in [
+        ("send", &send),
+        ("expect", expect.as_ref().unwrap_or(&send)),
+    ] {
+        if value.len() > MAX_ANSWER_BYTES {
+            let mark = find(fields, key).map_or(node.mark, |e| e.value.mark);
+            sink.error(
+                mark,
+                join(path, key),
+                format!("longer than the {MAX_ANSWER_BYTES} bytes accepted"),
+            );
+        }
+    }
+    let port = find(fields, "port").and_then(|e| {
+        let port = e
+            .value
+            .as_int()
+            .and_then(|i| u16::try_from(i).ok())
+            .filter(|p| *p > 0);
+        if port.is_none() {
+            sink.error(
+                e.value.mark,
+                join(path, "port"),
+                format!(
+                    "expected a port from 1 to 65535 inside the container, found {}",
+                    e.value.describe()
+                ),
+            );
+        }
+        port
+    });
+    let mut check = HealthCheck::with_answer(AnswerCheck {
+        send,
+        expect: expect.unwrap_or_default(),
+        port,
+    });
+    duration(sink, fields, path, "timeout", &mut check.timeout_ms);
+    if find(fields, "timeout").is_some() && !(1..=MAX_ANSWER_TIMEOUT_MS).contains(&check.timeout_ms)
+    {
+        let mark = find(fields, "timeout").map_or(node.mark, |e| e.value.mark);
+        sink.error(mark, join(path, "timeout"), "must be from 1ms to 60s");
+    }
+    (sink.diagnostics.len() == before).then_some(check)
+}
+
+/// Reads the duration at `key`, if present, into `slot`.
+fn duration(sink: &mut Sink<'_>, fields: &[Entry], path: &str, key: &str, slot: &mut u64) {
+    let Some(e) = find(fields, key) else {
+        return;
+    };
+    let kpath = join(path, key);
+    // A bare number gets the "no unit" hint rather than a type error.
+    let text = e
+        .value
+        .as_str()
+        .map(str::to_owned)
+        .or_else(|| e.value.as_int().map(|i| i.to_string()));
+    match text.as_deref().map(compose_duration_ms) {
+        Some(Ok(ms)) if ms <= MAX_DURATION_MS => *slot = ms,
+        Some(Ok(_)) => sink.error(e.value.mark, kpath, "longer than the 1h accepted"),
+        Some(Err(problem)) => sink.error(e.value.mark, kpath, problem),
+        None => sink.error(
+            e.value.mark,
+            kpath,
+            format!(
+                "expected a duration such as `5s` or `1m30s`, found {}",
+                e.value.describe()
+            ),
+        ),
+    }
 }
 
 fn test(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Vec<String>> {

@@ -1467,6 +1467,7 @@ fn compose_healthcheck_resolves_to_docker_form() {
             timeout_ms: 500,
             retries: 5,
             start_period_ms: 90_000,
+            answer: None,
         })
     );
     let web = parsed["web"].health_check.clone().expect("web check");
@@ -1505,13 +1506,67 @@ fn health_check_mistakes_are_located() {
              understood)",
             "8:16: db/health_check/retries: expected an integer from 1 to 100, found the integer 0",
             "9:7: db/health_check/every: unknown key; allowed keys are: test, interval, timeout, retries, \
-             start_period, disable",
+             start_period, disable, send, expect, port",
         ]
     );
     assert_eq!(
         app_errors("services:\n  db:\n    image: redis\n    healthcheck:\n      interval: 1s\n"),
         vec![
-            "5:7: db/healthcheck: missing key `test` (a command such as \"redis-cli ping\", or `disable: true`)"
+            "5:7: db/healthcheck: missing key `test` (a command such as \"redis-cli ping\"), `expect` (an \
+             answer the agent reads), or `disable: true`"
+        ]
+    );
+}
+
+#[test]
+fn an_answer_check_reads_send_expect_port_and_timeout() {
+    let parsed = apps(concat!(
+        "version: 1\napplications:\n  db:\n    image: redis\n",
+        "    ports: [{internal: 6379, external: 6379}]\n    health_check:\n",
+        "      send: \"PING\\r\\n\"\n      expect: \"+PONG\"\n",
+        "  mail:\n    image: x\n    health_check:\n      expect: \"220 \"\n      port: 25\n      timeout: 250ms\n",
+    ));
+    assert_eq!(
+        parsed["db"].health_check,
+        Some(flocker_wire::HealthCheck::with_answer(
+            flocker_wire::AnswerCheck {
+                send: "PING\r\n".into(),
+                expect: "+PONG".into(),
+                port: None,
+            }
+        ))
+    );
+    let mail = parsed["mail"].health_check.clone().expect("mail check");
+    let answer = mail.answer.expect("an answer check");
+    assert_eq!((answer.send.as_str(), answer.expect.as_str()), ("", "220 "));
+    assert_eq!((answer.port, mail.timeout_ms), (Some(25), 250));
+}
+
+#[test]
+fn answer_check_mistakes_are_located() {
+    assert_eq!(
+        app_errors(concat!(
+            "version: 1\napplications:\n  db:\n    image: redis\n    health_check:\n",
+            "      test: [\"CMD\", \"true\"]\n      send: [1]\n      expect: \"\"\n",
+            "      port: 70000\n      interval: 1s\n      timeout: 2m\n",
+        )),
+        vec![
+            "6:7: db/health_check/test: `test` belongs to a `test` command; an answer check (`expect`) is \
+             made by the agent, every few milliseconds while the application starts",
+            "7:13: db/health_check/send: expected a string, found a list",
+            "8:15: db/health_check/expect: must not be empty",
+            "9:13: db/health_check/port: expected a port from 1 to 65535 inside the container, found the \
+             integer 70000",
+            "10:7: db/health_check/interval: `interval` belongs to a `test` command; an answer check \
+             (`expect`) is made by the agent, every few milliseconds while the application starts",
+            "11:16: db/health_check/timeout: must be from 1ms to 60s",
+        ]
+    );
+    assert_eq!(
+        app_errors("services:\n  db:\n    image: redis\n    healthcheck:\n      send: x\n"),
+        vec![
+            "5:7: db/healthcheck: missing key `expect`: what the application's reply starts with once it \
+             is ready, such as \"+PONG\""
         ]
     );
 }

@@ -35,7 +35,7 @@ connections, iptables DNAT rules and a userspace proxy, with N routes installed.
   --docker           containers behind Docker's bridge instead of plain namespaces (IPv4 only)"
         }
         "migrate" => {
-            "flocker-bench migrate [--size MiB] [--delta MiB] [--apps N] [--link RATE|none] [--routing nftables|ebpf] [--client-moves N] [--netns-holders true|false]
+            "flocker-bench migrate [--size MiB] [--delta MiB] [--apps N] [--link RATE|none] [--routing nftables|ebpf] [--client-moves N] [--netns-holders true|false] [--answer-check true|false]
 
 Moves of a Redis with its volume on a local cluster: downtime, phase times, a client's view
 (new connections every 10 ms through a third node), beside Flocker 0.1's stop-copy-start.
@@ -45,7 +45,8 @@ Moves of a Redis with its volume on a local cluster: downtime, phase times, a cl
   --link RATE|none   shape the links (default 1gbit)
   --routing BACKEND  nftables or ebpf (default nftables)
   --client-moves N   moves measured from the client's view (default 5)
-  --netns-holders B  run the agents with or without network holders (default: the agent's)"
+  --netns-holders B  run the agents with or without network holders (default: the agent's)
+  --answer-check B   Redis is ready when it answers PING with PONG (default false: when its port listens)"
         }
         "failover" => {
             "flocker-bench failover

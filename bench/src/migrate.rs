@@ -48,6 +48,8 @@ struct Args {
     client_moves: usize,
     /// `--netns-holders` for every agent; the agent's default when `None`.
     netns_holders: Option<bool>,
+    /// Redis is ready when it answers PING (an answer check), not when its port listens.
+    answer_check: bool,
 }
 
 fn parse(args: &[String]) -> Result<Args> {
@@ -59,6 +61,7 @@ fn parse(args: &[String]) -> Result<Args> {
         routing: "nftables".into(),
         client_moves: 5,
         netns_holders: None,
+        answer_check: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -71,8 +74,9 @@ fn parse(args: &[String]) -> Result<Args> {
             "--routing" => parsed.routing = value.clone(),
             "--client-moves" => parsed.client_moves = value.parse()?,
             "--netns-holders" => parsed.netns_holders = Some(value.parse()?),
+            "--answer-check" => parsed.answer_check = value.parse()?,
             other => bail!(
-                "unknown flag {other}: expected --size MiB, --delta MiB, --apps N, --link RATE|none, --routing nftables|ebpf, --client-moves N, --netns-holders true|false"
+                "unknown flag {other}: expected --size MiB, --delta MiB, --apps N, --link RATE|none, --routing nftables|ebpf, --client-moves N, --netns-holders true|false, --answer-check true|false"
             ),
         }
     }
@@ -102,7 +106,14 @@ pub fn run(args: &[String]) -> Result<()> {
     let apps = files.path().join("application.yml");
     std::fs::write(
         &apps,
-        "version: 1\napplications:\n  db:\n    image: redis-flocker:latest\n    ports:\n      - internal: 6379\n        external: 6379\n    volume:\n      mountpoint: /data\n",
+        format!(
+            "version: 1\napplications:\n  db:\n    image: redis-flocker:latest\n    ports:\n      - internal: 6379\n        external: 6379\n    volume:\n      mountpoint: /data\n{}",
+            if args.answer_check {
+                "    health_check:\n      send: \"PING\\r\\n\"\n      expect: \"+PONG\"\n"
+            } else {
+                ""
+            }
+        ),
     )?;
     let on = |node: &ClusterNode, name: &str| -> Result<PathBuf> {
         let path = files.path().join(name);

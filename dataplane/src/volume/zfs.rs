@@ -120,6 +120,16 @@ impl ZfsBackend {
     fn exists(&self, dataset: &str) -> bool {
         self.zfs(&["list", "-H", "-o", "name", dataset]).is_ok()
     }
+
+    /// Whether `dataset` carries neither a record nor the owner of the older layout. Every
+    /// volume gets its record with its creation, and a received one right after `zfs recv`;
+    /// such a dataset is what an agent killed between the two left, which the listing does
+    /// not show, so every later full push to it was refused as already existing.
+    fn unrecorded(&self, dataset: &str) -> Result<bool, VolumeError> {
+        let record = self.get(dataset, RECORD)?;
+        let owner = self.get(dataset, OWNER)?;
+        Ok(read_record(&record) == RecordValue::Unset && matches!(owner.as_str(), "-" | ""))
+    }
 }
 
 /// Whether a dataset is mounted, and where it should be.
@@ -499,6 +509,13 @@ impl VolumeBackend for ZfsBackend {
             None if replace => return self.receive_replacing(name, &dataset),
             None => {
                 if self.exists(&dataset) {
+                    if self.unrecorded(&dataset)? {
+                        tracing::warn!(
+                            volume = name,
+                            "a copy without a record (a receive cut off between its commit and its record) is replaced by this stream once it verifies"
+                        );
+                        return self.receive_replacing(name, &dataset);
+                    }
                     return Err(VolumeError::Exists(name.to_string()));
                 }
                 ZfsSink::new(&dataset)
@@ -909,6 +926,58 @@ pool/flocker/db\tflocker:epoch\tlots
                 format!("zfs destroy -r {STAGED}")
             ]
         );
+    }
+
+    #[test]
+    fn a_full_stream_replaces_a_copy_a_cut_off_receive_left_without_a_record() {
+        const STAGED: &str = "pool/flocker/flocker:staging/db";
+        let (fake, b) = backend();
+        // `pool/flocker/db` exists (the fake answers every `zfs list`), with no record.
+        fake.answer(
+            &format!("zfs get -H -p -o value {RECORD} pool/flocker/db"),
+            Ok("-\n"),
+        );
+        fake.answer(
+            &format!("zfs get -H -p -o value {OWNER} pool/flocker/db"),
+            Ok("-\n"),
+        );
+        fake.answer(
+            &format!("zfs list -H -o name {STAGED}"),
+            Err("dataset does not exist"),
+        );
+        let mut recv = b.receive("db", None, "push-1", false).expect("recv");
+        drop(recv.open().expect("open"));
+        // Nothing of the leftover goes before the stream verified.
+        assert!(
+            !fake
+                .calls()
+                .iter()
+                .any(|c| c.contains("destroy -r -f pool/flocker/db")),
+            "{:?}",
+            fake.calls()
+        );
+        recv.commit().expect("commit");
+        let calls = fake.calls();
+        let tail: Vec<&str> = calls.iter().map(String::as_str).rev().take(2).collect();
+        assert_eq!(
+            tail,
+            [
+                "zfs rename pool/flocker/flocker:staging/db pool/flocker/db",
+                "zfs destroy -r -f pool/flocker/db",
+            ],
+            "{calls:?}"
+        );
+
+        // A copy with a record is a volume: a full stream is refused.
+        let (fake, b) = backend();
+        fake.answer(
+            &format!("zfs get -H -p -o value {RECORD} pool/flocker/db"),
+            Ok("3:198.18.0.11\n"),
+        );
+        assert!(matches!(
+            b.receive("db", None, "push-1", false),
+            Err(VolumeError::Exists(_))
+        ));
     }
 
     /// A fake whose dataset `pool/flocker/db` should be at `mp`.

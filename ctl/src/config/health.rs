@@ -220,7 +220,7 @@ fn answer_check(
     if find(fields, "timeout").is_some() && !(1..=MAX_ANSWER_TIMEOUT_MS).contains(&check.timeout_ms)
     {
         let mark = find(fields, "timeout").map_or(node.mark, |e| e.value.mark);
-        sink.error(mark, join(path, "timeout"), "must be from 1ms to 60s");
+        sink.error(mark, join(path, "timeout"), "must be from 1ms to 10s");
     }
     (sink.diagnostics.len() == before).then_some(check)
 }

@@ -1559,7 +1559,7 @@ fn answer_check_mistakes_are_located() {
              integer 70000",
             "10:7: db/health_check/interval: `interval` belongs to a `test` command; an answer check \
              (`expect`) is made by the agent, every few milliseconds while the application starts",
-            "11:16: db/health_check/timeout: must be from 1ms to 60s",
+            "11:16: db/health_check/timeout: must be from 1ms to 10s",
         ]
     );
     assert_eq!(

@@ -282,8 +282,12 @@ fn parse_one(
         None => RestartPolicy::Never,
     };
 
-    let health_check = find(entries, "health_check")
-        .and_then(|e| super::health::health_check(sink, &e.value, &join(name, "health_check")));
+    let has_tcp_port = ports
+        .iter()
+        .any(|p| p.protocol == flocker_wire::Protocol::Tcp);
+    let health_check = find(entries, "health_check").and_then(|e| {
+        super::health::health_check(sink, &e.value, &join(name, "health_check"), has_tcp_port)
+    });
 
     if sink.diagnostics.len() != before {
         return None;

@@ -628,6 +628,9 @@ fn parse_service(
             sink,
             &e.value,
             &join(name, "healthcheck"),
+            ports
+                .iter()
+                .any(|p| p.protocol == flocker_wire::Protocol::Tcp),
         )?),
         None => None,
     };

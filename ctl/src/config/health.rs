@@ -40,8 +40,14 @@ const MAX_DURATION_MS: u64 = 3_600_000;
 /// The most retries accepted.
 const MAX_RETRIES: u32 = 100;
 
-/// Parses a `healthcheck:` / `health_check:` mapping at `path`.
-pub fn health_check(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<HealthCheck> {
+/// Parses a `healthcheck:` / `health_check:` mapping at `path`, of an application with a TCP
+/// port or not (an answer check without `port` checks the first TCP port).
+pub fn health_check(
+    sink: &mut Sink<'_>,
+    node: &Node,
+    path: &str,
+    has_tcp_port: bool,
+) -> Option<HealthCheck> {
     let before = sink.diagnostics.len();
     let fields = expect_map(
         sink,
@@ -51,7 +57,7 @@ pub fn health_check(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Heal
     )?;
     check_keys(sink, fields, HEALTH_KEYS, path);
     if ANSWER_KEYS.iter().any(|k| find(fields, k).is_some()) {
-        return answer_check(sink, node, fields, path);
+        return answer_check(sink, node, fields, path, has_tcp_port);
     }
     let disable = match find(fields, "disable") {
         Some(e) => match e.value.as_scalar().map(|s| s.resolve()) {
@@ -125,6 +131,7 @@ fn answer_check(
     node: &Node,
     fields: &[Entry],
     path: &str,
+    has_tcp_port: bool,
 ) -> Option<HealthCheck> {
     let before = sink.diagnostics.len();
     for key in COMMAND_ONLY_KEYS {
@@ -197,6 +204,13 @@ fn answer_check(
         }
         port
     });
+    if find(fields, "port").is_none() && !has_tcp_port {
+        sink.error(
+            node.mark,
+            path,
+            "an answer check needs `port` here: the application has no TCP port to check",
+        );
+    }
     let mut check = HealthCheck::with_answer(AnswerCheck {
         send,
         expect: expect.unwrap_or_default(),
@@ -206,7 +220,7 @@ fn answer_check(
     if find(fields, "timeout").is_some() && !(1..=MAX_ANSWER_TIMEOUT_MS).contains(&check.timeout_ms)
     {
         let mark = find(fields, "timeout").map_or(node.mark, |e| e.value.mark);
-        sink.error(mark, join(path, "timeout"), "must be from 1ms to 60s");
+        sink.error(mark, join(path, "timeout"), "must be from 1ms to 10s");
     }
     (sink.diagnostics.len() == before).then_some(check)
 }

@@ -1559,15 +1559,26 @@ fn answer_check_mistakes_are_located() {
              integer 70000",
             "10:7: db/health_check/interval: `interval` belongs to a `test` command; an answer check \
              (`expect`) is made by the agent, every few milliseconds while the application starts",
-            "11:16: db/health_check/timeout: must be from 1ms to 60s",
+            "11:16: db/health_check/timeout: must be from 1ms to 10s",
         ]
     );
     assert_eq!(
         app_errors("services:\n  db:\n    image: redis\n    healthcheck:\n      send: x\n"),
         vec![
             "5:7: db/healthcheck: missing key `expect`: what the application's reply starts with once it \
-             is ready, such as \"+PONG\""
+             is ready, such as \"+PONG\"",
+            "5:7: db/healthcheck: an answer check needs `port` here: the application has no TCP port to \
+             check",
         ]
+    );
+    // With a published TCP port, or a port of its own, the check has its port.
+    assert!(
+        app_errors(concat!(
+            "services:\n  db:\n    image: redis\n    ports: [\"6379:6379\"]\n",
+            "    healthcheck:\n      expect: \"+PONG\"\n",
+            "  mail:\n    image: x\n    healthcheck:\n      expect: \"220\"\n      port: 25\n",
+        ))
+        .is_empty()
     );
 }
 

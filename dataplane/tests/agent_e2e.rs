@@ -766,6 +766,11 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
     // 4. Move to B, checking ownership after every phase and crashing A after the final push.
     write_random(&cluster.a, "/www/second", 1024)?;
     let sums_on_a = checksums(&cluster.a, &["/www/first", "/www/second"])?;
+    // What an agent killed between a full receive's commit and its record leaves on B: a
+    // dataset with no record, which no listing shows. The move's full pre-copy replaces it
+    // once verified (every push to B was refused as "already exists" before).
+    cluster.b.pool.zfs(&["create", &cluster.b.dataset("web")])?;
+    assert!(record(&cluster.state(&cluster.b)?, "web").is_none());
     let d2 = desired_on(B, Some(app.clone()));
     let mut crash_after_final_push = false;
     let mut pre_copied = String::new();

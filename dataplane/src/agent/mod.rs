@@ -865,7 +865,7 @@ impl Agent {
             ownership::check_owner(&self.me, &v)?;
         }
         let volume_mounts = volume_mounts?;
-        tracing::info!(application = %app.name, checks_ms = began.elapsed().as_millis() as u64, "checked before the start");
+        tracing::debug!(application = %app.name, checks_ms = began.elapsed().as_millis() as u64, "checked before the start");
         self.forget_restarts(app);
         if let Some(c) = &existing
             && !replace

@@ -42,6 +42,8 @@ struct FakeRuntime {
     next_ip: Mutex<Option<String>>,
     /// How many of the next starts of an existing container Docker fails (a 500).
     failing_starts: Mutex<u32>,
+    /// Running containers whose holder was started again without them.
+    left_by_holder: Mutex<BTreeSet<String>>,
 }
 
 impl FakeRuntime {
@@ -154,13 +156,24 @@ impl ContainerRuntime for FakeRuntime {
         {
             c.running = true;
             c.never_started = false;
-            // Its network holder, if it joins one, is started first.
+            // Its network holder, if it joins one, is started first, and joined.
             c.holder_down = false;
+        }
+        if let Ok(mut left) = self.left_by_holder.lock() {
+            left.remove(name);
         }
         if let Ok(mut s) = self.starts.lock() {
             *s += 1;
         }
         Ok(())
+    }
+
+    async fn left_by_holder(&self, name: &str) -> Result<bool, ContainerError> {
+        Ok(self
+            .left_by_holder
+            .lock()
+            .map(|l| l.contains(name))
+            .unwrap_or(false))
     }
 
     async fn details(&self, name: &str) -> Result<ContainerDetails, ContainerError> {
@@ -1077,6 +1090,28 @@ async fn a_container_docker_cannot_start_is_created_anew() {
 
 /// A running container whose network holder stopped has no network: the supervisor restarts
 /// it (and so its holder), even under the policy `never`, and not again within its backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_its_network_holder_left_is_restarted_on_a_checking_pass() {
+    let (_dir, a, _b) = setup().await;
+    let d = desired(A);
+    let app = d.applications["db"].clone();
+    create_and_start(&a, &d, app).await;
+    if let Ok(mut left) = a.runtime.left_by_holder.lock() {
+        left.insert("flocker-db".into());
+    }
+    let starts = a.runtime.starts();
+    // A plain pass does not look (three Docker inspects per container).
+    crate::supervisor::pass(&a.agent).await;
+    assert_eq!(a.runtime.starts(), starts);
+    crate::supervisor::pass_checking_holders(&a.agent).await;
+    assert!(a.runtime.running("flocker-db"));
+    assert_eq!(a.runtime.starts(), starts + 1, "stopped and started again");
+    assert!(!a.runtime.left_by_holder("flocker-db").await.expect("look"));
+    // In its holder again: the next checking pass leaves it alone.
+    crate::supervisor::pass_checking_holders(&a.agent).await;
+    assert_eq!(a.runtime.starts(), starts + 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_whose_network_holder_stopped_is_restarted_with_it() {
     let (_dir, a, _b) = setup().await;

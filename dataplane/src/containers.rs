@@ -354,6 +354,22 @@ pub trait ContainerRuntime: Send + Sync {
     async fn remove_orphan_holders(&self) -> Result<usize, ContainerError> {
         Ok(0)
     }
+    /// Whether the running container is no longer in its network holder's namespace: the
+    /// holder was started again after the container joined it (by hand: `docker restart` of
+    /// the holder), which gave the holder a new namespace and left the container in the old
+    /// one, with no network. `false` when there is no holder or it cannot be told.
+    async fn left_by_holder(&self, _name: &str) -> Result<bool, ContainerError> {
+        Ok(false)
+    }
+}
+
+/// The network namespace of process `pid` (device and inode of `/proc/PID/ns/net`), if it
+/// can be read.
+fn netns_of(pid: u32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// The Docker Engine through bollard.
@@ -1047,6 +1063,23 @@ impl ContainerRuntime for DockerRuntime {
             return Ok(Err("the container has no process".into()));
         };
         Ok(crate::answer::ask(pid, port, check, timeout).await)
+    }
+
+    async fn left_by_holder(&self, name: &str) -> Result<bool, ContainerError> {
+        let Some(id) = self
+            .holder_id(&netns_holder::holder_name(name), name)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let (container, holder) = tokio::join!(self.details(name), self.details(&id));
+        let (Some(container), Some(holder)) = (container?.pid, holder?.pid) else {
+            return Ok(false);
+        };
+        Ok(matches!(
+            (netns_of(container), netns_of(holder)),
+            (Some(a), Some(b)) if a != b
+        ))
     }
 
     async fn remove_orphan_holders(&self) -> Result<usize, ContainerError> {

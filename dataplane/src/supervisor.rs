@@ -57,13 +57,21 @@ pub async fn run(agent: Arc<Agent>) {
     let mut passes: u64 = 0;
     loop {
         ticker.tick().await;
-        pass(&agent).await;
+        if passes.is_multiple_of(HOLDER_CHECK_EVERY) {
+            pass_checking_holders(&agent).await;
+        } else {
+            pass(&agent).await;
+        }
         if passes.is_multiple_of(ORPHAN_SWEEP_EVERY) {
             sweep_orphan_holders(&agent).await;
         }
         passes += 1;
     }
 }
+
+/// Whether a running container is still in its holder's namespace takes three Docker
+/// inspects: looked at on every fifth pass, not on each.
+const HOLDER_CHECK_EVERY: u64 = 5;
 
 /// Holders become orphans only after a minute ([`crate::netns_holder::ORPHAN_AFTER`]): a
 /// Docker listing for them once a minute, not on every pass.
@@ -105,6 +113,27 @@ pub async fn adopt(agent: &Agent) {
 /// One pass: every exited container whose policy asks for it, and whose backoff has passed,
 /// is restarted once its volume is proven; so is a running one whose network holder stopped.
 pub async fn pass(agent: &Agent) {
+    pass_with(agent, false).await
+}
+
+/// A [`pass`] that also restarts a running container its network holder left
+/// ([`crate::containers::ContainerRuntime::left_by_holder`]).
+pub async fn pass_checking_holders(agent: &Agent) {
+    pass_with(agent, true).await
+}
+
+/// Whether `container` runs outside its holder's namespace; `false` when that cannot be told.
+async fn left_by_holder(agent: &Agent, container: &str) -> bool {
+    match agent.runtime.left_by_holder(container).await {
+        Ok(left) => left,
+        Err(e) => {
+            tracing::debug!(container, error = %e, "supervisor: cannot compare its namespace with its holder's");
+            false
+        }
+    }
+}
+
+async fn pass_with(agent: &Agent, check_holders: bool) {
     let Ok(_guard) = agent.converge_lock.clone().try_lock_owned() else {
         return;
     };
@@ -121,12 +150,15 @@ pub async fn pass(agent: &Agent) {
         // Running without the network holder it joined: Docker tore its network down. It
         // is restarted with its holder, whatever its policy (it did not fail), after its
         // backoff (a holder that keeps stopping does not cause a restart loop).
-        let holder_lost = c.running && c.holder_down;
+        // So is one its holder left: the holder was started again after the container
+        // joined it, in a namespace of its own.
+        let holder_lost =
+            c.running && (c.holder_down || (check_holders && left_by_holder(agent, &c.name).await));
         if holder_lost {
             if memory.not_before.is_some_and(|t| now < t) {
                 continue;
             }
-            tracing::warn!(container = %c.name, "its network holder does not run, so it has no network: restarting it with its holder");
+            tracing::warn!(container = %c.name, "its network holder does not run, or runs in a namespace the container is not in, so it has no network: restarting it with its holder");
             if let Err(e) = agent.runtime.stop(&c.name).await {
                 tracing::error!(container = %c.name, error = %e, "cannot stop a container whose network holder stopped");
                 continue;

@@ -1,6 +1,7 @@
 //! Network holders against a real `dockerd` (in its own network namespace): the application
 //! container joins its holder and reports the holder's address; one whose holder stopped is
-//! reported as such and comes back with a stop and a start; a start that finds the
+//! reported as such and comes back with a stop and a start, and so does one whose holder was
+//! restarted without it; a start that finds the
 //! holder gone creates it anew; a stop removes both; a container that only has a holder's
 //! name is never removed.
 //!
@@ -190,6 +191,18 @@ fn an_application_joins_its_holder_which_lives_and_dies_with_it() -> Result<()> 
             .unwrap_or(false)
     });
     ensure!(served, "httpd never listened again after the restart");
+
+    // The holder was started again by hand: it has a new namespace, and the application is
+    // left in the old one, with no network; a stop and start bring it back into the holder's.
+    ensure!(!rt.block_on(runtime.left_by_holder("flocker-web"))?);
+    docker.docker(&["restart", "-t", "0", "flocker-web.netns"])?;
+    ensure!(
+        rt.block_on(runtime.left_by_holder("flocker-web"))?,
+        "a restarted holder leaves the application outside its namespace"
+    );
+    rt.block_on(runtime.stop("flocker-web"))?;
+    rt.block_on(runtime.start("flocker-web"))?;
+    ensure!(!rt.block_on(runtime.left_by_holder("flocker-web"))?);
 
     // The holder was removed: the container cannot start (it is tied to the holder's ID)
     // and the error says so, for the agent to create it anew.

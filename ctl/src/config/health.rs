@@ -173,11 +173,10 @@ fn answer_check(
         }
         _ => {}
     }
-    for (key, value) in [
-        ("send", &send),
-        ("expect", expect.as_ref().unwrap_or(&send)),
-    ] {
-        if value.len() > MAX_ANSWER_BYTES {
+    for (key, value) in [("send", Some(&send)), ("expect", expect.as_ref())] {
+        if let Some(value) = value
+            && value.len() > MAX_ANSWER_BYTES
+        {
             let mark = find(fields, key).map_or(node.mark, |e| e.value.mark);
             sink.error(
                 mark,

@@ -1571,6 +1571,18 @@ fn answer_check_mistakes_are_located() {
              check",
         ]
     );
+    // A long `send` without `expect` is one problem with `send`, not one with `expect`.
+    let long = "x".repeat(flocker_wire::checks::MAX_ANSWER_BYTES + 1);
+    assert_eq!(
+        app_errors(&format!(
+            "services:\n  db:\n    image: redis\n    ports: [\"6379:6379\"]\n    healthcheck:\n      send: {long}\n"
+        )),
+        vec![
+            "6:7: db/healthcheck: missing key `expect`: what the application's reply starts with once it \
+             is ready, such as \"+PONG\"",
+            "6:13: db/healthcheck/send: longer than the 1024 bytes accepted",
+        ]
+    );
     // With a published TCP port, or a port of its own, the check has its port.
     assert!(
         app_errors(concat!(

@@ -337,12 +337,12 @@ pub trait ContainerRuntime: Send + Sync {
     async fn disable_docker_restart(&self, name: &str) -> Result<(), ContainerError>;
     /// Whether a TCP socket listens on `port` inside the running container.
     async fn listens_on(&self, name: &str, port: u16) -> Result<bool, ContainerError>;
-    /// One try of an answer check on `port` inside the running container: `Ok(())` when the
-    /// reply starts as expected, else what happened instead (refused, what it answered, no
-    /// answer within `timeout`).
+    /// One try of an answer check on `port` inside the running container whose main process
+    /// is `pid` (read by the caller's inspect): `Ok(())` when the reply starts as expected,
+    /// else what happened instead (refused, what it answered, no answer within `timeout`).
     async fn answers(
         &self,
-        _name: &str,
+        _pid: u32,
         _port: u16,
         _check: &AnswerCheck,
         _timeout: std::time::Duration,
@@ -1054,14 +1054,11 @@ impl ContainerRuntime for DockerRuntime {
 
     async fn answers(
         &self,
-        name: &str,
+        pid: u32,
         port: u16,
         check: &AnswerCheck,
         timeout: std::time::Duration,
     ) -> Result<Result<(), String>, ContainerError> {
-        let Some(pid) = self.details(name).await?.pid else {
-            return Ok(Err("the container has no process".into()));
-        };
         Ok(crate::answer::ask(pid, port, check, timeout).await)
     }
 

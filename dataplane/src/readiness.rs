@@ -159,13 +159,17 @@ pub async fn check(
             ) else {
                 return Ok(Verdict::healthy());
             };
+            let Some(pid) = details.pid else {
+                return Ok(Verdict::new(
+                    Health::Starting,
+                    "the container has no process",
+                ));
+            };
             let timeout = Duration::from_millis(check.timeout_ms);
-            Ok(
-                match runtime.answers(container, port, answer, timeout).await? {
-                    Ok(()) => Verdict::healthy(),
-                    Err(why) => Verdict::new(Health::Starting, trim_output(&why)),
-                },
-            )
+            Ok(match runtime.answers(pid, port, answer, timeout).await? {
+                Ok(()) => Verdict::healthy(),
+                Err(why) => Verdict::new(Health::Starting, trim_output(&why)),
+            })
         }
         Probe::Port(port) => Ok(if runtime.listens_on(container, port).await? {
             Verdict::healthy()
@@ -310,6 +314,7 @@ mod tests {
         async fn details(&self, _: &str) -> Result<ContainerDetails, ContainerError> {
             Ok(ContainerDetails {
                 running: true,
+                pid: Some(1),
                 health: self.docker_verdict.map(|(status, output)| DockerHealth {
                     status: status.into(),
                     last_output: Some(output.into()),
@@ -327,7 +332,7 @@ mod tests {
         /// Answers `-LOADING` until the `ready_at`-th look, then what the check expects.
         async fn answers(
             &self,
-            _: &str,
+            _: u32,
             port: u16,
             check: &flocker_wire::AnswerCheck,
             _: Duration,

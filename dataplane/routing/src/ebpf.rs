@@ -1029,11 +1029,9 @@ impl EbpfBackend {
 }
 
 impl EbpfState {
-    fn apply(&mut self, table: &RouteTable, keep_ready: bool) -> Result<(), RoutingError> {
-        if table.is_empty() && !keep_ready {
-            // No routes: no programs, no pins, no table, as the node was before.
-            return self.clear();
-        }
+    /// Programs `table`; an empty table that is not kept ready never comes here (the
+    /// backend's `apply` clears instead).
+    fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
         self.program(table)?;
         if self.table != *table {
             self.table = table.clone();
@@ -1116,12 +1114,13 @@ impl RoutingBackend for EbpfBackend {
     }
 
     fn apply(&mut self, table: &RouteTable) -> Result<(), RoutingError> {
-        if table.is_empty() && !self.keep_ready {
-            return self.clear();
-        }
         // Loading and verifying the programs takes most of a second: with a route into a
         // container that is about to start, they stay loaded (empty maps route nothing).
-        self.state()?.apply(table, self.keep_ready)?;
+        if table.is_empty() && !self.keep_ready {
+            // No routes: no programs, no pins, no table, as the node was before.
+            return self.clear();
+        }
+        self.state()?.apply(table)?;
         if self.watcher.is_none() {
             self.watch();
         }

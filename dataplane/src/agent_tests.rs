@@ -66,6 +66,15 @@ impl FakeRuntime {
             .unwrap_or(false)
     }
 
+    /// The address a container started now gets.
+    fn next_ip(&self) -> String {
+        self.next_ip
+            .lock()
+            .ok()
+            .and_then(|ip| ip.clone())
+            .unwrap_or_else(|| "172.17.0.2".into())
+    }
+
     fn starts(&self) -> u32 {
         self.starts.lock().map(|s| *s).unwrap_or(0)
     }
@@ -112,13 +121,7 @@ impl ContainerRuntime for FakeRuntime {
                 name: spec.name.clone(),
                 application,
                 running: true,
-                ip: Some(
-                    self.next_ip
-                        .lock()
-                        .ok()
-                        .and_then(|ip| ip.clone())
-                        .unwrap_or_else(|| "172.17.0.2".into()),
-                ),
+                ip: Some(self.next_ip()),
                 ip6: None,
                 never_started: false,
                 spec_digest: spec.labels.get(crate::containers::LABEL_SPEC).cloned(),
@@ -135,8 +138,10 @@ impl ContainerRuntime for FakeRuntime {
             .lock()
             .map_err(|_| ContainerError::Other("poisoned".into()))?;
         if let Some(c) = c.get_mut(&spec.name) {
+            // As Docker: a container that never started has no address.
             c.running = false;
             c.never_started = true;
+            c.ip = None;
         }
         Ok(())
     }
@@ -151,11 +156,13 @@ impl ContainerRuntime for FakeRuntime {
                 detail: "failed to start shim: mkdir /run/.../moby/ID: file exists: unknown".into(),
             });
         }
+        let ip = self.next_ip();
         if let Ok(mut c) = self.containers.lock()
             && let Some(c) = c.get_mut(name)
         {
             c.running = true;
             c.never_started = false;
+            c.ip.get_or_insert(ip);
             // Its network holder, if it joins one, is started first, and joined.
             c.holder_down = false;
         }
@@ -2189,4 +2196,137 @@ async fn a_switch_holds_new_connections_until_the_start_is_ready() {
         after.is_some_and(|t| t.entries.len() == 1),
         "the start programmed the route into the container"
     );
+}
+
+/// Issue 16, the handoff folded into the final push: a node holding the connections of an
+/// application prepared here starts it as soon as the final push makes it the owner, before
+/// any start phase; a held connection reaches it; the start phase then finds it running
+/// and starts nothing again. A preparation the desired state no longer matches starts
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_final_push_starts_the_prepared_and_held_application_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (_dir, a, b) = setup().await;
+    // The "container": an echo server on loopback, the address the fake runtime hands out.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("echo");
+    let internal = echo.local_addr().expect("echo addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 16];
+                if let Ok(n) = s.read(&mut buf).await {
+                    let _ = s.write_all(&buf[..n]).await;
+                }
+            });
+        }
+    });
+    *b.runtime.next_ip.lock().expect("ip") = Some("127.0.0.1".into());
+    *a.runtime.next_ip.lock().expect("ip") = Some("127.0.0.1".into());
+    let external = free_port();
+    let app = Application {
+        ports: vec![flocker_wire::PortMap::tcp(internal, external)],
+        ..app()
+    };
+    let desired = |on: &str, app: &Application| {
+        let mut d = desired(on);
+        d.applications.insert("db".into(), app.clone());
+        d
+    };
+    let (on_a, on_b) = (desired(A, &app), desired(B, &app));
+    create_and_start(&a, &on_a, app.clone()).await;
+    let push = |to: &str, last| Action::PushVolume {
+        volume: "db".into(),
+        to: to.into(),
+        last,
+    };
+    let switch = |to: &str| Action::SwitchRoutes {
+        moves: vec![flocker_wire::routes::MovedPorts {
+            application: "db".into(),
+            node: to.into(),
+            ports: app.ports.clone(),
+        }],
+    };
+    let stop = || Action::StopApplication {
+        application: "db".into(),
+    };
+    assert_eq!(
+        failed(&converge(&a, &on_b, vec![push(B, false)]).await),
+        None
+    );
+    let prepare = Action::PrepareApplication {
+        application: app.clone(),
+    };
+    assert_eq!(failed(&converge(&b, &on_b, vec![prepare]).await), None);
+    assert_eq!(failed(&converge(&b, &on_b, vec![switch(B)]).await), None);
+    let starts = b.runtime.starts();
+    let client = tokio::spawn(async move {
+        let mut s = tokio::net::TcpStream::connect((B, external)).await?;
+        s.write_all(b"PING").await?;
+        let mut reply = [0u8; 4];
+        s.read_exact(&mut reply).await?;
+        Ok::<_, std::io::Error>(reply)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(b.agent.holds.held().len(), 1);
+    if client.is_finished() {
+        panic!("not held: {:?}", client.await);
+    }
+
+    assert_eq!(
+        failed(&converge(&a, &on_b, vec![stop(), push(B, true)]).await),
+        None
+    );
+    // No start phase: the held connection reaches the container all the same.
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(5), client)
+        .await
+        .expect("delivered without a start phase")
+        .expect("client task")
+        .expect("the held connection reached the container");
+    assert_eq!(&reply, b"PING");
+    assert!(b.runtime.running("flocker-db"));
+    assert_eq!(b.runtime.starts(), starts + 1, "the prepared container");
+    let events = converge(
+        &b,
+        &on_b,
+        vec![Action::StartApplication {
+            application: app.clone(),
+        }],
+    )
+    .await;
+    assert_eq!(failed(&events), None, "{events:?}");
+    assert_eq!(
+        b.runtime.starts(),
+        starts + 1,
+        "found running, not started again"
+    );
+
+    // Back to A, prepared and held there, but the desired state A last received changes
+    // the application before the final push: the start phase decides, not the push. (Both
+    // nodes share this machine's ports: B's hold listener first closes.)
+    tokio::time::sleep(crate::hold::DRAIN_GRACE * 2).await;
+    assert_eq!(
+        failed(&converge(&b, &on_a, vec![push(A, false)]).await),
+        None
+    );
+    let prepare = Action::PrepareApplication {
+        application: app.clone(),
+    };
+    assert_eq!(failed(&converge(&a, &on_a, vec![prepare]).await), None);
+    assert_eq!(failed(&converge(&a, &on_a, vec![switch(A)]).await), None);
+    let mut changed = app.clone();
+    changed.environment.insert("MODE".into(), "new".into());
+    let changed_on_a = desired(A, &changed);
+    assert_eq!(failed(&converge(&a, &changed_on_a, vec![]).await), None);
+    let a_starts = a.runtime.starts();
+    assert_eq!(
+        failed(&converge(&b, &changed_on_a, vec![stop(), push(A, true)]).await),
+        None
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!a.runtime.running("flocker-db"), "not started by the push");
+    assert_eq!(a.runtime.starts(), a_starts);
+    assert_eq!(record(&a).map(|(owner, ..)| owner), Some(A.to_string()));
 }

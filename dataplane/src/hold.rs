@@ -163,6 +163,15 @@ impl HoldSet {
         Ok(())
     }
 
+    /// Whether `application`'s connections are held here and no start of it began.
+    pub fn holding(&self, application: &str) -> bool {
+        self.holds.lock().is_ok_and(|holds| {
+            holds
+                .get(application)
+                .is_some_and(|h| *h.state.borrow() == HoldState::Holding)
+        })
+    }
+
     /// A start of `application` begins here: its hold lasts until [`HoldSet::ready`] or
     /// [`HoldSet::release`].
     pub fn starting(&self, application: &str) {

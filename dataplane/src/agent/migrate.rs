@@ -342,7 +342,7 @@ impl Agent {
 
     /// `POST /v1/volumes/NAME/receive`: applies a pushed stream to this node's copy.
     pub async fn receive(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         params: ReceiveParams,
         body: impl AsyncRead + Send + Unpin + 'static,
@@ -435,6 +435,7 @@ impl Agent {
         );
         if params.handoff.is_some() {
             tracing::info!(volume = name, from = %params.from, epoch = reported.epoch, "took ownership with the final push");
+            self.start_after_final_push(name);
             crate::test_hooks::pause_at(crate::test_hooks::Hook::HoldPushAnswer).await;
         }
         Ok(ReceiveReport {

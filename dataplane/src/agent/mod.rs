@@ -32,6 +32,7 @@ use crate::transfer;
 use crate::volume::mountinfo::{self, FsLocation};
 use crate::volume::{VolumeBackend, VolumeError};
 
+mod early_start;
 pub mod fencing;
 mod lock;
 mod migrate;
@@ -144,6 +145,9 @@ pub struct Agent {
     ready_timeout: std::time::Duration,
     /// Connections held for applications moving here until they are ready (`crate::hold`).
     pub(crate) holds: crate::hold::HoldSet,
+    /// Applications prepared here for a move, started as soon as their final push lands
+    /// (`early_start`).
+    prepared_starts: early_start::PreparedStarts,
     pub(crate) metrics: Arc<Metrics>,
 }
 
@@ -180,6 +184,7 @@ impl Agent {
             move_rate: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
             holds: crate::hold::HoldSet::default(),
+            prepared_starts: early_start::PreparedStarts::default(),
             metrics: Metrics::new(),
         }
     }
@@ -673,14 +678,19 @@ impl Agent {
                 Ok(())
             }
             Action::StartApplication { application } => {
+                self.prepared_starts.forget(&application.name);
                 self.start_application(desired, routes, application, false, step, events)
                     .await
             }
             Action::RestartApplication { application } => {
+                self.prepared_starts.forget(&application.name);
                 self.start_application(desired, routes, application, true, step, events)
                     .await
             }
-            Action::StopApplication { application } => self.stop_application(application).await,
+            Action::StopApplication { application } => {
+                self.prepared_starts.forget(application);
+                self.stop_application(application).await
+            }
             Action::PushVolume { volume, to, last } => {
                 self.push_volume(volume, to, *last, step, events).await
             }
@@ -771,10 +781,19 @@ impl Agent {
         events: &Events,
     ) -> Result<(), AgentError> {
         self.holds.starting(&app.name);
-        let result = self
-            .start_until_ready(desired, routes, app, replace, step, events)
-            .await;
-        let address = match &result {
+        let started = std::time::Instant::now();
+        let result = match self.start_container(desired, routes, app, replace).await {
+            Ok(()) => self.wait_until_ready(app, started, step, events).await,
+            Err(e) => Err(e),
+        };
+        self.end_hold(app, &result).await;
+        result
+    }
+
+    /// After a start: held connections go to the application once it is ready, or are reset
+    /// when the start failed.
+    async fn end_hold(&self, app: &Application, result: &Result<(), AgentError>) {
+        let address = match result {
             Ok(()) => self
                 .managed(&app.name)
                 .await
@@ -792,20 +811,16 @@ impl Agent {
             // need the route (re-applied once ready) but not this.
             self.refresh_hosts().await;
         }
-        result
     }
 
-    async fn start_until_ready(
+    /// Waits until the application whose container was started at `started` is ready.
+    async fn wait_until_ready(
         &self,
-        desired: &DesiredState,
-        routes: Option<&RouteMap>,
         app: &Application,
-        replace: bool,
+        started: std::time::Instant,
         step: &str,
         events: &Events,
     ) -> Result<(), AgentError> {
-        let started = std::time::Instant::now();
-        self.start_container(desired, routes, app, replace).await?;
         let container_started = started.elapsed();
         // Routes to it come in a later phase of the plan: the start is done only once the
         // application answers, so traffic never reaches a container still starting up.
@@ -827,7 +842,7 @@ impl Agent {
             );
             self.metrics.move_phase("start", started.elapsed());
             // A container started anew has a new address: the recorded routes and service
-            // routes into it follow at once (its hosts file follows in `start_application`).
+            // routes into it follow at once (its hosts file follows in `end_hold`).
             if let Err(e) = self.reapply_routes().await {
                 tracing::warn!(application = %app.name, error = %e, "cannot re-apply routes after the start");
             }
@@ -958,7 +973,12 @@ impl Agent {
         routes: Option<&RouteMap>,
         app: &Application,
     ) {
-        match self.try_prepare(desired, routes, app).await {
+        let prepared = self.try_prepare(desired, routes, app).await;
+        match &prepared {
+            Ok(true) => self.prepared_starts.remember(desired, routes, app),
+            _ => self.prepared_starts.forget(&app.name),
+        }
+        match prepared {
             Ok(true) => {
                 tracing::info!(application = %app.name, "prepared the container for the move's start")
             }

@@ -21,8 +21,9 @@
 //!   phase;
 //! - the desired state of this node's last converge still places it here, unchanged;
 //! - this node owns every volume of it (the other volumes' final pushes may still come:
-//!   the last of them starts it);
-//! - its container is still the prepared one: never started, of this application.
+//!   the last of them starts it), and each is proven mounted: the start's own checks, as
+//!   in the `start` phase, which also starts the prepared container only while it matches
+//!   the application (else it creates the container anew, as that phase would).
 //!
 //! The start runs under the converge lock like any converge (the phase's request waits for
 //! it, then finds the container running); the wait for readiness runs after the lock, so a
@@ -122,10 +123,11 @@ impl Agent {
             return;
         }
         let agent = self.clone();
-        tokio::spawn(async move { agent.start_prepared(prepared).await });
+        let volume = volume.to_string();
+        tokio::spawn(async move { agent.start_prepared(prepared, &volume).await });
     }
 
-    async fn start_prepared(&self, prepared: Prepared) {
+    async fn start_prepared(&self, prepared: Prepared, received: &str) {
         let began = Instant::now();
         let app = &prepared.app;
         let guard = match lock::converge_lock(&self.converge_lock).await {
@@ -135,7 +137,7 @@ impl Agent {
                 return;
             }
         };
-        match self.may_start_prepared(&prepared).await {
+        match self.may_start_prepared(&prepared, received).await {
             Ok(None) => {}
             Ok(Some(why)) => {
                 tracing::debug!(application = %app.name, why, "no start after the final push");
@@ -169,10 +171,13 @@ impl Agent {
         self.end_hold(app, &result).await;
     }
 
-    /// `None` when `prepared` may start now, else why not. Under the converge lock.
+    /// `None` when `prepared` may start now, else why not. Under the converge lock, after
+    /// the final push of `received`. What the start checks itself (the records and mount
+    /// proofs of every volume, whether the container is the prepared one) is not read twice.
     async fn may_start_prepared(
         &self,
         prepared: &Prepared,
+        received: &str,
     ) -> Result<Option<&'static str>, AgentError> {
         let app = &prepared.app;
         if !self.holds.holding(&app.name) {
@@ -189,12 +194,13 @@ impl Agent {
                 "the last desired state no longer places it here as prepared",
             ));
         }
-        if !self.owns_all_volumes(app).await? {
-            return Ok(Some("not every volume of it is owned here yet"));
+        // The start would fail on a volume not owned yet, and reset the held connections:
+        // the final push of the last one starts it.
+        for (volume, _) in app.volumes().filter(|(v, _)| *v != received) {
+            if !self.owns_volume(volume).await? {
+                return Ok(Some("not every volume of it is owned here yet"));
+            }
         }
-        match self.managed(&app.name).await? {
-            Some(c) if c.never_started && !c.running && c.application == *app => Ok(None),
-            _ => Ok(Some("its container is no longer the prepared one")),
-        }
+        Ok(None)
     }
 }

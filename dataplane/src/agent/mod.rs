@@ -603,9 +603,10 @@ impl Agent {
     }
 
     /// Re-programs the recorded routes (agent start).
-    pub async fn reapply_routes(&self) -> Result<(), AgentError> {
+    pub async fn reapply_routes(&self) -> Result<Resolver, AgentError> {
         let resolver = self.resolver().await?;
-        Ok(self.routes.reapply(&resolver)?)
+        self.routes.reapply(&resolver)?;
+        Ok(resolver)
     }
 
     /// `POST /v1/converge`: checks the whole request, then carries the actions out in
@@ -787,14 +788,17 @@ impl Agent {
             Err(e) => Err(e),
         };
         self.end_hold(app, &result).await;
-        result
+        result.map(drop)
     }
 
-    /// After a start: held connections go to the application once it is ready, or are reset
-    /// when the start failed.
-    async fn end_hold(&self, app: &Application, result: &Result<(), AgentError>) {
+    /// After a start: held connections go to the application once it is ready, at its
+    /// address as the routes re-applied after the readiness found it, or are reset when the
+    /// start failed.
+    async fn end_hold(&self, app: &Application, result: &Result<Option<Ipv4Addr>, AgentError>) {
         let address = match result {
-            Ok(()) => self
+            Ok(Some(ip)) => Some(*ip),
+            // The routes could not be re-applied: ask Docker.
+            Ok(None) => self
                 .managed(&app.name)
                 .await
                 .ok()
@@ -813,14 +817,16 @@ impl Agent {
         }
     }
 
-    /// Waits until the application whose container was started at `started` is ready.
+    /// Waits until the application whose container was started at `started` is ready, then
+    /// re-applies the routes into it; returns its address as they found it (`None` when
+    /// they could not be re-applied).
     async fn wait_until_ready(
         &self,
         app: &Application,
         started: std::time::Instant,
         step: &str,
         events: &Events,
-    ) -> Result<(), AgentError> {
+    ) -> Result<Option<Ipv4Addr>, AgentError> {
         let container_started = started.elapsed();
         // Routes to it come in a later phase of the plan: the start is done only once the
         // application answers, so traffic never reaches a container still starting up.
@@ -841,13 +847,17 @@ impl Agent {
                 "started and ready"
             );
             self.metrics.move_phase("start", started.elapsed());
-            // A container started anew has a new address: the recorded routes and service
-            // routes into it follow at once (its hosts file follows in `end_hold`).
-            if let Err(e) = self.reapply_routes().await {
+        }
+        ready?;
+        // A container started anew has a new address: the recorded routes and service
+        // routes into it follow at once (its hosts file follows in `end_hold`).
+        match self.reapply_routes().await {
+            Ok(resolver) => Ok(resolver.containers.get(&app.name).copied()),
+            Err(e) => {
                 tracing::warn!(application = %app.name, error = %e, "cannot re-apply routes after the start");
+                Ok(None)
             }
         }
-        Ok(ready?)
     }
 
     /// Creates (or replaces) and starts the application's container, its volume proven.

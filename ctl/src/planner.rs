@@ -21,7 +21,9 @@
 //!    stopped, which carries the handoff: its receive makes the new node the owner at the
 //!    next epoch (one round trip), then the old node records the volume handed over.
 //! 7. `handoff`: only to finish a handoff whose target never heard of it (a crash).
-//! 8. `start`: new containers start; changed ones restart in place.
+//! 8. `start`: new containers start; changed ones restart in place. (A container prepared for
+//!    a move whose connections its new node holds was started there already, as soon as the
+//!    final push made that node the owner: this phase finds it running and waits until ready.)
 //! 9. `routes`: every node that does not yet route by the desired state's route map is told
 //!    to follow it (`FollowRoutes` with the map's version; each agent derives its own table),
 //!    only now that every container the routes point at is up (and every node switched

@@ -19,7 +19,9 @@
 //!   data: while network-bound, one chunk in [`PAIR_EVERY`] is also compressed at a
 //!   neighbouring level (CPU the sender has to spare then) and the result dropped; the fastest
 //!   level against raw follows the recent data (every compressed chunk, and while raw one
-//!   probe in [`PROBE_EVERY`] chunks sent at the fastest level);
+//!   probe in [`PROBE_EVERY`] chunks sent at the fastest level; only one due probe in
+//!   [`HOPELESS_PROBE_EVERY`] once raw delivers more than the fastest level's workers could
+//!   compress, as on loopback, where each probe took CPU from the stream for nothing);
 //! - whether the writer mostly waited on the network or on the compressor, over the recent
 //!   chunks at this level (older ones weighing less), not one window.
 //!
@@ -96,6 +98,11 @@ const START: usize = 0;
 pub const WINDOW: u32 = 4;
 /// While raw, one chunk in this many is compressed at the fastest level.
 pub const PROBE_EVERY: u64 = 16;
+/// While raw delivers more than the fastest level's workers could compress even at their
+/// measured cost (loopback, a fast link: no compression can win), only one due probe in this
+/// many is made; the others would take CPU from the stream for nothing. One still comes now and
+/// then: data that compresses far faster than what was measured (zeros) is noticed.
+pub const HOPELESS_PROBE_EVERY: u32 = 8;
 /// While compressing and network-bound, one chunk in this many is also compressed at a
 /// neighbouring level, to compare the two on identical data.
 pub const PAIR_EVERY: u64 = 8;
@@ -306,6 +313,10 @@ pub struct Controller {
     recent: Recent,
     /// Chunks handed out since the last probe or pair.
     since_probe: u64,
+    /// Due probes skipped in a row because no compression could win ([`HOPELESS_PROBE_EVERY`]).
+    skipped_probes: u32,
+    /// Delivered bytes per second at the current level, as of its last decided window.
+    goodput: Option<f64>,
     /// The next pair goes one level up (else down).
     pair_up: bool,
     /// The last window waited mostly on the network.
@@ -334,6 +345,8 @@ impl Controller {
             window: Window::default(),
             recent: Recent::default(),
             since_probe: 0,
+            skipped_probes: 0,
+            goodput: None,
             pair_up: true,
             net_bound: false,
             windows: 0,
@@ -365,6 +378,13 @@ impl Controller {
             // Probing only informs a step up, pointless while that step is blocked.
             if self.windows >= self.blocked[0].until && self.since_probe >= PROBE_EVERY {
                 self.since_probe = 0;
+                if self.compression_cannot_win() {
+                    self.skipped_probes += 1;
+                    if self.skipped_probes < HOPELESS_PROBE_EVERY {
+                        return plain;
+                    }
+                }
+                self.skipped_probes = 0;
                 return Plan {
                     mode: LADDER[1],
                     pair: None,
@@ -432,6 +452,7 @@ impl Controller {
         let share = r.write / recent_busy;
         let goodput = r.raw / recent_busy;
         self.net_bound = share >= NET_BOUND;
+        self.goodput = Some(goodput);
         self.measure(&w, share, goodput);
         let on_trial = self.trial.is_some();
         let decision = match self
@@ -713,7 +734,17 @@ impl Controller {
             self.current = to;
             self.window = Window::default();
             self.recent = Recent::default();
+            self.goodput = None;
         }
+    }
+
+    /// Raw delivers more than the fastest level's workers could compress, at its measured
+    /// cost, even if its output took no room on the wire.
+    fn compression_cannot_win(&self) -> bool {
+        let (Some(cost), Some(goodput)) = (self.cost[1], self.goodput) else {
+            return false;
+        };
+        self.threads / cost.max(1e-12) * self.efficiency.unwrap_or(1.0) < goodput
     }
 
     /// Predicted delivered bytes per second at level `i` for the recent data.
@@ -1056,6 +1087,50 @@ mod tests {
         let got = m.run(&mut c, 200);
         assert_eq!(c.current(), ChunkMode::Raw);
         assert!(got >= 0.9 * m.best(), "{got} vs best {}", m.best());
+    }
+
+    /// Loopback: the receiver takes raw chunks at 2.3 GB/s, more than the two workers could
+    /// compress at the fastest level (1.25 GB/s). After the first probe measured that, only one
+    /// due probe in [`HOPELESS_PROBE_EVERY`] is made; on a link slower than that capacity every
+    /// due probe still is.
+    #[test]
+    fn probes_are_rare_while_no_compression_can_win() {
+        let probes = |link: f64| {
+            let mut m = Model::filesystem(link);
+            let mut c = Controller::new(2);
+            let mut probes = 0;
+            for k in 0..1024 {
+                let o = m.step(&mut c);
+                c.observe(&o);
+                if k >= 64 && o.chosen != ChunkMode::Raw {
+                    probes += 1;
+                }
+            }
+            (probes, c.current())
+        };
+        let (fast, level) = probes(2.3e9);
+        assert_eq!(level, ChunkMode::Raw);
+        let due = 960 / PROBE_EVERY as usize;
+        assert!(
+            fast <= due / HOPELESS_PROBE_EVERY as usize + 1,
+            "{fast} probes in 960 chunks"
+        );
+        assert!(fast >= 1, "still one now and then");
+        let mut m = Model::random(900e6);
+        let mut c = Controller::new(2);
+        let mut slow = 0;
+        for k in 0..1024 {
+            let o = m.step(&mut c);
+            c.observe(&o);
+            if k >= 64 && o.chosen != ChunkMode::Raw {
+                slow += 1;
+            }
+        }
+        assert_eq!(c.current(), ChunkMode::Raw);
+        assert!(
+            slow >= due - 1,
+            "{slow} probes in 960 chunks on a slower link"
+        );
     }
 
     #[test]

@@ -767,9 +767,16 @@ fn two_agents_deploy_move_and_remove_an_application_with_its_volume() -> Result<
     write_random(&cluster.a, "/www/second", 1024)?;
     let sums_on_a = checksums(&cluster.a, &["/www/first", "/www/second"])?;
     // What an agent killed between a full receive's commit and its record leaves on B: a
-    // dataset with no record, which no listing shows. The move's full pre-copy replaces it
-    // once verified (every push to B was refused as "already exists" before).
-    cluster.b.pool.zfs(&["create", &cluster.b.dataset("web")])?;
+    // dataset with no record and the stream's push snapshot, which no listing shows. The
+    // move's full pre-copy replaces it once verified (every push to B was refused as
+    // "already exists" before). A dataset made by hand (no push snapshot) is never replaced.
+    let leftover = cluster.b.dataset("web");
+    cluster.b.pool.zfs(&["create", &leftover])?;
+    let pushed = flocker_wire::snapshots::push_snapshot_name(1, 1_796_425_771_444);
+    cluster
+        .b
+        .pool
+        .zfs(&["snapshot", &format!("{leftover}@{pushed}")])?;
     assert!(record(&cluster.state(&cluster.b)?, "web").is_none());
     let d2 = desired_on(B, Some(app.clone()));
     let mut crash_after_final_push = false;

@@ -121,14 +121,27 @@ impl ZfsBackend {
         self.zfs(&["list", "-H", "-o", "name", dataset]).is_ok()
     }
 
-    /// Whether `dataset` carries neither a record nor the owner of the older layout. Every
-    /// volume gets its record with its creation, and a received one right after `zfs recv`;
-    /// such a dataset is what an agent killed between the two left, which the listing does
-    /// not show, so every later full push to it was refused as already existing.
+    /// Whether `dataset` is what a full receive cut off before its record leaves: neither a
+    /// record nor the owner of the older layout, and as its only snapshot the push snapshot
+    /// the stream carried. Every volume gets its record with its creation, and a received one
+    /// right after `zfs recv`; an agent killed between the two left such a dataset, which the
+    /// listing does not show, so every later full push to it was refused as already existing.
+    /// A dataset someone made by hand under the root (no snapshot, or others) is not one.
     fn unrecorded(&self, dataset: &str) -> Result<bool, VolumeError> {
         let record = self.get(dataset, RECORD)?;
         let owner = self.get(dataset, OWNER)?;
-        Ok(read_record(&record) == RecordValue::Unset && matches!(owner.as_str(), "-" | ""))
+        if read_record(&record) != RecordValue::Unset || !matches!(owner.as_str(), "-" | "") {
+            return Ok(false);
+        }
+        let listed = self.zfs(&["list", "-H", "-o", "name", "-t", "snapshot", "-r", dataset])?;
+        let own = format!("{dataset}@");
+        let snapshots: Vec<&str> = listed
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(own.as_str()))
+            .collect();
+        Ok(
+            matches!(snapshots.as_slice(), [only] if flocker_wire::snapshots::push_sequence(only).is_some()),
+        )
     }
 }
 
@@ -942,10 +955,9 @@ pool/flocker/db\tflocker:epoch\tlots
         );
     }
 
-    #[test]
-    fn a_full_stream_replaces_a_copy_a_cut_off_receive_left_without_a_record() {
-        let (fake, b) = staging_backend();
-        // `pool/flocker/db` exists (the fake answers every `zfs list`), with no record.
+    /// `pool/flocker/db` exists (the fake answers every `zfs list`), with no record and these
+    /// snapshots.
+    fn unrecorded_copy(fake: &FakeRunner, snapshots: &str) {
         fake.answer(
             &format!("zfs get -H -p -o value {RECORD} pool/flocker/db"),
             Ok("-\n"),
@@ -954,6 +966,17 @@ pool/flocker/db\tflocker:epoch\tlots
             &format!("zfs get -H -p -o value {OWNER} pool/flocker/db"),
             Ok("-\n"),
         );
+        fake.answer(
+            "zfs list -H -o name -t snapshot -r pool/flocker/db",
+            Ok(snapshots),
+        );
+    }
+
+    #[test]
+    fn a_full_stream_replaces_a_copy_a_cut_off_receive_left_without_a_record() {
+        let (fake, b) = staging_backend();
+        let pushed = flocker_wire::snapshots::push_snapshot_name(3, 1_796_425_771_444);
+        unrecorded_copy(&fake, &format!("pool/flocker/db@{pushed}\n"));
         let mut recv = b.receive("db", None, "push-1", false).expect("recv");
         drop(recv.open().expect("open"));
         // Nothing of the leftover goes before the stream verified.
@@ -967,6 +990,23 @@ pool/flocker/db\tflocker:epoch\tlots
         );
         recv.commit().expect("commit");
         assert_swapped_in_at_commit(&fake);
+
+        // Made by hand, not by a receive: no snapshot, another one, or more than the pushed one.
+        for snapshots in [
+            String::new(),
+            "pool/flocker/db@before-upgrade\n".to_string(),
+            format!("pool/flocker/db@{pushed}\npool/flocker/db@mine\n"),
+        ] {
+            let (fake, b) = staging_backend();
+            unrecorded_copy(&fake, &snapshots);
+            assert!(
+                matches!(
+                    b.receive("db", None, "push-1", false),
+                    Err(VolumeError::Exists(_))
+                ),
+                "{snapshots:?}"
+            );
+        }
 
         // A copy with a record is a volume: a full stream is refused.
         let (fake, b) = backend();

@@ -2302,6 +2302,14 @@ async fn the_final_push_starts_the_prepared_and_held_application_at_once() {
         starts + 1,
         "found running, not started again"
     );
+    // One start in the metrics, though both the start after the push and the phase waited.
+    let metrics = b.agent.metrics().render();
+    for counted in [
+        "flocker_move_phase_duration_seconds_count{phase=\"start\"} 1\n",
+        "flocker_ready_wait_duration_seconds_count{result=\"ready\"} 1\n",
+    ] {
+        assert!(metrics.contains(counted), "{counted} in {metrics}");
+    }
 
     // Back to A, prepared and held there, but the desired state A last received changes
     // the application before the final push: the start phase decides, not the push. (Both

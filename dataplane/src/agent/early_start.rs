@@ -162,7 +162,10 @@ impl Agent {
         let (events, _) = mpsc::channel(1);
         let step = format!("start {} after the final push", app.name);
         let result = match result {
-            Ok(()) => self.wait_until_ready(app, started, &step, &events).await,
+            Ok(started_now) => {
+                self.wait_until_ready(app, started, started_now, &step, &events)
+                    .await
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = &result {

@@ -784,7 +784,10 @@ impl Agent {
         self.holds.starting(&app.name);
         let started = std::time::Instant::now();
         let result = match self.start_container(desired, routes, app, replace).await {
-            Ok(()) => self.wait_until_ready(app, started, step, events).await,
+            Ok(started_now) => {
+                self.wait_until_ready(app, started, started_now, step, events)
+                    .await
+            }
             Err(e) => Err(e),
         };
         self.end_hold(app, &result).await;
@@ -819,11 +822,14 @@ impl Agent {
 
     /// Waits until the application whose container was started at `started` is ready, then
     /// re-applies the routes into it; returns its address as they found it (`None` when
-    /// they could not be re-applied).
+    /// they could not be re-applied). `started_now`: this start started the container (the
+    /// metrics count a start once, not again for a start that found it running, as a move's
+    /// start phase does after the start that followed the final push).
     async fn wait_until_ready(
         &self,
         app: &Application,
         started: std::time::Instant,
+        started_now: bool,
         step: &str,
         events: &Events,
     ) -> Result<Option<Ipv4Addr>, AgentError> {
@@ -838,7 +844,9 @@ impl Agent {
             });
         };
         let ready = readiness::wait_ready(self.runtime.as_ref(), &name, app, bound, waiting).await;
-        self.metrics.ready_wait(ready.is_ok(), started.elapsed());
+        if started_now {
+            self.metrics.ready_wait(ready.is_ok(), started.elapsed());
+        }
         if ready.is_ok() {
             tracing::info!(
                 application = %app.name,
@@ -846,7 +854,9 @@ impl Agent {
                 ready_ms = started.elapsed().as_millis() as u64,
                 "started and ready"
             );
-            self.metrics.move_phase("start", started.elapsed());
+            if started_now {
+                self.metrics.move_phase("start", started.elapsed());
+            }
         }
         ready?;
         // A container started anew has a new address: the recorded routes and service
@@ -860,14 +870,15 @@ impl Agent {
         }
     }
 
-    /// Creates (or replaces) and starts the application's container, its volume proven.
+    /// Creates (or replaces) and starts the application's container, its volume proven;
+    /// `false` when it found it running already.
     async fn start_container(
         &self,
         desired: &DesiredState,
         routes: Option<&RouteMap>,
         app: &Application,
         replace: bool,
-    ) -> Result<(), AgentError> {
+    ) -> Result<bool, AgentError> {
         // Three reads at once (a move's start is in the clients' pause), judged in the order
         // the checks need them.
         let began = std::time::Instant::now();
@@ -898,12 +909,12 @@ impl Agent {
             && &c.application == app
         {
             if c.running {
-                return Ok(());
+                return Ok(false);
             }
             // Its files may be gone (a node restart empties the tmpfs).
             self.write_files(desired, app)?;
             if !self.start_or_recreate(&c.name).await? {
-                return Ok(());
+                return Ok(true);
             }
         }
         let spec = self.spec_for(desired, routes, app, &volume_mounts)?;
@@ -915,7 +926,7 @@ impl Agent {
             {
                 tracing::info!(application = %app.name, "starting the container prepared during the pre-copy");
                 if !self.start_or_recreate(&c.name).await? {
-                    return Ok(());
+                    return Ok(true);
                 }
             }
             if c.never_started {
@@ -924,7 +935,7 @@ impl Agent {
             self.runtime.stop_and_remove(&c.name).await?;
         }
         self.runtime.create_and_start(&spec).await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Starts an existing container; `true` when it must be created anew instead, because

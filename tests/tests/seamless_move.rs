@@ -3,8 +3,9 @@
 //! refused or reset connection, only a pause, and every key it wrote reads back afterwards.
 //! Then the target agent is killed while connections are held: they are reset (not left
 //! hanging), nothing acknowledged is lost, and a redeploy converges. Once per routing
-//! backend. Then the same move on a dual-stack cluster, whose nodes are known by their IPv6
-//! addresses, with the client over IPv6.
+//! backend. Then an answer check that never matches fails its deploy once the agents' ready
+//! timeout passes. Then the same move on a dual-stack cluster, whose nodes are known by their
+//! IPv6 addresses, with the client over IPv6.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -51,6 +52,35 @@ applications:
       send: \"PING\\r\\n\"
       expect: \"+PONG\"
 ";
+
+/// [`APPLICATIONS`] and a second Redis, `mute`, whose answer check never matches: it answers
+/// `+PONG`, the check expects `+NEVER`.
+const APPLICATIONS_WITH_MUTE: &str = "\
+version: 1
+applications:
+  redis:
+    image: redis-flocker:latest
+    ports:
+      - internal: 6379
+        external: 6379
+    volume:
+      mountpoint: /data
+    health_check:
+      send: \"PING\\r\\n\"
+      expect: \"+PONG\"
+  mute:
+    image: redis-flocker:latest
+    ports:
+      - internal: 6379
+        external: 6390
+    health_check:
+      send: \"PING\\r\\n\"
+      expect: \"+NEVER\"
+";
+
+/// The agents' `--ready-timeout` in these clusters: a start waits this long for its answer
+/// check (Redis answers in well under a second).
+const READY_TIMEOUT_S: u64 = 15;
 
 /// The agents' default hold timeout (`--hold-timeout`).
 const HOLD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -167,7 +197,9 @@ fn a_move_holds_new_connections_instead_of_refusing_them() -> Result<()> {
 }
 
 fn scenario(routing: &str) -> Result<()> {
-    let mut cluster = Cluster::up(ClusterSpec::for_test("e2e-seamless", 3, routing))?;
+    let mut spec = ClusterSpec::for_test("e2e-seamless", 3, routing);
+    spec.agent_args = vec!["--ready-timeout".into(), READY_TIMEOUT_S.to_string()];
+    let mut cluster = Cluster::up(spec)?;
     cluster.teardown_on_drop = true;
     let result = moves(&cluster, routing);
     if result.is_err() {
@@ -283,6 +315,55 @@ fn moves(cluster: &Cluster, routing: &str) -> Result<()> {
     );
     written.extend(during_kill.acknowledged());
     all_keys_read_back(&n3, &written)?;
+
+    // 4. An answer check that never matches fails the deploy once the agent's ready timeout
+    //    passes, naming the application and the reply it got; a deploy without it converges.
+    never_ready(cluster, &n1, &n2, &files, &apps)
+}
+
+/// Step 4 of [`moves`]: `mute` on `n2`, whose answer check never matches, beside Redis on `n1`.
+fn never_ready(
+    cluster: &Cluster,
+    n1: &ClusterNode,
+    n2: &ClusterNode,
+    files: &Files,
+    apps: &Path,
+) -> Result<()> {
+    let with_mute = files.write("with-mute.yml", APPLICATIONS_WITH_MUTE);
+    let mut text = String::from("version: 1\nnodes:\n");
+    for n in &cluster.nodes {
+        let placed = match n.name.as_str() {
+            name if name == n1.name => "[redis]",
+            name if name == n2.name => "[mute]",
+            _ => "[]",
+        };
+        text.push_str(&format!("  \"{}\": {placed}\n", n.identity()));
+    }
+    let placement = files.write("with-mute-placement.yml", &text);
+    let began = std::time::Instant::now();
+    let out = cluster.flockerctl(&[
+        "deploy",
+        &placement.display().to_string(),
+        &with_mute.display().to_string(),
+    ])?;
+    let took = began.elapsed();
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    ensure!(!out.status.success(), "a check that never matches fails the deploy: {said}");
+    ensure!(
+        said.contains("mute") && said.contains("not ready after") && said.contains("+PONG"),
+        "the failure names the application, the wait and the reply it got: {said}"
+    );
+    ensure!(
+        took >= Duration::from_secs(READY_TIMEOUT_S) && took < Duration::from_secs(READY_TIMEOUT_S + 45),
+        "failed after the ready timeout ({READY_TIMEOUT_S} s), not before or much later: {took:?}"
+    );
+    // Back to the deployment without it: converged, its container gone, Redis untouched.
+    deploy_ok(cluster, &only_on(cluster, n1, files, "on-n1-again.yml"), apps)?;
+    let again = deploy_ok(cluster, &only_on(cluster, n1, files, "on-n1-again.yml"), apps)?;
+    ensure!(again.contains("nothing to do"), "converged: {again}");
+    let mute = docker(n2, &["ps", "-aq", "--filter", "name=flocker-mute"])?;
+    ensure!(mute.is_empty(), "mute's container is gone from {}", n2.name);
+    ensure!(running_redis(n1)?, "redis still runs on {}", n1.name);
     Ok(())
 }
 

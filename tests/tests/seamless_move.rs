@@ -330,16 +330,16 @@ fn never_ready(
     apps: &Path,
 ) -> Result<()> {
     let with_mute = files.write("with-mute.yml", APPLICATIONS_WITH_MUTE);
-    let mut text = String::from("version: 1\nnodes:\n");
+    let mut nodes = String::from("version: 1\nnodes:\n");
     for n in &cluster.nodes {
         let placed = match n.name.as_str() {
             name if name == n1.name => "[redis]",
             name if name == n2.name => "[mute]",
             _ => "[]",
         };
-        text.push_str(&format!("  \"{}\": {placed}\n", n.identity()));
+        nodes.push_str(&format!("  \"{}\": {placed}\n", n.identity()));
     }
-    let placement = files.write("with-mute-placement.yml", &text);
+    let placement = files.write("with-mute-placement.yml", &nodes);
     let began = std::time::Instant::now();
     let out = cluster.flockerctl(&[
         "deploy",
@@ -348,21 +348,43 @@ fn never_ready(
     ])?;
     let took = began.elapsed();
     let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
-    ensure!(!out.status.success(), "a check that never matches fails the deploy: {said}");
+    ensure!(
+        !out.status.success(),
+        "a check that never matches fails the deploy: {said}"
+    );
     ensure!(
         said.contains("mute") && said.contains("not ready after") && said.contains("+PONG"),
         "the failure names the application, the wait and the reply it got: {said}"
     );
     ensure!(
-        took >= Duration::from_secs(READY_TIMEOUT_S) && took < Duration::from_secs(READY_TIMEOUT_S + 45),
+        took >= Duration::from_secs(READY_TIMEOUT_S)
+            && took < Duration::from_secs(READY_TIMEOUT_S + 45),
         "failed after the ready timeout ({READY_TIMEOUT_S} s), not before or much later: {took:?}"
     );
+    let mute_container = || docker(n2, &["ps", "-aq", "--filter", "name=^/?flocker-mute$"]);
+    ensure!(
+        !mute_container()?.is_empty(),
+        "mute's container stands on {} after the failed deploy",
+        n2.name
+    );
     // Back to the deployment without it: converged, its container gone, Redis untouched.
-    deploy_ok(cluster, &only_on(cluster, n1, files, "on-n1-again.yml"), apps)?;
-    let again = deploy_ok(cluster, &only_on(cluster, n1, files, "on-n1-again.yml"), apps)?;
+    deploy_ok(
+        cluster,
+        &only_on(cluster, n1, files, "on-n1-again.yml"),
+        apps,
+    )?;
+    let again = deploy_ok(
+        cluster,
+        &only_on(cluster, n1, files, "on-n1-again.yml"),
+        apps,
+    )?;
     ensure!(again.contains("nothing to do"), "converged: {again}");
-    let mute = docker(n2, &["ps", "-aq", "--filter", "name=flocker-mute"])?;
-    ensure!(mute.is_empty(), "mute's container is gone from {}", n2.name);
+    // (Its network holder, `flocker-mute.netns`, goes a little later.)
+    ensure!(
+        mute_container()?.is_empty(),
+        "mute's container is gone from {}",
+        n2.name
+    );
     ensure!(running_redis(n1)?, "redis still runs on {}", n1.name);
     Ok(())
 }

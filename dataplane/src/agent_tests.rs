@@ -2064,6 +2064,36 @@ async fn a_start_re_programs_the_routes_into_the_new_container_address() {
     assert_eq!(backend_of_8080().as_deref(), Some("172.17.0.9:80"));
 }
 
+/// An echo server on loopback (what a fake container answers with); returns its port.
+async fn echo_server() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("echo");
+    let port = echo.local_addr().expect("echo addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 16];
+                if let Ok(n) = s.read(&mut buf).await {
+                    let _ = s.write_all(&buf[..n]).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Connects to `to`, sends `PING` and reads the 4-byte reply.
+async fn ping(to: (&'static str, u16)) -> std::io::Result<[u8; 4]> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(to).await?;
+    s.write_all(b"PING").await?;
+    let mut reply = [0u8; 4];
+    s.read_exact(&mut reply).await?;
+    Ok(reply)
+}
+
 /// Issue 16 on the agent: `SwitchRoutes` makes the node the application moves to hold new
 /// connections on the port; once the start is ready they reach the container. Hostile
 /// switches (a move here that the desired state does not place or map, a move to a node
@@ -2071,7 +2101,6 @@ async fn a_start_re_programs_the_routes_into_the_new_container_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switch_holds_new_connections_until_the_start_is_ready() {
     use flocker_wire::{Route, RouteTarget};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use crate::agent::AgentError;
 
@@ -2090,20 +2119,7 @@ async fn a_switch_holds_new_connections_until_the_start_is_ready() {
     .await;
     // The "container": an echo server on loopback, which the fake runtime hands out as the
     // container's address.
-    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("echo");
-    let internal = echo.local_addr().expect("echo addr").port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 16];
-                if let Ok(n) = s.read(&mut buf).await {
-                    let _ = s.write_all(&buf[..n]).await;
-                }
-            });
-        }
-    });
+    let internal = echo_server().await;
     *node.runtime.next_ip.lock().expect("ip") = Some("127.0.0.1".into());
     let external = free_port();
     let web = Application {
@@ -2165,13 +2181,7 @@ async fn a_switch_holds_new_connections_until_the_start_is_ready() {
         before_start.is_some_and(|t| t.entries.is_empty()),
         "no container yet: the route is left out of the kernel"
     );
-    let client = tokio::spawn(async move {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", external)).await?;
-        s.write_all(b"PING").await?;
-        let mut reply = [0u8; 4];
-        s.read_exact(&mut reply).await?;
-        Ok::<_, std::io::Error>(reply)
-    });
+    let client = tokio::spawn(ping(("127.0.0.1", external)));
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!client.is_finished(), "held, not refused");
     assert_eq!(node.agent.holds.held().len(), 1);
@@ -2205,24 +2215,9 @@ async fn a_switch_holds_new_connections_until_the_start_is_ready() {
 /// nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_final_push_starts_the_prepared_and_held_application_at_once() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
     let (_dir, a, b) = setup().await;
     // The "container": an echo server on loopback, the address the fake runtime hands out.
-    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("echo");
-    let internal = echo.local_addr().expect("echo addr").port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 16];
-                if let Ok(n) = s.read(&mut buf).await {
-                    let _ = s.write_all(&buf[..n]).await;
-                }
-            });
-        }
-    });
+    let internal = echo_server().await;
     *b.runtime.next_ip.lock().expect("ip") = Some("127.0.0.1".into());
     *a.runtime.next_ip.lock().expect("ip") = Some("127.0.0.1".into());
     let external = free_port();
@@ -2262,13 +2257,7 @@ async fn the_final_push_starts_the_prepared_and_held_application_at_once() {
     assert_eq!(failed(&converge(&b, &on_b, vec![prepare]).await), None);
     assert_eq!(failed(&converge(&b, &on_b, vec![switch(B)]).await), None);
     let starts = b.runtime.starts();
-    let client = tokio::spawn(async move {
-        let mut s = tokio::net::TcpStream::connect((B, external)).await?;
-        s.write_all(b"PING").await?;
-        let mut reply = [0u8; 4];
-        s.read_exact(&mut reply).await?;
-        Ok::<_, std::io::Error>(reply)
-    });
+    let client = tokio::spawn(ping((B, external)));
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(b.agent.holds.held().len(), 1);
     if client.is_finished() {

@@ -894,6 +894,18 @@ mod tests {
             }
         }
 
+        /// Runs `n` chunks; returns how many of those after the first `skip` were not asked
+        /// for raw (compressed, or probes).
+        fn compressed(&mut self, c: &mut Controller, n: usize, skip: usize) -> usize {
+            (0..n)
+                .filter(|&k| {
+                    let o = self.step(c);
+                    c.observe(&o);
+                    k >= skip && o.chosen != ChunkMode::Raw
+                })
+                .count()
+        }
+
         /// Runs `n` chunks; returns the mean throughput the model delivered over the last half.
         fn run(&mut self, c: &mut Controller, n: usize) -> f64 {
             let (mut bytes, mut secs) = (0.0, 0.0);
@@ -1095,37 +1107,17 @@ mod tests {
     /// due probe still is.
     #[test]
     fn probes_are_rare_while_no_compression_can_win() {
-        let probes = |link: f64| {
-            let mut m = Model::filesystem(link);
-            let mut c = Controller::new(2);
-            let mut probes = 0;
-            for k in 0..1024 {
-                let o = m.step(&mut c);
-                c.observe(&o);
-                if k >= 64 && o.chosen != ChunkMode::Raw {
-                    probes += 1;
-                }
-            }
-            (probes, c.current())
-        };
-        let (fast, level) = probes(2.3e9);
-        assert_eq!(level, ChunkMode::Raw);
+        let mut c = Controller::new(2);
+        let fast = Model::filesystem(2.3e9).compressed(&mut c, 1024, 64);
+        assert_eq!(c.current(), ChunkMode::Raw);
         let due = 960 / PROBE_EVERY as usize;
         assert!(
             fast <= due / HOPELESS_PROBE_EVERY as usize + 1,
             "{fast} probes in 960 chunks"
         );
         assert!(fast >= 1, "still one now and then");
-        let mut m = Model::random(900e6);
         let mut c = Controller::new(2);
-        let mut slow = 0;
-        for k in 0..1024 {
-            let o = m.step(&mut c);
-            c.observe(&o);
-            if k >= 64 && o.chosen != ChunkMode::Raw {
-                slow += 1;
-            }
-        }
+        let slow = Model::random(900e6).compressed(&mut c, 1024, 64);
         assert_eq!(c.current(), ChunkMode::Raw);
         assert!(
             slow >= due - 1,
@@ -1190,16 +1182,8 @@ mod tests {
 
     #[test]
     fn incompressible_data_goes_raw_and_only_probes() {
-        let mut m = Model::random(125e6);
         let mut c = Controller::new(2);
-        let mut compressed = 0;
-        for k in 0..200 {
-            let o = m.step(&mut c);
-            c.observe(&o);
-            if k >= 40 && o.chosen != ChunkMode::Raw {
-                compressed += 1;
-            }
-        }
+        let compressed = Model::random(125e6).compressed(&mut c, 200, 40);
         assert_eq!(c.current(), ChunkMode::Raw);
         // Only the probes: one in PROBE_EVERY.
         assert!(compressed <= 160 / PROBE_EVERY as usize + 1, "{compressed}");

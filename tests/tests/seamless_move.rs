@@ -53,21 +53,9 @@ applications:
       expect: \"+PONG\"
 ";
 
-/// [`APPLICATIONS`] and a second Redis, `mute`, whose answer check never matches: it answers
-/// `+PONG`, the check expects `+NEVER`.
-const APPLICATIONS_WITH_MUTE: &str = "\
-version: 1
-applications:
-  redis:
-    image: redis-flocker:latest
-    ports:
-      - internal: 6379
-        external: 6379
-    volume:
-      mountpoint: /data
-    health_check:
-      send: \"PING\\r\\n\"
-      expect: \"+PONG\"
+/// A second Redis, `mute`, beside [`APPLICATIONS`]' one: its answer check never matches (it
+/// answers `+PONG`, the check expects `+NEVER`).
+const MUTE: &str = "\
   mute:
     image: redis-flocker:latest
     ports:
@@ -329,7 +317,7 @@ fn never_ready(
     files: &Files,
     apps: &Path,
 ) -> Result<()> {
-    let with_mute = files.write("with-mute.yml", APPLICATIONS_WITH_MUTE);
+    let with_mute = files.write("with-mute.yml", &format!("{APPLICATIONS}{MUTE}"));
     let mut nodes = String::from("version: 1\nnodes:\n");
     for n in &cluster.nodes {
         let placed = match n.name.as_str() {

@@ -55,8 +55,7 @@ applications:
 
 /// A second Redis, `mute`, beside [`APPLICATIONS`]' one: its answer check never matches (it
 /// answers `+PONG`, the check expects `+NEVER`).
-const MUTE: &str = "\
-  mute:
+const MUTE: &str = "  mute:
     image: redis-flocker:latest
     ports:
       - internal: 6379

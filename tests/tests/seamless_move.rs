@@ -1,6 +1,7 @@
 //! End to end, issue 16 ("hold, don't refuse"): while Redis moves with its volume between
 //! two nodes, a client opening a new connection every 10 ms through the third node sees no
-//! refused or reset connection, only a pause, and every key it wrote reads back afterwards.
+//! refused or reset connection, only a pause, and every key it wrote reads back afterwards;
+//! the new node started Redis itself as soon as the final push made it the owner.
 //! Then the target agent is killed while connections are held: they are reset (not left
 //! hanging), nothing acknowledged is lost, and a redeploy converges. Once per routing
 //! backend. Then an answer check that never matches fails its deploy once the agents' ready
@@ -235,6 +236,12 @@ fn moves(cluster: &Cluster, routing: &str) -> Result<()> {
         "the move switches routes first: {plan}"
     );
     moved_without_a_failed_attempt(&n1, &n2, &format!("{routing}: IPv4"), &moved)?;
+    // n2 started Redis as soon as the final push made it the owner, not at the start phase.
+    let log = std::fs::read_to_string(n2.agent_log())?;
+    ensure!(
+        log.contains("starting the prepared container after the final push"),
+        "{routing}: n2 started Redis after the final push itself (its agent log says not)"
+    );
     let mut written: Vec<&str> = before.iter().map(String::as_str).collect();
     written.extend(moved.acknowledged());
     all_keys_read_back(&n1, &written)?;

@@ -2064,24 +2064,18 @@ async fn a_start_re_programs_the_routes_into_the_new_container_address() {
     assert_eq!(backend_of_8080().as_deref(), Some("172.17.0.9:80"));
 }
 
-/// An echo server on loopback (what a fake container answers with); returns its port.
-async fn echo_server() -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("echo");
-    let port = echo.local_addr().expect("echo addr").port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 16];
-                if let Ok(n) = s.read(&mut buf).await {
-                    let _ = s.write_all(&buf[..n]).await;
-                }
-            });
-        }
-    });
-    port
+/// A move's `prepare` of `app` on `node`, then its `hold` (`switch`), each without failure.
+async fn prepare_and_hold(
+    node: &TestNode,
+    desired: &DesiredState,
+    app: &Application,
+    switch: Action,
+) {
+    let prepare = Action::PrepareApplication {
+        application: app.clone(),
+    };
+    assert_eq!(failed(&converge(node, desired, vec![prepare]).await), None);
+    assert_eq!(failed(&converge(node, desired, vec![switch]).await), None);
 }
 
 /// Connects to `to`, sends `PING` and reads the 4-byte reply.
@@ -2119,7 +2113,7 @@ async fn a_switch_holds_new_connections_until_the_start_is_ready() {
     .await;
     // The "container": an echo server on loopback, which the fake runtime hands out as the
     // container's address.
-    let internal = echo_server().await;
+    let internal = crate::hold::tests::echo_server().await;
     *node.runtime.next_ip.lock().expect("ip") = Some("127.0.0.1".into());
     let external = free_port();
     let web = Application {
@@ -2217,7 +2211,7 @@ async fn a_switch_holds_new_connections_until_the_start_is_ready() {
 async fn the_final_push_starts_the_prepared_and_held_application_at_once() {
     let (_dir, a, b) = setup().await;
     // The "container": an echo server on loopback, the address the fake runtime hands out.
-    let internal = echo_server().await;
+    let internal = crate::hold::tests::echo_server().await;
     *b.runtime.next_ip.lock().expect("ip") = Some("127.0.0.1".into());
     *a.runtime.next_ip.lock().expect("ip") = Some("127.0.0.1".into());
     let external = free_port();
@@ -2251,11 +2245,7 @@ async fn the_final_push_starts_the_prepared_and_held_application_at_once() {
         failed(&converge(&a, &on_b, vec![push(B, false)]).await),
         None
     );
-    let prepare = Action::PrepareApplication {
-        application: app.clone(),
-    };
-    assert_eq!(failed(&converge(&b, &on_b, vec![prepare]).await), None);
-    assert_eq!(failed(&converge(&b, &on_b, vec![switch(B)]).await), None);
+    prepare_and_hold(&b, &on_b, &app, switch(B)).await;
     let starts = b.runtime.starts();
     let client = tokio::spawn(ping((B, external)));
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -2308,11 +2298,7 @@ async fn the_final_push_starts_the_prepared_and_held_application_at_once() {
         failed(&converge(&b, &on_a, vec![push(A, false)]).await),
         None
     );
-    let prepare = Action::PrepareApplication {
-        application: app.clone(),
-    };
-    assert_eq!(failed(&converge(&a, &on_a, vec![prepare]).await), None);
-    assert_eq!(failed(&converge(&a, &on_a, vec![switch(A)]).await), None);
+    prepare_and_hold(&a, &on_a, &app, switch(A)).await;
     let mut changed = app.clone();
     changed.environment.insert("MODE".into(), "new".into());
     let changed_on_a = desired(A, &changed);

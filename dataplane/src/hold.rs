@@ -390,7 +390,7 @@ fn reset(client: TcpStream) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
@@ -403,8 +403,8 @@ mod tests {
             .unwrap_or(0)
     }
 
-    /// An echo server standing for the started container; returns its port.
-    async fn echo_server() -> u16 {
+    /// An echo server on loopback standing for the started container; returns its port.
+    pub(crate) async fn echo_server() -> u16 {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("hold test");
         let port = listener.local_addr().expect("hold test").port();
         tokio::spawn(async move {

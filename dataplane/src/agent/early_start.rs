@@ -25,6 +25,12 @@
 //!   in the `start` phase, which also starts the prepared container only while it matches
 //!   the application (else it creates the container anew, as that phase would).
 //!
+//! Who can set it off: only a final push this node accepted, which `check_receive` takes only
+//! from a node with a node certificate that names itself as the volume's owner, handing the
+//! volume over at exactly the next epoch; and it starts only what `flockerctl` (a client
+//! certificate) prepared and held here. A node cannot start anything here that the deploy did
+//! not ask for.
+//!
 //! The start runs under the converge lock like any converge (the phase's request waits for
 //! it, then finds the container running); the wait for readiness runs after the lock, so a
 //! slow application never makes the phase's request time out on the lock.
@@ -46,7 +52,11 @@ pub const MAX_AGE: Duration = Duration::from_secs(10 * 60);
 /// An application prepared here for a move, with what its start needs.
 #[derive(Clone)]
 pub(crate) struct Prepared {
+    /// The prepare's desired state as it came, with the application's secrets and configs
+    /// (the start writes them again, as the start phase would); the remembered one
+    /// (`Agent::last_desired`) has none. Kept in memory only, for at most [`MAX_AGE`].
     desired: DesiredState,
+    /// The prepare's routes: the container's spec (its links) was made from them.
     routes: Option<RouteMap>,
     app: Application,
     at: Instant,
